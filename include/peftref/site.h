@@ -1,0 +1,60 @@
+/* peftref: sites, the named attachment points of the standard components.
+ *
+ * A site is where a PEFT module meets the frozen model (PEFT-Ref's
+ * "workspace" refined to one tensor).  Sites are family-neutral: a GPT-2
+ * model and a LLaMA model expose the same names; a site a family lacks
+ * (ffn.gate in GPT-2) simply has no instance.
+ *
+ * Two kinds of site:
+ *  - projection sites (qkv, q, k, v, o, ffn.up, ffn.gate, ffn.down): the
+ *    module sees the projection input x (rows x d_in) and its output y
+ *    (rows x d_out).  q, k and v of a fused-QKV model are column slices of
+ *    the fused output, so y carries a row stride.
+ *  - stream sites (embed, attn.k, attn.v, attn_out, ffn.act, ffn_out,
+ *    block_out): the module sees one hidden state; x is that state as it
+ *    entered the site and y is the state it leaves with.
+ */
+#ifndef PEFTREF_SITE_H
+#define PEFTREF_SITE_H
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum pr_site {
+    PR_SITE_EMBED = 0,     /* input embeddings (token + position), layer -1 */
+    PR_SITE_QKV,           /* fused q,k,v projection; HF GPT-2: attn.c_attn */
+    PR_SITE_Q,             /* query projection (slice of qkv when fused) */
+    PR_SITE_K,             /* key projection */
+    PR_SITE_V,             /* value projection */
+    PR_SITE_O,             /* attention output projection; HF GPT-2: attn.c_proj */
+    PR_SITE_ATTN_K,        /* keys entering the scores (after RoPE) */
+    PR_SITE_ATTN_V,        /* values entering the weighted sum */
+    PR_SITE_ATTN_OUT,      /* attention sub-layer output, before the residual add */
+    PR_SITE_FFN_UP,        /* FFN up projection; HF GPT-2: mlp.c_fc */
+    PR_SITE_FFN_GATE,      /* FFN gate projection (SwiGLU families) */
+    PR_SITE_FFN_ACT,       /* FFN hidden activation, after the nonlinearity */
+    PR_SITE_FFN_DOWN,      /* FFN down projection; HF GPT-2: mlp.c_proj */
+    PR_SITE_FFN_OUT,       /* FFN sub-layer output, before the residual add */
+    PR_SITE_BLOCK_OUT,     /* block output (residual stream after the block) */
+    PR_SITE_COUNT
+} pr_site;
+
+/* Canonical name, e.g. "attn.k" ("?" when out of range). */
+const char *pr_site_name(int site);
+
+/* Parse a canonical name or an alias (Hugging Face module names such as
+ * "c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj", "q_proj", ...).
+ * Returns the site, or -1 when the name is unknown. */
+int pr_site_parse(const char *name);
+
+/* 1 for projection sites (input and output differ), 0 for stream sites. */
+int pr_site_is_projection(int site);
+
+/* 1 when the site exists once per layer, 0 for model-level sites (embed). */
+int pr_site_is_per_layer(int site);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
