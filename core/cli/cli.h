@@ -1,1 +1,23 @@
-/* placeholder */
+/* peftref command-line interface: one function per subcommand.  Each gets
+ * argv with argv[0] = the subcommand name and returns the process exit
+ * status: 0 success, 1 failure, 2 usage error. */
+#ifndef PEFTREF_CLI_H
+#define PEFTREF_CLI_H
+
+#include <stddef.h>
+#include "peftref/peftref.h"
+
+int cmd_eval(int argc, char **argv);
+int cmd_tokenize(int argc, char **argv);
+
+/* Read a whole file ("-" = stdin).  *data is NUL-terminated (free() it). */
+int cli_read_file(const char *path, char **data, size_t *len, pr_error *err);
+/* Parse a positive int option value; prints a usage error naming opt. */
+int cli_parse_int(const char *cmd, const char *opt, const char *s, int min, int max, int *out);
+/* Load a model: a Hugging Face directory or a named preset (random init). */
+int cli_load_model(const char *dir, const char *preset, long long seed, pr_model **m, pr_error *err);
+/* Open the tokenizer for a model directory, or the byte tokenizer when dir
+ * is NULL and the preset's vocabulary is 256. */
+int cli_load_tokenizer(const char *dir, const pr_model *m, pr_tokenizer **tok, pr_error *err);
+
+#endif

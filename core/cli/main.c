@@ -1,1 +1,58 @@
-int main(void) { return 0; }
+/* peftref: command-line entry point and subcommand dispatch. */
+#include "config.h"
+
+#include <stdio.h>
+#include <string.h>
+
+#include "cli.h"
+#include "runtime.h"
+
+typedef struct subcommand {
+    const char *name;
+    int (*run)(int argc, char **argv);
+    const char *summary;
+} subcommand;
+
+static const subcommand commands[] = {
+    {"eval", cmd_eval, "perplexity of a model on a text file"},
+    {"tokenize", cmd_tokenize, "print a text's token ids"},
+};
+
+static void usage(FILE *f)
+{
+    fprintf(f, "usage: peftref [--version] [--help] COMMAND [ARGS]\n\ncommands:\n");
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
+        fprintf(f, "  %-10s %s\n", commands[i].name, commands[i].summary);
+    fprintf(f, "  %-10s %s\n", "runtime", "print the BLAS kernel and thread settings in use");
+    fprintf(f, "\n'peftref COMMAND --help' describes each command.\n");
+}
+
+int main(int argc, char **argv)
+{
+    runtime_reexec_if_needed(argv);
+    if (argc < 2) {
+        usage(stderr);
+        return 2;
+    }
+    const char *cmd = argv[1];
+    if (strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0 || strcmp(cmd, "help") == 0) {
+        usage(stdout);
+        return 0;
+    }
+    if (strcmp(cmd, "--version") == 0 || strcmp(cmd, "version") == 0) {
+        printf("peftref %s\n", pr_version());
+        return 0;
+    }
+    if (strcmp(cmd, "runtime") == 0) {
+        char line[256];
+        runtime_describe(line, sizeof line);
+        printf("%s\n", line);
+        return 0;
+    }
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
+        if (strcmp(cmd, commands[i].name) == 0)
+            return commands[i].run(argc - 1, argv + 1);
+    fprintf(stderr, "peftref: unknown command '%s'\n", cmd);
+    usage(stderr);
+    return 2;
+}

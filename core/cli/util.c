@@ -1,1 +1,88 @@
-/* placeholder: filled in by its owner */
+/* peftref command-line helpers shared by the subcommands. */
+#include "config.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli.h"
+
+int cli_read_file(const char *path, char **data, size_t *len, pr_error *err)
+{
+    FILE *f = strcmp(path, "-") == 0 ? stdin : fopen(path, "rb");
+    if (!f)
+        return pr_errorf(err, PR_ERR_IO, "%s: %s", path, strerror(errno));
+    size_t cap = 1 << 16, n = 0;
+    char *buf = malloc(cap + 1);
+    if (!buf) {
+        if (f != stdin)
+            fclose(f);
+        return pr_errorf(err, PR_ERR_NOMEM, "%s: out of memory", path);
+    }
+    for (;;) {
+        if (n == cap) {
+            char *nb = realloc(buf, 2 * cap + 1);
+            if (!nb) {
+                free(buf);
+                if (f != stdin)
+                    fclose(f);
+                return pr_errorf(err, PR_ERR_NOMEM, "%s: out of memory", path);
+            }
+            buf = nb;
+            cap *= 2;
+        }
+        size_t got = fread(buf + n, 1, cap - n, f);
+        n += got;
+        if (got == 0)
+            break;
+    }
+    int bad = ferror(f);
+    if (f != stdin)
+        fclose(f);
+    if (bad) {
+        free(buf);
+        return pr_errorf(err, PR_ERR_IO, "%s: read error", path);
+    }
+    buf[n] = '\0';
+    *data = buf;
+    *len = n;
+    return PR_OK;
+}
+
+int cli_parse_int(const char *cmd, const char *opt, const char *s, int min, int max, int *out)
+{
+    char *end = NULL;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (errno || end == s || *end || v < min || v > max) {
+        fprintf(stderr, "peftref %s: %s expects an integer in [%d, %d], got '%s'\n", cmd, opt, min, max, s);
+        return 2;
+    }
+    *out = (int)v;
+    return 0;
+}
+
+int cli_load_model(const char *dir, const char *preset, long long seed, pr_model **m, pr_error *err)
+{
+    if (dir)
+        return pr_model_load_hf(dir, m, err);
+    pr_model_config cfg;
+    if (pr_config_preset(preset, &cfg) != PR_OK)
+        return pr_errorf(err, PR_ERR_NOTFOUND, "unknown preset '%s' (known: gpt2-small, gpt2-tiny)", preset);
+    if (seed >= 0)
+        cfg.seed = (uint64_t)seed;
+    return pr_model_create(&cfg, m, err);
+}
+
+int cli_load_tokenizer(const char *dir, const pr_model *m, pr_tokenizer **tok, pr_error *err)
+{
+    if (dir)
+        return pr_tokenizer_load(dir, tok, err);
+    if (pr_model_get_config(m)->vocab_size == 256)
+        return pr_tokenizer_byte(tok, err);
+    return pr_errorf(err, PR_ERR_INVALID,
+                     "this preset's vocabulary (%d) needs a tokenizer: give --tokenizer DIR",
+                     pr_model_get_config(m)->vocab_size);
+}
