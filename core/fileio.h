@@ -3,7 +3,9 @@
  * An atomic write goes to "PATH.tmp.<pid>" in PATH's directory; commit
  * fsyncs it, renames it over PATH and fsyncs the directory, so a reader
  * (or a crash) sees either the old PATH or the complete new one, never a
- * mix.  Any failure removes the temporary file and leaves PATH untouched.
+ * mix.  Any failure up to the rename removes the temporary file and leaves
+ * PATH untouched; a failed directory fsync after it is still reported
+ * (PATH then holds the new contents, which may not survive a crash).
  * Memory-mapped readers of the old PATH keep seeing the old contents,
  * because the rename replaces the directory entry, not the file. */
 #ifndef PEFTREF_CORE_FILEIO_H
