@@ -1,1 +1,170 @@
-/* placeholder: filled in by its owner */
+/* peftref: model-shape presets, validation and parameter counting. */
+#include <math.h>
+#include <string.h>
+
+#include "peftref/config.h"
+
+/* GPT-2 sizes from Radford et al. 2019, "Language Models are Unsupervised
+ * Multitask Learners", Table 2 (as released in the Hugging Face configs). */
+static void gpt2_defaults(pr_model_config *c, int L, int C, int H)
+{
+    memset(c, 0, sizeof *c);
+    c->family = PR_FAMILY_GPT2;
+    c->n_layers = L;
+    c->d_model = C;
+    c->n_heads = H;
+    c->n_kv_heads = H;
+    c->d_head = C / H;
+    c->d_ff = 4 * C;
+    c->vocab_size = 50257;
+    c->max_seq = 1024;
+    c->norm_eps = 1e-5f;
+    c->bias = 1;
+    c->tied_head = 1;
+    c->fused_qkv = 1;
+    c->norm = PR_NORM_LAYERNORM;
+    c->act = PR_ACT_GELU_TANH;
+    c->pos = PR_POS_LEARNED;
+    c->rope_theta = 0.0f;
+    c->init_std = 0.02f;
+    c->seed = 1337;
+}
+
+int pr_config_preset(const char *name, pr_model_config *cfg)
+{
+    if (!name || !cfg)
+        return PR_ERR_INVALID;
+    if (!strcmp(name, "gpt2-small") || !strcmp(name, "gpt2"))
+        gpt2_defaults(cfg, 12, 768, 12);
+    else if (!strcmp(name, "gpt2-medium"))
+        gpt2_defaults(cfg, 24, 1024, 16);
+    else if (!strcmp(name, "gpt2-large"))
+        gpt2_defaults(cfg, 36, 1280, 20);
+    else if (!strcmp(name, "gpt2-xl"))
+        gpt2_defaults(cfg, 48, 1600, 25);
+    else if (!strcmp(name, "gpt2-tiny")) {
+        /* a test-sized GPT-2 over the 256 byte values (~120k parameters) */
+        gpt2_defaults(cfg, 2, 64, 4);
+        cfg->vocab_size = 256;
+        cfg->max_seq = 64;
+    } else
+        return PR_ERR_NOTFOUND;
+    return PR_OK;
+}
+
+static const char *family_name(int f)
+{
+    switch (f) {
+    case PR_FAMILY_GPT2: return "GPT-2";
+    case PR_FAMILY_LLAMA: return "LLaMA";
+    default: return "?";
+    }
+}
+
+/* Shape consistency: would any family make sense of these numbers? */
+static int config_check_consistent(const pr_model_config *c, pr_error *err)
+{
+    if (c->family != PR_FAMILY_GPT2 && c->family != PR_FAMILY_LLAMA)
+        return pr_errorf(err, PR_ERR_INVALID, "config: family %d is not a known model family", c->family);
+    const struct { const char *name; int v; } pos[] = {
+        { "n_layers", c->n_layers }, { "d_model", c->d_model }, { "n_heads", c->n_heads },
+        { "n_kv_heads", c->n_kv_heads }, { "d_head", c->d_head }, { "d_ff", c->d_ff },
+        { "vocab_size", c->vocab_size }, { "max_seq", c->max_seq },
+    };
+    for (size_t i = 0; i < sizeof pos / sizeof pos[0]; i++)
+        if (pos[i].v <= 0)
+            return pr_errorf(err, PR_ERR_INVALID, "config: %s must be positive (got %d)",
+                             pos[i].name, pos[i].v);
+    if (c->n_heads % c->n_kv_heads != 0)
+        return pr_errorf(err, PR_ERR_INVALID,
+                         "config: n_heads (%d) must be a multiple of n_kv_heads (%d)",
+                         c->n_heads, c->n_kv_heads);
+    /* keep every per-matrix element count well inside int arithmetic */
+    const int64_t big = (int64_t)1 << 31;
+    int64_t qkv = (int64_t)(c->n_heads + 2 * c->n_kv_heads) * c->d_head;
+    if (qkv >= big || (int64_t)c->d_model * qkv >= big || (int64_t)c->d_model * c->d_ff >= big ||
+        (int64_t)c->vocab_size * c->d_model >= big || (int64_t)c->max_seq * c->d_model >= big)
+        return pr_errorf(err, PR_ERR_INVALID,
+                         "config: a weight matrix of this shape exceeds 2^31 elements");
+    if (!(c->norm_eps > 0.0f) || !isfinite(c->norm_eps))
+        return pr_errorf(err, PR_ERR_INVALID, "config: norm_eps must be a positive finite number (got %g)",
+                         (double)c->norm_eps);
+    if (!(c->init_std >= 0.0f) || !isfinite(c->init_std))
+        return pr_errorf(err, PR_ERR_INVALID, "config: init_std must be finite and >= 0 (got %g)",
+                         (double)c->init_std);
+    if (c->bias != 0 && c->bias != 1)
+        return pr_errorf(err, PR_ERR_INVALID, "config: bias must be 0 or 1 (got %d)", c->bias);
+    if (c->tied_head != 0 && c->tied_head != 1)
+        return pr_errorf(err, PR_ERR_INVALID, "config: tied_head must be 0 or 1 (got %d)", c->tied_head);
+    if (c->fused_qkv != 0 && c->fused_qkv != 1)
+        return pr_errorf(err, PR_ERR_INVALID, "config: fused_qkv must be 0 or 1 (got %d)", c->fused_qkv);
+    if (c->norm != PR_NORM_LAYERNORM && c->norm != PR_NORM_RMSNORM)
+        return pr_errorf(err, PR_ERR_INVALID, "config: norm %d is not a known normalisation", c->norm);
+    if (c->act != PR_ACT_GELU_TANH && c->act != PR_ACT_SWIGLU)
+        return pr_errorf(err, PR_ERR_INVALID, "config: act %d is not a known activation", c->act);
+    if (c->pos != PR_POS_LEARNED && c->pos != PR_POS_ROPE)
+        return pr_errorf(err, PR_ERR_INVALID, "config: pos %d is not a known position encoding", c->pos);
+    if (c->pos == PR_POS_ROPE) {
+        if (!(c->rope_theta > 0.0f) || !isfinite(c->rope_theta))
+            return pr_errorf(err, PR_ERR_INVALID, "config: rope_theta must be positive with RoPE (got %g)",
+                             (double)c->rope_theta);
+        if (c->d_head % 2 != 0)
+            return pr_errorf(err, PR_ERR_INVALID, "config: d_head must be even with RoPE (got %d)",
+                             c->d_head);
+    }
+    return PR_OK;
+}
+
+/* What the model code runs today: the GPT-2 family (any head layout). */
+static int config_check_supported(const pr_model_config *c, pr_error *err)
+{
+    if (c->family != PR_FAMILY_GPT2)
+        return pr_errorf(err, PR_ERR_UNSUPPORTED,
+                         "config: family %s is not implemented yet (only GPT-2 models run)",
+                         family_name(c->family));
+    if (c->norm != PR_NORM_LAYERNORM)
+        return pr_errorf(err, PR_ERR_UNSUPPORTED, "config: norm must be LayerNorm for the GPT-2 family");
+    if (c->act != PR_ACT_GELU_TANH)
+        return pr_errorf(err, PR_ERR_UNSUPPORTED, "config: act must be GELU (tanh) for the GPT-2 family");
+    if (c->pos != PR_POS_LEARNED)
+        return pr_errorf(err, PR_ERR_UNSUPPORTED,
+                         "config: pos must be learned positions for the GPT-2 family");
+    if (!c->fused_qkv)
+        return pr_errorf(err, PR_ERR_UNSUPPORTED,
+                         "config: fused_qkv must be 1 for the GPT-2 family (attn.c_attn is one matrix)");
+    return PR_OK;
+}
+
+int pr_config_validate(const pr_model_config *cfg, pr_error *err)
+{
+    if (!cfg)
+        return pr_errorf(err, PR_ERR_INVALID, "config: NULL");
+    int rc = config_check_consistent(cfg, err);
+    if (rc)
+        return rc;
+    return config_check_supported(cfg, err);
+}
+
+int64_t pr_config_param_count(const pr_model_config *c)
+{
+    if (!c || c->n_layers <= 0 || c->d_model <= 0 || c->n_heads <= 0 || c->n_kv_heads <= 0 ||
+        c->d_head <= 0 || c->d_ff <= 0 || c->vocab_size <= 0 || c->max_seq <= 0)
+        return -1;
+    int64_t C = c->d_model, F = c->d_ff, V = c->vocab_size;
+    int64_t dq = (int64_t)c->n_heads * c->d_head, dkv = (int64_t)c->n_kv_heads * c->d_head;
+    int64_t b = c->bias ? 1 : 0;
+    /* RMSNorm has a gain only; LayerNorm adds a bias when the model has biases */
+    int64_t norm = C * ((c->norm == PR_NORM_LAYERNORM && c->bias) ? 2 : 1);
+
+    int64_t attn = C * (dq + 2 * dkv) + b * (dq + 2 * dkv) + dq * C + b * C;
+    int64_t ffn = c->act == PR_ACT_SWIGLU ? 3 * C * F + b * (2 * F + C) : 2 * C * F + b * (F + C);
+    int64_t layer = 2 * norm + attn + ffn;
+
+    int64_t n = V * C;                              /* token embedding */
+    if (c->pos == PR_POS_LEARNED)
+        n += (int64_t)c->max_seq * C;               /* position table */
+    n += c->n_layers * layer + norm;                /* blocks, final norm */
+    if (!c->tied_head)
+        n += V * C;                                 /* separate LM head */
+    return n;
+}
