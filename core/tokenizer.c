@@ -23,10 +23,12 @@
  *    (printable Latin-1 bytes stand for themselves, the other 68 bytes for
  *    U+0100 + n in byte order).  Tokens are held here as raw bytes.
  * Nothing special is done with <|endoftext|> in text: it is encoded as
- * ordinary characters, like GPT-2's encoder does. */
+ * ordinary characters, like GPT-2's encoder does.
+ *
+ * A loaded tokenizer is read-only: encode keeps its scratch space and word
+ * cache per call, so several threads may share one tokenizer. */
 #include "config.h"
 
-#include <errno.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -36,6 +38,7 @@
 #include <jansson.h>
 
 #include "peftref/tokenizer.h"
+#include "fileio.h"
 #include "unicode_tables.h"
 
 enum { TOK_BYTE = 0, TOK_BPE = 1 };
@@ -44,6 +47,7 @@ enum { TOK_BYTE = 0, TOK_BPE = 1 };
 #define CACHE_MAX_WORD 1024
 /* Ids index a dense decode table: keep them sane. */
 #define VOCAB_MAX_ID (1 << 24)
+#define MERGES_MAX_BYTES ((size_t)1 << 28)
 
 /* ---- hashing ---------------------------------------------------------- */
 
@@ -296,21 +300,16 @@ static size_t utf8_decode(const unsigned char *s, size_t n, uint32_t *cp)
     return len;
 }
 
-static void free_bpe_parts(pr_tokenizer *t)
-{
-    free(t->dec_off);
-    free(t->dec_len);
-    free(t->dec_bytes);
-    strmap_free(&t->syms);
-    free(t->sym_id);
-    free(t->merges.slots);
-}
-
 void pr_tokenizer_free(pr_tokenizer *tok)
 {
     if (!tok)
         return;
-    free_bpe_parts(tok);
+    free(tok->dec_off);
+    free(tok->dec_len);
+    free(tok->dec_bytes);
+    strmap_free(&tok->syms);
+    free(tok->sym_id);
+    free(tok->merges.slots);
     free(tok);
 }
 
@@ -455,36 +454,6 @@ done:
     return rc;
 }
 
-static int read_whole(const char *path, char **out, size_t *len, pr_error *err)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return pr_errorf(err, errno == ENOENT ? PR_ERR_NOTFOUND : PR_ERR_IO, "%s: %s", path, strerror(errno));
-    char *buf = NULL;
-    size_t cap = 0, n = 0;
-    for (;;) {
-        if (grow((void **)&buf, &cap, n + 65536 + 1, 1)) {
-            free(buf);
-            fclose(f);
-            return pr_errorf(err, PR_ERR_NOMEM, "%s: out of memory", path);
-        }
-        size_t got = fread(buf + n, 1, cap - n - 1, f);
-        n += got;
-        if (got == 0)
-            break;
-    }
-    int bad = ferror(f);
-    fclose(f);
-    if (bad) {
-        free(buf);
-        return pr_errorf(err, PR_ERR_IO, "%s: read error", path);
-    }
-    buf[n] = '\0';
-    *out = buf;
-    *len = n;
-    return PR_OK;
-}
-
 /* Symbol index of raw bytes s[0..n), interning it. */
 static long intern_sym(pr_tokenizer *t, const unsigned char *s, size_t n)
 {
@@ -514,7 +483,7 @@ static int load_merges(pr_tokenizer *t, const char *path, const int cp_to_byte[3
 {
     char *text = NULL;
     size_t len = 0;
-    int rc = read_whole(path, &text, &len, err);
+    int rc = fileio_read_all(path, MERGES_MAX_BYTES, &text, &len, err);
     if (rc != PR_OK)
         return rc;
     unsigned char *buf = malloc(len + 1);
@@ -645,18 +614,6 @@ int pr_tokenizer_load_bpe(const char *vocab_json, const char *merges_txt, pr_tok
     return PR_OK;
 }
 
-static char *join_path(const char *dir, const char *name)
-{
-    size_t a = strlen(dir), b = strlen(name);
-    char *p = malloc(a + b + 2);
-    if (!p)
-        return NULL;
-    memcpy(p, dir, a);
-    p[a] = '/';
-    memcpy(p + a + 1, name, b + 1);
-    return p;
-}
-
 /* "peftref_tokenizer" of dir/config.json, or NULL (copied into out). */
 static int config_tokenizer_kind(const char *path, char *out, size_t out_n, pr_error *err)
 {
@@ -684,9 +641,9 @@ int pr_tokenizer_load(const char *model_dir, pr_tokenizer **out, pr_error *err)
     struct stat st;
     if (stat(model_dir, &st) != 0 || !S_ISDIR(st.st_mode))
         return pr_errorf(err, PR_ERR_NOTFOUND, "%s: not a directory", model_dir);
-    char *cfg = join_path(model_dir, "config.json");
-    char *vocab = join_path(model_dir, "vocab.json");
-    char *merges = join_path(model_dir, "merges.txt");
+    char *cfg = fileio_join(model_dir, "config.json");
+    char *vocab = fileio_join(model_dir, "vocab.json");
+    char *merges = fileio_join(model_dir, "merges.txt");
     int rc;
     char kind[64];
     if (!cfg || !vocab || !merges) {
