@@ -679,6 +679,59 @@ static void zero_lowrank(lowrank *lr)
     memset(lr->dB, 0, (size_t)lr->r * lr->d_out * sizeof(float));
 }
 
+/* The same code runs GPT-2 variants the config can describe: no biases,
+ * an untied head, grouped-query heads (Hkv = H/2) and d_head != C/H. */
+static void test_grad_variants(void **state)
+{
+    (void)state;
+    pr_model_config c = small_config(35);
+    c.bias = 0;
+    c.tied_head = 0;
+    c.n_kv_heads = 2;
+    c.d_head = 6;  /* Q = 24, KV = 12, QKV = 48 with C = 32 */
+    pr_model *m = NULL;
+    pr_error err = { 0 };
+    assert_int_equal(pr_model_create(&c, &m, &err), PR_OK);
+    assert_true(pr_model_param_count(m) == pr_config_param_count(&c));
+    assert_null(pr_model_find_tensor(m, "h.0.attn.c_attn.bias"));
+    assert_null(pr_model_find_tensor(m, "ln_f.bias"));
+    const pr_tensor_info *t = pr_model_find_tensor(m, "h.0.attn.c_attn.weight");
+    assert_true(t->shape[0] == 32 && t->shape[1] == 48);
+    t = pr_model_find_tensor(m, "h.1.attn.c_proj.weight");
+    assert_true(t->shape[0] == 24 && t->shape[1] == 32);
+    int din, dout;
+    assert_int_equal(pr_model_site_dims(m, PR_SITE_K, &din, &dout), 0);
+    assert_true(din == 32 && dout == 12);
+    assert_int_equal(pr_model_site_dims(m, PR_SITE_O, &din, &dout), 0);
+    assert_true(din == 24 && dout == 32);
+    assert_int_equal(pr_model_reserve(m, TB, TT, &err), PR_OK);
+    assert_int_equal(pr_model_set_trainable(m, "*", 1, &err), PR_OK);
+
+    lowrank k0;
+    lowrank_init(&k0, 32, 12, 2, 1500, 0.3f);
+    attach(m, PR_SITE_K, 0, lowrank_hook(&k0));
+    rescale v1;
+    rescale_init(&v1, 12, 1600);
+    attach(m, PR_SITE_ATTN_V, 1, rescale_hook(&v1));
+
+    loss_ctx lc;
+    loss_ctx_init(&lc, m, 36);
+    forward_backward(&lc);
+    int f = check_trainable_tensors(&lc) + check_lowrank(&lc, &k0, "k0") +
+            gc_check("v1.s", v1.s, v1.ds, 12, model_loss, &lc, FD_EPS, FD_RTOL, FD_ATOL, FD_PROBES);
+    /* untied: only rows of tokens in the batch have a wte gradient, so
+     * probe one such row in full as well */
+    t = pr_model_find_tensor(m, "wte.weight");
+    size_t row = (size_t)lc.tokens[3] * 32;
+    float g[32];
+    memcpy(g, t->grad + row, sizeof g);
+    f += gc_check("wte[tokens[3]]", t->data + row, g, 32, model_loss, &lc, FD_EPS, FD_RTOL, FD_ATOL, 0);
+    assert_int_equal(f, 0);
+    lowrank_free(&k0);
+    rescale_free(&v1);
+    pr_model_free(m);
+}
+
 /* Parallel low-rank hooks at projection sites, fused and sliced. */
 static void test_hook_parallel_projections(void **state)
 {
@@ -981,6 +1034,7 @@ int main(void)
         cmocka_unit_test(test_loss_and_masking),
         cmocka_unit_test(test_grad_full),
         cmocka_unit_test(test_grad_frozen_and_bitfit),
+        cmocka_unit_test(test_grad_variants),
         cmocka_unit_test(test_hook_parallel_projections),
         cmocka_unit_test(test_hook_stream_sites),
         cmocka_unit_test(test_hook_embed),
