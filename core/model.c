@@ -95,6 +95,7 @@ struct pr_model {
     float *encoded, *embed_y;    /* (N,C) */
     layer_acts *la;              /* (L) */
     float *lnf, *lnf_mean, *lnf_rstd;
+    int hidden_only;       /* last forward stopped at the final norm */
     float *logits, *probs;       /* (N,V) */
     float *losses;               /* (N) */
     /* backward scratch */
@@ -942,6 +943,15 @@ int pr_model_forward(pr_model *m, const pr_batch *batch, float *loss, pr_error *
         x = layer_output(m, l);
     }
     layernorm_forward(m->lnf, m->lnf_mean, m->lnf_rstd, x, m->lnfw->data, data_of(m->lnfb), N, C, c->norm_eps);
+    m->hidden_only = batch->hidden_only;
+    if (batch->hidden_only) {
+        if (batch->targets)
+            return pr_errorf(err, PR_ERR_INVALID, "forward: hidden_only takes no targets");
+        if (loss)
+            *loss = 0.0f;
+        m->have_fwd = 1;
+        return PR_OK;
+    }
     matmul_forward(m->logits, V, m->lnf, C, m->head->data, 0, NULL, N, C, V);
 
     if (batch->targets) {
@@ -960,7 +970,12 @@ int pr_model_forward(pr_model *m, const pr_batch *batch, float *loss, pr_error *
 
 const float *pr_model_logits(const pr_model *m)
 {
-    return m && m->have_fwd ? m->logits : NULL;
+    return m && m->have_fwd && !m->hidden_only ? m->logits : NULL;
+}
+
+const float *pr_model_hidden(const pr_model *m)
+{
+    return m && m->have_fwd ? m->lnf : NULL;
 }
 
 int64_t pr_model_scored_tokens(const pr_model *m)
@@ -1072,6 +1087,8 @@ static int block_backward(pr_model *m, int l, pr_error *err)
     return PR_OK;
 }
 
+static int backward_from_final_norm(pr_model *m, pr_error *err);
+
 int pr_model_backward(pr_model *m, pr_error *err)
 {
     if (!m)
@@ -1083,15 +1100,34 @@ int pr_model_backward(pr_model *m, pr_error *err)
     if (m->scored <= 0)
         return pr_errorf(err, PR_ERR_INVALID, "backward: the last forward scored no targets (all are -1)");
     const pr_model_config *c = &m->cfg;
-    int B = m->B, T = m->T, N = B * T, C = c->d_model, V = c->vocab_size;
-    size_t NC = (size_t)N * C;
-    int rc;
+    int N = m->B * m->T, C = c->d_model, V = c->vocab_size;
 
     /* loss = mean over scored rows -> logits -> ln_f */
     memset(m->dlogits, 0, (size_t)N * V * sizeof(float));
     crossentropy_backward(m->dlogits, m->probs, m->targets, N, V, 1.0f / (float)m->scored);
-    memset(m->dln, 0, NC * sizeof(float));
+    memset(m->dln, 0, (size_t)N * C * sizeof(float));
     matmul_backward(m->dln, C, grad_of(m->head), NULL, m->dlogits, V, m->lnf, C, m->head->data, 0, N, C, V);
+    return backward_from_final_norm(m, err);
+}
+
+int pr_model_backward_hidden(pr_model *m, const float *dhidden, pr_error *err)
+{
+    if (!m || !dhidden)
+        return pr_errorf(err, PR_ERR_INVALID, "backward: NULL model or gradient");
+    if (!m->have_fwd)
+        return pr_errorf(err, PR_ERR_INVALID, "backward: no forward pass to differentiate (or the model changed since)");
+    memcpy(m->dln, dhidden, (size_t)m->B * m->T * m->cfg.d_model * sizeof(float));
+    return backward_from_final_norm(m, err);
+}
+
+/* m->dln holds dLoss/d(final norm output); propagate to every trainable
+ * tensor and hook. */
+static int backward_from_final_norm(pr_model *m, pr_error *err)
+{
+    const pr_model_config *c = &m->cfg;
+    int B = m->B, T = m->T, N = B * T, C = c->d_model;
+    size_t NC = (size_t)N * C;
+    int rc;
     memset(m->dres, 0, NC * sizeof(float));
     layernorm_backward(m->dres, grad_of(m->lnfw), grad_of(m->lnfb), m->dln, layer_output(m, c->n_layers - 1),
                        m->lnfw->data, m->lnf_mean, m->lnf_rstd, N, C);

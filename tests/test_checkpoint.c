@@ -217,7 +217,7 @@ static float forward_logits(pr_model *m, float *logits)
         tokens[i] = (i * 37 + 11) % V;
         targets[i] = (i * 53 + 5) % V;
     }
-    pr_batch batch = {tokens, targets, B, T};
+    pr_batch batch = {.tokens = tokens, .targets = targets, .B = B, .T = T};
     pr_error err = {0};
     float loss = 0;
     if (pr_model_reserve(m, B, T, &err) != PR_OK || pr_model_forward(m, &batch, &loss, &err) != PR_OK)

@@ -92,6 +92,7 @@ typedef struct loss_ctx {
 
 static void loss_ctx_init(loss_ctx *lc, pr_model *m, unsigned seed)
 {
+    memset(lc, 0, sizeof *lc);
     lc->m = m;
     fill_batch(lc->tokens, lc->targets, TB * TT, pr_model_get_config(m)->vocab_size, seed);
     lc->batch.tokens = lc->tokens;
@@ -951,7 +952,7 @@ static void test_errors(void **state)
     pr_error err = { 0 };
     assert_int_equal(pr_model_create(&c, &m, &err), PR_OK);
     int tokens[TB * 32] = { 0 }, targets[TB * 32] = { 0 };
-    pr_batch b = { tokens, targets, TB, TT };
+    pr_batch b = {.tokens = tokens, .targets = targets, .B = TB, .T = TT};
     float loss;
 
     /* forward before reserve */

@@ -125,7 +125,7 @@ static pr_model *load_model(void)
 static float run_step(pr_model *m, const fixture *fx, int backward)
 {
     pr_error err = { 0 };
-    pr_batch batch = { fx->tokens, fx->targets, fx->B, fx->T };
+    pr_batch batch = {.tokens = fx->tokens, .targets = fx->targets, .B = fx->B, .T = fx->T};
     float loss = NAN;
     if (pr_model_reserve(m, fx->B, fx->T, &err) != PR_OK)
         fail_msg("reserve: %s", err.msg);

@@ -73,6 +73,9 @@ typedef struct pr_batch {
     const int *tokens;
     const int *targets;
     int B, T;
+    /* Stop after the final norm: no LM-head logits (a task head reads
+     * pr_model_hidden instead); targets must be NULL. */
+    int hidden_only;
 } pr_batch;
 
 /* Forward pass.  With targets, *loss is the mean cross-entropy (nats) over
@@ -83,6 +86,13 @@ int pr_model_forward(pr_model *m, const pr_batch *batch, float *loss, pr_error *
  * Accumulates into the gradients of trainable tensors and calls the
  * backward of every attached site hook. */
 int pr_model_backward(pr_model *m, pr_error *err);
+
+/* Final normalised hidden states of the last forward, (B,T,C). */
+const float *pr_model_hidden(const pr_model *m);
+
+/* Backward of the last forward from a gradient on its final hidden states
+ * dhidden (B,T,C) instead of the LM loss (task heads). */
+int pr_model_backward_hidden(pr_model *m, const float *dhidden, pr_error *err);
 
 /* Zero the gradients of trainable base tensors. */
 void pr_model_zero_grad(pr_model *m);

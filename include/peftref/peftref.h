@@ -8,6 +8,7 @@
 #include "peftref/model.h"
 #include "peftref/tokenizer.h"
 #include "peftref/eval.h"
+#include "peftref/train.h"
 
 #define PEFTREF_VERSION_MAJOR 0
 #define PEFTREF_VERSION_MINOR 1

@@ -1,0 +1,617 @@
+/* peftref: the training loop (see include/peftref/train.h). */
+#include "config.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <math.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+
+#include "peftref/train.h"
+#include "data.h"
+#include "fileio.h"
+#include "optim.h"
+#include "rng.h"
+#include "schedule.h"
+#include "trainstate.h"
+
+/* ---- signals --------------------------------------------------------------
+ * SIGINT/SIGTERM only raise a flag; the loop finishes the step in flight,
+ * writes a checkpoint and returns PR_ERR_INTERRUPTED. */
+static volatile sig_atomic_t stop_signal;
+
+static void on_signal(int sig)
+{
+    stop_signal = sig;
+}
+
+void pr_train_config_default(pr_train_config *c)
+{
+    memset(c, 0, sizeof *c);
+    c->task = "lm";
+    c->format = "auto";
+    c->val_fraction = 0.1;
+    c->steps = 100;
+    c->batch = 8;
+    c->seq_len = 64;
+    c->accum = 1;
+    c->lr = 1e-3f;
+    c->min_lr_ratio = 0.1f;
+    c->warmup = 0;
+    c->schedule = "cosine";
+    c->weight_decay = 0.01f;
+    c->clip = 1.0f;
+    c->beta1 = 0.9f;
+    c->beta2 = 0.999f;
+    c->eps = 1e-8f;
+    c->head_lr_mult = 1.0f;
+    c->seed = 1;
+    c->eval_every = 0;
+    c->eval_batches = 0;
+    c->log_every = 10;
+    c->ckpt_every = 0;
+}
+
+/* Everything one run holds; freed by trainer_free. */
+typedef struct trainer {
+    pr_model *m;
+    const pr_train_config *cfg;
+    int is_cls;
+    int B, T, C, K;
+    data_dataset train, val;
+    data_sampler sampler;
+    int pad_id;
+    int *tokens, *targets, *lengths, *labels; /* (B,T), (B,T), (B), (B) */
+    size_t *idx;                              /* (B) */
+    /* classification head: W (C,K) then b (K), and their gradients, in one
+     * flat block each; pooled (B,C), logits (B,K), dhidden (B,T,C) */
+    float *head, *head_grad, *pooled, *cls_logits, *dhidden;
+    optim opt;
+    int opt_ready;
+    trainstate_tensor *ts;                    /* trainable tensors in optimizer order */
+    int n_ts;
+    pr_rng rng;
+    char fingerprint[512];
+    char *ckpt_path, *metrics_path;
+    FILE *metrics;
+} trainer;
+
+static void trainer_free(trainer *t)
+{
+    data_dataset_free(&t->train);
+    data_dataset_free(&t->val);
+    data_sampler_free(&t->sampler);
+    free(t->tokens);
+    free(t->targets);
+    free(t->lengths);
+    free(t->labels);
+    free(t->idx);
+    free(t->head);
+    free(t->head_grad);
+    free(t->pooled);
+    free(t->cls_logits);
+    free(t->dhidden);
+    if (t->opt_ready)
+        optim_free(&t->opt);
+    free(t->ts);
+    free(t->ckpt_path);
+    free(t->metrics_path);
+    if (t->metrics)
+        fclose(t->metrics);
+}
+
+/* ---- classification head -------------------------------------------------
+ * The head reads the final hidden state of each row's last real token
+ * (position lengths[b]-1; padding is on the right and attention is causal,
+ * so that position has seen the whole text).
+ *   pooled (B,C); logits (B,K) = pooled . W + b; mean cross-entropy. */
+static double head_forward_backward(trainer *t, int rows, int backward, int *correct)
+{
+    const float *hidden = pr_model_hidden(t->m);
+    int C = t->C, K = t->K, T = t->T;
+    const float *W = t->head, *bias = t->head + (size_t)C * K;
+    float *dW = t->head_grad, *db = t->head_grad + (size_t)C * K;
+    double loss = 0.0;
+    int n = 0;
+    if (backward)
+        memset(t->dhidden, 0, sizeof(float) * (size_t)t->B * T * C);
+    for (int b = 0; b < rows; b++) {
+        if (t->labels[b] < 0)
+            continue;
+        const float *h = hidden + ((size_t)b * T + (size_t)(t->lengths[b] - 1)) * C;
+        float *z = t->cls_logits + (size_t)b * K;
+        for (int k = 0; k < K; k++)
+            z[k] = bias[k];
+        for (int c = 0; c < C; c++)
+            for (int k = 0; k < K; k++)
+                z[k] += h[c] * W[(size_t)c * K + k];
+        double mx = z[0];
+        int arg = 0;
+        for (int k = 1; k < K; k++)
+            if (z[k] > mx) {
+                mx = z[k];
+                arg = k;
+            }
+        double s = 0.0;
+        for (int k = 0; k < K; k++)
+            s += exp(z[k] - mx);
+        loss += -(z[t->labels[b]] - mx - log(s));
+        if (correct && arg == t->labels[b])
+            (*correct)++;
+        n++;
+        /* probabilities overwrite the logits for the backward below */
+        for (int k = 0; k < K; k++)
+            z[k] = (float)(exp(z[k] - mx) / s);
+    }
+    if (n == 0)
+        return 0.0;
+    if (backward) {
+        float scale = 1.0f / (float)n;
+        for (int b = 0; b < rows; b++) {
+            if (t->labels[b] < 0)
+                continue;
+            const float *h = hidden + ((size_t)b * T + (size_t)(t->lengths[b] - 1)) * C;
+            float *dh = t->dhidden + ((size_t)b * T + (size_t)(t->lengths[b] - 1)) * C;
+            float *p = t->cls_logits + (size_t)b * K;
+            p[t->labels[b]] -= 1.0f;
+            for (int k = 0; k < K; k++) {
+                float g = p[k] * scale;
+                db[k] += g;
+                for (int c = 0; c < C; c++) {
+                    dW[(size_t)c * K + k] += h[c] * g;
+                    dh[c] += W[(size_t)c * K + k] * g;
+                }
+            }
+        }
+    }
+    return loss / n;
+}
+
+/* One micro-batch: forward, and backward when asked.  Returns the mean
+ * loss over its scored targets in *loss and their count in *scored. */
+static int run_batch(trainer *t, int rows, int backward, double *loss, int64_t *scored, int *correct,
+                     pr_error *err)
+{
+    int rc;
+    pr_batch bt = {.tokens = t->tokens, .targets = t->is_cls ? NULL : t->targets, .B = t->B, .T = t->T,
+                   .hidden_only = t->is_cls};
+    float l = 0.0f;
+    if ((rc = pr_model_forward(t->m, &bt, &l, err)))
+        return rc;
+    if (t->is_cls) {
+        *loss = head_forward_backward(t, rows, backward, correct);
+        *scored = 0;
+        for (int b = 0; b < rows; b++)
+            *scored += t->labels[b] >= 0;
+        if (backward && isfinite(*loss))
+            rc = pr_model_backward_hidden(t->m, t->dhidden, err);
+    } else {
+        *loss = l;
+        *scored = pr_model_scored_tokens(t->m);
+        if (backward && isfinite(*loss) && *scored > 0)
+            rc = pr_model_backward(t->m, err);
+    }
+    return rc;
+}
+
+/* Mean validation loss (weighted by scored targets) and accuracy. */
+static int evaluate(trainer *t, double *loss_out, double *acc_out, pr_error *err)
+{
+    size_t n = t->val.n;
+    size_t max_rows = t->cfg->eval_batches > 0 ? (size_t)t->cfg->eval_batches * t->B : n;
+    if (max_rows > n)
+        max_rows = n;
+    double sum = 0.0;
+    int64_t total = 0;
+    int correct = 0, rows_seen = 0;
+    for (size_t i = 0; i < max_rows; i += (size_t)t->B) {
+        int rows = (int)((max_rows - i) < (size_t)t->B ? (max_rows - i) : (size_t)t->B);
+        for (int b = 0; b < rows; b++)
+            t->idx[b] = i + (size_t)b;
+        int rc = data_make_batch(&t->val, t->idx, rows, t->B, t->T, t->tokens, t->targets, t->lengths,
+                                 t->labels, t->pad_id, err);
+        if (rc)
+            return rc;
+        double l;
+        int64_t scored;
+        if ((rc = run_batch(t, rows, 0, &l, &scored, &correct, err)))
+            return rc;
+        sum += l * (double)scored;
+        total += scored;
+        rows_seen += rows;
+    }
+    *loss_out = total > 0 ? sum / (double)total : NAN;
+    *acc_out = t->is_cls && rows_seen > 0 ? (double)correct / rows_seen : -1.0;
+    return PR_OK;
+}
+
+static int save_checkpoint(trainer *t, int64_t step, pr_error *err)
+{
+    float *m, *v;
+    size_t n;
+    optim_state_block(&t->opt, &m, &v, &n);
+    trainstate_moments mom = {.m = m, .v = v, .n = n, .t = optim_get_t(&t->opt)};
+    trainstate_progress prog = {.step = step, .shuffle_seed = t->cfg->seed};
+    memcpy(prog.rng, t->rng.s, sizeof prog.rng);
+    uint64_t epoch, cursor;
+    data_sampler_get_position(&t->sampler, &epoch, &cursor);
+    prog.epoch = (int64_t)epoch;
+    prog.cursor = (int64_t)cursor;
+    return trainstate_save(t->ckpt_path, t->fingerprint, t->ts, t->n_ts, &mom, &prog, err);
+}
+
+static int load_checkpoint(trainer *t, int64_t *step, pr_error *err)
+{
+    float *m, *v;
+    size_t n;
+    optim_state_block(&t->opt, &m, &v, &n);
+    trainstate_moments mom = {.m = m, .v = v, .n = n};
+    trainstate_progress prog;
+    int rc = trainstate_load(t->ckpt_path, t->fingerprint, t->ts, t->n_ts, &mom, &prog, err);
+    if (rc)
+        return rc;
+    if ((rc = optim_set_t(&t->opt, mom.t, err)))
+        return rc;
+    memcpy(t->rng.s, prog.rng, sizeof prog.rng);
+    if ((rc = data_sampler_set_position(&t->sampler, (uint64_t)prog.epoch, (uint64_t)prog.cursor, err)))
+        return rc;
+    *step = prog.step;
+    return PR_OK;
+}
+
+static int make_dir(const char *dir, pr_error *err)
+{
+    if (mkdir(dir, 0777) == 0 || errno == EEXIST)
+        return PR_OK;
+    return pr_errorf(err, PR_ERR_IO, "%s: cannot create output directory: %s", dir, strerror(errno));
+}
+
+/* Trainable tensors and the head become optimizer segments (one group for
+ * the base tensors, one for the head) and checkpoint tensors, in the same
+ * order, so the optimizer's flat moment block lines up with them. */
+static int plan_optimizer(trainer *t, pr_error *err)
+{
+    const pr_train_config *cfg = t->cfg;
+    int nt = pr_model_n_tensors(t->m), n_base = 0;
+    for (int i = 0; i < nt; i++)
+        n_base += pr_model_tensor(t->m, i)->trainable;
+    int n_head = t->is_cls ? 2 : 0;
+    if (n_base + n_head == 0)
+        return pr_errorf(err, PR_ERR_INVALID, "nothing to train: no tensor is trainable");
+    optim_segment *segs = calloc((size_t)(n_base + n_head), sizeof *segs);
+    t->ts = calloc((size_t)(n_base + n_head), sizeof *t->ts);
+    if (!segs || !t->ts) {
+        free(segs);
+        return pr_errorf(err, PR_ERR_NOMEM, "out of memory planning the optimizer");
+    }
+    int k = 0;
+    for (int i = 0; i < nt; i++) {
+        const pr_tensor_info *ti = pr_model_tensor(t->m, i);
+        if (!ti->trainable)
+            continue;
+        segs[k] = (optim_segment){.name = ti->name, .param = ti->data, .grad = ti->grad,
+                                  .n = (size_t)ti->numel,
+                                  .decay = cfg->decay_all || optim_default_decay(ti->name, ti->ndim)};
+        t->ts[k] = (trainstate_tensor){.name = ti->name, .data = ti->data, .n = (size_t)ti->numel,
+                                       .ndim = ti->ndim};
+        for (int d = 0; d < ti->ndim; d++)
+            t->ts[k].shape[d] = ti->shape[d];
+        k++;
+    }
+    if (t->is_cls) {
+        size_t CK = (size_t)t->C * t->K;
+        segs[k] = (optim_segment){.name = "cls_head.weight", .param = t->head, .grad = t->head_grad,
+                                  .n = CK, .decay = 1};
+        segs[k + 1] = (optim_segment){.name = "cls_head.bias", .param = t->head + CK,
+                                      .grad = t->head_grad + CK, .n = (size_t)t->K,
+                                      .decay = cfg->decay_all};
+        t->ts[k] = (trainstate_tensor){.name = "cls_head.weight", .data = t->head, .n = CK, .ndim = 2,
+                                       .shape = {t->C, t->K}};
+        t->ts[k + 1] = (trainstate_tensor){.name = "cls_head.bias", .data = t->head + CK,
+                                           .n = (size_t)t->K, .ndim = 1, .shape = {t->K}};
+    }
+    t->n_ts = n_base + n_head;
+    optim_group groups[2] = {
+        {.segs = segs, .n_segs = n_base, .lr_mult = 1.0f, .weight_decay = OPTIM_WD_DEFAULT},
+        {.segs = segs + n_base, .n_segs = n_head, .lr_mult = cfg->head_lr_mult,
+         .weight_decay = OPTIM_WD_DEFAULT},
+    };
+    optim_config oc;
+    optim_config_default(&oc);
+    oc.beta1 = cfg->beta1;
+    oc.beta2 = cfg->beta2;
+    oc.eps = cfg->eps;
+    oc.weight_decay = cfg->weight_decay;
+    int rc = optim_init(&t->opt, &oc, n_base ? groups : groups + 1, n_base ? (n_head ? 2 : 1) : 1, err);
+    free(segs);
+    if (rc == PR_OK)
+        t->opt_ready = 1;
+    return rc;
+}
+
+static int setup(trainer *t, pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, pr_error *err)
+{
+    int rc;
+    t->m = m;
+    t->cfg = cfg;
+    t->is_cls = cfg->task && strcmp(cfg->task, "classification") == 0;
+    if (cfg->task && !t->is_cls && strcmp(cfg->task, "lm") != 0)
+        return pr_errorf(err, PR_ERR_INVALID, "task: expected 'lm' or 'classification', got '%s'", cfg->task);
+    if (cfg->steps < 0 || cfg->batch < 1 || cfg->seq_len < 1 || cfg->accum < 1)
+        return pr_errorf(err, PR_ERR_INVALID, "steps >= 0, batch >= 1, seq_len >= 1 and accum >= 1 are required");
+    if (!cfg->out_dir)
+        return pr_errorf(err, PR_ERR_INVALID, "an output directory is required");
+    const pr_model_config *mc = pr_model_get_config(m);
+    if (cfg->seq_len > mc->max_seq)
+        return pr_errorf(err, PR_ERR_INVALID, "seq_len %d exceeds the model's %d positions", cfg->seq_len,
+                         mc->max_seq);
+    if (pr_tokenizer_vocab_size(tok) > mc->vocab_size)
+        return pr_errorf(err, PR_ERR_INVALID, "the tokenizer's %d ids do not fit the model's vocabulary of %d",
+                         pr_tokenizer_vocab_size(tok), mc->vocab_size);
+    t->B = cfg->batch;
+    t->T = cfg->seq_len;
+    t->C = mc->d_model;
+    const char *task = t->is_cls ? "classification" : "lm";
+    if ((rc = data_load(cfg->train_path, cfg->format, task, tok, t->T, NULL, &t->train, err)))
+        return rc;
+    if (cfg->val_path) {
+        data_options opt = {.labels = t->is_cls ? &t->train.labels : NULL};
+        if ((rc = data_load(cfg->val_path, cfg->format, task, tok, t->T, &opt, &t->val, err)))
+            return rc;
+    } else {
+        data_dataset all = t->train;
+        memset(&t->train, 0, sizeof t->train);
+        rc = data_split(&all, cfg->val_fraction, cfg->seed, &t->train, &t->val, err);
+        data_dataset_free(&all);
+        if (rc)
+            return rc;
+    }
+    if (t->train.n == 0 || t->val.n == 0)
+        return pr_errorf(err, PR_ERR_INVALID, "%s: too little data for a training and a validation set",
+                         cfg->train_path);
+    t->K = t->is_cls ? t->train.labels.n : 0;
+    if (t->is_cls && t->K < 2)
+        return pr_errorf(err, PR_ERR_INVALID, "%s: classification needs at least 2 labels, found %d",
+                         cfg->train_path, t->K);
+    t->pad_id = data_pad_id(tok);
+    if ((rc = data_sampler_init(&t->sampler, t->train.n, cfg->seed, 1, err)))
+        return rc;
+    size_t BT = (size_t)t->B * t->T;
+    t->tokens = malloc(BT * sizeof(int));
+    t->targets = malloc(BT * sizeof(int));
+    t->lengths = malloc((size_t)t->B * sizeof(int));
+    t->labels = malloc((size_t)t->B * sizeof(int));
+    t->idx = malloc((size_t)t->B * sizeof(size_t));
+    if (!t->tokens || !t->targets || !t->lengths || !t->labels || !t->idx)
+        return pr_errorf(err, PR_ERR_NOMEM, "out of memory for batches");
+    rng_seed(&t->rng, cfg->seed ^ 0x7065667472656600ull);
+    if (t->is_cls) {
+        size_t n = (size_t)t->C * t->K + (size_t)t->K;
+        t->head = calloc(n, sizeof(float));
+        t->head_grad = calloc(n, sizeof(float));
+        t->pooled = calloc((size_t)t->B * t->C, sizeof(float));
+        t->cls_logits = calloc((size_t)t->B * t->K, sizeof(float));
+        t->dhidden = calloc(BT * (size_t)t->C, sizeof(float));
+        if (!t->head || !t->head_grad || !t->pooled || !t->cls_logits || !t->dhidden)
+            return pr_errorf(err, PR_ERR_NOMEM, "out of memory for the classification head");
+        /* small normal init keeps the initial prediction near uniform */
+        for (size_t i = 0; i < (size_t)t->C * t->K; i++)
+            t->head[i] = 0.02f * rng_normal(&t->rng);
+    }
+    if ((rc = pr_model_reserve(m, t->B, t->T, err)))
+        return rc;
+    if ((rc = plan_optimizer(t, err)))
+        return rc;
+    if ((rc = make_dir(cfg->out_dir, err)))
+        return rc;
+    t->ckpt_path = fileio_join(cfg->out_dir, "checkpoint.safetensors");
+    t->metrics_path = fileio_join(cfg->out_dir, "metrics.jsonl");
+    if (!t->ckpt_path || !t->metrics_path)
+        return pr_errorf(err, PR_ERR_NOMEM, "out of memory");
+    int64_t n_train = 0;
+    for (int i = 0; i < t->n_ts; i++)
+        n_train += (int64_t)t->ts[i].n;
+    /* Everything that must agree for a checkpoint to continue this run. */
+    snprintf(t->fingerprint, sizeof t->fingerprint,
+             "task=%s L=%d C=%d H=%d V=%d T=%d B=%d accum=%d K=%d trainable=%lld seed=%llu", task,
+             mc->n_layers, mc->d_model, mc->n_heads, mc->vocab_size, t->T, t->B, cfg->accum, t->K,
+             (long long)n_train, (unsigned long long)cfg->seed);
+    return PR_OK;
+}
+
+static void log_metrics(trainer *t, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+
+static void log_metrics(trainer *t, const char *fmt, ...)
+{
+    if (!t->metrics)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    vfprintf(t->metrics, fmt, ap);
+    va_end(ap);
+    fputc('\n', t->metrics);
+    fflush(t->metrics);
+}
+
+static double now_seconds(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, pr_train_result *res,
+             pr_error *err)
+{
+    trainer t;
+    memset(&t, 0, sizeof t);
+    memset(res, 0, sizeof *res);
+    res->resumed_from = -1;
+    res->final_val_accuracy = -1.0;
+    int rc = setup(&t, m, tok, cfg, err);
+    if (rc) {
+        trainer_free(&t);
+        return rc;
+    }
+    res->trainable_params = 0;
+    for (int i = 0; i < t.n_ts; i++)
+        res->trainable_params += (int64_t)t.ts[i].n;
+
+    sched_config sc = {.lr = cfg->lr, .warmup = cfg->warmup, .total = cfg->steps > 0 ? cfg->steps : 1,
+                       .min_ratio = cfg->min_lr_ratio};
+    if ((rc = sched_kind_parse(cfg->schedule ? cfg->schedule : "cosine", &sc.kind, err)) ||
+        (rc = sched_validate(&sc, err)))
+        goto out;
+
+    int64_t step = 0;
+    FILE *probe = fopen(t.ckpt_path, "rb");
+    if (probe) {
+        fclose(probe);
+        if (!cfg->resume) {
+            rc = pr_errorf(err, PR_ERR_INVALID,
+                           "%s exists: resume it (--resume) or choose another output directory",
+                           t.ckpt_path);
+            goto out;
+        }
+        if ((rc = load_checkpoint(&t, &step, err)))
+            goto out;
+        res->resumed_from = (int)step;
+        if (!cfg->quiet)
+            fprintf(stderr, "resumed from %s at step %lld\n", t.ckpt_path, (long long)step);
+    }
+    t.metrics = fopen(t.metrics_path, step > 0 ? "a" : "w");
+    if (!t.metrics) {
+        rc = pr_errorf(err, PR_ERR_IO, "%s: %s", t.metrics_path, strerror(errno));
+        goto out;
+    }
+
+    double vloss, vacc;
+    if ((rc = evaluate(&t, &vloss, &vacc, err)))
+        goto out;
+    res->initial_val_loss = vloss;
+    if (step == 0) {
+        log_metrics(&t, "{\"step\": 0, \"val_loss\": %.6f%s%.6f}", vloss, t.is_cls ? ", \"val_accuracy\": " : "",
+                    t.is_cls ? vacc : 0.0);
+        if (!cfg->quiet)
+            fprintf(stderr, "step %6d  val_loss %.6f%s\n", 0, vloss, t.is_cls ? "" : "");
+    }
+
+    struct sigaction sa, old_int, old_term;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    stop_signal = 0;
+    sigaction(SIGINT, &sa, &old_int);
+    sigaction(SIGTERM, &sa, &old_term);
+
+    double t0 = now_seconds(), t_last = t0;
+    int64_t tokens_done = 0, tokens_last = 0;
+    int first = 1;
+    while (step < cfg->steps) {
+        pr_model_zero_grad(m);
+        optim_zero_grad(&t.opt);
+        double loss_sum = 0.0;
+        for (int a = 0; a < cfg->accum; a++) {
+            data_sampler_next(&t.sampler, t.idx, t.B);
+            if ((rc = data_make_batch(&t.train, t.idx, t.B, t.B, t.T, t.tokens, t.targets, t.lengths,
+                                      t.labels, t.pad_id, err)))
+                goto out_signals;
+            double l;
+            int64_t scored;
+            if ((rc = run_batch(&t, t.B, 1, &l, &scored, NULL, err)))
+                goto out_signals;
+            if (!isfinite(l)) {
+                rc = pr_errorf(err, PR_ERR_NUMERIC,
+                               "loss is %s at step %lld: training stopped before updating; the last good "
+                               "checkpoint is %s (lower the learning rate or check the data)",
+                               isnan(l) ? "NaN" : "infinite", (long long)step + 1, t.ckpt_path);
+                goto out_signals;
+            }
+            loss_sum += l;
+            for (int b = 0; b < t.B; b++)
+                tokens_done += t.lengths[b];
+        }
+        double loss = loss_sum / cfg->accum;
+        if (cfg->accum > 1) {
+            float s = 1.0f / (float)cfg->accum;
+            for (int i = 0; i < t.opt.n_segs; i++)
+                for (size_t j = 0; j < t.opt.segs[i].n; j++)
+                    t.opt.segs[i].grad[j] *= s;
+        }
+        size_t bad_index;
+        const char *bad = optim_nonfinite_grad(&t.opt, &bad_index);
+        if (bad) {
+            rc = pr_errorf(err, PR_ERR_NUMERIC,
+                           "gradient of %s[%zu] is not finite at step %lld: training stopped before "
+                           "updating; the last good checkpoint is %s",
+                           bad, bad_index, (long long)step + 1, t.ckpt_path);
+            goto out_signals;
+        }
+        double norm = cfg->clip > 0 ? optim_clip(&t.opt, cfg->clip) : optim_grad_norm(&t.opt);
+        float lr = sched_lr(&sc, step);
+        if ((rc = optim_step(&t.opt, lr, err)))
+            goto out_signals;
+        step++;
+        if (first) {
+            res->first_train_loss = loss;
+            first = 0;
+        }
+        res->final_train_loss = loss;
+        double now = now_seconds();
+        log_metrics(&t, "{\"step\": %lld, \"loss\": %.6f, \"lr\": %.6g, \"grad_norm\": %.6f, \"seconds\": %.3f}",
+                    (long long)step, loss, lr, norm, now - t0);
+        int last = step == cfg->steps;
+        if (!cfg->quiet && (cfg->log_every <= 0 || step % cfg->log_every == 0 || last)) {
+            double tps = (double)(tokens_done - tokens_last) / (now - t_last > 1e-9 ? now - t_last : 1e-9);
+            fprintf(stderr, "step %6lld/%d  loss %.6f  lr %.3e  norm %.4f  %.0f tok/s\n", (long long)step,
+                    cfg->steps, loss, lr, norm, tps);
+            t_last = now;
+            tokens_last = tokens_done;
+        }
+        if ((cfg->eval_every > 0 && step % cfg->eval_every == 0) || last) {
+            if ((rc = evaluate(&t, &vloss, &vacc, err)))
+                goto out_signals;
+            log_metrics(&t, "{\"step\": %lld, \"val_loss\": %.6f%s%.6f}", (long long)step, vloss,
+                        t.is_cls ? ", \"val_accuracy\": " : ", \"val_ppl\": ", t.is_cls ? vacc : exp(vloss));
+            if (!cfg->quiet) {
+                if (t.is_cls)
+                    fprintf(stderr, "step %6lld  val_loss %.6f  val_accuracy %.4f\n", (long long)step, vloss, vacc);
+                else
+                    fprintf(stderr, "step %6lld  val_loss %.6f  val_ppl %.4f\n", (long long)step, vloss, exp(vloss));
+            }
+            res->final_val_loss = vloss;
+            res->final_val_accuracy = vacc;
+        }
+        if ((cfg->ckpt_every > 0 && step % cfg->ckpt_every == 0) || last || stop_signal) {
+            if ((rc = save_checkpoint(&t, step, err)))
+                goto out_signals;
+        }
+        if (stop_signal) {
+            res->interrupted = 1;
+            rc = pr_errorf(err, PR_ERR_INTERRUPTED, "interrupted by signal %d at step %lld; checkpoint saved to %s",
+                           (int)stop_signal, (long long)step, t.ckpt_path);
+            goto out_signals;
+        }
+    }
+    if (step == cfg->steps && res->final_val_loss == 0.0) {
+        res->final_val_loss = vloss;
+        res->final_val_accuracy = vacc;
+    }
+    res->seconds = now_seconds() - t0;
+    res->tokens_per_second = res->seconds > 0 ? (double)tokens_done / res->seconds : 0.0;
+out_signals:
+    res->steps_done = step;
+    sigaction(SIGINT, &old_int, NULL);
+    sigaction(SIGTERM, &old_term, NULL);
+out:
+    trainer_free(&t);
+    return rc;
+}

@@ -1,0 +1,81 @@
+/* peftref: the training engine.
+ *
+ * Trains the model's trainable tensors (and, for classification, a small
+ * head) with AdamW, a warmup + decay schedule, global-norm clipping and
+ * gradient accumulation.  Work is never lost: a checkpoint (trainable
+ * tensors, optimizer moments, step, RNG state and data position) is
+ * written atomically every ckpt_every steps, at the end, and when SIGINT or
+ * SIGTERM arrives; a NaN or infinite loss stops training before anything is
+ * updated, keeping the last good checkpoint.  Same seed, same result. */
+#ifndef PEFTREF_TRAIN_H
+#define PEFTREF_TRAIN_H
+
+#include <stdint.h>
+#include "peftref/status.h"
+#include "peftref/model.h"
+#include "peftref/tokenizer.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct pr_train_config {
+    /* task and data */
+    const char *task;          /* "lm" (default) or "classification" */
+    const char *train_path;    /* text or JSONL */
+    const char *val_path;      /* NULL: hold out val_fraction of train */
+    const char *format;        /* "auto" (default), "text", "jsonl" */
+    double val_fraction;       /* default 0.1 */
+    /* budget and batch */
+    int steps;                 /* optimizer steps */
+    int batch;                 /* sequences per micro-batch */
+    int seq_len;               /* T */
+    int accum;                 /* micro-batches per step (default 1) */
+    /* optimisation */
+    float lr;                  /* peak learning rate */
+    float min_lr_ratio;        /* final lr = min_lr_ratio * lr (default 0.1) */
+    int warmup;                /* linear warmup steps */
+    const char *schedule;      /* "cosine" (default), "linear", "constant" */
+    float weight_decay;        /* AdamW decoupled decay on matrices (default 0.01) */
+    int decay_all;             /* also decay biases, norm gains, vectors */
+    float clip;                /* global-norm clip; 0 = off (default 1.0) */
+    float beta1, beta2, eps;   /* AdamW (0.9, 0.999, 1e-8) */
+    float head_lr_mult;        /* classification head lr multiplier (default 1) */
+    uint64_t seed;             /* data order, head init */
+    /* evaluation, logging, checkpoints */
+    int eval_every;            /* steps between evaluations (0 = only at the end) */
+    int eval_batches;          /* validation batches per evaluation (0 = all) */
+    int log_every;             /* steps between log lines (default 10) */
+    int ckpt_every;            /* steps between checkpoints (0 = only at the end) */
+    const char *out_dir;       /* checkpoint.safetensors and metrics.jsonl go here */
+    int resume;                /* continue from out_dir/checkpoint.safetensors if present */
+    int quiet;                 /* no log lines on stderr */
+} pr_train_config;
+
+/* Defaults for every field not about data. */
+void pr_train_config_default(pr_train_config *cfg);
+
+typedef struct pr_train_result {
+    int64_t steps_done;
+    double first_train_loss;
+    double final_train_loss;
+    double initial_val_loss;
+    double final_val_loss;
+    double final_val_accuracy;   /* classification; -1 for lm */
+    double seconds;
+    double tokens_per_second;
+    int64_t trainable_params;
+    int resumed_from;            /* step resumed from, -1 when fresh */
+    int interrupted;             /* stopped by SIGINT/SIGTERM */
+} pr_train_result;
+
+/* Train m in place.  Base tensors marked trainable (pr_model_set_trainable)
+ * are updated; at least one must be, or the task must be classification
+ * (which always trains its head). */
+int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, pr_train_result *res,
+             pr_error *err);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
