@@ -16,6 +16,7 @@ typedef struct subcommand {
 static const subcommand commands[] = {
     {"eval", cmd_eval, "perplexity of a model on a text file"},
     {"tokenize", cmd_tokenize, "print a text's token ids"},
+    {"train", cmd_train, "train a model's tensors on text or JSONL data"},
 };
 
 static void usage(FILE *f)

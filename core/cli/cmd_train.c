@@ -1,0 +1,281 @@
+/* peftref train: train a model's tensors on text or JSONL data. */
+#include "config.h"
+
+#include <fnmatch.h>
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli.h"
+#include "runtime.h"
+
+static const char train_usage[] =
+    "usage: peftref train (--model DIR | --preset NAME [model options]) --data FILE --out DIR\n"
+    "                     [training options]\n"
+    "\n"
+    "Train the selected tensors of a model (default: all of them, i.e. full\n"
+    "finetuning) with AdamW.  A checkpoint (trainable tensors, optimizer state,\n"
+    "step, RNG and data position) is written atomically to DIR every\n"
+    "--ckpt-every steps, at the end, and on SIGINT/SIGTERM; --resume continues\n"
+    "from it.  Metrics go to DIR/metrics.jsonl.\n"
+    "\n"
+    "model:\n"
+    "  --model DIR          Hugging Face GPT-2 directory\n"
+    "  --preset NAME        built-in shape with seeded random init (gpt2-tiny, gpt2-small)\n"
+    "  --init-seed N        seed of the preset's random init\n"
+    "  --layers N --d-model N --heads N --d-ff N --max-seq N --vocab N\n"
+    "                       inline overrides of the preset's dimensions\n"
+    "  --tokenizer DIR      tokenizer directory for a preset whose vocabulary is not 256\n"
+    "  --trainable LIST     comma-separated tensor names or globs to train\n"
+    "                       (default '*'; e.g. '*.bias' or '*ln_*')\n"
+    "data:\n"
+    "  --data FILE          training data: text, or JSONL with text | prompt+completion |\n"
+    "                       text+label records (see docs/data.md)\n"
+    "  --val FILE           validation data (default: hold out --val-fraction of --data)\n"
+    "  --val-fraction F     default 0.1\n"
+    "  --format F           auto (default), text, jsonl\n"
+    "  --task T             lm (default) or classification\n"
+    "training:\n"
+    "  --steps N            optimizer steps (default 100)\n"
+    "  --batch N            sequences per micro-batch (default 8)\n"
+    "  --seq-len T          positions per sequence (default 64)\n"
+    "  --accum N            micro-batches per step (default 1)\n"
+    "  --lr X               peak learning rate (default 1e-3)\n"
+    "  --min-lr-ratio X     final lr as a fraction of the peak (default 0.1)\n"
+    "  --warmup N           linear warmup steps (default 0)\n"
+    "  --schedule S         cosine (default), linear, constant\n"
+    "  --weight-decay X     AdamW decoupled decay on matrices (default 0.01)\n"
+    "  --decay-all          also decay biases, norm gains and vectors\n"
+    "  --clip X             global gradient-norm clip, 0 = off (default 1.0)\n"
+    "  --seed N             data order and head init (default 1)\n"
+    "  --eval-every N       steps between validations (default: only at the end)\n"
+    "  --eval-batches N     validation batches per evaluation (default: all)\n"
+    "  --log-every N        steps between log lines (default 10)\n"
+    "  --ckpt-every N       steps between checkpoints (default: only at the end)\n"
+    "  --out DIR            output directory (required)\n"
+    "  --resume             continue from DIR/checkpoint.safetensors\n"
+    "  --save DIR           after training, write the model as a Hugging Face directory\n"
+    "  --quiet              no progress lines\n"
+    "  -h, --help           show this help\n"
+    "\n"
+    "Exit status: 0 done, 1 error (including a NaN loss), 2 usage, 130 interrupted.\n";
+
+enum {
+    O_MODEL = 256, O_PRESET, O_INIT_SEED, O_LAYERS, O_DMODEL, O_HEADS, O_DFF, O_MAXSEQ, O_VOCAB,
+    O_TOKENIZER, O_TRAINABLE, O_DATA, O_VAL, O_VALFRAC, O_FORMAT, O_TASK, O_STEPS, O_BATCH,
+    O_SEQLEN, O_ACCUM, O_LR, O_MINLR, O_WARMUP, O_SCHEDULE, O_WD, O_DECAYALL, O_CLIP, O_SEED,
+    O_EVALEVERY, O_EVALBATCHES, O_LOGEVERY, O_CKPTEVERY, O_OUT, O_RESUME, O_SAVE, O_QUIET
+};
+
+static int parse_float(const char *opt, const char *s, double lo, double hi, float *out)
+{
+    char *end = NULL;
+    double v = strtod(s, &end);
+    if (end == s || *end || !(v >= lo && v <= hi)) {
+        fprintf(stderr, "peftref train: %s expects a number in [%g, %g], got '%s'\n", opt, lo, hi, s);
+        return 2;
+    }
+    *out = (float)v;
+    return 0;
+}
+
+/* Mark every tensor matching one of the comma-separated globs trainable. */
+static int select_trainable(pr_model *m, const char *list, pr_error *err)
+{
+    char *copy = strdup(list);
+    if (!copy)
+        return pr_errorf(err, PR_ERR_NOMEM, "out of memory");
+    int rc = PR_OK;
+    for (char *save = NULL, *pat = strtok_r(copy, ",", &save); pat && !rc; pat = strtok_r(NULL, ",", &save)) {
+        int hits = 0;
+        for (int i = 0; i < pr_model_n_tensors(m) && !rc; i++) {
+            const char *name = pr_model_tensor(m, i)->name;
+            if (fnmatch(pat, name, 0) == 0) {
+                rc = pr_model_set_trainable(m, name, 1, err);
+                hits++;
+            }
+        }
+        if (!rc && hits == 0)
+            rc = pr_errorf(err, PR_ERR_NOTFOUND, "--trainable: '%s' matches no tensor (names look like "
+                           "'h.0.attn.c_attn.weight', 'ln_f.bias', 'wte.weight')", pat);
+    }
+    free(copy);
+    return rc;
+}
+
+int cmd_train(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        {"model", required_argument, 0, O_MODEL}, {"preset", required_argument, 0, O_PRESET},
+        {"init-seed", required_argument, 0, O_INIT_SEED}, {"layers", required_argument, 0, O_LAYERS},
+        {"d-model", required_argument, 0, O_DMODEL}, {"heads", required_argument, 0, O_HEADS},
+        {"d-ff", required_argument, 0, O_DFF}, {"max-seq", required_argument, 0, O_MAXSEQ},
+        {"vocab", required_argument, 0, O_VOCAB}, {"tokenizer", required_argument, 0, O_TOKENIZER},
+        {"trainable", required_argument, 0, O_TRAINABLE}, {"data", required_argument, 0, O_DATA},
+        {"val", required_argument, 0, O_VAL}, {"val-fraction", required_argument, 0, O_VALFRAC},
+        {"format", required_argument, 0, O_FORMAT}, {"task", required_argument, 0, O_TASK},
+        {"steps", required_argument, 0, O_STEPS}, {"batch", required_argument, 0, O_BATCH},
+        {"seq-len", required_argument, 0, O_SEQLEN}, {"accum", required_argument, 0, O_ACCUM},
+        {"lr", required_argument, 0, O_LR}, {"min-lr-ratio", required_argument, 0, O_MINLR},
+        {"warmup", required_argument, 0, O_WARMUP}, {"schedule", required_argument, 0, O_SCHEDULE},
+        {"weight-decay", required_argument, 0, O_WD}, {"decay-all", no_argument, 0, O_DECAYALL},
+        {"clip", required_argument, 0, O_CLIP}, {"seed", required_argument, 0, O_SEED},
+        {"eval-every", required_argument, 0, O_EVALEVERY}, {"eval-batches", required_argument, 0, O_EVALBATCHES},
+        {"log-every", required_argument, 0, O_LOGEVERY}, {"ckpt-every", required_argument, 0, O_CKPTEVERY},
+        {"out", required_argument, 0, O_OUT}, {"resume", no_argument, 0, O_RESUME},
+        {"save", required_argument, 0, O_SAVE}, {"quiet", no_argument, 0, O_QUIET},
+        {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
+    pr_train_config tc;
+    pr_train_config_default(&tc);
+    const char *model_dir = NULL, *preset = NULL, *tok_dir = NULL, *trainable = "*", *save_dir = NULL;
+    int init_seed = -1, layers = 0, dmodel = 0, heads = 0, dff = 0, maxseq = 0, vocab = 0, seed = 1;
+    float valfrac = 0.1f;
+    const int big = 1 << 30;
+    optind = 1;
+    opterr = 0;
+    int c;
+#define INT_OPT(name, var, lo) \
+    do { \
+        if (cli_parse_int("train", name, optarg, lo, big, &(var))) \
+            return 2; \
+    } while (0); \
+    break
+#define FLT_OPT(name, var, lo, hi) \
+    do { \
+        if (parse_float(name, optarg, lo, hi, &(var))) \
+            return 2; \
+    } while (0); \
+    break
+    while ((c = getopt_long(argc, argv, ":h", opts, NULL)) != -1) {
+        switch (c) {
+        case O_MODEL: model_dir = optarg; break;
+        case O_PRESET: preset = optarg; break;
+        case O_INIT_SEED: INT_OPT("--init-seed", init_seed, 0);
+        case O_LAYERS: INT_OPT("--layers", layers, 1);
+        case O_DMODEL: INT_OPT("--d-model", dmodel, 1);
+        case O_HEADS: INT_OPT("--heads", heads, 1);
+        case O_DFF: INT_OPT("--d-ff", dff, 1);
+        case O_MAXSEQ: INT_OPT("--max-seq", maxseq, 1);
+        case O_VOCAB: INT_OPT("--vocab", vocab, 1);
+        case O_TOKENIZER: tok_dir = optarg; break;
+        case O_TRAINABLE: trainable = optarg; break;
+        case O_DATA: tc.train_path = optarg; break;
+        case O_VAL: tc.val_path = optarg; break;
+        case O_VALFRAC: FLT_OPT("--val-fraction", valfrac, 0.0, 0.9);
+        case O_FORMAT: tc.format = optarg; break;
+        case O_TASK: tc.task = optarg; break;
+        case O_STEPS: INT_OPT("--steps", tc.steps, 0);
+        case O_BATCH: INT_OPT("--batch", tc.batch, 1);
+        case O_SEQLEN: INT_OPT("--seq-len", tc.seq_len, 1);
+        case O_ACCUM: INT_OPT("--accum", tc.accum, 1);
+        case O_LR: FLT_OPT("--lr", tc.lr, 0.0, 10.0);
+        case O_MINLR: FLT_OPT("--min-lr-ratio", tc.min_lr_ratio, 0.0, 1.0);
+        case O_WARMUP: INT_OPT("--warmup", tc.warmup, 0);
+        case O_SCHEDULE: tc.schedule = optarg; break;
+        case O_WD: FLT_OPT("--weight-decay", tc.weight_decay, 0.0, 10.0);
+        case O_DECAYALL: tc.decay_all = 1; break;
+        case O_CLIP: FLT_OPT("--clip", tc.clip, 0.0, 1e9);
+        case O_SEED: INT_OPT("--seed", seed, 0);
+        case O_EVALEVERY: INT_OPT("--eval-every", tc.eval_every, 0);
+        case O_EVALBATCHES: INT_OPT("--eval-batches", tc.eval_batches, 0);
+        case O_LOGEVERY: INT_OPT("--log-every", tc.log_every, 0);
+        case O_CKPTEVERY: INT_OPT("--ckpt-every", tc.ckpt_every, 0);
+        case O_OUT: tc.out_dir = optarg; break;
+        case O_RESUME: tc.resume = 1; break;
+        case O_SAVE: save_dir = optarg; break;
+        case O_QUIET: tc.quiet = 1; break;
+        case 'h': fputs(train_usage, stdout); return 0;
+        case ':':
+            fprintf(stderr, "peftref train: option '%s' needs a value\n", argv[optind - 1]);
+            return 2;
+        default:
+            fprintf(stderr, "peftref train: unknown option '%s' (see peftref train --help)\n", argv[optind - 1]);
+            return 2;
+        }
+    }
+#undef INT_OPT
+#undef FLT_OPT
+    tc.val_fraction = valfrac;
+    tc.seed = (uint64_t)seed;
+    if (optind < argc) {
+        fprintf(stderr, "peftref train: unexpected argument '%s'\n", argv[optind]);
+        return 2;
+    }
+    if (!!model_dir == !!preset) {
+        fprintf(stderr, "peftref train: give exactly one of --model DIR or --preset NAME\n");
+        return 2;
+    }
+    if (model_dir && (layers || dmodel || heads || dff || maxseq || vocab || init_seed >= 0)) {
+        fprintf(stderr, "peftref train: dimension overrides and --init-seed apply to --preset only\n");
+        return 2;
+    }
+    if (!tc.train_path || !tc.out_dir) {
+        fprintf(stderr, "peftref train: --data FILE and --out DIR are required (see --help)\n");
+        return 2;
+    }
+    runtime_warn_generic_blas();
+
+    pr_error err = {0};
+    pr_model *m = NULL;
+    pr_tokenizer *tok = NULL;
+    int rc = 1;
+    if (model_dir) {
+        if (pr_model_load_hf(model_dir, &m, &err))
+            goto fail;
+    } else {
+        pr_model_config cfg;
+        if (pr_config_preset(preset, &cfg) != PR_OK) {
+            fprintf(stderr, "peftref train: unknown preset '%s' (known: gpt2-tiny, gpt2-small)\n", preset);
+            return 2;
+        }
+        if (layers) cfg.n_layers = layers;
+        if (dmodel) cfg.d_model = dmodel;
+        if (heads) cfg.n_heads = cfg.n_kv_heads = heads;
+        if (dmodel || heads) cfg.d_head = cfg.d_model / cfg.n_heads;
+        if (dff) cfg.d_ff = dff;
+        else if (dmodel) cfg.d_ff = 4 * cfg.d_model;
+        if (maxseq) cfg.max_seq = maxseq;
+        if (vocab) cfg.vocab_size = vocab;
+        if (init_seed >= 0) cfg.seed = (uint64_t)init_seed;
+        if (pr_config_validate(&cfg, &err) || pr_model_create(&cfg, &m, &err))
+            goto fail;
+    }
+    if (cli_load_tokenizer(model_dir ? model_dir : tok_dir, m, &tok, &err) ||
+        select_trainable(m, trainable, &err))
+        goto fail;
+    if (!tc.quiet) {
+        char line[256];
+        runtime_describe(line, sizeof line);
+        int64_t n_tr = 0;
+        for (int i = 0; i < pr_model_n_tensors(m); i++)
+            if (pr_model_tensor(m, i)->trainable)
+                n_tr += pr_model_tensor(m, i)->numel;
+        fprintf(stderr, "peftref train: %lld of %lld parameters trainable; %s\n", (long long)n_tr,
+                (long long)pr_model_param_count(m), line);
+    }
+    pr_train_result res;
+    int trc = pr_train(m, tok, &tc, &res, &err);
+    if (trc == PR_ERR_INTERRUPTED) {
+        fprintf(stderr, "peftref train: %s\n", err.msg);
+        rc = 130;
+        goto done;
+    }
+    if (trc)
+        goto fail;
+    printf("steps %lld  train_loss %.6f -> %.6f  val_loss %.6f -> %.6f", (long long)res.steps_done,
+           res.first_train_loss, res.final_train_loss, res.initial_val_loss, res.final_val_loss);
+    if (res.final_val_accuracy >= 0)
+        printf("  val_accuracy %.4f", res.final_val_accuracy);
+    printf("\n");
+    if (save_dir && pr_model_save_hf(m, save_dir, model_dir ? model_dir : tok_dir, &err))
+        goto fail;
+    rc = 0;
+    goto done;
+fail:
+    fprintf(stderr, "peftref train: %s\n", err.msg);
+done:
+    pr_tokenizer_free(tok);
+    pr_model_free(m);
+    return rc;
+}

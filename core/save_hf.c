@@ -1,0 +1,105 @@
+/* peftref: write a model as a Hugging Face GPT-2 directory. */
+#include "config.h"
+
+#include <errno.h>
+#include <jansson.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "peftref/model.h"
+#include "peftref/tokenizer.h"
+#include "fileio.h"
+
+/* config.json with GPT2Config's keys, so transformers and peftref both
+ * read the directory back. */
+static int write_config(const pr_model *m, const char *dir, const char *tokenizer_kind, pr_error *err)
+{
+    const pr_model_config *c = pr_model_get_config(m);
+    if (c->family != PR_FAMILY_GPT2)
+        return pr_errorf(err, PR_ERR_UNSUPPORTED, "only GPT-2 family models can be written as Hugging Face directories");
+    json_t *o = json_object();
+    json_object_set_new(o, "model_type", json_string("gpt2"));
+    json_object_set_new(o, "architectures", json_pack("[s]", "GPT2LMHeadModel"));
+    json_object_set_new(o, "n_layer", json_integer(c->n_layers));
+    json_object_set_new(o, "n_embd", json_integer(c->d_model));
+    json_object_set_new(o, "n_head", json_integer(c->n_heads));
+    json_object_set_new(o, "n_inner", json_integer(c->d_ff));
+    json_object_set_new(o, "vocab_size", json_integer(c->vocab_size));
+    json_object_set_new(o, "n_positions", json_integer(c->max_seq));
+    json_object_set_new(o, "n_ctx", json_integer(c->max_seq));
+    json_object_set_new(o, "layer_norm_epsilon", json_real(c->norm_eps));
+    json_object_set_new(o, "initializer_range", json_real(c->init_std));
+    json_object_set_new(o, "activation_function", json_string("gelu_new"));
+    json_object_set_new(o, "tie_word_embeddings", json_boolean(c->tied_head));
+    if (tokenizer_kind && strcmp(tokenizer_kind, "byte") == 0)
+        json_object_set_new(o, "peftref_tokenizer", json_string("byte"));
+    char *text = json_dumps(o, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+    json_decref(o);
+    if (!text)
+        return pr_errorf(err, PR_ERR_NOMEM, "out of memory writing config.json");
+    char *path = fileio_join(dir, "config.json");
+    size_t len = strlen(text);
+    text[len] = '\0';
+    int rc = path ? PR_OK : pr_errorf(err, PR_ERR_NOMEM, "out of memory");
+    if (!rc) {
+        char *withnl = malloc(len + 2);
+        if (!withnl) {
+            rc = pr_errorf(err, PR_ERR_NOMEM, "out of memory");
+        } else {
+            memcpy(withnl, text, len);
+            withnl[len] = '\n';
+            rc = fileio_write_atomic(path, withnl, len + 1, err);
+            free(withnl);
+        }
+    }
+    free(path);
+    free(text);
+    return rc;
+}
+
+static int copy_file(const char *from_dir, const char *to_dir, const char *name, pr_error *err)
+{
+    char *src = fileio_join(from_dir, name), *dst = fileio_join(to_dir, name);
+    char *data = NULL;
+    size_t len = 0;
+    int rc;
+    if (!src || !dst)
+        rc = pr_errorf(err, PR_ERR_NOMEM, "out of memory");
+    else
+        rc = fileio_read_all(src, (size_t)1 << 30, &data, &len, err);
+    if (!rc)
+        rc = fileio_write_atomic(dst, data, len, err);
+    free(data);
+    free(src);
+    free(dst);
+    return rc;
+}
+
+int pr_model_save_hf(const pr_model *m, const char *dir, const char *tokenizer_dir, pr_error *err)
+{
+    if (mkdir(dir, 0777) != 0 && errno != EEXIST)
+        return pr_errorf(err, PR_ERR_IO, "%s: cannot create directory: %s", dir, strerror(errno));
+    const char *kind = "byte";
+    if (tokenizer_dir) {
+        pr_tokenizer *tok = NULL;
+        int rc = pr_tokenizer_load(tokenizer_dir, &tok, err);
+        if (rc)
+            return rc;
+        kind = strcmp(pr_tokenizer_kind(tok), "byte") == 0 ? "byte" : "gpt2-bpe";
+        pr_tokenizer_free(tok);
+        if (strcmp(kind, "gpt2-bpe") == 0 &&
+            ((rc = copy_file(tokenizer_dir, dir, "vocab.json", err)) ||
+             (rc = copy_file(tokenizer_dir, dir, "merges.txt", err))))
+            return rc;
+    }
+    int rc = write_config(m, dir, kind, err);
+    if (rc)
+        return rc;
+    char *path = fileio_join(dir, "model.safetensors");
+    if (!path)
+        return pr_errorf(err, PR_ERR_NOMEM, "out of memory");
+    rc = pr_model_save_safetensors(m, path, err);
+    free(path);
+    return rc;
+}
