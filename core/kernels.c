@@ -369,9 +369,10 @@ void residual_backward(float *da, float *db, const float *dout, size_t n)
  *
  * The row softmax between the products runs on the calling thread, on
  * purpose: an OpenMP region between two sgemm calls leaves the OpenMP
- * workers spinning while OpenBLAS's threads need the same cores.  On 2
- * cores (GPT-2 small shape, B=2, T=1024) that made a forward pass take
- * 0.3-3 s instead of 70 ms; the serial softmax costs a few percent. */
+ * workers spinning (libgomp's default wait policy) while OpenBLAS's
+ * threads need the same cores.  On 2 cores at GPT-2 small shape (B=2,
+ * T=1024, 12 heads) that made a forward pass take 0.3-3 s instead of
+ * 70 ms; the serial softmax costs a few percent. */
 
 /* Row-wise softmax of score rows r0..r1 (S holds row r0, row stride ld)
  * over the visible columns 0..P+t; columns P+t+1 .. ncols-1 become 0. */
@@ -396,7 +397,7 @@ void attention_forward(float *out, float *att,
                        const float *v, int ldv, const float *pk, const float *pv, int P,
                        int B, int T, int H, int Hkv, int hd)
 {
-    if (B <= 0 || T <= 0 || H <= 0 || Hkv <= 0 || hd <= 0) return;
+    if (B <= 0 || T <= 0 || H <= 0 || Hkv <= 0 || H % Hkv || hd <= 0) return;
     if (P < 0) P = 0;
     int grp = H / Hkv;
     int PT = P + T, ldo = H * hd;
@@ -460,7 +461,7 @@ void attention_backward(float *dq, float *dk, float *dv, float *dpk, float *dpv,
                         const float *v, int ldv, const float *pk, const float *pv, int P,
                         int B, int T, int H, int Hkv, int hd, float *scratch)
 {
-    if (B <= 0 || T <= 0 || H <= 0 || Hkv <= 0 || hd <= 0) return;
+    if (B <= 0 || T <= 0 || H <= 0 || Hkv <= 0 || H % Hkv || hd <= 0) return;
     if (P < 0) P = 0;
     if (!P) dpk = dpv = NULL;
     int grp = H / Hkv;
