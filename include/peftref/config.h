@@ -1,0 +1,59 @@
+/* peftref: family-neutral model dimensions.
+ *
+ * One struct describes every supported family.  GPT-2 uses learned
+ * positions, LayerNorm, GELU(tanh) and a fused QKV projection; LLaMA-style
+ * models (RMSNorm, RoPE, SwiGLU, grouped-query attention) fill the same
+ * fields with other values.  n_kv_heads and d_head are explicit so that
+ * grouped-query attention (n_kv_heads < n_heads) and d_head != d_model /
+ * n_heads need no new fields. */
+#ifndef PEFTREF_CONFIG_H
+#define PEFTREF_CONFIG_H
+
+#include <stdint.h>
+#include "peftref/status.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum pr_family { PR_FAMILY_GPT2 = 1, PR_FAMILY_LLAMA = 2 } pr_family;
+typedef enum pr_norm_kind { PR_NORM_LAYERNORM = 1, PR_NORM_RMSNORM = 2 } pr_norm_kind;
+typedef enum pr_act_kind { PR_ACT_GELU_TANH = 1, PR_ACT_SWIGLU = 2 } pr_act_kind;
+typedef enum pr_pos_kind { PR_POS_LEARNED = 1, PR_POS_ROPE = 2 } pr_pos_kind;
+
+typedef struct pr_model_config {
+    int family;        /* pr_family */
+    int n_layers;      /* L */
+    int d_model;       /* C */
+    int n_heads;       /* H */
+    int n_kv_heads;    /* Hkv; equals H without grouped-query attention */
+    int d_head;        /* hd; C / H for GPT-2 */
+    int d_ff;          /* FFN hidden width; 4C for GPT-2 */
+    int vocab_size;    /* V */
+    int max_seq;       /* learned-position table size, or RoPE context */
+    float norm_eps;    /* 1e-5 for GPT-2 */
+    int bias;          /* projections and norms carry biases */
+    int tied_head;     /* LM head shares the token embedding */
+    int fused_qkv;     /* one [C, (H+2Hkv)hd] projection instead of three */
+    int norm;          /* pr_norm_kind */
+    int act;           /* pr_act_kind */
+    int pos;           /* pr_pos_kind */
+    float rope_theta;  /* RoPE base, unused by GPT-2 */
+    float init_std;    /* random init std, 0.02 for GPT-2 */
+    uint64_t seed;     /* seed for random init */
+} pr_model_config;
+
+/* Fill cfg with a named preset ("gpt2-small", "gpt2-tiny" ...).
+ * Returns PR_ERR_NOTFOUND for an unknown name. */
+int pr_config_preset(const char *name, pr_model_config *cfg);
+
+/* Check internal consistency (H*hd, H % Hkv, positive sizes ...). */
+int pr_config_validate(const pr_model_config *cfg, pr_error *err);
+
+/* Number of parameters a model of this shape holds (tied head counted once). */
+int64_t pr_config_param_count(const pr_model_config *cfg);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
