@@ -505,6 +505,73 @@ static void test_grad_frozen_and_bitfit(void **state)
     pr_model_free(m);
 }
 
+/* Task heads: a hidden-only forward and a backward from dLoss/dhidden.
+ * Loss = sum(hidden * R) / N with fixed R in [-0.1, 0.1] (the scale of a
+ * head initialised like the model, so the gradients and the float noise
+ * of the differences are those of the CE checks and the same tolerances
+ * apply), and dLoss/dhidden = R / N. */
+typedef struct hidden_ctx {
+    loss_ctx lc;
+    float R[TB * TT * 32];
+} hidden_ctx;
+
+static double hidden_loss(void *ctx)
+{
+    hidden_ctx *hc = ctx;
+    pr_error err = { 0 };
+    if (pr_model_forward(hc->lc.m, &hc->lc.batch, NULL, &err) != PR_OK)
+        return NAN;
+    const float *h = pr_model_hidden(hc->lc.m);
+    double s = 0;
+    for (int i = 0; i < TB * TT * 32; i++)
+        s += (double)h[i] * hc->R[i];
+    return s / (TB * TT);
+}
+
+static void test_backward_hidden(void **state)
+{
+    (void)state;
+    pr_model *m = small_model(37);
+    pr_error err = { 0 };
+    assert_int_equal(pr_model_set_trainable(m, "*", 1, &err), PR_OK);
+    static hidden_ctx hc;
+    loss_ctx_init(&hc.lc, m, 38);
+    hc.lc.batch.targets = NULL;
+    hc.lc.batch.hidden_only = 1;
+    gc_fill(hc.R, TB * TT * 32, 39, 0.1f);
+    float dh[TB * TT * 32];
+    for (int i = 0; i < TB * TT * 32; i++)
+        dh[i] = hc.R[i] / (TB * TT);
+
+    assert_int_equal(pr_model_forward(m, &hc.lc.batch, NULL, &err), PR_OK);
+    assert_null(pr_model_logits(m));
+    assert_non_null(pr_model_hidden(m));
+    /* no loss to differentiate, but a hidden-state gradient works */
+    assert_int_equal(pr_model_backward(m, &err), PR_ERR_INVALID);
+    pr_model_zero_grad(m);
+    assert_int_equal(pr_model_backward_hidden(m, dh, &err), PR_OK);
+
+    int f = 0, checked = 0;
+    for (int i = 0; i < pr_model_n_tensors(m); i++) {
+        const pr_tensor_info *t = pr_model_tensor(m, i);
+        if (strcmp(t->name, "wte.weight") == 0)
+            continue; /* no head here: only batch-token rows; see below */
+        float *g = malloc((size_t)t->numel * sizeof(float));
+        memcpy(g, t->grad, (size_t)t->numel * sizeof(float));
+        f += gc_check(t->name, t->data, g, (size_t)t->numel, hidden_loss, &hc, FD_EPS, FD_RTOL, FD_ATOL, FD_PROBES);
+        free(g);
+        checked++;
+    }
+    const pr_tensor_info *wte = pr_model_find_tensor(m, "wte.weight");
+    size_t row = (size_t)hc.lc.tokens[5] * 32;
+    float g[32];
+    memcpy(g, wte->grad + row, sizeof g);
+    f += gc_check("wte[tokens[5]]", wte->data + row, g, 32, hidden_loss, &hc, FD_EPS, FD_RTOL, FD_ATOL, 0);
+    assert_true(checked > 20);
+    assert_int_equal(f, 0);
+    pr_model_free(m);
+}
+
 /* ---- site hooks written for the test ------------------------------------- */
 
 /* Parallel low-rank branch y += x . A . B, A (d_in, r), B (r, d_out). */
@@ -596,7 +663,7 @@ static int lowrank_backward(void *self, const pr_site_io *io, pr_error *err)
 
 static pr_site_hook lowrank_hook(lowrank *lr)
 {
-    pr_site_hook h = { lowrank_forward, lowrank_backward, lr };
+    pr_site_hook h = { .forward = lowrank_forward, .backward = lowrank_backward, .self = lr };
     return h;
 }
 
@@ -652,7 +719,7 @@ static int rescale_backward(void *self, const pr_site_io *io, pr_error *err)
 
 static pr_site_hook rescale_hook(rescale *rs)
 {
-    pr_site_hook h = { rescale_forward, rescale_backward, rs };
+    pr_site_hook h = { .forward = rescale_forward, .backward = rescale_backward, .self = rs };
     return h;
 }
 
@@ -909,9 +976,9 @@ static void test_hook_order_and_errors(void **state)
     pr_error err = { 0 };
     loss_ctx lc;
     loss_ctx_init(&lc, m, 82);
-    pr_site_hook h1 = { order_fwd, order_bwd, (void *)(intptr_t)1 };
-    pr_site_hook h2 = { order_fwd, order_bwd, (void *)(intptr_t)2 };
-    pr_site_hook h3 = { order_fwd, order_bwd, (void *)(intptr_t)3 };
+    pr_site_hook h1 = { .forward = order_fwd, .backward = order_bwd, .self = (void *)(intptr_t)1 };
+    pr_site_hook h2 = { .forward = order_fwd, .backward = order_bwd, .self = (void *)(intptr_t)2 };
+    pr_site_hook h3 = { .forward = order_fwd, .backward = order_bwd, .self = (void *)(intptr_t)3 };
     attach(m, PR_SITE_FFN_UP, 1, h1);
     attach(m, PR_SITE_FFN_UP, 1, h2);
     attach(m, PR_SITE_BLOCK_OUT, 1, h3);
@@ -923,7 +990,7 @@ static void test_hook_order_and_errors(void **state)
     assert_memory_equal(order_log, want, sizeof want);
 
     /* a failing hook fails the forward and names the site */
-    pr_site_hook bad = { failing_fwd, NULL, NULL };
+    pr_site_hook bad = { .forward = failing_fwd, .backward = NULL, .self = NULL };
     attach(m, PR_SITE_ATTN_V, 0, bad);
     float loss;
     assert_int_equal(pr_model_forward(m, &lc.batch, &loss, &err), PR_ERR_NUMERIC);
@@ -1036,6 +1103,7 @@ int main(void)
         cmocka_unit_test(test_grad_full),
         cmocka_unit_test(test_grad_frozen_and_bitfit),
         cmocka_unit_test(test_grad_variants),
+        cmocka_unit_test(test_backward_hidden),
         cmocka_unit_test(test_hook_parallel_projections),
         cmocka_unit_test(test_hook_stream_sites),
         cmocka_unit_test(test_hook_embed),
