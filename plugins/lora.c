@@ -1,0 +1,360 @@
+/* LoRA: low-rank adaptation of a frozen projection (Hu et al. 2021,
+ * "LoRA: Low-Rank Adaptation of Large Language Models", arXiv 2106.09685).
+ *
+ * Beside a frozen projection y = x.W (W [d_in, d_out]) LoRA adds a rank-r
+ * update through two small matrices, named and shaped as in Hugging Face
+ * PEFT:
+ *
+ *     lora_A (r, d_in)    kaiming_uniform(a = sqrt(5)), as PEFT initialises it
+ *     lora_B (d_out, r)   zeros, so the module starts as the identity
+ *
+ *     h = dropout(x) . A^T . B^T            (rows, d_out)
+ *     y <- y + s * h,   s = alpha / r  (or alpha / sqrt(r) with rsLoRA,
+ *                                        Kalajdzievski 2023, arXiv 2312.03732)
+ *
+ * The host integrates (PR_INTEGRATE_SCALED_ADD): forward returns h without
+ * s, the host adds s*h, and backward receives d_out = s*dy.  s itself comes
+ * from scale() below.  merge() folds the update into the frozen weight as
+ * dW = s * (B.A)^T = s * A^T.B^T, shaped [d_in, d_out].
+ *
+ * Saved for backward, per insertion:
+ *   xa            (rows, r)              x_dropped . A^T
+ *   dropout_mask  (rows, ceil(d_in/32))  kept-element bits of the dropout
+ *                                        mask, 32 per float slot (a full
+ *                                        f32 mask would cost as much as x)
+ *   dropout_on    (1)                    1 when forward applied dropout, so
+ *                                        backward follows forward exactly
+ * Scratch (lent per call): x_dropped (rows, d_in), d_xa (rows, r).
+ *
+ * This file includes only <peftref/plugin.h> and libc/libm, and links
+ * against nothing of peftref: the matrix products go through host->gemm. */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <peftref/plugin.h>
+
+PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(void);
+
+/* Indices into the declaration arrays below (and so into ctx->options,
+ * ctx->params, ctx->saved and ctx->scratch). */
+enum { OPT_R, OPT_ALPHA, OPT_DROPOUT, OPT_RSLORA, N_OPTS };
+enum { PARAM_A, PARAM_B, N_PARAMS };
+enum { SAVED_XA, SAVED_MASK, SAVED_DROPOUT_ON, N_SAVED };
+enum { SCRATCH_XD, SCRATCH_DXA, N_SCRATCH };
+
+static const pr_option_decl lora_options[N_OPTS] = {
+    [OPT_R] = {
+        .struct_size = sizeof(pr_option_decl), .name = "r", .type = PR_OPT_INT,
+        .def = 8, .min = 1, .max = 4096, .per_site = 1,
+        .help = "rank of the update B.A (Hugging Face PEFT: r)",
+    },
+    [OPT_ALPHA] = {
+        .struct_size = sizeof(pr_option_decl), .name = "alpha", .type = PR_OPT_FLOAT,
+        .def = 8, .min = 0, .max = 1e6, .per_site = 1,
+        .help = "scaling numerator: the update is scaled by alpha/r (alpha/sqrt(r) with "
+                "use_rslora); Hugging Face PEFT's lora_alpha, default 8",
+    },
+    [OPT_DROPOUT] = {
+        .struct_size = sizeof(pr_option_decl), .name = "dropout", .type = PR_OPT_FLOAT,
+        .def = 0, .min = 0, .max = 0.999, .per_site = 0,
+        .help = "dropout probability on the module input in training, in [0, 1) "
+                "(Hugging Face PEFT: lora_dropout)",
+    },
+    [OPT_RSLORA] = {
+        .struct_size = sizeof(pr_option_decl), .name = "use_rslora", .type = PR_OPT_BOOL,
+        .def = 0, .per_site = 0,
+        .help = "rank-stabilised scale alpha/sqrt(r) instead of alpha/r (Kalajdzievski 2023, "
+                "arXiv 2312.03732)",
+    },
+};
+
+static const pr_param_decl lora_params[N_PARAMS] = {
+    [PARAM_A] = {
+        .struct_size = sizeof(pr_param_decl), .name = "lora_A", .shape = "r, d_in",
+        .init = PR_INIT_KAIMING_UNIFORM, .init_arg = "sqrt(5)", .scope = PR_SCOPE_INSERTION,
+        .help = "down projection; uniform(-1/sqrt(d_in), 1/sqrt(d_in)) as Hugging Face PEFT",
+    },
+    [PARAM_B] = {
+        .struct_size = sizeof(pr_param_decl), .name = "lora_B", .shape = "d_out, r",
+        .init = PR_INIT_ZEROS, .scope = PR_SCOPE_INSERTION,
+        .help = "up projection; zeros, so the adapted model starts equal to the base model",
+    },
+};
+
+static const pr_buffer_decl lora_saved[N_SAVED] = {
+    [SAVED_XA] = { .struct_size = sizeof(pr_buffer_decl), .name = "xa", .shape = "rows, r" },
+    [SAVED_MASK] = { .struct_size = sizeof(pr_buffer_decl), .name = "dropout_mask",
+                     .shape = "rows, (d_in + 31) / 32" },
+    [SAVED_DROPOUT_ON] = { .struct_size = sizeof(pr_buffer_decl), .name = "dropout_on",
+                           .shape = "1" },
+};
+
+static const pr_buffer_decl lora_scratch[N_SCRATCH] = {
+    [SCRATCH_XD] = { .struct_size = sizeof(pr_buffer_decl), .name = "x_dropped",
+                     .shape = "rows, d_in" },
+    [SCRATCH_DXA] = { .struct_size = sizeof(pr_buffer_decl), .name = "d_xa", .shape = "rows, r" },
+};
+
+/* Row stride of a 2-D tensor (0 in an unfilled stride means packed rows). */
+static int row_stride(const pr_tensor *t)
+{
+    return (int)(t->stride[0] ? t->stride[0] : t->shape[1]);
+}
+
+/* The shapes of one call, read from the parameters the host allocated. */
+typedef struct lora_dims {
+    int r, d_in, d_out, rows;
+    const float *A, *B;
+} lora_dims;
+
+static int lora_get_dims(const pr_ctx *ctx, lora_dims *d)
+{
+    if (ctx->n_params < N_PARAMS || ctx->n_options < N_OPTS)
+        return ctx->host->error(ctx, "lora: expected %d parameters and %d options, got %u and %u",
+                                N_PARAMS, N_OPTS, ctx->n_params, ctx->n_options);
+    const pr_tensor *a = &ctx->params[PARAM_A], *b = &ctx->params[PARAM_B];
+    if (a->ndim != 2 || b->ndim != 2 || !a->data || !b->data || b->shape[1] != a->shape[0])
+        return ctx->host->error(ctx, "lora: lora_A and lora_B must be (r, d_in) and (d_out, r)");
+    d->r = (int)a->shape[0];
+    d->d_in = (int)a->shape[1];
+    d->d_out = (int)b->shape[0];
+    d->rows = ctx->rows;
+    d->A = a->data;
+    d->B = b->data;
+    return 0;
+}
+
+static int lora_check_buffers(const pr_ctx *ctx, const lora_dims *d)
+{
+    if (ctx->n_saved < N_SAVED || ctx->n_scratch < N_SCRATCH)
+        return ctx->host->error(ctx, "lora: expected %d saved and %d scratch buffers, got %u and %u",
+                                N_SAVED, N_SCRATCH, ctx->n_saved, ctx->n_scratch);
+    for (int i = 0; i < N_SAVED; i++)
+        if (!ctx->saved[i].data)
+            return ctx->host->error(ctx, "lora: saved buffer '%s' is missing", lora_saved[i].name);
+    if (ctx->saved[SAVED_XA].shape[0] < d->rows)
+        return ctx->host->error(ctx, "lora: saved buffer 'xa' holds %lld rows, the call has %d",
+                                (long long)ctx->saved[SAVED_XA].shape[0], d->rows);
+    return 0;
+}
+
+/* The kept-bit words of row i of the packed dropout mask. */
+static uint32_t mask_word(const float *mask, int words, int i, int w)
+{
+    uint32_t u;
+    memcpy(&u, &mask[(size_t)i * words + w], sizeof u);
+    return u;
+}
+
+/* xd (rows, d_in, packed) = x * keep / (1 - p), keep read from the mask. */
+static void apply_mask(float *xd, const float *x, int ldx, const float *mask, int rows, int d_in,
+                       float p)
+{
+    const int words = (d_in + 31) / 32;
+    const float keep_scale = 1.0f / (1.0f - p);
+    for (int i = 0; i < rows; i++) {
+        const float *xi = x + (size_t)i * ldx;
+        float *oi = xd + (size_t)i * d_in;
+        for (int j = 0; j < d_in; j++) {
+            uint32_t u = mask_word(mask, words, i, j / 32);
+            oi[j] = (u >> (j % 32)) & 1u ? xi[j] * keep_scale : 0.0f;
+        }
+    }
+}
+
+/* forward: in = x (rows, d_in) -> out = h (rows, d_out), unscaled. */
+static int lora_forward(const pr_ctx *ctx)
+{
+    const pr_host *host = ctx->host;
+    lora_dims d;
+    int rc = lora_get_dims(ctx, &d);
+    if (rc || (rc = lora_check_buffers(ctx, &d)))
+        return rc;
+    if (!ctx->in.data || !ctx->out.data)
+        return host->error(ctx, "lora: forward needs its input and output tensors");
+    if (ctx->in.shape[1] != d.d_in || ctx->out.shape[1] != d.d_out)
+        return host->error(ctx, "lora: site widths %lld -> %lld, parameters expect %d -> %d",
+                           (long long)ctx->in.shape[1], (long long)ctx->out.shape[1], d.d_in,
+                           d.d_out);
+
+    const float p = (float)ctx->options[OPT_DROPOUT].num;
+    const int drop = ctx->training && p > 0.0f;
+    float *xa = ctx->saved[SAVED_XA].data;
+    ((float *)ctx->saved[SAVED_DROPOUT_ON].data)[0] = drop ? 1.0f : 0.0f;
+
+    const float *x = ctx->in.data;
+    int ldx = row_stride(&ctx->in);
+    if (drop) {
+        float *mask = ctx->saved[SAVED_MASK].data;
+        float *xd = ctx->scratch[SCRATCH_XD].data;
+        if (!xd)
+            return host->error(ctx, "lora: scratch buffer 'x_dropped' is missing");
+        const int words = (d.d_in + 31) / 32;
+        uint64_t state = ctx->seed;
+        for (int i = 0; i < d.rows; i++)
+            for (int w = 0; w < words; w++) {
+                uint32_t u = 0;
+                for (int b = 0; b < 32 && w * 32 + b < d.d_in; b++)
+                    if (host->rng_uniform(&state) >= p)
+                        u |= 1u << b;
+                memcpy(&mask[(size_t)i * words + w], &u, sizeof u);
+            }
+        apply_mask(xd, x, ldx, mask, d.rows, d.d_in, p);
+        x = xd;
+        ldx = d.d_in;
+    }
+    /* xa (rows, r) = x (rows, d_in) . A^T */
+    host->gemm(0, 1, d.rows, d.r, d.d_in, 1.0f, x, ldx, d.A, d.d_in, 0.0f, xa, d.r);
+    /* h (rows, d_out) = xa . B^T */
+    host->gemm(0, 1, d.rows, d.d_out, d.r, 1.0f, xa, d.r, d.B, d.r, 0.0f, ctx->out.data,
+               row_stride(&ctx->out));
+    return 0;
+}
+
+/* backward: d_out = dh = s*dy (rows, d_out).  Accumulates
+ *   dB += dh^T . xa                 (d_out, r)
+ *   dA += (dh . B)^T . x_dropped    (r, d_in)
+ *   dx += keep/(1-p) * (dh . B . A) (rows, d_in) */
+static int lora_backward(const pr_ctx *ctx)
+{
+    const pr_host *host = ctx->host;
+    lora_dims d;
+    int rc = lora_get_dims(ctx, &d);
+    if (rc || (rc = lora_check_buffers(ctx, &d)))
+        return rc;
+    if (!ctx->d_out.data)
+        return host->error(ctx, "lora: backward needs d_out");
+    const float *dh = ctx->d_out.data;
+    const int lddh = row_stride(&ctx->d_out);
+    const float *xa = ctx->saved[SAVED_XA].data;
+    float *dA = ctx->n_params && ctx->grads ? ctx->grads[PARAM_A].data : NULL;
+    float *dB = ctx->n_params && ctx->grads ? ctx->grads[PARAM_B].data : NULL;
+    float *dx = ctx->d_in.data;
+
+    if (dB)
+        host->gemm(1, 0, d.d_out, d.r, d.rows, 1.0f, dh, lddh, xa, d.r, 1.0f, dB, d.r);
+    if (!dA && !dx)
+        return 0;
+
+    float *dxa = ctx->scratch[SCRATCH_DXA].data;
+    if (!dxa)
+        return host->error(ctx, "lora: scratch buffer 'd_xa' is missing");
+    /* d_xa (rows, r) = dh (rows, d_out) . B (d_out, r) */
+    host->gemm(0, 0, d.rows, d.r, d.d_out, 1.0f, dh, lddh, d.B, d.r, 0.0f, dxa, d.r);
+
+    const int drop = ((const float *)ctx->saved[SAVED_DROPOUT_ON].data)[0] != 0.0f;
+    const float p = (float)ctx->options[OPT_DROPOUT].num;
+    const float *mask = ctx->saved[SAVED_MASK].data;
+    float *xd = ctx->scratch[SCRATCH_XD].data;
+    if (drop && !xd)
+        return host->error(ctx, "lora: scratch buffer 'x_dropped' is missing");
+
+    if (dA) {
+        if (!ctx->in.data)
+            return host->error(ctx, "lora: backward needs the module input (in) for lora_A's gradient");
+        const float *x = ctx->in.data;
+        int ldx = row_stride(&ctx->in);
+        if (drop) {
+            apply_mask(xd, x, ldx, mask, d.rows, d.d_in, p);
+            x = xd;
+            ldx = d.d_in;
+        }
+        host->gemm(1, 0, d.r, d.d_in, d.rows, 1.0f, dxa, d.r, x, ldx, 1.0f, dA, d.d_in);
+    }
+    if (dx) {
+        const int lddx = row_stride(&ctx->d_in);
+        if (!drop) {
+            host->gemm(0, 0, d.rows, d.d_in, d.r, 1.0f, dxa, d.r, d.A, d.d_in, 1.0f, dx, lddx);
+        } else {
+            /* x_dropped's scratch is free again: d(x_dropped) goes there,
+             * then through the mask into dx. */
+            host->gemm(0, 0, d.rows, d.d_in, d.r, 1.0f, dxa, d.r, d.A, d.d_in, 0.0f, xd, d.d_in);
+            const int words = (d.d_in + 31) / 32;
+            const float keep_scale = 1.0f / (1.0f - p);
+            for (int i = 0; i < d.rows; i++)
+                for (int j = 0; j < d.d_in; j++)
+                    if ((mask_word(mask, words, i, j / 32) >> (j % 32)) & 1u)
+                        dx[(size_t)i * lddx + j] += keep_scale * xd[(size_t)i * d.d_in + j];
+        }
+    }
+    return 0;
+}
+
+/* merge: out [d_in, d_out] = s * A^T . B^T, s = ctx->scale. */
+static int lora_merge(const pr_ctx *ctx)
+{
+    lora_dims d;
+    int rc = lora_get_dims(ctx, &d);
+    if (rc)
+        return rc;
+    if (!ctx->out.data || ctx->out.shape[0] != d.d_in || ctx->out.shape[1] != d.d_out)
+        return ctx->host->error(ctx, "lora: merge output must be [%d, %d]", d.d_in, d.d_out);
+    ctx->host->gemm(1, 1, d.d_in, d.d_out, d.r, ctx->scale, d.A, d.d_in, d.B, d.r, 0.0f,
+                    ctx->out.data, row_stride(&ctx->out));
+    return 0;
+}
+
+/* s = alpha / r, or alpha / sqrt(r) with use_rslora. */
+static float lora_scale(const pr_ctx *ctx)
+{
+    double r = ctx->options[OPT_R].num, alpha = ctx->options[OPT_ALPHA].num;
+    if (r < 1)
+        return 0.0f;
+    return (float)(ctx->options[OPT_RSLORA].num != 0 ? alpha / sqrt(r) : alpha / r);
+}
+
+static const pr_technique lora_technique = {
+    .struct_size = sizeof(pr_technique),
+    .abi_major = PR_ABI_MAJOR,
+    .name = "lora",
+    .version = "1.0.0",
+    .summary = "Low-rank update y += (alpha/r) x.A^T.B^T beside a frozen projection. Default site "
+               "qkv: Hugging Face PEFT's default target for GPT-2 is the fused c_attn (q, k and v "
+               "together); the paper's q,v choice is sites [q, v].",
+    .citation = "Hu, Shen, Wallis, Allen-Zhu, Li, Wang, Wang, Chen (2021). LoRA: Low-Rank "
+                "Adaptation of Large Language Models. arXiv:2106.09685",
+    .license = "MIT",
+    .intra = PR_INTRA_FACTORISED,
+    .inter = PR_INTER_FIXED,
+    .adaptation = PR_ADAPT_REPARAMETERISATION,
+    .sharing = PR_SHARE_NONE,
+    .input = PR_INPUT_HIDDEN,
+    .insertion = PR_INSERT_PARALLEL,
+    .insertions = PR_INSERTIONS_PER_SITE_LAYER,
+    .integration = PR_INTEGRATE_SCALED_ADD,
+    .workspace = PR_WS_ATTENTION | PR_WS_FFN,
+    .options = lora_options,
+    .n_options = N_OPTS,
+    .sites = PR_SITE_BIT(PR_SITE_QKV) | PR_SITE_BIT(PR_SITE_Q) | PR_SITE_BIT(PR_SITE_K) |
+             PR_SITE_BIT(PR_SITE_V) | PR_SITE_BIT(PR_SITE_O) | PR_SITE_BIT(PR_SITE_FFN_UP) |
+             PR_SITE_BIT(PR_SITE_FFN_GATE) | PR_SITE_BIT(PR_SITE_FFN_DOWN),
+    .default_sites = PR_SITE_BIT(PR_SITE_QKV),
+    .params = lora_params,
+    .n_params = N_PARAMS,
+    .saved = lora_saved,
+    .n_saved = N_SAVED,
+    .scratch = lora_scratch,
+    .n_scratch = N_SCRATCH,
+    .scale = lora_scale,
+    .param_formula = "r * (d_in + d_out) per adapted matrix",
+    .forward = lora_forward,
+    .backward = lora_backward,
+    .merge = lora_merge,
+};
+
+static const pr_technique *const lora_techniques[] = { &lora_technique };
+
+static const pr_plugin lora_plugin = {
+    .struct_size = sizeof(pr_plugin),
+    .abi_major = PR_ABI_MAJOR,
+    .name = "lora",
+    .version = "1.0.0",
+    .n_techniques = 1,
+    .techniques = lora_techniques,
+};
+
+PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(void)
+{
+    return &lora_plugin;
+}

@@ -1,0 +1,444 @@
+/* Tests of the LoRA plugin (plugins/lora.c) as the host sees it: a shared
+ * object loaded with dlopen.
+ *
+ *  - the descriptor: identity, typology, options with their defaults,
+ *    sites, parameter declarations, and that only the entry is exported;
+ *  - the callbacks driven directly through a small host table of this file
+ *    (a reference GEMM in double): forward equals x.A^T.B^T, backward
+ *    matches central differences of L = sum(w * h) for lora_A, lora_B and
+ *    x, with and without dropout, merge's delta reproduces s*h, and the
+ *    scale is alpha/r or alpha/sqrt(r).
+ *
+ * L is linear in each of A, B, x separately, so central differences are
+ * exact up to float rounding: with values O(1), eps = 1e-2 and sums of a
+ * few dozen terms the rounding is ~1e-5, so a probe passes when
+ * |fd - g| <= 1e-4 + 1e-3 * max(|g|, |fd|). */
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <setjmp.h>
+#include <cmocka.h>
+
+#include <dlfcn.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "peftref/plugin.h"
+#include "gradcheck.h"
+
+#define LORA_SO TEST_BUILDDIR "/plugins/.libs/lora.so"
+
+static void *so_handle;
+static const pr_technique *lora;
+
+static int setup_plugin(void **state)
+{
+    (void)state;
+    so_handle = dlopen(LORA_SO, RTLD_NOW | RTLD_LOCAL);
+    if (!so_handle) {
+        fprintf(stderr, "dlopen %s: %s\n", LORA_SO, dlerror());
+        return -1;
+    }
+    pr_plugin_entry_fn entry;
+    void *sym = dlsym(so_handle, PR_PLUGIN_ENTRY_NAME);
+    memcpy(&entry, &sym, sizeof entry);
+    if (!entry)
+        return -1;
+    const pr_plugin *p = entry();
+    if (!p || p->n_techniques != 1)
+        return -1;
+    lora = p->techniques[0];
+    return 0;
+}
+
+static int teardown_plugin(void **state)
+{
+    (void)state;
+    if (so_handle)
+        dlclose(so_handle);
+    return 0;
+}
+
+/* ---- the descriptor ---------------------------------------------------- */
+
+static const pr_option_decl *find_option(const char *name, int *index)
+{
+    for (uint32_t i = 0; i < lora->n_options; i++)
+        if (strcmp(lora->options[i].name, name) == 0) {
+            if (index)
+                *index = (int)i;
+            return &lora->options[i];
+        }
+    return NULL;
+}
+
+static void test_descriptor(void **state)
+{
+    (void)state;
+    const pr_technique *t = lora;
+    assert_true(t->struct_size >= sizeof(pr_technique));
+    assert_int_equal(t->abi_major, PR_ABI_MAJOR);
+    assert_string_equal(t->name, "lora");
+    assert_string_equal(t->version, "1.0.0");
+    assert_non_null(strstr(t->citation, "2106.09685"));
+    assert_non_null(t->license);
+
+    assert_int_equal(t->intra, PR_INTRA_FACTORISED);
+    assert_int_equal(t->inter, PR_INTER_FIXED);
+    assert_int_equal(t->adaptation, PR_ADAPT_REPARAMETERISATION);
+    assert_int_equal(t->sharing, PR_SHARE_NONE);
+    assert_int_equal(t->input, PR_INPUT_HIDDEN);
+    assert_int_equal(t->insertion, PR_INSERT_PARALLEL);
+    assert_int_equal(t->insertions, PR_INSERTIONS_PER_SITE_LAYER);
+    assert_int_equal(t->integration, PR_INTEGRATE_SCALED_ADD);
+    assert_int_equal(t->workspace, PR_WS_ATTENTION | PR_WS_FFN);
+
+    const int sites[] = { PR_SITE_QKV, PR_SITE_Q, PR_SITE_K, PR_SITE_V, PR_SITE_O,
+                          PR_SITE_FFN_UP, PR_SITE_FFN_DOWN };
+    for (size_t i = 0; i < sizeof sites / sizeof sites[0]; i++)
+        assert_true(t->sites & PR_SITE_BIT(sites[i]));
+    assert_false(t->sites & PR_SITE_BIT(PR_SITE_EMBED));
+    assert_int_equal(t->default_sites, PR_SITE_BIT(PR_SITE_QKV));
+    assert_int_equal(t->default_sites & ~t->sites, 0);
+
+    const pr_option_decl *o;
+    assert_non_null(o = find_option("r", NULL));
+    assert_int_equal(o->type, PR_OPT_INT);
+    assert_true(o->def == 8 && o->min == 1 && o->max == 4096 && o->per_site);
+    assert_non_null(o = find_option("alpha", NULL));
+    assert_int_equal(o->type, PR_OPT_FLOAT);
+    assert_true(o->def == 8 && o->per_site);
+    assert_non_null(o = find_option("dropout", NULL));
+    assert_int_equal(o->type, PR_OPT_FLOAT);
+    assert_true(o->def == 0 && o->min == 0 && o->max < 1);
+    assert_non_null(o = find_option("use_rslora", NULL));
+    assert_int_equal(o->type, PR_OPT_BOOL);
+    assert_true(o->def == 0);
+
+    assert_int_equal(t->n_params, 2);
+    assert_string_equal(t->params[0].name, "lora_A");
+    assert_string_equal(t->params[0].shape, "r, d_in");
+    assert_int_equal(t->params[0].init, PR_INIT_KAIMING_UNIFORM);
+    assert_string_equal(t->params[0].init_arg, "sqrt(5)");
+    assert_int_equal(t->params[0].scope, PR_SCOPE_INSERTION);
+    assert_string_equal(t->params[1].name, "lora_B");
+    assert_string_equal(t->params[1].shape, "d_out, r");
+    assert_int_equal(t->params[1].init, PR_INIT_ZEROS);
+    assert_int_equal(t->params[1].scope, PR_SCOPE_INSERTION);
+    assert_string_equal(t->param_formula, "r * (d_in + d_out) per adapted matrix");
+
+    assert_non_null(t->forward);
+    assert_non_null(t->backward);
+    assert_non_null(t->merge);
+    assert_non_null(t->scale);
+    assert_null(t->integrate_forward);
+
+    /* -fvisibility=hidden: the callbacks are not exported */
+    assert_null(dlsym(so_handle, "lora_forward"));
+    assert_null(dlsym(so_handle, "lora_technique"));
+}
+
+/* ---- a host table for driving the callbacks directly --------------------- */
+
+static char last_error[512];
+
+static int t_error(const pr_ctx *ctx, const char *fmt, ...)
+{
+    (void)ctx;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(last_error, sizeof last_error, fmt, ap);
+    va_end(ap);
+    return 1;
+}
+
+static uint64_t t_rng_next(uint64_t *s)
+{
+    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+static float t_rng_uniform(uint64_t *s)
+{
+    return (float)(t_rng_next(s) >> 40) / 16777216.0f;
+}
+
+/* Reference row-major GEMM, accumulated in double. */
+static void t_gemm(int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda,
+                   const float *B, int ldb, float beta, float *C, int ldc)
+{
+    for (int i = 0; i < M; i++)
+        for (int j = 0; j < N; j++) {
+            double acc = 0.0;
+            for (int k = 0; k < K; k++) {
+                double a = ta ? A[(size_t)k * lda + i] : A[(size_t)i * lda + k];
+                double b = tb ? B[(size_t)j * ldb + k] : B[(size_t)k * ldb + j];
+                acc += a * b;
+            }
+            float *c = &C[(size_t)i * ldc + j];
+            *c = (float)(alpha * acc + (beta == 0.0f ? 0.0 : (double)beta * *c));
+        }
+}
+
+static const pr_host test_host = {
+    .struct_size = sizeof(pr_host),
+    .abi_major = PR_ABI_MAJOR,
+    .abi_minor = PR_ABI_MINOR,
+    .alloc = malloc,
+    .free = free,
+    .error = t_error,
+    .rng_next = t_rng_next,
+    .rng_uniform = t_rng_uniform,
+    .gemm = t_gemm,
+};
+
+/* One insertion with its own memory: rows x d_in -> rows x d_out at rank r.
+ * x and h sit in wider rows (stride) as q/k/v slices of a fused model do. */
+enum { ROWS = 6, D_IN = 37, D_OUT = 7, R = 3, LDX = D_IN + 3, LDH = D_OUT + 5 };
+
+typedef struct fixture {
+    pr_option_value opts[4];
+    float A[R * D_IN], B[D_OUT * R], dA[R * D_IN], dB[D_OUT * R];
+    float x[ROWS * LDX], dx[ROWS * LDX], h[ROWS * LDH], w[ROWS * LDH];
+    float xa[ROWS * R], mask[ROWS * ((D_IN + 31) / 32)], dropout_on[1];
+    float xd[ROWS * D_IN], dxa[ROWS * R];
+    pr_tensor params[2], grads[2], saved[3], scratch[2];
+    pr_dims dims;
+    pr_ctx ctx;
+} fixture;
+
+static pr_tensor t2(float *data, int64_t r, int64_t c, int64_t ld)
+{
+    pr_tensor t = { .struct_size = sizeof(pr_tensor), .dtype = PR_DTYPE_F32,
+                    .device = PR_DEVICE_CPU, .ndim = 2, .data = data };
+    t.shape[0] = r;
+    t.shape[1] = c;
+    t.stride[0] = ld;
+    t.stride[1] = 1;
+    return t;
+}
+
+static fixture *fixture_new(double alpha, double dropout, int rslora, int training)
+{
+    fixture *f = calloc(1, sizeof *f);
+    assert_non_null(f);
+    f->opts[0].num = R;
+    f->opts[1].num = alpha;
+    f->opts[2].num = dropout;
+    f->opts[3].num = rslora;
+    gc_fill(f->A, R * D_IN, 1, 0.5f);
+    gc_fill(f->B, D_OUT * R, 2, 0.5f);
+    gc_fill(f->x, ROWS * LDX, 3, 1.0f);
+    gc_fill(f->w, ROWS * LDH, 4, 1.0f);
+    f->params[0] = t2(f->A, R, D_IN, D_IN);
+    f->params[1] = t2(f->B, D_OUT, R, R);
+    f->grads[0] = t2(f->dA, R, D_IN, D_IN);
+    f->grads[1] = t2(f->dB, D_OUT, R, R);
+    f->saved[0] = t2(f->xa, ROWS, R, R);
+    f->saved[1] = t2(f->mask, ROWS, (D_IN + 31) / 32, (D_IN + 31) / 32);
+    f->saved[2] = t2(f->dropout_on, 1, 1, 1);
+    f->saved[2].ndim = 1;
+    f->scratch[0] = t2(f->xd, ROWS, D_IN, D_IN);
+    f->scratch[1] = t2(f->dxa, ROWS, R, R);
+    f->dims = (pr_dims){ .struct_size = sizeof(pr_dims), .d_model = D_IN, .n_heads = 1,
+                         .n_kv_heads = 1, .d_head = D_IN, .d_ff = D_OUT, .n_layers = 1,
+                         .vocab = 8, .d_in = D_IN, .d_out = D_OUT, .family = 1 };
+    pr_ctx *c = &f->ctx;
+    c->struct_size = sizeof(pr_ctx);
+    c->host = &test_host;
+    c->technique = lora;
+    c->dims = &f->dims;
+    c->site = PR_SITE_Q;
+    c->B = 1;
+    c->T = ROWS;
+    c->rows = ROWS;
+    c->training = training;
+    c->seed = 12345;
+    c->options = f->opts;
+    c->n_options = 4;
+    c->params = f->params;
+    c->grads = f->grads;
+    c->n_params = 2;
+    c->saved = f->saved;
+    c->n_saved = 3;
+    c->scratch = f->scratch;
+    c->n_scratch = 2;
+    c->in = t2(f->x, ROWS, D_IN, LDX);
+    c->out = t2(f->h, ROWS, D_OUT, LDH);
+    c->scale = lora->scale(c);
+    return f;
+}
+
+/* L = sum over the (rows, d_out) view of w * h, recomputed by forward. */
+static double loss_of(void *arg)
+{
+    fixture *f = arg;
+    pr_ctx c = f->ctx;
+    if (lora->forward(&c) != 0)
+        fail_msg("forward: %s", last_error);
+    double l = 0.0;
+    for (int i = 0; i < ROWS; i++)
+        for (int j = 0; j < D_OUT; j++)
+            l += (double)f->w[i * LDH + j] * f->h[i * LDH + j];
+    return l;
+}
+
+static void backward_of(fixture *f)
+{
+    memset(f->dA, 0, sizeof f->dA);
+    memset(f->dB, 0, sizeof f->dB);
+    memset(f->dx, 0, sizeof f->dx);
+    (void)loss_of(f);
+    pr_ctx c = f->ctx;
+    c.out = (pr_tensor){ 0 };
+    c.d_out = t2(f->w, ROWS, D_OUT, LDH);
+    c.d_in = t2(f->dx, ROWS, D_IN, LDX);
+    assert_int_equal(lora->backward(&c), 0);
+}
+
+static void check_gradients(fixture *f)
+{
+    /* lora_B's gradient needs A != 0 and lora_A's needs B != 0: both are
+     * random here (the zeros init is the host's business). */
+    backward_of(f);
+    int fails = 0;
+    fails += gc_check("lora_A", f->A, f->dA, R * D_IN, loss_of, f, 1e-2, 1e-3, 1e-4, 0);
+    fails += gc_check("lora_B", f->B, f->dB, D_OUT * R, loss_of, f, 1e-2, 1e-3, 1e-4, 0);
+    /* x: only the (rows, d_in) view inside the wider rows has a gradient */
+    float g[ROWS * LDX];
+    memcpy(g, f->dx, sizeof g);
+    fails += gc_check("x", f->x, g, ROWS * LDX, loss_of, f, 1e-2, 1e-3, 1e-4, 0);
+    assert_int_equal(fails, 0);
+}
+
+static void test_forward_reference(void **state)
+{
+    (void)state;
+    fixture *f = fixture_new(8, 0, 0, 0);
+    (void)loss_of(f);
+    double worst = 0.0;
+    for (int i = 0; i < ROWS; i++)
+        for (int o = 0; o < D_OUT; o++) {
+            double h = 0.0;
+            for (int k = 0; k < R; k++) {
+                double xa = 0.0;
+                for (int j = 0; j < D_IN; j++)
+                    xa += (double)f->x[i * LDX + j] * f->A[k * D_IN + j];
+                h += xa * f->B[o * R + k];
+            }
+            worst = fmax(worst, fabs(h - f->h[i * LDH + o]));
+        }
+    assert_true(worst < 1e-5);
+    /* the padding between rows of h is not written */
+    assert_true(f->h[LDH - 1] == 0.0f);
+    free(f);
+}
+
+static void test_gradients(void **state)
+{
+    (void)state;
+    fixture *f = fixture_new(8, 0, 0, 1);
+    check_gradients(f);
+    free(f);
+}
+
+/* With dropout the mask is a deterministic function of ctx->seed, so the
+ * forward probed by finite differences is one fixed function. */
+static void test_gradients_dropout(void **state)
+{
+    (void)state;
+    fixture *f = fixture_new(8, 0.4, 0, 1);
+    check_gradients(f);
+    assert_true(f->dropout_on[0] == 1.0f);
+    /* roughly 40% of the inputs dropped, and the same mask twice */
+    int dropped = 0;
+    for (int i = 0; i < ROWS; i++)
+        for (int j = 0; j < D_IN; j++)
+            dropped += f->xd[i * D_IN + j] == 0.0f;
+    assert_in_range(dropped, ROWS * D_IN / 5, ROWS * D_IN * 3 / 5);
+    float h1[ROWS * LDH];
+    (void)loss_of(f);
+    memcpy(h1, f->h, sizeof h1);
+    (void)loss_of(f);
+    assert_memory_equal(h1, f->h, sizeof h1);
+    /* in eval the same module applies no dropout */
+    f->ctx.training = 0;
+    (void)loss_of(f);
+    assert_true(f->dropout_on[0] == 0.0f);
+    assert_memory_not_equal(h1, f->h, sizeof h1);
+    free(f);
+}
+
+/* x . merge() == s * h (eval), to 1e-5 relative. */
+static void test_merge(void **state)
+{
+    (void)state;
+    fixture *f = fixture_new(6, 0.2, 0, 0);
+    (void)loss_of(f);
+    float dW[D_IN * D_OUT];
+    pr_ctx c = f->ctx;
+    c.in = (pr_tensor){ 0 };
+    c.out = t2(dW, D_IN, D_OUT, D_OUT);
+    assert_int_equal(lora->merge(&c), 0);
+    assert_float_equal(c.scale, 2.0f, 1e-7);
+    double worst = 0.0, norm = 0.0;
+    for (int i = 0; i < ROWS; i++)
+        for (int o = 0; o < D_OUT; o++) {
+            double y = 0.0;
+            for (int j = 0; j < D_IN; j++)
+                y += (double)f->x[i * LDX + j] * dW[j * D_OUT + o];
+            double sh = (double)c.scale * f->h[i * LDH + o];
+            worst = fmax(worst, fabs(y - sh));
+            norm = fmax(norm, fabs(sh));
+        }
+    assert_true(norm > 0.1);
+    assert_true(worst <= 1e-5 * norm);
+    free(f);
+}
+
+static void test_scale(void **state)
+{
+    (void)state;
+    pr_option_value o[4] = { { .num = 4 }, { .num = 8 }, { .num = 0 }, { .num = 0 } };
+    pr_ctx c = { .struct_size = sizeof(pr_ctx), .host = &test_host, .options = o, .n_options = 4 };
+    assert_float_equal(lora->scale(&c), 2.0f, 1e-7);
+    o[3].num = 1;
+    assert_float_equal(lora->scale(&c), 4.0f, 1e-7);
+    o[0].num = 16;
+    o[1].num = 32;
+    assert_float_equal(lora->scale(&c), 8.0f, 1e-6);
+}
+
+static void test_errors(void **state)
+{
+    (void)state;
+    fixture *f = fixture_new(8, 0, 0, 0);
+    pr_ctx c = f->ctx;
+    c.in = t2(f->x, ROWS, D_IN - 1, LDX);
+    last_error[0] = 0;
+    assert_int_not_equal(lora->forward(&c), 0);
+    assert_non_null(strstr(last_error, "width"));
+    c = f->ctx;
+    c.n_saved = 1;
+    assert_int_not_equal(lora->forward(&c), 0);
+    assert_non_null(strstr(last_error, "saved"));
+    free(f);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_descriptor),
+        cmocka_unit_test(test_forward_reference),
+        cmocka_unit_test(test_gradients),
+        cmocka_unit_test(test_gradients_dropout),
+        cmocka_unit_test(test_merge),
+        cmocka_unit_test(test_scale),
+        cmocka_unit_test(test_errors),
+    };
+    return cmocka_run_group_tests(tests, setup_plugin, teardown_plugin);
+}
