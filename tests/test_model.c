@@ -327,6 +327,8 @@ static void test_tensor_table(void **state)
     assert_true(t->shape[0] == 128 && t->shape[1] == 32);
     t = pr_model_find_tensor(m, "wte.weight");
     assert_true(t->shape[0] == 64 && t->shape[1] == 32 && t->layer == -1);
+    assert_int_equal(t->kind, PR_TENSOR_EMBEDDING);
+    assert_int_equal(pr_model_find_tensor(m, "wpe.weight")->kind, PR_TENSOR_EMBEDDING);
     t = pr_model_find_tensor(m, "ln_f.bias");
     assert_int_equal(t->kind, PR_TENSOR_NORM_BIAS);
     assert_null(pr_model_find_tensor(m, "h.2.ln_1.weight"));
@@ -341,7 +343,7 @@ static void test_tensor_table(void **state)
         assert_null(t->grad);
         if (t->kind == PR_TENSOR_NORM_GAIN)
             for (int64_t j = 0; j < t->numel; j++) assert_true(t->data[j] == 1.0f);
-        else if (t->kind != PR_TENSOR_WEIGHT)
+        else if (t->kind != PR_TENSOR_WEIGHT && t->kind != PR_TENSOR_EMBEDDING)
             for (int64_t j = 0; j < t->numel; j++) assert_true(t->data[j] == 0.0f);
         else if (t->numel >= 4096) {
             double s2 = 0;

@@ -38,7 +38,9 @@ typedef enum pr_tensor_kind {
     PR_TENSOR_WEIGHT = 1,   /* matrices and embedding tables */
     PR_TENSOR_BIAS = 2,     /* projection biases */
     PR_TENSOR_NORM_GAIN = 3,
-    PR_TENSOR_NORM_BIAS = 4
+    PR_TENSOR_NORM_BIAS = 4,
+    PR_TENSOR_EMBEDDING = 5,  /* token and position tables */
+    PR_TENSOR_MODULE = 6      /* added by pr_model_add_tensor */
 } pr_tensor_kind;
 
 /* Build a model from a config with GPT-2's seeded random init:
@@ -66,10 +68,15 @@ const pr_tensor_info *pr_model_tensor(const pr_model *m, int i);
 const pr_tensor_info *pr_model_find_tensor(const pr_model *m, const char *name);
 int64_t pr_model_param_count(const pr_model *m);
 
-/* Make a base tensor trainable (allocates its gradient once). */
+/* Make a base tensor trainable (allocates its gradient once).  An added
+ * tensor can train only if it was added with a gradient.  "*" means every
+ * tensor that can train. */
 int pr_model_set_trainable(pr_model *m, const char *name, int on, pr_error *err);
 
-/* Plan activation memory for batches up to B x T.  Must precede forward. */
+/* Plan activation memory for batches up to B x T (T real tokens; the
+ * plan adds the virtual positions of pr_model_virtual_positions, and
+ * T + those must fit max_seq).  Must precede forward.  Calls the reserve
+ * of every attached hook with the planned capacity. */
 int pr_model_reserve(pr_model *m, int B, int T, pr_error *err);
 
 /* One batch.  tokens (B,T); targets (B,T) with -1 for positions that are
@@ -92,14 +99,15 @@ int pr_model_forward(pr_model *m, const pr_batch *batch, float *loss, pr_error *
  * backward of every attached site hook. */
 int pr_model_backward(pr_model *m, pr_error *err);
 
-/* Final normalised hidden states of the last forward, (B,T,C). */
+/* Final normalised hidden states of the last forward, (B,T,C), at the
+ * real positions only. */
 const float *pr_model_hidden(const pr_model *m);
 
 /* Backward of the last forward from a gradient on its final hidden states
- * dhidden (B,T,C) instead of the LM loss (task heads). */
+ * dhidden (B,T,C), real positions, instead of the LM loss (task heads). */
 int pr_model_backward_hidden(pr_model *m, const float *dhidden, pr_error *err);
 
-/* Zero the gradients of trainable base tensors. */
+/* Zero the gradients of trainable base tensors and of added tensors. */
 void pr_model_zero_grad(pr_model *m);
 
 /* Logits of the last forward, (B,T,V) row-major. */
@@ -121,7 +129,9 @@ int64_t pr_model_scored_tokens(const pr_model *m);
  * Backward: dy holds dLoss/dy (same strides as y).  A parallel hook
  * accumulates J_g^T dy into dx and leaves dy alone; a sequential hook
  * replaces dy by J_f^T dy.  dx is NULL when the site input needs no
- * gradient.  rows = B*T. */
+ * gradient.  rows = B*T, where T is the model's internal sequence length:
+ * with n virtual positions at the embedding (prompt tuning) T = n + the
+ * batch's T, and the virtual rows come first in every sequence. */
 typedef struct pr_site_io {
     int site, layer;
     int B, T, rows;
@@ -136,11 +146,63 @@ typedef struct pr_site_hook {
     int (*forward)(void *self, const pr_site_io *io, pr_error *err);
     int (*backward)(void *self, const pr_site_io *io, pr_error *err);
     void *self;
+    /* Optional: called by pr_model_reserve (and at attach when the model is
+     * already reserved, and again when virtual positions change the plan)
+     * so the hook can plan its saved activations for up to B x T positions,
+     * T internal as in pr_site_io; never called inside a step. */
+    int (*reserve)(void *self, int B, int T, pr_error *err);
 } pr_site_hook;
+
+/* ---- concatenation: positions a module prepends ------------------------
+ *
+ * At PR_SITE_EMBED a provider prepends n virtual positions to every
+ * sequence (prompt tuning): the model runs on n + T positions; virtual
+ * position p gets the provider's vector plus the position embedding of p,
+ * real token t gets position n + t; logits, targets and the loss cover
+ * the T real positions only.  At PR_SITE_ATTN_K / PR_SITE_ATTN_V a provider
+ * prepends n key (value) rows that every query attends to (prefix
+ * tuning); the k and v providers of one layer must agree on n.
+ * Several providers at one site concatenate in attach order.  Values are
+ * shared by every sequence in the batch: forward fills out (n, width),
+ * width = d_model at embed and n_kv_heads*d_head at attn.k/attn.v;
+ * backward receives dout (n, width) summed over the batch (NULL backward:
+ * nothing to train).  Prefix rows are not rows of the sequence: hooks at
+ * attn.k/attn.v see only the sequence's keys/values.  Attaching at embed
+ * to a reserved model plans again for the longer sequences. */
+typedef struct pr_concat_provider {
+    int n;
+    int (*forward)(void *self, int site, int layer, float *out, pr_error *err);
+    int (*backward)(void *self, int site, int layer, const float *dout, pr_error *err);
+    void *self;
+} pr_concat_provider;
+
+int pr_model_attach_concat(pr_model *m, int site, int layer, const pr_concat_provider *p, pr_error *err);
+/* Virtual positions currently prepended at the embedding site. */
+int pr_model_virtual_positions(const pr_model *m);
+
+/* Train/eval flag handed to hooks (pr_site_io.training); default eval. */
+void pr_model_set_training(pr_model *m, int training);
+
+/* Add a tensor owned by someone else (a module's parameters, a task head)
+ * to the tensor table, so counts, training and checkpoints see it.  grad
+ * may be NULL (frozen); trainable starts as grad != NULL.  The name must
+ * be new and is copied; data and grad stay the caller's.  kind is
+ * PR_TENSOR_MODULE, layer -1.  Table entries do not move: pointers from
+ * pr_model_tensor/find_tensor stay valid until their tensor is removed. */
+int pr_model_add_tensor(pr_model *m, const char *name, int ndim, const int64_t *shape, float *data,
+                        float *grad, pr_error *err);
+/* Remove every tensor whose name starts with prefix (a module detaching). */
+void pr_model_remove_tensors(pr_model *m, const char *prefix);
+
+/* The frozen weight and bias of a projection site as a [d_in, d_out] view
+ * with row stride ld (q/k/v of a fused model are column slices of the
+ * fused weight).  *b is NULL without biases.  Writable, for merging. */
+int pr_model_site_weight(pr_model *m, int site, int layer, float **w, int *ld, float **b, pr_error *err);
 
 /* Attach a hook at (site, layer); layer is -1 for model-level sites.
  * Fails for a site the model's family lacks. */
 int pr_model_attach_hook(pr_model *m, int site, int layer, const pr_site_hook *hook, pr_error *err);
+/* Detach every hook and every concatenation provider. */
 void pr_model_detach_hooks(pr_model *m);
 
 /* Input and output widths of a site in this model (-1 if absent). */
