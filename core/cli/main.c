@@ -17,6 +17,7 @@ static const subcommand commands[] = {
     {"eval", cmd_eval, "perplexity of a model on a text file"},
     {"tokenize", cmd_tokenize, "print a text's token ids"},
     {"train", cmd_train, "train a model's tensors on text or JSONL data"},
+    {"plugins", cmd_plugins, "list and inspect the PEFT techniques found as plugins"},
 };
 
 static void usage(FILE *f)

@@ -1,0 +1,13 @@
+/* Test plugin: a technique descriptor without a name. */
+#include "test_plugin.h"
+
+static pr_technique tech;
+static const pr_technique *const list[] = {&tech};
+static pr_plugin plugin;
+
+const pr_plugin *peftref_plugin_entry(void)
+{
+    tp_fill(&tech, NULL);
+    tp_plugin(&plugin, "test-no-name", list, 1);
+    return &plugin;
+}

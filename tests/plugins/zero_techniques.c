@@ -1,0 +1,10 @@
+/* Test plugin: a pr_plugin that lists no techniques. */
+#include "test_plugin.h"
+
+static pr_plugin plugin;
+
+const pr_plugin *peftref_plugin_entry(void)
+{
+    tp_plugin(&plugin, "test-empty", NULL, 0);
+    return &plugin;
+}
