@@ -529,23 +529,27 @@ int pr_model_save_safetensors(const pr_model *m, const char *path, pr_error *err
     st_entry *e = calloc((size_t)nt + 1, sizeof *e);
     if (!e)
         return pr_errorf(err, PR_ERR_NOMEM, "%s: out of memory", path);
-    int rc = PR_OK;
+    int rc = PR_OK, n = 0;
     for (int i = 0; i < nt; i++) {
         const pr_tensor_info *t = pr_model_tensor(m, i);
+        /* module parameters are saved with their module, not the base model */
+        if (t->kind == PR_TENSOR_MODULE)
+            continue;
         if (!t->data) {
             rc = pr_errorf(err, PR_ERR_INVALID, "%s: tensor '%s' has no data", path, t->name);
             break;
         }
-        e[i].name = t->name;
-        e[i].ndim = t->ndim;
+        e[n].name = t->name;
+        e[n].ndim = t->ndim;
         for (int d = 0; d < t->ndim && d < ST_MAX_DIMS; d++)
-            e[i].shape[d] = t->shape[d];
-        e[i].data = t->data;
-        e[i].dtype = ST_F32;
+            e[n].shape[d] = t->shape[d];
+        e[n].data = t->data;
+        e[n].dtype = ST_F32;
+        n++;
     }
     static const st_kv meta[] = {{"format", "pt"}};
     if (rc == PR_OK)
-        rc = st_write(path, e, nt, meta, 1, err);
+        rc = st_write(path, e, n, meta, 1, err);
     free(e);
     return rc;
 }

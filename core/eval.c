@@ -17,12 +17,15 @@ int pr_eval_tokens(pr_model *m, const int *ids, size_t n, int T, int batch, pr_e
         return pr_errorf(err, PR_ERR_INVALID,
                          "%zu tokens are too few for one window of %d: need at least %d", n, T, T + 1);
     const pr_model_config *cfg = pr_model_get_config(m);
-    if (T > cfg->max_seq)
-        return pr_errorf(err, PR_ERR_INVALID, "sequence length %d exceeds the model's %d positions", T,
-                         cfg->max_seq);
+    int room = cfg->max_seq - pr_model_virtual_positions(m);
+    if (T > room)
+        return pr_errorf(err, PR_ERR_INVALID,
+                         "sequence length %d exceeds the %d positions the model has for text (%d, less %d "
+                         "virtual)", T, room, cfg->max_seq, pr_model_virtual_positions(m));
     size_t W = (n - 1) / (size_t)T;
     if ((size_t)batch > W)
         batch = (int)W;
+    pr_model_set_training(m, 0);
     int rc = pr_model_reserve(m, batch, T, err);
     if (rc)
         return rc;

@@ -201,6 +201,7 @@ static int run_batch(trainer *t, int rows, int backward, double *loss, int64_t *
 /* Mean validation loss (weighted by scored targets) and accuracy. */
 static int evaluate(trainer *t, double *loss_out, double *acc_out, pr_error *err)
 {
+    pr_model_set_training(t->m, 0);
     size_t n = t->val.n;
     size_t max_rows = t->cfg->eval_batches > 0 ? (size_t)t->cfg->eval_batches * t->B : n;
     if (max_rows > n)
@@ -346,9 +347,9 @@ static int setup(trainer *t, pr_model *m, const pr_tokenizer *tok, const pr_trai
     if (!cfg->out_dir)
         return pr_errorf(err, PR_ERR_INVALID, "an output directory is required");
     const pr_model_config *mc = pr_model_get_config(m);
-    if (cfg->seq_len > mc->max_seq)
-        return pr_errorf(err, PR_ERR_INVALID, "seq_len %d exceeds the model's %d positions", cfg->seq_len,
-                         mc->max_seq);
+    if (cfg->seq_len > mc->max_seq - pr_model_virtual_positions(m))
+        return pr_errorf(err, PR_ERR_INVALID, "seq_len %d exceeds the %d positions the model has for text",
+                         cfg->seq_len, mc->max_seq - pr_model_virtual_positions(m));
     if (pr_tokenizer_vocab_size(tok) > mc->vocab_size)
         return pr_errorf(err, PR_ERR_INVALID, "the tokenizer's %d ids do not fit the model's vocabulary of %d",
                          pr_tokenizer_vocab_size(tok), mc->vocab_size);
@@ -516,6 +517,7 @@ int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, p
     int64_t tokens_done = 0, tokens_last = 0;
     int first = 1;
     while (step < cfg->steps) {
+        pr_model_set_training(m, 1);
         pr_model_zero_grad(m);
         optim_zero_grad(&t.opt);
         double loss_sum = 0.0;
