@@ -1,0 +1,1968 @@
+/* peftref core: modules, i.e. techniques attached to a model.
+ *
+ * Attaching a module (pr_module_attach) runs in stages, each of which can
+ * fail with a message that names the module and the field:
+ *   1. resolve: options (defaults, text values parsed by type, bounds,
+ *      per-site overrides), sites, layers, the list of insertions (one per
+ *      chosen site and layer; model-level sites once), every parameter's
+ *      shape evaluated per insertion and grouped into copies by scope;
+ *   2. allocate: one flat f32 block for all parameters of the module and
+ *      one for the gradients of its trained ones; register each copy in
+ *      the model's tensor table;
+ *   3. initialise every copy deterministically from (spec seed, parameter
+ *      name, copy index), then the setup() callback per insertion;
+ *   4. integrate: a site hook (or a concatenation provider) per insertion
+ *      that implements the technique's integration form, or, for
+ *      selection, base tensors made trainable.
+ * pr_module_plan_for runs stage 1 alone on a tensor table without
+ * storage.
+ *
+ * Integration forms (plugin.h); h is the module output, k a coefficient:
+ *   DIRECT_ADD  y += h           SCALED_ADD y += s*h (s from scale_expr
+ *   GATED_ADD   y += sigmoid(g)*h              or scale())
+ *     g is a host-owned scalar per insertion, registered as the trainable
+ *     tensor "<...>.gate" and initialised to 0, so the module starts at
+ *     half strength; it counts among the module's parameters.
+ *   RESCALE     y *= h, h one row (1, d_out) broadcast over rows;
+ *               backward dh = sum_rows(dy * y_old), dy_old = dy * h.
+ *   WEIGHT_DELTA y += x . dW, dW (d_in, d_out) from merge() at every
+ *               forward; backward hands backward() d_out = x^T dy, the
+ *               gradient of merge()'s output, and adds dy . dW^T to dx.
+ *   CUSTOM      integrate_forward/backward on x, y, dy, dx directly.
+ *   CONCAT      a provider at embed, attn.k or attn.v: forward() fills the
+ *               (n_virtual, d_out) rows, backward() receives their gradient.
+ *   SELECT      no hook: base tensors of the chosen kinds and workspaces
+ *               become trainable.
+ * Module input: x for parallel insertion, the site output y (kept in a
+ * host buffer) for sequential.  Backward of a sequential form: the
+ * plugin accumulates J^T dy into a host buffer that is then added to dy;
+ * of a parallel form: into dx (or a scratch when the site input needs no
+ * gradient, so the parameters still get theirs).
+ *
+ * The model does not know modules: this file keeps, per model, the list
+ * of modules attached to it.  pr_model_detach_modules must be called
+ * before pr_model_free, or the modules (and their memory) leak and a
+ * later model allocated at the same address would inherit the list. */
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "peftref/module.h"
+#include "expr.h"
+#include "host.h"
+#include "model_internal.h"
+
+#define MAX_OPTIONS 64
+#define MAX_VARS (16 + MAX_OPTIONS)
+#define ALIGN_FLOATS 16
+#define WHERE_LEN 48
+
+/* ---- structures ------------------------------------------------------------ */
+
+/* One allocated copy of a parameter (or the gate of one insertion). */
+typedef struct param_copy {
+    int decl;                /* index in params[], -1 for a gate */
+    int key_layer, key_site; /* scope key; INT32_MIN / -1 when not part of the key */
+    int ndim;
+    int64_t shape[4];
+    int64_t numel;
+    int ordinal;             /* index among the copies of this decl */
+    int first_ins;           /* first insertion that uses it */
+    int trained;
+    size_t off, goff;        /* offsets into the param and grad blocks */
+    char *name;              /* tensor name in the model's table */
+} param_copy;
+
+typedef struct insertion {
+    struct pr_module *mod;
+    int index, site, layer;
+    pr_dims dims;
+    int w_in, w_out;           /* module input and output widths */
+    int n_virtual;             /* CONCAT */
+    float scale;
+    const pr_option_value *opts;
+    int *copy;                 /* n_params copy indices */
+    int gate;                  /* copy index of the gate, or -1 */
+    pr_tensor *params, *grads; /* n_params views each */
+    pr_tensor *saved, *scratch;
+    pr_tensor bw, bb;          /* base weight / bias views at projection sites */
+    int has_bw, has_bb;
+    /* host buffers, planned by reserve */
+    float *block;              /* saved buffers, y_old, h_keep */
+    size_t block_floats;
+    float *y_old;              /* (rows, d_out) sequential and rescale */
+    float *h_keep;             /* gated (rows, w_out), rescale (1, w_out) */
+    float *dw;                 /* WEIGHT_DELTA (d_in, d_out) */
+    int res_B, res_T;
+    uint64_t n_fwd;            /* forwards so far: the step part of ctx->seed */
+    /* merge */
+    float *orig_w, *orig_b;
+    char where[WHERE_LEN];     /* "h.3.q" / "embed" */
+} insertion;
+
+struct pr_module {
+    pr_model *model;
+    const pr_technique *tech_ptr;  /* the plugin's descriptor, handed to callbacks */
+    pr_technique t;                /* the fields its struct_size covers, rest zero */
+    pr_option_decl opt[MAX_OPTIONS];
+    pr_param_decl *pd;
+    pr_buffer_decl *sd, *xd;       /* saved, scratch */
+    char *name;
+    int trainable;
+    uint64_t seed;
+    uint32_t sites;
+    int layers_all;
+    int *layers;
+    int n_layers;
+    /* options: base (every site) and per site */
+    pr_option_value base_opts[MAX_OPTIONS];
+    pr_option_value *site_opts;    /* PR_SITE_COUNT x n_options */
+    char **strs;
+    int n_strs;
+    /* insertions and parameter copies */
+    insertion *ins;
+    int n_ins;
+    param_copy *copies;
+    int n_copies, cap_copies;
+    float *params, *grads;
+    size_t n_param_floats, n_grad_floats;
+    int64_t param_count, trainable_count;
+    /* shared scratch */
+    float *scratch;
+    size_t scratch_cap;
+    /* selection */
+    char **selected;
+    int n_selected;
+    int64_t base_selected;
+    int merged;
+    int hooks_attached;
+};
+
+/* ---- small helpers --------------------------------------------------------- */
+
+static size_t round_up(size_t n)
+{
+    return (n + ALIGN_FLOATS - 1) / ALIGN_FLOATS * ALIGN_FLOATS;
+}
+
+static float *alloc_floats(size_t n)
+{
+    void *p = NULL;
+    if (posix_memalign(&p, 64, (n ? n : 1) * sizeof(float)) != 0)
+        return NULL;
+    memset(p, 0, (n ? n : 1) * sizeof(float));
+    return p;
+}
+
+static char *dup_str(const char *s)
+{
+    size_t n = strlen(s) + 1;
+    char *d = malloc(n);
+    if (d)
+        memcpy(d, s, n);
+    return d;
+}
+
+static pr_tensor view(float *data, int ndim, const int64_t *shape)
+{
+    pr_tensor v;
+    memset(&v, 0, sizeof v);
+    v.struct_size = sizeof v;
+    v.dtype = PR_DTYPE_F32;
+    v.device = PR_DEVICE_CPU;
+    v.ndim = ndim;
+    int64_t st = 1;
+    for (int d = ndim - 1; d >= 0; d--) {
+        v.shape[d] = shape[d];
+        v.stride[d] = st;
+        st *= shape[d];
+    }
+    v.data = data;
+    return v;
+}
+
+/* (rows, cols) with row stride ld */
+static pr_tensor view2(const float *data, int64_t rows, int64_t cols, int64_t ld)
+{
+    int64_t shape[2] = { rows, cols };
+    pr_tensor v = view((float *)data, 2, shape);
+    v.stride[0] = ld;
+    return v;
+}
+
+/* dst (rows, cols; ldd) += a * src (rows, cols; lds) */
+static void axpy_rows(float *dst, int ldd, const float *src, int lds, int rows, int cols, float a)
+{
+    for (int r = 0; r < rows; r++) {
+        float *d = dst + (size_t)r * ldd;
+        const float *s = src + (size_t)r * lds;
+        for (int j = 0; j < cols; j++)
+            d[j] += a * s[j];
+    }
+}
+
+static void copy_rows(float *dst, int ldd, const float *src, int lds, int rows, int cols)
+{
+    for (int r = 0; r < rows; r++)
+        memcpy(dst + (size_t)r * ldd, src + (size_t)r * lds, (size_t)cols * sizeof(float));
+}
+
+static float sigmoid(float g)
+{
+    return 1.0f / (1.0f + expf(-g));
+}
+
+/* The fields of element i of a plugin array whose elements are
+ * first->struct_size bytes apart, copied into a zeroed host struct. */
+static void read_elem(void *dst, size_t host_size, const void *base, uint32_t i)
+{
+    memset(dst, 0, host_size);
+    if (!base)
+        return;
+    uint32_t stride = *(const uint32_t *)base;
+    if (stride == 0)
+        stride = (uint32_t)host_size;
+    const char *src = (const char *)base + (size_t)i * stride;
+    uint32_t own = *(const uint32_t *)src;
+    size_t n = own < host_size ? own : host_size;
+    memcpy(dst, src, n);
+}
+
+static const char *mod_name(const pr_module *mod)
+{
+    return mod->name ? mod->name : (mod->t.name ? mod->t.name : "?");
+}
+
+static void site_list(uint32_t mask, char *buf, size_t len)
+{
+    size_t o = 0;
+    buf[0] = '\0';
+    for (int s = 0; s < PR_SITE_COUNT; s++) {
+        if (!(mask & PR_SITE_BIT(s)))
+            continue;
+        int w = snprintf(buf + o, len - o, "%s%s", o ? ", " : "", pr_site_name(s));
+        if (w < 0 || (size_t)w >= len - o)
+            break;
+        o += (size_t)w;
+    }
+    if (!buf[0])
+        snprintf(buf, len, "none");
+}
+
+static void where_of(int site, int layer, char *buf, size_t len)
+{
+    if (layer >= 0)
+        snprintf(buf, len, "h.%d.%s", layer, pr_site_name(site));
+    else
+        snprintf(buf, len, "%s", pr_site_name(site));
+}
+
+/* ---- the per-model list of modules ---------------------------------------------- */
+
+typedef struct model_entry {
+    const pr_model *m;
+    pr_module **mods;
+    int n, cap;
+} model_entry;
+
+static model_entry *registry;
+static int n_registry, cap_registry;
+
+static model_entry *entry_of(const pr_model *m, int create)
+{
+    for (int i = 0; i < n_registry; i++)
+        if (registry[i].m == m)
+            return &registry[i];
+    if (!create)
+        return NULL;
+    if (n_registry == cap_registry) {
+        int cap = cap_registry ? 2 * cap_registry : 4;
+        model_entry *r = realloc(registry, (size_t)cap * sizeof *r);
+        if (!r)
+            return NULL;
+        registry = r;
+        cap_registry = cap;
+    }
+    model_entry *e = &registry[n_registry++];
+    memset(e, 0, sizeof *e);
+    e->m = m;
+    return e;
+}
+
+static int entry_add(const pr_model *m, pr_module *mod)
+{
+    model_entry *e = entry_of(m, 1);
+    if (!e)
+        return -1;
+    if (e->n == e->cap) {
+        int cap = e->cap ? 2 * e->cap : 4;
+        pr_module **nm = realloc(e->mods, (size_t)cap * sizeof *nm);
+        if (!nm)
+            return -1;
+        e->mods = nm;
+        e->cap = cap;
+    }
+    e->mods[e->n++] = mod;
+    return 0;
+}
+
+static void entry_drop(const pr_model *m)
+{
+    for (int i = 0; i < n_registry; i++)
+        if (registry[i].m == m) {
+            free(registry[i].mods);
+            registry[i] = registry[--n_registry];
+            break;
+        }
+    if (n_registry == 0) {
+        free(registry);
+        registry = NULL;
+        cap_registry = 0;
+    }
+}
+
+/* ---- expression variables ------------------------------------------------------ */
+
+static int model_vars(const pr_module *mod, const pr_dims *d, const pr_option_value *opts, expr_var *v)
+{
+    int n = 0;
+    v[n++] = (expr_var){ "d_model", d->d_model };
+    v[n++] = (expr_var){ "n_heads", d->n_heads };
+    v[n++] = (expr_var){ "n_kv_heads", d->n_kv_heads };
+    v[n++] = (expr_var){ "d_head", d->d_head };
+    v[n++] = (expr_var){ "d_ff", d->d_ff };
+    v[n++] = (expr_var){ "n_layers", d->n_layers };
+    v[n++] = (expr_var){ "vocab", d->vocab };
+    v[n++] = (expr_var){ "d_in", d->d_in };
+    v[n++] = (expr_var){ "d_out", d->d_out };
+    for (uint32_t i = 0; i < mod->t.n_options; i++) {
+        const pr_option_decl *o = &mod->opt[i];
+        if (o->type == PR_OPT_STRING || !o->name)
+            continue;
+        v[n++] = (expr_var){ o->name, opts[i].num };
+    }
+    return n;
+}
+
+/* Variables for saved and scratch buffer shapes: model ones plus rows, B, T. */
+static int buffer_vars(const insertion *ins, int B, int T, expr_var *v)
+{
+    int n = model_vars(ins->mod, &ins->dims, ins->opts, v);
+    v[n++] = (expr_var){ "rows", (double)B * T };
+    v[n++] = (expr_var){ "B", B };
+    v[n++] = (expr_var){ "T", T };
+    return n;
+}
+
+static int64_t shape_numel(const int64_t *dims, int ndim)
+{
+    int64_t n = 1;
+    for (int d = 0; d < ndim; d++)
+        n *= dims[d];
+    return n;
+}
+
+/* ---- options --------------------------------------------------------------------- */
+
+static const char *keep_str(pr_module *mod, const char *s)
+{
+    char **ns = realloc(mod->strs, (size_t)(mod->n_strs + 1) * sizeof *ns);
+    if (!ns)
+        return NULL;
+    mod->strs = ns;
+    char *d = dup_str(s);
+    if (!d)
+        return NULL;
+    mod->strs[mod->n_strs++] = d;
+    return d;
+}
+
+static int option_index(const pr_module *mod, const char *name)
+{
+    for (uint32_t i = 0; i < mod->t.n_options; i++)
+        if (mod->opt[i].name && strcmp(mod->opt[i].name, name) == 0)
+            return (int)i;
+    return -1;
+}
+
+static int parse_bool(const char *s, int *out)
+{
+    static const char *const yes[] = { "true", "1", "yes", "on" };
+    static const char *const no[] = { "false", "0", "no", "off" };
+    for (int i = 0; i < 4; i++) {
+        if (strcasecmp(s, yes[i]) == 0) { *out = 1; return 0; }
+        if (strcasecmp(s, no[i]) == 0) { *out = 0; return 0; }
+    }
+    return -1;
+}
+
+static int option_defaults(pr_module *mod, pr_error *err)
+{
+    for (uint32_t i = 0; i < mod->t.n_options; i++) {
+        const pr_option_decl *o = &mod->opt[i];
+        pr_option_value *v = &mod->base_opts[i];
+        v->num = o->def;
+        v->str = NULL;
+        if (o->type == PR_OPT_STRING) {
+            v->str = keep_str(mod, o->def_str ? o->def_str : "");
+            if (!v->str)
+                return pr_errorf(err, PR_ERR_NOMEM, "module '%s': out of memory", mod_name(mod));
+        } else if (o->type == PR_OPT_ENUM) {
+            int n = 0;
+            while (o->choices && o->choices[n])
+                n++;
+            int k = (int)o->def;
+            v->str = (k >= 0 && k < n) ? o->choices[k] : NULL;
+        }
+    }
+    return PR_OK;
+}
+
+/* Parse text for option i into *v, checking type and bounds. */
+static int option_parse(pr_module *mod, int i, const char *text, int site, pr_option_value *v, pr_error *err)
+{
+    const pr_option_decl *o = &mod->opt[i];
+    char at[48] = "";
+    if (site >= 0)
+        snprintf(at, sizeof at, " at site '%s'", pr_site_name(site));
+    if (!text)
+        return pr_errorf(err, PR_ERR_INVALID, "module '%s': option '%s'%s has no value", mod_name(mod), o->name, at);
+    char *end = NULL;
+    switch (o->type) {
+    case PR_OPT_INT: {
+        long long x = strtoll(text, &end, 10);
+        if (end == text || *end)
+            return pr_errorf(err, PR_ERR_INVALID, "module '%s': option '%s'%s = '%s' is not an integer",
+                             mod_name(mod), o->name, at, text);
+        v->num = (double)x;
+        break;
+    }
+    case PR_OPT_FLOAT: {
+        double x = strtod(text, &end);
+        if (end == text || *end || !isfinite(x))
+            return pr_errorf(err, PR_ERR_INVALID, "module '%s': option '%s'%s = '%s' is not a finite number",
+                             mod_name(mod), o->name, at, text);
+        v->num = x;
+        break;
+    }
+    case PR_OPT_BOOL: {
+        int b;
+        if (parse_bool(text, &b))
+            return pr_errorf(err, PR_ERR_INVALID, "module '%s': option '%s'%s = '%s' is not a boolean (true/false)",
+                             mod_name(mod), o->name, at, text);
+        v->num = b;
+        break;
+    }
+    case PR_OPT_ENUM: {
+        char known[256] = "";
+        size_t off = 0;
+        for (int k = 0; o->choices && o->choices[k]; k++) {
+            if (strcmp(o->choices[k], text) == 0) {
+                v->num = k;
+                v->str = o->choices[k];
+                return PR_OK;
+            }
+            int w = snprintf(known + off, sizeof known - off, "%s%s", k ? ", " : "", o->choices[k]);
+            if (w > 0 && (size_t)w < sizeof known - off)
+                off += (size_t)w;
+        }
+        return pr_errorf(err, PR_ERR_INVALID, "module '%s': option '%s'%s = '%s' is not one of: %s",
+                         mod_name(mod), o->name, at, text, known);
+    }
+    case PR_OPT_STRING:
+        v->str = keep_str(mod, text);
+        if (!v->str)
+            return pr_errorf(err, PR_ERR_NOMEM, "module '%s': out of memory", mod_name(mod));
+        return PR_OK;
+    default:
+        return pr_errorf(err, PR_ERR_INVALID, "module '%s': option '%s' has unknown type %d", mod_name(mod),
+                         o->name, o->type);
+    }
+    if ((o->type == PR_OPT_INT || o->type == PR_OPT_FLOAT) && !(o->min == 0.0 && o->max == 0.0) &&
+        (v->num < o->min || v->num > o->max))
+        return pr_errorf(err, PR_ERR_INVALID, "module '%s': option '%s'%s = %s is out of range [%g, %g]",
+                         mod_name(mod), o->name, at, text, o->min, o->max);
+    return PR_OK;
+}
+
+static int resolve_options(pr_module *mod, const pr_module_spec *spec, pr_error *err)
+{
+    if (mod->t.n_options > MAX_OPTIONS)
+        return pr_errorf(err, PR_ERR_UNSUPPORTED, "module '%s': technique '%s' declares %u options (at most %d)",
+                         mod_name(mod), mod->t.name, mod->t.n_options, MAX_OPTIONS);
+    for (uint32_t i = 0; i < mod->t.n_options; i++)
+        read_elem(&mod->opt[i], sizeof mod->opt[i], mod->t.options, i);
+    int rc = option_defaults(mod, err);
+    if (rc)
+        return rc;
+    /* every-site settings first, then per-site overrides */
+    for (int pass = 0; pass < 2; pass++)
+        for (int k = 0; k < spec->n_options; k++) {
+            const pr_option_setting *s = &spec->options[k];
+            if ((pass == 0) != (s->site < 0))
+                continue;
+            if (!s->name)
+                return pr_errorf(err, PR_ERR_INVALID, "module '%s': option %d has no name", mod_name(mod), k);
+            int i = option_index(mod, s->name);
+            if (i < 0) {
+                char known[512] = "";
+                size_t off = 0;
+                for (uint32_t j = 0; j < mod->t.n_options; j++) {
+                    int w = snprintf(known + off, sizeof known - off, "%s%s", j ? ", " : "", mod->opt[j].name);
+                    if (w > 0 && (size_t)w < sizeof known - off)
+                        off += (size_t)w;
+                }
+                return pr_errorf(err, PR_ERR_INVALID, "module '%s': unknown option '%s' (technique '%s' has: %s)",
+                                 mod_name(mod), s->name, mod->t.name, off ? known : "no options");
+            }
+            if (s->site < 0) {
+                if ((rc = option_parse(mod, i, s->value, -1, &mod->base_opts[i], err)))
+                    return rc;
+                continue;
+            }
+            if (!mod->opt[i].per_site)
+                return pr_errorf(err, PR_ERR_INVALID, "module '%s': option '%s' cannot be set per site (site '%s')",
+                                 mod_name(mod), s->name, pr_site_name(s->site));
+            if (s->site >= PR_SITE_COUNT || !(mod->sites & PR_SITE_BIT(s->site)))
+                return pr_errorf(err, PR_ERR_INVALID,
+                                 "module '%s': option '%s' is set for site '%s', which the module does not use",
+                                 mod_name(mod), s->name, pr_site_name(s->site));
+        }
+    /* resolved values per site */
+    size_t n = mod->t.n_options ? mod->t.n_options : 1;
+    mod->site_opts = calloc((size_t)PR_SITE_COUNT * n, sizeof *mod->site_opts);
+    if (!mod->site_opts)
+        return pr_errorf(err, PR_ERR_NOMEM, "module '%s': out of memory", mod_name(mod));
+    for (int s = 0; s < PR_SITE_COUNT; s++)
+        memcpy(mod->site_opts + (size_t)s * n, mod->base_opts, mod->t.n_options * sizeof *mod->base_opts);
+    for (int k = 0; k < spec->n_options; k++) {
+        const pr_option_setting *s = &spec->options[k];
+        if (s->site < 0)
+            continue;
+        int i = option_index(mod, s->name);
+        if ((rc = option_parse(mod, i, s->value, s->site, mod->site_opts + (size_t)s->site * n + i, err)))
+            return rc;
+    }
+    return PR_OK;
+}
+
+/* ---- sites, layers, insertions ----------------------------------------------------- */
+
+static int is_concat(const pr_module *mod)
+{
+    return mod->t.integration == PR_INTEGRATE_CONCAT;
+}
+
+static int is_select(const pr_module *mod)
+{
+    return mod->t.integration == PR_INTEGRATE_SELECT;
+}
+
+static int resolve_sites(pr_module *mod, const pr_model *m, const pr_module_spec *spec, pr_error *err)
+{
+    uint32_t all = (1u << PR_SITE_COUNT) - 1;
+    uint32_t mask = spec->sites ? spec->sites : mod->t.default_sites;
+    char buf[256];
+    if (mask & ~all)
+        return pr_errorf(err, PR_ERR_INVALID, "module '%s': site mask 0x%x names sites beyond the %d known ones",
+                         mod_name(mod), mask, PR_SITE_COUNT);
+    for (int s = 0; s < PR_SITE_COUNT; s++) {
+        if (!(mask & PR_SITE_BIT(s)))
+            continue;
+        if (!(mod->t.sites & PR_SITE_BIT(s))) {
+            site_list(mod->t.sites, buf, sizeof buf);
+            return pr_errorf(err, PR_ERR_INVALID, "module '%s': technique '%s' cannot attach at site '%s' (allowed: %s)",
+                             mod_name(mod), mod->t.name, pr_site_name(s), buf);
+        }
+        if (pr_model_site_dims(m, s, NULL, NULL) != 0)
+            return pr_errorf(err, PR_ERR_INVALID, "module '%s': site '%s' does not exist in this model (%s family%s)",
+                             mod_name(mod), pr_site_name(s),
+                             pr_model_get_config(m)->family == PR_FAMILY_GPT2 ? "GPT-2" : "LLaMA",
+                             s == PR_SITE_QKV ? ", separate q/k/v projections" : "");
+        if (is_concat(mod) && s != PR_SITE_EMBED && s != PR_SITE_ATTN_K && s != PR_SITE_ATTN_V)
+            return pr_errorf(err, PR_ERR_INVALID,
+                             "module '%s': concatenation attaches only at embed, attn.k and attn.v (not '%s')",
+                             mod_name(mod), pr_site_name(s));
+    }
+    if (!mask && !is_select(mod))
+        return pr_errorf(err, PR_ERR_INVALID, "module '%s': no sites chosen and technique '%s' has no default sites",
+                         mod_name(mod), mod->t.name);
+    mod->sites = mask;
+    return PR_OK;
+}
+
+static int cmp_int(const void *a, const void *b)
+{
+    int x = *(const int *)a, y = *(const int *)b;
+    return (x > y) - (x < y);
+}
+
+static int resolve_layers(pr_module *mod, const pr_model *m, const pr_module_spec *spec, pr_error *err)
+{
+    int L = pr_model_get_config(m)->n_layers;
+    mod->layers_all = spec->layers == NULL;
+    int n = mod->layers_all ? L : spec->n_layers;
+    if (!mod->layers_all && n <= 0)
+        return pr_errorf(err, PR_ERR_INVALID, "module '%s': an empty layer list", mod_name(mod));
+    mod->layers = malloc((size_t)(n ? n : 1) * sizeof *mod->layers);
+    if (!mod->layers)
+        return pr_errorf(err, PR_ERR_NOMEM, "module '%s': out of memory", mod_name(mod));
+    for (int i = 0; i < n; i++) {
+        int l = mod->layers_all ? i : spec->layers[i];
+        if (l < 0 || l >= L)
+            return pr_errorf(err, PR_ERR_INVALID, "module '%s': layer %d is out of range [0, %d)", mod_name(mod), l, L);
+        mod->layers[i] = l;
+    }
+    qsort(mod->layers, (size_t)n, sizeof *mod->layers, cmp_int);
+    for (int i = 1; i < n; i++)
+        if (mod->layers[i] == mod->layers[i - 1])
+            return pr_errorf(err, PR_ERR_INVALID, "module '%s': layer %d is listed twice", mod_name(mod),
+                             mod->layers[i]);
+    mod->n_layers = n;
+    return PR_OK;
+}
+
+static int build_insertions(pr_module *mod, const pr_model *m, pr_error *err)
+{
+    if (is_select(mod))
+        return PR_OK;
+    int n_model = 0, n_layer = 0;
+    for (int s = 0; s < PR_SITE_COUNT; s++)
+        if (mod->sites & PR_SITE_BIT(s))
+            *(pr_site_is_per_layer(s) ? &n_layer : &n_model) += 1;
+    int n = n_model + n_layer * mod->n_layers;
+    mod->ins = calloc((size_t)(n ? n : 1), sizeof *mod->ins);
+    if (!mod->ins)
+        return pr_errorf(err, PR_ERR_NOMEM, "module '%s': out of memory", mod_name(mod));
+    const pr_model_config *c = pr_model_get_config(m);
+    size_t no = mod->t.n_options ? mod->t.n_options : 1;
+    int k = 0;
+    /* model-level sites first, then layer by layer in site order */
+    for (int pass = 0; pass < 1 + mod->n_layers; pass++)
+        for (int s = 0; s < PR_SITE_COUNT; s++) {
+            if (!(mod->sites & PR_SITE_BIT(s)) || pr_site_is_per_layer(s) != (pass > 0))
+                continue;
+            insertion *in = &mod->ins[k];
+            in->mod = mod;
+            in->index = k;
+            in->site = s;
+            in->layer = pass > 0 ? mod->layers[pass - 1] : -1;
+            in->gate = -1;
+            in->opts = mod->site_opts + (size_t)s * no;
+            pr_dims *d = &in->dims;
+            d->struct_size = sizeof *d;
+            d->d_model = c->d_model;
+            d->n_heads = c->n_heads;
+            d->n_kv_heads = c->n_kv_heads;
+            d->d_head = c->d_head;
+            d->d_ff = c->d_ff;
+            d->n_layers = c->n_layers;
+            d->vocab = c->vocab_size;
+            d->family = c->family;
+            pr_model_site_dims(m, s, &d->d_in, &d->d_out);
+            where_of(s, in->layer, in->where, sizeof in->where);
+            k++;
+        }
+    mod->n_ins = k;
+    return PR_OK;
+}
+
+/* Module widths, n_virtual and the scale-expression of each insertion. */
+static int resolve_widths(pr_module *mod, pr_error *err)
+{
+    expr_var v[MAX_VARS];
+    char e[256];
+    for (int k = 0; k < mod->n_ins; k++) {
+        insertion *in = &mod->ins[k];
+        int nv = model_vars(mod, &in->dims, in->opts, v);
+        int seq = mod->t.insertion == PR_INSERT_SEQUENTIAL;
+        int have_in = in->dims.d_in, have_out = in->dims.d_out;
+        int expect_in = seq ? have_out : have_in;
+        int64_t w;
+        const char *src_in = mod->t.module_in ? mod->t.module_in : (seq ? "d_out" : "d_in");
+        const char *src_out = mod->t.module_out ? mod->t.module_out : "d_out";
+        if (expr_eval_int(src_in, v, nv, &w, e, sizeof e))
+            return pr_errorf(err, PR_ERR_INVALID, "module '%s': module_in '%s' at %s: %s", mod_name(mod), src_in,
+                             in->where, e);
+        in->w_in = (int)w;
+        if (expr_eval_int(src_out, v, nv, &w, e, sizeof e))
+            return pr_errorf(err, PR_ERR_INVALID, "module '%s': module_out '%s' at %s: %s", mod_name(mod), src_out,
+                             in->where, e);
+        in->w_out = (int)w;
+        int integ = mod->t.integration;
+        if (integ != PR_INTEGRATE_CUSTOM && integ != PR_INTEGRATE_CONCAT && integ != PR_INTEGRATE_WEIGHT_DELTA &&
+            in->w_in != expect_in)
+            return pr_errorf(err, PR_ERR_INVALID,
+                             "module '%s': module_in = %d at %s, but the %s insertion gives the module %d columns",
+                             mod_name(mod), in->w_in, in->where, seq ? "sequential" : "parallel", expect_in);
+        if (integ != PR_INTEGRATE_CUSTOM && in->w_out != have_out)
+            return pr_errorf(err, PR_ERR_INVALID, "module '%s': module_out = %d at %s, but the site output has %d columns",
+                             mod_name(mod), in->w_out, in->where, have_out);
+        if (integ == PR_INTEGRATE_CONCAT) {
+            if (!mod->t.n_virtual)
+                return pr_errorf(err, PR_ERR_INVALID, "module '%s': concatenation without an n_virtual expression",
+                                 mod_name(mod));
+            if (expr_eval_int(mod->t.n_virtual, v, nv, &w, e, sizeof e) || w < 1)
+                return pr_errorf(err, PR_ERR_INVALID, "module '%s': n_virtual '%s' at %s: %s", mod_name(mod),
+                                 mod->t.n_virtual, in->where, w < 1 ? "must be >= 1" : e);
+            in->n_virtual = (int)w;
+        }
+        in->scale = 1.0f;
+        if (mod->t.scale_expr && !mod->t.scale) {
+            double s;
+            if (expr_eval(mod->t.scale_expr, v, nv, &s, e, sizeof e))
+                return pr_errorf(err, PR_ERR_INVALID, "module '%s': scale_expr '%s' at %s: %s", mod_name(mod),
+                                 mod->t.scale_expr, in->where, e);
+            in->scale = (float)s;
+        }
+    }
+    /* prefix rows of one layer's k and v must agree */
+    for (int a = 0; is_concat(mod) && a < mod->n_ins; a++)
+        for (int b = a + 1; b < mod->n_ins; b++)
+            if (mod->ins[a].layer == mod->ins[b].layer && mod->ins[a].layer >= 0 &&
+                mod->ins[a].n_virtual != mod->ins[b].n_virtual)
+                return pr_errorf(err, PR_ERR_INVALID, "module '%s': n_virtual is %d at %s but %d at %s",
+                                 mod_name(mod), mod->ins[a].n_virtual, mod->ins[a].where, mod->ins[b].n_virtual,
+                                 mod->ins[b].where);
+    return PR_OK;
+}
+
+/* ---- parameter copies ----------------------------------------------------------------- */
+
+static const char *scope_name(int scope)
+{
+    switch (scope) {
+    case PR_SCOPE_INSERTION: return "insertion";
+    case PR_SCOPE_LAYER: return "layer";
+    case PR_SCOPE_SITE: return "site";
+    case PR_SCOPE_GLOBAL: return "global";
+    default: return "?";
+    }
+}
+
+static int add_copy(pr_module *mod, pr_error *err)
+{
+    if (mod->n_copies == mod->cap_copies) {
+        int cap = mod->cap_copies ? 2 * mod->cap_copies : 16;
+        param_copy *nc = realloc(mod->copies, (size_t)cap * sizeof *nc);
+        if (!nc)
+            return pr_errorf(err, PR_ERR_NOMEM, "module '%s': out of memory", mod_name(mod));
+        mod->copies = nc;
+        mod->cap_copies = cap;
+    }
+    memset(&mod->copies[mod->n_copies], 0, sizeof mod->copies[0]);
+    mod->n_copies++;
+    return PR_OK;
+}
+
+/* Tensor name of a copy: "<module>/<param>" (global), "<module>/h.L.<param>"
+ * (layer), "<module>/<site>.<param>" (site), "<module>/h.L.<site>.<param>"
+ * (insertion); model-level sites drop the "h.L." part. */
+static char *copy_name(const pr_module *mod, const char *param, int scope, int site, int layer)
+{
+    char buf[256];
+    const char *mn = mod_name(mod);
+    if ((scope == PR_SCOPE_LAYER && layer >= 0))
+        snprintf(buf, sizeof buf, "%s/h.%d.%s", mn, layer, param);
+    else if (scope == PR_SCOPE_SITE || (scope == PR_SCOPE_INSERTION && layer < 0))
+        snprintf(buf, sizeof buf, "%s/%s.%s", mn, pr_site_name(site), param);
+    else if (scope == PR_SCOPE_INSERTION)
+        snprintf(buf, sizeof buf, "%s/h.%d.%s.%s", mn, layer, pr_site_name(site), param);
+    else
+        snprintf(buf, sizeof buf, "%s/%s", mn, param);
+    return dup_str(buf);
+}
+
+static int resolve_params(pr_module *mod, pr_error *err)
+{
+    uint32_t np = mod->t.n_params;
+    mod->pd = calloc(np ? np : 1, sizeof *mod->pd);
+    if (!mod->pd)
+        return pr_errorf(err, PR_ERR_NOMEM, "module '%s': out of memory", mod_name(mod));
+    for (uint32_t i = 0; i < np; i++) {
+        read_elem(&mod->pd[i], sizeof mod->pd[i], mod->t.params, i);
+        const pr_param_decl *p = &mod->pd[i];
+        if (!p->name || !p->shape)
+            return pr_errorf(err, PR_ERR_INVALID, "module '%s': parameter %u has no name or shape", mod_name(mod), i);
+        if (p->scope < PR_SCOPE_INSERTION || p->scope > PR_SCOPE_GLOBAL)
+            return pr_errorf(err, PR_ERR_INVALID, "module '%s': parameter '%s' has unknown scope %d", mod_name(mod),
+                             p->name, p->scope);
+        if (mod->t.integration == PR_INTEGRATE_GATED_ADD && strcmp(p->name, "gate") == 0)
+            return pr_errorf(err, PR_ERR_INVALID, "module '%s': parameter name 'gate' is reserved for the host's gate",
+                             mod_name(mod));
+    }
+    expr_var v[MAX_VARS];
+    char e[256];
+    for (int k = 0; k < mod->n_ins; k++) {
+        insertion *in = &mod->ins[k];
+        in->copy = calloc(np ? np : 1, sizeof *in->copy);
+        if (!in->copy)
+            return pr_errorf(err, PR_ERR_NOMEM, "module '%s': out of memory", mod_name(mod));
+        int nv = model_vars(mod, &in->dims, in->opts, v);
+        for (uint32_t i = 0; i < np; i++) {
+            const pr_param_decl *p = &mod->pd[i];
+            int64_t dims[4];
+            int nd = 0;
+            if (expr_eval_shape(p->shape, v, nv, dims, &nd, e, sizeof e))
+                return pr_errorf(err, PR_ERR_INVALID, "module '%s': parameter '%s' shape '%s' at %s: %s", mod_name(mod),
+                                 p->name, p->shape, in->where, e);
+            int kl = (p->scope == PR_SCOPE_INSERTION || p->scope == PR_SCOPE_LAYER) ? in->layer : INT32_MIN;
+            int ks = (p->scope == PR_SCOPE_INSERTION || p->scope == PR_SCOPE_SITE) ? in->site : -1;
+            int found = -1, ordinal = 0;
+            for (int c = 0; c < mod->n_copies; c++) {
+                const param_copy *pc = &mod->copies[c];
+                if (pc->decl != (int)i)
+                    continue;
+                if (pc->key_layer == kl && pc->key_site == ks) {
+                    found = c;
+                    break;
+                }
+                ordinal++;
+            }
+            if (found >= 0) {
+                const param_copy *pc = &mod->copies[found];
+                int same = pc->ndim == nd;
+                for (int d = 0; same && d < nd; d++)
+                    same = pc->shape[d] == dims[d];
+                if (!same)
+                    return pr_errorf(err, PR_ERR_INVALID,
+                                     "module '%s': parameter '%s' (%s scope) has shape '%s' = %lld elements at %s "
+                                     "but %lld at %s; a shared copy needs one shape",
+                                     mod_name(mod), p->name, scope_name(p->scope), p->shape,
+                                     (long long)shape_numel(dims, nd), in->where, (long long)pc->numel,
+                                     mod->ins[pc->first_ins].where);
+                in->copy[i] = found;
+                continue;
+            }
+            int rc = add_copy(mod, err);
+            if (rc)
+                return rc;
+            param_copy *pc = &mod->copies[mod->n_copies - 1];
+            pc->decl = (int)i;
+            pc->key_layer = kl;
+            pc->key_site = ks;
+            pc->ndim = nd;
+            memcpy(pc->shape, dims, sizeof dims);
+            pc->numel = shape_numel(dims, nd);
+            pc->ordinal = ordinal;
+            pc->first_ins = k;
+            pc->trained = mod->trainable && !(p->flags & PR_PARAM_FROZEN);
+            pc->name = copy_name(mod, p->name, p->scope, in->site, in->layer);
+            if (!pc->name)
+                return pr_errorf(err, PR_ERR_NOMEM, "module '%s': out of memory", mod_name(mod));
+            in->copy[i] = mod->n_copies - 1;
+        }
+        if (mod->t.integration == PR_INTEGRATE_GATED_ADD) {
+            int rc = add_copy(mod, err);
+            if (rc)
+                return rc;
+            param_copy *pc = &mod->copies[mod->n_copies - 1];
+            pc->decl = -1;
+            pc->key_layer = in->layer;
+            pc->key_site = in->site;
+            pc->ndim = 1;
+            pc->shape[0] = 1;
+            pc->numel = 1;
+            pc->first_ins = k;
+            pc->trained = mod->trainable;
+            pc->name = copy_name(mod, "gate", PR_SCOPE_INSERTION, in->site, in->layer);
+            if (!pc->name)
+                return pr_errorf(err, PR_ERR_NOMEM, "module '%s': out of memory", mod_name(mod));
+            in->gate = mod->n_copies - 1;
+        }
+    }
+    size_t off = 0, goff = 0;
+    for (int c = 0; c < mod->n_copies; c++) {
+        param_copy *pc = &mod->copies[c];
+        pc->off = off;
+        off += round_up((size_t)pc->numel);
+        mod->param_count += pc->numel;
+        if (pc->trained) {
+            pc->goff = goff;
+            goff += round_up((size_t)pc->numel);
+            mod->trainable_count += pc->numel;
+        }
+    }
+    mod->n_param_floats = off;
+    mod->n_grad_floats = goff;
+    return PR_OK;
+}
+
+/* ---- selection ------------------------------------------------------------------------------ */
+
+/* Workspace of a base tensor, from the family's tensor names. */
+static uint32_t tensor_workspace(const pr_tensor_info *t)
+{
+    const char *n = t->name;
+    if (t->kind == PR_TENSOR_MODULE)
+        return 0;
+    if (t->kind == PR_TENSOR_NORM_GAIN || t->kind == PR_TENSOR_NORM_BIAS)
+        return PR_WS_NORM;
+    if (strncmp(n, "lm_head.", 8) == 0)
+        return PR_WS_HEAD;
+    if (t->kind == PR_TENSOR_EMBEDDING || strncmp(n, "wte.", 4) == 0 || strncmp(n, "wpe.", 4) == 0 ||
+        strstr(n, "embed_tokens"))
+        return PR_WS_EMBEDDING;
+    if (strstr(n, ".attn.") || strstr(n, ".self_attn."))
+        return PR_WS_ATTENTION;
+    if (strstr(n, ".mlp."))
+        return PR_WS_FFN;
+    return 0;
+}
+
+static uint32_t tensor_base_kind(const pr_tensor_info *t)
+{
+    switch (t->kind) {
+    case PR_TENSOR_BIAS: return PR_BASE_BIAS;
+    case PR_TENSOR_NORM_GAIN: return PR_BASE_NORM_GAIN;
+    case PR_TENSOR_NORM_BIAS: return PR_BASE_NORM_BIAS;
+    case PR_TENSOR_EMBEDDING: return PR_BASE_EMBEDDING;
+    case PR_TENSOR_WEIGHT: return tensor_workspace(t) == PR_WS_EMBEDDING ? PR_BASE_EMBEDDING : PR_BASE_WEIGHT;
+    default: return 0;
+    }
+}
+
+static int layer_chosen(const pr_module *mod, int layer)
+{
+    if (layer < 0)
+        return mod->layers_all;
+    for (int i = 0; i < mod->n_layers; i++)
+        if (mod->layers[i] == layer)
+            return 1;
+    return 0;
+}
+
+/* Base tensors a selection module makes trainable: kinds in select_kinds,
+ * workspaces in workspace, per-layer tensors of the chosen layers, and
+ * model-level tensors only when every layer is chosen.  Tensors that are
+ * trainable already are left to their owner. */
+static int resolve_selection(pr_module *mod, const pr_model *m, pr_error *err)
+{
+    if (!is_select(mod) || !mod->trainable)
+        return PR_OK;
+    int n = pr_model_n_tensors(m);
+    mod->selected = calloc((size_t)(n ? n : 1), sizeof *mod->selected);
+    if (!mod->selected)
+        return pr_errorf(err, PR_ERR_NOMEM, "module '%s': out of memory", mod_name(mod));
+    for (int i = 0; i < n; i++) {
+        const pr_tensor_info *t = pr_model_tensor(m, i);
+        if (t->trainable || !(tensor_base_kind(t) & mod->t.select_kinds) ||
+            !(tensor_workspace(t) & mod->t.workspace) || !layer_chosen(mod, t->layer))
+            continue;
+        mod->selected[mod->n_selected] = dup_str(t->name);
+        if (!mod->selected[mod->n_selected])
+            return pr_errorf(err, PR_ERR_NOMEM, "module '%s': out of memory", mod_name(mod));
+        mod->n_selected++;
+        mod->base_selected += t->numel;
+    }
+    return PR_OK;
+}
+
+/* ---- building and freeing -------------------------------------------------------------------- */
+
+static void module_free(pr_module *mod)
+{
+    if (!mod)
+        return;
+    for (int k = 0; k < mod->n_ins; k++) {
+        insertion *in = &mod->ins[k];
+        free(in->copy);
+        free(in->params);
+        free(in->grads);
+        free(in->saved);
+        free(in->scratch);
+        free(in->block);
+        free(in->dw);
+        free(in->orig_w);
+        free(in->orig_b);
+        if (mod->t.integration == PR_INTEGRATE_RESCALE)
+            free(in->h_keep);
+    }
+    free(mod->ins);
+    for (int c = 0; c < mod->n_copies; c++)
+        free(mod->copies[c].name);
+    free(mod->copies);
+    for (int i = 0; i < mod->n_strs; i++)
+        free(mod->strs[i]);
+    free(mod->strs);
+    for (int i = 0; i < mod->n_selected; i++)
+        free(mod->selected[i]);
+    free(mod->selected);
+    free(mod->site_opts);
+    free(mod->layers);
+    free(mod->pd);
+    free(mod->sd);
+    free(mod->xd);
+    free(mod->params);
+    free(mod->grads);
+    free(mod->scratch);
+    free(mod->name);
+    free(mod);
+}
+
+static int name_ok(const char *s)
+{
+    if (!s || !*s)
+        return 0;
+    for (; *s; s++)
+        if (*s == '/' || *s == ' ' || (unsigned char)*s < 0x21)
+            return 0;
+    return 1;
+}
+
+/* Stage 1, shared by plan and attach. */
+static int module_resolve(const pr_model *m, const pr_module_spec *spec, pr_module **out, pr_error *err)
+{
+    *out = NULL;
+    if (!m || !spec || !spec->technique)
+        return pr_errorf(err, PR_ERR_INVALID, "module: NULL model, spec or technique");
+    const pr_technique *t = spec->technique;
+    if (t->abi_major != PR_ABI_MAJOR)
+        return pr_errorf(err, PR_ERR_UNSUPPORTED, "module: technique '%s' is built for ABI %u, the host speaks %d",
+                         t->name ? t->name : "?", t->abi_major, PR_ABI_MAJOR);
+    pr_module *mod = calloc(1, sizeof *mod);
+    if (!mod)
+        return pr_errorf(err, PR_ERR_NOMEM, "module: out of memory");
+    *out = mod;
+    mod->tech_ptr = t;
+    read_elem(&mod->t, sizeof mod->t, t, 0);
+    mod->t.struct_size = t->struct_size;
+    if (!mod->t.name)
+        return pr_errorf(err, PR_ERR_INVALID, "module: technique without a name");
+    const char *nm = spec->name ? spec->name : mod->t.name;
+    if (!name_ok(nm))
+        return pr_errorf(err, PR_ERR_INVALID, "module: name '%s' must be non-empty without '/' or spaces", nm);
+    mod->name = dup_str(nm);
+    if (!mod->name)
+        return pr_errorf(err, PR_ERR_NOMEM, "module: out of memory");
+    mod->model = (pr_model *)m;
+    mod->trainable = spec->trainable != 0;
+    mod->seed = spec->seed;
+    if (spec->n_options < 0 || (spec->n_options > 0 && !spec->options))
+        return pr_errorf(err, PR_ERR_INVALID, "module '%s': bad option list", mod_name(mod));
+    int rc;
+    if ((rc = resolve_sites(mod, m, spec, err)) || (rc = resolve_options(mod, spec, err)) ||
+        (rc = resolve_layers(mod, m, spec, err)) || (rc = build_insertions(mod, m, err)) ||
+        (rc = resolve_widths(mod, err)) || (rc = resolve_params(mod, err)) ||
+        (rc = resolve_selection(mod, m, err)))
+        return rc;
+    mod->sd = calloc(mod->t.n_saved ? mod->t.n_saved : 1, sizeof *mod->sd);
+    mod->xd = calloc(mod->t.n_scratch ? mod->t.n_scratch : 1, sizeof *mod->xd);
+    if (!mod->sd || !mod->xd)
+        return pr_errorf(err, PR_ERR_NOMEM, "module '%s': out of memory", mod_name(mod));
+    for (uint32_t i = 0; i < mod->t.n_saved; i++)
+        read_elem(&mod->sd[i], sizeof mod->sd[i], mod->t.saved, i);
+    for (uint32_t i = 0; i < mod->t.n_scratch; i++)
+        read_elem(&mod->xd[i], sizeof mod->xd[i], mod->t.scratch, i);
+    return PR_OK;
+}
+
+int pr_module_plan_for(const pr_model_config *cfg, const pr_module_spec *spec, pr_module_plan *out, pr_error *err)
+{
+    if (!cfg || !out)
+        return pr_errorf(err, PR_ERR_INVALID, "plan: NULL config or output");
+    memset(out, 0, sizeof *out);
+    pr_model *m = NULL;
+    int rc = model_create_empty(cfg, &m, err);
+    if (rc)
+        return rc;
+    pr_module *mod = NULL;
+    rc = module_resolve(m, spec, &mod, err);
+    if (rc == PR_OK) {
+        out->insertions = mod->n_ins;
+        out->params = mod->param_count;
+        out->trainable = mod->trainable_count;
+        out->base_selected = mod->base_selected;
+        out->sites = mod->sites;
+        int per_layer = is_select(mod);
+        for (int s = 0; s < PR_SITE_COUNT; s++)
+            per_layer |= (mod->sites & PR_SITE_BIT(s)) && pr_site_is_per_layer(s);
+        out->layers_used = per_layer ? mod->n_layers : 0;
+    }
+    module_free(mod);
+    pr_model_free(m);
+    return rc;
+}
+
+/* ---- calling the plugin ------------------------------------------------------------------------ */
+
+static int call_failed(const pr_module *mod, const insertion *in, const char *what, int rc, const host_call *hc,
+                       pr_error *err)
+{
+    int code = (rc > 0 && rc <= PR_ERR_INTERRUPTED) ? rc : PR_ERR_INVALID;
+    char msg[HOST_MSG_MAX + 64];
+    if (hc->has_msg)
+        snprintf(msg, sizeof msg, "%s", hc->msg);
+    else
+        snprintf(msg, sizeof msg, "%s() failed with status %d", what, rc);
+    return pr_errorf(err, code, "module '%s' (technique %s) at %s: %s", mod_name(mod), mod->t.name,
+                     in ? in->where : "(module)", msg);
+}
+
+static int call(const pr_module *mod, const insertion *in, pr_callback cb, const char *what, const pr_ctx *c,
+                pr_error *err)
+{
+    if (!cb)
+        return pr_errorf(err, PR_ERR_UNSUPPORTED, "module '%s' (technique %s) at %s: the technique has no %s()",
+                         mod_name(mod), mod->t.name, in ? in->where : "(module)", what);
+    host_call hc;
+    host_call_begin(&hc);
+    int rc = cb(c);
+    host_call_end(&hc);
+    return rc ? call_failed(mod, in, what, rc, &hc, err) : PR_OK;
+}
+
+static uint64_t call_seed(const pr_module *mod, const insertion *in, uint64_t step)
+{
+    return host_mix64(mod->seed ^ host_mix64(((uint64_t)(in->index + 1) << 32) ^ host_mix64(step + 1)));
+}
+
+/* The context of one call, without site tensors. */
+static void ctx_init(const insertion *in, pr_ctx *c, int B, int T, int training, uint64_t step)
+{
+    const pr_module *mod = in->mod;
+    memset(c, 0, sizeof *c);
+    c->struct_size = sizeof *c;
+    c->host = host_services();
+    c->technique = mod->tech_ptr;
+    c->dims = &in->dims;
+    c->site = in->site;
+    c->layer = in->layer;
+    c->insertion = in->index;
+    c->B = B;
+    c->T = T;
+    c->rows = B * T;
+    c->training = training;
+    c->seed = call_seed(mod, in, step);
+    c->options = in->opts;
+    c->n_options = mod->t.n_options;
+    c->params = in->params;
+    c->grads = in->grads;
+    c->n_params = mod->t.n_params;
+    c->saved = in->saved;
+    c->n_saved = mod->t.n_saved;
+    c->scratch = in->scratch;
+    c->n_scratch = mod->t.n_scratch;
+    c->base_weight = in->has_bw ? &in->bw : NULL;
+    c->base_bias = in->has_bb ? &in->bb : NULL;
+    c->scale = in->scale;
+}
+
+/* Floats of buffer list decls evaluated for B x T (each rounded up). */
+static int buffers_size(const insertion *in, const pr_buffer_decl *d, uint32_t n, int B, int T, pr_tensor *views,
+                        float *base, size_t *total, pr_error *err)
+{
+    expr_var v[MAX_VARS];
+    char e[256];
+    int nv = buffer_vars(in, B, T, v);
+    size_t off = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        int64_t dims[4];
+        int nd = 0;
+        if (!d[i].shape || expr_eval_shape(d[i].shape, v, nv, dims, &nd, e, sizeof e))
+            return pr_errorf(err, PR_ERR_INVALID, "module '%s': buffer '%s' shape '%s' at %s: %s", mod_name(in->mod),
+                             d[i].name ? d[i].name : "?", d[i].shape ? d[i].shape : "", in->where,
+                             d[i].shape ? e : "missing");
+        if (views)
+            views[i] = view(base ? base + off : NULL, nd, dims);
+        off += round_up((size_t)shape_numel(dims, nd));
+    }
+    *total = off;
+    return PR_OK;
+}
+
+/* Host temporaries after the plugin's scratch: area A (module output,
+ * scaled d_out, dh, dW gradient) and area B (d_in of the module input). */
+static size_t area_a_floats(const insertion *in, int rows)
+{
+    size_t a = round_up((size_t)rows * (size_t)in->w_out);
+    if (in->mod->t.integration == PR_INTEGRATE_WEIGHT_DELTA) {
+        size_t g = round_up((size_t)in->dims.d_in * (size_t)in->dims.d_out);
+        a = g > a ? g : a;
+    }
+    return a;
+}
+
+static size_t area_b_floats(const insertion *in, int rows)
+{
+    int w = in->w_in > in->dims.d_in ? in->w_in : in->dims.d_in;
+    return round_up((size_t)rows * (size_t)w);
+}
+
+/* Point the saved and scratch views at B x T and find the host areas. */
+static int prepare_views(insertion *in, int B, int T, float **area_a, float **area_b, pr_error *err)
+{
+    pr_module *mod = in->mod;
+    if (B > in->res_B || T > in->res_T || !in->block)
+        return pr_errorf(err, PR_ERR_INVALID,
+                         "module '%s' at %s: batch B=%d x T=%d exceeds what pr_model_reserve planned (B=%d x T=%d)",
+                         mod_name(mod), in->where, B, T, in->res_B, in->res_T);
+    size_t ns = 0, nx = 0;
+    int rc;
+    if ((rc = buffers_size(in, mod->sd, mod->t.n_saved, B, T, in->saved, in->block, &ns, err)) ||
+        (rc = buffers_size(in, mod->xd, mod->t.n_scratch, B, T, in->scratch, mod->scratch, &nx, err)))
+        return rc;
+    size_t need = nx + area_a_floats(in, B * T) + area_b_floats(in, B * T);
+    if (need > mod->scratch_cap)
+        return pr_errorf(err, PR_ERR_INVALID, "module '%s' at %s: scratch of %zu floats exceeds the %zu reserved",
+                         mod_name(mod), in->where, need, mod->scratch_cap);
+    *area_a = mod->scratch + nx;
+    *area_b = *area_a + area_a_floats(in, B * T);
+    return PR_OK;
+}
+
+/* ---- reserve ----------------------------------------------------------------------------------- */
+
+static int needs_y_old(const pr_module *mod)
+{
+    int integ = mod->t.integration;
+    return integ == PR_INTEGRATE_RESCALE ||
+           (mod->t.insertion == PR_INSERT_SEQUENTIAL &&
+            (integ == PR_INTEGRATE_DIRECT_ADD || integ == PR_INTEGRATE_SCALED_ADD || integ == PR_INTEGRATE_GATED_ADD));
+}
+
+static int reserve_insertion(insertion *in, int B, int T, pr_error *err)
+{
+    pr_module *mod = in->mod;
+    if (in->block && B <= in->res_B && T <= in->res_T)
+        return PR_OK;
+    if (in->block) {
+        B = B > in->res_B ? B : in->res_B;
+        T = T > in->res_T ? T : in->res_T;
+    }
+    size_t rows = (size_t)B * (size_t)T, ns = 0, nx = 0;
+    int rc;
+    if ((rc = buffers_size(in, mod->sd, mod->t.n_saved, B, T, NULL, NULL, &ns, err)) ||
+        (rc = buffers_size(in, mod->xd, mod->t.n_scratch, B, T, NULL, NULL, &nx, err)))
+        return rc;
+    size_t ny = needs_y_old(mod) ? round_up(rows * (size_t)in->dims.d_out) : 0;
+    size_t nh = mod->t.integration == PR_INTEGRATE_GATED_ADD ? round_up(rows * (size_t)in->w_out) : 0;
+    float *block = alloc_floats(ns + ny + nh);
+    if (!block)
+        return pr_errorf(err, PR_ERR_NOMEM, "module '%s' at %s: out of memory for saved activations (B=%d, T=%d)",
+                         mod_name(mod), in->where, B, T);
+    size_t need = nx + area_a_floats(in, (int)rows) + area_b_floats(in, (int)rows);
+    if (need > mod->scratch_cap) {
+        float *s = alloc_floats(need);
+        if (!s) {
+            free(block);
+            return pr_errorf(err, PR_ERR_NOMEM, "module '%s': out of memory for %zu floats of scratch", mod_name(mod),
+                             need);
+        }
+        free(mod->scratch);
+        mod->scratch = s;
+        mod->scratch_cap = need;
+    }
+    free(in->block);
+    in->block = block;
+    in->block_floats = ns + ny + nh;
+    in->y_old = ny ? block + ns : NULL;
+    if (nh)
+        in->h_keep = block + ns + ny;
+    in->res_B = B;
+    in->res_T = T;
+    return PR_OK;
+}
+
+static int hook_reserve(void *self, int B, int T, pr_error *err)
+{
+    return reserve_insertion(self, B, T, err);
+}
+
+/* ---- integration forms ------------------------------------------------------------------------- */
+
+static float add_coefficient(const insertion *in)
+{
+    switch (in->mod->t.integration) {
+    case PR_INTEGRATE_SCALED_ADD: return in->scale;
+    case PR_INTEGRATE_GATED_ADD: return sigmoid(in->mod->params[in->mod->copies[in->gate].off]);
+    default: return 1.0f;
+    }
+}
+
+static int hook_forward(void *self, const pr_site_io *io, pr_error *err)
+{
+    insertion *in = self;
+    pr_module *mod = in->mod;
+    if (mod->merged)
+        return PR_OK;
+    float *area_a, *area_b;
+    int rc = prepare_views(in, io->B, io->T, &area_a, &area_b, err);
+    if (rc)
+        return rc;
+    (void)area_b;
+    pr_ctx c;
+    ctx_init(in, &c, io->B, io->T, io->training, in->n_fwd++);
+    int rows = io->rows, integ = mod->t.integration, seq = mod->t.insertion == PR_INSERT_SEQUENTIAL;
+    int d_out = io->y_dim;
+
+    if (integ == PR_INTEGRATE_CUSTOM) {
+        c.in = view2(io->x, rows, io->x_dim, io->x_ld);
+        c.out = view2(io->y, rows, io->y_dim, io->y_ld);
+        return call(mod, in, mod->t.integrate_forward, "integrate_forward", &c, err);
+    }
+    if (integ == PR_INTEGRATE_WEIGHT_DELTA) {
+        int din = in->dims.d_in;
+        memset(in->dw, 0, (size_t)din * d_out * sizeof(float));
+        c.in = view2(io->x, rows, io->x_dim, io->x_ld);
+        c.out = view2(in->dw, din, d_out, d_out);
+        if ((rc = call(mod, in, mod->t.merge, "merge", &c, err)))
+            return rc;
+        /* y (rows, d_out) += x (rows, d_in) . dW (d_in, d_out) */
+        host_services()->gemm(0, 0, rows, d_out, din, 1.0f, io->x, io->x_ld, in->dw, d_out, 1.0f, io->y, io->y_ld);
+        return PR_OK;
+    }
+    /* the module input: x, or a copy of y as it enters this hook */
+    const float *inp = io->x;
+    int in_ld = io->x_ld, in_w = io->x_dim;
+    if (needs_y_old(mod)) {
+        copy_rows(in->y_old, d_out, io->y, io->y_ld, rows, d_out);
+        if (seq) {
+            inp = in->y_old;
+            in_ld = in_w = d_out;
+        }
+    }
+    c.in = view2(inp, rows, in_w, in_ld);
+    if (integ == PR_INTEGRATE_RESCALE) {
+        memset(in->h_keep, 0, (size_t)in->w_out * sizeof(float));
+        c.out = view2(in->h_keep, 1, in->w_out, in->w_out);
+        if ((rc = call(mod, in, mod->t.forward, "forward", &c, err)))
+            return rc;
+        /* y (rows, d_out) *= h (1, d_out) */
+        for (int r = 0; r < rows; r++) {
+            float *y = io->y + (size_t)r * io->y_ld;
+            for (int j = 0; j < d_out; j++)
+                y[j] *= in->h_keep[j];
+        }
+        return PR_OK;
+    }
+    /* addition forms: y += k * h */
+    float *h = integ == PR_INTEGRATE_GATED_ADD ? in->h_keep : area_a;
+    memset(h, 0, (size_t)rows * in->w_out * sizeof(float));
+    c.out = view2(h, rows, in->w_out, in->w_out);
+    if ((rc = call(mod, in, mod->t.forward, "forward", &c, err)))
+        return rc;
+    axpy_rows(io->y, io->y_ld, h, in->w_out, rows, d_out, add_coefficient(in));
+    return PR_OK;
+}
+
+static int hook_backward(void *self, const pr_site_io *io, pr_error *err)
+{
+    insertion *in = self;
+    pr_module *mod = in->mod;
+    if (mod->merged)
+        return PR_OK;
+    float *area_a, *area_b;
+    int rc = prepare_views(in, io->B, io->T, &area_a, &area_b, err);
+    if (rc)
+        return rc;
+    pr_ctx c;
+    ctx_init(in, &c, io->B, io->T, io->training, in->n_fwd ? in->n_fwd - 1 : 0);
+    const pr_host *host = host_services();
+    int rows = io->rows, integ = mod->t.integration, seq = mod->t.insertion == PR_INSERT_SEQUENTIAL;
+    int d_out = io->y_dim, din_w = io->x_dim;
+
+    /* where the module's input gradient goes */
+    float *dx = io->dx;
+    int dx_ld = io->x_ld;
+    if (!dx) {
+        memset(area_b, 0, (size_t)rows * din_w * sizeof(float));
+        dx = area_b;
+        dx_ld = din_w;
+    }
+
+    if (integ == PR_INTEGRATE_CUSTOM) {
+        c.in = view2(io->x, rows, io->x_dim, io->x_ld);
+        c.out = view2(io->y, rows, io->y_dim, io->y_ld);
+        c.d_out = view2(io->dy, rows, io->y_dim, io->y_ld);
+        c.d_in = view2(dx, rows, din_w, dx_ld);
+        return call(mod, in, mod->t.integrate_backward, "integrate_backward", &c, err);
+    }
+    if (integ == PR_INTEGRATE_WEIGHT_DELTA) {
+        int din = in->dims.d_in;
+        /* G (d_in, d_out) = x^T dy; dx += dy . dW^T */
+        host->gemm(1, 0, din, d_out, rows, 1.0f, io->x, io->x_ld, io->dy, io->y_ld, 0.0f, area_a, d_out);
+        host->gemm(0, 1, rows, din, d_out, 1.0f, io->dy, io->y_ld, in->dw, d_out, 1.0f, dx, dx_ld);
+        c.in = view2(io->x, rows, io->x_dim, io->x_ld);
+        c.out = view2(in->dw, din, d_out, d_out);
+        c.d_out = view2(area_a, din, d_out, d_out);
+        return call(mod, in, mod->t.backward, "backward", &c, err);
+    }
+
+    /* module input and the buffer its gradient accumulates into */
+    const float *inp = io->x;
+    int in_ld = io->x_ld, in_w = io->x_dim;
+    float *d_inp = dx;
+    int d_inp_ld = dx_ld;
+    if (seq) {
+        inp = in->y_old;
+        in_ld = in_w = d_out;
+        memset(area_b, 0, (size_t)rows * d_out * sizeof(float));
+        d_inp = area_b;
+        d_inp_ld = d_out;
+    }
+    c.in = view2(inp, rows, in_w, in_ld);
+    c.d_in = view2(d_inp, rows, in_w, d_inp_ld);
+
+    if (integ == PR_INTEGRATE_RESCALE) {
+        /* dh (1, d_out) = sum_rows dy * y_old; dy <- dy * h */
+        memset(area_a, 0, (size_t)d_out * sizeof(float));
+        for (int r = 0; r < rows; r++) {
+            float *dy = io->dy + (size_t)r * io->y_ld;
+            const float *yo = in->y_old + (size_t)r * d_out;
+            for (int j = 0; j < d_out; j++) {
+                area_a[j] += dy[j] * yo[j];
+                dy[j] *= in->h_keep[j];
+            }
+        }
+        c.out = view2(in->h_keep, 1, in->w_out, in->w_out);
+        c.d_out = view2(area_a, 1, in->w_out, in->w_out);
+    } else {
+        float k = add_coefficient(in);
+        if (integ == PR_INTEGRATE_GATED_ADD) {
+            /* dg += sigmoid'(g) * sum(dy * h) */
+            const param_copy *gc = &mod->copies[in->gate];
+            if (gc->trained) {
+                double s = 0.0;
+                for (int r = 0; r < rows; r++) {
+                    const float *dy = io->dy + (size_t)r * io->y_ld, *h = in->h_keep + (size_t)r * in->w_out;
+                    for (int j = 0; j < d_out; j++)
+                        s += (double)dy[j] * h[j];
+                }
+                mod->grads[gc->goff] += (float)(s * k * (1.0 - k));
+            }
+            c.out = view2(in->h_keep, rows, in->w_out, in->w_out);
+        }
+        if (integ == PR_INTEGRATE_DIRECT_ADD) {
+            c.d_out = view2(io->dy, rows, d_out, io->y_ld);
+        } else {
+            for (int r = 0; r < rows; r++) {
+                const float *dy = io->dy + (size_t)r * io->y_ld;
+                float *d = area_a + (size_t)r * d_out;
+                for (int j = 0; j < d_out; j++)
+                    d[j] = k * dy[j];
+            }
+            c.d_out = view2(area_a, rows, d_out, d_out);
+        }
+    }
+    if ((rc = call(mod, in, mod->t.backward, "backward", &c, err)))
+        return rc;
+    if (seq)
+        axpy_rows(io->dy, io->y_ld, area_b, d_out, rows, d_out, 1.0f);
+    return PR_OK;
+}
+
+/* ---- concatenation providers --------------------------------------------------------------------- */
+
+static int concat_forward(void *self, int site, int layer, float *out, pr_error *err)
+{
+    (void)site;
+    (void)layer;
+    insertion *in = self;
+    pr_module *mod = in->mod;
+    float *a, *b;
+    int rc = prepare_views(in, 1, in->n_virtual, &a, &b, err);
+    if (rc)
+        return rc;
+    pr_ctx c;
+    ctx_init(in, &c, 1, in->n_virtual, 0, in->n_fwd++);
+    c.out = view2(out, in->n_virtual, in->w_out, in->w_out);
+    return call(mod, in, mod->t.forward, "forward", &c, err);
+}
+
+static int concat_backward(void *self, int site, int layer, const float *dout, pr_error *err)
+{
+    (void)site;
+    (void)layer;
+    insertion *in = self;
+    pr_module *mod = in->mod;
+    float *a, *b;
+    int rc = prepare_views(in, 1, in->n_virtual, &a, &b, err);
+    if (rc)
+        return rc;
+    pr_ctx c;
+    ctx_init(in, &c, 1, in->n_virtual, 0, in->n_fwd ? in->n_fwd - 1 : 0);
+    c.d_out = view2(dout, in->n_virtual, in->w_out, in->w_out);
+    return call(mod, in, mod->t.backward, "backward", &c, err);
+}
+
+/* ---- initialisation ------------------------------------------------------------------------------ */
+
+static int init_copy(pr_module *mod, const pr_module_spec *spec, param_copy *pc, pr_error *err)
+{
+    float *x = mod->params + pc->off;
+    size_t n = (size_t)pc->numel;
+    if (pc->decl < 0) { /* a gate: sigmoid(0) = 1/2 */
+        x[0] = 0.0f;
+        return PR_OK;
+    }
+    const pr_param_decl *p = &mod->pd[pc->decl];
+    const insertion *in = &mod->ins[pc->first_ins];
+    expr_var v[MAX_VARS];
+    char e[256];
+    int nv = model_vars(mod, &in->dims, in->opts, v);
+    double arg = 0.0;
+    if (p->init_arg && expr_eval(p->init_arg, v, nv, &arg, e, sizeof e))
+        return pr_errorf(err, PR_ERR_INVALID, "module '%s': parameter '%s' init_arg '%s': %s", mod_name(mod), p->name,
+                         p->init_arg, e);
+    const pr_host *h = host_services();
+    uint64_t st = host_hash_str(mod->seed, p->name) ^ host_mix64((uint64_t)pc->ordinal + 1);
+    switch (p->init) {
+    case PR_INIT_ZEROS:
+        memset(x, 0, n * sizeof(float));
+        break;
+    case PR_INIT_ONES:
+    case PR_INIT_CONSTANT: {
+        float val = p->init == PR_INIT_ONES ? 1.0f : (float)arg;
+        for (size_t i = 0; i < n; i++)
+            x[i] = val;
+        break;
+    }
+    case PR_INIT_NORMAL:
+        for (size_t i = 0; i < n; i++)
+            x[i] = (float)arg * h->rng_normal(&st);
+        break;
+    case PR_INIT_UNIFORM:
+    case PR_INIT_KAIMING_UNIFORM: {
+        double b = arg;
+        if (p->init == PR_INIT_KAIMING_UNIFORM) /* He et al. 2015, PyTorch's kaiming_uniform_ */
+            b = sqrt(6.0 / ((1.0 + arg * arg) * (double)pc->shape[pc->ndim - 1]));
+        for (size_t i = 0; i < n; i++)
+            x[i] = (float)((2.0 * h->rng_uniform(&st) - 1.0) * b);
+        break;
+    }
+    case PR_INIT_EMBED_ROWS:
+    case PR_INIT_TEXT: {
+        const pr_tensor_info *wte = pr_model_find_tensor(mod->model, "wte.weight");
+        int C = in->dims.d_model, V = in->dims.vocab;
+        if (!wte || !wte->data)
+            return pr_errorf(err, PR_ERR_INVALID, "module '%s': parameter '%s' copies token embeddings, but the model has none",
+                             mod_name(mod), p->name);
+        if (pc->shape[pc->ndim - 1] != C)
+            return pr_errorf(err, PR_ERR_INVALID,
+                             "module '%s': parameter '%s' copies embedding rows, so its last dimension must be d_model = %d (got %lld)",
+                             mod_name(mod), p->name, C, (long long)pc->shape[pc->ndim - 1]);
+        size_t nrows = n / (size_t)C;
+        int *ids = NULL;
+        size_t n_ids = 0;
+        if (p->init == PR_INIT_TEXT) {
+            int oi = option_index(mod, "init_text");
+            const char *text = oi >= 0 ? in->opts[oi].str : NULL;
+            if (!text || !*text)
+                return pr_errorf(err, PR_ERR_INVALID, "module '%s': parameter '%s' is initialised from text, but option "
+                                 "'init_text' is %s", mod_name(mod), p->name, oi < 0 ? "not declared" : "empty");
+            if (!spec->tokenizer)
+                return pr_errorf(err, PR_ERR_INVALID, "module '%s': parameter '%s' is initialised from text; a tokenizer is needed",
+                                 mod_name(mod), p->name);
+            int rc = pr_tokenizer_encode(spec->tokenizer, text, strlen(text), &ids, &n_ids, err);
+            if (rc)
+                return rc;
+            if (n_ids == 0) {
+                free(ids);
+                return pr_errorf(err, PR_ERR_INVALID, "module '%s': init_text '%s' encodes to no tokens", mod_name(mod), text);
+            }
+        }
+        for (size_t r = 0; r < nrows; r++) {
+            int id = ids ? ids[r % n_ids] : (int)(h->rng_next(&st) % (uint64_t)V);
+            if (id < 0 || id >= V) {
+                free(ids);
+                return pr_errorf(err, PR_ERR_INVALID, "module '%s': init_text token id %d is outside the vocabulary [0, %d)",
+                                 mod_name(mod), id, V);
+            }
+            memcpy(x + r * (size_t)C, wte->data + (size_t)id * C, (size_t)C * sizeof(float));
+        }
+        free(ids);
+        break;
+    }
+    case PR_INIT_CUSTOM:
+        break; /* the init() callback, after every other parameter */
+    default:
+        return pr_errorf(err, PR_ERR_INVALID, "module '%s': parameter '%s' has unknown init %d", mod_name(mod), p->name,
+                         p->init);
+    }
+    return PR_OK;
+}
+
+/* ---- attach ---------------------------------------------------------------------------------------- */
+
+static void fill_views(pr_module *mod)
+{
+    for (int k = 0; k < mod->n_ins; k++) {
+        insertion *in = &mod->ins[k];
+        for (uint32_t i = 0; i < mod->t.n_params; i++) {
+            const param_copy *pc = &mod->copies[in->copy[i]];
+            in->params[i] = view(mod->params + pc->off, pc->ndim, pc->shape);
+            in->grads[i] = view(pc->trained ? mod->grads + pc->goff : NULL, pc->ndim, pc->shape);
+        }
+    }
+}
+
+static int alloc_module(pr_module *mod, pr_error *err)
+{
+    mod->params = alloc_floats(mod->n_param_floats);
+    mod->grads = mod->n_grad_floats ? alloc_floats(mod->n_grad_floats) : NULL;
+    if (!mod->params || (mod->n_grad_floats && !mod->grads))
+        return pr_errorf(err, PR_ERR_NOMEM, "module '%s': out of memory for %zu parameters", mod_name(mod),
+                         mod->n_param_floats);
+    uint32_t np = mod->t.n_params ? mod->t.n_params : 1;
+    for (int k = 0; k < mod->n_ins; k++) {
+        insertion *in = &mod->ins[k];
+        in->params = calloc(np, sizeof *in->params);
+        in->grads = calloc(np, sizeof *in->grads);
+        in->saved = calloc(mod->t.n_saved ? mod->t.n_saved : 1, sizeof *in->saved);
+        in->scratch = calloc(mod->t.n_scratch ? mod->t.n_scratch : 1, sizeof *in->scratch);
+        if (!in->params || !in->grads || !in->saved || !in->scratch)
+            return pr_errorf(err, PR_ERR_NOMEM, "module '%s': out of memory", mod_name(mod));
+        if (mod->t.integration == PR_INTEGRATE_RESCALE &&
+            !(in->h_keep = alloc_floats((size_t)in->w_out)))
+            return pr_errorf(err, PR_ERR_NOMEM, "module '%s': out of memory", mod_name(mod));
+        if (mod->t.integration == PR_INTEGRATE_WEIGHT_DELTA &&
+            !(in->dw = alloc_floats((size_t)in->dims.d_in * (size_t)in->dims.d_out)))
+            return pr_errorf(err, PR_ERR_NOMEM, "module '%s': out of memory", mod_name(mod));
+        if (pr_site_is_projection(in->site)) {
+            float *w = NULL, *b = NULL;
+            int ld = 0;
+            pr_error e2 = { 0 };
+            if (pr_model_site_weight(mod->model, in->site, in->layer, &w, &ld, &b, &e2) == PR_OK && w) {
+                in->bw = view2(w, in->dims.d_in, in->dims.d_out, ld);
+                in->has_bw = 1;
+                if (b) {
+                    int64_t s = in->dims.d_out;
+                    in->bb = view(b, 1, &s);
+                    in->has_bb = 1;
+                }
+            }
+        }
+    }
+    fill_views(mod);
+    return PR_OK;
+}
+
+static int register_tensors(pr_module *mod, pr_error *err)
+{
+    for (int c = 0; c < mod->n_copies; c++) {
+        const param_copy *pc = &mod->copies[c];
+        int rc = pr_model_add_tensor(mod->model, pc->name, pc->ndim, pc->shape, mod->params + pc->off,
+                                     pc->trained ? mod->grads + pc->goff : NULL, err);
+        if (rc)
+            return rc;
+    }
+    return PR_OK;
+}
+
+static int init_params(pr_module *mod, const pr_module_spec *spec, pr_error *err)
+{
+    int rc;
+    /* the scale() callback first: init() and setup() see ctx->scale */
+    for (int k = 0; k < mod->n_ins && mod->t.scale; k++) {
+        insertion *in = &mod->ins[k];
+        pr_ctx c;
+        ctx_init(in, &c, 0, 0, 0, 0);
+        in->scale = mod->t.scale(&c);
+        if (!isfinite(in->scale))
+            return pr_errorf(err, PR_ERR_NUMERIC, "module '%s' at %s: scale() returned a non-finite value",
+                             mod_name(mod), in->where);
+    }
+    for (int c = 0; c < mod->n_copies; c++)
+        if ((rc = init_copy(mod, spec, &mod->copies[c], err)))
+            return rc;
+    /* init(): once per insertion that first uses a PR_INIT_CUSTOM copy */
+    for (int k = 0; k < mod->n_ins; k++) {
+        insertion *in = &mod->ins[k];
+        int owns = 0;
+        for (uint32_t i = 0; i < mod->t.n_params && !owns; i++)
+            owns = mod->pd[i].init == PR_INIT_CUSTOM && mod->copies[in->copy[i]].first_ins == k;
+        if (!owns)
+            continue;
+        pr_ctx c;
+        ctx_init(in, &c, 0, 0, 0, UINT64_MAX - 1);
+        if ((rc = call(mod, in, mod->t.init, "init", &c, err)))
+            return rc;
+    }
+    for (int k = 0; k < mod->n_ins && mod->t.setup; k++) {
+        insertion *in = &mod->ins[k];
+        pr_ctx c;
+        ctx_init(in, &c, 0, 0, 0, UINT64_MAX - 2);
+        if ((rc = call(mod, in, mod->t.setup, "setup", &c, err)))
+            return rc;
+    }
+    return PR_OK;
+}
+
+static int attach_integration(pr_module *mod, pr_error *err)
+{
+    int rc;
+    if (is_select(mod)) {
+        for (int i = 0; i < mod->n_selected; i++)
+            if ((rc = pr_model_set_trainable(mod->model, mod->selected[i], 1, err)))
+                return rc;
+        return PR_OK;
+    }
+    for (int k = 0; k < mod->n_ins; k++) {
+        insertion *in = &mod->ins[k];
+        if (is_concat(mod)) {
+            if ((rc = reserve_insertion(in, 1, in->n_virtual, err)))
+                return rc;
+            pr_concat_provider p = { in->n_virtual, concat_forward, concat_backward, in };
+            rc = pr_model_attach_concat(mod->model, in->site, in->layer, &p, err);
+        } else {
+            pr_site_hook h = { hook_forward, hook_backward, in, hook_reserve };
+            rc = pr_model_attach_hook(mod->model, in->site, in->layer, &h, err);
+        }
+        if (rc)
+            return rc;
+        mod->hooks_attached = 1;
+    }
+    return PR_OK;
+}
+
+static void undo_selection(pr_module *mod)
+{
+    for (int i = 0; i < mod->n_selected; i++)
+        pr_model_set_trainable(mod->model, mod->selected[i], 0, NULL);
+}
+
+/* Undo a failed attach: the model's hook and concatenation lists cannot
+ * drop one entry, so they are rebuilt, in attach order, from the modules
+ * that stay. */
+static void reattach_others(pr_model *m, const pr_module *except)
+{
+    pr_model_detach_hooks(m);
+    model_entry *e = entry_of(m, 0);
+    for (int i = 0; e && i < e->n; i++) {
+        pr_module *o = e->mods[i];
+        if (o == except || is_select(o))
+            continue;
+        for (int k = 0; k < o->n_ins; k++) {
+            insertion *in = &o->ins[k];
+            if (is_concat(o)) {
+                pr_concat_provider p = { in->n_virtual, concat_forward, concat_backward, in };
+                pr_model_attach_concat(m, in->site, in->layer, &p, NULL);
+            } else {
+                pr_site_hook h = { hook_forward, hook_backward, in, hook_reserve };
+                pr_model_attach_hook(m, in->site, in->layer, &h, NULL);
+            }
+        }
+    }
+}
+
+static void prefix_of(const pr_module *mod, char *buf, size_t len)
+{
+    snprintf(buf, len, "%s/", mod_name(mod));
+}
+
+int pr_module_attach(pr_model *m, const pr_module_spec *spec, pr_module **out, pr_error *err)
+{
+    if (out)
+        *out = NULL;
+    pr_module *mod = NULL;
+    int rc = module_resolve(m, spec, &mod, err);
+    if (rc) {
+        module_free(mod);
+        return rc;
+    }
+    model_entry *e = entry_of(m, 0);
+    for (int i = 0; e && i < e->n; i++)
+        if (strcmp(e->mods[i]->name, mod->name) == 0) {
+            rc = pr_errorf(err, PR_ERR_INVALID, "module '%s': the model already has a module of that name; give it "
+                           "another name", mod->name);
+            module_free(mod);
+            return rc;
+        }
+    char prefix[256];
+    prefix_of(mod, prefix, sizeof prefix);
+    if ((rc = alloc_module(mod, err)) || (rc = register_tensors(mod, err)) || (rc = init_params(mod, spec, err)) ||
+        (rc = attach_integration(mod, err))) {
+        pr_error keep = { 0 };
+        if (err)
+            keep = *err;
+        pr_model_remove_tensors(m, prefix);
+        undo_selection(mod);
+        if (mod->hooks_attached)
+            reattach_others(m, mod);
+        module_free(mod);
+        if (err)
+            *err = keep;
+        return rc;
+    }
+    if (entry_add(m, mod)) {
+        pr_model_remove_tensors(m, prefix);
+        undo_selection(mod);
+        reattach_others(m, mod);
+        module_free(mod);
+        return pr_errorf(err, PR_ERR_NOMEM, "module: out of memory");
+    }
+    if (out)
+        *out = mod;
+    return PR_OK;
+}
+
+/* ---- merge ---------------------------------------------------------------------------------------- */
+
+static void restore_insertion(insertion *in)
+{
+    if (!in->orig_w)
+        return;
+    copy_rows(in->bw.data, (int)in->bw.stride[0], in->orig_w, in->dims.d_out, in->dims.d_in, in->dims.d_out);
+    if (in->orig_b)
+        memcpy(in->bb.data, in->orig_b, (size_t)in->dims.d_out * sizeof(float));
+    free(in->orig_w);
+    free(in->orig_b);
+    in->orig_w = in->orig_b = NULL;
+}
+
+int pr_module_merge(pr_module *mod, pr_error *err)
+{
+    if (!mod)
+        return pr_errorf(err, PR_ERR_INVALID, "merge: NULL module");
+    if (!mod->t.merge)
+        return pr_errorf(err, PR_ERR_UNSUPPORTED, "module '%s' (technique %s) cannot be merged: the technique has no merge()",
+                         mod_name(mod), mod->t.name);
+    if (mod->merged)
+        return pr_errorf(err, PR_ERR_INVALID, "module '%s' is already merged", mod_name(mod));
+    for (int k = 0; k < mod->n_ins; k++)
+        if (!mod->ins[k].has_bw)
+            return pr_errorf(err, PR_ERR_UNSUPPORTED,
+                             "module '%s' (technique %s) cannot be merged at %s: it is not a projection site with a weight",
+                             mod_name(mod), mod->t.name, mod->ins[k].where);
+    size_t maxn = 0;
+    for (int k = 0; k < mod->n_ins; k++) {
+        size_t n = (size_t)mod->ins[k].dims.d_in * (size_t)mod->ins[k].dims.d_out;
+        maxn = n > maxn ? n : maxn;
+    }
+    float *delta = alloc_floats(maxn);
+    if (!delta)
+        return pr_errorf(err, PR_ERR_NOMEM, "module '%s': out of memory for merging", mod_name(mod));
+    int rc = PR_OK, k;
+    for (k = 0; k < mod->n_ins; k++) {
+        insertion *in = &mod->ins[k];
+        int din = in->dims.d_in, dout = in->dims.d_out, ld = (int)in->bw.stride[0];
+        in->orig_w = alloc_floats((size_t)din * dout);
+        in->orig_b = in->has_bb ? alloc_floats((size_t)dout) : NULL;
+        if (!in->orig_w || (in->has_bb && !in->orig_b)) {
+            rc = pr_errorf(err, PR_ERR_NOMEM, "module '%s': out of memory for merging", mod_name(mod));
+            free(in->orig_w);
+            free(in->orig_b);
+            in->orig_w = in->orig_b = NULL;
+            break;
+        }
+        float *w = in->bw.data;
+        copy_rows(in->orig_w, dout, w, ld, din, dout);
+        if (in->orig_b)
+            memcpy(in->orig_b, in->bb.data, (size_t)dout * sizeof(float));
+        memset(delta, 0, (size_t)din * dout * sizeof(float));
+        pr_ctx c;
+        ctx_init(in, &c, 0, 0, 0, UINT64_MAX - 3);
+        c.out = view2(delta, din, dout, dout);
+        if ((rc = call(mod, in, mod->t.merge, "merge", &c, err))) {
+            free(in->orig_w);
+            free(in->orig_b);
+            in->orig_w = in->orig_b = NULL;
+            break;
+        }
+        axpy_rows(w, ld, delta, dout, din, dout, 1.0f);
+    }
+    free(delta);
+    if (rc) {
+        while (--k >= 0)
+            restore_insertion(&mod->ins[k]);
+        return rc;
+    }
+    mod->merged = 1;
+    return PR_OK;
+}
+
+int pr_module_unmerge(pr_module *mod, pr_error *err)
+{
+    if (!mod)
+        return pr_errorf(err, PR_ERR_INVALID, "unmerge: NULL module");
+    if (!mod->merged)
+        return pr_errorf(err, PR_ERR_INVALID, "module '%s' is not merged", mod_name(mod));
+    /* reverse order: slices of one fused weight (qkv and q) may overlap */
+    for (int k = mod->n_ins - 1; k >= 0; k--)
+        restore_insertion(&mod->ins[k]);
+    mod->merged = 0;
+    return PR_OK;
+}
+
+/* ---- the model's modules ---------------------------------------------------------------------------- */
+
+void pr_model_detach_modules(pr_model *m)
+{
+    model_entry *e = entry_of(m, 0);
+    if (!e)
+        return;
+    for (int i = e->n - 1; i >= 0; i--) {
+        pr_module *mod = e->mods[i];
+        if (mod->merged)
+            pr_module_unmerge(mod, NULL);
+        for (int k = 0; k < mod->n_ins && mod->t.teardown; k++) {
+            pr_ctx c;
+            ctx_init(&mod->ins[k], &c, 0, 0, 0, 0);
+            host_call hc;
+            host_call_begin(&hc);
+            mod->t.teardown(&c);
+            host_call_end(&hc);
+        }
+        char prefix[256];
+        prefix_of(mod, prefix, sizeof prefix);
+        pr_model_remove_tensors(m, prefix);
+        undo_selection(mod);
+    }
+    pr_model_detach_hooks(m);
+    for (int i = 0; i < e->n; i++)
+        module_free(e->mods[i]);
+    entry_drop(m);
+}
+
+int pr_model_n_modules(const pr_model *m)
+{
+    const model_entry *e = entry_of(m, 0);
+    return e ? e->n : 0;
+}
+
+pr_module *pr_model_module(const pr_model *m, int i)
+{
+    const model_entry *e = entry_of(m, 0);
+    return e && i >= 0 && i < e->n ? e->mods[i] : NULL;
+}
+
+const char *pr_module_name(const pr_module *mod)
+{
+    return mod ? mod->name : NULL;
+}
+
+const pr_technique *pr_module_technique(const pr_module *mod)
+{
+    return mod ? mod->tech_ptr : NULL;
+}
+
+int pr_module_insertions(const pr_module *mod)
+{
+    return mod ? mod->n_ins : 0;
+}
+
+int64_t pr_module_param_count(const pr_module *mod)
+{
+    return mod ? mod->param_count : 0;
+}
+
+int64_t pr_module_trainable_count(const pr_module *mod)
+{
+    return mod ? mod->trainable_count : 0;
+}
+
+uint32_t pr_module_sites(const pr_module *mod)
+{
+    return mod ? mod->sites : 0;
+}
+
+const pr_option_value *pr_module_option(const pr_module *mod, int i)
+{
+    if (!mod || i < 0 || (uint32_t)i >= mod->t.n_options)
+        return NULL;
+    return &mod->base_opts[i];
+}
