@@ -32,6 +32,7 @@
 #include <sys/mman.h>
 
 #include "peftref/model.h"
+#include "peftref/module.h"
 #include "model_internal.h"
 #include "kernels.h"
 #include "rng.h"
@@ -347,6 +348,8 @@ void pr_model_free(pr_model *m)
 {
     if (!m)
         return;
+    /* modules attached to m (core/module.c) go with it */
+    pr_model_detach_modules(m);
     for (int i = 0; i < m->n_maps; i++)
         munmap(m->maps[i].addr, m->maps[i].len);
     free(m->maps);
@@ -609,6 +612,11 @@ void pr_model_set_training(pr_model *m, int training)
 {
     if (m)
         m->training = training ? 1 : 0;
+}
+
+int pr_model_get_training(const pr_model *m)
+{
+    return m ? m->training : 0;
 }
 
 static int has_hooks(const pr_model *m, int site, int layer)

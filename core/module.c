@@ -39,10 +39,10 @@
  * of a parallel form: into dx (or a scratch when the site input needs no
  * gradient, so the parameters still get theirs).
  *
- * The model does not know modules: this file keeps, per model, the list
- * of modules attached to it.  pr_model_detach_modules must be called
- * before pr_model_free, or the modules (and their memory) leak and a
- * later model allocated at the same address would inherit the list. */
+ * The model's tensor table and hooks do not know modules: this file
+ * keeps, per model, the list of modules attached to it, and
+ * pr_model_free calls pr_model_detach_modules first so none outlives its
+ * model. */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -1468,7 +1468,7 @@ static int concat_forward(void *self, int site, int layer, float *out, pr_error 
     if (rc)
         return rc;
     pr_ctx c;
-    ctx_init(in, &c, 1, in->n_virtual, 0, in->n_fwd++);
+    ctx_init(in, &c, 1, in->n_virtual, pr_model_get_training(mod->model), in->n_fwd++);
     c.out = view2(out, in->n_virtual, in->w_out, in->w_out);
     return call(mod, in, mod->t.forward, "forward", &c, err);
 }
@@ -1484,7 +1484,7 @@ static int concat_backward(void *self, int site, int layer, const float *dout, p
     if (rc)
         return rc;
     pr_ctx c;
-    ctx_init(in, &c, 1, in->n_virtual, 0, in->n_fwd ? in->n_fwd - 1 : 0);
+    ctx_init(in, &c, 1, in->n_virtual, pr_model_get_training(mod->model), in->n_fwd ? in->n_fwd - 1 : 0);
     c.d_out = view2(dout, in->n_virtual, in->w_out, in->w_out);
     return call(mod, in, mod->t.backward, "backward", &c, err);
 }

@@ -182,6 +182,7 @@ int pr_model_virtual_positions(const pr_model *m);
 
 /* Train/eval flag handed to hooks (pr_site_io.training); default eval. */
 void pr_model_set_training(pr_model *m, int training);
+int pr_model_get_training(const pr_model *m);
 
 /* Add a tensor owned by someone else (a module's parameters, a task head)
  * to the tensor table, so counts, training and checkpoints see it.  grad
