@@ -217,6 +217,12 @@ typedef struct pr_param_decl {
     int32_t scope;           /* pr_scope */
     uint32_t flags;          /* pr_param_flags */
     const char *help;
+    /* Name of an ENUM option whose choice selects this parameter's init
+     * among the pr_init names ("zeros", "ones", "normal", "uniform",
+     * "kaiming_uniform", "embed_rows", "text", "constant"), overriding
+     * init; NULL = always init.  (Prompt tuning: random, vocabulary or
+     * text initialisation.) */
+    const char *init_option;
 } pr_param_decl;
 
 /* Activation memory kept from forward for backward (per insertion), or
@@ -318,7 +324,10 @@ typedef enum pr_activation {
  *  merge:     out = the whole weight delta to add to the frozen weight,
  *             shaped like base_weight [d_in, d_out], scale included
  *             (ctx->scale holds s); the host adds it, keeping the original
- *             to restore on unmerge.
+ *             to restore on unmerge.  At a stream site, base_weight is the
+ *             weight the site's values fold into: attn.k / attn.v the key /
+ *             value projection (a rescaling folds into its columns and
+ *             bias), ffn.act the down projection (folds into its rows).
  *  setup:     after the host initialised the parameters (e.g. DoRA's
  *             magnitude from base_weight's column norms).
  *  fold:      save time; params hold the training form, out_params the
@@ -348,6 +357,9 @@ typedef struct pr_ctx {
     pr_tensor *out_params;         /* fold: in fold_params[] order */
     uint32_t n_out_params;
     float scale;                   /* SCALED_ADD: the resolved scale */
+    /* merge: the bias delta (d_out), when base_bias is non-NULL; the
+     * host adds it like the weight delta and restores it on unmerge. */
+    pr_tensor *bias_delta;
 } pr_ctx;
 
 typedef int (*pr_callback)(const pr_ctx *ctx);
