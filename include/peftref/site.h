@@ -10,9 +10,14 @@
  *    module sees the projection input x (rows x d_in) and its output y
  *    (rows x d_out).  q, k and v of a fused-QKV model are column slices of
  *    the fused output, so y carries a row stride.
- *  - stream sites (embed, attn.k, attn.v, attn_out, ffn.act, ffn_out,
- *    block_out): the module sees one hidden state; x is that state as it
- *    entered the site and y is the state it leaves with.
+ *  - stream sites (embed, attn.k, attn.v, ffn.act, block_out): the module
+ *    sees one hidden state; x is that state as it entered the site and y
+ *    is the state it leaves with.
+ *  - sub-layer sites (attn_out, ffn_out): y is the sub-layer's output
+ *    before the residual add and x the sub-layer's input (the normalised
+ *    hidden state entering attention or the FFN), so a sequential module
+ *    (Houlsby adapter) transforms y while a parallel one (He et al. 2022's
+ *    parallel adapter) adds f(x) to y.
  */
 #ifndef PEFTREF_SITE_H
 #define PEFTREF_SITE_H
