@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <jansson.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -10,6 +11,14 @@
 #include "peftref/model.h"
 #include "peftref/tokenizer.h"
 #include "fileio.h"
+
+/* A float's shortest decimal form (1e-05, not 9.9999997473787516e-06). */
+static double float_decimal(float f)
+{
+    char buf[32];
+    snprintf(buf, sizeof buf, "%.7g", (double)f);
+    return strtod(buf, NULL);
+}
 
 /* config.json with GPT2Config's keys, so transformers and peftref both
  * read the directory back. */
@@ -28,8 +37,8 @@ static int write_config(const pr_model *m, const char *dir, const char *tokenize
     json_object_set_new(o, "vocab_size", json_integer(c->vocab_size));
     json_object_set_new(o, "n_positions", json_integer(c->max_seq));
     json_object_set_new(o, "n_ctx", json_integer(c->max_seq));
-    json_object_set_new(o, "layer_norm_epsilon", json_real(c->norm_eps));
-    json_object_set_new(o, "initializer_range", json_real(c->init_std));
+    json_object_set_new(o, "layer_norm_epsilon", json_real(float_decimal(c->norm_eps)));
+    json_object_set_new(o, "initializer_range", json_real(float_decimal(c->init_std)));
     json_object_set_new(o, "activation_function", json_string("gelu_new"));
     json_object_set_new(o, "tie_word_embeddings", json_boolean(c->tied_head));
     if (tokenizer_kind && strcmp(tokenizer_kind, "byte") == 0)
