@@ -7,7 +7,11 @@
  *    (a reference GEMM in double): forward equals x.A^T.B^T, backward
  *    matches central differences of L = sum(w * h) for lora_A, lora_B and
  *    x, with and without dropout, merge's delta reproduces s*h, and the
- *    scale is alpha/r or alpha/sqrt(r).
+ *    scale is alpha/r or alpha/sqrt(r);
+ *  - the module attached to a tiny GPT-2 with pr_module_attach at q, v
+ *    (column slices of the fused qkv) and ffn.down: its parameter count,
+ *    lora_A / lora_B and an upstream LayerNorm gain against central
+ *    differences of the model's loss, and merged == unmerged logits.
  *
  * L is linear in each of A, B, x separately, so central differences are
  * exact up to float rounding: with values O(1), eps = 1e-2 and sums of a
@@ -25,6 +29,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "peftref/peftref.h"
+#include "peftref/module.h"
 #include "peftref/plugin.h"
 #include "gradcheck.h"
 
@@ -429,6 +435,234 @@ static void test_errors(void **state)
     free(f);
 }
 
+/* ---- attached to a model ----------------------------------------------------
+ *
+ * Model: L=2, C=32, H=4, F=128, V=64, B=2, T=8, init_std 0.1 (as
+ * test_model), in eval mode (no dropout).  LoRA r=4, alpha=8 (s=2) at q, v
+ * and ffn.down, lora_B filled with random values (its zeros init would
+ * make lora_A's gradient vanish).  The probed loss is the mean
+ * cross-entropy recomputed in double from the logits; with eps = 3e-3 the
+ * float rounding inside the network stays below 3e-5 (test_model's
+ * measurement on the same shape), so a probe passes when
+ * |fd - g| <= 1e-4 + 5e-2 * max(|g|, |fd|). */
+enum { MB = 2, MT = 8, MV = 64 };
+
+typedef struct model_fixture {
+    pr_model *m;
+    pr_module *mod;
+    int tokens[MB * MT], targets[MB * MT];
+} model_fixture;
+
+static double model_loss(void *arg)
+{
+    model_fixture *f = arg;
+    pr_batch b = { .tokens = f->tokens, .targets = f->targets, .B = MB, .T = MT };
+    pr_error err = { 0 };
+    float loss = 0.0f;
+    if (pr_model_forward(f->m, &b, &loss, &err) != PR_OK)
+        fail_msg("forward: %s", err.msg);
+    const float *logits = pr_model_logits(f->m);
+    double total = 0.0;
+    for (int i = 0; i < MB * MT; i++) {
+        const float *z = logits + (size_t)i * MV;
+        double mx = z[0], se = 0.0;
+        for (int v = 1; v < MV; v++)
+            mx = fmax(mx, z[v]);
+        for (int v = 0; v < MV; v++)
+            se += exp((double)z[v] - mx);
+        total += mx + log(se) - z[f->targets[i]];
+    }
+    return total / (MB * MT);
+}
+
+static model_fixture *model_fixture_new(void)
+{
+    model_fixture *f = calloc(1, sizeof *f);
+    assert_non_null(f);
+    pr_model_config c;
+    assert_int_equal(pr_config_preset("gpt2-tiny", &c), PR_OK);
+    c.n_layers = 2;
+    c.d_model = 32;
+    c.n_heads = 4;
+    c.n_kv_heads = 4;
+    c.d_head = 8;
+    c.d_ff = 128;
+    c.vocab_size = MV;
+    c.max_seq = 16;
+    c.init_std = 0.1f;
+    c.seed = 7;
+    pr_error err = { 0 };
+    int rc = pr_model_create(&c, &f->m, &err);
+    if (rc)
+        fail_msg("create: %s", err.msg);
+    rc = pr_model_reserve(f->m, MB, MT, &err);
+    if (rc)
+        fail_msg("reserve: %s", err.msg);
+    for (int i = 0; i < MB * MT; i++) {
+        f->tokens[i] = (i * 17 + 5) % MV;
+        f->targets[i] = (i * 29 + 3) % MV;
+    }
+
+    const pr_option_setting opts[] = { { "r", "4", -1 }, { "alpha", "8", -1 } };
+    pr_module_spec spec = {
+        .technique = lora,
+        .name = "lora",
+        .sites = PR_SITE_BIT(PR_SITE_Q) | PR_SITE_BIT(PR_SITE_V) | PR_SITE_BIT(PR_SITE_FFN_DOWN),
+        .options = opts,
+        .n_options = 2,
+        .trainable = 1,
+        .seed = 11,
+    };
+    rc = pr_module_attach(f->m, &spec, &f->mod, &err);
+    if (rc)
+        fail_msg("attach: %s", err.msg);
+    return f;
+}
+
+static void model_fixture_free(model_fixture *f)
+{
+    pr_model_detach_modules(f->m);
+    pr_model_free(f->m);
+    free(f);
+}
+
+/* The i-th module tensor whose name ends with suffix, or NULL. */
+static const pr_tensor_info *module_tensor(const pr_model *m, const char *suffix, int nth)
+{
+    size_t ls = strlen(suffix);
+    for (int i = 0; i < pr_model_n_tensors(m); i++) {
+        const pr_tensor_info *t = pr_model_tensor(m, i);
+        size_t ln = strlen(t->name);
+        if (t->kind == PR_TENSOR_MODULE && ln >= ls && strcmp(t->name + ln - ls, suffix) == 0 &&
+            nth-- == 0)
+            return t;
+    }
+    return NULL;
+}
+
+static void test_attach_counts(void **state)
+{
+    (void)state;
+    model_fixture *f = model_fixture_new();
+    /* q, v: 4 * (32 + 32); ffn.down: 4 * (128 + 32); two layers */
+    const int64_t want = 2 * (2 * 4 * (32 + 32) + 4 * (128 + 32));
+    assert_int_equal(pr_module_insertions(f->mod), 6);
+    assert_int_equal(pr_module_param_count(f->mod), want);
+    assert_int_equal(pr_module_trainable_count(f->mod), want);
+    /* the scale the host resolved through scale(): alpha / r */
+    const pr_tensor_info *a = module_tensor(f->m, "lora_A", 0);
+    const pr_tensor_info *b = module_tensor(f->m, "lora_B", 0);
+    assert_non_null(a);
+    assert_non_null(b);
+    assert_int_equal(a->ndim, 2);
+    assert_int_equal(a->shape[0], 4);
+    assert_int_equal(b->shape[1], 4);
+    /* init: B zeros, A within +-1/sqrt(d_in) and not all zero */
+    float bound = 1.0f / sqrtf((float)a->shape[1]);
+    int nonzero = 0;
+    for (int64_t i = 0; i < a->numel; i++) {
+        assert_true(fabsf(a->data[i]) <= bound);
+        nonzero += a->data[i] != 0.0f;
+    }
+    assert_true(nonzero > a->numel / 2);
+    for (int64_t i = 0; i < b->numel; i++)
+        assert_true(b->data[i] == 0.0f);
+    /* B = 0: the model's loss is the base model's */
+    double with = model_loss(f);
+    pr_model_detach_modules(f->m);
+    double without = model_loss(f);
+    assert_true(fabs(with - without) < 1e-6);
+    model_fixture_free(f);
+}
+
+static void test_attach_gradients(void **state)
+{
+    (void)state;
+    model_fixture *f = model_fixture_new();
+    pr_error err = { 0 };
+    assert_int_equal(pr_model_set_trainable(f->m, "h.0.ln_1.weight", 1, &err), PR_OK);
+    for (int k = 0; k < 6; k++) {
+        const pr_tensor_info *b = module_tensor(f->m, "lora_B", k);
+        assert_non_null(b);
+        gc_fill(b->data, (size_t)b->numel, 100u + (unsigned)k, 0.3f);
+    }
+    pr_model_zero_grad(f->m);
+    (void)model_loss(f);
+    int rc = pr_model_backward(f->m, &err);
+    if (rc)
+        fail_msg("backward: %s", err.msg);
+
+    int fails = 0;
+    for (int k = 0; k < 6; k++) {
+        const pr_tensor_info *a = module_tensor(f->m, "lora_A", k);
+        const pr_tensor_info *b = module_tensor(f->m, "lora_B", k);
+        assert_non_null(a->grad);
+        assert_non_null(b->grad);
+        fails += gc_check(a->name, a->data, a->grad, (size_t)a->numel, model_loss, f, 3e-3, 5e-2,
+                          1e-4, 6);
+        fails += gc_check(b->name, b->data, b->grad, (size_t)b->numel, model_loss, f, 3e-3, 5e-2,
+                          1e-4, 6);
+    }
+    /* upstream of q and v: LoRA's input gradient reaches ln_1 */
+    const pr_tensor_info *g = pr_model_find_tensor(f->m, "h.0.ln_1.weight");
+    assert_non_null(g);
+    fails += gc_check(g->name, g->data, g->grad, (size_t)g->numel, model_loss, f, 3e-3, 5e-2, 1e-4,
+                      8);
+    assert_int_equal(fails, 0);
+    model_fixture_free(f);
+}
+
+static void test_attach_merge(void **state)
+{
+    (void)state;
+    model_fixture *f = model_fixture_new();
+    for (int k = 0; k < 6; k++) {
+        const pr_tensor_info *b = module_tensor(f->m, "lora_B", k);
+        gc_fill(b->data, (size_t)b->numel, 200u + (unsigned)k, 0.3f);
+    }
+    const size_t n = (size_t)MB * MT * MV;
+    float *before = malloc(n * sizeof(float)), *merged = malloc(n * sizeof(float));
+    assert_non_null(before);
+    assert_non_null(merged);
+    (void)model_loss(f);
+    memcpy(before, pr_model_logits(f->m), n * sizeof(float));
+
+    const pr_tensor_info *w = pr_model_find_tensor(f->m, "h.0.attn.c_attn.weight");
+    assert_non_null(w);
+    float *w0 = malloc((size_t)w->numel * sizeof(float));
+    assert_non_null(w0);
+    memcpy(w0, w->data, (size_t)w->numel * sizeof(float));
+
+    pr_error err = { 0 };
+    int rc = pr_module_merge(f->mod, &err);
+    if (rc)
+        fail_msg("merge: %s", err.msg);
+    (void)model_loss(f);
+    memcpy(merged, pr_model_logits(f->m), n * sizeof(float));
+    double worst = 0.0, norm = 0.0, moved = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        worst = fmax(worst, fabs((double)merged[i] - before[i]));
+        norm = fmax(norm, fabs((double)before[i]));
+    }
+    for (int64_t i = 0; i < w->numel; i++)
+        moved = fmax(moved, fabs((double)w->data[i] - w0[i]));
+    printf("merge: max |merged - unmerged| = %.3e (max |logit| %.3e), weight moved by %.3e\n",
+           worst, norm, moved);
+    assert_true(moved > 1e-3);          /* the delta went into the fused weight */
+    assert_true(worst <= 1e-5 * norm);  /* and gives the same outputs */
+
+    rc = pr_module_unmerge(f->mod, &err);
+    if (rc)
+        fail_msg("unmerge: %s", err.msg);
+    assert_memory_equal(w->data, w0, (size_t)w->numel * sizeof(float));
+    (void)model_loss(f);
+    assert_memory_equal(pr_model_logits(f->m), before, n * sizeof(float));
+    free(w0);
+    free(before);
+    free(merged);
+    model_fixture_free(f);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -439,6 +673,9 @@ int main(void)
         cmocka_unit_test(test_merge),
         cmocka_unit_test(test_scale),
         cmocka_unit_test(test_errors),
+        cmocka_unit_test(test_attach_counts),
+        cmocka_unit_test(test_attach_gradients),
+        cmocka_unit_test(test_attach_merge),
     };
     return cmocka_run_group_tests(tests, setup_plugin, teardown_plugin);
 }
