@@ -199,32 +199,33 @@ step check-lora "$BIN" plugins check "$PLUGINDIR/lora.so"
 
 # ---- 6. train the template inside a pipeline ------------------------------------
 cat >"$TMP/pipeline.yaml" <<EOF
-# scaled_bias on a byte-level GPT-2 of test size
+# scaled_bias on a byte-level GPT-2 of test size (keys: docs/pipeline.md)
 model:
   preset: gpt2-tiny
-  init_seed: 1
+  seed: 1
 modules:
   - technique: scaled_bias
     sites: [ffn_out]
     options:
       alpha: 2.0
-data:
+task:
+  type: lm
   train: $SRC/tests/data/train/corpus.txt
   val_fraction: 0.1
-training:
+train:
   steps: 4
   batch: 2
   seq_len: 32
   lr: 0.01
   seed: 1
-out: $TMP/run
+  output: $TMP/run
 EOF
 train_pipeline() {
     cat "$TMP/pipeline.yaml"
     PEFTREF_PLUGIN_PATH="$TMP/search" "$BIN" train "$TMP/pipeline.yaml" || return 1
     [ -s "$TMP/run/metrics.jsonl" ] || { echo "no metrics.jsonl"; return 1; }
-    # the module's bias was trained: some parameter of scaled_bias is reported
-    grep -q "loss" "$TMP/run/metrics.jsonl"
+    # optimizer steps with their loss were logged
+    grep -q '"step"' "$TMP/run/metrics.jsonl" && grep -q '"loss"' "$TMP/run/metrics.jsonl"
 }
 if [ -f "$TMP/search/scaled_bias.so" ]; then
     step pipeline-train train_pipeline
