@@ -64,6 +64,8 @@
 #define TECHNIQUE_MIN_SIZE MEMBER_END(pr_technique, teardown)
 #define PLUGIN_MIN_SIZE MEMBER_END(pr_plugin, techniques)
 #define OPTION_MIN_SIZE MEMBER_END(pr_option_decl, per_site)
+/* init_option, appended to pr_param_decl later, is optional: NULL when a
+ * plugin's struct ends before it. */
 #define PARAM_MIN_SIZE MEMBER_END(pr_param_decl, help)
 #define BUFFER_MIN_SIZE MEMBER_END(pr_buffer_decl, shape)
 /* Beyond these a size or count is garbage, not a later ABI minor. */
@@ -350,6 +352,34 @@ static const pr_option_decl *find_option(const tech_copy *c, const char *name)
     return NULL;
 }
 
+/* The pr_init names an init_option's choices may use (plugin.h). */
+static const char *const init_names[] = {"zeros", "ones", "normal", "uniform", "kaiming_uniform",
+                                         "embed_rows", "text", "constant"};
+
+/* init_option names an ENUM option whose every choice is an init name. */
+static int validate_init_option(const tech_copy *c, const pr_param_decl *p, pr_error *err)
+{
+    const pr_option_decl *o = find_option(c, p->init_option);
+    if (!o || o->type != PR_OPT_ENUM)
+        return bad(c, err, "param '%s': init_option '%.*s' is not an enum option of the technique", p->name,
+                   MAX_NAME, p->init_option);
+    for (int k = 0; o->choices[k]; k++) {
+        size_t j = 0;
+        while (j < sizeof init_names / sizeof init_names[0] && strcmp(o->choices[k], init_names[j]) != 0)
+            j++;
+        if (j == sizeof init_names / sizeof init_names[0])
+            return bad(c, err, "param '%s': init_option '%s' offers '%s', which is not an init (zeros, ones, normal, "
+                       "uniform, kaiming_uniform, embed_rows, text, constant)", p->name, o->name, o->choices[k]);
+        if (strcmp(o->choices[k], "text") == 0) {
+            const pr_option_decl *txt = find_option(c, "init_text");
+            if (!txt || txt->type != PR_OPT_STRING)
+                return bad(c, err, "param '%s': init_option '%s' offers 'text' but there is no string option "
+                           "'init_text'", p->name, o->name);
+        }
+    }
+    return PR_OK;
+}
+
 static int validate_params(const tech_copy *c, const pr_param_decl *params, uint32_t n, const char *what,
                            pr_error *err)
 {
@@ -380,6 +410,8 @@ static int validate_params(const tech_copy *c, const pr_param_decl *params, uint
             if (!o || o->type != PR_OPT_STRING)
                 return bad(c, err, "param '%s': init is text but there is no string option 'init_text'", p->name);
         }
+        if (p->init_option && (rc = validate_init_option(c, p, err)))
+            return rc;
         if (p->scope < PR_SCOPE_INSERTION || p->scope > PR_SCOPE_GLOBAL)
             return bad(c, err, "param '%s': unknown scope value %d (known 1..%d)", p->name, p->scope,
                        PR_SCOPE_GLOBAL);

@@ -412,6 +412,27 @@ static void test_validate(void **state)
     expect_invalid(&t, "no string option 'init_text'");
     params[1].init = PR_INIT_CUSTOM;
     expect_invalid(&t, "no init callback");
+    params[1].init = PR_INIT_NORMAL;
+
+    /* init_option: an enum option whose choices are init names. */
+    static const char *const inits[] = {"normal", "embed_rows", NULL};
+    static const char *const bad_inits[] = {"normal", "random", NULL};
+    static const char *const text_inits[] = {"zeros", "text", NULL};
+    pr_option_decl iopts[2] = {tp_options[0], tp_options[0]};
+    iopts[1].name = "init_from";
+    iopts[1].type = PR_OPT_ENUM;
+    iopts[1].choices = inits;
+    iopts[1].def = 1;
+    t.options = iopts;
+    t.n_options = 2;
+    params[1].init_option = "width";
+    expect_invalid(&t, "param 'w': init_option 'width' is not an enum option");
+    params[1].init_option = "init_from";
+    assert_int_equal(pr_technique_validate(&t, &err), PR_OK);
+    iopts[1].choices = bad_inits;
+    expect_invalid(&t, "init_option 'init_from' offers 'random', which is not an init");
+    iopts[1].choices = text_inits;
+    expect_invalid(&t, "offers 'text' but there is no string option 'init_text'");
 
     t = base;
     t.integration = PR_INTEGRATE_SCALED_ADD;
@@ -485,6 +506,10 @@ static void test_cli(void **state)
     expect_in(out, "y_old");
     expect_in(out, "scale            [d_out]");
     expect_in(out, "/d1/good_a.so");
+    /* Counted on gpt2-tiny (2 layers, d_ff 256): one scale (d_ff) per layer at ffn.act. */
+    expect_in(out, "On gpt2-tiny (2 layers");
+    expect_in(out, "insertions            2\n");
+    expect_in(out, "module parameters     512 (");
 
     snprintf(cmd, sizeof cmd, "PEFTREF_PLUGIN_PATH='%s' '%s' plugins inspect test-alhpa 2>&1", d1, PEFTREF_BIN);
     assert_int_equal(run(cmd, out, sizeof out), 1);

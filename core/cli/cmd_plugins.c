@@ -14,6 +14,7 @@
 static const char plugins_usage[] =
     "usage: peftref plugins [list]\n"
     "       peftref plugins inspect NAME [--model DIR | --preset NAME]\n"
+    "       peftref plugins check PATH [--verbose]   (see 'peftref plugins check --help')\n"
     "\n"
     "List the PEFT techniques found as plugins, with the file each came from,\n"
     "and every file that was refused with the reason; or describe one\n"
@@ -226,7 +227,7 @@ static void print_buffers(const char *title, const pr_buffer_decl *b, uint32_t n
         printf("  %-16s [%s]\n", b[i].name, b[i].shape);
 }
 
-static void print_params(const char *title, const pr_param_decl *ps, uint32_t n)
+static void print_params(const pr_technique *t, const char *title, const pr_param_decl *ps, uint32_t n)
 {
     printf("\n%s:\n", title);
     if (!n) {
@@ -237,6 +238,14 @@ static void print_params(const char *title, const pr_param_decl *ps, uint32_t n)
         const pr_param_decl *p = &ps[i];
         char init[160], shape[160];
         init_text(p, init, sizeof init);
+        if (p->init_option) {
+            /* The enum option's choice overrides init; show its default. */
+            const char *def = "?";
+            for (uint32_t k = 0; k < t->n_options; k++)
+                if (strcmp(t->options[k].name, p->init_option) == 0 && t->options[k].choices)
+                    def = t->options[k].choices[(int)t->options[k].def];
+            snprintf(init, sizeof init, "by option %s (default %s)", p->init_option, def);
+        }
         snprintf(shape, sizeof shape, "[%s]", p->shape);
         printf("  %-16s %-18s %-28s  %s%s%s%s\n", p->name, shape, init, WORD(scope_words, p->scope),
                p->flags & PR_PARAM_NO_DECAY ? ", no-decay" : "",
@@ -323,9 +332,9 @@ static void print_page(const pr_technique *t, const char *origin)
 
     if (t->integration == PR_INTEGRATE_SELECT)
         print_selection(t);
-    print_params("Parameters", t->params, t->n_params);
+    print_params(t, "Parameters", t->params, t->n_params);
     if (t->n_fold_params)
-        print_params("Parameters after fold (saved form)", t->fold_params, t->n_fold_params);
+        print_params(t, "Parameters after fold (saved form)", t->fold_params, t->n_fold_params);
     print_buffers("Saved for backward (per insertion)", t->saved, t->n_saved);
     print_buffers("Scratch (lent per call)", t->scratch, t->n_scratch);
 
@@ -337,6 +346,44 @@ static void print_page(const pr_technique *t, const char *origin)
     print_field("trainable parameters", t->param_formula);
 
     print_callbacks(t);
+}
+
+/* What attaching the technique with its default sites and options adds to
+ * a model of shape cfg (pr_module_plan_for: nothing is allocated). */
+static void print_plan(const pr_technique *t, const pr_model_config *cfg, const char *model_label)
+{
+    char sites[256];
+    site_list(t->default_sites, sites, sizeof sites);
+    printf("\nOn %s (%d layers, d_model %d, d_ff %d, vocab %d), default sites and options:\n", model_label,
+           cfg->n_layers, cfg->d_model, cfg->d_ff, cfg->vocab_size);
+    pr_module_spec spec;
+    memset(&spec, 0, sizeof spec);
+    spec.technique = t;
+    spec.trainable = 1;
+    pr_module_plan plan;
+    pr_error err = {0};
+    if (pr_module_plan_for(cfg, &spec, &plan, &err) != PR_OK) {
+        printf("  cannot attach: %s\n", err.msg);
+        return;
+    }
+    char buf[256];
+    site_list(plan.sites, sites, sizeof sites);
+    print_field("sites used", sites);
+    snprintf(buf, sizeof buf, "%d", plan.layers_used);
+    print_field("layers used", buf);
+    snprintf(buf, sizeof buf, "%d", plan.insertions);
+    print_field("insertions", buf);
+    int64_t base = pr_config_param_count(cfg);
+    snprintf(buf, sizeof buf, "%lld (%.4f%% of the model's %lld)", (long long)plan.params,
+             base > 0 ? 100.0 * (double)plan.params / (double)base : 0.0, (long long)base);
+    print_field("module parameters", buf);
+    snprintf(buf, sizeof buf, "%lld", (long long)plan.trainable);
+    print_field("trainable", buf);
+    if (plan.base_selected || t->integration == PR_INTEGRATE_SELECT) {
+        snprintf(buf, sizeof buf, "%lld (%.4f%%)", (long long)plan.base_selected,
+                 base > 0 ? 100.0 * (double)plan.base_selected / (double)base : 0.0);
+        print_field("base elements trained", buf);
+    }
 }
 
 /* ---- subcommands ------------------------------------------------------------ */
@@ -442,6 +489,7 @@ static int plugins_inspect(int argc, char **argv)
     if (open_registry("plugins inspect", &reg))
         return 1;
     int rc = 1;
+    pr_model *model = NULL;
     const pr_technique *t = pr_registry_find(reg, name);
     if (!t) {
         const char *s = pr_registry_suggest(reg, name);
@@ -456,9 +504,20 @@ static int plugins_inspect(int argc, char **argv)
     for (int i = 0; i < pr_registry_count(reg); i++)
         if (pr_registry_technique(reg, i) == t)
             origin = pr_registry_origin(reg, i);
+    if (model_dir) {
+        /* The model's shape is all the count needs; its weights are mapped, not read. */
+        pr_error err = {0};
+        if (cli_load_model(model_dir, NULL, -1, &model, &err) != PR_OK) {
+            fprintf(stderr, "peftref plugins inspect: %s\n", err.msg);
+            goto done;
+        }
+        cfg = *pr_model_get_config(model);
+    }
     print_page(t, origin);
+    print_plan(t, &cfg, model_dir ? model_dir : preset ? preset : "gpt2-small");
     rc = finish_output("plugins inspect");
 done:
+    pr_model_free(model);
     pr_registry_free(reg);
     return rc;
 }
@@ -485,6 +544,8 @@ int cmd_plugins(int argc, char **argv)
     }
     if (strcmp(sub, "inspect") == 0)
         return plugins_inspect(argc - 1, argv + 1);
+    if (strcmp(sub, "check") == 0)
+        return cmd_plugins_check(argc - 1, argv + 1);
     fprintf(stderr, "peftref plugins: unknown subcommand '%s'\n%s", sub, plugins_usage);
     return 2;
 }
