@@ -11,6 +11,8 @@ int cmd_eval(int argc, char **argv);
 int cmd_tokenize(int argc, char **argv);
 int cmd_train(int argc, char **argv);
 int cmd_plugins(int argc, char **argv);
+/* `peftref plugins check` (core/cli/cmd_check.c), dispatched by cmd_plugins. */
+int cmd_plugins_check(int argc, char **argv);
 
 /* Read a whole file ("-" = stdin).  *data is NUL-terminated (free() it). */
 int cli_read_file(const char *path, char **data, size_t *len, pr_error *err);
