@@ -5,12 +5,25 @@
 #define PEFTREF_CLI_H
 
 #include <stddef.h>
+#include <stdio.h>
 #include "peftref/peftref.h"
+#include "peftref/module.h"
+#include "peftref/pipeline.h"
 
 int cmd_eval(int argc, char **argv);
 int cmd_tokenize(int argc, char **argv);
 int cmd_train(int argc, char **argv);
 int cmd_plugins(int argc, char **argv);
+int cmd_plan(int argc, char **argv);
+
+/* Pipelines (core/cli/cmd_plan.c): open the plugin registry and load path
+ * with the --set overrides, printing every diagnostic line to stderr. */
+int cli_pipeline_open(const char *cmd, const char *path, const char *const *sets, int n_sets,
+                      pr_registry **reg, pr_pipeline **pipe);
+/* The Hugging Face PEFT parameter line of a loaded pipeline, to out. */
+int cli_pipeline_print_counts(const char *cmd, const pr_pipeline *pipe, FILE *out);
+/* 1 when s names a pipeline file (ends in .yaml or .yml). */
+int cli_is_pipeline(const char *s);
 /* `peftref plugins check` (core/cli/cmd_check.c), dispatched by cmd_plugins. */
 int cmd_plugins_check(int argc, char **argv);
 

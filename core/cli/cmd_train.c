@@ -11,8 +11,15 @@
 #include "runtime.h"
 
 static const char train_usage[] =
-    "usage: peftref train (--model DIR | --preset NAME [model options]) --data FILE --out DIR\n"
+    "usage: peftref train PIPELINE.yaml [--set KEY=VALUE ...] [--resume] [--quiet]\n"
+    "       peftref train (--model DIR | --preset NAME [model options]) --data FILE --out DIR\n"
     "                     [training options]\n"
+    "\n"
+    "With a pipeline (docs/pipeline.md): build its model, attach its modules\n"
+    "with the base model frozen, print the trainable-parameter line, and train\n"
+    "the modules (and any base tensors a selection technique chose) with the\n"
+    "pipeline's settings.  --set overrides a value by its dotted path\n"
+    "(train.steps=10, modules.0.options.r=4) before the pipeline is checked.\n"
     "\n"
     "Train the selected tensors of a model (default: all of them, i.e. full\n"
     "finetuning) with AdamW.  A checkpoint (trainable tensors, optimizer state,\n"
@@ -104,6 +111,123 @@ static int select_trainable(pr_model *m, const char *list, pr_error *err)
     return rc;
 }
 
+/* Report a finished (or interrupted) run; returns the exit status. */
+static int report_result(int trc, const pr_train_result *res, const pr_error *err)
+{
+    if (trc == PR_ERR_INTERRUPTED) {
+        fprintf(stderr, "peftref train: %s\n", err->msg);
+        return 130;
+    }
+    if (trc) {
+        fprintf(stderr, "peftref train: %s\n", err->msg);
+        return 1;
+    }
+    printf("steps %lld  train_loss %.6f -> %.6f  val_loss %.6f -> %.6f", (long long)res->steps_done,
+           res->first_train_loss, res->final_train_loss, res->initial_val_loss, res->final_val_loss);
+    if (res->final_val_accuracy >= 0)
+        printf("  val_accuracy %.4f", res->final_val_accuracy);
+    printf("\n");
+    return 0;
+}
+
+/* peftref train PIPELINE.yaml [--set KEY=VALUE ...] [--resume] [--quiet] */
+static int train_pipeline(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        {"set", required_argument, 0, 's'}, {"resume", no_argument, 0, 'r'},
+        {"quiet", no_argument, 0, 'q'}, {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
+    const char **sets = calloc((size_t)argc + 1, sizeof *sets);
+    if (!sets) {
+        fprintf(stderr, "peftref train: out of memory\n");
+        return 1;
+    }
+    int n_sets = 0, resume = 0, quiet = 0, c;
+    optind = 1;
+    opterr = 0;
+    while ((c = getopt_long(argc, argv, ":h", opts, NULL)) != -1) {
+        switch (c) {
+        case 's': sets[n_sets++] = optarg; break;
+        case 'r': resume = 1; break;
+        case 'q': quiet = 1; break;
+        case 'h': fputs(train_usage, stdout); free(sets); return 0;
+        case ':':
+            fprintf(stderr, "peftref train: option '%s' needs a value\n", argv[optind - 1]);
+            free(sets);
+            return 2;
+        default:
+            fprintf(stderr, "peftref train: with a pipeline only --set, --resume and --quiet apply "
+                    "(got '%s'; set other values in the YAML or with --set)\n", argv[optind - 1]);
+            free(sets);
+            return 2;
+        }
+    }
+    if (argc - optind != 1) {
+        fprintf(stderr, "peftref train: expected one pipeline file, got %d arguments\n", argc - optind);
+        free(sets);
+        return 2;
+    }
+    pr_registry *reg = NULL;
+    pr_pipeline *pipe = NULL;
+    pr_model *m = NULL;
+    pr_tokenizer *tok = NULL;
+    pr_error err = {0};
+    int rc = cli_pipeline_open("train", argv[optind], sets, n_sets, &reg, &pipe);
+    if (rc == 0)
+        rc = cli_pipeline_print_counts("train", pipe, stdout);
+    if (rc == 0) {
+        fflush(stdout);
+        runtime_warn_generic_blas();
+        if (pr_pipeline_build(pipe, &m, &tok, &err)) {
+            fprintf(stderr, "peftref train: %s\n", err.msg);
+            rc = 1;
+        }
+    }
+    if (rc == 0) {
+        pr_train_config tc;
+        pr_pipeline_train_config(pipe, &tc);
+        tc.resume |= resume;
+        tc.quiet |= quiet;
+        if (!tc.quiet) {
+            char line[256];
+            runtime_describe(line, sizeof line);
+            fprintf(stderr, "peftref train: %s\n", line);
+        }
+        pr_train_result res;
+        int trc = pr_train(m, tok, &tc, &res, &err);
+        rc = report_result(trc, &res, &err);
+    }
+    pr_tokenizer_free(tok);
+    pr_model_free(m);
+    pr_pipeline_free(pipe);
+    pr_registry_free(reg);
+    free(sets);
+    return rc;
+}
+
+/* The first argument that is neither an option nor an option's value. */
+static const char *first_operand(int argc, char **argv, const struct option *opts)
+{
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (strcmp(a, "--") == 0)
+            return i + 1 < argc ? argv[i + 1] : NULL;
+        if (a[0] != '-' || a[1] == '\0')
+            return a;
+        if (a[1] != '-' || strchr(a, '='))
+            continue;
+        if (strcmp(a + 2, "set") == 0) {
+            i++;
+            continue;
+        }
+        for (const struct option *o = opts; o->name; o++)
+            if (strcmp(a + 2, o->name) == 0 && o->has_arg == required_argument) {
+                i++;
+                break;
+            }
+    }
+    return NULL;
+}
+
 int cmd_train(int argc, char **argv)
 {
     static const struct option opts[] = {
@@ -126,6 +250,8 @@ int cmd_train(int argc, char **argv)
         {"out", required_argument, 0, O_OUT}, {"resume", no_argument, 0, O_RESUME},
         {"save", required_argument, 0, O_SAVE}, {"quiet", no_argument, 0, O_QUIET},
         {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
+    if (cli_is_pipeline(first_operand(argc, argv, opts)))
+        return train_pipeline(argc, argv);
     pr_train_config tc;
     pr_train_config_default(&tc);
     const char *model_dir = NULL, *preset = NULL, *tok_dir = NULL, *trainable = "*", *save_dir = NULL;
@@ -256,18 +382,11 @@ int cmd_train(int argc, char **argv)
     }
     pr_train_result res;
     int trc = pr_train(m, tok, &tc, &res, &err);
-    if (trc == PR_ERR_INTERRUPTED) {
-        fprintf(stderr, "peftref train: %s\n", err.msg);
-        rc = 130;
+    if (trc) {
+        rc = report_result(trc, &res, &err);
         goto done;
     }
-    if (trc)
-        goto fail;
-    printf("steps %lld  train_loss %.6f -> %.6f  val_loss %.6f -> %.6f", (long long)res.steps_done,
-           res.first_train_loss, res.final_train_loss, res.initial_val_loss, res.final_val_loss);
-    if (res.final_val_accuracy >= 0)
-        printf("  val_accuracy %.4f", res.final_val_accuracy);
-    printf("\n");
+    report_result(trc, &res, &err);
     if (save_dir && pr_model_save_hf(m, save_dir, model_dir ? model_dir : tok_dir, &err))
         goto fail;
     rc = 0;

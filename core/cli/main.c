@@ -16,7 +16,8 @@ typedef struct subcommand {
 static const subcommand commands[] = {
     {"eval", cmd_eval, "perplexity of a model on a text file"},
     {"tokenize", cmd_tokenize, "print a text's token ids"},
-    {"train", cmd_train, "train a model's tensors on text or JSONL data"},
+    {"train", cmd_train, "train a model's tensors, or a YAML pipeline's modules"},
+    {"plan", cmd_plan, "check a YAML pipeline and count what it would train"},
     {"plugins", cmd_plugins, "list and inspect the PEFT techniques found as plugins"},
 };
 

@@ -1,0 +1,2126 @@
+/* peftref: YAML pipelines (see include/peftref/pipeline.h, docs/pipeline.md).
+ *
+ * Three stages:
+ *  1. libyaml's event parser builds a small tree of scalars, lists and
+ *     mappings in which every node keeps its 1-based line and column;
+ *  2. `--set key.path=value` overrides edit that tree (their nodes carry
+ *     the location "--set:N:COL");
+ *  3. the validator walks the tree against the schema below, collecting
+ *     every problem as "FILE:LINE:COL: message" instead of stopping at the
+ *     first, and fills the pipeline: model shape, module specs (checked
+ *     against each technique's descriptor and planned with
+ *     pr_module_plan_for), task and training settings. */
+#include "config.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <limits.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <yaml.h>
+
+#include "peftref/pipeline.h"
+#include "data.h"
+#include "fileio.h"
+#include "model_internal.h"
+
+#define MAX_DEPTH 64
+#define MAX_LAYERS 4096
+
+/* ---- the YAML tree --------------------------------------------------------- */
+
+enum { Y_SCALAR = 1, Y_SEQ = 2, Y_MAP = 3 };
+
+typedef struct ynode {
+    int kind;
+    char *text;            /* scalar value */
+    int plain;             /* an unquoted scalar (may be null, a number, a bool) */
+    const char *src;       /* file name, or "--set" */
+    int line, col;         /* 1-based */
+    int n, cap;
+    struct ynode **keys;   /* map: key scalars, parallel to vals */
+    struct ynode **vals;   /* map values, list items */
+} ynode;
+
+static void ynode_free(ynode *n)
+{
+    if (!n)
+        return;
+    for (int i = 0; i < n->n; i++) {
+        if (n->keys)
+            ynode_free(n->keys[i]);
+        ynode_free(n->vals[i]);
+    }
+    free(n->keys);
+    free(n->vals);
+    free(n->text);
+    free(n);
+}
+
+static ynode *ynode_new(int kind, const char *src, int line, int col)
+{
+    ynode *n = calloc(1, sizeof *n);
+    if (n) {
+        n->kind = kind;
+        n->src = src;
+        n->line = line;
+        n->col = col;
+    }
+    return n;
+}
+
+static ynode *ynode_scalar(const char *text, int plain, const char *src, int line, int col)
+{
+    ynode *n = ynode_new(Y_SCALAR, src, line, col);
+    if (n) {
+        n->text = strdup(text);
+        n->plain = plain;
+        if (!n->text) {
+            free(n);
+            n = NULL;
+        }
+    }
+    return n;
+}
+
+/* Append (key, val) to a map or val to a list; takes ownership. */
+static int ynode_push(ynode *n, ynode *key, ynode *val)
+{
+    if (n->n == n->cap) {
+        int cap = n->cap ? 2 * n->cap : 8;
+        ynode **v = realloc(n->vals, (size_t)cap * sizeof *v);
+        if (!v)
+            return -1;
+        n->vals = v;
+        if (n->kind == Y_MAP) {
+            ynode **k = realloc(n->keys, (size_t)cap * sizeof *k);
+            if (!k)
+                return -1;
+            n->keys = k;
+        }
+        n->cap = cap;
+    }
+    if (n->kind == Y_MAP)
+        n->keys[n->n] = key;
+    n->vals[n->n++] = val;
+    return 0;
+}
+
+static ynode *ynode_copy(const ynode *s)
+{
+    ynode *n = ynode_new(s->kind, s->src, s->line, s->col);
+    if (!n)
+        return NULL;
+    n->plain = s->plain;
+    if (s->text && !(n->text = strdup(s->text))) {
+        free(n);
+        return NULL;
+    }
+    for (int i = 0; i < s->n; i++) {
+        ynode *k = s->kind == Y_MAP ? ynode_copy(s->keys[i]) : NULL;
+        ynode *v = ynode_copy(s->vals[i]);
+        if ((s->kind == Y_MAP && !k) || !v || ynode_push(n, k, v)) {
+            ynode_free(k);
+            ynode_free(v);
+            ynode_free(n);
+            return NULL;
+        }
+    }
+    return n;
+}
+
+static int map_find(const ynode *m, const char *key)
+{
+    if (!m || m->kind != Y_MAP)
+        return -1;
+    for (int i = 0; i < m->n; i++)
+        if (strcmp(m->keys[i]->text, key) == 0)
+            return i;
+    return -1;
+}
+
+static const ynode *map_get(const ynode *m, const char *key)
+{
+    int i = map_find(m, key);
+    return i < 0 ? NULL : m->vals[i];
+}
+
+static void map_remove(ynode *m, int i)
+{
+    ynode_free(m->keys[i]);
+    ynode_free(m->vals[i]);
+    memmove(m->keys + i, m->keys + i + 1, (size_t)(m->n - i - 1) * sizeof *m->keys);
+    memmove(m->vals + i, m->vals + i + 1, (size_t)(m->n - i - 1) * sizeof *m->vals);
+    m->n--;
+}
+
+/* YAML's null: an empty or ~/null plain scalar. */
+static int is_null(const ynode *n)
+{
+    return !n || (n->kind == Y_SCALAR && n->plain &&
+                  (!n->text[0] || !strcmp(n->text, "~") || !strcasecmp(n->text, "null")));
+}
+
+/* ---- diagnostics --------------------------------------------------------------- */
+
+typedef struct diag {
+    int rank;      /* 0: the file, 1: an override, 2: no location */
+    int line, col, seq;
+    char *text;
+} diag;
+
+typedef struct diags {
+    diag *v;
+    int n, cap;
+    int oom;
+} diags;
+
+static void diag_vadd(diags *d, const char *src, int rank, int line, int col, const char *fmt, va_list ap)
+{
+    char msg[900], text[1100];
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    if (line > 0)
+        snprintf(text, sizeof text, "%s:%d:%d: %s", src, line, col, msg);
+    else
+        snprintf(text, sizeof text, "%s: %s", src, msg);
+    if (d->n == d->cap) {
+        int cap = d->cap ? 2 * d->cap : 16;
+        diag *v = realloc(d->v, (size_t)cap * sizeof *v);
+        if (!v) {
+            d->oom = 1;
+            return;
+        }
+        d->v = v;
+        d->cap = cap;
+    }
+    char *s = strdup(text);
+    if (!s) {
+        d->oom = 1;
+        return;
+    }
+    d->v[d->n] = (diag){ .rank = rank, .line = line, .col = col, .seq = d->n, .text = s };
+    d->n++;
+}
+
+static const char set_src[] = "--set";
+
+__attribute__((format(printf, 3, 4))) static void diag_at(diags *d, const ynode *at, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    diag_vadd(d, at->src, at->src == set_src ? 1 : 0, at->line, at->col, fmt, ap);
+    va_end(ap);
+}
+
+/* At an explicit location (col may point inside a scalar). */
+__attribute__((format(printf, 5, 6))) static void diag_loc(diags *d, const char *src, int line, int col,
+                                                           const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    diag_vadd(d, src, src == set_src ? 1 : 0, line, col, fmt, ap);
+    va_end(ap);
+}
+
+static int diag_cmp(const void *a, const void *b)
+{
+    const diag *x = a, *y = b;
+    if (x->rank != y->rank)
+        return x->rank - y->rank;
+    if (x->line != y->line)
+        return x->line - y->line;
+    if (x->col != y->col)
+        return x->col - y->col;
+    return x->seq - y->seq;
+}
+
+static void diags_free(diags *d)
+{
+    for (int i = 0; i < d->n; i++)
+        free(d->v[i].text);
+    free(d->v);
+    memset(d, 0, sizeof *d);
+}
+
+/* ---- suggestions ------------------------------------------------------------------ */
+
+static int fold_char(int c)
+{
+    c = tolower(c);
+    return c == '-' ? '_' : c;
+}
+
+/* Optimal-string-alignment distance, case-insensitive, '-' and '_' alike. */
+static int edit_distance(const char *a, const char *b)
+{
+    size_t n = strlen(a), m = strlen(b);
+    if (n > 64 || m > 64)
+        return INT_MAX;
+    int d[65][65];
+    for (size_t i = 0; i <= n; i++)
+        d[i][0] = (int)i;
+    for (size_t j = 0; j <= m; j++)
+        d[0][j] = (int)j;
+    for (size_t i = 1; i <= n; i++)
+        for (size_t j = 1; j <= m; j++) {
+            int ca = fold_char(a[i - 1]), cb = fold_char(b[j - 1]);
+            int v = d[i - 1][j - 1] + (ca != cb);
+            if (d[i - 1][j] + 1 < v)
+                v = d[i - 1][j] + 1;
+            if (d[i][j - 1] + 1 < v)
+                v = d[i][j - 1] + 1;
+            if (i > 1 && j > 1 && ca == fold_char(b[j - 2]) && fold_char(a[i - 2]) == cb && d[i - 2][j - 2] + 1 < v)
+                v = d[i - 2][j - 2] + 1;
+            d[i][j] = v;
+        }
+    return d[n][m];
+}
+
+/* Names users bring from Hugging Face transformers/PEFT and other
+ * trainers, mapped to this schema's keys (hints only). */
+static const struct { const char *from, *to; } synonyms[] = {
+    { "learning_rate", "lr" }, { "max_steps", "steps" }, { "num_steps", "steps" },
+    { "train_steps", "steps" }, { "batch_size", "batch" }, { "per_device_train_batch_size", "batch" },
+    { "gradient_accumulation_steps", "accum" }, { "warmup_steps", "warmup" },
+    { "lr_scheduler_type", "schedule" }, { "scheduler", "schedule" }, { "max_grad_norm", "clip" },
+    { "grad_clip", "clip" }, { "output_dir", "output" }, { "out", "output" }, { "eval_steps", "eval_every" },
+    { "logging_steps", "log_every" }, { "save_steps", "checkpoint_every" }, { "ckpt_every", "checkpoint_every" },
+    { "seq_length", "seq_len" }, { "max_seq_length", "seq_len" }, { "block_size", "seq_len" },
+    { "context_length", "seq_len" }, { "model_name_or_path", "path" }, { "dir", "path" },
+    { "target_modules", "sites" }, { "layers_to_transform", "layers" }, { "lora_alpha", "alpha" },
+    { "lora_dropout", "dropout" }, { "rank", "r" }, { "peft_type", "technique" }, { "method", "technique" },
+    { "type", "technique" }, { "val", "validation" }, { "valid", "validation" }, { "eval", "validation" },
+    { "data", "train" }, { "task_type", "type" }, { "n_layer", "n_layers" }, { "n_embd", "d_model" },
+    { "n_head", "n_heads" }, { "n_inner", "d_ff" }, { "vocab_size", "vocab" }, { "n_positions", "max_seq" },
+    { "n_ctx", "max_seq" },
+};
+
+/* The closest of names[0..n) to s, or NULL when none is close. */
+static const char *suggest(const char *s, const char *const *names, int n)
+{
+    for (size_t i = 0; i < sizeof synonyms / sizeof synonyms[0]; i++)
+        if (strcasecmp(s, synonyms[i].from) == 0)
+            for (int j = 0; j < n; j++)
+                if (strcmp(names[j], synonyms[i].to) == 0)
+                    return names[j];
+    size_t len = strlen(s);
+    int limit = len <= 3 ? 1 : len <= 6 ? 2 : 3, best_d = INT_MAX;
+    const char *best = NULL;
+    for (int j = 0; j < n; j++) {
+        int d = edit_distance(s, names[j]);
+        if (d < best_d) {
+            best_d = d;
+            best = names[j];
+        }
+    }
+    return best_d <= limit ? best : NULL;
+}
+
+/* " (did you mean 'x'?)" or "". */
+static void hint(char *buf, size_t len, const char *s, const char *const *names, int n)
+{
+    const char *h = suggest(s, names, n);
+    if (h)
+        snprintf(buf, len, " (did you mean '%s'?)", h);
+    else
+        buf[0] = '\0';
+}
+
+/* ---- parsing ----------------------------------------------------------------------- */
+
+typedef struct anchor {
+    char *name;
+    ynode *node;   /* borrowed from the tree */
+} anchor;
+
+typedef struct yparse {
+    yaml_parser_t p;
+    const char *src;
+    int line_base, col_base;   /* file: 1, 0; an override: its ordinal, the column before its value */
+    int set_len;               /* an override's value length */
+    anchor *anchors;
+    int n_anchors, cap_anchors;
+    diags *d;
+    int failed;
+} yparse;
+
+static void mark_pos(const yparse *y, yaml_mark_t m, int *line, int *col)
+{
+    if (y->src == set_src) {
+        /* an override is one line of KEY=VALUE: a mark past the value's
+         * first line (the end of a truncated "[1") points at its end */
+        *line = y->line_base;
+        *col = y->col_base + (m.line == 0 ? (int)m.column : y->set_len) + 1;
+        return;
+    }
+    *line = y->line_base + (int)m.line;
+    *col = (int)m.column + 1;
+}
+
+static int next_event(yparse *y, yaml_event_t *e)
+{
+    if (yaml_parser_parse(&y->p, e))
+        return 0;
+    int line, col;
+    mark_pos(y, y->p.problem_mark, &line, &col);
+    const char *problem = y->p.problem ? y->p.problem : "malformed YAML";
+    const char *extra = "";
+    if (strstr(problem, "expected key") || strstr(problem, "mapping values are not allowed") ||
+        strstr(problem, "expected <block end>"))
+        extra = "; check the indentation";
+    else if (strstr(problem, "tab character"))
+        extra = "; indent with spaces";
+    if (y->p.context) {
+        int cl, cc;
+        mark_pos(y, y->p.context_mark, &cl, &cc);
+        diag_loc(y->d, y->src, line, col, "YAML syntax error: %s (%s that starts at %d:%d)%s", problem,
+                 y->p.context, cl, cc, extra);
+    } else {
+        diag_loc(y->d, y->src, line, col, "YAML syntax error: %s%s", problem, extra);
+    }
+    y->failed = 1;
+    return -1;
+}
+
+static int add_anchor(yparse *y, const char *name, ynode *n)
+{
+    if (y->n_anchors == y->cap_anchors) {
+        int cap = y->cap_anchors ? 2 * y->cap_anchors : 8;
+        anchor *a = realloc(y->anchors, (size_t)cap * sizeof *a);
+        if (!a)
+            return -1;
+        y->anchors = a;
+        y->cap_anchors = cap;
+    }
+    char *s = strdup(name);
+    if (!s)
+        return -1;
+    y->anchors[y->n_anchors++] = (anchor){ s, n };
+    return 0;
+}
+
+static void oom_at(yparse *y, int line, int col)
+{
+    if (!y->failed)
+        diag_loc(y->d, y->src, line, col, "out of memory");
+    y->failed = 1;
+}
+
+/* Build the node that event e starts (e is consumed by the caller). */
+static ynode *build(yparse *y, yaml_event_t *e, int depth)
+{
+    int line, col;
+    mark_pos(y, e->start_mark, &line, &col);
+    if (depth > MAX_DEPTH) {
+        diag_loc(y->d, y->src, line, col, "nesting deeper than %d levels", MAX_DEPTH);
+        y->failed = 1;
+        return NULL;
+    }
+    ynode *n = NULL;
+    const yaml_char_t *anchor_name = NULL;
+    switch (e->type) {
+    case YAML_ALIAS_EVENT: {
+        const char *name = (const char *)e->data.alias.anchor;
+        for (int i = y->n_anchors - 1; i >= 0; i--)
+            if (strcmp(y->anchors[i].name, name) == 0) {
+                n = ynode_copy(y->anchors[i].node);
+                if (!n)
+                    oom_at(y, line, col);
+                return n;
+            }
+        diag_loc(y->d, y->src, line, col, "unknown alias '*%s'", name);
+        y->failed = 1;
+        return NULL;
+    }
+    case YAML_SCALAR_EVENT:
+        n = ynode_scalar((const char *)e->data.scalar.value, e->data.scalar.style == YAML_PLAIN_SCALAR_STYLE,
+                         y->src, line, col);
+        anchor_name = e->data.scalar.anchor;
+        break;
+    case YAML_SEQUENCE_START_EVENT:
+    case YAML_MAPPING_START_EVENT: {
+        int is_map = e->type == YAML_MAPPING_START_EVENT;
+        n = ynode_new(is_map ? Y_MAP : Y_SEQ, y->src, line, col);
+        anchor_name = is_map ? e->data.mapping_start.anchor : e->data.sequence_start.anchor;
+        if (!n)
+            break;
+        for (;;) {
+            yaml_event_t k;
+            if (next_event(y, &k)) {
+                ynode_free(n);
+                return NULL;
+            }
+            if (k.type == YAML_SEQUENCE_END_EVENT || k.type == YAML_MAPPING_END_EVENT) {
+                yaml_event_delete(&k);
+                break;
+            }
+            ynode *key = build(y, &k, depth + 1);
+            yaml_event_delete(&k);
+            if (!key) {
+                ynode_free(n);
+                return NULL;
+            }
+            ynode *val = NULL;
+            if (is_map) {
+                yaml_event_t v;
+                if (next_event(y, &v)) {
+                    ynode_free(key);
+                    ynode_free(n);
+                    return NULL;
+                }
+                val = build(y, &v, depth + 1);
+                yaml_event_delete(&v);
+                if (!val) {
+                    ynode_free(key);
+                    ynode_free(n);
+                    return NULL;
+                }
+                if (key->kind != Y_SCALAR) {
+                    diag_at(y->d, key, "a mapping key must be a name, not a %s",
+                            key->kind == Y_MAP ? "mapping" : "list");
+                    ynode_free(key);
+                    ynode_free(val);
+                    continue;
+                }
+                int first = map_find(n, key->text);
+                if (first >= 0) {
+                    diag_at(y->d, key, "duplicate key '%s' (first at line %d)", key->text, n->keys[first]->line);
+                    ynode_free(key);
+                    ynode_free(val);
+                    continue;
+                }
+            } else {
+                val = key;
+                key = NULL;
+            }
+            if (ynode_push(n, key, val)) {
+                ynode_free(key);
+                ynode_free(val);
+                ynode_free(n);
+                oom_at(y, line, col);
+                return NULL;
+            }
+        }
+        break;
+    }
+    default:
+        diag_loc(y->d, y->src, line, col, "unexpected YAML event");
+        y->failed = 1;
+        return NULL;
+    }
+    if (!n) {
+        oom_at(y, line, col);
+        return NULL;
+    }
+    if (anchor_name && add_anchor(y, (const char *)anchor_name, n)) {
+        ynode_free(n);
+        oom_at(y, line, col);
+        return NULL;
+    }
+    return n;
+}
+
+/* Parse one YAML document from text (len bytes).  *root is NULL for an
+ * empty stream.  Returns -1 after reporting a syntax error. */
+static int parse_yaml(const char *text, size_t len, const char *src, int line_base, int col_base, diags *d,
+                      ynode **root)
+{
+    yparse y;
+    memset(&y, 0, sizeof y);
+    y.src = src;
+    y.line_base = line_base;
+    y.col_base = col_base;
+    y.set_len = (int)len;
+    y.d = d;
+    *root = NULL;
+    if (!yaml_parser_initialize(&y.p)) {
+        diag_loc(d, src, 0, 0, "cannot initialise the YAML parser");
+        return -1;
+    }
+    yaml_parser_set_input_string(&y.p, (const unsigned char *)text, len);
+    ynode *doc = NULL;
+    int docs = 0;
+    for (;;) {
+        yaml_event_t e;
+        if (next_event(&y, &e))
+            break;
+        yaml_event_type_t t = e.type;
+        if (t == YAML_STREAM_END_EVENT) {
+            yaml_event_delete(&e);
+            break;
+        }
+        if (t == YAML_DOCUMENT_START_EVENT && ++docs > 1) {
+            int line, col;
+            mark_pos(&y, e.start_mark, &line, &col);
+            diag_loc(d, src, line, col, "a second YAML document; a pipeline is one document");
+            y.failed = 1;
+            yaml_event_delete(&e);
+            break;
+        }
+        if (t != YAML_STREAM_START_EVENT && t != YAML_DOCUMENT_START_EVENT && t != YAML_DOCUMENT_END_EVENT)
+            doc = build(&y, &e, 0);
+        yaml_event_delete(&e);
+        if (y.failed)
+            break;
+    }
+    for (int i = 0; i < y.n_anchors; i++)
+        free(y.anchors[i].name);
+    free(y.anchors);
+    yaml_parser_delete(&y.p);
+    if (y.failed) {
+        ynode_free(doc);
+        return -1;
+    }
+    *root = doc;
+    return 0;
+}
+
+/* ---- the pipeline ---------------------------------------------------------------------- */
+
+typedef struct pipe_module {
+    const char *name;
+    const pr_technique *t;
+    uint32_t sites;              /* 0: the technique's defaults */
+    int *layers;                 /* NULL: every layer */
+    int n_layers;
+    pr_option_setting *opts;
+    int n_opts;
+    int trainable;
+    uint64_t seed;
+    int has_seed;
+    pr_module_plan plan;
+    int planned;
+    char where[300];             /* "FILE:LINE:COL" of the module */
+} pipe_module;
+
+struct pr_pipeline {
+    char *path;
+    char **strs;                 /* every string the pipeline hands out */
+    int n_strs, cap_strs;
+    int source;
+    const char *model_name;      /* directory or preset name */
+    const char *tok_dir;
+    pr_model_config cfg;
+    int have_cfg;
+    pr_model *loaded;            /* a `path:` model, until build takes it */
+    char model_where[300];
+    pipe_module *mods;
+    int n_mods;
+    pr_train_config tc;
+    const pr_registry *reg;
+};
+
+static const char *keep(pr_pipeline *p, const char *s)
+{
+    if (!s)
+        return NULL;
+    if (p->n_strs == p->cap_strs) {
+        int cap = p->cap_strs ? 2 * p->cap_strs : 32;
+        char **v = realloc(p->strs, (size_t)cap * sizeof *v);
+        if (!v)
+            return NULL;
+        p->strs = v;
+        p->cap_strs = cap;
+    }
+    char *c = strdup(s);
+    if (c)
+        p->strs[p->n_strs++] = c;
+    return c;
+}
+
+void pr_pipeline_free(pr_pipeline *p)
+{
+    if (!p)
+        return;
+    for (int i = 0; i < p->n_mods; i++) {
+        free(p->mods[i].layers);
+        free(p->mods[i].opts);
+    }
+    free(p->mods);
+    for (int i = 0; i < p->n_strs; i++)
+        free(p->strs[i]);
+    free(p->strs);
+    pr_model_free(p->loaded);
+    free(p->path);
+    free(p);
+}
+
+/* ---- validation helpers ------------------------------------------------------------------- */
+
+typedef struct loader {
+    pr_pipeline *p;
+    diags d;
+    const pr_registry *reg;
+    char *dir;                 /* the YAML file's directory */
+    pr_model *shape;           /* tensor table only (or the loaded model), for site checks */
+    int shape_owned;
+    int oom;
+} loader;
+
+static const char *kind_name(const ynode *n)
+{
+    if (is_null(n))
+        return "nothing";
+    return n->kind == Y_MAP ? "a mapping" : n->kind == Y_SEQ ? "a list" : "a quoted string";
+}
+
+/* "got 'abc'" for a plain scalar, otherwise "got a list" ... */
+static void got(char *buf, size_t len, const ynode *n)
+{
+    if (n->kind == Y_SCALAR && n->plain && !is_null(n))
+        snprintf(buf, len, "'%s'", n->text);
+    else if (n->kind == Y_SCALAR && !n->plain)
+        snprintf(buf, len, "the quoted string \"%s\"", n->text);
+    else
+        snprintf(buf, len, "%s", kind_name(n));
+}
+
+static int want_scalar(loader *L, const ynode *n, const char *path, const char *what)
+{
+    if (n->kind == Y_SCALAR && !is_null(n))
+        return 0;
+    char g[200];
+    got(g, sizeof g, n);
+    diag_at(&L->d, n, "%s: expected %s, got %s", path, what, g);
+    return -1;
+}
+
+static int parse_ll(const char *s, long long *out)
+{
+    char *end = NULL;
+    errno = 0;
+    long long v = strtoll(s, &end, 10);
+    if (end == s || *end || errno)
+        return -1;
+    *out = v;
+    return 0;
+}
+
+static int get_int(loader *L, const ynode *n, const char *path, long long lo, long long hi, long long *out)
+{
+    long long v;
+    if (n->kind != Y_SCALAR || !n->plain || is_null(n) || parse_ll(n->text, &v)) {
+        char g[200];
+        got(g, sizeof g, n);
+        diag_at(&L->d, n, "%s: expected an integer, got %s", path, g);
+        return -1;
+    }
+    if (v < lo || v > hi) {
+        if (hi >= (1LL << 30))
+            diag_at(&L->d, n, "%s: %lld is out of range (at least %lld)", path, v, lo);
+        else
+            diag_at(&L->d, n, "%s: %lld is out of range [%lld, %lld]", path, v, lo, hi);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+/* lo_open / hi_open: exclusive bounds. */
+static int get_float(loader *L, const ynode *n, const char *path, double lo, int lo_open, double hi, int hi_open,
+                     double *out)
+{
+    char *end = NULL;
+    double v = 0;
+    if (n->kind == Y_SCALAR && n->plain && !is_null(n))
+        v = strtod(n->text, &end);
+    if (!end || end == n->text || *end || !isfinite(v)) {
+        char g[200];
+        got(g, sizeof g, n);
+        diag_at(&L->d, n, "%s: expected a number, got %s", path, g);
+        return -1;
+    }
+    if (lo_open ? !(v > lo) : !(v >= lo)) {
+        if (isinf(hi))
+            diag_at(&L->d, n, "%s: %s is out of range (%s %g)", path, n->text, lo_open ? "above" : "at least", lo);
+        else
+            diag_at(&L->d, n, "%s: %s is out of range %c%g, %g%c", path, n->text, lo_open ? '(' : '[', lo, hi,
+                    hi_open ? ')' : ']');
+        return -1;
+    }
+    if (hi_open ? !(v < hi) : !(v <= hi)) {
+        diag_at(&L->d, n, "%s: %s is out of range %c%g, %g%c", path, n->text, lo_open ? '(' : '[', lo, hi,
+                hi_open ? ')' : ']');
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+static int text_bool(const char *s, int *out)
+{
+    static const char *const yes[] = { "true", "yes", "on" }, *const no[] = { "false", "no", "off" };
+    for (int i = 0; i < 3; i++) {
+        if (!strcasecmp(s, yes[i])) {
+            *out = 1;
+            return 0;
+        }
+        if (!strcasecmp(s, no[i])) {
+            *out = 0;
+            return 0;
+        }
+    }
+    return -1;
+}
+
+static int get_bool(loader *L, const ynode *n, const char *path, int *out)
+{
+    if (n->kind != Y_SCALAR || !n->plain || text_bool(n->text, out)) {
+        char g[200];
+        got(g, sizeof g, n);
+        diag_at(&L->d, n, "%s: expected true or false, got %s", path, g);
+        return -1;
+    }
+    return 0;
+}
+
+static int get_string(loader *L, const ynode *n, const char *path, const char **out)
+{
+    if (want_scalar(L, n, path, "a string"))
+        return -1;
+    *out = keep(L->p, n->text);
+    if (!*out)
+        L->oom = 1;
+    return *out ? 0 : -1;
+}
+
+static int get_choice(loader *L, const ynode *n, const char *path, const char *const *choices, int n_choices,
+                      const char **out)
+{
+    if (want_scalar(L, n, path, "a name"))
+        return -1;
+    for (int i = 0; i < n_choices; i++)
+        if (strcmp(n->text, choices[i]) == 0) {
+            *out = choices[i];
+            return 0;
+        }
+    char list[256] = "", h[128];
+    size_t off = 0;
+    for (int i = 0; i < n_choices; i++) {
+        int w = snprintf(list + off, sizeof list - off, "%s%s", i ? ", " : "", choices[i]);
+        if (w > 0 && (size_t)w < sizeof list - off)
+            off += (size_t)w;
+    }
+    hint(h, sizeof h, n->text, choices, n_choices);
+    diag_at(&L->d, n, "%s: '%s' is not one of %s%s", path, n->text, list, h);
+    return -1;
+}
+
+static int want_map(loader *L, const ynode *n, const char *path)
+{
+    if (n->kind == Y_MAP)
+        return 0;
+    char g[200];
+    got(g, sizeof g, n);
+    diag_at(&L->d, n, "%s: expected a mapping, got %s", path, g);
+    return -1;
+}
+
+/* Report keys of map not in known[]. */
+static void check_keys(loader *L, const ynode *map, const char *path, const char *const *known, int n_known)
+{
+    for (int i = 0; i < map->n; i++) {
+        const char *k = map->keys[i]->text;
+        int ok = 0;
+        for (int j = 0; j < n_known && !ok; j++)
+            ok = strcmp(k, known[j]) == 0;
+        if (ok)
+            continue;
+        char h[128];
+        hint(h, sizeof h, k, known, n_known);
+        diag_at(&L->d, map->keys[i], "unknown key '%s%s%s'%s", path, *path ? "." : "", k, h);
+    }
+}
+
+/* Resolve a path from the file against its directory (overrides are
+ * typed at a shell: they stay relative to the working directory). */
+static const char *resolve_path(loader *L, const ynode *n, const char *s)
+{
+    const char *r;
+    if (s[0] == '/' || n->src == set_src || !L->dir[0]) {
+        r = keep(L->p, s);
+    } else {
+        size_t len = strlen(L->dir) + strlen(s) + 2;
+        char *buf = malloc(len);
+        if (!buf) {
+            L->oom = 1;
+            return NULL;
+        }
+        snprintf(buf, len, "%s/%s", L->dir, s);
+        r = keep(L->p, buf);
+        free(buf);
+    }
+    if (!r)
+        L->oom = 1;
+    return r;
+}
+
+/* A readable file (dir = 0) or directory (dir = 1). */
+static void check_exists(loader *L, const ynode *n, const char *path, const char *resolved, int dir)
+{
+    struct stat st;
+    const char *why = NULL;
+    char rel[64] = "";
+    if (strcmp(resolved, n->text) != 0)
+        snprintf(rel, sizeof rel, " (relative to the pipeline's directory)");
+    if (stat(resolved, &st) != 0)
+        why = strerror(errno);
+    else if (dir && !S_ISDIR(st.st_mode))
+        why = "not a directory";
+    else if (!dir && S_ISDIR(st.st_mode))
+        why = "a directory, not a file";
+    else if (access(resolved, R_OK) != 0)
+        why = strerror(errno);
+    if (why)
+        diag_at(&L->d, n, "%s: cannot read '%s'%s: %s", path, resolved, rel, why);
+}
+
+/* ---- model ------------------------------------------------------------------------------------ */
+
+static const char *const preset_names[] = { "gpt2-tiny", "gpt2-small", "gpt2", "gpt2-medium", "gpt2-large",
+                                            "gpt2-xl" };
+#define N_PRESETS ((int)(sizeof preset_names / sizeof preset_names[0]))
+
+static void load_model_config(loader *L, const ynode *c)
+{
+    static const char *const keys[] = { "n_layers", "d_model", "n_heads", "n_kv_heads", "d_head", "d_ff",
+                                        "vocab", "max_seq", "bias", "tied_head" };
+    pr_model_config *cfg = &L->p->cfg;
+    if (want_map(L, c, "model.config"))
+        return;
+    check_keys(L, c, "model.config", keys, (int)(sizeof keys / sizeof keys[0]));
+    /* start from the small test shape; d_head, n_kv_heads and d_ff follow
+     * d_model and n_heads unless given */
+    pr_config_preset("gpt2-tiny", cfg);
+    int bad = 0;
+    long long v[8] = { 0 };
+    for (int i = 0; i < 8; i++) {
+        const ynode *n = map_get(c, keys[i]);
+        char path[64];
+        snprintf(path, sizeof path, "model.config.%s", keys[i]);
+        if (n && get_int(L, n, path, 1, 1 << 20, &v[i]))
+            bad = 1;
+    }
+    if (v[0]) cfg->n_layers = (int)v[0];
+    if (v[1]) cfg->d_model = (int)v[1];
+    if (v[2]) cfg->n_heads = (int)v[2];
+    cfg->n_kv_heads = v[3] ? (int)v[3] : cfg->n_heads;
+    cfg->d_head = v[4] ? (int)v[4] : cfg->n_heads > 0 ? cfg->d_model / cfg->n_heads : 0;
+    cfg->d_ff = v[5] ? (int)v[5] : 4 * cfg->d_model;
+    if (v[6]) cfg->vocab_size = (int)v[6];
+    if (v[7]) cfg->max_seq = (int)v[7];
+    for (int i = 8; i < 10; i++) {
+        const ynode *n = map_get(c, keys[i]);
+        int b;
+        char path[64];
+        snprintf(path, sizeof path, "model.config.%s", keys[i]);
+        if (n && get_bool(L, n, path, &b))
+            bad = 1;
+        else if (n)
+            *(i == 8 ? &cfg->bias : &cfg->tied_head) = b;
+    }
+    if (!v[4] && cfg->n_heads > 0 && cfg->d_model % cfg->n_heads != 0) {
+        diag_at(&L->d, c, "model.config: d_model (%d) must be a multiple of n_heads (%d), or give d_head",
+                cfg->d_model, cfg->n_heads);
+        bad = 1;
+    }
+    pr_error e = { 0 };
+    if (!bad && pr_config_validate(cfg, &e)) {
+        diag_at(&L->d, c, "model.config: %s", e.msg);
+        bad = 1;
+    }
+    L->p->have_cfg = !bad;
+}
+
+static void load_model(loader *L, const ynode *m)
+{
+    static const char *const keys[] = { "path", "preset", "config", "seed", "tokenizer" };
+    pr_pipeline *p = L->p;
+    if (want_map(L, m, "model"))
+        return;
+    snprintf(p->model_where, sizeof p->model_where, "%s:%d:%d", m->src, m->line, m->col);
+    check_keys(L, m, "model", keys, 5);
+    const ynode *path = map_get(m, "path"), *preset = map_get(m, "preset"), *config = map_get(m, "config");
+    int given = !!path + !!preset + !!config;
+    if (given != 1) {
+        const ynode *at = given ? (path ? path : preset) : m;
+        if (given > 1) {
+            int i = map_find(m, config ? "config" : "preset");
+            at = m->keys[i];
+        }
+        diag_at(&L->d, at, "model: give exactly one of path, preset or config (%s)",
+                given ? "found more than one" : "found none");
+        return;
+    }
+    long long seed = -1;
+    const ynode *sn = map_get(m, "seed");
+    if (sn && get_int(L, sn, "model.seed", 0, LLONG_MAX, &seed))
+        seed = -1;
+    const ynode *tn = map_get(m, "tokenizer");
+    const char *tok;
+    if (tn && !is_null(tn) && !get_string(L, tn, "model.tokenizer", &tok)) {
+        p->tok_dir = resolve_path(L, tn, tok);
+        if (p->tok_dir)
+            check_exists(L, tn, "model.tokenizer", p->tok_dir, 1);
+    }
+    if (path) {
+        p->source = PR_PIPELINE_MODEL_PATH;
+        const char *s;
+        if (get_string(L, path, "model.path", &s))
+            return;
+        if (sn)
+            diag_at(&L->d, m->keys[map_find(m, "seed")], "model.seed: applies to preset and config models only");
+        p->model_name = resolve_path(L, path, s);
+        if (!p->model_name)
+            return;
+        if (!p->tok_dir)
+            p->tok_dir = p->model_name;
+        pr_error e = { 0 };
+        if (pr_model_load_hf(p->model_name, &p->loaded, &e)) {
+            diag_at(&L->d, path, "model.path: %s", e.msg);
+            return;
+        }
+        p->cfg = *pr_model_get_config(p->loaded);
+        p->have_cfg = 1;
+        L->shape = p->loaded;
+        return;
+    }
+    if (preset) {
+        p->source = PR_PIPELINE_MODEL_PRESET;
+        if (want_scalar(L, preset, "model.preset", "a preset name"))
+            return;
+        if (pr_config_preset(preset->text, &p->cfg) != PR_OK) {
+            char h[128];
+            hint(h, sizeof h, preset->text, preset_names, N_PRESETS);
+            diag_at(&L->d, preset, "model.preset: unknown preset '%s'%s", preset->text,
+                    h[0] ? h : " (known: gpt2-tiny, gpt2-small, gpt2-medium, gpt2-large, gpt2-xl)");
+            return;
+        }
+        p->model_name = keep(p, preset->text);
+        p->have_cfg = 1;
+    } else {
+        p->source = PR_PIPELINE_MODEL_CONFIG;
+        load_model_config(L, config);
+    }
+    if (p->have_cfg && seed >= 0)
+        p->cfg.seed = (uint64_t)seed;
+    if (p->have_cfg) {
+        pr_error e = { 0 };
+        if (model_create_empty(&p->cfg, &L->shape, &e) == PR_OK)
+            L->shape_owned = 1;
+        else
+            L->oom = 1;
+    }
+}
+
+/* ---- train and task ------------------------------------------------------------------------------ */
+
+static void load_train(loader *L, const ynode *t)
+{
+    static const char *const keys[] = { "steps", "batch", "seq_len", "accum", "lr", "min_lr_ratio", "schedule",
+                                        "warmup", "weight_decay", "decay_all", "clip", "beta1", "beta2", "eps",
+                                        "head_lr_mult", "seed", "eval_every", "eval_batches", "log_every",
+                                        "checkpoint_every", "output", "resume" };
+    static const char *const schedules[] = { "cosine", "linear", "constant" };
+    pr_train_config *c = &L->p->tc;
+    if (!t || is_null(t) || want_map(L, t, "train"))
+        return;
+    check_keys(L, t, "train", keys, (int)(sizeof keys / sizeof keys[0]));
+    const ynode *n;
+    long long v;
+    double f;
+    int b;
+    const int big = 1 << 30;
+#define INT_KEY(key, field, lo) \
+    if ((n = map_get(t, key)) && !get_int(L, n, "train." key, lo, big, &v)) \
+        c->field = (int)v;
+#define FLT_KEY(key, field, lo, lo_open, hi, hi_open) \
+    if ((n = map_get(t, key)) && !get_float(L, n, "train." key, lo, lo_open, hi, hi_open, &f)) \
+        c->field = (float)f;
+    INT_KEY("steps", steps, 0)
+    INT_KEY("batch", batch, 1)
+    INT_KEY("seq_len", seq_len, 1)
+    INT_KEY("accum", accum, 1)
+    FLT_KEY("lr", lr, 0, 0, 10, 0)
+    FLT_KEY("min_lr_ratio", min_lr_ratio, 0, 0, 1, 0)
+    INT_KEY("warmup", warmup, 0)
+    FLT_KEY("weight_decay", weight_decay, 0, 0, 10, 0)
+    FLT_KEY("clip", clip, 0, 0, INFINITY, 0)
+    FLT_KEY("beta1", beta1, 0, 0, 1, 1)
+    FLT_KEY("beta2", beta2, 0, 0, 1, 1)
+    FLT_KEY("eps", eps, 0, 1, 1, 0)
+    FLT_KEY("head_lr_mult", head_lr_mult, 0, 0, 1e6, 0)
+    INT_KEY("eval_every", eval_every, 0)
+    INT_KEY("eval_batches", eval_batches, 0)
+    INT_KEY("log_every", log_every, 0)
+    INT_KEY("checkpoint_every", ckpt_every, 0)
+#undef INT_KEY
+#undef FLT_KEY
+    if ((n = map_get(t, "seed")) && !get_int(L, n, "train.seed", 0, LLONG_MAX, &v))
+        c->seed = (uint64_t)v;
+    if ((n = map_get(t, "schedule")))
+        get_choice(L, n, "train.schedule", schedules, 3, &c->schedule);
+    if ((n = map_get(t, "decay_all")) && !get_bool(L, n, "train.decay_all", &b))
+        c->decay_all = b;
+    if ((n = map_get(t, "resume")) && !get_bool(L, n, "train.resume", &b))
+        c->resume = b;
+    const char *s;
+    if ((n = map_get(t, "output")) && !get_string(L, n, "train.output", &s))
+        c->out_dir = resolve_path(L, n, s);
+    if ((n = map_get(t, "seq_len")) && L->p->have_cfg && c->seq_len > L->p->cfg.max_seq)
+        diag_at(&L->d, n, "train.seq_len: %d exceeds the model's %d positions (max_seq)", c->seq_len,
+                L->p->cfg.max_seq);
+}
+
+static void load_task(loader *L, const ynode *t)
+{
+    static const char *const keys[] = { "type", "train", "validation", "val_fraction", "format" };
+    static const char *const types[] = { "lm", "classification" }, *const formats[] = { "auto", "text", "jsonl" };
+    pr_train_config *c = &L->p->tc;
+    if (want_map(L, t, "task"))
+        return;
+    check_keys(L, t, "task", keys, 5);
+    const ynode *n;
+    if ((n = map_get(t, "type")))
+        get_choice(L, n, "task.type", types, 2, &c->task);
+    if ((n = map_get(t, "format")))
+        get_choice(L, n, "task.format", formats, 3, &c->format);
+    double f;
+    if ((n = map_get(t, "val_fraction")) && !get_float(L, n, "task.val_fraction", 0, 1, 1, 1, &f))
+        c->val_fraction = f;
+    const char *s;
+    if (!(n = map_get(t, "train")))
+        diag_at(&L->d, t, "task: missing required key 'train' (the training data file)");
+    else if (!get_string(L, n, "task.train", &s) && (c->train_path = resolve_path(L, n, s)))
+        check_exists(L, n, "task.train", c->train_path, 0);
+    if ((n = map_get(t, "validation")) && !is_null(n) && !get_string(L, n, "task.validation", &s) &&
+        (c->val_path = resolve_path(L, n, s)))
+        check_exists(L, n, "task.validation", c->val_path, 0);
+}
+
+/* ---- modules ----------------------------------------------------------------------------------- */
+
+static void option_decl(const pr_technique *t, uint32_t i, pr_option_decl *d)
+{
+    memset(d, 0, sizeof *d);
+    if (!t->options)
+        return;
+    uint32_t stride = t->options[0].struct_size ? t->options[0].struct_size : (uint32_t)sizeof *d;
+    const char *src = (const char *)t->options + (size_t)i * stride;
+    uint32_t own = *(const uint32_t *)src;
+    memcpy(d, src, own < sizeof *d ? own : sizeof *d);
+}
+
+/* Every site name and alias users may write, for suggestions. */
+static const char *const site_words[] = { "embed", "qkv", "q", "k", "v", "o", "attn.k", "attn.v", "attn_out",
+                                          "ffn.up", "ffn.gate", "ffn.act", "ffn.down", "ffn_out", "block_out",
+                                          "c_attn", "attn.c_attn", "attn.c_proj", "c_fc", "mlp.c_fc",
+                                          "mlp.c_proj", "q_proj", "k_proj", "v_proj", "o_proj", "up_proj",
+                                          "gate_proj", "down_proj", "wte" };
+#define N_SITE_WORDS ((int)(sizeof site_words / sizeof site_words[0]))
+
+static void site_list(uint32_t mask, char *buf, size_t len)
+{
+    size_t o = 0;
+    buf[0] = '\0';
+    for (int s = 0; s < PR_SITE_COUNT; s++) {
+        if (!(mask & PR_SITE_BIT(s)))
+            continue;
+        int w = snprintf(buf + o, len - o, "%s%s", o ? ", " : "", pr_site_name(s));
+        if (w < 0 || (size_t)w >= len - o)
+            break;
+        o += (size_t)w;
+    }
+    if (!buf[0])
+        snprintf(buf, len, "none");
+}
+
+/* One site name at (line, col): parse and check it against the technique
+ * and the model.  Returns the site or -1. */
+static int check_site(loader *L, const char *word, const char *src, int line, int col, const char *path,
+                      const pr_technique *t)
+{
+    int s = pr_site_parse(word);
+    char buf[256];
+    if (s < 0) {
+        char h[128];
+        hint(h, sizeof h, word, site_words, N_SITE_WORDS);
+        if (!strcmp(word, "c_proj"))
+            snprintf(h, sizeof h, " (GPT-2 has two: say attn.c_proj for o or mlp.c_proj for ffn.down)");
+        diag_loc(&L->d, src, line, col, "%s: unknown site '%s'%s", path, word, h);
+        return -1;
+    }
+    if (t && !(t->sites & PR_SITE_BIT(s))) {
+        site_list(t->sites, buf, sizeof buf);
+        diag_loc(&L->d, src, line, col, "%s: technique '%s' cannot attach at site '%s' (allowed: %s)", path,
+                 t->name, pr_site_name(s), buf);
+        return -1;
+    }
+    if (L->shape && pr_model_site_dims(L->shape, s, NULL, NULL) != 0) {
+        diag_loc(&L->d, src, line, col, "%s: site '%s' does not exist in this model", path, pr_site_name(s));
+        return -1;
+    }
+    return s;
+}
+
+/* sites: [a, b] or "a, b" or a. */
+static int load_sites(loader *L, const ynode *n, const char *path, const pr_technique *t, uint32_t *mask)
+{
+    int bad = 0;
+    *mask = 0;
+    if (n->kind == Y_SEQ) {
+        if (n->n == 0) {
+            diag_at(&L->d, n, "%s: an empty list (leave the key out for the technique's default sites)", path);
+            return -1;
+        }
+        for (int i = 0; i < n->n; i++) {
+            const ynode *e = n->vals[i];
+            if (want_scalar(L, e, path, "a site name")) {
+                bad = 1;
+                continue;
+            }
+            int s = check_site(L, e->text, e->src, e->line, e->col, path, t);
+            if (s < 0)
+                bad = 1;
+            else if (*mask & PR_SITE_BIT(s)) {
+                diag_at(&L->d, e, "%s: site '%s' is listed twice", path, pr_site_name(s));
+                bad = 1;
+            } else
+                *mask |= PR_SITE_BIT(s);
+        }
+        return bad ? -1 : 0;
+    }
+    if (want_scalar(L, n, path, "a site name or a list of them"))
+        return -1;
+    /* "q, v": columns of each name inside the scalar (+1 for a quote) */
+    const char *s = n->text;
+    int quote = !n->plain;
+    size_t i = 0, len = strlen(s);
+    while (i <= len) {
+        while (i < len && (s[i] == ' ' || s[i] == ','))
+            i++;
+        if (i >= len)
+            break;
+        size_t j = i;
+        while (j < len && s[j] != ',' && s[j] != ' ')
+            j++;
+        char word[128];
+        snprintf(word, sizeof word, "%.*s", (int)(j - i), s + i);
+        int site = check_site(L, word, n->src, n->line, n->col + quote + (int)i, path, t);
+        if (site < 0)
+            bad = 1;
+        else if (*mask & PR_SITE_BIT(site)) {
+            diag_loc(&L->d, n->src, n->line, n->col + quote + (int)i, "%s: site '%s' is listed twice", path,
+                     pr_site_name(site));
+            bad = 1;
+        } else
+            *mask |= PR_SITE_BIT(site);
+        i = j;
+    }
+    if (!bad && !*mask) {
+        diag_at(&L->d, n, "%s: no site named", path);
+        bad = 1;
+    }
+    return bad ? -1 : 0;
+}
+
+/* Add layer l (checked against the model) to the list. */
+static int add_layer(loader *L, int *layers, int *n, long long l, const char *src, int line, int col,
+                     const char *path)
+{
+    int nl = L->p->have_cfg ? L->p->cfg.n_layers : MAX_LAYERS;
+    if (l < 0 || l >= nl) {
+        if (L->p->have_cfg)
+            diag_loc(&L->d, src, line, col, "%s: layer %lld is out of range: the model has %d layers (0-%d)", path,
+                     l, nl, nl - 1);
+        else
+            diag_loc(&L->d, src, line, col, "%s: layer %lld is out of range", path, l);
+        return -1;
+    }
+    for (int i = 0; i < *n; i++)
+        if (layers[i] == l) {
+            diag_loc(&L->d, src, line, col, "%s: layer %lld is listed twice", path, l);
+            return -1;
+        }
+    layers[(*n)++] = (int)l;
+    return 0;
+}
+
+/* "0-5", "0-2, 7" */
+static int layer_ranges(loader *L, const ynode *n, const char *path, int *layers, int *count)
+{
+    const char *s = n->text;
+    int quote = !n->plain, bad = 0;
+    size_t i = 0, len = strlen(s);
+    while (i < len) {
+        while (i < len && (s[i] == ' ' || s[i] == ','))
+            i++;
+        if (i >= len)
+            break;
+        size_t j = i;
+        while (j < len && s[j] != ',')
+            j++;
+        size_t e = j;
+        while (e > i && s[e - 1] == ' ')
+            e--;
+        char item[64];
+        snprintf(item, sizeof item, "%.*s", (int)(e - i), s + i);
+        int col = n->col + quote + (int)i;
+        long long a, b;
+        char *dash = strchr(item + 1, '-');
+        int ok;
+        if (dash) {
+            *dash = '\0';
+            ok = !parse_ll(item, &a) && !parse_ll(dash + 1, &b);
+            *dash = '-';
+        } else {
+            ok = !parse_ll(item, &a);
+            b = a;
+        }
+        if (!ok) {
+            diag_loc(&L->d, n->src, n->line, col,
+                     "%s: bad layer range '%s' (expected all, a list of layers, or ranges like \"0-5, 7\")", path,
+                     item);
+            bad = 1;
+        } else if (b < a) {
+            diag_loc(&L->d, n->src, n->line, col, "%s: bad layer range '%s': it ends before it starts", path, item);
+            bad = 1;
+        } else if (b - a >= MAX_LAYERS) {
+            diag_loc(&L->d, n->src, n->line, col, "%s: layer range '%s' is longer than %d", path, item, MAX_LAYERS);
+            bad = 1;
+        } else {
+            for (long long l = a; l <= b && !bad; l++)
+                if (*count >= MAX_LAYERS || add_layer(L, layers, count, l, n->src, n->line, col, path))
+                    bad = 1;
+        }
+        i = j;
+    }
+    if (!bad && *count == 0) {
+        diag_at(&L->d, n, "%s: no layer named", path);
+        bad = 1;
+    }
+    return bad ? -1 : 0;
+}
+
+static int load_layers(loader *L, const ynode *n, const char *path, pipe_module *pm)
+{
+    int *layers = malloc(MAX_LAYERS * sizeof *layers), count = 0, bad = 0;
+    if (!layers) {
+        L->oom = 1;
+        return -1;
+    }
+    long long l;
+    if (n->kind == Y_SCALAR && !strcmp(n->text, "all")) {
+        free(layers);
+        return 0;
+    } else if (n->kind == Y_SEQ) {
+        if (n->n == 0) {
+            diag_at(&L->d, n, "%s: an empty list (write all, or leave the key out, for every layer)", path);
+            bad = 1;
+        }
+        for (int i = 0; i < n->n && count < MAX_LAYERS; i++) {
+            const ynode *e = n->vals[i];
+            if (get_int(L, e, path, LLONG_MIN, LLONG_MAX, &l) ||
+                add_layer(L, layers, &count, l, e->src, e->line, e->col, path))
+                bad = 1;
+        }
+    } else if (n->kind == Y_SCALAR && n->plain && !parse_ll(n->text, &l)) {
+        bad = add_layer(L, layers, &count, l, n->src, n->line, n->col, path) != 0;
+    } else if (n->kind == Y_SCALAR && !is_null(n)) {
+        bad = layer_ranges(L, n, path, layers, &count) != 0;
+    } else {
+        char g[200];
+        got(g, sizeof g, n);
+        diag_at(&L->d, n, "%s: expected all, a list of layers or a string of ranges, got %s", path, g);
+        bad = 1;
+    }
+    if (bad) {
+        free(layers);
+        return -1;
+    }
+    pm->layers = layers;
+    pm->n_layers = count;
+    return 0;
+}
+
+/* One option value checked against its declaration. */
+static int check_option(loader *L, const ynode *v, const char *path, const pr_option_decl *o)
+{
+    char g[200];
+    if (v->kind != Y_SCALAR || is_null(v)) {
+        got(g, sizeof g, v);
+        diag_at(&L->d, v, "%s: expected a value, got %s", path, g);
+        return -1;
+    }
+    double x;
+    long long i;
+    int b;
+    switch (o->type) {
+    case PR_OPT_INT:
+        if (!v->plain || parse_ll(v->text, &i)) {
+            got(g, sizeof g, v);
+            diag_at(&L->d, v, "%s: expected an integer, got %s", path, g);
+            return -1;
+        }
+        x = (double)i;
+        break;
+    case PR_OPT_FLOAT: {
+        char *end = NULL;
+        x = v->plain ? strtod(v->text, &end) : 0;
+        if (!v->plain || end == v->text || *end || !isfinite(x)) {
+            got(g, sizeof g, v);
+            diag_at(&L->d, v, "%s: expected a number, got %s", path, g);
+            return -1;
+        }
+        break;
+    }
+    case PR_OPT_BOOL:
+        if (!v->plain || (text_bool(v->text, &b) && strcmp(v->text, "0") && strcmp(v->text, "1"))) {
+            got(g, sizeof g, v);
+            diag_at(&L->d, v, "%s: expected true or false, got %s", path, g);
+            return -1;
+        }
+        return 0;
+    case PR_OPT_ENUM: {
+        const char *names[64];
+        int n = 0;
+        for (; o->choices && o->choices[n] && n < 64; n++)
+            names[n] = o->choices[n];
+        const char *dummy;
+        return get_choice(L, v, path, names, n, &dummy);
+    }
+    default:
+        return 0;
+    }
+    if (!(o->min == 0.0 && o->max == 0.0) && (x < o->min || x > o->max)) {
+        diag_at(&L->d, v, "%s: %s is out of range [%g, %g]", path, v->text, o->min, o->max);
+        return -1;
+    }
+    return 0;
+}
+
+static int push_setting(loader *L, pipe_module *pm, const char *name, const char *value, int site)
+{
+    pr_option_setting *o = realloc(pm->opts, (size_t)(pm->n_opts + 1) * sizeof *o);
+    if (!o) {
+        L->oom = 1;
+        return -1;
+    }
+    pm->opts = o;
+    o[pm->n_opts] = (pr_option_setting){ keep(L->p, name), keep(L->p, value), site };
+    if (!o[pm->n_opts].name || !o[pm->n_opts].value) {
+        L->oom = 1;
+        return -1;
+    }
+    pm->n_opts++;
+    return 0;
+}
+
+/* options: {name: value} (site < 0) or one site's overrides. */
+static int load_options(loader *L, const ynode *n, const char *path, pipe_module *pm, int site)
+{
+    const pr_technique *t = pm->t;
+    if (want_map(L, n, path))
+        return -1;
+    const char *names[64];
+    pr_option_decl decl[64];
+    int nd = 0, bad = 0;
+    for (uint32_t i = 0; i < t->n_options && nd < 64; i++, nd++) {
+        option_decl(t, i, &decl[nd]);
+        names[nd] = decl[nd].name ? decl[nd].name : "";
+    }
+    for (int k = 0; k < n->n; k++) {
+        const ynode *key = n->keys[k], *val = n->vals[k];
+        char opath[320];
+        snprintf(opath, sizeof opath, "%s.%s", path, key->text);
+        int j = 0;
+        while (j < nd && strcmp(names[j], key->text))
+            j++;
+        if (j == nd) {
+            char h[128], list[400] = "";
+            size_t off = 0;
+            hint(h, sizeof h, key->text, names, nd);
+            for (int q = 0; q < nd; q++) {
+                int w = snprintf(list + off, sizeof list - off, "%s%s", q ? ", " : "", names[q]);
+                if (w > 0 && (size_t)w < sizeof list - off)
+                    off += (size_t)w;
+            }
+            if (h[0])
+                diag_at(&L->d, key, "%s: technique '%s' has no option '%s'%s", path, t->name, key->text, h);
+            else
+                diag_at(&L->d, key, "%s: technique '%s' has no option '%s' (its options: %s)", path, t->name,
+                        key->text, nd ? list : "none");
+            bad = 1;
+            continue;
+        }
+        if (site >= 0 && !decl[j].per_site) {
+            diag_at(&L->d, key, "%s: option '%s' cannot be set per site (set it under options)", opath,
+                    key->text);
+            bad = 1;
+            continue;
+        }
+        if (check_option(L, val, opath, &decl[j]) || push_setting(L, pm, key->text, val->text, site))
+            bad = 1;
+    }
+    return bad ? -1 : 0;
+}
+
+static void load_site_options(loader *L, const ynode *n, const char *path, pipe_module *pm)
+{
+    if (want_map(L, n, path))
+        return;
+    uint32_t used = pm->sites ? pm->sites : pm->t->default_sites;
+    for (int k = 0; k < n->n; k++) {
+        const ynode *key = n->keys[k], *val = n->vals[k];
+        char spath[300];
+        snprintf(spath, sizeof spath, "%s.%s", path, key->text);
+        int s = check_site(L, key->text, key->src, key->line, key->col, path, pm->t);
+        if (s < 0)
+            continue;
+        if (!(used & PR_SITE_BIT(s))) {
+            char buf[256];
+            site_list(used, buf, sizeof buf);
+            diag_at(&L->d, key, "%s: site '%s' is not one of the module's sites (%s)", path, pr_site_name(s), buf);
+            continue;
+        }
+        load_options(L, val, spath, pm, s);
+    }
+}
+
+static int name_ok(const char *s)
+{
+    if (!*s)
+        return 0;
+    for (; *s; s++)
+        if (*s == '/' || (unsigned char)*s <= 0x20)
+            return 0;
+    return 1;
+}
+
+static int load_module(loader *L, const ynode *m, int idx, pipe_module *pm, const ynode **name_node)
+{
+    static const char *const keys[] = { "technique", "name", "sites", "layers", "options", "site_options",
+                                        "trainable", "seed" };
+    char path[64];
+    snprintf(path, sizeof path, "modules.%d", idx);
+    snprintf(pm->where, sizeof pm->where, "%s:%d:%d", m->src, m->line, m->col);
+    pm->trainable = 1;
+    *name_node = NULL;
+    if (want_map(L, m, path))
+        return -1;
+    int errors_before = L->d.n;
+    check_keys(L, m, path, keys, (int)(sizeof keys / sizeof keys[0]));
+    char kp[96];
+    const ynode *n = map_get(m, "technique");
+    if (!n) {
+        diag_at(&L->d, m, "%s: missing required key 'technique'", path);
+    } else if (!want_scalar(L, n, (snprintf(kp, sizeof kp, "%s.technique", path), kp), "a technique name")) {
+        pm->t = pr_registry_find(L->reg, n->text);
+        if (!pm->t) {
+            const char *h = pr_registry_suggest(L->reg, n->text);
+            char more[300] = "";
+            if (h)
+                snprintf(more, sizeof more, " (did you mean '%s'?)", h);
+            else if (pr_registry_count(L->reg) == 0)
+                snprintf(more, sizeof more, " (no techniques were found: see peftref plugins)");
+            else
+                snprintf(more, sizeof more, " (peftref plugins lists the %d found)", pr_registry_count(L->reg));
+            diag_at(&L->d, n, "%s: unknown technique '%s'%s", kp, n->text, more);
+        }
+    }
+    if ((n = map_get(m, "name"))) {
+        snprintf(kp, sizeof kp, "%s.name", path);
+        if (!get_string(L, n, kp, &pm->name)) {
+            if (!name_ok(pm->name))
+                diag_at(&L->d, n, "%s: '%s' is not a module name (no '/', spaces or control characters)", kp,
+                        pm->name);
+            else
+                *name_node = n;
+        }
+    }
+    long long v;
+    if ((n = map_get(m, "seed")) && !get_int(L, n, (snprintf(kp, sizeof kp, "%s.seed", path), kp), 0, LLONG_MAX, &v)) {
+        pm->seed = (uint64_t)v;
+        pm->has_seed = 1;
+    }
+    int b;
+    if ((n = map_get(m, "trainable")) && !get_bool(L, n, (snprintf(kp, sizeof kp, "%s.trainable", path), kp), &b))
+        pm->trainable = b;
+    if ((n = map_get(m, "layers")))
+        load_layers(L, n, (snprintf(kp, sizeof kp, "%s.layers", path), kp), pm);
+    if (!pm->t)
+        return -1;  /* sites and options need the technique */
+    /* per-site options are checked against valid sites only */
+    int sites_ok = 1;
+    if ((n = map_get(m, "sites")))
+        sites_ok = load_sites(L, n, (snprintf(kp, sizeof kp, "%s.sites", path), kp), pm->t, &pm->sites) == 0;
+    if ((n = map_get(m, "options")))
+        load_options(L, n, (snprintf(kp, sizeof kp, "%s.options", path), kp), pm, -1);
+    if ((n = map_get(m, "site_options")) && sites_ok)
+        load_site_options(L, n, (snprintf(kp, sizeof kp, "%s.site_options", path), kp), pm);
+    return L->d.n > errors_before ? -1 : 0;
+}
+
+static void fill_spec(const pr_pipeline *p, const pipe_module *pm, pr_module_spec *s)
+{
+    memset(s, 0, sizeof *s);
+    s->technique = pm->t;
+    s->name = pm->name;
+    s->sites = pm->sites;
+    s->layers = pm->layers;
+    s->n_layers = pm->n_layers;
+    s->options = pm->opts;
+    s->n_options = pm->n_opts;
+    s->trainable = pm->trainable;
+    s->seed = pm->has_seed ? pm->seed : p->tc.seed;
+}
+
+static void load_modules(loader *L, const ynode *list)
+{
+    pr_pipeline *p = L->p;
+    if (is_null(list))
+        return;
+    if (list->kind != Y_SEQ) {
+        char g[200];
+        got(g, sizeof g, list);
+        diag_at(&L->d, list, "modules: expected a list of modules (items starting with '- technique:'), got %s", g);
+        return;
+    }
+    p->mods = calloc((size_t)(list->n ? list->n : 1), sizeof *p->mods);
+    const ynode **name_nodes = calloc((size_t)(list->n ? list->n : 1), sizeof *name_nodes);
+    int *ok = calloc((size_t)(list->n ? list->n : 1), sizeof *ok);
+    if (!p->mods || !name_nodes || !ok) {
+        free(name_nodes);
+        free(ok);
+        L->oom = 1;
+        return;
+    }
+    p->n_mods = list->n;
+    for (int i = 0; i < list->n; i++)
+        ok[i] = load_module(L, list->vals[i], i, &p->mods[i], &name_nodes[i]) == 0;
+    /* explicit names must be unique */
+    for (int i = 0; i < p->n_mods; i++)
+        for (int j = 0; j < i && name_nodes[i]; j++)
+            if (name_nodes[j] && !strcmp(p->mods[i].name, p->mods[j].name)) {
+                diag_at(&L->d, name_nodes[i], "modules.%d.name: duplicate module name '%s' (modules.%d, line %d)", i,
+                        p->mods[i].name, j, name_nodes[j]->line);
+                ok[i] = 0;
+                break;
+            }
+    /* default names: the technique's, then _2, _3 ... skipping taken ones */
+    for (int i = 0; i < p->n_mods; i++) {
+        pipe_module *pm = &p->mods[i];
+        if (pm->name || !pm->t)
+            continue;
+        char cand[200];
+        for (int k = 1;; k++) {
+            if (k == 1)
+                snprintf(cand, sizeof cand, "%s", pm->t->name);
+            else
+                snprintf(cand, sizeof cand, "%s_%d", pm->t->name, k);
+            int taken = 0;
+            for (int j = 0; j < p->n_mods && !taken; j++)
+                taken = j != i && p->mods[j].name && !strcmp(p->mods[j].name, cand);
+            if (!taken)
+                break;
+        }
+        pm->name = keep(p, cand);
+        if (!pm->name)
+            L->oom = 1;
+    }
+    /* what each module would create on this model */
+    for (int i = 0; i < p->n_mods && p->have_cfg && !L->oom; i++) {
+        if (!ok[i])
+            continue;
+        pr_module_spec spec;
+        fill_spec(p, &p->mods[i], &spec);
+        pr_error e = { 0 };
+        if (pr_module_plan_for(&p->cfg, &spec, &p->mods[i].plan, &e))
+            diag_at(&L->d, list->vals[i], "%s", e.msg);
+        else
+            p->mods[i].planned = 1;
+    }
+    free(name_nodes);
+    free(ok);
+}
+
+/* ---- overrides ------------------------------------------------------------------------------------ */
+
+/* The key of map that the path segments seg[i..] start with: the longest
+ * run of segments joined by '.' that is an existing key (site names such
+ * as attn.k contain dots), else a new key: a site name under
+ * site_options, otherwise one segment.  Returns how many segments it
+ * takes and the key in buf. */
+static int match_key(const ynode *map, char **seg, int i, int n_seg, const char *parent, char *buf, size_t len)
+{
+    for (int j = n_seg; j > i; j--) {
+        buf[0] = '\0';
+        size_t off = 0;
+        for (int k = i; k < j; k++) {
+            int w = snprintf(buf + off, len - off, "%s%s", k > i ? "." : "", seg[k]);
+            if (w < 0 || (size_t)w >= len - off)
+                break;
+            off += (size_t)w;
+        }
+        if (map_find(map, buf) >= 0 || (parent && !strcmp(parent, "site_options") && pr_site_parse(buf) >= 0))
+            return j - i;
+    }
+    snprintf(buf, len, "%s", seg[i]);
+    return 1;
+}
+
+static void apply_override(loader *L, ynode **root, const char *text, int ordinal)
+{
+    const char *eq = strchr(text, '=');
+    if (!eq || eq == text) {
+        diag_loc(&L->d, set_src, ordinal, 1, "expected KEY=VALUE (e.g. train.steps=10), got '%s'", text);
+        return;
+    }
+    size_t klen = (size_t)(eq - text);
+    char *key = strndup(text, klen);
+    char **seg = calloc(klen + 1, sizeof *seg);
+    int *segcol = calloc(klen + 1, sizeof *segcol);
+    ynode *val = NULL;
+    if (!key || !seg || !segcol) {
+        L->oom = 1;
+        goto done;
+    }
+    int n_seg = 0;
+    for (char *s = key, *save = NULL, *t = strtok_r(s, ".", &save); t; t = strtok_r(NULL, ".", &save)) {
+        segcol[n_seg] = (int)(t - key) + 1;
+        seg[n_seg++] = t;
+    }
+    /* strtok_r skips empty segments: compare lengths to catch "a..b" */
+    size_t joined = 0;
+    for (int i = 0; i < n_seg; i++)
+        joined += strlen(seg[i]) + (i > 0);
+    if (n_seg == 0 || joined != klen) {
+        diag_loc(&L->d, set_src, ordinal, 1, "'%.*s' is not a key path (names joined by '.', e.g. train.steps)",
+                 (int)klen, text);
+        goto done;
+    }
+    const char *value = eq + 1;
+    if (parse_yaml(value, strlen(value), set_src, ordinal, (int)klen + 1, &L->d, &val))
+        goto done;
+    if (!val && !(val = ynode_scalar("", 1, set_src, ordinal, (int)klen + 2))) {
+        L->oom = 1;
+        goto done;
+    }
+    if (!*root || is_null(*root)) {
+        ynode_free(*root);
+        if (!(*root = ynode_new(Y_MAP, set_src, ordinal, 1))) {
+            L->oom = 1;
+            goto done;
+        }
+    }
+    ynode *cur = *root;
+    const char *parent = NULL;
+    char sofar[512] = "";
+    for (int i = 0; i < n_seg;) {
+        if (cur->kind == Y_SCALAR) {
+            diag_loc(&L->d, set_src, ordinal, segcol[i], "%.*s: '%s' holds a value, not a mapping or a list",
+                     (int)klen, text, sofar);
+            goto done;
+        }
+        char kbuf[256];
+        int take = 1;
+        ynode **slot = NULL;
+        if (cur->kind == Y_SEQ) {
+            long long idx;
+            if (parse_ll(seg[i], &idx) || idx < 0 || idx > cur->n) {
+                diag_loc(&L->d, set_src, ordinal, segcol[i],
+                         "%.*s: '%s' is not an index of '%s', which has %d item%s (0-%d, or %d to add one)",
+                         (int)klen, text, seg[i], sofar, cur->n, cur->n == 1 ? "" : "s", cur->n - 1, cur->n);
+                goto done;
+            }
+            snprintf(kbuf, sizeof kbuf, "%s", seg[i]);
+            if (idx == cur->n) {
+                ynode *fresh = ynode_new(Y_MAP, set_src, ordinal, segcol[i]);
+                if (!fresh || ynode_push(cur, NULL, fresh)) {
+                    ynode_free(fresh);
+                    L->oom = 1;
+                    goto done;
+                }
+            }
+            slot = &cur->vals[idx];
+        } else {
+            take = match_key(cur, seg, i, n_seg, parent, kbuf, sizeof kbuf);
+            int at = map_find(cur, kbuf);
+            if (at < 0) {
+                ynode *k = ynode_scalar(kbuf, 1, set_src, ordinal, segcol[i]);
+                ynode *fresh = ynode_new(Y_MAP, set_src, ordinal, segcol[i]);
+                if (!k || !fresh || ynode_push(cur, k, fresh)) {
+                    ynode_free(k);
+                    ynode_free(fresh);
+                    L->oom = 1;
+                    goto done;
+                }
+                at = cur->n - 1;
+            }
+            /* a model has one source: setting one replaces the others */
+            if (i + take == n_seg && parent && !strcmp(parent, "model") &&
+                (!strcmp(kbuf, "path") || !strcmp(kbuf, "preset") || !strcmp(kbuf, "config"))) {
+                static const char *const srcs[] = { "path", "preset", "config" };
+                for (int q = 0; q < 3; q++) {
+                    int x = map_find(cur, srcs[q]);
+                    if (x >= 0 && strcmp(srcs[q], kbuf)) {
+                        map_remove(cur, x);
+                        if (x < at)
+                            at--;
+                    }
+                }
+            }
+            slot = &cur->vals[at];
+        }
+        size_t off = strlen(sofar);
+        snprintf(sofar + off, sizeof sofar - off, "%s%s", off ? "." : "", kbuf);
+        i += take;
+        if (i == n_seg) {
+            ynode_free(*slot);
+            *slot = val;
+            val = NULL;
+            break;
+        }
+        if (is_null(*slot)) {
+            ynode *fresh = ynode_new(Y_MAP, set_src, ordinal, segcol[i]);
+            if (!fresh) {
+                L->oom = 1;
+                goto done;
+            }
+            ynode_free(*slot);
+            *slot = fresh;
+        }
+        parent = cur->kind == Y_MAP ? cur->keys[slot - cur->vals]->text : parent;
+        cur = *slot;
+    }
+done:
+    ynode_free(val);
+    free(segcol);
+    free(seg);
+    free(key);
+}
+
+/* ---- load ---------------------------------------------------------------------------------------------- */
+
+static void report_all(diags *d, pr_pipeline_report_fn report, void *arg, pr_error *err)
+{
+    qsort(d->v, (size_t)d->n, sizeof *d->v, diag_cmp);
+    if (report)
+        for (int i = 0; i < d->n; i++)
+            report(arg, d->v[i].text);
+    if (!err)
+        return;
+    err->code = PR_ERR_INVALID;
+    size_t off = 0, cap = sizeof err->msg;
+    err->msg[0] = '\0';
+    for (int i = 0; i < d->n; i++) {
+        size_t len = strlen(d->v[i].text);
+        size_t reserve = i + 1 < d->n ? 48 : 0;   /* room for the "more" line */
+        if (off + (off ? 1 : 0) + len + reserve >= cap) {
+            snprintf(err->msg + off, cap - off, "%s(%d more error%s)", off ? "\n" : "", d->n - i,
+                     d->n - i == 1 ? "" : "s");
+            return;
+        }
+        off += (size_t)snprintf(err->msg + off, cap - off, "%s%s", off ? "\n" : "", d->v[i].text);
+    }
+}
+
+static char *dir_of(const char *path)
+{
+    const char *slash = strrchr(path, '/');
+    if (!slash)
+        return strdup("");
+    if (slash == path)
+        return strdup("/");
+    return strndup(path, (size_t)(slash - path));
+}
+
+/* runs/<file name without its extension> */
+static const char *default_output(pr_pipeline *p)
+{
+    const char *base = strrchr(p->path, '/');
+    base = base ? base + 1 : p->path;
+    char buf[512];
+    snprintf(buf, sizeof buf, "runs/%s", base);
+    char *dot = strrchr(buf + 5, '.');
+    if (dot && dot != buf + 5)
+        *dot = '\0';
+    return keep(p, buf);
+}
+
+int pr_pipeline_load_report(const char *path, const char *const *overrides, int n_overrides,
+                            const pr_registry *reg, pr_pipeline **out, pr_pipeline_report_fn report, void *arg,
+                            pr_error *err)
+{
+    if (!out)
+        return pr_errorf(err, PR_ERR_INVALID, "pipeline: NULL output pointer");
+    *out = NULL;
+    if (!path || !reg || (n_overrides > 0 && !overrides))
+        return pr_errorf(err, PR_ERR_INVALID, "pipeline: NULL path, registry or overrides");
+    char *text = NULL;
+    size_t len = 0;
+    int rc = fileio_read_all(path, (size_t)16 << 20, &text, &len, err);
+    if (rc)
+        return rc;
+    loader L;
+    memset(&L, 0, sizeof L);
+    L.reg = reg;
+    pr_pipeline *p = calloc(1, sizeof *p);
+    L.p = p;
+    L.dir = dir_of(path);
+    ynode *root = NULL;
+    if (!p || !L.dir || !(p->path = strdup(path))) {
+        free(text);
+        free(L.dir);
+        pr_pipeline_free(p);
+        return pr_errorf(err, PR_ERR_NOMEM, "%s: out of memory", path);
+    }
+    p->reg = reg;
+    pr_train_config_default(&p->tc);
+    /* the file's name as written locates its diagnostics */
+    int parse_failed = parse_yaml(text, len, p->path, 1, 0, &L.d, &root) != 0;
+    free(text);
+    if (!parse_failed) {
+        for (int i = 0; i < n_overrides; i++)
+            apply_override(&L, &root, overrides[i] ? overrides[i] : "", i + 1);
+        static const char *const top[] = { "model", "modules", "task", "train" };
+        if (is_null(root)) {
+            diag_loc(&L.d, p->path, 1, 1, "empty pipeline: expected a mapping with keys model, modules, task "
+                     "and train (see docs/pipeline.md)");
+        } else if (root->kind != Y_MAP) {
+            char g[200];
+            got(g, sizeof g, root);
+            diag_at(&L.d, root, "a pipeline is a mapping with keys model, modules, task and train, got %s", g);
+        } else {
+            check_keys(&L, root, "", top, 4);
+            for (int i = 0; i < 4; i++)
+                if (i != 3 && !map_get(root, top[i]))
+                    diag_at(&L.d, root, "missing required key '%s'%s", top[i],
+                            i == 1 ? " (write 'modules: []' for none)" : "");
+            const ynode *n;
+            if ((n = map_get(root, "model")))
+                load_model(&L, n);
+            load_train(&L, map_get(root, "train"));
+            if ((n = map_get(root, "task")))
+                load_task(&L, n);
+            if ((n = map_get(root, "modules")))
+                load_modules(&L, n);
+            if (!p->tc.out_dir)
+                p->tc.out_dir = default_output(p);
+        }
+    }
+    ynode_free(root);
+    if (L.shape_owned)
+        pr_model_free(L.shape);
+    free(L.dir);
+    if (L.oom || L.d.oom) {
+        diags_free(&L.d);
+        pr_pipeline_free(p);
+        return pr_errorf(err, PR_ERR_NOMEM, "%s: out of memory", path);
+    }
+    if (L.d.n) {
+        report_all(&L.d, report, arg, err);
+        diags_free(&L.d);
+        pr_pipeline_free(p);
+        return PR_ERR_INVALID;
+    }
+    diags_free(&L.d);
+    *out = p;
+    return PR_OK;
+}
+
+int pr_pipeline_load(const char *path, const char *const *overrides, int n_overrides, const pr_registry *reg,
+                     pr_pipeline **out, pr_error *err)
+{
+    return pr_pipeline_load_report(path, overrides, n_overrides, reg, out, NULL, NULL, err);
+}
+
+/* ---- accessors --------------------------------------------------------------------------------------- */
+
+const char *pr_pipeline_path(const pr_pipeline *p)
+{
+    return p ? p->path : NULL;
+}
+
+int pr_pipeline_model_source(const pr_pipeline *p)
+{
+    return p ? p->source : 0;
+}
+
+const char *pr_pipeline_model_name(const pr_pipeline *p)
+{
+    return p && p->source != PR_PIPELINE_MODEL_CONFIG ? p->model_name : NULL;
+}
+
+const pr_model_config *pr_pipeline_model_config(const pr_pipeline *p)
+{
+    return p ? &p->cfg : NULL;
+}
+
+const char *pr_pipeline_tokenizer_dir(const pr_pipeline *p)
+{
+    return p ? p->tok_dir : NULL;
+}
+
+int pr_pipeline_n_modules(const pr_pipeline *p)
+{
+    return p ? p->n_mods : 0;
+}
+
+int pr_pipeline_module_spec(const pr_pipeline *p, int i, pr_module_spec *spec)
+{
+    if (!p || !spec || i < 0 || i >= p->n_mods)
+        return PR_ERR_INVALID;
+    fill_spec(p, &p->mods[i], spec);
+    return PR_OK;
+}
+
+const pr_module_plan *pr_pipeline_module_plan(const pr_pipeline *p, int i)
+{
+    if (!p || i < 0 || i >= p->n_mods || !p->mods[i].planned)
+        return NULL;
+    return &p->mods[i].plan;
+}
+
+const int *pr_pipeline_module_layers(const pr_pipeline *p, int i, int *n)
+{
+    if (!p || i < 0 || i >= p->n_mods) {
+        if (n)
+            *n = 0;
+        return NULL;
+    }
+    if (n)
+        *n = p->mods[i].layers ? p->mods[i].n_layers : p->cfg.n_layers;
+    return p->mods[i].layers;
+}
+
+/* ---- counts ------------------------------------------------------------------------------------------ */
+
+static int open_tokenizer(const pr_pipeline *p, pr_tokenizer **tok, pr_error *err)
+{
+    if (p->tok_dir)
+        return pr_tokenizer_load(p->tok_dir, tok, err);
+    if (p->cfg.vocab_size == 256)
+        return pr_tokenizer_byte(tok, err);
+    return pr_errorf(err, PR_ERR_INVALID,
+                     "%s: model: a vocabulary of %d needs model.tokenizer (a directory with vocab.json and "
+                     "merges.txt); only a 256-entry vocabulary uses the byte tokenizer", p->model_where,
+                     p->cfg.vocab_size);
+}
+
+int pr_pipeline_counts_get(const pr_pipeline *p, pr_pipeline_counts *out, pr_error *err)
+{
+    if (!p || !out)
+        return pr_errorf(err, PR_ERR_INVALID, "pipeline: NULL pipeline or output");
+    memset(out, 0, sizeof *out);
+    out->base = pr_config_param_count(&p->cfg);
+    int64_t trainable = 0;
+    for (int i = 0; i < p->n_mods; i++) {
+        out->modules += p->mods[i].plan.params;
+        trainable += p->mods[i].plan.trainable + p->mods[i].plan.base_selected;
+    }
+    if (p->tc.task && !strcmp(p->tc.task, "classification")) {
+        pr_tokenizer *tok = NULL;
+        int rc = open_tokenizer(p, &tok, err);
+        if (rc)
+            return rc;
+        data_dataset ds;
+        memset(&ds, 0, sizeof ds);
+        rc = data_load(p->tc.train_path, p->tc.format, "classification", tok, p->tc.seq_len, NULL, &ds, err);
+        pr_tokenizer_free(tok);
+        if (rc)
+            return rc;
+        out->classes = ds.labels.n;
+        data_dataset_free(&ds);
+        out->head = (int64_t)p->cfg.d_model * out->classes + out->classes;
+        trainable += out->head;
+    }
+    out->all = out->base + out->modules + out->head;
+    out->trainable = trainable;
+    return PR_OK;
+}
+
+static void thousands(int64_t v, char *buf, size_t len)
+{
+    char digits[32];
+    snprintf(digits, sizeof digits, "%lld", (long long)(v < 0 ? -v : v));
+    size_t n = strlen(digits), o = 0;
+    if (v < 0 && o + 1 < len)
+        buf[o++] = '-';
+    for (size_t i = 0; i < n && o + 1 < len; i++) {
+        if (i > 0 && (n - i) % 3 == 0 && o + 1 < len)
+            buf[o++] = ',';
+        if (o + 1 < len)
+            buf[o++] = digits[i];
+    }
+    buf[o] = '\0';
+}
+
+void pr_pipeline_format_counts(const pr_pipeline_counts *c, char *buf, size_t len)
+{
+    char t[32], a[32];
+    thousands(c->trainable, t, sizeof t);
+    thousands(c->all, a, sizeof a);
+    snprintf(buf, len, "trainable params: %s || all params: %s || trainable%%: %.4f", t, a,
+             c->all > 0 ? 100.0 * (double)c->trainable / (double)c->all : 0.0);
+}
+
+/* ---- build ------------------------------------------------------------------------------------------- */
+
+int pr_pipeline_build(pr_pipeline *p, pr_model **model, pr_tokenizer **tok, pr_error *err)
+{
+    if (!p || !model || !tok)
+        return pr_errorf(err, PR_ERR_INVALID, "pipeline: NULL pipeline or output");
+    *model = NULL;
+    *tok = NULL;
+    pr_model *m = NULL;
+    int rc;
+    if (p->loaded) {
+        m = p->loaded;
+        p->loaded = NULL;
+    } else if (p->source == PR_PIPELINE_MODEL_PATH) {
+        rc = pr_model_load_hf(p->model_name, &m, err);
+    } else {
+        rc = pr_model_create(&p->cfg, &m, err);
+        if (rc)
+            return rc;
+    }
+    if (!m)
+        return rc;
+    if ((rc = open_tokenizer(p, tok, err))) {
+        pr_model_free(m);
+        return rc;
+    }
+    for (int i = 0; i < p->n_mods; i++) {
+        pr_module_spec spec;
+        fill_spec(p, &p->mods[i], &spec);
+        spec.tokenizer = *tok;
+        pr_error e = { 0 };
+        if ((rc = pr_module_attach(m, &spec, NULL, &e))) {
+            pr_errorf(err, (pr_status)rc, "%s: %s", p->mods[i].where, e.msg);
+            pr_model_free(m);
+            pr_tokenizer_free(*tok);
+            *tok = NULL;
+            return rc;
+        }
+    }
+    *model = m;
+    return PR_OK;
+}
+
+void pr_pipeline_train_config(const pr_pipeline *p, pr_train_config *cfg)
+{
+    if (!cfg)
+        return;
+    if (!p) {
+        pr_train_config_default(cfg);
+        return;
+    }
+    *cfg = p->tc;
+}
