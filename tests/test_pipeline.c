@@ -164,6 +164,11 @@ static void test_train_tiny(void **state)
     }
     /* q: 4 x (32 + 32), v: 2 x (32 + 32), two layers */
     assert_int_equal(trainable, 768);
+    /* the plan counted what the built model holds */
+    pr_pipeline_counts c;
+    assert_int_equal(pr_pipeline_counts_get(p, &c, &err), PR_OK);
+    assert_int_equal(c.trainable, trainable);
+    assert_int_equal(c.all, pr_model_param_count(m));
     pr_train_config tc;
     pr_pipeline_train_config(p, &tc);
     assert_int_equal(tc.steps, 40);
