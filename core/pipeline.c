@@ -827,7 +827,9 @@ static void check_keys(loader *L, const ynode *map, const char *path, const char
 {
     for (int i = 0; i < map->n; i++) {
         const char *k = map->keys[i]->text;
-        int ok = 0;
+        /* top-level "x-..." keys are the file's own (e.g. to hold YAML
+         * anchors), as in Compose files */
+        int ok = !*path && strncmp(k, "x-", 2) == 0;
         for (int j = 0; j < n_known && !ok; j++)
             ok = strcmp(k, known[j]) == 0;
         if (ok)
@@ -1295,9 +1297,11 @@ static int layer_ranges(loader *L, const ynode *n, const char *path, int *layers
             diag_loc(&L->d, n->src, n->line, col, "%s: layer range '%s' is longer than %d", path, item, MAX_LAYERS);
             bad = 1;
         } else {
-            for (long long l = a; l <= b && !bad; l++)
-                if (*count >= MAX_LAYERS || add_layer(L, layers, count, l, n->src, n->line, col, path))
+            for (long long l = a; l <= b; l++)
+                if (*count >= MAX_LAYERS || add_layer(L, layers, count, l, n->src, n->line, col, path)) {
                     bad = 1;
+                    break;
+                }
         }
         i = j;
     }

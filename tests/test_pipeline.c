@@ -333,6 +333,41 @@ static void test_many_errors_truncated(void **state)
     free(dir);
 }
 
+/* YAML anchors and aliases work, held under a top-level "x-" key; an
+ * alias to nothing is reported where it is used. */
+static void test_yaml_aliases(void **state)
+{
+    (void)state;
+    char *dir = temp_dir();
+    char path[512];
+    snprintf(path, sizeof path, "%s/alias.yaml", dir);
+    FILE *f = fopen(path, "w");
+    assert_non_null(f);
+    fprintf(f, "x-lora: &lora {r: 2, alpha: 4}\n"
+               "model: {preset: gpt2-tiny}\n"
+               "modules:\n"
+               "  - {technique: lora, name: attn, sites: [q], options: *lora}\n"
+               "  - {technique: lora, name: mlp, sites: [ffn.up], options: *lora}\n"
+               "task: {train: %s/data/train/corpus.txt}\n", TEST_SRCDIR);
+    fclose(f);
+    pr_pipeline *p = NULL;
+    pr_error err = { 0 };
+    int rc = pr_pipeline_load(path, NULL, 0, reg, &p, &err);
+    if (rc)
+        fprintf(stderr, "%s\n", err.msg);
+    assert_int_equal(rc, PR_OK);
+    /* gpt2-tiny, r=2: q 2 x (64 + 64), ffn.up 2 x (64 + 256), two layers each */
+    assert_int_equal(pr_pipeline_module_plan(p, 0)->params, 512);
+    assert_int_equal(pr_pipeline_module_plan(p, 1)->params, 1280);
+    pr_pipeline_free(p);
+
+    const char *sets[] = { "modules.1.options=*nothing" };
+    assert_int_equal(pr_pipeline_load(path, sets, 1, reg, &p, &err), PR_ERR_INVALID);
+    assert_string_equal(err.msg, "--set:1:19: unknown alias '*nothing'");
+    remove_tree(dir);
+    free(dir);
+}
+
 /* ---- overrides ------------------------------------------------------------------ */
 
 static void test_set_overrides(void **state)
@@ -482,6 +517,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_bad_fixtures),
         cmocka_unit_test(test_multi_errors),
         cmocka_unit_test(test_many_errors_truncated),
+        cmocka_unit_test(test_yaml_aliases),
         cmocka_unit_test(test_set_overrides),
         cmocka_unit_test(test_set_errors),
         cmocka_unit_test(test_cli_plan_and_train),
