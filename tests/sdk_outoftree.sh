@@ -225,7 +225,16 @@ train_pipeline() {
     PEFTREF_PLUGIN_PATH="$TMP/search" "$BIN" train "$TMP/pipeline.yaml" || return 1
     [ -s "$TMP/run/metrics.jsonl" ] || { echo "no metrics.jsonl"; return 1; }
     # optimizer steps with their loss were logged
-    grep -q '"step"' "$TMP/run/metrics.jsonl" && grep -q '"loss"' "$TMP/run/metrics.jsonl"
+    grep -q '"step"' "$TMP/run/metrics.jsonl" && grep -q '"loss"' "$TMP/run/metrics.jsonl" || return 1
+    # every line is one JSON object (checked when python3 is at hand)
+    if command -v python3 >/dev/null 2>&1; then
+        python3 -c 'import json, sys
+for n, line in enumerate(open(sys.argv[1]), 1):
+    try:
+        json.loads(line)
+    except ValueError as e:
+        sys.exit("metrics.jsonl:%d: %s: %s" % (n, e, line.strip()))' "$TMP/run/metrics.jsonl"
+    fi
 }
 if [ -f "$TMP/search/scaled_bias.so" ]; then
     step pipeline-train train_pipeline
