@@ -1770,10 +1770,11 @@ static void apply_override(loader *L, ynode **root, const char *text, int ordina
             /* a model has one source: setting one replaces the others */
             if (i + take == n_seg && parent && !strcmp(parent, "model") &&
                 (!strcmp(kbuf, "path") || !strcmp(kbuf, "preset") || !strcmp(kbuf, "config"))) {
-                static const char *const srcs[] = { "path", "preset", "config" };
-                for (int q = 0; q < 3; q++) {
+                /* a directory has its own weights: no init seed either */
+                static const char *const srcs[] = { "path", "preset", "config", "seed" };
+                for (int q = 0; q < 4; q++) {
                     int x = map_find(cur, srcs[q]);
-                    if (x >= 0 && strcmp(srcs[q], kbuf)) {
+                    if (x >= 0 && strcmp(srcs[q], kbuf) && (q < 3 || !strcmp(kbuf, "path"))) {
                         map_remove(cur, x);
                         if (x < at)
                             at--;

@@ -128,6 +128,55 @@ static void test_plan_classification_head(void **state)
     pr_pipeline_free(p);
 }
 
+/* model.path: a Hugging Face directory is loaded once at load time (to
+ * learn its shape), handed to build, and its tokenizer is the default. */
+static void test_model_path(void **state)
+{
+    (void)state;
+    char *dir = temp_dir();
+    char model_dir[512], set_path[600];
+    snprintf(model_dir, sizeof model_dir, "%s/tiny", dir);
+    pr_model_config cfg;
+    assert_int_equal(pr_config_preset("gpt2-tiny", &cfg), PR_OK);
+    pr_model *m = NULL;
+    pr_error err = { 0 };
+    assert_int_equal(pr_model_create(&cfg, &m, &err), PR_OK);
+    assert_int_equal(pr_model_save_hf(m, model_dir, NULL, &err), PR_OK);
+    const float first = pr_model_tensor(m, 0)->data[0];
+    pr_model_free(m);
+    m = NULL;
+
+    snprintf(set_path, sizeof set_path, "model.path=%s", model_dir);
+    const char *sets[] = { set_path };
+    pr_pipeline *p = NULL;
+    int rc = pr_pipeline_load(PIPES "tiny_lora.yaml", sets, 1, reg, &p, &err);
+    if (rc)
+        fprintf(stderr, "%s\n", err.msg);
+    assert_int_equal(rc, PR_OK);
+    assert_int_equal(pr_pipeline_model_source(p), PR_PIPELINE_MODEL_PATH);
+    assert_string_equal(pr_pipeline_model_name(p), model_dir);
+    assert_string_equal(pr_pipeline_tokenizer_dir(p), model_dir);
+    assert_int_equal(pr_pipeline_model_config(p)->d_model, 64);
+    pr_pipeline_counts c;
+    assert_int_equal(pr_pipeline_counts_get(p, &c, &err), PR_OK);
+    /* gpt2-tiny: q 4 x 128 + v 2 x 128 per layer, two layers */
+    assert_int_equal(c.trainable, 1536);
+    assert_int_equal(c.all, pr_config_param_count(&cfg) + 1536);
+    pr_tokenizer *tok = NULL;
+    rc = pr_pipeline_build(p, &m, &tok, &err);
+    if (rc)
+        fprintf(stderr, "%s\n", err.msg);
+    assert_int_equal(rc, PR_OK);
+    assert_true(pr_model_tensor(m, 0)->data[0] == first);   /* the saved weights */
+    assert_int_equal(pr_model_n_modules(m), 1);
+    assert_int_equal(pr_model_param_count(m), c.all);
+    pr_tokenizer_free(tok);
+    pr_model_free(m);
+    pr_pipeline_free(p);
+    remove_tree(dir);
+    free(dir);
+}
+
 /* ---- train end to end ------------------------------------------------------ */
 
 /* The tiny pipeline (LoRA on q and v of a 2-layer byte model) trains: the
@@ -513,6 +562,7 @@ int main(int argc, char **argv)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_plan_gpt2_small_lora),
         cmocka_unit_test(test_plan_classification_head),
+        cmocka_unit_test(test_model_path),
         cmocka_unit_test(test_train_tiny),
         cmocka_unit_test(test_bad_fixtures),
         cmocka_unit_test(test_multi_errors),
