@@ -1056,6 +1056,10 @@ static void check_save_load(const pr_technique *t, const check_options *o, repor
         problem(r, "writing and reading back the module's tensors failed: %s", err.msg);
         goto done;
     }
+    /* the mapping outlives the name; a crash below leaves nothing behind */
+    unlink(path);
+    rmdir(dir);
+    have_dir = 0;
     if (st_count(f) != a[1].set.n)
         problem(r, "the saved file holds %d tensors, a fresh attach registers %d", st_count(f), a[1].set.n);
     for (int k = 0; k < a[1].set.n; k++) {
@@ -1545,7 +1549,16 @@ int check_plugin_file(const char *path, const check_options *opts, FILE *out, in
     if (load_failed) {
         tl.checks++;
         tl.failed++;
-    } else if ((rc = pr_registry_open(search, &reg, err)) == PR_OK) {
+    } else {
+        rc = pr_registry_open(search, &reg, err);
+    }
+    /* the library stays mapped once loaded: the link is no longer needed
+     * (and is gone sooner if the output's reader stops early) */
+    if (!is_dir) {
+        unlink(link);
+        rmdir(dir);
+    }
+    if (!load_failed && rc == PR_OK) {
         int nt = pr_registry_count(reg);
         report_load(reg, is_dir ? NULL : label, out, &tl);
         int matched = 0;
@@ -1563,10 +1576,6 @@ int check_plugin_file(const char *path, const check_options *opts, FILE *out, in
         }
     }
     pr_registry_free(reg);
-    if (!is_dir) {
-        unlink(link);
-        rmdir(dir);
-    }
     if (rc)
         return rc;
     fprintf(out, "%s: %d check%s, %d passed, %d failed", path, tl.checks, tl.checks == 1 ? "" : "s",
