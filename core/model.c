@@ -1142,6 +1142,42 @@ static int stream_backward(pr_model *m, int site, int layer, const float *x, int
     return PR_OK;
 }
 
+/* Sub-layer site (attn_out, ffn_out; peftref/site.h): y0 (rows, dim) is
+ * the sub-layer's output before the residual add and x (rows, dim) the
+ * sub-layer's input, the normalised state entering attention or the FFN.
+ * Without hooks *out = y0.  With hooks, ybuf receives a copy of y0 that
+ * the hooks change, and they see x as the site input. */
+static int sublayer_forward(pr_model *m, int site, int layer, const float *x, const float *y0, float *ybuf,
+                            int dim, const float **out, pr_error *err)
+{
+    *out = y0;
+    if (!has_hooks(m, site, layer))
+        return PR_OK;
+    if (!ybuf)
+        return pr_errorf(err, PR_ERR_INVALID, "forward: no buffer planned for site '%s' layer %d",
+                         pr_site_name(site), layer);
+    copy_rows(ybuf, dim, y0, dim, m->B * m->T, dim);
+    pr_site_io io = site_io(m, site, layer, x, dim, dim, ybuf, dim, dim, NULL, NULL);
+    int rc = hooks_forward(m, &io, err);
+    *out = ybuf;
+    return rc;
+}
+
+/* Sub-layer site backward: dy (rows, dim) is the gradient of the output
+ * leaving the site (the hooks may change it); dx (rows, dim) accumulates
+ * the gradient of the sub-layer input x; dy0 (rows, dim) receives what
+ * remains in dy, the gradient of y0 through the identity path. */
+static int sublayer_backward(pr_model *m, int site, int layer, const float *x, float *dx, float *y, float *dy,
+                             float *dy0, int dim, pr_error *err)
+{
+    pr_site_io io = site_io(m, site, layer, x, dim, dim, y, dim, dim, dx, dy);
+    int rc = hooks_backward(m, &io, err);
+    if (rc)
+        return rc;
+    copy_rows(dy0, dim, dy, dim, m->B * m->T, dim);
+    return PR_OK;
+}
+
 /* ---- concatenation providers ---------------------------------------------- */
 
 /* out (total, width): each provider fills its n rows, in attach order. */
@@ -1388,7 +1424,7 @@ static int block_forward(pr_model *m, int l, const float *x, pr_error *err)
     if ((rc = proj_forward(m, PR_SITE_O, l, a->atty, Q, a->attproj, C, C, err)))
         return rc;
     const float *aout;
-    if ((rc = stream_forward(m, PR_SITE_ATTN_OUT, l, a->attproj, C, a->aout, C, &aout, NULL, err)))
+    if ((rc = sublayer_forward(m, PR_SITE_ATTN_OUT, l, a->ln1, a->attproj, a->aout, C, &aout, err)))
         return rc;
     residual_forward(a->resid2, x, aout, (size_t)N * C);
 
@@ -1405,7 +1441,7 @@ static int block_forward(pr_model *m, int l, const float *x, pr_error *err)
     if ((rc = proj_forward(m, PR_SITE_FFN_DOWN, l, act, F, a->fcproj, C, C, err)))
         return rc;
     const float *fout;
-    if ((rc = stream_forward(m, PR_SITE_FFN_OUT, l, a->fcproj, C, a->fout, C, &fout, NULL, err)))
+    if ((rc = sublayer_forward(m, PR_SITE_FFN_OUT, l, a->ln2, a->fcproj, a->fout, C, &fout, err)))
         return rc;
     residual_forward(a->resid3, a->resid2, fout, (size_t)N * C);
     const float *bout;
@@ -1512,10 +1548,11 @@ static int block_backward(pr_model *m, int l, pr_error *err)
     }
     /* resid3 = resid2 + fout: dres stays as d resid2's residual path */
     const float *act = has_hooks(m, PR_SITE_FFN_ACT, l) ? a->act : a->fch_gelu;
+    /* dln gathers d ln2: from ffn_out's hooks (their input) and from ffn.up */
+    memset(m->dln, 0, NC * sizeof(float));
     if (has_hooks(m, PR_SITE_FFN_OUT, l)) {
         memcpy(m->dstream, m->dres, NC * sizeof(float));
-        memset(m->dfcproj, 0, NC * sizeof(float));
-        if ((rc = stream_backward(m, PR_SITE_FFN_OUT, l, a->fcproj, C, m->dfcproj, a->fout, m->dstream, C, err)))
+        if ((rc = sublayer_backward(m, PR_SITE_FFN_OUT, l, a->ln2, m->dln, a->fout, m->dstream, m->dfcproj, C, err)))
             return rc;
     } else {
         memcpy(m->dfcproj, m->dres, NC * sizeof(float));
@@ -1539,18 +1576,19 @@ static int block_backward(pr_model *m, int l, pr_error *err)
     memset(dfch, 0, NF * sizeof(float));
     gelu_backward(dfch, a->fch, dgelu_out, NF);
     /* ffn.up: fch = ln2 . W + b */
-    memset(m->dln, 0, NC * sizeof(float));
     if ((rc = proj_backward(m, PR_SITE_FFN_UP, l, a->ln2, C, m->dln, a->fch, F, F, dfch, err)))
         return rc;
     matmul_backward(m->dln, C, grad_of(p->fcw), grad_of(p->fcb), dfch, F, a->ln2, C, p->fcw->data, 1, N, C, F);
     layernorm_backward(m->dres, grad_of(p->ln2w), grad_of(p->ln2b), m->dln, a->resid2, p->ln2w->data,
                        a->ln2_mean, a->ln2_rstd, N, C);
 
-    /* resid2 = x + aout */
+    /* resid2 = x + aout; dln now gathers d ln1: from attn_out's hooks (their
+     * input) and from q, k, v, qkv */
+    memset(m->dln, 0, NC * sizeof(float));
     if (has_hooks(m, PR_SITE_ATTN_OUT, l)) {
         memcpy(m->dstream, m->dres, NC * sizeof(float));
-        memset(m->dattproj, 0, NC * sizeof(float));
-        if ((rc = stream_backward(m, PR_SITE_ATTN_OUT, l, a->attproj, C, m->dattproj, a->aout, m->dstream, C, err)))
+        if ((rc = sublayer_backward(m, PR_SITE_ATTN_OUT, l, a->ln1, m->dln, a->aout, m->dstream, m->dattproj, C,
+                                    err)))
             return rc;
     } else {
         memcpy(m->dattproj, m->dres, NC * sizeof(float));
@@ -1585,7 +1623,6 @@ static int block_backward(pr_model *m, int l, pr_error *err)
                                     a->katt, m->dkatt, KV, err)))
         return rc;
     /* q, k, v, qkv: qkv = ln1 . W + b */
-    memset(m->dln, 0, NC * sizeof(float));
     if ((rc = proj_backward(m, PR_SITE_V, l, a->ln1, C, m->dln, a->qkv + Q + KV, KV, QKV, m->dqkv + Q + KV, err)) ||
         (rc = proj_backward(m, PR_SITE_K, l, a->ln1, C, m->dln, a->qkv + Q, KV, QKV, m->dqkv + Q, err)) ||
         (rc = proj_backward(m, PR_SITE_Q, l, a->ln1, C, m->dln, a->qkv, Q, QKV, m->dqkv, err)) ||

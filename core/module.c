@@ -1491,6 +1491,34 @@ static int concat_backward(void *self, int site, int layer, const float *dout, p
 
 /* ---- initialisation ------------------------------------------------------------------------------ */
 
+/* The init of a parameter: its decl's init, or the pr_init named by the
+ * choice of its init_option (plugin.h) in the insertion's options. */
+static int param_init(const pr_module *mod, const pr_param_decl *p, const pr_option_value *opts, int *init,
+                      pr_error *err)
+{
+    static const char *const names[] = {
+        [PR_INIT_ZEROS] = "zeros", [PR_INIT_ONES] = "ones", [PR_INIT_NORMAL] = "normal",
+        [PR_INIT_UNIFORM] = "uniform", [PR_INIT_KAIMING_UNIFORM] = "kaiming_uniform",
+        [PR_INIT_EMBED_ROWS] = "embed_rows", [PR_INIT_TEXT] = "text", [PR_INIT_CONSTANT] = "constant",
+    };
+    *init = p->init;
+    if (!p->init_option)
+        return PR_OK;
+    int oi = option_index(mod, p->init_option);
+    if (oi < 0 || mod->opt[oi].type != PR_OPT_ENUM)
+        return pr_errorf(err, PR_ERR_INVALID, "module '%s': parameter '%s': init_option '%s' is not an enum option",
+                         mod_name(mod), p->name, p->init_option);
+    const char *choice = opts[oi].str;
+    for (int k = 0; k < (int)(sizeof names / sizeof names[0]); k++)
+        if (names[k] && choice && strcmp(names[k], choice) == 0) {
+            *init = k;
+            return PR_OK;
+        }
+    return pr_errorf(err, PR_ERR_INVALID, "module '%s': parameter '%s': option '%s' = '%s' is not an init (zeros, ones, "
+                     "normal, uniform, kaiming_uniform, embed_rows, text, constant)", mod_name(mod), p->name,
+                     p->init_option, choice ? choice : "");
+}
+
 static int init_copy(pr_module *mod, const pr_module_spec *spec, param_copy *pc, pr_error *err)
 {
     float *x = mod->params + pc->off;
@@ -1510,13 +1538,16 @@ static int init_copy(pr_module *mod, const pr_module_spec *spec, param_copy *pc,
                          p->init_arg, e);
     const pr_host *h = host_services();
     uint64_t st = host_hash_str(mod->seed, p->name) ^ host_mix64((uint64_t)pc->ordinal + 1);
-    switch (p->init) {
+    int init, rc0 = param_init(mod, p, in->opts, &init, err);
+    if (rc0)
+        return rc0;
+    switch (init) {
     case PR_INIT_ZEROS:
         memset(x, 0, n * sizeof(float));
         break;
     case PR_INIT_ONES:
     case PR_INIT_CONSTANT: {
-        float val = p->init == PR_INIT_ONES ? 1.0f : (float)arg;
+        float val = init == PR_INIT_ONES ? 1.0f : (float)arg;
         for (size_t i = 0; i < n; i++)
             x[i] = val;
         break;
@@ -1528,7 +1559,7 @@ static int init_copy(pr_module *mod, const pr_module_spec *spec, param_copy *pc,
     case PR_INIT_UNIFORM:
     case PR_INIT_KAIMING_UNIFORM: {
         double b = arg;
-        if (p->init == PR_INIT_KAIMING_UNIFORM) /* He et al. 2015, PyTorch's kaiming_uniform_ */
+        if (init == PR_INIT_KAIMING_UNIFORM) /* He et al. 2015, PyTorch's kaiming_uniform_ */
             b = sqrt(6.0 / ((1.0 + arg * arg) * (double)pc->shape[pc->ndim - 1]));
         for (size_t i = 0; i < n; i++)
             x[i] = (float)((2.0 * h->rng_uniform(&st) - 1.0) * b);
@@ -1548,7 +1579,7 @@ static int init_copy(pr_module *mod, const pr_module_spec *spec, param_copy *pc,
         size_t nrows = n / (size_t)C;
         int *ids = NULL;
         size_t n_ids = 0;
-        if (p->init == PR_INIT_TEXT) {
+        if (init == PR_INIT_TEXT) {
             int oi = option_index(mod, "init_text");
             const char *text = oi >= 0 ? in->opts[oi].str : NULL;
             if (!text || !*text)
@@ -1581,7 +1612,7 @@ static int init_copy(pr_module *mod, const pr_module_spec *spec, param_copy *pc,
         break; /* the init() callback, after every other parameter */
     default:
         return pr_errorf(err, PR_ERR_INVALID, "module '%s': parameter '%s' has unknown init %d", mod_name(mod), p->name,
-                         p->init);
+                         init);
     }
     return PR_OK;
 }
