@@ -9,6 +9,9 @@
 #include "peftref/tokenizer.h"
 #include "peftref/eval.h"
 #include "peftref/train.h"
+#include "peftref/plugin.h"
+#include "peftref/module.h"
+#include "peftref/pipeline.h"
 
 #define PEFTREF_VERSION_MAJOR 0
 #define PEFTREF_VERSION_MINOR 1
