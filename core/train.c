@@ -442,6 +442,18 @@ static void log_metrics(trainer *t, const char *fmt, ...)
     fflush(t->metrics);
 }
 
+/* One metrics line for an evaluation: accuracy for classification,
+ * perplexity for language modelling. */
+static void log_eval(trainer *t, int64_t step, double vloss, double vacc)
+{
+    if (t->is_cls)
+        log_metrics(t, "{\"step\": %lld, \"val_loss\": %.6f, \"val_accuracy\": %.6f}", (long long)step, vloss,
+                    vacc);
+    else
+        log_metrics(t, "{\"step\": %lld, \"val_loss\": %.6f, \"val_ppl\": %.6f}", (long long)step, vloss,
+                    exp(vloss));
+}
+
 static double now_seconds(void)
 {
     struct timespec ts;
@@ -499,8 +511,7 @@ int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, p
         goto out;
     res->initial_val_loss = vloss;
     if (step == 0) {
-        log_metrics(&t, "{\"step\": 0, \"val_loss\": %.6f%s%.6f}", vloss, t.is_cls ? ", \"val_accuracy\": " : "",
-                    t.is_cls ? vacc : 0.0);
+        log_eval(&t, 0, vloss, vacc);
         if (!cfg->quiet)
             fprintf(stderr, "step %6d  val_loss %.6f%s\n", 0, vloss, t.is_cls ? "" : "");
     }
@@ -581,8 +592,7 @@ int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, p
         if ((cfg->eval_every > 0 && step % cfg->eval_every == 0) || last) {
             if ((rc = evaluate(&t, &vloss, &vacc, err)))
                 goto out_signals;
-            log_metrics(&t, "{\"step\": %lld, \"val_loss\": %.6f%s%.6f}", (long long)step, vloss,
-                        t.is_cls ? ", \"val_accuracy\": " : ", \"val_ppl\": ", t.is_cls ? vacc : exp(vloss));
+            log_eval(&t, step, vloss, vacc);
             if (!cfg->quiet) {
                 if (t.is_cls)
                     fprintf(stderr, "step %6lld  val_loss %.6f  val_accuracy %.4f\n", (long long)step, vloss, vacc);
