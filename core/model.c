@@ -820,7 +820,12 @@ void pr_model_detach_hooks(pr_model *m)
 }
 
 /* [d_in, d_out] views of the Conv1D weights; q, k and v are column slices
- * of the fused c_attn weight [C, Q + 2KV] at offsets 0, Q, Q + KV. */
+ * of the fused c_attn weight [C, Q + 2KV] at offsets 0, Q, Q + KV.  The
+ * stream sites attn.k and attn.v fold into the k and v slices (the
+ * projection their values come from) and ffn.act into the whole
+ * mlp.c_proj weight [F, C] (the projection its values go to), without a
+ * bias: a per-channel rescaling of those values is a rescaling of the
+ * slice's columns and bias, or of c_proj's rows. */
 int pr_model_site_weight(pr_model *m, int site, int layer, float **w, int *ld, float **b, pr_error *err)
 {
     if (!m || !w || !ld)
@@ -828,7 +833,8 @@ int pr_model_site_weight(pr_model *m, int site, int layer, float **w, int *ld, f
     int rc = check_site_layer(m, site, layer, "site_weight", err);
     if (rc)
         return rc;
-    if (!pr_site_is_projection(site))
+    if (!pr_site_is_projection(site) && site != PR_SITE_ATTN_K && site != PR_SITE_ATTN_V &&
+        site != PR_SITE_FFN_ACT)
         return pr_errorf(err, PR_ERR_INVALID, "site_weight: site '%s' is a stream site; it has no weight",
                          pr_site_name(site));
     const pr_model_config *c = &m->cfg;
@@ -844,6 +850,9 @@ int pr_model_site_weight(pr_model *m, int site, int layer, float **w, int *ld, f
     case PR_SITE_O: wt = p->attprojw; bt = p->attprojb; stride = C; break;
     case PR_SITE_FFN_UP: wt = p->fcw; bt = p->fcb; stride = F; break;
     case PR_SITE_FFN_DOWN: wt = p->fcprojw; bt = p->fcprojb; stride = C; break;
+    case PR_SITE_ATTN_K: wt = p->qkvw; bt = p->qkvb; stride = Q + 2 * KV; off = Q; break;
+    case PR_SITE_ATTN_V: wt = p->qkvw; bt = p->qkvb; stride = Q + 2 * KV; off = Q + KV; break;
+    case PR_SITE_FFN_ACT: wt = p->fcprojw; stride = C; break;
     default:
         return pr_errorf(err, PR_ERR_UNSUPPORTED, "site_weight: site '%s' has no weight in GPT-2 models",
                          pr_site_name(site));

@@ -1631,6 +1631,29 @@ static void fill_views(pr_module *mod)
     }
 }
 
+/* Shape [rows, cols] of the frozen weight a site folds into
+ * (pr_model_site_weight): a projection's own [d_in, d_out]; for attn.k and
+ * attn.v the key / value projection [d_model, d_out] (a rescaling scales
+ * its columns and bias); for ffn.act the down projection [d_ff, d_model]
+ * (a rescaling scales its rows).  0 for sites without one. */
+static int site_weight_shape(const insertion *in, int64_t *rows, int64_t *cols)
+{
+    const pr_dims *d = &in->dims;
+    if (pr_site_is_projection(in->site)) {
+        *rows = d->d_in;
+        *cols = d->d_out;
+    } else if (in->site == PR_SITE_ATTN_K || in->site == PR_SITE_ATTN_V) {
+        *rows = d->d_model;
+        *cols = d->d_out;
+    } else if (in->site == PR_SITE_FFN_ACT) {
+        *rows = d->d_out;
+        *cols = d->d_model;
+    } else {
+        return 0;
+    }
+    return 1;
+}
+
 static int alloc_module(pr_module *mod, pr_error *err)
 {
     mod->params = alloc_floats(mod->n_param_floats);
@@ -1653,16 +1676,16 @@ static int alloc_module(pr_module *mod, pr_error *err)
         if (mod->t.integration == PR_INTEGRATE_WEIGHT_DELTA &&
             !(in->dw = alloc_floats((size_t)in->dims.d_in * (size_t)in->dims.d_out)))
             return pr_errorf(err, PR_ERR_NOMEM, "module '%s': out of memory", mod_name(mod));
-        if (pr_site_is_projection(in->site)) {
+        int64_t wr, wc;
+        if (site_weight_shape(in, &wr, &wc)) {
             float *w = NULL, *b = NULL;
             int ld = 0;
             pr_error e2 = { 0 };
             if (pr_model_site_weight(mod->model, in->site, in->layer, &w, &ld, &b, &e2) == PR_OK && w) {
-                in->bw = view2(w, in->dims.d_in, in->dims.d_out, ld);
+                in->bw = view2(w, wr, wc, ld);
                 in->has_bw = 1;
                 if (b) {
-                    int64_t s = in->dims.d_out;
-                    in->bb = view(b, 1, &s);
+                    in->bb = view(b, 1, &wc);
                     in->has_bb = 1;
                 }
             }
@@ -1833,13 +1856,17 @@ int pr_module_attach(pr_model *m, const pr_module_spec *spec, pr_module **out, p
 
 /* ---- merge ---------------------------------------------------------------------------------------- */
 
+/* The weight view is [bw.shape[0], bw.shape[1]] (the site's d_in x d_out
+ * at a projection site, see site_weight_shape at a stream site); the
+ * bias, when there is one, has bw.shape[1] entries. */
 static void restore_insertion(insertion *in)
 {
     if (!in->orig_w)
         return;
-    copy_rows(in->bw.data, (int)in->bw.stride[0], in->orig_w, in->dims.d_out, in->dims.d_in, in->dims.d_out);
+    int rows = (int)in->bw.shape[0], cols = (int)in->bw.shape[1];
+    copy_rows(in->bw.data, (int)in->bw.stride[0], in->orig_w, cols, rows, cols);
     if (in->orig_b)
-        memcpy(in->bb.data, in->orig_b, (size_t)in->dims.d_out * sizeof(float));
+        memcpy(in->bb.data, in->orig_b, (size_t)cols * sizeof(float));
     free(in->orig_w);
     free(in->orig_b);
     in->orig_w = in->orig_b = NULL;
@@ -1857,20 +1884,23 @@ int pr_module_merge(pr_module *mod, pr_error *err)
     for (int k = 0; k < mod->n_ins; k++)
         if (!mod->ins[k].has_bw)
             return pr_errorf(err, PR_ERR_UNSUPPORTED,
-                             "module '%s' (technique %s) cannot be merged at %s: it is not a projection site with a weight",
+                             "module '%s' (technique %s) cannot be merged at %s: the site has no frozen weight to fold into",
                              mod_name(mod), mod->t.name, mod->ins[k].where);
-    size_t maxn = 0;
+    size_t maxn = 0, maxb = 0;
     for (int k = 0; k < mod->n_ins; k++) {
-        size_t n = (size_t)mod->ins[k].dims.d_in * (size_t)mod->ins[k].dims.d_out;
+        size_t n = (size_t)mod->ins[k].bw.shape[0] * (size_t)mod->ins[k].bw.shape[1];
         maxn = n > maxn ? n : maxn;
+        maxb = (size_t)mod->ins[k].bw.shape[1] > maxb ? (size_t)mod->ins[k].bw.shape[1] : maxb;
     }
-    float *delta = alloc_floats(maxn);
+    /* the weight delta, then the bias delta */
+    float *delta = alloc_floats(maxn + maxb);
     if (!delta)
         return pr_errorf(err, PR_ERR_NOMEM, "module '%s': out of memory for merging", mod_name(mod));
+    float *bdelta = delta + maxn;
     int rc = PR_OK, k;
     for (k = 0; k < mod->n_ins; k++) {
         insertion *in = &mod->ins[k];
-        int din = in->dims.d_in, dout = in->dims.d_out, ld = (int)in->bw.stride[0];
+        int din = (int)in->bw.shape[0], dout = (int)in->bw.shape[1], ld = (int)in->bw.stride[0];
         in->orig_w = alloc_floats((size_t)din * dout);
         in->orig_b = in->has_bb ? alloc_floats((size_t)dout) : NULL;
         if (!in->orig_w || (in->has_bb && !in->orig_b)) {
@@ -1885,9 +1915,13 @@ int pr_module_merge(pr_module *mod, pr_error *err)
         if (in->orig_b)
             memcpy(in->orig_b, in->bb.data, (size_t)dout * sizeof(float));
         memset(delta, 0, (size_t)din * dout * sizeof(float));
+        memset(bdelta, 0, (size_t)dout * sizeof(float));
         pr_ctx c;
         ctx_init(in, &c, 0, 0, 0, UINT64_MAX - 3);
         c.out = view2(delta, din, dout, dout);
+        int64_t nb = dout;
+        pr_tensor bd = view(bdelta, 1, &nb);
+        c.bias_delta = in->has_bb ? &bd : NULL;
         if ((rc = call(mod, in, mod->t.merge, "merge", &c, err))) {
             free(in->orig_w);
             free(in->orig_b);
@@ -1895,6 +1929,8 @@ int pr_module_merge(pr_module *mod, pr_error *err)
             break;
         }
         axpy_rows(w, ld, delta, dout, din, dout, 1.0f);
+        if (in->has_bb)
+            axpy_rows(in->bb.data, dout, bdelta, dout, 1, dout, 1.0f);
     }
     free(delta);
     if (rc) {

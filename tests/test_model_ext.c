@@ -942,8 +942,8 @@ static void test_site_weight(void **state)
     assert_int_equal(ld, 128);
 
     /* stream sites, sites GPT-2 lacks, bad layers */
-    assert_int_equal(pr_model_site_weight(m, PR_SITE_ATTN_K, 0, &w, &ld, &b, &err), PR_ERR_INVALID);
-    assert_non_null(strstr(err.msg, "attn.k"));
+    assert_int_equal(pr_model_site_weight(m, PR_SITE_BLOCK_OUT, 0, &w, &ld, &b, &err), PR_ERR_INVALID);
+    assert_non_null(strstr(err.msg, "block_out"));
     assert_int_equal(pr_model_site_weight(m, PR_SITE_EMBED, -1, &w, &ld, &b, &err), PR_ERR_INVALID);
     assert_int_equal(pr_model_site_weight(m, PR_SITE_FFN_GATE, 0, &w, &ld, &b, &err), PR_ERR_UNSUPPORTED);
     assert_non_null(strstr(err.msg, "ffn.gate"));

@@ -14,6 +14,8 @@ int cmd_eval(int argc, char **argv);
 int cmd_tokenize(int argc, char **argv);
 int cmd_train(int argc, char **argv);
 int cmd_plugins(int argc, char **argv);
+/* `peftref typology` (core/cli/cmd_typology.c). */
+int cmd_typology(int argc, char **argv);
 int cmd_plan(int argc, char **argv);
 
 /* Pipelines (core/cli/cmd_plan.c): open the plugin registry and load path

@@ -19,6 +19,7 @@ static const subcommand commands[] = {
     {"train", cmd_train, "train a model's tensors, or a YAML pipeline's modules"},
     {"plan", cmd_plan, "check a YAML pipeline and count what it would train"},
     {"plugins", cmd_plugins, "list and inspect the PEFT techniques found as plugins"},
+    {"typology", cmd_typology, "the PEFT-Ref typology table of every technique found"},
 };
 
 static void usage(FILE *f)

@@ -197,7 +197,10 @@ void pr_model_remove_tensors(pr_model *m, const char *prefix);
 
 /* The frozen weight and bias of a projection site as a [d_in, d_out] view
  * with row stride ld (q/k/v of a fused model are column slices of the
- * fused weight).  *b is NULL without biases.  Writable, for merging. */
+ * fused weight).  *b is NULL without biases.  Writable, for merging.
+ * Three stream sites have the weight their values fold into: attn.k and
+ * attn.v the key / value projection [d_model, d_out] with its bias,
+ * ffn.act the down projection [d_ff = d_out, d_model] with *b = NULL. */
 int pr_model_site_weight(pr_model *m, int site, int layer, float **w, int *ld, float **b, pr_error *err);
 
 /* Attach a hook at (site, layer); layer is -1 for model-level sites.

@@ -1,0 +1,204 @@
+/* (IA)^3: infused adapter by inhibiting and amplifying inner activations
+ * (Liu, Tam, Muqeeth, Mohta, Huang, Bansal, Raffel 2022, "Few-Shot
+ * Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context
+ * Learning", arXiv 2205.05638).
+ *
+ * Three learned vectors per layer rescale, element-wise, the keys and the
+ * values entering attention and the FFN's hidden activation:
+ *
+ *     attn.k    k  <- l_k  (.) k     l_k  (n_kv_heads * d_head)
+ *     attn.v    v  <- l_v  (.) v     l_v  (n_kv_heads * d_head)
+ *     ffn.act   a  <- l_ff (.) a     l_ff (d_ff),  a = gelu(x W_up + b_up)
+ *
+ * each initialised to ones, so the adapted model starts as the base model
+ * (the paper, §3.3; Hugging Face PEFT's init_ia3_weights).  Parameter name
+ * ia3_l as in Hugging Face PEFT.  Trainable parameters: L * (2 * d_kv +
+ * d_ff), 3L insertions.
+ *
+ * The host integrates (PR_INTEGRATE_RESCALE): forward returns one row
+ * (1, width) = l and the host multiplies every row of the site's values by
+ * it; backward receives that row's gradient dl = sum_rows(dy * y_old) and
+ * accumulates it.  The vector does not depend on the module's input, so
+ * there is no input gradient to give (the host passes dy * l upstream).
+ *
+ * merge folds l into the frozen weight the values come from or go to
+ * (plugin.h): at attn.k / attn.v the k / v column slice W [d_model, d_kv]
+ * of the fused c_attn projection and its bias b, whose columns scale,
+ *     delta W = W diag(l - 1),   delta b = b (.) (l - 1);
+ * at ffn.act the down projection W [d_ff, d_model] whose rows scale,
+ *     delta W = diag(l - 1) W    (its bias is added after, untouched).
+ *
+ * This file includes only <peftref/plugin.h> and libc, and links against
+ * nothing of peftref. */
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <peftref/plugin.h>
+
+PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(void);
+
+enum { PARAM_L, N_PARAMS };
+
+static const pr_param_decl ia3_params[N_PARAMS] = {
+    [PARAM_L] = {
+        .struct_size = sizeof(pr_param_decl), .name = "ia3_l", .shape = "d_out",
+        .init = PR_INIT_ONES, .scope = PR_SCOPE_INSERTION,
+        .help = "the rescaling vector: l_k at attn.k, l_v at attn.v, l_ff at ffn.act; ones, so "
+                "the module starts as the identity (Liu et al. 2022, §3.3)",
+    },
+};
+
+static int row_stride(const pr_tensor *t)
+{
+    return (int)(t->stride[0] ? t->stride[0] : t->shape[1]);
+}
+
+/* The vector of this insertion and its length. */
+static int ia3_vector(const pr_ctx *ctx, const float **l, int *n)
+{
+    if (ctx->n_params < N_PARAMS || !ctx->params || !ctx->params[PARAM_L].data)
+        return ctx->host->error(ctx, "ia3: expected its parameter ia3_l, got %u parameters",
+                                ctx->n_params);
+    const pr_tensor *p = &ctx->params[PARAM_L];
+    if (p->ndim != 1 || p->shape[0] < 1)
+        return ctx->host->error(ctx, "ia3: ia3_l must be a vector (d_out)");
+    *l = p->data;
+    *n = (int)p->shape[0];
+    return 0;
+}
+
+/* forward: out (1, n) = l. */
+static int ia3_forward(const pr_ctx *ctx)
+{
+    const float *l;
+    int n, rc = ia3_vector(ctx, &l, &n);
+    if (rc)
+        return rc;
+    if (!ctx->out.data || ctx->out.ndim != 2 || ctx->out.shape[0] < 1 || ctx->out.shape[1] != n)
+        return ctx->host->error(ctx, "ia3: forward output must be one row of %d (the site's width), "
+                                     "got (%lld, %lld)", n, (long long)ctx->out.shape[0],
+                                (long long)ctx->out.shape[1]);
+    memcpy(ctx->out.data, l, (size_t)n * sizeof(float));
+    return 0;
+}
+
+/* backward: d_out (1, n) = dl; grad(l) += dl.  No input gradient. */
+static int ia3_backward(const pr_ctx *ctx)
+{
+    const float *l;
+    int n, rc = ia3_vector(ctx, &l, &n);
+    if (rc)
+        return rc;
+    if (!ctx->d_out.data || ctx->d_out.shape[1] != n)
+        return ctx->host->error(ctx, "ia3: backward needs d_out, one row of %d", n);
+    float *g = ctx->grads ? ctx->grads[PARAM_L].data : NULL;
+    if (!g)
+        return 0;
+    const float *dl = ctx->d_out.data;
+    for (int j = 0; j < n; j++)
+        g[j] += dl[j];
+    return 0;
+}
+
+/* merge: see the header.  base_weight [rows, cols] with row stride ld;
+ * out the delta shaped like it; bias_delta (cols) when base_bias is set. */
+static int ia3_merge(const pr_ctx *ctx)
+{
+    const pr_host *host = ctx->host;
+    const float *l;
+    int n, rc = ia3_vector(ctx, &l, &n);
+    if (rc)
+        return rc;
+    const pr_tensor *w = ctx->base_weight;
+    if (!w || !w->data || w->ndim != 2)
+        return host->error(ctx, "ia3: merge needs the frozen weight the site folds into");
+    const int rows = (int)w->shape[0], cols = (int)w->shape[1], ldw = row_stride(w);
+    if (!ctx->out.data || ctx->out.shape[0] != rows || ctx->out.shape[1] != cols)
+        return host->error(ctx, "ia3: merge output must be shaped like the weight [%d, %d]", rows, cols);
+    const int ldo = row_stride(&ctx->out);
+    const float *W = w->data;
+    float *dW = ctx->out.data;
+
+    if (ctx->site == PR_SITE_FFN_ACT) {
+        /* the values go to the down projection: scale its rows */
+        if (rows != n)
+            return host->error(ctx, "ia3: the down projection has %d rows, ia3_l has %d", rows, n);
+        for (int i = 0; i < rows; i++)
+            for (int j = 0; j < cols; j++)
+                dW[(size_t)i * ldo + j] = (l[i] - 1.0f) * W[(size_t)i * ldw + j];
+        return 0;
+    }
+    if (ctx->site != PR_SITE_ATTN_K && ctx->site != PR_SITE_ATTN_V)
+        return host->error(ctx, "ia3: cannot merge at this site (attn.k, attn.v, ffn.act only)");
+    /* the values come from the k / v projection: scale its columns and bias */
+    if (cols != n)
+        return host->error(ctx, "ia3: the projection has %d columns, ia3_l has %d", cols, n);
+    for (int i = 0; i < rows; i++)
+        for (int j = 0; j < cols; j++)
+            dW[(size_t)i * ldo + j] = W[(size_t)i * ldw + j] * (l[j] - 1.0f);
+    if (ctx->base_bias && ctx->base_bias->data) {
+        /* bias_delta arrived with ABI 1.0's final pr_ctx; read it only when
+         * the host's struct covers it */
+        pr_tensor *bd = ctx->struct_size >= offsetof(pr_ctx, bias_delta) + sizeof(ctx->bias_delta)
+                            ? ctx->bias_delta : NULL;
+        if (!bd || !bd->data || bd->shape[0] != cols)
+            return host->error(ctx, "ia3: the projection has a bias but the host gave no bias delta "
+                                    "of %d to fold l into", cols);
+        const float *b = ctx->base_bias->data;
+        float *db = bd->data;
+        for (int j = 0; j < cols; j++)
+            db[j] = b[j] * (l[j] - 1.0f);
+    }
+    return 0;
+}
+
+static const pr_technique ia3_technique = {
+    .struct_size = sizeof(pr_technique),
+    .abi_major = PR_ABI_MAJOR,
+    .name = "ia3",
+    .version = "1.0.0",
+    .summary = "(IA)^3: learned vectors rescale the keys, the values and the FFN activation of "
+               "every layer, k <- l_k*k, v <- l_v*v, a <- l_ff*a; ones at init, mergeable into "
+               "the key/value projection columns and the down projection rows.",
+    .citation = "Liu, Tam, Muqeeth, Mohta, Huang, Bansal, Raffel (2022). Few-Shot "
+                "Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context Learning. "
+                "arXiv:2205.05638",
+    .license = "MIT",
+    .intra = PR_INTRA_NONE,
+    .inter = PR_INTER_FIXED,
+    .adaptation = PR_ADAPT_RESCALING,
+    .sharing = PR_SHARE_NONE,
+    .input = PR_INPUT_HIDDEN,
+    .insertion = PR_INSERT_SEQUENTIAL,
+    .insertions = PR_INSERTIONS_PER_SITE_LAYER,
+    .integration = PR_INTEGRATE_RESCALE,
+    .workspace = PR_WS_ATTENTION | PR_WS_FFN,
+    .sites = PR_SITE_BIT(PR_SITE_ATTN_K) | PR_SITE_BIT(PR_SITE_ATTN_V) |
+             PR_SITE_BIT(PR_SITE_FFN_ACT),
+    .default_sites = PR_SITE_BIT(PR_SITE_ATTN_K) | PR_SITE_BIT(PR_SITE_ATTN_V) |
+                     PR_SITE_BIT(PR_SITE_FFN_ACT),
+    .params = ia3_params,
+    .n_params = N_PARAMS,
+    .param_formula = "per insertion: d_out (the site's width); insertions = 3L (attn.k, attn.v, "
+                     "ffn.act): L * (2 * n_kv_heads * d_head + d_ff)",
+    .forward = ia3_forward,
+    .backward = ia3_backward,
+    .merge = ia3_merge,
+};
+
+static const pr_technique *const ia3_techniques[] = { &ia3_technique };
+
+static const pr_plugin ia3_plugin = {
+    .struct_size = sizeof(pr_plugin),
+    .abi_major = PR_ABI_MAJOR,
+    .name = "ia3",
+    .version = "1.0.0",
+    .n_techniques = 1,
+    .techniques = ia3_techniques,
+};
+
+PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(void)
+{
+    return &ia3_plugin;
+}
