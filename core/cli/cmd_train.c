@@ -130,12 +130,14 @@ static int report_result(int trc, const pr_train_result *res, const pr_error *er
     return 0;
 }
 
-/* peftref train PIPELINE.yaml [--set KEY=VALUE ...] [--resume] [--quiet] */
+/* peftref train PIPELINE.yaml [--set KEY=VALUE ...] [--resume] [--quiet] [--save DIR] */
 static int train_pipeline(int argc, char **argv)
 {
     static const struct option opts[] = {
         {"set", required_argument, 0, 's'}, {"resume", no_argument, 0, 'r'},
-        {"quiet", no_argument, 0, 'q'}, {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
+        {"quiet", no_argument, 0, 'q'}, {"save", required_argument, 0, 'S'},
+        {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
+    const char *save_dir = NULL;
     const char **sets = calloc((size_t)argc + 1, sizeof *sets);
     if (!sets) {
         fprintf(stderr, "peftref train: out of memory\n");
@@ -149,13 +151,14 @@ static int train_pipeline(int argc, char **argv)
         case 's': sets[n_sets++] = optarg; break;
         case 'r': resume = 1; break;
         case 'q': quiet = 1; break;
+        case 'S': save_dir = optarg; break;
         case 'h': fputs(train_usage, stdout); free(sets); return 0;
         case ':':
             fprintf(stderr, "peftref train: option '%s' needs a value\n", argv[optind - 1]);
             free(sets);
             return 2;
         default:
-            fprintf(stderr, "peftref train: with a pipeline only --set, --resume and --quiet apply "
+            fprintf(stderr, "peftref train: with a pipeline only --set, --resume, --quiet and --save apply "
                     "(got '%s'; set other values in the YAML or with --set)\n", argv[optind - 1]);
             free(sets);
             return 2;
@@ -195,6 +198,12 @@ static int train_pipeline(int argc, char **argv)
         pr_train_result res;
         int trc = pr_train(m, tok, &tc, &res, &err);
         rc = report_result(trc, &res, &err);
+        /* the base model as trained (full finetuning, selection), without modules */
+        if (rc == 0 && save_dir &&
+            pr_model_save_hf(m, save_dir, pr_pipeline_tokenizer_dir(pipe), &err)) {
+            fprintf(stderr, "peftref train: %s\n", err.msg);
+            rc = 1;
+        }
     }
     pr_tokenizer_free(tok);
     pr_model_free(m);
