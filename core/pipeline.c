@@ -1028,8 +1028,9 @@ static void load_train(loader *L, const ynode *t)
     static const char *const keys[] = { "steps", "batch", "seq_len", "accum", "lr", "min_lr_ratio", "schedule",
                                         "warmup", "weight_decay", "decay_all", "clip", "beta1", "beta2", "eps",
                                         "head_lr_mult", "seed", "eval_every", "eval_batches", "log_every",
-                                        "checkpoint_every", "output", "resume" };
+                                        "checkpoint_every", "output", "resume", "progress" };
     static const char *const schedules[] = { "cosine", "linear", "constant" };
+    static const char *const progress_modes[] = { "auto", "bar", "plain", "none" };
     pr_train_config *c = &L->p->tc;
     if (!t || is_null(t) || want_map(L, t, "train"))
         return;
@@ -1072,6 +1073,9 @@ static void load_train(loader *L, const ynode *t)
         c->decay_all = b;
     if ((n = map_get(t, "resume")) && !get_bool(L, n, "train.resume", &b))
         c->resume = b;
+    const char *mode;
+    if ((n = map_get(t, "progress")) && !get_choice(L, n, "train.progress", progress_modes, 4, &mode))
+        c->progress = pr_progress_parse(mode);
     const char *s;
     if ((n = map_get(t, "output")) && !get_string(L, n, "train.output", &s))
         c->out_dir = resolve_path(L, n, s);

@@ -11,7 +11,7 @@
 #include "runtime.h"
 
 static const char train_usage[] =
-    "usage: peftref train PIPELINE.yaml [--set KEY=VALUE ...] [--resume] [--quiet]\n"
+    "usage: peftref train PIPELINE.yaml [--set KEY=VALUE ...] [--resume] [--progress MODE] [--quiet]\n"
     "       peftref train (--model DIR | --preset NAME [model options]) --data FILE --out DIR\n"
     "                     [training options]\n"
     "\n"
@@ -63,7 +63,9 @@ static const char train_usage[] =
     "  --out DIR            output directory (required)\n"
     "  --resume             continue from DIR/checkpoint.safetensors\n"
     "  --save DIR           after training, write the model as a Hugging Face directory\n"
-    "  --quiet              no progress lines\n"
+    "  --progress MODE      auto (default): a bar redrawn in place when stderr is a\n"
+    "                       terminal, log lines otherwise; bar, plain (log lines), none\n"
+    "  --quiet              no progress lines (--progress none)\n"
     "  -h, --help           show this help\n"
     "\n"
     "Exit status: 0 done, 1 error (including a NaN loss), 2 usage, 130 interrupted.\n";
@@ -72,8 +74,17 @@ enum {
     O_MODEL = 256, O_PRESET, O_INIT_SEED, O_LAYERS, O_DMODEL, O_HEADS, O_DFF, O_MAXSEQ, O_VOCAB,
     O_TOKENIZER, O_TRAINABLE, O_DATA, O_VAL, O_VALFRAC, O_FORMAT, O_TASK, O_STEPS, O_BATCH,
     O_SEQLEN, O_ACCUM, O_LR, O_MINLR, O_WARMUP, O_SCHEDULE, O_WD, O_DECAYALL, O_CLIP, O_SEED,
-    O_EVALEVERY, O_EVALBATCHES, O_LOGEVERY, O_CKPTEVERY, O_OUT, O_RESUME, O_SAVE, O_QUIET
+    O_EVALEVERY, O_EVALBATCHES, O_LOGEVERY, O_CKPTEVERY, O_OUT, O_RESUME, O_SAVE, O_QUIET, O_PROGRESS
 };
+
+/* --progress MODE -> pr_progress, or -1 after a usage message. */
+static int parse_progress(const char *s)
+{
+    int mode = pr_progress_parse(s);
+    if (mode < 0)
+        fprintf(stderr, "peftref train: --progress expects auto, bar, plain or none, got '%s'\n", s);
+    return mode;
+}
 
 static int parse_float(const char *opt, const char *s, double lo, double hi, float *out)
 {
@@ -136,14 +147,14 @@ static int train_pipeline(int argc, char **argv)
     static const struct option opts[] = {
         {"set", required_argument, 0, 's'}, {"resume", no_argument, 0, 'r'},
         {"quiet", no_argument, 0, 'q'}, {"save", required_argument, 0, 'S'},
-        {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
+        {"progress", required_argument, 0, 'p'}, {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
     const char *save_dir = NULL;
     const char **sets = calloc((size_t)argc + 1, sizeof *sets);
     if (!sets) {
         fprintf(stderr, "peftref train: out of memory\n");
         return 1;
     }
-    int n_sets = 0, resume = 0, quiet = 0, c;
+    int n_sets = 0, resume = 0, quiet = 0, progress = -1, c;
     optind = 1;
     opterr = 0;
     while ((c = getopt_long(argc, argv, ":h", opts, NULL)) != -1) {
@@ -152,13 +163,19 @@ static int train_pipeline(int argc, char **argv)
         case 'r': resume = 1; break;
         case 'q': quiet = 1; break;
         case 'S': save_dir = optarg; break;
+        case 'p':
+            if ((progress = parse_progress(optarg)) < 0) {
+                free(sets);
+                return 2;
+            }
+            break;
         case 'h': fputs(train_usage, stdout); free(sets); return 0;
         case ':':
             fprintf(stderr, "peftref train: option '%s' needs a value\n", argv[optind - 1]);
             free(sets);
             return 2;
         default:
-            fprintf(stderr, "peftref train: with a pipeline only --set, --resume, --quiet and --save apply "
+            fprintf(stderr, "peftref train: with a pipeline only --set, --resume, --progress, --quiet and --save apply "
                     "(got '%s'; set other values in the YAML or with --set)\n", argv[optind - 1]);
             free(sets);
             return 2;
@@ -190,7 +207,9 @@ static int train_pipeline(int argc, char **argv)
         pr_pipeline_train_config(pipe, &tc);
         tc.resume |= resume;
         tc.quiet |= quiet;
-        if (!tc.quiet) {
+        if (progress >= 0)
+            tc.progress = progress;
+        if (!tc.quiet && tc.progress != PR_PROGRESS_NONE) {
             char line[256];
             runtime_describe(line, sizeof line);
             fprintf(stderr, "peftref train: %s\n", line);
@@ -258,6 +277,7 @@ int cmd_train(int argc, char **argv)
         {"log-every", required_argument, 0, O_LOGEVERY}, {"ckpt-every", required_argument, 0, O_CKPTEVERY},
         {"out", required_argument, 0, O_OUT}, {"resume", no_argument, 0, O_RESUME},
         {"save", required_argument, 0, O_SAVE}, {"quiet", no_argument, 0, O_QUIET},
+        {"progress", required_argument, 0, O_PROGRESS},
         {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
     if (cli_is_pipeline(first_operand(argc, argv, opts)))
         return train_pipeline(argc, argv);
@@ -320,6 +340,10 @@ int cmd_train(int argc, char **argv)
         case O_RESUME: tc.resume = 1; break;
         case O_SAVE: save_dir = optarg; break;
         case O_QUIET: tc.quiet = 1; break;
+        case O_PROGRESS:
+            if ((tc.progress = parse_progress(optarg)) < 0)
+                return 2;
+            break;
         case 'h': fputs(train_usage, stdout); return 0;
         case ':':
             fprintf(stderr, "peftref train: option '%s' needs a value\n", argv[optind - 1]);
@@ -379,7 +403,7 @@ int cmd_train(int argc, char **argv)
     if (cli_load_tokenizer(model_dir ? model_dir : tok_dir, m, &tok, &err) ||
         select_trainable(m, trainable, &err))
         goto fail;
-    if (!tc.quiet) {
+    if (!tc.quiet && tc.progress != PR_PROGRESS_NONE) {
         char line[256];
         runtime_describe(line, sizeof line);
         int64_t n_tr = 0;

@@ -49,8 +49,22 @@ typedef struct pr_train_config {
     int ckpt_every;            /* steps between checkpoints (0 = only at the end) */
     const char *out_dir;       /* checkpoint.safetensors and metrics.jsonl go here */
     int resume;                /* continue from out_dir/checkpoint.safetensors if present */
-    int quiet;                 /* no log lines on stderr */
+    int quiet;                 /* no log lines on stderr (same as PR_PROGRESS_NONE) */
+    int progress;              /* pr_progress: how progress is shown on stderr */
 } pr_train_config;
+
+/* How training shows its progress on stderr.  AUTO (the default) draws a
+ * one-line bar redrawn in place when stderr is a terminal (and TERM is not
+ * "dumb"), and writes plain log lines otherwise. */
+typedef enum pr_progress {
+    PR_PROGRESS_AUTO = 0,
+    PR_PROGRESS_BAR = 1,      /* step/total, bar, loss, tokens/s, ETA, val loss */
+    PR_PROGRESS_PLAIN = 2,    /* one log line every log_every steps */
+    PR_PROGRESS_NONE = 3
+} pr_progress;
+
+/* "auto", "bar", "plain", "none" -> pr_progress; -1 for anything else. */
+int pr_progress_parse(const char *s);
 
 /* Defaults for every field not about data. */
 void pr_train_config_default(pr_train_config *cfg);
@@ -67,11 +81,15 @@ typedef struct pr_train_result {
     int64_t trainable_params;
     int resumed_from;            /* step resumed from, -1 when fresh */
     int interrupted;             /* stopped by SIGINT/SIGTERM */
+    double step_seconds;         /* time in optimizer steps (forward, backward,
+                                    update), without evaluations and checkpoints */
+    int64_t tokens_trained;      /* real (non-padding) tokens in those steps */
 } pr_train_result;
 
 /* Train m in place.  Base tensors marked trainable (pr_model_set_trainable)
  * are updated; at least one must be, or the task must be classification
- * (which always trains its head). */
+ * (which always trains its head), or steps must be 0 (evaluation only: the
+ * result holds the validation loss of m as it is). */
 int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, pr_train_result *res,
              pr_error *err);
 
