@@ -520,7 +520,14 @@ static void check_gradient(const pr_technique *t, int site, const check_options 
         goto done;
     }
     int layer = site >= 0 && pr_site_is_per_layer(site) ? CK_LAYER : -1;
-    if (attach(&b, t, site >= 0 ? PR_SITE_BIT(site) : 0, layer, 1, 1, NULL, 0, &a, &err)) {
+    uint32_t sites = site >= 0 ? PR_SITE_BIT(site) : 0;
+    /* a layer's prefix keys and values go together (the model refuses a
+     * layer with one and not the other): attn.k and attn.v are checked as
+     * a pair for a technique that concatenates to both */
+    const uint32_t kv = PR_SITE_BIT(PR_SITE_ATTN_K) | PR_SITE_BIT(PR_SITE_ATTN_V);
+    if (t->integration == PR_INTEGRATE_CONCAT && (sites & kv) && (t->sites & kv) == kv)
+        sites = kv;
+    if (attach(&b, t, sites, layer, 1, 1, NULL, 0, &a, &err)) {
         problem(r, "attach at %s failed: %s", where, err.msg);
         goto done;
     }

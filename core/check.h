@@ -5,7 +5,9 @@
  * that a crash, an abort or a hang (alarm) fails that check only:
  *
  *   gradient/SITE  at every site the technique supports that the test model
- *                  has (one site at a time; layer 1 for per-layer sites):
+ *                  has (one site at a time, except that a technique
+ *                  concatenating to both attn.k and attn.v gets the pair,
+ *                  as the model needs; layer 1 for per-layer sites):
  *                  central finite differences of the loss against the
  *                  analytic gradient of every trainable tensor the module
  *                  registered, and of upstream base tensors (the embeddings
