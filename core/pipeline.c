@@ -25,6 +25,7 @@
 #include <unistd.h>
 #include <yaml.h>
 
+#include "peftref/peftref.h"
 #include "peftref/pipeline.h"
 #include "data.h"
 #include "fileio.h"
@@ -597,7 +598,18 @@ typedef struct pipe_module {
     pr_module_plan plan;
     int planned;
     char where[300];             /* "FILE:LINE:COL" of the module */
+    /* a saved module (load:) or the mean of several (average:) */
+    int kind;                    /* MOD_TECHNIQUE, MOD_LOAD, MOD_AVERAGE */
+    int mode;                    /* MODE_FROZEN, MODE_CONTINUE, MODE_NEW */
+    int force;                   /* accept another base model */
+    pr_module_file **files;
+    int n_files;
+    double *weights;             /* average: normalised to sum 1 */
+    const char *base_name;       /* default name: the saved module's */
 } pipe_module;
+
+enum { MOD_TECHNIQUE = 0, MOD_LOAD = 1, MOD_AVERAGE = 2 };
+enum { MODE_FROZEN = 1, MODE_CONTINUE = 2, MODE_NEW = 3 };
 
 struct pr_pipeline {
     char *path;
@@ -614,6 +626,7 @@ struct pr_pipeline {
     int n_mods;
     pr_train_config tc;
     const pr_registry *reg;
+    char base_fp[64];            /* pr_model_fingerprint of the base, set by build */
 };
 
 static const char *keep(pr_pipeline *p, const char *s)
@@ -641,6 +654,10 @@ void pr_pipeline_free(pr_pipeline *p)
     for (int i = 0; i < p->n_mods; i++) {
         free(p->mods[i].layers);
         free(p->mods[i].opts);
+        for (int k = 0; k < p->mods[i].n_files; k++)
+            pr_module_file_close(p->mods[i].files[k]);
+        free(p->mods[i].files);
+        free(p->mods[i].weights);
     }
     free(p->mods);
     for (int i = 0; i < p->n_strs; i++)
@@ -1511,6 +1528,184 @@ static int name_ok(const char *s)
     return 1;
 }
 
+/* A saved module file named at n: resolved, readable, opened (its
+ * technique found, its metadata parsed).  NULL after a diagnostic. */
+static pr_module_file *open_saved(loader *L, const ynode *n, const char *path)
+{
+    const char *s;
+    if (get_string(L, n, path, &s))
+        return NULL;
+    const char *file = resolve_path(L, n, s);
+    if (!file)
+        return NULL;
+    int before = L->d.n;
+    check_exists(L, n, path, file, 0);
+    if (L->d.n > before)
+        return NULL;
+    pr_module_file *f = NULL;
+    pr_error e = { 0 };
+    if (pr_module_file_open(file, L->reg, &f, &e)) {
+        diag_at(&L->d, n, "%s: %s", path, e.msg);
+        return NULL;
+    }
+    return f;
+}
+
+static int push_file(loader *L, pipe_module *pm, pr_module_file *f)
+{
+    pr_module_file **v = realloc(pm->files, (size_t)(pm->n_files + 1) * sizeof *v);
+    if (!v) {
+        pr_module_file_close(f);
+        L->oom = 1;
+        return -1;
+    }
+    pm->files = v;
+    pm->files[pm->n_files++] = f;
+    return 0;
+}
+
+/* `load: FILE` or `average: [FILE, ...]` with a required mode: the
+ * technique, options, sites and layers come from the (first) file. */
+static int load_saved(loader *L, const ynode *m, const char *path, pipe_module *pm, const ynode **name_node)
+{
+    static const char *const load_keys[] = { "load", "mode", "name", "seed", "force" };
+    static const char *const avg_keys[] = { "average", "weights", "mode", "name", "force" };
+    static const char *const modes[] = { "frozen", "continue", "new" };
+    int errors_before = L->d.n, avg = map_get(m, "average") != NULL;
+    char kp[96];
+    if (avg && map_get(m, "load")) {
+        diag_at(&L->d, m->keys[map_find(m, "average")], "%s: give one of load or average, not both", path);
+        return -1;
+    }
+    pm->kind = avg ? MOD_AVERAGE : MOD_LOAD;
+    for (int i = 0; i < m->n; i++) {
+        const char *k = m->keys[i]->text;
+        const char *const *known = avg ? avg_keys : load_keys;
+        int ok = 0;
+        for (int j = 0; j < 5 && !ok; j++)
+            ok = !strcmp(k, known[j]);
+        if (ok)
+            continue;
+        if (!strcmp(k, "technique") || !strcmp(k, "sites") || !strcmp(k, "layers") || !strcmp(k, "options") ||
+            !strcmp(k, "site_options") || !strcmp(k, "trainable"))
+            diag_at(&L->d, m->keys[i], "%s.%s: a saved module brings its own technique, sites, layers and options; "
+                    "say how to use it with mode (frozen, continue or new)", path, k);
+        else {
+            char h[128];
+            hint(h, sizeof h, k, known, 5);
+            diag_at(&L->d, m->keys[i], "unknown key '%s.%s'%s", path, k, h);
+        }
+    }
+    const ynode *n = map_get(m, "mode");
+    const char *mode = NULL;
+    if (!n)
+        diag_at(&L->d, m, "%s: missing required key 'mode': frozen (attached, not trained), continue (trained "
+                "further from the saved values) or new (a fresh module of the same configuration)%s", path,
+                avg ? "; an average is frozen or continue" : "");
+    else if (!get_choice(L, n, (snprintf(kp, sizeof kp, "%s.mode", path), kp), modes, avg ? 2 : 3, &mode))
+        pm->mode = !strcmp(mode, "frozen") ? MODE_FROZEN : !strcmp(mode, "continue") ? MODE_CONTINUE : MODE_NEW;
+    int b;
+    if ((n = map_get(m, "force")) && !get_bool(L, n, (snprintf(kp, sizeof kp, "%s.force", path), kp), &b))
+        pm->force = b;
+    long long v;
+    if ((n = map_get(m, "seed")) && !get_int(L, n, (snprintf(kp, sizeof kp, "%s.seed", path), kp), 0, LLONG_MAX, &v)) {
+        pm->seed = (uint64_t)v;
+        pm->has_seed = 1;
+    }
+    if ((n = map_get(m, "name"))) {
+        snprintf(kp, sizeof kp, "%s.name", path);
+        if (!get_string(L, n, kp, &pm->name)) {
+            if (!name_ok(pm->name))
+                diag_at(&L->d, n, "%s: '%s' is not a module name (no '/', spaces or control characters)", kp,
+                        pm->name);
+            else
+                *name_node = n;
+        }
+    }
+    if (!avg) {
+        n = map_get(m, "load");
+        pr_module_file *f = open_saved(L, n, (snprintf(kp, sizeof kp, "%s.load", path), kp));
+        if (f)
+            push_file(L, pm, f);
+    } else {
+        n = map_get(m, "average");
+        snprintf(kp, sizeof kp, "%s.average", path);
+        if (n->kind != Y_SEQ || n->n < 2) {
+            char g[200];
+            got(g, sizeof g, n);
+            diag_at(&L->d, n, "%s: expected a list of at least two saved module files, got %s", kp,
+                    n->kind == Y_SEQ ? "a shorter list" : g);
+        } else {
+            int bad = 0;
+            for (int i = 0; i < n->n; i++) {
+                char ip[112];
+                snprintf(ip, sizeof ip, "%s.%d", kp, i);
+                pr_module_file *f = open_saved(L, n->vals[i], ip);
+                if (!f || push_file(L, pm, f))
+                    bad = 1;
+            }
+            pr_error e = { 0 };
+            if (!bad && pr_module_files_compatible(pm->files, pm->n_files, &e))
+                diag_at(&L->d, n, "%s: %s", kp, e.msg);
+        }
+        pm->weights = calloc((size_t)(n->n > 0 ? n->n : 1), sizeof *pm->weights);
+        if (!pm->weights) {
+            L->oom = 1;
+            return -1;
+        }
+        const ynode *w = map_get(m, "weights");
+        double sum = 0.0;
+        if (w && (w->kind != Y_SEQ || w->n != n->n)) {
+            diag_at(&L->d, w, "%s.weights: expected a list of %d numbers, one per file", path, n->n);
+        } else {
+            for (int i = 0; i < n->n; i++) {
+                double x = 1.0;
+                char wp[112];
+                snprintf(wp, sizeof wp, "%s.weights.%d", path, i);
+                if (w && get_float(L, w->vals[i], wp, 0, 0, INFINITY, 0, &x))
+                    x = 1.0;
+                pm->weights[i] = x;
+                sum += x;
+            }
+            if (w && !(sum > 0))
+                diag_at(&L->d, w, "%s.weights: the weights sum to 0", path);
+            for (int i = 0; i < n->n && sum > 0; i++)
+                pm->weights[i] /= sum;
+        }
+    }
+    if (L->d.n > errors_before || pm->n_files == 0 || !pm->mode)
+        return -1;
+    pr_module_spec spec;
+    pr_module_file_spec(pm->files[0], &spec);
+    pm->t = spec.technique;
+    pm->sites = spec.sites;
+    pm->base_name = keep(L->p, spec.name);
+    if (spec.layers) {
+        pm->layers = malloc((size_t)spec.n_layers * sizeof *pm->layers);
+        if (!pm->layers) {
+            L->oom = 1;
+            return -1;
+        }
+        memcpy(pm->layers, spec.layers, (size_t)spec.n_layers * sizeof *pm->layers);
+        pm->n_layers = spec.n_layers;
+        for (int i = 0; L->p->have_cfg && i < pm->n_layers; i++)
+            if (pm->layers[i] < 0 || pm->layers[i] >= L->p->cfg.n_layers) {
+                diag_at(&L->d, m, "%s: the saved module uses layer %d; this model has %d layers", path, pm->layers[i],
+                        L->p->cfg.n_layers);
+                return -1;
+            }
+    }
+    pm->opts = malloc((size_t)(spec.n_options ? spec.n_options : 1) * sizeof *pm->opts);
+    if (!pm->opts) {
+        L->oom = 1;
+        return -1;
+    }
+    memcpy(pm->opts, spec.options, (size_t)spec.n_options * sizeof *pm->opts);
+    pm->n_opts = spec.n_options;
+    pm->trainable = pm->mode != MODE_FROZEN;
+    return 0;
+}
+
 static int load_module(loader *L, const ynode *m, int idx, pipe_module *pm, const ynode **name_node)
 {
     static const char *const keys[] = { "technique", "name", "sites", "layers", "options", "site_options",
@@ -1522,6 +1717,8 @@ static int load_module(loader *L, const ynode *m, int idx, pipe_module *pm, cons
     *name_node = NULL;
     if (want_map(L, m, path))
         return -1;
+    if (map_get(m, "load") || map_get(m, "average"))
+        return load_saved(L, m, path, pm, name_node);
     int errors_before = L->d.n;
     check_keys(L, m, path, keys, (int)(sizeof keys / sizeof keys[0]));
     char kp[96];
@@ -1627,11 +1824,12 @@ static void load_modules(loader *L, const ynode *list)
         if (pm->name || !pm->t)
             continue;
         char cand[200];
+        const char *base = pm->base_name ? pm->base_name : pm->t->name;
         for (int k = 1;; k++) {
             if (k == 1)
-                snprintf(cand, sizeof cand, "%s", pm->t->name);
+                snprintf(cand, sizeof cand, "%s", base);
             else
-                snprintf(cand, sizeof cand, "%s_%d", pm->t->name, k);
+                snprintf(cand, sizeof cand, "%s_%d", base, k);
             int taken = 0;
             for (int j = 0; j < p->n_mods && !taken; j++)
                 taken = j != i && p->mods[j].name && !strcmp(p->mods[j].name, cand);
@@ -2106,13 +2304,27 @@ int pr_pipeline_build(pr_pipeline *p, pr_model **model, pr_tokenizer **tok, pr_e
         pr_model_free(m);
         return rc;
     }
+    /* saved modules were saved against this fingerprint of the base */
+    pr_model_fingerprint(m, p->base_fp, sizeof p->base_fp);
     for (int i = 0; i < p->n_mods; i++) {
+        pipe_module *pm = &p->mods[i];
         pr_module_spec spec;
-        fill_spec(p, &p->mods[i], &spec);
+        fill_spec(p, pm, &spec);
         spec.tokenizer = *tok;
         pr_error e = { 0 };
-        if ((rc = pr_module_attach(m, &spec, NULL, &e))) {
-            pr_errorf(err, (pr_status)rc, "%s: %s", p->mods[i].where, e.msg);
+        pr_module *mod = NULL;
+        rc = PR_OK;
+        if (pm->kind != MOD_TECHNIQUE && pm->mode != MODE_NEW && !pm->force)
+            for (int k = 0; k < pm->n_files && !rc; k++)
+                rc = pr_module_file_check_base(pm->files[k], p->base_fp, &e);
+        if (!rc)
+            rc = pr_module_attach(m, &spec, &mod, &e);
+        if (!rc && pm->kind == MOD_LOAD && pm->mode != MODE_NEW)
+            rc = pr_module_file_fill(pm->files[0], mod, &e);
+        if (!rc && pm->kind == MOD_AVERAGE)
+            rc = pr_module_files_fill_average(pm->files, pm->weights, pm->n_files, mod, &e);
+        if (rc) {
+            pr_errorf(err, (pr_status)rc, "%s: %s", pm->where, e.msg);
             pr_model_free(m);
             pr_tokenizer_free(*tok);
             *tok = NULL;
@@ -2121,6 +2333,11 @@ int pr_pipeline_build(pr_pipeline *p, pr_model **model, pr_tokenizer **tok, pr_e
     }
     *model = m;
     return PR_OK;
+}
+
+const char *pr_pipeline_base_fingerprint(const pr_pipeline *p)
+{
+    return p && p->base_fp[0] ? p->base_fp : NULL;
 }
 
 void pr_pipeline_train_config(const pr_pipeline *p, pr_train_config *cfg)
@@ -2132,4 +2349,193 @@ void pr_pipeline_train_config(const pr_pipeline *p, pr_train_config *cfg)
         return;
     }
     *cfg = p->tc;
+}
+
+/* ---- run outputs ------------------------------------------------------------------------------- */
+
+/* A YAML double-quoted scalar (JSON's escapes are YAML's). */
+static void yq(FILE *o, const char *s)
+{
+    fputc('"', o);
+    for (; *s; s++) {
+        unsigned char c = (unsigned char)*s;
+        if (c == '"' || c == '\\')
+            fprintf(o, "\\%c", c);
+        else if (c == '\n')
+            fputs("\\n", o);
+        else if (c < 0x20)
+            fprintf(o, "\\x%02x", c);
+        else
+            fputc(c, o);
+    }
+    fputc('"', o);
+}
+
+/* The shortest %g form of v that reads back as the same float (single)
+ * or double. */
+static const char *short_num(char *buf, size_t len, double v, int single)
+{
+    for (int prec = 1; prec <= 17; prec++) {
+        snprintf(buf, len, "%.*g", prec, v);
+        double r = strtod(buf, NULL);
+        if (single ? (float)r == (float)v : r == v)
+            break;
+    }
+    return buf;
+}
+
+/* An absolute form of path (as is when it cannot be resolved). */
+static void yq_abs(FILE *o, const char *path)
+{
+    char *r = realpath(path, NULL);
+    yq(o, r ? r : path);
+    free(r);
+}
+
+static const char *mod_name_of(const pr_model *m, int i)
+{
+    pr_module *mod = pr_model_module(m, i);
+    return mod ? pr_module_name(mod) : "?";
+}
+
+/* The resolved pipeline, every module loaded frozen: module files of the
+ * run are named relative to the run directory, others absolutely. */
+static int write_snapshot(const pr_pipeline *p, const pr_model *m, const char *path, pr_error *err)
+{
+    char *text = NULL;
+    size_t len = 0;
+    FILE *o = open_memstream(&text, &len);
+    if (!o)
+        return pr_errorf(err, PR_ERR_NOMEM, "%s: out of memory", path);
+    const pr_model_config *c = &p->cfg;
+    fprintf(o, "# The resolved pipeline of this run, every module loaded frozen (written by\n"
+               "# peftref %s).  Evaluate, sample or merge the run with\n"
+               "#   peftref eval --pipeline RUN, peftref generate RUN, peftref merge RUN --out DIR\n"
+               "# Relative paths are relative to this file's directory.\n", pr_version());
+    fprintf(o, "model:\n");
+    if (p->source == PR_PIPELINE_MODEL_PATH) {
+        fprintf(o, "  path: ");
+        yq_abs(o, p->model_name);
+        fputc('\n', o);
+    } else if (p->source == PR_PIPELINE_MODEL_PRESET) {
+        fprintf(o, "  preset: %s\n  seed: %llu\n", p->model_name, (unsigned long long)c->seed);
+    } else {
+        fprintf(o, "  config: {n_layers: %d, d_model: %d, n_heads: %d, n_kv_heads: %d, d_head: %d, d_ff: %d, "
+                   "vocab: %d, max_seq: %d, bias: %s, tied_head: %s}\n  seed: %llu\n",
+                c->n_layers, c->d_model, c->n_heads, c->n_kv_heads, c->d_head, c->d_ff, c->vocab_size, c->max_seq,
+                c->bias ? "true" : "false", c->tied_head ? "true" : "false", (unsigned long long)c->seed);
+    }
+    if (p->tok_dir && !(p->source == PR_PIPELINE_MODEL_PATH && !strcmp(p->tok_dir, p->model_name))) {
+        fprintf(o, "  tokenizer: ");
+        yq_abs(o, p->tok_dir);
+        fputc('\n', o);
+    }
+    fprintf(o, "modules:%s\n", p->n_mods ? "" : " []");
+    for (int i = 0; i < p->n_mods; i++) {
+        const pipe_module *pm = &p->mods[i];
+        const char *name = mod_name_of(m, i);
+        if (pm->kind == MOD_LOAD && pm->mode == MODE_FROZEN) {
+            fprintf(o, "  - load: ");
+            yq_abs(o, pr_module_file_path(pm->files[0]));
+        } else if (pm->kind == MOD_AVERAGE && pm->mode == MODE_FROZEN) {
+            fprintf(o, "  - average: [");
+            for (int k = 0; k < pm->n_files; k++) {
+                fprintf(o, "%s", k ? ", " : "");
+                yq_abs(o, pr_module_file_path(pm->files[k]));
+            }
+            fprintf(o, "]\n    weights: [");
+            for (int k = 0; k < pm->n_files; k++) {
+                char wb[40];
+                fprintf(o, "%s%s", k ? ", " : "", short_num(wb, sizeof wb, pm->weights[k], 0));
+            }
+            fprintf(o, "]");
+        } else {
+            fprintf(o, "  - load: ");
+            char rel[300];
+            snprintf(rel, sizeof rel, "modules/%s.safetensors", name);
+            yq(o, rel);
+        }
+        fprintf(o, "\n    mode: frozen\n    name: ");
+        yq(o, name);
+        fputc('\n', o);
+        if (pm->force)
+            fprintf(o, "    force: true\n");
+    }
+    const pr_train_config *t = &p->tc;
+    fprintf(o, "task:\n  type: %s\n  train: ", t->task ? t->task : "lm");
+    yq_abs(o, t->train_path);
+    fputc('\n', o);
+    if (t->val_path) {
+        fprintf(o, "  validation: ");
+        yq_abs(o, t->val_path);
+        fputc('\n', o);
+    }
+    char b[7][40];
+    fprintf(o, "  val_fraction: %s\n  format: %s\n", short_num(b[0], 40, t->val_fraction, 0),
+            t->format ? t->format : "auto");
+    fprintf(o, "train:\n  steps: %d\n  batch: %d\n  seq_len: %d\n  accum: %d\n  lr: %s\n  min_lr_ratio: %s\n"
+               "  schedule: %s\n  warmup: %d\n  weight_decay: %s\n  decay_all: %s\n  clip: %s\n",
+            t->steps, t->batch, t->seq_len, t->accum, short_num(b[0], 40, t->lr, 1),
+            short_num(b[1], 40, t->min_lr_ratio, 1), t->schedule ? t->schedule : "cosine", t->warmup,
+            short_num(b[2], 40, t->weight_decay, 1), t->decay_all ? "true" : "false", short_num(b[3], 40, t->clip, 1));
+    fprintf(o, "  beta1: %s\n  beta2: %s\n  eps: %s\n  head_lr_mult: %s\n  seed: %llu\n  eval_every: %d\n"
+               "  eval_batches: %d\n  log_every: %d\n  checkpoint_every: %d\n",
+            short_num(b[4], 40, t->beta1, 1), short_num(b[5], 40, t->beta2, 1), short_num(b[6], 40, t->eps, 1),
+            short_num(b[0], 40, t->head_lr_mult, 1), (unsigned long long)t->seed, t->eval_every, t->eval_batches,
+            t->log_every, t->ckpt_every);
+    if (fclose(o) != 0) {
+        free(text);
+        return pr_errorf(err, PR_ERR_NOMEM, "%s: out of memory", path);
+    }
+    int rc = fileio_write_atomic(path, text, len, err);
+    free(text);
+    return rc;
+}
+
+int pr_pipeline_save_run(const pr_pipeline *p, pr_model *m, const pr_train_result *res, pr_error *err)
+{
+    if (!p || !m)
+        return pr_errorf(err, PR_ERR_INVALID, "pipeline: NULL pipeline or model");
+    const char *out = p->tc.out_dir;
+    if (pr_model_n_modules(m) != p->n_mods)
+        return pr_errorf(err, PR_ERR_INVALID, "pipeline: the model has %d modules, the pipeline %d",
+                         pr_model_n_modules(m), p->n_mods);
+    char *dir = fileio_join(out, "modules");
+    if (!dir)
+        return pr_errorf(err, PR_ERR_NOMEM, "out of memory");
+    int rc = PR_OK;
+    if (mkdir(out, 0777) != 0 && errno != EEXIST)
+        rc = pr_errorf(err, PR_ERR_IO, "%s: cannot create the output directory: %s", out, strerror(errno));
+    if (!rc && p->n_mods && mkdir(dir, 0777) != 0 && errno != EEXIST)
+        rc = pr_errorf(err, PR_ERR_IO, "%s: cannot create it: %s", dir, strerror(errno));
+    pr_module_save_info info = { .base_fingerprint = pr_pipeline_base_fingerprint(p),
+                                 .steps = res ? res->steps_done : 0,
+                                 .final_train_loss = res && res->steps_done ? res->final_train_loss : NAN,
+                                 .final_val_loss = res ? res->final_val_loss : NAN };
+    for (int i = 0; i < p->n_mods && !rc; i++) {
+        const pipe_module *pm = &p->mods[i];
+        if (pm->kind != MOD_TECHNIQUE && pm->mode == MODE_FROZEN)
+            continue;  /* referenced, not copied */
+        pr_module *mod = pr_model_module(m, i);
+        char file[512];
+        snprintf(file, sizeof file, "%s/%s.safetensors", dir, pr_module_name(mod));
+        pr_module_save_info mi = info;
+        if (pm->kind != MOD_TECHNIQUE && pm->mode == MODE_CONTINUE) {
+            /* steps count from the saved module's own training */
+            const char *tr = pr_module_file_meta(pm->files[0], "training");
+            const char *st = tr ? strstr(tr, "\"steps\":") : NULL;
+            if (st)
+                mi.steps += strtoll(st + 8, NULL, 10);
+        }
+        rc = pr_module_save(mod, file, &mi, err);
+    }
+    free(dir);
+    if (rc)
+        return rc;
+    char *snap = fileio_join(out, "pipeline.yaml");
+    if (!snap)
+        return pr_errorf(err, PR_ERR_NOMEM, "out of memory");
+    rc = write_snapshot(p, m, snap, err);
+    free(snap);
+    return rc;
 }

@@ -17,6 +17,9 @@ int cmd_plugins(int argc, char **argv);
 /* `peftref typology` (core/cli/cmd_typology.c). */
 int cmd_typology(int argc, char **argv);
 int cmd_plan(int argc, char **argv);
+/* `peftref merge` and `peftref generate` (core/cli/cmd_merge.c, cmd_generate.c). */
+int cmd_merge(int argc, char **argv);
+int cmd_generate(int argc, char **argv);
 
 /* Pipelines (core/cli/cmd_plan.c): open the plugin registry and load path
  * with the --set overrides, printing every diagnostic line to stderr. */
@@ -28,6 +31,15 @@ int cli_pipeline_print_counts(const char *cmd, const pr_pipeline *pipe, FILE *ou
 int cli_is_pipeline(const char *s);
 /* `peftref plugins check` (core/cli/cmd_check.c), dispatched by cmd_plugins. */
 int cmd_plugins_check(int argc, char **argv);
+/* A pipeline named as a file, or a run directory RUN standing for
+ * RUN/pipeline.yaml (what peftref train writes): the file's path in buf,
+ * or NULL when arg is neither. */
+const char *cli_pipeline_file(const char *arg, char *buf, size_t len);
+/* Load (as cli_pipeline_open) and build a pipeline given as a file or run
+ * directory: the model with its modules and the tokenizer.  Returns the
+ * exit status; on failure everything is freed. */
+int cli_pipeline_build(const char *cmd, const char *arg, const char *const *sets, int n_sets, pr_registry **reg,
+                       pr_pipeline **pipe, pr_model **m, pr_tokenizer **tok);
 
 /* Read a whole file ("-" = stdin).  *data is NUL-terminated (free() it). */
 int cli_read_file(const char *path, char **data, size_t *len, pr_error *err);

@@ -11,7 +11,8 @@
 #include "runtime.h"
 
 static const char eval_usage[] =
-    "usage: peftref eval (--model DIR | --preset NAME [--seed N] [--tokenizer DIR])\n"
+    "usage: peftref eval (--model DIR | --preset NAME [--seed N] [--tokenizer DIR] |\n"
+    "                     --pipeline (PIPELINE.yaml | RUN) [--set KEY=VALUE ...])\n"
     "                    --data FILE --seq-len T [--batch N] [--json]\n"
     "\n"
     "Evaluate a causal language model on a text file.  FILE's bytes (\"-\" for\n"
@@ -25,6 +26,10 @@ static const char eval_usage[] =
     "  --preset NAME     a built-in shape with seeded random init (gpt2-tiny, gpt2-small)\n"
     "  --seed N          seed for --preset's random init (default: the preset's)\n"
     "  --tokenizer DIR   directory with the tokenizer for --preset (vocab.json, merges.txt)\n"
+    "  --pipeline P      a pipeline's model with its modules attached; a run directory\n"
+    "                    RUN stands for RUN/pipeline.yaml (its modules loaded frozen);\n"
+    "                    --seq-len defaults to the pipeline's train.seq_len\n"
+    "  --set KEY=VALUE   override a value of --pipeline\n"
     "  --data FILE       text to evaluate on (\"-\" = stdin)\n"
     "  --seq-len T       window length in tokens (required)\n"
     "  --batch N         windows per forward pass (default 4)\n"
@@ -38,9 +43,12 @@ int cmd_eval(int argc, char **argv)
         {"seed", required_argument, 0, 's'},   {"tokenizer", required_argument, 0, 'k'},
         {"data", required_argument, 0, 'd'},   {"seq-len", required_argument, 0, 't'},
         {"batch", required_argument, 0, 'b'},  {"json", no_argument, 0, 'j'},
+        {"pipeline", required_argument, 0, 'P'}, {"set", required_argument, 0, 'S'},
         {"help", no_argument, 0, 'h'},         {0, 0, 0, 0}};
     const char *model_dir = NULL, *preset = NULL, *tok_dir = NULL, *data_path = NULL;
-    int T = 0, batch = 4, json = 0, seed = -1;
+    int T = 0, batch = 4, json = 0, seed = -1, n_sets = 0;
+    const char *pipeline = NULL;
+    const char *sets[64];
     optind = 1;
     opterr = 0;
     int c;
@@ -54,6 +62,14 @@ int cmd_eval(int argc, char **argv)
         case 't': if (cli_parse_int("eval", "--seq-len", optarg, 1, 1 << 20, &T)) return 2; break;
         case 'b': if (cli_parse_int("eval", "--batch", optarg, 1, 4096, &batch)) return 2; break;
         case 'j': json = 1; break;
+        case 'P': pipeline = optarg; break;
+        case 'S':
+            if (n_sets == 64) {
+                fprintf(stderr, "peftref eval: at most 64 --set options\n");
+                return 2;
+            }
+            sets[n_sets++] = optarg;
+            break;
         case 'h': fputs(eval_usage, stdout); return 0;
         case ':':
             fprintf(stderr, "peftref eval: option '%s' needs a value\n%s", argv[optind - 1], eval_usage);
@@ -67,11 +83,12 @@ int cmd_eval(int argc, char **argv)
         fprintf(stderr, "peftref eval: unexpected argument '%s'\n%s", argv[optind], eval_usage);
         return 2;
     }
-    if (!!model_dir == !!preset) {
-        fprintf(stderr, "peftref eval: give exactly one of --model DIR or --preset NAME\n%s", eval_usage);
+    if (!!model_dir + !!preset + !!pipeline != 1) {
+        fprintf(stderr, "peftref eval: give exactly one of --model DIR, --preset NAME or --pipeline P\n%s",
+                eval_usage);
         return 2;
     }
-    if (!data_path || T == 0) {
+    if (!data_path || (T == 0 && !pipeline)) {
         fprintf(stderr, "peftref eval: --data FILE and --seq-len T are required\n%s", eval_usage);
         return 2;
     }
@@ -86,8 +103,20 @@ int cmd_eval(int argc, char **argv)
     int rc = 1;
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
-    if (cli_load_model(model_dir, preset, seed, &m, &err) ||
-        cli_load_tokenizer(model_dir ? model_dir : tok_dir, m, &tok, &err) ||
+    pr_registry *reg = NULL;
+    pr_pipeline *pipe = NULL;
+    if (pipeline) {
+        if ((rc = cli_pipeline_build("eval", pipeline, sets, n_sets, &reg, &pipe, &m, &tok)))
+            goto done;
+        rc = 1;
+        if (T == 0) {
+            pr_train_config tc;
+            pr_pipeline_train_config(pipe, &tc);
+            T = tc.seq_len;
+        }
+    }
+    if ((!pipeline && (cli_load_model(model_dir, preset, seed, &m, &err) ||
+                       cli_load_tokenizer(model_dir ? model_dir : tok_dir, m, &tok, &err))) ||
         cli_read_file(data_path, &text, &len, &err) ||
         pr_tokenizer_encode(tok, text, len, &ids, &n, &err)) {
         fprintf(stderr, "peftref eval: %s\n", err.msg);
@@ -113,5 +142,7 @@ done:
     free(text);
     pr_tokenizer_free(tok);
     pr_model_free(m);
+    pr_pipeline_free(pipe);
+    pr_registry_free(reg);
     return rc;
 }

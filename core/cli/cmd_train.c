@@ -8,10 +8,11 @@
 #include <string.h>
 
 #include "cli.h"
+#include "fileio.h"
+#include "run.h"
 #include "runtime.h"
 
 static const char train_usage[] =
-    "usage: peftref train PIPELINE.yaml [--set KEY=VALUE ...] [--resume] [--progress MODE] [--quiet]\n"
     "       peftref train (--model DIR | --preset NAME [model options]) --data FILE --out DIR\n"
     "                     [training options]\n"
     "\n"
@@ -20,6 +21,10 @@ static const char train_usage[] =
     "the modules (and any base tensors a selection technique chose) with the\n"
     "pipeline's settings.  --set overrides a value by its dotted path\n"
     "(train.steps=10, modules.0.options.r=4) before the pipeline is checked.\n"
+    "Besides checkpoint.safetensors and metrics.jsonl, train.output gets\n"
+    "modules/NAME.safetensors for every module not loaded frozen, pipeline.yaml\n"
+    "(the run as a pipeline of frozen modules: peftref eval --pipeline RUN)\n"
+    "and loss.svg (training and validation loss per step).\n"
     "\n"
     "Train the selected tensors of a model (default: all of them, i.e. full\n"
     "finetuning) with AdamW.  A checkpoint (trainable tensors, optimizer state,\n"
@@ -141,6 +146,31 @@ static int report_result(int trc, const pr_train_result *res, const pr_error *er
     return 0;
 }
 
+/* What a pipeline run leaves in train.output besides checkpoint.safetensors
+ * and metrics.jsonl: modules/NAME.safetensors, pipeline.yaml, loss.svg. */
+static int save_outputs(const pr_pipeline *pipe, pr_model *m, const pr_train_config *tc, const pr_train_result *res)
+{
+    pr_error err = {0};
+    char *metrics = fileio_join(tc->out_dir, "metrics.jsonl"), *svg = fileio_join(tc->out_dir, "loss.svg");
+    char title[512];
+    const char *base = strrchr(pr_pipeline_path(pipe), '/');
+    snprintf(title, sizeof title, "%s: loss per step", base ? base + 1 : pr_pipeline_path(pipe));
+    int rc = 0;
+    if (!metrics || !svg)
+        rc = pr_errorf(&err, PR_ERR_NOMEM, "out of memory");
+    else if (pr_pipeline_save_run(pipe, m, res, &err) == PR_OK)
+        rc = run_loss_svg(metrics, svg, title, &err);
+    else
+        rc = 1;
+    if (rc)
+        fprintf(stderr, "peftref train: %s\n", err.msg);
+    else if (!tc->quiet)
+        fprintf(stderr, "peftref train: wrote %s/modules, %s/pipeline.yaml and %s\n", tc->out_dir, tc->out_dir, svg);
+    free(metrics);
+    free(svg);
+    return rc ? 1 : 0;
+}
+
 /* peftref train PIPELINE.yaml [--set KEY=VALUE ...] [--resume] [--quiet] [--save DIR] */
 static int train_pipeline(int argc, char **argv)
 {
@@ -217,6 +247,8 @@ static int train_pipeline(int argc, char **argv)
         pr_train_result res;
         int trc = pr_train(m, tok, &tc, &res, &err);
         rc = report_result(trc, &res, &err);
+        if (trc == 0)
+            rc = save_outputs(pipe, m, &tc, &res);
         /* the base model as trained (full finetuning, selection), without modules */
         if (rc == 0 && save_dir &&
             pr_model_save_hf(m, save_dir, pr_pipeline_tokenizer_dir(pipe), &err)) {

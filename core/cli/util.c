@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "cli.h"
 
@@ -85,4 +86,49 @@ int cli_load_tokenizer(const char *dir, const pr_model *m, pr_tokenizer **tok, p
     return pr_errorf(err, PR_ERR_INVALID,
                      "this preset's vocabulary (%d) needs a tokenizer: give --tokenizer DIR",
                      pr_model_get_config(m)->vocab_size);
+}
+
+const char *cli_pipeline_file(const char *arg, char *buf, size_t len)
+{
+    struct stat st;
+    if (!arg)
+        return NULL;
+    if (stat(arg, &st) == 0 && S_ISDIR(st.st_mode)) {
+        snprintf(buf, len, "%s/pipeline.yaml", arg);
+        return buf;
+    }
+    if (cli_is_pipeline(arg)) {
+        snprintf(buf, len, "%s", arg);
+        return buf;
+    }
+    return NULL;
+}
+
+int cli_pipeline_build(const char *cmd, const char *arg, const char *const *sets, int n_sets, pr_registry **reg,
+                       pr_pipeline **pipe, pr_model **m, pr_tokenizer **tok)
+{
+    char path[4096];
+    *reg = NULL;
+    *pipe = NULL;
+    *m = NULL;
+    *tok = NULL;
+    if (!cli_pipeline_file(arg, path, sizeof path)) {
+        fprintf(stderr, "peftref %s: '%s' is neither a pipeline (.yaml) nor a run directory\n", cmd, arg);
+        return 2;
+    }
+    int rc = cli_pipeline_open(cmd, path, sets, n_sets, reg, pipe);
+    if (rc == 0) {
+        pr_error err = {0};
+        if (pr_pipeline_build(*pipe, m, tok, &err)) {
+            fprintf(stderr, "peftref %s: %s\n", cmd, err.msg);
+            rc = 1;
+        }
+    }
+    if (rc) {
+        pr_pipeline_free(*pipe);
+        pr_registry_free(*reg);
+        *pipe = NULL;
+        *reg = NULL;
+    }
+    return rc;
 }

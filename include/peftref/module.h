@@ -116,6 +116,151 @@ const pr_option_value *pr_module_option(const pr_module *mod, int i);
 int pr_module_merge(pr_module *mod, pr_error *err);
 int pr_module_unmerge(pr_module *mod, pr_error *err);
 
+/* ---- what a module holds, for saving (docs/modules.md) --------------------- */
+
+/* The model the module is attached to. */
+pr_model *pr_module_model(const pr_module *mod);
+/* Detach one module and free it (the others stay, in their order). */
+void pr_module_detach(pr_module *mod);
+/* 1 when the module's parameters train (0: frozen). */
+int pr_module_is_trainable(const pr_module *mod);
+/* The chosen layers, ascending; NULL (with *n the model's layer count)
+ * when every layer was chosen. */
+const int *pr_module_layers(const pr_module *mod, int *n);
+/* Option i as resolved at site (per-site overrides applied). */
+const pr_option_value *pr_module_site_option(const pr_module *mod, int site, int i);
+/* Base tensors a trainable selection module made trainable, by name. */
+int pr_module_n_selected(const pr_module *mod);
+const char *pr_module_selected(const pr_module *mod, int i);
+
+/* One allocated parameter copy (or the host's gate of a gated insertion,
+ * param "gate"). */
+typedef struct pr_module_param {
+    const char *name;    /* tensor name in the model's table, "<module>/..." */
+    const char *param;   /* the declaration's name, e.g. "lora_A" */
+    uint32_t flags;      /* pr_param_flags */
+    int scope;           /* pr_scope */
+    int site, layer;     /* of the (first) insertion using it; layer -1 when not per layer */
+    int ndim;
+    int64_t shape[4];
+    int64_t numel;
+    float *data;
+    int trained;
+} pr_module_param;
+
+int pr_module_n_params(const pr_module *mod);
+int pr_module_param_at(const pr_module *mod, int i, pr_module_param *out);
+
+typedef int (*pr_module_param_fn)(void *arg, const pr_module_param *p, pr_error *err);
+/* Run the technique's fold() (plugin.h) and hand each tensor of its
+ * fold_params to fn (copies grouped by scope like parameters, named like
+ * them).  Nothing happens for a technique without fold_params. */
+int pr_module_fold(pr_module *mod, pr_module_param_fn fn, void *arg, pr_error *err);
+
+/* ---- saved modules (core/module_io.c, docs/modules.md) --------------------
+ *
+ * A saved module is one safetensors file: its parameters (folded when the
+ * technique has training-only ones; Hugging Face PEFT's tensor names where
+ * the technique exists in PEFT) and __metadata__ strings naming the
+ * technique and its version, the resolved options, sites and layers, the
+ * base model's fingerprint, a training summary and the peftref version. */
+
+/* Fingerprint of a model's base tensors and shape: "fp1:" + 16 hex digits
+ * of a 64-bit FNV-1a hash over the config and every base tensor's name,
+ * shape and values (all of a tensor up to 65536 elements, 65536 evenly
+ * spaced ones of a larger one).  Module tensors are left out.  Call it
+ * before a selection module trains or a module is merged. */
+void pr_model_fingerprint(const pr_model *m, char *buf, size_t len);
+
+typedef struct pr_module_save_info {
+    const char *base_fingerprint;  /* NULL: pr_model_fingerprint of the model now */
+    int64_t steps;                 /* training steps behind the values (0: none) */
+    double final_train_loss;       /* NaN when unknown */
+    double final_val_loss;         /* NaN when unknown */
+} pr_module_save_info;
+
+/* Write mod to path (atomically).  info may be NULL. */
+int pr_module_save(pr_module *mod, const char *path, const pr_module_save_info *info, pr_error *err);
+
+/* An opened saved module (memory-mapped). */
+typedef struct pr_module_file pr_module_file;
+
+/* Open path and check its metadata: the technique exists in reg and its
+ * version's major matches the file's, options, sites and layers parse. */
+int pr_module_file_open(const char *path, const pr_registry *reg, pr_module_file **out, pr_error *err);
+void pr_module_file_close(pr_module_file *f);
+const char *pr_module_file_path(const pr_module_file *f);
+/* A __metadata__ value, or NULL. */
+const char *pr_module_file_meta(const pr_module_file *f, const char *key);
+/* The saved configuration as a spec (technique, name, sites, layers,
+ * options; trainable 1, seed 0, no tokenizer); pointers live as long as f. */
+void pr_module_file_spec(const pr_module_file *f, pr_module_spec *spec);
+/* PR_OK when fingerprint (pr_model_fingerprint) equals the file's; an
+ * error naming both otherwise. */
+int pr_module_file_check_base(const pr_module_file *f, const char *fingerprint, pr_error *err);
+/* Copy the file's values into mod (attached with the file's spec): every
+ * parameter, or for a selection module the base tensors it saved.  Shapes
+ * must match exactly. */
+int pr_module_file_fill(const pr_module_file *f, pr_module *mod, pr_error *err);
+/* The same for the weighted mean of n files (weights sum to 1): files
+ * must hold one technique with identical options, sites, layers and
+ * tensors; an error names two files and what differs. */
+int pr_module_files_fill_average(pr_module_file *const *f, const double *weights, int n, pr_module *mod,
+                                 pr_error *err);
+int pr_module_files_compatible(pr_module_file *const *f, int n, pr_error *err);
+
+/* Attach a saved module to m: a new attach with the file's spec, then its
+ * values.  name NULL keeps the saved name; trainable 0 freezes it;
+ * force 1 accepts a base-model fingerprint that differs. */
+typedef struct pr_module_load_options {
+    const char *name;
+    int trainable;
+    int force;
+    const char *base_fingerprint;  /* NULL: pr_model_fingerprint(m) now */
+} pr_module_load_options;
+
+int pr_module_load(pr_model *m, const char *path, const pr_registry *reg, const pr_module_load_options *opt,
+                   pr_module **out, pr_error *err);
+
+/* ---- composition: gates and fusion (docs/pipeline.md, "Composition") ------ */
+
+/* 1 when the module sits behind a learned gate (spec gate, or GATED_ADD). */
+int pr_module_is_gated(const pr_module *mod);
+
+/* AdapterFusion (Pfeiffer et al. 2021, arXiv 2005.00247): one fusion
+ * module over n >= 2 attached, frozen modules of additive integration
+ * (direct, scaled or gated addition) that share their sites and layers.
+ * At each insertion the fused modules' own integration stops; their
+ * contributions h_i (what each would have added to the site output y)
+ * are combined by attention per position,
+ *     a = softmax_i((y W_Q) . (h_i W_K)),   y <- y + sum_i a_i (h_i W_V),
+ * with W_Q, W_K, W_V (d_out x d_out) the fusion's only parameters
+ * ("<name>/h.<layer>.<site>.query", ".key", ".value"; W_Q and W_K
+ * normal(0, 0.02), W_V the identity plus 1e-6 off the diagonal, so it
+ * starts as the mean of the contributions).  The fused modules leave the
+ * model's module list and belong to the fusion module: detaching it
+ * detaches them. */
+typedef struct pr_fusion_spec {
+    const char *name;            /* NULL: "fusion" */
+    pr_module *const *modules;
+    int n_modules;
+    int trainable;
+    uint64_t seed;
+} pr_fusion_spec;
+
+int pr_module_fuse(pr_model *m, const pr_fusion_spec *spec, pr_module **out, pr_error *err);
+
+/* What fusing modules attached with spec `fused` would add to a model of
+ * shape cfg (3 d_out^2 per insertion). */
+int pr_fusion_plan_for(const pr_model_config *cfg, const pr_module_spec *fused, pr_module_plan *out,
+                       pr_error *err);
+
+/* The modules a fusion module combines (0 for any other module), and the
+ * fusion module a fused module belongs to (NULL when it is not fused). */
+int pr_module_n_fused(const pr_module *mod);
+pr_module *pr_module_fused(const pr_module *mod, int i);
+pr_module *pr_module_fused_by(const pr_module *mod);
+
 #ifdef __cplusplus
 }
 #endif

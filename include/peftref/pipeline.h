@@ -112,6 +112,19 @@ int pr_pipeline_build(pr_pipeline *p, pr_model **model, pr_tokenizer **tok, pr_e
 /* The task and train settings.  Strings point into p. */
 void pr_pipeline_train_config(const pr_pipeline *p, pr_train_config *cfg);
 
+/* ---- saved modules and run outputs (docs/pipeline.md, docs/modules.md) ---- */
+
+/* The base model's pr_model_fingerprint, taken by pr_pipeline_build before
+ * any module was attached (NULL before a build). */
+const char *pr_pipeline_base_fingerprint(const pr_pipeline *p);
+
+/* After training m (built from p): write train.output/modules/NAME.safetensors
+ * for every module that was not loaded frozen (those are referenced, not
+ * copied) and train.output/pipeline.yaml, the resolved pipeline with every
+ * module loaded frozen, so that `peftref eval --pipeline RUN` reloads the
+ * run.  res (may be NULL) gives the training summary saved with them. */
+int pr_pipeline_save_run(const pr_pipeline *p, pr_model *m, const pr_train_result *res, pr_error *err);
+
 #ifdef __cplusplus
 }
 #endif
