@@ -33,8 +33,9 @@ static int setup_all(void **state)
     (void)state;
     pr_error err = { 0 };
     if (pr_registry_open(PLUGINS, &reg, &err) != PR_OK || !pr_registry_find(reg, "lora") ||
-        !pr_registry_find(reg, "ia3")) {
-        fprintf(stderr, "registry: need lora and ia3 in %s: %s\n", PLUGINS, err.msg);
+        !pr_registry_find(reg, "ia3") || !pr_registry_find(reg, "prefix_tuning_mlp") ||
+        !pr_registry_find(reg, "prompt_tuning")) {
+        fprintf(stderr, "registry: need lora, ia3, prompt and prefix tuning in %s: %s\n", PLUGINS, err.msg);
         return -1;
     }
     tmp = strdup("/tmp/peftref-module-io-XXXXXX");
@@ -233,6 +234,60 @@ static void test_roundtrip_ia3(void **state)
                                      "\"shape\":[96,1]"));
     assert_non_null(strstr(head + 8, "\"base_model.model.transformer.h.1.mlp.c_proj.ia3_l\":{\"dtype\":\"F32\","
                                      "\"shape\":[1,64]"));
+    free(path);
+}
+
+static void test_roundtrip_prompt(void **state)
+{
+    (void)state;
+    pr_option_setting o[] = { { "n_tokens", "3", -1 } };
+    roundtrip("prompt_tuning", 0, o, 1, "prompt.safetensors", "peft");
+    char *path = path_in("prompt.safetensors");
+    FILE *fp = fopen(path, "rb");
+    assert_non_null(fp);
+    char head[4096] = { 0 };
+    assert_true(fread(head, 1, sizeof head - 1, fp) > 8);
+    fclose(fp);
+    assert_non_null(strstr(head + 8, "\"prompt_embeddings\":{\"dtype\":\"F32\",\"shape\":[3,32]"));
+    free(path);
+}
+
+/* prefix_tuning_mlp's MLP is training-only: saving folds it into the
+ * per-layer prefixes (PEFT's prompt_embeddings, n x 2 L d_kv), which load
+ * as a prefix_tuning module giving the same outputs. */
+static void test_fold_prefix_mlp(void **state)
+{
+    (void)state;
+    pr_model *a = tiny_model(11);
+    pr_option_setting o[] = { { "n_tokens", "4", -1 }, { "encoder_hidden_size", "16", -1 } };
+    pr_module *mod = attach(a, "prefix_tuning_mlp", "px", 0, o, 2);
+    randomise(mod, 9);
+    float la = eval_loss(a);
+    char *path = path_in("px.safetensors");
+    pr_error err = { 0 };
+    assert_int_equal(pr_module_save(mod, path, NULL, &err), PR_OK);
+    FILE *fp = fopen(path, "rb");
+    assert_non_null(fp);
+    char head[4096] = { 0 };
+    assert_true(fread(head, 1, sizeof head - 1, fp) > 8);
+    fclose(fp);
+    assert_non_null(strstr(head + 8, "\"prompt_embeddings\":{\"dtype\":\"F32\",\"shape\":[4,128]"));
+    assert_null(strstr(head + 8, "transform_0_weight"));
+    assert_non_null(strstr(head + 8, "\"folded\":\"true\""));
+
+    pr_model *b = tiny_model(11);
+    pr_module_load_options lo = { 0 };
+    pr_module *back = NULL;
+    int rc = pr_module_load(b, path, reg, &lo, &back, &err);
+    if (rc)
+        fprintf(stderr, "load: %s\n", err.msg);
+    assert_int_equal(rc, PR_OK);
+    assert_string_equal(pr_module_technique(back)->name, "prefix_tuning");
+    assert_int_equal(pr_module_param_count(back), 2 * (2 * 4 * 32));
+    float lb = eval_loss(b);
+    assert_true(fabsf(la - lb) <= 1e-5f);
+    pr_model_free(a);
+    pr_model_free(b);
     free(path);
 }
 
@@ -665,6 +720,8 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_roundtrip_lora_peft_names),
         cmocka_unit_test(test_roundtrip_lora_host_names),
         cmocka_unit_test(test_roundtrip_ia3),
+        cmocka_unit_test(test_roundtrip_prompt),
+        cmocka_unit_test(test_fold_prefix_mlp),
         cmocka_unit_test(test_fingerprint_mismatch),
         cmocka_unit_test(test_modes),
         cmocka_unit_test(test_reuse_frozen_with_new),
