@@ -1707,133 +1707,17 @@ static int load_saved(loader *L, const ynode *m, const char *path, pipe_module *
     return 0;
 }
 
-/* `fuse: [FILE, ...]`: saved modules attached frozen and combined by an
- * AdapterFusion module, the entry's module (docs/pipeline.md,
- * "Composition"); load: starts the fusion from saved fusion weights. */
-static int load_fuse(loader *L, const ynode *m, const char *path, pipe_module *pm, const ynode **name_node)
-{
-    static const char *const keys[] = { "fuse", "name", "seed", "trainable", "force", "load" };
-    int errors_before = L->d.n;
-    char kp[96];
-    pm->kind = MOD_FUSE;
-    pm->trainable = 1;
-    check_keys(L, m, path, keys, (int)(sizeof keys / sizeof keys[0]));
-    const ynode *n;
-    int b;
-    long long v;
-    if ((n = map_get(m, "trainable")) && !get_bool(L, n, (snprintf(kp, sizeof kp, "%s.trainable", path), kp), &b))
-        pm->trainable = b;
-    if ((n = map_get(m, "force")) && !get_bool(L, n, (snprintf(kp, sizeof kp, "%s.force", path), kp), &b))
-        pm->force = b;
-    if ((n = map_get(m, "seed")) && !get_int(L, n, (snprintf(kp, sizeof kp, "%s.seed", path), kp), 0, LLONG_MAX, &v)) {
-        pm->seed = (uint64_t)v;
-        pm->has_seed = 1;
-    }
-    if ((n = map_get(m, "name"))) {
-        snprintf(kp, sizeof kp, "%s.name", path);
-        if (!get_string(L, n, kp, &pm->name)) {
-            if (!name_ok(pm->name))
-                diag_at(&L->d, n, "%s: '%s' is not a module name (no '/', spaces or control characters)", kp,
-                        pm->name);
-            else
-                *name_node = n;
-        }
-    }
-    if ((n = map_get(m, "load"))) {
-        const char *s;
-        snprintf(kp, sizeof kp, "%s.load", path);
-        if (!get_string(L, n, kp, &s) && (pm->fusion_load = resolve_path(L, n, s)))
-            check_exists(L, n, kp, pm->fusion_load, 0);
-    }
-    n = map_get(m, "fuse");
-    snprintf(kp, sizeof kp, "%s.fuse", path);
-    if (n->kind != Y_SEQ || n->n < 2) {
-        char g[200];
-        got(g, sizeof g, n);
-        diag_at(&L->d, n, "%s: expected a list of at least two saved module files to fuse, got %s", kp,
-                n->kind == Y_SEQ ? "a shorter list" : g);
-        return -1;
-    }
-    for (int i = 0; i < n->n; i++) {
-        char ip[112];
-        snprintf(ip, sizeof ip, "%s.%d", kp, i);
-        pr_module_file *f = open_saved(L, n->vals[i], ip);
-        if (f)
-            push_file(L, pm, f);
-    }
-    if (L->d.n > errors_before || pm->n_files != n->n)
-        return -1;
-    /* the fusion attaches where the fused modules do */
-    pr_module_spec spec;
-    pr_module_file_spec(pm->files[0], &spec);
-    pm->t = pr_fusion_technique();
-    pm->sites = spec.sites;
-    if (spec.layers) {
-        pm->layers = malloc((size_t)spec.n_layers * sizeof *pm->layers);
-        if (!pm->layers) {
-            L->oom = 1;
-            return -1;
-        }
-        memcpy(pm->layers, spec.layers, (size_t)spec.n_layers * sizeof *pm->layers);
-        pm->n_layers = spec.n_layers;
-    }
-    return 0;
-}
-
-/* The plan of a fuse entry: the fusion's parameters plus every fused
- * module's (frozen); the files must be additive modules sharing their
- * sites and layers. */
-static void plan_fuse(loader *L, const ynode *at, pipe_module *pm)
-{
-    const pr_pipeline *p = L->p;
-    pr_module_plan first = { 0 };
-    int64_t kid_params = 0;
-    for (int k = 0; k < pm->n_files; k++) {
-        pr_module_spec ks;
-        pr_module_file_spec(pm->files[k], &ks);
-        ks.trainable = 0;
-        pr_module_plan kp, fp;
-        pr_error e = { 0 };
-        if (pr_fusion_plan_for(&p->cfg, &ks, pm->trainable, &fp, &e) || pr_module_plan_for(&p->cfg, &ks, &kp, &e)) {
-            diag_at(&L->d, at, "%s: %s", pr_module_file_path(pm->files[k]), e.msg);
-            return;
-        }
-        if (k == 0) {
-            first = kp;
-            pm->plan = fp;
-            pm->sites = kp.sites;
-        } else {
-            pr_module_spec s0;
-            pr_module_file_spec(pm->files[0], &s0);
-            int same = kp.sites == first.sites && (ks.layers == NULL) == (s0.layers == NULL) &&
-                       (!ks.layers || ks.n_layers == s0.n_layers);
-            for (int l = 0; same && ks.layers && l < ks.n_layers; l++)
-                same = ks.layers[l] == s0.layers[l];
-            if (!same) {
-                diag_at(&L->d, at, "%s and %s attach at different sites or layers; fused modules must share them",
-                        pr_module_file_path(pm->files[0]), pr_module_file_path(pm->files[k]));
-                return;
-            }
-        }
-        kid_params += kp.params;
-    }
-    pm->plan.params += kid_params;
-    pm->planned = 1;
-}
-
 static int load_module(loader *L, const ynode *m, int idx, pipe_module *pm, const ynode **name_node)
 {
     static const char *const keys[] = { "technique", "name", "sites", "layers", "options", "site_options",
-                                        "trainable", "seed", "gate" };
+                                        "trainable", "seed" };
     char path[64];
-    snprintf(path, sizeof path, "%smodules.%d", L->mod_prefix ? L->mod_prefix : "", idx);
+    snprintf(path, sizeof path, "modules.%d", idx);
     snprintf(pm->where, sizeof pm->where, "%s:%d:%d", m->src, m->line, m->col);
     pm->trainable = 1;
     *name_node = NULL;
     if (want_map(L, m, path))
         return -1;
-    if (map_get(m, "fuse"))
-        return load_fuse(L, m, path, pm, name_node);
     if (map_get(m, "load") || map_get(m, "average"))
         return load_saved(L, m, path, pm, name_node);
     int errors_before = L->d.n;
