@@ -626,6 +626,9 @@ struct pr_pipeline {
     int n_mods;
     pr_train_config tc;
     const pr_registry *reg;
+    const char **arm_names;      /* compare.arms, in order (strings kept in strs) */
+    int n_arms;
+    const char *arm;             /* the arm applied, or NULL for the base */
     char base_fp[64];            /* pr_model_fingerprint of the base, set by build */
 };
 
@@ -663,6 +666,7 @@ void pr_pipeline_free(pr_pipeline *p)
     for (int i = 0; i < p->n_strs; i++)
         free(p->strs[i]);
     free(p->strs);
+    free(p->arm_names);
     pr_model_free(p->loaded);
     free(p->path);
     free(p);
@@ -678,6 +682,7 @@ typedef struct loader {
     pr_model *shape;           /* tensor table only (or the loaded model), for site checks */
     int shape_owned;
     int oom;
+    const char *mod_prefix;    /* "compare.arms.N." while checking an arm's modules */
 } loader;
 
 static const char *kind_name(const ynode *n)
@@ -1712,7 +1717,7 @@ static int load_module(loader *L, const ynode *m, int idx, pipe_module *pm, cons
     static const char *const keys[] = { "technique", "name", "sites", "layers", "options", "site_options",
                                         "trainable", "seed" };
     char path[64];
-    snprintf(path, sizeof path, "modules.%d", idx);
+    snprintf(path, sizeof path, "%smodules.%d", L->mod_prefix ? L->mod_prefix : "", idx);
     snprintf(pm->where, sizeof pm->where, "%s:%d:%d", m->src, m->line, m->col);
     pm->trainable = 1;
     *name_node = NULL;
@@ -1814,8 +1819,8 @@ static void load_modules(loader *L, const ynode *list)
     for (int i = 0; i < p->n_mods; i++)
         for (int j = 0; j < i && name_nodes[i]; j++)
             if (name_nodes[j] && !strcmp(p->mods[i].name, p->mods[j].name)) {
-                diag_at(&L->d, name_nodes[i], "modules.%d.name: duplicate module name '%s' (modules.%d, line %d)", i,
-                        p->mods[i].name, j, name_nodes[j]->line);
+                diag_at(&L->d, name_nodes[i], "%smodules.%d.name: duplicate module name '%s' (modules.%d, line %d)",
+                        L->mod_prefix ? L->mod_prefix : "", i, p->mods[i].name, j, name_nodes[j]->line);
                 ok[i] = 0;
                 break;
             }
@@ -1882,18 +1887,17 @@ static int match_key(const ynode *map, char **seg, int i, int n_seg, const char 
     return 1;
 }
 
-static void apply_override(loader *L, ynode **root, const char *text, int ordinal)
+/* Set the value at the dotted key path text[0..klen) (train.steps,
+ * modules.0.options.r) in *root: val, taken over, or else value_text
+ * parsed as YAML (an override's VALUE).  What this reports and the nodes
+ * it creates are located at (src, line), a segment of the path at column
+ * col0 + its 1-based offset in the path. */
+static void apply_path(loader *L, ynode **root, const char *text, size_t klen, const char *value_text, ynode *val,
+                       const char *src, int line, int col0)
 {
-    const char *eq = strchr(text, '=');
-    if (!eq || eq == text) {
-        diag_loc(&L->d, set_src, ordinal, 1, "expected KEY=VALUE (e.g. train.steps=10), got '%s'", text);
-        return;
-    }
-    size_t klen = (size_t)(eq - text);
     char *key = strndup(text, klen);
     char **seg = calloc(klen + 1, sizeof *seg);
     int *segcol = calloc(klen + 1, sizeof *segcol);
-    ynode *val = NULL;
     if (!key || !seg || !segcol) {
         L->oom = 1;
         goto done;
@@ -1908,20 +1912,19 @@ static void apply_override(loader *L, ynode **root, const char *text, int ordina
     for (int i = 0; i < n_seg; i++)
         joined += strlen(seg[i]) + (i > 0);
     if (n_seg == 0 || joined != klen) {
-        diag_loc(&L->d, set_src, ordinal, 1, "'%.*s' is not a key path (names joined by '.', e.g. train.steps)",
+        diag_loc(&L->d, src, line, col0 + 1, "'%.*s' is not a key path (names joined by '.', e.g. train.steps)",
                  (int)klen, text);
         goto done;
     }
-    const char *value = eq + 1;
-    if (parse_yaml(value, strlen(value), set_src, ordinal, (int)klen + 1, &L->d, &val))
+    if (value_text && parse_yaml(value_text, strlen(value_text), src, line, col0 + (int)klen + 1, &L->d, &val))
         goto done;
-    if (!val && !(val = ynode_scalar("", 1, set_src, ordinal, (int)klen + 2))) {
+    if (!val && !(val = ynode_scalar("", 1, src, line, col0 + (int)klen + 2))) {
         L->oom = 1;
         goto done;
     }
     if (!*root || is_null(*root)) {
         ynode_free(*root);
-        if (!(*root = ynode_new(Y_MAP, set_src, ordinal, 1))) {
+        if (!(*root = ynode_new(Y_MAP, src, line, col0 + 1))) {
             L->oom = 1;
             goto done;
         }
@@ -1931,7 +1934,7 @@ static void apply_override(loader *L, ynode **root, const char *text, int ordina
     char sofar[512] = "";
     for (int i = 0; i < n_seg;) {
         if (cur->kind == Y_SCALAR) {
-            diag_loc(&L->d, set_src, ordinal, segcol[i], "%.*s: '%s' holds a value, not a mapping or a list",
+            diag_loc(&L->d, src, line, col0 + segcol[i], "%.*s: '%s' holds a value, not a mapping or a list",
                      (int)klen, text, sofar);
             goto done;
         }
@@ -1941,14 +1944,14 @@ static void apply_override(loader *L, ynode **root, const char *text, int ordina
         if (cur->kind == Y_SEQ) {
             long long idx;
             if (parse_ll(seg[i], &idx) || idx < 0 || idx > cur->n) {
-                diag_loc(&L->d, set_src, ordinal, segcol[i],
+                diag_loc(&L->d, src, line, col0 + segcol[i],
                          "%.*s: '%s' is not an index of '%s', which has %d item%s (0-%d, or %d to add one)",
                          (int)klen, text, seg[i], sofar, cur->n, cur->n == 1 ? "" : "s", cur->n - 1, cur->n);
                 goto done;
             }
             snprintf(kbuf, sizeof kbuf, "%s", seg[i]);
             if (idx == cur->n) {
-                ynode *fresh = ynode_new(Y_MAP, set_src, ordinal, segcol[i]);
+                ynode *fresh = ynode_new(Y_MAP, src, line, col0 + segcol[i]);
                 if (!fresh || ynode_push(cur, NULL, fresh)) {
                     ynode_free(fresh);
                     L->oom = 1;
@@ -1960,8 +1963,8 @@ static void apply_override(loader *L, ynode **root, const char *text, int ordina
             take = match_key(cur, seg, i, n_seg, parent, kbuf, sizeof kbuf);
             int at = map_find(cur, kbuf);
             if (at < 0) {
-                ynode *k = ynode_scalar(kbuf, 1, set_src, ordinal, segcol[i]);
-                ynode *fresh = ynode_new(Y_MAP, set_src, ordinal, segcol[i]);
+                ynode *k = ynode_scalar(kbuf, 1, src, line, col0 + segcol[i]);
+                ynode *fresh = ynode_new(Y_MAP, src, line, col0 + segcol[i]);
                 if (!k || !fresh || ynode_push(cur, k, fresh)) {
                     ynode_free(k);
                     ynode_free(fresh);
@@ -1996,7 +1999,7 @@ static void apply_override(loader *L, ynode **root, const char *text, int ordina
             break;
         }
         if (is_null(*slot)) {
-            ynode *fresh = ynode_new(Y_MAP, set_src, ordinal, segcol[i]);
+            ynode *fresh = ynode_new(Y_MAP, src, line, col0 + segcol[i]);
             if (!fresh) {
                 L->oom = 1;
                 goto done;
@@ -2012,6 +2015,16 @@ done:
     free(segcol);
     free(seg);
     free(key);
+}
+
+static void apply_override(loader *L, ynode **root, const char *text, int ordinal)
+{
+    const char *eq = strchr(text, '=');
+    if (!eq || eq == text) {
+        diag_loc(&L->d, set_src, ordinal, 1, "expected KEY=VALUE (e.g. train.steps=10), got '%s'", text);
+        return;
+    }
+    apply_path(L, root, text, (size_t)(eq - text), eq + 1, NULL, set_src, ordinal, 0);
 }
 
 /* ---- load ---------------------------------------------------------------------------------------------- */
@@ -2062,15 +2075,298 @@ static const char *default_output(pr_pipeline *p)
     return keep(p, buf);
 }
 
-int pr_pipeline_load_report(const char *path, const char *const *overrides, int n_overrides,
-                            const pr_registry *reg, pr_pipeline **out, pr_pipeline_report_fn report, void *arg,
-                            pr_error *err)
+/* ---- compare arms ------------------------------------------------------------------------------------ */
+
+/* What an arm's set: may change.  Every arm trains the same base model on
+ * the same data with the same seed and budget, so model, task and the
+ * budget keys of train (steps, batch, seq_len, accum, seed, evaluation,
+ * output) stay the base pipeline's. */
+static const char *const arm_train_keys[] = { "lr", "min_lr_ratio", "schedule", "warmup", "weight_decay",
+                                              "decay_all", "clip", "beta1", "beta2", "eps", "head_lr_mult",
+                                              "log_every", "progress" };
+#define N_ARM_TRAIN_KEYS ((int)(sizeof arm_train_keys / sizeof arm_train_keys[0]))
+
+static int arm_set_key_ok(const char *k)
+{
+    if (!strcmp(k, "modules") || !strncmp(k, "modules.", 8))
+        return 1;
+    if (strncmp(k, "train.", 6) != 0)
+        return 0;
+    for (int i = 0; i < N_ARM_TRAIN_KEYS; i++)
+        if (!strcmp(k + 6, arm_train_keys[i]))
+            return 1;
+    return 0;
+}
+
+/* An arm's default name: its modules' techniques (or loaded files) joined
+ * by '+', "none" for an arm without modules. */
+static void arm_default_name(const ynode *mods, char *buf, size_t len)
+{
+    size_t o = 0;
+    buf[0] = '\0';
+    for (int i = 0; mods && mods->kind == Y_SEQ && i < mods->n; i++) {
+        const ynode *m = mods->vals[i], *t = map_get(m, "technique");
+        const char *w = t && t->kind == Y_SCALAR ? t->text : map_get(m, "load") ? "load" : "module";
+        int n = snprintf(buf + o, len - o, "%s%s", o ? "+" : "", w);
+        if (n < 0 || (size_t)n >= len - o)
+            break;
+        o += (size_t)n;
+    }
+    if (!buf[0])
+        snprintf(buf, len, "none");
+    for (char *c = buf; *c; c++)
+        if (*c == '/' || (unsigned char)*c <= 0x20)
+            *c = '_';
+}
+
+/* compare: {arms: [{name, modules, set}, ...]}.  Checks the section, names
+ * every arm (p->arm_names) and returns the arms list, with ok[i] = 1 for
+ * each arm whose own keys are well formed (*ok is the caller's to free). */
+static const ynode *load_compare(loader *L, const ynode *c, int **ok)
+{
+    static const char *const keys[] = { "arms" };
+    static const char *const arm_keys[] = { "name", "modules", "set" };
+    pr_pipeline *p = L->p;
+    *ok = NULL;
+    if (want_map(L, c, "compare"))
+        return NULL;
+    check_keys(L, c, "compare", keys, 1);
+    const ynode *arms = map_get(c, "arms");
+    if (!arms) {
+        diag_at(&L->d, c, "compare: missing required key 'arms' (a list of arms, each with its modules)");
+        return NULL;
+    }
+    if (arms->kind != Y_SEQ || arms->n == 0) {
+        char g[200];
+        got(g, sizeof g, arms);
+        diag_at(&L->d, arms, "compare.arms: expected a list of arms (items starting with '- modules:'), got %s",
+                arms->kind == Y_SEQ ? "an empty list" : g);
+        return NULL;
+    }
+    p->arm_names = calloc((size_t)arms->n, sizeof *p->arm_names);
+    const ynode **name_nodes = calloc((size_t)arms->n, sizeof *name_nodes);
+    *ok = calloc((size_t)arms->n, sizeof **ok);
+    if (!p->arm_names || !name_nodes || !*ok) {
+        free(name_nodes);
+        L->oom = 1;
+        return NULL;
+    }
+    p->n_arms = arms->n;
+    for (int i = 0; i < arms->n; i++) {
+        const ynode *a = arms->vals[i], *n;
+        char path[64], kp[96];
+        snprintf(path, sizeof path, "compare.arms.%d", i);
+        if (want_map(L, a, path))
+            continue;
+        check_keys(L, a, path, arm_keys, 3);
+        if (!(n = map_get(a, "modules")))
+            diag_at(&L->d, a, "%s: missing required key 'modules' (write 'modules: []' for the base model alone)",
+                    path);
+        (*ok)[i] = n != NULL;
+        if ((n = map_get(a, "name"))) {
+            snprintf(kp, sizeof kp, "%s.name", path);
+            if (!get_string(L, n, kp, &p->arm_names[i])) {
+                if (!name_ok(p->arm_names[i]))
+                    diag_at(&L->d, n, "%s: '%s' is not an arm name (no '/', spaces or control characters)", kp,
+                            p->arm_names[i]);
+                else
+                    name_nodes[i] = n;
+                for (int j = 0; j < i && name_nodes[i]; j++)
+                    if (name_nodes[j] && !strcmp(p->arm_names[j], p->arm_names[i])) {
+                        diag_at(&L->d, n, "%s: duplicate arm name '%s' (compare.arms.%d, line %d)", kp,
+                                p->arm_names[i], j, name_nodes[j]->line);
+                        break;
+                    }
+            }
+        }
+        const ynode *set = map_get(a, "set");
+        snprintf(kp, sizeof kp, "%s.set", path);
+        if (set && !is_null(set) && !want_map(L, set, kp))
+            for (int k = 0; k < set->n; k++)
+                if (!arm_set_key_ok(set->keys[k]->text))
+                    diag_at(&L->d, set->keys[k],
+                            "%s: '%s' is the same for every arm (same base model, data, seed and budget); an arm "
+                            "may set modules.* and train.lr, min_lr_ratio, schedule, warmup, weight_decay, "
+                            "decay_all, clip, beta1, beta2, eps, head_lr_mult, log_every, progress",
+                            kp, set->keys[k]->text);
+    }
+    /* default names: the techniques, then _2, _3 ... skipping taken ones */
+    for (int i = 0; i < arms->n && !L->oom; i++) {
+        if (p->arm_names[i] && name_nodes[i])
+            continue;
+        char base[160], cand[200];
+        arm_default_name(arms->vals[i]->kind == Y_MAP ? map_get(arms->vals[i], "modules") : NULL, base,
+                         sizeof base);
+        for (int k = 1;; k++) {
+            if (k == 1)
+                snprintf(cand, sizeof cand, "%s", base);
+            else
+                snprintf(cand, sizeof cand, "%s_%d", base, k);
+            int taken = 0;
+            for (int j = 0; j < arms->n && !taken; j++)
+                taken = j != i && p->arm_names[j] && !strcmp(p->arm_names[j], cand);
+            if (!taken)
+                break;
+        }
+        if (!(p->arm_names[i] = keep(p, cand)))
+            L->oom = 1;
+    }
+    free(name_nodes);
+    return arms;
+}
+
+/* The file as an arm sees it: the arm's modules replace the file's, its
+ * set: entries apply, and the compare section is gone. */
+static ynode *arm_tree(loader *L, const ynode *root, const ynode *arm)
+{
+    ynode *t = ynode_copy(root);
+    const ynode *mods = map_get(arm, "modules");
+    ynode *mc = mods ? ynode_copy(mods) : NULL;
+    if (!t || (mods && !mc)) {
+        ynode_free(t);
+        ynode_free(mc);
+        L->oom = 1;
+        return NULL;
+    }
+    int i = map_find(t, "compare");
+    if (i >= 0)
+        map_remove(t, i);
+    if (mc) {
+        if ((i = map_find(t, "modules")) >= 0) {
+            ynode_free(t->vals[i]);
+            t->vals[i] = mc;
+        } else {
+            ynode *k = ynode_scalar("modules", 1, mods->src, mods->line, mods->col);
+            if (!k || ynode_push(t, k, mc)) {
+                ynode_free(k);
+                ynode_free(mc);
+                ynode_free(t);
+                L->oom = 1;
+                return NULL;
+            }
+        }
+    }
+    const ynode *set = map_get(arm, "set");
+    for (int k = 0; set && set->kind == Y_MAP && k < set->n; k++) {
+        const ynode *key = set->keys[k];
+        if (!arm_set_key_ok(key->text))
+            continue;   /* reported by load_compare */
+        ynode *v = ynode_copy(set->vals[k]);
+        if (!v) {
+            L->oom = 1;
+            break;
+        }
+        /* a quoted key's text starts one column after its quote */
+        apply_path(L, &t, key->text, strlen(key->text), NULL, v, key->src, key->line, key->col - 1 + !key->plain);
+    }
+    return t;
+}
+
+/* ---- load ------------------------------------------------------------------------------------------------ */
+
+/* Check root as a pipeline into L->p.  With arms, `modules` may be left
+ * out (each arm brings its own). */
+static void validate(loader *L, const ynode *root, int has_arms)
+{
+    pr_pipeline *p = L->p;
+    static const char *const top[] = { "model", "modules", "task", "train", "compare" };
+    if (is_null(root)) {
+        diag_loc(&L->d, p->path, 1, 1, "empty pipeline: expected a mapping with keys model, modules, task "
+                 "and train (see docs/pipeline.md)");
+        return;
+    }
+    if (root->kind != Y_MAP) {
+        char g[200];
+        got(g, sizeof g, root);
+        diag_at(&L->d, root, "a pipeline is a mapping with keys model, modules, task and train, got %s", g);
+        return;
+    }
+    check_keys(L, root, "", top, 5);
+    for (int i = 0; i < 3; i++)
+        if (!map_get(root, top[i]) && !(i == 1 && has_arms))
+            diag_at(&L->d, root, "missing required key '%s'%s", top[i],
+                    i == 1 ? " (write 'modules: []' for none)" : "");
+    const ynode *n;
+    if ((n = map_get(root, "model")))
+        load_model(L, n);
+    load_train(L, map_get(root, "train"));
+    if ((n = map_get(root, "task")))
+        load_task(L, n);
+    if ((n = map_get(root, "modules")))
+        load_modules(L, n);
+    if (!p->tc.out_dir)
+        p->tc.out_dir = default_output(p);
+}
+
+static void loader_done(loader *L)
+{
+    if (L->shape_owned)
+        pr_model_free(L->shape);
+    L->shape = NULL;
+    L->shape_owned = 0;
+}
+
+/* Check arm i as its own pipeline and add what it reports to L's
+ * diagnostics (the base's own problems, reported once). */
+static void check_arm(loader *L, const ynode *root, const ynode *arm, int i)
+{
+    loader A;
+    memset(&A, 0, sizeof A);
+    A.reg = L->reg;
+    A.dir = L->dir;
+    char prefix[48];
+    snprintf(prefix, sizeof prefix, "compare.arms.%d.", i);
+    A.mod_prefix = prefix;
+    A.p = calloc(1, sizeof *A.p);
+    if (!A.p || !(A.p->path = strdup(L->p->path))) {
+        pr_pipeline_free(A.p);
+        L->oom = 1;
+        return;
+    }
+    A.p->reg = L->reg;
+    pr_train_config_default(&A.p->tc);
+    ynode *t = arm_tree(&A, root, arm);
+    if (t)
+        validate(&A, t, 0);
+    for (int k = 0; k < A.d.n && !L->d.oom; k++) {
+        int seen = 0;
+        for (int j = 0; j < L->d.n && !seen; j++)
+            seen = !strcmp(L->d.v[j].text, A.d.v[k].text);
+        if (seen)
+            continue;
+        if (L->d.n == L->d.cap) {
+            int cap = L->d.cap ? 2 * L->d.cap : 16;
+            diag *v = realloc(L->d.v, (size_t)cap * sizeof *v);
+            if (!v) {
+                L->d.oom = 1;
+                break;
+            }
+            L->d.v = v;
+            L->d.cap = cap;
+        }
+        L->d.v[L->d.n] = A.d.v[k];
+        L->d.v[L->d.n].seq = L->d.n;
+        L->d.n++;
+        A.d.v[k].text = NULL;   /* moved */
+    }
+    L->oom |= A.oom || A.d.oom;
+    ynode_free(t);
+    loader_done(&A);
+    diags_free(&A.d);
+    pr_pipeline_free(A.p);
+}
+
+enum { ARMS_ALL = -2 };   /* the base pipeline and every arm checked */
+
+static int load_impl(const char *path, int arm, const char *const *overrides, int n_overrides,
+                     const pr_registry *reg, pr_pipeline **out, pr_pipeline_report_fn report, void *arg,
+                     pr_error *err)
 {
     if (!out)
         return pr_errorf(err, PR_ERR_INVALID, "pipeline: NULL output pointer");
     *out = NULL;
-    if (!path || !reg || (n_overrides > 0 && !overrides))
-        return pr_errorf(err, PR_ERR_INVALID, "pipeline: NULL path, registry or overrides");
+    if (!path || !reg || (n_overrides > 0 && !overrides) || arm < ARMS_ALL)
+        return pr_errorf(err, PR_ERR_INVALID, "pipeline: NULL path, registry or overrides, or a bad arm");
     char *text = NULL;
     size_t len = 0;
     int rc = fileio_read_all(path, (size_t)16 << 20, &text, &len, err);
@@ -2097,35 +2393,43 @@ int pr_pipeline_load_report(const char *path, const char *const *overrides, int 
     if (!parse_failed) {
         for (int i = 0; i < n_overrides; i++)
             apply_override(&L, &root, overrides[i] ? overrides[i] : "", i + 1);
-        static const char *const top[] = { "model", "modules", "task", "train" };
-        if (is_null(root)) {
-            diag_loc(&L.d, p->path, 1, 1, "empty pipeline: expected a mapping with keys model, modules, task "
-                     "and train (see docs/pipeline.md)");
-        } else if (root->kind != Y_MAP) {
-            char g[200];
-            got(g, sizeof g, root);
-            diag_at(&L.d, root, "a pipeline is a mapping with keys model, modules, task and train, got %s", g);
+        const ynode *c = root && root->kind == Y_MAP ? map_get(root, "compare") : NULL, *arms = NULL;
+        int *arm_ok = NULL;
+        if (c && !is_null(c))
+            arms = load_compare(&L, c, &arm_ok);
+        else
+            c = NULL;
+        if (arm >= 0) {
+            char where[64];
+            snprintf(where, sizeof where, "compare.arms.%d.", arm);
+            if (!c)
+                diag_loc(&L.d, p->path, 1, 1, "no compare section, so no arm %d (see docs/pipeline.md, compare arms)",
+                         arm);
+            else if (arms && arm >= arms->n)
+                diag_at(&L.d, arms, "compare.arms: no arm %d (the file has %d)", arm, arms->n);
+            else if (arms && arm_ok[arm]) {
+                L.mod_prefix = where;
+                ynode *t = arm_tree(&L, root, arms->vals[arm]);
+                if (t)
+                    validate(&L, t, 0);
+                ynode_free(t);
+                p->arm = p->arm_names[arm];
+                /* the arm's output: the file's (or its default) / arm name */
+                char *o = p->tc.out_dir && p->arm ? fileio_join(p->tc.out_dir, p->arm) : NULL;
+                if (!o || !(p->tc.out_dir = keep(p, o)))
+                    L.oom = 1;
+                free(o);
+            }
         } else {
-            check_keys(&L, root, "", top, 4);
-            for (int i = 0; i < 4; i++)
-                if (i != 3 && !map_get(root, top[i]))
-                    diag_at(&L.d, root, "missing required key '%s'%s", top[i],
-                            i == 1 ? " (write 'modules: []' for none)" : "");
-            const ynode *n;
-            if ((n = map_get(root, "model")))
-                load_model(&L, n);
-            load_train(&L, map_get(root, "train"));
-            if ((n = map_get(root, "task")))
-                load_task(&L, n);
-            if ((n = map_get(root, "modules")))
-                load_modules(&L, n);
-            if (!p->tc.out_dir)
-                p->tc.out_dir = default_output(p);
+            validate(&L, root, c != NULL);
+            for (int i = 0; arm == ARMS_ALL && arms && i < arms->n; i++)
+                if (arm_ok[i])
+                    check_arm(&L, root, arms->vals[i], i);
         }
+        free(arm_ok);
     }
     ynode_free(root);
-    if (L.shape_owned)
-        pr_model_free(L.shape);
+    loader_done(&L);
     free(L.dir);
     if (L.oom || L.d.oom) {
         diags_free(&L.d);
@@ -2143,10 +2447,52 @@ int pr_pipeline_load_report(const char *path, const char *const *overrides, int 
     return PR_OK;
 }
 
+int pr_pipeline_load_report(const char *path, const char *const *overrides, int n_overrides,
+                            const pr_registry *reg, pr_pipeline **out, pr_pipeline_report_fn report, void *arg,
+                            pr_error *err)
+{
+    return load_impl(path, ARMS_ALL, overrides, n_overrides, reg, out, report, arg, err);
+}
+
 int pr_pipeline_load(const char *path, const char *const *overrides, int n_overrides, const pr_registry *reg,
                      pr_pipeline **out, pr_error *err)
 {
     return pr_pipeline_load_report(path, overrides, n_overrides, reg, out, NULL, NULL, err);
+}
+
+int pr_pipeline_load_arm(const char *path, int arm, const char *const *overrides, int n_overrides,
+                         const pr_registry *reg, pr_pipeline **out, pr_pipeline_report_fn report, void *arg,
+                         pr_error *err)
+{
+    if (arm < PR_PIPELINE_BASE) {
+        if (out)
+            *out = NULL;
+        return pr_errorf(err, PR_ERR_INVALID, "pipeline: arm %d: expected an index or PR_PIPELINE_BASE", arm);
+    }
+    return load_impl(path, arm, overrides, n_overrides, reg, out, report, arg, err);
+}
+
+int pr_pipeline_n_arms(const pr_pipeline *p)
+{
+    return p ? p->n_arms : 0;
+}
+
+const char *pr_pipeline_arm_name(const pr_pipeline *p, int i)
+{
+    return p && i >= 0 && i < p->n_arms ? p->arm_names[i] : NULL;
+}
+
+int pr_pipeline_find_arm(const pr_pipeline *p, const char *name)
+{
+    for (int i = 0; p && name && i < p->n_arms; i++)
+        if (p->arm_names[i] && !strcmp(p->arm_names[i], name))
+            return i;
+    return -1;
+}
+
+const char *pr_pipeline_arm(const pr_pipeline *p)
+{
+    return p ? p->arm : NULL;
 }
 
 /* ---- accessors --------------------------------------------------------------------------------------- */

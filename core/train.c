@@ -266,11 +266,28 @@ static int load_checkpoint(trainer *t, int64_t *step, pr_error *err)
     return PR_OK;
 }
 
+/* mkdir -p: an arm of a comparison trains in OUTPUT/ARM. */
 static int make_dir(const char *dir, pr_error *err)
 {
-    if (mkdir(dir, 0777) == 0 || errno == EEXIST)
-        return PR_OK;
-    return pr_errorf(err, PR_ERR_IO, "%s: cannot create output directory: %s", dir, strerror(errno));
+    char *buf = strdup(dir);
+    if (!buf)
+        return pr_errorf(err, PR_ERR_NOMEM, "out of memory");
+    for (char *s = buf + 1;; s++) {
+        if (*s != '/' && *s != '\0')
+            continue;
+        char c = *s;
+        *s = '\0';
+        if (mkdir(buf, 0777) != 0 && errno != EEXIST) {
+            int e = errno;
+            free(buf);
+            return pr_errorf(err, PR_ERR_IO, "%s: cannot create output directory: %s", dir, strerror(e));
+        }
+        *s = c;
+        if (c == '\0')
+            break;
+    }
+    free(buf);
+    return PR_OK;
 }
 
 /* Trainable tensors and the head become optimizer segments (one group for

@@ -17,6 +17,8 @@ int cmd_plugins(int argc, char **argv);
 /* `peftref typology` (core/cli/cmd_typology.c). */
 int cmd_typology(int argc, char **argv);
 int cmd_plan(int argc, char **argv);
+/* `peftref compare` (core/cli/cmd_compare.c). */
+int cmd_compare(int argc, char **argv);
 /* `peftref merge` and `peftref generate` (core/cli/cmd_merge.c, cmd_generate.c). */
 int cmd_merge(int argc, char **argv);
 int cmd_generate(int argc, char **argv);
@@ -29,6 +31,12 @@ int cli_pipeline_open(const char *cmd, const char *path, const char *const *sets
 int cli_pipeline_print_counts(const char *cmd, const pr_pipeline *pipe, FILE *out);
 /* 1 when s names a pipeline file (ends in .yaml or .yml). */
 int cli_is_pipeline(const char *s);
+/* As cli_pipeline_open; with arm (a name), the pipeline as that arm of the
+ * file's compare section sees it (after checking the whole file). */
+int cli_pipeline_open_arm(const char *cmd, const char *path, const char *const *sets, int n_sets, const char *arm,
+                          pr_registry **reg, pr_pipeline **pipe);
+/* "a, b, c" from a pipeline's arm names, to buf. */
+void cli_arm_list(const pr_pipeline *pipe, char *buf, size_t len);
 /* `peftref plugins check` (core/cli/cmd_check.c), dispatched by cmd_plugins. */
 int cmd_plugins_check(int argc, char **argv);
 /* A pipeline named as a file, or a run directory RUN standing for

@@ -12,7 +12,7 @@
 #include "cli.h"
 
 static const char plan_usage[] =
-    "usage: peftref plan PIPELINE.yaml [--set KEY=VALUE ...]\n"
+    "usage: peftref plan PIPELINE.yaml [--set KEY=VALUE ...] [--arm NAME]\n"
     "\n"
     "Check a pipeline (docs/pipeline.md) and print each module with its\n"
     "technique, sites, layers, insertions and parameter count, then one line\n"
@@ -24,6 +24,7 @@ static const char plan_usage[] =
     "  --set KEY=VALUE   override one value before checking, by its dotted path:\n"
     "                    train.steps=10, model.preset=gpt2-tiny,\n"
     "                    modules.0.options.r=4, modules.0.sites=[q,v]\n"
+    "  --arm NAME        plan one arm of the file's compare section\n"
     "  -h, --help        show this help\n"
     "\n"
     "Exit status: 0 valid, 1 the pipeline has errors, 2 usage.\n";
@@ -57,6 +58,45 @@ int cli_pipeline_open(const char *cmd, const char *path, const char *const *sets
         return 1;
     }
     return 0;
+}
+
+int cli_pipeline_open_arm(const char *cmd, const char *path, const char *const *sets, int n_sets, const char *arm,
+                          pr_registry **reg, pr_pipeline **pipe)
+{
+    int rc = cli_pipeline_open(cmd, path, sets, n_sets, reg, pipe);
+    if (rc || !arm)
+        return rc;
+    int i = pr_pipeline_find_arm(*pipe, arm);
+    if (i < 0) {
+        char names[512];
+        cli_arm_list(*pipe, names, sizeof names);
+        if (pr_pipeline_n_arms(*pipe) == 0)
+            fprintf(stderr, "peftref %s: --arm %s: %s has no compare section\n", cmd, arm, path);
+        else
+            fprintf(stderr, "peftref %s: --arm %s: no such arm in %s (its arms: %s)\n", cmd, arm, path, names);
+        pr_pipeline_free(*pipe);
+        *pipe = NULL;
+        return 1;
+    }
+    pr_pipeline_free(*pipe);
+    *pipe = NULL;
+    pr_error err = { 0 };
+    rc = pr_pipeline_load_arm(path, i, sets, n_sets, *reg, pipe, print_line, NULL, &err);
+    if (rc && rc != PR_ERR_INVALID)
+        fprintf(stderr, "peftref %s: %s\n", cmd, err.msg);
+    return rc ? 1 : 0;
+}
+
+void cli_arm_list(const pr_pipeline *pipe, char *buf, size_t len)
+{
+    size_t o = 0;
+    buf[0] = '\0';
+    for (int i = 0; i < pr_pipeline_n_arms(pipe); i++) {
+        int w = snprintf(buf + o, len - o, "%s%s", i ? ", " : "", pr_pipeline_arm_name(pipe, i));
+        if (w < 0 || (size_t)w >= len - o)
+            break;
+        o += (size_t)w;
+    }
 }
 
 int cli_pipeline_print_counts(const char *cmd, const pr_pipeline *pipe, FILE *out)
@@ -144,7 +184,8 @@ static void print_plan(const pr_pipeline *p)
                                                                                 : "config";
     char n[32];
     grouped(pr_config_param_count(c), n, sizeof n);
-    printf("pipeline: %s\n", pr_pipeline_path(p));
+    printf("pipeline: %s%s%s\n", pr_pipeline_path(p), pr_pipeline_arm(p) ? ", arm " : "",
+           pr_pipeline_arm(p) ? pr_pipeline_arm(p) : "");
     printf("model:    %s%s%s: %d layers, d_model %d, %d heads, d_ff %d, vocab %d, max_seq %d; %s params, frozen\n",
            src, pr_pipeline_model_name(p) ? " " : "", pr_pipeline_model_name(p) ? pr_pipeline_model_name(p) : "",
            c->n_layers, c->d_model, c->n_heads, c->d_ff, c->vocab_size, c->max_seq, n);
@@ -158,6 +199,12 @@ static void print_plan(const pr_pipeline *p)
     printf("train:    %d steps, batch %d x %d tokens, accum %d, lr %g (%s), output %s\n", tc.steps, tc.batch,
            tc.seq_len, tc.accum, (double)tc.lr, tc.schedule, tc.out_dir);
     int nm = pr_pipeline_n_modules(p);
+    if (pr_pipeline_n_arms(p) > 0 && !pr_pipeline_arm(p)) {
+        char names[512];
+        cli_arm_list(p, names, sizeof names);
+        printf("compare:  %d arms: %s (plan one with --arm NAME; peftref compare runs them all)\n",
+               pr_pipeline_n_arms(p), names);
+    }
     if (nm == 0) {
         printf("modules:  none\n");
         return;
@@ -200,6 +247,7 @@ static void print_plan(const pr_pipeline *p)
 int cmd_plan(int argc, char **argv)
 {
     static const struct option opts[] = { { "set", required_argument, 0, 's' },
+                                           { "arm", required_argument, 0, 'a' },
                                            { "help", no_argument, 0, 'h' },
                                            { 0, 0, 0, 0 } };
     const char **sets = calloc((size_t)argc + 1, sizeof *sets);
@@ -208,11 +256,13 @@ int cmd_plan(int argc, char **argv)
         return 1;
     }
     int n_sets = 0, c;
+    const char *arm = NULL;
     optind = 1;
     opterr = 0;
     while ((c = getopt_long(argc, argv, ":hs:", opts, NULL)) != -1) {
         switch (c) {
         case 's': sets[n_sets++] = optarg; break;
+        case 'a': arm = optarg; break;
         case 'h': fputs(plan_usage, stdout); free(sets); return 0;
         case ':':
             fprintf(stderr, "peftref plan: option '%s' needs a value\n", argv[optind - 1]);
@@ -231,7 +281,7 @@ int cmd_plan(int argc, char **argv)
     }
     pr_registry *reg = NULL;
     pr_pipeline *p = NULL;
-    int rc = cli_pipeline_open("plan", argv[optind], sets, n_sets, &reg, &p);
+    int rc = cli_pipeline_open_arm("plan", argv[optind], sets, n_sets, arm, &reg, &p);
     if (rc == 0) {
         print_plan(p);
         rc = cli_pipeline_print_counts("plan", p, stdout);

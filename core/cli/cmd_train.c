@@ -13,6 +13,7 @@
 #include "runtime.h"
 
 static const char train_usage[] =
+    "usage: peftref train PIPELINE.yaml [--set KEY=VALUE ...] [--arm NAME] [--resume] [--progress MODE] [--quiet]\n"
     "       peftref train (--model DIR | --preset NAME [model options]) --data FILE --out DIR\n"
     "                     [training options]\n"
     "\n"
@@ -21,6 +22,8 @@ static const char train_usage[] =
     "the modules (and any base tensors a selection technique chose) with the\n"
     "pipeline's settings.  --set overrides a value by its dotted path\n"
     "(train.steps=10, modules.0.options.r=4) before the pipeline is checked.\n"
+    "A pipeline with a compare section trains one of its arms, --arm NAME,\n"
+    "into train.output/NAME (peftref compare trains them all).\n"
     "Besides checkpoint.safetensors and metrics.jsonl, train.output gets\n"
     "modules/NAME.safetensors for every module not loaded frozen, pipeline.yaml\n"
     "(the run as a pipeline of frozen modules: peftref eval --pipeline RUN)\n"
@@ -177,7 +180,8 @@ static int train_pipeline(int argc, char **argv)
     static const struct option opts[] = {
         {"set", required_argument, 0, 's'}, {"resume", no_argument, 0, 'r'},
         {"quiet", no_argument, 0, 'q'}, {"save", required_argument, 0, 'S'},
-        {"progress", required_argument, 0, 'p'}, {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
+        {"progress", required_argument, 0, 'p'}, {"arm", required_argument, 0, 'a'},
+        {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
     const char *save_dir = NULL;
     const char **sets = calloc((size_t)argc + 1, sizeof *sets);
     if (!sets) {
@@ -185,12 +189,14 @@ static int train_pipeline(int argc, char **argv)
         return 1;
     }
     int n_sets = 0, resume = 0, quiet = 0, progress = -1, c;
+    const char *arm = NULL;
     optind = 1;
     opterr = 0;
     while ((c = getopt_long(argc, argv, ":h", opts, NULL)) != -1) {
         switch (c) {
         case 's': sets[n_sets++] = optarg; break;
         case 'r': resume = 1; break;
+        case 'a': arm = optarg; break;
         case 'q': quiet = 1; break;
         case 'S': save_dir = optarg; break;
         case 'p':
@@ -205,7 +211,7 @@ static int train_pipeline(int argc, char **argv)
             free(sets);
             return 2;
         default:
-            fprintf(stderr, "peftref train: with a pipeline only --set, --resume, --progress, --quiet and --save apply "
+            fprintf(stderr, "peftref train: with a pipeline only --set, --arm, --resume, --progress, --quiet and --save apply "
                     "(got '%s'; set other values in the YAML or with --set)\n", argv[optind - 1]);
             free(sets);
             return 2;
@@ -221,7 +227,14 @@ static int train_pipeline(int argc, char **argv)
     pr_model *m = NULL;
     pr_tokenizer *tok = NULL;
     pr_error err = {0};
-    int rc = cli_pipeline_open("train", argv[optind], sets, n_sets, &reg, &pipe);
+    int rc = cli_pipeline_open_arm("train", argv[optind], sets, n_sets, arm, &reg, &pipe);
+    if (rc == 0 && pr_pipeline_n_arms(pipe) > 0 && !pr_pipeline_arm(pipe)) {
+        char names[512];
+        cli_arm_list(pipe, names, sizeof names);
+        fprintf(stderr, "peftref train: %s compares %d arms (%s): train one with --arm NAME, or all of them "
+                "with peftref compare %s\n", argv[optind], pr_pipeline_n_arms(pipe), names, argv[optind]);
+        rc = 2;
+    }
     if (rc == 0)
         rc = cli_pipeline_print_counts("train", pipe, stdout);
     if (rc == 0) {

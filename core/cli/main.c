@@ -20,6 +20,7 @@ static const subcommand commands[] = {
     {"plan", cmd_plan, "check a YAML pipeline and count what it would train"},
     {"plugins", cmd_plugins, "list and inspect the PEFT techniques found as plugins"},
     {"typology", cmd_typology, "the PEFT-Ref typology table of every technique found"},
+    {"compare", cmd_compare, "train several pipelines or arms and print the PEFT-Ref comparison table"},
     {"merge", cmd_merge, "fold a pipeline's or run's modules into a Hugging Face model"},
     {"generate", cmd_generate, "sample text from a model, pipeline or run"},
 };

@@ -112,6 +112,33 @@ int pr_pipeline_build(pr_pipeline *p, pr_model **model, pr_tokenizer **tok, pr_e
 /* The task and train settings.  Strings point into p. */
 void pr_pipeline_train_config(const pr_pipeline *p, pr_train_config *cfg);
 
+/* ---- compare arms (docs/pipeline.md, "Compare arms") ---------------------
+ *
+ * A top-level `compare:` section lists arms.  Each arm's `modules` replace
+ * the file's, and its `set:` entries (dotted paths as for --set, limited to
+ * modules.* and the optimisation keys of train) apply after the --set
+ * overrides, which edit the file as written.  Every arm trains the same
+ * base model on the same data with the same seed and budget.
+ * pr_pipeline_load and pr_pipeline_load_report check the base pipeline and
+ * every arm, reporting each problem once. */
+
+#define PR_PIPELINE_BASE (-1)
+
+/* Load path as arm `arm` (0-based) sees it, or with PR_PIPELINE_BASE the
+ * base pipeline alone (arms named but not checked).  An arm's
+ * train.output is the file's (or its default) followed by "/ARM_NAME". */
+int pr_pipeline_load_arm(const char *path, int arm, const char *const *overrides, int n_overrides,
+                         const pr_registry *reg, pr_pipeline **out, pr_pipeline_report_fn report, void *arg,
+                         pr_error *err);
+
+/* The arms of the file's compare section (0 without one), their names
+ * (given, or the techniques joined by '+'), the index of a name (-1 when
+ * none has it), and the arm p was loaded as (NULL for the base). */
+int pr_pipeline_n_arms(const pr_pipeline *p);
+const char *pr_pipeline_arm_name(const pr_pipeline *p, int i);
+int pr_pipeline_find_arm(const pr_pipeline *p, const char *name);
+const char *pr_pipeline_arm(const pr_pipeline *p);
+
 /* ---- saved modules and run outputs (docs/pipeline.md, docs/modules.md) ---- */
 
 /* The base model's pr_model_fingerprint, taken by pr_pipeline_build before
