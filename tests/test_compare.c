@@ -12,6 +12,7 @@
 
 #include <jansson.h>
 #include <math.h>
+#include <pty.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -553,6 +554,68 @@ static void test_progress_modes(void **state)
     free(err);
 }
 
+/* --progress auto (the default): on a terminal (a pseudo-terminal here)
+ * the bar, into a file the plain log lines. */
+static void test_progress_auto(void **state)
+{
+    (void)state;
+    char *dir = temp_dir(), *out = join(dir, "stdout"), *err = join(dir, "stderr");
+    char o1[600];
+    snprintf(o1, sizeof o1, "train.output=%s/file", dir);
+    const char *file[] = { PEFTREF_BIN, "train", CMP "one_lora.yaml", "--set", o1, "--set", "train.log_every=2",
+                           NULL };
+    assert_int_equal(run_cli(file, out, err), 0);
+    char *e = slurp(err);
+    assert_non_null(strstr(e, "step      2/4  loss "));
+    assert_null(strchr(e, '\r'));
+    free(e);
+
+    char o2[600];
+    snprintf(o2, sizeof o2, "train.output=%s/tty", dir);
+    const char *tty[] = { PEFTREF_BIN, "train", CMP "one_lora.yaml", "--set", o2, NULL };
+    int master = -1;
+    struct winsize ws = { .ws_row = 24, .ws_col = 100 };
+    pid_t pid = forkpty(&master, NULL, NULL, &ws);
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        setenv("PEFTREF_PLUGIN_PATH", PLUGINS, 1);
+        setenv("TERM", "xterm", 1);
+        execv(PEFTREF_BIN, (char *const *)tty);
+        _exit(98);
+    }
+    char buf[65536];
+    size_t len = 0;
+    for (;;) {
+        ssize_t n = read(master, buf + len, sizeof buf - 1 - len);
+        if (n <= 0)   /* EIO once the child has closed the terminal */
+            break;
+        len += (size_t)n;
+    }
+    buf[len] = '\0';
+    close(master);
+    int status = 0;
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    assert_true(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    char *bar = strstr(buf, "\rstep 4/4 [");
+    assert_non_null(bar);
+    assert_non_null(strstr(buf, "\033[K"));
+    assert_null(strstr(buf, "step      2/4"));
+    /* no redrawn bar is wider than the terminal's 100 columns */
+    for (char *p = buf; (p = strchr(p, '\r'));) {
+        p++;
+        size_t n = strcspn(p, "\r\n\033");
+        assert_true(n < 100);
+    }
+    /* the results start on a line of their own */
+    char *res = strstr(buf, "steps 4 ");
+    assert_non_null(res);
+    assert_true(res > bar && res[-1] == '\n');
+    remove_tree(dir);
+    free(dir);
+    free(out);
+    free(err);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -564,6 +627,7 @@ int main(void)
         cmocka_unit_test(test_arm_diagnostics),
         cmocka_unit_test(test_arm_as_pipeline),
         cmocka_unit_test(test_progress_modes),
+        cmocka_unit_test(test_progress_auto),
     };
     return cmocka_run_group_tests(tests, open_registry, close_registry);
 }
