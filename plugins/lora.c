@@ -47,7 +47,7 @@ static const pr_option_decl lora_options[N_OPTS] = {
     [OPT_R] = {
         .struct_size = sizeof(pr_option_decl), .name = "r", .type = PR_OPT_INT,
         .def = 8, .min = 1, .max = 4096, .per_site = 1,
-        .help = "rank of the update B.A (Hugging Face PEFT: r)",
+        .help = "rank of the update B.A; default 8 as Hugging Face PEFT's LoraConfig r",
     },
     [OPT_ALPHA] = {
         .struct_size = sizeof(pr_option_decl), .name = "alpha", .type = PR_OPT_FLOAT,
@@ -58,8 +58,8 @@ static const pr_option_decl lora_options[N_OPTS] = {
     [OPT_DROPOUT] = {
         .struct_size = sizeof(pr_option_decl), .name = "dropout", .type = PR_OPT_FLOAT,
         .def = 0, .min = 0, .max = 0.999, .per_site = 0,
-        .help = "dropout probability on the module input in training, in [0, 1) "
-                "(Hugging Face PEFT: lora_dropout)",
+        .help = "dropout probability on the module input in training, in [0, 1); default 0 "
+                "as Hugging Face PEFT's lora_dropout (the paper's GPT-2 runs used 0.1)",
     },
     [OPT_RSLORA] = {
         .struct_size = sizeof(pr_option_decl), .name = "use_rslora", .type = PR_OPT_BOOL,
@@ -337,7 +337,9 @@ static const pr_technique lora_technique = {
     .scratch = lora_scratch,
     .n_scratch = N_SCRATCH,
     .scale = lora_scale,
-    .param_formula = "r * (d_in + d_out) per adapted matrix",
+    .param_formula = "per insertion: r * (d_in + d_out) (lora_A r x d_in, lora_B d_out x r; no "
+                     "biases), r resolved per site; insertions = chosen sites x chosen layers "
+                     "(default qkv: L)",
     .forward = lora_forward,
     .backward = lora_backward,
     .merge = lora_merge,
