@@ -22,7 +22,8 @@
  *   GATED_ADD   y += sigmoid(g)*h              or scale())
  *     g is a host-owned scalar per insertion, registered as the trainable
  *     tensor "<...>.gate" and initialised to 0, so the module starts at
- *     half strength; it counts among the module's parameters.
+ *     half strength; it counts among the module's parameters.  Any
+ *     other form gets the same gate with spec->gate (below).
  *   RESCALE     y *= h, h one row (1, d_out) broadcast over rows;
  *               backward dh = sum_rows(dy * y_old), dy_old = dy * h.
  *   WEIGHT_DELTA y += x . dW, dW (d_in, d_out) from merge() at every
@@ -39,6 +40,32 @@
  * of a parallel form: into dx (or a scratch when the site input needs no
  * gradient, so the parameters still get theirs).
  *
+ * Composition.  Every insertion is a site hook (or a concatenation
+ * provider), and the model runs the hooks of one site in attach order
+ * (backward in reverse), so modules compose in the order they were
+ * attached: a sequential module reads y as the modules before it left it
+ * (they stack), a parallel one reads the site input x, which no hook
+ * changes (parallel modules sum), and concatenations append their rows
+ * in attach order.
+ *
+ * Gates (spec->gate; UniPELT, Mao et al. 2022, arXiv 2110.07577): with
+ * s = sigmoid(g), g the insertion's host-owned scalar (starting at 0):
+ *   DIRECT/SCALED_ADD  y += s*k*h (k = 1 or the scale)
+ *   WEIGHT_DELTA       y += s * x.dW
+ *   RESCALE            y *= 1 + s*(h - 1): s = 0 is the identity, s = 1
+ *                      the plain rescaling
+ *   CUSTOM             y <- y + s*(F(x, y) - y), F the technique's
+ *                      integrate_forward
+ *   CONCAT             the rows are s*P: prefix keys and values (or
+ *                      prompt vectors) scaled by s, as UniPELT gates
+ *                      prefix tuning
+ * Merging a gated module folds s times its delta (not for RESCALE).
+ *
+ * Fusion (pr_module_fuse; AdapterFusion, Pfeiffer et al. 2021, arXiv
+ * 2005.00247): a module whose hooks run its fused modules' forward()
+ * calls themselves (the fused modules' own hooks are detached) and add
+ * the attention-weighted sum of their contributions; see fusion_forward.
+ *
  * The model's tensor table and hooks do not know modules: this file
  * keeps, per model, the list of modules attached to it, and
  * pr_model_free calls pr_model_detach_modules first so none outlives its
@@ -54,6 +81,7 @@
 #include "expr.h"
 #include "host.h"
 #include "model_internal.h"
+#include "safetensors.h"
 
 #define MAX_OPTIONS 64
 #define MAX_VARS (16 + MAX_OPTIONS)
@@ -96,6 +124,7 @@ typedef struct insertion {
     float *y_old;              /* (rows, d_out) sequential and rescale */
     float *h_keep;             /* gated (rows, w_out), rescale (1, w_out) */
     float *dw;                 /* WEIGHT_DELTA (d_in, d_out) */
+    float *fu;                 /* fusion: yq, H, Q, K, V, A (fusion_forward) */
     int res_B, res_T;
     uint64_t n_fwd;            /* forwards so far: the step part of ctx->seed */
     /* merge */
@@ -139,6 +168,11 @@ struct pr_module {
     int64_t base_selected;
     int merged;
     int hooks_attached;
+    /* composition */
+    int gated;                     /* a gate per insertion (spec->gate or GATED_ADD) */
+    struct pr_module **kids;       /* a fusion module's fused modules */
+    int n_kids;
+    struct pr_module *fused_by;    /* the fusion module this one belongs to */
 };
 
 /* ---- small helpers --------------------------------------------------------- */
@@ -790,7 +824,7 @@ static int resolve_params(pr_module *mod, pr_error *err)
         if (p->scope < PR_SCOPE_INSERTION || p->scope > PR_SCOPE_GLOBAL)
             return pr_errorf(err, PR_ERR_INVALID, "module '%s': parameter '%s' has unknown scope %d", mod_name(mod),
                              p->name, p->scope);
-        if (mod->t.integration == PR_INTEGRATE_GATED_ADD && strcmp(p->name, "gate") == 0)
+        if (mod->gated && strcmp(p->name, "gate") == 0)
             return pr_errorf(err, PR_ERR_INVALID, "module '%s': parameter name 'gate' is reserved for the host's gate",
                              mod_name(mod));
     }
@@ -855,7 +889,7 @@ static int resolve_params(pr_module *mod, pr_error *err)
                 return pr_errorf(err, PR_ERR_NOMEM, "module '%s': out of memory", mod_name(mod));
             in->copy[i] = mod->n_copies - 1;
         }
-        if (mod->t.integration == PR_INTEGRATE_GATED_ADD) {
+        if (mod->gated) {
             int rc = add_copy(mod, err);
             if (rc)
                 return rc;
@@ -982,6 +1016,9 @@ static void module_free(pr_module *mod)
             free(in->h_keep);
     }
     free(mod->ins);
+    for (int i = 0; i < mod->n_kids; i++)
+        module_free(mod->kids[i]);
+    free(mod->kids);
     for (int c = 0; c < mod->n_copies; c++)
         free(mod->copies[c].name);
     free(mod->copies);
@@ -1041,6 +1078,10 @@ static int module_resolve(const pr_model *m, const pr_module_spec *spec, pr_modu
     mod->model = (pr_model *)m;
     mod->trainable = spec->trainable != 0;
     mod->seed = spec->seed;
+    mod->gated = spec->gate != 0 || mod->t.integration == PR_INTEGRATE_GATED_ADD;
+    if (spec->gate && is_select(mod))
+        return pr_errorf(err, PR_ERR_INVALID, "module '%s': technique '%s' selects base tensors; it has no output a "
+                         "gate could scale (gate: true)", mod_name(mod), mod->t.name);
     if (spec->n_options < 0 || (spec->n_options > 0 && !spec->options))
         return pr_errorf(err, PR_ERR_INVALID, "module '%s': bad option list", mod_name(mod));
     int rc;
@@ -1183,6 +1224,10 @@ static size_t area_a_floats(const insertion *in, int rows)
         size_t g = round_up((size_t)in->dims.d_in * (size_t)in->dims.d_out);
         a = g > a ? g : a;
     }
+    if (in->mod->gated && in->mod->t.integration == PR_INTEGRATE_CUSTOM) {
+        size_t g = round_up((size_t)rows * (size_t)in->dims.d_out); /* s * dy */
+        a = g > a ? g : a;
+    }
     return a;
 }
 
@@ -1216,12 +1261,32 @@ static int prepare_views(insertion *in, int B, int T, float **area_a, float **ar
 
 /* ---- reserve ----------------------------------------------------------------------------------- */
 
+static int is_additive(const pr_module *mod)
+{
+    int integ = mod->t.integration;
+    return integ == PR_INTEGRATE_DIRECT_ADD || integ == PR_INTEGRATE_SCALED_ADD || integ == PR_INTEGRATE_GATED_ADD;
+}
+
 static int needs_y_old(const pr_module *mod)
 {
     int integ = mod->t.integration;
-    return integ == PR_INTEGRATE_RESCALE ||
-           (mod->t.insertion == PR_INSERT_SEQUENTIAL &&
-            (integ == PR_INTEGRATE_DIRECT_ADD || integ == PR_INTEGRATE_SCALED_ADD || integ == PR_INTEGRATE_GATED_ADD));
+    return integ == PR_INTEGRATE_RESCALE || (mod->t.insertion == PR_INSERT_SEQUENTIAL && is_additive(mod)) ||
+           (mod->gated && integ == PR_INTEGRATE_CUSTOM);
+}
+
+/* Floats kept per position for a gate's gradient: the module output h of
+ * an addition (or the rows of a concatenation), F - y_old of a custom
+ * integration; 0 when ungated. */
+static size_t gate_keep_width(const insertion *in)
+{
+    const pr_module *mod = in->mod;
+    if (!mod->gated)
+        return 0;
+    if (is_additive(mod) || is_concat(mod))
+        return (size_t)in->w_out;
+    if (mod->t.integration == PR_INTEGRATE_CUSTOM)
+        return (size_t)in->dims.d_out;
+    return 0;
 }
 
 static int reserve_insertion(insertion *in, int B, int T, pr_error *err)
@@ -1239,7 +1304,7 @@ static int reserve_insertion(insertion *in, int B, int T, pr_error *err)
         (rc = buffers_size(in, mod->xd, mod->t.n_scratch, B, T, NULL, NULL, &nx, err)))
         return rc;
     size_t ny = needs_y_old(mod) ? round_up(rows * (size_t)in->dims.d_out) : 0;
-    size_t nh = mod->t.integration == PR_INTEGRATE_GATED_ADD ? round_up(rows * (size_t)in->w_out) : 0;
+    size_t nh = round_up(rows * gate_keep_width(in));
     float *block = alloc_floats(ns + ny + nh);
     if (!block)
         return pr_errorf(err, PR_ERR_NOMEM, "module '%s' at %s: out of memory for saved activations (B=%d, T=%d)",
@@ -1274,20 +1339,33 @@ static int hook_reserve(void *self, int B, int T, pr_error *err)
 
 /* ---- integration forms ------------------------------------------------------------------------- */
 
+/* s = sigmoid(g) of the insertion's gate, 1 without one. */
+static float gate_value(const insertion *in)
+{
+    return in->gate >= 0 ? sigmoid(in->mod->params[in->mod->copies[in->gate].off]) : 1.0f;
+}
+
+/* Where dL/dg accumulates; NULL without a gate or when it is frozen. */
+static float *gate_grad(const insertion *in)
+{
+    if (in->gate < 0)
+        return NULL;
+    const param_copy *gc = &in->mod->copies[in->gate];
+    return gc->trained ? in->mod->grads + gc->goff : NULL;
+}
+
+/* k of y += k*h: the scale (SCALED_ADD) or 1, times the gate. */
 static float add_coefficient(const insertion *in)
 {
-    switch (in->mod->t.integration) {
-    case PR_INTEGRATE_SCALED_ADD: return in->scale;
-    case PR_INTEGRATE_GATED_ADD: return sigmoid(in->mod->params[in->mod->copies[in->gate].off]);
-    default: return 1.0f;
-    }
+    float k = in->mod->t.integration == PR_INTEGRATE_SCALED_ADD ? in->scale : 1.0f;
+    return k * gate_value(in);
 }
 
 static int hook_forward(void *self, const pr_site_io *io, pr_error *err)
 {
     insertion *in = self;
     pr_module *mod = in->mod;
-    if (mod->merged)
+    if (mod->merged || mod->fused_by)
         return PR_OK;
     float *area_a, *area_b;
     int rc = prepare_views(in, io->B, io->T, &area_a, &area_b, err);
@@ -1298,11 +1376,25 @@ static int hook_forward(void *self, const pr_site_io *io, pr_error *err)
     ctx_init(in, &c, io->B, io->T, io->training, in->n_fwd++);
     int rows = io->rows, integ = mod->t.integration, seq = mod->t.insertion == PR_INSERT_SEQUENTIAL;
     int d_out = io->y_dim;
+    float s = gate_value(in);
 
     if (integ == PR_INTEGRATE_CUSTOM) {
+        if (mod->gated)
+            copy_rows(in->y_old, d_out, io->y, io->y_ld, rows, d_out);
         c.in = view2(io->x, rows, io->x_dim, io->x_ld);
         c.out = view2(io->y, rows, io->y_dim, io->y_ld);
-        return call(mod, in, mod->t.integrate_forward, "integrate_forward", &c, err);
+        if ((rc = call(mod, in, mod->t.integrate_forward, "integrate_forward", &c, err)) || !mod->gated)
+            return rc;
+        /* gated: D = F - y_old (kept), y = y_old + s*D */
+        for (int r = 0; r < rows; r++) {
+            float *y = io->y + (size_t)r * io->y_ld, *dk = in->h_keep + (size_t)r * d_out;
+            const float *yo = in->y_old + (size_t)r * d_out;
+            for (int j = 0; j < d_out; j++) {
+                dk[j] = y[j] - yo[j];
+                y[j] = yo[j] + s * dk[j];
+            }
+        }
+        return PR_OK;
     }
     if (integ == PR_INTEGRATE_WEIGHT_DELTA) {
         int din = in->dims.d_in;
@@ -1311,8 +1403,8 @@ static int hook_forward(void *self, const pr_site_io *io, pr_error *err)
         c.out = view2(in->dw, din, d_out, d_out);
         if ((rc = call(mod, in, mod->t.merge, "merge", &c, err)))
             return rc;
-        /* y (rows, d_out) += x (rows, d_in) . dW (d_in, d_out) */
-        host_services()->gemm(0, 0, rows, d_out, din, 1.0f, io->x, io->x_ld, in->dw, d_out, 1.0f, io->y, io->y_ld);
+        /* y (rows, d_out) += s * x (rows, d_in) . dW (d_in, d_out) */
+        host_services()->gemm(0, 0, rows, d_out, din, s, io->x, io->x_ld, in->dw, d_out, 1.0f, io->y, io->y_ld);
         return PR_OK;
     }
     /* the module input: x, or a copy of y as it enters this hook */
@@ -1331,16 +1423,16 @@ static int hook_forward(void *self, const pr_site_io *io, pr_error *err)
         c.out = view2(in->h_keep, 1, in->w_out, in->w_out);
         if ((rc = call(mod, in, mod->t.forward, "forward", &c, err)))
             return rc;
-        /* y (rows, d_out) *= h (1, d_out) */
+        /* y (rows, d_out) *= h (1, d_out), or 1 + s*(h - 1) when gated */
         for (int r = 0; r < rows; r++) {
             float *y = io->y + (size_t)r * io->y_ld;
             for (int j = 0; j < d_out; j++)
-                y[j] *= in->h_keep[j];
+                y[j] *= mod->gated ? 1.0f + s * (in->h_keep[j] - 1.0f) : in->h_keep[j];
         }
         return PR_OK;
     }
     /* addition forms: y += k * h */
-    float *h = integ == PR_INTEGRATE_GATED_ADD ? in->h_keep : area_a;
+    float *h = mod->gated ? in->h_keep : area_a;
     memset(h, 0, (size_t)rows * in->w_out * sizeof(float));
     c.out = view2(h, rows, in->w_out, in->w_out);
     if ((rc = call(mod, in, mod->t.forward, "forward", &c, err)))
@@ -1353,7 +1445,7 @@ static int hook_backward(void *self, const pr_site_io *io, pr_error *err)
 {
     insertion *in = self;
     pr_module *mod = in->mod;
-    if (mod->merged)
+    if (mod->merged || mod->fused_by)
         return PR_OK;
     float *area_a, *area_b;
     int rc = prepare_views(in, io->B, io->T, &area_a, &area_b, err);
@@ -1364,6 +1456,7 @@ static int hook_backward(void *self, const pr_site_io *io, pr_error *err)
     const pr_host *host = host_services();
     int rows = io->rows, integ = mod->t.integration, seq = mod->t.insertion == PR_INSERT_SEQUENTIAL;
     int d_out = io->y_dim, din_w = io->x_dim;
+    float s = gate_value(in), *dg = gate_grad(in);
 
     /* where the module's input gradient goes */
     float *dx = io->dx;
@@ -1377,15 +1470,52 @@ static int hook_backward(void *self, const pr_site_io *io, pr_error *err)
     if (integ == PR_INTEGRATE_CUSTOM) {
         c.in = view2(io->x, rows, io->x_dim, io->x_ld);
         c.out = view2(io->y, rows, io->y_dim, io->y_ld);
-        c.d_out = view2(io->dy, rows, io->y_dim, io->y_ld);
         c.d_in = view2(dx, rows, din_w, dx_ld);
-        return call(mod, in, mod->t.integrate_backward, "integrate_backward", &c, err);
+        if (!mod->gated) {
+            c.d_out = view2(io->dy, rows, io->y_dim, io->y_ld);
+            return call(mod, in, mod->t.integrate_backward, "integrate_backward", &c, err);
+        }
+        /* y = y_old + s*(F - y_old): dg += s(1-s) sum(dy * D); the technique
+         * gets s*dy and replaces it by its gradient w.r.t. y_old through F;
+         * dy_old = (1 - s)*dy + that */
+        double acc = 0.0;
+        for (int r = 0; r < rows; r++) {
+            const float *dy = io->dy + (size_t)r * io->y_ld, *dk = in->h_keep + (size_t)r * d_out;
+            float *b = area_a + (size_t)r * d_out;
+            for (int j = 0; j < d_out; j++) {
+                acc += (double)dy[j] * dk[j];
+                b[j] = s * dy[j];
+            }
+        }
+        if (dg)
+            *dg += (float)(acc * s * (1.0 - s));
+        c.d_out = view2(area_a, rows, d_out, d_out);
+        if ((rc = call(mod, in, mod->t.integrate_backward, "integrate_backward", &c, err)))
+            return rc;
+        for (int r = 0; r < rows; r++) {
+            float *dy = io->dy + (size_t)r * io->y_ld;
+            const float *b = area_a + (size_t)r * d_out;
+            for (int j = 0; j < d_out; j++)
+                dy[j] = (1.0f - s) * dy[j] + b[j];
+        }
+        return PR_OK;
     }
     if (integ == PR_INTEGRATE_WEIGHT_DELTA) {
         int din = in->dims.d_in;
-        /* G (d_in, d_out) = x^T dy; dx += dy . dW^T */
+        /* G (d_in, d_out) = x^T dy; dx += s * dy . dW^T */
         host->gemm(1, 0, din, d_out, rows, 1.0f, io->x, io->x_ld, io->dy, io->y_ld, 0.0f, area_a, d_out);
-        host->gemm(0, 1, rows, din, d_out, 1.0f, io->dy, io->y_ld, in->dw, d_out, 1.0f, dx, dx_ld);
+        host->gemm(0, 1, rows, din, d_out, s, io->dy, io->y_ld, in->dw, d_out, 1.0f, dx, dx_ld);
+        if (mod->gated) {
+            /* dg += s(1-s) <dW, G>; the technique gets s*G */
+            double acc = 0.0;
+            size_t n = (size_t)din * d_out;
+            for (size_t i = 0; i < n; i++) {
+                acc += (double)in->dw[i] * area_a[i];
+                area_a[i] *= s;
+            }
+            if (dg)
+                *dg += (float)(acc * s * (1.0 - s));
+        }
         c.in = view2(io->x, rows, io->x_dim, io->x_ld);
         c.out = view2(in->dw, din, d_out, d_out);
         c.d_out = view2(area_a, din, d_out, d_out);
@@ -1408,35 +1538,45 @@ static int hook_backward(void *self, const pr_site_io *io, pr_error *err)
     c.d_in = view2(d_inp, rows, in_w, d_inp_ld);
 
     if (integ == PR_INTEGRATE_RESCALE) {
-        /* dh (1, d_out) = sum_rows dy * y_old; dy <- dy * h */
+        /* S (1, d_out) = sum_rows dy * y_old; dy <- dy * h (ungated) or
+         * dy * (1 + s(h - 1)) (gated, with dh = s*S and
+         * dg += s(1-s) sum_j S_j (h_j - 1)) */
         memset(area_a, 0, (size_t)d_out * sizeof(float));
         for (int r = 0; r < rows; r++) {
             float *dy = io->dy + (size_t)r * io->y_ld;
             const float *yo = in->y_old + (size_t)r * d_out;
             for (int j = 0; j < d_out; j++) {
                 area_a[j] += dy[j] * yo[j];
-                dy[j] *= in->h_keep[j];
+                dy[j] *= mod->gated ? 1.0f + s * (in->h_keep[j] - 1.0f) : in->h_keep[j];
             }
+        }
+        if (mod->gated) {
+            double acc = 0.0;
+            for (int j = 0; j < d_out; j++) {
+                acc += (double)area_a[j] * (in->h_keep[j] - 1.0f);
+                area_a[j] *= s;
+            }
+            if (dg)
+                *dg += (float)(acc * s * (1.0 - s));
         }
         c.out = view2(in->h_keep, 1, in->w_out, in->w_out);
         c.d_out = view2(area_a, 1, in->w_out, in->w_out);
     } else {
         float k = add_coefficient(in);
-        if (integ == PR_INTEGRATE_GATED_ADD) {
-            /* dg += sigmoid'(g) * sum(dy * h) */
-            const param_copy *gc = &mod->copies[in->gate];
-            if (gc->trained) {
-                double s = 0.0;
+        if (mod->gated) {
+            /* y += k*h with k = c*s: dg += k(1-s) * sum(dy * h) */
+            if (dg) {
+                double acc = 0.0;
                 for (int r = 0; r < rows; r++) {
                     const float *dy = io->dy + (size_t)r * io->y_ld, *h = in->h_keep + (size_t)r * in->w_out;
                     for (int j = 0; j < d_out; j++)
-                        s += (double)dy[j] * h[j];
+                        acc += (double)dy[j] * h[j];
                 }
-                mod->grads[gc->goff] += (float)(s * k * (1.0 - k));
+                *dg += (float)(acc * k * (1.0 - s));
             }
             c.out = view2(in->h_keep, rows, in->w_out, in->w_out);
         }
-        if (integ == PR_INTEGRATE_DIRECT_ADD) {
+        if (integ == PR_INTEGRATE_DIRECT_ADD && !mod->gated) {
             c.d_out = view2(io->dy, rows, d_out, io->y_ld);
         } else {
             for (int r = 0; r < rows; r++) {
@@ -1457,6 +1597,7 @@ static int hook_backward(void *self, const pr_site_io *io, pr_error *err)
 
 /* ---- concatenation providers --------------------------------------------------------------------- */
 
+/* Gated: the technique fills P (kept), the model gets s*P. */
 static int concat_forward(void *self, int site, int layer, float *out, pr_error *err)
 {
     (void)site;
@@ -1469,10 +1610,17 @@ static int concat_forward(void *self, int site, int layer, float *out, pr_error 
         return rc;
     pr_ctx c;
     ctx_init(in, &c, 1, in->n_virtual, pr_model_get_training(mod->model), in->n_fwd++);
-    c.out = view2(out, in->n_virtual, in->w_out, in->w_out);
-    return call(mod, in, mod->t.forward, "forward", &c, err);
+    size_t n = (size_t)in->n_virtual * (size_t)in->w_out;
+    c.out = view2(mod->gated ? in->h_keep : out, in->n_virtual, in->w_out, in->w_out);
+    if ((rc = call(mod, in, mod->t.forward, "forward", &c, err)) || !mod->gated)
+        return rc;
+    float s = gate_value(in);
+    for (size_t i = 0; i < n; i++)
+        out[i] = s * in->h_keep[i];
+    return PR_OK;
 }
 
+/* Gated: dg += s(1-s) sum(dout * P); the technique gets s*dout. */
 static int concat_backward(void *self, int site, int layer, const float *dout, pr_error *err)
 {
     (void)site;
@@ -1485,8 +1633,312 @@ static int concat_backward(void *self, int site, int layer, const float *dout, p
         return rc;
     pr_ctx c;
     ctx_init(in, &c, 1, in->n_virtual, pr_model_get_training(mod->model), in->n_fwd ? in->n_fwd - 1 : 0);
+    if (mod->gated) {
+        size_t n = (size_t)in->n_virtual * (size_t)in->w_out;
+        float s = gate_value(in), *dg = gate_grad(in);
+        double acc = 0.0;
+        for (size_t i = 0; i < n; i++) {
+            acc += (double)dout[i] * in->h_keep[i];
+            a[i] = s * dout[i];
+        }
+        if (dg)
+            *dg += (float)(acc * s * (1.0 - s));
+        dout = a;
+        c.out = view2(in->h_keep, in->n_virtual, in->w_out, in->w_out);
+    }
     c.d_out = view2(dout, in->n_virtual, in->w_out, in->w_out);
     return call(mod, in, mod->t.backward, "backward", &c, err);
+}
+
+/* ---- fusion (AdapterFusion) -------------------------------------------------------------------- */
+
+/* The fusion module's technique: host code, not a plugin.  W_Q and W_K
+ * start as normal(0, 0.02) (the BERT-style init of AdapterFusion's
+ * reference implementation, adapter-transformers), W_V as the identity
+ * with 1e-6 off the diagonal (Pfeiffer et al. 2021, section 3.2: a
+ * diagonal of ones and small weights elsewhere, to keep the adapters'
+ * representations), so the fusion starts as the mean of the fused
+ * contributions. */
+static int fusion_init(const pr_ctx *c)
+{
+    pr_tensor *v = &c->params[2];
+    int64_t d = v->shape[0];
+    float *w = v->data;
+    for (int64_t i = 0; i < d; i++)
+        for (int64_t j = 0; j < d; j++)
+            w[i * d + j] = i == j ? 1.0f : 1e-6f;
+    return 0;
+}
+
+static const pr_param_decl fusion_params[] = {
+    { sizeof(pr_param_decl), "query", "d_out, d_out", PR_INIT_NORMAL, "0.02", PR_SCOPE_INSERTION, 0,
+      "W_Q: query = y W_Q, y the site output", NULL },
+    { sizeof(pr_param_decl), "key", "d_out, d_out", PR_INIT_NORMAL, "0.02", PR_SCOPE_INSERTION, 0,
+      "W_K: key_i = h_i W_K, h_i a fused module's contribution", NULL },
+    { sizeof(pr_param_decl), "value", "d_out, d_out", PR_INIT_CUSTOM, NULL, PR_SCOPE_INSERTION, 0,
+      "W_V: value_i = h_i W_V; identity plus 1e-6 off the diagonal", NULL },
+};
+
+static const pr_technique fusion_technique = {
+    .struct_size = sizeof(pr_technique),
+    .abi_major = PR_ABI_MAJOR,
+    .name = "adapter_fusion",
+    .version = "1.0.0",
+    .summary = "AdapterFusion: attention over the contributions of frozen modules at one site",
+    .citation = "Pfeiffer, Kamath, Rueckle, Cho, Gurevych 2021, AdapterFusion: Non-Destructive Task Composition "
+                "for Transfer Learning, arXiv 2005.00247",
+    .license = "MIT",
+    .intra = PR_INTRA_ATTENTION,
+    .inter = PR_INTER_FIXED,
+    .adaptation = PR_ADAPT_ADDITION,
+    .sharing = PR_SHARE_NONE,
+    .input = PR_INPUT_HIDDEN,
+    .insertion = PR_INSERT_SEQUENTIAL,
+    .insertions = PR_INSERTIONS_PER_SITE_LAYER,
+    .integration = PR_INTEGRATE_CUSTOM,
+    .sites = (1u << PR_SITE_COUNT) - 1,
+    .params = fusion_params,
+    .n_params = 3,
+    .param_formula = "3 * d_out^2 per insertion",
+    .init = fusion_init,
+};
+
+/* A fusion insertion's saved block for `rows` positions and n fused
+ * modules: yq, Q (rows, d); H, K, V (n, rows, d); A (rows, n). */
+typedef struct fusion_bufs {
+    float *yq, *q, *h, *k, *v, *a;
+} fusion_bufs;
+
+static size_t fusion_block_floats(const insertion *in, size_t rows)
+{
+    size_t rd = round_up(rows * (size_t)in->dims.d_out), n = (size_t)in->mod->n_kids;
+    return rd * (2 + 3 * n) + round_up(rows * n);
+}
+
+static fusion_bufs fusion_views(const insertion *in, size_t rows)
+{
+    size_t rd = round_up(rows * (size_t)in->dims.d_out), n = (size_t)in->mod->n_kids;
+    fusion_bufs f;
+    f.yq = in->fu;
+    f.q = f.yq + rd;
+    f.h = f.q + rd;
+    f.k = f.h + n * rd;
+    f.v = f.k + n * rd;
+    f.a = f.v + n * rd;
+    return f;
+}
+
+/* Scratch of a fusion backward: dQ, dK, dV, dH, dyq (rows, d); dS (rows, n);
+ * dx when the site input needs no gradient (rows, d_in). */
+static size_t fusion_scratch_floats(const insertion *in, size_t rows)
+{
+    return 5 * round_up(rows * (size_t)in->dims.d_out) + round_up(rows * (size_t)in->mod->n_kids) +
+           round_up(rows * (size_t)in->dims.d_in);
+}
+
+static int fusion_reserve(void *self, int B, int T, pr_error *err)
+{
+    insertion *in = self;
+    pr_module *mod = in->mod;
+    int rc;
+    for (int i = 0; i < mod->n_kids; i++)
+        if ((rc = reserve_insertion(&mod->kids[i]->ins[in->index], B, T, err)))
+            return rc;
+    if (in->fu && B <= in->res_B && T <= in->res_T)
+        return PR_OK;
+    if (in->fu) {
+        B = B > in->res_B ? B : in->res_B;
+        T = T > in->res_T ? T : in->res_T;
+    }
+    size_t rows = (size_t)B * (size_t)T, nb = fusion_block_floats(in, rows), ns = fusion_scratch_floats(in, rows);
+    float *block = alloc_floats(nb);
+    if (!block)
+        return pr_errorf(err, PR_ERR_NOMEM, "fusion '%s' at %s: out of memory for saved activations (B=%d, T=%d)",
+                         mod_name(mod), in->where, B, T);
+    if (ns > mod->scratch_cap) {
+        float *sc = alloc_floats(ns);
+        if (!sc) {
+            free(block);
+            return pr_errorf(err, PR_ERR_NOMEM, "fusion '%s': out of memory for %zu floats of scratch", mod_name(mod),
+                             ns);
+        }
+        free(mod->scratch);
+        mod->scratch = sc;
+        mod->scratch_cap = ns;
+    }
+    free(in->block);
+    in->block = in->fu = block;
+    in->block_floats = nb;
+    in->res_B = B;
+    in->res_T = T;
+    return PR_OK;
+}
+
+/* The context of fused module `kid`'s call at the fusion insertion's
+ * site: its input is the site input x (parallel) or yq, the site output
+ * as the fusion received it (sequential). */
+static int fusion_kid_ctx(const insertion *ki, const pr_site_io *io, const float *yq, uint64_t step, pr_ctx *c,
+                          pr_error *err)
+{
+    float *a, *b;
+    int rc = prepare_views((insertion *)ki, io->B, io->T, &a, &b, err);
+    if (rc)
+        return rc;
+    ctx_init(ki, c, io->B, io->T, io->training, step);
+    if (ki->mod->t.insertion == PR_INSERT_SEQUENTIAL)
+        c->in = view2(yq, io->rows, io->y_dim, io->y_dim);
+    else
+        c->in = view2(io->x, io->rows, io->x_dim, io->x_ld);
+    return PR_OK;
+}
+
+/* Forward at one site, rows r, d = d_out, n fused modules:
+ *   h_i = k_i f_i(input_i)          each fused module's contribution
+ *   q = y W_Q, key_i = h_i W_K, v_i = h_i W_V
+ *   a_i = softmax_i(q . key_i)      per row, no temperature
+ *   y <- y + sum_i a_i v_i */
+static int fusion_forward(void *self, const pr_site_io *io, pr_error *err)
+{
+    insertion *in = self;
+    pr_module *mod = in->mod;
+    if (!in->fu || io->B > in->res_B || io->T > in->res_T)
+        return pr_errorf(err, PR_ERR_INVALID,
+                         "fusion '%s' at %s: batch B=%d x T=%d exceeds what pr_model_reserve planned (B=%d x T=%d)",
+                         mod_name(mod), in->where, io->B, io->T, in->res_B, in->res_T);
+    const pr_host *host = host_services();
+    int rows = io->rows, d = io->y_dim, n = mod->n_kids, rc;
+    size_t rd = (size_t)rows * d, stride = round_up(rd);
+    fusion_bufs f = fusion_views(in, (size_t)rows);
+    const float *wq = in->params[0].data, *wk = in->params[1].data, *wv = in->params[2].data;
+    copy_rows(f.yq, d, io->y, io->y_ld, rows, d);
+    for (int i = 0; i < n; i++) {
+        insertion *ki = &mod->kids[i]->ins[in->index];
+        pr_ctx c;
+        if ((rc = fusion_kid_ctx(ki, io, f.yq, ki->n_fwd++, &c, err)))
+            return rc;
+        float *h = f.h + (size_t)i * stride;
+        memset(h, 0, rd * sizeof(float));
+        c.out = view2(h, rows, d, d);
+        if ((rc = call(ki->mod, ki, ki->mod->t.forward, "forward", &c, err)))
+            return rc;
+        float k = add_coefficient(ki);
+        if (k != 1.0f)
+            for (size_t j = 0; j < rd; j++)
+                h[j] *= k;
+        host->gemm(0, 0, rows, d, d, 1.0f, h, d, wk, d, 0.0f, f.k + (size_t)i * stride, d);
+        host->gemm(0, 0, rows, d, d, 1.0f, h, d, wv, d, 0.0f, f.v + (size_t)i * stride, d);
+    }
+    host->gemm(0, 0, rows, d, d, 1.0f, f.yq, d, wq, d, 0.0f, f.q, d);
+    for (int r = 0; r < rows; r++) {
+        float *ar = f.a + (size_t)r * n;
+        const float *qr = f.q + (size_t)r * d;
+        for (int i = 0; i < n; i++) {
+            const float *kr = f.k + (size_t)i * stride + (size_t)r * d;
+            double sc = 0.0;
+            for (int j = 0; j < d; j++)
+                sc += (double)qr[j] * kr[j];
+            ar[i] = (float)sc;
+        }
+    }
+    host->softmax_rows(f.a, rows, n);
+    for (int r = 0; r < rows; r++) {
+        float *y = io->y + (size_t)r * io->y_ld;
+        for (int i = 0; i < n; i++) {
+            const float *vr = f.v + (size_t)i * stride + (size_t)r * d;
+            float a = f.a[(size_t)r * n + i];
+            for (int j = 0; j < d; j++)
+                y[j] += a * vr[j];
+        }
+    }
+    return PR_OK;
+}
+
+/* Backward, dy the gradient of the y the fusion left:
+ *   dA_i = dy . v_i;  dS = A * (dA - sum_j A_j dA_j)      (softmax)
+ *   dq = sum_i dS_i key_i;  dkey_i = dS_i q;  dv_i = A_i dy
+ *   dW_Q += yq^T dq;  dW_K += sum_i h_i^T dkey_i;  dW_V += sum_i h_i^T dv_i
+ *   dh_i = dkey_i W_K^T + dv_i W_V^T, handed to module i's backward as
+ *   k_i dh_i (its input gradient goes to dx, or to dyq when it reads y)
+ *   dy <- dy + dq W_Q^T + (sequential modules' input gradients). */
+static int fusion_backward(void *self, const pr_site_io *io, pr_error *err)
+{
+    insertion *in = self;
+    pr_module *mod = in->mod;
+    if (!in->fu || io->B > in->res_B || io->T > in->res_T)
+        return pr_errorf(err, PR_ERR_INVALID, "fusion '%s' at %s: backward without a planned forward", mod_name(mod),
+                         in->where);
+    const pr_host *host = host_services();
+    int rows = io->rows, d = io->y_dim, n = mod->n_kids, rc;
+    size_t rd = (size_t)rows * d, stride = round_up(rd);
+    fusion_bufs f = fusion_views(in, (size_t)rows);
+    const float *wq = in->params[0].data, *wk = in->params[1].data, *wv = in->params[2].data;
+    float *gq = in->grads[0].data, *gk = in->grads[1].data, *gv = in->grads[2].data;
+    float *dq = mod->scratch, *dk = dq + stride, *dv = dk + stride, *dh = dv + stride, *dyq = dh + stride;
+    float *ds = dyq + stride, *dxs = ds + round_up((size_t)rows * n);
+    float *dx = io->dx;
+    int dx_ld = io->x_ld;
+    if (!dx) {
+        memset(dxs, 0, (size_t)rows * io->x_dim * sizeof(float));
+        dx = dxs;
+        dx_ld = io->x_dim;
+    }
+    /* the softmax */
+    for (int r = 0; r < rows; r++) {
+        const float *dy = io->dy + (size_t)r * io->y_ld, *ar = f.a + (size_t)r * n;
+        float *sr = ds + (size_t)r * n;
+        double m = 0.0;
+        for (int i = 0; i < n; i++) {
+            const float *vr = f.v + (size_t)i * stride + (size_t)r * d;
+            double da = 0.0;
+            for (int j = 0; j < d; j++)
+                da += (double)dy[j] * vr[j];
+            sr[i] = (float)da;
+            m += ar[i] * da;
+        }
+        for (int i = 0; i < n; i++)
+            sr[i] = ar[i] * (float)(sr[i] - m);
+    }
+    /* the query path */
+    memset(dq, 0, rd * sizeof(float));
+    for (int r = 0; r < rows; r++)
+        for (int i = 0; i < n; i++)
+            axpy_rows(dq + (size_t)r * d, d, f.k + (size_t)i * stride + (size_t)r * d, d, 1, d, ds[(size_t)r * n + i]);
+    if (gq)
+        host->gemm(1, 0, d, d, rows, 1.0f, f.yq, d, dq, d, 1.0f, gq, d);
+    host->gemm(0, 1, rows, d, d, 1.0f, dq, d, wq, d, 0.0f, dyq, d);
+    /* keys, values and the fused modules */
+    for (int i = 0; i < n; i++) {
+        const float *h = f.h + (size_t)i * stride;
+        for (int r = 0; r < rows; r++) {
+            float sv = ds[(size_t)r * n + i], av = f.a[(size_t)r * n + i];
+            const float *qr = f.q + (size_t)r * d, *dy = io->dy + (size_t)r * io->y_ld;
+            float *dkr = dk + (size_t)r * d, *dvr = dv + (size_t)r * d;
+            for (int j = 0; j < d; j++) {
+                dkr[j] = sv * qr[j];
+                dvr[j] = av * dy[j];
+            }
+        }
+        if (gk)
+            host->gemm(1, 0, d, d, rows, 1.0f, h, d, dk, d, 1.0f, gk, d);
+        if (gv)
+            host->gemm(1, 0, d, d, rows, 1.0f, h, d, dv, d, 1.0f, gv, d);
+        insertion *ki = &mod->kids[i]->ins[in->index];
+        float k = add_coefficient(ki);
+        host->gemm(0, 1, rows, d, d, k, dk, d, wk, d, 0.0f, dh, d);
+        host->gemm(0, 1, rows, d, d, k, dv, d, wv, d, 1.0f, dh, d);
+        pr_ctx c;
+        if ((rc = fusion_kid_ctx(ki, io, f.yq, ki->n_fwd ? ki->n_fwd - 1 : 0, &c, err)))
+            return rc;
+        c.d_out = view2(dh, rows, d, d);
+        if (ki->mod->t.insertion == PR_INSERT_SEQUENTIAL)
+            c.d_in = view2(dyq, rows, d, d);
+        else
+            c.d_in = view2(dx, rows, io->x_dim, dx_ld);
+        if ((rc = call(ki->mod, ki, ki->mod->t.backward, "backward", &c, err)))
+            return rc;
+    }
+    axpy_rows(io->dy, io->y_ld, dyq, d, rows, d, 1.0f);
+    return PR_OK;
 }
 
 /* ---- initialisation ------------------------------------------------------------------------------ */
@@ -1746,6 +2198,19 @@ static int init_params(pr_module *mod, const pr_module_spec *spec, pr_error *err
     return PR_OK;
 }
 
+/* The site hook of an insertion: the integration forms above, or a
+ * fusion module's. */
+static pr_site_hook hook_of(insertion *in)
+{
+    pr_site_hook h = { hook_forward, hook_backward, in, hook_reserve };
+    if (in->mod->n_kids) {
+        h.forward = fusion_forward;
+        h.backward = fusion_backward;
+        h.reserve = fusion_reserve;
+    }
+    return h;
+}
+
 static int attach_integration(pr_module *mod, pr_error *err)
 {
     int rc;
@@ -1763,7 +2228,7 @@ static int attach_integration(pr_module *mod, pr_error *err)
             pr_concat_provider p = { in->n_virtual, concat_forward, concat_backward, in };
             rc = pr_model_attach_concat(mod->model, in->site, in->layer, &p, err);
         } else {
-            pr_site_hook h = { hook_forward, hook_backward, in, hook_reserve };
+            pr_site_hook h = hook_of(in);
             rc = pr_model_attach_hook(mod->model, in->site, in->layer, &h, err);
         }
         if (rc)
@@ -1796,7 +2261,7 @@ static void reattach_others(pr_model *m, const pr_module *except)
                 pr_concat_provider p = { in->n_virtual, concat_forward, concat_backward, in };
                 pr_model_attach_concat(m, in->site, in->layer, &p, NULL);
             } else {
-                pr_site_hook h = { hook_forward, hook_backward, in, hook_reserve };
+                pr_site_hook h = hook_of(in);
                 pr_model_attach_hook(m, in->site, in->layer, &h, NULL);
             }
         }
@@ -1808,7 +2273,41 @@ static void prefix_of(const pr_module *mod, char *buf, size_t len)
     snprintf(buf, len, "%s/", mod_name(mod));
 }
 
-int pr_module_attach(pr_model *m, const pr_module_spec *spec, pr_module **out, pr_error *err)
+/* 1 when a module of m, or a module a fusion of m combines, is named name. */
+static int name_taken(const pr_model *m, const char *name)
+{
+    const model_entry *e = entry_of(m, 0);
+    for (int i = 0; e && i < e->n; i++) {
+        if (strcmp(e->mods[i]->name, name) == 0)
+            return 1;
+        for (int k = 0; k < e->mods[i]->n_kids; k++)
+            if (strcmp(e->mods[i]->kids[k]->name, name) == 0)
+                return 1;
+    }
+    return 0;
+}
+
+/* A fusion module takes its fused modules out of the model's list and
+ * the hook lists are rebuilt without their hooks (the fusion runs them). */
+static void adopt_kids(pr_model *m, pr_module *mod)
+{
+    model_entry *e = entry_of(m, 0);
+    for (int k = 0; k < mod->n_kids; k++) {
+        mod->kids[k]->fused_by = mod;
+        for (int i = 0; e && i < e->n; i++)
+            if (e->mods[i] == mod->kids[k]) {
+                memmove(e->mods + i, e->mods + i + 1, (size_t)(e->n - i - 1) * sizeof *e->mods);
+                e->n--;
+                break;
+            }
+    }
+    reattach_others(m, NULL);
+}
+
+/* pr_module_attach, and for a fusion module (n_kids > 0) the modules it
+ * combines, whose insertions match its own one for one. */
+static int attach_impl(pr_model *m, const pr_module_spec *spec, pr_module *const *kids, int n_kids, pr_module **out,
+                       pr_error *err)
 {
     if (out)
         *out = NULL;
@@ -1818,14 +2317,33 @@ int pr_module_attach(pr_model *m, const pr_module_spec *spec, pr_module **out, p
         module_free(mod);
         return rc;
     }
-    model_entry *e = entry_of(m, 0);
-    for (int i = 0; e && i < e->n; i++)
-        if (strcmp(e->mods[i]->name, mod->name) == 0) {
-            rc = pr_errorf(err, PR_ERR_INVALID, "module '%s': the model already has a module of that name; give it "
-                           "another name", mod->name);
+    if (name_taken(m, mod->name)) {
+        rc = pr_errorf(err, PR_ERR_INVALID, "module '%s': the model already has a module of that name; give it "
+                       "another name", mod->name);
+        module_free(mod);
+        return rc;
+    }
+    if (n_kids > 0) {
+        mod->kids = malloc((size_t)n_kids * sizeof *mod->kids);
+        if (!mod->kids) {
             module_free(mod);
-            return rc;
+            return pr_errorf(err, PR_ERR_NOMEM, "module: out of memory");
         }
+        memcpy(mod->kids, kids, (size_t)n_kids * sizeof *mod->kids);
+        mod->n_kids = n_kids;
+        for (int i = 0; i < n_kids; i++) {
+            int same = kids[i]->n_ins == mod->n_ins;
+            for (int k = 0; same && k < mod->n_ins; k++)
+                same = kids[i]->ins[k].site == mod->ins[k].site && kids[i]->ins[k].layer == mod->ins[k].layer;
+            if (!same) {
+                rc = pr_errorf(err, PR_ERR_INVALID, "fusion '%s': module '%s' has other insertions than the fusion",
+                               mod->name, kids[i]->name);
+                mod->n_kids = 0;
+                module_free(mod);
+                return rc;
+            }
+        }
+    }
     char prefix[256];
     prefix_of(mod, prefix, sizeof prefix);
     if ((rc = alloc_module(mod, err)) || (rc = register_tensors(mod, err)) || (rc = init_params(mod, spec, err)) ||
@@ -1837,6 +2355,7 @@ int pr_module_attach(pr_model *m, const pr_module_spec *spec, pr_module **out, p
         undo_selection(mod);
         if (mod->hooks_attached)
             reattach_others(m, mod);
+        mod->n_kids = 0;
         module_free(mod);
         if (err)
             *err = keep;
@@ -1846,12 +2365,26 @@ int pr_module_attach(pr_model *m, const pr_module_spec *spec, pr_module **out, p
         pr_model_remove_tensors(m, prefix);
         undo_selection(mod);
         reattach_others(m, mod);
+        mod->n_kids = 0;
         module_free(mod);
         return pr_errorf(err, PR_ERR_NOMEM, "module: out of memory");
     }
+    if (mod->n_kids)
+        adopt_kids(m, mod);
     if (out)
         *out = mod;
     return PR_OK;
+}
+
+int pr_module_attach(pr_model *m, const pr_module_spec *spec, pr_module **out, pr_error *err)
+{
+    if (spec && spec->technique == &fusion_technique) {
+        if (out)
+            *out = NULL;
+        return pr_errorf(err, PR_ERR_INVALID, "module '%s': %s combines attached modules; attach it with "
+                         "pr_module_fuse", spec->name ? spec->name : fusion_technique.name, fusion_technique.name);
+    }
+    return attach_impl(m, spec, NULL, 0, out, err);
 }
 
 /* ---- merge ---------------------------------------------------------------------------------------- */
@@ -1881,6 +2414,12 @@ int pr_module_merge(pr_module *mod, pr_error *err)
                          mod_name(mod), mod->t.name);
     if (mod->merged)
         return pr_errorf(err, PR_ERR_INVALID, "module '%s' is already merged", mod_name(mod));
+    if (mod->gated && mod->t.integration == PR_INTEGRATE_RESCALE)
+        return pr_errorf(err, PR_ERR_UNSUPPORTED, "module '%s' (technique %s) cannot be merged: a gated rescaling "
+                         "1 + s*(h - 1) is not what merge() folds", mod_name(mod), mod->t.name);
+    if (mod->fused_by)
+        return pr_errorf(err, PR_ERR_UNSUPPORTED, "module '%s' cannot be merged: fusion '%s' combines it",
+                         mod_name(mod), mod_name(mod->fused_by));
     for (int k = 0; k < mod->n_ins; k++)
         if (!mod->ins[k].has_bw)
             return pr_errorf(err, PR_ERR_UNSUPPORTED,
@@ -1928,9 +2467,11 @@ int pr_module_merge(pr_module *mod, pr_error *err)
             in->orig_w = in->orig_b = NULL;
             break;
         }
-        axpy_rows(w, ld, delta, dout, din, dout, 1.0f);
+        /* a gated module adds s times its delta */
+        float s = gate_value(in);
+        axpy_rows(w, ld, delta, dout, din, dout, s);
         if (in->has_bb)
-            axpy_rows(in->bb.data, dout, bdelta, dout, 1, dout, 1.0f);
+            axpy_rows(in->bb.data, dout, bdelta, dout, 1, dout, s);
     }
     free(delta);
     if (rc) {
@@ -1957,28 +2498,35 @@ int pr_module_unmerge(pr_module *mod, pr_error *err)
 
 /* ---- the model's modules ---------------------------------------------------------------------------- */
 
+/* Everything but the memory: unmerge, teardown(), the module's tensors
+ * and selections; a fusion module's fused modules first. */
+static void module_release(pr_model *m, pr_module *mod)
+{
+    for (int i = mod->n_kids - 1; i >= 0; i--)
+        module_release(m, mod->kids[i]);
+    if (mod->merged)
+        pr_module_unmerge(mod, NULL);
+    for (int k = 0; k < mod->n_ins && mod->t.teardown; k++) {
+        pr_ctx c;
+        ctx_init(&mod->ins[k], &c, 0, 0, 0, 0);
+        host_call hc;
+        host_call_begin(&hc);
+        mod->t.teardown(&c);
+        host_call_end(&hc);
+    }
+    char prefix[256];
+    prefix_of(mod, prefix, sizeof prefix);
+    pr_model_remove_tensors(m, prefix);
+    undo_selection(mod);
+}
+
 void pr_model_detach_modules(pr_model *m)
 {
     model_entry *e = entry_of(m, 0);
     if (!e)
         return;
-    for (int i = e->n - 1; i >= 0; i--) {
-        pr_module *mod = e->mods[i];
-        if (mod->merged)
-            pr_module_unmerge(mod, NULL);
-        for (int k = 0; k < mod->n_ins && mod->t.teardown; k++) {
-            pr_ctx c;
-            ctx_init(&mod->ins[k], &c, 0, 0, 0, 0);
-            host_call hc;
-            host_call_begin(&hc);
-            mod->t.teardown(&c);
-            host_call_end(&hc);
-        }
-        char prefix[256];
-        prefix_of(mod, prefix, sizeof prefix);
-        pr_model_remove_tensors(m, prefix);
-        undo_selection(mod);
-    }
+    for (int i = e->n - 1; i >= 0; i--)
+        module_release(m, e->mods[i]);
     pr_model_detach_hooks(m);
     for (int i = 0; i < e->n; i++)
         module_free(e->mods[i]);
@@ -2208,23 +2756,11 @@ pr_model *pr_module_model(const pr_module *mod)
 
 void pr_module_detach(pr_module *mod)
 {
-    if (!mod)
+    /* a fused module goes with its fusion module */
+    if (!mod || mod->fused_by)
         return;
     pr_model *m = mod->model;
-    if (mod->merged)
-        pr_module_unmerge(mod, NULL);
-    for (int k = 0; k < mod->n_ins && mod->t.teardown; k++) {
-        pr_ctx c;
-        ctx_init(&mod->ins[k], &c, 0, 0, 0, 0);
-        host_call hc;
-        host_call_begin(&hc);
-        mod->t.teardown(&c);
-        host_call_end(&hc);
-    }
-    char prefix[256];
-    prefix_of(mod, prefix, sizeof prefix);
-    pr_model_remove_tensors(m, prefix);
-    undo_selection(mod);
+    module_release(m, mod);
     model_entry *e = entry_of(m, 0);
     for (int i = 0; e && i < e->n; i++)
         if (e->mods[i] == mod) {
@@ -2232,9 +2768,245 @@ void pr_module_detach(pr_module *mod)
             e->n--;
             break;
         }
-    if (mod->hooks_attached)
+    if (mod->hooks_attached || mod->n_kids)
         reattach_others(m, mod);
     module_free(mod);
     if (e && e->n == 0)
         entry_drop(m);
+}
+
+/* ---- composition: gates and fusion ------------------------------------------------------------- */
+
+int pr_module_is_gated(const pr_module *mod)
+{
+    return mod ? mod->gated : 0;
+}
+
+int pr_module_n_fused(const pr_module *mod)
+{
+    return mod ? mod->n_kids : 0;
+}
+
+pr_module *pr_module_fused(const pr_module *mod, int i)
+{
+    return mod && i >= 0 && i < mod->n_kids ? mod->kids[i] : NULL;
+}
+
+pr_module *pr_module_fused_by(const pr_module *mod)
+{
+    return mod ? mod->fused_by : NULL;
+}
+
+static const char *integration_name(int integ)
+{
+    switch (integ) {
+    case PR_INTEGRATE_CONCAT: return "concatenation";
+    case PR_INTEGRATE_RESCALE: return "rescaling";
+    case PR_INTEGRATE_WEIGHT_DELTA: return "a weight delta";
+    case PR_INTEGRATE_CUSTOM: return "a custom integration";
+    case PR_INTEGRATE_SELECT: return "selection";
+    default: return "addition";
+    }
+}
+
+/* "a, b" of a layer list, or "all" */
+static void layer_text(const pr_module *mod, char *buf, size_t len)
+{
+    size_t o = 0;
+    buf[0] = '\0';
+    if (mod->layers_all) {
+        snprintf(buf, len, "all");
+        return;
+    }
+    for (int i = 0; i < mod->n_layers; i++) {
+        int w = snprintf(buf + o, len - o, "%s%d", i ? ", " : "", mod->layers[i]);
+        if (w < 0 || (size_t)w >= len - o)
+            break;
+        o += (size_t)w;
+    }
+}
+
+int pr_module_fuse(pr_model *m, const pr_fusion_spec *spec, pr_module **out, pr_error *err)
+{
+    if (out)
+        *out = NULL;
+    if (!m || !spec || (spec->n_modules > 0 && !spec->modules))
+        return pr_errorf(err, PR_ERR_INVALID, "fusion: NULL model, spec or module list");
+    const char *nm = spec->name ? spec->name : "fusion";
+    if (spec->n_modules < 2)
+        return pr_errorf(err, PR_ERR_INVALID, "fusion '%s': fuses at least two modules (got %d)", nm,
+                         spec->n_modules);
+    const model_entry *e = entry_of(m, 0);
+    pr_module *const *kids = spec->modules;
+    for (int i = 0; i < spec->n_modules; i++) {
+        const pr_module *k = kids[i];
+        if (!k)
+            return pr_errorf(err, PR_ERR_INVALID, "fusion '%s': module %d is NULL", nm, i);
+        int found = 0;
+        for (int j = 0; e && j < e->n && !found; j++)
+            found = e->mods[j] == k;
+        if (k->fused_by)
+            return pr_errorf(err, PR_ERR_INVALID, "fusion '%s': module '%s' is fused already, by '%s'", nm,
+                             mod_name(k), mod_name(k->fused_by));
+        if (!found)
+            return pr_errorf(err, PR_ERR_INVALID, "fusion '%s': module '%s' is not attached to this model", nm,
+                             mod_name(k));
+        for (int j = 0; j < i; j++)
+            if (kids[j] == k)
+                return pr_errorf(err, PR_ERR_INVALID, "fusion '%s': module '%s' is listed twice", nm, mod_name(k));
+        if (k->n_kids)
+            return pr_errorf(err, PR_ERR_INVALID, "fusion '%s': module '%s' is a fusion itself; fusions do not nest",
+                             nm, mod_name(k));
+        if (k->trainable)
+            return pr_errorf(err, PR_ERR_INVALID, "fusion '%s': module '%s' is trainable; AdapterFusion combines "
+                             "frozen modules (load them with mode: frozen, or attach them with trainable 0)", nm,
+                             mod_name(k));
+        if (!is_additive(k))
+            return pr_errorf(err, PR_ERR_INVALID, "fusion '%s': module '%s' (technique %s) integrates by %s; fusion "
+                             "combines modules that add to the site output (direct, scaled or gated addition)", nm,
+                             mod_name(k), k->t.name, integration_name(k->t.integration));
+        if (k->merged)
+            return pr_errorf(err, PR_ERR_INVALID, "fusion '%s': module '%s' is merged; unmerge it first", nm,
+                             mod_name(k));
+        if (i == 0)
+            continue;
+        const pr_module *a = kids[0];
+        char x[256], y[256];
+        if (k->sites != a->sites) {
+            site_list(a->sites, x, sizeof x);
+            site_list(k->sites, y, sizeof y);
+            return pr_errorf(err, PR_ERR_INVALID, "fusion '%s': modules '%s' and '%s' attach at different sites (%s; "
+                             "%s); fused modules must share their sites and layers", nm, mod_name(a), mod_name(k),
+                             x, y);
+        }
+        int same = k->n_layers == a->n_layers;
+        for (int l = 0; same && l < k->n_layers; l++)
+            same = k->layers[l] == a->layers[l];
+        if (!same) {
+            layer_text(a, x, sizeof x);
+            layer_text(k, y, sizeof y);
+            return pr_errorf(err, PR_ERR_INVALID, "fusion '%s': modules '%s' and '%s' use different layers (%s; %s); "
+                             "fused modules must share their sites and layers", nm, mod_name(a), mod_name(k), x, y);
+        }
+    }
+    const pr_module *a = kids[0];
+    pr_module_spec fs;
+    memset(&fs, 0, sizeof fs);
+    fs.technique = &fusion_technique;
+    fs.name = nm;
+    fs.sites = a->sites;
+    fs.layers = a->layers_all ? NULL : a->layers;
+    fs.n_layers = a->layers_all ? 0 : a->n_layers;
+    fs.trainable = spec->trainable;
+    fs.seed = spec->seed;
+    return attach_impl(m, &fs, kids, spec->n_modules, out, err);
+}
+
+int pr_fusion_plan_for(const pr_model_config *cfg, const pr_module_spec *fused, int trainable, pr_module_plan *out,
+                       pr_error *err)
+{
+    if (!cfg || !fused || !out)
+        return pr_errorf(err, PR_ERR_INVALID, "fusion plan: NULL config, spec or output");
+    memset(out, 0, sizeof *out);
+    pr_model *m = NULL;
+    int rc = model_create_empty(cfg, &m, err);
+    if (rc)
+        return rc;
+    pr_module *k = NULL;
+    rc = module_resolve(m, fused, &k, err);
+    if (rc == PR_OK && !is_additive(k))
+        rc = pr_errorf(err, PR_ERR_INVALID, "fusion: technique '%s' integrates by %s; fusion combines modules that "
+                       "add to the site output (direct, scaled or gated addition)", k->t.name,
+                       integration_name(k->t.integration));
+    if (rc == PR_OK) {
+        pr_module_spec fs;
+        memset(&fs, 0, sizeof fs);
+        fs.technique = &fusion_technique;
+        fs.name = "fusion";
+        fs.sites = k->sites;
+        fs.layers = k->layers_all ? NULL : k->layers;
+        fs.n_layers = k->layers_all ? 0 : k->n_layers;
+        fs.trainable = trainable;
+        rc = pr_module_plan_for(cfg, &fs, out, err);
+    }
+    module_free(k);
+    pr_model_free(m);
+    return rc;
+}
+
+const pr_technique *pr_fusion_technique(void)
+{
+    return &fusion_technique;
+}
+
+/* A fusion file: every parameter copy under its name without the
+ * "<module>/" prefix ("h.0.ffn_out.query"), so a fusion loads under any
+ * name. */
+int pr_fusion_save(const pr_module *mod, const char *path, pr_error *err)
+{
+    if (!mod || !path)
+        return pr_errorf(err, PR_ERR_INVALID, "fusion save: NULL module or path");
+    if (!mod->n_kids)
+        return pr_errorf(err, PR_ERR_INVALID, "module '%s' is not a fusion module", mod_name(mod));
+    st_entry *e = calloc((size_t)mod->n_copies, sizeof *e);
+    if (!e)
+        return pr_errorf(err, PR_ERR_NOMEM, "%s: out of memory", path);
+    size_t skip = strlen(mod_name(mod)) + 1;
+    for (int c = 0; c < mod->n_copies; c++) {
+        const param_copy *pc = &mod->copies[c];
+        e[c].name = pc->name + skip;
+        e[c].ndim = pc->ndim;
+        memcpy(e[c].shape, pc->shape, sizeof pc->shape);
+        e[c].data = mod->params + pc->off;
+        e[c].dtype = ST_F32;
+    }
+    char n[32];
+    snprintf(n, sizeof n, "%d", mod->n_kids);
+    st_kv meta[] = { { "format", "peftref-fusion" }, { "technique", fusion_technique.name },
+                     { "technique_version", fusion_technique.version }, { "fused_modules", n } };
+    int rc = st_write(path, e, mod->n_copies, meta, 4, err);
+    free(e);
+    return rc;
+}
+
+int pr_fusion_fill(pr_module *mod, const char *path, pr_error *err)
+{
+    if (!mod || !path)
+        return pr_errorf(err, PR_ERR_INVALID, "fusion load: NULL module or path");
+    if (!mod->n_kids)
+        return pr_errorf(err, PR_ERR_INVALID, "module '%s' is not a fusion module", mod_name(mod));
+    st_file *f = NULL;
+    int rc = st_open(path, 0, &f, err);
+    if (rc)
+        return rc;
+    const char *fmt = st_metadata(f, "format");
+    if (!fmt || strcmp(fmt, "peftref-fusion") != 0) {
+        st_close(f);
+        return pr_errorf(err, PR_ERR_INVALID, "%s: not a fusion file (metadata format is '%s', not 'peftref-fusion')",
+                         path, fmt ? fmt : "missing");
+    }
+    size_t skip = strlen(mod_name(mod)) + 1;
+    for (int c = 0; c < mod->n_copies && !rc; c++) {
+        const param_copy *pc = &mod->copies[c];
+        const st_tensor *t = st_find(f, pc->name + skip);
+        char want[64], got[64];
+        if (!t) {
+            rc = pr_errorf(err, PR_ERR_INVALID, "%s: no tensor '%s' for fusion '%s' (fused at other sites or layers?)",
+                           path, pc->name + skip, mod_name(mod));
+            break;
+        }
+        int same = t->ndim == pc->ndim;
+        for (int d = 0; same && d < pc->ndim; d++)
+            same = t->shape[d] == pc->shape[d];
+        if (!same) {
+            st_format_shape(pc->ndim, pc->shape, want, sizeof want);
+            st_format_shape(t->ndim, t->shape, got, sizeof got);
+            rc = pr_errorf(err, PR_ERR_INVALID, "%s: tensor '%s' has shape %s; fusion '%s' needs %s", path,
+                           pc->name + skip, got, mod_name(mod), want);
+            break;
+        }
+        rc = st_to_f32(f, t, mod->params + pc->off, err);
+    }
+    st_close(f);
+    return rc;
 }

@@ -606,9 +606,12 @@ typedef struct pipe_module {
     int n_files;
     double *weights;             /* average: normalised to sum 1 */
     const char *base_name;       /* default name: the saved module's */
+    int gate;                    /* gate: true (docs/pipeline.md, "Composition") */
+    const char *fusion_load;     /* fuse: trained fusion weights to start from (load:) */
 } pipe_module;
 
-enum { MOD_TECHNIQUE = 0, MOD_LOAD = 1, MOD_AVERAGE = 2 };
+/* MOD_FUSE: `fuse: [FILE, ...]`, the files frozen and combined by a fusion module */
+enum { MOD_TECHNIQUE = 0, MOD_LOAD = 1, MOD_AVERAGE = 2, MOD_FUSE = 3 };
 enum { MODE_FROZEN = 1, MODE_CONTINUE = 2, MODE_NEW = 3 };
 
 struct pr_pipeline {
@@ -1712,10 +1715,124 @@ static int load_saved(loader *L, const ynode *m, const char *path, pipe_module *
     return 0;
 }
 
+/* `fuse: [FILE, ...]`: saved modules attached frozen and combined by an
+ * AdapterFusion module, the entry's module (docs/pipeline.md,
+ * "Composition"); load: starts the fusion from saved fusion weights. */
+static int load_fuse(loader *L, const ynode *m, const char *path, pipe_module *pm, const ynode **name_node)
+{
+    static const char *const keys[] = { "fuse", "name", "seed", "trainable", "force", "load" };
+    int errors_before = L->d.n;
+    char kp[96];
+    pm->kind = MOD_FUSE;
+    pm->trainable = 1;
+    check_keys(L, m, path, keys, (int)(sizeof keys / sizeof keys[0]));
+    const ynode *n;
+    int b;
+    long long v;
+    if ((n = map_get(m, "trainable")) && !get_bool(L, n, (snprintf(kp, sizeof kp, "%s.trainable", path), kp), &b))
+        pm->trainable = b;
+    if ((n = map_get(m, "force")) && !get_bool(L, n, (snprintf(kp, sizeof kp, "%s.force", path), kp), &b))
+        pm->force = b;
+    if ((n = map_get(m, "seed")) && !get_int(L, n, (snprintf(kp, sizeof kp, "%s.seed", path), kp), 0, LLONG_MAX, &v)) {
+        pm->seed = (uint64_t)v;
+        pm->has_seed = 1;
+    }
+    if ((n = map_get(m, "name"))) {
+        snprintf(kp, sizeof kp, "%s.name", path);
+        if (!get_string(L, n, kp, &pm->name)) {
+            if (!name_ok(pm->name))
+                diag_at(&L->d, n, "%s: '%s' is not a module name (no '/', spaces or control characters)", kp,
+                        pm->name);
+            else
+                *name_node = n;
+        }
+    }
+    if ((n = map_get(m, "load"))) {
+        const char *s;
+        snprintf(kp, sizeof kp, "%s.load", path);
+        if (!get_string(L, n, kp, &s) && (pm->fusion_load = resolve_path(L, n, s)))
+            check_exists(L, n, kp, pm->fusion_load, 0);
+    }
+    n = map_get(m, "fuse");
+    snprintf(kp, sizeof kp, "%s.fuse", path);
+    if (n->kind != Y_SEQ || n->n < 2) {
+        char g[200];
+        got(g, sizeof g, n);
+        diag_at(&L->d, n, "%s: expected a list of at least two saved module files to fuse, got %s", kp,
+                n->kind == Y_SEQ ? "a shorter list" : g);
+        return -1;
+    }
+    for (int i = 0; i < n->n; i++) {
+        char ip[112];
+        snprintf(ip, sizeof ip, "%s.%d", kp, i);
+        pr_module_file *f = open_saved(L, n->vals[i], ip);
+        if (f)
+            push_file(L, pm, f);
+    }
+    if (L->d.n > errors_before || pm->n_files != n->n)
+        return -1;
+    /* the fusion attaches where the fused modules do */
+    pr_module_spec spec;
+    pr_module_file_spec(pm->files[0], &spec);
+    pm->t = pr_fusion_technique();
+    pm->sites = spec.sites;
+    if (spec.layers) {
+        pm->layers = malloc((size_t)spec.n_layers * sizeof *pm->layers);
+        if (!pm->layers) {
+            L->oom = 1;
+            return -1;
+        }
+        memcpy(pm->layers, spec.layers, (size_t)spec.n_layers * sizeof *pm->layers);
+        pm->n_layers = spec.n_layers;
+    }
+    return 0;
+}
+
+/* The plan of a fuse entry: the fusion's parameters plus every fused
+ * module's (frozen); the files must be additive modules sharing their
+ * sites and layers. */
+static void plan_fuse(loader *L, const ynode *at, pipe_module *pm)
+{
+    const pr_pipeline *p = L->p;
+    pr_module_plan first = { 0 };
+    int64_t kid_params = 0;
+    for (int k = 0; k < pm->n_files; k++) {
+        pr_module_spec ks;
+        pr_module_file_spec(pm->files[k], &ks);
+        ks.trainable = 0;
+        pr_module_plan kp, fp;
+        pr_error e = { 0 };
+        if (pr_fusion_plan_for(&p->cfg, &ks, pm->trainable, &fp, &e) || pr_module_plan_for(&p->cfg, &ks, &kp, &e)) {
+            diag_at(&L->d, at, "%s: %s", pr_module_file_path(pm->files[k]), e.msg);
+            return;
+        }
+        if (k == 0) {
+            first = kp;
+            pm->plan = fp;
+            pm->sites = kp.sites;
+        } else {
+            pr_module_spec s0;
+            pr_module_file_spec(pm->files[0], &s0);
+            int same = kp.sites == first.sites && (ks.layers == NULL) == (s0.layers == NULL) &&
+                       (!ks.layers || ks.n_layers == s0.n_layers);
+            for (int l = 0; same && ks.layers && l < ks.n_layers; l++)
+                same = ks.layers[l] == s0.layers[l];
+            if (!same) {
+                diag_at(&L->d, at, "%s and %s attach at different sites or layers; fused modules must share them",
+                        pr_module_file_path(pm->files[0]), pr_module_file_path(pm->files[k]));
+                return;
+            }
+        }
+        kid_params += kp.params;
+    }
+    pm->plan.params += kid_params;
+    pm->planned = 1;
+}
+
 static int load_module(loader *L, const ynode *m, int idx, pipe_module *pm, const ynode **name_node)
 {
     static const char *const keys[] = { "technique", "name", "sites", "layers", "options", "site_options",
-                                        "trainable", "seed" };
+                                        "trainable", "seed", "gate" };
     char path[64];
     snprintf(path, sizeof path, "%smodules.%d", L->mod_prefix ? L->mod_prefix : "", idx);
     snprintf(pm->where, sizeof pm->where, "%s:%d:%d", m->src, m->line, m->col);
@@ -1723,6 +1840,8 @@ static int load_module(loader *L, const ynode *m, int idx, pipe_module *pm, cons
     *name_node = NULL;
     if (want_map(L, m, path))
         return -1;
+    if (map_get(m, "fuse"))
+        return load_fuse(L, m, path, pm, name_node);
     if (map_get(m, "load") || map_get(m, "average"))
         return load_saved(L, m, path, pm, name_node);
     int errors_before = L->d.n;
@@ -1763,6 +1882,8 @@ static int load_module(loader *L, const ynode *m, int idx, pipe_module *pm, cons
     int b;
     if ((n = map_get(m, "trainable")) && !get_bool(L, n, (snprintf(kp, sizeof kp, "%s.trainable", path), kp), &b))
         pm->trainable = b;
+    if ((n = map_get(m, "gate")) && !get_bool(L, n, (snprintf(kp, sizeof kp, "%s.gate", path), kp), &b))
+        pm->gate = b;
     if ((n = map_get(m, "layers")))
         load_layers(L, n, (snprintf(kp, sizeof kp, "%s.layers", path), kp), pm);
     if (!pm->t)
@@ -1790,6 +1911,7 @@ static void fill_spec(const pr_pipeline *p, const pipe_module *pm, pr_module_spe
     s->n_options = pm->n_opts;
     s->trainable = pm->trainable;
     s->seed = pm->has_seed ? pm->seed : p->tc.seed;
+    s->gate = pm->gate;
 }
 
 static void load_modules(loader *L, const ynode *list)
@@ -1850,6 +1972,10 @@ static void load_modules(loader *L, const ynode *list)
     for (int i = 0; i < p->n_mods && p->have_cfg && !L->oom; i++) {
         if (!ok[i])
             continue;
+        if (p->mods[i].kind == MOD_FUSE) {
+            plan_fuse(L, list->vals[i], &p->mods[i]);
+            continue;
+        }
         pr_module_spec spec;
         fill_spec(p, &p->mods[i], &spec);
         pr_error e = { 0 };
@@ -2627,6 +2753,36 @@ void pr_pipeline_format_counts(const pr_pipeline_counts *c, char *buf, size_t le
 
 /* ---- build ------------------------------------------------------------------------------------------- */
 
+/* A fuse entry: each file attached frozen as "<name>.<k>" (k its place in
+ * the list), then the fusion module over them, from `load:` if given. */
+static int build_fuse(const pr_pipeline *p, pr_model *m, const pipe_module *pm, pr_error *e)
+{
+    pr_module **kids = calloc((size_t)pm->n_files, sizeof *kids);
+    if (!kids)
+        return pr_errorf(e, PR_ERR_NOMEM, "out of memory");
+    int rc = PR_OK;
+    for (int k = 0; k < pm->n_files && !rc; k++) {
+        if (!pm->force && (rc = pr_module_file_check_base(pm->files[k], p->base_fp, e)))
+            break;
+        pr_module_spec ks;
+        pr_module_file_spec(pm->files[k], &ks);
+        char name[300];
+        snprintf(name, sizeof name, "%s.%d", pm->name, k);
+        ks.name = name;
+        ks.trainable = 0;
+        if (!(rc = pr_module_attach(m, &ks, &kids[k], e)))
+            rc = pr_module_file_fill(pm->files[k], kids[k], e);
+    }
+    pr_fusion_spec fs = { pm->name, kids, pm->n_files, pm->trainable, pm->has_seed ? pm->seed : p->tc.seed };
+    pr_module *fusion = NULL;
+    if (!rc)
+        rc = pr_module_fuse(m, &fs, &fusion, e);
+    if (!rc && pm->fusion_load)
+        rc = pr_fusion_fill(fusion, pm->fusion_load, e);
+    free(kids);
+    return rc;
+}
+
 int pr_pipeline_build(pr_pipeline *p, pr_model **model, pr_tokenizer **tok, pr_error *err)
 {
     if (!p || !model || !tok)
@@ -2661,6 +2817,16 @@ int pr_pipeline_build(pr_pipeline *p, pr_model **model, pr_tokenizer **tok, pr_e
         pr_error e = { 0 };
         pr_module *mod = NULL;
         rc = PR_OK;
+        if (pm->kind == MOD_FUSE) {
+            if ((rc = build_fuse(p, m, pm, &e))) {
+                pr_errorf(err, (pr_status)rc, "%s: %s", pm->where, e.msg);
+                pr_model_free(m);
+                pr_tokenizer_free(*tok);
+                *tok = NULL;
+                return rc;
+            }
+            continue;
+        }
         if (pm->kind != MOD_TECHNIQUE && pm->mode != MODE_NEW && !pm->force)
             for (int k = 0; k < pm->n_files && !rc; k++)
                 rc = pr_module_file_check_base(pm->files[k], p->base_fp, &e);
@@ -2781,6 +2947,29 @@ static int write_snapshot(const pr_pipeline *p, const pr_model *m, const char *p
     for (int i = 0; i < p->n_mods; i++) {
         const pipe_module *pm = &p->mods[i];
         const char *name = mod_name_of(m, i);
+        if (pm->kind == MOD_FUSE) {
+            /* the fused files as they were, the fusion frozen at its trained weights */
+            fprintf(o, "  - fuse: [");
+            for (int k = 0; k < pm->n_files; k++) {
+                fprintf(o, "%s", k ? ", " : "");
+                yq_abs(o, pr_module_file_path(pm->files[k]));
+            }
+            fprintf(o, "]");
+            if (pm->trainable) {
+                char rel[300];
+                snprintf(rel, sizeof rel, "modules/%s.safetensors", name);
+                fprintf(o, "\n    load: ");
+                yq(o, rel);
+            } else if (pm->fusion_load) {
+                fprintf(o, "\n    load: ");
+                yq_abs(o, pm->fusion_load);
+            }
+            fprintf(o, "\n    seed: %llu\n    trainable: false\n    name: ",
+                    (unsigned long long)(pm->has_seed ? pm->seed : p->tc.seed));
+            yq(o, name);
+            fprintf(o, "\n%s", pm->force ? "    force: true\n" : "");
+            continue;
+        }
         if (pm->kind == MOD_LOAD && pm->mode == MODE_FROZEN) {
             fprintf(o, "  - load: ");
             yq_abs(o, pr_module_file_path(pm->files[0]));
@@ -2866,6 +3055,12 @@ int pr_pipeline_save_run(const pr_pipeline *p, pr_model *m, const pr_train_resul
         pr_module *mod = pr_model_module(m, i);
         char file[512];
         snprintf(file, sizeof file, "%s/%s.safetensors", dir, pr_module_name(mod));
+        if (pm->kind == MOD_FUSE) {
+            /* the fused modules are referenced; the fusion's weights are saved when trained */
+            if (pm->trainable)
+                rc = pr_fusion_save(mod, file, err);
+            continue;
+        }
         pr_module_save_info mi = info;
         if (pm->kind != MOD_TECHNIQUE && pm->mode == MODE_CONTINUE) {
             /* steps count from the saved module's own training */
