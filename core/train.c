@@ -664,8 +664,9 @@ int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, p
 
     sched_config sc = {.lr = cfg->lr, .warmup = cfg->warmup, .total = cfg->steps > 0 ? cfg->steps : 1,
                        .min_ratio = cfg->min_lr_ratio};
+    /* steps 0 only evaluates: no schedule runs, so its warmup cannot be wrong */
     if ((rc = sched_kind_parse(cfg->schedule ? cfg->schedule : "cosine", &sc.kind, err)) ||
-        (rc = sched_validate(&sc, err)))
+        (cfg->steps > 0 && (rc = sched_validate(&sc, err))))
         goto out;
 
     int64_t step = 0;
