@@ -2777,6 +2777,23 @@ void pr_module_detach(pr_module *mod)
 
 /* ---- composition: gates and fusion ------------------------------------------------------------- */
 
+/* n_fwd is the step part of call_seed(): step * 2^24 plus the calls made
+ * within the step. */
+static void module_set_step(pr_module *mod, uint64_t step)
+{
+    for (int k = 0; k < mod->n_ins; k++)
+        mod->ins[k].n_fwd = step << 24;
+    for (int i = 0; i < mod->n_kids; i++)
+        module_set_step(mod->kids[i], step);
+}
+
+void pr_model_set_step(pr_model *m, uint64_t step)
+{
+    const model_entry *e = entry_of(m, 0);
+    for (int i = 0; e && i < e->n; i++)
+        module_set_step(e->mods[i], step);
+}
+
 int pr_module_is_gated(const pr_module *mod)
 {
     return mod ? mod->gated : 0;

@@ -544,6 +544,7 @@ int pr_module_save(pr_module *mod, const char *path, const pr_module_save_info *
         { "training", train },
         { "tensor_names", s.peft ? "peft" : "peftref" },
         { "folded", folded ? "true" : "false" },
+        { "gated", pr_module_is_gated(mod) ? "true" : "false" },
         { "peft_type", s.peft ? peft_type(t->name) : "" },
     };
     int n_meta = (int)(sizeof meta / sizeof meta[0]) - (s.peft ? 0 : 1);
@@ -585,6 +586,7 @@ struct pr_module_file {
     const char *saved_name;
     int peft;
     int folded;
+    int gated;                  /* saved behind learned gates (spec gate) */
     int all_layers;
     int *layers;
     int n_layers;
@@ -783,6 +785,8 @@ int pr_module_file_open(const char *path, const pr_registry *reg, pr_module_file
     }
     const char *names = st_metadata(f->st, "tensor_names");
     f->peft = names && !strcmp(names, "peft");
+    const char *gated = st_metadata(f->st, "gated");
+    f->gated = gated && !strcmp(gated, "true");
     f->saved_name = st_metadata(f->st, "name");
     if (!f->saved_name) {
         rc = pr_errorf(err, PR_ERR_FORMAT, "%s: metadata has no module name", path);
@@ -849,6 +853,7 @@ void pr_module_file_spec(const pr_module_file *f, pr_module_spec *spec)
     spec->options = f->opts;
     spec->n_options = f->n_opts;
     spec->trainable = 1;
+    spec->gate = f->gated;
 }
 
 int pr_module_file_check_base(const pr_module_file *f, const char *fingerprint, pr_error *err)
@@ -1112,7 +1117,8 @@ static void json_diff(const char *a, const char *b, char *buf, size_t len)
 
 int pr_module_files_compatible(pr_module_file *const *f, int n, pr_error *err)
 {
-    static const char *const keys[] = { "technique", "options", "site_options", "sites", "layers", "tensor_names" };
+    static const char *const keys[] = { "technique", "options", "site_options", "sites", "layers", "tensor_names",
+                                        "gated" };
     for (int k = 1; k < n; k++) {
         for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++) {
             const char *a = st_metadata(f[0]->st, keys[i]), *b = st_metadata(f[k]->st, keys[i]);

@@ -1687,6 +1687,7 @@ static int load_saved(loader *L, const ynode *m, const char *path, pipe_module *
     pr_module_file_spec(pm->files[0], &spec);
     pm->t = spec.technique;
     pm->sites = spec.sites;
+    pm->gate = spec.gate;
     pm->base_name = keep(L->p, spec.name);
     if (spec.layers) {
         pm->layers = malloc((size_t)spec.n_layers * sizeof *pm->layers);

@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "peftref/train.h"
+#include "peftref/module.h"
 #include "data.h"
 #include "fileio.h"
 #include "optim.h"
@@ -719,6 +720,7 @@ int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, p
     while (step < cfg->steps) {
         double t_step = now_seconds();
         pr_model_set_training(m, 1);
+        pr_model_set_step(m, (uint64_t)step); /* module dropout masks follow the step, across a resume */
         pr_model_zero_grad(m);
         optim_zero_grad(&t.opt);
         double loss_sum = 0.0;

@@ -13,11 +13,12 @@
  *    W_Q, W_K, W_V and of base tensors upstream (the input gradients
  *    through the fused modules), save and fill;
  *  - pipelines: prompt tuning + LoRA + Houlsby adapter, MAM (prefix +
- *    parallel adapter), the UniPELT gated union, a fuse entry (its frozen
- *    inputs unchanged bit for bit, the run's pipeline.yaml reloading the
- *    same model) all train and lower the validation loss; a pipeline run
- *    killed with SIGKILL after a checkpoint and resumed ends with the
- *    uninterrupted run's losses to the printed digit.
+ *    parallel adapter), the UniPELT gated union and a fuse entry (its
+ *    frozen inputs unchanged bit for bit) all train and lower the
+ *    validation loss, and the last two runs' pipeline.yaml rebuild the
+ *    trained model (gates and fusion saved and loaded); a pipeline run
+ *    with module dropout killed with SIGKILL after a checkpoint and resumed
+ *    ends with the uninterrupted run's losses to the printed digit.
  *
  * Tolerances: finite differences as the other module tests (eps 3e-3,
  * |g - fd| <= 1e-4 + 5e-2 max(|g|, |fd|), 6 probes per tensor); float
@@ -823,6 +824,41 @@ static void write_pipeline(const char *path, const char *modules, const char *tr
     fclose(f);
 }
 
+/* The run's pipeline.yaml (pr_pipeline_save_run) rebuilds a model with
+ * the trained one's logits, bit for bit. */
+static void check_snapshot(const pr_pipeline *p, pr_model *m, const pr_train_result *res, const char *out)
+{
+    pr_error err = { 0 };
+    int rc = pr_pipeline_save_run(p, m, res, &err);
+    if (rc)
+        fprintf(stderr, "%s\n", err.msg);
+    assert_int_equal(rc, PR_OK);
+    char snap[500];
+    snprintf(snap, sizeof snap, "%s/pipeline.yaml", out);
+    pr_pipeline *ps = NULL;
+    pr_model *ms = NULL;
+    pr_tokenizer *ts = NULL;
+    rc = pr_pipeline_load(snap, NULL, 0, reg, &ps, &err);
+    if (rc)
+        fprintf(stderr, "%s\n", err.msg);
+    assert_int_equal(rc, PR_OK);
+    rc = pr_pipeline_build(ps, &ms, &ts, &err);
+    if (rc)
+        fprintf(stderr, "%s\n", err.msg);
+    assert_int_equal(rc, PR_OK);
+    assert_int_equal(pr_model_n_modules(ms), pr_model_n_modules(m));
+    pr_model_set_training(m, 0);
+    pr_model_set_training(ms, 0);
+    assert_int_equal(pr_model_reserve(m, TB, TT, &err), PR_OK);
+    assert_int_equal(pr_model_reserve(ms, TB, TT, &err), PR_OK);
+    float *l1 = logits_of(m), *l2 = logits_of(ms);
+    assert_true(max_diff(l1, l2, (size_t)TB * TT * 256) == 0.0);
+    free(l1), free(l2);
+    pr_model_free(ms);
+    pr_tokenizer_free(ts);
+    pr_pipeline_free(ps);
+}
+
 static const char train_yaml[] =
     "train:\n"
     "  steps: 40\n"
@@ -942,6 +978,8 @@ static void test_pipeline_unipelt(void **state)
     const pr_module_plan *pl = pr_pipeline_module_plan(p, 2);
     assert_non_null(pl);
     assert_int_equal(pl->trainable, 2 * (4 * (32 + 32) * 2) + 4);
+    /* saved with their gates, the modules load gated again */
+    check_snapshot(p, m, &res, out);
     pr_model_free(m);
     pr_tokenizer_free(tok);
     pr_pipeline_free(p);
@@ -1022,28 +1060,8 @@ static void test_pipeline_fuse(void **state)
     assert_memory_equal(a0, a1, na * sizeof(float));
     assert_memory_equal(b0, b1, nb * sizeof(float));
     /* the run as a pipeline: the fused files and the trained fusion */
-    assert_int_equal(pr_pipeline_save_run(pf, mf, &res, &err), PR_OK);
-    char snap[500];
-    snprintf(snap, sizeof snap, "%s/pipeline.yaml", out);
-    pr_pipeline *ps = NULL;
-    pr_model *ms = NULL;
-    pr_tokenizer *ts = NULL;
-    int rc = pr_pipeline_load(snap, NULL, 0, reg, &ps, &err);
-    if (rc)
-        fprintf(stderr, "%s\n", err.msg);
-    assert_int_equal(rc, PR_OK);
-    assert_int_equal(pr_pipeline_build(ps, &ms, &ts, &err), PR_OK);
-    pr_model_set_training(mf, 0);
-    pr_model_set_training(ms, 0);
-    assert_int_equal(pr_model_reserve(mf, TB, TT, &err), PR_OK);
-    assert_int_equal(pr_model_reserve(ms, TB, TT, &err), PR_OK);
-    float *l1 = logits_of(mf), *l2 = logits_of(ms);
-    assert_true(max_diff(l1, l2, (size_t)TB * TT * 256) == 0.0);
-    free(l1), free(l2);
+    check_snapshot(pf, mf, &res, out);
     free(a0), free(b0), free(a1), free(b1);
-    pr_model_free(ms);
-    pr_tokenizer_free(ts);
-    pr_pipeline_free(ps);
     pr_model_free(mf);
     pr_tokenizer_free(tok);
     pr_pipeline_free(pf);
@@ -1052,7 +1070,8 @@ static void test_pipeline_fuse(void **state)
 /* ---- SIGKILL and resume through a pipeline with modules ----------------------------------------- */
 
 /* peftref train PIPE to completion, or killed once a second checkpoint
- * is written; returns the stdout text. */
+ * is written; returns the stdout text.  The pipeline's LoRA has dropout:
+ * its masks follow the step (pr_model_set_step), across the resume. */
 static void run_cli_train(const char *pipe_file, const char *out, int resume, int kill_after_ckpt, char *text,
                           size_t size)
 {
@@ -1123,7 +1142,7 @@ static void test_pipeline_sigkill_resume(void **state)
     write_pipeline(file,
                    "modules:\n"
                    "  - {technique: prompt_tuning, options: {n_tokens: 2}}\n"
-                   "  - {technique: lora, sites: [q, v], options: {r: 4, alpha: 8}}\n"
+                   "  - {technique: lora, sites: [q, v], options: {r: 4, alpha: 8, dropout: 0.1}}\n"
                    "  - {technique: adapter_houlsby, options: {m: 8}, gate: true}\n",
                    "train:\n  steps: 24\n  batch: 4\n  seq_len: 32\n  lr: 3e-3\n  warmup: 2\n"
                    "  checkpoint_every: 4\n  eval_every: 8\n  eval_batches: 4\n  log_every: 0\n");

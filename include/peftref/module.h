@@ -230,6 +230,12 @@ int pr_module_load(pr_model *m, const char *path, const pr_registry *reg, const 
 
 /* ---- composition: gates and fusion (docs/pipeline.md, "Composition") ------ */
 
+/* Start optimizer step `step`: the per-call seeds modules are handed
+ * (pr_ctx.seed, e.g. dropout masks) restart from a function of the step
+ * and count the calls within it, so a run resumed from a checkpoint draws
+ * the masks an uninterrupted run draws.  The training loop calls it. */
+void pr_model_set_step(pr_model *m, uint64_t step);
+
 /* 1 when the module sits behind a learned gate (spec gate, or GATED_ADD). */
 int pr_module_is_gated(const pr_module *mod);
 
