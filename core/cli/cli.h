@@ -16,6 +16,8 @@ int cmd_train(int argc, char **argv);
 int cmd_plugins(int argc, char **argv);
 /* `peftref typology` (core/cli/cmd_typology.c). */
 int cmd_typology(int argc, char **argv);
+/* `peftref plugins check` (core/cli/cmd_check.c), dispatched by cmd_plugins. */
+int cmd_plugins_check(int argc, char **argv);
 int cmd_plan(int argc, char **argv);
 /* `peftref compare` (core/cli/cmd_compare.c). */
 int cmd_compare(int argc, char **argv);
@@ -37,8 +39,6 @@ int cli_pipeline_open_arm(const char *cmd, const char *path, const char *const *
                           pr_registry **reg, pr_pipeline **pipe);
 /* "a, b, c" from a pipeline's arm names, to buf. */
 void cli_arm_list(const pr_pipeline *pipe, char *buf, size_t len);
-/* `peftref plugins check` (core/cli/cmd_check.c), dispatched by cmd_plugins. */
-int cmd_plugins_check(int argc, char **argv);
 /* A pipeline named as a file, or a run directory RUN standing for
  * RUN/pipeline.yaml (what peftref train writes): the file's path in buf,
  * or NULL when arg is neither. */
