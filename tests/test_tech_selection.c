@@ -42,6 +42,7 @@
 #include "peftref/plugin.h"
 #include "check.h"
 #include "gradcheck.h"
+#include "harness.h"
 
 #define PLUGIN_DIR TEST_BUILDDIR "/plugins/.libs/"
 
@@ -49,6 +50,9 @@
 #define FD_RTOL 5e-2
 #define FD_ATOL 1e-4
 #define FD_PROBES 6
+
+/* a checked gradient must not vanish everywhere */
+static const th_fd FD = { FD_EPS, FD_RTOL, FD_ATOL, FD_PROBES, 1e-7 };
 
 enum { TB = 2, TT = 6 };
 enum { T_IA3, T_BITFIT, T_LNFIT, T_FULL, N_TECH };
@@ -63,20 +67,9 @@ static int setup_plugins(void **state)
     for (int i = 0; i < N_TECH; i++) {
         char path[512];
         snprintf(path, sizeof path, PLUGIN_DIR "%s.so", so_names[i]);
-        so_handle[i] = dlopen(path, RTLD_NOW | RTLD_LOCAL);
-        if (!so_handle[i]) {
-            fprintf(stderr, "dlopen %s: %s\n", path, dlerror());
+        tech[i] = th_plugin_technique(path, &so_handle[i]);
+        if (!tech[i])
             return -1;
-        }
-        pr_plugin_entry_fn entry;
-        void *sym = dlsym(so_handle[i], PR_PLUGIN_ENTRY_NAME);
-        memcpy(&entry, &sym, sizeof entry);
-        if (!entry)
-            return -1;
-        const pr_plugin *p = entry();
-        if (!p || p->n_techniques != 1)
-            return -1;
-        tech[i] = p->techniques[0];
         pr_error err = { 0 };
         if (pr_technique_validate(tech[i], &err) != PR_OK) {
             fprintf(stderr, "%s: %s\n", so_names[i], err.msg);
@@ -130,16 +123,7 @@ static pr_model_config config_b(void)
 
 static pr_model *make_model(const pr_model_config *c)
 {
-    pr_model *m = NULL;
-    pr_error err = { 0 };
-    int rc = pr_model_create(c, &m, &err);
-    if (rc)
-        fprintf(stderr, "create: %s\n", err.msg);
-    assert_int_equal(rc, PR_OK);
-    rc = pr_model_reserve(m, TB, TT, &err);
-    if (rc)
-        fprintf(stderr, "reserve: %s\n", err.msg);
-    assert_int_equal(rc, PR_OK);
+    pr_model *m = th_model_new(c, TB, TT);
     /* non-zero biases, so folding into them is visible */
     for (int i = 0; i < pr_model_n_tensors(m); i++) {
         const pr_tensor_info *t = pr_model_tensor(m, i);
@@ -149,82 +133,14 @@ static pr_model *make_model(const pr_model_config *c)
     return m;
 }
 
-typedef struct loss_ctx {
-    pr_model *m;
-    pr_batch batch;
-    int tokens[TB * TT], targets[TB * TT];
-} loss_ctx;
-
-static void loss_ctx_init(loss_ctx *lc, pr_model *m, unsigned seed)
+static void loss_ctx_init(th_loss_ctx *lc, pr_model *m, unsigned seed)
 {
-    memset(lc, 0, sizeof *lc);
-    lc->m = m;
+    th_loss_bind(lc, m, TB, TT);
     int V = pr_model_get_config(m)->vocab_size;
     for (int i = 0; i < TB * TT; i++) {
         lc->tokens[i] = (int)((i * 17u + seed * 7u + 5u) % (unsigned)V);
         lc->targets[i] = (int)((i * 29u + seed * 3u + 3u) % (unsigned)V);
     }
-    lc->batch.tokens = lc->tokens;
-    lc->batch.targets = lc->targets;
-    lc->batch.B = TB;
-    lc->batch.T = TT;
-}
-
-/* mean cross-entropy recomputed in double from the logits */
-static double loss_fn(void *p)
-{
-    loss_ctx *lc = p;
-    pr_error err = { 0 };
-    if (pr_model_forward(lc->m, &lc->batch, NULL, &err) != PR_OK) {
-        fprintf(stderr, "forward: %s\n", err.msg);
-        return NAN;
-    }
-    const float *logits = pr_model_logits(lc->m);
-    int V = pr_model_get_config(lc->m)->vocab_size;
-    double sum = 0;
-    for (int i = 0; i < TB * TT; i++) {
-        const float *z = logits + (size_t)i * V;
-        double mx = z[0], se = 0;
-        for (int v = 1; v < V; v++)
-            mx = fmax(mx, z[v]);
-        for (int v = 0; v < V; v++)
-            se += exp((double)z[v] - mx);
-        sum += mx + log(se) - z[lc->targets[i]];
-    }
-    return sum / (TB * TT);
-}
-
-static void forward_backward(loss_ctx *lc)
-{
-    pr_error err = { 0 };
-    float loss = 0;
-    pr_model_zero_grad(lc->m);
-    int rc = pr_model_forward(lc->m, &lc->batch, &loss, &err);
-    if (rc)
-        fprintf(stderr, "forward: %s\n", err.msg);
-    assert_int_equal(rc, PR_OK);
-    rc = pr_model_backward(lc->m, &err);
-    if (rc)
-        fprintf(stderr, "backward: %s\n", err.msg);
-    assert_int_equal(rc, PR_OK);
-}
-
-static float *logits_copy(loss_ctx *lc)
-{
-    assert_false(isnan(loss_fn(lc)));
-    size_t n = (size_t)TB * TT * pr_model_get_config(lc->m)->vocab_size;
-    float *c = malloc(n * sizeof *c);
-    assert_non_null(c);
-    memcpy(c, pr_model_logits(lc->m), n * sizeof *c);
-    return c;
-}
-
-static double max_abs_diff(const float *a, const float *b, size_t n)
-{
-    double d = 0;
-    for (size_t i = 0; i < n; i++)
-        d = fmax(d, fabs((double)a[i] - b[i]));
-    return d;
 }
 
 static pr_module *attach(pr_model *m, const pr_technique *t, const int *layers, int n_layers)
@@ -243,26 +159,6 @@ static pr_module *attach(pr_model *m, const pr_technique *t, const int *layers, 
     assert_int_equal(rc, PR_OK);
     assert_non_null(mod);
     return mod;
-}
-
-/* FD check of one trainable tensor's gradient (computed by the caller's
- * forward_backward); the gradient must not vanish everywhere. */
-static void check_tensor_grad(loss_ctx *lc, const pr_tensor_info *t)
-{
-    assert_non_null(t);
-    assert_non_null(t->grad);
-    float *g = malloc((size_t)t->numel * sizeof *g);
-    assert_non_null(g);
-    memcpy(g, t->grad, (size_t)t->numel * sizeof *g);
-    double gmax = 0;
-    for (int64_t j = 0; j < t->numel; j++)
-        gmax = fmax(gmax, fabs(g[j]));
-    if (!(gmax > 1e-7))
-        fprintf(stderr, "%s: gradient vanishes everywhere\n", t->name);
-    assert_true(gmax > 1e-7);
-    int bad = gc_check(t->name, t->data, g, (size_t)t->numel, loss_fn, lc, FD_EPS, FD_RTOL, FD_ATOL, FD_PROBES);
-    assert_int_equal(bad, 0);
-    free(g);
 }
 
 /* ---- descriptors ------------------------------------------------------------------ */
@@ -486,14 +382,14 @@ static void test_identity_at_init(void **state)
     (void)state;
     pr_model_config c = config_a();
     pr_model *m = make_model(&c);
-    loss_ctx lc;
+    th_loss_ctx lc;
     loss_ctx_init(&lc, m, 6);
-    float *base = logits_copy(&lc);
+    float *base = th_logits_copy(&lc);
     size_t n = (size_t)TB * TT * c.vocab_size;
     for (int i = 0; i < N_TECH; i++) {
         attach(m, tech[i], NULL, 0);
-        float *with = logits_copy(&lc);
-        double d = max_abs_diff(base, with, n);
+        float *with = th_logits_copy(&lc);
+        double d = th_max_abs_diff(base, with, n);
         if (d > 1e-6)
             fprintf(stderr, "%s changes the logits by %g at init\n", tech[i]->name, d);
         assert_true(d <= 1e-6);
@@ -527,14 +423,14 @@ static void test_ia3_gradients(void **state)
     pr_error err = { 0 };
     for (size_t i = 0; i < sizeof upstream / sizeof upstream[0]; i++)
         assert_int_equal(pr_model_set_trainable(m, upstream[i], 1, &err), PR_OK);
-    loss_ctx lc;
+    th_loss_ctx lc;
     loss_ctx_init(&lc, m, 3);
-    forward_backward(&lc);
+    th_forward_backward(&lc);
     int checked = 0;
     for (int i = 0; i < pr_model_n_tensors(m); i++) {
         const pr_tensor_info *t = pr_model_tensor(m, i);
         if (t->trainable) {
-            check_tensor_grad(&lc, t);
+            th_check_tensor_fd(&lc, t, &FD);
             checked++;
         }
     }
@@ -548,14 +444,14 @@ static void selection_grad_case(int ti)
     pr_model_config c = config_a();
     pr_model *m = make_model(&c);
     attach(m, tech[ti], NULL, 0);
-    loss_ctx lc;
+    th_loss_ctx lc;
     loss_ctx_init(&lc, m, 4);
-    forward_backward(&lc);
+    th_forward_backward(&lc);
     int checked = 0;
     for (int i = 0; i < pr_model_n_tensors(m); i++) {
         const pr_tensor_info *t = pr_model_tensor(m, i);
         if (t->trainable) {
-            check_tensor_grad(&lc, t);
+            th_check_tensor_fd(&lc, t, &FD);
             checked++;
         }
     }
@@ -649,20 +545,20 @@ static void merge_case(int with_bias)
         memcpy(sv[ns].copy, t->data, (size_t)t->numel * sizeof(float));
         ns++;
     }
-    loss_ctx lc;
+    th_loss_ctx lc;
     loss_ctx_init(&lc, m, 8);
-    float *unmerged = logits_copy(&lc);
+    float *unmerged = th_logits_copy(&lc);
     size_t n = (size_t)TB * TT * c.vocab_size;
     pr_error err = { 0 };
     int rc = pr_module_merge(mod, &err);
     if (rc)
         fprintf(stderr, "merge: %s\n", err.msg);
     assert_int_equal(rc, PR_OK);
-    float *merged = logits_copy(&lc);
+    float *merged = th_logits_copy(&lc);
     double scale = 0;
     for (size_t i = 0; i < n; i++)
         scale = fmax(scale, fabs(unmerged[i]));
-    double d = max_abs_diff(unmerged, merged, n);
+    double d = th_max_abs_diff(unmerged, merged, n);
     printf("ia3 merge (bias %d): max |merged - unmerged| = %.3e, max |logit| = %.3e\n", with_bias, d, scale);
     assert_true(d <= 1e-5 * scale);
 
@@ -723,7 +619,7 @@ static void merge_case(int with_bias)
     assert_int_equal(pr_module_unmerge(mod, &err), PR_OK);
     for (int s = 0; s < ns; s++)
         assert_memory_equal(sv[s].t->data, sv[s].copy, (size_t)sv[s].t->numel * sizeof(float));
-    float *again = logits_copy(&lc);
+    float *again = th_logits_copy(&lc);
     assert_memory_equal(unmerged, again, n * sizeof(float));
     free(again);
     free(merged);

@@ -1,0 +1,176 @@
+/* peftref tests: the shared harness (see harness.h). */
+#include "harness.h"
+
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <setjmp.h>
+#include <cmocka.h>
+
+#include <dlfcn.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "rng.h"
+#include "gradcheck.h"
+
+const pr_plugin *th_plugin_open(const char *path, void **handle)
+{
+    *handle = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    if (!*handle) {
+        fprintf(stderr, "dlopen %s: %s\n", path, dlerror());
+        return NULL;
+    }
+    pr_plugin_entry_fn entry;
+    void *sym = dlsym(*handle, PR_PLUGIN_ENTRY_NAME);
+    memcpy(&entry, &sym, sizeof entry);
+    return entry ? entry() : NULL;
+}
+
+const pr_technique *th_plugin_technique(const char *path, void **handle)
+{
+    const pr_plugin *p = th_plugin_open(path, handle);
+    return p && p->n_techniques == 1 ? p->techniques[0] : NULL;
+}
+
+pr_model *th_model_new(const pr_model_config *c, int B, int T)
+{
+    pr_model *m = NULL;
+    pr_error err = { 0 };
+    int rc = pr_model_create(c, &m, &err);
+    if (rc)
+        fprintf(stderr, "create: %s\n", err.msg);
+    assert_int_equal(rc, PR_OK);
+    rc = pr_model_reserve(m, B, T, &err);
+    if (rc)
+        fprintf(stderr, "reserve: %s\n", err.msg);
+    assert_int_equal(rc, PR_OK);
+    return m;
+}
+
+void th_loss_bind(th_loss_ctx *lc, pr_model *m, int B, int T)
+{
+    assert_true(B > 0 && T > 0 && B * T <= TH_MAX_TOKENS);
+    memset(lc, 0, sizeof *lc);
+    lc->m = m;
+    lc->batch.tokens = lc->tokens;
+    lc->batch.targets = lc->targets;
+    lc->batch.B = B;
+    lc->batch.T = T;
+}
+
+void th_loss_init_rng(th_loss_ctx *lc, pr_model *m, int B, int T, unsigned seed)
+{
+    th_loss_bind(lc, m, B, T);
+    pr_rng r;
+    rng_seed(&r, seed);
+    int V = pr_model_get_config(m)->vocab_size;
+    for (int i = 0; i < B * T; i++) {
+        lc->tokens[i] = (int)(rng_next(&r) % (uint64_t)V);
+        lc->targets[i] = (int)(rng_next(&r) % (uint64_t)V);
+    }
+}
+
+double th_mean_ce(const float *logits, const int *targets, int n, int V)
+{
+    double sum = 0;
+    int scored = 0;
+    for (int i = 0; i < n; i++) {
+        if (targets[i] < 0)
+            continue;
+        const float *row = logits + (size_t)i * V;
+        double mx = row[0], z = 0;
+        for (int v = 1; v < V; v++)
+            mx = fmax(mx, row[v]);
+        for (int v = 0; v < V; v++)
+            z += exp(row[v] - mx);
+        sum += mx + log(z) - row[targets[i]];
+        scored++;
+    }
+    return scored ? sum / scored : 0.0;
+}
+
+double th_loss(void *p)
+{
+    th_loss_ctx *lc = p;
+    pr_error err = { 0 };
+    if (pr_model_forward(lc->m, &lc->batch, NULL, &err) != PR_OK) {
+        fprintf(stderr, "forward: %s\n", err.msg);
+        return NAN;
+    }
+    return th_mean_ce(pr_model_logits(lc->m), lc->batch.targets, lc->batch.B * lc->batch.T,
+                      pr_model_get_config(lc->m)->vocab_size);
+}
+
+float th_forward_backward(th_loss_ctx *lc)
+{
+    pr_error err = { 0 };
+    float loss = 0.0f;
+    pr_model_zero_grad(lc->m);
+    int rc = pr_model_forward(lc->m, &lc->batch, &loss, &err);
+    if (rc)
+        fprintf(stderr, "forward: %s\n", err.msg);
+    assert_int_equal(rc, PR_OK);
+    rc = pr_model_backward(lc->m, &err);
+    if (rc)
+        fprintf(stderr, "backward: %s\n", err.msg);
+    assert_int_equal(rc, PR_OK);
+    return loss;
+}
+
+float *th_logits_copy(th_loss_ctx *lc)
+{
+    assert_false(isnan(th_loss(lc)));
+    size_t n = (size_t)lc->batch.B * lc->batch.T * pr_model_get_config(lc->m)->vocab_size;
+    float *c = malloc(n * sizeof *c);
+    assert_non_null(c);
+    memcpy(c, pr_model_logits(lc->m), n * sizeof *c);
+    return c;
+}
+
+double th_max_abs_diff(const float *a, const float *b, size_t n)
+{
+    double d = 0;
+    for (size_t i = 0; i < n; i++)
+        d = fmax(d, fabs((double)a[i] - b[i]));
+    return d;
+}
+
+void th_check_tensor_fd(th_loss_ctx *lc, const pr_tensor_info *t, const th_fd *fd)
+{
+    assert_non_null(t);
+    assert_non_null(t->grad);
+    /* a copy: the probes run forward passes only, but keep the gradient safe from them */
+    float *g = malloc((size_t)t->numel * sizeof *g);
+    assert_non_null(g);
+    memcpy(g, t->grad, (size_t)t->numel * sizeof *g);
+    double gmax = 0;
+    for (int64_t j = 0; j < t->numel; j++)
+        gmax = fmax(gmax, fabs(g[j]));
+    if (!(gmax > fd->gmin))
+        fprintf(stderr, "%s: gradient is zero everywhere\n", t->name);
+    assert_true(gmax > fd->gmin);
+    int bad = gc_check(t->name, t->data, g, (size_t)t->numel, th_loss, lc, fd->eps, fd->rtol, fd->atol, fd->probes);
+    assert_int_equal(bad, 0);
+    free(g);
+}
+
+int th_check_grads(th_loss_ctx *lc, const char *const *prefixes, int n_prefixes, int trainable_only,
+                   const th_fd *fd)
+{
+    th_forward_backward(lc);
+    int checked = 0;
+    for (int i = 0; i < pr_model_n_tensors(lc->m); i++) {
+        const pr_tensor_info *t = pr_model_tensor(lc->m, i);
+        int match = 0;
+        for (int k = 0; k < n_prefixes && !match; k++)
+            match = strncmp(t->name, prefixes[k], strlen(prefixes[k])) == 0;
+        if (!match || !t->grad || (trainable_only && !t->trainable))
+            continue;
+        th_check_tensor_fd(lc, t, fd);
+        checked++;
+    }
+    return checked;
+}

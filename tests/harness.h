@@ -1,0 +1,80 @@
+/* peftref tests: the harness the model and module tests share.
+ *
+ *  - th_plugin_open: a plugin built in the tree, opened with dlopen and its
+ *    entry point called, as a host does;
+ *  - th_model_new: a model created from a config and reserved for B x T;
+ *  - th_loss_ctx: a fixed batch on a model, and th_loss, the mean
+ *    cross-entropy recomputed in double from the logits (the function the
+ *    finite-difference checks of gradcheck.h differentiate);
+ *  - th_check_tensor_fd / th_check_grads: finite differences of th_loss for
+ *    one tensor, or for every tensor whose name starts with a prefix.
+ * Every helper asserts with cmocka and prints the library's message first. */
+#ifndef PEFTREF_TESTS_HARNESS_H
+#define PEFTREF_TESTS_HARNESS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "peftref/peftref.h"
+#include "peftref/plugin.h"
+
+/* dlopen path (RTLD_NOW | RTLD_LOCAL) into *handle and return what the plugin's entry point
+ * returns; NULL (with the dlerror on stderr) when it cannot be opened or has no entry point. */
+const pr_plugin *th_plugin_open(const char *path, void **handle);
+
+/* As th_plugin_open for a plugin that must carry exactly one technique: that technique, or NULL. */
+const pr_technique *th_plugin_technique(const char *path, void **handle);
+
+/* pr_model_create + pr_model_reserve(B, T); asserts both succeed. */
+pr_model *th_model_new(const pr_model_config *c, int B, int T);
+
+enum { TH_MAX_TOKENS = 64 };
+
+/* A batch of B x T tokens and targets (B*T <= TH_MAX_TOKENS) on model m. */
+typedef struct th_loss_ctx {
+    pr_model *m;
+    pr_batch batch;
+    int tokens[TH_MAX_TOKENS], targets[TH_MAX_TOKENS];
+} th_loss_ctx;
+
+/* Zero lc and point its batch at its own arrays (B x T); the caller fills tokens and targets. */
+void th_loss_bind(th_loss_ctx *lc, pr_model *m, int B, int T);
+
+/* th_loss_bind with tokens and targets drawn alternately from rng_seed(seed), modulo V. */
+void th_loss_init_rng(th_loss_ctx *lc, pr_model *m, int B, int T, unsigned seed);
+
+/* Mean cross-entropy of logits (n,V) against targets, in double; rows with a negative target are
+ * not scored (0 when none is). */
+double th_mean_ce(const float *logits, const int *targets, int n, int V);
+
+/* gc_loss_fn on a th_loss_ctx: forward, then th_mean_ce of the logits; NaN if forward fails. */
+double th_loss(void *lc);
+
+/* Zero the gradients, forward and backward (both asserted); returns the forward's loss. */
+float th_forward_backward(th_loss_ctx *lc);
+
+/* The logits of one forward of lc (B*T*V floats, malloc'ed); asserts the loss is not NaN. */
+float *th_logits_copy(th_loss_ctx *lc);
+
+/* max_i |a[i] - b[i]| in double. */
+double th_max_abs_diff(const float *a, const float *b, size_t n);
+
+/* Finite-difference settings (gc_check's eps, rtol, atol, max_probe) and gmin: a checked gradient
+ * must exceed gmin somewhere, since one that is zero everywhere would pass trivially. */
+typedef struct th_fd {
+    double eps, rtol, atol;
+    size_t probes;
+    double gmin;
+} th_fd;
+
+/* FD check of tensor t's gradient (already computed by the caller) against th_loss(lc): asserts t
+ * has a gradient, max |g| > fd->gmin and that no probe fails. */
+void th_check_tensor_fd(th_loss_ctx *lc, const pr_tensor_info *t, const th_fd *fd);
+
+/* th_forward_backward(lc), then th_check_tensor_fd for every tensor with a gradient whose name
+ * starts with one of the n_prefixes prefixes (and that is trainable, if trainable_only). Returns
+ * how many tensors were checked. */
+int th_check_grads(th_loss_ctx *lc, const char *const *prefixes, int n_prefixes, int trainable_only,
+                   const th_fd *fd);
+
+#endif
