@@ -523,8 +523,22 @@ fail:
 
 int pr_model_save_safetensors(const pr_model *m, const char *path, pr_error *err)
 {
+    return pr_model_save_safetensors_as(m, path, "f32", err);
+}
+
+int pr_model_save_safetensors_as(const pr_model *m, const char *path, const char *dtype, pr_error *err)
+{
     if (!m || !path)
         return pr_errorf(err, PR_ERR_INVALID, "save_safetensors: NULL model or path");
+    int st_dtype;
+    if (!dtype || strcmp(dtype, "f32") == 0)
+        st_dtype = ST_F32;
+    else if (strcmp(dtype, "f16") == 0)
+        st_dtype = ST_F16;
+    else if (strcmp(dtype, "bf16") == 0)
+        st_dtype = ST_BF16;
+    else
+        return pr_errorf(err, PR_ERR_INVALID, "%s: unknown dtype '%s' (f32, f16 or bf16)", path, dtype);
     int nt = pr_model_n_tensors(m);
     st_entry *e = calloc((size_t)nt + 1, sizeof *e);
     if (!e)
@@ -544,7 +558,7 @@ int pr_model_save_safetensors(const pr_model *m, const char *path, pr_error *err
         for (int d = 0; d < t->ndim && d < ST_MAX_DIMS; d++)
             e[n].shape[d] = t->shape[d];
         e[n].data = t->data;
-        e[n].dtype = ST_F32;
+        e[n].dtype = st_dtype;
         n++;
     }
     static const st_kv meta[] = {{"format", "pt"}};

@@ -87,6 +87,12 @@ static int copy_file(const char *from_dir, const char *to_dir, const char *name,
 
 int pr_model_save_hf(const pr_model *m, const char *dir, const char *tokenizer_dir, pr_error *err)
 {
+    return pr_model_save_hf_as(m, dir, tokenizer_dir, "f32", err);
+}
+
+int pr_model_save_hf_as(const pr_model *m, const char *dir, const char *tokenizer_dir, const char *dtype,
+                        pr_error *err)
+{
     if (mkdir(dir, 0777) != 0 && errno != EEXIST)
         return pr_errorf(err, PR_ERR_IO, "%s: cannot create directory: %s", dir, strerror(errno));
     const char *kind = "byte";
@@ -108,7 +114,7 @@ int pr_model_save_hf(const pr_model *m, const char *dir, const char *tokenizer_d
     char *path = fileio_join(dir, "model.safetensors");
     if (!path)
         return pr_errorf(err, PR_ERR_NOMEM, "out of memory");
-    rc = pr_model_save_safetensors(m, path, err);
+    rc = pr_model_save_safetensors_as(m, path, dtype, err);
     free(path);
     return rc;
 }

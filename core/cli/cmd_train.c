@@ -71,6 +71,7 @@ static const char train_usage[] =
     "  --out DIR            output directory (required)\n"
     "  --resume             continue from DIR/checkpoint.safetensors\n"
     "  --save DIR           after training, write the model as a Hugging Face directory\n"
+    "  --save-dtype T       weights stored by --save: f32 (default), f16, bf16\n"
     "  --progress MODE      auto (default): a bar redrawn in place when stderr is a\n"
     "                       terminal, log lines otherwise; bar, plain (log lines), none\n"
     "  --quiet              no progress lines (--progress none)\n"
@@ -180,9 +181,10 @@ static int train_pipeline(int argc, char **argv)
     static const struct option opts[] = {
         {"set", required_argument, 0, 's'}, {"resume", no_argument, 0, 'r'},
         {"quiet", no_argument, 0, 'q'}, {"save", required_argument, 0, 'S'},
+        {"save-dtype", required_argument, 0, 'D'},
         {"progress", required_argument, 0, 'p'}, {"arm", required_argument, 0, 'a'},
         {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
-    const char *save_dir = NULL;
+    const char *save_dir = NULL, *save_dtype = "f32";
     const char **sets = calloc((size_t)argc + 1, sizeof *sets);
     if (!sets) {
         fprintf(stderr, "peftref train: out of memory\n");
@@ -199,6 +201,7 @@ static int train_pipeline(int argc, char **argv)
         case 'a': arm = optarg; break;
         case 'q': quiet = 1; break;
         case 'S': save_dir = optarg; break;
+        case 'D': save_dtype = optarg; break;
         case 'p':
             if ((progress = parse_progress(optarg)) < 0) {
                 free(sets);
@@ -211,7 +214,7 @@ static int train_pipeline(int argc, char **argv)
             free(sets);
             return 2;
         default:
-            fprintf(stderr, "peftref train: with a pipeline only --set, --arm, --resume, --progress, --quiet and --save apply "
+            fprintf(stderr, "peftref train: with a pipeline only --set, --arm, --resume, --progress, --quiet, --save and --save-dtype apply "
                     "(got '%s'; set other values in the YAML or with --set)\n", argv[optind - 1]);
             free(sets);
             return 2;
@@ -264,7 +267,7 @@ static int train_pipeline(int argc, char **argv)
             rc = save_outputs(pipe, m, &tc, &res);
         /* the base model as trained (full finetuning, selection), without modules */
         if (rc == 0 && save_dir &&
-            pr_model_save_hf(m, save_dir, pr_pipeline_tokenizer_dir(pipe), &err)) {
+            pr_model_save_hf_as(m, save_dir, pr_pipeline_tokenizer_dir(pipe), save_dtype, &err)) {
             fprintf(stderr, "peftref train: %s\n", err.msg);
             rc = 1;
         }

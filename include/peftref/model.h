@@ -54,11 +54,16 @@ int pr_model_load_hf(const char *dir, pr_model **out, pr_error *err);
 
 /* Write all base tensors as one safetensors file (F32), HF names. */
 int pr_model_save_safetensors(const pr_model *m, const char *path, pr_error *err);
+/* The same, storing dtype "f32", "f16" or "bf16" (round to nearest even). */
+int pr_model_save_safetensors_as(const pr_model *m, const char *path, const char *dtype, pr_error *err);
 
 /* Write dir/config.json (GPT2Config keys) and dir/model.safetensors, and
  * copy the tokenizer files of tokenizer_dir (NULL: the byte tokenizer),
  * so that pr_model_load_hf and Hugging Face transformers read it back. */
 int pr_model_save_hf(const pr_model *m, const char *dir, const char *tokenizer_dir, pr_error *err);
+/* The same with the weights stored as dtype ("f32", "f16", "bf16"). */
+int pr_model_save_hf_as(const pr_model *m, const char *dir, const char *tokenizer_dir, const char *dtype,
+                        pr_error *err);
 
 void pr_model_free(pr_model *m);
 
