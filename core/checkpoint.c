@@ -530,13 +530,13 @@ int pr_model_save_safetensors_as(const pr_model *m, const char *path, const char
 {
     if (!m || !path)
         return pr_errorf(err, PR_ERR_INVALID, "save_safetensors: NULL model or path");
-    int st_dtype;
+    int stored;
     if (!dtype || strcmp(dtype, "f32") == 0)
-        st_dtype = ST_F32;
+        stored = ST_F32;
     else if (strcmp(dtype, "f16") == 0)
-        st_dtype = ST_F16;
+        stored = ST_F16;
     else if (strcmp(dtype, "bf16") == 0)
-        st_dtype = ST_BF16;
+        stored = ST_BF16;
     else
         return pr_errorf(err, PR_ERR_INVALID, "%s: unknown dtype '%s' (f32, f16 or bf16)", path, dtype);
     int nt = pr_model_n_tensors(m);
@@ -558,7 +558,7 @@ int pr_model_save_safetensors_as(const pr_model *m, const char *path, const char
         for (int d = 0; d < t->ndim && d < ST_MAX_DIMS; d++)
             e[n].shape[d] = t->shape[d];
         e[n].data = t->data;
-        e[n].dtype = st_dtype;
+        e[n].dtype = stored;
         n++;
     }
     static const st_kv meta[] = {{"format", "pt"}};
