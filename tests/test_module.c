@@ -43,11 +43,15 @@
 #include "peftref/plugin.h"
 #include "rng.h"
 #include "gradcheck.h"
+#include "harness.h"
 
 #define FD_EPS 3e-3
 #define FD_RTOL 5e-2
 #define FD_ATOL 1e-4
 #define FD_PROBES 6
+
+/* a checked module gradient must not vanish everywhere */
+static const th_fd FD_CHECK = { FD_EPS, FD_RTOL, FD_ATOL, FD_PROBES, 1e-6 };
 
 enum { TB = 2, TT = 6 };
 
@@ -554,105 +558,12 @@ static pr_model_config config_b(void)
 
 static pr_model *make_model(const pr_model_config *c)
 {
-    pr_model *m = NULL;
-    pr_error err = { 0 };
-    int rc = pr_model_create(c, &m, &err);
-    if (rc)
-        fprintf(stderr, "create: %s\n", err.msg);
-    assert_int_equal(rc, PR_OK);
-    rc = pr_model_reserve(m, TB, TT, &err);
-    if (rc)
-        fprintf(stderr, "reserve: %s\n", err.msg);
-    assert_int_equal(rc, PR_OK);
-    return m;
+    return th_model_new(c, TB, TT);
 }
 
-typedef struct loss_ctx {
-    pr_model *m;
-    pr_batch batch;
-    int tokens[TB * TT], targets[TB * TT];
-} loss_ctx;
-
-static void loss_ctx_init(loss_ctx *lc, pr_model *m, unsigned seed)
+static void loss_ctx_init(th_loss_ctx *lc, pr_model *m, unsigned seed)
 {
-    memset(lc, 0, sizeof *lc);
-    lc->m = m;
-    pr_rng r;
-    rng_seed(&r, seed);
-    int V = pr_model_get_config(m)->vocab_size;
-    for (int i = 0; i < TB * TT; i++) {
-        lc->tokens[i] = (int)(rng_next(&r) % (uint64_t)V);
-        lc->targets[i] = (int)(rng_next(&r) % (uint64_t)V);
-    }
-    lc->batch.tokens = lc->tokens;
-    lc->batch.targets = lc->targets;
-    lc->batch.B = TB;
-    lc->batch.T = TT;
-}
-
-static double mean_ce(const float *logits, const int *targets, int n, int V)
-{
-    double sum = 0;
-    int scored = 0;
-    for (int i = 0; i < n; i++) {
-        if (targets[i] < 0)
-            continue;
-        const float *row = logits + (size_t)i * V;
-        double mx = row[0], z = 0;
-        for (int v = 1; v < V; v++)
-            mx = fmax(mx, row[v]);
-        for (int v = 0; v < V; v++)
-            z += exp(row[v] - mx);
-        sum += mx + log(z) - row[targets[i]];
-        scored++;
-    }
-    return scored ? sum / scored : 0.0;
-}
-
-static double loss_fn(void *p)
-{
-    loss_ctx *lc = p;
-    pr_error err = { 0 };
-    int rc = pr_model_forward(lc->m, &lc->batch, NULL, &err);
-    if (rc) {
-        fprintf(stderr, "forward: %s\n", err.msg);
-        return NAN;
-    }
-    return mean_ce(pr_model_logits(lc->m), lc->targets, TB * TT, pr_model_get_config(lc->m)->vocab_size);
-}
-
-static void forward_backward(loss_ctx *lc)
-{
-    pr_error err = { 0 };
-    float loss = 0;
-    pr_model_zero_grad(lc->m);
-    int rc = pr_model_forward(lc->m, &lc->batch, &loss, &err);
-    if (rc)
-        fprintf(stderr, "forward: %s\n", err.msg);
-    assert_int_equal(rc, PR_OK);
-    rc = pr_model_backward(lc->m, &err);
-    if (rc)
-        fprintf(stderr, "backward: %s\n", err.msg);
-    assert_int_equal(rc, PR_OK);
-}
-
-/* logits of one forward, copied (n = B*T*V floats) */
-static float *logits_copy(loss_ctx *lc)
-{
-    assert_false(isnan(loss_fn(lc)));
-    size_t n = (size_t)TB * TT * pr_model_get_config(lc->m)->vocab_size;
-    float *c = malloc(n * sizeof *c);
-    assert_non_null(c);
-    memcpy(c, pr_model_logits(lc->m), n * sizeof *c);
-    return c;
-}
-
-static double max_abs_diff(const float *a, const float *b, size_t n)
-{
-    double d = 0;
-    for (size_t i = 0; i < n; i++)
-        d = fmax(d, fabs((double)a[i] - b[i]));
-    return d;
+    th_loss_init_rng(lc, m, TB, TT, seed);
 }
 
 static pr_module *attach(pr_model *m, const pr_technique *t, const pr_option_setting *opts, int n_opts,
@@ -687,32 +598,9 @@ static void randomise_module(pr_model *m, const char *prefix, float scale)
     }
 }
 
-/* Finite-difference check of every tensor of the module (prefix "name/")
- * and of the extra named tensors.  Returns the number of tensors checked. */
-static int check_module_grads(loss_ctx *lc, const char *prefix)
+static int check_module_grads(th_loss_ctx *lc, const char *prefix)
 {
-    forward_backward(lc);
-    size_t len = strlen(prefix);
-    int checked = 0;
-    pr_model *m = lc->m;
-    for (int i = 0; i < pr_model_n_tensors(m); i++) {
-        const pr_tensor_info *t = pr_model_tensor(m, i);
-        if (strncmp(t->name, prefix, len) != 0 || !t->grad)
-            continue;
-        float *g = malloc((size_t)t->numel * sizeof *g);
-        assert_non_null(g);
-        memcpy(g, t->grad, (size_t)t->numel * sizeof *g);
-        double gmax = 0;
-        for (int64_t j = 0; j < t->numel; j++)
-            gmax = fmax(gmax, fabs(g[j]));
-        /* a gradient that is zero everywhere would pass trivially */
-        assert_true(gmax > 1e-6);
-        int bad = gc_check(t->name, t->data, g, (size_t)t->numel, loss_fn, lc, FD_EPS, FD_RTOL, FD_ATOL, FD_PROBES);
-        assert_int_equal(bad, 0);
-        free(g);
-        checked++;
-    }
-    return checked;
+    return th_check_grads(lc, &prefix, 1, 0, &FD_CHECK);
 }
 
 static int count_prefix(const pr_model *m, const char *prefix)
@@ -731,7 +619,7 @@ static void grad_case(const pr_technique *t, const char *prefix, float scale, in
     pr_model *m = make_model(&c);
     attach(m, t, NULL, 0, 0);
     randomise_module(m, prefix, scale);
-    loss_ctx lc;
+    th_loss_ctx lc;
     loss_ctx_init(&lc, m, 3);
     assert_int_equal(check_module_grads(&lc, prefix), expect_tensors);
     pr_model_detach_modules(m);
@@ -778,7 +666,7 @@ static void test_grad_ia3(void **state)
         for (int64_t j = 0; j < t->numel; j++)
             t->data[j] += 1.0f;
     }
-    loss_ctx lc;
+    th_loss_ctx lc;
     loss_ctx_init(&lc, m, 3);
     assert_int_equal(check_module_grads(&lc, "tia3/"), 3 * 2);
     pr_model_detach_modules(m);
@@ -823,13 +711,13 @@ static void test_grad_shared_scopes(void **state)
     assert_int_equal(pr_module_param_count(mod), (int64_t)C * r + 2 * r * Q + 2 * Q);
     /* shared-scope init: constant 0.05 for c */
     assert_true(pr_model_find_tensor(m, "tshared/q.c")->data[0] == 0.05f);
-    loss_ctx lc;
+    th_loss_ctx lc;
     loss_ctx_init(&lc, m, 4);
     assert_int_equal(check_module_grads(&lc, "tshared/"), 5);
 
     /* the one global copy's gradient is the sum over the 4 insertions:
      * attaching the same technique at q only changes it */
-    forward_backward(&lc);
+    th_forward_backward(&lc);
     const pr_tensor_info *A = pr_model_find_tensor(m, "tshared/A");
     float g_both = A->grad[0];
     pr_model_detach_modules(m);
@@ -837,7 +725,7 @@ static void test_grad_shared_scopes(void **state)
     pr_error err = { 0 };
     assert_int_equal(pr_module_attach(m, &s, &mod, &err), PR_OK);
     assert_int_equal(pr_module_insertions(mod), 2);
-    forward_backward(&lc);
+    th_forward_backward(&lc);
     assert_true(fabsf(pr_model_find_tensor(m, "tshared/A")->grad[0] - g_both) > 1e-7f);
     pr_model_detach_modules(m);
     pr_model_free(m);
@@ -888,15 +776,15 @@ static void test_select_biases(void **state)
     }
     assert_int_equal(trainable, expect);
     /* gradients reach the selected tensors */
-    loss_ctx lc;
+    th_loss_ctx lc;
     loss_ctx_init(&lc, m, 5);
-    forward_backward(&lc);
+    th_forward_backward(&lc);
     const char *names[] = { "h.0.attn.c_attn.bias", "h.1.mlp.c_proj.bias", "h.0.ln_2.bias", "ln_f.bias" };
     for (int i = 0; i < 4; i++) {
         const pr_tensor_info *t = pr_model_find_tensor(m, names[i]);
         float *g = malloc((size_t)t->numel * sizeof *g);
         memcpy(g, t->grad, (size_t)t->numel * sizeof *g);
-        assert_int_equal(gc_check(t->name, t->data, g, (size_t)t->numel, loss_fn, &lc, FD_EPS, FD_RTOL, FD_ATOL,
+        assert_int_equal(gc_check(t->name, t->data, g, (size_t)t->numel, th_loss, &lc, FD_EPS, FD_RTOL, FD_ATOL,
                                   FD_PROBES), 0);
         free(g);
     }
@@ -1043,14 +931,14 @@ static void test_identity_at_init(void **state)
     const pr_technique *ts[] = { &tlora, &tlora_wd, &tadapter, &tgated, &tia3, &tcustom };
     pr_model_config c = config_a();
     pr_model *m = make_model(&c);
-    loss_ctx lc;
+    th_loss_ctx lc;
     loss_ctx_init(&lc, m, 6);
-    float *base = logits_copy(&lc);
+    float *base = th_logits_copy(&lc);
     size_t n = (size_t)TB * TT * c.vocab_size;
     for (size_t i = 0; i < sizeof ts / sizeof ts[0]; i++) {
         attach(m, ts[i], NULL, 0, 0);
-        float *with = logits_copy(&lc);
-        double d = max_abs_diff(base, with, n);
+        float *with = th_logits_copy(&lc);
+        double d = th_max_abs_diff(base, with, n);
         if (d > 1e-6)
             fprintf(stderr, "%s changes the logits by %g at init\n", ts[i]->name, d);
         assert_true(d <= 1e-6);
@@ -1058,7 +946,7 @@ static void test_identity_at_init(void **state)
         pr_model_detach_modules(m);
     }
     /* after detaching, the model is its base again */
-    float *after = logits_copy(&lc);
+    float *after = th_logits_copy(&lc);
     assert_memory_equal(base, after, n * sizeof(float));
     free(after);
     free(base);
@@ -1078,24 +966,24 @@ static void test_merge_unmerge(void **state)
     pr_option_setting o[] = { { "r", "3", -1 }, { "alpha", "5", -1 } };
     pr_module *mod = attach(m, &tlora, o, 2, PR_SITE_BIT(PR_SITE_Q) | PR_SITE_BIT(PR_SITE_V) | PR_SITE_BIT(PR_SITE_FFN_DOWN));
     randomise_module(m, "tlora/", 0.3f);
-    loss_ctx lc;
+    th_loss_ctx lc;
     loss_ctx_init(&lc, m, 7);
-    float *unmerged = logits_copy(&lc);
+    float *unmerged = th_logits_copy(&lc);
     size_t n = (size_t)TB * TT * c.vocab_size;
     pr_error err = { 0 };
     assert_int_equal(pr_module_merge(mod, &err), PR_OK);
     assert_int_equal(pr_module_merge(mod, &err), PR_ERR_INVALID); /* twice */
     assert_true(memcmp(w0, w->data, (size_t)w->numel * sizeof(float)) != 0);
-    float *merged = logits_copy(&lc);
+    float *merged = th_logits_copy(&lc);
     double scale = 0;
     for (size_t i = 0; i < n; i++)
         scale = fmax(scale, fabs(unmerged[i]));
     /* 1e-5 relative to the largest logit */
-    assert_true(max_abs_diff(unmerged, merged, n) <= 1e-5 * scale);
+    assert_true(th_max_abs_diff(unmerged, merged, n) <= 1e-5 * scale);
     assert_int_equal(pr_module_unmerge(mod, &err), PR_OK);
     assert_memory_equal(w0, w->data, (size_t)w->numel * sizeof(float));
     assert_memory_equal(b0, b->data, (size_t)b->numel * sizeof(float));
-    float *again = logits_copy(&lc);
+    float *again = th_logits_copy(&lc);
     assert_memory_equal(unmerged, again, n * sizeof(float));
     assert_int_equal(pr_module_unmerge(mod, &err), PR_ERR_INVALID);
 
@@ -1103,8 +991,8 @@ static void test_merge_unmerge(void **state)
     pr_model_detach_modules(m);
     attach(m, &tlora_wd, o, 2, PR_SITE_BIT(PR_SITE_Q) | PR_SITE_BIT(PR_SITE_V) | PR_SITE_BIT(PR_SITE_FFN_DOWN));
     randomise_module(m, "tlora_wd/", 0.3f);
-    float *wd = logits_copy(&lc);
-    assert_true(max_abs_diff(unmerged, wd, n) <= 1e-5 * scale);
+    float *wd = th_logits_copy(&lc);
+    assert_true(th_max_abs_diff(unmerged, wd, n) <= 1e-5 * scale);
 
     /* a module without merge() */
     pr_model_detach_modules(m);
@@ -1284,7 +1172,7 @@ static void test_callback_error_and_names(void **state)
     pr_model_config c = config_a();
     pr_model *m = make_model(&c);
     attach(m, &tfail, NULL, 0, 0);
-    loss_ctx lc;
+    th_loss_ctx lc;
     loss_ctx_init(&lc, m, 8);
     pr_error err = { 0 };
     assert_int_not_equal(pr_model_forward(m, &lc.batch, NULL, &err), PR_OK);
@@ -1326,9 +1214,9 @@ static void test_attach_rollback(void **state)
     pr_option_setting o[] = { { "n_tokens", "2", -1 } };
     attach(m, &tprompt, o, 1, 0);
     randomise_module(m, "tlora/", 0.3f);
-    loss_ctx lc;
+    th_loss_ctx lc;
     loss_ctx_init(&lc, m, 9);
-    float *before = logits_copy(&lc);
+    float *before = th_logits_copy(&lc);
     int n_tensors = pr_model_n_tensors(m);
     pr_module_spec s = { .technique = &tbadbuf, .trainable = 1 };
     pr_module *mod = NULL;
@@ -1338,7 +1226,7 @@ static void test_attach_rollback(void **state)
     assert_non_null(strstr(err.msg, "h.0.ffn.up"));
     assert_int_equal(pr_model_n_modules(m), 2);
     assert_int_equal(pr_model_n_tensors(m), n_tensors);
-    float *after = logits_copy(&lc);
+    float *after = th_logits_copy(&lc);
     size_t n = (size_t)TB * TT * c.vocab_size;
     assert_memory_equal(before, after, n * sizeof(float));
     /* and it still trains */

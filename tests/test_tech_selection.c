@@ -52,7 +52,7 @@
 #define FD_PROBES 6
 
 /* a checked gradient must not vanish everywhere */
-static const th_fd FD = { FD_EPS, FD_RTOL, FD_ATOL, FD_PROBES, 1e-7 };
+static const th_fd FD_CHECK = { FD_EPS, FD_RTOL, FD_ATOL, FD_PROBES, 1e-7 };
 
 enum { TB = 2, TT = 6 };
 enum { T_IA3, T_BITFIT, T_LNFIT, T_FULL, N_TECH };
@@ -430,7 +430,7 @@ static void test_ia3_gradients(void **state)
     for (int i = 0; i < pr_model_n_tensors(m); i++) {
         const pr_tensor_info *t = pr_model_tensor(m, i);
         if (t->trainable) {
-            th_check_tensor_fd(&lc, t, &FD);
+            th_check_tensor_fd(&lc, t, &FD_CHECK);
             checked++;
         }
     }
@@ -451,7 +451,7 @@ static void selection_grad_case(int ti)
     for (int i = 0; i < pr_model_n_tensors(m); i++) {
         const pr_tensor_info *t = pr_model_tensor(m, i);
         if (t->trainable) {
-            th_check_tensor_fd(&lc, t, &FD);
+            th_check_tensor_fd(&lc, t, &FD_CHECK);
             checked++;
         }
     }
