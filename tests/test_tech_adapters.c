@@ -44,6 +44,7 @@
 #include "check.h"
 #include "rng.h"
 #include "gradcheck.h"
+#include "harness.h"
 
 #define LIBS_DIR TEST_BUILDDIR "/plugins/.libs"
 #define PACK_SO TEST_BUILDDIR "/plugins/.libs/adapters/adapters.so"
@@ -52,6 +53,9 @@
 #define FD_RTOL 5e-2
 #define FD_ATOL 1e-4
 #define FD_PROBES 6
+
+/* a checked gradient must not vanish everywhere */
+static const th_fd FD_CHECK = { FD_EPS, FD_RTOL, FD_ATOL, FD_PROBES, 1e-6 };
 
 enum { TB = 2, TT = 5 };
 
@@ -256,74 +260,12 @@ static pr_model_config config_b(void)
 
 static pr_model *make_model(const pr_model_config *c)
 {
-    pr_model *m = NULL;
-    pr_error err = { 0 };
-    int rc = pr_model_create(c, &m, &err);
-    if (rc)
-        fprintf(stderr, "create: %s\n", err.msg);
-    assert_int_equal(rc, PR_OK);
-    rc = pr_model_reserve(m, TB, TT, &err);
-    if (rc)
-        fprintf(stderr, "reserve: %s\n", err.msg);
-    assert_int_equal(rc, PR_OK);
-    return m;
+    return th_model_new(c, TB, TT);
 }
 
-typedef struct loss_ctx {
-    pr_model *m;
-    pr_batch batch;
-    int tokens[TB * TT], targets[TB * TT];
-} loss_ctx;
-
-static void loss_ctx_init(loss_ctx *lc, pr_model *m, unsigned seed)
+static void loss_ctx_init(th_loss_ctx *lc, pr_model *m, unsigned seed)
 {
-    memset(lc, 0, sizeof *lc);
-    lc->m = m;
-    pr_rng r;
-    rng_seed(&r, seed);
-    int V = pr_model_get_config(m)->vocab_size;
-    for (int i = 0; i < TB * TT; i++) {
-        lc->tokens[i] = (int)(rng_next(&r) % (uint64_t)V);
-        lc->targets[i] = (int)(rng_next(&r) % (uint64_t)V);
-    }
-    lc->batch.tokens = lc->tokens;
-    lc->batch.targets = lc->targets;
-    lc->batch.B = TB;
-    lc->batch.T = TT;
-}
-
-/* mean cross-entropy recomputed in double from the logits */
-static double loss_fn(void *p)
-{
-    loss_ctx *lc = p;
-    pr_error err = { 0 };
-    if (pr_model_forward(lc->m, &lc->batch, NULL, &err)) {
-        fprintf(stderr, "forward: %s\n", err.msg);
-        return NAN;
-    }
-    const float *logits = pr_model_logits(lc->m);
-    int V = pr_model_get_config(lc->m)->vocab_size;
-    double sum = 0;
-    for (int i = 0; i < TB * TT; i++) {
-        const float *row = logits + (size_t)i * V;
-        double mx = row[0], z = 0;
-        for (int v = 1; v < V; v++)
-            mx = fmax(mx, row[v]);
-        for (int v = 0; v < V; v++)
-            z += exp(row[v] - mx);
-        sum += mx + log(z) - row[lc->targets[i]];
-    }
-    return sum / (TB * TT);
-}
-
-static float *logits_copy(loss_ctx *lc)
-{
-    assert_false(isnan(loss_fn(lc)));
-    size_t n = (size_t)TB * TT * pr_model_get_config(lc->m)->vocab_size;
-    float *c = malloc(n * sizeof *c);
-    assert_non_null(c);
-    memcpy(c, pr_model_logits(lc->m), n * sizeof *c);
-    return c;
+    th_loss_init_rng(lc, m, TB, TT, seed);
 }
 
 static pr_module *attach(pr_model *m, const pr_technique *t, const pr_option_setting *opts, int n_opts,
@@ -480,9 +422,9 @@ static void test_sublayer_site_input(void **state)
     probe pa, pf;
     probe_attach(m, PR_SITE_ATTN_OUT, 1, &pa);
     probe_attach(m, PR_SITE_FFN_OUT, 1, &pf);
-    loss_ctx lc;
+    th_loss_ctx lc;
     loss_ctx_init(&lc, m, 4);
-    assert_false(isnan(loss_fn(&lc)));
+    assert_false(isnan(th_loss(&lc)));
     assert_int_equal(pa.calls, 1);
     assert_int_equal(pf.calls, 1);
     assert_int_equal(pa.rows, TB * TT);
@@ -516,7 +458,7 @@ static void test_sublayer_site_input(void **state)
         const pr_tensor_info *w = tensor(m, proj[k]);
         for (int64_t i = 0; i < w->numel; i++)
             w->data[i] *= 1.5f;
-        assert_false(isnan(loss_fn(&lc)));
+        assert_false(isnan(th_loss(&lc)));
         assert_memory_equal(x0, ps[k]->x, n * sizeof *x0);
         assert_true(memcmp(y0, ps[k]->y, n * sizeof *y0) != 0);
     }
@@ -568,9 +510,9 @@ static void check_function(const pr_technique *t, const pr_option_setting *o, in
     char prefix[64];
     snprintf(prefix, sizeof prefix, "%s/", t->name);
     randomise_module(m, prefix, 0.3f);
-    loss_ctx lc;
+    th_loss_ctx lc;
     loss_ctx_init(&lc, m, 6);
-    assert_false(isnan(loss_fn(&lc)));
+    assert_false(isnan(th_loss(&lc)));
     assert_int_equal(before.calls, 1);
     assert_int_equal(after.calls, 1);
 
@@ -632,15 +574,13 @@ static void identity_case(const pr_technique *t, const pr_option_setting *o, int
 {
     pr_model_config c = config_a();
     pr_model *m = make_model(&c);
-    loss_ctx lc;
+    th_loss_ctx lc;
     loss_ctx_init(&lc, m, 8);
-    float *base = logits_copy(&lc);
+    float *base = th_logits_copy(&lc);
     attach(m, t, o, n, 0);
-    float *with = logits_copy(&lc);
+    float *with = th_logits_copy(&lc);
     size_t nl = (size_t)TB * TT * c.vocab_size;
-    double diff = 0;
-    for (size_t i = 0; i < nl; i++)
-        diff = fmax(diff, fabs((double)with[i] - base[i]));
+    double diff = th_max_abs_diff(with, base, nl);
     if (expect_identity) {
         assert_memory_equal(base, with, nl * sizeof *base);
     } else {
@@ -738,38 +678,9 @@ static void test_init(void **state)
 
 /* ---- gradients --------------------------------------------------------------- */
 
-/* Central differences for every trainable tensor whose name starts with
- * one of the prefixes; returns the number checked. */
-static int check_grads(loss_ctx *lc, const char *const *prefixes, int n_prefixes)
+static int check_grads(th_loss_ctx *lc, const char *const *prefixes, int n_prefixes)
 {
-    pr_error err = { 0 };
-    pr_model_zero_grad(lc->m);
-    float loss;
-    assert_int_equal(pr_model_forward(lc->m, &lc->batch, &loss, &err), PR_OK);
-    assert_int_equal(pr_model_backward(lc->m, &err), PR_OK);
-    int checked = 0;
-    for (int i = 0; i < pr_model_n_tensors(lc->m); i++) {
-        const pr_tensor_info *t = pr_model_tensor(lc->m, i);
-        int match = 0;
-        for (int k = 0; k < n_prefixes && !match; k++)
-            match = strncmp(t->name, prefixes[k], strlen(prefixes[k])) == 0;
-        if (!match || !t->grad)
-            continue;
-        float *g = malloc((size_t)t->numel * sizeof *g);
-        assert_non_null(g);
-        memcpy(g, t->grad, (size_t)t->numel * sizeof *g);
-        double gmax = 0;
-        for (int64_t j = 0; j < t->numel; j++)
-            gmax = fmax(gmax, fabs(g[j]));
-        if (gmax <= 1e-6)
-            fprintf(stderr, "%s: gradient is zero everywhere\n", t->name);
-        assert_true(gmax > 1e-6);
-        int bad = gc_check(t->name, t->data, g, (size_t)t->numel, loss_fn, lc, FD_EPS, FD_RTOL, FD_ATOL, FD_PROBES);
-        assert_int_equal(bad, 0);
-        free(g);
-        checked++;
-    }
-    return checked;
+    return th_check_grads(lc, prefixes, n_prefixes, 0, &FD_CHECK);
 }
 
 static void grad_case(const pr_technique *t, const pr_option_setting *o, int n, uint32_t sites, int expect_tensors)
@@ -786,7 +697,7 @@ static void grad_case(const pr_technique *t, const pr_option_setting *o, int n, 
     const char *gains[] = { "h.0.ln_1.weight", "h.0.ln_2.weight", "h.1.ln_1.weight", "h.1.ln_2.weight" };
     for (int i = 0; i < 4; i++)
         assert_int_equal(pr_model_set_trainable(m, gains[i], 1, &err), PR_OK);
-    loss_ctx lc;
+    th_loss_ctx lc;
     loss_ctx_init(&lc, m, 10);
     const char *prefixes[] = { prefix, "h.0.ln_", "h.1.ln_" };
     assert_int_equal(check_grads(&lc, prefixes, 3), expect_tensors + 4);
@@ -830,7 +741,7 @@ static void test_grad_stacked(void **state)
     attach(m, parallel, o, 2, 0);
     randomise_module(m, "adapter_houlsby/", 0.3f);
     randomise_module(m, "adapter_parallel/", 0.3f);
-    loss_ctx lc;
+    th_loss_ctx lc;
     loss_ctx_init(&lc, m, 12);
     const char *prefixes[] = { "adapter_houlsby/", "adapter_parallel/" };
     assert_int_equal(check_grads(&lc, prefixes, 2), 16);
