@@ -45,6 +45,7 @@
 #include "peftref/pipeline.h"
 #include "peftref/plugin.h"
 #include "gradcheck.h"
+#include "harness.h"
 #include "runtime.h"
 
 #define PLUGINS TEST_BUILDDIR "/plugins/.libs"
@@ -54,6 +55,9 @@
 #define FD_RTOL 5e-2
 #define FD_ATOL 1e-4
 #define FD_PROBES 6
+
+/* a checked gradient must not vanish everywhere */
+static const th_fd FD_CHECK = { FD_EPS, FD_RTOL, FD_ATOL, FD_PROBES, 1e-7 };
 
 enum { TB = 2, TT = 6 };
 
@@ -136,100 +140,25 @@ static pr_model_config tiny_config(void)
 static pr_model *make_model(void)
 {
     pr_model_config c = tiny_config();
-    pr_model *m = NULL;
-    pr_error err = { 0 };
-    int rc = pr_model_create(&c, &m, &err);
-    if (rc)
-        fprintf(stderr, "create: %s\n", err.msg);
-    assert_int_equal(rc, PR_OK);
-    rc = pr_model_reserve(m, TB, TT, &err);
-    if (rc)
-        fprintf(stderr, "reserve: %s\n", err.msg);
-    assert_int_equal(rc, PR_OK);
-    return m;
+    return th_model_new(&c, TB, TT);
 }
 
-typedef struct loss_ctx {
-    pr_model *m;
-    pr_batch batch;
-    int tokens[TB * TT], targets[TB * TT];
-} loss_ctx;
-
-static void loss_ctx_init(loss_ctx *lc, pr_model *m)
+static void loss_ctx_init(th_loss_ctx *lc, pr_model *m)
 {
-    memset(lc, 0, sizeof *lc);
-    lc->m = m;
+    th_loss_bind(lc, m, TB, TT);
     int V = pr_model_get_config(m)->vocab_size;
     for (int i = 0; i < TB * TT; i++) {
         lc->tokens[i] = (7 * i + 3) % V;
         lc->targets[i] = (11 * i + 5) % V;
     }
-    lc->batch.tokens = lc->tokens;
-    lc->batch.targets = lc->targets;
-    lc->batch.B = TB;
-    lc->batch.T = TT;
-}
-
-static double loss_fn(void *p)
-{
-    loss_ctx *lc = p;
-    pr_error err = { 0 };
-    float loss = 0.0f;
-    int rc = pr_model_forward(lc->m, &lc->batch, &loss, &err);
-    if (rc) {
-        fprintf(stderr, "forward: %s\n", err.msg);
-        return NAN;
-    }
-    /* the mean cross-entropy in double, from the logits */
-    const float *lg = pr_model_logits(lc->m);
-    int V = pr_model_get_config(lc->m)->vocab_size;
-    double sum = 0.0;
-    for (int i = 0; i < TB * TT; i++) {
-        const float *row = lg + (size_t)i * V;
-        double mx = row[0], z = 0.0;
-        for (int v = 1; v < V; v++)
-            mx = fmax(mx, row[v]);
-        for (int v = 0; v < V; v++)
-            z += exp(row[v] - mx);
-        sum += mx + log(z) - row[lc->targets[i]];
-    }
-    return sum / (TB * TT);
-}
-
-static void forward_backward(loss_ctx *lc)
-{
-    pr_error err = { 0 };
-    float loss = 0.0f;
-    pr_model_zero_grad(lc->m);
-    int rc = pr_model_forward(lc->m, &lc->batch, &loss, &err);
-    if (rc)
-        fprintf(stderr, "forward: %s\n", err.msg);
-    assert_int_equal(rc, PR_OK);
-    rc = pr_model_backward(lc->m, &err);
-    if (rc)
-        fprintf(stderr, "backward: %s\n", err.msg);
-    assert_int_equal(rc, PR_OK);
 }
 
 /* logits of one forward, copied */
 static float *logits_of(pr_model *m)
 {
-    loss_ctx lc;
+    th_loss_ctx lc;
     loss_ctx_init(&lc, m);
-    assert_false(isnan(loss_fn(&lc)));
-    size_t n = (size_t)TB * TT * pr_model_get_config(m)->vocab_size;
-    float *c = malloc(n * sizeof *c);
-    assert_non_null(c);
-    memcpy(c, pr_model_logits(m), n * sizeof *c);
-    return c;
-}
-
-static double max_diff(const float *a, const float *b, size_t n)
-{
-    double d = 0.0;
-    for (size_t i = 0; i < n; i++)
-        d = fmax(d, fabs((double)a[i] - b[i]));
-    return d;
+    return th_logits_copy(&lc);
 }
 
 static const pr_technique *tech(const char *name)
@@ -301,30 +230,9 @@ static void randomise(pr_model *m, const char *prefix, float scale)
  * returns how many were checked. */
 static int check_grads(pr_model *m, const char *prefix)
 {
-    loss_ctx lc;
+    th_loss_ctx lc;
     loss_ctx_init(&lc, m);
-    forward_backward(&lc);
-    size_t len = strlen(prefix);
-    int checked = 0;
-    for (int i = 0; i < pr_model_n_tensors(m); i++) {
-        const pr_tensor_info *t = pr_model_tensor(m, i);
-        if (strncmp(t->name, prefix, len) != 0 || !t->grad || !t->trainable)
-            continue;
-        float *g = malloc((size_t)t->numel * sizeof *g);
-        assert_non_null(g);
-        memcpy(g, t->grad, (size_t)t->numel * sizeof *g);
-        double gmax = 0.0;
-        for (int64_t j = 0; j < t->numel; j++)
-            gmax = fmax(gmax, fabs(g[j]));
-        if (!(gmax > 1e-7))
-            fprintf(stderr, "%s: gradient is zero everywhere\n", t->name);
-        assert_true(gmax > 1e-7);
-        int bad = gc_check(t->name, t->data, g, (size_t)t->numel, loss_fn, &lc, FD_EPS, FD_RTOL, FD_ATOL, FD_PROBES);
-        assert_int_equal(bad, 0);
-        free(g);
-        checked++;
-    }
-    return checked;
+    return th_check_grads(&lc, &prefix, 1, 1, &FD_CHECK);
 }
 
 static int count_suffix(const pr_model *m, const char *prefix, const char *suffix)
@@ -504,8 +412,8 @@ static void test_concatenations_append(void **state)
     memcpy(tc->data + ta->numel, tb->data, (size_t)tb->numel * sizeof(float));
     float *lab = logits_of(ab), *lba = logits_of(ba), *lone = logits_of(one);
     size_t n = (size_t)TB * TT * 64;
-    assert_true(max_diff(lab, lone, n) < 1e-6);
-    assert_true(max_diff(lab, lba, n) > 1e-4);
+    assert_true(th_max_abs_diff(lab, lone, n) < 1e-6);
+    assert_true(th_max_abs_diff(lab, lba, n) > 1e-4);
     free(lab), free(lba), free(lone);
     pr_model_free(ab);
     pr_model_free(ba);
@@ -622,7 +530,7 @@ static void test_gate_plan_identity_merge(void **state)
     attach(m, "ia3", &a);
     float *lb = logits_of(base), *lm = logits_of(m);
     size_t n = (size_t)TB * TT * 64;
-    assert_true(max_diff(lb, lm, n) == 0.0);
+    assert_true(th_max_abs_diff(lb, lm, n) == 0.0);
     free(lm);
     pr_model_free(m);
 
@@ -634,8 +542,8 @@ static void test_gate_plan_identity_merge(void **state)
     float *before = logits_of(m);
     assert_int_equal(pr_module_merge(mod, &err), PR_OK);
     float *after = logits_of(m);
-    assert_true(max_diff(before, after, n) < 1e-4);
-    assert_true(max_diff(before, lb, n) > 1e-3);
+    assert_true(th_max_abs_diff(before, after, n) < 1e-4);
+    assert_true(th_max_abs_diff(before, lb, n) > 1e-3);
     assert_int_equal(pr_module_unmerge(mod, &err), PR_OK);
     free(before), free(after), free(lb);
     pr_model_free(m);
@@ -793,7 +701,7 @@ static void test_fusion_gradients(void **state)
     assert_non_null(f2);
     assert_int_equal(pr_fusion_fill(f2, path, &err), PR_OK);
     float *l1 = logits_of(m), *l2 = logits_of(m2);
-    assert_true(max_diff(l1, l2, (size_t)TB * TT * 64) == 0.0);
+    assert_true(th_max_abs_diff(l1, l2, (size_t)TB * TT * 64) == 0.0);
     free(l1), free(l2);
     /* detaching the fusion takes its fused modules along */
     pr_module_detach(f2);
@@ -852,7 +760,7 @@ static void check_snapshot(const pr_pipeline *p, pr_model *m, const pr_train_res
     assert_int_equal(pr_model_reserve(m, TB, TT, &err), PR_OK);
     assert_int_equal(pr_model_reserve(ms, TB, TT, &err), PR_OK);
     float *l1 = logits_of(m), *l2 = logits_of(ms);
-    assert_true(max_diff(l1, l2, (size_t)TB * TT * 256) == 0.0);
+    assert_true(th_max_abs_diff(l1, l2, (size_t)TB * TT * 256) == 0.0);
     free(l1), free(l2);
     pr_model_free(ms);
     pr_tokenizer_free(ts);

@@ -598,6 +598,8 @@ static void randomise_module(pr_model *m, const char *prefix, float scale)
     }
 }
 
+/* Finite-difference check of every tensor of the module (prefix "name/").
+ * Returns the number of tensors checked. */
 static int check_module_grads(th_loss_ctx *lc, const char *prefix)
 {
     return th_check_grads(lc, &prefix, 1, 0, &FD_CHECK);

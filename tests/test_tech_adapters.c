@@ -678,6 +678,8 @@ static void test_init(void **state)
 
 /* ---- gradients --------------------------------------------------------------- */
 
+/* Central differences for every tensor whose name starts with one of the
+ * prefixes; returns the number checked. */
 static int check_grads(th_loss_ctx *lc, const char *const *prefixes, int n_prefixes)
 {
     return th_check_grads(lc, prefixes, n_prefixes, 0, &FD_CHECK);
