@@ -22,6 +22,7 @@
 #include "model_internal.h"
 #include "rng.h"
 #include "gradcheck.h"
+#include "harness.h"
 
 /* Central differences with eps = 3e-3 on float parameters.  The loss
  * probed is the mean cross-entropy recomputed in double from the logits of
@@ -62,93 +63,22 @@ static pr_model_config small_config(uint64_t seed)
 static pr_model *small_model(uint64_t seed)
 {
     pr_model_config c = small_config(seed);
-    pr_model *m = NULL;
-    pr_error err = { 0 };
-    int rc = pr_model_create(&c, &m, &err);
-    if (rc)
-        fprintf(stderr, "create: %s\n", err.msg);
-    assert_int_equal(rc, PR_OK);
-    rc = pr_model_reserve(m, TB, TT, &err);
-    assert_int_equal(rc, PR_OK);
-    return m;
+    return th_model_new(&c, TB, TT);
 }
 
-/* Deterministic token and target ids in [0, V). */
-static void fill_batch(int *tokens, int *targets, int n, int V, unsigned seed)
+static void loss_ctx_init(th_loss_ctx *lc, pr_model *m, unsigned seed)
 {
-    pr_rng r;
-    rng_seed(&r, seed);
-    for (int i = 0; i < n; i++) {
-        tokens[i] = (int)(rng_next(&r) % (uint64_t)V);
-        targets[i] = (int)(rng_next(&r) % (uint64_t)V);
-    }
-}
-
-typedef struct loss_ctx {
-    pr_model *m;
-    pr_batch batch;
-    int tokens[TB * TT], targets[TB * TT];
-} loss_ctx;
-
-static void loss_ctx_init(loss_ctx *lc, pr_model *m, unsigned seed)
-{
-    memset(lc, 0, sizeof *lc);
-    lc->m = m;
-    fill_batch(lc->tokens, lc->targets, TB * TT, pr_model_get_config(m)->vocab_size, seed);
-    lc->batch.tokens = lc->tokens;
-    lc->batch.targets = lc->targets;
-    lc->batch.B = TB;
-    lc->batch.T = TT;
-}
-
-/* mean CE over the scored rows of logits (n,V), in double */
-static double mean_ce(const float *logits, const int *targets, int n, int V)
-{
-    double sum = 0;
-    int scored = 0;
-    for (int i = 0; i < n; i++) {
-        if (targets[i] < 0) continue;
-        const float *row = logits + (size_t)i * V;
-        double mx = row[0], z = 0;
-        for (int v = 1; v < V; v++) mx = fmax(mx, row[v]);
-        for (int v = 0; v < V; v++) z += exp(row[v] - mx);
-        sum += mx + log(z) - row[targets[i]];
-        scored++;
-    }
-    return scored ? sum / scored : 0.0;
-}
-
-static double model_loss(void *ctx)
-{
-    loss_ctx *lc = ctx;
-    float loss = 0.0f;
-    pr_error err = { 0 };
-    int rc = pr_model_forward(lc->m, &lc->batch, &loss, &err);
-    if (rc) {
-        fprintf(stderr, "forward: %s\n", err.msg);
-        return NAN;
-    }
-    return mean_ce(pr_model_logits(lc->m), lc->batch.targets, lc->batch.B * lc->batch.T,
-                   pr_model_get_config(lc->m)->vocab_size);
+    th_loss_init_rng(lc, m, TB, TT, seed);
 }
 
 /* forward + backward from zeroed gradients */
-static void forward_backward(loss_ctx *lc)
+static void forward_backward(th_loss_ctx *lc)
 {
-    pr_error err = { 0 };
-    pr_model_zero_grad(lc->m);
-    float loss = 0.0f;
-    int rc = pr_model_forward(lc->m, &lc->batch, &loss, &err);
-    if (rc) fprintf(stderr, "forward: %s\n", err.msg);
-    assert_int_equal(rc, PR_OK);
-    assert_true(isfinite(loss));
-    rc = pr_model_backward(lc->m, &err);
-    if (rc) fprintf(stderr, "backward: %s\n", err.msg);
-    assert_int_equal(rc, PR_OK);
+    assert_true(isfinite(th_forward_backward(lc)));
 }
 
 /* FD-check every trainable base tensor; returns the failure count. */
-static int check_trainable_tensors(loss_ctx *lc)
+static int check_trainable_tensors(th_loss_ctx *lc)
 {
     int fails = 0, checked = 0;
     for (int i = 0; i < pr_model_n_tensors(lc->m); i++) {
@@ -160,7 +90,7 @@ static int check_trainable_tensors(loss_ctx *lc)
         float *g = malloc((size_t)t->numel * sizeof(float));
         assert_non_null(g);
         memcpy(g, t->grad, (size_t)t->numel * sizeof(float));
-        fails += gc_check(t->name, t->data, g, (size_t)t->numel, model_loss, lc,
+        fails += gc_check(t->name, t->data, g, (size_t)t->numel, th_loss, lc,
                           FD_EPS, FD_RTOL, FD_ATOL, FD_PROBES);
         free(g);
         checked++;
@@ -372,10 +302,10 @@ static void test_determinism(void **state)
     assert_int_equal(differ, 2 + 4 * 2);
 
     /* same model, same batch: bit-identical logits */
-    loss_ctx la, lb;
+    th_loss_ctx la, lb;
     loss_ctx_init(&la, a, 5);
     loss_ctx_init(&lb, b, 5);
-    double l1 = model_loss(&la), l2 = model_loss(&lb);
+    double l1 = th_loss(&la), l2 = th_loss(&lb);
     assert_true(l1 == l2);
     assert_memory_equal(pr_model_logits(a), pr_model_logits(b), (size_t)TB * TT * 64 * sizeof(float));
     pr_model_free(a);
@@ -389,7 +319,7 @@ static void test_loss_and_masking(void **state)
 {
     (void)state;
     pr_model *m = small_model(3);
-    loss_ctx lc;
+    th_loss_ctx lc;
     loss_ctx_init(&lc, m, 9);
     int V = 64, N = TB * TT;
 
@@ -404,7 +334,7 @@ static void test_loss_and_masking(void **state)
     assert_int_equal(pr_model_forward(m, &lc.batch, &loss, &err), PR_OK);
     assert_true(pr_model_scored_tokens(m) == N - 7);
     const float *logits = pr_model_logits(m);
-    assert_true(fabs(loss - mean_ce(logits, lc.targets, N, V)) < 1e-5);
+    assert_true(fabs(loss - th_mean_ce(logits, lc.targets, N, V)) < 1e-5);
 
     /* a new last token changes only unscored logits: the loss is identical */
     float *saved = malloc((size_t)N * V * sizeof(float));
@@ -444,7 +374,7 @@ static void test_grad_full(void **state)
     pr_model *m = small_model(21);
     pr_error err = { 0 };
     assert_int_equal(pr_model_set_trainable(m, "*", 1, &err), PR_OK);
-    loss_ctx lc;
+    th_loss_ctx lc;
     loss_ctx_init(&lc, m, 22);
     lc.targets[3] = -1; /* one unscored row inside the batch */
     forward_backward(&lc);
@@ -467,7 +397,7 @@ static void test_grad_frozen_and_bitfit(void **state)
     (void)state;
     pr_model *m = small_model(31);
     pr_error err = { 0 };
-    loss_ctx lc;
+    th_loss_ctx lc;
     loss_ctx_init(&lc, m, 32);
 
     /* nothing trainable: backward runs, no gradient anywhere */
@@ -513,7 +443,7 @@ static void test_grad_frozen_and_bitfit(void **state)
  * of the differences are those of the CE checks and the same tolerances
  * apply), and dLoss/dhidden = R / N. */
 typedef struct hidden_ctx {
-    loss_ctx lc;
+    th_loss_ctx lc;
     float R[TB * TT * 32];
 } hidden_ctx;
 
@@ -733,13 +663,13 @@ static void attach(pr_model *m, int site, int layer, pr_site_hook h)
     assert_int_equal(rc, PR_OK);
 }
 
-static int check_lowrank(loss_ctx *lc, lowrank *lr, const char *what)
+static int check_lowrank(th_loss_ctx *lc, lowrank *lr, const char *what)
 {
     char name[64];
     snprintf(name, sizeof name, "%s.A", what);
-    int f = gc_check(name, lr->A, lr->dA, (size_t)lr->d_in * lr->r, model_loss, lc, FD_EPS, FD_RTOL, FD_ATOL, FD_PROBES);
+    int f = gc_check(name, lr->A, lr->dA, (size_t)lr->d_in * lr->r, th_loss, lc, FD_EPS, FD_RTOL, FD_ATOL, FD_PROBES);
     snprintf(name, sizeof name, "%s.B", what);
-    f += gc_check(name, lr->B, lr->dB, (size_t)lr->r * lr->d_out, model_loss, lc, FD_EPS, FD_RTOL, FD_ATOL, FD_PROBES);
+    f += gc_check(name, lr->B, lr->dB, (size_t)lr->r * lr->d_out, th_loss, lc, FD_EPS, FD_RTOL, FD_ATOL, FD_PROBES);
     return f;
 }
 
@@ -784,18 +714,18 @@ static void test_grad_variants(void **state)
     rescale_init(&v1, 12, 1600);
     attach(m, PR_SITE_ATTN_V, 1, rescale_hook(&v1));
 
-    loss_ctx lc;
+    th_loss_ctx lc;
     loss_ctx_init(&lc, m, 36);
     forward_backward(&lc);
     int f = check_trainable_tensors(&lc) + check_lowrank(&lc, &k0, "k0") +
-            gc_check("v1.s", v1.s, v1.ds, 12, model_loss, &lc, FD_EPS, FD_RTOL, FD_ATOL, FD_PROBES);
+            gc_check("v1.s", v1.s, v1.ds, 12, th_loss, &lc, FD_EPS, FD_RTOL, FD_ATOL, FD_PROBES);
     /* untied: only rows of tokens in the batch have a wte gradient, so
      * probe one such row in full as well */
     t = pr_model_find_tensor(m, "wte.weight");
     size_t row = (size_t)lc.tokens[3] * 32;
     float g[32];
     memcpy(g, t->grad + row, sizeof g);
-    f += gc_check("wte[tokens[3]]", t->data + row, g, 32, model_loss, &lc, FD_EPS, FD_RTOL, FD_ATOL, 0);
+    f += gc_check("wte[tokens[3]]", t->data + row, g, 32, th_loss, &lc, FD_EPS, FD_RTOL, FD_ATOL, 0);
     assert_int_equal(f, 0);
     lowrank_free(&k0);
     rescale_free(&v1);
@@ -807,7 +737,7 @@ static void test_hook_parallel_projections(void **state)
 {
     (void)state;
     pr_model *m = small_model(41);
-    loss_ctx lc;
+    th_loss_ctx lc;
     loss_ctx_init(&lc, m, 42);
     int din, dout;
     assert_int_equal(pr_model_site_dims(m, PR_SITE_QKV, &din, &dout), 0);
@@ -855,7 +785,7 @@ static void test_hook_stream_sites(void **state)
     (void)state;
     pr_model *m = small_model(51);
     pr_error err = { 0 };
-    loss_ctx lc;
+    th_loss_ctx lc;
     loss_ctx_init(&lc, m, 52);
     rescale act0, aout1, k1, bout0, act1;
     lowrank act1_par;
@@ -876,11 +806,11 @@ static void test_hook_stream_sites(void **state)
     assert_int_equal(pr_model_set_trainable(m, "h.0.mlp.c_fc.weight", 1, &err), PR_OK);
     forward_backward(&lc);
     int f = 0;
-    f += gc_check("act0.s", act0.s, act0.ds, 128, model_loss, &lc, FD_EPS, FD_RTOL, FD_ATOL, FD_PROBES);
-    f += gc_check("aout1.s", aout1.s, aout1.ds, 32, model_loss, &lc, FD_EPS, FD_RTOL, FD_ATOL, FD_PROBES);
-    f += gc_check("k1.s", k1.s, k1.ds, 32, model_loss, &lc, FD_EPS, FD_RTOL, FD_ATOL, FD_PROBES);
-    f += gc_check("bout0.s", bout0.s, bout0.ds, 32, model_loss, &lc, FD_EPS, FD_RTOL, FD_ATOL, FD_PROBES);
-    f += gc_check("act1.s", act1.s, act1.ds, 128, model_loss, &lc, FD_EPS, FD_RTOL, FD_ATOL, FD_PROBES);
+    f += gc_check("act0.s", act0.s, act0.ds, 128, th_loss, &lc, FD_EPS, FD_RTOL, FD_ATOL, FD_PROBES);
+    f += gc_check("aout1.s", aout1.s, aout1.ds, 32, th_loss, &lc, FD_EPS, FD_RTOL, FD_ATOL, FD_PROBES);
+    f += gc_check("k1.s", k1.s, k1.ds, 32, th_loss, &lc, FD_EPS, FD_RTOL, FD_ATOL, FD_PROBES);
+    f += gc_check("bout0.s", bout0.s, bout0.ds, 32, th_loss, &lc, FD_EPS, FD_RTOL, FD_ATOL, FD_PROBES);
+    f += gc_check("act1.s", act1.s, act1.ds, 128, th_loss, &lc, FD_EPS, FD_RTOL, FD_ATOL, FD_PROBES);
     f += check_lowrank(&lc, &act1_par, "act1_par");
     f += check_trainable_tensors(&lc);
     assert_int_equal(f, 0);
@@ -901,7 +831,7 @@ static void test_hook_embed(void **state)
     (void)state;
     pr_model *m = small_model(61);
     pr_error err = { 0 };
-    loss_ctx lc;
+    th_loss_ctx lc;
     loss_ctx_init(&lc, m, 62);
     lowrank emb;
     lowrank_init(&emb, 32, 32, 3, 1100, 0.3f);
@@ -923,10 +853,10 @@ static void test_hook_zero_init_identity(void **state)
 {
     (void)state;
     pr_model *m = small_model(71);
-    loss_ctx lc;
+    th_loss_ctx lc;
     loss_ctx_init(&lc, m, 72);
     size_t n = (size_t)TB * TT * 64;
-    double l0 = model_loss(&lc);
+    double l0 = th_loss(&lc);
     float *ref = malloc(n * sizeof(float));
     memcpy(ref, pr_model_logits(m), n * sizeof(float));
 
@@ -937,14 +867,14 @@ static void test_hook_zero_init_identity(void **state)
     attach(m, PR_SITE_QKV, 0, lowrank_hook(&a));
     attach(m, PR_SITE_O, 1, lowrank_hook(&b));
     attach(m, PR_SITE_FFN_ACT, 0, lowrank_hook(&c)); /* stream site: own buffer */
-    double l1 = model_loss(&lc);
+    double l1 = th_loss(&lc);
     assert_true(l0 == l1);
     assert_memory_equal(ref, pr_model_logits(m), n * sizeof(float));
     assert_int_equal(a.calls_fwd, 1);
 
     /* detaching restores the plain model, also bit for bit */
     pr_model_detach_hooks(m);
-    assert_true(model_loss(&lc) == l0);
+    assert_true(th_loss(&lc) == l0);
     assert_int_equal(a.calls_fwd, 1);
     free(ref);
     lowrank_free(&a); lowrank_free(&b); lowrank_free(&c);
@@ -976,7 +906,7 @@ static void test_hook_order_and_errors(void **state)
     (void)state;
     pr_model *m = small_model(81);
     pr_error err = { 0 };
-    loss_ctx lc;
+    th_loss_ctx lc;
     loss_ctx_init(&lc, m, 82);
     pr_site_hook h1 = { .forward = order_fwd, .backward = order_bwd, .self = (void *)(intptr_t)1 };
     pr_site_hook h2 = { .forward = order_fwd, .backward = order_bwd, .self = (void *)(intptr_t)2 };
@@ -1073,16 +1003,16 @@ static void test_batch_rows_independent(void **state)
 {
     (void)state;
     pr_model *m = small_model(95);
-    loss_ctx lc;
+    th_loss_ctx lc;
     loss_ctx_init(&lc, m, 96);
-    model_loss(&lc);
+    th_loss(&lc);
     size_t row = (size_t)TT * 64;
     float *two = malloc(2 * row * sizeof(float));
     memcpy(two, pr_model_logits(m), 2 * row * sizeof(float));
     lc.batch.B = 1;
     lc.batch.tokens = lc.tokens + TT;
     lc.batch.targets = lc.targets + TT;
-    model_loss(&lc);
+    th_loss(&lc);
     const float *one = pr_model_logits(m);
     double md = 0;
     for (size_t i = 0; i < row; i++)

@@ -21,6 +21,7 @@
 #include "peftref/peftref.h"
 #include "rng.h"
 #include "gradcheck.h"
+#include "harness.h"
 
 #define FD_EPS 3e-3
 #define FD_RTOL 5e-2
@@ -67,82 +68,14 @@ static pr_model *small_model(uint64_t seed)
     return model_from(&c, TB, TT);
 }
 
-static void fill_batch(int *tokens, int *targets, int n, unsigned seed)
+static void loss_ctx_init(th_loss_ctx *lc, pr_model *m, unsigned seed)
 {
-    pr_rng r;
-    rng_seed(&r, seed);
-    for (int i = 0; i < n; i++) {
-        tokens[i] = (int)(rng_next(&r) % TV);
-        targets[i] = (int)(rng_next(&r) % TV);
-    }
+    th_loss_init_rng(lc, m, TB, TT, seed);
 }
 
-typedef struct loss_ctx {
-    pr_model *m;
-    pr_batch batch;
-    int tokens[TB * TT], targets[TB * TT];
-} loss_ctx;
-
-static void loss_ctx_init(loss_ctx *lc, pr_model *m, unsigned seed)
+static void forward_backward(th_loss_ctx *lc)
 {
-    memset(lc, 0, sizeof *lc);
-    lc->m = m;
-    fill_batch(lc->tokens, lc->targets, TB * TT, seed);
-    lc->batch.tokens = lc->tokens;
-    lc->batch.targets = lc->targets;
-    lc->batch.B = TB;
-    lc->batch.T = TT;
-}
-
-/* mean CE over the scored rows of logits (n,V), in double */
-static double mean_ce(const float *logits, const int *targets, int n)
-{
-    double sum = 0;
-    int scored = 0;
-    for (int i = 0; i < n; i++) {
-        if (targets[i] < 0) continue;
-        const float *row = logits + (size_t)i * TV;
-        double mx = row[0], z = 0;
-        for (int v = 1; v < TV; v++) mx = fmax(mx, row[v]);
-        for (int v = 0; v < TV; v++) z += exp(row[v] - mx);
-        sum += mx + log(z) - row[targets[i]];
-        scored++;
-    }
-    return scored ? sum / scored : 0.0;
-}
-
-static double model_loss(void *ctx)
-{
-    loss_ctx *lc = ctx;
-    pr_error err = { 0 };
-    float loss;
-    if (pr_model_forward(lc->m, &lc->batch, &loss, &err)) {
-        fprintf(stderr, "forward: %s\n", err.msg);
-        return NAN;
-    }
-    return mean_ce(pr_model_logits(lc->m), lc->batch.targets, lc->batch.B * lc->batch.T);
-}
-
-static void forward_backward(loss_ctx *lc)
-{
-    pr_error err = { 0 };
-    pr_model_zero_grad(lc->m);
-    float loss = 0.0f;
-    int rc = pr_model_forward(lc->m, &lc->batch, &loss, &err);
-    if (rc) fprintf(stderr, "forward: %s\n", err.msg);
-    assert_int_equal(rc, PR_OK);
-    assert_true(isfinite(loss));
-    rc = pr_model_backward(lc->m, &err);
-    if (rc) fprintf(stderr, "backward: %s\n", err.msg);
-    assert_int_equal(rc, PR_OK);
-}
-
-static double max_abs_diff(const float *a, const float *b, size_t n)
-{
-    double md = 0;
-    for (size_t i = 0; i < n; i++)
-        md = fmax(md, fabs((double)a[i] - (double)b[i]));
-    return md;
+    assert_true(isfinite(th_forward_backward(lc)));
 }
 
 /* ---- a concatenation provider: n free vectors of one width ---------------- */
@@ -314,7 +247,7 @@ static void test_prompt_matches_plain_prefix_tokens(void **state)
     attach_concat(m, PR_SITE_EMBED, -1, &p2);
     assert_int_equal(pr_model_virtual_positions(m), NV);
 
-    loss_ctx lc;
+    th_loss_ctx lc;
     loss_ctx_init(&lc, m, 102);
     lc.targets[4] = -1;
     int ptok[TB * TP], ptgt[TB * TP];
@@ -341,13 +274,13 @@ static void test_prompt_matches_plain_prefix_tokens(void **state)
     const float *hv = pr_model_hidden(m), *hp = pr_model_hidden(plain);
     double dl = 0, dh = 0;
     for (int b = 0; b < TB; b++) {
-        dl = fmax(dl, max_abs_diff(lg + (size_t)b * TT * TV, lpl + ((size_t)b * TP + NV) * TV, (size_t)TT * TV));
-        dh = fmax(dh, max_abs_diff(hv + (size_t)b * TT * TC, hp + ((size_t)b * TP + NV) * TC, (size_t)TT * TC));
+        dl = fmax(dl, th_max_abs_diff(lg + (size_t)b * TT * TV, lpl + ((size_t)b * TP + NV) * TV, (size_t)TT * TV));
+        dh = fmax(dh, th_max_abs_diff(hv + (size_t)b * TT * TC, hp + ((size_t)b * TP + NV) * TC, (size_t)TT * TC));
     }
     assert_true(dl < 1e-5);
     assert_true(dh < 1e-5);
     assert_true(fabsf(lp - lv) < 1e-5f);
-    assert_true(fabs(lv - mean_ce(lg, lc.targets, TB * TT)) < 1e-5);
+    assert_true(fabs(lv - th_mean_ce(lg, lc.targets, TB * TT, TV)) < 1e-5);
 
     /* a different virtual vector changes every real logit row's values */
     float *saved = malloc((size_t)TB * TT * TV * sizeof(float));
@@ -355,7 +288,7 @@ static void test_prompt_matches_plain_prefix_tokens(void **state)
     p2.v[7] += 0.5f;
     assert_int_equal(pr_model_forward(m, &lc.batch, &lv, &err), PR_OK);
     for (int r = 0; r < TB * TT; r++)
-        assert_true(max_abs_diff(saved + (size_t)r * TV, pr_model_logits(m) + (size_t)r * TV, TV) > 1e-6);
+        assert_true(th_max_abs_diff(saved + (size_t)r * TV, pr_model_logits(m) + (size_t)r * TV, TV) > 1e-6);
     free(saved);
 
     /* detaching returns to the plain model of T positions */
@@ -393,7 +326,7 @@ static void test_prompt_gradients(void **state)
     probe_init(&bo, (size_t)TB * 16 * TC);
     attach_hook(m, PR_SITE_BLOCK_OUT, 0, probe_hook(&bo));
 
-    loss_ctx lc;
+    th_loss_ctx lc;
     loss_ctx_init(&lc, m, 112);
     lc.targets[1] = -1;
     forward_backward(&lc);
@@ -405,14 +338,14 @@ static void test_prompt_gradients(void **state)
     assert_int_equal(bo.rows, TB * (TT + 4));
 
     int f = 0;
-    f += gc_check("p1.v", p1.v, p1.dv, 2 * TC, model_loss, &lc, FD_EPS, FD_RTOL, FD_ATOL, 16);
-    f += gc_check("p2.v", p2.v, p2.dv, 2 * TC, model_loss, &lc, FD_EPS, FD_RTOL, FD_ATOL, 16);
+    f += gc_check("p1.v", p1.v, p1.dv, 2 * TC, th_loss, &lc, FD_EPS, FD_RTOL, FD_ATOL, 16);
+    f += gc_check("p2.v", p2.v, p2.dv, 2 * TC, th_loss, &lc, FD_EPS, FD_RTOL, FD_ATOL, 16);
     /* wpe rows 0..3 (virtual) and 4..9 (real tokens), probed densely */
     const pr_tensor_info *wpe = pr_model_find_tensor(m, "wpe.weight");
     float *g = malloc(10 * TC * sizeof(float));
     memcpy(g, wpe->grad, 10 * TC * sizeof(float));
-    f += gc_check("wpe[0:4]", wpe->data, g, 4 * TC, model_loss, &lc, FD_EPS, FD_RTOL, FD_ATOL, 16);
-    f += gc_check("wpe[4:10]", wpe->data + 4 * TC, g + 4 * TC, 6 * TC, model_loss, &lc, FD_EPS, FD_RTOL,
+    f += gc_check("wpe[0:4]", wpe->data, g, 4 * TC, th_loss, &lc, FD_EPS, FD_RTOL, FD_ATOL, 16);
+    f += gc_check("wpe[4:10]", wpe->data + 4 * TC, g + 4 * TC, 6 * TC, th_loss, &lc, FD_EPS, FD_RTOL,
                   FD_ATOL, 16);
     free(g);
     /* rows past n+T are not used */
@@ -422,7 +355,7 @@ static void test_prompt_gradients(void **state)
     size_t row = (size_t)lc.tokens[3] * TC;
     float gw[TC];
     memcpy(gw, wte->grad + row, sizeof gw);
-    f += gc_check("wte[tokens[3]]", wte->data + row, gw, TC, model_loss, &lc, FD_EPS, FD_RTOL, FD_ATOL, 0);
+    f += gc_check("wte[tokens[3]]", wte->data + row, gw, TC, th_loss, &lc, FD_EPS, FD_RTOL, FD_ATOL, 0);
     assert_int_equal(f, 0);
 
     probe_free(&bo);
@@ -434,7 +367,7 @@ static void test_prompt_gradients(void **state)
 /* A task head reads the real hidden states; its gradient reaches the
  * virtual vectors through pr_model_backward_hidden. */
 typedef struct hidden_ctx {
-    loss_ctx lc;
+    th_loss_ctx lc;
     float w[TB * TT * TC];
 } hidden_ctx;
 
@@ -569,10 +502,10 @@ static void test_prefix_matches_prompt(void **state)
         attach_hook(a, PR_SITE_ATTN_K, l, hk);
         attach_hook(a, PR_SITE_ATTN_V, l, hv);
     }
-    loss_ctx la, lb;
+    th_loss_ctx la, lb;
     loss_ctx_init(&la, a, 142);
     loss_ctx_init(&lb, b, 142);
-    double loss_a = model_loss(&la);
+    double loss_a = th_loss(&la);
     assert_int_equal(capk[1].width, KV);
 
     vecs pk[2], pv[2];
@@ -585,11 +518,11 @@ static void test_prefix_matches_prompt(void **state)
         attach_concat(b, PR_SITE_ATTN_V, l, &pv[l]);
     }
     assert_int_equal(pr_model_virtual_positions(b), 0);
-    double loss_b = model_loss(&lb);
+    double loss_b = th_loss(&lb);
     assert_int_equal(pk[1].site, PR_SITE_ATTN_K);
     assert_int_equal(pk[1].layer, 1);
     assert_int_equal(pv[0].site, PR_SITE_ATTN_V);
-    double d = max_abs_diff(pr_model_logits(a), pr_model_logits(b), (size_t)TB * TT * TV);
+    double d = th_max_abs_diff(pr_model_logits(a), pr_model_logits(b), (size_t)TB * TT * TV);
     assert_true(d < 1e-5);
     assert_true(fabs(loss_a - loss_b) < 1e-5);
     for (int l = 0; l < L; l++) {
@@ -623,7 +556,7 @@ static void test_prefix_gradients(void **state)
     probe_init(&pk, (size_t)TB * TT * TC);
     attach_hook(m, PR_SITE_ATTN_K, 1, probe_hook(&pk));
     assert_int_equal(pr_model_set_trainable(m, "h.1.attn.c_attn.weight", 1, &err), PR_OK);
-    loss_ctx lc;
+    th_loss_ctx lc;
     loss_ctx_init(&lc, m, 152);
     forward_backward(&lc);
     /* prefixes are not rows of the sequence: the hook sees B*T rows */
@@ -635,13 +568,13 @@ static void test_prefix_gradients(void **state)
         gmax = fmax(gmax, fabs(k.dv[i]));
     assert_true(gmax > 1e-3);   /* well above FD_ATOL: the check below means something */
     int f = 0;
-    f += gc_check("prefix k", k.v, k.dv, 3 * TC, model_loss, &lc, FD_EPS, FD_RTOL, FD_ATOL, 16);
-    f += gc_check("prefix v1", v1.v, v1.dv, TC, model_loss, &lc, FD_EPS, FD_RTOL, FD_ATOL, 16);
-    f += gc_check("prefix v2", v2.v, v2.dv, 2 * TC, model_loss, &lc, FD_EPS, FD_RTOL, FD_ATOL, 16);
+    f += gc_check("prefix k", k.v, k.dv, 3 * TC, th_loss, &lc, FD_EPS, FD_RTOL, FD_ATOL, 16);
+    f += gc_check("prefix v1", v1.v, v1.dv, TC, th_loss, &lc, FD_EPS, FD_RTOL, FD_ATOL, 16);
+    f += gc_check("prefix v2", v2.v, v2.dv, 2 * TC, th_loss, &lc, FD_EPS, FD_RTOL, FD_ATOL, 16);
     const pr_tensor_info *w = pr_model_find_tensor(m, "h.1.attn.c_attn.weight");
     float *g = malloc((size_t)w->numel * sizeof(float));
     memcpy(g, w->grad, (size_t)w->numel * sizeof(float));
-    f += gc_check(w->name, w->data, g, (size_t)w->numel, model_loss, &lc, FD_EPS, FD_RTOL, FD_ATOL, 12);
+    f += gc_check(w->name, w->data, g, (size_t)w->numel, th_loss, &lc, FD_EPS, FD_RTOL, FD_ATOL, 12);
     free(g);
     assert_int_equal(f, 0);
     probe_free(&pk);
@@ -660,7 +593,7 @@ static void test_prefix_mismatch(void **state)
     vecs_init(&k, 2, TC, 31);
     vecs_init(&v, 1, TC, 32);
     attach_concat(m, PR_SITE_ATTN_K, 1, &k);
-    loss_ctx lc;
+    th_loss_ctx lc;
     loss_ctx_init(&lc, m, 162);
     float loss;
     /* keys without values */
@@ -717,7 +650,7 @@ static void test_reserve_hook(void **state)
     assert_true(b.res_B == 3 && b.res_T == TT + 2);
     /* never inside a step */
     int calls = a.res_calls;
-    loss_ctx lc;
+    th_loss_ctx lc;
     loss_ctx_init(&lc, m, 172);
     forward_backward(&lc);
     assert_int_equal(a.res_calls, calls);
@@ -745,7 +678,7 @@ static void test_training_flag(void **state)
     probe p;
     probe_init(&p, (size_t)TB * TT * 4 * TC);
     attach_hook(m, PR_SITE_FFN_ACT, 1, probe_hook(&p));
-    loss_ctx lc;
+    th_loss_ctx lc;
     loss_ctx_init(&lc, m, 182);
     pr_error err = { 0 };
     float loss;
@@ -867,7 +800,7 @@ static void test_add_tensor(void **state)
 
     /* the model still trains normally */
     assert_int_equal(pr_model_set_trainable(m, "h.0.ln_1.bias", 1, &err), PR_OK);
-    loss_ctx lc;
+    th_loss_ctx lc;
     loss_ctx_init(&lc, m, 192);
     forward_backward(&lc);
     pr_model_free(m);   /* frees the added entries, not their memory */
@@ -909,9 +842,9 @@ static void test_site_weight(void **state)
         probe_init(&pr[i], (size_t)TB * TT * 128);
         attach_hook(m, sites[i], 1, probe_hook(&pr[i]));
     }
-    loss_ctx lc;
+    th_loss_ctx lc;
     loss_ctx_init(&lc, m, 202);
-    model_loss(&lc);
+    th_loss(&lc);
     const float *cattn = pr_model_find_tensor(m, "h.1.attn.c_attn.weight")->data;
     const float *cattn_b = pr_model_find_tensor(m, "h.1.attn.c_attn.bias")->data;
     const int off[] = { 0, 0, 32, 64 };
