@@ -174,3 +174,58 @@ int th_check_grads(th_loss_ctx *lc, const char *const *prefixes, int n_prefixes,
     }
     return checked;
 }
+
+char th_last_error[512];
+
+int th_host_error(const pr_ctx *ctx, const char *fmt, ...)
+{
+    (void)ctx;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(th_last_error, sizeof th_last_error, fmt, ap);
+    va_end(ap);
+    return 1;
+}
+
+/* splitmix64 (Steele, Lea & Flood 2014) */
+static uint64_t th_rng_next(uint64_t *s)
+{
+    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+/* 24 random bits -> [0, 1) */
+static float th_rng_uniform(uint64_t *s)
+{
+    return (float)(th_rng_next(s) >> 40) / 16777216.0f;
+}
+
+void th_gemm(int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda, const float *B, int ldb,
+             float beta, float *C, int ldc)
+{
+    for (int i = 0; i < M; i++)
+        for (int j = 0; j < N; j++) {
+            double acc = 0.0;
+            for (int k = 0; k < K; k++) {
+                double a = ta ? A[(size_t)k * lda + i] : A[(size_t)i * lda + k];
+                double b = tb ? B[(size_t)j * ldb + k] : B[(size_t)k * ldb + j];
+                acc += a * b;
+            }
+            float *c = &C[(size_t)i * ldc + j];
+            *c = (float)(alpha * acc + (beta == 0.0f ? 0.0 : (double)beta * *c));
+        }
+}
+
+const pr_host th_host = {
+    .struct_size = sizeof(pr_host),
+    .abi_major = PR_ABI_MAJOR,
+    .abi_minor = PR_ABI_MINOR,
+    .alloc = malloc,
+    .free = free,
+    .error = th_host_error,
+    .rng_next = th_rng_next,
+    .rng_uniform = th_rng_uniform,
+    .gemm = th_gemm,
+};

@@ -7,7 +7,8 @@
  *    cross-entropy recomputed in double from the logits (the function the
  *    finite-difference checks of gradcheck.h differentiate);
  *  - th_check_tensor_fd / th_check_grads: finite differences of th_loss for
- *    one tensor, or for every tensor whose name starts with a prefix.
+ *    one tensor, or for every tensor whose name starts with a prefix;
+ *  - th_host: a host table for driving a technique's callbacks directly.
  * Every helper asserts with cmocka and prints the library's message first. */
 #ifndef PEFTREF_TESTS_HARNESS_H
 #define PEFTREF_TESTS_HARNESS_H
@@ -76,5 +77,20 @@ void th_check_tensor_fd(th_loss_ctx *lc, const pr_tensor_info *t, const th_fd *f
  * how many tensors were checked. */
 int th_check_grads(th_loss_ctx *lc, const char *const *prefixes, int n_prefixes, int trainable_only,
                    const th_fd *fd);
+
+/* ---- a host table for calling plugin callbacks without a model ---- */
+
+/* The last message th_host_error formatted (clear it before a call that must fail). */
+extern char th_last_error[512];
+
+/* pr_host.error: formats into th_last_error; returns 1. */
+int th_host_error(const pr_ctx *ctx, const char *fmt, ...);
+
+/* pr_host.gemm: C = alpha op(A) op(B) + beta C, row-major, accumulated in double. */
+void th_gemm(int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda, const float *B, int ldb,
+             float beta, float *C, int ldc);
+
+/* malloc/free, th_host_error, splitmix64 rng_next/rng_uniform and th_gemm. */
+extern const pr_host th_host;
 
 #endif

@@ -3,8 +3,8 @@
  *
  *  - the descriptor: identity, typology, options with their defaults,
  *    sites, parameter declarations, and that only the entry is exported;
- *  - the callbacks driven directly through a small host table of this file
- *    (a reference GEMM in double): forward equals x.A^T.B^T, backward
+ *  - the callbacks driven directly through the tests' host table
+ *    (harness.h, a reference GEMM in double): forward equals x.A^T.B^T, backward
  *    matches central differences of L = sum(w * h) for lora_A, lora_B and
  *    x, with and without dropout, merge's delta reproduces s*h, and the
  *    scale is alpha/r or alpha/sqrt(r);
@@ -33,6 +33,7 @@
 #include "peftref/module.h"
 #include "peftref/plugin.h"
 #include "gradcheck.h"
+#include "harness.h"
 
 #define LORA_SO TEST_BUILDDIR "/plugins/.libs/lora.so"
 
@@ -42,21 +43,8 @@ static const pr_technique *lora;
 static int setup_plugin(void **state)
 {
     (void)state;
-    so_handle = dlopen(LORA_SO, RTLD_NOW | RTLD_LOCAL);
-    if (!so_handle) {
-        fprintf(stderr, "dlopen %s: %s\n", LORA_SO, dlerror());
-        return -1;
-    }
-    pr_plugin_entry_fn entry;
-    void *sym = dlsym(so_handle, PR_PLUGIN_ENTRY_NAME);
-    memcpy(&entry, &sym, sizeof entry);
-    if (!entry)
-        return -1;
-    const pr_plugin *p = entry();
-    if (!p || p->n_techniques != 1)
-        return -1;
-    lora = p->techniques[0];
-    return 0;
+    lora = th_plugin_technique(LORA_SO, &so_handle);
+    return lora ? 0 : -1;
 }
 
 static int teardown_plugin(void **state)
@@ -146,61 +134,7 @@ static void test_descriptor(void **state)
     assert_null(dlsym(so_handle, "lora_technique"));
 }
 
-/* ---- a host table for driving the callbacks directly --------------------- */
-
-static char last_error[512];
-
-static int t_error(const pr_ctx *ctx, const char *fmt, ...)
-{
-    (void)ctx;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(last_error, sizeof last_error, fmt, ap);
-    va_end(ap);
-    return 1;
-}
-
-static uint64_t t_rng_next(uint64_t *s)
-{
-    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-static float t_rng_uniform(uint64_t *s)
-{
-    return (float)(t_rng_next(s) >> 40) / 16777216.0f;
-}
-
-/* Reference row-major GEMM, accumulated in double. */
-static void t_gemm(int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda,
-                   const float *B, int ldb, float beta, float *C, int ldc)
-{
-    for (int i = 0; i < M; i++)
-        for (int j = 0; j < N; j++) {
-            double acc = 0.0;
-            for (int k = 0; k < K; k++) {
-                double a = ta ? A[(size_t)k * lda + i] : A[(size_t)i * lda + k];
-                double b = tb ? B[(size_t)j * ldb + k] : B[(size_t)k * ldb + j];
-                acc += a * b;
-            }
-            float *c = &C[(size_t)i * ldc + j];
-            *c = (float)(alpha * acc + (beta == 0.0f ? 0.0 : (double)beta * *c));
-        }
-}
-
-static const pr_host test_host = {
-    .struct_size = sizeof(pr_host),
-    .abi_major = PR_ABI_MAJOR,
-    .abi_minor = PR_ABI_MINOR,
-    .alloc = malloc,
-    .free = free,
-    .error = t_error,
-    .rng_next = t_rng_next,
-    .rng_uniform = t_rng_uniform,
-    .gemm = t_gemm,
-};
+/* ---- the callbacks driven directly through th_host (harness.h) --------- */
 
 /* One insertion with its own memory: rows x d_in -> rows x d_out at rank r.
  * x and h sit in wider rows (stride) as q/k/v slices of a fused model do. */
@@ -255,7 +189,7 @@ static fixture *fixture_new(double alpha, double dropout, int rslora, int traini
                          .vocab = 8, .d_in = D_IN, .d_out = D_OUT, .family = 1 };
     pr_ctx *c = &f->ctx;
     c->struct_size = sizeof(pr_ctx);
-    c->host = &test_host;
+    c->host = &th_host;
     c->technique = lora;
     c->dims = &f->dims;
     c->site = PR_SITE_Q;
@@ -285,7 +219,7 @@ static double loss_of(void *arg)
     fixture *f = arg;
     pr_ctx c = f->ctx;
     if (lora->forward(&c) != 0)
-        fail_msg("forward: %s", last_error);
+        fail_msg("forward: %s", th_last_error);
     double l = 0.0;
     for (int i = 0; i < ROWS; i++)
         for (int j = 0; j < D_OUT; j++)
@@ -410,7 +344,7 @@ static void test_scale(void **state)
 {
     (void)state;
     pr_option_value o[4] = { { .num = 4 }, { .num = 8 }, { .num = 0 }, { .num = 0 } };
-    pr_ctx c = { .struct_size = sizeof(pr_ctx), .host = &test_host, .options = o, .n_options = 4 };
+    pr_ctx c = { .struct_size = sizeof(pr_ctx), .host = &th_host, .options = o, .n_options = 4 };
     assert_float_equal(lora->scale(&c), 2.0f, 1e-7);
     o[3].num = 1;
     assert_float_equal(lora->scale(&c), 4.0f, 1e-7);
@@ -425,13 +359,13 @@ static void test_errors(void **state)
     fixture *f = fixture_new(8, 0, 0, 0);
     pr_ctx c = f->ctx;
     c.in = t2(f->x, ROWS, D_IN - 1, LDX);
-    last_error[0] = 0;
+    th_last_error[0] = 0;
     assert_int_not_equal(lora->forward(&c), 0);
-    assert_non_null(strstr(last_error, "width"));
+    assert_non_null(strstr(th_last_error, "width"));
     c = f->ctx;
     c.n_saved = 1;
     assert_int_not_equal(lora->forward(&c), 0);
-    assert_non_null(strstr(last_error, "saved"));
+    assert_non_null(strstr(th_last_error, "saved"));
     free(f);
 }
 

@@ -27,8 +27,8 @@
  *    from the same ctx->seed and another from another seed.
  *
  * DoRA (Liu et al. 2024, arXiv 2402.09353):
- *  - callbacks driven through this file's host table (a reference GEMM in
- *    double): setup() sets m to W's column norms; with B = 0 the site
+ *  - callbacks driven through the tests' host table (harness.h, a
+ *    reference GEMM in double): setup() sets m to W's column norms; with B = 0 the site
  *    output is unchanged bit for bit; integrate_forward equals
  *    x.W' + b, W' = m * V / ||V||_c, V = W + s * A^T.B^T, computed here in
  *    double (1e-5 relative); forward()'s h is the same change; central
@@ -61,6 +61,7 @@
 #include "peftref/plugin.h"
 #include "check.h"
 #include "gradcheck.h"
+#include "harness.h"
 
 #define LORA_SO TEST_BUILDDIR "/plugins/.libs/lora.so"
 #define DORA_SO TEST_BUILDDIR "/plugins/.libs/dora.so"
@@ -68,27 +69,11 @@
 static void *lora_so, *dora_so;
 static const pr_technique *lora, *dora;
 
-static const pr_technique *load_technique(const char *path, void **handle)
-{
-    *handle = dlopen(path, RTLD_NOW | RTLD_LOCAL);
-    if (!*handle) {
-        fprintf(stderr, "dlopen %s: %s\n", path, dlerror());
-        return NULL;
-    }
-    pr_plugin_entry_fn entry;
-    void *sym = dlsym(*handle, PR_PLUGIN_ENTRY_NAME);
-    memcpy(&entry, &sym, sizeof entry);
-    if (!entry)
-        return NULL;
-    const pr_plugin *p = entry();
-    return p && p->n_techniques == 1 ? p->techniques[0] : NULL;
-}
-
 static int setup_plugins(void **state)
 {
     (void)state;
-    lora = load_technique(LORA_SO, &lora_so);
-    dora = load_technique(DORA_SO, &dora_so);
+    lora = th_plugin_technique(LORA_SO, &lora_so);
+    dora = th_plugin_technique(DORA_SO, &dora_so);
     return lora && dora ? 0 : -1;
 }
 
@@ -102,61 +87,7 @@ static int teardown_plugins(void **state)
     return 0;
 }
 
-/* ---- a host table for driving the callbacks directly ------------------------- */
-
-static char last_error[512];
-
-static int t_error(const pr_ctx *ctx, const char *fmt, ...)
-{
-    (void)ctx;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(last_error, sizeof last_error, fmt, ap);
-    va_end(ap);
-    return 1;
-}
-
-static uint64_t t_rng_next(uint64_t *s)
-{
-    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-static float t_rng_uniform(uint64_t *s)
-{
-    return (float)(t_rng_next(s) >> 40) / 16777216.0f;
-}
-
-/* Reference row-major GEMM, accumulated in double. */
-static void t_gemm(int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda,
-                   const float *B, int ldb, float beta, float *C, int ldc)
-{
-    for (int i = 0; i < M; i++)
-        for (int j = 0; j < N; j++) {
-            double acc = 0.0;
-            for (int k = 0; k < K; k++) {
-                double a = ta ? A[(size_t)k * lda + i] : A[(size_t)i * lda + k];
-                double b = tb ? B[(size_t)j * ldb + k] : B[(size_t)k * ldb + j];
-                acc += a * b;
-            }
-            float *c = &C[(size_t)i * ldc + j];
-            *c = (float)(alpha * acc + (beta == 0.0f ? 0.0 : (double)beta * *c));
-        }
-}
-
-static const pr_host test_host = {
-    .struct_size = sizeof(pr_host),
-    .abi_major = PR_ABI_MAJOR,
-    .abi_minor = PR_ABI_MINOR,
-    .alloc = malloc,
-    .free = free,
-    .error = t_error,
-    .rng_next = t_rng_next,
-    .rng_uniform = t_rng_uniform,
-    .gemm = t_gemm,
-};
+/* ---- tensor views and option lookup for driving the callbacks directly ------- */
 
 static pr_tensor t2(float *data, int64_t r, int64_t c, int64_t ld)
 {
@@ -651,7 +582,7 @@ static drop_fixture *drop_fixture_new(double p)
                          .vocab = 8, .d_in = DR_IN, .d_out = DR_OUT, .family = 1 };
     pr_ctx *c = &f->ctx;
     c->struct_size = sizeof(pr_ctx);
-    c->host = &test_host;
+    c->host = &th_host;
     c->technique = lora;
     c->dims = &f->dims;
     c->site = PR_SITE_Q;
@@ -836,7 +767,7 @@ static dfix *dfix_new(double dropout, int training, int detach)
                          .vocab = 8, .d_in = D_IN, .d_out = D_OUT, .family = 1 };
     pr_ctx *c = &f->ctx;
     c->struct_size = sizeof(pr_ctx);
-    c->host = &test_host;
+    c->host = &th_host;
     c->technique = dora;
     c->dims = &f->dims;
     c->site = PR_SITE_Q;
@@ -906,7 +837,7 @@ static double dora_loss(void *arg)
         rc = dora->forward(&c);
     }
     if (rc)
-        fail_msg("dora forward: %s", last_error);
+        fail_msg("dora forward: %s", th_last_error);
     double l = 0.0;
     for (int i = 0; i < D_ROWS; i++)
         for (int j = 0; j < D_OUT; j++)
@@ -930,7 +861,7 @@ static void dora_grads(dfix *f)
     c.d_in = t2(f->dx, D_ROWS, D_IN, LDX);
     int rc = f->integrate ? dora->integrate_backward(&c) : dora->backward(&c);
     if (rc)
-        fail_msg("dora backward: %s", last_error);
+        fail_msg("dora backward: %s", th_last_error);
     if (f->integrate)
         for (int i = 0; i < D_ROWS; i++)
             for (int k = 0; k < D_IN; k++) {
@@ -1036,13 +967,13 @@ static void test_dora_reference(void **state)
     c = f->ctx;
     c.base_weight = NULL;
     c.out = t2(f->y, D_ROWS, D_OUT, LDY);
-    last_error[0] = 0;
+    th_last_error[0] = 0;
     assert_int_not_equal(dora->integrate_forward(&c), 0);
-    assert_non_null(strstr(last_error, "frozen weight"));
+    assert_non_null(strstr(th_last_error, "frozen weight"));
     c = f->ctx;
     c.out = t2(f->y, D_ROWS, D_OUT - 1, LDY);
     assert_int_not_equal(dora->integrate_forward(&c), 0);
-    assert_non_null(strstr(last_error, "width"));
+    assert_non_null(strstr(th_last_error, "width"));
     free(f);
 }
 
