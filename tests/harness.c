@@ -104,6 +104,15 @@ double th_loss(void *p)
                       pr_model_get_config(lc->m)->vocab_size);
 }
 
+double th_forward_ce(pr_model *m, const int *tokens, const int *targets, int B, int T)
+{
+    pr_batch b = { .tokens = tokens, .targets = targets, .B = B, .T = T };
+    pr_error err = { 0 };
+    if (pr_model_forward(m, &b, NULL, &err) != PR_OK)
+        fail_msg("forward: %s", err.msg);
+    return th_mean_ce(pr_model_logits(m), targets, B * T, pr_model_get_config(m)->vocab_size);
+}
+
 float th_forward_backward(th_loss_ctx *lc)
 {
     pr_error err = { 0 };

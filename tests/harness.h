@@ -51,6 +51,10 @@ double th_mean_ce(const float *logits, const int *targets, int n, int V);
 /* gc_loss_fn on a th_loss_ctx: forward, then th_mean_ce of the logits; NaN if forward fails. */
 double th_loss(void *lc);
 
+/* Forward of a B x T batch of tokens and targets on m (a failed forward fails the test), then
+ * th_mean_ce of the logits: the strict counterpart of th_loss for tests that keep their own batch. */
+double th_forward_ce(pr_model *m, const int *tokens, const int *targets, int B, int T);
+
 /* Zero the gradients, forward and backward (both asserted); returns the forward's loss. */
 float th_forward_backward(th_loss_ctx *lc);
 

@@ -390,23 +390,7 @@ typedef struct model_fixture {
 static double model_loss(void *arg)
 {
     model_fixture *f = arg;
-    pr_batch b = { .tokens = f->tokens, .targets = f->targets, .B = MB, .T = MT };
-    pr_error err = { 0 };
-    float loss = 0.0f;
-    if (pr_model_forward(f->m, &b, &loss, &err) != PR_OK)
-        fail_msg("forward: %s", err.msg);
-    const float *logits = pr_model_logits(f->m);
-    double total = 0.0;
-    for (int i = 0; i < MB * MT; i++) {
-        const float *z = logits + (size_t)i * MV;
-        double mx = z[0], se = 0.0;
-        for (int v = 1; v < MV; v++)
-            mx = fmax(mx, z[v]);
-        for (int v = 0; v < MV; v++)
-            se += exp((double)z[v] - mx);
-        total += mx + log(se) - z[f->targets[i]];
-    }
-    return total / (MB * MT);
+    return th_forward_ce(f->m, f->tokens, f->targets, MB, MT);
 }
 
 static model_fixture *model_fixture_new(void)

@@ -42,6 +42,7 @@
 #include "peftref/plugin.h"
 #include "check.h"
 #include "gradcheck.h"
+#include "harness.h"
 #include "host.h"
 
 #define COMPACTER_SO TEST_BUILDDIR "/plugins/.libs/compacter.so"
@@ -55,24 +56,11 @@
 static void *so_compacter, *so_tiny;
 static const pr_technique *compacter, *compacter_pp, *tiny;
 
-static const pr_plugin *load(const char *path, void **handle)
-{
-    *handle = dlopen(path, RTLD_NOW | RTLD_LOCAL);
-    if (!*handle) {
-        fprintf(stderr, "dlopen %s: %s\n", path, dlerror());
-        return NULL;
-    }
-    pr_plugin_entry_fn entry;
-    void *sym = dlsym(*handle, PR_PLUGIN_ENTRY_NAME);
-    memcpy(&entry, &sym, sizeof entry);
-    return entry ? entry() : NULL;
-}
-
 static int setup_plugins(void **state)
 {
     (void)state;
-    const pr_plugin *pc = load(COMPACTER_SO, &so_compacter);
-    const pr_plugin *pt = load(TINY_SO, &so_tiny);
+    const pr_plugin *pc = th_plugin_open(COMPACTER_SO, &so_compacter);
+    const pr_plugin *pt = th_plugin_open(TINY_SO, &so_tiny);
     if (!pc || pc->n_techniques != 2 || !pt || pt->n_techniques != 1)
         return -1;
     compacter = pc->techniques[0];
@@ -478,23 +466,7 @@ typedef struct fixture {
 static double model_loss(void *arg)
 {
     fixture *f = arg;
-    pr_batch b = { .tokens = f->tokens, .targets = f->targets, .B = MB, .T = MT };
-    pr_error err = { 0 };
-    if (pr_model_forward(f->m, &b, NULL, &err) != PR_OK)
-        fail_msg("forward: %s", err.msg);
-    const int V = pr_model_get_config(f->m)->vocab_size;
-    const float *logits = pr_model_logits(f->m);
-    double total = 0.0;
-    for (int i = 0; i < MB * MT; i++) {
-        const float *z = logits + (size_t)i * V;
-        double mx = z[0], se = 0.0;
-        for (int v = 1; v < V; v++)
-            mx = fmax(mx, z[v]);
-        for (int v = 0; v < V; v++)
-            se += exp((double)z[v] - mx);
-        total += mx + log(se) - z[f->targets[i]];
-    }
-    return total / (MB * MT);
+    return th_forward_ce(f->m, f->tokens, f->targets, MB, MT);
 }
 
 static fixture *fixture_new(int which)

@@ -173,23 +173,7 @@ static void run_free(run *r)
 static double model_loss(void *arg)
 {
     run *r = arg;
-    pr_batch b = { .tokens = r->tokens, .targets = r->targets, .B = MB, .T = MT };
-    pr_error err = { 0 };
-    float loss = 0.0f;
-    if (pr_model_forward(r->m, &b, &loss, &err) != PR_OK)
-        fail_msg("forward: %s", err.msg);
-    const float *logits = pr_model_logits(r->m);
-    double total = 0.0;
-    for (int i = 0; i < MB * MT; i++) {
-        const float *z = logits + (size_t)i * MV;
-        double mx = z[0], se = 0.0;
-        for (int v = 1; v < MV; v++)
-            mx = fmax(mx, z[v]);
-        for (int v = 0; v < MV; v++)
-            se += exp((double)z[v] - mx);
-        total += mx + log(se) - z[r->targets[i]];
-    }
-    return total / (MB * MT);
+    return th_forward_ce(r->m, r->tokens, r->targets, MB, MT);
 }
 
 static float *logits_now(run *r)

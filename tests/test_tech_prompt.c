@@ -42,6 +42,7 @@
 #include "peftref/plugin.h"
 #include "check.h"
 #include "gradcheck.h"
+#include "harness.h"
 
 #define PROMPT_SO TEST_BUILDDIR "/plugins/.libs/prompt_tuning.so"
 #define PREFIX_SO TEST_BUILDDIR "/plugins/.libs/prefix_tuning.so"
@@ -54,14 +55,8 @@
 static void *prompt_so, *prefix_so;
 static const pr_technique *prompt, *prefix, *prefix_mlp;
 
-static const pr_technique *technique_of(void *so, const char *name)
+static const pr_technique *technique_of(const pr_plugin *p, const char *name)
 {
-    pr_plugin_entry_fn entry;
-    void *sym = dlsym(so, PR_PLUGIN_ENTRY_NAME);
-    memcpy(&entry, &sym, sizeof entry);
-    if (!entry)
-        return NULL;
-    const pr_plugin *p = entry();
     for (uint32_t i = 0; p && i < p->n_techniques; i++)
         if (strcmp(p->techniques[i]->name, name) == 0)
             return p->techniques[i];
@@ -71,15 +66,13 @@ static const pr_technique *technique_of(void *so, const char *name)
 static int setup_plugins(void **state)
 {
     (void)state;
-    prompt_so = dlopen(PROMPT_SO, RTLD_NOW | RTLD_LOCAL);
-    prefix_so = dlopen(PREFIX_SO, RTLD_NOW | RTLD_LOCAL);
-    if (!prompt_so || !prefix_so) {
-        fprintf(stderr, "dlopen: %s\n", dlerror());
+    const pr_plugin *pp = th_plugin_open(PROMPT_SO, &prompt_so);
+    const pr_plugin *px = th_plugin_open(PREFIX_SO, &prefix_so);
+    if (!prompt_so || !prefix_so)
         return -1;
-    }
-    prompt = technique_of(prompt_so, "prompt_tuning");
-    prefix = technique_of(prefix_so, "prefix_tuning");
-    prefix_mlp = technique_of(prefix_so, "prefix_tuning_mlp");
+    prompt = technique_of(pp, "prompt_tuning");
+    prefix = technique_of(px, "prefix_tuning");
+    prefix_mlp = technique_of(px, "prefix_tuning_mlp");
     return prompt && prefix && prefix_mlp ? 0 : -1;
 }
 
@@ -164,23 +157,7 @@ static pr_module *attach(fixture *f, const pr_technique *t, const char *name, co
 static double model_loss(void *arg)
 {
     fixture *f = arg;
-    pr_batch b = { .tokens = f->tokens, .targets = f->targets, .B = MB, .T = MT };
-    pr_error err = { 0 };
-    float loss = 0.0f;
-    if (pr_model_forward(f->m, &b, &loss, &err) != PR_OK)
-        fail_msg("forward: %s", err.msg);
-    const float *logits = pr_model_logits(f->m);
-    double total = 0.0;
-    for (int i = 0; i < MB * MT; i++) {
-        const float *z = logits + (size_t)i * MV;
-        double mx = z[0], se = 0.0;
-        for (int v = 1; v < MV; v++)
-            mx = fmax(mx, z[v]);
-        for (int v = 0; v < MV; v++)
-            se += exp((double)z[v] - mx);
-        total += mx + log(se) - z[f->targets[i]];
-    }
-    return total / (MB * MT);
+    return th_forward_ce(f->m, f->tokens, f->targets, MB, MT);
 }
 
 /* The logits of one forward, copied. */
@@ -199,14 +176,6 @@ static double max_abs(const float *a, size_t n)
     double m = 0.0;
     for (size_t i = 0; i < n; i++)
         m = fmax(m, fabs((double)a[i]));
-    return m;
-}
-
-static double max_diff(const float *a, const float *b, size_t n)
-{
-    double m = 0.0;
-    for (size_t i = 0; i < n; i++)
-        m = fmax(m, fabs((double)a[i] - b[i]));
     return m;
 }
 
@@ -523,7 +492,7 @@ static void test_prompt_effect(void **state)
     assert_int_equal(pr_model_virtual_positions(f->m), 4);
     float *with = logits_of(f);
     assert_true(all_finite(with, n));
-    double moved = max_diff(with, base, n);
+    double moved = th_max_abs_diff(with, base, n);
     printf("prompt: max |logits - base logits| = %.3e\n", moved);
     assert_true(moved > 1e-3);
 
@@ -534,7 +503,7 @@ static void test_prompt_effect(void **state)
     p->data[3] += 0.5f;
     float *other = logits_of(f);
     assert_true(all_finite(other, n));
-    double changed = max_diff(other, with, n);
+    double changed = th_max_abs_diff(other, with, n);
     printf("prompt: one element +0.5 moves the logits by %.3e\n", changed);
     assert_true(changed > 1e-5);
     p->data[3] = keep;
@@ -583,12 +552,12 @@ static void test_prefix_effect(void **state)
         assert_int_equal(pr_model_virtual_positions(f->m), 0);
         float *with = logits_of(f);
         assert_true(all_finite(with, n));
-        double moved = max_diff(with, base, n);
+        double moved = th_max_abs_diff(with, base, n);
         const pr_tensor_info *t[8];
         assert_int_equal(module_tensors(f->m, "pf/", t, 8), k ? 5 : SHAPE_A.L);
         t[0]->data[1] += 0.5f;
         float *other = logits_of(f);
-        double changed = max_diff(other, with, n);
+        double changed = th_max_abs_diff(other, with, n);
         printf("%s: max |logits - base| = %.3e; one parameter +0.5 moves them by %.3e\n", ts[k]->name, moved,
                changed);
         assert_true(moved > 1e-3);
@@ -666,39 +635,6 @@ static void test_prefix_mlp_gradients(void **state)
     }
 }
 
-/* fold() driven directly (the host's save path calls it the same way):
- * a host table of this file with a reference GEMM in double. */
-static char fold_error[256];
-
-static int t_error(const pr_ctx *ctx, const char *fmt, ...)
-{
-    (void)ctx;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(fold_error, sizeof fold_error, fmt, ap);
-    va_end(ap);
-    return 1;
-}
-
-static void t_gemm(int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda, const float *B, int ldb,
-                   float beta, float *C, int ldc)
-{
-    for (int i = 0; i < M; i++)
-        for (int j = 0; j < N; j++) {
-            double acc = 0.0;
-            for (int k = 0; k < K; k++)
-                acc += (double)(ta ? A[(size_t)k * lda + i] : A[(size_t)i * lda + k]) *
-                       (tb ? B[(size_t)j * ldb + k] : B[(size_t)k * ldb + j]);
-            float *c = &C[(size_t)i * ldc + j];
-            *c = (float)(alpha * acc + (beta == 0.0f ? 0.0 : (double)beta * *c));
-        }
-}
-
-static const pr_host fold_host = {
-    .struct_size = sizeof(pr_host), .abi_major = PR_ABI_MAJOR, .abi_minor = PR_ABI_MINOR,
-    .alloc = malloc, .free = free, .error = t_error, .gemm = t_gemm,
-};
-
 static pr_tensor tensor_view(float *data, int ndim, const int64_t *sh)
 {
     pr_tensor t = { .struct_size = sizeof(pr_tensor), .dtype = PR_DTYPE_F32, .device = PR_DEVICE_CPU, .ndim = ndim,
@@ -729,11 +665,11 @@ static void fold_layer(const pr_model *m, shape s, int l, int site, float *out, 
     pr_dims dims = { .struct_size = sizeof(pr_dims), .d_model = s.C, .n_heads = s.H, .n_kv_heads = s.Hkv,
                      .d_head = s.hd, .d_ff = s.F, .n_layers = s.L, .vocab = MV, .d_in = (int)dkv,
                      .d_out = (int)dkv, .family = PR_FAMILY_GPT2 };
-    pr_ctx c = { .struct_size = sizeof(pr_ctx), .host = &fold_host, .technique = prefix_mlp, .dims = &dims,
+    pr_ctx c = { .struct_size = sizeof(pr_ctx), .host = &th_host, .technique = prefix_mlp, .dims = &dims,
                  .site = site, .layer = l, .params = params, .n_params = 5, .out_params = &outp, .n_out_params = 1 };
-    fold_error[0] = 0;
+    th_last_error[0] = 0;
     if (prefix_mlp->fold(&c) != 0)
-        fail_msg("fold: %s", fold_error);
+        fail_msg("fold: %s", th_last_error);
 }
 
 /* fold: the plain prefixes fold() makes, in a prefix_tuning module of the
@@ -783,7 +719,7 @@ static void test_prefix_fold(void **state)
             memcpy(t->data, folded + (size_t)l * per, (size_t)per * sizeof(float));
         }
         float *got = logits_of(f);
-        double d = max_diff(got, want, n), scale = max_abs(want, n);
+        double d = th_max_abs_diff(got, want, n), scale = max_abs(want, n);
         printf("fold (L=%d): max |plain - mlp| = %.3e, max |logit| = %.3e\n", s.L, d, scale);
         assert_true(scale > 0.1);
         assert_true(d <= 1e-5 * scale);
@@ -792,11 +728,11 @@ static void test_prefix_fold(void **state)
         float small[8];
         const int64_t bad[3] = { 2, 1, 4 };
         pr_tensor outp = tensor_view(small, 3, bad);
-        pr_ctx c = { .struct_size = sizeof(pr_ctx), .host = &fold_host, .out_params = &outp, .n_out_params = 1,
+        pr_ctx c = { .struct_size = sizeof(pr_ctx), .host = &th_host, .out_params = &outp, .n_out_params = 1,
                      .site = PR_SITE_ATTN_K };
-        fold_error[0] = 0;
+        th_last_error[0] = 0;
         assert_int_not_equal(prefix_mlp->fold(&c), 0);
-        assert_non_null(strstr(fold_error, "parameters"));
+        assert_non_null(strstr(th_last_error, "parameters"));
         free(folded);
         free(again);
         free(want);

@@ -643,19 +643,6 @@ static void test_ia3_merge_no_bias(void **state)
     merge_case(0);
 }
 
-/* merge() refuses a bias it cannot fold into (a host without bias_delta). */
-static char last_error[256];
-
-static int t_error(const pr_ctx *ctx, const char *fmt, ...)
-{
-    (void)ctx;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(last_error, sizeof last_error, fmt, ap);
-    va_end(ap);
-    return 1;
-}
-
 static pr_tensor t2(float *data, int64_t r, int64_t c)
 {
     pr_tensor t = { .struct_size = sizeof(pr_tensor), .dtype = PR_DTYPE_F32, .device = PR_DEVICE_CPU, .ndim = 2,
@@ -671,7 +658,7 @@ static void test_ia3_merge_direct(void **state)
 {
     (void)state;
     enum { R = 3, N = 4 };
-    static const pr_host host = { .struct_size = sizeof(pr_host), .abi_major = PR_ABI_MAJOR, .error = t_error };
+    static const pr_host host = { .struct_size = sizeof(pr_host), .abi_major = PR_ABI_MAJOR, .error = th_host_error };
     float l[N] = { 0.5f, 1.0f, 2.0f, -1.0f }, W[R * N], b[N] = { 1, 2, 3, 4 }, dW[R * N], db[N];
     for (int i = 0; i < R * N; i++)
         W[i] = (float)(i + 1);
@@ -693,9 +680,9 @@ static void test_ia3_merge_direct(void **state)
         assert_float_equal(db[j], b[j] * (l[j] - 1.0f), 0);
     /* without a bias delta to write */
     ctx.bias_delta = NULL;
-    last_error[0] = 0;
+    th_last_error[0] = 0;
     assert_int_not_equal(tech[T_IA3]->merge(&ctx), 0);
-    assert_non_null(strstr(last_error, "bias"));
+    assert_non_null(strstr(th_last_error, "bias"));
     /* ffn.act: rows of a [N, R] weight */
     pr_tensor w2 = t2(W, N, R);
     ctx.base_weight = &w2;
