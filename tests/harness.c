@@ -12,6 +12,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "rng.h"
 #include "gradcheck.h"
@@ -33,6 +35,58 @@ const pr_technique *th_plugin_technique(const char *path, void **handle)
 {
     const pr_plugin *p = th_plugin_open(path, handle);
     return p && p->n_techniques == 1 ? p->techniques[0] : NULL;
+}
+
+int th_registry_open(const char *dir, const char *const *need, int n_need, pr_registry **reg)
+{
+    pr_error err = { 0 };
+    if (pr_registry_open(dir, reg, &err) != PR_OK) {
+        fprintf(stderr, "registry: %s\n", err.msg);
+        return -1;
+    }
+    for (int k = 0; k < n_need; k++)
+        if (!pr_registry_find(*reg, need[k])) {
+            fprintf(stderr, "registry: no '%s' technique in %s\n", need[k], dir);
+            for (int i = 0; i < pr_registry_refused_count(*reg); i++) {
+                const char *p, *why;
+                pr_registry_refused(*reg, i, &p, &why);
+                fprintf(stderr, "refused %s: %s\n", p, why);
+            }
+            return -1;
+        }
+    return 0;
+}
+
+int th_run_cli(const char *bin, const char *plugin_dir, const char *const *args, const char *out_path,
+               const char *err_path)
+{
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        setenv("PEFTREF_PLUGIN_PATH", plugin_dir, 1);
+        if (!freopen(out_path, "w", stdout) || !freopen(err_path ? err_path : "/dev/null", "w", stderr))
+            _exit(99);
+        execv(bin, (char *const *)args);
+        _exit(98);
+    }
+    int status = 0;
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+char *th_temp_dir(const char *template_path)
+{
+    char *d = strdup(template_path);
+    assert_non_null(d);
+    assert_non_null(mkdtemp(d));
+    return d;
+}
+
+void th_remove_tree(const char *dir)
+{
+    char cmd[600];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    assert_int_equal(system(cmd), 0);
 }
 
 pr_model *th_model_new(const pr_model_config *c, int B, int T)

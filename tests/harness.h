@@ -8,7 +8,9 @@
  *    finite-difference checks of gradcheck.h differentiate);
  *  - th_check_tensor_fd / th_check_grads: finite differences of th_loss for
  *    one tensor, or for every tensor whose name starts with a prefix;
- *  - th_host: a host table for driving a technique's callbacks directly.
+ *  - th_host: a host table for driving a technique's callbacks directly;
+ *  - th_registry_open, th_run_cli, th_temp_dir, th_remove_tree: the plugin
+ *    registry of the build tree and the CLI run as a child process.
  * Every helper asserts with cmocka and prints the library's message first. */
 #ifndef PEFTREF_TESTS_HARNESS_H
 #define PEFTREF_TESTS_HARNESS_H
@@ -17,6 +19,7 @@
 #include <stdint.h>
 
 #include "peftref/peftref.h"
+#include "peftref/module.h"
 #include "peftref/plugin.h"
 
 /* dlopen path (RTLD_NOW | RTLD_LOCAL) into *handle and return what the plugin's entry point
@@ -25,6 +28,23 @@ const pr_plugin *th_plugin_open(const char *path, void **handle);
 
 /* As th_plugin_open for a plugin that must carry exactly one technique: that technique, or NULL. */
 const pr_technique *th_plugin_technique(const char *path, void **handle);
+
+/* pr_registry_open(dir) into *reg, then require each of the n_need techniques in need. On failure
+ * prints why (with the plugins the registry refused) and returns -1; 0 on success. For group
+ * setups. */
+int th_registry_open(const char *dir, const char *const *need, int n_need, pr_registry **reg);
+
+/* Run the CLI bin with argv args (args[0] included, NULL-terminated) and PEFTREF_PLUGIN_PATH set to
+ * plugin_dir; its stdout goes to out_path, its stderr to err_path (NULL: discarded). Returns the
+ * exit status, -1 if it did not exit. */
+int th_run_cli(const char *bin, const char *plugin_dir, const char *const *args, const char *out_path,
+               const char *err_path);
+
+/* A fresh directory from a mkdtemp template such as "/tmp/peftref-x-XXXXXX" (malloc'ed; asserted). */
+char *th_temp_dir(const char *template_path);
+
+/* rm -rf dir (asserted). */
+void th_remove_tree(const char *dir);
 
 /* pr_model_create + pr_model_reserve(B, T); asserts both succeed. */
 pr_model *th_model_new(const pr_model_config *c, int B, int T);

@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include "peftref/pipeline.h"
+#include "harness.h"
 
 #define CMP TEST_SRCDIR "/data/compare/"
 #define PLUGINS TEST_BUILDDIR "/plugins/.libs"
@@ -29,34 +30,13 @@
 
 static char *temp_dir(void)
 {
-    char *d = strdup("/tmp/peftref-compare-test-XXXXXX");
-    assert_non_null(d);
-    assert_non_null(mkdtemp(d));
-    return d;
-}
-
-static void remove_tree(const char *dir)
-{
-    char cmd[600];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
-    assert_int_equal(system(cmd), 0);
+    return th_temp_dir("/tmp/peftref-compare-test-XXXXXX");
 }
 
 /* Run the CLI with args; stdout and stderr to files; the exit status. */
 static int run_cli(const char *const *args, const char *out_path, const char *err_path)
 {
-    pid_t pid = fork();
-    assert_true(pid >= 0);
-    if (pid == 0) {
-        setenv("PEFTREF_PLUGIN_PATH", PLUGINS, 1);
-        if (!freopen(out_path, "w", stdout) || !freopen(err_path ? err_path : "/dev/null", "w", stderr))
-            _exit(99);
-        execv(PEFTREF_BIN, (char *const *)args);
-        _exit(98);
-    }
-    int status = 0;
-    assert_int_equal(waitpid(pid, &status, 0), pid);
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    return th_run_cli(PEFTREF_BIN, PLUGINS, args, out_path, err_path);
 }
 
 static char *slurp(const char *path)
@@ -291,7 +271,7 @@ static void test_four_arms_table(void **state)
     json_decref(t2);
     free(tj);
     json_decref(t);
-    remove_tree(dir);
+    th_remove_tree(dir);
     free(dir);
     free(out);
     free(err);
@@ -311,7 +291,7 @@ static void test_twin_arms_train_identically(void **state)
     assert_true(json_equal(json_object_get(a, "curve"), json_object_get(b, "curve")));
     assert_int_equal(json_array_size(json_object_get(a, "curve")), 3);
     json_decref(t);
-    remove_tree(dir);
+    th_remove_tree(dir);
     free(dir);
     free(out);
 }
@@ -334,7 +314,7 @@ static void test_broken_arm_fails_alone(void **state)
     assert_non_null(strstr(why, "bad_arm.yaml:11:48: compare.arms.1.modules.0.options.r: 0 is out of range"));
     assert_true(json_is_null(json_object_get(bad, "val_loss")));
     json_decref(t);
-    remove_tree(dir);
+    th_remove_tree(dir);
     free(dir);
     free(out);
 }
@@ -356,7 +336,7 @@ static void test_pipelines_as_arms(void **state)
     assert_non_null(why);
     assert_non_null(strstr(why, "not comparable: train.steps is 5 here but 4 in "));
     json_decref(t);
-    remove_tree(dir);
+    th_remove_tree(dir);
     free(dir);
     free(out);
 }
@@ -388,7 +368,7 @@ static void test_classification_accuracy(void **state)
     }
     json_decref(t);
     free(tj);
-    remove_tree(dir);
+    th_remove_tree(dir);
     free(dir);
     free(out);
     free(odir);
@@ -401,13 +381,8 @@ static pr_registry *reg;
 static int open_registry(void **state)
 {
     (void)state;
-    pr_error err = { 0 };
-    if (pr_registry_open(PLUGINS, &reg, &err) != PR_OK || !pr_registry_find(reg, "lora") ||
-        !pr_registry_find(reg, "ia3") || !pr_registry_find(reg, "bitfit") || !pr_registry_find(reg, "full")) {
-        fprintf(stderr, "registry: lora, ia3, bitfit and full are needed in %s\n", PLUGINS);
-        return -1;
-    }
-    return 0;
+    static const char *const need[] = { "lora", "ia3", "bitfit", "full" };
+    return th_registry_open(PLUGINS, need, 4, &reg);
 }
 
 static int close_registry(void **state)
@@ -548,7 +523,7 @@ static void test_progress_modes(void **state)
     e = slurp(err);
     assert_null(strstr(e, "step "));
     free(e);
-    remove_tree(dir);
+    th_remove_tree(dir);
     free(dir);
     free(out);
     free(err);
@@ -610,7 +585,7 @@ static void test_progress_auto(void **state)
     char *res = strstr(buf, "steps 4 ");
     assert_non_null(res);
     assert_true(res > bar && res[-1] == '\n');
-    remove_tree(dir);
+    th_remove_tree(dir);
     free(dir);
     free(out);
     free(err);

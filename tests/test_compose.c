@@ -1081,11 +1081,8 @@ static void remove_tree(const char *dir)
 static int setup(void **state)
 {
     (void)state;
-    pr_error err = { 0 };
-    if (pr_registry_open(PLUGINS, &reg, &err) != PR_OK) {
-        fprintf(stderr, "registry: %s\n", err.msg);
+    if (th_registry_open(PLUGINS, NULL, 0, &reg))
         return -1;
-    }
     snprintf(workdir, sizeof workdir, "/tmp/peftref_compose_XXXXXX");
     if (!mkdtemp(workdir))
         return -1;

@@ -21,6 +21,7 @@
 
 #include "peftref/pipeline.h"
 #include "runtime.h"
+#include "harness.h"
 
 #define PLUGINS TEST_BUILDDIR "/plugins/.libs"
 #define CORPUS TEST_SRCDIR "/data/train/corpus.txt"
@@ -31,13 +32,9 @@ static char *tmp;
 static int setup_all(void **state)
 {
     (void)state;
-    pr_error err = { 0 };
-    if (pr_registry_open(PLUGINS, &reg, &err) != PR_OK || !pr_registry_find(reg, "lora") ||
-        !pr_registry_find(reg, "ia3") || !pr_registry_find(reg, "prefix_tuning_mlp") ||
-        !pr_registry_find(reg, "prompt_tuning")) {
-        fprintf(stderr, "registry: need lora, ia3, prompt and prefix tuning in %s: %s\n", PLUGINS, err.msg);
+    static const char *const need[] = { "lora", "ia3", "prefix_tuning_mlp", "prompt_tuning" };
+    if (th_registry_open(PLUGINS, need, 4, &reg))
         return -1;
-    }
     tmp = strdup("/tmp/peftref-module-io-XXXXXX");
     if (!tmp || !mkdtemp(tmp))
         return -1;

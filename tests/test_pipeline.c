@@ -15,6 +15,7 @@
 
 #include "peftref/pipeline.h"
 #include "runtime.h"
+#include "harness.h"
 
 #define PIPES TEST_SRCDIR "/data/pipelines/"
 #define PLUGINS TEST_BUILDDIR "/plugins/.libs"
@@ -24,16 +25,8 @@ static pr_registry *reg;
 static int open_registry(void **state)
 {
     (void)state;
-    pr_error err = { 0 };
-    if (pr_registry_open(PLUGINS, &reg, &err) != PR_OK) {
-        fprintf(stderr, "registry: %s\n", err.msg);
-        return -1;
-    }
-    if (!pr_registry_find(reg, "lora")) {
-        fprintf(stderr, "registry: no 'lora' technique in %s (build plugins/lora.la)\n", PLUGINS);
-        return -1;
-    }
-    return 0;
+    static const char *const need[] = { "lora" };
+    return th_registry_open(PLUGINS, need, 1, &reg);
 }
 
 static int close_registry(void **state)
@@ -46,17 +39,7 @@ static int close_registry(void **state)
 /* A fresh empty directory under /tmp; caller frees. */
 static char *temp_dir(void)
 {
-    char *d = strdup("/tmp/peftref-pipeline-XXXXXX");
-    assert_non_null(d);
-    assert_non_null(mkdtemp(d));
-    return d;
-}
-
-static void remove_tree(const char *dir)
-{
-    char cmd[512];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
-    assert_int_equal(system(cmd), 0);
+    return th_temp_dir("/tmp/peftref-pipeline-XXXXXX");
 }
 
 /* The first line of a multi-line message. */
@@ -173,7 +156,7 @@ static void test_model_path(void **state)
     pr_tokenizer_free(tok);
     pr_model_free(m);
     pr_pipeline_free(p);
-    remove_tree(dir);
+    th_remove_tree(dir);
     free(dir);
 }
 
@@ -233,7 +216,7 @@ static void test_train_tiny(void **state)
     pr_tokenizer_free(tok);
     pr_model_free(m);
     pr_pipeline_free(p);
-    remove_tree(dir);
+    th_remove_tree(dir);
     free(dir);
 }
 
@@ -378,7 +361,7 @@ static void test_many_errors_truncated(void **state)
     char want[600];
     snprintf(want, sizeof want, "%s:5:3: unknown key 'train.unknown_00'", path);
     assert_memory_equal(err.msg, want, strlen(want));
-    remove_tree(dir);
+    th_remove_tree(dir);
     free(dir);
 }
 
@@ -413,7 +396,7 @@ static void test_yaml_aliases(void **state)
     const char *sets[] = { "modules.1.options=*nothing" };
     assert_int_equal(pr_pipeline_load(path, sets, 1, reg, &p, &err), PR_ERR_INVALID);
     assert_string_equal(err.msg, "--set:1:19: unknown alias '*nothing'");
-    remove_tree(dir);
+    th_remove_tree(dir);
     free(dir);
 }
 
@@ -494,18 +477,7 @@ static void test_set_errors(void **state)
 /* Run the CLI with args; stdout to out_path; returns the exit status. */
 static int run_cli(const char *const *args, const char *out_path)
 {
-    pid_t pid = fork();
-    assert_true(pid >= 0);
-    if (pid == 0) {
-        setenv("PEFTREF_PLUGIN_PATH", PLUGINS, 1);
-        if (!freopen(out_path, "w", stdout) || !freopen("/dev/null", "w", stderr))
-            _exit(99);
-        execv(PEFTREF_BIN, (char *const *)args);
-        _exit(98);
-    }
-    int status = 0;
-    assert_int_equal(waitpid(pid, &status, 0), pid);
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    return th_run_cli(PEFTREF_BIN, PLUGINS, args, out_path, NULL);
 }
 
 static void last_line_of(const char *path, char *buf, size_t len)
@@ -549,7 +521,7 @@ static void test_cli_plan_and_train(void **state)
     char metrics[600];
     snprintf(metrics, sizeof metrics, "%s/run/metrics.jsonl", dir);
     assert_int_equal(access(metrics, R_OK), 0);
-    remove_tree(dir);
+    th_remove_tree(dir);
     free(dir);
 }
 

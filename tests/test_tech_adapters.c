@@ -65,22 +65,12 @@ static const pr_technique *houlsby, *pfeiffer, *parallel;
 static int setup_registry(void **state)
 {
     (void)state;
-    pr_error err = { 0 };
-    if (pr_registry_open(LIBS_DIR, &reg, &err)) {
-        fprintf(stderr, "registry: %s\n", err.msg);
+    static const char *const need[] = { "adapter_houlsby", "adapter_pfeiffer", "adapter_parallel" };
+    if (th_registry_open(LIBS_DIR, need, 3, &reg))
         return -1;
-    }
-    houlsby = pr_registry_find(reg, "adapter_houlsby");
-    pfeiffer = pr_registry_find(reg, "adapter_pfeiffer");
-    parallel = pr_registry_find(reg, "adapter_parallel");
-    if (!houlsby || !pfeiffer || !parallel) {
-        for (int i = 0; i < pr_registry_refused_count(reg); i++) {
-            const char *p, *why;
-            pr_registry_refused(reg, i, &p, &why);
-            fprintf(stderr, "refused %s: %s\n", p, why);
-        }
-        return -1;
-    }
+    houlsby = pr_registry_find(reg, need[0]);
+    pfeiffer = pr_registry_find(reg, need[1]);
+    parallel = pr_registry_find(reg, need[2]);
     return 0;
 }
 
