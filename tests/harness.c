@@ -89,6 +89,23 @@ void th_remove_tree(const char *dir)
     assert_int_equal(system(cmd), 0);
 }
 
+pr_model_config th_config(const th_shape *s, uint64_t seed)
+{
+    pr_model_config c;
+    assert_int_equal(pr_config_preset("gpt2-tiny", &c), PR_OK);
+    c.n_layers = s->L;
+    c.d_model = s->C;
+    c.n_heads = s->H;
+    c.n_kv_heads = s->Hkv;
+    c.d_head = s->hd;
+    c.d_ff = s->F;
+    c.vocab_size = s->V;
+    c.max_seq = s->max_seq;
+    c.init_std = 0.1f;
+    c.seed = seed;
+    return c;
+}
+
 pr_model *th_model_new(const pr_model_config *c, int B, int T)
 {
     pr_model *m = NULL;

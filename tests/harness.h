@@ -46,6 +46,15 @@ char *th_temp_dir(const char *template_path);
 /* rm -rf dir (asserted). */
 void th_remove_tree(const char *dir);
 
+/* The dimensions of a tiny GPT-2 test model: layers, d_model, heads, kv heads, d_head, d_ff,
+ * vocabulary and maximum sequence length. */
+typedef struct th_shape {
+    int L, C, H, Hkv, hd, F, V, max_seq;
+} th_shape;
+
+/* The gpt2-tiny preset (asserted) with shape s, init_std 0.1 and the given seed. */
+pr_model_config th_config(const th_shape *s, uint64_t seed);
+
 /* pr_model_create + pr_model_reserve(B, T); asserts both succeed. */
 pr_model *th_model_new(const pr_model_config *c, int B, int T);
 

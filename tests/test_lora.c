@@ -397,18 +397,8 @@ static model_fixture *model_fixture_new(void)
 {
     model_fixture *f = calloc(1, sizeof *f);
     assert_non_null(f);
-    pr_model_config c;
-    assert_int_equal(pr_config_preset("gpt2-tiny", &c), PR_OK);
-    c.n_layers = 2;
-    c.d_model = 32;
-    c.n_heads = 4;
-    c.n_kv_heads = 4;
-    c.d_head = 8;
-    c.d_ff = 128;
-    c.vocab_size = MV;
-    c.max_seq = 16;
-    c.init_std = 0.1f;
-    c.seed = 7;
+    pr_model_config c =
+        th_config(&(th_shape){ .L = 2, .C = 32, .H = 4, .Hkv = 4, .hd = 8, .F = 128, .V = MV, .max_seq = 16 }, 7);
     pr_error err = { 0 };
     int rc = pr_model_create(&c, &f->m, &err);
     if (rc)

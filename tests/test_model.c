@@ -45,19 +45,7 @@ enum { TB = 2, TT = 8 };
 
 static pr_model_config small_config(uint64_t seed)
 {
-    pr_model_config c;
-    assert_int_equal(pr_config_preset("gpt2-tiny", &c), PR_OK);
-    c.n_layers = 2;
-    c.d_model = 32;
-    c.n_heads = 4;
-    c.n_kv_heads = 4;
-    c.d_head = 8;
-    c.d_ff = 128;
-    c.vocab_size = 64;
-    c.max_seq = 16;
-    c.init_std = 0.1f;
-    c.seed = seed;
-    return c;
+    return th_config(&(th_shape){ .L = 2, .C = 32, .H = 4, .Hkv = 4, .hd = 8, .F = 128, .V = 64, .max_seq = 16 }, seed);
 }
 
 static pr_model *small_model(uint64_t seed)

@@ -442,19 +442,9 @@ enum { MB = 2, MT = 6 };
 /* shape A: L=2, C=32, H=4, F=128; shape B: L=3, C=48, H=6, F=96 (no GQA) */
 static pr_model_config shape(int which)
 {
-    pr_model_config c;
-    assert_int_equal(pr_config_preset("gpt2-tiny", &c), PR_OK);
-    c.n_layers = which ? 3 : 2;
-    c.d_model = which ? 48 : 32;
-    c.n_heads = which ? 6 : 4;
-    c.n_kv_heads = c.n_heads;
-    c.d_head = 8;
-    c.d_ff = which ? 96 : 128;
-    c.vocab_size = 64;
-    c.max_seq = 16;
-    c.init_std = 0.1f;
-    c.seed = 7;
-    return c;
+    const th_shape a = { .L = 2, .C = 32, .H = 4, .Hkv = 4, .hd = 8, .F = 128, .V = 64, .max_seq = 16 };
+    const th_shape b = { .L = 3, .C = 48, .H = 6, .Hkv = 6, .hd = 8, .F = 96, .V = 64, .max_seq = 16 };
+    return th_config(which ? &b : &a, 7);
 }
 
 typedef struct fixture {

@@ -129,17 +129,7 @@ static const shape SHAPES[2] = { { 2, 32, 4, 128 }, { 3, 48, 6, 96 } };
 
 static void shape_config(const shape *s, pr_model_config *c)
 {
-    assert_int_equal(pr_config_preset("gpt2-tiny", c), PR_OK);
-    c->n_layers = s->L;
-    c->d_model = s->C;
-    c->n_heads = s->H;
-    c->n_kv_heads = s->H;
-    c->d_head = s->C / s->H;
-    c->d_ff = s->F;
-    c->vocab_size = MV;
-    c->max_seq = 16;
-    c->init_std = 0.1f;
-    c->seed = 7;
+    *c = th_config(&(th_shape){ s->L, s->C, s->H, s->H, s->C / s->H, s->F, MV, 16 }, 7);
 }
 
 typedef struct run {

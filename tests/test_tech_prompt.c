@@ -100,19 +100,7 @@ enum { MB = 2, MT = 6, MV = 64 };
 
 static pr_model_config config_of(shape s)
 {
-    pr_model_config c;
-    assert_int_equal(pr_config_preset("gpt2-tiny", &c), PR_OK);
-    c.n_layers = s.L;
-    c.d_model = s.C;
-    c.n_heads = s.H;
-    c.n_kv_heads = s.Hkv;
-    c.d_head = s.hd;
-    c.d_ff = s.F;
-    c.vocab_size = MV;
-    c.max_seq = 32;
-    c.init_std = 0.1f;
-    c.seed = 7;
-    return c;
+    return th_config(&(th_shape){ s.L, s.C, s.H, s.Hkv, s.hd, s.F, MV, 32 }, 7);
 }
 
 typedef struct fixture {
