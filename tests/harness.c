@@ -255,6 +255,39 @@ int th_check_grads(th_loss_ctx *lc, const char *const *prefixes, int n_prefixes,
     return checked;
 }
 
+pr_tensor th_view2(float *data, int64_t r, int64_t c, int64_t ld)
+{
+    pr_tensor t = { .struct_size = sizeof(pr_tensor), .dtype = PR_DTYPE_F32, .device = PR_DEVICE_CPU, .ndim = 2,
+                    .data = data };
+    t.shape[0] = r;
+    t.shape[1] = c;
+    t.stride[0] = ld;
+    t.stride[1] = 1;
+    return t;
+}
+
+pr_tensor th_view1(float *data, int64_t n)
+{
+    pr_tensor t = { .struct_size = sizeof(pr_tensor), .dtype = PR_DTYPE_F32, .device = PR_DEVICE_CPU, .ndim = 1,
+                    .data = data };
+    t.shape[0] = n;
+    t.stride[0] = 1;
+    return t;
+}
+
+pr_tensor th_view(float *data, int ndim, const int64_t *shape)
+{
+    pr_tensor t = { .struct_size = sizeof(pr_tensor), .dtype = PR_DTYPE_F32, .device = PR_DEVICE_CPU, .ndim = ndim,
+                    .data = data };
+    int64_t st = 1;
+    for (int d = ndim - 1; d >= 0; d--) {
+        t.shape[d] = shape[d];
+        t.stride[d] = st;
+        st *= shape[d];
+    }
+    return t;
+}
+
 char th_last_error[512];
 
 int th_host_error(const pr_ctx *ctx, const char *fmt, ...)

@@ -113,6 +113,11 @@ int th_check_grads(th_loss_ctx *lc, const char *const *prefixes, int n_prefixes,
 
 /* ---- a host table for calling plugin callbacks without a model ---- */
 
+/* f32 CPU tensor views: (r, c) with row stride ld; (n); and contiguous row-major of ndim dims. */
+pr_tensor th_view2(float *data, int64_t r, int64_t c, int64_t ld);
+pr_tensor th_view1(float *data, int64_t n);
+pr_tensor th_view(float *data, int ndim, const int64_t *shape);
+
 /* The last message th_host_error formatted (clear it before a call that must fail). */
 extern char th_last_error[512];
 

@@ -151,17 +151,6 @@ typedef struct fixture {
     pr_ctx ctx;
 } fixture;
 
-static pr_tensor t2(float *data, int64_t r, int64_t c, int64_t ld)
-{
-    pr_tensor t = { .struct_size = sizeof(pr_tensor), .dtype = PR_DTYPE_F32,
-                    .device = PR_DEVICE_CPU, .ndim = 2, .data = data };
-    t.shape[0] = r;
-    t.shape[1] = c;
-    t.stride[0] = ld;
-    t.stride[1] = 1;
-    return t;
-}
-
 static fixture *fixture_new(double alpha, double dropout, int rslora, int training)
 {
     fixture *f = calloc(1, sizeof *f);
@@ -174,16 +163,16 @@ static fixture *fixture_new(double alpha, double dropout, int rslora, int traini
     gc_fill(f->B, D_OUT * R, 2, 0.5f);
     gc_fill(f->x, ROWS * LDX, 3, 1.0f);
     gc_fill(f->w, ROWS * LDH, 4, 1.0f);
-    f->params[0] = t2(f->A, R, D_IN, D_IN);
-    f->params[1] = t2(f->B, D_OUT, R, R);
-    f->grads[0] = t2(f->dA, R, D_IN, D_IN);
-    f->grads[1] = t2(f->dB, D_OUT, R, R);
-    f->saved[0] = t2(f->xa, ROWS, R, R);
-    f->saved[1] = t2(f->mask, ROWS, (D_IN + 31) / 32, (D_IN + 31) / 32);
-    f->saved[2] = t2(f->dropout_on, 1, 1, 1);
+    f->params[0] = th_view2(f->A, R, D_IN, D_IN);
+    f->params[1] = th_view2(f->B, D_OUT, R, R);
+    f->grads[0] = th_view2(f->dA, R, D_IN, D_IN);
+    f->grads[1] = th_view2(f->dB, D_OUT, R, R);
+    f->saved[0] = th_view2(f->xa, ROWS, R, R);
+    f->saved[1] = th_view2(f->mask, ROWS, (D_IN + 31) / 32, (D_IN + 31) / 32);
+    f->saved[2] = th_view2(f->dropout_on, 1, 1, 1);
     f->saved[2].ndim = 1;
-    f->scratch[0] = t2(f->xd, ROWS, D_IN, D_IN);
-    f->scratch[1] = t2(f->dxa, ROWS, R, R);
+    f->scratch[0] = th_view2(f->xd, ROWS, D_IN, D_IN);
+    f->scratch[1] = th_view2(f->dxa, ROWS, R, R);
     f->dims = (pr_dims){ .struct_size = sizeof(pr_dims), .d_model = D_IN, .n_heads = 1,
                          .n_kv_heads = 1, .d_head = D_IN, .d_ff = D_OUT, .n_layers = 1,
                          .vocab = 8, .d_in = D_IN, .d_out = D_OUT, .family = 1 };
@@ -207,8 +196,8 @@ static fixture *fixture_new(double alpha, double dropout, int rslora, int traini
     c->n_saved = 3;
     c->scratch = f->scratch;
     c->n_scratch = 2;
-    c->in = t2(f->x, ROWS, D_IN, LDX);
-    c->out = t2(f->h, ROWS, D_OUT, LDH);
+    c->in = th_view2(f->x, ROWS, D_IN, LDX);
+    c->out = th_view2(f->h, ROWS, D_OUT, LDH);
     c->scale = lora->scale(c);
     return f;
 }
@@ -235,8 +224,8 @@ static void backward_of(fixture *f)
     (void)loss_of(f);
     pr_ctx c = f->ctx;
     c.out = (pr_tensor){ 0 };
-    c.d_out = t2(f->w, ROWS, D_OUT, LDH);
-    c.d_in = t2(f->dx, ROWS, D_IN, LDX);
+    c.d_out = th_view2(f->w, ROWS, D_OUT, LDH);
+    c.d_in = th_view2(f->dx, ROWS, D_IN, LDX);
     assert_int_equal(lora->backward(&c), 0);
 }
 
@@ -322,7 +311,7 @@ static void test_merge(void **state)
     float dW[D_IN * D_OUT];
     pr_ctx c = f->ctx;
     c.in = (pr_tensor){ 0 };
-    c.out = t2(dW, D_IN, D_OUT, D_OUT);
+    c.out = th_view2(dW, D_IN, D_OUT, D_OUT);
     assert_int_equal(lora->merge(&c), 0);
     assert_float_equal(c.scale, 2.0f, 1e-7);
     double worst = 0.0, norm = 0.0;
@@ -358,7 +347,7 @@ static void test_errors(void **state)
     (void)state;
     fixture *f = fixture_new(8, 0, 0, 0);
     pr_ctx c = f->ctx;
-    c.in = t2(f->x, ROWS, D_IN - 1, LDX);
+    c.in = th_view2(f->x, ROWS, D_IN - 1, LDX);
     th_last_error[0] = 0;
     assert_int_not_equal(lora->forward(&c), 0);
     assert_non_null(strstr(th_last_error, "width"));

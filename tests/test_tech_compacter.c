@@ -180,16 +180,8 @@ static void test_descriptors(void **state)
 
 static pr_tensor tview(float *data, int ndim, int64_t d0, int64_t d1, int64_t d2, int64_t d3)
 {
-    pr_tensor t = { .struct_size = sizeof(pr_tensor), .dtype = PR_DTYPE_F32, .device = PR_DEVICE_CPU,
-                    .ndim = ndim, .data = data };
-    int64_t d[4] = { d0, d1, d2, d3 };
-    int64_t st = 1;
-    for (int k = ndim - 1; k >= 0; k--) {
-        t.shape[k] = d[k];
-        t.stride[k] = st;
-        st *= d[k];
-    }
-    return t;
+    const int64_t d[4] = { d0, d1, d2, d3 };
+    return th_view(data, ndim, d);
 }
 
 static double gelu_ref(double x)

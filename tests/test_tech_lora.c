@@ -89,26 +89,6 @@ static int teardown_plugins(void **state)
 
 /* ---- tensor views and option lookup for driving the callbacks directly ------- */
 
-static pr_tensor t2(float *data, int64_t r, int64_t c, int64_t ld)
-{
-    pr_tensor t = { .struct_size = sizeof(pr_tensor), .dtype = PR_DTYPE_F32,
-                    .device = PR_DEVICE_CPU, .ndim = 2, .data = data };
-    t.shape[0] = r;
-    t.shape[1] = c;
-    t.stride[0] = ld;
-    t.stride[1] = 1;
-    return t;
-}
-
-static pr_tensor t1(float *data, int64_t n)
-{
-    pr_tensor t = { .struct_size = sizeof(pr_tensor), .dtype = PR_DTYPE_F32,
-                    .device = PR_DEVICE_CPU, .ndim = 1, .data = data };
-    t.shape[0] = n;
-    t.stride[0] = 1;
-    return t;
-}
-
 static const pr_option_decl *find_option(const pr_technique *t, const char *name)
 {
     for (uint32_t i = 0; i < t->n_options; i++)
@@ -544,13 +524,13 @@ static drop_fixture *drop_fixture_new(double p)
     gc_fill(f->B, DR_OUT * DR_R, 2, 0.5f);
     for (int i = 0; i < DR_ROWS * DR_IN; i++)
         f->x[i] = 1.0f;
-    f->params[0] = t2(f->A, DR_R, DR_IN, DR_IN);
-    f->params[1] = t2(f->B, DR_OUT, DR_R, DR_R);
-    f->saved[0] = t2(f->xa, DR_ROWS, DR_R, DR_R);
-    f->saved[1] = t2(f->mask, DR_ROWS, DR_WORDS, DR_WORDS);
-    f->saved[2] = t1(f->on, 1);
-    f->scratch[0] = t2(f->xd, DR_ROWS, DR_IN, DR_IN);
-    f->scratch[1] = t2(f->dxa, DR_ROWS, DR_R, DR_R);
+    f->params[0] = th_view2(f->A, DR_R, DR_IN, DR_IN);
+    f->params[1] = th_view2(f->B, DR_OUT, DR_R, DR_R);
+    f->saved[0] = th_view2(f->xa, DR_ROWS, DR_R, DR_R);
+    f->saved[1] = th_view2(f->mask, DR_ROWS, DR_WORDS, DR_WORDS);
+    f->saved[2] = th_view1(f->on, 1);
+    f->scratch[0] = th_view2(f->xd, DR_ROWS, DR_IN, DR_IN);
+    f->scratch[1] = th_view2(f->dxa, DR_ROWS, DR_R, DR_R);
     f->dims = (pr_dims){ .struct_size = sizeof(pr_dims), .d_model = DR_IN, .n_heads = 1,
                          .n_kv_heads = 1, .d_head = DR_IN, .d_ff = DR_OUT, .n_layers = 1,
                          .vocab = 8, .d_in = DR_IN, .d_out = DR_OUT, .family = 1 };
@@ -573,8 +553,8 @@ static drop_fixture *drop_fixture_new(double p)
     c->n_saved = 3;
     c->scratch = f->scratch;
     c->n_scratch = 2;
-    c->in = t2(f->x, DR_ROWS, DR_IN, DR_IN);
-    c->out = t2(f->h, DR_ROWS, DR_OUT, DR_OUT);
+    c->in = th_view2(f->x, DR_ROWS, DR_IN, DR_IN);
+    c->out = th_view2(f->h, DR_ROWS, DR_OUT, DR_OUT);
     return f;
 }
 
@@ -718,24 +698,24 @@ static dfix *dfix_new(double dropout, int training, int detach)
     gc_fill(f->w, D_ROWS * LDY, 6, 1.0f);
     for (int j = 0; j < D_OUT; j++)
         f->m[j] = 1.0f + 0.1f * (float)j;
-    f->params[0] = t2(f->A, D_R, D_IN, D_IN);
-    f->params[1] = t2(f->B, D_OUT, D_R, D_R);
-    f->params[2] = t1(f->m, D_OUT);
-    f->grads[0] = t2(f->dA, D_R, D_IN, D_IN);
-    f->grads[1] = t2(f->dB, D_OUT, D_R, D_R);
-    f->grads[2] = t1(f->dm, D_OUT);
-    f->saved[0] = t2(f->xa, D_ROWS, D_R, D_R);
-    f->saved[1] = t2(f->u, D_ROWS, D_OUT, D_OUT);
-    f->saved[2] = t1(f->norm, D_OUT);
-    f->saved[3] = t2(f->mask, D_ROWS, D_WORDS, D_WORDS);
-    f->saved[4] = t1(f->flags, 2);
-    f->scratch[0] = t2(f->xd, D_ROWS, D_IN, D_IN);
-    f->scratch[1] = t2(f->v, D_IN, D_OUT, D_OUT);
-    f->scratch[2] = t2(f->tmp, D_ROWS, D_OUT, D_OUT);
-    f->scratch[3] = t2(f->dxa, D_ROWS, D_R, D_R);
-    f->scratch[4] = t1(f->col, D_OUT);
-    f->bw = t2(f->W, D_IN, D_OUT, LDW);
-    f->bb = t1(f->bias, D_OUT);
+    f->params[0] = th_view2(f->A, D_R, D_IN, D_IN);
+    f->params[1] = th_view2(f->B, D_OUT, D_R, D_R);
+    f->params[2] = th_view1(f->m, D_OUT);
+    f->grads[0] = th_view2(f->dA, D_R, D_IN, D_IN);
+    f->grads[1] = th_view2(f->dB, D_OUT, D_R, D_R);
+    f->grads[2] = th_view1(f->dm, D_OUT);
+    f->saved[0] = th_view2(f->xa, D_ROWS, D_R, D_R);
+    f->saved[1] = th_view2(f->u, D_ROWS, D_OUT, D_OUT);
+    f->saved[2] = th_view1(f->norm, D_OUT);
+    f->saved[3] = th_view2(f->mask, D_ROWS, D_WORDS, D_WORDS);
+    f->saved[4] = th_view1(f->flags, 2);
+    f->scratch[0] = th_view2(f->xd, D_ROWS, D_IN, D_IN);
+    f->scratch[1] = th_view2(f->v, D_IN, D_OUT, D_OUT);
+    f->scratch[2] = th_view2(f->tmp, D_ROWS, D_OUT, D_OUT);
+    f->scratch[3] = th_view2(f->dxa, D_ROWS, D_R, D_R);
+    f->scratch[4] = th_view1(f->col, D_OUT);
+    f->bw = th_view2(f->W, D_IN, D_OUT, LDW);
+    f->bb = th_view1(f->bias, D_OUT);
     f->dims = (pr_dims){ .struct_size = sizeof(pr_dims), .d_model = D_IN, .n_heads = 1,
                          .n_kv_heads = 1, .d_head = D_IN, .d_ff = D_OUT, .n_layers = 1,
                          .vocab = 8, .d_in = D_IN, .d_out = D_OUT, .family = 1 };
@@ -759,7 +739,7 @@ static dfix *dfix_new(double dropout, int training, int detach)
     c->n_saved = 5;
     c->scratch = f->scratch;
     c->n_scratch = 5;
-    c->in = t2(f->x, D_ROWS, D_IN, LDX);
+    c->in = th_view2(f->x, D_ROWS, D_IN, LDX);
     c->base_weight = &f->bw;
     c->base_bias = &f->bb;
     return f;
@@ -803,11 +783,11 @@ static double dora_loss(void *arg)
     int rc;
     if (f->integrate) {
         base_output(f);
-        c.out = t2(f->y, D_ROWS, D_OUT, LDY);
+        c.out = th_view2(f->y, D_ROWS, D_OUT, LDY);
         rc = dora->integrate_forward(&c);
     } else {
         memset(f->y, 0, sizeof f->y);
-        c.out = t2(f->y, D_ROWS, D_OUT, LDY);
+        c.out = th_view2(f->y, D_ROWS, D_OUT, LDY);
         rc = dora->forward(&c);
     }
     if (rc)
@@ -830,9 +810,9 @@ static void dora_grads(dfix *f)
     (void)dora_loss(f);
     memcpy(f->dy, f->w, sizeof f->dy);
     pr_ctx c = f->ctx;
-    c.out = t2(f->y, D_ROWS, D_OUT, LDY);
-    c.d_out = t2(f->dy, D_ROWS, D_OUT, LDY);
-    c.d_in = t2(f->dx, D_ROWS, D_IN, LDX);
+    c.out = th_view2(f->y, D_ROWS, D_OUT, LDY);
+    c.d_out = th_view2(f->dy, D_ROWS, D_OUT, LDY);
+    c.d_in = th_view2(f->dx, D_ROWS, D_IN, LDX);
     int rc = f->integrate ? dora->integrate_backward(&c) : dora->backward(&c);
     if (rc)
         fail_msg("dora backward: %s", th_last_error);
@@ -922,11 +902,11 @@ static void test_dora_reference(void **state)
 
     /* merge: x.(W + delta) + b = y' */
     float delta[D_IN * D_OUT], bd[D_OUT] = { 0 };
-    pr_tensor bdt = t1(bd, D_OUT);
+    pr_tensor bdt = th_view1(bd, D_OUT);
     pr_ctx c = f->ctx;
     c.in = (pr_tensor){ 0 };
     c.rows = c.B = c.T = 0;
-    c.out = t2(delta, D_IN, D_OUT, D_OUT);
+    c.out = th_view2(delta, D_IN, D_OUT, D_OUT);
     c.bias_delta = &bdt;
     assert_int_equal(dora->merge(&c), 0);
     worst = 0.0;
@@ -940,12 +920,12 @@ static void test_dora_reference(void **state)
     /* errors: no frozen weight, wrong widths */
     c = f->ctx;
     c.base_weight = NULL;
-    c.out = t2(f->y, D_ROWS, D_OUT, LDY);
+    c.out = th_view2(f->y, D_ROWS, D_OUT, LDY);
     th_last_error[0] = 0;
     assert_int_not_equal(dora->integrate_forward(&c), 0);
     assert_non_null(strstr(th_last_error, "frozen weight"));
     c = f->ctx;
-    c.out = t2(f->y, D_ROWS, D_OUT - 1, LDY);
+    c.out = th_view2(f->y, D_ROWS, D_OUT - 1, LDY);
     assert_int_not_equal(dora->integrate_forward(&c), 0);
     assert_non_null(strstr(th_last_error, "width"));
     free(f);

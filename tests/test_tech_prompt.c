@@ -623,19 +623,6 @@ static void test_prefix_mlp_gradients(void **state)
     }
 }
 
-static pr_tensor tensor_view(float *data, int ndim, const int64_t *sh)
-{
-    pr_tensor t = { .struct_size = sizeof(pr_tensor), .dtype = PR_DTYPE_F32, .device = PR_DEVICE_CPU, .ndim = ndim,
-                    .data = data };
-    int64_t st = 1;
-    for (int d = ndim - 1; d >= 0; d--) {
-        t.shape[d] = sh[d];
-        t.stride[d] = st;
-        st *= sh[d];
-    }
-    return t;
-}
-
 /* The prefix (2, n_tokens, d_kv) fold() makes for layer l from the MLP
  * tensors "<name>/...", called as the insertion at site. */
 static void fold_layer(const pr_model *m, shape s, int l, int site, float *out, int64_t n_tokens)
@@ -646,10 +633,10 @@ static void fold_layer(const pr_model *m, shape s, int l, int site, float *out, 
     for (int i = 0; i < 5; i++) {
         const pr_tensor_info *t = pr_model_find_tensor(m, names[i]);
         assert_non_null(t);
-        params[i] = tensor_view(t->data, t->ndim, t->shape);
+        params[i] = th_view(t->data, t->ndim, t->shape);
     }
     const int64_t dkv = (int64_t)s.Hkv * s.hd, shp[3] = { 2, n_tokens, dkv };
-    outp = tensor_view(out, 3, shp);
+    outp = th_view(out, 3, shp);
     pr_dims dims = { .struct_size = sizeof(pr_dims), .d_model = s.C, .n_heads = s.H, .n_kv_heads = s.Hkv,
                      .d_head = s.hd, .d_ff = s.F, .n_layers = s.L, .vocab = MV, .d_in = (int)dkv,
                      .d_out = (int)dkv, .family = PR_FAMILY_GPT2 };
@@ -715,7 +702,7 @@ static void test_prefix_fold(void **state)
         /* without its parameters fold() refuses, with a message */
         float small[8];
         const int64_t bad[3] = { 2, 1, 4 };
-        pr_tensor outp = tensor_view(small, 3, bad);
+        pr_tensor outp = th_view(small, 3, bad);
         pr_ctx c = { .struct_size = sizeof(pr_ctx), .host = &th_host, .out_params = &outp, .n_out_params = 1,
                      .site = PR_SITE_ATTN_K };
         th_last_error[0] = 0;

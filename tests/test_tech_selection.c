@@ -631,17 +631,6 @@ static void test_ia3_merge_no_bias(void **state)
     merge_case(0);
 }
 
-static pr_tensor t2(float *data, int64_t r, int64_t c)
-{
-    pr_tensor t = { .struct_size = sizeof(pr_tensor), .dtype = PR_DTYPE_F32, .device = PR_DEVICE_CPU, .ndim = 2,
-                    .data = data };
-    t.shape[0] = r;
-    t.shape[1] = c;
-    t.stride[0] = c;
-    t.stride[1] = 1;
-    return t;
-}
-
 static void test_ia3_merge_direct(void **state)
 {
     (void)state;
@@ -650,16 +639,13 @@ static void test_ia3_merge_direct(void **state)
     float l[N] = { 0.5f, 1.0f, 2.0f, -1.0f }, W[R * N], b[N] = { 1, 2, 3, 4 }, dW[R * N], db[N];
     for (int i = 0; i < R * N; i++)
         W[i] = (float)(i + 1);
-    pr_tensor p = { .struct_size = sizeof(pr_tensor), .dtype = PR_DTYPE_F32, .device = PR_DEVICE_CPU, .ndim = 1,
-                    .data = l };
-    p.shape[0] = N;
-    p.stride[0] = 1;
-    pr_tensor w = t2(W, R, N), bias = t2(b, 1, N), bd = t2(db, 1, N);
+    pr_tensor p = th_view1(l, N);
+    pr_tensor w = th_view2(W, R, N, N), bias = th_view2(b, 1, N, N), bd = th_view2(db, 1, N, N);
     bias.ndim = bd.ndim = 1;
     bias.shape[0] = bd.shape[0] = N;
     pr_ctx ctx = { .struct_size = sizeof(pr_ctx), .host = &host, .site = PR_SITE_ATTN_V, .params = &p,
                    .n_params = 1, .base_weight = &w, .base_bias = &bias, .bias_delta = &bd };
-    ctx.out = t2(dW, R, N);
+    ctx.out = th_view2(dW, R, N, N);
     assert_int_equal(tech[T_IA3]->merge(&ctx), 0);
     for (int i = 0; i < R; i++)
         for (int j = 0; j < N; j++)
@@ -672,11 +658,11 @@ static void test_ia3_merge_direct(void **state)
     assert_int_not_equal(tech[T_IA3]->merge(&ctx), 0);
     assert_non_null(strstr(th_last_error, "bias"));
     /* ffn.act: rows of a [N, R] weight */
-    pr_tensor w2 = t2(W, N, R);
+    pr_tensor w2 = th_view2(W, N, R, R);
     ctx.base_weight = &w2;
     ctx.base_bias = NULL;
     ctx.site = PR_SITE_FFN_ACT;
-    ctx.out = t2(dW, N, R);
+    ctx.out = th_view2(dW, N, R, R);
     assert_int_equal(tech[T_IA3]->merge(&ctx), 0);
     for (int i = 0; i < N; i++)
         for (int j = 0; j < R; j++)
