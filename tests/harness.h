@@ -43,6 +43,13 @@ int th_run_cli(const char *bin, const char *plugin_dir, const char *const *args,
 /* A fresh directory from a mkdtemp template such as "/tmp/peftref-x-XXXXXX" (malloc'ed; asserted). */
 char *th_temp_dir(const char *template_path);
 
+/* A fresh directory $TMPDIR/<prefix>-XXXXXX (/tmp when TMPDIR is unset or empty), malloc'ed;
+ * asserted. */
+char *th_scratch_dir(const char *prefix);
+
+/* Remove the plain files in dir and dir itself, then free(dir). */
+void th_scratch_dir_free(char *dir);
+
 /* rm -rf dir (asserted). */
 void th_remove_tree(const char *dir);
 

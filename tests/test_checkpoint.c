@@ -17,6 +17,7 @@
 #include "peftref/peftref.h"
 #include "fileio.h"
 #include "safetensors.h"
+#include "harness.h"
 
 enum { L = 2, C = 16, H = 2, V = 64, P = 16, B = 2, T = 8 };
 
@@ -24,30 +25,7 @@ enum { L = 2, C = 16, H = 2, V = 64, P = 16, B = 2, T = 8 };
 
 static char *make_tmpdir(void)
 {
-    const char *base = getenv("TMPDIR");
-    char tmpl[512];
-    snprintf(tmpl, sizeof tmpl, "%s/peftref-ckpt-XXXXXX", base && *base ? base : "/tmp");
-    char *d = mkdtemp(tmpl);
-    assert_non_null(d);
-    return strdup(d);
-}
-
-static void remove_tmpdir(char *dir)
-{
-    DIR *d = opendir(dir);
-    if (d) {
-        struct dirent *e;
-        while ((e = readdir(d)) != NULL) {
-            if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
-                continue;
-            char *p = fileio_join(dir, e->d_name);
-            unlink(p);
-            free(p);
-        }
-        closedir(d);
-    }
-    rmdir(dir);
-    free(dir);
+    return th_scratch_dir("peftref-ckpt");
 }
 
 static char *path_in(const char *dir, const char *name)
@@ -334,7 +312,7 @@ static void test_save_load_roundtrip(void **state)
     pr_model_free(b);
     pr_model_free(a);
     free(p);
-    remove_tmpdir(dir);
+    th_scratch_dir_free(dir);
 }
 
 /* GPT2LMHeadModel state dicts: "transformer." names, causal-mask buffers,
@@ -377,7 +355,7 @@ static void test_prefixed_names_and_buffers(void **state)
     expect_load_fails(dir, PR_ERR_FORMAT, "model.safetensors", "wte.weight", NULL);
 
     pr_model_free(a);
-    remove_tmpdir(dir);
+    th_scratch_dir_free(dir);
 }
 
 /* An untied LM head is its own tensor; n_inner given explicitly. */
@@ -410,7 +388,7 @@ static void test_untied_head(void **state)
     expect_load_fails(dir, PR_ERR_NOTFOUND, "model.safetensors", "'lm_head.weight'", NULL);
     pr_model_free(a);
     free(p);
-    remove_tmpdir(dir);
+    th_scratch_dir_free(dir);
 }
 
 static void write_sharded(const pr_model *a, const char *dir, const char *prefix)
@@ -475,7 +453,7 @@ static void test_sharded(void **state)
     free(ip);
     free(shard2);
     pr_model_free(a);
-    remove_tmpdir(dir);
+    th_scratch_dir_free(dir);
 }
 
 /* F16 / BF16 checkpoints convert to f32 within the dtype's rounding:
@@ -525,7 +503,7 @@ static void test_half_precision(void **state)
     }
     pr_model_free(b);
     pr_model_free(a);
-    remove_tmpdir(dir);
+    th_scratch_dir_free(dir);
 }
 
 /* A file whose F32 data is not 4-byte aligned (header length 2 mod 4) is
@@ -577,7 +555,7 @@ static void test_unaligned_f32(void **state)
     free(buf);
     free(js);
     pr_model_free(a);
-    remove_tmpdir(dir);
+    th_scratch_dir_free(dir);
 }
 
 /* ---- broken checkpoints ---------------------------------------------------------------- */
@@ -662,7 +640,7 @@ static void test_missing_and_wrong_tensors(void **state)
     free(p);
     pr_model_free(a8);
     pr_model_free(a);
-    remove_tmpdir(dir);
+    th_scratch_dir_free(dir);
 }
 
 static void test_config_errors(void **state)
@@ -746,7 +724,7 @@ static void test_config_errors(void **state)
 
     free(cp);
     pr_model_free(a);
-    remove_tmpdir(dir);
+    th_scratch_dir_free(dir);
 }
 
 int main(void)

@@ -18,36 +18,13 @@
 
 #include "fileio.h"
 #include "safetensors.h"
+#include "harness.h"
 
 /* ---- helpers ------------------------------------------------------------------ */
 
 static char *make_tmpdir(void)
 {
-    const char *base = getenv("TMPDIR");
-    char tmpl[512];
-    snprintf(tmpl, sizeof tmpl, "%s/peftref-st-XXXXXX", base && *base ? base : "/tmp");
-    char *d = mkdtemp(tmpl);
-    assert_non_null(d);
-    return strdup(d);
-}
-
-/* Remove dir and the plain files in it. */
-static void remove_tmpdir(char *dir)
-{
-    DIR *d = opendir(dir);
-    if (d) {
-        struct dirent *e;
-        while ((e = readdir(d)) != NULL) {
-            if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
-                continue;
-            char *p = fileio_join(dir, e->d_name);
-            unlink(p);
-            free(p);
-        }
-        closedir(d);
-    }
-    rmdir(dir);
-    free(dir);
+    return th_scratch_dir("peftref-st");
 }
 
 static int count_dir_entries(const char *dir)
@@ -214,7 +191,7 @@ static void test_roundtrip_f32(void **state)
     st_close(f);
 
     free(path);
-    remove_tmpdir(dir);
+    th_scratch_dir_free(dir);
 }
 
 /* A writable open maps copy-on-write: writes are visible through the
@@ -238,7 +215,7 @@ static void test_writable_mapping_is_private(void **state)
     assert_true(((const float *)st_find(f, "v")->data)[2] == 3.0f);
     st_close(f);
     free(path);
-    remove_tmpdir(dir);
+    th_scratch_dir_free(dir);
 }
 
 /* ---- F16 / BF16 ---------------------------------------------------------------------- */
@@ -411,7 +388,7 @@ static void test_half_file(void **state)
     assert_int_equal(raw[1], 0x3d);
     st_close(f);
     free(path);
-    remove_tmpdir(dir);
+    th_scratch_dir_free(dir);
 }
 
 /* ---- broken files ---------------------------------------------------------------------- */
@@ -461,7 +438,7 @@ static void test_truncated(void **state)
     free(buf);
     free(cut);
     free(path);
-    remove_tmpdir(dir);
+    th_scratch_dir_free(dir);
 }
 
 static void test_corrupt_headers(void **state)
@@ -582,7 +559,7 @@ static void test_corrupt_headers(void **state)
     free(missing);
 
     free(p);
-    remove_tmpdir(dir);
+    th_scratch_dir_free(dir);
 }
 
 static void test_write_rejects_bad_entries(void **state)
@@ -605,7 +582,7 @@ static void test_write_rejects_bad_entries(void **state)
     assert_int_equal(st_write(p, &nodata, 1, NULL, 0, &err), PR_ERR_INVALID);
     assert_int_equal(count_dir_entries(dir), 0);
     free(p);
-    remove_tmpdir(dir);
+    th_scratch_dir_free(dir);
 }
 
 /* ---- atomic writes ------------------------------------------------------------------------ */
@@ -657,7 +634,7 @@ static void test_atomic_abort_keeps_old(void **state)
     free(nodir);
 
     free(p);
-    remove_tmpdir(dir);
+    th_scratch_dir_free(dir);
 }
 
 /* A write that fails half-way (here: the file-size limit, standing in for
@@ -719,7 +696,7 @@ static void test_atomic_failure_keeps_old(void **state)
     free(big);
     free(before);
     free(p);
-    remove_tmpdir(dir);
+    th_scratch_dir_free(dir);
 }
 
 int main(void)
