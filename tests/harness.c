@@ -135,6 +135,17 @@ pr_model_config th_config(const th_shape *s, uint64_t seed)
     return c;
 }
 
+pr_module *th_attach(pr_model *m, const pr_module_spec *s)
+{
+    pr_module *mod = NULL;
+    pr_error err = { 0 };
+    int rc = pr_module_attach(m, s, &mod, &err);
+    if (rc)
+        fprintf(stderr, "attach %s: %s\n", s->technique ? s->technique->name : "(none)", err.msg);
+    assert_int_equal(rc, PR_OK);
+    return mod;
+}
+
 pr_model *th_model_new(const pr_model_config *c, int B, int T)
 {
     pr_model *m = NULL;

@@ -62,6 +62,9 @@ typedef struct th_shape {
 /* The gpt2-tiny preset (asserted) with shape s, init_std 0.1 and the given seed. */
 pr_model_config th_config(const th_shape *s, uint64_t seed);
 
+/* pr_module_attach(m, s) asserted to succeed (the message printed first); the module. */
+pr_module *th_attach(pr_model *m, const pr_module_spec *s);
+
 /* pr_model_create + pr_model_reserve(B, T); asserts both succeed. */
 pr_model *th_model_new(const pr_model_config *c, int B, int T);
 

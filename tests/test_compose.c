@@ -184,13 +184,7 @@ static pr_module *attach_t(pr_model *m, const pr_technique *t, const attach_args
     s.trainable = !a->frozen;
     s.seed = a->seed ? a->seed : 5;
     s.gate = a->gate;
-    pr_module *mod = NULL;
-    pr_error err = { 0 };
-    int rc = pr_module_attach(m, &s, &mod, &err);
-    if (rc)
-        fprintf(stderr, "attach %s: %s\n", t->name, err.msg);
-    assert_int_equal(rc, PR_OK);
-    return mod;
+    return th_attach(m, &s);
 }
 
 static pr_module *attach(pr_model *m, const char *technique, const attach_args *a)

@@ -256,13 +256,7 @@ static pr_module *attach(pr_model *m, const pr_technique *t, const pr_option_set
     s.n_options = n_opts;
     s.trainable = 1;
     s.seed = 9;
-    pr_module *mod = NULL;
-    pr_error err = { 0 };
-    int rc = pr_module_attach(m, &s, &mod, &err);
-    if (rc)
-        fprintf(stderr, "attach %s: %s\n", t->name, err.msg);
-    assert_int_equal(rc, PR_OK);
-    return mod;
+    return th_attach(m, &s);
 }
 
 static const pr_tensor_info *tensor(const pr_model *m, const char *name)

@@ -173,11 +173,7 @@ static pr_module *attach(run *r, const pr_technique *t, uint32_t sites, const pr
 {
     pr_module_spec spec = { .technique = t, .sites = sites, .options = o, .n_options = n,
                             .trainable = 1, .seed = 11 };
-    pr_module *mod = NULL;
-    pr_error err = { 0 };
-    if (pr_module_attach(r->m, &spec, &mod, &err))
-        fail_msg("attach %s: %s", t->name, err.msg);
-    return mod;
+    return th_attach(r->m, &spec);
 }
 
 /* The module tensor "<module>/h.<layer>.<site>.<param>", or NULL. */

@@ -134,11 +134,7 @@ static pr_module *attach(fixture *f, const pr_technique *t, const char *name, co
 {
     pr_module_spec s = { .technique = t, .name = name, .options = o, .n_options = no, .layers = layers,
                          .n_layers = nl, .trainable = 1, .seed = seed };
-    pr_module *mod = NULL;
-    pr_error err = { 0 };
-    if (pr_module_attach(f->m, &s, &mod, &err))
-        fail_msg("attach %s: %s", t->name, err.msg);
-    return mod;
+    return th_attach(f->m, &s);
 }
 
 /* Mean cross-entropy of a forward, recomputed in double from the logits. */

@@ -139,12 +139,7 @@ static pr_module *attach(pr_model *m, const pr_technique *t, const int *layers, 
     s.n_layers = n_layers;
     s.trainable = 1;
     s.seed = 5;
-    pr_module *mod = NULL;
-    pr_error err = { 0 };
-    int rc = pr_module_attach(m, &s, &mod, &err);
-    if (rc)
-        fprintf(stderr, "attach %s: %s\n", t->name, err.msg);
-    assert_int_equal(rc, PR_OK);
+    pr_module *mod = th_attach(m, &s);
     assert_non_null(mod);
     return mod;
 }
