@@ -135,6 +135,20 @@ pr_model_config th_config(const th_shape *s, uint64_t seed)
     return c;
 }
 
+int th_option_index(const pr_technique *t, const char *name)
+{
+    for (uint32_t i = 0; i < t->n_options; i++)
+        if (strcmp(t->options[i].name, name) == 0)
+            return (int)i;
+    return -1;
+}
+
+const pr_option_decl *th_option(const pr_technique *t, const char *name)
+{
+    int i = th_option_index(t, name);
+    return i < 0 ? NULL : &t->options[i];
+}
+
 pr_module *th_attach(pr_model *m, const pr_module_spec *s)
 {
     pr_module *mod = NULL;

@@ -62,6 +62,10 @@ typedef struct th_shape {
 /* The gpt2-tiny preset (asserted) with shape s, init_std 0.1 and the given seed. */
 pr_model_config th_config(const th_shape *s, uint64_t seed);
 
+/* The index of t's option called name, or -1; the option's declaration, or NULL. */
+int th_option_index(const pr_technique *t, const char *name);
+const pr_option_decl *th_option(const pr_technique *t, const char *name);
+
 /* pr_module_attach(m, s) asserted to succeed (the message printed first); the module. */
 pr_module *th_attach(pr_model *m, const pr_module_spec *s);
 

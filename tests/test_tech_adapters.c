@@ -118,14 +118,6 @@ static void test_pack_found_in_build_tree(void **state)
 
 /* ---- descriptors ------------------------------------------------------------- */
 
-static const pr_option_decl *opt(const pr_technique *t, const char *name)
-{
-    for (uint32_t i = 0; i < t->n_options; i++)
-        if (strcmp(t->options[i].name, name) == 0)
-            return &t->options[i];
-    return NULL;
-}
-
 static void check_params(const pr_technique *t, int down_init)
 {
     assert_int_equal(t->n_params, 4);
@@ -167,7 +159,7 @@ static void test_descriptors(void **state)
         assert_int_equal(t->sharing, PR_SHARE_NONE);
         assert_int_equal(t->input, PR_INPUT_HIDDEN);
         /* the activation enum lists the pr_activation names in order */
-        const pr_option_decl *a = opt(t, "activation");
+        const pr_option_decl *a = th_option(t, "activation");
         assert_non_null(a);
         assert_string_equal(a->choices[PR_ACT_IDENTITY], "identity");
         assert_string_equal(a->choices[PR_ACT_GELU], "gelu");
@@ -182,10 +174,10 @@ static void test_descriptors(void **state)
     assert_int_equal(houlsby->workspace, PR_WS_ATTENTION | PR_WS_FFN);
     assert_int_equal(houlsby->sites, sub);
     assert_int_equal(houlsby->default_sites, sub);
-    assert_true(opt(houlsby, "m")->def == 64);
-    check_enum_default(opt(houlsby, "activation"), "gelu");
-    check_enum_default(opt(houlsby, "init"), "zeros");
-    assert_true(opt(houlsby, "init_std")->def == 1e-2);
+    assert_true(th_option(houlsby, "m")->def == 64);
+    check_enum_default(th_option(houlsby, "activation"), "gelu");
+    check_enum_default(th_option(houlsby, "init"), "zeros");
+    assert_true(th_option(houlsby, "init_std")->def == 1e-2);
     check_params(houlsby, PR_INIT_NORMAL);
     assert_string_equal(houlsby->params[2].init_option, "init");
 
@@ -196,9 +188,9 @@ static void test_descriptors(void **state)
     assert_int_equal(pfeiffer->workspace, PR_WS_FFN);
     assert_int_equal(pfeiffer->sites, PR_SITE_BIT(PR_SITE_FFN_OUT));
     assert_int_equal(pfeiffer->default_sites, PR_SITE_BIT(PR_SITE_FFN_OUT));
-    assert_true(opt(pfeiffer, "reduction_factor")->def == 16);
-    assert_null(opt(pfeiffer, "m"));
-    check_enum_default(opt(pfeiffer, "activation"), "relu");
+    assert_true(th_option(pfeiffer, "reduction_factor")->def == 16);
+    assert_null(th_option(pfeiffer, "m"));
+    check_enum_default(th_option(pfeiffer, "activation"), "relu");
     check_params(pfeiffer, PR_INIT_NORMAL);
     assert_string_equal(pfeiffer->params[0].shape, "d_model, max(1, d_model / reduction_factor)");
 
@@ -209,9 +201,9 @@ static void test_descriptors(void **state)
     assert_int_equal(parallel->workspace, PR_WS_ATTENTION | PR_WS_FFN);
     assert_int_equal(parallel->sites, sub);
     assert_int_equal(parallel->default_sites, PR_SITE_BIT(PR_SITE_FFN_OUT));
-    assert_true(opt(parallel, "scaling")->def == 4);
+    assert_true(th_option(parallel, "scaling")->def == 4);
     assert_string_equal(parallel->scale_expr, "scaling");
-    check_enum_default(opt(parallel, "activation"), "relu");
+    check_enum_default(th_option(parallel, "activation"), "relu");
     check_params(parallel, PR_INIT_UNIFORM);
 }
 

@@ -79,14 +79,6 @@ static int teardown_plugins(void **state)
     return 0;
 }
 
-static int option_index(const pr_technique *t, const char *name)
-{
-    for (uint32_t i = 0; i < t->n_options; i++)
-        if (strcmp(t->options[i].name, name) == 0)
-            return (int)i;
-    return -1;
-}
-
 static int param_index(const pr_technique *t, const char *name)
 {
     for (uint32_t i = 0; i < t->n_params; i++)
@@ -129,10 +121,10 @@ static void test_descriptors(void **state)
         assert_int_equal(t->insertions, PR_INSERTIONS_PER_SITE_LAYER);
         assert_int_equal(t->integration, PR_INTEGRATE_DIRECT_ADD);
         /* defaults from the paper */
-        assert_true(t->options[option_index(t, "n")].def == 4);
-        assert_true(t->options[option_index(t, "reduction_factor")].def == 32);
-        assert_true(t->options[option_index(t, "rank")].def == 1);
-        assert_true(t->options[option_index(t, "m")].def == 0);
+        assert_true(t->options[th_option_index(t, "n")].def == 4);
+        assert_true(t->options[th_option_index(t, "reduction_factor")].def == 32);
+        assert_true(t->options[th_option_index(t, "rank")].def == 1);
+        assert_true(t->options[th_option_index(t, "m")].def == 0);
         int r = param_index(t, "phm_rule");
         assert_true(r >= 0);
         assert_int_equal(t->params[r].scope, PR_SCOPE_GLOBAL);
@@ -158,9 +150,9 @@ static void test_descriptors(void **state)
     assert_int_equal(tiny->integration, PR_INTEGRATE_SCALED_ADD);
     assert_int_equal(tiny->default_sites, PR_SITE_BIT(PR_SITE_ATTN_OUT));
     assert_string_equal(tiny->scale_expr, "scale");
-    assert_true(tiny->options[option_index(tiny, "heads")].def == 1);
-    assert_true(tiny->options[option_index(tiny, "head_dim")].def == 1);
-    assert_true(tiny->options[option_index(tiny, "scale")].def == 1);
+    assert_true(tiny->options[th_option_index(tiny, "heads")].def == 1);
+    assert_true(tiny->options[th_option_index(tiny, "head_dim")].def == 1);
+    assert_true(tiny->options[th_option_index(tiny, "scale")].def == 1);
     assert_int_equal(tiny->n_params, 7);
     assert_int_equal(tiny->params[param_index(tiny, "o_weight")].init, PR_INIT_ZEROS);
     assert_int_equal(param_index(tiny, "k_bias"), -1);

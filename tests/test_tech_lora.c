@@ -89,14 +89,6 @@ static int teardown_plugins(void **state)
 
 /* ---- tensor views and option lookup for driving the callbacks directly ------- */
 
-static const pr_option_decl *find_option(const pr_technique *t, const char *name)
-{
-    for (uint32_t i = 0; i < t->n_options; i++)
-        if (strcmp(t->options[i].name, name) == 0)
-            return &t->options[i];
-    return NULL;
-}
-
 /* ---- models ------------------------------------------------------------------ */
 
 enum { MB = 2, MT = 6, MV = 64 };
@@ -310,13 +302,13 @@ static void test_lora_descriptor(void **state)
 {
     (void)state;
     const pr_option_decl *o;
-    assert_non_null(o = find_option(lora, "r"));
+    assert_non_null(o = th_option(lora, "r"));
     assert_true(o->per_site && o->def == 8);
-    assert_non_null(o = find_option(lora, "alpha"));
+    assert_non_null(o = th_option(lora, "alpha"));
     assert_true(o->per_site && o->def == 8);
-    assert_non_null(o = find_option(lora, "dropout"));
+    assert_non_null(o = th_option(lora, "dropout"));
     assert_true(o->def == 0 && !o->per_site);
-    assert_non_null(o = find_option(lora, "use_rslora"));
+    assert_non_null(o = th_option(lora, "use_rslora"));
     assert_true(o->def == 0 && o->type == PR_OPT_BOOL);
     assert_non_null(strstr(lora->param_formula, "per insertion: r * (d_in + d_out)"));
     assert_non_null(strstr(lora->param_formula, "insertions = chosen sites x chosen layers"));
@@ -635,15 +627,15 @@ static void test_dora_descriptor(void **state)
     assert_int_equal(t->default_sites, PR_SITE_BIT(PR_SITE_QKV));
     assert_false(t->sites & PR_SITE_BIT(PR_SITE_ATTN_K));
     const pr_option_decl *o;
-    assert_non_null(o = find_option(t, "r"));
+    assert_non_null(o = th_option(t, "r"));
     assert_true(o->def == 8 && o->per_site);
-    assert_non_null(o = find_option(t, "alpha"));
+    assert_non_null(o = th_option(t, "alpha"));
     assert_true(o->def == 8 && o->per_site);
-    assert_non_null(o = find_option(t, "dropout"));
+    assert_non_null(o = th_option(t, "dropout"));
     assert_true(o->def == 0);
-    assert_non_null(o = find_option(t, "use_rslora"));
+    assert_non_null(o = th_option(t, "use_rslora"));
     assert_true(o->def == 0);
-    assert_non_null(o = find_option(t, "detach_norm"));
+    assert_non_null(o = th_option(t, "detach_norm"));
     assert_true(o->def == 0 && o->type == PR_OPT_BOOL);
     assert_int_equal(t->n_params, 3);
     assert_string_equal(t->params[0].name, "lora_A");

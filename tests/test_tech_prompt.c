@@ -213,14 +213,6 @@ static int grad_check_module(fixture *f, const char *pre, int expect_tensors)
 
 /* ---- descriptors --------------------------------------------------------------------------------- */
 
-static const pr_option_decl *option(const pr_technique *t, const char *name)
-{
-    for (uint32_t i = 0; i < t->n_options; i++)
-        if (strcmp(t->options[i].name, name) == 0)
-            return &t->options[i];
-    return NULL;
-}
-
 static void test_descriptors(void **state)
 {
     (void)state;
@@ -253,18 +245,18 @@ static void test_descriptors(void **state)
     assert_int_equal(t->sites, PR_SITE_BIT(PR_SITE_EMBED));
     assert_int_equal(t->default_sites, PR_SITE_BIT(PR_SITE_EMBED));
     const pr_option_decl *o;
-    assert_non_null(o = option(t, "n_tokens"));
+    assert_non_null(o = th_option(t, "n_tokens"));
     assert_true(o->type == PR_OPT_INT && o->def == 20 && o->min == 1);
-    assert_non_null(o = option(t, "init"));
+    assert_non_null(o = th_option(t, "init"));
     assert_int_equal(o->type, PR_OPT_ENUM);
     assert_string_equal(o->choices[0], "normal");
     assert_string_equal(o->choices[1], "embed_rows");
     assert_string_equal(o->choices[2], "text");
     assert_null(o->choices[3]);
     assert_string_equal(o->choices[(int)o->def], "embed_rows");
-    assert_non_null(o = option(t, "init_text"));
+    assert_non_null(o = th_option(t, "init_text"));
     assert_int_equal(o->type, PR_OPT_STRING);
-    assert_non_null(o = option(t, "init_std"));
+    assert_non_null(o = th_option(t, "init_std"));
     assert_true(o->type == PR_OPT_FLOAT && o->def == 1.0);
     assert_int_equal(t->n_params, 1);
     assert_string_equal(t->params[0].name, "prompt");
@@ -282,7 +274,7 @@ static void test_descriptors(void **state)
     assert_int_equal(t->workspace, PR_WS_ATTENTION);
     assert_int_equal(t->sites, PR_SITE_BIT(PR_SITE_ATTN_K) | PR_SITE_BIT(PR_SITE_ATTN_V));
     assert_int_equal(t->default_sites, t->sites);
-    assert_non_null(o = option(t, "n_tokens"));
+    assert_non_null(o = th_option(t, "n_tokens"));
     assert_true(o->type == PR_OPT_INT && o->def == 10 && !o->per_site);
     assert_int_equal(t->n_params, 1);
     assert_string_equal(t->params[0].name, "prefix");
@@ -296,9 +288,9 @@ static void test_descriptors(void **state)
     assert_int_equal(t->sharing, PR_SHARE_ACROSS_LAYERS);
     assert_int_equal(t->insertions, PR_INSERTIONS_PER_LAYER);
     assert_int_equal(t->sites, prefix->sites);
-    assert_non_null(o = option(t, "encoder_hidden_size"));
+    assert_non_null(o = th_option(t, "encoder_hidden_size"));
     assert_true(o->type == PR_OPT_INT && o->def == 512);
-    assert_non_null(o = option(t, "n_tokens"));
+    assert_non_null(o = th_option(t, "n_tokens"));
     assert_true(o->def == 10);
     assert_int_equal(t->n_params, 5);
     const char *names[] = { "embedding", "transform_0_weight", "transform_0_bias", "transform_2_weight",
