@@ -533,15 +533,7 @@ static pr_model_config config_a(void)
 /* a second shape: 3 layers, grouped-query attention (Hkv < H), d_head != C/H */
 static pr_model_config config_b(void)
 {
-    pr_model_config c = config_a();
-    c.n_layers = 3;
-    c.d_model = 24;
-    c.n_heads = 4;
-    c.n_kv_heads = 2;
-    c.d_head = 5;
-    c.d_ff = 40;
-    c.vocab_size = 50;
-    return c;
+    return th_config(&(th_shape){ .L = 3, .C = 24, .H = 4, .Hkv = 2, .hd = 5, .F = 40, .V = 50, .max_seq = 16 }, 11);
 }
 
 static pr_model *make_model(const pr_model_config *c)

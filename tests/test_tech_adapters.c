@@ -218,14 +218,7 @@ static pr_model_config config_a(void)
 /* L=3, C=48, H=6, F=96, no grouped-query attention */
 static pr_model_config config_b(void)
 {
-    pr_model_config c = config_a();
-    c.n_layers = 3;
-    c.d_model = 48;
-    c.n_heads = 6;
-    c.n_kv_heads = 6;
-    c.d_head = 8;
-    c.d_ff = 96;
-    return c;
+    return th_config(&(th_shape){ .L = 3, .C = 48, .H = 6, .Hkv = 6, .hd = 8, .F = 96, .V = 64, .max_seq = 16 }, 21);
 }
 
 static pr_model *make_model(const pr_model_config *c)

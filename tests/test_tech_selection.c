@@ -97,16 +97,7 @@ static pr_model_config config_a(void)
 
 static pr_model_config config_b(void)
 {
-    pr_model_config c = config_a();
-    c.n_layers = 3;
-    c.d_model = 48;
-    c.n_heads = 6;
-    c.n_kv_heads = 6;
-    c.d_head = 8;
-    c.d_ff = 96;
-    c.vocab_size = 50;
-    c.seed = 12;
-    return c;
+    return th_config(&(th_shape){ .L = 3, .C = 48, .H = 6, .Hkv = 6, .hd = 8, .F = 96, .V = 50, .max_seq = 16 }, 12);
 }
 
 static pr_model *make_model(const pr_model_config *c)
