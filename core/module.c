@@ -80,6 +80,7 @@
 #include "peftref/module.h"
 #include "expr.h"
 #include "host.h"
+#include "names.h"
 #include "model_internal.h"
 #include "safetensors.h"
 
@@ -270,21 +271,6 @@ static const char *mod_name(const pr_module *mod)
     return mod->name ? mod->name : (mod->t.name ? mod->t.name : "?");
 }
 
-static void site_list(uint32_t mask, char *buf, size_t len)
-{
-    size_t o = 0;
-    buf[0] = '\0';
-    for (int s = 0; s < PR_SITE_COUNT; s++) {
-        if (!(mask & PR_SITE_BIT(s)))
-            continue;
-        int w = snprintf(buf + o, len - o, "%s%s", o ? ", " : "", pr_site_name(s));
-        if (w < 0 || (size_t)w >= len - o)
-            break;
-        o += (size_t)w;
-    }
-    if (!buf[0])
-        snprintf(buf, len, "none");
-}
 
 static void where_of(int site, int layer, char *buf, size_t len)
 {
@@ -607,7 +593,7 @@ static int resolve_sites(pr_module *mod, const pr_model *m, const pr_module_spec
         if (!(mask & PR_SITE_BIT(s)))
             continue;
         if (!(mod->t.sites & PR_SITE_BIT(s))) {
-            site_list(mod->t.sites, buf, sizeof buf);
+            names_site_mask(mod->t.sites, "none", buf, sizeof buf);
             return pr_errorf(err, PR_ERR_INVALID, "module '%s': technique '%s' cannot attach at site '%s' (allowed: %s)",
                              mod_name(mod), mod->t.name, pr_site_name(s), buf);
         }
@@ -2890,8 +2876,8 @@ int pr_module_fuse(pr_model *m, const pr_fusion_spec *spec, pr_module **out, pr_
         const pr_module *a = kids[0];
         char x[256], y[256];
         if (k->sites != a->sites) {
-            site_list(a->sites, x, sizeof x);
-            site_list(k->sites, y, sizeof y);
+            names_site_mask(a->sites, "none", x, sizeof x);
+            names_site_mask(k->sites, "none", y, sizeof y);
             return pr_errorf(err, PR_ERR_INVALID, "fusion '%s': modules '%s' and '%s' attach at different sites (%s; "
                              "%s); fused modules must share their sites and layers", nm, mod_name(a), mod_name(k),
                              x, y);

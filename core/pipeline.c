@@ -30,6 +30,7 @@
 #include "data.h"
 #include "fileio.h"
 #include "model_internal.h"
+#include "names.h"
 
 #define MAX_DEPTH 64
 #define MAX_LAYERS 4096
@@ -251,37 +252,7 @@ static void diags_free(diags *d)
 
 /* ---- suggestions ------------------------------------------------------------------ */
 
-static int fold_char(int c)
-{
-    c = tolower(c);
-    return c == '-' ? '_' : c;
-}
 
-/* Optimal-string-alignment distance, case-insensitive, '-' and '_' alike. */
-static int edit_distance(const char *a, const char *b)
-{
-    size_t n = strlen(a), m = strlen(b);
-    if (n > 64 || m > 64)
-        return INT_MAX;
-    int d[65][65];
-    for (size_t i = 0; i <= n; i++)
-        d[i][0] = (int)i;
-    for (size_t j = 0; j <= m; j++)
-        d[0][j] = (int)j;
-    for (size_t i = 1; i <= n; i++)
-        for (size_t j = 1; j <= m; j++) {
-            int ca = fold_char(a[i - 1]), cb = fold_char(b[j - 1]);
-            int v = d[i - 1][j - 1] + (ca != cb);
-            if (d[i - 1][j] + 1 < v)
-                v = d[i - 1][j] + 1;
-            if (d[i][j - 1] + 1 < v)
-                v = d[i][j - 1] + 1;
-            if (i > 1 && j > 1 && ca == fold_char(b[j - 2]) && fold_char(a[i - 2]) == cb && d[i - 2][j - 2] + 1 < v)
-                v = d[i - 2][j - 2] + 1;
-            d[i][j] = v;
-        }
-    return d[n][m];
-}
 
 /* Names users bring from Hugging Face transformers/PEFT and other
  * trainers, mapped to this schema's keys (hints only). */
@@ -314,7 +285,7 @@ static const char *suggest(const char *s, const char *const *names, int n)
     int limit = len <= 3 ? 1 : len <= 6 ? 2 : 3, best_d = INT_MAX;
     const char *best = NULL;
     for (int j = 0; j < n; j++) {
-        int d = edit_distance(s, names[j]);
+        int d = names_edit_distance(s, names[j]);
         if (d < best_d) {
             best_d = d;
             best = names[j];
@@ -1156,21 +1127,6 @@ static const char *const site_words[] = { "embed", "qkv", "q", "k", "v", "o", "a
                                           "gate_proj", "down_proj", "wte" };
 #define N_SITE_WORDS ((int)(sizeof site_words / sizeof site_words[0]))
 
-static void site_list(uint32_t mask, char *buf, size_t len)
-{
-    size_t o = 0;
-    buf[0] = '\0';
-    for (int s = 0; s < PR_SITE_COUNT; s++) {
-        if (!(mask & PR_SITE_BIT(s)))
-            continue;
-        int w = snprintf(buf + o, len - o, "%s%s", o ? ", " : "", pr_site_name(s));
-        if (w < 0 || (size_t)w >= len - o)
-            break;
-        o += (size_t)w;
-    }
-    if (!buf[0])
-        snprintf(buf, len, "none");
-}
 
 /* One site name at (line, col): parse and check it against the technique
  * and the model.  Returns the site or -1. */
@@ -1188,7 +1144,7 @@ static int check_site(loader *L, const char *word, const char *src, int line, in
         return -1;
     }
     if (t && !(t->sites & PR_SITE_BIT(s))) {
-        site_list(t->sites, buf, sizeof buf);
+        names_site_mask(t->sites, "none", buf, sizeof buf);
         diag_loc(&L->d, src, line, col, "%s: technique '%s' cannot attach at site '%s' (allowed: %s)", path,
                  t->name, pr_site_name(s), buf);
         return -1;
@@ -1518,7 +1474,7 @@ static void load_site_options(loader *L, const ynode *n, const char *path, pipe_
             continue;
         if (!(used & PR_SITE_BIT(s))) {
             char buf[256];
-            site_list(used, buf, sizeof buf);
+            names_site_mask(used, "none", buf, sizeof buf);
             diag_at(&L->d, key, "%s: site '%s' is not one of the module's sites (%s)", path, pr_site_name(s), buf);
             continue;
         }

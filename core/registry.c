@@ -53,6 +53,7 @@
 
 #include "peftref/module.h"
 #include "expr.h"
+#include "names.h"
 
 #ifndef PEFTREF_PLUGINSDIR
 #define PEFTREF_PLUGINSDIR "/usr/local/lib/peftref/plugins"
@@ -1136,41 +1137,7 @@ const pr_technique *pr_registry_find(const pr_registry *r, const char *name)
     return i < 0 ? NULL : &r->techs[i].c.t;
 }
 
-static int lower(int ch)
-{
-    return ch >= 'A' && ch <= 'Z' ? ch - 'A' + 'a' : ch;
-}
 
-/* Edit distance with adjacent transpositions (optimal string alignment),
- * case-insensitive, '-' and '_' alike: "lroa" is one edit from "lora". */
-static int edit_distance(const char *a, const char *b)
-{
-    size_t n = strlen(a), m = strlen(b);
-    if (n > 64 || m > 64)
-        return INT_MAX;
-    int d[65][65];
-    for (size_t i = 0; i <= n; i++)
-        d[i][0] = (int)i;
-    for (size_t j = 0; j <= m; j++)
-        d[0][j] = (int)j;
-    for (size_t i = 1; i <= n; i++)
-        for (size_t j = 1; j <= m; j++) {
-            int ca = lower(a[i - 1]), cb = lower(b[j - 1]);
-            if (ca == '_')
-                ca = '-';
-            if (cb == '_')
-                cb = '-';
-            int v = d[i - 1][j - 1] + (ca != cb);
-            if (d[i - 1][j] + 1 < v)
-                v = d[i - 1][j] + 1;
-            if (d[i][j - 1] + 1 < v)
-                v = d[i][j - 1] + 1;
-            if (i > 1 && j > 1 && ca == lower(b[j - 2]) && lower(a[i - 2]) == cb && d[i - 2][j - 2] + 1 < v)
-                v = d[i - 2][j - 2] + 1;
-            d[i][j] = v;
-        }
-    return d[n][m];
-}
 
 const char *pr_registry_suggest(const pr_registry *r, const char *name)
 {
@@ -1183,7 +1150,7 @@ const char *pr_registry_suggest(const pr_registry *r, const char *name)
     int best_d = INT_MAX;
     for (int i = 0; i < r->n_techs; i++) {
         const char *t = r->techs[i].c.t.name;
-        int d = edit_distance(name, t);
+        int d = names_edit_distance(name, t);
         /* A prefix of three or more characters ("prefix" for
          * "prefix-tuning") is as good as one edit. */
         if (d > 1 && len >= 3 && strncmp(t, name, len) == 0)

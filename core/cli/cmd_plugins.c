@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "cli.h"
+#include "names.h"
 #include "peftref/module.h"
 
 static const char plugins_usage[] =
@@ -123,21 +124,6 @@ static void print_field(const char *label, const char *value)
     print_wrapped_at(value && *value ? value : "(none)", FIELD_COL, FIELD_COL, 78);
 }
 
-/* Site names of a PR_SITE_BIT mask, comma-separated. */
-static void site_list(uint32_t mask, char *buf, size_t len)
-{
-    buf[0] = '\0';
-    size_t n = 0;
-    for (int s = 0; s < PR_SITE_COUNT; s++)
-        if (mask & PR_SITE_BIT(s)) {
-            int w = snprintf(buf + n, len - n, "%s%s", n ? ", " : "", pr_site_name(s));
-            if (w < 0 || (size_t)w >= len - n)
-                break;
-            n += (size_t)w;
-        }
-    if (!n)
-        snprintf(buf, len, "(none)");
-}
 
 static void workspace_list(uint32_t ws, char *buf, size_t len)
 {
@@ -325,9 +311,9 @@ static void print_page(const pr_technique *t, const char *origin)
     print_options(t);
 
     printf("\nSites:\n");
-    site_list(t->sites, buf, sizeof buf);
+    names_site_mask(t->sites, "(none)", buf, sizeof buf);
     print_field("allowed", buf);
-    site_list(t->default_sites, buf, sizeof buf);
+    names_site_mask(t->default_sites, "(none)", buf, sizeof buf);
     print_field("default", buf);
 
     if (t->integration == PR_INTEGRATE_SELECT)
@@ -353,7 +339,7 @@ static void print_page(const pr_technique *t, const char *origin)
 static void print_plan(const pr_technique *t, const pr_model_config *cfg, const char *model_label)
 {
     char sites[256];
-    site_list(t->default_sites, sites, sizeof sites);
+    names_site_mask(t->default_sites, "(none)", sites, sizeof sites);
     printf("\nOn %s (%d layers, d_model %d, d_ff %d, vocab %d), default sites and options:\n", model_label,
            cfg->n_layers, cfg->d_model, cfg->d_ff, cfg->vocab_size);
     pr_module_spec spec;
@@ -367,7 +353,7 @@ static void print_plan(const pr_technique *t, const pr_model_config *cfg, const 
         return;
     }
     char buf[256];
-    site_list(plan.sites, sites, sizeof sites);
+    names_site_mask(plan.sites, "(none)", sites, sizeof sites);
     print_field("sites used", sites);
     snprintf(buf, sizeof buf, "%d", plan.layers_used);
     print_field("layers used", buf);
