@@ -271,6 +271,22 @@ static const char *mod_name(const pr_module *mod)
     return mod->name ? mod->name : (mod->t.name ? mod->t.name : "?");
 }
 
+/* Make the module's shared scratch area hold at least need floats (never
+ * shrinks; called from reserve, not inside a step). */
+static int grow_scratch(pr_module *mod, size_t need, const char *kind, pr_error *err)
+{
+    if (need <= mod->scratch_cap)
+        return PR_OK;
+    float *s = alloc_floats(need);
+    if (!s)
+        return pr_errorf(err, PR_ERR_NOMEM, "%s '%s': out of memory for %zu floats of scratch", kind,
+                         mod_name(mod), need);
+    free(mod->scratch);
+    mod->scratch = s;
+    mod->scratch_cap = need;
+    return PR_OK;
+}
+
 
 static void where_of(int site, int layer, char *buf, size_t len)
 {
@@ -1296,16 +1312,9 @@ static int reserve_insertion(insertion *in, int B, int T, pr_error *err)
         return pr_errorf(err, PR_ERR_NOMEM, "module '%s' at %s: out of memory for saved activations (B=%d, T=%d)",
                          mod_name(mod), in->where, B, T);
     size_t need = nx + area_a_floats(in, (int)rows) + area_b_floats(in, (int)rows);
-    if (need > mod->scratch_cap) {
-        float *s = alloc_floats(need);
-        if (!s) {
-            free(block);
-            return pr_errorf(err, PR_ERR_NOMEM, "module '%s': out of memory for %zu floats of scratch", mod_name(mod),
-                             need);
-        }
-        free(mod->scratch);
-        mod->scratch = s;
-        mod->scratch_cap = need;
+    if ((rc = grow_scratch(mod, need, "module", err))) {
+        free(block);
+        return rc;
     }
     free(in->block);
     in->block = block;
@@ -1741,16 +1750,10 @@ static int fusion_reserve(void *self, int B, int T, pr_error *err)
     if (!block)
         return pr_errorf(err, PR_ERR_NOMEM, "fusion '%s' at %s: out of memory for saved activations (B=%d, T=%d)",
                          mod_name(mod), in->where, B, T);
-    if (ns > mod->scratch_cap) {
-        float *sc = alloc_floats(ns);
-        if (!sc) {
-            free(block);
-            return pr_errorf(err, PR_ERR_NOMEM, "fusion '%s': out of memory for %zu floats of scratch", mod_name(mod),
-                             ns);
-        }
-        free(mod->scratch);
-        mod->scratch = sc;
-        mod->scratch_cap = ns;
+    rc = grow_scratch(mod, ns, "fusion", err);
+    if (rc) {
+        free(block);
+        return rc;
     }
     free(in->block);
     in->block = in->fu = block;
