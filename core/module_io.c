@@ -719,16 +719,20 @@ static int parse_options(pr_module_file *f, const char *text, int site, pr_error
         if (site == -2) { /* site_options: {site: {name: value}} */
             int s = pr_site_parse(k);
             if (s < 0 || !json_is_object(v)) {
+                /* k belongs to j: report before releasing it */
+                int rc = pr_errorf(err, PR_ERR_FORMAT, "%s: metadata site_options: bad entry '%s'", f->path, k);
                 json_decref(j);
-                return pr_errorf(err, PR_ERR_FORMAT, "%s: metadata site_options: bad entry '%s'", f->path, k);
+                return rc;
             }
             const char *k2;
             json_t *v2;
             json_object_foreach(v, k2, v2) {
                 const char *name = fkeep(f, k2), *val = value_text(f, v2, buf, sizeof buf);
                 if (!name || !val || push_opt(f, name, val, s)) {
+                    int rc = pr_errorf(err, PR_ERR_FORMAT, "%s: metadata site_options.%s.%s: bad value",
+                                       f->path, k, k2);
                     json_decref(j);
-                    return pr_errorf(err, PR_ERR_FORMAT, "%s: metadata site_options.%s.%s: bad value", f->path, k, k2);
+                    return rc;
                 }
             }
             continue;
@@ -737,8 +741,9 @@ static int parse_options(pr_module_file *f, const char *text, int site, pr_error
             continue;   /* an option of the training form only (folded files) */
         const char *name = fkeep(f, k), *val = value_text(f, v, buf, sizeof buf);
         if (!name || !val || push_opt(f, name, val, -1)) {
+            int rc = pr_errorf(err, PR_ERR_FORMAT, "%s: metadata options.%s: bad value", f->path, k);
             json_decref(j);
-            return pr_errorf(err, PR_ERR_FORMAT, "%s: metadata options.%s: bad value", f->path, k);
+            return rc;
         }
     }
     json_decref(j);
@@ -804,8 +809,9 @@ int pr_module_file_open(const char *path, const pr_registry *reg, pr_module_file
         const char *sn = json_string_value(json_array_get(sj, i));
         int site = sn ? pr_site_parse(sn) : -1;
         if (site < 0) {
-            json_decref(sj);
+            /* sn belongs to sj: report before releasing it */
             rc = pr_errorf(err, PR_ERR_FORMAT, "%s: metadata sites: unknown site '%s'", path, sn ? sn : "?");
+            json_decref(sj);
             goto fail;
         }
         f->sites |= PR_SITE_BIT(site);

@@ -317,6 +317,58 @@ static void test_fingerprint_mismatch(void **state)
     free(path);
 }
 
+/* Replace the first occurrence of from in path's bytes by to (same length). */
+static void patch_file(const char *path, const char *from, const char *to)
+{
+    assert_int_equal(strlen(from), strlen(to));
+    FILE *fp = fopen(path, "rb");
+    assert_non_null(fp);
+    static char buf[1 << 16];
+    size_t n = fread(buf, 1, sizeof buf, fp);
+    fclose(fp);
+    assert_true(n > 8 && n < sizeof buf);
+    char *at = memmem(buf, n, from, strlen(from));
+    if (!at)
+        fail_msg("%s: '%s' not found in %.*s", path, from, (int)(n > 600 ? 600 : n), buf + 8);
+    memcpy(at, to, strlen(to));
+    fp = fopen(path, "wb");
+    assert_non_null(fp);
+    assert_int_equal(fwrite(buf, 1, n, fp), n);
+    assert_int_equal(fclose(fp), 0);
+}
+
+/* A module file whose metadata names an unknown site or holds a bad option
+ * value is refused with a message that quotes the offending name: the
+ * name must be reported before the JSON holding it is released (ASan
+ * reports a use after free otherwise). */
+static void test_bad_metadata_names_quoted(void **state)
+{
+    (void)state;
+    static const struct { const char *from, *to, *want; } cases[] = {
+        { "[\\\"qkv\\\"]", "[\\\"qkz\\\"]", "metadata sites: unknown site 'qkz'" },
+        { "\\\"alpha\\\":8.0", "\\\"alpha\\\":[1]", "metadata options.alpha: bad value" },
+    };
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        char name[32];
+        snprintf(name, sizeof name, "badmeta%zu.safetensors", c);
+        char *path = path_in(name);
+        pr_model *a = tiny_model(11);
+        pr_option_setting o[] = { { "r", "4", -1 }, { "alpha", "8", -1 } };
+        pr_module *mod = attach(a, "lora", "m", PR_SITE_BIT(PR_SITE_QKV), o, 2);
+        pr_error err = { 0 };
+        assert_int_equal(pr_module_save(mod, path, NULL, &err), PR_OK);
+        pr_model_free(a);
+        patch_file(path, cases[c].from, cases[c].to);
+        pr_module_file *f = NULL;
+        assert_int_equal(pr_module_file_open(path, reg, &f, &err), PR_ERR_FORMAT);
+        assert_null(f);
+        if (!strstr(err.msg, cases[c].want))
+            fail_msg("message '%s' lacks '%s'", err.msg, cases[c].want);
+        assert_non_null(strstr(err.msg, path));
+        free(path);
+    }
+}
+
 /* ---- pipelines: modes, reuse, average ------------------------------------------------ */
 
 static const char model_yaml[] = "model:\n  config: {n_layers: 2, d_model: 32, n_heads: 2, d_ff: 64, vocab: 256, "
@@ -720,6 +772,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_roundtrip_prompt),
         cmocka_unit_test(test_fold_prefix_mlp),
         cmocka_unit_test(test_fingerprint_mismatch),
+        cmocka_unit_test(test_bad_metadata_names_quoted),
         cmocka_unit_test(test_modes),
         cmocka_unit_test(test_reuse_frozen_with_new),
         cmocka_unit_test(test_average),
