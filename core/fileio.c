@@ -4,7 +4,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <stdint.h>
+#include <sys/random.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "fileio.h"
@@ -103,22 +106,41 @@ static void writer_release(fileio_writer *w)
     w->fd = -1;
 }
 
+/* 64 random bits for a temporary name nobody else can predict. */
+static unsigned long long random_suffix(void)
+{
+    unsigned long long v = 0;
+    if (getrandom(&v, sizeof v, GRND_NONBLOCK) != (ssize_t)sizeof v) {
+        /* no entropy yet (early boot): the clock and address still differ per call */
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        v ^= ((unsigned long long)ts.tv_sec << 32) ^ (unsigned long long)ts.tv_nsec ^ (uintptr_t)&v;
+    }
+    return v;
+}
+
 int fileio_writer_open(fileio_writer *w, const char *path, pr_error *err)
 {
     memset(w, 0, sizeof *w);
     w->fd = -1;
-    size_t n = strlen(path) + 32;
+    size_t n = strlen(path) + 64;
     w->path = strdup(path);
     w->tmp_path = malloc(n);
     if (!w->path || !w->tmp_path) {
         writer_release(w);
         return pr_errorf(err, PR_ERR_NOMEM, "%s: out of memory", path);
     }
-    snprintf(w->tmp_path, n, "%s.tmp.%ld", path, (long)getpid());
-    /* A leftover from an earlier crashed process with our pid is stale. */
-    w->fd = open(w->tmp_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
+    /* The name is unpredictable and the file is created new: O_EXCL never
+     * follows a symlink planted at that name, and a name that exists
+     * (planted or not) is not reused, so a write cannot be redirected into
+     * a file elsewhere through a shared output directory. */
+    int e = EEXIST;
+    for (int attempt = 0; attempt < 16 && e == EEXIST; attempt++) {
+        snprintf(w->tmp_path, n, "%s.tmp.%ld.%016llx", path, (long)getpid(), random_suffix());
+        w->fd = open(w->tmp_path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0666);
+        e = w->fd < 0 ? errno : 0;
+    }
     if (w->fd < 0) {
-        int e = errno;
         pr_errorf(err, e == ENOENT ? PR_ERR_NOTFOUND : PR_ERR_IO,
                   "%s: cannot create temporary file %s: %s", path, w->tmp_path, strerror(e));
         writer_release(w);

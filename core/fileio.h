@@ -1,6 +1,8 @@
 /* peftref core: whole-file reads and atomic, streamed file writes.
  *
- * An atomic write goes to "PATH.tmp.<pid>" in PATH's directory; commit
+ * An atomic write goes to "PATH.tmp.<pid>.<random>" in PATH's directory,
+ * created new (O_EXCL, so a symlink planted at that name is never followed)
+ * under a name nobody can predict; commit
  * fsyncs it, renames it over PATH and fsyncs the directory, so a reader
  * (or a crash) sees either the old PATH or the complete new one, never a
  * mix.  Any failure up to the rename removes the temporary file and leaves
@@ -26,7 +28,7 @@ int fileio_read_all(const char *path, size_t max_size, char **out, size_t *len, 
 typedef struct fileio_writer {
     int fd;              /* -1 once closed */
     char *path;          /* final destination */
-    char *tmp_path;      /* PATH.tmp.<pid> */
+    char *tmp_path;      /* PATH.tmp.<pid>.<16 hex digits> */
     size_t written;      /* bytes written so far */
     int failed;          /* a write already failed */
 } fileio_writer;

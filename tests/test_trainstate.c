@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "fileio.h"
@@ -390,6 +391,39 @@ static void test_failed_write_keeps_previous(void **state)
     assert_int_equal(k.prog.step, 123);
 }
 
+/* A symlink planted at the temporary name an earlier version used
+ * (PATH.tmp.<pid>) must not redirect the write: the file it points at keeps
+ * its bytes and the checkpoint still lands at PATH. */
+static void test_planted_symlink_not_followed(void **state)
+{
+    fixture *f = *state;
+    char victim[160], link_path[200];
+    snprintf(victim, sizeof victim, "%s/victim.txt", f->dir);
+    static const char keep[] = "must survive";
+    pr_error err;
+    assert_int_equal(fileio_write_atomic(victim, keep, sizeof keep - 1, &err), PR_OK);
+    snprintf(link_path, sizeof link_path, "%s.tmp.%ld", f->path, (long)getpid());
+    assert_int_equal(symlink(victim, link_path), 0);
+    save_fixture(f);
+    char *back;
+    size_t len;
+    assert_int_equal(fileio_read_all(victim, 1 << 20, &back, &len, &err), PR_OK);
+    assert_int_equal(len, sizeof keep - 1);
+    assert_memory_equal(back, keep, len);
+    free(back);
+    struct stat st;
+    assert_int_equal(lstat(link_path, &st), 0);
+    assert_true(S_ISLNK(st.st_mode));
+    assert_int_equal(lstat(f->path, &st), 0);
+    assert_true(S_ISREG(st.st_mode));
+    sink k;
+    sink_init(&k, f);
+    assert_int_equal(trainstate_load(f->path, FP, k.params, NT, &k.mom, &k.prog, &err), PR_OK);
+    assert_int_equal(k.prog.step, 123);
+    unlink(link_path);
+    assert_int_equal(count_temp_files(f), 0);
+}
+
 /* Steps 1-3, checkpoint, steps 4-5 versus steps 1-3, checkpoint, load into
  * a fresh optimizer and fresh parameters, steps 4-5: bit-identical. */
 static void run_steps(optim *o, float *w, float *gw, float *bias, float *gb, int from, int to)
@@ -465,6 +499,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_missing_extra_reshaped, setup, teardown),
         cmocka_unit_test_setup_teardown(test_bad_metadata, setup, teardown),
         cmocka_unit_test_setup_teardown(test_failed_write_keeps_previous, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_planted_symlink_not_followed, setup, teardown),
         cmocka_unit_test_setup_teardown(test_resume_equivalence, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
