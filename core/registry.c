@@ -20,6 +20,12 @@
  * ABI major, same set of technique names); otherwise every library of the
  * pack is refused with the disagreement as its reason.
  *
+ * Nothing is loaded or searched that someone else could have changed: a
+ * plugin directory, a pack directory, a plugin file and the directory that
+ * file really lives in must each be owned by this user or by root and not
+ * be writable by group or others.  Symbolic links are resolved and their
+ * targets held to the same rule.  What fails it is refused with the reason.
+ *
  * A library is loaded with dlopen(RTLD_NOW | RTLD_LOCAL) and refused with a
  * one-line reason when it does not load, lacks peftref_plugin_entry, its
  * entry returns NULL or no techniques, its pr_plugin is too small or built
@@ -661,6 +667,69 @@ static int seen_before(pr_registry *r, const char *path)
     return 0;
 }
 
+/* The trust rule for code the host will run (GStreamer's registry makes
+ * the same demand): a plugin file, and the directory it really lives in,
+ * must be owned by this user or by root and writable by no one else.
+ * Symbolic links are resolved first and the target is held to the rule,
+ * so a link cannot lend a trusted name to a file another user can change.
+ * Returns 0 when path may be loaded or searched, else 1 with why filled. */
+static int st_untrusted(const struct stat *st, const char *real, const char *what, char *why, size_t size)
+{
+    uid_t me = geteuid();
+    if (st->st_uid != me && st->st_uid != 0) {
+        snprintf(why, size, "not trusted: %s %s is owned by uid %ld, neither this user (uid %ld) nor root",
+                 what, real, (long)st->st_uid, (long)me);
+        return 1;
+    }
+    if (st->st_mode & (S_IWGRP | S_IWOTH)) {
+        snprintf(why, size, "not trusted: %s %s is writable by %s (mode %04o); "
+                 "run 'chmod go-w' on it to load it", what, real,
+                 (st->st_mode & S_IWOTH) ? "everyone" : "its group", (unsigned)(st->st_mode & 07777));
+        return 1;
+    }
+    return 0;
+}
+
+static int untrusted(const char *path, int is_dir, char *why, size_t size)
+{
+    char *real = realpath(path, NULL);
+    if (!real) {
+        snprintf(why, size, "cannot resolve %s: %s", path, strerror(errno));
+        return 1;
+    }
+    struct stat st;
+    int bad = 0;
+    if (lstat(real, &st) != 0) {
+        snprintf(why, size, "cannot stat %s: %s", real, strerror(errno));
+        bad = 1;
+    } else {
+        bad = st_untrusted(&st, real, is_dir ? "directory" : "file", why, size);
+    }
+    /* the directory the file really lives in decides who can replace it */
+    if (!bad && !is_dir) {
+        char *slash = strrchr(real, '/');
+        if (slash) {
+            if (slash == real)
+                slash[1] = '\0';
+            else
+                *slash = '\0';
+            if (lstat(real, &st) != 0) {
+                snprintf(why, size, "cannot stat %s: %s", real, strerror(errno));
+                bad = 1;
+            } else {
+                bad = st_untrusted(&st, real, "directory", why, size);
+            }
+        }
+    }
+    if (bad && strcmp(real, path) != 0) {
+        /* name the link the user gave as well as where it leads */
+        size_t k = strlen(why);
+        snprintf(why + k, size - k, " (reached through %s)", path);
+    }
+    free(real);
+    return bad;
+}
+
 static char *join_path(const char *dir, const char *name)
 {
     size_t n = strlen(dir);
@@ -911,7 +980,9 @@ static void search_pack(pr_registry *r, const char *dir, const char *manifest_pa
         char *path = ends_with(ents[i]->d_name, ".so") ? join_path(dir, ents[i]->d_name) : NULL;
         if (path && is_regular(path) && !seen_before(r, path)) {
             n_so++;
-            if (load_library(path, &ks[nk], reason, sizeof reason) == 0)
+            if (untrusted(path, 0, reason, sizeof reason))
+                refuse(r, path, "%s", reason);
+            else if (load_library(path, &ks[nk], reason, sizeof reason) == 0)
                 nk++;
             else
                 refuse(r, path, "%s", reason);
@@ -987,6 +1058,11 @@ static void search_dir(pr_registry *r, const char *dir, int explicit)
     }
     if (seen_before(r, dir))
         return;
+    char reason[PR_ERROR_MSG_MAX];
+    if (untrusted(dir, 1, reason, sizeof reason)) {
+        refuse(r, dir, "%s", reason);
+        return;
+    }
     struct dirent **ents = NULL;
     int n = list_dir(dir, &ents);
     if (n < 0) {
@@ -994,7 +1070,6 @@ static void search_dir(pr_registry *r, const char *dir, int explicit)
             refuse(r, dir, "cannot search plugin directory: %s", strerror(errno));
         return;
     }
-    char reason[PR_ERROR_MSG_MAX];
     for (int i = 0; i < n; i++) {
         char *path = join_path(dir, ents[i]->d_name);
         free(ents[i]);
@@ -1005,7 +1080,9 @@ static void search_dir(pr_registry *r, const char *dir, int explicit)
         if (stat(path, &st) == 0 && S_ISREG(st.st_mode) && ends_with(path, ".so")) {
             if (!seen_before(r, path)) {
                 candidate k;
-                if (load_library(path, &k, reason, sizeof reason) == 0)
+                if (untrusted(path, 0, reason, sizeof reason))
+                    refuse(r, path, "%s", reason);
+                else if (load_library(path, &k, reason, sizeof reason) == 0)
                     admit(r, &k);
                 else
                     refuse(r, path, "%s", reason);
@@ -1014,8 +1091,12 @@ static void search_dir(pr_registry *r, const char *dir, int explicit)
             char *manifest = join_path(path, "manifest.json");
             if (!manifest)
                 r->oom = 1;
-            else if (is_regular(manifest) && !seen_before(r, path))
-                search_pack(r, path, manifest);
+            else if (is_regular(manifest) && !seen_before(r, path)) {
+                if (untrusted(path, 1, reason, sizeof reason))
+                    refuse(r, path, "%s", reason);
+                else
+                    search_pack(r, path, manifest);
+            }
             free(manifest);
         }
         free(path);

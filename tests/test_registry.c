@@ -293,6 +293,69 @@ static void test_duplicate_names_both_files(void **state)
     pr_registry_free(r);
 }
 
+/* The trust rule: a world-writable directory, a world- or group-writable
+ * file, a symlink into a world-writable directory and a symlinked pack
+ * that is world-writable are each refused with the reason before anything
+ * of theirs runs; the trusted file beside them loads. */
+static void test_untrusted_refused(void **state)
+{
+    (void)state;
+    char d3[PATH_MAX], ww[PATH_MAX], wwpack[PATH_MAX], path[2 * PATH_MAX], target[2 * PATH_MAX];
+    make_dir("%s/%s", "d3", d3, sizeof d3);
+    make_dir("%s/%s", "ww", ww, sizeof ww);
+    must(chmod(ww, 0777) == 0, "chmod", ww);
+    copy_plugin(ww, "in_ww.so", "good_a");
+    copy_plugin(d3, "ok.so", "good_a");
+    copy_plugin(d3, "world.so", "dup");
+    snprintf(path, sizeof path, "%s/world.so", d3);
+    must(chmod(path, 0666) == 0, "chmod", path);
+    copy_plugin(d3, "group.so", "dup");
+    snprintf(path, sizeof path, "%s/group.so", d3);
+    must(chmod(path, 0664) == 0, "chmod", path);
+    snprintf(target, sizeof target, "%s/in_ww.so", ww);
+    snprintf(path, sizeof path, "%s/via_link.so", d3);
+    must(symlink(target, path) == 0, "symlink", path);
+    make_dir("%s/%s", "wwpack", wwpack, sizeof wwpack);
+    copy_plugin(wwpack, "pack_good.so", "pack_good");
+    write_manifest(wwpack, "{\"name\": \"ok-pack\", \"version\": \"1.0.0\", \"abi_major\": 1,"
+                           " \"techniques\": [\"pack-good\"], \"license\": \"MIT\"}");
+    must(chmod(wwpack, 0777) == 0, "chmod", wwpack);
+    snprintf(path, sizeof path, "%s/linked_pack", d3);
+    must(symlink(wwpack, path) == 0, "symlink", path);
+
+    char list[3 * PATH_MAX];
+    snprintf(list, sizeof list, "%s:%s", d3, ww);
+    pr_registry *r = NULL;
+    pr_error err = {0};
+    assert_int_equal(pr_registry_open(list, &r, &err), PR_OK);
+    static const expected_refusal want[] = {
+        {"/d3/group.so", "is writable by its group (mode 0664)"},
+        {"/d3/linked_pack", "/wwpack is writable by everyone (mode 0777)"},
+        {"/d3/via_link.so", "/ww is writable by everyone (mode 0777); run 'chmod go-w' on it to load it "
+                            "(reached through "},
+        {"/d3/world.so", "is writable by everyone (mode 0666)"},
+        {"/ww", "not trusted: directory "},
+    };
+    int n = pr_registry_refused_count(r);
+    for (int i = 0; i < n; i++) {
+        const char *p, *why;
+        pr_registry_refused(r, i, &p, &why);
+        print_message("refused %s: %s\n", p, why);
+    }
+    assert_int_equal(n, 5);
+    for (int k = 0; k < 5; k++) {
+        const char *p, *why;
+        pr_registry_refused(r, k, &p, &why);
+        if (!ends_with(p, want[k].path_suffix) || !strstr(why, want[k].reason))
+            fail_msg("refusal %d is %s: '%s', expected ...%s: '%s'", k, p, why, want[k].path_suffix,
+                     want[k].reason);
+    }
+    assert_int_equal(pr_registry_count(r), 2);   /* ok.so: test-alpha and test-beta */
+    assert_true(ends_with(pr_registry_origin(r, 0), "/d3/ok.so"));
+    assert_null(pr_registry_find(r, "pack-good"));
+    pr_registry_free(r);
+}
+
 static void test_suggest(void **state)
 {
     (void)state;
@@ -530,7 +593,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_good_plugins_load),  cmocka_unit_test(test_later_minor_version),
         cmocka_unit_test(test_broken_plugins_refused), cmocka_unit_test(test_duplicate_names_both_files),
-        cmocka_unit_test(test_suggest),            cmocka_unit_test(test_validate),
+        cmocka_unit_test(test_untrusted_refused),  cmocka_unit_test(test_suggest),            cmocka_unit_test(test_validate),
         cmocka_unit_test(test_cli),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
