@@ -1,4 +1,4 @@
-/* Tests of the plugin conformance checker (core/check.h and `peftref
+/* Tests of the plugin conformance checker (core/plugins/check.h and `peftref
  * plugins check`).
  *
  * The built LoRA plugin must pass every check.  Fixtures, each a LoRA with

@@ -1,4 +1,4 @@
-/* Tests for core/data.c: loading, chunking, masks, padding, labels, split,
+/* Tests for core/train/data.c: loading, chunking, masks, padding, labels, split,
  * sampler resume, error messages.  The byte tokenizer (id = byte value)
  * makes every expected id computable by hand; tests/data/train/bytes-bpe
  * is a GPT-2 BPE vocabulary with no merges (id = byte value too) plus

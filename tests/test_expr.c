@@ -1,4 +1,4 @@
-/* Tests of the descriptor expression language (core/expr.h): precedence,
+/* Tests of the descriptor expression language (core/base/expr.h): precedence,
  * integer and float modes, shapes, and the error messages with columns. */
 #include <stdarg.h>
 #include <stddef.h>

@@ -1,4 +1,4 @@
-/* peftref tests: the standard components of core/kernels.c.
+/* peftref tests: the standard components of core/model/kernels.c.
  *
  * Every backward pass is checked against central finite differences of a
  * scalar loss L = sum(out * R) for a fixed random R (so dout = R), with L

@@ -1,4 +1,4 @@
-/* Saved modules (core/module_io.c), pipeline load:/average: entries and
+/* Saved modules (core/io/module_file.c), pipeline load:/average: entries and
  * the outputs of a pipeline run (modules/, pipeline.yaml, loss.svg), merge
  * and generate, on a byte-level GPT-2 of test size (2 layers, d_model 32).
  *

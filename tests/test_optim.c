@@ -1,5 +1,5 @@
-/* AdamW (core/optim.h) against a double-precision scalar reference, and the
- * learning-rate schedules (core/schedule.h) against their formulas. */
+/* AdamW (core/train/optim.h) against a double-precision scalar reference, and the
+ * learning-rate schedules (core/train/schedule.h) against their formulas. */
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>

@@ -1,4 +1,4 @@
-/* Tests of plugin discovery (core/registry.c): a temporary search path
+/* Tests of plugin discovery (core/plugins/registry.c): a temporary search path
  * holds the test plugins of tests/plugins (built by `make check`), good and
  * deliberately broken; the registry must load the good ones, refuse each
  * broken file with its reason, let the first of two equal names win, and

@@ -23,7 +23,7 @@
  *    upstream of the modules, which are right only when the module's input
  *    gradient is (tolerances of test_module.c: eps 3e-3, pass when
  *    |fd - g| <= 1e-4 + 5e-2 max(|fd|, |g|));
- *  - the conformance checker (core/check.h) on the built .so.
+ *  - the conformance checker (core/plugins/check.h) on the built .so.
  * None of the three is mergeable (the nonlinearity keeps the module out of
  * the frozen weights), so there is no merge test. */
 #include <stdarg.h>

@@ -20,7 +20,7 @@
  *    are right only when the module's input gradient is;
  *  - the model stays causal with tiny attention attached;
  *  - setup() rejects d or m not divisible by n with a clear message;
- *  - both shared objects pass the conformance checker (core/check.h).
+ *  - both shared objects pass the conformance checker (core/plugins/check.h).
  *
  * Finite differences as test_lora.c and test_module.c: eps 3e-3 on the
  * mean cross-entropy recomputed in double from the logits; an entry passes

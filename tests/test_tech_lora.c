@@ -43,7 +43,7 @@
  *    of the model's loss for every lora_A, lora_B, magnitude and upstream
  *    LayerNorm gains (eps 3e-3, |fd - g| <= 1e-4 + 5e-2 max(|g|, |fd|),
  *    test_lora's tolerances); merge / unmerge as LoRA's.
- *  - both plugins pass the conformance checker (core/check.h). */
+ *  - both plugins pass the conformance checker (core/plugins/check.h). */
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>

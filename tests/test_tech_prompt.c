@@ -24,7 +24,7 @@
  *    directly, from either insertion of a layer), loaded into a
  *    prefix_tuning module of the same name, reproduce the MLP module's
  *    logits to 1e-5 of the largest logit;
- *  - the conformance checker (core/check.c) on both shared objects. */
+ *  - the conformance checker (core/plugins/check.c) on both shared objects. */
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>

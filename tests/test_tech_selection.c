@@ -22,7 +22,7 @@
  *    largest logit, the folded weights are W diag(l) / diag(l) W to 1e-6
  *    relative, unmerge restores weights and biases bit for bit, with and
  *    without biases; pr_model_site_weight's views at the stream sites;
- *  - the conformance checker (core/check.h) passes every technique.
+ *  - the conformance checker (core/plugins/check.h) passes every technique.
  *
  * Model: init_std 0.1 as test_model.c, B=2, T=6, eval mode. */
 #include <stdarg.h>

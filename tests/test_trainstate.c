@@ -1,4 +1,4 @@
-/* Training checkpoints (core/trainstate.h): bit-exact round trip, resume
+/* Training checkpoints (core/io/train_state.h): bit-exact round trip, resume
  * equivalence with AdamW, and every refusal: fingerprint, truncation,
  * missing/extra/reshaped tensors, malformed metadata, failed writes. */
 #include <stdarg.h>
@@ -21,7 +21,7 @@
 #include "optim.h"
 #include "rng.h"
 #include "safetensors.h"
-#include "trainstate.h"
+#include "train_state.h"
 
 #define FP "gpt2-tiny/lora:r=4/seed=1"
 #define NT 4

@@ -5,7 +5,7 @@
  * W = max_seq - (virtual positions) tokens (no key/value cache): the logits
  * z of the last position are divided by the temperature, cut to the k
  * largest (top-k; ties keep the lower id), and a token is drawn from
- * softmax(z) with one uniform number of the seeded generator (core/rng.h),
+ * softmax(z) with one uniform number of the seeded generator (core/base/rng.h),
  * so a seed gives the same text on every run and platform.  Temperature 0
  * is greedy: the largest logit, the lowest id on ties. */
 #include "config.h"

@@ -9,7 +9,7 @@
 
 #include "cli.h"
 #include "fileio.h"
-#include "run.h"
+#include "loss_plot.h"
 #include "runtime.h"
 
 static const char train_usage[] =

@@ -163,7 +163,7 @@ typedef int (*pr_module_param_fn)(void *arg, const pr_module_param *p, pr_error 
  * them).  Nothing happens for a technique without fold_params. */
 int pr_module_fold(pr_module *mod, pr_module_param_fn fn, void *arg, pr_error *err);
 
-/* ---- saved modules (core/module_io.c, docs/modules.md) --------------------
+/* ---- saved modules (core/io/module_file.c, docs/modules.md) --------------------
  *
  * A saved module is one safetensors file: its parameters (folded when the
  * technique has training-only ones; Hugging Face PEFT's tensor names where

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Generate core/unicode_tables.h: the code point classes that GPT-2's
+"""Generate core/tokenize/unicode_tables.h: the code point classes that GPT-2's
 pre-tokenisation pattern needs.
 
     's|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+
@@ -17,7 +17,7 @@ Ranges come from Python's unicodedata, whose Unicode version is written into
 the header.  A JavaScript engine with a newer Unicode version also classifies
 the code points assigned after that version; those count as "other" here.
 
-Usage: python3 tests/ref/gen_unicode_tables.py > core/unicode_tables.h
+Usage: python3 tests/ref/gen_unicode_tables.py > core/tokenize/unicode_tables.h
 """
 import sys
 import unicodedata

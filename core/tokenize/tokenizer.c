@@ -13,7 +13,7 @@
  *  - text is split into pre-tokens by the pattern
  *      's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
  *    matched here by hand (pretok_next) with ECMAScript's \s and the
- *    Unicode classes of core/unicode_tables.h.  Bytes that are not valid
+ *    Unicode classes of core/tokenize/unicode_tables.h.  Bytes that are not valid
  *    UTF-8 count as one "other" code point each, so any byte string
  *    encodes and decodes back to itself;
  *  - each byte of a pre-token is one initial symbol; the adjacent pair

@@ -5,7 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "trainstate.h"
+#include "train_state.h"
 
 static const char *const prefixes[3] = {"param.", "adam_m.", "adam_v."};
 

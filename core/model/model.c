@@ -348,7 +348,7 @@ void pr_model_free(pr_model *m)
 {
     if (!m)
         return;
-    /* modules attached to m (core/module.c) go with it */
+    /* modules attached to m (core/module/module.c) go with it */
     pr_model_detach_modules(m);
     for (int i = 0; i < m->n_maps; i++)
         munmap(m->maps[i].addr, m->maps[i].len);

@@ -1,6 +1,6 @@
 /* peftref core: training data: loading, splitting, sampling, batching.
  * The rules (chunking, end-of-text, prompt masking, truncation, label
- * sets, padding) are stated in docs/data.md and core/data.h. */
+ * sets, padding) are stated in docs/data.md and core/train/data.h. */
 #include "config.h"
 
 #include <jansson.h>

@@ -1,7 +1,7 @@
 /* peftref core: training checkpoints (resume a run exactly where it stopped).
  *
- * One safetensors file (core/safetensors.h), written atomically through
- * core/fileio.h: a failed or interrupted save leaves the previous file at
+ * One safetensors file (core/io/safetensors.h), written atomically through
+ * core/base/fileio.h: a failed or interrupted save leaves the previous file at
  * PATH untouched.  Contents, all F32:
  *
  *   param.<name>    each trainable tensor, in its own shape
@@ -25,7 +25,7 @@
  * The module is generic: it sees named float arrays and a flat moment
  * block, not models, techniques or optimizers.  The moment block m (and
  * likewise v) holds the tensors' moments concatenated in the order of the
- * params array, which is the layout core/optim.h uses when its segments
+ * params array, which is the layout core/train/optim.h uses when its segments
  * are given in that same order. */
 #ifndef PEFTREF_CORE_TRAINSTATE_H
 #define PEFTREF_CORE_TRAINSTATE_H
@@ -58,7 +58,7 @@ typedef struct trainstate_moments {
 /* Where the run is. */
 typedef struct trainstate_progress {
     int64_t step;       /* training steps completed */
-    uint64_t rng[4];    /* generator state (core/rng.h pr_rng.s) */
+    uint64_t rng[4];    /* generator state (core/base/rng.h pr_rng.s) */
     int64_t epoch;      /* data position */
     int64_t cursor;
     uint64_t shuffle_seed;

@@ -15,7 +15,7 @@
 #include <string.h>
 
 #include "fileio.h"
-#include "run.h"
+#include "loss_plot.h"
 
 #define SVG_W 720
 #define SVG_H 440

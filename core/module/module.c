@@ -2571,7 +2571,7 @@ const pr_option_value *pr_module_option(const pr_module *mod, int i)
     return &mod->base_opts[i];
 }
 
-/* ---- what saving a module reads (core/module_io.c) ------------------------------------------------ */
+/* ---- what saving a module reads (core/io/module_file.c) ------------------------------------------------ */
 
 int pr_module_is_trainable(const pr_module *mod)
 {

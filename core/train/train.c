@@ -20,7 +20,7 @@
 #include "optim.h"
 #include "rng.h"
 #include "schedule.h"
-#include "trainstate.h"
+#include "train_state.h"
 
 /* ---- signals --------------------------------------------------------------
  * SIGINT/SIGTERM only raise a flag; the loop finishes the step in flight,
