@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "peftref/plugin.h"
+#include "peftref/site.h"
 #include "names.h"
 
 void names_site_mask(uint32_t mask, const char *none, char *buf, size_t len)

@@ -6,6 +6,8 @@
  * seed and the number of draws; GEMM is cblas_sgemm, row-major. */
 #include "host.h"
 
+#include "peftref/site.h"
+
 #include "peftref/status.h"
 
 #include <cblas.h>

@@ -33,7 +33,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "peftref/site.h"
+#include "peftref/site_ids.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -145,8 +145,6 @@ typedef enum pr_workspace {
     PR_WS_HEAD = 1u << 4
 } pr_workspace;
 
-/* Sites (see peftref/site.h for their meaning): bit (1u << pr_site). */
-#define PR_SITE_BIT(s) (1u << (unsigned)(s))
 
 /* ---- options ----------------------------------------------------------- */
 
