@@ -2,15 +2,22 @@
 # The plugin SDK as an outside author meets it.
 #
 # Installs the current tree into a temporary prefix, then, using ONLY what
-# was installed (headers, pkg-config file, program, plugin directory):
-#   - builds sdk/template with `pkg-config --cflags peftref-plugin` (no -I
-#     into the source tree) and installs it into a search-path directory;
+# was installed (headers, pkg-config file, program, plugin directory, and
+# the SDK in $(docdir)/sdk):
+#   - checks that LICENSE and the SDK are installed, that `pkg-config
+#     --variable=sdkdir peftref-plugin` names the installed SDK, and that
+#     the installed GUIDE.md points at no file of a source checkout;
+#   - builds the installed template (a copy of $(docdir)/sdk/template) with
+#     `pkg-config --cflags peftref-plugin` (no -I into the source tree) and
+#     installs it into a search-path directory;
 #   - finds it with `peftref plugins` through PEFTREF_PLUGIN_PATH, next to
 #     the installed built-in lora;
 #   - runs the conformance checker `peftref plugins check` on it and on lora;
 #   - trains it in a pipeline (`peftref train PIPELINE.yaml`);
-#   - when Autotools are available, builds and installs sdk/template-pack
-#     the same way and finds its two techniques.
+#   - when Autotools are available, builds and installs the installed
+#     template pack (a copy of $(docdir)/sdk/template-pack) the same way
+#     and finds its two techniques;
+#   - checks that nothing was written into the installed SDK.
 #
 # Usage: tests/sdk_outoftree.sh [-j N]
 #   PEFTREF_SDK_KEEP=1   keep the temporary directory even on success
@@ -25,7 +32,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
     -j) JOBS=$2; shift 2 ;;
     -j*) JOBS=${1#-j}; shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "sdk_outoftree.sh: unknown argument '$1'" >&2; exit 2 ;;
     esac
 done
@@ -36,6 +43,7 @@ LOGS=$TMP/logs
 mkdir -p "$LOGS"
 PREFIX=${PEFTREF_SDK_PREFIX:-$TMP/prefix}
 BIN=$PREFIX/bin/peftref
+DOCDIR=$PREFIX/share/doc/peftref
 
 # Nothing from the caller's environment may point the compiler or the
 # loader at the source tree or another peftref.
@@ -74,6 +82,7 @@ skip_step() {
 finish() {
     echo "$passed passed, $failed failed"
     if [ "$failed" -eq 0 ] && [ -z "${PEFTREF_SDK_KEEP:-}" ]; then
+        chmod -R u+w "$TMP" 2>/dev/null   # the installed SDK was made read-only
         rm -rf "$TMP"
     else
         echo "kept $TMP"
@@ -97,7 +106,11 @@ fi
 
 installed() {
     for f in "$PREFIX/include/peftref/plugin.h" "$PREFIX/include/peftref/site.h" \
-             "$PREFIX/lib/pkgconfig/peftref-plugin.pc" "$BIN"; do
+             "$PREFIX/lib/pkgconfig/peftref-plugin.pc" "$BIN" \
+             "$DOCDIR/LICENSE" "$DOCDIR/sdk/GUIDE.md" "$DOCDIR/sdk/manifest.example.json" \
+             "$DOCDIR/sdk/template/Makefile" "$DOCDIR/sdk/template/scaled_bias.c" \
+             "$DOCDIR/sdk/template-pack/configure.ac" "$DOCDIR/sdk/template-pack/Makefile.am" \
+             "$DOCDIR/sdk/template-pack/manifest.json"; do
         [ -f "$f" ] || { echo "missing $f"; return 1; }
     done
 }
@@ -122,10 +135,54 @@ pkgconfig_file() {
 }
 step pkg-config pkgconfig_file
 
+# ---- 2b. the installed SDK: where pkg-config says, with a guide to installed files --
+SDKDIR=$($PKG_CONFIG --variable=sdkdir peftref-plugin)
+sdkdir_variable() {
+    echo "sdkdir='$SDKDIR'"
+    [ "$SDKDIR" = "$DOCDIR/sdk" ] || { echo "sdkdir is not \$(docdir)/sdk of the prefix"; return 1; }
+    [ -f "$SDKDIR/GUIDE.md" ] && [ -d "$SDKDIR/template" ] && [ -d "$SDKDIR/template-pack" ] ||
+        { echo "sdkdir does not hold the guide and the templates"; return 1; }
+}
+step sdkdir sdkdir_variable
+
+# The guide is read from the installed copy: any path into a source checkout
+# (plugins/lora.c, core/, sdk/template/, ...; not a path inside the prefix
+# such as $(libdir)/peftref/plugins/) would name a file the reader lacks.
+installed_guide() {
+    guide=$DOCDIR/sdk/GUIDE.md
+    [ -s "$guide" ] || { echo "no $guide"; return 1; }
+    if grep -n -E '(^|[^/[:alnum:]_.$)-])(core|plugins|sdk|include|tests|docs|examples|man|scripts|bench)/' "$guide"; then
+        echo "the installed guide points into a source checkout"
+        return 1
+    fi
+    if grep -n -F -e "plugins/lora.c" -e "$SRC" "$guide"; then
+        echo "the installed guide names a source file"
+        return 1
+    fi
+    # it points at the installed templates and header instead
+    grep -q 'share/doc/peftref/sdk/template/' "$guide" &&
+        grep -q 'include/peftref/plugin.h' "$guide" ||
+        { echo "the guide does not name the installed templates and header"; return 1; }
+}
+step installed-guide installed_guide
+
+# Templates are built from copies: the installed SDK may be read-only (it is
+# made so here when this test installed it), and must stay as installed.
+sdk_listing() { (cd "$SDKDIR" && find . -print | LC_ALL=C sort); }
+if [ -d "$SDKDIR" ]; then
+    sdk_listing >"$TMP/sdk-before.lst"
+    [ -n "${PEFTREF_SDK_PREFIX:-}" ] || chmod -R a-w "$SDKDIR"
+fi
+# copy_sdk NAME DEST: a writable copy of the installed $SDKDIR/NAME
+copy_sdk() {
+    [ -d "$SDKDIR/$1" ] || { echo "no installed $SDKDIR/$1"; return 1; }
+    cp -R "$SDKDIR/$1" "$2" && chmod -R u+w "$2"
+}
+
 # ---- 3. build the template against the installed SDK only ------------------------
 TPL=$TMP/template
 build_template() {
-    cp -R "$SRC/sdk/template" "$TPL" && cd "$TPL" && make clean >/dev/null || return 1
+    copy_sdk template "$TPL" && cd "$TPL" && make clean >/dev/null || return 1
     make CFLAGS="-O2 -g -Werror" PEFTREF="$BIN" >"$LOGS/template-make.out" 2>&1
     rc=$?
     cat "$LOGS/template-make.out"
@@ -244,7 +301,7 @@ fi
 
 # ---- 7. the Autotools technique pack ----------------------------------------------
 build_pack() {
-    cp -R "$SRC/sdk/template-pack" "$TMP/pack" && cd "$TMP/pack" &&
+    copy_sdk template-pack "$TMP/pack" && cd "$TMP/pack" &&
         autoreconf -fi &&
         mkdir build && cd build &&
         ../configure -q &&
@@ -270,6 +327,17 @@ if command -v autoreconf >/dev/null 2>&1 && command -v libtoolize >/dev/null 2>&
     fi
 else
     echo "SKIP  pack-build (autoreconf or libtoolize not installed)"
+fi
+
+# ---- 8. the installed SDK is as it was installed ---------------------------------
+sdk_untouched() {
+    sdk_listing >"$TMP/sdk-after.lst"
+    diff "$TMP/sdk-before.lst" "$TMP/sdk-after.lst" || { echo "files appeared in the installed SDK"; return 1; }
+}
+if [ -f "$TMP/sdk-before.lst" ]; then
+    step sdk-untouched sdk_untouched
+else
+    skip_step sdk-untouched "the SDK is not installed"
 fi
 
 finish
