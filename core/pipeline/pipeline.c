@@ -31,33 +31,22 @@
 #include "fileio.h"
 #include "model_internal.h"
 #include "names.h"
+#include "pipeline_internal.h"
 
 #define MAX_DEPTH 64
 #define MAX_LAYERS 4096
 
 /* ---- the YAML tree --------------------------------------------------------- */
 
-enum { Y_SCALAR = 1, Y_SEQ = 2, Y_MAP = 3 };
 
-typedef struct ynode {
-    int kind;
-    char *text;            /* scalar value */
-    int plain;             /* an unquoted scalar (may be null, a number, a bool) */
-    const char *src;       /* file name, or "--set" */
-    int line, col;         /* 1-based */
-    int n, cap;
-    struct ynode **keys;   /* map: key scalars, parallel to vals */
-    struct ynode **vals;   /* map values, list items */
-} ynode;
-
-static void ynode_free(ynode *n)
+void pl_ynode_free(ynode *n)
 {
     if (!n)
         return;
     for (int i = 0; i < n->n; i++) {
         if (n->keys)
-            ynode_free(n->keys[i]);
-        ynode_free(n->vals[i]);
+            pl_ynode_free(n->keys[i]);
+        pl_ynode_free(n->vals[i]);
     }
     free(n->keys);
     free(n->vals);
@@ -65,7 +54,7 @@ static void ynode_free(ynode *n)
     free(n);
 }
 
-static ynode *ynode_new(int kind, const char *src, int line, int col)
+ynode *pl_ynode_new(int kind, const char *src, int line, int col)
 {
     ynode *n = calloc(1, sizeof *n);
     if (n) {
@@ -77,9 +66,9 @@ static ynode *ynode_new(int kind, const char *src, int line, int col)
     return n;
 }
 
-static ynode *ynode_scalar(const char *text, int plain, const char *src, int line, int col)
+ynode *pl_ynode_scalar(const char *text, int plain, const char *src, int line, int col)
 {
-    ynode *n = ynode_new(Y_SCALAR, src, line, col);
+    ynode *n = pl_ynode_new(Y_SCALAR, src, line, col);
     if (n) {
         n->text = strdup(text);
         n->plain = plain;
@@ -92,7 +81,7 @@ static ynode *ynode_scalar(const char *text, int plain, const char *src, int lin
 }
 
 /* Append (key, val) to a map or val to a list; takes ownership. */
-static int ynode_push(ynode *n, ynode *key, ynode *val)
+int pl_ynode_push(ynode *n, ynode *key, ynode *val)
 {
     if (n->n == n->cap) {
         int cap = n->cap ? 2 * n->cap : 8;
@@ -114,9 +103,9 @@ static int ynode_push(ynode *n, ynode *key, ynode *val)
     return 0;
 }
 
-static ynode *ynode_copy(const ynode *s)
+ynode *pl_ynode_copy(const ynode *s)
 {
-    ynode *n = ynode_new(s->kind, s->src, s->line, s->col);
+    ynode *n = pl_ynode_new(s->kind, s->src, s->line, s->col);
     if (!n)
         return NULL;
     n->plain = s->plain;
@@ -125,19 +114,19 @@ static ynode *ynode_copy(const ynode *s)
         return NULL;
     }
     for (int i = 0; i < s->n; i++) {
-        ynode *k = s->kind == Y_MAP ? ynode_copy(s->keys[i]) : NULL;
-        ynode *v = ynode_copy(s->vals[i]);
-        if ((s->kind == Y_MAP && !k) || !v || ynode_push(n, k, v)) {
-            ynode_free(k);
-            ynode_free(v);
-            ynode_free(n);
+        ynode *k = s->kind == Y_MAP ? pl_ynode_copy(s->keys[i]) : NULL;
+        ynode *v = pl_ynode_copy(s->vals[i]);
+        if ((s->kind == Y_MAP && !k) || !v || pl_ynode_push(n, k, v)) {
+            pl_ynode_free(k);
+            pl_ynode_free(v);
+            pl_ynode_free(n);
             return NULL;
         }
     }
     return n;
 }
 
-static int map_find(const ynode *m, const char *key)
+int pl_map_find(const ynode *m, const char *key)
 {
     if (!m || m->kind != Y_MAP)
         return -1;
@@ -147,23 +136,23 @@ static int map_find(const ynode *m, const char *key)
     return -1;
 }
 
-static const ynode *map_get(const ynode *m, const char *key)
+const ynode *pl_map_get(const ynode *m, const char *key)
 {
-    int i = map_find(m, key);
+    int i = pl_map_find(m, key);
     return i < 0 ? NULL : m->vals[i];
 }
 
-static void map_remove(ynode *m, int i)
+void pl_map_remove(ynode *m, int i)
 {
-    ynode_free(m->keys[i]);
-    ynode_free(m->vals[i]);
+    pl_ynode_free(m->keys[i]);
+    pl_ynode_free(m->vals[i]);
     memmove(m->keys + i, m->keys + i + 1, (size_t)(m->n - i - 1) * sizeof *m->keys);
     memmove(m->vals + i, m->vals + i + 1, (size_t)(m->n - i - 1) * sizeof *m->vals);
     m->n--;
 }
 
 /* YAML's null: an empty or ~/null plain scalar. */
-static int is_null(const ynode *n)
+int pl_is_null(const ynode *n)
 {
     return !n || (n->kind == Y_SCALAR && n->plain &&
                   (!n->text[0] || !strcmp(n->text, "~") || !strcasecmp(n->text, "null")));
@@ -171,17 +160,6 @@ static int is_null(const ynode *n)
 
 /* ---- diagnostics --------------------------------------------------------------- */
 
-typedef struct diag {
-    int rank;      /* 0: the file, 1: an override, 2: no location */
-    int line, col, seq;
-    char *text;
-} diag;
-
-typedef struct diags {
-    diag *v;
-    int n, cap;
-    int oom;
-} diags;
 
 static void diag_vadd(diags *d, const char *src, int rank, int line, int col, const char *fmt, va_list ap)
 {
@@ -210,23 +188,23 @@ static void diag_vadd(diags *d, const char *src, int rank, int line, int col, co
     d->n++;
 }
 
-static const char set_src[] = "--set";
+const char pl_set_src[] = "--set";
 
-__attribute__((format(printf, 3, 4))) static void diag_at(diags *d, const ynode *at, const char *fmt, ...)
+__attribute__((format(printf, 3, 4))) void pl_diag_at(diags *d, const ynode *at, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
-    diag_vadd(d, at->src, at->src == set_src ? 1 : 0, at->line, at->col, fmt, ap);
+    diag_vadd(d, at->src, at->src == pl_set_src ? 1 : 0, at->line, at->col, fmt, ap);
     va_end(ap);
 }
 
 /* At an explicit location (col may point inside a scalar). */
-__attribute__((format(printf, 5, 6))) static void diag_loc(diags *d, const char *src, int line, int col,
-                                                           const char *fmt, ...)
+__attribute__((format(printf, 5, 6))) void pl_diag_loc(diags *d, const char *src, int line, int col,
+                                                       const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
-    diag_vadd(d, src, src == set_src ? 1 : 0, line, col, fmt, ap);
+    diag_vadd(d, src, src == pl_set_src ? 1 : 0, line, col, fmt, ap);
     va_end(ap);
 }
 
@@ -242,7 +220,7 @@ static int diag_cmp(const void *a, const void *b)
     return x->seq - y->seq;
 }
 
-static void diags_free(diags *d)
+void pl_diags_free(diags *d)
 {
     for (int i = 0; i < d->n; i++)
         free(d->v[i].text);
@@ -295,7 +273,7 @@ static const char *suggest(const char *s, const char *const *names, int n)
 }
 
 /* " (did you mean 'x'?)" or "". */
-static void hint(char *buf, size_t len, const char *s, const char *const *names, int n)
+void pl_hint(char *buf, size_t len, const char *s, const char *const *names, int n)
 {
     const char *h = suggest(s, names, n);
     if (h)
@@ -324,7 +302,7 @@ typedef struct yparse {
 
 static void mark_pos(const yparse *y, yaml_mark_t m, int *line, int *col)
 {
-    if (y->src == set_src) {
+    if (y->src == pl_set_src) {
         /* an override is one line of KEY=VALUE: a mark past the value's
          * first line (the end of a truncated "[1") points at its end */
         *line = y->line_base;
@@ -351,10 +329,10 @@ static int next_event(yparse *y, yaml_event_t *e)
     if (y->p.context) {
         int cl, cc;
         mark_pos(y, y->p.context_mark, &cl, &cc);
-        diag_loc(y->d, y->src, line, col, "YAML syntax error: %s (%s that starts at %d:%d)%s", problem,
-                 y->p.context, cl, cc, extra);
+        pl_diag_loc(y->d, y->src, line, col, "YAML syntax error: %s (%s that starts at %d:%d)%s", problem,
+                    y->p.context, cl, cc, extra);
     } else {
-        diag_loc(y->d, y->src, line, col, "YAML syntax error: %s%s", problem, extra);
+        pl_diag_loc(y->d, y->src, line, col, "YAML syntax error: %s%s", problem, extra);
     }
     y->failed = 1;
     return -1;
@@ -380,7 +358,7 @@ static int add_anchor(yparse *y, const char *name, ynode *n)
 static void oom_at(yparse *y, int line, int col)
 {
     if (!y->failed)
-        diag_loc(y->d, y->src, line, col, "out of memory");
+        pl_diag_loc(y->d, y->src, line, col, "out of memory");
     y->failed = 1;
 }
 
@@ -390,7 +368,7 @@ static ynode *build(yparse *y, yaml_event_t *e, int depth)
     int line, col;
     mark_pos(y, e->start_mark, &line, &col);
     if (depth > MAX_DEPTH) {
-        diag_loc(y->d, y->src, line, col, "nesting deeper than %d levels", MAX_DEPTH);
+        pl_diag_loc(y->d, y->src, line, col, "nesting deeper than %d levels", MAX_DEPTH);
         y->failed = 1;
         return NULL;
     }
@@ -401,31 +379,31 @@ static ynode *build(yparse *y, yaml_event_t *e, int depth)
         const char *name = (const char *)e->data.alias.anchor;
         for (int i = y->n_anchors - 1; i >= 0; i--)
             if (strcmp(y->anchors[i].name, name) == 0) {
-                n = ynode_copy(y->anchors[i].node);
+                n = pl_ynode_copy(y->anchors[i].node);
                 if (!n)
                     oom_at(y, line, col);
                 return n;
             }
-        diag_loc(y->d, y->src, line, col, "unknown alias '*%s'", name);
+        pl_diag_loc(y->d, y->src, line, col, "unknown alias '*%s'", name);
         y->failed = 1;
         return NULL;
     }
     case YAML_SCALAR_EVENT:
-        n = ynode_scalar((const char *)e->data.scalar.value, e->data.scalar.style == YAML_PLAIN_SCALAR_STYLE,
-                         y->src, line, col);
+        n = pl_ynode_scalar((const char *)e->data.scalar.value, e->data.scalar.style == YAML_PLAIN_SCALAR_STYLE,
+                            y->src, line, col);
         anchor_name = e->data.scalar.anchor;
         break;
     case YAML_SEQUENCE_START_EVENT:
     case YAML_MAPPING_START_EVENT: {
         int is_map = e->type == YAML_MAPPING_START_EVENT;
-        n = ynode_new(is_map ? Y_MAP : Y_SEQ, y->src, line, col);
+        n = pl_ynode_new(is_map ? Y_MAP : Y_SEQ, y->src, line, col);
         anchor_name = is_map ? e->data.mapping_start.anchor : e->data.sequence_start.anchor;
         if (!n)
             break;
         for (;;) {
             yaml_event_t k;
             if (next_event(y, &k)) {
-                ynode_free(n);
+                pl_ynode_free(n);
                 return NULL;
             }
             if (k.type == YAML_SEQUENCE_END_EVENT || k.type == YAML_MAPPING_END_EVENT) {
@@ -435,46 +413,46 @@ static ynode *build(yparse *y, yaml_event_t *e, int depth)
             ynode *key = build(y, &k, depth + 1);
             yaml_event_delete(&k);
             if (!key) {
-                ynode_free(n);
+                pl_ynode_free(n);
                 return NULL;
             }
             ynode *val = NULL;
             if (is_map) {
                 yaml_event_t v;
                 if (next_event(y, &v)) {
-                    ynode_free(key);
-                    ynode_free(n);
+                    pl_ynode_free(key);
+                    pl_ynode_free(n);
                     return NULL;
                 }
                 val = build(y, &v, depth + 1);
                 yaml_event_delete(&v);
                 if (!val) {
-                    ynode_free(key);
-                    ynode_free(n);
+                    pl_ynode_free(key);
+                    pl_ynode_free(n);
                     return NULL;
                 }
                 if (key->kind != Y_SCALAR) {
-                    diag_at(y->d, key, "a mapping key must be a name, not a %s",
-                            key->kind == Y_MAP ? "mapping" : "list");
-                    ynode_free(key);
-                    ynode_free(val);
+                    pl_diag_at(y->d, key, "a mapping key must be a name, not a %s",
+                               key->kind == Y_MAP ? "mapping" : "list");
+                    pl_ynode_free(key);
+                    pl_ynode_free(val);
                     continue;
                 }
-                int first = map_find(n, key->text);
+                int first = pl_map_find(n, key->text);
                 if (first >= 0) {
-                    diag_at(y->d, key, "duplicate key '%s' (first at line %d)", key->text, n->keys[first]->line);
-                    ynode_free(key);
-                    ynode_free(val);
+                    pl_diag_at(y->d, key, "duplicate key '%s' (first at line %d)", key->text, n->keys[first]->line);
+                    pl_ynode_free(key);
+                    pl_ynode_free(val);
                     continue;
                 }
             } else {
                 val = key;
                 key = NULL;
             }
-            if (ynode_push(n, key, val)) {
-                ynode_free(key);
-                ynode_free(val);
-                ynode_free(n);
+            if (pl_ynode_push(n, key, val)) {
+                pl_ynode_free(key);
+                pl_ynode_free(val);
+                pl_ynode_free(n);
                 oom_at(y, line, col);
                 return NULL;
             }
@@ -482,7 +460,7 @@ static ynode *build(yparse *y, yaml_event_t *e, int depth)
         break;
     }
     default:
-        diag_loc(y->d, y->src, line, col, "unexpected YAML event");
+        pl_diag_loc(y->d, y->src, line, col, "unexpected YAML event");
         y->failed = 1;
         return NULL;
     }
@@ -491,7 +469,7 @@ static ynode *build(yparse *y, yaml_event_t *e, int depth)
         return NULL;
     }
     if (anchor_name && add_anchor(y, (const char *)anchor_name, n)) {
-        ynode_free(n);
+        pl_ynode_free(n);
         oom_at(y, line, col);
         return NULL;
     }
@@ -500,8 +478,8 @@ static ynode *build(yparse *y, yaml_event_t *e, int depth)
 
 /* Parse one YAML document from text (len bytes).  *root is NULL for an
  * empty stream.  Returns -1 after reporting a syntax error. */
-static int parse_yaml(const char *text, size_t len, const char *src, int line_base, int col_base, diags *d,
-                      ynode **root)
+int pl_parse_yaml(const char *text, size_t len, const char *src, int line_base, int col_base, diags *d,
+                  ynode **root)
 {
     yparse y;
     memset(&y, 0, sizeof y);
@@ -512,7 +490,7 @@ static int parse_yaml(const char *text, size_t len, const char *src, int line_ba
     y.d = d;
     *root = NULL;
     if (!yaml_parser_initialize(&y.p)) {
-        diag_loc(d, src, 0, 0, "cannot initialise the YAML parser");
+        pl_diag_loc(d, src, 0, 0, "cannot initialise the YAML parser");
         return -1;
     }
     yaml_parser_set_input_string(&y.p, (const unsigned char *)text, len);
@@ -530,7 +508,7 @@ static int parse_yaml(const char *text, size_t len, const char *src, int line_ba
         if (t == YAML_DOCUMENT_START_EVENT && ++docs > 1) {
             int line, col;
             mark_pos(&y, e.start_mark, &line, &col);
-            diag_loc(d, src, line, col, "a second YAML document; a pipeline is one document");
+            pl_diag_loc(d, src, line, col, "a second YAML document; a pipeline is one document");
             y.failed = 1;
             yaml_event_delete(&e);
             break;
@@ -546,7 +524,7 @@ static int parse_yaml(const char *text, size_t len, const char *src, int line_ba
     free(y.anchors);
     yaml_parser_delete(&y.p);
     if (y.failed) {
-        ynode_free(doc);
+        pl_ynode_free(doc);
         return -1;
     }
     *root = doc;
@@ -555,58 +533,8 @@ static int parse_yaml(const char *text, size_t len, const char *src, int line_ba
 
 /* ---- the pipeline ---------------------------------------------------------------------- */
 
-typedef struct pipe_module {
-    const char *name;
-    const pr_technique *t;
-    uint32_t sites;              /* 0: the technique's defaults */
-    int *layers;                 /* NULL: every layer */
-    int n_layers;
-    pr_option_setting *opts;
-    int n_opts;
-    int trainable;
-    uint64_t seed;
-    int has_seed;
-    pr_module_plan plan;
-    int planned;
-    char where[300];             /* "FILE:LINE:COL" of the module */
-    /* a saved module (load:) or the mean of several (average:) */
-    int kind;                    /* MOD_TECHNIQUE, MOD_LOAD, MOD_AVERAGE */
-    int mode;                    /* MODE_FROZEN, MODE_CONTINUE, MODE_NEW */
-    int force;                   /* accept another base model */
-    pr_module_file **files;
-    int n_files;
-    double *weights;             /* average: normalised to sum 1 */
-    const char *base_name;       /* default name: the saved module's */
-    int gate;                    /* gate: true (docs/pipeline.md, "Composition") */
-    const char *fusion_load;     /* fuse: trained fusion weights to start from (load:) */
-} pipe_module;
 
-/* MOD_FUSE: `fuse: [FILE, ...]`, the files frozen and combined by a fusion module */
-enum { MOD_TECHNIQUE = 0, MOD_LOAD = 1, MOD_AVERAGE = 2, MOD_FUSE = 3 };
-enum { MODE_FROZEN = 1, MODE_CONTINUE = 2, MODE_NEW = 3 };
-
-struct pr_pipeline {
-    char *path;
-    char **strs;                 /* every string the pipeline hands out */
-    int n_strs, cap_strs;
-    int source;
-    const char *model_name;      /* directory or preset name */
-    const char *tok_dir;
-    pr_model_config cfg;
-    int have_cfg;
-    pr_model *loaded;            /* a `path:` model, until build takes it */
-    char model_where[300];
-    pipe_module *mods;
-    int n_mods;
-    pr_train_config tc;
-    const pr_registry *reg;
-    const char **arm_names;      /* compare.arms, in order (strings kept in strs) */
-    int n_arms;
-    const char *arm;             /* the arm applied, or NULL for the base */
-    char base_fp[64];            /* pr_model_fingerprint of the base, set by build */
-};
-
-static const char *keep(pr_pipeline *p, const char *s)
+const char *pl_keep(pr_pipeline *p, const char *s)
 {
     if (!s)
         return NULL;
@@ -648,28 +576,18 @@ void pr_pipeline_free(pr_pipeline *p)
 
 /* ---- validation helpers ------------------------------------------------------------------- */
 
-typedef struct loader {
-    pr_pipeline *p;
-    diags d;
-    const pr_registry *reg;
-    char *dir;                 /* the YAML file's directory */
-    pr_model *shape;           /* tensor table only (or the loaded model), for site checks */
-    int shape_owned;
-    int oom;
-    const char *mod_prefix;    /* "compare.arms.N." while checking an arm's modules */
-} loader;
 
 static const char *kind_name(const ynode *n)
 {
-    if (is_null(n))
+    if (pl_is_null(n))
         return "nothing";
     return n->kind == Y_MAP ? "a mapping" : n->kind == Y_SEQ ? "a list" : "a quoted string";
 }
 
 /* "got 'abc'" for a plain scalar, otherwise "got a list" ... */
-static void got(char *buf, size_t len, const ynode *n)
+void pl_got(char *buf, size_t len, const ynode *n)
 {
-    if (n->kind == Y_SCALAR && n->plain && !is_null(n))
+    if (n->kind == Y_SCALAR && n->plain && !pl_is_null(n))
         snprintf(buf, len, "'%s'", n->text);
     else if (n->kind == Y_SCALAR && !n->plain)
         snprintf(buf, len, "the quoted string \"%s\"", n->text);
@@ -677,17 +595,17 @@ static void got(char *buf, size_t len, const ynode *n)
         snprintf(buf, len, "%s", kind_name(n));
 }
 
-static int want_scalar(loader *L, const ynode *n, const char *path, const char *what)
+int pl_want_scalar(loader *L, const ynode *n, const char *path, const char *what)
 {
-    if (n->kind == Y_SCALAR && !is_null(n))
+    if (n->kind == Y_SCALAR && !pl_is_null(n))
         return 0;
     char g[200];
-    got(g, sizeof g, n);
-    diag_at(&L->d, n, "%s: expected %s, got %s", path, what, g);
+    pl_got(g, sizeof g, n);
+    pl_diag_at(&L->d, n, "%s: expected %s, got %s", path, what, g);
     return -1;
 }
 
-static int parse_ll(const char *s, long long *out)
+int pl_parse_ll(const char *s, long long *out)
 {
     char *end = NULL;
     errno = 0;
@@ -698,20 +616,20 @@ static int parse_ll(const char *s, long long *out)
     return 0;
 }
 
-static int get_int(loader *L, const ynode *n, const char *path, long long lo, long long hi, long long *out)
+int pl_get_int(loader *L, const ynode *n, const char *path, long long lo, long long hi, long long *out)
 {
     long long v;
-    if (n->kind != Y_SCALAR || !n->plain || is_null(n) || parse_ll(n->text, &v)) {
+    if (n->kind != Y_SCALAR || !n->plain || pl_is_null(n) || pl_parse_ll(n->text, &v)) {
         char g[200];
-        got(g, sizeof g, n);
-        diag_at(&L->d, n, "%s: expected an integer, got %s", path, g);
+        pl_got(g, sizeof g, n);
+        pl_diag_at(&L->d, n, "%s: expected an integer, got %s", path, g);
         return -1;
     }
     if (v < lo || v > hi) {
         if (hi >= (1LL << 30))
-            diag_at(&L->d, n, "%s: %lld is out of range (at least %lld)", path, v, lo);
+            pl_diag_at(&L->d, n, "%s: %lld is out of range (at least %lld)", path, v, lo);
         else
-            diag_at(&L->d, n, "%s: %lld is out of range [%lld, %lld]", path, v, lo, hi);
+            pl_diag_at(&L->d, n, "%s: %lld is out of range [%lld, %lld]", path, v, lo, hi);
         return -1;
     }
     *out = v;
@@ -719,37 +637,37 @@ static int get_int(loader *L, const ynode *n, const char *path, long long lo, lo
 }
 
 /* lo_open / hi_open: exclusive bounds. */
-static int get_float(loader *L, const ynode *n, const char *path, double lo, int lo_open, double hi, int hi_open,
-                     double *out)
+int pl_get_float(loader *L, const ynode *n, const char *path, double lo, int lo_open, double hi, int hi_open,
+                 double *out)
 {
     char *end = NULL;
     double v = 0;
-    if (n->kind == Y_SCALAR && n->plain && !is_null(n))
+    if (n->kind == Y_SCALAR && n->plain && !pl_is_null(n))
         v = strtod(n->text, &end);
     if (!end || end == n->text || *end || !isfinite(v)) {
         char g[200];
-        got(g, sizeof g, n);
-        diag_at(&L->d, n, "%s: expected a number, got %s", path, g);
+        pl_got(g, sizeof g, n);
+        pl_diag_at(&L->d, n, "%s: expected a number, got %s", path, g);
         return -1;
     }
     if (lo_open ? !(v > lo) : !(v >= lo)) {
         if (isinf(hi))
-            diag_at(&L->d, n, "%s: %s is out of range (%s %g)", path, n->text, lo_open ? "above" : "at least", lo);
+            pl_diag_at(&L->d, n, "%s: %s is out of range (%s %g)", path, n->text, lo_open ? "above" : "at least", lo);
         else
-            diag_at(&L->d, n, "%s: %s is out of range %c%g, %g%c", path, n->text, lo_open ? '(' : '[', lo, hi,
-                    hi_open ? ')' : ']');
+            pl_diag_at(&L->d, n, "%s: %s is out of range %c%g, %g%c", path, n->text, lo_open ? '(' : '[', lo, hi,
+                       hi_open ? ')' : ']');
         return -1;
     }
     if (hi_open ? !(v < hi) : !(v <= hi)) {
-        diag_at(&L->d, n, "%s: %s is out of range %c%g, %g%c", path, n->text, lo_open ? '(' : '[', lo, hi,
-                hi_open ? ')' : ']');
+        pl_diag_at(&L->d, n, "%s: %s is out of range %c%g, %g%c", path, n->text, lo_open ? '(' : '[', lo, hi,
+                   hi_open ? ')' : ']');
         return -1;
     }
     *out = v;
     return 0;
 }
 
-static int text_bool(const char *s, int *out)
+int pl_text_bool(const char *s, int *out)
 {
     static const char *const yes[] = { "true", "yes", "on" }, *const no[] = { "false", "no", "off" };
     for (int i = 0; i < 3; i++) {
@@ -765,31 +683,31 @@ static int text_bool(const char *s, int *out)
     return -1;
 }
 
-static int get_bool(loader *L, const ynode *n, const char *path, int *out)
+int pl_get_bool(loader *L, const ynode *n, const char *path, int *out)
 {
-    if (n->kind != Y_SCALAR || !n->plain || text_bool(n->text, out)) {
+    if (n->kind != Y_SCALAR || !n->plain || pl_text_bool(n->text, out)) {
         char g[200];
-        got(g, sizeof g, n);
-        diag_at(&L->d, n, "%s: expected true or false, got %s", path, g);
+        pl_got(g, sizeof g, n);
+        pl_diag_at(&L->d, n, "%s: expected true or false, got %s", path, g);
         return -1;
     }
     return 0;
 }
 
-static int get_string(loader *L, const ynode *n, const char *path, const char **out)
+int pl_get_string(loader *L, const ynode *n, const char *path, const char **out)
 {
-    if (want_scalar(L, n, path, "a string"))
+    if (pl_want_scalar(L, n, path, "a string"))
         return -1;
-    *out = keep(L->p, n->text);
+    *out = pl_keep(L->p, n->text);
     if (!*out)
         L->oom = 1;
     return *out ? 0 : -1;
 }
 
-static int get_choice(loader *L, const ynode *n, const char *path, const char *const *choices, int n_choices,
-                      const char **out)
+int pl_get_choice(loader *L, const ynode *n, const char *path, const char *const *choices, int n_choices,
+                  const char **out)
 {
-    if (want_scalar(L, n, path, "a name"))
+    if (pl_want_scalar(L, n, path, "a name"))
         return -1;
     for (int i = 0; i < n_choices; i++)
         if (strcmp(n->text, choices[i]) == 0) {
@@ -803,23 +721,23 @@ static int get_choice(loader *L, const ynode *n, const char *path, const char *c
         if (w > 0 && (size_t)w < sizeof list - off)
             off += (size_t)w;
     }
-    hint(h, sizeof h, n->text, choices, n_choices);
-    diag_at(&L->d, n, "%s: '%s' is not one of %s%s", path, n->text, list, h);
+    pl_hint(h, sizeof h, n->text, choices, n_choices);
+    pl_diag_at(&L->d, n, "%s: '%s' is not one of %s%s", path, n->text, list, h);
     return -1;
 }
 
-static int want_map(loader *L, const ynode *n, const char *path)
+int pl_want_map(loader *L, const ynode *n, const char *path)
 {
     if (n->kind == Y_MAP)
         return 0;
     char g[200];
-    got(g, sizeof g, n);
-    diag_at(&L->d, n, "%s: expected a mapping, got %s", path, g);
+    pl_got(g, sizeof g, n);
+    pl_diag_at(&L->d, n, "%s: expected a mapping, got %s", path, g);
     return -1;
 }
 
 /* Report keys of map not in known[]. */
-static void check_keys(loader *L, const ynode *map, const char *path, const char *const *known, int n_known)
+void pl_check_keys(loader *L, const ynode *map, const char *path, const char *const *known, int n_known)
 {
     for (int i = 0; i < map->n; i++) {
         const char *k = map->keys[i]->text;
@@ -831,18 +749,18 @@ static void check_keys(loader *L, const ynode *map, const char *path, const char
         if (ok)
             continue;
         char h[128];
-        hint(h, sizeof h, k, known, n_known);
-        diag_at(&L->d, map->keys[i], "unknown key '%s%s%s'%s", path, *path ? "." : "", k, h);
+        pl_hint(h, sizeof h, k, known, n_known);
+        pl_diag_at(&L->d, map->keys[i], "unknown key '%s%s%s'%s", path, *path ? "." : "", k, h);
     }
 }
 
 /* Resolve a path from the file against its directory (overrides are
  * typed at a shell: they stay relative to the working directory). */
-static const char *resolve_path(loader *L, const ynode *n, const char *s)
+const char *pl_resolve_path(loader *L, const ynode *n, const char *s)
 {
     const char *r;
-    if (s[0] == '/' || n->src == set_src || !L->dir[0]) {
-        r = keep(L->p, s);
+    if (s[0] == '/' || n->src == pl_set_src || !L->dir[0]) {
+        r = pl_keep(L->p, s);
     } else {
         size_t len = strlen(L->dir) + strlen(s) + 2;
         char *buf = malloc(len);
@@ -851,7 +769,7 @@ static const char *resolve_path(loader *L, const ynode *n, const char *s)
             return NULL;
         }
         snprintf(buf, len, "%s/%s", L->dir, s);
-        r = keep(L->p, buf);
+        r = pl_keep(L->p, buf);
         free(buf);
     }
     if (!r)
@@ -860,7 +778,7 @@ static const char *resolve_path(loader *L, const ynode *n, const char *s)
 }
 
 /* A readable file (dir = 0) or directory (dir = 1). */
-static void check_exists(loader *L, const ynode *n, const char *path, const char *resolved, int dir)
+void pl_check_exists(loader *L, const ynode *n, const char *path, const char *resolved, int dir)
 {
     struct stat st;
     const char *why = NULL;
@@ -876,7 +794,7 @@ static void check_exists(loader *L, const ynode *n, const char *path, const char
     else if (access(resolved, R_OK) != 0)
         why = strerror(errno);
     if (why)
-        diag_at(&L->d, n, "%s: cannot read '%s'%s: %s", path, resolved, rel, why);
+        pl_diag_at(&L->d, n, "%s: cannot read '%s'%s: %s", path, resolved, rel, why);
 }
 
 /* ---- model ------------------------------------------------------------------------------------ */
@@ -890,19 +808,19 @@ static void load_model_config(loader *L, const ynode *c)
     static const char *const keys[] = { "n_layers", "d_model", "n_heads", "n_kv_heads", "d_head", "d_ff",
                                         "vocab", "max_seq", "bias", "tied_head" };
     pr_model_config *cfg = &L->p->cfg;
-    if (want_map(L, c, "model.config"))
+    if (pl_want_map(L, c, "model.config"))
         return;
-    check_keys(L, c, "model.config", keys, (int)(sizeof keys / sizeof keys[0]));
+    pl_check_keys(L, c, "model.config", keys, (int)(sizeof keys / sizeof keys[0]));
     /* start from the small test shape; d_head, n_kv_heads and d_ff follow
      * d_model and n_heads unless given */
     pr_config_preset("gpt2-tiny", cfg);
     int bad = 0;
     long long v[8] = { 0 };
     for (int i = 0; i < 8; i++) {
-        const ynode *n = map_get(c, keys[i]);
+        const ynode *n = pl_map_get(c, keys[i]);
         char path[64];
         snprintf(path, sizeof path, "model.config.%s", keys[i]);
-        if (n && get_int(L, n, path, 1, 1 << 20, &v[i]))
+        if (n && pl_get_int(L, n, path, 1, 1 << 20, &v[i]))
             bad = 1;
     }
     if (v[0]) cfg->n_layers = (int)v[0];
@@ -914,74 +832,74 @@ static void load_model_config(loader *L, const ynode *c)
     if (v[6]) cfg->vocab_size = (int)v[6];
     if (v[7]) cfg->max_seq = (int)v[7];
     for (int i = 8; i < 10; i++) {
-        const ynode *n = map_get(c, keys[i]);
+        const ynode *n = pl_map_get(c, keys[i]);
         int b;
         char path[64];
         snprintf(path, sizeof path, "model.config.%s", keys[i]);
-        if (n && get_bool(L, n, path, &b))
+        if (n && pl_get_bool(L, n, path, &b))
             bad = 1;
         else if (n)
             *(i == 8 ? &cfg->bias : &cfg->tied_head) = b;
     }
     if (!v[4] && cfg->n_heads > 0 && cfg->d_model % cfg->n_heads != 0) {
-        diag_at(&L->d, c, "model.config: d_model (%d) must be a multiple of n_heads (%d), or give d_head",
-                cfg->d_model, cfg->n_heads);
+        pl_diag_at(&L->d, c, "model.config: d_model (%d) must be a multiple of n_heads (%d), or give d_head",
+                   cfg->d_model, cfg->n_heads);
         bad = 1;
     }
     pr_error e = { 0 };
     if (!bad && pr_config_validate(cfg, &e)) {
-        diag_at(&L->d, c, "model.config: %s", e.msg);
+        pl_diag_at(&L->d, c, "model.config: %s", e.msg);
         bad = 1;
     }
     L->p->have_cfg = !bad;
 }
 
-static void load_model(loader *L, const ynode *m)
+void pl_load_model(loader *L, const ynode *m)
 {
     static const char *const keys[] = { "path", "preset", "config", "seed", "tokenizer" };
     pr_pipeline *p = L->p;
-    if (want_map(L, m, "model"))
+    if (pl_want_map(L, m, "model"))
         return;
     snprintf(p->model_where, sizeof p->model_where, "%s:%d:%d", m->src, m->line, m->col);
-    check_keys(L, m, "model", keys, 5);
-    const ynode *path = map_get(m, "path"), *preset = map_get(m, "preset"), *config = map_get(m, "config");
+    pl_check_keys(L, m, "model", keys, 5);
+    const ynode *path = pl_map_get(m, "path"), *preset = pl_map_get(m, "preset"), *config = pl_map_get(m, "config");
     int given = !!path + !!preset + !!config;
     if (given != 1) {
         const ynode *at = given ? (path ? path : preset) : m;
         if (given > 1) {
-            int i = map_find(m, config ? "config" : "preset");
+            int i = pl_map_find(m, config ? "config" : "preset");
             at = m->keys[i];
         }
-        diag_at(&L->d, at, "model: give exactly one of path, preset or config (%s)",
-                given ? "found more than one" : "found none");
+        pl_diag_at(&L->d, at, "model: give exactly one of path, preset or config (%s)",
+                   given ? "found more than one" : "found none");
         return;
     }
     long long seed = -1;
-    const ynode *sn = map_get(m, "seed");
-    if (sn && get_int(L, sn, "model.seed", 0, LLONG_MAX, &seed))
+    const ynode *sn = pl_map_get(m, "seed");
+    if (sn && pl_get_int(L, sn, "model.seed", 0, LLONG_MAX, &seed))
         seed = -1;
-    const ynode *tn = map_get(m, "tokenizer");
+    const ynode *tn = pl_map_get(m, "tokenizer");
     const char *tok;
-    if (tn && !is_null(tn) && !get_string(L, tn, "model.tokenizer", &tok)) {
-        p->tok_dir = resolve_path(L, tn, tok);
+    if (tn && !pl_is_null(tn) && !pl_get_string(L, tn, "model.tokenizer", &tok)) {
+        p->tok_dir = pl_resolve_path(L, tn, tok);
         if (p->tok_dir)
-            check_exists(L, tn, "model.tokenizer", p->tok_dir, 1);
+            pl_check_exists(L, tn, "model.tokenizer", p->tok_dir, 1);
     }
     if (path) {
         p->source = PR_PIPELINE_MODEL_PATH;
         const char *s;
-        if (get_string(L, path, "model.path", &s))
+        if (pl_get_string(L, path, "model.path", &s))
             return;
         if (sn)
-            diag_at(&L->d, m->keys[map_find(m, "seed")], "model.seed: applies to preset and config models only");
-        p->model_name = resolve_path(L, path, s);
+            pl_diag_at(&L->d, m->keys[pl_map_find(m, "seed")], "model.seed: applies to preset and config models only");
+        p->model_name = pl_resolve_path(L, path, s);
         if (!p->model_name)
             return;
         if (!p->tok_dir)
             p->tok_dir = p->model_name;
         pr_error e = { 0 };
         if (pr_model_load_hf(p->model_name, &p->loaded, &e)) {
-            diag_at(&L->d, path, "model.path: %s", e.msg);
+            pl_diag_at(&L->d, path, "model.path: %s", e.msg);
             return;
         }
         p->cfg = *pr_model_get_config(p->loaded);
@@ -991,16 +909,16 @@ static void load_model(loader *L, const ynode *m)
     }
     if (preset) {
         p->source = PR_PIPELINE_MODEL_PRESET;
-        if (want_scalar(L, preset, "model.preset", "a preset name"))
+        if (pl_want_scalar(L, preset, "model.preset", "a preset name"))
             return;
         if (pr_config_preset(preset->text, &p->cfg) != PR_OK) {
             char h[128];
-            hint(h, sizeof h, preset->text, preset_names, N_PRESETS);
-            diag_at(&L->d, preset, "model.preset: unknown preset '%s'%s", preset->text,
-                    h[0] ? h : " (known: gpt2-tiny, gpt2-small, gpt2-medium, gpt2-large, gpt2-xl)");
+            pl_hint(h, sizeof h, preset->text, preset_names, N_PRESETS);
+            pl_diag_at(&L->d, preset, "model.preset: unknown preset '%s'%s", preset->text,
+                       h[0] ? h : " (known: gpt2-tiny, gpt2-small, gpt2-medium, gpt2-large, gpt2-xl)");
             return;
         }
-        p->model_name = keep(p, preset->text);
+        p->model_name = pl_keep(p, preset->text);
         p->have_cfg = 1;
     } else {
         p->source = PR_PIPELINE_MODEL_CONFIG;
@@ -1019,7 +937,7 @@ static void load_model(loader *L, const ynode *m)
 
 /* ---- train and task ------------------------------------------------------------------------------ */
 
-static void load_train(loader *L, const ynode *t)
+void pl_load_train(loader *L, const ynode *t)
 {
     static const char *const keys[] = { "steps", "batch", "seq_len", "accum", "lr", "min_lr_ratio", "schedule",
                                         "warmup", "weight_decay", "decay_all", "clip", "beta1", "beta2", "eps",
@@ -1028,19 +946,19 @@ static void load_train(loader *L, const ynode *t)
     static const char *const schedules[] = { "cosine", "linear", "constant" };
     static const char *const progress_modes[] = { "auto", "bar", "plain", "none" };
     pr_train_config *c = &L->p->tc;
-    if (!t || is_null(t) || want_map(L, t, "train"))
+    if (!t || pl_is_null(t) || pl_want_map(L, t, "train"))
         return;
-    check_keys(L, t, "train", keys, (int)(sizeof keys / sizeof keys[0]));
+    pl_check_keys(L, t, "train", keys, (int)(sizeof keys / sizeof keys[0]));
     const ynode *n;
     long long v;
     double f;
     int b;
     const int big = 1 << 30;
 #define INT_KEY(key, field, lo) \
-    if ((n = map_get(t, key)) && !get_int(L, n, "train." key, lo, big, &v)) \
+    if ((n = pl_map_get(t, key)) && !pl_get_int(L, n, "train." key, lo, big, &v)) \
         c->field = (int)v;
 #define FLT_KEY(key, field, lo, lo_open, hi, hi_open) \
-    if ((n = map_get(t, key)) && !get_float(L, n, "train." key, lo, lo_open, hi, hi_open, &f)) \
+    if ((n = pl_map_get(t, key)) && !pl_get_float(L, n, "train." key, lo, lo_open, hi, hi_open, &f)) \
         c->field = (float)f;
     INT_KEY("steps", steps, 0)
     INT_KEY("batch", batch, 1)
@@ -1061,49 +979,49 @@ static void load_train(loader *L, const ynode *t)
     INT_KEY("checkpoint_every", ckpt_every, 0)
 #undef INT_KEY
 #undef FLT_KEY
-    if ((n = map_get(t, "seed")) && !get_int(L, n, "train.seed", 0, LLONG_MAX, &v))
+    if ((n = pl_map_get(t, "seed")) && !pl_get_int(L, n, "train.seed", 0, LLONG_MAX, &v))
         c->seed = (uint64_t)v;
-    if ((n = map_get(t, "schedule")))
-        get_choice(L, n, "train.schedule", schedules, 3, &c->schedule);
-    if ((n = map_get(t, "decay_all")) && !get_bool(L, n, "train.decay_all", &b))
+    if ((n = pl_map_get(t, "schedule")))
+        pl_get_choice(L, n, "train.schedule", schedules, 3, &c->schedule);
+    if ((n = pl_map_get(t, "decay_all")) && !pl_get_bool(L, n, "train.decay_all", &b))
         c->decay_all = b;
-    if ((n = map_get(t, "resume")) && !get_bool(L, n, "train.resume", &b))
+    if ((n = pl_map_get(t, "resume")) && !pl_get_bool(L, n, "train.resume", &b))
         c->resume = b;
     const char *mode;
-    if ((n = map_get(t, "progress")) && !get_choice(L, n, "train.progress", progress_modes, 4, &mode))
+    if ((n = pl_map_get(t, "progress")) && !pl_get_choice(L, n, "train.progress", progress_modes, 4, &mode))
         c->progress = pr_progress_parse(mode);
     const char *s;
-    if ((n = map_get(t, "output")) && !get_string(L, n, "train.output", &s))
-        c->out_dir = resolve_path(L, n, s);
-    if ((n = map_get(t, "seq_len")) && L->p->have_cfg && c->seq_len > L->p->cfg.max_seq)
-        diag_at(&L->d, n, "train.seq_len: %d exceeds the model's %d positions (max_seq)", c->seq_len,
-                L->p->cfg.max_seq);
+    if ((n = pl_map_get(t, "output")) && !pl_get_string(L, n, "train.output", &s))
+        c->out_dir = pl_resolve_path(L, n, s);
+    if ((n = pl_map_get(t, "seq_len")) && L->p->have_cfg && c->seq_len > L->p->cfg.max_seq)
+        pl_diag_at(&L->d, n, "train.seq_len: %d exceeds the model's %d positions (max_seq)", c->seq_len,
+                   L->p->cfg.max_seq);
 }
 
-static void load_task(loader *L, const ynode *t)
+void pl_load_task(loader *L, const ynode *t)
 {
     static const char *const keys[] = { "type", "train", "validation", "val_fraction", "format" };
     static const char *const types[] = { "lm", "classification" }, *const formats[] = { "auto", "text", "jsonl" };
     pr_train_config *c = &L->p->tc;
-    if (want_map(L, t, "task"))
+    if (pl_want_map(L, t, "task"))
         return;
-    check_keys(L, t, "task", keys, 5);
+    pl_check_keys(L, t, "task", keys, 5);
     const ynode *n;
-    if ((n = map_get(t, "type")))
-        get_choice(L, n, "task.type", types, 2, &c->task);
-    if ((n = map_get(t, "format")))
-        get_choice(L, n, "task.format", formats, 3, &c->format);
+    if ((n = pl_map_get(t, "type")))
+        pl_get_choice(L, n, "task.type", types, 2, &c->task);
+    if ((n = pl_map_get(t, "format")))
+        pl_get_choice(L, n, "task.format", formats, 3, &c->format);
     double f;
-    if ((n = map_get(t, "val_fraction")) && !get_float(L, n, "task.val_fraction", 0, 1, 1, 1, &f))
+    if ((n = pl_map_get(t, "val_fraction")) && !pl_get_float(L, n, "task.val_fraction", 0, 1, 1, 1, &f))
         c->val_fraction = f;
     const char *s;
-    if (!(n = map_get(t, "train")))
-        diag_at(&L->d, t, "task: missing required key 'train' (the training data file)");
-    else if (!get_string(L, n, "task.train", &s) && (c->train_path = resolve_path(L, n, s)))
-        check_exists(L, n, "task.train", c->train_path, 0);
-    if ((n = map_get(t, "validation")) && !is_null(n) && !get_string(L, n, "task.validation", &s) &&
-        (c->val_path = resolve_path(L, n, s)))
-        check_exists(L, n, "task.validation", c->val_path, 0);
+    if (!(n = pl_map_get(t, "train")))
+        pl_diag_at(&L->d, t, "task: missing required key 'train' (the training data file)");
+    else if (!pl_get_string(L, n, "task.train", &s) && (c->train_path = pl_resolve_path(L, n, s)))
+        pl_check_exists(L, n, "task.train", c->train_path, 0);
+    if ((n = pl_map_get(t, "validation")) && !pl_is_null(n) && !pl_get_string(L, n, "task.validation", &s) &&
+        (c->val_path = pl_resolve_path(L, n, s)))
+        pl_check_exists(L, n, "task.validation", c->val_path, 0);
 }
 
 /* ---- modules ----------------------------------------------------------------------------------- */
@@ -1137,20 +1055,20 @@ static int check_site(loader *L, const char *word, const char *src, int line, in
     char buf[256];
     if (s < 0) {
         char h[128];
-        hint(h, sizeof h, word, site_words, N_SITE_WORDS);
+        pl_hint(h, sizeof h, word, site_words, N_SITE_WORDS);
         if (!strcmp(word, "c_proj"))
             snprintf(h, sizeof h, " (GPT-2 has two: say attn.c_proj for o or mlp.c_proj for ffn.down)");
-        diag_loc(&L->d, src, line, col, "%s: unknown site '%s'%s", path, word, h);
+        pl_diag_loc(&L->d, src, line, col, "%s: unknown site '%s'%s", path, word, h);
         return -1;
     }
     if (t && !(t->sites & PR_SITE_BIT(s))) {
         names_site_mask(t->sites, "none", buf, sizeof buf);
-        diag_loc(&L->d, src, line, col, "%s: technique '%s' cannot attach at site '%s' (allowed: %s)", path,
-                 t->name, pr_site_name(s), buf);
+        pl_diag_loc(&L->d, src, line, col, "%s: technique '%s' cannot attach at site '%s' (allowed: %s)", path,
+                    t->name, pr_site_name(s), buf);
         return -1;
     }
     if (L->shape && pr_model_site_dims(L->shape, s, NULL, NULL) != 0) {
-        diag_loc(&L->d, src, line, col, "%s: site '%s' does not exist in this model", path, pr_site_name(s));
+        pl_diag_loc(&L->d, src, line, col, "%s: site '%s' does not exist in this model", path, pr_site_name(s));
         return -1;
     }
     return s;
@@ -1163,12 +1081,12 @@ static int load_sites(loader *L, const ynode *n, const char *path, const pr_tech
     *mask = 0;
     if (n->kind == Y_SEQ) {
         if (n->n == 0) {
-            diag_at(&L->d, n, "%s: an empty list (leave the key out for the technique's default sites)", path);
+            pl_diag_at(&L->d, n, "%s: an empty list (leave the key out for the technique's default sites)", path);
             return -1;
         }
         for (int i = 0; i < n->n; i++) {
             const ynode *e = n->vals[i];
-            if (want_scalar(L, e, path, "a site name")) {
+            if (pl_want_scalar(L, e, path, "a site name")) {
                 bad = 1;
                 continue;
             }
@@ -1176,14 +1094,14 @@ static int load_sites(loader *L, const ynode *n, const char *path, const pr_tech
             if (s < 0)
                 bad = 1;
             else if (*mask & PR_SITE_BIT(s)) {
-                diag_at(&L->d, e, "%s: site '%s' is listed twice", path, pr_site_name(s));
+                pl_diag_at(&L->d, e, "%s: site '%s' is listed twice", path, pr_site_name(s));
                 bad = 1;
             } else
                 *mask |= PR_SITE_BIT(s);
         }
         return bad ? -1 : 0;
     }
-    if (want_scalar(L, n, path, "a site name or a list of them"))
+    if (pl_want_scalar(L, n, path, "a site name or a list of them"))
         return -1;
     /* "q, v": columns of each name inside the scalar (+1 for a quote) */
     const char *s = n->text;
@@ -1203,15 +1121,15 @@ static int load_sites(loader *L, const ynode *n, const char *path, const pr_tech
         if (site < 0)
             bad = 1;
         else if (*mask & PR_SITE_BIT(site)) {
-            diag_loc(&L->d, n->src, n->line, n->col + quote + (int)i, "%s: site '%s' is listed twice", path,
-                     pr_site_name(site));
+            pl_diag_loc(&L->d, n->src, n->line, n->col + quote + (int)i, "%s: site '%s' is listed twice", path,
+                        pr_site_name(site));
             bad = 1;
         } else
             *mask |= PR_SITE_BIT(site);
         i = j;
     }
     if (!bad && !*mask) {
-        diag_at(&L->d, n, "%s: no site named", path);
+        pl_diag_at(&L->d, n, "%s: no site named", path);
         bad = 1;
     }
     return bad ? -1 : 0;
@@ -1224,15 +1142,15 @@ static int add_layer(loader *L, int *layers, int *n, long long l, const char *sr
     int nl = L->p->have_cfg ? L->p->cfg.n_layers : MAX_LAYERS;
     if (l < 0 || l >= nl) {
         if (L->p->have_cfg)
-            diag_loc(&L->d, src, line, col, "%s: layer %lld is out of range: the model has %d layers (0-%d)", path,
-                     l, nl, nl - 1);
+            pl_diag_loc(&L->d, src, line, col, "%s: layer %lld is out of range: the model has %d layers (0-%d)", path,
+                        l, nl, nl - 1);
         else
-            diag_loc(&L->d, src, line, col, "%s: layer %lld is out of range", path, l);
+            pl_diag_loc(&L->d, src, line, col, "%s: layer %lld is out of range", path, l);
         return -1;
     }
     for (int i = 0; i < *n; i++)
         if (layers[i] == l) {
-            diag_loc(&L->d, src, line, col, "%s: layer %lld is listed twice", path, l);
+            pl_diag_loc(&L->d, src, line, col, "%s: layer %lld is listed twice", path, l);
             return -1;
         }
     layers[(*n)++] = (int)l;
@@ -1264,22 +1182,22 @@ static int layer_ranges(loader *L, const ynode *n, const char *path, int *layers
         int ok;
         if (dash) {
             *dash = '\0';
-            ok = !parse_ll(item, &a) && !parse_ll(dash + 1, &b);
+            ok = !pl_parse_ll(item, &a) && !pl_parse_ll(dash + 1, &b);
             *dash = '-';
         } else {
-            ok = !parse_ll(item, &a);
+            ok = !pl_parse_ll(item, &a);
             b = a;
         }
         if (!ok) {
-            diag_loc(&L->d, n->src, n->line, col,
-                     "%s: bad layer range '%s' (expected all, a list of layers, or ranges like \"0-5, 7\")", path,
-                     item);
+            pl_diag_loc(&L->d, n->src, n->line, col,
+                        "%s: bad layer range '%s' (expected all, a list of layers, or ranges like \"0-5, 7\")", path,
+                        item);
             bad = 1;
         } else if (b < a) {
-            diag_loc(&L->d, n->src, n->line, col, "%s: bad layer range '%s': it ends before it starts", path, item);
+            pl_diag_loc(&L->d, n->src, n->line, col, "%s: bad layer range '%s': it ends before it starts", path, item);
             bad = 1;
         } else if (b - a >= MAX_LAYERS) {
-            diag_loc(&L->d, n->src, n->line, col, "%s: layer range '%s' is longer than %d", path, item, MAX_LAYERS);
+            pl_diag_loc(&L->d, n->src, n->line, col, "%s: layer range '%s' is longer than %d", path, item, MAX_LAYERS);
             bad = 1;
         } else {
             for (long long l = a; l <= b; l++)
@@ -1291,7 +1209,7 @@ static int layer_ranges(loader *L, const ynode *n, const char *path, int *layers
         i = j;
     }
     if (!bad && *count == 0) {
-        diag_at(&L->d, n, "%s: no layer named", path);
+        pl_diag_at(&L->d, n, "%s: no layer named", path);
         bad = 1;
     }
     return bad ? -1 : 0;
@@ -1310,23 +1228,23 @@ static int load_layers(loader *L, const ynode *n, const char *path, pipe_module 
         return 0;
     } else if (n->kind == Y_SEQ) {
         if (n->n == 0) {
-            diag_at(&L->d, n, "%s: an empty list (write all, or leave the key out, for every layer)", path);
+            pl_diag_at(&L->d, n, "%s: an empty list (write all, or leave the key out, for every layer)", path);
             bad = 1;
         }
         for (int i = 0; i < n->n && count < MAX_LAYERS; i++) {
             const ynode *e = n->vals[i];
-            if (get_int(L, e, path, LLONG_MIN, LLONG_MAX, &l) ||
+            if (pl_get_int(L, e, path, LLONG_MIN, LLONG_MAX, &l) ||
                 add_layer(L, layers, &count, l, e->src, e->line, e->col, path))
                 bad = 1;
         }
-    } else if (n->kind == Y_SCALAR && n->plain && !parse_ll(n->text, &l)) {
+    } else if (n->kind == Y_SCALAR && n->plain && !pl_parse_ll(n->text, &l)) {
         bad = add_layer(L, layers, &count, l, n->src, n->line, n->col, path) != 0;
-    } else if (n->kind == Y_SCALAR && !is_null(n)) {
+    } else if (n->kind == Y_SCALAR && !pl_is_null(n)) {
         bad = layer_ranges(L, n, path, layers, &count) != 0;
     } else {
         char g[200];
-        got(g, sizeof g, n);
-        diag_at(&L->d, n, "%s: expected all, a list of layers or a string of ranges, got %s", path, g);
+        pl_got(g, sizeof g, n);
+        pl_diag_at(&L->d, n, "%s: expected all, a list of layers or a string of ranges, got %s", path, g);
         bad = 1;
     }
     if (bad) {
@@ -1342,9 +1260,9 @@ static int load_layers(loader *L, const ynode *n, const char *path, pipe_module 
 static int check_option(loader *L, const ynode *v, const char *path, const pr_option_decl *o)
 {
     char g[200];
-    if (v->kind != Y_SCALAR || is_null(v)) {
-        got(g, sizeof g, v);
-        diag_at(&L->d, v, "%s: expected a value, got %s", path, g);
+    if (v->kind != Y_SCALAR || pl_is_null(v)) {
+        pl_got(g, sizeof g, v);
+        pl_diag_at(&L->d, v, "%s: expected a value, got %s", path, g);
         return -1;
     }
     double x;
@@ -1352,9 +1270,9 @@ static int check_option(loader *L, const ynode *v, const char *path, const pr_op
     int b;
     switch (o->type) {
     case PR_OPT_INT:
-        if (!v->plain || parse_ll(v->text, &i)) {
-            got(g, sizeof g, v);
-            diag_at(&L->d, v, "%s: expected an integer, got %s", path, g);
+        if (!v->plain || pl_parse_ll(v->text, &i)) {
+            pl_got(g, sizeof g, v);
+            pl_diag_at(&L->d, v, "%s: expected an integer, got %s", path, g);
             return -1;
         }
         x = (double)i;
@@ -1363,16 +1281,16 @@ static int check_option(loader *L, const ynode *v, const char *path, const pr_op
         char *end = NULL;
         x = v->plain ? strtod(v->text, &end) : 0;
         if (!v->plain || end == v->text || *end || !isfinite(x)) {
-            got(g, sizeof g, v);
-            diag_at(&L->d, v, "%s: expected a number, got %s", path, g);
+            pl_got(g, sizeof g, v);
+            pl_diag_at(&L->d, v, "%s: expected a number, got %s", path, g);
             return -1;
         }
         break;
     }
     case PR_OPT_BOOL:
-        if (!v->plain || (text_bool(v->text, &b) && strcmp(v->text, "0") && strcmp(v->text, "1"))) {
-            got(g, sizeof g, v);
-            diag_at(&L->d, v, "%s: expected true or false, got %s", path, g);
+        if (!v->plain || (pl_text_bool(v->text, &b) && strcmp(v->text, "0") && strcmp(v->text, "1"))) {
+            pl_got(g, sizeof g, v);
+            pl_diag_at(&L->d, v, "%s: expected true or false, got %s", path, g);
             return -1;
         }
         return 0;
@@ -1382,13 +1300,13 @@ static int check_option(loader *L, const ynode *v, const char *path, const pr_op
         for (; o->choices && o->choices[n] && n < 64; n++)
             names[n] = o->choices[n];
         const char *dummy;
-        return get_choice(L, v, path, names, n, &dummy);
+        return pl_get_choice(L, v, path, names, n, &dummy);
     }
     default:
         return 0;
     }
     if (!(o->min == 0.0 && o->max == 0.0) && (x < o->min || x > o->max)) {
-        diag_at(&L->d, v, "%s: %s is out of range [%g, %g]", path, v->text, o->min, o->max);
+        pl_diag_at(&L->d, v, "%s: %s is out of range [%g, %g]", path, v->text, o->min, o->max);
         return -1;
     }
     return 0;
@@ -1402,7 +1320,7 @@ static int push_setting(loader *L, pipe_module *pm, const char *name, const char
         return -1;
     }
     pm->opts = o;
-    o[pm->n_opts] = (pr_option_setting){ keep(L->p, name), keep(L->p, value), site };
+    o[pm->n_opts] = (pr_option_setting){ pl_keep(L->p, name), pl_keep(L->p, value), site };
     if (!o[pm->n_opts].name || !o[pm->n_opts].value) {
         L->oom = 1;
         return -1;
@@ -1415,7 +1333,7 @@ static int push_setting(loader *L, pipe_module *pm, const char *name, const char
 static int load_options(loader *L, const ynode *n, const char *path, pipe_module *pm, int site)
 {
     const pr_technique *t = pm->t;
-    if (want_map(L, n, path))
+    if (pl_want_map(L, n, path))
         return -1;
     const char *names[64];
     pr_option_decl decl[64];
@@ -1434,23 +1352,23 @@ static int load_options(loader *L, const ynode *n, const char *path, pipe_module
         if (j == nd) {
             char h[128], list[400] = "";
             size_t off = 0;
-            hint(h, sizeof h, key->text, names, nd);
+            pl_hint(h, sizeof h, key->text, names, nd);
             for (int q = 0; q < nd; q++) {
                 int w = snprintf(list + off, sizeof list - off, "%s%s", q ? ", " : "", names[q]);
                 if (w > 0 && (size_t)w < sizeof list - off)
                     off += (size_t)w;
             }
             if (h[0])
-                diag_at(&L->d, key, "%s: technique '%s' has no option '%s'%s", path, t->name, key->text, h);
+                pl_diag_at(&L->d, key, "%s: technique '%s' has no option '%s'%s", path, t->name, key->text, h);
             else
-                diag_at(&L->d, key, "%s: technique '%s' has no option '%s' (its options: %s)", path, t->name,
-                        key->text, nd ? list : "none");
+                pl_diag_at(&L->d, key, "%s: technique '%s' has no option '%s' (its options: %s)", path, t->name,
+                           key->text, nd ? list : "none");
             bad = 1;
             continue;
         }
         if (site >= 0 && !decl[j].per_site) {
-            diag_at(&L->d, key, "%s: option '%s' cannot be set per site (set it under options)", opath,
-                    key->text);
+            pl_diag_at(&L->d, key, "%s: option '%s' cannot be set per site (set it under options)", opath,
+                       key->text);
             bad = 1;
             continue;
         }
@@ -1462,7 +1380,7 @@ static int load_options(loader *L, const ynode *n, const char *path, pipe_module
 
 static void load_site_options(loader *L, const ynode *n, const char *path, pipe_module *pm)
 {
-    if (want_map(L, n, path))
+    if (pl_want_map(L, n, path))
         return;
     uint32_t used = pm->sites ? pm->sites : pm->t->default_sites;
     for (int k = 0; k < n->n; k++) {
@@ -1475,14 +1393,14 @@ static void load_site_options(loader *L, const ynode *n, const char *path, pipe_
         if (!(used & PR_SITE_BIT(s))) {
             char buf[256];
             names_site_mask(used, "none", buf, sizeof buf);
-            diag_at(&L->d, key, "%s: site '%s' is not one of the module's sites (%s)", path, pr_site_name(s), buf);
+            pl_diag_at(&L->d, key, "%s: site '%s' is not one of the module's sites (%s)", path, pr_site_name(s), buf);
             continue;
         }
         load_options(L, val, spath, pm, s);
     }
 }
 
-static int name_ok(const char *s)
+int pl_name_ok(const char *s)
 {
     if (!*s)
         return 0;
@@ -1497,19 +1415,19 @@ static int name_ok(const char *s)
 static pr_module_file *open_saved(loader *L, const ynode *n, const char *path)
 {
     const char *s;
-    if (get_string(L, n, path, &s))
+    if (pl_get_string(L, n, path, &s))
         return NULL;
-    const char *file = resolve_path(L, n, s);
+    const char *file = pl_resolve_path(L, n, s);
     if (!file)
         return NULL;
     int before = L->d.n;
-    check_exists(L, n, path, file, 0);
+    pl_check_exists(L, n, path, file, 0);
     if (L->d.n > before)
         return NULL;
     pr_module_file *f = NULL;
     pr_error e = { 0 };
     if (pr_module_file_open(file, L->reg, &f, &e)) {
-        diag_at(&L->d, n, "%s: %s", path, e.msg);
+        pl_diag_at(&L->d, n, "%s: %s", path, e.msg);
         return NULL;
     }
     return f;
@@ -1530,15 +1448,15 @@ static int push_file(loader *L, pipe_module *pm, pr_module_file *f)
 
 /* `load: FILE` or `average: [FILE, ...]` with a required mode: the
  * technique, options, sites and layers come from the (first) file. */
-static int load_saved(loader *L, const ynode *m, const char *path, pipe_module *pm, const ynode **name_node)
+int pl_load_saved(loader *L, const ynode *m, const char *path, pipe_module *pm, const ynode **name_node)
 {
     static const char *const load_keys[] = { "load", "mode", "name", "seed", "force" };
     static const char *const avg_keys[] = { "average", "weights", "mode", "name", "force" };
     static const char *const modes[] = { "frozen", "continue", "new" };
-    int errors_before = L->d.n, avg = map_get(m, "average") != NULL;
+    int errors_before = L->d.n, avg = pl_map_get(m, "average") != NULL;
     char kp[96];
-    if (avg && map_get(m, "load")) {
-        diag_at(&L->d, m->keys[map_find(m, "average")], "%s: give one of load or average, not both", path);
+    if (avg && pl_map_get(m, "load")) {
+        pl_diag_at(&L->d, m->keys[pl_map_find(m, "average")], "%s: give one of load or average, not both", path);
         return -1;
     }
     pm->kind = avg ? MOD_AVERAGE : MOD_LOAD;
@@ -1552,53 +1470,54 @@ static int load_saved(loader *L, const ynode *m, const char *path, pipe_module *
             continue;
         if (!strcmp(k, "technique") || !strcmp(k, "sites") || !strcmp(k, "layers") || !strcmp(k, "options") ||
             !strcmp(k, "site_options") || !strcmp(k, "trainable"))
-            diag_at(&L->d, m->keys[i], "%s.%s: a saved module brings its own technique, sites, layers and options; "
-                    "say how to use it with mode (frozen, continue or new)", path, k);
+            pl_diag_at(&L->d, m->keys[i], "%s.%s: a saved module brings its own technique, sites, layers and options; "
+                       "say how to use it with mode (frozen, continue or new)", path, k);
         else {
             char h[128];
-            hint(h, sizeof h, k, known, 5);
-            diag_at(&L->d, m->keys[i], "unknown key '%s.%s'%s", path, k, h);
+            pl_hint(h, sizeof h, k, known, 5);
+            pl_diag_at(&L->d, m->keys[i], "unknown key '%s.%s'%s", path, k, h);
         }
     }
-    const ynode *n = map_get(m, "mode");
+    const ynode *n = pl_map_get(m, "mode");
     const char *mode = NULL;
     if (!n)
-        diag_at(&L->d, m, "%s: missing required key 'mode': frozen (attached, not trained), continue (trained "
-                "further from the saved values) or new (a fresh module of the same configuration)%s", path,
-                avg ? "; an average is frozen or continue" : "");
-    else if (!get_choice(L, n, (snprintf(kp, sizeof kp, "%s.mode", path), kp), modes, avg ? 2 : 3, &mode))
+        pl_diag_at(&L->d, m, "%s: missing required key 'mode': frozen (attached, not trained), continue (trained "
+                   "further from the saved values) or new (a fresh module of the same configuration)%s", path,
+                   avg ? "; an average is frozen or continue" : "");
+    else if (!pl_get_choice(L, n, (snprintf(kp, sizeof kp, "%s.mode", path), kp), modes, avg ? 2 : 3, &mode))
         pm->mode = !strcmp(mode, "frozen") ? MODE_FROZEN : !strcmp(mode, "continue") ? MODE_CONTINUE : MODE_NEW;
     int b;
-    if ((n = map_get(m, "force")) && !get_bool(L, n, (snprintf(kp, sizeof kp, "%s.force", path), kp), &b))
+    if ((n = pl_map_get(m, "force")) && !pl_get_bool(L, n, (snprintf(kp, sizeof kp, "%s.force", path), kp), &b))
         pm->force = b;
     long long v;
-    if ((n = map_get(m, "seed")) && !get_int(L, n, (snprintf(kp, sizeof kp, "%s.seed", path), kp), 0, LLONG_MAX, &v)) {
+    if ((n = pl_map_get(m, "seed")) &&
+        !pl_get_int(L, n, (snprintf(kp, sizeof kp, "%s.seed", path), kp), 0, LLONG_MAX, &v)) {
         pm->seed = (uint64_t)v;
         pm->has_seed = 1;
     }
-    if ((n = map_get(m, "name"))) {
+    if ((n = pl_map_get(m, "name"))) {
         snprintf(kp, sizeof kp, "%s.name", path);
-        if (!get_string(L, n, kp, &pm->name)) {
-            if (!name_ok(pm->name))
-                diag_at(&L->d, n, "%s: '%s' is not a module name (no '/', spaces or control characters)", kp,
-                        pm->name);
+        if (!pl_get_string(L, n, kp, &pm->name)) {
+            if (!pl_name_ok(pm->name))
+                pl_diag_at(&L->d, n, "%s: '%s' is not a module name (no '/', spaces or control characters)", kp,
+                           pm->name);
             else
                 *name_node = n;
         }
     }
     if (!avg) {
-        n = map_get(m, "load");
+        n = pl_map_get(m, "load");
         pr_module_file *f = open_saved(L, n, (snprintf(kp, sizeof kp, "%s.load", path), kp));
         if (f)
             push_file(L, pm, f);
     } else {
-        n = map_get(m, "average");
+        n = pl_map_get(m, "average");
         snprintf(kp, sizeof kp, "%s.average", path);
         if (n->kind != Y_SEQ || n->n < 2) {
             char g[200];
-            got(g, sizeof g, n);
-            diag_at(&L->d, n, "%s: expected a list of at least two saved module files, got %s", kp,
-                    n->kind == Y_SEQ ? "a shorter list" : g);
+            pl_got(g, sizeof g, n);
+            pl_diag_at(&L->d, n, "%s: expected a list of at least two saved module files, got %s", kp,
+                       n->kind == Y_SEQ ? "a shorter list" : g);
         } else {
             int bad = 0;
             for (int i = 0; i < n->n; i++) {
@@ -1610,29 +1529,29 @@ static int load_saved(loader *L, const ynode *m, const char *path, pipe_module *
             }
             pr_error e = { 0 };
             if (!bad && pr_module_files_compatible(pm->files, pm->n_files, &e))
-                diag_at(&L->d, n, "%s: %s", kp, e.msg);
+                pl_diag_at(&L->d, n, "%s: %s", kp, e.msg);
         }
         pm->weights = calloc((size_t)(n->n > 0 ? n->n : 1), sizeof *pm->weights);
         if (!pm->weights) {
             L->oom = 1;
             return -1;
         }
-        const ynode *w = map_get(m, "weights");
+        const ynode *w = pl_map_get(m, "weights");
         double sum = 0.0;
         if (w && (w->kind != Y_SEQ || w->n != n->n)) {
-            diag_at(&L->d, w, "%s.weights: expected a list of %d numbers, one per file", path, n->n);
+            pl_diag_at(&L->d, w, "%s.weights: expected a list of %d numbers, one per file", path, n->n);
         } else {
             for (int i = 0; i < n->n; i++) {
                 double x = 1.0;
                 char wp[112];
                 snprintf(wp, sizeof wp, "%s.weights.%d", path, i);
-                if (w && get_float(L, w->vals[i], wp, 0, 0, INFINITY, 0, &x))
+                if (w && pl_get_float(L, w->vals[i], wp, 0, 0, INFINITY, 0, &x))
                     x = 1.0;
                 pm->weights[i] = x;
                 sum += x;
             }
             if (w && !(sum > 0))
-                diag_at(&L->d, w, "%s.weights: the weights sum to 0", path);
+                pl_diag_at(&L->d, w, "%s.weights: the weights sum to 0", path);
             for (int i = 0; i < n->n && sum > 0; i++)
                 pm->weights[i] /= sum;
         }
@@ -1644,7 +1563,7 @@ static int load_saved(loader *L, const ynode *m, const char *path, pipe_module *
     pm->t = spec.technique;
     pm->sites = spec.sites;
     pm->gate = spec.gate;
-    pm->base_name = keep(L->p, spec.name);
+    pm->base_name = pl_keep(L->p, spec.name);
     if (spec.layers) {
         pm->layers = malloc((size_t)spec.n_layers * sizeof *pm->layers);
         if (!pm->layers) {
@@ -1655,8 +1574,8 @@ static int load_saved(loader *L, const ynode *m, const char *path, pipe_module *
         pm->n_layers = spec.n_layers;
         for (int i = 0; L->p->have_cfg && i < pm->n_layers; i++)
             if (pm->layers[i] < 0 || pm->layers[i] >= L->p->cfg.n_layers) {
-                diag_at(&L->d, m, "%s: the saved module uses layer %d; this model has %d layers", path, pm->layers[i],
-                        L->p->cfg.n_layers);
+                pl_diag_at(&L->d, m, "%s: the saved module uses layer %d; this model has %d layers", path,
+                           pm->layers[i], L->p->cfg.n_layers);
                 return -1;
             }
     }
@@ -1675,48 +1594,49 @@ static int load_saved(loader *L, const ynode *m, const char *path, pipe_module *
 /* `fuse: [FILE, ...]`: saved modules attached frozen and combined by an
  * AdapterFusion module, the entry's module (docs/pipeline.md,
  * "Composition"); load: starts the fusion from saved fusion weights. */
-static int load_fuse(loader *L, const ynode *m, const char *path, pipe_module *pm, const ynode **name_node)
+int pl_load_fuse(loader *L, const ynode *m, const char *path, pipe_module *pm, const ynode **name_node)
 {
     static const char *const keys[] = { "fuse", "name", "seed", "trainable", "force", "load" };
     int errors_before = L->d.n;
     char kp[96];
     pm->kind = MOD_FUSE;
     pm->trainable = 1;
-    check_keys(L, m, path, keys, (int)(sizeof keys / sizeof keys[0]));
+    pl_check_keys(L, m, path, keys, (int)(sizeof keys / sizeof keys[0]));
     const ynode *n;
     int b;
     long long v;
-    if ((n = map_get(m, "trainable")) && !get_bool(L, n, (snprintf(kp, sizeof kp, "%s.trainable", path), kp), &b))
+    if ((n = pl_map_get(m, "trainable")) && !pl_get_bool(L, n, (snprintf(kp, sizeof kp, "%s.trainable", path), kp), &b))
         pm->trainable = b;
-    if ((n = map_get(m, "force")) && !get_bool(L, n, (snprintf(kp, sizeof kp, "%s.force", path), kp), &b))
+    if ((n = pl_map_get(m, "force")) && !pl_get_bool(L, n, (snprintf(kp, sizeof kp, "%s.force", path), kp), &b))
         pm->force = b;
-    if ((n = map_get(m, "seed")) && !get_int(L, n, (snprintf(kp, sizeof kp, "%s.seed", path), kp), 0, LLONG_MAX, &v)) {
+    if ((n = pl_map_get(m, "seed")) &&
+        !pl_get_int(L, n, (snprintf(kp, sizeof kp, "%s.seed", path), kp), 0, LLONG_MAX, &v)) {
         pm->seed = (uint64_t)v;
         pm->has_seed = 1;
     }
-    if ((n = map_get(m, "name"))) {
+    if ((n = pl_map_get(m, "name"))) {
         snprintf(kp, sizeof kp, "%s.name", path);
-        if (!get_string(L, n, kp, &pm->name)) {
-            if (!name_ok(pm->name))
-                diag_at(&L->d, n, "%s: '%s' is not a module name (no '/', spaces or control characters)", kp,
-                        pm->name);
+        if (!pl_get_string(L, n, kp, &pm->name)) {
+            if (!pl_name_ok(pm->name))
+                pl_diag_at(&L->d, n, "%s: '%s' is not a module name (no '/', spaces or control characters)", kp,
+                           pm->name);
             else
                 *name_node = n;
         }
     }
-    if ((n = map_get(m, "load"))) {
+    if ((n = pl_map_get(m, "load"))) {
         const char *s;
         snprintf(kp, sizeof kp, "%s.load", path);
-        if (!get_string(L, n, kp, &s) && (pm->fusion_load = resolve_path(L, n, s)))
-            check_exists(L, n, kp, pm->fusion_load, 0);
+        if (!pl_get_string(L, n, kp, &s) && (pm->fusion_load = pl_resolve_path(L, n, s)))
+            pl_check_exists(L, n, kp, pm->fusion_load, 0);
     }
-    n = map_get(m, "fuse");
+    n = pl_map_get(m, "fuse");
     snprintf(kp, sizeof kp, "%s.fuse", path);
     if (n->kind != Y_SEQ || n->n < 2) {
         char g[200];
-        got(g, sizeof g, n);
-        diag_at(&L->d, n, "%s: expected a list of at least two saved module files to fuse, got %s", kp,
-                n->kind == Y_SEQ ? "a shorter list" : g);
+        pl_got(g, sizeof g, n);
+        pl_diag_at(&L->d, n, "%s: expected a list of at least two saved module files to fuse, got %s", kp,
+                   n->kind == Y_SEQ ? "a shorter list" : g);
         return -1;
     }
     for (int i = 0; i < n->n; i++) {
@@ -1748,7 +1668,7 @@ static int load_fuse(loader *L, const ynode *m, const char *path, pipe_module *p
 /* The plan of a fuse entry: the fusion's parameters plus every fused
  * module's (frozen); the files must be additive modules sharing their
  * sites and layers. */
-static void plan_fuse(loader *L, const ynode *at, pipe_module *pm)
+void pl_plan_fuse(loader *L, const ynode *at, pipe_module *pm)
 {
     const pr_pipeline *p = L->p;
     pr_module_plan first = { 0 };
@@ -1760,7 +1680,7 @@ static void plan_fuse(loader *L, const ynode *at, pipe_module *pm)
         pr_module_plan kp, fp;
         pr_error e = { 0 };
         if (pr_fusion_plan_for(&p->cfg, &ks, pm->trainable, &fp, &e) || pr_module_plan_for(&p->cfg, &ks, &kp, &e)) {
-            diag_at(&L->d, at, "%s: %s", pr_module_file_path(pm->files[k]), e.msg);
+            pl_diag_at(&L->d, at, "%s: %s", pr_module_file_path(pm->files[k]), e.msg);
             return;
         }
         if (k == 0) {
@@ -1775,8 +1695,8 @@ static void plan_fuse(loader *L, const ynode *at, pipe_module *pm)
             for (int l = 0; same && ks.layers && l < ks.n_layers; l++)
                 same = ks.layers[l] == s0.layers[l];
             if (!same) {
-                diag_at(&L->d, at, "%s and %s attach at different sites or layers; fused modules must share them",
-                        pr_module_file_path(pm->files[0]), pr_module_file_path(pm->files[k]));
+                pl_diag_at(&L->d, at, "%s and %s attach at different sites or layers; fused modules must share them",
+                           pr_module_file_path(pm->files[0]), pr_module_file_path(pm->files[k]));
                 return;
             }
         }
@@ -1795,19 +1715,19 @@ static int load_module(loader *L, const ynode *m, int idx, pipe_module *pm, cons
     snprintf(pm->where, sizeof pm->where, "%s:%d:%d", m->src, m->line, m->col);
     pm->trainable = 1;
     *name_node = NULL;
-    if (want_map(L, m, path))
+    if (pl_want_map(L, m, path))
         return -1;
-    if (map_get(m, "fuse"))
-        return load_fuse(L, m, path, pm, name_node);
-    if (map_get(m, "load") || map_get(m, "average"))
-        return load_saved(L, m, path, pm, name_node);
+    if (pl_map_get(m, "fuse"))
+        return pl_load_fuse(L, m, path, pm, name_node);
+    if (pl_map_get(m, "load") || pl_map_get(m, "average"))
+        return pl_load_saved(L, m, path, pm, name_node);
     int errors_before = L->d.n;
-    check_keys(L, m, path, keys, (int)(sizeof keys / sizeof keys[0]));
+    pl_check_keys(L, m, path, keys, (int)(sizeof keys / sizeof keys[0]));
     char kp[96];
-    const ynode *n = map_get(m, "technique");
+    const ynode *n = pl_map_get(m, "technique");
     if (!n) {
-        diag_at(&L->d, m, "%s: missing required key 'technique'", path);
-    } else if (!want_scalar(L, n, (snprintf(kp, sizeof kp, "%s.technique", path), kp), "a technique name")) {
+        pl_diag_at(&L->d, m, "%s: missing required key 'technique'", path);
+    } else if (!pl_want_scalar(L, n, (snprintf(kp, sizeof kp, "%s.technique", path), kp), "a technique name")) {
         pm->t = pr_registry_find(L->reg, n->text);
         if (!pm->t) {
             const char *h = pr_registry_suggest(L->reg, n->text);
@@ -1818,45 +1738,46 @@ static int load_module(loader *L, const ynode *m, int idx, pipe_module *pm, cons
                 snprintf(more, sizeof more, " (no techniques were found: see peftref plugins)");
             else
                 snprintf(more, sizeof more, " (peftref plugins lists the %d found)", pr_registry_count(L->reg));
-            diag_at(&L->d, n, "%s: unknown technique '%s'%s", kp, n->text, more);
+            pl_diag_at(&L->d, n, "%s: unknown technique '%s'%s", kp, n->text, more);
         }
     }
-    if ((n = map_get(m, "name"))) {
+    if ((n = pl_map_get(m, "name"))) {
         snprintf(kp, sizeof kp, "%s.name", path);
-        if (!get_string(L, n, kp, &pm->name)) {
-            if (!name_ok(pm->name))
-                diag_at(&L->d, n, "%s: '%s' is not a module name (no '/', spaces or control characters)", kp,
-                        pm->name);
+        if (!pl_get_string(L, n, kp, &pm->name)) {
+            if (!pl_name_ok(pm->name))
+                pl_diag_at(&L->d, n, "%s: '%s' is not a module name (no '/', spaces or control characters)", kp,
+                           pm->name);
             else
                 *name_node = n;
         }
     }
     long long v;
-    if ((n = map_get(m, "seed")) && !get_int(L, n, (snprintf(kp, sizeof kp, "%s.seed", path), kp), 0, LLONG_MAX, &v)) {
+    if ((n = pl_map_get(m, "seed")) &&
+        !pl_get_int(L, n, (snprintf(kp, sizeof kp, "%s.seed", path), kp), 0, LLONG_MAX, &v)) {
         pm->seed = (uint64_t)v;
         pm->has_seed = 1;
     }
     int b;
-    if ((n = map_get(m, "trainable")) && !get_bool(L, n, (snprintf(kp, sizeof kp, "%s.trainable", path), kp), &b))
+    if ((n = pl_map_get(m, "trainable")) && !pl_get_bool(L, n, (snprintf(kp, sizeof kp, "%s.trainable", path), kp), &b))
         pm->trainable = b;
-    if ((n = map_get(m, "gate")) && !get_bool(L, n, (snprintf(kp, sizeof kp, "%s.gate", path), kp), &b))
+    if ((n = pl_map_get(m, "gate")) && !pl_get_bool(L, n, (snprintf(kp, sizeof kp, "%s.gate", path), kp), &b))
         pm->gate = b;
-    if ((n = map_get(m, "layers")))
+    if ((n = pl_map_get(m, "layers")))
         load_layers(L, n, (snprintf(kp, sizeof kp, "%s.layers", path), kp), pm);
     if (!pm->t)
         return -1;  /* sites and options need the technique */
     /* per-site options are checked against valid sites only */
     int sites_ok = 1;
-    if ((n = map_get(m, "sites")))
+    if ((n = pl_map_get(m, "sites")))
         sites_ok = load_sites(L, n, (snprintf(kp, sizeof kp, "%s.sites", path), kp), pm->t, &pm->sites) == 0;
-    if ((n = map_get(m, "options")))
+    if ((n = pl_map_get(m, "options")))
         load_options(L, n, (snprintf(kp, sizeof kp, "%s.options", path), kp), pm, -1);
-    if ((n = map_get(m, "site_options")) && sites_ok)
+    if ((n = pl_map_get(m, "site_options")) && sites_ok)
         load_site_options(L, n, (snprintf(kp, sizeof kp, "%s.site_options", path), kp), pm);
     return L->d.n > errors_before ? -1 : 0;
 }
 
-static void fill_spec(const pr_pipeline *p, const pipe_module *pm, pr_module_spec *s)
+void pl_fill_spec(const pr_pipeline *p, const pipe_module *pm, pr_module_spec *s)
 {
     memset(s, 0, sizeof *s);
     s->technique = pm->t;
@@ -1871,15 +1792,15 @@ static void fill_spec(const pr_pipeline *p, const pipe_module *pm, pr_module_spe
     s->gate = pm->gate;
 }
 
-static void load_modules(loader *L, const ynode *list)
+void pl_load_modules(loader *L, const ynode *list)
 {
     pr_pipeline *p = L->p;
-    if (is_null(list))
+    if (pl_is_null(list))
         return;
     if (list->kind != Y_SEQ) {
         char g[200];
-        got(g, sizeof g, list);
-        diag_at(&L->d, list, "modules: expected a list of modules (items starting with '- technique:'), got %s", g);
+        pl_got(g, sizeof g, list);
+        pl_diag_at(&L->d, list, "modules: expected a list of modules (items starting with '- technique:'), got %s", g);
         return;
     }
     p->mods = calloc((size_t)(list->n ? list->n : 1), sizeof *p->mods);
@@ -1898,8 +1819,8 @@ static void load_modules(loader *L, const ynode *list)
     for (int i = 0; i < p->n_mods; i++)
         for (int j = 0; j < i && name_nodes[i]; j++)
             if (name_nodes[j] && !strcmp(p->mods[i].name, p->mods[j].name)) {
-                diag_at(&L->d, name_nodes[i], "%smodules.%d.name: duplicate module name '%s' (modules.%d, line %d)",
-                        L->mod_prefix ? L->mod_prefix : "", i, p->mods[i].name, j, name_nodes[j]->line);
+                pl_diag_at(&L->d, name_nodes[i], "%smodules.%d.name: duplicate module name '%s' (modules.%d, line %d)",
+                           L->mod_prefix ? L->mod_prefix : "", i, p->mods[i].name, j, name_nodes[j]->line);
                 ok[i] = 0;
                 break;
             }
@@ -1921,7 +1842,7 @@ static void load_modules(loader *L, const ynode *list)
             if (!taken)
                 break;
         }
-        pm->name = keep(p, cand);
+        pm->name = pl_keep(p, cand);
         if (!pm->name)
             L->oom = 1;
     }
@@ -1930,14 +1851,14 @@ static void load_modules(loader *L, const ynode *list)
         if (!ok[i])
             continue;
         if (p->mods[i].kind == MOD_FUSE) {
-            plan_fuse(L, list->vals[i], &p->mods[i]);
+            pl_plan_fuse(L, list->vals[i], &p->mods[i]);
             continue;
         }
         pr_module_spec spec;
-        fill_spec(p, &p->mods[i], &spec);
+        pl_fill_spec(p, &p->mods[i], &spec);
         pr_error e = { 0 };
         if (pr_module_plan_for(&p->cfg, &spec, &p->mods[i].plan, &e))
-            diag_at(&L->d, list->vals[i], "%s", e.msg);
+            pl_diag_at(&L->d, list->vals[i], "%s", e.msg);
         else
             p->mods[i].planned = 1;
     }
@@ -1963,7 +1884,7 @@ static int match_key(const ynode *map, char **seg, int i, int n_seg, const char 
                 break;
             off += (size_t)w;
         }
-        if (map_find(map, buf) >= 0 || (parent && !strcmp(parent, "site_options") && pr_site_parse(buf) >= 0))
+        if (pl_map_find(map, buf) >= 0 || (parent && !strcmp(parent, "site_options") && pr_site_parse(buf) >= 0))
             return j - i;
     }
     snprintf(buf, len, "%s", seg[i]);
@@ -1975,8 +1896,8 @@ static int match_key(const ynode *map, char **seg, int i, int n_seg, const char 
  * parsed as YAML (an override's VALUE).  What this reports and the nodes
  * it creates are located at (src, line), a segment of the path at column
  * col0 + its 1-based offset in the path. */
-static void apply_path(loader *L, ynode **root, const char *text, size_t klen, const char *value_text, ynode *val,
-                       const char *src, int line, int col0)
+void pl_apply_path(loader *L, ynode **root, const char *text, size_t klen, const char *value_text, ynode *val,
+                   const char *src, int line, int col0)
 {
     char *key = strndup(text, klen);
     char **seg = calloc(klen + 1, sizeof *seg);
@@ -1995,19 +1916,19 @@ static void apply_path(loader *L, ynode **root, const char *text, size_t klen, c
     for (int i = 0; i < n_seg; i++)
         joined += strlen(seg[i]) + (i > 0);
     if (n_seg == 0 || joined != klen) {
-        diag_loc(&L->d, src, line, col0 + 1, "'%.*s' is not a key path (names joined by '.', e.g. train.steps)",
-                 (int)klen, text);
+        pl_diag_loc(&L->d, src, line, col0 + 1, "'%.*s' is not a key path (names joined by '.', e.g. train.steps)",
+                    (int)klen, text);
         goto done;
     }
-    if (value_text && parse_yaml(value_text, strlen(value_text), src, line, col0 + (int)klen + 1, &L->d, &val))
+    if (value_text && pl_parse_yaml(value_text, strlen(value_text), src, line, col0 + (int)klen + 1, &L->d, &val))
         goto done;
-    if (!val && !(val = ynode_scalar("", 1, src, line, col0 + (int)klen + 2))) {
+    if (!val && !(val = pl_ynode_scalar("", 1, src, line, col0 + (int)klen + 2))) {
         L->oom = 1;
         goto done;
     }
-    if (!*root || is_null(*root)) {
-        ynode_free(*root);
-        if (!(*root = ynode_new(Y_MAP, src, line, col0 + 1))) {
+    if (!*root || pl_is_null(*root)) {
+        pl_ynode_free(*root);
+        if (!(*root = pl_ynode_new(Y_MAP, src, line, col0 + 1))) {
             L->oom = 1;
             goto done;
         }
@@ -2017,8 +1938,8 @@ static void apply_path(loader *L, ynode **root, const char *text, size_t klen, c
     char sofar[512] = "";
     for (int i = 0; i < n_seg;) {
         if (cur->kind == Y_SCALAR) {
-            diag_loc(&L->d, src, line, col0 + segcol[i], "%.*s: '%s' holds a value, not a mapping or a list",
-                     (int)klen, text, sofar);
+            pl_diag_loc(&L->d, src, line, col0 + segcol[i], "%.*s: '%s' holds a value, not a mapping or a list",
+                        (int)klen, text, sofar);
             goto done;
         }
         char kbuf[256];
@@ -2026,17 +1947,17 @@ static void apply_path(loader *L, ynode **root, const char *text, size_t klen, c
         ynode **slot = NULL;
         if (cur->kind == Y_SEQ) {
             long long idx;
-            if (parse_ll(seg[i], &idx) || idx < 0 || idx > cur->n) {
-                diag_loc(&L->d, src, line, col0 + segcol[i],
-                         "%.*s: '%s' is not an index of '%s', which has %d item%s (0-%d, or %d to add one)",
-                         (int)klen, text, seg[i], sofar, cur->n, cur->n == 1 ? "" : "s", cur->n - 1, cur->n);
+            if (pl_parse_ll(seg[i], &idx) || idx < 0 || idx > cur->n) {
+                pl_diag_loc(&L->d, src, line, col0 + segcol[i],
+                            "%.*s: '%s' is not an index of '%s', which has %d item%s (0-%d, or %d to add one)",
+                            (int)klen, text, seg[i], sofar, cur->n, cur->n == 1 ? "" : "s", cur->n - 1, cur->n);
                 goto done;
             }
             snprintf(kbuf, sizeof kbuf, "%s", seg[i]);
             if (idx == cur->n) {
-                ynode *fresh = ynode_new(Y_MAP, src, line, col0 + segcol[i]);
-                if (!fresh || ynode_push(cur, NULL, fresh)) {
-                    ynode_free(fresh);
+                ynode *fresh = pl_ynode_new(Y_MAP, src, line, col0 + segcol[i]);
+                if (!fresh || pl_ynode_push(cur, NULL, fresh)) {
+                    pl_ynode_free(fresh);
                     L->oom = 1;
                     goto done;
                 }
@@ -2044,13 +1965,13 @@ static void apply_path(loader *L, ynode **root, const char *text, size_t klen, c
             slot = &cur->vals[idx];
         } else {
             take = match_key(cur, seg, i, n_seg, parent, kbuf, sizeof kbuf);
-            int at = map_find(cur, kbuf);
+            int at = pl_map_find(cur, kbuf);
             if (at < 0) {
-                ynode *k = ynode_scalar(kbuf, 1, src, line, col0 + segcol[i]);
-                ynode *fresh = ynode_new(Y_MAP, src, line, col0 + segcol[i]);
-                if (!k || !fresh || ynode_push(cur, k, fresh)) {
-                    ynode_free(k);
-                    ynode_free(fresh);
+                ynode *k = pl_ynode_scalar(kbuf, 1, src, line, col0 + segcol[i]);
+                ynode *fresh = pl_ynode_new(Y_MAP, src, line, col0 + segcol[i]);
+                if (!k || !fresh || pl_ynode_push(cur, k, fresh)) {
+                    pl_ynode_free(k);
+                    pl_ynode_free(fresh);
                     L->oom = 1;
                     goto done;
                 }
@@ -2062,9 +1983,9 @@ static void apply_path(loader *L, ynode **root, const char *text, size_t klen, c
                 /* a directory has its own weights: no init seed either */
                 static const char *const srcs[] = { "path", "preset", "config", "seed" };
                 for (int q = 0; q < 4; q++) {
-                    int x = map_find(cur, srcs[q]);
+                    int x = pl_map_find(cur, srcs[q]);
                     if (x >= 0 && strcmp(srcs[q], kbuf) && (q < 3 || !strcmp(kbuf, "path"))) {
-                        map_remove(cur, x);
+                        pl_map_remove(cur, x);
                         if (x < at)
                             at--;
                     }
@@ -2076,43 +1997,43 @@ static void apply_path(loader *L, ynode **root, const char *text, size_t klen, c
         snprintf(sofar + off, sizeof sofar - off, "%s%s", off ? "." : "", kbuf);
         i += take;
         if (i == n_seg) {
-            ynode_free(*slot);
+            pl_ynode_free(*slot);
             *slot = val;
             val = NULL;
             break;
         }
-        if (is_null(*slot)) {
-            ynode *fresh = ynode_new(Y_MAP, src, line, col0 + segcol[i]);
+        if (pl_is_null(*slot)) {
+            ynode *fresh = pl_ynode_new(Y_MAP, src, line, col0 + segcol[i]);
             if (!fresh) {
                 L->oom = 1;
                 goto done;
             }
-            ynode_free(*slot);
+            pl_ynode_free(*slot);
             *slot = fresh;
         }
         parent = cur->kind == Y_MAP ? cur->keys[slot - cur->vals]->text : parent;
         cur = *slot;
     }
 done:
-    ynode_free(val);
+    pl_ynode_free(val);
     free(segcol);
     free(seg);
     free(key);
 }
 
-static void apply_override(loader *L, ynode **root, const char *text, int ordinal)
+void pl_apply_override(loader *L, ynode **root, const char *text, int ordinal)
 {
     const char *eq = strchr(text, '=');
     if (!eq || eq == text) {
-        diag_loc(&L->d, set_src, ordinal, 1, "expected KEY=VALUE (e.g. train.steps=10), got '%s'", text);
+        pl_diag_loc(&L->d, pl_set_src, ordinal, 1, "expected KEY=VALUE (e.g. train.steps=10), got '%s'", text);
         return;
     }
-    apply_path(L, root, text, (size_t)(eq - text), eq + 1, NULL, set_src, ordinal, 0);
+    pl_apply_path(L, root, text, (size_t)(eq - text), eq + 1, NULL, pl_set_src, ordinal, 0);
 }
 
 /* ---- load ---------------------------------------------------------------------------------------------- */
 
-static void report_all(diags *d, pr_pipeline_report_fn report, void *arg, pr_error *err)
+void pl_report_all(diags *d, pr_pipeline_report_fn report, void *arg, pr_error *err)
 {
     qsort(d->v, (size_t)d->n, sizeof *d->v, diag_cmp);
     if (report)
@@ -2155,7 +2076,7 @@ static const char *default_output(pr_pipeline *p)
     char *dot = strrchr(buf + 5, '.');
     if (dot && dot != buf + 5)
         *dot = '\0';
-    return keep(p, buf);
+    return pl_keep(p, buf);
 }
 
 /* ---- compare arms ------------------------------------------------------------------------------------ */
@@ -2188,8 +2109,8 @@ static void arm_default_name(const ynode *mods, char *buf, size_t len)
     size_t o = 0;
     buf[0] = '\0';
     for (int i = 0; mods && mods->kind == Y_SEQ && i < mods->n; i++) {
-        const ynode *m = mods->vals[i], *t = map_get(m, "technique");
-        const char *w = t && t->kind == Y_SCALAR ? t->text : map_get(m, "load") ? "load" : "module";
+        const ynode *m = mods->vals[i], *t = pl_map_get(m, "technique");
+        const char *w = t && t->kind == Y_SCALAR ? t->text : pl_map_get(m, "load") ? "load" : "module";
         int n = snprintf(buf + o, len - o, "%s%s", o ? "+" : "", w);
         if (n < 0 || (size_t)n >= len - o)
             break;
@@ -2205,25 +2126,25 @@ static void arm_default_name(const ynode *mods, char *buf, size_t len)
 /* compare: {arms: [{name, modules, set}, ...]}.  Checks the section, names
  * every arm (p->arm_names) and returns the arms list, with ok[i] = 1 for
  * each arm whose own keys are well formed (*ok is the caller's to free). */
-static const ynode *load_compare(loader *L, const ynode *c, int **ok)
+const ynode *pl_load_compare(loader *L, const ynode *c, int **ok)
 {
     static const char *const keys[] = { "arms" };
     static const char *const arm_keys[] = { "name", "modules", "set" };
     pr_pipeline *p = L->p;
     *ok = NULL;
-    if (want_map(L, c, "compare"))
+    if (pl_want_map(L, c, "compare"))
         return NULL;
-    check_keys(L, c, "compare", keys, 1);
-    const ynode *arms = map_get(c, "arms");
+    pl_check_keys(L, c, "compare", keys, 1);
+    const ynode *arms = pl_map_get(c, "arms");
     if (!arms) {
-        diag_at(&L->d, c, "compare: missing required key 'arms' (a list of arms, each with its modules)");
+        pl_diag_at(&L->d, c, "compare: missing required key 'arms' (a list of arms, each with its modules)");
         return NULL;
     }
     if (arms->kind != Y_SEQ || arms->n == 0) {
         char g[200];
-        got(g, sizeof g, arms);
-        diag_at(&L->d, arms, "compare.arms: expected a list of arms (items starting with '- modules:'), got %s",
-                arms->kind == Y_SEQ ? "an empty list" : g);
+        pl_got(g, sizeof g, arms);
+        pl_diag_at(&L->d, arms, "compare.arms: expected a list of arms (items starting with '- modules:'), got %s",
+                   arms->kind == Y_SEQ ? "an empty list" : g);
         return NULL;
     }
     p->arm_names = calloc((size_t)arms->n, sizeof *p->arm_names);
@@ -2239,46 +2160,46 @@ static const ynode *load_compare(loader *L, const ynode *c, int **ok)
         const ynode *a = arms->vals[i], *n;
         char path[64], kp[96];
         snprintf(path, sizeof path, "compare.arms.%d", i);
-        if (want_map(L, a, path))
+        if (pl_want_map(L, a, path))
             continue;
-        check_keys(L, a, path, arm_keys, 3);
-        if (!(n = map_get(a, "modules")))
-            diag_at(&L->d, a, "%s: missing required key 'modules' (write 'modules: []' for the base model alone)",
-                    path);
+        pl_check_keys(L, a, path, arm_keys, 3);
+        if (!(n = pl_map_get(a, "modules")))
+            pl_diag_at(&L->d, a, "%s: missing required key 'modules' (write 'modules: []' for the base model alone)",
+                       path);
         (*ok)[i] = n != NULL;
-        if ((n = map_get(a, "name"))) {
+        if ((n = pl_map_get(a, "name"))) {
             snprintf(kp, sizeof kp, "%s.name", path);
-            if (!get_string(L, n, kp, &p->arm_names[i])) {
-                if (!name_ok(p->arm_names[i]))
-                    diag_at(&L->d, n, "%s: '%s' is not an arm name (no '/', spaces or control characters)", kp,
-                            p->arm_names[i]);
+            if (!pl_get_string(L, n, kp, &p->arm_names[i])) {
+                if (!pl_name_ok(p->arm_names[i]))
+                    pl_diag_at(&L->d, n, "%s: '%s' is not an arm name (no '/', spaces or control characters)", kp,
+                               p->arm_names[i]);
                 else
                     name_nodes[i] = n;
                 for (int j = 0; j < i && name_nodes[i]; j++)
                     if (name_nodes[j] && !strcmp(p->arm_names[j], p->arm_names[i])) {
-                        diag_at(&L->d, n, "%s: duplicate arm name '%s' (compare.arms.%d, line %d)", kp,
-                                p->arm_names[i], j, name_nodes[j]->line);
+                        pl_diag_at(&L->d, n, "%s: duplicate arm name '%s' (compare.arms.%d, line %d)", kp,
+                                   p->arm_names[i], j, name_nodes[j]->line);
                         break;
                     }
             }
         }
-        const ynode *set = map_get(a, "set");
+        const ynode *set = pl_map_get(a, "set");
         snprintf(kp, sizeof kp, "%s.set", path);
-        if (set && !is_null(set) && !want_map(L, set, kp))
+        if (set && !pl_is_null(set) && !pl_want_map(L, set, kp))
             for (int k = 0; k < set->n; k++)
                 if (!arm_set_key_ok(set->keys[k]->text))
-                    diag_at(&L->d, set->keys[k],
-                            "%s: '%s' is the same for every arm (same base model, data, seed and budget); an arm "
-                            "may set modules.* and train.lr, min_lr_ratio, schedule, warmup, weight_decay, "
-                            "decay_all, clip, beta1, beta2, eps, head_lr_mult, log_every, progress",
-                            kp, set->keys[k]->text);
+                    pl_diag_at(&L->d, set->keys[k],
+                               "%s: '%s' is the same for every arm (same base model, data, seed and budget); an arm "
+                               "may set modules.* and train.lr, min_lr_ratio, schedule, warmup, weight_decay, "
+                               "decay_all, clip, beta1, beta2, eps, head_lr_mult, log_every, progress",
+                               kp, set->keys[k]->text);
     }
     /* default names: the techniques, then _2, _3 ... skipping taken ones */
     for (int i = 0; i < arms->n && !L->oom; i++) {
         if (p->arm_names[i] && name_nodes[i])
             continue;
         char base[160], cand[200];
-        arm_default_name(arms->vals[i]->kind == Y_MAP ? map_get(arms->vals[i], "modules") : NULL, base,
+        arm_default_name(arms->vals[i]->kind == Y_MAP ? pl_map_get(arms->vals[i], "modules") : NULL, base,
                          sizeof base);
         for (int k = 1;; k++) {
             if (k == 1)
@@ -2291,7 +2212,7 @@ static const ynode *load_compare(loader *L, const ynode *c, int **ok)
             if (!taken)
                 break;
         }
-        if (!(p->arm_names[i] = keep(p, cand)))
+        if (!(p->arm_names[i] = pl_keep(p, cand)))
             L->oom = 1;
     }
     free(name_nodes);
@@ -2300,47 +2221,47 @@ static const ynode *load_compare(loader *L, const ynode *c, int **ok)
 
 /* The file as an arm sees it: the arm's modules replace the file's, its
  * set: entries apply, and the compare section is gone. */
-static ynode *arm_tree(loader *L, const ynode *root, const ynode *arm)
+ynode *pl_arm_tree(loader *L, const ynode *root, const ynode *arm)
 {
-    ynode *t = ynode_copy(root);
-    const ynode *mods = map_get(arm, "modules");
-    ynode *mc = mods ? ynode_copy(mods) : NULL;
+    ynode *t = pl_ynode_copy(root);
+    const ynode *mods = pl_map_get(arm, "modules");
+    ynode *mc = mods ? pl_ynode_copy(mods) : NULL;
     if (!t || (mods && !mc)) {
-        ynode_free(t);
-        ynode_free(mc);
+        pl_ynode_free(t);
+        pl_ynode_free(mc);
         L->oom = 1;
         return NULL;
     }
-    int i = map_find(t, "compare");
+    int i = pl_map_find(t, "compare");
     if (i >= 0)
-        map_remove(t, i);
+        pl_map_remove(t, i);
     if (mc) {
-        if ((i = map_find(t, "modules")) >= 0) {
-            ynode_free(t->vals[i]);
+        if ((i = pl_map_find(t, "modules")) >= 0) {
+            pl_ynode_free(t->vals[i]);
             t->vals[i] = mc;
         } else {
-            ynode *k = ynode_scalar("modules", 1, mods->src, mods->line, mods->col);
-            if (!k || ynode_push(t, k, mc)) {
-                ynode_free(k);
-                ynode_free(mc);
-                ynode_free(t);
+            ynode *k = pl_ynode_scalar("modules", 1, mods->src, mods->line, mods->col);
+            if (!k || pl_ynode_push(t, k, mc)) {
+                pl_ynode_free(k);
+                pl_ynode_free(mc);
+                pl_ynode_free(t);
                 L->oom = 1;
                 return NULL;
             }
         }
     }
-    const ynode *set = map_get(arm, "set");
+    const ynode *set = pl_map_get(arm, "set");
     for (int k = 0; set && set->kind == Y_MAP && k < set->n; k++) {
         const ynode *key = set->keys[k];
         if (!arm_set_key_ok(key->text))
-            continue;   /* reported by load_compare */
-        ynode *v = ynode_copy(set->vals[k]);
+            continue;   /* reported by pl_load_compare */
+        ynode *v = pl_ynode_copy(set->vals[k]);
         if (!v) {
             L->oom = 1;
             break;
         }
         /* a quoted key's text starts one column after its quote */
-        apply_path(L, &t, key->text, strlen(key->text), NULL, v, key->src, key->line, key->col - 1 + !key->plain);
+        pl_apply_path(L, &t, key->text, strlen(key->text), NULL, v, key->src, key->line, key->col - 1 + !key->plain);
     }
     return t;
 }
@@ -2353,30 +2274,30 @@ static void validate(loader *L, const ynode *root, int has_arms)
 {
     pr_pipeline *p = L->p;
     static const char *const top[] = { "model", "modules", "task", "train", "compare" };
-    if (is_null(root)) {
-        diag_loc(&L->d, p->path, 1, 1, "empty pipeline: expected a mapping with keys model, modules, task "
-                 "and train (see docs/pipeline.md)");
+    if (pl_is_null(root)) {
+        pl_diag_loc(&L->d, p->path, 1, 1, "empty pipeline: expected a mapping with keys model, modules, task "
+                    "and train (see docs/pipeline.md)");
         return;
     }
     if (root->kind != Y_MAP) {
         char g[200];
-        got(g, sizeof g, root);
-        diag_at(&L->d, root, "a pipeline is a mapping with keys model, modules, task and train, got %s", g);
+        pl_got(g, sizeof g, root);
+        pl_diag_at(&L->d, root, "a pipeline is a mapping with keys model, modules, task and train, got %s", g);
         return;
     }
-    check_keys(L, root, "", top, 5);
+    pl_check_keys(L, root, "", top, 5);
     for (int i = 0; i < 3; i++)
-        if (!map_get(root, top[i]) && !(i == 1 && has_arms))
-            diag_at(&L->d, root, "missing required key '%s'%s", top[i],
-                    i == 1 ? " (write 'modules: []' for none)" : "");
+        if (!pl_map_get(root, top[i]) && !(i == 1 && has_arms))
+            pl_diag_at(&L->d, root, "missing required key '%s'%s", top[i],
+                       i == 1 ? " (write 'modules: []' for none)" : "");
     const ynode *n;
-    if ((n = map_get(root, "model")))
-        load_model(L, n);
-    load_train(L, map_get(root, "train"));
-    if ((n = map_get(root, "task")))
-        load_task(L, n);
-    if ((n = map_get(root, "modules")))
-        load_modules(L, n);
+    if ((n = pl_map_get(root, "model")))
+        pl_load_model(L, n);
+    pl_load_train(L, pl_map_get(root, "train"));
+    if ((n = pl_map_get(root, "task")))
+        pl_load_task(L, n);
+    if ((n = pl_map_get(root, "modules")))
+        pl_load_modules(L, n);
     if (!p->tc.out_dir)
         p->tc.out_dir = default_output(p);
 }
@@ -2408,7 +2329,7 @@ static void check_arm(loader *L, const ynode *root, const ynode *arm, int i)
     }
     A.p->reg = L->reg;
     pr_train_config_default(&A.p->tc);
-    ynode *t = arm_tree(&A, root, arm);
+    ynode *t = pl_arm_tree(&A, root, arm);
     if (t)
         validate(&A, t, 0);
     for (int k = 0; k < A.d.n && !L->d.oom; k++) {
@@ -2433,9 +2354,9 @@ static void check_arm(loader *L, const ynode *root, const ynode *arm, int i)
         A.d.v[k].text = NULL;   /* moved */
     }
     L->oom |= A.oom || A.d.oom;
-    ynode_free(t);
+    pl_ynode_free(t);
     loader_done(&A);
-    diags_free(&A.d);
+    pl_diags_free(&A.d);
     pr_pipeline_free(A.p);
 }
 
@@ -2471,35 +2392,35 @@ static int load_impl(const char *path, int arm, const char *const *overrides, in
     p->reg = reg;
     pr_train_config_default(&p->tc);
     /* the file's name as written locates its diagnostics */
-    int parse_failed = parse_yaml(text, len, p->path, 1, 0, &L.d, &root) != 0;
+    int parse_failed = pl_parse_yaml(text, len, p->path, 1, 0, &L.d, &root) != 0;
     free(text);
     if (!parse_failed) {
         for (int i = 0; i < n_overrides; i++)
-            apply_override(&L, &root, overrides[i] ? overrides[i] : "", i + 1);
-        const ynode *c = root && root->kind == Y_MAP ? map_get(root, "compare") : NULL, *arms = NULL;
+            pl_apply_override(&L, &root, overrides[i] ? overrides[i] : "", i + 1);
+        const ynode *c = root && root->kind == Y_MAP ? pl_map_get(root, "compare") : NULL, *arms = NULL;
         int *arm_ok = NULL;
-        if (c && !is_null(c))
-            arms = load_compare(&L, c, &arm_ok);
+        if (c && !pl_is_null(c))
+            arms = pl_load_compare(&L, c, &arm_ok);
         else
             c = NULL;
         if (arm >= 0) {
             char where[64];
             snprintf(where, sizeof where, "compare.arms.%d.", arm);
             if (!c)
-                diag_loc(&L.d, p->path, 1, 1, "no compare section, so no arm %d (see docs/pipeline.md, compare arms)",
-                         arm);
+                pl_diag_loc(&L.d, p->path, 1, 1,
+                            "no compare section, so no arm %d (see docs/pipeline.md, compare arms)", arm);
             else if (arms && arm >= arms->n)
-                diag_at(&L.d, arms, "compare.arms: no arm %d (the file has %d)", arm, arms->n);
+                pl_diag_at(&L.d, arms, "compare.arms: no arm %d (the file has %d)", arm, arms->n);
             else if (arms && arm_ok[arm]) {
                 L.mod_prefix = where;
-                ynode *t = arm_tree(&L, root, arms->vals[arm]);
+                ynode *t = pl_arm_tree(&L, root, arms->vals[arm]);
                 if (t)
                     validate(&L, t, 0);
-                ynode_free(t);
+                pl_ynode_free(t);
                 p->arm = p->arm_names[arm];
                 /* the arm's output: the file's (or its default) / arm name */
                 char *o = p->tc.out_dir && p->arm ? fileio_join(p->tc.out_dir, p->arm) : NULL;
-                if (!o || !(p->tc.out_dir = keep(p, o)))
+                if (!o || !(p->tc.out_dir = pl_keep(p, o)))
                     L.oom = 1;
                 free(o);
             }
@@ -2511,21 +2432,21 @@ static int load_impl(const char *path, int arm, const char *const *overrides, in
         }
         free(arm_ok);
     }
-    ynode_free(root);
+    pl_ynode_free(root);
     loader_done(&L);
     free(L.dir);
     if (L.oom || L.d.oom) {
-        diags_free(&L.d);
+        pl_diags_free(&L.d);
         pr_pipeline_free(p);
         return pr_errorf(err, PR_ERR_NOMEM, "%s: out of memory", path);
     }
     if (L.d.n) {
-        report_all(&L.d, report, arg, err);
-        diags_free(&L.d);
+        pl_report_all(&L.d, report, arg, err);
+        pl_diags_free(&L.d);
         pr_pipeline_free(p);
         return PR_ERR_INVALID;
     }
-    diags_free(&L.d);
+    pl_diags_free(&L.d);
     *out = p;
     return PR_OK;
 }
@@ -2614,7 +2535,7 @@ int pr_pipeline_module_spec(const pr_pipeline *p, int i, pr_module_spec *spec)
 {
     if (!p || !spec || i < 0 || i >= p->n_mods)
         return PR_ERR_INVALID;
-    fill_spec(p, &p->mods[i], spec);
+    pl_fill_spec(p, &p->mods[i], spec);
     return PR_OK;
 }
 
@@ -2769,7 +2690,7 @@ int pr_pipeline_build(pr_pipeline *p, pr_model **model, pr_tokenizer **tok, pr_e
     for (int i = 0; i < p->n_mods; i++) {
         pipe_module *pm = &p->mods[i];
         pr_module_spec spec;
-        fill_spec(p, pm, &spec);
+        pl_fill_spec(p, pm, &spec);
         spec.tokenizer = *tok;
         pr_error e = { 0 };
         pr_module *mod = NULL;
