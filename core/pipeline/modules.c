@@ -18,7 +18,7 @@
 
 #define MAX_LAYERS 4096
 
-/* ---- modules ----------------------------------------------------------------------------------- */
+/* ---- sites, layers and options ------------------------------------------------ */
 
 static void option_decl(const pr_technique *t, uint32_t i, pr_option_decl *d)
 {
@@ -38,7 +38,6 @@ static const char *const site_words[] = { "embed", "qkv", "q", "k", "v", "o", "a
                                           "mlp.c_proj", "q_proj", "k_proj", "v_proj", "o_proj", "up_proj",
                                           "gate_proj", "down_proj", "wte" };
 #define N_SITE_WORDS ((int)(sizeof site_words / sizeof site_words[0]))
-
 
 /* One site name at (line, col): parse and check it against the technique
  * and the model.  Returns the site or -1. */
@@ -393,6 +392,8 @@ static void load_site_options(loader *L, const ynode *n, const char *path, pipe_
         load_options(L, val, spath, pm, s);
     }
 }
+
+/* ---- entries and the list ------------------------------------------------------ */
 
 int pl_name_ok(const char *s)
 {

@@ -23,7 +23,6 @@
 
 /* ---- validation helpers ------------------------------------------------------------------- */
 
-
 static const char *kind_name(const ynode *n)
 {
     if (pl_is_null(n))
