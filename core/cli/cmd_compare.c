@@ -8,23 +8,20 @@
  * training ends and sends it back with the training result, one JSON
  * object over a pipe.  The parent runs nothing heavy itself: it checks the
  * pipelines, plans them (parameter counts, inference overhead), forks, and
- * reads each arm's validation-loss curve from its metrics.jsonl. */
+ * reads each arm's validation-loss curve from its metrics.jsonl; both
+ * sides of the fork are core/cli/compare_run.c's. */
 #include "config.h"
 
 #include <errno.h>
 #include <ftw.h>
 #include <getopt.h>
-#include <jansson.h>
 #include <math.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/types.h>
-#include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "cli.h"
@@ -72,21 +69,6 @@ static void on_interrupt(int sig)
     (void)sig;
     interrupted = 1;
 }
-
-static double now_seconds(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-typedef struct arm {
-    compare_row *row;
-    const char *path;        /* its pipeline file */
-    pr_pipeline *pipe;       /* NULL when it did not load */
-    pr_train_config tc;      /* what the child trains with */
-    char *out_dir;
-} arm;
 
 /* ---- loading ------------------------------------------------------------------------------------------ */
 
@@ -208,204 +190,6 @@ static int budget_differs(const pr_pipeline *ref, const pr_pipeline *p, char *wh
     return 0;
 }
 
-/* ---- the child process ------------------------------------------------------------------------------------ */
-
-/* Peak resident set of this process in KiB: VmHWM, else ru_maxrss. */
-static long peak_kib(void)
-{
-    long kib = -1;
-    FILE *f = fopen("/proc/self/status", "r");
-    if (f) {
-        char line[256];
-        while (fgets(line, sizeof line, f))
-            if (sscanf(line, "VmHWM: %ld kB", &kib) == 1)
-                break;
-        fclose(f);
-    }
-    if (kib <= 0) {
-        struct rusage ru;
-        if (getrusage(RUSAGE_SELF, &ru) == 0)
-            kib = ru.ru_maxrss;
-    }
-    return kib;
-}
-
-static json_t *real_or_null(double v)
-{
-    return isfinite(v) ? json_real(v) : json_null();
-}
-
-static int write_all(int fd, const char *s, size_t n)
-{
-    while (n > 0) {
-        ssize_t w = write(fd, s, n);
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w <= 0)
-            return -1;
-        s += w;
-        n -= (size_t)w;
-    }
-    return 0;
-}
-
-/* In the child: build and train, send the result, exit. */
-static void child_main(arm *a, int fd)
-{
-    signal(SIGINT, SIG_DFL);
-    signal(SIGTERM, SIG_DFL);
-    pr_error err = { 0 };
-    pr_model *m = NULL;
-    pr_tokenizer *tok = NULL;
-    pr_train_result res;
-    memset(&res, 0, sizeof res);
-    res.final_val_accuracy = -1;
-    int rc = pr_pipeline_build(a->pipe, &m, &tok, &err);
-    if (rc == PR_OK)
-        rc = pr_train(m, tok, &a->tc, &res, &err);
-    long peak = peak_kib();
-    json_t *o = json_object();
-    if (o) {
-        json_object_set_new(o, "rc", json_integer(rc));
-        json_object_set_new(o, "error", json_string(rc ? err.msg : ""));
-        json_object_set_new(o, "interrupted", json_boolean(res.interrupted));
-        json_object_set_new(o, "steps", json_integer((json_int_t)res.steps_done));
-        json_object_set_new(o, "step_seconds", real_or_null(res.step_seconds));
-        json_object_set_new(o, "tokens", json_integer((json_int_t)res.tokens_trained));
-        json_object_set_new(o, "trainable", json_integer((json_int_t)res.trainable_params));
-        json_object_set_new(o, "initial_val_loss", real_or_null(res.initial_val_loss));
-        json_object_set_new(o, "val_loss", real_or_null(res.final_val_loss));
-        json_object_set_new(o, "val_accuracy", real_or_null(res.final_val_accuracy));
-        json_object_set_new(o, "peak_kib", json_integer(peak));
-        char *s = json_dumps(o, JSON_COMPACT);
-        if (s)
-            write_all(fd, s, strlen(s));
-        free(s);
-        json_decref(o);
-    }
-    close(fd);
-    _exit(rc == PR_OK ? 0 : 1);
-}
-
-static double json_num(const json_t *o, const char *key, double def)
-{
-    const json_t *v = json_object_get(o, key);
-    return json_is_number(v) ? json_number_value(v) : def;
-}
-
-/* Run one arm in a child process and fill its row.  Returns 1 when the
- * child was interrupted (SIGINT/SIGTERM). */
-static int run_arm(arm *a)
-{
-    compare_row *r = a->row;
-    int pfd[2];
-    if (pipe(pfd) != 0) {
-        snprintf(r->error, sizeof r->error, "cannot create a pipe: %s", strerror(errno));
-        return 0;
-    }
-    fflush(NULL);   /* nothing buffered is written twice */
-    double t0 = now_seconds();
-    pid_t pid = fork();
-    if (pid < 0) {
-        snprintf(r->error, sizeof r->error, "cannot start a process: %s", strerror(errno));
-        close(pfd[0]);
-        close(pfd[1]);
-        return 0;
-    }
-    if (pid == 0) {
-        close(pfd[0]);
-        child_main(a, pfd[1]);
-    }
-    close(pfd[1]);
-    char *buf = NULL;
-    size_t len = 0, cap = 0;
-    for (;;) {
-        if (len + 4096 > cap) {
-            char *nb = realloc(buf, cap = cap ? 2 * cap : 8192);
-            if (!nb)
-                break;
-            buf = nb;
-        }
-        ssize_t n = read(pfd[0], buf + len, cap - len - 1);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            break;
-        len += (size_t)n;
-    }
-    close(pfd[0]);
-    int status = 0;
-    struct rusage ru;
-    memset(&ru, 0, sizeof ru);
-    while (wait4(pid, &status, 0, &ru) < 0 && errno == EINTR)
-        ;
-    r->seconds = now_seconds() - t0;
-    json_t *o = NULL;
-    if (buf && len > 0) {
-        buf[len] = '\0';
-        o = json_loads(buf, 0, NULL);
-    }
-    free(buf);
-    int was_interrupted = 0;
-    if (WIFSIGNALED(status)) {
-        int sig = WTERMSIG(status);
-        snprintf(r->error, sizeof r->error, "the process was killed by signal %d (%s)", sig, strsignal(sig));
-        was_interrupted = sig == SIGINT || sig == SIGTERM;
-    } else if (!json_is_object(o)) {
-        snprintf(r->error, sizeof r->error, "the process exited with status %d without a result",
-                 WIFEXITED(status) ? WEXITSTATUS(status) : -1);
-    } else {
-        int rc = (int)json_integer_value(json_object_get(o, "rc"));
-        const char *msg = json_string_value(json_object_get(o, "error"));
-        r->have_result = 1;
-        r->steps = (int64_t)json_num(o, "steps", 0);
-        r->step_seconds = json_num(o, "step_seconds", 0);
-        r->tokens = (int64_t)json_num(o, "tokens", 0);
-        r->trainable = (int64_t)json_num(o, "trainable", 0);
-        r->initial_val_loss = json_num(o, "initial_val_loss", NAN);
-        r->val_loss = json_num(o, "val_loss", NAN);
-        r->val_accuracy = json_num(o, "val_accuracy", -1);
-        double kib = json_num(o, "peak_kib", -1);
-        r->peak_mib = (kib > 0 ? kib : (double)ru.ru_maxrss) / 1024.0;
-        was_interrupted = json_is_true(json_object_get(o, "interrupted"));
-        if (rc == PR_OK) {
-            r->ok = 1;
-        } else {
-            snprintf(r->error, sizeof r->error, "%s", msg && msg[0] ? msg : "training failed");
-            for (char *c = r->error; *c; c++)
-                if (*c == '\n')
-                    *c = ' ';
-        }
-    }
-    json_decref(o);
-    return was_interrupted;
-}
-
-/* The evaluations in out_dir/metrics.jsonl as the row's curve. */
-static void read_curve(compare_row *r, const char *out_dir)
-{
-    char *path = fileio_join(out_dir, "metrics.jsonl");
-    FILE *f = path ? fopen(path, "r") : NULL;
-    free(path);
-    if (!f)
-        return;
-    char line[4096];
-    while (fgets(line, sizeof line, f)) {
-        json_t *o = json_loads(line, 0, NULL);
-        const json_t *step = json_object_get(o, "step"), *loss = json_object_get(o, "val_loss");
-        if (json_is_integer(step) && json_is_number(loss)) {
-            compare_point *c = realloc(r->curve, (size_t)(r->n_curve + 1) * sizeof *c);
-            if (c) {
-                r->curve = c;
-                r->curve[r->n_curve++] = (compare_point){ (int64_t)json_integer_value(step),
-                                                          json_number_value(loss) };
-            }
-        }
-        json_decref(o);
-    }
-    fclose(f);
-}
-
 /* ---- directories ------------------------------------------------------------------------------------------------- */
 
 static int make_dirs(const char *dir)
@@ -464,16 +248,16 @@ static int write_file(const char *dir, const char *name, const char *text)
 /* ---- the command ------------------------------------------------------------------------------------------------- */
 
 typedef struct run {
-    arm *arms;               /* arms[0]: the untrained base */
+    compare_arm *arms;               /* arms[0]: the untrained base */
     int n_arms, cap_arms;
     compare_row *rows;       /* parallel to arms */
 } run;
 
-static arm *new_arm(run *R, const char *name, const char *path)
+static compare_arm *new_arm(run *R, const char *name, const char *path)
 {
     if (R->n_arms == R->cap_arms) {
         int cap = R->cap_arms ? 2 * R->cap_arms : 8;
-        arm *a = realloc(R->arms, (size_t)cap * sizeof *a);
+        compare_arm *a = realloc(R->arms, (size_t)cap * sizeof *a);
         if (!a)
             return NULL;
         R->arms = a;
@@ -483,7 +267,7 @@ static arm *new_arm(run *R, const char *name, const char *path)
         R->rows = r;
         R->cap_arms = cap;
     }
-    arm *a = &R->arms[R->n_arms];
+    compare_arm *a = &R->arms[R->n_arms];
     compare_row *r = &R->rows[R->n_arms];
     memset(a, 0, sizeof *a);
     memset(r, 0, sizeof *r);
@@ -516,7 +300,7 @@ static int load_arms(run *R, char **files, int n_files, const char *const *sets,
                 return 1;   /* nothing to compare */
             }
             sink_finish(&sink, &err);
-            arm *a = new_arm(R, stem, files[f]);
+            compare_arm *a = new_arm(R, stem, files[f]);
             if (!a)
                 return -1;
             snprintf(R->rows[R->n_arms - 1].error, sizeof R->rows[0].error, "%s", sink.text);
@@ -524,7 +308,7 @@ static int load_arms(run *R, char **files, int n_files, const char *const *sets,
         }
         int n = pr_pipeline_n_arms(base);
         if (n == 0) {
-            arm *a = new_arm(R, stem, files[f]);
+            compare_arm *a = new_arm(R, stem, files[f]);
             if (!a)
                 return -1;
             a->pipe = base;
@@ -536,7 +320,7 @@ static int load_arms(run *R, char **files, int n_files, const char *const *sets,
                 snprintf(name, sizeof name, "%s:%s", stem, pr_pipeline_arm_name(base, i));
             else
                 snprintf(name, sizeof name, "%s", pr_pipeline_arm_name(base, i));
-            arm *a = new_arm(R, name, files[f]);
+            compare_arm *a = new_arm(R, name, files[f]);
             if (!a)
                 return -1;
             diag_sink s2 = { .quiet = quiet };
@@ -641,7 +425,7 @@ int cmd_compare(int argc, char **argv)
     /* same model, data, seed and budget as the first arm that loaded */
     const pr_pipeline *ref = NULL;
     for (int i = 1; i < R.n_arms; i++) {
-        arm *a = &R.arms[i];
+        compare_arm *a = &R.arms[i];
         if (!a->pipe)
             continue;
         char why[600];
@@ -705,7 +489,7 @@ int cmd_compare(int argc, char **argv)
     /* plans and settings */
     int eval_every = ref_tc.eval_every > 0 ? ref_tc.eval_every : (ref_tc.steps >= 10 ? ref_tc.steps / 10 : 1);
     for (int i = 0; i < R.n_arms; i++) {
-        arm *a = &R.arms[i];
+        compare_arm *a = &R.arms[i];
         compare_row *r = a->row;
         /* arm names become directory names */
         for (int j = 1; j < i; j++)
@@ -764,7 +548,7 @@ int cmd_compare(int argc, char **argv)
                 ref_tc.steps, line);
     }
     for (int i = 0; i < R.n_arms; i++) {
-        arm *a = &R.arms[i];
+        compare_arm *a = &R.arms[i];
         compare_row *r = a->row;
         char label[300];
         if (r->is_base)
@@ -783,12 +567,12 @@ int cmd_compare(int argc, char **argv)
         }
         if (!quiet)
             fprintf(stderr, "%s ...\n", label);
-        if (run_arm(a))
+        if (compare_run_arm(a))
             interrupted = 1;
         if (r->is_base)
             r->trainable = 0;   /* evaluated only (a classification head is counted, not trained) */
         if (!r->is_base)
-            read_curve(r, a->out_dir);
+            compare_read_curve(r, a->out_dir);
         if (!quiet) {
             if (r->ok)
                 fprintf(stderr, "%s ... done in %.1f s\n", label, r->seconds);

@@ -1,15 +1,17 @@
-/* peftref compare: the comparison table and its renderings.
+/* peftref compare: the comparison table, its arms and its renderings.
  *
- * core/cli/cmd_compare.c runs every arm in its own child process and fills
- * one compare_row per arm (rows[0] is the untrained base model);
- * core/cli/compare_report.c renders the table as aligned text, Markdown,
- * CSV or JSON, and draws the validation-loss curves as SVG. */
+ * core/cli/cmd_compare.c loads the arms and runs each in its own child
+ * process (core/cli/compare_run.c), filling one compare_row per arm
+ * (rows[0] is the untrained base model); core/cli/compare_report.c
+ * renders the table as aligned text, Markdown, CSV or JSON, and draws the
+ * validation-loss curves as SVG. */
 #ifndef PEFTREF_CLI_COMPARE_H
 #define PEFTREF_CLI_COMPARE_H
 
 #include <stdint.h>
 #include <stdio.h>
 #include "overhead.h"
+#include "peftref/peftref.h"
 
 typedef struct compare_point {
     int64_t step;
@@ -49,6 +51,21 @@ typedef struct compare_table {
     compare_row *rows;
     int n_rows;
 } compare_table;
+
+typedef struct compare_arm {
+    compare_row *row;
+    const char *path;        /* its pipeline file */
+    pr_pipeline *pipe;       /* NULL when it did not load */
+    pr_train_config tc;      /* what the child trains with */
+    char *out_dir;
+} compare_arm;
+
+/* Run arm a in a child process and fill its row.  Returns 1 when the
+ * child was interrupted (SIGINT/SIGTERM). */
+int compare_run_arm(compare_arm *a);
+
+/* The evaluations in out_dir/metrics.jsonl as the row's curve. */
+void compare_read_curve(compare_row *r, const char *out_dir);
 
 enum { COMPARE_TEXT = 0, COMPARE_MARKDOWN = 1, COMPARE_CSV = 2, COMPARE_JSON = 3 };
 

@@ -1,0 +1,228 @@
+/* peftref compare: one arm trained in a child process.
+ *
+ * The child builds the arm's model, trains it and sends back one JSON
+ * object over a pipe: the training result and its own peak memory
+ * (VmHWM, /proc/self/status, read when training ends, so that the number
+ * is the arm's alone).  The parent fills the arm's compare_row from it, or
+ * with why there is none (a signal, an exit without a result), and reads
+ * the validation-loss curve from the arm's metrics.jsonl. */
+#include "config.h"
+
+#include <errno.h>
+#include <jansson.h>
+#include <math.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "compare.h"
+#include "fileio.h"
+
+static double now_seconds(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* Peak resident set of this process in KiB: VmHWM, else ru_maxrss. */
+static long peak_kib(void)
+{
+    long kib = -1;
+    FILE *f = fopen("/proc/self/status", "r");
+    if (f) {
+        char line[256];
+        while (fgets(line, sizeof line, f))
+            if (sscanf(line, "VmHWM: %ld kB", &kib) == 1)
+                break;
+        fclose(f);
+    }
+    if (kib <= 0) {
+        struct rusage ru;
+        if (getrusage(RUSAGE_SELF, &ru) == 0)
+            kib = ru.ru_maxrss;
+    }
+    return kib;
+}
+
+static json_t *real_or_null(double v)
+{
+    return isfinite(v) ? json_real(v) : json_null();
+}
+
+static int write_all(int fd, const char *s, size_t n)
+{
+    while (n > 0) {
+        ssize_t w = write(fd, s, n);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0)
+            return -1;
+        s += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+/* In the child: build and train, send the result, exit. */
+static void child_main(compare_arm *a, int fd)
+{
+    signal(SIGINT, SIG_DFL);
+    signal(SIGTERM, SIG_DFL);
+    pr_error err = { 0 };
+    pr_model *m = NULL;
+    pr_tokenizer *tok = NULL;
+    pr_train_result res;
+    memset(&res, 0, sizeof res);
+    res.final_val_accuracy = -1;
+    int rc = pr_pipeline_build(a->pipe, &m, &tok, &err);
+    if (rc == PR_OK)
+        rc = pr_train(m, tok, &a->tc, &res, &err);
+    long peak = peak_kib();
+    json_t *o = json_object();
+    if (o) {
+        json_object_set_new(o, "rc", json_integer(rc));
+        json_object_set_new(o, "error", json_string(rc ? err.msg : ""));
+        json_object_set_new(o, "interrupted", json_boolean(res.interrupted));
+        json_object_set_new(o, "steps", json_integer((json_int_t)res.steps_done));
+        json_object_set_new(o, "step_seconds", real_or_null(res.step_seconds));
+        json_object_set_new(o, "tokens", json_integer((json_int_t)res.tokens_trained));
+        json_object_set_new(o, "trainable", json_integer((json_int_t)res.trainable_params));
+        json_object_set_new(o, "initial_val_loss", real_or_null(res.initial_val_loss));
+        json_object_set_new(o, "val_loss", real_or_null(res.final_val_loss));
+        json_object_set_new(o, "val_accuracy", real_or_null(res.final_val_accuracy));
+        json_object_set_new(o, "peak_kib", json_integer(peak));
+        char *s = json_dumps(o, JSON_COMPACT);
+        if (s)
+            write_all(fd, s, strlen(s));
+        free(s);
+        json_decref(o);
+    }
+    close(fd);
+    _exit(rc == PR_OK ? 0 : 1);
+}
+
+static double json_num(const json_t *o, const char *key, double def)
+{
+    const json_t *v = json_object_get(o, key);
+    return json_is_number(v) ? json_number_value(v) : def;
+}
+
+/* Run one arm in a child process and fill its row.  Returns 1 when the
+ * child was interrupted (SIGINT/SIGTERM). */
+int compare_run_arm(compare_arm *a)
+{
+    compare_row *r = a->row;
+    int pfd[2];
+    if (pipe(pfd) != 0) {
+        snprintf(r->error, sizeof r->error, "cannot create a pipe: %s", strerror(errno));
+        return 0;
+    }
+    fflush(NULL);   /* nothing buffered is written twice */
+    double t0 = now_seconds();
+    pid_t pid = fork();
+    if (pid < 0) {
+        snprintf(r->error, sizeof r->error, "cannot start a process: %s", strerror(errno));
+        close(pfd[0]);
+        close(pfd[1]);
+        return 0;
+    }
+    if (pid == 0) {
+        close(pfd[0]);
+        child_main(a, pfd[1]);
+    }
+    close(pfd[1]);
+    char *buf = NULL;
+    size_t len = 0, cap = 0;
+    for (;;) {
+        if (len + 4096 > cap) {
+            char *nb = realloc(buf, cap = cap ? 2 * cap : 8192);
+            if (!nb)
+                break;
+            buf = nb;
+        }
+        ssize_t n = read(pfd[0], buf + len, cap - len - 1);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        len += (size_t)n;
+    }
+    close(pfd[0]);
+    int status = 0;
+    struct rusage ru;
+    memset(&ru, 0, sizeof ru);
+    while (wait4(pid, &status, 0, &ru) < 0 && errno == EINTR)
+        ;
+    r->seconds = now_seconds() - t0;
+    json_t *o = NULL;
+    if (buf && len > 0) {
+        buf[len] = '\0';
+        o = json_loads(buf, 0, NULL);
+    }
+    free(buf);
+    int was_interrupted = 0;
+    if (WIFSIGNALED(status)) {
+        int sig = WTERMSIG(status);
+        snprintf(r->error, sizeof r->error, "the process was killed by signal %d (%s)", sig, strsignal(sig));
+        was_interrupted = sig == SIGINT || sig == SIGTERM;
+    } else if (!json_is_object(o)) {
+        snprintf(r->error, sizeof r->error, "the process exited with status %d without a result",
+                 WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+    } else {
+        int rc = (int)json_integer_value(json_object_get(o, "rc"));
+        const char *msg = json_string_value(json_object_get(o, "error"));
+        r->have_result = 1;
+        r->steps = (int64_t)json_num(o, "steps", 0);
+        r->step_seconds = json_num(o, "step_seconds", 0);
+        r->tokens = (int64_t)json_num(o, "tokens", 0);
+        r->trainable = (int64_t)json_num(o, "trainable", 0);
+        r->initial_val_loss = json_num(o, "initial_val_loss", NAN);
+        r->val_loss = json_num(o, "val_loss", NAN);
+        r->val_accuracy = json_num(o, "val_accuracy", -1);
+        double kib = json_num(o, "peak_kib", -1);
+        r->peak_mib = (kib > 0 ? kib : (double)ru.ru_maxrss) / 1024.0;
+        was_interrupted = json_is_true(json_object_get(o, "interrupted"));
+        if (rc == PR_OK) {
+            r->ok = 1;
+        } else {
+            snprintf(r->error, sizeof r->error, "%s", msg && msg[0] ? msg : "training failed");
+            for (char *c = r->error; *c; c++)
+                if (*c == '\n')
+                    *c = ' ';
+        }
+    }
+    json_decref(o);
+    return was_interrupted;
+}
+
+/* The evaluations in out_dir/metrics.jsonl as the row's curve. */
+void compare_read_curve(compare_row *r, const char *out_dir)
+{
+    char *path = fileio_join(out_dir, "metrics.jsonl");
+    FILE *f = path ? fopen(path, "r") : NULL;
+    free(path);
+    if (!f)
+        return;
+    char line[4096];
+    while (fgets(line, sizeof line, f)) {
+        json_t *o = json_loads(line, 0, NULL);
+        const json_t *step = json_object_get(o, "step"), *loss = json_object_get(o, "val_loss");
+        if (json_is_integer(step) && json_is_number(loss)) {
+            compare_point *c = realloc(r->curve, (size_t)(r->n_curve + 1) * sizeof *c);
+            if (c) {
+                r->curve = c;
+                r->curve[r->n_curve++] = (compare_point){ (int64_t)json_integer_value(step),
+                                                          json_number_value(loss) };
+            }
+        }
+        json_decref(o);
+    }
+    fclose(f);
+}
