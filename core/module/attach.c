@@ -150,7 +150,7 @@ void mod_undo_selection(pr_module *mod)
 void mod_reattach_others(pr_model *m, const pr_module *except)
 {
     pr_model_detach_hooks(m);
-    model_entry *e = mod_entry_of(m, 0);
+    model_modules *e = model_modules_of(m);
     for (int i = 0; e && i < e->n; i++) {
         pr_module *o = e->mods[i];
         if (o == except || mod_is_select(o))
@@ -176,7 +176,7 @@ void mod_prefix_of(const pr_module *mod, char *buf, size_t len)
 /* 1 when a module of m, or a module a fusion of m combines, is named name. */
 static int name_taken(const pr_model *m, const char *name)
 {
-    const model_entry *e = mod_entry_of(m, 0);
+    const model_modules *e = model_modules_of(m);
     for (int i = 0; e && i < e->n; i++) {
         if (strcmp(e->mods[i]->name, name) == 0)
             return 1;
@@ -191,15 +191,9 @@ static int name_taken(const pr_model *m, const char *name)
  * the hook lists are rebuilt without their hooks (the fusion runs them). */
 static void adopt_kids(pr_model *m, pr_module *mod)
 {
-    model_entry *e = mod_entry_of(m, 0);
     for (int k = 0; k < mod->n_kids; k++) {
         mod->kids[k]->fused_by = mod;
-        for (int i = 0; e && i < e->n; i++)
-            if (e->mods[i] == mod->kids[k]) {
-                memmove(e->mods + i, e->mods + i + 1, (size_t)(e->n - i - 1) * sizeof *e->mods);
-                e->n--;
-                break;
-            }
+        mod_list_remove(m, mod->kids[k]);
     }
     mod_reattach_others(m, NULL);
 }
@@ -261,7 +255,7 @@ int mod_attach_impl(pr_model *m, const pr_module_spec *spec, pr_module *const *k
             *err = keep;
         return rc;
     }
-    if (mod_entry_add(m, mod)) {
+    if (mod_list_add(m, mod)) {
         pr_model_remove_tensors(m, prefix);
         mod_undo_selection(mod);
         mod_reattach_others(m, mod);

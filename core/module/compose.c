@@ -19,7 +19,7 @@ static void module_set_step(pr_module *mod, uint64_t step)
 
 void pr_model_set_step(pr_model *m, uint64_t step)
 {
-    const model_entry *e = mod_entry_of(m, 0);
+    const model_modules *e = model_modules_of(m);
     for (int i = 0; e && i < e->n; i++)
         module_set_step(e->mods[i], step);
 }

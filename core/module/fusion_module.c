@@ -64,7 +64,7 @@ int pr_module_fuse(pr_model *m, const pr_fusion_spec *spec, pr_module **out, pr_
     if (spec->n_modules < 2)
         return pr_errorf(err, PR_ERR_INVALID, "fusion '%s': fuses at least two modules (got %d)", nm,
                          spec->n_modules);
-    const model_entry *e = mod_entry_of(m, 0);
+    const model_modules *e = model_modules_of(m);
     pr_module *const *kids = spec->modules;
     for (int i = 0; i < spec->n_modules; i++) {
         const pr_module *k = kids[i];

@@ -115,63 +115,42 @@ int mod_grow_scratch(pr_module *mod, size_t need, const char *kind, pr_error *er
     mod->scratch_cap = need;
     return PR_OK;
 }
-/* ---- the per-model list of modules ---------------------------------------------- */
+/* ---- the model's list of modules ---------------------------------------------- */
 
-static model_entry *registry;
-static int n_registry, cap_registry;
-
-model_entry *mod_entry_of(const pr_model *m, int create)
+int mod_list_add(pr_model *m, pr_module *mod)
 {
-    for (int i = 0; i < n_registry; i++)
-        if (registry[i].m == m)
-            return &registry[i];
-    if (!create)
-        return NULL;
-    if (n_registry == cap_registry) {
-        int cap = cap_registry ? 2 * cap_registry : 4;
-        model_entry *r = realloc(registry, (size_t)cap * sizeof *r);
-        if (!r)
-            return NULL;
-        registry = r;
-        cap_registry = cap;
-    }
-    model_entry *e = &registry[n_registry++];
-    memset(e, 0, sizeof *e);
-    e->m = m;
-    return e;
-}
-
-int mod_entry_add(const pr_model *m, pr_module *mod)
-{
-    model_entry *e = mod_entry_of(m, 1);
-    if (!e)
-        return -1;
-    if (e->n == e->cap) {
-        int cap = e->cap ? 2 * e->cap : 4;
-        pr_module **nm = realloc(e->mods, (size_t)cap * sizeof *nm);
+    model_modules *l = model_modules_of(m);
+    if (l->n == l->cap) {
+        int cap = l->cap ? 2 * l->cap : 4;
+        pr_module **nm = realloc(l->mods, (size_t)cap * sizeof *nm);
         if (!nm)
             return -1;
-        e->mods = nm;
-        e->cap = cap;
+        l->mods = nm;
+        l->cap = cap;
     }
-    e->mods[e->n++] = mod;
+    l->mods[l->n++] = mod;
     return 0;
 }
 
-void mod_entry_drop(const pr_model *m)
+void mod_list_remove(pr_model *m, const pr_module *mod)
 {
-    for (int i = 0; i < n_registry; i++)
-        if (registry[i].m == m) {
-            free(registry[i].mods);
-            registry[i] = registry[--n_registry];
+    model_modules *l = model_modules_of(m);
+    for (int i = 0; i < l->n; i++)
+        if (l->mods[i] == mod) {
+            memmove(l->mods + i, l->mods + i + 1, (size_t)(l->n - i - 1) * sizeof *l->mods);
+            l->n--;
             break;
         }
-    if (n_registry == 0) {
-        free(registry);
-        registry = NULL;
-        cap_registry = 0;
-    }
 }
+
+/* Free the list's memory once it is empty. */
+static void list_release(pr_model *m)
+{
+    model_modules *l = model_modules_of(m);
+    free(l->mods);
+    memset(l, 0, sizeof *l);
+}
+
 /* ---- building and freeing -------------------------------------------------------------------- */
 
 void mod_free(pr_module *mod)
@@ -242,26 +221,26 @@ static void module_release(pr_model *m, pr_module *mod)
 
 void pr_model_detach_modules(pr_model *m)
 {
-    model_entry *e = mod_entry_of(m, 0);
-    if (!e)
+    model_modules *e = model_modules_of(m);
+    if (!e || e->n == 0)
         return;
     for (int i = e->n - 1; i >= 0; i--)
         module_release(m, e->mods[i]);
     pr_model_detach_hooks(m);
     for (int i = 0; i < e->n; i++)
         mod_free(e->mods[i]);
-    mod_entry_drop(m);
+    list_release(m);
 }
 
 int pr_model_n_modules(const pr_model *m)
 {
-    const model_entry *e = mod_entry_of(m, 0);
+    const model_modules *e = model_modules_of(m);
     return e ? e->n : 0;
 }
 
 pr_module *pr_model_module(const pr_model *m, int i)
 {
-    const model_entry *e = mod_entry_of(m, 0);
+    const model_modules *e = model_modules_of(m);
     return e && i >= 0 && i < e->n ? e->mods[i] : NULL;
 }
 
@@ -313,16 +292,10 @@ void pr_module_detach(pr_module *mod)
         return;
     pr_model *m = mod->model;
     module_release(m, mod);
-    model_entry *e = mod_entry_of(m, 0);
-    for (int i = 0; e && i < e->n; i++)
-        if (e->mods[i] == mod) {
-            memmove(e->mods + i, e->mods + i + 1, (size_t)(e->n - i - 1) * sizeof *e->mods);
-            e->n--;
-            break;
-        }
+    mod_list_remove(m, mod);
     if (mod->hooks_attached || mod->n_kids)
         mod_reattach_others(m, mod);
     mod_free(mod);
-    if (e && e->n == 0)
-        mod_entry_drop(m);
+    if (model_modules_of(m)->n == 0)
+        list_release(m);
 }

@@ -67,10 +67,10 @@
  * calls themselves (the fused modules' own hooks are detached) and add
  * the attention-weighted sum of their contributions; see fusion_forward.
  *
- * The model's tensor table and hooks do not know modules: this file
- * keeps, per model, the list of modules attached to it, and
- * pr_model_free calls pr_model_detach_modules first so none outlives its
- * model. */
+ * The model's tensor table and hooks do not know modules; the model holds
+ * the list of modules attached to it (model_modules_of), module.c fills
+ * it, and pr_model_free calls pr_model_detach_modules first so none
+ * outlives its model. */
 #ifndef PEFTREF_CORE_MODULE_INTERNAL_H
 #define PEFTREF_CORE_MODULE_INTERNAL_H
 
@@ -79,6 +79,7 @@
 
 #include "peftref/module.h"
 #include "expr.h"
+#include "model_internal.h"
 
 #define MAX_OPTIONS 64
 #define MAX_VARS (16 + MAX_OPTIONS)
@@ -172,17 +173,12 @@ struct pr_module {
     struct pr_module *fused_by;    /* the fusion module this one belongs to */
 };
 
-/* ---- the per-model list of modules (module.c) ------------------------------------- */
+/* ---- the model's list of modules (module.c; model_modules_of, model_internal.h) --- */
 
-typedef struct model_entry {
-    const pr_model *m;
-    pr_module **mods;
-    int n, cap;
-} model_entry;
-
-model_entry *mod_entry_of(const pr_model *m, int create);
-int mod_entry_add(const pr_model *m, pr_module *mod);
-void mod_entry_drop(const pr_model *m);
+/* Append mod to m's list; -1 when out of memory. */
+int mod_list_add(pr_model *m, pr_module *mod);
+/* Take mod out of m's list (no-op when it is not there). */
+void mod_list_remove(pr_model *m, const pr_module *mod);
 
 const char *mod_name(const pr_module *mod);
 
