@@ -61,11 +61,7 @@ static int alloc_module(pr_module *mod, pr_error *err)
         in->scratch = calloc(mod->t.n_scratch ? mod->t.n_scratch : 1, sizeof *in->scratch);
         if (!in->params || !in->grads || !in->saved || !in->scratch)
             return pr_errorf(err, PR_ERR_NOMEM, "module '%s': out of memory", mod_name(mod));
-        if (mod->t.integration == PR_INTEGRATE_RESCALE &&
-            !(in->h_keep = mod_alloc_floats((size_t)in->w_out)))
-            return pr_errorf(err, PR_ERR_NOMEM, "module '%s': out of memory", mod_name(mod));
-        if (mod->t.integration == PR_INTEGRATE_WEIGHT_DELTA &&
-            !(in->dw = mod_alloc_floats((size_t)in->dims.d_in * (size_t)in->dims.d_out)))
+        if (mod_form(mod)->alloc && mod_form(mod)->alloc(in))
             return pr_errorf(err, PR_ERR_NOMEM, "module '%s': out of memory", mod_name(mod));
         int64_t wr, wc;
         if (site_weight_shape(in, &wr, &wc)) {
@@ -98,19 +94,6 @@ static int register_tensors(pr_module *mod, pr_error *err)
     return PR_OK;
 }
 
-/* The site hook of an insertion: the integration forms above, or a
- * fusion module's. */
-static pr_site_hook hook_of(insertion *in)
-{
-    pr_site_hook h = { mod_hook_forward, mod_hook_backward, in, mod_hook_reserve };
-    if (in->mod->n_kids) {
-        h.forward = mod_fusion_forward;
-        h.backward = mod_fusion_backward;
-        h.reserve = mod_fusion_reserve;
-    }
-    return h;
-}
-
 static int attach_integration(pr_module *mod, pr_error *err)
 {
     int rc;
@@ -121,17 +104,7 @@ static int attach_integration(pr_module *mod, pr_error *err)
         return PR_OK;
     }
     for (int k = 0; k < mod->n_ins; k++) {
-        insertion *in = &mod->ins[k];
-        if (mod_is_concat(mod)) {
-            if ((rc = mod_reserve_insertion(in, 1, in->n_virtual, err)))
-                return rc;
-            pr_concat_provider p = { in->n_virtual, mod_concat_forward, mod_concat_backward, in };
-            rc = pr_model_attach_concat(mod->model, in->site, in->layer, &p, err);
-        } else {
-            pr_site_hook h = hook_of(in);
-            rc = pr_model_attach_hook(mod->model, in->site, in->layer, &h, err);
-        }
-        if (rc)
+        if ((rc = mod_form(mod)->install(&mod->ins[k], err)))
             return rc;
         mod->hooks_attached = 1;
     }
@@ -153,18 +126,10 @@ void mod_reattach_others(pr_model *m, const pr_module *except)
     model_modules *e = model_modules_of(m);
     for (int i = 0; e && i < e->n; i++) {
         pr_module *o = e->mods[i];
-        if (o == except || mod_is_select(o))
+        if (o == except || !mod_form(o)->install)
             continue;
-        for (int k = 0; k < o->n_ins; k++) {
-            insertion *in = &o->ins[k];
-            if (mod_is_concat(o)) {
-                pr_concat_provider p = { in->n_virtual, mod_concat_forward, mod_concat_backward, in };
-                pr_model_attach_concat(m, in->site, in->layer, &p, NULL);
-            } else {
-                pr_site_hook h = hook_of(in);
-                pr_model_attach_hook(m, in->site, in->layer, &h, NULL);
-            }
-        }
+        for (int k = 0; k < o->n_ins; k++)
+            mod_form(o)->install(&o->ins[k], NULL);
     }
 }
 

@@ -110,16 +110,9 @@ static int buffers_size(const insertion *in, const pr_buffer_decl *d, uint32_t n
  * scaled d_out, dh, dW gradient) and area B (d_in of the module input). */
 static size_t area_a_floats(const insertion *in, int rows)
 {
-    size_t a = mod_round_up((size_t)rows * (size_t)in->w_out);
-    if (in->mod->t.integration == PR_INTEGRATE_WEIGHT_DELTA) {
-        size_t g = mod_round_up((size_t)in->dims.d_in * (size_t)in->dims.d_out);
-        a = g > a ? g : a;
-    }
-    if (in->mod->gated && in->mod->t.integration == PR_INTEGRATE_CUSTOM) {
-        size_t g = mod_round_up((size_t)rows * (size_t)in->dims.d_out); /* s * dy */
-        a = g > a ? g : a;
-    }
-    return a;
+    form_need need;
+    mod_form(in->mod)->reserve(in, (size_t)rows, &need);
+    return need.area_a;
 }
 
 static size_t area_b_floats(const insertion *in, int rows)
@@ -152,34 +145,6 @@ int mod_prepare_views(insertion *in, int B, int T, float **area_a, float **area_
 
 /* ---- reserve ----------------------------------------------------------------------------------- */
 
-int mod_is_additive(const pr_module *mod)
-{
-    int integ = mod->t.integration;
-    return integ == PR_INTEGRATE_DIRECT_ADD || integ == PR_INTEGRATE_SCALED_ADD || integ == PR_INTEGRATE_GATED_ADD;
-}
-
-int mod_needs_y_old(const pr_module *mod)
-{
-    int integ = mod->t.integration;
-    return integ == PR_INTEGRATE_RESCALE || (mod->t.insertion == PR_INSERT_SEQUENTIAL && mod_is_additive(mod)) ||
-           (mod->gated && integ == PR_INTEGRATE_CUSTOM);
-}
-
-/* Floats kept per position for a gate's gradient: the module output h of
- * an addition (or the rows of a concatenation), F - y_old of a custom
- * integration; 0 when ungated. */
-static size_t gate_keep_width(const insertion *in)
-{
-    const pr_module *mod = in->mod;
-    if (!mod->gated)
-        return 0;
-    if (mod_is_additive(mod) || mod_is_concat(mod))
-        return (size_t)in->w_out;
-    if (mod->t.integration == PR_INTEGRATE_CUSTOM)
-        return (size_t)in->dims.d_out;
-    return 0;
-}
-
 int mod_reserve_insertion(insertion *in, int B, int T, pr_error *err)
 {
     pr_module *mod = in->mod;
@@ -194,13 +159,14 @@ int mod_reserve_insertion(insertion *in, int B, int T, pr_error *err)
     if ((rc = buffers_size(in, mod->sd, mod->t.n_saved, B, T, NULL, NULL, &ns, err)) ||
         (rc = buffers_size(in, mod->xd, mod->t.n_scratch, B, T, NULL, NULL, &nx, err)))
         return rc;
-    size_t ny = mod_needs_y_old(mod) ? mod_round_up(rows * (size_t)in->dims.d_out) : 0;
-    size_t nh = mod_round_up(rows * gate_keep_width(in));
+    form_need fn;
+    mod_form(mod)->reserve(in, rows, &fn);
+    size_t ny = fn.y_old, nh = fn.keep;
     float *block = mod_alloc_floats(ns + ny + nh);
     if (!block)
         return pr_errorf(err, PR_ERR_NOMEM, "module '%s' at %s: out of memory for saved activations (B=%d, T=%d)",
                          mod_name(mod), in->where, B, T);
-    size_t need = nx + area_a_floats(in, (int)rows) + area_b_floats(in, (int)rows);
+    size_t need = nx + fn.area_a + area_b_floats(in, (int)rows);
     if ((rc = mod_grow_scratch(mod, need, "module", err))) {
         free(block);
         return rc;

@@ -61,3 +61,22 @@ int mod_concat_backward(void *self, int site, int layer, const float *dout, pr_e
     c.d_out = mod_view2(dout, in->n_virtual, in->w_out, in->w_out);
     return mod_call(mod, in, mod->t.backward, "backward", &c, err);
 }
+
+/* the rows (1 x n_virtual, w_out) in area A; kept when gated */
+void mod_concat_reserve(const insertion *in, size_t rows, form_need *need)
+{
+    need->area_a = mod_round_up(rows * (size_t)in->w_out);
+    need->y_old = 0;
+    need->keep = in->mod->gated ? mod_round_up(rows * (size_t)in->w_out) : 0;
+}
+
+/* A provider's rows do not depend on the batch: reserved once, here
+ * (a no-op when they are already). */
+int mod_concat_install(insertion *in, pr_error *err)
+{
+    int rc = mod_reserve_insertion(in, 1, in->n_virtual, err);
+    if (rc)
+        return rc;
+    pr_concat_provider p = { in->n_virtual, mod_concat_forward, mod_concat_backward, in };
+    return pr_model_attach_concat(in->mod->model, in->site, in->layer, &p, err);
+}

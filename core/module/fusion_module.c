@@ -25,18 +25,6 @@ pr_module *pr_module_fused_by(const pr_module *mod)
     return mod ? mod->fused_by : NULL;
 }
 
-static const char *integration_name(int integ)
-{
-    switch (integ) {
-    case PR_INTEGRATE_CONCAT: return "concatenation";
-    case PR_INTEGRATE_RESCALE: return "rescaling";
-    case PR_INTEGRATE_WEIGHT_DELTA: return "a weight delta";
-    case PR_INTEGRATE_CUSTOM: return "a custom integration";
-    case PR_INTEGRATE_SELECT: return "selection";
-    default: return "addition";
-    }
-}
-
 /* "a, b" of a layer list, or "all" */
 static void layer_text(const pr_module *mod, char *buf, size_t len)
 {
@@ -89,10 +77,10 @@ int pr_module_fuse(pr_model *m, const pr_fusion_spec *spec, pr_module **out, pr_
             return pr_errorf(err, PR_ERR_INVALID, "fusion '%s': module '%s' is trainable; AdapterFusion combines "
                              "frozen modules (load them with mode: frozen, or attach them with trainable 0)", nm,
                              mod_name(k));
-        if (!mod_is_additive(k))
+        if (!mod_form(k)->additive)
             return pr_errorf(err, PR_ERR_INVALID, "fusion '%s': module '%s' (technique %s) integrates by %s; fusion "
                              "combines modules that add to the site output (direct, scaled or gated addition)", nm,
-                             mod_name(k), k->t.name, integration_name(k->t.integration));
+                             mod_name(k), k->t.name, mod_form(k)->name);
         if (k->merged)
             return pr_errorf(err, PR_ERR_INVALID, "fusion '%s': module '%s' is merged; unmerge it first", nm,
                              mod_name(k));
@@ -142,10 +130,10 @@ int pr_fusion_plan_for(const pr_model_config *cfg, const pr_module_spec *fused, 
         return rc;
     pr_module *k = NULL;
     rc = mod_resolve(m, fused, &k, err);
-    if (rc == PR_OK && !mod_is_additive(k))
+    if (rc == PR_OK && !mod_form(k)->additive)
         rc = pr_errorf(err, PR_ERR_INVALID, "fusion: technique '%s' integrates by %s; fusion combines modules that "
                        "add to the site output (direct, scaled or gated addition)", k->t.name,
-                       integration_name(k->t.integration));
+                       mod_form(k)->name);
     if (rc == PR_OK) {
         pr_module_spec fs;
         memset(&fs, 0, sizeof fs);

@@ -33,7 +33,7 @@ int pr_module_merge(pr_module *mod, pr_error *err)
                          mod_name(mod), mod->t.name);
     if (mod->merged)
         return pr_errorf(err, PR_ERR_INVALID, "module '%s' is already merged", mod_name(mod));
-    if (mod->gated && mod->t.integration == PR_INTEGRATE_RESCALE)
+    if (mod->gated && !mod_form(mod)->merges_gated)
         return pr_errorf(err, PR_ERR_UNSUPPORTED, "module '%s' (technique %s) cannot be merged: a gated rescaling "
                          "1 + s*(h - 1) is not what merge() folds", mod_name(mod), mod->t.name);
     if (mod->fused_by)

@@ -165,11 +165,10 @@ void mod_free(pr_module *mod)
         free(in->saved);
         free(in->scratch);
         free(in->block);
-        free(in->dw);
         free(in->orig_w);
         free(in->orig_b);
-        if (mod->t.integration == PR_INTEGRATE_RESCALE)
-            free(in->h_keep);
+        if (mod_form(mod)->release)
+            mod_form(mod)->release(in);
     }
     free(mod->ins);
     for (int i = 0; i < mod->n_kids; i++)

@@ -173,6 +173,40 @@ struct pr_module {
     struct pr_module *fused_by;    /* the fusion module this one belongs to */
 };
 
+/* ---- integration forms (integrate.c) ------------------------------------------------ */
+
+/* What reserve plans for one insertion and `rows` positions, in floats
+ * (each rounded up): host temporary A (module output, scaled dy, dh, the
+ * gradient of dW), y_old (the site output as it entered the hook) and
+ * what a gate's gradient keeps (h, the rows, or F - y_old). */
+typedef struct form_need {
+    size_t area_a, y_old, keep;
+} form_need;
+
+/* One integration form: mod_forms[pr_integration]. */
+typedef struct integration_form {
+    const char *name;            /* as messages say it: "addition", "rescaling", ... */
+    int additive;                /* y += k*h: what fusion combines */
+    int scaled;                  /* k includes the insertion's scale */
+    int gated;                   /* gated always (GATED_ADD), not only with spec->gate */
+    int fixed_in, fixed_out;     /* module_in / module_out must be the site's widths */
+    int merges_gated;            /* merging a gated module folds s times its delta */
+    /* the site hook's part; dx is io->dx or a zeroed area B */
+    int (*forward)(insertion *in, const pr_site_io *io, pr_ctx *c, float *area_a, pr_error *err);
+    int (*backward)(insertion *in, const pr_site_io *io, pr_ctx *c, float *dx, int dx_ld, float *area_a,
+                    float *area_b, pr_error *err);
+    void (*reserve)(const insertion *in, size_t rows, form_need *need);
+    /* host memory an insertion keeps from attach to free; alloc -1: out of memory */
+    int (*alloc)(insertion *in);
+    void (*release)(insertion *in);
+    /* the insertion's hook or provider into the model; NULL for selection */
+    int (*install)(insertion *in, pr_error *err);
+} integration_form;
+
+extern const integration_form mod_forms[PR_INTEGRATE_SELECT + 1];
+/* The module's row (an empty one for an unknown form; mod_resolve rejects those). */
+const integration_form *mod_form(const pr_module *mod);
+
 /* ---- the model's list of modules (module.c; model_modules_of, model_internal.h) --- */
 
 /* Append mod to m's list; -1 when out of memory. */
@@ -185,6 +219,8 @@ const char *mod_name(const pr_module *mod);
 /* concat.c */
 int mod_concat_forward(void *self, int site, int layer, float *out, pr_error *err);
 int mod_concat_backward(void *self, int site, int layer, const float *dout, pr_error *err);
+void mod_concat_reserve(const insertion *in, size_t rows, form_need *need);
+int mod_concat_install(insertion *in, pr_error *err);
 
 /* integrate.c */
 float mod_add_coefficient(const insertion *in);
@@ -226,8 +262,6 @@ int mod_call(const pr_module *mod, const insertion *in, pr_callback cb, const ch
     pr_error *err);
 void mod_ctx_init(const insertion *in, pr_ctx *c, int B, int T, int training, uint64_t step);
 int mod_prepare_views(insertion *in, int B, int T, float **area_a, float **area_b, pr_error *err);
-int mod_is_additive(const pr_module *mod);
-int mod_needs_y_old(const pr_module *mod);
 int mod_reserve_insertion(insertion *in, int B, int T, pr_error *err);
 int mod_hook_reserve(void *self, int B, int T, pr_error *err);
 

@@ -377,16 +377,15 @@ static int resolve_widths(pr_module *mod, pr_error *err)
             return pr_errorf(err, PR_ERR_INVALID, "module '%s': module_out '%s' at %s: %s", mod_name(mod), src_out,
                              in->where, e);
         in->w_out = (int)w;
-        int integ = mod->t.integration;
-        if (integ != PR_INTEGRATE_CUSTOM && integ != PR_INTEGRATE_CONCAT && integ != PR_INTEGRATE_WEIGHT_DELTA &&
-            in->w_in != expect_in)
+        const integration_form *form = mod_form(mod);
+        if (form->fixed_in && in->w_in != expect_in)
             return pr_errorf(err, PR_ERR_INVALID,
                              "module '%s': module_in = %d at %s, but the %s insertion gives the module %d columns",
                              mod_name(mod), in->w_in, in->where, seq ? "sequential" : "parallel", expect_in);
-        if (integ != PR_INTEGRATE_CUSTOM && in->w_out != have_out)
+        if (form->fixed_out && in->w_out != have_out)
             return pr_errorf(err, PR_ERR_INVALID, "module '%s': module_out = %d at %s, but the site output has %d columns",
                              mod_name(mod), in->w_out, in->where, have_out);
-        if (integ == PR_INTEGRATE_CONCAT) {
+        if (mod_is_concat(mod)) {
             if (!mod->t.n_virtual)
                 return pr_errorf(err, PR_ERR_INVALID, "module '%s': concatenation without an n_virtual expression",
                                  mod_name(mod));
@@ -683,7 +682,11 @@ int mod_resolve(const pr_model *m, const pr_module_spec *spec, pr_module **out, 
     mod->model = (pr_model *)m;
     mod->trainable = spec->trainable != 0;
     mod->seed = spec->seed;
-    mod->gated = spec->gate != 0 || mod->t.integration == PR_INTEGRATE_GATED_ADD;
+    uint32_t integ = (uint32_t)mod->t.integration;
+    if (integ >= sizeof mod_forms / sizeof mod_forms[0] || !mod_forms[integ].name)
+        return pr_errorf(err, PR_ERR_INVALID, "module '%s': technique '%s' has unknown integration form %d",
+                         mod_name(mod), mod->t.name, mod->t.integration);
+    mod->gated = spec->gate != 0 || mod_form(mod)->gated;
     if (spec->gate && mod_is_select(mod))
         return pr_errorf(err, PR_ERR_INVALID, "module '%s': technique '%s' selects base tensors; it has no output a "
                          "gate could scale (gate: true)", mod_name(mod), mod->t.name);
