@@ -110,6 +110,7 @@ struct pr_model {
     hook_list *hooks;            /* (L+1) * PR_SITE_COUNT; slot 0.. is layer -1 */
     concat_list *concat;         /* same slots; used at embed, attn.k, attn.v */
     int training;                /* handed to hooks as pr_site_io.training */
+    model_modules modules;       /* attached modules (core/module/ fills the list) */
 
     /* activations, planned for up to resB sequences of resT real tokens
      * and resTi internal positions (resTi >= resT + virtual positions) */
@@ -372,6 +373,11 @@ void pr_model_free(pr_model *m)
     free(m->names);
     free(m->tensors);
     free(m);
+}
+
+model_modules *model_modules_of(const pr_model *m)
+{
+    return m ? (model_modules *)&m->modules : NULL;
 }
 
 const pr_model_config *pr_model_get_config(const pr_model *m)

@@ -17,4 +17,14 @@ int model_adopt_mapping(pr_model *m, void *addr, size_t len, pr_error *err);
 /* Random init (GPT-2 scheme) of every tensor from cfg->seed. */
 void model_init_random(pr_model *m);
 
+/* The modules attached to a model, in attach order: the model holds the
+ * list, core/module/ fills it, and pr_model_detach_modules (which
+ * pr_model_free calls first) empties and frees it. */
+typedef struct model_modules {
+    struct pr_module **mods;
+    int n, cap;
+} model_modules;
+/* m's list; NULL for a NULL m. */
+model_modules *model_modules_of(const pr_model *m);
+
 #endif

@@ -1,0 +1,83 @@
+/* peftref core: saved modules (include/peftref/module.h, docs/modules.md);
+ * the declarations module_save.c, module_open.c, module_load.c,
+ * module_average.c and peft_names.c share.
+ *
+ * A saved module is one safetensors file.  Its __metadata__ strings say
+ * what to attach again (technique, technique_version, options,
+ * site_options, sites, layers), on what (base_fingerprint, base_config),
+ * how it came to be (training, peftref_version) and how its tensors are
+ * named (tensor_names: "peft" or "peftref").
+ *
+ * Tensor names.  Where the technique exists in Hugging Face PEFT the file
+ * uses PEFT's state-dict names and shapes, so a converter is a renaming:
+ *   LoRA, DoRA   base_model.model.transformer.h.L.<module>.lora_A.weight
+ *                (r, d_in), lora_B.weight (d_out, r),
+ *                lora_magnitude_vector (d_out)
+ *   (IA)^3       <module>.ia3_l: (d_out, 1) at a projection's output; GPT-2's
+ *                fused attn.c_attn holds q, k and v in one (d_q + 2 d_kv, 1)
+ *                vector whose q third is ones; (1, d_ff) at mlp.c_proj's input
+ *   prompt       prompt_embeddings (n_tokens, d_model)
+ *   prefix       prompt_embeddings (n_tokens, 2 L d_kv), layer l's keys in
+ *                columns 2l d_kv .. and its values in (2l+1) d_kv ..
+ * A module copy therefore lands in a file tensor as nb blocks of
+ * (br, bc) elements at row r0 and columns c0 + b*cstep (one block for all
+ * but the prefix).  Anything else (sites PEFT cannot name, such as GPT-2's
+ * q slice, gates, other techniques) keeps the host's names
+ * "<module>/h.<layer>.<site>.<param>" for the whole module. */
+#ifndef PEFTREF_CORE_MODULE_FILE_H
+#define PEFTREF_CORE_MODULE_FILE_H
+
+#include <stdint.h>
+
+#include "peftref/peftref.h"
+#include "peftref/module.h"
+#include "safetensors.h"
+
+/* An opened module file (module_open.c). */
+struct pr_module_file {
+    st_file *st;
+    char *path;
+    const pr_technique *t;      /* what to attach: the saved technique or its folded form */
+    const char *saved_name;
+    int peft;
+    int folded;
+    int gated;                  /* saved behind learned gates (spec gate) */
+    int all_layers;
+    int *layers;
+    int n_layers;
+    uint32_t sites;
+    pr_option_setting *opts;
+    int n_opts;
+    char **strs;
+    int n_strs;
+};
+
+/* One file, or the weighted mean of several compatible ones. */
+typedef struct source {
+    pr_module_file *const *f;
+    const double *w;
+    int n;
+} source;
+
+/* Where a module copy lands in a file tensor of PEFT's layout (peft_names.c). */
+typedef struct placement {
+    char name[256];
+    int ndim;
+    int64_t shape[2];          /* the file tensor, viewed as (R, C) */
+    int64_t r0, c0, cstep;
+    int64_t nb, br, bc;        /* the copy as nb blocks of (br, bc) */
+    float fill;                /* elements no copy covers */
+} placement;
+
+/* peft_names.c */
+const char *peft_type(const char *technique);
+int peft_place(const char *tech, const pr_module_param *p, const pr_model_config *c, int all_layers,
+    placement *pl);
+void peft_place_values(const placement *pl, float *f, float *x, int to_file);
+/* module_save.c */
+void mf_read_decl(void *dst, size_t host_size, const void *base, uint32_t i);
+/* module_load.c */
+void mf_shape_text(int ndim, const int64_t *shape, char *buf, size_t len);
+int mf_fill_from(const source *s, pr_module *mod, pr_error *err);
+
+#endif

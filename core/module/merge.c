@@ -1,0 +1,116 @@
+/* peftref core: merging a module into the frozen weights it adapts (weight delta
+ * plus bias delta), and unmerging it. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "module_internal.h"
+
+/* ---- merge ---------------------------------------------------------------------------------------- */
+
+/* The weight view is [bw.shape[0], bw.shape[1]] (the site's d_in x d_out
+ * at a projection site, see site_weight_shape at a stream site); the
+ * bias, when there is one, has bw.shape[1] entries. */
+static void restore_insertion(insertion *in)
+{
+    if (!in->orig_w)
+        return;
+    int rows = (int)in->bw.shape[0], cols = (int)in->bw.shape[1];
+    mod_copy_rows(in->bw.data, (int)in->bw.stride[0], in->orig_w, cols, rows, cols);
+    if (in->orig_b)
+        memcpy(in->bb.data, in->orig_b, (size_t)cols * sizeof(float));
+    free(in->orig_w);
+    free(in->orig_b);
+    in->orig_w = in->orig_b = NULL;
+}
+
+int pr_module_merge(pr_module *mod, pr_error *err)
+{
+    if (!mod)
+        return pr_errorf(err, PR_ERR_INVALID, "merge: NULL module");
+    if (!mod->t.merge)
+        return pr_errorf(err, PR_ERR_UNSUPPORTED, "module '%s' (technique %s) cannot be merged: the technique has no merge()",
+                         mod_name(mod), mod->t.name);
+    if (mod->merged)
+        return pr_errorf(err, PR_ERR_INVALID, "module '%s' is already merged", mod_name(mod));
+    if (mod->gated && !mod_form(mod)->merges_gated)
+        return pr_errorf(err, PR_ERR_UNSUPPORTED, "module '%s' (technique %s) cannot be merged: a gated rescaling "
+                         "1 + s*(h - 1) is not what merge() folds", mod_name(mod), mod->t.name);
+    if (mod->fused_by)
+        return pr_errorf(err, PR_ERR_UNSUPPORTED, "module '%s' cannot be merged: fusion '%s' combines it",
+                         mod_name(mod), mod_name(mod->fused_by));
+    for (int k = 0; k < mod->n_ins; k++)
+        if (!mod->ins[k].has_bw)
+            return pr_errorf(err, PR_ERR_UNSUPPORTED,
+                             "module '%s' (technique %s) cannot be merged at %s: the site has no frozen weight to fold into",
+                             mod_name(mod), mod->t.name, mod->ins[k].where);
+    size_t maxn = 0, maxb = 0;
+    for (int k = 0; k < mod->n_ins; k++) {
+        size_t n = (size_t)mod->ins[k].bw.shape[0] * (size_t)mod->ins[k].bw.shape[1];
+        maxn = n > maxn ? n : maxn;
+        maxb = (size_t)mod->ins[k].bw.shape[1] > maxb ? (size_t)mod->ins[k].bw.shape[1] : maxb;
+    }
+    /* the weight delta, then the bias delta */
+    float *delta = mod_alloc_floats(maxn + maxb);
+    if (!delta)
+        return pr_errorf(err, PR_ERR_NOMEM, "module '%s': out of memory for merging", mod_name(mod));
+    float *bdelta = delta + maxn;
+    int rc = PR_OK, k;
+    for (k = 0; k < mod->n_ins; k++) {
+        insertion *in = &mod->ins[k];
+        int din = (int)in->bw.shape[0], dout = (int)in->bw.shape[1], ld = (int)in->bw.stride[0];
+        in->orig_w = mod_alloc_floats((size_t)din * dout);
+        in->orig_b = in->has_bb ? mod_alloc_floats((size_t)dout) : NULL;
+        if (!in->orig_w || (in->has_bb && !in->orig_b)) {
+            rc = pr_errorf(err, PR_ERR_NOMEM, "module '%s': out of memory for merging", mod_name(mod));
+            free(in->orig_w);
+            free(in->orig_b);
+            in->orig_w = in->orig_b = NULL;
+            break;
+        }
+        float *w = in->bw.data;
+        mod_copy_rows(in->orig_w, dout, w, ld, din, dout);
+        if (in->orig_b)
+            memcpy(in->orig_b, in->bb.data, (size_t)dout * sizeof(float));
+        memset(delta, 0, (size_t)din * dout * sizeof(float));
+        memset(bdelta, 0, (size_t)dout * sizeof(float));
+        pr_ctx c;
+        mod_ctx_init(in, &c, 0, 0, 0, UINT64_MAX - 3);
+        c.out = mod_view2(delta, din, dout, dout);
+        int64_t nb = dout;
+        pr_tensor bd = mod_view(bdelta, 1, &nb);
+        c.bias_delta = in->has_bb ? &bd : NULL;
+        if ((rc = mod_call(mod, in, mod->t.merge, "merge", &c, err))) {
+            free(in->orig_w);
+            free(in->orig_b);
+            in->orig_w = in->orig_b = NULL;
+            break;
+        }
+        /* a gated module adds s times its delta */
+        float s = mod_gate_value(in);
+        mod_axpy_rows(w, ld, delta, dout, din, dout, s);
+        if (in->has_bb)
+            mod_axpy_rows(in->bb.data, dout, bdelta, dout, 1, dout, s);
+    }
+    free(delta);
+    if (rc) {
+        while (--k >= 0)
+            restore_insertion(&mod->ins[k]);
+        return rc;
+    }
+    mod->merged = 1;
+    return PR_OK;
+}
+
+int pr_module_unmerge(pr_module *mod, pr_error *err)
+{
+    if (!mod)
+        return pr_errorf(err, PR_ERR_INVALID, "unmerge: NULL module");
+    if (!mod->merged)
+        return pr_errorf(err, PR_ERR_INVALID, "module '%s' is not merged", mod_name(mod));
+    /* reverse order: slices of one fused weight (qkv and q) may overlap */
+    for (int k = mod->n_ins - 1; k >= 0; k--)
+        restore_insertion(&mod->ins[k]);
+    mod->merged = 0;
+    return PR_OK;
+}
