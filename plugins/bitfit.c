@@ -25,7 +25,7 @@
  * No callbacks: the base model's own forward and backward serve. */
 #include <peftref/plugin.h>
 
-PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(void);
+PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args);
 
 static const pr_technique bitfit_technique = {
     .struct_size = sizeof(pr_technique),
@@ -65,7 +65,8 @@ static const pr_plugin bitfit_plugin = {
     .techniques = bitfit_techniques,
 };
 
-PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(void)
+PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args)
 {
+    (void)args; /* a built-in plugin needs none of the host's entry arguments */
     return &bitfit_plugin;
 }

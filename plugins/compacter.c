@@ -51,14 +51,15 @@
  * placement of Pfeiffer et al. 2021).
  *
  * This file includes only <peftref/plugin.h> and libc, and links against
- * nothing of peftref: the matrix products and gelu go through the host. */
+ * nothing of peftref: the matrix products, gelu, bias rows and bias
+ * gradients go through the host. */
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
 #include <peftref/plugin.h>
 
-PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(void);
+PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args);
 
 enum { OPT_N, OPT_RF, OPT_M, OPT_RANK, OPT_PHM_INIT, N_OPTS };
 enum { P_RULE, P_DS, P_DT, P_DB, P_US, P_UT, P_UB, N_PARAMS };
@@ -176,11 +177,11 @@ static int cp_get_dims(const pr_ctx *ctx, cp_dims *c)
         return host->error(ctx, "compacter: expected %d parameters and %d options, got %u and %u",
                            N_PARAMS, N_OPTS, ctx->n_params, ctx->n_options);
     for (int i = 0; i < N_PARAMS; i++)
-        if (!ctx->params[i].data)
+        if (!ctx->params[i]->data)
             return host->error(ctx, "compacter: parameter '%s' has no data",
                                compacter_params[i].name);
-    const pr_tensor *rule = &ctx->params[P_RULE], *ds = &ctx->params[P_DS];
-    const pr_tensor *db = &ctx->params[P_DB], *ub = &ctx->params[P_UB];
+    const pr_tensor *rule = ctx->params[P_RULE], *ds = ctx->params[P_DS];
+    const pr_tensor *db = ctx->params[P_DB], *ub = ctx->params[P_UB];
     c->n = (int)rule->shape[0];
     c->r = (int)ds->shape[2];
     c->m = (int)db->shape[0];
@@ -195,7 +196,7 @@ static int cp_get_dims(const pr_ctx *ctx, cp_dims *c)
         return host->error(ctx, "compacter: the bottleneck m = %d is not divisible by n = %d; "
                            "choose m (or reduction_factor) so that n divides m", c->m, c->n);
     const int a = c->d / c->n, b = c->m / c->n;
-    const pr_tensor *dt = &ctx->params[P_DT], *us = &ctx->params[P_US], *ut = &ctx->params[P_UT];
+    const pr_tensor *dt = ctx->params[P_DT], *us = ctx->params[P_US], *ut = ctx->params[P_UT];
     if (ds->shape[0] != c->n || ds->shape[1] != a || dt->shape[0] != c->n || dt->shape[1] != c->r ||
         dt->shape[2] != b || us->shape[0] != c->n || us->shape[1] != b || us->shape[2] != c->r ||
         ut->shape[0] != c->n || ut->shape[1] != c->r || ut->shape[2] != a)
@@ -210,11 +211,11 @@ static int cp_check_buffers(const pr_ctx *ctx, int need_scratch)
         return ctx->host->error(ctx, "compacter: expected %d saved and %d scratch buffers, got %u and %u",
                                 N_SAVED, N_SCRATCH, ctx->n_saved, ctx->n_scratch);
     for (int i = 0; i < N_SAVED; i++)
-        if (!ctx->saved[i].data)
+        if (!ctx->saved[i]->data)
             return ctx->host->error(ctx, "compacter: saved buffer '%s' is missing",
                                     compacter_saved[i].name);
     for (int i = 0; need_scratch && i < N_SCRATCH; i++)
-        if (!ctx->scratch[i].data)
+        if (!ctx->scratch[i]->data)
             return ctx->host->error(ctx, "compacter: scratch buffer '%s' is missing",
                                     compacter_scratch[i].name);
     return 0;
@@ -283,28 +284,8 @@ static void kron_reduce(const pr_host *host, const float *G, const float *A, con
     }
 }
 
-/* x (rows, cols; ld) += bias (cols) on every row */
-static void add_bias(float *x, int ld, const float *bias, int rows, int cols)
-{
-    for (int i = 0; i < rows; i++) {
-        float *xi = x + (size_t)i * ld;
-        for (int j = 0; j < cols; j++)
-            xi[j] += bias[j];
-    }
-}
-
-/* g (cols) += column sums of x (rows, cols; ld) */
-static void colsum_acc(float *g, const float *x, int ld, int rows, int cols)
-{
-    for (int i = 0; i < rows; i++) {
-        const float *xi = x + (size_t)i * ld;
-        for (int j = 0; j < cols; j++)
-            g[j] += xi[j];
-    }
-}
-
-#define PD(i) ((const float *)ctx->params[i].data)
-#define SD(i) ((float *)ctx->scratch[i].data)
+#define PD(i) ((const float *)ctx->params[i]->data)
+#define SD(i) ((float *)ctx->scratch[i]->data)
 
 /* setup: d and m must be divisible by n (the host cannot tell from the
  * shape expressions, whose integer division would silently truncate). */
@@ -328,25 +309,25 @@ static int compacter_forward(const pr_ctx *ctx)
     int rc = cp_get_dims(ctx, &c);
     if (rc || (rc = cp_check_buffers(ctx, 1)))
         return rc;
-    if (!ctx->in.data || !ctx->out.data)
+    if (!ctx->in->data || !ctx->out->data)
         return host->error(ctx, "compacter: forward needs its input and output tensors");
-    if (ctx->in.shape[1] != c.d || ctx->out.shape[1] != c.d)
+    if (ctx->in->shape[1] != c.d || ctx->out->shape[1] != c.d)
         return host->error(ctx, "compacter: site widths %lld -> %lld, parameters expect %d -> %d",
-                           (long long)ctx->in.shape[1], (long long)ctx->out.shape[1], c.d, c.d);
+                           (long long)ctx->in->shape[1], (long long)ctx->out->shape[1], c.d, c.d);
     const int n = c.n, a = c.d / n, b = c.m / n;
-    float *z = ctx->saved[SV_Z].data, *act = ctx->saved[SV_A].data;
+    float *z = ctx->saved[SV_Z]->data, *act = ctx->saved[SV_A]->data;
     float *wd = SD(SC_WD), *wu = SD(SC_WU), *bi = SD(SC_BI);
 
     /* z (rows, m) = y . W_down + b_down;  act = gelu(z) */
     kron_build(host, wd, PD(P_RULE), PD(P_DS), PD(P_DT), n, a, b, c.r, bi);
-    host->gemm(0, 0, c.rows, c.m, c.d, 1.0f, ctx->in.data, row_stride(&ctx->in), wd, c.m, 0.0f, z, c.m);
-    add_bias(z, c.m, PD(P_DB), c.rows, c.m);
+    host->gemm(0, 0, c.rows, c.m, c.d, 1.0f, ctx->in->data, row_stride(ctx->in), wd, c.m, 0.0f, z, c.m);
+    host->add_bias_rows(z, c.m, PD(P_DB), c.rows, c.m);
     host->act_forward(PR_ACT_GELU, act, z, (size_t)c.rows * c.m);
     /* h (rows, d) = act . W_up + b_up */
     kron_build(host, wu, PD(P_RULE), PD(P_US), PD(P_UT), n, b, a, c.r, bi);
-    const int ldo = row_stride(&ctx->out);
-    host->gemm(0, 0, c.rows, c.d, c.m, 1.0f, act, c.m, wu, c.d, 0.0f, ctx->out.data, ldo);
-    add_bias(ctx->out.data, ldo, PD(P_UB), c.rows, c.d);
+    const int ldo = row_stride(ctx->out);
+    host->gemm(0, 0, c.rows, c.d, c.m, 1.0f, act, c.m, wu, c.d, 0.0f, ctx->out->data, ldo);
+    host->add_bias_rows(ctx->out->data, ldo, PD(P_UB), c.rows, c.d);
     return 0;
 }
 
@@ -361,22 +342,22 @@ static int compacter_backward(const pr_ctx *ctx)
     int rc = cp_get_dims(ctx, &c);
     if (rc || (rc = cp_check_buffers(ctx, 1)))
         return rc;
-    if (!ctx->d_out.data)
+    if (!ctx->d_out->data)
         return host->error(ctx, "compacter: backward needs d_out");
     const int n = c.n, a = c.d / n, b = c.m / n;
-    const float *dh = ctx->d_out.data;
-    const int lddh = row_stride(&ctx->d_out);
-    const float *z = ctx->saved[SV_Z].data, *act = ctx->saved[SV_A].data;
+    const float *dh = ctx->d_out->data;
+    const int lddh = row_stride(ctx->d_out);
+    const float *z = ctx->saved[SV_Z]->data, *act = ctx->saved[SV_A]->data;
     float *wd = SD(SC_WD), *wu = SD(SC_WU), *g = SD(SC_G), *da = SD(SC_DA), *dz = SD(SC_DZ);
     float *bi = SD(SC_BI), *dbi = bi + (size_t)a * b;
     float *grad[N_PARAMS];
     for (int i = 0; i < N_PARAMS; i++)
-        grad[i] = ctx->grads ? ctx->grads[i].data : NULL;
-    float *dx = ctx->d_in.data;
+        grad[i] = ctx->grads ? ctx->grads[i]->data : NULL;
+    float *dx = ctx->d_in->data;
 
     /* up projection */
     if (grad[P_UB])
-        colsum_acc(grad[P_UB], dh, lddh, c.rows, c.d);
+        host->col_sums(grad[P_UB], dh, lddh, c.rows, c.d);
     if (grad[P_RULE] || grad[P_US] || grad[P_UT]) {
         /* dW_up (m, d) = act^T . dh */
         host->gemm(1, 0, c.m, c.d, c.rows, 1.0f, act, c.m, dh, lddh, 0.0f, g, c.d);
@@ -394,12 +375,12 @@ static int compacter_backward(const pr_ctx *ctx)
 
     /* down projection */
     if (grad[P_DB])
-        colsum_acc(grad[P_DB], dz, c.m, c.rows, c.m);
+        host->col_sums(grad[P_DB], dz, c.m, c.rows, c.m);
     if (grad[P_RULE] || grad[P_DS] || grad[P_DT]) {
-        if (!ctx->in.data)
+        if (!ctx->in->data)
             return host->error(ctx, "compacter: backward needs the module input (in)");
         /* dW_down (d, m) = y^T . d_z */
-        host->gemm(1, 0, c.d, c.m, c.rows, 1.0f, ctx->in.data, row_stride(&ctx->in), dz, c.m, 0.0f, g,
+        host->gemm(1, 0, c.d, c.m, c.rows, 1.0f, ctx->in->data, row_stride(ctx->in), dz, c.m, 0.0f, g,
                    c.m);
         kron_reduce(host, g, PD(P_RULE), PD(P_DS), PD(P_DT), grad[P_RULE], grad[P_DS], grad[P_DT], n,
                     a, b, c.r, bi, dbi);
@@ -407,7 +388,7 @@ static int compacter_backward(const pr_ctx *ctx)
     if (dx) {
         /* d_in (rows, d) += d_z . W_down^T */
         kron_build(host, wd, PD(P_RULE), PD(P_DS), PD(P_DT), n, a, b, c.r, bi);
-        host->gemm(0, 1, c.rows, c.d, c.m, 1.0f, dz, c.m, wd, c.m, 1.0f, dx, row_stride(&ctx->d_in));
+        host->gemm(0, 1, c.rows, c.d, c.m, 1.0f, dz, c.m, wd, c.m, 1.0f, dx, row_stride(ctx->d_in));
     }
     return 0;
 }
@@ -415,6 +396,12 @@ static int compacter_backward(const pr_ctx *ctx)
 #define COMPACTER_CITATION                                                                          \
     "Karimi Mahabadi, Henderson, Ruder (2021). Compacter: Efficient Low-Rank Hypercomplex Adapter " \
     "Layers. NeurIPS 2021. arXiv:2106.04647"
+
+/* Forward FLOP per token: the two GEMMs with the built W_down (d, m) and
+ * W_up (m, d), 2*d*m each.  The host's default rule (2 per element of each
+ * 2-D parameter) would count 0, every factor being 3-D; building W from its
+ * Kronecker sum is once per call, not per token. */
+#define COMPACTER_FLOPS "4 * " D_ " * " M_
 
 #define COMPACTER_COMMON                                                                            \
     .struct_size = sizeof(pr_technique), .abi_major = PR_ABI_MAJOR, .version = "1.0.0",             \
@@ -425,7 +412,8 @@ static int compacter_backward(const pr_ctx *ctx)
     .options = compacter_options, .n_options = N_OPTS, .params = compacter_params,                 \
     .n_params = N_PARAMS, .saved = compacter_saved, .n_saved = N_SAVED,                             \
     .scratch = compacter_scratch, .n_scratch = N_SCRATCH, .forward = compacter_forward,            \
-    .backward = compacter_backward, .setup = compacter_setup
+    .backward = compacter_backward, .setup = compacter_setup,                                       \
+    .flops_per_token = COMPACTER_FLOPS
 
 static const pr_technique compacter_technique = {
     COMPACTER_COMMON,
@@ -467,7 +455,8 @@ static const pr_plugin compacter_plugin = {
     .techniques = compacter_techniques,
 };
 
-PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(void)
+PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args)
 {
+    (void)args; /* a built-in plugin needs none of the host's entry arguments */
     return &compacter_plugin;
 }

@@ -55,24 +55,28 @@
  * unchanged (bias_delta is left at zero).
  *
  * Saved per insertion: xa (rows, r), u (rows, d_out), weight_norm (d_out),
- * the dropout mask (32 bits per float slot) and two flags (dropout applied,
- * base computed).  Scratch: x_dropped (rows, d_in), v (d_in, d_out),
- * rows_tmp (rows, d_out), d_xa (rows, r), col (d_out).
+ * the dropout mask (32 bits per float slot, drawn by host->dropout_mask,
+ * keyed by sample) and two flags (dropout applied, base computed).
+ * Scratch: x_dropped (rows, d_in), v (d_in, d_out), rows_tmp (rows, d_out),
+ * d_xa (rows, r), col (d_out), base_w (d_in, d_out): the frozen weight in
+ * f32 and [d_in, d_out] orientation, filled by host->base_weight_f32 in
+ * every callback that reads W (it may be stored bf16, or [d_out, d_in]).
  *
  * This file includes only <peftref/plugin.h> and libc/libm, and links
- * against nothing of peftref: the matrix products go through host->gemm. */
+ * against nothing of peftref: the matrix products go through host->gemm,
+ * the dropout through the host's dropout services. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
 #include <peftref/plugin.h>
 
-PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(void);
+PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args);
 
 enum { OPT_R, OPT_ALPHA, OPT_DROPOUT, OPT_RSLORA, OPT_DETACH, N_OPTS };
 enum { PARAM_A, PARAM_B, PARAM_M, N_PARAMS };
 enum { SAVED_XA, SAVED_U, SAVED_NORM, SAVED_MASK, SAVED_FLAGS, N_SAVED };
-enum { SCRATCH_XD, SCRATCH_V, SCRATCH_TMP, SCRATCH_DXA, SCRATCH_COL, N_SCRATCH };
+enum { SCRATCH_XD, SCRATCH_V, SCRATCH_TMP, SCRATCH_DXA, SCRATCH_COL, SCRATCH_W, N_SCRATCH };
 enum { FLAG_DROPOUT, FLAG_BASE_COMPUTED };
 
 /* Columns per block of the column-norm and column-sum loops: rows are read
@@ -117,17 +121,20 @@ static const pr_param_decl dora_params[N_PARAMS] = {
     [PARAM_A] = {
         .struct_size = sizeof(pr_param_decl), .name = "lora_A", .shape = "r, d_in",
         .init = PR_INIT_KAIMING_UNIFORM, .init_arg = "sqrt(5)", .scope = PR_SCOPE_INSERTION,
+        .peft_key = "{prefix}.lora_A.weight", .peft_layout = PR_PEFT_AS_IS,
         .help = "down projection of the direction update; uniform(-1/sqrt(d_in), 1/sqrt(d_in)) "
                 "as Hugging Face PEFT",
     },
     [PARAM_B] = {
         .struct_size = sizeof(pr_param_decl), .name = "lora_B", .shape = "d_out, r",
         .init = PR_INIT_ZEROS, .scope = PR_SCOPE_INSERTION,
+        .peft_key = "{prefix}.lora_B.weight", .peft_layout = PR_PEFT_AS_IS,
         .help = "up projection of the direction update; zeros",
     },
     [PARAM_M] = {
         .struct_size = sizeof(pr_param_decl), .name = "lora_magnitude_vector", .shape = "d_out",
         .init = PR_INIT_ONES, .scope = PR_SCOPE_INSERTION,
+        .peft_key = "{prefix}.lora_magnitude_vector", .peft_layout = PR_PEFT_AS_IS,
         .help = "magnitude m, one per output column; setup() sets it to the column norms of the "
                 "frozen weight, so the adapted model starts equal to the base model",
     },
@@ -151,6 +158,7 @@ static const pr_buffer_decl dora_scratch[N_SCRATCH] = {
                       .shape = "rows, d_out" },
     [SCRATCH_DXA] = { .struct_size = sizeof(pr_buffer_decl), .name = "d_xa", .shape = "rows, r" },
     [SCRATCH_COL] = { .struct_size = sizeof(pr_buffer_decl), .name = "col", .shape = "d_out" },
+    [SCRATCH_W] = { .struct_size = sizeof(pr_buffer_decl), .name = "base_w", .shape = "d_in, d_out" },
 };
 
 /* Row stride of a 2-D tensor (0 in an unfilled stride means packed rows). */
@@ -168,7 +176,8 @@ static float dora_scale(const pr_ctx *ctx)
     return (float)(ctx->options[OPT_RSLORA].num != 0 ? alpha / sqrt(r) : alpha / r);
 }
 
-/* Everything one call reads: shapes, parameters, the frozen weight. */
+/* Everything one call reads: shapes, parameters, the frozen weight (in
+ * f32, [d_in, d_out], in scratch base_w). */
 typedef struct dora_call {
     int r, d_in, d_out, rows;
     float s;
@@ -184,8 +193,8 @@ static int dora_get_call(const pr_ctx *ctx, dora_call *d)
     if (ctx->n_params < N_PARAMS || ctx->n_options < N_OPTS)
         return host->error(ctx, "dora: expected %d parameters and %d options, got %u and %u",
                            N_PARAMS, N_OPTS, ctx->n_params, ctx->n_options);
-    const pr_tensor *a = &ctx->params[PARAM_A], *b = &ctx->params[PARAM_B];
-    const pr_tensor *m = &ctx->params[PARAM_M];
+    const pr_tensor *a = ctx->params[PARAM_A], *b = ctx->params[PARAM_B];
+    const pr_tensor *m = ctx->params[PARAM_M];
     if (a->ndim != 2 || b->ndim != 2 || m->ndim != 1 || !a->data || !b->data || !m->data ||
         b->shape[1] != a->shape[0] || m->shape[0] != b->shape[0])
         return host->error(ctx, "dora: lora_A, lora_B and lora_magnitude_vector must be (r, d_in), "
@@ -202,12 +211,23 @@ static int dora_get_call(const pr_ctx *ctx, dora_call *d)
     if (!w || !w->data)
         return host->error(ctx, "dora: the site has no frozen weight to decompose (projection "
                                 "sites only)");
-    if (w->ndim != 2 || w->shape[0] != d->d_in || w->shape[1] != d->d_out)
-        return host->error(ctx, "dora: the frozen weight is [%lld, %lld], the parameters expect "
+    /* the stored orientation: [d_in, d_out], or [d_out, d_in] (OUT_IN) */
+    const int out_in = ctx->base_layout == PR_WEIGHT_OUT_IN;
+    if (w->ndim != 2 || w->shape[out_in ? 1 : 0] != d->d_in || w->shape[out_in ? 0 : 1] != d->d_out)
+        return host->error(ctx, "dora: the frozen weight is [%lld, %lld]%s, the parameters expect "
                                 "[%d, %d]",
-                           (long long)w->shape[0], (long long)w->shape[1], d->d_in, d->d_out);
-    d->W = w->data;
-    d->ldw = row_stride(w);
+                           (long long)w->shape[0], (long long)w->shape[1], out_in ? " (out, in)" : "",
+                           d->d_in, d->d_out);
+    if (ctx->n_scratch < N_SCRATCH || !ctx->scratch[SCRATCH_W]->data ||
+        ctx->scratch[SCRATCH_W]->shape[0] * ctx->scratch[SCRATCH_W]->shape[1] <
+            (int64_t)d->d_in * d->d_out)
+        return host->error(ctx, "dora: scratch buffer 'base_w' must hold the [%d, %d] frozen weight",
+                           d->d_in, d->d_out);
+    float *wf = ctx->scratch[SCRATCH_W]->data;
+    if (host->base_weight_f32(ctx, wf) != 0)
+        return host->error(ctx, "dora: the host gave no frozen weight in f32");
+    d->W = wf;
+    d->ldw = d->d_out;
     d->bias = ctx->base_bias && ctx->base_bias->data ? ctx->base_bias->data : NULL;
     return 0;
 }
@@ -219,14 +239,14 @@ static int dora_check_buffers(const pr_ctx *ctx, const dora_call *d)
         return host->error(ctx, "dora: expected %d saved and %d scratch buffers, got %u and %u",
                            N_SAVED, N_SCRATCH, ctx->n_saved, ctx->n_scratch);
     for (int i = 0; i < N_SAVED; i++)
-        if (!ctx->saved[i].data)
+        if (!ctx->saved[i]->data)
             return host->error(ctx, "dora: saved buffer '%s' is missing", dora_saved[i].name);
     for (int i = 0; i < N_SCRATCH; i++)
-        if (i != SCRATCH_XD && !ctx->scratch[i].data)
+        if (i != SCRATCH_XD && !ctx->scratch[i]->data)
             return host->error(ctx, "dora: scratch buffer '%s' is missing", dora_scratch[i].name);
-    if (ctx->saved[SAVED_U].shape[0] < d->rows)
+    if (ctx->saved[SAVED_U]->shape[0] < d->rows)
         return host->error(ctx, "dora: saved buffer 'u' holds %lld rows, the call has %d",
-                           (long long)ctx->saved[SAVED_U].shape[0], d->rows);
+                           (long long)ctx->saved[SAVED_U]->shape[0], d->rows);
     return 0;
 }
 
@@ -265,45 +285,6 @@ static float ratio(float m, float n)
     return n > 0.0f ? m / n : 0.0f;
 }
 
-/* The kept-bit words of row i of the packed dropout mask. */
-static uint32_t mask_word(const float *mask, int words, int i, int w)
-{
-    uint32_t u;
-    memcpy(&u, &mask[(size_t)i * words + w], sizeof u);
-    return u;
-}
-
-/* xd (rows, d_in, packed) = x * keep / (1 - p), keep read from the mask. */
-static void apply_mask(float *xd, const float *x, int ldx, const float *mask, int rows, int d_in,
-                       float p)
-{
-    const int words = (d_in + 31) / 32;
-    const float keep_scale = 1.0f / (1.0f - p);
-    for (int i = 0; i < rows; i++) {
-        const float *xi = x + (size_t)i * ldx;
-        float *oi = xd + (size_t)i * d_in;
-        for (int j = 0; j < d_in; j++) {
-            uint32_t u = mask_word(mask, words, i, j / 32);
-            oi[j] = (u >> (j % 32)) & 1u ? xi[j] * keep_scale : 0.0f;
-        }
-    }
-}
-
-/* Draw the mask from ctx->seed: bit set = element kept (probability 1-p). */
-static void draw_mask(const pr_ctx *ctx, float *mask, int rows, int d_in, float p)
-{
-    const int words = (d_in + 31) / 32;
-    uint64_t state = ctx->seed;
-    for (int i = 0; i < rows; i++)
-        for (int w = 0; w < words; w++) {
-            uint32_t u = 0;
-            for (int b = 0; b < 32 && w * 32 + b < d_in; b++)
-                if (ctx->host->rng_uniform(&state) >= p)
-                    u |= 1u << b;
-            memcpy(&mask[(size_t)i * words + w], &u, sizeof u);
-        }
-}
-
 /* The DoRA branch.  integrate: ctx->out is the site output y (read/write);
  * otherwise ctx->out is the module output h = x_d.(W' - W) (overwritten). */
 static int dora_run_forward(const pr_ctx *ctx, int integrate)
@@ -313,35 +294,35 @@ static int dora_run_forward(const pr_ctx *ctx, int integrate)
     int rc = dora_get_call(ctx, &d);
     if (rc || (rc = dora_check_buffers(ctx, &d)))
         return rc;
-    if (!ctx->in.data || !ctx->out.data)
+    if (!ctx->in->data || !ctx->out->data)
         return host->error(ctx, "dora: forward needs its input and output tensors");
-    if (ctx->in.shape[1] != d.d_in || ctx->out.shape[1] != d.d_out)
+    if (ctx->in->shape[1] != d.d_in || ctx->out->shape[1] != d.d_out)
         return host->error(ctx, "dora: site widths %lld -> %lld, parameters expect %d -> %d",
-                           (long long)ctx->in.shape[1], (long long)ctx->out.shape[1], d.d_in,
+                           (long long)ctx->in->shape[1], (long long)ctx->out->shape[1], d.d_in,
                            d.d_out);
 
     const float p = (float)ctx->options[OPT_DROPOUT].num;
     const int drop = ctx->training && p > 0.0f;
     const int computed = !integrate || drop;
-    float *flags = ctx->saved[SAVED_FLAGS].data;
+    float *flags = ctx->saved[SAVED_FLAGS]->data;
     flags[FLAG_DROPOUT] = drop ? 1.0f : 0.0f;
     flags[FLAG_BASE_COMPUTED] = computed ? 1.0f : 0.0f;
 
-    const float *x = ctx->in.data;
-    int ldx = row_stride(&ctx->in);
+    const float *x = ctx->in->data;
+    int ldx = row_stride(ctx->in);
     if (drop) {
-        float *xd = ctx->scratch[SCRATCH_XD].data;
+        float *xd = ctx->scratch[SCRATCH_XD]->data;
         if (!xd)
             return host->error(ctx, "dora: scratch buffer 'x_dropped' is missing");
-        float *mask = ctx->saved[SAVED_MASK].data;
-        draw_mask(ctx, mask, d.rows, d.d_in, p);
-        apply_mask(xd, x, ldx, mask, d.rows, d.d_in, p);
+        void *mask = ctx->saved[SAVED_MASK]->data;
+        host->dropout_mask(ctx, 0, p, d.d_in, mask);
+        host->dropout_apply(xd, d.d_in, x, ldx, mask, d.rows, d.d_in, p);
         x = xd;
         ldx = d.d_in;
     }
-    float *xa = ctx->saved[SAVED_XA].data, *u = ctx->saved[SAVED_U].data;
-    float *n = ctx->saved[SAVED_NORM].data, *v = ctx->scratch[SCRATCH_V].data;
-    float *tmp = ctx->scratch[SCRATCH_TMP].data;
+    float *xa = ctx->saved[SAVED_XA]->data, *u = ctx->saved[SAVED_U]->data;
+    float *n = ctx->saved[SAVED_NORM]->data, *v = ctx->scratch[SCRATCH_V]->data;
+    float *tmp = ctx->scratch[SCRATCH_TMP]->data;
 
     /* V and its column norms */
     direction(host, &d, v);
@@ -353,8 +334,8 @@ static int dora_run_forward(const pr_ctx *ctx, int integrate)
     if (computed)
         host->gemm(0, 0, d.rows, d.d_out, d.d_in, 1.0f, x, ldx, d.W, d.ldw, 0.0f, tmp, d.d_out);
 
-    float *y = ctx->out.data;
-    const int ldy = row_stride(&ctx->out);
+    float *y = ctx->out->data;
+    const int ldy = row_stride(ctx->out);
     for (int i = 0; i < d.rows; i++) {
         float *yi = y + (size_t)i * ldy, *ui = u + (size_t)i * d.d_out;
         const float *ti = tmp + (size_t)i * d.d_out;
@@ -381,22 +362,23 @@ static int dora_run_backward(const pr_ctx *ctx, int integrate)
     int rc = dora_get_call(ctx, &d);
     if (rc || (rc = dora_check_buffers(ctx, &d)))
         return rc;
-    if (!ctx->d_out.data || ctx->d_out.shape[1] != d.d_out)
+    if (!ctx->d_out->data || ctx->d_out->shape[1] != d.d_out)
         return host->error(ctx, "dora: backward needs d_out (rows, %d)", d.d_out);
-    float *dy = ctx->d_out.data;
-    const int lddy = row_stride(&ctx->d_out);
-    const float *xa = ctx->saved[SAVED_XA].data, *u = ctx->saved[SAVED_U].data;
-    const float *n = ctx->saved[SAVED_NORM].data, *mask = ctx->saved[SAVED_MASK].data;
-    const float *flags = ctx->saved[SAVED_FLAGS].data;
+    float *dy = ctx->d_out->data;
+    const int lddy = row_stride(ctx->d_out);
+    const float *xa = ctx->saved[SAVED_XA]->data, *u = ctx->saved[SAVED_U]->data;
+    const float *n = ctx->saved[SAVED_NORM]->data;
+    const void *mask = ctx->saved[SAVED_MASK]->data;
+    const float *flags = ctx->saved[SAVED_FLAGS]->data;
     const int drop = flags[FLAG_DROPOUT] != 0.0f, computed = flags[FLAG_BASE_COMPUTED] != 0.0f;
     const int detach = ctx->options[OPT_DETACH].num != 0;
     const float p = (float)ctx->options[OPT_DROPOUT].num;
-    float *dA = ctx->grads ? ctx->grads[PARAM_A].data : NULL;
-    float *dB = ctx->grads ? ctx->grads[PARAM_B].data : NULL;
-    float *dm = ctx->grads ? ctx->grads[PARAM_M].data : NULL;
-    float *dx = ctx->d_in.data;
-    float *G = ctx->scratch[SCRATCH_TMP].data, *c = ctx->scratch[SCRATCH_COL].data;
-    float *dxa = ctx->scratch[SCRATCH_DXA].data, *xd = ctx->scratch[SCRATCH_XD].data;
+    float *dA = ctx->grads ? ctx->grads[PARAM_A]->data : NULL;
+    float *dB = ctx->grads ? ctx->grads[PARAM_B]->data : NULL;
+    float *dm = ctx->grads ? ctx->grads[PARAM_M]->data : NULL;
+    float *dx = ctx->d_in->data;
+    float *G = ctx->scratch[SCRATCH_TMP]->data, *c = ctx->scratch[SCRATCH_COL]->data;
+    float *dxa = ctx->scratch[SCRATCH_DXA]->data, *xd = ctx->scratch[SCRATCH_XD]->data;
     if (drop && !xd)
         return host->error(ctx, "dora: scratch buffer 'x_dropped' is missing");
     if (integrate ? computed != drop : !computed)
@@ -434,12 +416,12 @@ static int dora_run_backward(const pr_ctx *ctx, int integrate)
     if (dA || dx)
         host->gemm(0, 0, d.rows, d.r, d.d_out, 1.0f, G, d.d_out, d.B, d.r, 0.0f, dxa, d.r);
     if (dA) {
-        if (!ctx->in.data)
+        if (!ctx->in->data)
             return host->error(ctx, "dora: backward needs the module input (in) for lora_A's gradient");
-        const float *x = ctx->in.data;
-        int ldx = row_stride(&ctx->in);
+        const float *x = ctx->in->data;
+        int ldx = row_stride(ctx->in);
         if (drop) {
-            apply_mask(xd, x, ldx, mask, d.rows, d.d_in, p);
+            host->dropout_apply(xd, d.d_in, x, ldx, mask, d.rows, d.d_in, p);
             x = xd;
             ldx = d.d_in;
         }
@@ -447,7 +429,7 @@ static int dora_run_backward(const pr_ctx *ctx, int integrate)
     }
     /* the norm path: dL/dV = V diag(c), V = W + s * A^T.B^T */
     if (!detach && (dA || dB)) {
-        float *v = ctx->scratch[SCRATCH_V].data;
+        float *v = ctx->scratch[SCRATCH_V]->data;
         direction(host, &d, v);
         for (int k = 0; k < d.d_in; k++) {
             float *vk = v + (size_t)k * d.d_out;
@@ -462,7 +444,7 @@ static int dora_run_backward(const pr_ctx *ctx, int integrate)
     /* the input: base from y passes dy_old = G to the frozen path; a
      * computed base leaves dy alone and adds ((g - 1) * dy).W^T here */
     if (dx) {
-        const int lddx = row_stride(&ctx->d_in);
+        const int lddx = row_stride(ctx->d_in);
         float *dxd = drop ? xd : dx;
         const int ldd = drop ? d.d_in : lddx;
         host->gemm(0, 0, d.rows, d.d_in, d.r, d.s, dxa, d.r, d.A, d.d_in, drop ? 0.0f : 1.0f, dxd,
@@ -477,14 +459,8 @@ static int dora_run_backward(const pr_ctx *ctx, int integrate)
             }
             host->gemm(0, 1, d.rows, d.d_in, d.d_out, 1.0f, G, d.d_out, d.W, d.ldw, 1.0f, dxd, ldd);
         }
-        if (drop) {
-            const int words = (d.d_in + 31) / 32;
-            const float keep_scale = 1.0f / (1.0f - p);
-            for (int i = 0; i < d.rows; i++)
-                for (int j = 0; j < d.d_in; j++)
-                    if ((mask_word(mask, words, i, j / 32) >> (j % 32)) & 1u)
-                        dx[(size_t)i * lddx + j] += keep_scale * xd[(size_t)i * d.d_in + j];
-        }
+        if (drop)
+            host->dropout_backward(dx, lddx, xd, d.d_in, mask, d.rows, d.d_in, p);
     }
     if (integrate && !computed)
         for (int i = 0; i < d.rows; i++) {
@@ -527,7 +503,7 @@ static int dora_setup(const pr_ctx *ctx)
     int rc = dora_get_call(ctx, &d);
     if (rc)
         return rc;
-    column_norms(ctx->params[PARAM_M].data, d.W, d.ldw, d.d_in, d.d_out);
+    column_norms(ctx->params[PARAM_M]->data, d.W, d.ldw, d.d_in, d.d_out);
     return 0;
 }
 
@@ -540,10 +516,10 @@ static int dora_merge(const pr_ctx *ctx)
     int rc = dora_get_call(ctx, &d);
     if (rc)
         return rc;
-    if (!ctx->out.data || ctx->out.shape[0] != d.d_in || ctx->out.shape[1] != d.d_out)
+    if (!ctx->out->data || ctx->out->shape[0] != d.d_in || ctx->out->shape[1] != d.d_out)
         return host->error(ctx, "dora: merge output must be [%d, %d]", d.d_in, d.d_out);
-    float *out = ctx->out.data;
-    const int ld = row_stride(&ctx->out);
+    float *out = ctx->out->data;
+    const int ld = row_stride(ctx->out);
     /* out = V = W + s * A^T.B^T in place, its norms, then V * g - W */
     for (int k = 0; k < d.d_in; k++)
         memcpy(out + (size_t)k * ld, d.W + (size_t)k * d.ldw, (size_t)d.d_out * sizeof(float));
@@ -605,6 +581,8 @@ static const pr_technique dora_technique = {
     .integrate_backward = dora_integrate_backward,
     .merge = dora_merge,
     .setup = dora_setup,
+    /* Hugging Face PEFT saves DoRA as a LoRA with use_dora = true */
+    .peft_type = "LORA",
 };
 
 static const pr_technique *const dora_techniques[] = { &dora_technique };
@@ -618,7 +596,8 @@ static const pr_plugin dora_plugin = {
     .techniques = dora_techniques,
 };
 
-PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(void)
+PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args)
 {
+    (void)args; /* a built-in plugin needs none of the host's entry arguments */
     return &dora_plugin;
 }

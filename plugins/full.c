@@ -19,7 +19,7 @@
  * No callbacks: the base model's own forward and backward serve. */
 #include <peftref/plugin.h>
 
-PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(void);
+PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args);
 
 static const pr_technique full_technique = {
     .struct_size = sizeof(pr_technique),
@@ -59,7 +59,8 @@ static const pr_plugin full_plugin = {
     .techniques = full_techniques,
 };
 
-PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(void)
+PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args)
 {
+    (void)args; /* a built-in plugin needs none of the host's entry arguments */
     return &full_plugin;
 }

@@ -36,17 +36,30 @@
 
 #include <peftref/plugin.h>
 
-PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(void);
+PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args);
 
 enum { PARAM_L, N_PARAMS };
+enum { SCRATCH_W, N_SCRATCH };
 
 static const pr_param_decl ia3_params[N_PARAMS] = {
     [PARAM_L] = {
         .struct_size = sizeof(pr_param_decl), .name = "ia3_l", .shape = "d_out",
         .init = PR_INIT_ONES, .scope = PR_SCOPE_INSERTION,
+        /* Hugging Face PEFT's name; core/io/module_file.c stores the vector
+         * as (d, 1) at a k / v projection ((d_q + 2 d_kv, 1) at GPT-2's
+         * fused c_attn, q rows ones) and as (1, d_ff) at the down projection */
+        .peft_key = "{prefix}.ia3_l",
+        .peft_layout = PR_PEFT_AS_IS,
         .help = "the rescaling vector: l_k at attn.k, l_v at attn.v, l_ff at ffn.act; ones, so "
                 "the module starts as the identity (Liu et al. 2022, §3.3)",
     },
+};
+
+/* merge only: the frozen weight in f32, [d_model, d_kv] (attn.k, attn.v)
+ * or [d_ff, d_model] (ffn.act); d_out is the site's width */
+static const pr_buffer_decl ia3_scratch[N_SCRATCH] = {
+    [SCRATCH_W] = { .struct_size = sizeof(pr_buffer_decl), .name = "base_w",
+                    .shape = "d_model, d_out" },
 };
 
 static int row_stride(const pr_tensor *t)
@@ -57,10 +70,10 @@ static int row_stride(const pr_tensor *t)
 /* The vector of this insertion and its length. */
 static int ia3_vector(const pr_ctx *ctx, const float **l, int *n)
 {
-    if (ctx->n_params < N_PARAMS || !ctx->params || !ctx->params[PARAM_L].data)
+    if (ctx->n_params < N_PARAMS || !ctx->params || !ctx->params[PARAM_L]->data)
         return ctx->host->error(ctx, "ia3: expected its parameter ia3_l, got %u parameters",
                                 ctx->n_params);
-    const pr_tensor *p = &ctx->params[PARAM_L];
+    const pr_tensor *p = ctx->params[PARAM_L];
     if (p->ndim != 1 || p->shape[0] < 1)
         return ctx->host->error(ctx, "ia3: ia3_l must be a vector (d_out)");
     *l = p->data;
@@ -75,11 +88,11 @@ static int ia3_forward(const pr_ctx *ctx)
     int n, rc = ia3_vector(ctx, &l, &n);
     if (rc)
         return rc;
-    if (!ctx->out.data || ctx->out.ndim != 2 || ctx->out.shape[0] < 1 || ctx->out.shape[1] != n)
+    if (!ctx->out->data || ctx->out->ndim != 2 || ctx->out->shape[0] < 1 || ctx->out->shape[1] != n)
         return ctx->host->error(ctx, "ia3: forward output must be one row of %d (the site's width), "
-                                     "got (%lld, %lld)", n, (long long)ctx->out.shape[0],
-                                (long long)ctx->out.shape[1]);
-    memcpy(ctx->out.data, l, (size_t)n * sizeof(float));
+                                     "got (%lld, %lld)", n, (long long)ctx->out->shape[0],
+                                (long long)ctx->out->shape[1]);
+    memcpy(ctx->out->data, l, (size_t)n * sizeof(float));
     return 0;
 }
 
@@ -90,19 +103,23 @@ static int ia3_backward(const pr_ctx *ctx)
     int n, rc = ia3_vector(ctx, &l, &n);
     if (rc)
         return rc;
-    if (!ctx->d_out.data || ctx->d_out.shape[1] != n)
+    if (!ctx->d_out->data || ctx->d_out->shape[1] != n)
         return ctx->host->error(ctx, "ia3: backward needs d_out, one row of %d", n);
-    float *g = ctx->grads ? ctx->grads[PARAM_L].data : NULL;
+    float *g = ctx->grads ? ctx->grads[PARAM_L]->data : NULL;
     if (!g)
         return 0;
-    const float *dl = ctx->d_out.data;
+    const float *dl = ctx->d_out->data;
     for (int j = 0; j < n; j++)
         g[j] += dl[j];
     return 0;
 }
 
-/* merge: see the header.  base_weight [rows, cols] with row stride ld;
- * out the delta shaped like it; bias_delta (cols) when base_bias is set. */
+/* merge: see the header.  The frozen weight comes in f32 and [in, out]
+ * orientation from host->base_weight_f32 (whatever its storage dtype or
+ * layout) into the scratch buffer base_w: [d_model, d_kv] at attn.k /
+ * attn.v, [d_ff, d_model] at ffn.act, d_model * d_out floats either way.
+ * out is the delta in the same [in, out] orientation; bias_delta (cols)
+ * when base_bias is set. */
 static int ia3_merge(const pr_ctx *ctx)
 {
     const pr_host *host = ctx->host;
@@ -111,14 +128,21 @@ static int ia3_merge(const pr_ctx *ctx)
     if (rc)
         return rc;
     const pr_tensor *w = ctx->base_weight;
-    if (!w || !w->data || w->ndim != 2)
+    if (!w || w->ndim != 2)
         return host->error(ctx, "ia3: merge needs the frozen weight the site folds into");
-    const int rows = (int)w->shape[0], cols = (int)w->shape[1], ldw = row_stride(w);
-    if (!ctx->out.data || ctx->out.shape[0] != rows || ctx->out.shape[1] != cols)
+    const int out_in = ctx->base_layout == PR_WEIGHT_OUT_IN;
+    const int rows = (int)w->shape[out_in ? 1 : 0], cols = (int)w->shape[out_in ? 0 : 1];
+    if (!ctx->out->data || ctx->out->shape[0] != rows || ctx->out->shape[1] != cols)
         return host->error(ctx, "ia3: merge output must be shaped like the weight [%d, %d]", rows, cols);
-    const int ldo = row_stride(&ctx->out);
-    const float *W = w->data;
-    float *dW = ctx->out.data;
+    if (ctx->n_scratch < N_SCRATCH || !ctx->scratch[SCRATCH_W]->data ||
+        ctx->scratch[SCRATCH_W]->shape[0] * ctx->scratch[SCRATCH_W]->shape[1] < (int64_t)rows * cols)
+        return host->error(ctx, "ia3: scratch buffer 'base_w' must hold the [%d, %d] frozen weight",
+                           rows, cols);
+    float *W = ctx->scratch[SCRATCH_W]->data;
+    if (host->base_weight_f32(ctx, W) != 0)
+        return host->error(ctx, "ia3: the host gave no frozen weight to fold l into");
+    const int ldo = row_stride(ctx->out);
+    float *dW = ctx->out->data;
 
     if (ctx->site == PR_SITE_FFN_ACT) {
         /* the values go to the down projection: scale its rows */
@@ -126,7 +150,7 @@ static int ia3_merge(const pr_ctx *ctx)
             return host->error(ctx, "ia3: the down projection has %d rows, ia3_l has %d", rows, n);
         for (int i = 0; i < rows; i++)
             for (int j = 0; j < cols; j++)
-                dW[(size_t)i * ldo + j] = (l[i] - 1.0f) * W[(size_t)i * ldw + j];
+                dW[(size_t)i * ldo + j] = (l[i] - 1.0f) * W[(size_t)i * cols + j];
         return 0;
     }
     if (ctx->site != PR_SITE_ATTN_K && ctx->site != PR_SITE_ATTN_V)
@@ -136,12 +160,12 @@ static int ia3_merge(const pr_ctx *ctx)
         return host->error(ctx, "ia3: the projection has %d columns, ia3_l has %d", cols, n);
     for (int i = 0; i < rows; i++)
         for (int j = 0; j < cols; j++)
-            dW[(size_t)i * ldo + j] = W[(size_t)i * ldw + j] * (l[j] - 1.0f);
+            dW[(size_t)i * ldo + j] = W[(size_t)i * cols + j] * (l[j] - 1.0f);
     if (ctx->base_bias && ctx->base_bias->data) {
         /* bias_delta arrived with ABI 1.0's final pr_ctx; read it only when
          * the host's struct covers it */
-        pr_tensor *bd = ctx->struct_size >= offsetof(pr_ctx, bias_delta) + sizeof(ctx->bias_delta)
-                            ? ctx->bias_delta : NULL;
+        const pr_tensor *bd = ctx->struct_size >= offsetof(pr_ctx, bias_delta) + sizeof(ctx->bias_delta)
+                                  ? ctx->bias_delta : NULL;
         if (!bd || !bd->data || bd->shape[0] != cols)
             return host->error(ctx, "ia3: the projection has a bias but the host gave no bias delta "
                                     "of %d to fold l into", cols);
@@ -180,11 +204,14 @@ static const pr_technique ia3_technique = {
                      PR_SITE_BIT(PR_SITE_FFN_ACT),
     .params = ia3_params,
     .n_params = N_PARAMS,
+    .scratch = ia3_scratch,
+    .n_scratch = N_SCRATCH,
     .param_formula = "per insertion: d_out (the site's width); insertions = 3L (attn.k, attn.v, "
                      "ffn.act): L * (2 * n_kv_heads * d_head + d_ff)",
     .forward = ia3_forward,
     .backward = ia3_backward,
     .merge = ia3_merge,
+    .peft_type = "IA3",
 };
 
 static const pr_technique *const ia3_techniques[] = { &ia3_technique };
@@ -198,7 +225,8 @@ static const pr_plugin ia3_plugin = {
     .techniques = ia3_techniques,
 };
 
-PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(void)
+PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args)
 {
+    (void)args; /* a built-in plugin needs none of the host's entry arguments */
     return &ia3_plugin;
 }

@@ -21,7 +21,7 @@
  * No callbacks: the base model's own forward and backward serve. */
 #include <peftref/plugin.h>
 
-PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(void);
+PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args);
 
 static const pr_technique lnfit_technique = {
     .struct_size = sizeof(pr_technique),
@@ -61,7 +61,8 @@ static const pr_plugin lnfit_plugin = {
     .techniques = lnfit_techniques,
 };
 
-PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(void)
+PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args)
 {
+    (void)args; /* a built-in plugin needs none of the host's entry arguments */
     return &lnfit_plugin;
 }

@@ -21,20 +21,23 @@
  *   xa            (rows, r)              x_dropped . A^T
  *   dropout_mask  (rows, ceil(d_in/32))  kept-element bits of the dropout
  *                                        mask, 32 per float slot (a full
- *                                        f32 mask would cost as much as x)
+ *                                        f32 mask would cost as much as x),
+ *                                        drawn by host->dropout_mask, keyed
+ *                                        by sample so that it does not
+ *                                        depend on the micro-batch split
  *   dropout_on    (1)                    1 when forward applied dropout, so
  *                                        backward follows forward exactly
  * Scratch (lent per call): x_dropped (rows, d_in), d_xa (rows, r).
  *
  * This file includes only <peftref/plugin.h> and libc/libm, and links
- * against nothing of peftref: the matrix products go through host->gemm. */
+ * against nothing of peftref: the matrix products go through host->gemm,
+ * the dropout through host->dropout_mask / dropout_apply / dropout_backward. */
 #include <math.h>
 #include <stdint.h>
-#include <string.h>
 
 #include <peftref/plugin.h>
 
-PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(void);
+PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args);
 
 /* Indices into the declaration arrays below (and so into ctx->options,
  * ctx->params, ctx->saved and ctx->scratch). */
@@ -73,11 +76,13 @@ static const pr_param_decl lora_params[N_PARAMS] = {
     [PARAM_A] = {
         .struct_size = sizeof(pr_param_decl), .name = "lora_A", .shape = "r, d_in",
         .init = PR_INIT_KAIMING_UNIFORM, .init_arg = "sqrt(5)", .scope = PR_SCOPE_INSERTION,
+        .peft_key = "{prefix}.lora_A.weight", .peft_layout = PR_PEFT_AS_IS,
         .help = "down projection; uniform(-1/sqrt(d_in), 1/sqrt(d_in)) as Hugging Face PEFT",
     },
     [PARAM_B] = {
         .struct_size = sizeof(pr_param_decl), .name = "lora_B", .shape = "d_out, r",
         .init = PR_INIT_ZEROS, .scope = PR_SCOPE_INSERTION,
+        .peft_key = "{prefix}.lora_B.weight", .peft_layout = PR_PEFT_AS_IS,
         .help = "up projection; zeros, so the adapted model starts equal to the base model",
     },
 };
@@ -113,7 +118,7 @@ static int lora_get_dims(const pr_ctx *ctx, lora_dims *d)
     if (ctx->n_params < N_PARAMS || ctx->n_options < N_OPTS)
         return ctx->host->error(ctx, "lora: expected %d parameters and %d options, got %u and %u",
                                 N_PARAMS, N_OPTS, ctx->n_params, ctx->n_options);
-    const pr_tensor *a = &ctx->params[PARAM_A], *b = &ctx->params[PARAM_B];
+    const pr_tensor *a = ctx->params[PARAM_A], *b = ctx->params[PARAM_B];
     if (a->ndim != 2 || b->ndim != 2 || !a->data || !b->data || b->shape[1] != a->shape[0])
         return ctx->host->error(ctx, "lora: lora_A and lora_B must be (r, d_in) and (d_out, r)");
     d->r = (int)a->shape[0];
@@ -131,36 +136,12 @@ static int lora_check_buffers(const pr_ctx *ctx, const lora_dims *d)
         return ctx->host->error(ctx, "lora: expected %d saved and %d scratch buffers, got %u and %u",
                                 N_SAVED, N_SCRATCH, ctx->n_saved, ctx->n_scratch);
     for (int i = 0; i < N_SAVED; i++)
-        if (!ctx->saved[i].data)
+        if (!ctx->saved[i]->data)
             return ctx->host->error(ctx, "lora: saved buffer '%s' is missing", lora_saved[i].name);
-    if (ctx->saved[SAVED_XA].shape[0] < d->rows)
+    if (ctx->saved[SAVED_XA]->shape[0] < d->rows)
         return ctx->host->error(ctx, "lora: saved buffer 'xa' holds %lld rows, the call has %d",
-                                (long long)ctx->saved[SAVED_XA].shape[0], d->rows);
+                                (long long)ctx->saved[SAVED_XA]->shape[0], d->rows);
     return 0;
-}
-
-/* The kept-bit words of row i of the packed dropout mask. */
-static uint32_t mask_word(const float *mask, int words, int i, int w)
-{
-    uint32_t u;
-    memcpy(&u, &mask[(size_t)i * words + w], sizeof u);
-    return u;
-}
-
-/* xd (rows, d_in, packed) = x * keep / (1 - p), keep read from the mask. */
-static void apply_mask(float *xd, const float *x, int ldx, const float *mask, int rows, int d_in,
-                       float p)
-{
-    const int words = (d_in + 31) / 32;
-    const float keep_scale = 1.0f / (1.0f - p);
-    for (int i = 0; i < rows; i++) {
-        const float *xi = x + (size_t)i * ldx;
-        float *oi = xd + (size_t)i * d_in;
-        for (int j = 0; j < d_in; j++) {
-            uint32_t u = mask_word(mask, words, i, j / 32);
-            oi[j] = (u >> (j % 32)) & 1u ? xi[j] * keep_scale : 0.0f;
-        }
-    }
 }
 
 /* forward: in = x (rows, d_in) -> out = h (rows, d_out), unscaled. */
@@ -171,44 +152,35 @@ static int lora_forward(const pr_ctx *ctx)
     int rc = lora_get_dims(ctx, &d);
     if (rc || (rc = lora_check_buffers(ctx, &d)))
         return rc;
-    if (!ctx->in.data || !ctx->out.data)
+    if (!ctx->in->data || !ctx->out->data)
         return host->error(ctx, "lora: forward needs its input and output tensors");
-    if (ctx->in.shape[1] != d.d_in || ctx->out.shape[1] != d.d_out)
+    if (ctx->in->shape[1] != d.d_in || ctx->out->shape[1] != d.d_out)
         return host->error(ctx, "lora: site widths %lld -> %lld, parameters expect %d -> %d",
-                           (long long)ctx->in.shape[1], (long long)ctx->out.shape[1], d.d_in,
+                           (long long)ctx->in->shape[1], (long long)ctx->out->shape[1], d.d_in,
                            d.d_out);
 
     const float p = (float)ctx->options[OPT_DROPOUT].num;
     const int drop = ctx->training && p > 0.0f;
-    float *xa = ctx->saved[SAVED_XA].data;
-    ((float *)ctx->saved[SAVED_DROPOUT_ON].data)[0] = drop ? 1.0f : 0.0f;
+    float *xa = ctx->saved[SAVED_XA]->data;
+    ((float *)ctx->saved[SAVED_DROPOUT_ON]->data)[0] = drop ? 1.0f : 0.0f;
 
-    const float *x = ctx->in.data;
-    int ldx = row_stride(&ctx->in);
+    const float *x = ctx->in->data;
+    int ldx = row_stride(ctx->in);
     if (drop) {
-        float *mask = ctx->saved[SAVED_MASK].data;
-        float *xd = ctx->scratch[SCRATCH_XD].data;
+        void *mask = ctx->saved[SAVED_MASK]->data;
+        float *xd = ctx->scratch[SCRATCH_XD]->data;
         if (!xd)
             return host->error(ctx, "lora: scratch buffer 'x_dropped' is missing");
-        const int words = (d.d_in + 31) / 32;
-        uint64_t state = ctx->seed;
-        for (int i = 0; i < d.rows; i++)
-            for (int w = 0; w < words; w++) {
-                uint32_t u = 0;
-                for (int b = 0; b < 32 && w * 32 + b < d.d_in; b++)
-                    if (host->rng_uniform(&state) >= p)
-                        u |= 1u << b;
-                memcpy(&mask[(size_t)i * words + w], &u, sizeof u);
-            }
-        apply_mask(xd, x, ldx, mask, d.rows, d.d_in, p);
+        host->dropout_mask(ctx, 0, p, d.d_in, mask);
+        host->dropout_apply(xd, d.d_in, x, ldx, mask, d.rows, d.d_in, p);
         x = xd;
         ldx = d.d_in;
     }
     /* xa (rows, r) = x (rows, d_in) . A^T */
     host->gemm(0, 1, d.rows, d.r, d.d_in, 1.0f, x, ldx, d.A, d.d_in, 0.0f, xa, d.r);
     /* h (rows, d_out) = xa . B^T */
-    host->gemm(0, 1, d.rows, d.d_out, d.r, 1.0f, xa, d.r, d.B, d.r, 0.0f, ctx->out.data,
-               row_stride(&ctx->out));
+    host->gemm(0, 1, d.rows, d.d_out, d.r, 1.0f, xa, d.r, d.B, d.r, 0.0f, ctx->out->data,
+               row_stride(ctx->out));
     return 0;
 }
 
@@ -223,59 +195,54 @@ static int lora_backward(const pr_ctx *ctx)
     int rc = lora_get_dims(ctx, &d);
     if (rc || (rc = lora_check_buffers(ctx, &d)))
         return rc;
-    if (!ctx->d_out.data)
+    if (!ctx->d_out->data)
         return host->error(ctx, "lora: backward needs d_out");
-    const float *dh = ctx->d_out.data;
-    const int lddh = row_stride(&ctx->d_out);
-    const float *xa = ctx->saved[SAVED_XA].data;
-    float *dA = ctx->n_params && ctx->grads ? ctx->grads[PARAM_A].data : NULL;
-    float *dB = ctx->n_params && ctx->grads ? ctx->grads[PARAM_B].data : NULL;
-    float *dx = ctx->d_in.data;
+    const float *dh = ctx->d_out->data;
+    const int lddh = row_stride(ctx->d_out);
+    const float *xa = ctx->saved[SAVED_XA]->data;
+    float *dA = ctx->n_params && ctx->grads ? ctx->grads[PARAM_A]->data : NULL;
+    float *dB = ctx->n_params && ctx->grads ? ctx->grads[PARAM_B]->data : NULL;
+    float *dx = ctx->d_in->data;
 
     if (dB)
         host->gemm(1, 0, d.d_out, d.r, d.rows, 1.0f, dh, lddh, xa, d.r, 1.0f, dB, d.r);
     if (!dA && !dx)
         return 0;
 
-    float *dxa = ctx->scratch[SCRATCH_DXA].data;
+    float *dxa = ctx->scratch[SCRATCH_DXA]->data;
     if (!dxa)
         return host->error(ctx, "lora: scratch buffer 'd_xa' is missing");
     /* d_xa (rows, r) = dh (rows, d_out) . B (d_out, r) */
     host->gemm(0, 0, d.rows, d.r, d.d_out, 1.0f, dh, lddh, d.B, d.r, 0.0f, dxa, d.r);
 
-    const int drop = ((const float *)ctx->saved[SAVED_DROPOUT_ON].data)[0] != 0.0f;
+    const int drop = ((const float *)ctx->saved[SAVED_DROPOUT_ON]->data)[0] != 0.0f;
     const float p = (float)ctx->options[OPT_DROPOUT].num;
-    const float *mask = ctx->saved[SAVED_MASK].data;
-    float *xd = ctx->scratch[SCRATCH_XD].data;
+    const void *mask = ctx->saved[SAVED_MASK]->data;
+    float *xd = ctx->scratch[SCRATCH_XD]->data;
     if (drop && !xd)
         return host->error(ctx, "lora: scratch buffer 'x_dropped' is missing");
 
     if (dA) {
-        if (!ctx->in.data)
+        if (!ctx->in->data)
             return host->error(ctx, "lora: backward needs the module input (in) for lora_A's gradient");
-        const float *x = ctx->in.data;
-        int ldx = row_stride(&ctx->in);
+        const float *x = ctx->in->data;
+        int ldx = row_stride(ctx->in);
         if (drop) {
-            apply_mask(xd, x, ldx, mask, d.rows, d.d_in, p);
+            host->dropout_apply(xd, d.d_in, x, ldx, mask, d.rows, d.d_in, p);
             x = xd;
             ldx = d.d_in;
         }
         host->gemm(1, 0, d.r, d.d_in, d.rows, 1.0f, dxa, d.r, x, ldx, 1.0f, dA, d.d_in);
     }
     if (dx) {
-        const int lddx = row_stride(&ctx->d_in);
+        const int lddx = row_stride(ctx->d_in);
         if (!drop) {
             host->gemm(0, 0, d.rows, d.d_in, d.r, 1.0f, dxa, d.r, d.A, d.d_in, 1.0f, dx, lddx);
         } else {
             /* x_dropped's scratch is free again: d(x_dropped) goes there,
              * then through the mask into dx. */
             host->gemm(0, 0, d.rows, d.d_in, d.r, 1.0f, dxa, d.r, d.A, d.d_in, 0.0f, xd, d.d_in);
-            const int words = (d.d_in + 31) / 32;
-            const float keep_scale = 1.0f / (1.0f - p);
-            for (int i = 0; i < d.rows; i++)
-                for (int j = 0; j < d.d_in; j++)
-                    if ((mask_word(mask, words, i, j / 32) >> (j % 32)) & 1u)
-                        dx[(size_t)i * lddx + j] += keep_scale * xd[(size_t)i * d.d_in + j];
+            host->dropout_backward(dx, lddx, xd, d.d_in, mask, d.rows, d.d_in, p);
         }
     }
     return 0;
@@ -288,10 +255,10 @@ static int lora_merge(const pr_ctx *ctx)
     int rc = lora_get_dims(ctx, &d);
     if (rc)
         return rc;
-    if (!ctx->out.data || ctx->out.shape[0] != d.d_in || ctx->out.shape[1] != d.d_out)
+    if (!ctx->out->data || ctx->out->shape[0] != d.d_in || ctx->out->shape[1] != d.d_out)
         return ctx->host->error(ctx, "lora: merge output must be [%d, %d]", d.d_in, d.d_out);
     ctx->host->gemm(1, 1, d.d_in, d.d_out, d.r, ctx->scale, d.A, d.d_in, d.B, d.r, 0.0f,
-                    ctx->out.data, row_stride(&ctx->out));
+                    ctx->out->data, row_stride(ctx->out));
     return 0;
 }
 
@@ -343,6 +310,7 @@ static const pr_technique lora_technique = {
     .forward = lora_forward,
     .backward = lora_backward,
     .merge = lora_merge,
+    .peft_type = "LORA",
 };
 
 static const pr_technique *const lora_techniques[] = { &lora_technique };
@@ -356,7 +324,8 @@ static const pr_plugin lora_plugin = {
     .techniques = lora_techniques,
 };
 
-PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(void)
+PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args)
 {
+    (void)args; /* a built-in plugin needs none of the host's entry arguments */
     return &lora_plugin;
 }

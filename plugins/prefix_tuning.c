@@ -51,14 +51,15 @@
  * (like PEFT's PrefixEncoder, the MLP always spans n_layers).
  *
  * This file includes only <peftref/plugin.h> and libc/libm, and links
- * against nothing of peftref: products go through host->gemm. */
+ * against nothing of peftref: products go through host->gemm, the MLP's
+ * biases and bias gradients through host->add_bias_rows and host->col_sums. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
 #include <peftref/plugin.h>
 
-PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(void);
+PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args);
 
 #define CITATION                                                                                         \
     "Li, Liang (2021). Prefix-Tuning: Optimizing Continuous Prompts for Generation. ACL-IJCNLP 2021. " \
@@ -100,6 +101,10 @@ static const pr_param_decl prefix_decl[P_N_PARAMS] = {
     [P_PARAM_PREFIX] = {
         .struct_size = sizeof(pr_param_decl), .name = "prefix", .shape = "2, n_tokens, d_out",
         .init = PR_INIT_NORMAL, .init_arg = "init_std", .scope = PR_SCOPE_LAYER,
+        /* Hugging Face PEFT's one (n_tokens, n_layers * 2 * d_kv) tensor:
+         * layer l's keys in columns 2l d_kv .., its values in (2l+1) d_kv .. */
+        .peft_key = "prompt_embeddings",
+        .peft_layout = PR_PEFT_LAYERS_CONCAT,
         .help = "one layer's prefix: [0] the n_tokens keys, [1] the n_tokens values, d_kv wide",
     },
 };
@@ -196,10 +201,10 @@ static int plain_half(const pr_ctx *ctx, const pr_tensor *rows, const char *what
     int kv = kv_of(ctx);
     if (kv < 0)
         return ctx->host->error(ctx, "prefix_tuning: attaches at attn.k and attn.v only");
-    if (ctx->n_params < P_N_PARAMS || !ctx->params[P_PARAM_PREFIX].data)
+    if (ctx->n_params < P_N_PARAMS || !ctx->params[P_PARAM_PREFIX]->data)
         return ctx->host->error(ctx, "prefix_tuning: expected the 'prefix' parameter, got %u parameters",
                                 ctx->n_params);
-    const pr_tensor *p = &ctx->params[P_PARAM_PREFIX];
+    const pr_tensor *p = ctx->params[P_PARAM_PREFIX];
     if (p->ndim != 3 || p->shape[0] != 2)
         return ctx->host->error(ctx, "prefix_tuning: 'prefix' must be (2, n_tokens, d_kv)");
     *n = (int)p->shape[1];
@@ -212,12 +217,12 @@ static int plain_half(const pr_ctx *ctx, const pr_tensor *rows, const char *what
 static int plain_forward(const pr_ctx *ctx)
 {
     size_t off;
-    int n, d, rc = plain_half(ctx, &ctx->out, "the output", &off, &n, &d);
+    int n, d, rc = plain_half(ctx, ctx->out, "the output", &off, &n, &d);
     if (rc)
         return rc;
-    const float *src = (const float *)ctx->params[P_PARAM_PREFIX].data + off;
-    float *out = ctx->out.data;
-    const int ld = row_stride(&ctx->out);
+    const float *src = (const float *)ctx->params[P_PARAM_PREFIX]->data + off;
+    float *out = ctx->out->data;
+    const int ld = row_stride(ctx->out);
     for (int i = 0; i < n; i++)
         memcpy(out + (size_t)i * ld, src + (size_t)i * d, (size_t)d * sizeof(float));
     return 0;
@@ -227,15 +232,15 @@ static int plain_forward(const pr_ctx *ctx)
 static int plain_backward(const pr_ctx *ctx)
 {
     size_t off;
-    int n, d, rc = plain_half(ctx, &ctx->d_out, "d_out", &off, &n, &d);
+    int n, d, rc = plain_half(ctx, ctx->d_out, "d_out", &off, &n, &d);
     if (rc)
         return rc;
-    float *g = ctx->grads ? ctx->grads[P_PARAM_PREFIX].data : NULL;
+    float *g = ctx->grads ? ctx->grads[P_PARAM_PREFIX]->data : NULL;
     if (!g)
         return 0;
     g += off;
-    const float *dout = ctx->d_out.data;
-    const int ld = row_stride(&ctx->d_out);
+    const float *dout = ctx->d_out->data;
+    const int ld = row_stride(ctx->d_out);
     for (int i = 0; i < n; i++)
         for (int j = 0; j < d; j++)
             g[(size_t)i * d + j] += dout[(size_t)i * ld + j];
@@ -258,10 +263,10 @@ static int mlp_get(const pr_ctx *ctx, mlp_view *v)
     if (ctx->n_params < M_N_PARAMS)
         return host->error(ctx, "prefix_tuning_mlp: expected %d parameters, got %u", M_N_PARAMS, ctx->n_params);
     for (int i = 0; i < M_N_PARAMS; i++)
-        if (!ctx->params[i].data)
+        if (!ctx->params[i]->data)
             return host->error(ctx, "prefix_tuning_mlp: parameter '%s' is missing", mlp_params[i].name);
-    const pr_tensor *e = &ctx->params[M_EMB], *w0 = &ctx->params[M_W0], *b0 = &ctx->params[M_B0];
-    const pr_tensor *w2 = &ctx->params[M_W2], *b2 = &ctx->params[M_B2];
+    const pr_tensor *e = ctx->params[M_EMB], *w0 = ctx->params[M_W0], *b0 = ctx->params[M_B0];
+    const pr_tensor *w2 = ctx->params[M_W2], *b2 = ctx->params[M_B2];
     v->n = (int)e->shape[0];
     v->d_model = (int)e->shape[1];
     v->h = (int)w0->shape[0];
@@ -288,9 +293,8 @@ static int mlp_get(const pr_ctx *ctx, mlp_view *v)
 /* hid (n, h) = tanh(P' W0^T + b0) */
 static void mlp_hidden(const pr_ctx *ctx, const mlp_view *v, float *hid)
 {
-    for (int i = 0; i < v->n; i++)
-        memcpy(hid + (size_t)i * v->h, v->b0, (size_t)v->h * sizeof(float));
-    ctx->host->gemm(0, 1, v->n, v->h, v->d_model, 1.0f, v->emb, v->d_model, v->w0, v->d_model, 1.0f, hid, v->h);
+    ctx->host->gemm(0, 1, v->n, v->h, v->d_model, 1.0f, v->emb, v->d_model, v->w0, v->d_model, 0.0f, hid, v->h);
+    ctx->host->add_bias_rows(hid, v->h, v->b0, v->n, v->h);
     for (size_t i = 0; i < (size_t)v->n * (size_t)v->h; i++)
         hid[i] = tanhf(hid[i]);
 }
@@ -298,10 +302,9 @@ static void mlp_hidden(const pr_ctx *ctx, const mlp_view *v, float *hid)
 /* out (n, d_kv; ld) = hid W2[off : off + d_kv]^T + b2[off : off + d_kv] */
 static void mlp_output(const pr_ctx *ctx, const mlp_view *v, const float *hid, float *out, int ld)
 {
-    for (int i = 0; i < v->n; i++)
-        memcpy(out + (size_t)i * ld, v->b2 + v->off, (size_t)v->d_kv * sizeof(float));
-    ctx->host->gemm(0, 1, v->n, v->d_kv, v->h, 1.0f, hid, v->h, v->w2 + (size_t)v->off * v->h, v->h, 1.0f, out,
+    ctx->host->gemm(0, 1, v->n, v->d_kv, v->h, 1.0f, hid, v->h, v->w2 + (size_t)v->off * v->h, v->h, 0.0f, out,
                     ld);
+    ctx->host->add_bias_rows(out, ld, v->b2 + v->off, v->n, v->d_kv);
 }
 
 static int mlp_buffer(const pr_ctx *ctx, const pr_tensor *t, const char *name, const mlp_view *v)
@@ -316,15 +319,15 @@ static int mlp_forward(const pr_ctx *ctx)
 {
     mlp_view v;
     int rc = mlp_get(ctx, &v);
-    if (rc || (rc = check_rows(ctx, "prefix_tuning_mlp", &ctx->out, "the output", v.n, v.d_kv)))
+    if (rc || (rc = check_rows(ctx, "prefix_tuning_mlp", ctx->out, "the output", v.n, v.d_kv)))
         return rc;
     if (ctx->n_saved < M_N_SAVED)
         return ctx->host->error(ctx, "prefix_tuning_mlp: the saved buffer 'hidden' is missing");
-    if ((rc = mlp_buffer(ctx, &ctx->saved[M_SAVED_HIDDEN], "hidden", &v)))
+    if ((rc = mlp_buffer(ctx, ctx->saved[M_SAVED_HIDDEN], "hidden", &v)))
         return rc;
-    float *hid = ctx->saved[M_SAVED_HIDDEN].data;
+    float *hid = ctx->saved[M_SAVED_HIDDEN]->data;
     mlp_hidden(ctx, &v, hid);
-    mlp_output(ctx, &v, hid, ctx->out.data, row_stride(&ctx->out));
+    mlp_output(ctx, &v, hid, ctx->out->data, row_stride(ctx->out));
     return 0;
 }
 
@@ -338,29 +341,27 @@ static int mlp_backward(const pr_ctx *ctx)
     const pr_host *host = ctx->host;
     mlp_view v;
     int rc = mlp_get(ctx, &v);
-    if (rc || (rc = check_rows(ctx, "prefix_tuning_mlp", &ctx->d_out, "d_out", v.n, v.d_kv)))
+    if (rc || (rc = check_rows(ctx, "prefix_tuning_mlp", ctx->d_out, "d_out", v.n, v.d_kv)))
         return rc;
     float *g[M_N_PARAMS] = { 0 };
     int any = 0;
     for (int i = 0; i < M_N_PARAMS; i++)
-        any |= (g[i] = ctx->grads ? ctx->grads[i].data : NULL) != NULL;
+        any |= (g[i] = ctx->grads ? ctx->grads[i]->data : NULL) != NULL;
     if (!any)
         return 0;
     if (ctx->n_saved < M_N_SAVED || ctx->n_scratch < M_N_SCRATCH)
         return host->error(ctx, "prefix_tuning_mlp: the saved buffer 'hidden' or the scratch 'd_hidden' is missing");
-    if ((rc = mlp_buffer(ctx, &ctx->saved[M_SAVED_HIDDEN], "hidden", &v)) ||
-        (rc = mlp_buffer(ctx, &ctx->scratch[M_SCRATCH_DHIDDEN], "d_hidden", &v)))
+    if ((rc = mlp_buffer(ctx, ctx->saved[M_SAVED_HIDDEN], "hidden", &v)) ||
+        (rc = mlp_buffer(ctx, ctx->scratch[M_SCRATCH_DHIDDEN], "d_hidden", &v)))
         return rc;
-    const float *G = ctx->d_out.data, *H = ctx->saved[M_SAVED_HIDDEN].data;
-    const int ldg = row_stride(&ctx->d_out), n = v.n, h = v.h, dk = v.d_kv, C = v.d_model;
-    float *dA = ctx->scratch[M_SCRATCH_DHIDDEN].data;
+    const float *G = ctx->d_out->data, *H = ctx->saved[M_SAVED_HIDDEN]->data;
+    const int ldg = row_stride(ctx->d_out), n = v.n, h = v.h, dk = v.d_kv, C = v.d_model;
+    float *dA = ctx->scratch[M_SCRATCH_DHIDDEN]->data;
 
     if (g[M_W2])
         host->gemm(1, 0, dk, h, n, 1.0f, G, ldg, H, h, 1.0f, g[M_W2] + (size_t)v.off * h, h);
     if (g[M_B2])
-        for (int i = 0; i < n; i++)
-            for (int j = 0; j < dk; j++)
-                g[M_B2][v.off + j] += G[(size_t)i * ldg + j];
+        host->col_sums(g[M_B2] + v.off, G, ldg, n, dk);
     if (!g[M_EMB] && !g[M_W0] && !g[M_B0])
         return 0;
     host->gemm(0, 0, n, h, dk, 1.0f, G, ldg, v.w2 + (size_t)v.off * h, h, 0.0f, dA, h);
@@ -369,9 +370,7 @@ static int mlp_backward(const pr_ctx *ctx)
     if (g[M_W0])
         host->gemm(1, 0, h, C, n, 1.0f, dA, h, v.emb, C, 1.0f, g[M_W0], C);
     if (g[M_B0])
-        for (int i = 0; i < n; i++)
-            for (int j = 0; j < h; j++)
-                g[M_B0][j] += dA[(size_t)i * h + j];
+        host->col_sums(g[M_B0], dA, h, n, h);
     if (g[M_EMB])
         host->gemm(0, 0, n, C, h, 1.0f, dA, h, v.w0, C, 1.0f, g[M_EMB], C);
     return 0;
@@ -389,9 +388,9 @@ static int mlp_fold(const pr_ctx *ctx)
     int rc = mlp_get(ctx, &v);
     if (rc)
         return rc;
-    if (ctx->n_out_params < 1 || !ctx->out_params || !ctx->out_params[0].data)
+    if (ctx->n_out_params < 1 || !ctx->out_params || !ctx->out_params[0]->data)
         return ctx->host->error(ctx, "prefix_tuning_mlp: fold needs the output tensor 'prefix'");
-    const pr_tensor *p = &ctx->out_params[0];
+    const pr_tensor *p = ctx->out_params[0];
     if (p->ndim != 3 || p->shape[0] != 2 || p->shape[1] != v.n || p->shape[2] != v.d_kv)
         return ctx->host->error(ctx, "prefix_tuning_mlp: fold output 'prefix' must be (2, %d, %d)", v.n, v.d_kv);
     float *hid = ctx->host->alloc((size_t)v.n * (size_t)v.h * sizeof(float));
@@ -442,6 +441,7 @@ static const pr_technique plain_technique = {
                      "tensor per layer, shared by its attn.k and attn.v)",
     .forward = plain_forward,
     .backward = plain_backward,
+    .peft_type = "PREFIX_TUNING",
 };
 
 static const pr_technique mlp_technique = {
@@ -486,6 +486,14 @@ static const pr_technique mlp_technique = {
     .fold = mlp_fold,
     .fold_params = prefix_decl,
     .n_fold_params = P_N_PARAMS,
+    /* The MLP runs once per call, whatever the number of tokens, and the
+     * saved (folded) module is plain prefix_tuning, which does no
+     * arithmetic per token either.  The host's default rule would count 2
+     * FLOP per element of the embedding and both MLP weights per token. */
+    .flops_per_token = "0",
+    /* PEFT's PrefixEncoder with prefix_projection: saved as the prefixes */
+    .peft_type = "PREFIX_TUNING",
+    .folds_to = "prefix_tuning",
 };
 
 static const pr_technique *const prefix_techniques[] = { &plain_technique, &mlp_technique };
@@ -499,7 +507,8 @@ static const pr_plugin prefix_plugin = {
     .techniques = prefix_techniques,
 };
 
-PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(void)
+PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args)
 {
+    (void)args; /* a built-in plugin needs none of the host's entry arguments */
     return &prefix_plugin;
 }

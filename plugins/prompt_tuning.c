@@ -20,7 +20,8 @@
  *               vocabulary: the paper's "sampled vocab" (§3.2)
  *   text        the embeddings of the tokens of init_text, cycled to
  *               n_tokens rows: the paper's "class label" init when the text
- *               holds the label words; PEFT's TEXT init
+ *               holds the label words; PEFT's TEXT init (the parameter's
+ *               init_source names the option init_text)
  *
  * Trainable parameters: n_tokens * d_model.
  *
@@ -31,7 +32,7 @@
 
 #include <peftref/plugin.h>
 
-PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(void);
+PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args);
 
 enum { OPT_N_TOKENS, OPT_INIT, OPT_INIT_TEXT, OPT_INIT_STD, N_OPTS };
 enum { PARAM_PROMPT, N_PARAMS };
@@ -74,16 +75,21 @@ static const pr_param_decl prompt_params[N_PARAMS] = {
         .struct_size = sizeof(pr_param_decl), .name = "prompt", .shape = "n_tokens, d_model",
         .init = PR_INIT_EMBED_ROWS, .init_arg = "init_std", .scope = PR_SCOPE_GLOBAL,
         .init_option = "init",
+        /* init = text: the STRING option holding the text */
+        .init_source = "init_text",
+        /* Hugging Face PEFT's PromptEmbedding weight, saved as it is */
+        .peft_key = "prompt_embeddings",
+        .peft_layout = PR_PEFT_AS_IS,
         .help = "the soft prompt, one d_model row per virtual token; initialised as option init says",
     },
 };
 
 static int prompt_check(const pr_ctx *ctx, const pr_tensor *rows, const char *what)
 {
-    if (ctx->n_params < N_PARAMS || !ctx->params[PARAM_PROMPT].data)
+    if (ctx->n_params < N_PARAMS || !ctx->params[PARAM_PROMPT]->data)
         return ctx->host->error(ctx, "prompt_tuning: expected the 'prompt' parameter, got %u parameters",
                                 ctx->n_params);
-    const pr_tensor *p = &ctx->params[PARAM_PROMPT];
+    const pr_tensor *p = ctx->params[PARAM_PROMPT];
     if (p->ndim != 2)
         return ctx->host->error(ctx, "prompt_tuning: 'prompt' must be (n_tokens, d_model), has %d dimensions",
                                 p->ndim);
@@ -102,13 +108,13 @@ static int row_stride(const pr_tensor *t)
 /* forward: out (n_tokens, d_model) = prompt */
 static int prompt_forward(const pr_ctx *ctx)
 {
-    int rc = prompt_check(ctx, &ctx->out, "the output");
+    int rc = prompt_check(ctx, ctx->out, "the output");
     if (rc)
         return rc;
-    const pr_tensor *p = &ctx->params[PARAM_PROMPT];
-    const int n = (int)p->shape[0], d = (int)p->shape[1], ld = row_stride(&ctx->out);
+    const pr_tensor *p = ctx->params[PARAM_PROMPT];
+    const int n = (int)p->shape[0], d = (int)p->shape[1], ld = row_stride(ctx->out);
     const float *src = p->data;
-    float *out = ctx->out.data;
+    float *out = ctx->out->data;
     for (int i = 0; i < n; i++)
         memcpy(out + (size_t)i * ld, src + (size_t)i * d, (size_t)d * sizeof(float));
     return 0;
@@ -117,15 +123,15 @@ static int prompt_forward(const pr_ctx *ctx)
 /* backward: d_prompt (n_tokens, d_model) += d_out (batch-summed by the host) */
 static int prompt_backward(const pr_ctx *ctx)
 {
-    int rc = prompt_check(ctx, &ctx->d_out, "d_out");
+    int rc = prompt_check(ctx, ctx->d_out, "d_out");
     if (rc)
         return rc;
-    float *g = ctx->grads ? ctx->grads[PARAM_PROMPT].data : NULL;
+    float *g = ctx->grads ? ctx->grads[PARAM_PROMPT]->data : NULL;
     if (!g)
         return 0;
-    const pr_tensor *p = &ctx->params[PARAM_PROMPT];
-    const int n = (int)p->shape[0], d = (int)p->shape[1], ld = row_stride(&ctx->d_out);
-    const float *dout = ctx->d_out.data;
+    const pr_tensor *p = ctx->params[PARAM_PROMPT];
+    const int n = (int)p->shape[0], d = (int)p->shape[1], ld = row_stride(ctx->d_out);
+    const float *dout = ctx->d_out->data;
     for (int i = 0; i < n; i++)
         for (int j = 0; j < d; j++)
             g[(size_t)i * d + j] += dout[(size_t)i * ld + j];
@@ -165,6 +171,12 @@ static const pr_technique prompt_technique = {
     .param_formula = "n_tokens * d_model (one insertion, at the embedding)",
     .forward = prompt_forward,
     .backward = prompt_backward,
+    /* The module does no arithmetic per token: forward copies the prompt
+     * rows once per call; what it costs is the n_tokens extra positions the
+     * model itself runs.  The host's default rule would count 2 FLOP per
+     * element of the (n_tokens, d_model) prompt for every token. */
+    .flops_per_token = "0",
+    .peft_type = "PROMPT_TUNING",
 };
 
 static const pr_technique *const prompt_techniques[] = { &prompt_technique };
@@ -178,7 +190,8 @@ static const pr_plugin prompt_plugin = {
     .techniques = prompt_techniques,
 };
 
-PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(void)
+PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args)
 {
+    (void)args; /* a built-in plugin needs none of the host's entry arguments */
     return &prompt_plugin;
 }

@@ -43,7 +43,8 @@
  * Scratch: d_u (rows, H*dh), d_qkv (rows, 3*H*dh), one row of dP (T).
  *
  * This file includes only <peftref/plugin.h> and libc/libm, and links
- * against nothing of peftref: the projections go through host->gemm. */
+ * against nothing of peftref: the projections go through host->gemm, their
+ * biases and bias gradients through host->add_bias_rows and host->col_sums. */
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -51,7 +52,7 @@
 
 #include <peftref/plugin.h>
 
-PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(void);
+PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args);
 
 enum { OPT_HEADS, OPT_HEAD_DIM, OPT_SCALE, N_OPTS };
 enum { P_QW, P_QB, P_KW, P_VW, P_VB, P_OW, P_OB, N_PARAMS };
@@ -137,12 +138,12 @@ static int ta_get_dims(const pr_ctx *ctx, ta_dims *d, int need_buffers)
         return host->error(ctx, "tiny_attention: expected %d parameters and %d options, got %u and %u",
                            N_PARAMS, N_OPTS, ctx->n_params, ctx->n_options);
     for (int i = 0; i < N_PARAMS; i++)
-        if (!ctx->params[i].data)
+        if (!ctx->params[i]->data)
             return host->error(ctx, "tiny_attention: parameter '%s' has no data", ta_params[i].name);
     d->H = (int)ctx->options[OPT_HEADS].num;
     d->dh = (int)ctx->options[OPT_HEAD_DIM].num;
     d->hd = d->H * d->dh;
-    const pr_tensor *qw = &ctx->params[P_QW], *ow = &ctx->params[P_OW];
+    const pr_tensor *qw = ctx->params[P_QW], *ow = ctx->params[P_OW];
     if (qw->ndim != 2 || ow->ndim != 2 || qw->shape[0] != d->hd || ow->shape[1] != d->hd)
         return host->error(ctx, "tiny_attention: q_weight must be (%d, d_in) and o_weight (d_out, %d) "
                            "for heads = %d, head_dim = %d", d->hd, d->hd, d->H, d->dh);
@@ -160,19 +161,19 @@ static int ta_get_dims(const pr_ctx *ctx, ta_dims *d, int need_buffers)
         return host->error(ctx, "tiny_attention: expected %d saved and %d scratch buffers, got %u and %u",
                            N_SAVED, N_SCRATCH, ctx->n_saved, ctx->n_scratch);
     for (int i = 0; i < N_SAVED; i++)
-        if (!ctx->saved[i].data)
+        if (!ctx->saved[i]->data)
             return host->error(ctx, "tiny_attention: saved buffer '%s' is missing", ta_saved[i].name);
     for (int i = 0; i < N_SCRATCH; i++)
-        if (!ctx->scratch[i].data)
+        if (!ctx->scratch[i]->data)
             return host->error(ctx, "tiny_attention: scratch buffer '%s' is missing", ta_scratch[i].name);
-    const pr_tensor *p = &ctx->saved[SV_P];
+    const pr_tensor *p = ctx->saved[SV_P];
     if (p->ndim != 4 || p->shape[0] < d->B || p->shape[1] != d->H || p->shape[2] < d->T)
         return host->error(ctx, "tiny_attention: saved buffer 'probs' is not (B, heads, T, T) for "
                            "B = %d, heads = %d, T = %d", d->B, d->H, d->T);
     return 0;
 }
 
-#define PD(i) ((const float *)ctx->params[i].data)
+#define PD(i) ((const float *)ctx->params[i]->data)
 
 /* forward: in = x (rows, d_in) -> out = h (rows, d_out), unscaled. */
 static int ta_forward(const pr_ctx *ctx)
@@ -182,25 +183,21 @@ static int ta_forward(const pr_ctx *ctx)
     int rc = ta_get_dims(ctx, &d, 1);
     if (rc)
         return rc;
-    if (!ctx->in.data || !ctx->out.data)
+    if (!ctx->in->data || !ctx->out->data)
         return host->error(ctx, "tiny_attention: forward needs its input and output tensors");
-    if (ctx->in.shape[1] != d.d_in || ctx->out.shape[1] != d.d_out)
+    if (ctx->in->shape[1] != d.d_in || ctx->out->shape[1] != d.d_out)
         return host->error(ctx, "tiny_attention: site widths %lld -> %lld, parameters expect %d -> %d",
-                           (long long)ctx->in.shape[1], (long long)ctx->out.shape[1], d.d_in, d.d_out);
-    const float *x = ctx->in.data;
-    const int ldx = row_stride(&ctx->in), hd = d.hd, ld3 = 3 * hd, T = d.T, dh = d.dh;
-    float *qkv = ctx->saved[SV_QKV].data, *P = ctx->saved[SV_P].data, *u = ctx->saved[SV_U].data;
+                           (long long)ctx->in->shape[1], (long long)ctx->out->shape[1], d.d_in, d.d_out);
+    const float *x = ctx->in->data;
+    const int ldx = row_stride(ctx->in), hd = d.hd, ld3 = 3 * hd, T = d.T, dh = d.dh;
+    float *qkv = ctx->saved[SV_QKV]->data, *P = ctx->saved[SV_P]->data, *u = ctx->saved[SV_U]->data;
 
     /* q | k | v (rows, 3*hd) = x . W^T + b */
     for (int w = 0; w < 3; w++) {
         float *dst = qkv + (size_t)w * hd;
         host->gemm(0, 1, d.rows, hd, d.d_in, 1.0f, x, ldx, PD(proj_w[w]), d.d_in, 0.0f, dst, ld3);
-        if (proj_b[w] < 0)
-            continue;
-        const float *bias = PD(proj_b[w]);
-        for (int r = 0; r < d.rows; r++)
-            for (int j = 0; j < hd; j++)
-                dst[(size_t)r * ld3 + j] += bias[j];
+        if (proj_b[w] >= 0)
+            host->add_bias_rows(dst, ld3, PD(proj_b[w]), d.rows, hd);
     }
     const float inv = 1.0f / sqrtf((float)dh);
     for (int b = 0; b < d.B; b++)
@@ -240,24 +237,11 @@ static int ta_forward(const pr_ctx *ctx)
             }
         }
     /* h (rows, d_out) = u . Wo^T + bo */
-    const int ldo = row_stride(&ctx->out);
-    float *out = ctx->out.data;
+    const int ldo = row_stride(ctx->out);
+    float *out = ctx->out->data;
     host->gemm(0, 1, d.rows, d.d_out, hd, 1.0f, u, hd, PD(P_OW), hd, 0.0f, out, ldo);
-    const float *bo = PD(P_OB);
-    for (int r = 0; r < d.rows; r++)
-        for (int j = 0; j < d.d_out; j++)
-            out[(size_t)r * ldo + j] += bo[j];
+    host->add_bias_rows(out, ldo, PD(P_OB), d.rows, d.d_out);
     return 0;
-}
-
-/* g (cols) += column sums of x (rows, cols; ld) */
-static void colsum_acc(float *g, const float *x, int ld, int rows, int cols)
-{
-    for (int i = 0; i < rows; i++) {
-        const float *xi = x + (size_t)i * ld;
-        for (int j = 0; j < cols; j++)
-            g[j] += xi[j];
-    }
 }
 
 /* backward: d_out = dh = scale * dy (rows, d_out).  Accumulates
@@ -272,22 +256,22 @@ static int ta_backward(const pr_ctx *ctx)
     int rc = ta_get_dims(ctx, &d, 1);
     if (rc)
         return rc;
-    if (!ctx->d_out.data)
+    if (!ctx->d_out->data)
         return host->error(ctx, "tiny_attention: backward needs d_out");
-    const float *dh_ = ctx->d_out.data;
-    const int lddh = row_stride(&ctx->d_out), hd = d.hd, ld3 = 3 * hd, T = d.T, dh = d.dh;
-    const float *qkv = ctx->saved[SV_QKV].data, *P = ctx->saved[SV_P].data, *u = ctx->saved[SV_U].data;
-    float *du = ctx->scratch[SC_DU].data, *dqkv = ctx->scratch[SC_DQKV].data;
-    float *dp = ctx->scratch[SC_DP].data;
+    const float *dh_ = ctx->d_out->data;
+    const int lddh = row_stride(ctx->d_out), hd = d.hd, ld3 = 3 * hd, T = d.T, dh = d.dh;
+    const float *qkv = ctx->saved[SV_QKV]->data, *P = ctx->saved[SV_P]->data, *u = ctx->saved[SV_U]->data;
+    float *du = ctx->scratch[SC_DU]->data, *dqkv = ctx->scratch[SC_DQKV]->data;
+    float *dp = ctx->scratch[SC_DP]->data;
     float *grad[N_PARAMS];
     for (int i = 0; i < N_PARAMS; i++)
-        grad[i] = ctx->grads ? ctx->grads[i].data : NULL;
-    float *dx = ctx->d_in.data;
+        grad[i] = ctx->grads ? ctx->grads[i]->data : NULL;
+    float *dx = ctx->d_in->data;
 
     if (grad[P_OW])
         host->gemm(1, 0, d.d_out, hd, d.rows, 1.0f, dh_, lddh, u, hd, 1.0f, grad[P_OW], hd);
     if (grad[P_OB])
-        colsum_acc(grad[P_OB], dh_, lddh, d.rows, d.d_out);
+        host->col_sums(grad[P_OB], dh_, lddh, d.rows, d.d_out);
     int need_qkv = dx != NULL;
     for (int w = 0; w < 3; w++)
         need_qkv |= grad[proj_w[w]] != NULL || (proj_b[w] >= 0 && grad[proj_b[w]] != NULL);
@@ -332,8 +316,8 @@ static int ta_backward(const pr_ctx *ctx)
             }
         }
 
-    const float *x = ctx->in.data;
-    const int ldx = x ? row_stride(&ctx->in) : 0;
+    const float *x = ctx->in->data;
+    const int ldx = x ? row_stride(ctx->in) : 0;
     for (int w = 0; w < 3; w++) {
         const float *g = dqkv + (size_t)w * hd;
         if (grad[proj_w[w]]) {
@@ -343,10 +327,10 @@ static int ta_backward(const pr_ctx *ctx)
             host->gemm(1, 0, hd, d.d_in, d.rows, 1.0f, g, ld3, x, ldx, 1.0f, grad[proj_w[w]], d.d_in);
         }
         if (proj_b[w] >= 0 && grad[proj_b[w]])
-            colsum_acc(grad[proj_b[w]], g, ld3, d.rows, hd);
+            host->col_sums(grad[proj_b[w]], g, ld3, d.rows, hd);
         if (dx) /* dx (rows, d_in) += d{q,k,v} . W */
             host->gemm(0, 0, d.rows, d.d_in, hd, 1.0f, g, ld3, PD(proj_w[w]), d.d_in, 1.0f, dx,
-                       row_stride(&ctx->d_in));
+                       row_stride(ctx->d_in));
     }
     return 0;
 }
@@ -399,7 +383,8 @@ static const pr_plugin ta_plugin = {
     .techniques = ta_techniques,
 };
 
-PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(void)
+PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args)
 {
+    (void)args; /* a built-in plugin needs none of the host's entry arguments */
     return &ta_plugin;
 }

@@ -9,24 +9,53 @@
  * over model dimensions and options), activation memory it keeps for
  * backward, and callbacks.
  *
- * Stability rules (the promise to plugin authors):
- *  - Every struct a plugin fills or reads starts with struct_size; fields
- *    are only ever appended.  The host reads only the fields a plugin's
- *    struct_size covers and treats missing ones as zero/NULL; a plugin must
- *    check ctx->struct_size before reading a field added after its build.
- *  - The host refuses a plugin whose abi_major differs from PR_ABI_MAJOR.
- *  - Enum values are never renumbered; new values are appended.
- *  - A plugin links against nothing of peftref: every service it needs
- *    (memory, errors, logging, RNG, GEMM and fused kernels, parallel-for)
- *    comes through the pr_host table it is handed in each call.
- *  - All parameter, gradient, optimizer and saved-activation memory belongs
- *    to the host.  A plugin keeps no state between calls except what it
- *    declared (parameters, saved buffers) and the scratch it is lent.
+ * ABI 1: what is stable (the promise to plugin authors).  A plugin built
+ * against any 1.x header loads in every 1.y host, y >= x:
+ *  - The entry: one exported symbol, PR_PLUGIN_ENTRY_NAME, of type
+ *    pr_plugin_entry_fn.  It receives a pr_entry_args (the host's services,
+ *    the plugin's bundle directory and an error buffer) and returns a
+ *    pr_plugin or NULL (with a reason written into args->error).
+ *  - Growth: every struct that crosses the boundary starts with
+ *    struct_size, and fields are only ever appended.  The host reads only
+ *    the fields a plugin's struct_size covers (zero/NULL past them) and
+ *    walks a plugin's declaration arrays with the plugin's element size; a
+ *    plugin must check ctx->struct_size / host->struct_size before reading
+ *    a field added after the minor version it was built for (the comment
+ *    of each field added after 1.0 says "since 1.N").
+ *  - Tensors are never embedded by value in a struct the host passes
+ *    (pr_ctx holds pointers to them), so pr_tensor can grow as well.
+ *  - Enum values are never renumbered; new values are appended.  A host
+ *    refuses a descriptor with a value it does not know.
+ *  - abi_major: a host refuses a plugin whose abi_major differs from its
+ *    PR_ABI_MAJOR.
+ *  - Linking: a plugin links against nothing of peftref; every service
+ *    (memory, errors, logging, RNG, GEMM and fused kernels, dropout, base
+ *    weights in f32, parallel-for) comes through the pr_host table it is
+ *    handed at entry and in every call.  This header declares no function
+ *    a plugin could link against.
  *
- * Conventions: tensors are row-major f32 on the CPU today (dtype/device say
- * so explicitly, for bf16 and GPU later).  Site tensors are (rows, cols)
- * with a row stride; rows = B*T.  Backward callbacks ACCUMULATE (+=) into
- * every gradient they are given; a NULL gradient means "not needed". */
+ * Ownership and lifetimes of every pointer:
+ *  - The descriptor (pr_plugin, pr_technique and everything they point
+ *    to: strings, declaration arrays, callbacks) belongs to the plugin and
+ *    must stay valid and unchanged until the library is unloaded; the host
+ *    keeps copies of the structs but not of the strings.
+ *  - pr_entry_args and its strings are valid only during the entry call;
+ *    args->host stays valid until the library is unloaded.
+ *  - pr_ctx, every pr_tensor it points to and the tensors' memory are
+ *    valid only during the callback they are passed to.  Parameter,
+ *    gradient, optimizer and saved-buffer memory belongs to the host (it
+ *    checkpoints, averages, all-reduces and saves it); scratch is lent per
+ *    call with undefined contents on entry.
+ *  - host->alloc'd memory belongs to the plugin until it passes it to
+ *    host->free; the host never frees it.  It is for the plugin's own
+ *    bookkeeping (never for parameters) and must be released in teardown.
+ *  - A plugin keeps no state between calls except what it declared
+ *    (parameters, frozen buffers, saved buffers).
+ *
+ * Conventions: tensors are row-major f32 on the CPU (dtype/device say so
+ * explicitly).  Site tensors are (rows, cols) with a row stride; rows =
+ * B*T.  Backward callbacks ACCUMULATE (+=) into every gradient they are
+ * given; a tensor whose data is NULL means "absent" / "not needed". */
 #ifndef PEFTREF_PLUGIN_H
 #define PEFTREF_PLUGIN_H
 
@@ -65,7 +94,8 @@ typedef enum pr_device {
 } pr_device;
 
 /* A strided view.  ndim 1..4; stride in elements; for the 2-D site tensors
- * stride[0] is the row stride (>= shape[1]) and stride[1] is 1. */
+ * stride[0] is the row stride (>= shape[1]) and stride[1] is 1.  The host
+ * passes tensors by pointer only, so later minors may append fields. */
 typedef struct pr_tensor {
     uint32_t struct_size;
     int32_t dtype;      /* pr_dtype */
@@ -102,6 +132,10 @@ typedef enum pr_sharing {
     PR_SHARE_ACROSS_LAYERS = 2,
     PR_SHARE_ACROSS_SITES = 3
 } pr_sharing;
+
+/* Sharing as a set (pr_technique.sharing_set), for a technique that shares
+ * across layers AND sites (VeRA's one pair of random matrices). */
+#define PR_SHARE_BIT(s) (1u << (unsigned)(s))
 
 typedef enum pr_input {
     PR_INPUT_HIDDEN = 1,      /* hidden states */
@@ -182,7 +216,8 @@ typedef enum pr_init {
     PR_INIT_UNIFORM = 4,         /* uniform(-arg, arg) */
     PR_INIT_KAIMING_UNIFORM = 5, /* uniform(-b, b), b = sqrt(6/((1+a^2) fan_in)), a = arg, fan_in = last dim */
     PR_INIT_EMBED_ROWS = 6,      /* rows of the token embedding, ids sampled from the vocabulary */
-    PR_INIT_TEXT = 7,            /* embeddings of the tokens of option init_text, cycled */
+    PR_INIT_TEXT = 7,            /* embeddings of the tokens of the STRING option named by
+                                  * init_source (the text), cycled */
     PR_INIT_CONSTANT = 8,        /* every element = arg */
     PR_INIT_CUSTOM = 9           /* the technique's init() callback */
 } pr_init;
@@ -195,14 +230,30 @@ typedef enum pr_scope {
 } pr_scope;
 
 enum pr_param_flags {
-    PR_PARAM_NO_DECAY = 1u << 0,      /* never weight-decayed */
+    PR_PARAM_NO_DECAY = 1u << 0,      /* never weight-decayed (the optimizer honours it) */
     PR_PARAM_TRAINING_ONLY = 1u << 1, /* folded away by fold() at save time */
-    PR_PARAM_FROZEN = 1u << 2         /* a buffer: saved, never trained */
+    PR_PARAM_FROZEN = 1u << 2,        /* a buffer: never trained */
+    /* With FROZEN: not written into module files; a loaded module
+     * regenerates it from its saved seed by the declared init (Hugging
+     * Face PEFT's VeRA save_projection=False).  Without it a frozen
+     * buffer is saved like a parameter. */
+    PR_PARAM_REGENERATE = 1u << 3
 };
+
+/* How a parameter is laid out under its Hugging Face PEFT key. */
+typedef enum pr_peft_layout {
+    PR_PEFT_AS_IS = 1,          /* the same shape and order */
+    PR_PEFT_TRANSPOSED = 2,     /* a 2-D parameter stored transposed */
+    PR_PEFT_LAYERS_CONCAT = 3   /* per-layer copies concatenated along the last axis,
+                                 * one tensor for the whole module (prefix tuning's
+                                 * [n_virtual, n_layers * 2 * d]) */
+} pr_peft_layout;
 
 /* shape: comma-separated integer expressions, e.g. "r, d_in".  Variables:
  * d_model, n_heads, n_kv_heads, d_head, d_ff, n_layers, vocab, d_in, d_out
- * (the site's widths), rows, B, T (saved buffers only), and the numeric
+ * (the site's widths), max_d_in, max_d_out (the largest widths over the
+ * module's chosen sites, for a tensor shared across sites), n_sites and
+ * n_chosen_layers, rows, B, T (saved buffers only), and the numeric
  * options by name.  Operators + - * / (integer division) % and
  * parentheses; functions min(a,b), max(a,b).  init_arg is a float
  * expression over the same names plus sqrt(). */
@@ -221,6 +272,18 @@ typedef struct pr_param_decl {
      * init; NULL = always init.  (Prompt tuning: random, vocabulary or
      * text initialisation.) */
     const char *init_option;
+    /* PR_INIT_TEXT: the STRING option holding the text whose token
+     * embeddings initialise the rows (prompt tuning's prompt_tuning_init_text). */
+    const char *init_source;
+    /* Learning-rate multiplier, a float expression over the option names
+     * (LoRA+'s "loraplus_lr_ratio" on lora_B); NULL = 1. */
+    const char *lr_scale;
+    /* Hugging Face PEFT key of this tensor, a pattern over {prefix} (the
+     * PEFT module path of the site, e.g. "base_model.model.transformer.h.3.
+     * attn.c_attn") and {layer}: e.g. "{prefix}.lora_A.weight"; NULL = PEFT
+     * has no name for it.  With peft_layout; see pr_technique.peft_type. */
+    const char *peft_key;
+    int32_t peft_layout;     /* pr_peft_layout; 0 = AS_IS */
 } pr_param_decl;
 
 /* Activation memory kept from forward for backward (per insertion), or
@@ -247,8 +310,16 @@ typedef struct pr_dims {
     uint32_t struct_size;
     int32_t d_model, n_heads, n_kv_heads, d_head, d_ff, n_layers, vocab;
     int32_t d_in, d_out;     /* this site's input and output widths */
-    int32_t family;          /* pr_family */
+    int32_t family;          /* pr_family (1 GPT-2, 2 LLaMA) */
+    int32_t max_d_in, max_d_out; /* over the module's chosen sites */
 } pr_dims;
+
+/* Storage orientation of a frozen projection weight (pr_ctx.base_layout).
+ * GPT-2's Conv1D stores [d_in, d_out]; LLaMA's nn.Linear [d_out, d_in]. */
+typedef enum pr_weight_layout {
+    PR_WEIGHT_IN_OUT = 1,
+    PR_WEIGHT_OUT_IN = 2
+} pr_weight_layout;
 
 /* ---- the host services table ------------------------------------------- */
 
@@ -293,6 +364,35 @@ typedef struct pr_host {
     /* Run fn(arg, begin, end) over [0, n) split across the host's threads.
      * fn must not call gemm (the BLAS has its own threads). */
     void (*parallel_for)(int64_t n, void (*fn)(void *arg, int64_t begin, int64_t end), void *arg);
+
+    /* Dropout, keyed so that a mask does not depend on how a batch is
+     * split into micro-batches or processes: the bit of row r, column j is
+     * drawn from (ctx->module_seed, ctx->step, ctx->sample_index[r / T],
+     * r % T, site, layer, stream, j).  stream tells apart several masks of
+     * one call.  mask holds rows x ceil(cols/32) 32-bit words (a saved
+     * buffer of shape "rows, (cols + 31) / 32" floats holds it); bit set =
+     * kept.  In eval (ctx->training 0) or with p = 0 every bit is set. */
+    void (*dropout_mask)(const struct pr_ctx *ctx, uint32_t stream, float p, int cols, void *mask);
+    /* out (rows, cols; ld_out) = in * kept / (1 - p).  out may be in. */
+    void (*dropout_apply)(float *out, int ld_out, const float *in, int ld_in, const void *mask, int rows,
+                          int cols, float p);
+    /* d_in (rows, cols; ld) += d_out * kept / (1 - p). */
+    void (*dropout_backward)(float *d_in, int ld_in, const float *d_out, int ld_out, const void *mask,
+                             int rows, int cols, float p);
+    /* sums (cols) += column sums of x (rows, cols; ld): a bias gradient. */
+    void (*col_sums)(float *sums, const float *x, int ld, int rows, int cols);
+    /* y (rows, cols; ld) += bias (cols) on every row. */
+    void (*add_bias_rows)(float *y, int ld, const float *bias, int rows, int cols);
+    /* dst (d_in x d_out, packed) = the call's frozen base weight in f32 and
+     * IN_OUT orientation, whatever its storage dtype (bf16, f16) or layout.
+     * Returns 0, or non-zero when the call has no base weight. */
+    int (*base_weight_f32)(const struct pr_ctx *ctx, float *dst);
+    /* An auxiliary loss term of this call (an orthogonality regulariser):
+     * added to the reported training loss as "aux_loss".  Its gradient is
+     * the plugin's to accumulate, in after_backward. */
+    void (*add_aux_loss)(const struct pr_ctx *ctx, double value);
+    /* An optional host interface by URI (LV2's extension_data), or NULL. */
+    const void *(*extension_data)(const char *uri);
 } pr_host;
 
 typedef enum pr_activation {
@@ -329,7 +429,20 @@ typedef enum pr_activation {
  *  setup:     after the host initialised the parameters (e.g. DoRA's
  *             magnitude from base_weight's column norms).
  *  fold:      save time; params hold the training form, out_params the
- *             tensors of fold_params[] to fill (prefix MLP -> prefixes). */
+ *             tensors of fold_params[] to fill (prefix MLP -> prefixes).
+ *  after_backward: once per insertion after the model's backward of a
+ *             micro-batch; grads hold this insertion's accumulated
+ *             gradients (read, and add to them: AdaLoRA's importance
+ *             scores, a regulariser's gradient).
+ *  on_step:   once per insertion after each optimizer step (ctx->step is
+ *             the number of steps taken); params are writable (a rank
+ *             budget schedule masks them here).
+ *  compose_forward/compose_backward (composite modules, pr_technique.
+ *             composite): the member modules attached at the same site ran
+ *             first; members[i] holds member i's output h_i (rows, d_out),
+ *             in = x, out = the combined output the host integrates; in
+ *             backward d_out is given and d_members[i] (accumulate) receive
+ *             the gradient of each member's output. */
 typedef struct pr_ctx {
     uint32_t struct_size;
     const pr_host *host;
@@ -340,24 +453,35 @@ typedef struct pr_ctx {
     int32_t B, T, rows;            /* rows = B*T (T counts real positions only) */
     int32_t training;              /* 1 in training (dropout on), 0 in eval */
     uint64_t seed;                 /* deterministic per (step, insertion, call) */
+    uint64_t module_seed;          /* the module's seed mixed with the insertion; constant */
+    int64_t step;                  /* optimizer steps taken before this call */
+    const int64_t *sample_index;   /* B entries: the global index of each batch row's sample */
     const pr_option_value *options; /* in options[] order, resolved for this site */
     uint32_t n_options;
-    pr_tensor *params;             /* in params[] order, this insertion's copies */
-    pr_tensor *grads;              /* same order; data NULL when not trained */
+    pr_tensor *const *params;      /* in params[] order, this insertion's copies */
+    pr_tensor *const *grads;       /* same order; data NULL when not trained */
     uint32_t n_params;
-    pr_tensor *saved;              /* in saved[] order */
+    pr_tensor *const *saved;       /* in saved[] order */
     uint32_t n_saved;
-    pr_tensor *scratch;            /* in scratch[] order */
+    pr_tensor *const *scratch;     /* in scratch[] order */
     uint32_t n_scratch;
-    pr_tensor in, out, d_in, d_out;
-    const pr_tensor *base_weight;  /* the frozen weight at a projection site, [d_in, d_out] view */
+    /* The site tensors: never NULL in the callbacks above; data NULL when
+     * the callback has no such tensor. */
+    const pr_tensor *in, *out, *d_in, *d_out;
+    const pr_tensor *base_weight;  /* frozen weight at a projection site in base_layout, or NULL;
+                                    * read it in f32 through host->base_weight_f32 */
     const pr_tensor *base_bias;    /* (d_out) or NULL */
-    pr_tensor *out_params;         /* fold: in fold_params[] order */
+    int32_t base_layout;           /* pr_weight_layout of base_weight */
+    pr_tensor *const *out_params;  /* fold: in fold_params[] order */
     uint32_t n_out_params;
     float scale;                   /* SCALED_ADD: the resolved scale */
     /* merge: the bias delta (d_out), when base_bias is non-NULL; the
      * host adds it like the weight delta and restores it on unmerge. */
-    pr_tensor *bias_delta;
+    const pr_tensor *bias_delta;
+    /* composite modules: member outputs and their gradients */
+    const pr_tensor *const *members;
+    const pr_tensor *const *d_members;
+    uint32_t n_members;
 } pr_ctx;
 
 typedef int (*pr_callback)(const pr_ctx *ctx);
@@ -417,6 +541,30 @@ typedef struct pr_technique {
     const pr_param_decl *fold_params; /* what fold() produces */
     uint32_t n_fold_params;
     void (*teardown)(const pr_ctx *ctx);
+    /* sharing as a set of PR_SHARE_BIT(pr_sharing) values, when more than
+     * `sharing` alone (VeRA: across layers and sites); 0 = { sharing } */
+    uint32_t sharing_set;
+    /* forward FLOP per token of one insertion, an expression over the
+     * shape variables (VeRA: "2 * r * (d_in + d_out) + r + d_out"); NULL =
+     * the host's rule (2 per element of every 2-D parameter). */
+    const char *flops_per_token;
+    pr_callback after_backward;
+    pr_callback on_step;
+    /* Composite: the technique combines the outputs of the other modules
+     * attached at its sites (AdapterFusion, a mixture of LoRA experts),
+     * through compose_forward/compose_backward. */
+    int32_t composite;
+    pr_callback compose_forward;
+    pr_callback compose_backward;
+    /* Hugging Face PEFT identity: its peft_type ("LORA", "IA3", ...), NULL
+     * = PEFT has no such type.  Each parameter's peft_key names its tensor. */
+    const char *peft_type;
+    /* the technique's name for its plain form when fold() folds it into
+     * another technique's parameters on save (prefix_tuning_mlp ->
+     * "prefix_tuning"); NULL = saved as itself */
+    const char *folds_to;
+    /* An optional interface of the technique by URI, or NULL. */
+    const void *(*extension_data)(const char *uri);
 } pr_technique;
 
 /* What the entry symbol returns. */
@@ -429,7 +577,20 @@ typedef struct pr_plugin {
     const pr_technique *const *techniques;
 } pr_plugin;
 
-typedef const pr_plugin *(*pr_plugin_entry_fn)(void);
+/* What the entry is given. */
+typedef struct pr_entry_args {
+    uint32_t struct_size;
+    uint32_t abi_major, abi_minor;  /* the host's */
+    const pr_host *host;            /* valid until the library is unloaded */
+    /* The directory the library was loaded from (a pack's directory for a
+     * pack), for the plugin's own data files.  Valid during the call. */
+    const char *bundle_path;
+    /* Where to say why the plugin refuses to load, when it returns NULL. */
+    char *error;
+    size_t error_size;
+} pr_entry_args;
+
+typedef const pr_plugin *(*pr_plugin_entry_fn)(const pr_entry_args *args);
 
 #ifdef __cplusplus
 }

@@ -43,13 +43,14 @@
  * then dL/d act(z); dz (rows, m).
  *
  * This file includes only <peftref/plugin.h> and libc, and links against
- * nothing of peftref: products and activations go through the host. */
+ * nothing of peftref: products, activations, bias rows and bias gradients
+ * (add_bias_rows, col_sums) go through the host. */
 #include <stdint.h>
 #include <string.h>
 
 #include <peftref/plugin.h>
 
-PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(void);
+PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args);
 
 /* Parameters, saved and scratch buffers: the same order in all three
  * techniques (and so in ctx->params, ctx->saved, ctx->scratch). */
@@ -272,8 +273,8 @@ static int bn_prepare(const pr_ctx *ctx, bn_call *b)
         ctx->n_scratch < N_SCRATCH)
         return host->error(ctx, "%s: expected %d parameters, %d saved and %d scratch buffers, got %u, %u and %u",
                            name, N_PARAMS, N_SAVED, N_SCRATCH, ctx->n_params, ctx->n_saved, ctx->n_scratch);
-    const pr_tensor *wd = &ctx->params[PARAM_DOWN_W], *bd = &ctx->params[PARAM_DOWN_B];
-    const pr_tensor *wu = &ctx->params[PARAM_UP_W], *bu = &ctx->params[PARAM_UP_B];
+    const pr_tensor *wd = ctx->params[PARAM_DOWN_W], *bd = ctx->params[PARAM_DOWN_B];
+    const pr_tensor *wu = ctx->params[PARAM_UP_W], *bu = ctx->params[PARAM_UP_B];
     if (wd->ndim != 2 || wu->ndim != 2 || bd->ndim != 1 || bu->ndim != 1 || !wd->data || !wu->data ||
         !bd->data || !bu->data || wu->shape[0] != wd->shape[1] || wu->shape[1] != wd->shape[0] ||
         bd->shape[0] != wd->shape[1] || bu->shape[0] != wd->shape[0])
@@ -287,17 +288,17 @@ static int bn_prepare(const pr_ctx *ctx, bn_call *b)
     b->bd = bd->data;
     b->wu = wu->data;
     b->bu = bu->data;
-    b->z = ctx->saved[SAVED_Z].data;
-    b->t = ctx->scratch[SCRATCH_T].data;
-    b->dz = ctx->scratch[SCRATCH_DZ].data;
+    b->z = ctx->saved[SAVED_Z]->data;
+    b->t = ctx->scratch[SCRATCH_T]->data;
+    b->dz = ctx->scratch[SCRATCH_DZ]->data;
     if (!b->z || !b->t || !b->dz)
         return host->error(ctx, "%s: a saved or scratch buffer is missing", name);
-    if (ctx->saved[SAVED_Z].ndim != 2 || ctx->saved[SAVED_Z].shape[0] < b->rows ||
-        ctx->saved[SAVED_Z].shape[1] != b->m)
+    if (ctx->saved[SAVED_Z]->ndim != 2 || ctx->saved[SAVED_Z]->shape[0] < b->rows ||
+        ctx->saved[SAVED_Z]->shape[1] != b->m)
         return host->error(ctx, "%s: saved buffer 'z' is (%lld, %lld), the call needs (%d, %d)", name,
-                           (long long)ctx->saved[SAVED_Z].shape[0], (long long)ctx->saved[SAVED_Z].shape[1],
+                           (long long)ctx->saved[SAVED_Z]->shape[0], (long long)ctx->saved[SAVED_Z]->shape[1],
                            b->rows, b->m);
-    if (!ctx->in.data || ctx->in.shape[1] != b->d)
+    if (!ctx->in->data || ctx->in->shape[1] != b->d)
         return host->error(ctx, "%s: module input must be (rows, %d)", name, b->d);
     return 0;
 }
@@ -310,30 +311,18 @@ static int bn_forward(const pr_ctx *ctx)
     int rc = bn_prepare(ctx, &b);
     if (rc)
         return rc;
-    if (!ctx->out.data || ctx->out.shape[1] != b.d)
+    if (!ctx->out->data || ctx->out->shape[1] != b.d)
         return host->error(ctx, "%s: module output must be (rows, %d)", tname(ctx), b.d);
-    const int ldo = row_stride(&ctx->out);
-    float *out = ctx->out.data;
+    const int ldo = row_stride(ctx->out);
+    float *out = ctx->out->data;
     /* z (rows, m) = u . W_down + b_down */
-    for (int i = 0; i < b.rows; i++)
-        memcpy(b.z + (size_t)i * b.m, b.bd, (size_t)b.m * sizeof(float));
-    host->gemm(0, 0, b.rows, b.m, b.d, 1.0f, ctx->in.data, row_stride(&ctx->in), b.wd, b.m, 1.0f, b.z, b.m);
+    host->gemm(0, 0, b.rows, b.m, b.d, 1.0f, ctx->in->data, row_stride(ctx->in), b.wd, b.m, 0.0f, b.z, b.m);
+    host->add_bias_rows(b.z, b.m, b.bd, b.rows, b.m);
     /* h (rows, d) = act(z) . W_up + b_up */
     host->act_forward(b.act, b.t, b.z, (size_t)b.rows * b.m);
-    for (int i = 0; i < b.rows; i++)
-        memcpy(out + (size_t)i * ldo, b.bu, (size_t)b.d * sizeof(float));
-    host->gemm(0, 0, b.rows, b.d, b.m, 1.0f, b.t, b.m, b.wu, b.d, 1.0f, out, ldo);
+    host->gemm(0, 0, b.rows, b.d, b.m, 1.0f, b.t, b.m, b.wu, b.d, 0.0f, out, ldo);
+    host->add_bias_rows(out, ldo, b.bu, b.rows, b.d);
     return 0;
-}
-
-/* g (cols) += column sums of a (rows, cols; row stride ld) */
-static void colsum_acc(float *g, const float *a, int ld, int rows, int cols)
-{
-    for (int i = 0; i < rows; i++) {
-        const float *ai = a + (size_t)i * ld;
-        for (int j = 0; j < cols; j++)
-            g[j] += ai[j];
-    }
 }
 
 /* backward: d_out = dh (rows, d); accumulates the parameter gradients and
@@ -345,32 +334,32 @@ static int bn_backward(const pr_ctx *ctx)
     int rc = bn_prepare(ctx, &b);
     if (rc)
         return rc;
-    if (!ctx->d_out.data || ctx->d_out.shape[1] != b.d)
+    if (!ctx->d_out->data || ctx->d_out->shape[1] != b.d)
         return host->error(ctx, "%s: backward needs d_out (rows, %d)", tname(ctx), b.d);
-    const float *dh = ctx->d_out.data;
-    const int lddh = row_stride(&ctx->d_out);
+    const float *dh = ctx->d_out->data;
+    const int lddh = row_stride(ctx->d_out);
     float *g[N_PARAMS] = { 0 };
     for (int i = 0; i < N_PARAMS && ctx->grads; i++)
-        g[i] = ctx->grads[i].data;
+        g[i] = ctx->grads[i]->data;
 
     /* t = act(z), recomputed from the saved pre-activation */
     host->act_forward(b.act, b.t, b.z, (size_t)b.rows * b.m);
     if (g[PARAM_UP_W]) /* dW_up (m, d) += act(z)^T . dh */
         host->gemm(1, 0, b.m, b.d, b.rows, 1.0f, b.t, b.m, dh, lddh, 1.0f, g[PARAM_UP_W], b.d);
     if (g[PARAM_UP_B])
-        colsum_acc(g[PARAM_UP_B], dh, lddh, b.rows, b.d);
+        host->col_sums(g[PARAM_UP_B], dh, lddh, b.rows, b.d);
     /* t = d act(z) (rows, m) = dh . W_up^T; dz = act'(z) * t */
     host->gemm(0, 1, b.rows, b.m, b.d, 1.0f, dh, lddh, b.wu, b.d, 0.0f, b.t, b.m);
     memset(b.dz, 0, (size_t)b.rows * b.m * sizeof(float));
     host->act_backward(b.act, b.dz, b.z, b.t, (size_t)b.rows * b.m);
     if (g[PARAM_DOWN_W]) /* dW_down (d, m) += u^T . dz */
-        host->gemm(1, 0, b.d, b.m, b.rows, 1.0f, ctx->in.data, row_stride(&ctx->in), b.dz, b.m, 1.0f,
+        host->gemm(1, 0, b.d, b.m, b.rows, 1.0f, ctx->in->data, row_stride(ctx->in), b.dz, b.m, 1.0f,
                    g[PARAM_DOWN_W], b.m);
     if (g[PARAM_DOWN_B])
-        colsum_acc(g[PARAM_DOWN_B], b.dz, b.m, b.rows, b.m);
-    if (ctx->d_in.data) /* du (rows, d) += dz . W_down^T */
-        host->gemm(0, 1, b.rows, b.d, b.m, 1.0f, b.dz, b.m, b.wd, b.m, 1.0f, ctx->d_in.data,
-                   row_stride(&ctx->d_in));
+        host->col_sums(g[PARAM_DOWN_B], b.dz, b.m, b.rows, b.m);
+    if (ctx->d_in->data) /* du (rows, d) += dz . W_down^T */
+        host->gemm(0, 1, b.rows, b.d, b.m, 1.0f, b.dz, b.m, b.wd, b.m, 1.0f, ctx->d_in->data,
+                   row_stride(ctx->d_in));
     return 0;
 }
 
@@ -498,7 +487,8 @@ static const pr_plugin adapters_plugin = {
     .techniques = adapter_techniques,
 };
 
-PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(void)
+PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args)
 {
+    (void)args; /* a built-in plugin needs none of the host's entry arguments */
     return &adapters_plugin;
 }

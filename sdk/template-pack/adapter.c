@@ -10,7 +10,9 @@
  * Sequential insertion: the module input is the site output y.  W_up
  * starts at zero, so the adapter starts as the identity (Houlsby's
  * near-identity initialisation).  z and a are kept for backward in saved
- * buffers; da and dz are scratch. */
+ * buffers; da and dz are scratch.  The biases go through the host's
+ * add_bias_rows (y += b on every row) and their gradients through col_sums
+ * (db += column sums of dy), so the plugin copies no such loop. */
 #include <string.h>
 
 #include "pack.h"
@@ -62,30 +64,18 @@ static const pr_buffer_decl scratch[N_SCRATCH] = {
     [X_DZ] = { .struct_size = sizeof(pr_buffer_decl), .name = "dz", .shape = "rows, m" },
 };
 
-static float *P(const pr_ctx *ctx, int i) { return ctx->params[i].data; }
+static float *P(const pr_ctx *ctx, int i) { return ctx->params[i]->data; }
 
-/* out (rows, n) row i += v (n) */
-static void add_row_vector(float *out, int ld, int rows, int n, const float *v)
-{
-    for (int i = 0; i < rows; i++)
-        for (int j = 0; j < n; j++)
-            out[(size_t)i * ld + j] += v[j];
-}
-
-/* v (n) += sum over rows of x (rows, n) */
-static void sum_rows(float *v, const float *x, int ld, int rows, int n)
-{
-    for (int i = 0; i < rows; i++)
-        for (int j = 0; j < n; j++)
-            v[j] += x[(size_t)i * ld + j];
-}
+/* parameter i's gradient, or NULL when it is not trained (ctx->grads itself
+ * is NULL when nothing is) */
+static float *G(const pr_ctx *ctx, int i) { return ctx->grads ? ctx->grads[i]->data : NULL; }
 
 static int check_shapes(const pr_ctx *ctx, int *d, int *m)
 {
     if (ctx->n_params < N_PARAMS || ctx->n_saved < N_SAVED || ctx->n_scratch < N_SCRATCH)
         return ctx->host->error(ctx, "example_adapter: missing parameters or buffers");
-    *d = (int)ctx->params[P_DOWN_W].shape[0];
-    *m = (int)ctx->params[P_DOWN_W].shape[1];
+    *d = (int)ctx->params[P_DOWN_W]->shape[0];
+    *m = (int)ctx->params[P_DOWN_W]->shape[1];
     return 0;
 }
 
@@ -96,21 +86,21 @@ static int adapter_forward(const pr_ctx *ctx)
     int d = 0, m = 0, rc = check_shapes(ctx, &d, &m);
     if (rc)
         return rc;
-    if (ctx->in.shape[1] != d || ctx->out.shape[1] != d)
+    if (ctx->in->shape[1] != d || ctx->out->shape[1] != d)
         return host->error(ctx, "example_adapter: site width %lld, parameters expect %d",
-                           (long long)ctx->in.shape[1], d);
+                           (long long)ctx->in->shape[1], d);
     const int rows = ctx->rows, act = act_kind[(int)ctx->options[OPT_ACT].num];
-    float *z = ctx->saved[S_Z].data, *a = ctx->saved[S_A].data;
+    float *z = ctx->saved[S_Z]->data, *a = ctx->saved[S_A]->data;
     /* z (rows, m) = y (rows, d) . W_down (d, m) + b_down */
-    host->gemm(0, 0, rows, m, d, 1.0f, ctx->in.data, (int)ctx->in.stride[0], P(ctx, P_DOWN_W), m,
+    host->gemm(0, 0, rows, m, d, 1.0f, ctx->in->data, (int)ctx->in->stride[0], P(ctx, P_DOWN_W), m,
                0.0f, z, m);
-    add_row_vector(z, m, rows, m, P(ctx, P_DOWN_B));
+    host->add_bias_rows(z, m, P(ctx, P_DOWN_B), rows, m);
     host->act_forward(act, a, z, (size_t)rows * m);
     /* h (rows, d) = a (rows, m) . W_up (m, d) + b_up */
-    float *h = ctx->out.data;
-    const int ldh = (int)ctx->out.stride[0];
+    float *h = ctx->out->data;
+    const int ldh = (int)ctx->out->stride[0];
     host->gemm(0, 0, rows, d, m, 1.0f, a, m, P(ctx, P_UP_W), d, 0.0f, h, ldh);
-    add_row_vector(h, ldh, rows, d, P(ctx, P_UP_B));
+    host->add_bias_rows(h, ldh, P(ctx, P_UP_B), rows, d);
     return 0;
 }
 
@@ -124,32 +114,32 @@ static int adapter_backward(const pr_ctx *ctx)
     if (rc)
         return rc;
     const int rows = ctx->rows, act = act_kind[(int)ctx->options[OPT_ACT].num];
-    const float *dh = ctx->d_out.data, *z = ctx->saved[S_Z].data, *a = ctx->saved[S_A].data;
-    const int lddh = (int)ctx->d_out.stride[0];
-    float *da = ctx->scratch[X_DA].data, *dz = ctx->scratch[X_DZ].data;
-    float *g_dw = ctx->grads[P_DOWN_W].data, *g_db = ctx->grads[P_DOWN_B].data;
-    float *g_uw = ctx->grads[P_UP_W].data, *g_ub = ctx->grads[P_UP_B].data;
+    const float *dh = ctx->d_out->data, *z = ctx->saved[S_Z]->data, *a = ctx->saved[S_A]->data;
+    const int lddh = (int)ctx->d_out->stride[0];
+    float *da = ctx->scratch[X_DA]->data, *dz = ctx->scratch[X_DZ]->data;
+    float *g_dw = G(ctx, P_DOWN_W), *g_db = G(ctx, P_DOWN_B);
+    float *g_uw = G(ctx, P_UP_W), *g_ub = G(ctx, P_UP_B);
 
     if (g_uw)
         host->gemm(1, 0, m, d, rows, 1.0f, a, m, dh, lddh, 1.0f, g_uw, d);
     if (g_ub)
-        sum_rows(g_ub, dh, lddh, rows, d);
-    if (!g_dw && !g_db && !ctx->d_in.data)
+        host->col_sums(g_ub, dh, lddh, rows, d);
+    if (!g_dw && !g_db && !ctx->d_in->data)
         return 0;
     host->gemm(0, 1, rows, m, d, 1.0f, dh, lddh, P(ctx, P_UP_W), d, 0.0f, da, m);
     memset(dz, 0, sizeof(float) * (size_t)rows * m);
     host->act_backward(act, dz, z, da, (size_t)rows * m);
     if (g_dw) {
-        if (!ctx->in.data)
+        if (!ctx->in->data)
             return host->error(ctx, "example_adapter: backward needs its input y");
-        host->gemm(1, 0, d, m, rows, 1.0f, ctx->in.data, (int)ctx->in.stride[0], dz, m, 1.0f,
+        host->gemm(1, 0, d, m, rows, 1.0f, ctx->in->data, (int)ctx->in->stride[0], dz, m, 1.0f,
                    g_dw, m);
     }
     if (g_db)
-        sum_rows(g_db, dz, m, rows, m);
-    if (ctx->d_in.data)
-        host->gemm(0, 1, rows, d, m, 1.0f, dz, m, P(ctx, P_DOWN_W), m, 1.0f, ctx->d_in.data,
-                   (int)ctx->d_in.stride[0]);
+        host->col_sums(g_db, dz, m, rows, m);
+    if (ctx->d_in->data)
+        host->gemm(0, 1, rows, d, m, 1.0f, dz, m, P(ctx, P_DOWN_W), m, 1.0f, ctx->d_in->data,
+                   (int)ctx->d_in->stride[0]);
     return 0;
 }
 

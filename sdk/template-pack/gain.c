@@ -23,29 +23,25 @@ static const pr_param_decl params[N_PARAMS] = {
 /* forward: out (1, d_out) = l */
 static int gain_forward(const pr_ctx *ctx)
 {
-    const pr_tensor *l = &ctx->params[PARAM_GAIN];
-    if (!ctx->out.data || ctx->out.shape[1] != l->shape[0])
+    const pr_tensor *l = ctx->params[PARAM_GAIN];
+    if (!ctx->out->data || ctx->out->shape[1] != l->shape[0])
         return ctx->host->error(ctx, "example_gain: output width %lld, gain width %lld",
-                                (long long)ctx->out.shape[1], (long long)l->shape[0]);
+                                (long long)ctx->out->shape[1], (long long)l->shape[0]);
     const float *g = l->data;
-    float *out = ctx->out.data;
+    float *out = ctx->out->data;
     for (int64_t j = 0; j < l->shape[0]; j++)
         out[j] = g[j];
     return 0;
 }
 
-/* backward: dl += sum over the rows of d_out */
+/* backward: dl += sum over the rows of d_out (host->col_sums) */
 static int gain_backward(const pr_ctx *ctx)
 {
-    float *dl = ctx->grads[PARAM_GAIN].data;
+    float *dl = ctx->grads ? ctx->grads[PARAM_GAIN]->data : NULL;
     if (!dl)
         return 0;
-    const pr_tensor *dh = &ctx->d_out;
-    for (int64_t i = 0; i < dh->shape[0]; i++) {
-        const float *row = (const float *)dh->data + i * dh->stride[0];
-        for (int64_t j = 0; j < dh->shape[1]; j++)
-            dl[j] += row[j];
-    }
+    const pr_tensor *dh = ctx->d_out;
+    ctx->host->col_sums(dl, dh->data, (int)dh->stride[0], (int)dh->shape[0], (int)dh->shape[1]);
     return 0;
 }
 

@@ -2,7 +2,7 @@
  * peftref_plugin_entry once after dlopen and reads the list. */
 #include "pack.h"
 
-PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(void);
+PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args);
 
 static const pr_technique *const techniques[] = { &example_gain, &example_adapter };
 
@@ -15,7 +15,8 @@ static const pr_plugin pack = {
     .techniques = techniques,
 };
 
-PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(void)
+PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args)
 {
+    (void)args; /* host, bundle_path, error: unused by a plugin that always loads */
     return &pack;
 }

@@ -15,13 +15,17 @@
  *    alpha*h to y, and hands backward d_out = alpha*dy);
  *  - ACCUMULATE (+=) into the gradients it is given in backward, skipping
  *    any whose data is NULL;
- *  - export one symbol, peftref_plugin_entry (compile with
- *    -fvisibility=hidden and mark it PR_PLUGIN_EXPORT). */
+ *  - use the host's services (here col_sums for the bias gradient) rather
+ *    than copying such loops;
+ *  - export one symbol, peftref_plugin_entry, which receives the host's
+ *    entry arguments (compile with -fvisibility=hidden and mark it
+ *    PR_PLUGIN_EXPORT); a plugin that refuses to load returns NULL after
+ *    writing its reason into args->error. */
 #include <stddef.h>
 
 #include <peftref/plugin.h>
 
-PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(void);
+PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args);
 
 enum { OPT_ALPHA, N_OPTS };
 enum { PARAM_BIAS, N_PARAMS };
@@ -46,8 +50,8 @@ static const pr_param_decl params[N_PARAMS] = {
  * read (input type "none"). */
 static int scaled_bias_forward(const pr_ctx *ctx)
 {
-    const pr_tensor *b = &ctx->params[PARAM_BIAS];
-    const pr_tensor *out = &ctx->out;
+    const pr_tensor *b = ctx->params[PARAM_BIAS];
+    const pr_tensor *out = ctx->out;
     if (!out->data || out->shape[1] != b->shape[0])
         return ctx->host->error(ctx, "scaled_bias: output width %lld, bias width %lld",
                                 (long long)out->shape[1], (long long)b->shape[0]);
@@ -61,20 +65,16 @@ static int scaled_bias_forward(const pr_ctx *ctx)
     return 0;
 }
 
-/* backward: d_out = dh (rows, d_out).  db += sum over rows of dh; the input
- * has no gradient from this module (h does not depend on it). */
+/* backward: d_out = dh (rows, d_out).  db += sum over rows of dh (the
+ * host's col_sums); the input has no gradient from this module (h does not
+ * depend on it). */
 static int scaled_bias_backward(const pr_ctx *ctx)
 {
-    float *db = ctx->grads[PARAM_BIAS].data;
+    float *db = ctx->grads ? ctx->grads[PARAM_BIAS]->data : NULL;
     if (!db)
         return 0; /* frozen: nothing to accumulate */
-    const pr_tensor *dh = &ctx->d_out;
-    const int64_t rows = dh->shape[0], cols = dh->shape[1], ld = dh->stride[0];
-    for (int64_t i = 0; i < rows; i++) {
-        const float *row = (const float *)dh->data + i * ld;
-        for (int64_t j = 0; j < cols; j++)
-            db[j] += row[j];
-    }
+    const pr_tensor *dh = ctx->d_out;
+    ctx->host->col_sums(db, dh->data, (int)dh->stride[0], (int)dh->shape[0], (int)dh->shape[1]);
     return 0;
 }
 
@@ -121,7 +121,8 @@ static const pr_plugin plugin = {
     .techniques = techniques,
 };
 
-PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(void)
+PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args)
 {
+    (void)args; /* host, bundle_path, error: unused by a plugin that always loads */
     return &plugin;
 }

@@ -28,8 +28,9 @@ static future_technique tech;
 static const pr_technique *const list[] = {&tech.base};
 static pr_plugin plugin;
 
-const pr_plugin *peftref_plugin_entry(void)
+const pr_plugin *peftref_plugin_entry(const pr_entry_args *args)
 {
+    (void)args; /* a fixture: it needs none of the entry arguments */
     tp_fill(&tech.base, "test-future");
     tech.base.struct_size = sizeof tech;
     tech.base.options = &opts[0].base;

@@ -16,8 +16,9 @@ static pr_technique alpha, beta;
 static const pr_technique *const list[] = {&alpha, &beta};
 static pr_plugin plugin;
 
-const pr_plugin *peftref_plugin_entry(void)
+const pr_plugin *peftref_plugin_entry(const pr_entry_args *args)
 {
+    (void)args; /* a fixture: it needs none of the entry arguments */
     tp_fill(&alpha, "test-alpha");
     tp_fill(&beta, "test-beta");
     beta.adaptation = PR_ADAPT_RESCALING;

@@ -24,7 +24,7 @@
 #define LL_DX_SCALE 1.0f
 #endif
 
-PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(void);
+PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args);
 
 enum { LL_A, LL_B };
 
@@ -37,15 +37,15 @@ static int ll_ld(const pr_tensor *t)
 static int ll_forward(const pr_ctx *c)
 {
     const pr_host *h = c->host;
-    int r = (int)c->params[LL_A].shape[0], din = (int)c->params[LL_A].shape[1];
-    int dout = (int)c->params[LL_B].shape[0];
-    float *xa = c->saved[0].data;
+    int r = (int)c->params[LL_A]->shape[0], din = (int)c->params[LL_A]->shape[1];
+    int dout = (int)c->params[LL_B]->shape[0];
+    float *xa = c->saved[0]->data;
 #ifdef LL_CRASH_FORWARD
     /* the bug: out_params belongs to fold() and is NULL in forward */
-    xa = c->out_params->data;
+    xa = c->out_params[0]->data;
 #endif
-    h->gemm(0, 1, c->rows, r, din, 1.0f, c->in.data, ll_ld(&c->in), c->params[LL_A].data, din, 0.0f, xa, r);
-    h->gemm(0, 1, c->rows, dout, r, 1.0f, xa, r, c->params[LL_B].data, r, 0.0f, c->out.data, ll_ld(&c->out));
+    h->gemm(0, 1, c->rows, r, din, 1.0f, c->in->data, ll_ld(c->in), c->params[LL_A]->data, din, 0.0f, xa, r);
+    h->gemm(0, 1, c->rows, dout, r, 1.0f, xa, r, c->params[LL_B]->data, r, 0.0f, c->out->data, ll_ld(c->out));
     return 0;
 }
 
@@ -53,19 +53,19 @@ static int ll_forward(const pr_ctx *c)
 static int ll_backward(const pr_ctx *c)
 {
     const pr_host *h = c->host;
-    int r = (int)c->params[LL_A].shape[0], din = (int)c->params[LL_A].shape[1];
-    int dout = (int)c->params[LL_B].shape[0], rows = c->rows;
-    const float *xa = c->saved[0].data;
-    float *dxa = c->scratch[0].data;
-    float *dA = c->grads ? c->grads[LL_A].data : NULL, *dB = c->grads ? c->grads[LL_B].data : NULL;
+    int r = (int)c->params[LL_A]->shape[0], din = (int)c->params[LL_A]->shape[1];
+    int dout = (int)c->params[LL_B]->shape[0], rows = c->rows;
+    const float *xa = c->saved[0]->data;
+    float *dxa = c->scratch[0]->data;
+    float *dA = c->grads ? c->grads[LL_A]->data : NULL, *dB = c->grads ? c->grads[LL_B]->data : NULL;
     if (dB)
-        h->gemm(1, 0, dout, r, rows, LL_DB_SCALE, c->d_out.data, ll_ld(&c->d_out), xa, r, 1.0f, dB, r);
-    h->gemm(0, 0, rows, r, dout, 1.0f, c->d_out.data, ll_ld(&c->d_out), c->params[LL_B].data, r, 0.0f, dxa, r);
+        h->gemm(1, 0, dout, r, rows, LL_DB_SCALE, c->d_out->data, ll_ld(c->d_out), xa, r, 1.0f, dB, r);
+    h->gemm(0, 0, rows, r, dout, 1.0f, c->d_out->data, ll_ld(c->d_out), c->params[LL_B]->data, r, 0.0f, dxa, r);
     if (dA)
-        h->gemm(1, 0, r, din, rows, 1.0f, dxa, r, c->in.data, ll_ld(&c->in), 1.0f, dA, din);
-    if (c->d_in.data)
-        h->gemm(0, 0, rows, din, r, LL_DX_SCALE, dxa, r, c->params[LL_A].data, din, 1.0f, c->d_in.data,
-                ll_ld(&c->d_in));
+        h->gemm(1, 0, r, din, rows, 1.0f, dxa, r, c->in->data, ll_ld(c->in), 1.0f, dA, din);
+    if (c->d_in->data)
+        h->gemm(0, 0, rows, din, r, LL_DX_SCALE, dxa, r, c->params[LL_A]->data, din, 1.0f, c->d_in->data,
+                ll_ld(c->d_in));
     return 0;
 }
 
@@ -75,8 +75,8 @@ static uint64_t ll_state = 42;
 
 static int ll_init(const pr_ctx *c)
 {
-    float *a = c->params[LL_A].data;
-    int64_t n = c->params[LL_A].shape[0] * c->params[LL_A].shape[1];
+    float *a = c->params[LL_A]->data;
+    int64_t n = c->params[LL_A]->shape[0] * c->params[LL_A]->shape[1];
     for (int64_t i = 0; i < n; i++)
         a[i] = 0.2f * (2.0f * c->host->rng_uniform(&ll_state) - 1.0f);
     return 0;
@@ -150,8 +150,9 @@ static const pr_plugin ll_plugin = {
     .techniques = ll_list,
 };
 
-PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(void)
+PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args)
 {
+    (void)args; /* a fixture: it needs none of the entry arguments */
     return &ll_plugin;
 }
 

@@ -11,8 +11,9 @@ static pr_technique tech;
 static const pr_technique *const list[] = {&tech};
 static pr_plugin plugin;
 
-const pr_plugin *peftref_plugin_entry(void)
+const pr_plugin *peftref_plugin_entry(const pr_entry_args *args)
 {
+    (void)args; /* a fixture: it needs none of the entry arguments */
     tp_fill(&tech, PACK_TECHNIQUE);
     tp_plugin(&plugin, PACK_TECHNIQUE, list, 1);
     return &plugin;

@@ -11,17 +11,17 @@
 
 #include <peftref/plugin.h>
 
-PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(void);
+PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args);
 
 /* out (rows, d_out) = b broadcast over the rows. */
 static inline int tp_forward(const pr_ctx *ctx)
 {
-    if (ctx->n_params < 1 || !ctx->params[0].data)
+    if (ctx->n_params < 1 || !ctx->params[0]->data)
         return ctx->host->error(ctx, "test plugin: parameter 'bias' missing");
-    const float *b = ctx->params[0].data;
-    int64_t cols = ctx->out.shape[1], ld = ctx->out.stride[0] ? ctx->out.stride[0] : cols;
-    float *out = ctx->out.data;
-    for (int64_t r = 0; r < ctx->out.shape[0]; r++)
+    const float *b = ctx->params[0]->data;
+    int64_t cols = ctx->out->shape[1], ld = ctx->out->stride[0] ? ctx->out->stride[0] : cols;
+    float *out = ctx->out->data;
+    for (int64_t r = 0; r < ctx->out->shape[0]; r++)
         memcpy(out + r * ld, b, (size_t)cols * sizeof(float));
     return 0;
 }
@@ -30,12 +30,12 @@ static inline int tp_forward(const pr_ctx *ctx)
  * the input, so d_in is left alone. */
 static inline int tp_backward(const pr_ctx *ctx)
 {
-    if (ctx->n_params < 1 || !ctx->grads || !ctx->grads[0].data)
+    if (ctx->n_params < 1 || !ctx->grads || !ctx->grads[0]->data)
         return 0;
-    float *g = ctx->grads[0].data;
-    int64_t cols = ctx->d_out.shape[1], ld = ctx->d_out.stride[0] ? ctx->d_out.stride[0] : cols;
-    const float *dy = ctx->d_out.data;
-    for (int64_t r = 0; r < ctx->d_out.shape[0]; r++)
+    float *g = ctx->grads[0]->data;
+    int64_t cols = ctx->d_out->shape[1], ld = ctx->d_out->stride[0] ? ctx->d_out->stride[0] : cols;
+    const float *dy = ctx->d_out->data;
+    for (int64_t r = 0; r < ctx->d_out->shape[0]; r++)
         for (int64_t j = 0; j < cols; j++)
             g[j] += dy[r * ld + j];
     return 0;
