@@ -1,7 +1,8 @@
 /* peftref core: finding, loading and checking technique plugins.
  *
  * Search order (the first technique of a name wins; a later file offering
- * the same name is refused, naming the file that provided it first):
+ * the same name is refused, naming the file that provided it first, and
+ * remembered for pr_registry_shadowed):
  *   1. the directories of search_path, when the caller gives one; otherwise
  *   2. the directories of $PEFTREF_PLUGIN_PATH (colon-separated), then
  *   3. <directory of the running program>/plugins/.libs, only when it
@@ -74,6 +75,13 @@ typedef struct reg_refusal {
     char *reason;
 } reg_refusal;
 
+/* A technique offered again by a later file, which was refused for it. */
+typedef struct reg_shadow {
+    char *name;
+    int lib;                     /* the library whose technique is used */
+    char *path;                  /* the later file */
+} reg_shadow;
+
 struct pr_registry {
     reg_tech *techs;
     int n_techs, cap_techs;
@@ -81,6 +89,8 @@ struct pr_registry {
     int n_libs, cap_libs;
     reg_refusal *refused;
     int n_refused, cap_refused;
+    reg_shadow *shadows;
+    int n_shadows, cap_shadows;
     char **seen;                 /* real paths of directories and files already searched */
     int n_seen, cap_seen;
     int oom;
@@ -286,17 +296,46 @@ static int find_tech(const pr_registry *r, const char *name)
     return -1;
 }
 
-/* Admit a checked library unless one of its names is taken; consumes k. */
+/* Remember that path offered name, which library lib provides. */
+static void shadow(pr_registry *r, const char *name, int lib, const char *path)
+{
+    if (grow((void **)&r->shadows, &r->cap_shadows, r->n_shadows + 1, sizeof *r->shadows)) {
+        r->oom = 1;
+        return;
+    }
+    char *n = strdup(name), *p = strdup(path);
+    if (!n || !p) {
+        free(n);
+        free(p);
+        r->oom = 1;
+        return;
+    }
+    r->shadows[r->n_shadows].name = n;
+    r->shadows[r->n_shadows].lib = lib;
+    r->shadows[r->n_shadows].path = p;
+    r->n_shadows++;
+}
+
+/* Admit a checked library unless one of its names is taken; consumes k.
+ * A library offering a taken name is refused, naming the first such
+ * technique; every taken name it offered is remembered as shadowed. */
 static void admit(pr_registry *r, candidate *k)
 {
+    int first = -1;
     for (uint32_t i = 0; i < k->n; i++) {
         int j = find_tech(r, k->techs[i].t.name);
         if (j >= 0) {
-            refuse(r, k->path, "technique '%s' is already provided by %s", k->techs[i].t.name,
-                   r->libs[r->techs[j].lib].path);
-            candidate_drop(k);
-            return;
+            shadow(r, k->techs[i].t.name, r->techs[j].lib, k->path);
+            if (first < 0) {
+                refuse(r, k->path, "technique '%s' is already provided by %s", k->techs[i].t.name,
+                       r->libs[r->techs[j].lib].path);
+                first = j;
+            }
         }
+    }
+    if (first >= 0) {
+        candidate_drop(k);
+        return;
     }
     if (grow((void **)&r->libs, &r->cap_libs, r->n_libs + 1, sizeof *r->libs) ||
         grow((void **)&r->techs, &r->cap_techs, r->n_techs + (int)k->n, sizeof *r->techs)) {
@@ -628,6 +667,11 @@ void pr_registry_free(pr_registry *r)
         free(r->refused[i].reason);
     }
     free(r->refused);
+    for (int i = 0; i < r->n_shadows; i++) {
+        free(r->shadows[i].name);
+        free(r->shadows[i].path);
+    }
+    free(r->shadows);
     for (int i = 0; i < r->n_seen; i++)
         free(r->seen[i]);
     free(r->seen);
@@ -705,4 +749,27 @@ void pr_registry_refused(const pr_registry *r, int i, const char **path, const c
         *path = r->refused[i].path;
     if (reason)
         *reason = r->refused[i].reason;
+}
+
+int pr_registry_shadowed(const pr_registry *r, const char *name, int i, const char **winner_path,
+                         const char **loser_path)
+{
+    if (winner_path)
+        *winner_path = NULL;
+    if (loser_path)
+        *loser_path = NULL;
+    if (!r || !name || i < 0)
+        return 0;
+    for (int k = 0; k < r->n_shadows; k++) {
+        if (strcmp(r->shadows[k].name, name) != 0)
+            continue;
+        if (i-- > 0)
+            continue;
+        if (winner_path)
+            *winner_path = r->libs[r->shadows[k].lib].path;
+        if (loser_path)
+            *loser_path = r->shadows[k].path;
+        return 1;
+    }
+    return 0;
 }
