@@ -588,6 +588,21 @@ static void test_cli(void **state)
     expect_in(out, "/d1/bad_abi.so: built for ABI 2, this host speaks ABI 1\n");
     expect_in(out, "/d2/dup.so: technique 'test-alpha' is already provided by ");
 
+    /* Resolving a name offered twice warns, naming both files. */
+    snprintf(cmd, sizeof cmd, "PEFTREF_PLUGIN_PATH='%s:%s' '%s' plugins inspect test-alpha 2>&1 >/dev/null", d1, d2,
+             PEFTREF_BIN);
+    assert_int_equal(run(cmd, out, sizeof out), 0);
+    char want[4 * PATH_MAX];
+    snprintf(want, sizeof want,
+             "peftref plugins inspect: warning: technique 'test-alpha' is provided by both %s/good_a.so and "
+             "%s/dup.so; using %s/good_a.so\n", d1, d2, d1);
+    expect_in(out, want);
+    snprintf(cmd, sizeof cmd, "PEFTREF_PLUGIN_PATH='%s' '%s' plugins inspect test-alpha 2>&1 >/dev/null", d1,
+             PEFTREF_BIN);
+    assert_int_equal(run(cmd, out, sizeof out), 0);
+    if (strstr(out, "warning"))
+        fail_msg("a name offered once warns:\n%s", out);
+
     snprintf(cmd, sizeof cmd, "PEFTREF_PLUGIN_PATH='%s' '%s' plugins list 2>&1", d1, PEFTREF_BIN);
     assert_int_equal(run(cmd, out, sizeof out), 0);
     expect_in(out, "pack-good");
