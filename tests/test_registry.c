@@ -293,6 +293,39 @@ static void test_duplicate_names_both_files(void **state)
     pr_registry_free(r);
 }
 
+/* The name offered twice is queryable: the file in use and the later one. */
+static void test_shadowed(void **state)
+{
+    (void)state;
+    pr_registry *r = open_test_registry();
+    const char *winner = "x", *loser = "x";
+    assert_int_equal(pr_registry_shadowed(r, "test-alpha", 0, &winner, &loser), 1);
+    assert_true(ends_with(winner, "/d1/good_a.so"));
+    assert_true(ends_with(loser, "/d2/dup.so"));
+    for (int i = 0; i < pr_registry_count(r); i++)
+        if (pr_registry_technique(r, i) == pr_registry_find(r, "test-alpha"))
+            assert_string_equal(winner, pr_registry_origin(r, i));
+    assert_int_equal(pr_registry_shadowed(r, "test-alpha", 1, &winner, &loser), 0);
+    assert_null(winner);
+    assert_null(loser);
+    /* offered once, or not at all */
+    assert_int_equal(pr_registry_shadowed(r, "test-beta", 0, &winner, &loser), 0);
+    assert_int_equal(pr_registry_shadowed(r, "no-such", 0, NULL, NULL), 0);
+    assert_int_equal(pr_registry_shadowed(r, NULL, 0, NULL, NULL), 0);
+    assert_int_equal(pr_registry_shadowed(NULL, "test-alpha", 0, NULL, NULL), 0);
+    pr_registry_free(r);
+
+    /* Reversed search order: d2's file is used, d1's is the later one. */
+    char rev[3 * PATH_MAX];
+    snprintf(rev, sizeof rev, "%s:%s", d2, d1);
+    pr_error err = {0};
+    assert_int_equal(pr_registry_open(rev, &r, &err), PR_OK);
+    assert_int_equal(pr_registry_shadowed(r, "test-alpha", 0, &winner, &loser), 1);
+    assert_true(ends_with(winner, "/d2/dup.so"));
+    assert_true(ends_with(loser, "/d1/good_a.so"));
+    pr_registry_free(r);
+}
+
 /* The trust rule: a world-writable directory, a world- or group-writable
  * file, a symlink into a world-writable directory and a symlinked pack
  * that is world-writable are each refused with the reason before anything
@@ -555,6 +588,21 @@ static void test_cli(void **state)
     expect_in(out, "/d1/bad_abi.so: built for ABI 2, this host speaks ABI 1\n");
     expect_in(out, "/d2/dup.so: technique 'test-alpha' is already provided by ");
 
+    /* Resolving a name offered twice warns, naming both files. */
+    snprintf(cmd, sizeof cmd, "PEFTREF_PLUGIN_PATH='%s:%s' '%s' plugins inspect test-alpha 2>&1 >/dev/null", d1, d2,
+             PEFTREF_BIN);
+    assert_int_equal(run(cmd, out, sizeof out), 0);
+    char want[4 * PATH_MAX];
+    snprintf(want, sizeof want,
+             "peftref plugins inspect: warning: technique 'test-alpha' is provided by both %s/good_a.so and "
+             "%s/dup.so; using %s/good_a.so\n", d1, d2, d1);
+    expect_in(out, want);
+    snprintf(cmd, sizeof cmd, "PEFTREF_PLUGIN_PATH='%s' '%s' plugins inspect test-alpha 2>&1 >/dev/null", d1,
+             PEFTREF_BIN);
+    assert_int_equal(run(cmd, out, sizeof out), 0);
+    if (strstr(out, "warning"))
+        fail_msg("a name offered once warns:\n%s", out);
+
     snprintf(cmd, sizeof cmd, "PEFTREF_PLUGIN_PATH='%s' '%s' plugins list 2>&1", d1, PEFTREF_BIN);
     assert_int_equal(run(cmd, out, sizeof out), 0);
     expect_in(out, "pack-good");
@@ -593,6 +641,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_good_plugins_load),  cmocka_unit_test(test_later_minor_version),
         cmocka_unit_test(test_broken_plugins_refused), cmocka_unit_test(test_duplicate_names_both_files),
+        cmocka_unit_test(test_shadowed),
         cmocka_unit_test(test_untrusted_refused),  cmocka_unit_test(test_suggest),            cmocka_unit_test(test_validate),
         cmocka_unit_test(test_cli),
     };

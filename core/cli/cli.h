@@ -49,6 +49,13 @@ const char *cli_pipeline_file(const char *arg, char *buf, size_t len);
 int cli_pipeline_build(const char *cmd, const char *arg, const char *const *sets, int n_sets, pr_registry **reg,
                        pr_pipeline **pipe, pr_model **m, pr_tokenizer **tok);
 
+/* Technique name was offered by more than one plugin file: one line per
+ * later file to stderr, "peftref CMD: warning: technique 'NAME' is
+ * provided by both A and B; using A" (nothing when it was offered once). */
+void cli_warn_shadowed(const char *cmd, const pr_registry *reg, const char *name);
+/* cli_warn_shadowed for each technique the modules of pipe use, once each. */
+void cli_warn_shadowed_pipeline(const char *cmd, const pr_registry *reg, const pr_pipeline *pipe);
+
 /* Read a whole file ("-" = stdin).  *data is NUL-terminated (free() it). */
 int cli_read_file(const char *path, char **data, size_t *len, pr_error *err);
 /* Parse a positive int option value; prints a usage error naming opt. */

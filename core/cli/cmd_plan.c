@@ -41,8 +41,9 @@ static void print_line(void *arg, const char *line)
     fprintf(stderr, "%s\n", line);
 }
 
-int cli_pipeline_open(const char *cmd, const char *path, const char *const *sets, int n_sets, pr_registry **reg,
-                      pr_pipeline **pipe)
+/* cli_pipeline_open without the warnings about techniques offered twice. */
+static int open_pipeline(const char *cmd, const char *path, const char *const *sets, int n_sets, pr_registry **reg,
+                         pr_pipeline **pipe)
 {
     pr_error err = { 0 };
     *pipe = NULL;
@@ -60,11 +61,22 @@ int cli_pipeline_open(const char *cmd, const char *path, const char *const *sets
     return 0;
 }
 
+int cli_pipeline_open(const char *cmd, const char *path, const char *const *sets, int n_sets, pr_registry **reg,
+                      pr_pipeline **pipe)
+{
+    int rc = open_pipeline(cmd, path, sets, n_sets, reg, pipe);
+    if (rc == 0)
+        cli_warn_shadowed_pipeline(cmd, *reg, *pipe);
+    return rc;
+}
+
 int cli_pipeline_open_arm(const char *cmd, const char *path, const char *const *sets, int n_sets, const char *arm,
                           pr_registry **reg, pr_pipeline **pipe)
 {
-    int rc = cli_pipeline_open(cmd, path, sets, n_sets, reg, pipe);
-    if (rc || !arm)
+    if (!arm)
+        return cli_pipeline_open(cmd, path, sets, n_sets, reg, pipe);
+    int rc = open_pipeline(cmd, path, sets, n_sets, reg, pipe);
+    if (rc)
         return rc;
     int i = pr_pipeline_find_arm(*pipe, arm);
     if (i < 0) {
@@ -84,6 +96,8 @@ int cli_pipeline_open_arm(const char *cmd, const char *path, const char *const *
     rc = pr_pipeline_load_arm(path, i, sets, n_sets, *reg, pipe, print_line, NULL, &err);
     if (rc && rc != PR_ERR_INVALID)
         fprintf(stderr, "peftref %s: %s\n", cmd, err.msg);
+    if (rc == 0)
+        cli_warn_shadowed_pipeline(cmd, *reg, *pipe);
     return rc ? 1 : 0;
 }
 

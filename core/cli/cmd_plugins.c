@@ -490,6 +490,7 @@ static int plugins_inspect(int argc, char **argv)
     for (int i = 0; i < pr_registry_count(reg); i++)
         if (pr_registry_technique(reg, i) == t)
             origin = pr_registry_origin(reg, i);
+    cli_warn_shadowed("plugins inspect", reg, name);
     if (model_dir) {
         /* The model's shape is all the count needs; its weights are mapped, not read. */
         pr_error err = {0};

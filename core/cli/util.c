@@ -132,3 +132,29 @@ int cli_pipeline_build(const char *cmd, const char *arg, const char *const *sets
     }
     return rc;
 }
+
+void cli_warn_shadowed(const char *cmd, const pr_registry *reg, const char *name)
+{
+    const char *winner, *loser;
+    for (int i = 0; pr_registry_shadowed(reg, name, i, &winner, &loser); i++)
+        fprintf(stderr, "peftref %s: warning: technique '%s' is provided by both %s and %s; using %s\n", cmd, name,
+                winner, loser, winner);
+}
+
+void cli_warn_shadowed_pipeline(const char *cmd, const pr_registry *reg, const pr_pipeline *pipe)
+{
+    int n = pr_pipeline_n_modules(pipe);
+    for (int i = 0; i < n; i++) {
+        pr_module_spec spec;
+        if (pr_pipeline_module_spec(pipe, i, &spec) != PR_OK || !spec.technique || !spec.technique->name)
+            continue;
+        int again = 0;   /* a technique several modules use is warned about once */
+        for (int j = 0; j < i && !again; j++) {
+            pr_module_spec prev;
+            again = pr_pipeline_module_spec(pipe, j, &prev) == PR_OK && prev.technique &&
+                    prev.technique->name && strcmp(prev.technique->name, spec.technique->name) == 0;
+        }
+        if (!again)
+            cli_warn_shadowed(cmd, reg, spec.technique->name);
+    }
+}

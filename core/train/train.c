@@ -1,4 +1,6 @@
-/* peftref: the training loop (see include/peftref/train.h). */
+/* peftref: the training loop (see include/peftref/train.h): setup, the
+ * classification head, evaluation, checkpoints and metrics lines; its
+ * progress report on stderr is in progress.c. */
 #include "config.h"
 
 #include <errno.h>
@@ -8,7 +10,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -18,6 +19,7 @@
 #include "data.h"
 #include "fileio.h"
 #include "optim.h"
+#include "progress.h"
 #include "rng.h"
 #include "schedule.h"
 #include "train_state.h"
@@ -484,166 +486,6 @@ static double now_seconds(void)
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-/* ---- progress on stderr ----------------------------------------------------
- * PLAIN writes a log line every log_every steps and one per evaluation.
- * BAR redraws one line in place ("\r", then ESC[K to erase the rest of the
- * line) at most ten times a second, no wider than the terminal, and ends it
- * with a newline before anything else is written (a message, an error, the
- * caller's results), so the bar never mixes with other output. */
-typedef struct progress {
-    int mode;              /* PR_PROGRESS_BAR, _PLAIN or _NONE, resolved */
-    int total;             /* steps */
-    int is_cls;
-    int drawn;             /* a bar line is on screen and not yet ended */
-    double t_start;        /* this session's start (a resumed run starts late) */
-    double t_drawn;
-    int64_t step_start;
-    double loss, val, acc; /* latest; NAN until known */
-} progress;
-
-int pr_progress_parse(const char *s)
-{
-    static const char *const names[] = { "auto", "bar", "plain", "none" };
-    for (int i = 0; s && i < 4; i++)
-        if (strcmp(s, names[i]) == 0)
-            return i;   /* the pr_progress values, in order */
-    return -1;
-}
-
-static void progress_init(progress *pg, const trainer *t, int64_t step)
-{
-    const pr_train_config *cfg = t->cfg;
-    memset(pg, 0, sizeof *pg);
-    pg->mode = cfg->quiet ? PR_PROGRESS_NONE : cfg->progress;
-    if (pg->mode == PR_PROGRESS_AUTO) {
-        const char *term = getenv("TERM");
-        pg->mode = isatty(STDERR_FILENO) && !(term && strcmp(term, "dumb") == 0) ? PR_PROGRESS_BAR
-                                                                                 : PR_PROGRESS_PLAIN;
-    }
-    if (pg->mode < PR_PROGRESS_BAR || pg->mode > PR_PROGRESS_NONE)
-        pg->mode = PR_PROGRESS_PLAIN;
-    pg->total = cfg->steps;
-    pg->is_cls = t->is_cls;
-    pg->step_start = step;
-    pg->loss = pg->val = pg->acc = NAN;
-}
-
-static int term_columns(void)
-{
-    struct winsize ws;
-    if (ioctl(STDERR_FILENO, TIOCGWINSZ, &ws) == 0 && ws.ws_col >= 20)
-        return ws.ws_col;
-    const char *c = getenv("COLUMNS");
-    int n = c ? atoi(c) : 0;
-    return n >= 20 ? n : 80;
-}
-
-/* 75 -> "1:15", 4000 -> "1:06:40" */
-static void fmt_duration(double s, char *buf, size_t len)
-{
-    if (!isfinite(s) || s < 0 || s > 1e8) {
-        snprintf(buf, len, "--:--");
-        return;
-    }
-    long v = (long)(s + 0.5);
-    if (v >= 3600)
-        snprintf(buf, len, "%ld:%02ld:%02ld", v / 3600, v / 60 % 60, v % 60);
-    else
-        snprintf(buf, len, "%ld:%02ld", v / 60, v % 60);
-}
-
-/* 950 -> "950", 12345 -> "12.3k", 4.2e6 -> "4.20M" */
-static void fmt_rate(double v, char *buf, size_t len)
-{
-    if (v >= 1e6)
-        snprintf(buf, len, "%.2fM", v / 1e6);
-    else if (v >= 1e4)
-        snprintf(buf, len, "%.1fk", v / 1e3);
-    else
-        snprintf(buf, len, "%.0f", v);
-}
-
-/* Redraw the bar for step (force: even if drawn less than 0.1 s ago). */
-static void progress_draw(progress *pg, int64_t step, int64_t tokens, double now, int force)
-{
-    if (pg->mode != PR_PROGRESS_BAR || (!force && pg->drawn && now - pg->t_drawn < 0.1))
-        return;
-    pg->t_drawn = now;
-    double elapsed = now - pg->t_start;
-    double done = (double)(step - pg->step_start);
-    char eta[32], rate[32], right[200], left[64];
-    fmt_duration(done > 0 ? elapsed / done * (double)(pg->total - step) : NAN, eta, sizeof eta);
-    fmt_rate(elapsed > 0 ? (double)tokens / elapsed : 0.0, rate, sizeof rate);
-    int o = 0;
-    if (isfinite(pg->loss))
-        o += snprintf(right + o, sizeof right - (size_t)o, " loss %.4f", pg->loss);
-    if (isfinite(pg->val))
-        o += snprintf(right + o, sizeof right - (size_t)o, " | val %.4f", pg->val);
-    if (pg->is_cls && isfinite(pg->acc))
-        o += snprintf(right + o, sizeof right - (size_t)o, " acc %.3f", pg->acc);
-    snprintf(right + o, sizeof right - (size_t)o, " | %s tok/s | ETA %s", rate, eta);
-    snprintf(left, sizeof left, "step %lld/%d ", (long long)step, pg->total);
-    int cols = term_columns() - 1;   /* the last column would wrap on some terminals */
-    int pct = pg->total > 0 ? (int)(100 * step / pg->total) : 100;
-    int bar = cols - (int)strlen(left) - (int)strlen(right) - 7;   /* "[" "] " "100%" */
-    if (bar > 40)
-        bar = 40;
-    char line[512];
-    int n = snprintf(line, sizeof line, "%s", left);
-    if (bar >= 5) {
-        int fill = pg->total > 0 ? (int)((int64_t)bar * step / pg->total) : bar;
-        line[n++] = '[';
-        for (int i = 0; i < bar; i++)
-            line[n++] = i < fill ? '=' : i == fill ? '>' : ' ';
-        n += snprintf(line + n, sizeof line - (size_t)n, "] ");
-    }
-    snprintf(line + n, sizeof line - (size_t)n, "%3d%%%s", pct, right);
-    if (cols > 0 && cols < (int)sizeof line)
-        line[cols] = '\0';
-    fprintf(stderr, "\r%s\033[K", line);
-    fflush(stderr);
-    pg->drawn = 1;
-}
-
-/* End a drawn bar's line, so what follows starts on a fresh one. */
-static void progress_end_line(progress *pg)
-{
-    if (pg->drawn) {
-        fputc('\n', stderr);
-        fflush(stderr);
-        pg->drawn = 0;
-    }
-}
-
-/* After a training step: a plain log line when one is due, or the bar. */
-static void progress_step(progress *pg, const pr_train_config *cfg, int64_t step, double loss, float lr, double norm,
-                          double tps_window, int64_t tokens, double now)
-{
-    pg->loss = loss;
-    if (pg->mode == PR_PROGRESS_PLAIN)
-        fprintf(stderr, "step %6lld/%d  loss %.6f  lr %.3e  norm %.4f  %.0f tok/s\n", (long long)step, cfg->steps,
-                loss, lr, norm, tps_window);
-    else
-        progress_draw(pg, step, tokens, now, step == pg->total);
-}
-
-/* After an evaluation. */
-static void progress_eval(progress *pg, int64_t step, double vloss, double vacc, int64_t tokens, double now)
-{
-    pg->val = vloss;
-    pg->acc = vacc;
-    if (pg->mode == PR_PROGRESS_PLAIN) {
-        if (step == 0)
-            fprintf(stderr, "step %6d  val_loss %.6f\n", 0, vloss);
-        else if (pg->is_cls)
-            fprintf(stderr, "step %6lld  val_loss %.6f  val_accuracy %.4f\n", (long long)step, vloss, vacc);
-        else
-            fprintf(stderr, "step %6lld  val_loss %.6f  val_ppl %.4f\n", (long long)step, vloss, exp(vloss));
-    } else {
-        progress_draw(pg, step, tokens, now, 1);
-    }
-}
-
 int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, pr_train_result *res,
              pr_error *err)
 {
@@ -693,13 +535,13 @@ int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, p
     }
 
     double vloss, vacc;
-    progress_init(&pg, &t, step);
+    train_progress_init(&pg, t.cfg, t.is_cls, step);
     if ((rc = evaluate(&t, &vloss, &vacc, err)))
         goto out;
     res->initial_val_loss = vloss;
     if (step == 0) {
         log_eval(&t, 0, vloss, vacc);
-        progress_eval(&pg, 0, vloss, vacc, 0, now_seconds());
+        train_progress_eval(&pg, 0, vloss, vacc, 0, now_seconds());
     } else {
         pg.val = vloss;
         pg.acc = vacc;
@@ -779,7 +621,7 @@ int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, p
         if (pg.mode == PR_PROGRESS_BAR ||
             (pg.mode == PR_PROGRESS_PLAIN && (cfg->log_every <= 0 || step % cfg->log_every == 0 || last))) {
             double tps = (double)(tokens_done - tokens_last) / (now - t_last > 1e-9 ? now - t_last : 1e-9);
-            progress_step(&pg, cfg, step, loss, lr, norm, tps, tokens_done, now);
+            train_progress_step(&pg, cfg, step, loss, lr, norm, tps, tokens_done, now);
             t_last = now;
             tokens_last = tokens_done;
         }
@@ -787,7 +629,7 @@ int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, p
             if ((rc = evaluate(&t, &vloss, &vacc, err)))
                 goto out_signals;
             log_eval(&t, step, vloss, vacc);
-            progress_eval(&pg, step, vloss, vacc, tokens_done, now_seconds());
+            train_progress_eval(&pg, step, vloss, vacc, tokens_done, now_seconds());
             res->final_val_loss = vloss;
             res->final_val_accuracy = vacc;
         }
@@ -809,7 +651,7 @@ int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, p
     res->seconds = now_seconds() - t0;
     res->tokens_per_second = res->seconds > 0 ? (double)tokens_done / res->seconds : 0.0;
 out_signals:
-    progress_end_line(&pg);
+    train_progress_end_line(&pg);
     res->steps_done = step;
     sigaction(SIGINT, &old_int, NULL);
     sigaction(SIGTERM, &old_term, NULL);

@@ -45,6 +45,14 @@ const char *pr_registry_suggest(const pr_registry *r, const char *name);
 int pr_registry_refused_count(const pr_registry *r);
 /* path and one-line reason of the i-th refused file. */
 void pr_registry_refused(const pr_registry *r, int i, const char **path, const char **reason);
+/* The files that offered technique name after another file had provided
+ * it (each was refused as a whole, see pr_registry_refused).  For the i-th
+ * such file (0-based, in search order) returns 1 with the path of the file
+ * whose technique is used in *winner_path and the later file's path in
+ * *loser_path; 0, both NULL, when there are fewer.  Either pointer may be
+ * NULL. */
+int pr_registry_shadowed(const pr_registry *r, const char *name, int i, const char **winner_path,
+                         const char **loser_path);
 
 /* Check a descriptor as the loader does; err says what is wrong. */
 int pr_technique_validate(const pr_technique *t, pr_error *err);
