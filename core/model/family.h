@@ -39,6 +39,8 @@ float *bump_take_if(bump *b, int cond, size_t n);
 
 typedef struct family_ops {
     const char *name;      /* "GPT-2", in messages */
+    /* cfg is consistent (config.c); can this family run it? */
+    int (*check_config)(const pr_model_config *c, pr_error *err);
     /* Base tensors of cfg: how many, then (build) the family's state in
      * m->fam and every base tensor through model_add_base_tensor, in
      * checkpoint order; sets m->wte, m->wpe (NULL without learned

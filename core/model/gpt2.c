@@ -64,6 +64,23 @@ typedef struct gpt2 {
     float *att_scratch;          /* (T,Pmax+T) */
 } gpt2;
 
+/* GPT-2 runs any head layout, but only its own norm, activation, position
+ * encoding and fused c_attn. */
+static int check_config(const pr_model_config *c, pr_error *err)
+{
+    if (c->norm != PR_NORM_LAYERNORM)
+        return pr_errorf(err, PR_ERR_UNSUPPORTED, "config: norm must be LayerNorm for the GPT-2 family");
+    if (c->act != PR_ACT_GELU_TANH)
+        return pr_errorf(err, PR_ERR_UNSUPPORTED, "config: act must be GELU (tanh) for the GPT-2 family");
+    if (c->pos != PR_POS_LEARNED)
+        return pr_errorf(err, PR_ERR_UNSUPPORTED,
+                         "config: pos must be learned positions for the GPT-2 family");
+    if (!c->fused_qkv)
+        return pr_errorf(err, PR_ERR_UNSUPPORTED,
+                         "config: fused_qkv must be 1 for the GPT-2 family (attn.c_attn is one matrix)");
+    return PR_OK;
+}
+
 /* ---- tensors ------------------------------------------------------------- */
 
 static int count_tensors(const pr_model_config *c)
@@ -425,6 +442,7 @@ static int block_backward(pr_model *m, int l, const float *x, pr_error *err)
 
 const family_ops family_gpt2 = {
     .name = "GPT-2",
+    .check_config = check_config,
     .count_tensors = count_tensors,
     .build = build,
     .destroy = destroy,
