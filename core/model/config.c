@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include "peftref/config.h"
+#include "family.h"
 
 /* GPT-2 sizes from Radford et al. 2019, "Language Models are Unsupervised
  * Multitask Learners", Table 2 (as released in the Hugging Face configs). */
@@ -115,24 +116,15 @@ static int config_check_consistent(const pr_model_config *c, pr_error *err)
     return PR_OK;
 }
 
-/* What the model code runs today: the GPT-2 family (any head layout). */
+/* Consistent numbers a family can still refuse (a GPT-2 with RoPE). */
 static int config_check_supported(const pr_model_config *c, pr_error *err)
 {
-    if (c->family != PR_FAMILY_GPT2)
+    const family_ops *ops = family_find(c->family);
+    if (!ops)
         return pr_errorf(err, PR_ERR_UNSUPPORTED,
                          "config: family %s is not implemented yet (only GPT-2 models run)",
                          family_name(c->family));
-    if (c->norm != PR_NORM_LAYERNORM)
-        return pr_errorf(err, PR_ERR_UNSUPPORTED, "config: norm must be LayerNorm for the GPT-2 family");
-    if (c->act != PR_ACT_GELU_TANH)
-        return pr_errorf(err, PR_ERR_UNSUPPORTED, "config: act must be GELU (tanh) for the GPT-2 family");
-    if (c->pos != PR_POS_LEARNED)
-        return pr_errorf(err, PR_ERR_UNSUPPORTED,
-                         "config: pos must be learned positions for the GPT-2 family");
-    if (!c->fused_qkv)
-        return pr_errorf(err, PR_ERR_UNSUPPORTED,
-                         "config: fused_qkv must be 1 for the GPT-2 family (attn.c_attn is one matrix)");
-    return PR_OK;
+    return ops->check_config(c, err);
 }
 
 int pr_config_validate(const pr_model_config *cfg, pr_error *err)

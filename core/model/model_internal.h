@@ -1,4 +1,5 @@
-/* peftref core: what the checkpoint loader needs from the model. */
+/* peftref core: what the checkpoint loader and the module host need from
+ * the model beyond its public API. */
 #ifndef PEFTREF_CORE_MODEL_INTERNAL_H
 #define PEFTREF_CORE_MODEL_INTERNAL_H
 
@@ -26,5 +27,30 @@ typedef struct model_modules {
 } model_modules;
 /* m's list; NULL for a NULL m. */
 model_modules *model_modules_of(const pr_model *m);
+
+/* How a frozen weight is stored.  GPT-2's Conv1D keeps [d_in, d_out]
+ * (element (i, o) at w[i*ld + o]); nn.Linear (LLaMA) keeps [d_out, d_in]
+ * (element (i, o) at w[o*ld + i]). */
+typedef enum model_weight_layout {
+    PR_WEIGHT_IN_OUT = 1,
+    PR_WEIGHT_OUT_IN = 2
+} model_weight_layout;
+
+/* The frozen weight and bias at a site, as stored.  For a projection
+ * site d_in/d_out are the site's; attn.k and attn.v view the key / value
+ * projection (d_in = d_model), ffn.act the down projection (d_in = d_ff =
+ * the site's width, d_out = d_model) with no bias.  Writable, for merging. */
+typedef struct model_weight_view {
+    float *w;
+    int ld;          /* row stride of the stored matrix */
+    float *b;        /* (d_out) or NULL without biases */
+    int d_in, d_out;
+    int layout;      /* model_weight_layout */
+} model_weight_view;
+
+/* The view at (site, layer); PR_ERR_INVALID for a stream site without a
+ * weight, PR_ERR_UNSUPPORTED for a site the family lacks.
+ * pr_model_site_weight is this for [d_in, d_out] (IN_OUT) weights. */
+int model_site_weight_view(pr_model *m, int site, int layer, model_weight_view *v, pr_error *err);
 
 #endif

@@ -1,0 +1,127 @@
+/* peftref core: activation memory, planned once per batch shape.
+ *
+ * One block holds every saved activation and every backward scratch
+ * buffer as a named view, laid out twice by the same code: once to size
+ * the block, once to assign the views.  The frame lays out what every
+ * family shares (embedding, block_out, prefixes, final norm output, head,
+ * residual-stream gradients); the family lays out its blocks' own.
+ * Buffers of stream sites exist only while hooks are attached there. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "family.h"
+
+#define ALIGN_FLOATS 16   /* 64-byte aligned views */
+
+float *bump_take(bump *b, size_t n)
+{
+    float *p = b->base ? b->base + b->off : NULL;
+    b->off += (n + ALIGN_FLOATS - 1) / ALIGN_FLOATS * ALIGN_FLOATS;
+    return p;
+}
+
+float *bump_take_if(bump *b, int cond, size_t n)
+{
+    return cond ? bump_take(b, n) : NULL;
+}
+
+/* Lay out every view for B sequences of Tr real tokens and Ti internal
+ * positions.  Run once with base NULL to size the block and once to
+ * assign the views. */
+static void layout_activations(pr_model *m, bump *b, int B, int Tr, int Ti)
+{
+    const pr_model_config *c = &m->cfg;
+    size_t N = (size_t)B * (size_t)Ti, Nr = (size_t)B * (size_t)Tr;
+    size_t C = (size_t)c->d_model, V = (size_t)c->vocab_size, Hkv = (size_t)c->n_kv_heads;
+    size_t hd = (size_t)c->d_head, KV = Hkv * hd;
+    size_t nv = (size_t)pr_model_virtual_positions(m), Pmax = (size_t)model_max_prefix_room(m);
+
+    m->vrows = bump_take_if(b, nv > 0, nv * C);
+    m->encoded = bump_take(b, N * C);
+    m->embed_y = bump_take_if(b, model_has_hooks(m, PR_SITE_EMBED, -1), N * C);
+    for (int l = 0; l < c->n_layers; l++) {
+        layer_frame *f = &m->lf[l];
+        size_t P = (size_t)model_prefix_room(m, l);
+        f->pk = bump_take_if(b, P > 0, Hkv * P * hd);
+        f->pv = bump_take_if(b, P > 0, Hkv * P * hd);
+        f->bout = bump_take_if(b, model_has_hooks(m, PR_SITE_BLOCK_OUT, l), N * C);
+    }
+    m->lnf = bump_take(b, N * C);
+    m->hid = bump_take_if(b, nv > 0, Nr * C);
+    m->logits = bump_take(b, Nr * V);
+    m->probs = bump_take(b, Nr * V);
+    m->losses = bump_take(b, Nr);
+
+    m->dvrows = bump_take_if(b, nv > 0, nv * C);
+    m->prow = bump_take_if(b, Pmax > 0, Pmax * KV);
+    m->dpk = bump_take_if(b, Pmax > 0, Hkv * Pmax * hd);
+    m->dpv = bump_take_if(b, Pmax > 0, Hkv * Pmax * hd);
+    m->dhid = bump_take_if(b, nv > 0, Nr * C);
+    m->dres = bump_take(b, N * C);
+    m->dtmp = bump_take(b, N * C);
+    m->dstream = bump_take(b, N * C);
+    m->dln = bump_take(b, N * C);
+    m->dlogits = bump_take(b, Nr * V);
+
+    m->ops->layout(m, b, B, Ti);
+}
+
+int model_plan_activations(pr_model *m, int B, int Tr, int Ti, pr_error *err)
+{
+    bump sizing = { NULL, 0 };
+    layout_activations(m, &sizing, B, Tr, Ti);
+    size_t bytes = sizing.off * sizeof(float);
+    void *block = NULL;
+    if (posix_memalign(&block, 64, bytes) != 0)
+        return pr_errorf(err, PR_ERR_NOMEM, "reserve: out of memory for %zu bytes of activations (B=%d, T=%d)",
+                         bytes, B, Ti);
+    int *toks = malloc(2 * (size_t)B * (size_t)Tr * sizeof(int));
+    if (!toks) {
+        free(block);
+        return pr_errorf(err, PR_ERR_NOMEM, "reserve: out of memory for token buffers");
+    }
+    memset(block, 0, bytes);
+    free(m->act_block);
+    free(m->tok_block);
+    m->act_block = block;
+    m->tok_block = toks;
+    m->tokens = toks;
+    m->targets = toks + (size_t)B * (size_t)Tr;
+    bump assign = { m->act_block, 0 };
+    layout_activations(m, &assign, B, Tr, Ti);
+    m->resB = B;
+    m->resT = Tr;
+    m->resTi = Ti;
+    m->have_fwd = 0;
+    return PR_OK;
+}
+
+/* T counts real tokens; the plan adds the virtual positions. */
+int pr_model_reserve(pr_model *m, int B, int T, pr_error *err)
+{
+    if (!m)
+        return pr_errorf(err, PR_ERR_INVALID, "reserve: NULL model");
+    if (B <= 0 || T <= 0)
+        return pr_errorf(err, PR_ERR_INVALID, "reserve: B and T must be positive (got B=%d, T=%d)", B, T);
+    int nv = pr_model_virtual_positions(m);
+    if (T + nv > m->cfg.max_seq) {
+        if (nv)
+            return pr_errorf(err, PR_ERR_INVALID, "reserve: T=%d plus %d virtual positions exceeds the model's "
+                             "max_seq=%d", T, nv, m->cfg.max_seq);
+        return pr_errorf(err, PR_ERR_INVALID, "reserve: T=%d exceeds the model's max_seq=%d", T, m->cfg.max_seq);
+    }
+    /* the kernels count rows N = B*T in an int */
+    if ((int64_t)B * (T + nv) > INT32_MAX)
+        return pr_errorf(err, PR_ERR_INVALID, "reserve: batch B=%d x T=%d has more than 2^31 rows", B, T + nv);
+    if (!m->act_block || B > m->resB || T > m->resT || T + nv > m->resTi) {
+        if (m->act_block) {
+            if (B < m->resB) B = m->resB;
+            if (T < m->resT) T = m->resT;
+        }
+        int rc = model_plan_activations(m, B, T, T + nv, err);
+        if (rc)
+            return rc;
+    }
+    return model_reserve_all_hooks(m, err);
+}

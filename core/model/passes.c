@@ -1,0 +1,284 @@
+/* peftref core: the forward and backward passes, whatever the family.
+ *
+ * embed -> [embed hooks] -> block 0 .. L-1, each followed by its block_out
+ * site -> final norm -> LM head -> cross-entropy; backward is the same
+ * path in reverse.  The blocks and the final norm are the family's
+ * (family.h); the embedding, the head and every site outside a block are
+ * the frame's.
+ *
+ * Virtual positions (prompt tuning, Lester et al. 2021): with nv vectors
+ * prepended at the embedding site every sequence runs on T = nv + Tr
+ * positions, Tr of them real tokens.  Inside the blocks T is that internal
+ * length; tokens, targets, logits and the loss cover the Nr = B*Tr real
+ * rows only, gathered from the final norm's output.  The LM head reads
+ * the token table (tied) or its own (V,C) weight as nn.Linear [out, in]. */
+#include <stdint.h>
+#include <string.h>
+
+#include "family.h"
+#include "kernels.h"
+
+/* Embeddings of T = nv + Tr positions per sequence, out (B,T,C): virtual
+ * position p is the providers' vector p plus wpe[p], real token t is
+ * wte[token] + wpe[nv + t] (the order Hugging Face PEFT uses for GPT-2). */
+static int embed_forward(pr_model *m, pr_error *err)
+{
+    const pr_model_config *c = &m->cfg;
+    int B = m->B, T = m->T, Tr = m->Tr, nv = m->nv, C = c->d_model;
+    const float *wpe = data_of(m->wpe);
+    if (nv == 0) {
+        encoder_forward(m->encoded, m->tokens, m->wte->data, wpe, B, T, C);
+        return PR_OK;
+    }
+    int rc = model_concat_forward(m, PR_SITE_EMBED, -1, m->vrows, C, err);
+    if (rc)
+        return rc;
+    for (int b = 0; b < B; b++) {
+        float *out = m->encoded + (size_t)b * T * C;
+        for (size_t i = 0; i < (size_t)nv * C; i++)
+            out[i] = m->vrows[i] + (wpe ? wpe[i] : 0.0f);
+        encoder_forward(out + (size_t)nv * C, m->tokens + (size_t)b * Tr, m->wte->data,
+                        wpe ? wpe + (size_t)nv * C : NULL, 1, Tr, C);
+    }
+    return PR_OK;
+}
+
+/* dx (B,T,C) is the gradient of the embeddings. */
+static int embed_backward(pr_model *m, const float *dx, pr_error *err)
+{
+    const pr_model_config *c = &m->cfg;
+    int B = m->B, T = m->T, Tr = m->Tr, nv = m->nv, C = c->d_model;
+    float *dwte = grad_of(m->wte), *dwpe = grad_of(m->wpe);
+    if (nv == 0) {
+        if (dwte || dwpe)
+            encoder_backward(dwte, dwpe, dx, m->tokens, B, T, C);
+        return PR_OK;
+    }
+    size_t nC = (size_t)nv * C;
+    memset(m->dvrows, 0, nC * sizeof(float));
+    for (int b = 0; b < B; b++)
+        model_add_rows(m->dvrows, C, dx + (size_t)b * T * C, C, nv, C);
+    if (dwpe)
+        model_add_rows(dwpe, C, m->dvrows, C, nv, C);
+    if (dwte || dwpe)
+        for (int b = 0; b < B; b++)
+            encoder_backward(dwte, dwpe ? dwpe + nC : NULL, dx + (size_t)b * T * C + nC,
+                             m->tokens + (size_t)b * Tr, 1, Tr, C);
+    return model_concat_backward(m, PR_SITE_EMBED, -1, m->dvrows, C, err);
+}
+
+/* internal rows (B, nv+Tr, C) -> real rows (B, Tr, C) */
+static void gather_real_rows(float *dst, const float *src, int B, int nv, int Tr, int C)
+{
+    for (int b = 0; b < B; b++)
+        memcpy(dst + (size_t)b * Tr * C, src + ((size_t)b * (nv + Tr) + nv) * C, (size_t)Tr * C * sizeof(float));
+}
+
+/* real rows (B, Tr, C) -> internal rows (B, nv+Tr, C), virtual rows zero */
+static void scatter_real_rows(float *dst, const float *src, int B, int nv, int Tr, int C)
+{
+    for (int b = 0; b < B; b++) {
+        float *d = dst + (size_t)b * (nv + Tr) * C;
+        memset(d, 0, (size_t)nv * C * sizeof(float));
+        memcpy(d + (size_t)nv * C, src + (size_t)b * Tr * C, (size_t)Tr * C * sizeof(float));
+    }
+}
+
+/* ---- forward ------------------------------------------------------------- */
+
+/* Final norm output at the real positions, (B,Tr,C). */
+static const float *real_hidden(const pr_model *m)
+{
+    return m->nv ? m->hid : m->lnf;
+}
+
+static int check_batch(pr_model *m, const pr_batch *bt, pr_error *err)
+{
+    const pr_model_config *c = &m->cfg;
+    if (!bt || !bt->tokens)
+        return pr_errorf(err, PR_ERR_INVALID, "forward: NULL batch or tokens");
+    if (bt->B <= 0 || bt->T <= 0)
+        return pr_errorf(err, PR_ERR_INVALID, "forward: B and T must be positive (got B=%d, T=%d)", bt->B, bt->T);
+    int nv = pr_model_virtual_positions(m);
+    if (bt->T + nv > c->max_seq) {
+        if (nv)
+            return pr_errorf(err, PR_ERR_INVALID, "forward: T=%d plus %d virtual positions exceeds the model's "
+                             "max_seq=%d", bt->T, nv, c->max_seq);
+        return pr_errorf(err, PR_ERR_INVALID, "forward: T=%d exceeds the model's max_seq=%d", bt->T, c->max_seq);
+    }
+    if (!m->act_block)
+        return pr_errorf(err, PR_ERR_INVALID, "forward: no activation memory; call pr_model_reserve first");
+    if (bt->B > m->resB || bt->T > m->resT || bt->T + nv > m->resTi)
+        return pr_errorf(err, PR_ERR_INVALID, "forward: batch B=%d x T=%d exceeds the reservation B=%d x T=%d",
+                         bt->B, bt->T, m->resB, m->resT);
+    for (int i = 0; i < m->n_base; i++)
+        if (!m->tensors[i].data)
+            return pr_errorf(err, PR_ERR_INVALID, "forward: tensor '%s' has no data", m->tensors[i].name);
+    int rc = model_check_prefixes(m, err);
+    if (rc)
+        return rc;
+    for (int b = 0; b < bt->B; b++)
+        for (int t = 0; t < bt->T; t++) {
+            int id = bt->tokens[(size_t)b * bt->T + t];
+            if (id < 0 || id >= c->vocab_size)
+                return pr_errorf(err, PR_ERR_INVALID,
+                                 "forward: token id %d at batch %d position %d is outside the vocabulary [0, %d)",
+                                 id, b, t, c->vocab_size);
+            if (bt->targets && bt->targets[(size_t)b * bt->T + t] >= c->vocab_size)
+                return pr_errorf(err, PR_ERR_INVALID,
+                                 "forward: target id %d at batch %d position %d is outside the vocabulary [0, %d)",
+                                 bt->targets[(size_t)b * bt->T + t], b, t, c->vocab_size);
+        }
+    return PR_OK;
+}
+
+int pr_model_forward(pr_model *m, const pr_batch *batch, float *loss, pr_error *err)
+{
+    if (!m)
+        return pr_errorf(err, PR_ERR_INVALID, "forward: NULL model");
+    int rc = check_batch(m, batch, err);
+    if (rc)
+        return rc;
+    const pr_model_config *c = &m->cfg;
+    int B = batch->B, Tr = batch->T, nv = pr_model_virtual_positions(m), T = nv + Tr;
+    int Nr = B * Tr, C = c->d_model, V = c->vocab_size;
+
+    m->have_fwd = 0;
+    m->B = B;
+    m->T = T;
+    m->Tr = Tr;
+    m->nv = nv;
+    m->have_targets = batch->targets != NULL;
+    m->scored = 0;
+    memcpy(m->tokens, batch->tokens, (size_t)Nr * sizeof(int));
+    if (batch->targets)
+        memcpy(m->targets, batch->targets, (size_t)Nr * sizeof(int));
+
+    if ((rc = embed_forward(m, err)))
+        return rc;
+    const float *x;
+    if ((rc = model_stream_forward(m, PR_SITE_EMBED, -1, m->encoded, C, m->embed_y, C, &x, NULL, err)))
+        return rc;
+    for (int l = 0; l < c->n_layers; l++) {
+        layer_frame *f = &m->lf[l];
+        f->in = x;
+        if ((rc = m->ops->block_forward(m, l, f->in, &f->pre, err)) ||
+            (rc = model_stream_forward(m, PR_SITE_BLOCK_OUT, l, f->pre, C, f->bout, C, &f->out, NULL, err)))
+            return rc;
+        x = f->out;
+    }
+    m->ops->final_norm_forward(m, x, m->lnf);
+    if (nv)
+        gather_real_rows(m->hid, m->lnf, B, nv, Tr, C);
+    m->hidden_only = batch->hidden_only;
+    if (batch->hidden_only) {
+        if (batch->targets)
+            return pr_errorf(err, PR_ERR_INVALID, "forward: hidden_only takes no targets");
+        if (loss)
+            *loss = 0.0f;
+        m->have_fwd = 1;
+        return PR_OK;
+    }
+    matmul_forward(m->logits, V, real_hidden(m), C, m->head->data, 0, NULL, Nr, C, V);
+
+    if (batch->targets) {
+        m->scored = crossentropy_forward(m->losses, m->probs, m->logits, m->targets, Nr, V);
+        double sum = 0.0;
+        for (int i = 0; i < Nr; i++)
+            sum += m->losses[i];
+        if (loss)
+            *loss = m->scored > 0 ? (float)(sum / (double)m->scored) : 0.0f;
+    } else if (loss) {
+        *loss = 0.0f;
+    }
+    m->have_fwd = 1;
+    return PR_OK;
+}
+
+const float *pr_model_logits(const pr_model *m)
+{
+    return m && m->have_fwd && !m->hidden_only ? m->logits : NULL;
+}
+
+const float *pr_model_hidden(const pr_model *m)
+{
+    return m && m->have_fwd ? real_hidden(m) : NULL;
+}
+
+int64_t pr_model_scored_tokens(const pr_model *m)
+{
+    return m && m->have_fwd ? m->scored : 0;
+}
+
+/* ---- backward ------------------------------------------------------------ */
+
+static int backward_from_final_norm(pr_model *m, pr_error *err);
+
+int pr_model_backward(pr_model *m, pr_error *err)
+{
+    if (!m)
+        return pr_errorf(err, PR_ERR_INVALID, "backward: NULL model");
+    if (!m->have_fwd)
+        return pr_errorf(err, PR_ERR_INVALID, "backward: no forward pass to differentiate (or the model changed since)");
+    if (!m->have_targets)
+        return pr_errorf(err, PR_ERR_INVALID, "backward: the last forward had no targets");
+    if (m->scored <= 0)
+        return pr_errorf(err, PR_ERR_INVALID, "backward: the last forward scored no targets (all are -1)");
+    const pr_model_config *c = &m->cfg;
+    int Nr = m->B * m->Tr, C = c->d_model, V = c->vocab_size;
+
+    /* loss = mean over scored rows -> logits -> ln_f at the real rows */
+    memset(m->dlogits, 0, (size_t)Nr * V * sizeof(float));
+    crossentropy_backward(m->dlogits, m->probs, m->targets, Nr, V, 1.0f / (float)m->scored);
+    float *dh = m->nv ? m->dhid : m->dln;
+    memset(dh, 0, (size_t)Nr * C * sizeof(float));
+    matmul_backward(dh, C, grad_of(m->head), NULL, m->dlogits, V, real_hidden(m), C, m->head->data, 0, Nr, C, V);
+    if (m->nv)
+        scatter_real_rows(m->dln, dh, m->B, m->nv, m->Tr, C);
+    return backward_from_final_norm(m, err);
+}
+
+int pr_model_backward_hidden(pr_model *m, const float *dhidden, pr_error *err)
+{
+    if (!m || !dhidden)
+        return pr_errorf(err, PR_ERR_INVALID, "backward: NULL model or gradient");
+    if (!m->have_fwd)
+        return pr_errorf(err, PR_ERR_INVALID, "backward: no forward pass to differentiate (or the model changed since)");
+    if (m->nv)
+        scatter_real_rows(m->dln, dhidden, m->B, m->nv, m->Tr, m->cfg.d_model);
+    else
+        memcpy(m->dln, dhidden, (size_t)m->B * m->T * m->cfg.d_model * sizeof(float));
+    return backward_from_final_norm(m, err);
+}
+
+/* m->dln holds dLoss/d(final norm output); propagate to every trainable
+ * tensor and hook. */
+static int backward_from_final_norm(pr_model *m, pr_error *err)
+{
+    const pr_model_config *c = &m->cfg;
+    int B = m->B, T = m->T, N = B * T, C = c->d_model;
+    size_t NC = (size_t)N * C;
+    int rc;
+    memset(m->dres, 0, NC * sizeof(float));
+    m->ops->final_norm_backward(m, m->dres, m->dln, m->lf[c->n_layers - 1].out);
+
+    for (int l = c->n_layers - 1; l >= 0; l--) {
+        const layer_frame *f = &m->lf[l];
+        if (model_has_hooks(m, PR_SITE_BLOCK_OUT, l)) {
+            memset(m->dtmp, 0, NC * sizeof(float));
+            if ((rc = model_stream_backward(m, PR_SITE_BLOCK_OUT, l, f->pre, C, m->dtmp, f->bout, m->dres, C, err)))
+                return rc;
+            float *t = m->dres; m->dres = m->dtmp; m->dtmp = t;
+        }
+        if ((rc = m->ops->block_backward(m, l, f->in, err)))
+            return rc;
+    }
+
+    if (model_has_hooks(m, PR_SITE_EMBED, -1)) {
+        memset(m->dtmp, 0, NC * sizeof(float));
+        if ((rc = model_stream_backward(m, PR_SITE_EMBED, -1, m->encoded, C, m->dtmp, m->embed_y, m->dres, C, err)))
+            return rc;
+        float *t = m->dres; m->dres = m->dtmp; m->dtmp = t;
+    }
+    return embed_backward(m, m->dres, err);
+}
