@@ -16,6 +16,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "host.h"
 #include "rng.h"
 #include "gradcheck.h"
 
@@ -29,7 +30,10 @@ const pr_plugin *th_plugin_open(const char *path, void **handle)
     pr_plugin_entry_fn entry;
     void *sym = dlsym(*handle, PR_PLUGIN_ENTRY_NAME);
     memcpy(&entry, &sym, sizeof entry);
-    return entry ? entry() : NULL;
+    static char why[256];
+    const pr_entry_args args = { .struct_size = sizeof args, .abi_major = PR_ABI_MAJOR, .abi_minor = PR_ABI_MINOR,
+                                 .host = &th_host, .bundle_path = ".", .error = why, .error_size = sizeof why };
+    return entry ? entry(&args) : NULL;
 }
 
 const pr_technique *th_plugin_technique(const char *path, void **handle)
@@ -385,7 +389,7 @@ void th_gemm(int ta, int tb, int M, int N, int K, float alpha, const float *A, i
         }
 }
 
-const pr_host th_host = {
+pr_host th_host = {
     .struct_size = sizeof(pr_host),
     .abi_major = PR_ABI_MAJOR,
     .abi_minor = PR_ABI_MINOR,
@@ -396,3 +400,25 @@ const pr_host th_host = {
     .rng_uniform = th_rng_uniform,
     .gemm = th_gemm,
 };
+
+/* The services th_host does not replace come from the host's own table
+ * (dropout, column sums, bias rows, base weights in f32, ...). */
+__attribute__((constructor)) static void th_host_fill(void)
+{
+    const pr_host *h = host_services();
+    th_host.log = h->log;
+    th_host.rng_normal = h->rng_normal;
+    th_host.act_forward = h->act_forward;
+    th_host.act_backward = h->act_backward;
+    th_host.softmax_rows = h->softmax_rows;
+    th_host.softmax_rows_backward = h->softmax_rows_backward;
+    th_host.parallel_for = h->parallel_for;
+    th_host.dropout_mask = h->dropout_mask;
+    th_host.dropout_apply = h->dropout_apply;
+    th_host.dropout_backward = h->dropout_backward;
+    th_host.col_sums = h->col_sums;
+    th_host.add_bias_rows = h->add_bias_rows;
+    th_host.base_weight_f32 = h->base_weight_f32;
+    th_host.add_aux_loss = h->add_aux_loss;
+    th_host.extension_data = h->extension_data;
+}

@@ -142,7 +142,8 @@ int th_host_error(const pr_ctx *ctx, const char *fmt, ...);
 void th_gemm(int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda, const float *B, int ldb,
              float beta, float *C, int ldc);
 
-/* malloc/free, th_host_error, splitmix64 rng_next/rng_uniform and th_gemm. */
-extern const pr_host th_host;
+/* malloc/free, th_host_error, splitmix64 rng_next/rng_uniform and th_gemm;
+ * every other service is the host's own. */
+extern pr_host th_host;
 
 #endif

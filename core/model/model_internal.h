@@ -5,6 +5,7 @@
 
 #include <stddef.h>
 #include "peftref/model.h"
+#include "peftref/plugin.h"
 
 /* Build the tensor table for cfg without base storage: every tensor's data
  * is NULL until model_set_tensor_data or model_alloc_storage. */
@@ -24,18 +25,17 @@ void model_init_random(pr_model *m);
 typedef struct model_modules {
     struct pr_module **mods;
     int n, cap;
+    /* the training position modules see (pr_ctx.step, .sample_index) */
+    uint64_t step;
+    const int64_t *samples;    /* B global sample indices of the batch in flight, or NULL */
+    double aux_loss;           /* what after_backward callbacks added since the last read */
 } model_modules;
 /* m's list; NULL for a NULL m. */
 model_modules *model_modules_of(const pr_model *m);
 
-/* How a frozen weight is stored.  GPT-2's Conv1D keeps [d_in, d_out]
- * (element (i, o) at w[i*ld + o]); nn.Linear (LLaMA) keeps [d_out, d_in]
- * (element (i, o) at w[o*ld + i]). */
-typedef enum model_weight_layout {
-    PR_WEIGHT_IN_OUT = 1,
-    PR_WEIGHT_OUT_IN = 2
-} model_weight_layout;
-
+/* How a frozen weight is stored: pr_weight_layout (peftref/plugin.h).
+ * GPT-2's Conv1D keeps [d_in, d_out] (element (i, o) at w[i*ld + o]);
+ * nn.Linear (LLaMA) keeps [d_out, d_in] (element (i, o) at w[o*ld + i]). */
 /* The frozen weight and bias at a site, as stored.  For a projection
  * site d_in/d_out are the site's; attn.k and attn.v view the key / value
  * projection (d_in = d_model), ffn.act the down projection (d_in = d_ff =
@@ -45,7 +45,7 @@ typedef struct model_weight_view {
     int ld;          /* row stride of the stored matrix */
     float *b;        /* (d_out) or NULL without biases */
     int d_in, d_out;
-    int layout;      /* model_weight_layout */
+    int layout;      /* pr_weight_layout */
 } model_weight_view;
 
 /* The view at (site, layer); PR_ERR_INVALID for a stream site without a

@@ -22,29 +22,6 @@ static void fill_views(pr_module *mod)
     }
 }
 
-/* Shape [rows, cols] of the frozen weight a site folds into
- * (pr_model_site_weight): a projection's own [d_in, d_out]; for attn.k and
- * attn.v the key / value projection [d_model, d_out] (a rescaling scales
- * its columns and bias); for ffn.act the down projection [d_ff, d_model]
- * (a rescaling scales its rows).  0 for sites without one. */
-static int site_weight_shape(const insertion *in, int64_t *rows, int64_t *cols)
-{
-    const pr_dims *d = &in->dims;
-    if (pr_site_is_projection(in->site)) {
-        *rows = d->d_in;
-        *cols = d->d_out;
-    } else if (in->site == PR_SITE_ATTN_K || in->site == PR_SITE_ATTN_V) {
-        *rows = d->d_model;
-        *cols = d->d_out;
-    } else if (in->site == PR_SITE_FFN_ACT) {
-        *rows = d->d_out;
-        *cols = d->d_model;
-    } else {
-        return 0;
-    }
-    return 1;
-}
-
 static int alloc_module(pr_module *mod, pr_error *err)
 {
     mod->params = mod_alloc_floats(mod->n_param_floats);
@@ -59,22 +36,34 @@ static int alloc_module(pr_module *mod, pr_error *err)
         in->grads = calloc(np, sizeof *in->grads);
         in->saved = calloc(mod->t.n_saved ? mod->t.n_saved : 1, sizeof *in->saved);
         in->scratch = calloc(mod->t.n_scratch ? mod->t.n_scratch : 1, sizeof *in->scratch);
-        if (!in->params || !in->grads || !in->saved || !in->scratch)
+        in->ptrs = calloc(2 * np + (mod->t.n_saved + mod->t.n_scratch) + 1, sizeof *in->ptrs);
+        if (!in->params || !in->grads || !in->saved || !in->scratch || !in->ptrs)
             return pr_errorf(err, PR_ERR_NOMEM, "module '%s': out of memory", mod_name(mod));
+        pr_tensor **pp = in->ptrs;
+        for (uint32_t i = 0; i < np; i++) {
+            pp[i] = &in->params[i];
+            pp[np + i] = &in->grads[i];
+        }
+        for (uint32_t i = 0; i < mod->t.n_saved; i++)
+            pp[2 * np + i] = &in->saved[i];
+        for (uint32_t i = 0; i < mod->t.n_scratch; i++)
+            pp[2 * np + mod->t.n_saved + i] = &in->scratch[i];
         if (mod_form(mod)->alloc && mod_form(mod)->alloc(in))
             return pr_errorf(err, PR_ERR_NOMEM, "module '%s': out of memory", mod_name(mod));
-        int64_t wr, wc;
-        if (site_weight_shape(in, &wr, &wc)) {
-            float *w = NULL, *b = NULL;
-            int ld = 0;
-            pr_error e2 = { 0 };
-            if (pr_model_site_weight(mod->model, in->site, in->layer, &w, &ld, &b, &e2) == PR_OK && w) {
-                in->bw = mod_view2(w, wr, wc, ld);
-                in->has_bw = 1;
-                if (b) {
-                    in->bb = mod_view(b, 1, &wc);
-                    in->has_bb = 1;
-                }
+        /* The frozen weight the site folds into (a projection's own; attn.k
+         * and attn.v the key / value projection; ffn.act the down
+         * projection), viewed as the family stores it. */
+        model_weight_view v;
+        pr_error e2 = { 0 };
+        if (model_site_weight_view(mod->model, in->site, in->layer, &v, &e2) == PR_OK && v.w) {
+            const int out_in = v.layout == PR_WEIGHT_OUT_IN;
+            in->bw = mod_view2(v.w, out_in ? v.d_out : v.d_in, out_in ? v.d_in : v.d_out, v.ld);
+            in->bw_layout = v.layout;
+            in->has_bw = 1;
+            if (v.b) {
+                int64_t n = v.d_out;
+                in->bb = mod_view(v.b, 1, &n);
+                in->has_bb = 1;
             }
         }
     }

@@ -44,6 +44,8 @@ int mod_call(const pr_module *mod, const insertion *in, pr_callback cb, const ch
     host_call_begin(&hc);
     int rc = cb(c);
     host_call_end(&hc);
+    if (hc.aux_loss != 0.0)
+        mod_add_aux_loss(mod->model, hc.aux_loss);
     return rc ? call_failed(mod, in, what, rc, &hc, err) : PR_OK;
 }
 
@@ -69,17 +71,29 @@ void mod_ctx_init(const insertion *in, pr_ctx *c, int B, int T, int training, ui
     c->rows = B * T;
     c->training = training;
     c->seed = call_seed(mod, in, step);
+    c->module_seed = host_mix64(mod->seed ^ host_mix64((uint64_t)(in->index + 1) << 32));
+    c->step = (int64_t)(in->n_fwd >> 24);
+    c->sample_index = mod_samples(mod->model);
     c->options = in->opts;
     c->n_options = mod->t.n_options;
-    c->params = in->params;
-    c->grads = in->grads;
+    uint32_t np = mod->t.n_params ? mod->t.n_params : 1;
+    c->params = in->ptrs;
+    c->grads = in->ptrs + np;
     c->n_params = mod->t.n_params;
-    c->saved = in->saved;
+    c->saved = in->ptrs + 2 * np;
     c->n_saved = mod->t.n_saved;
-    c->scratch = in->scratch;
+    c->scratch = in->ptrs + 2 * np + mod->t.n_saved;
     c->n_scratch = mod->t.n_scratch;
+    /* the site tensors of this call: the callers fill them through CT() */
+    insertion *store = (insertion *)in;
+    memset(store->site_t, 0, sizeof store->site_t);
+    c->in = &store->site_t[0];
+    c->out = &store->site_t[1];
+    c->d_in = &store->site_t[2];
+    c->d_out = &store->site_t[3];
     c->base_weight = in->has_bw ? &in->bw : NULL;
     c->base_bias = in->has_bb ? &in->bb : NULL;
+    c->base_layout = in->bw_layout ? in->bw_layout : PR_WEIGHT_IN_OUT;
     c->scale = in->scale;
 }
 

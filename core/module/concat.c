@@ -23,7 +23,7 @@ int mod_concat_forward(void *self, int site, int layer, float *out, pr_error *er
     pr_ctx c;
     mod_ctx_init(in, &c, 1, in->n_virtual, pr_model_get_training(mod->model), in->n_fwd++);
     size_t n = (size_t)in->n_virtual * (size_t)in->w_out;
-    c.out = mod_view2(mod->gated ? in->h_keep : out, in->n_virtual, in->w_out, in->w_out);
+    CT(&c, out) = mod_view2(mod->gated ? in->h_keep : out, in->n_virtual, in->w_out, in->w_out);
     if ((rc = mod_call(mod, in, mod->t.forward, "forward", &c, err)) || !mod->gated)
         return rc;
     float s = mod_gate_value(in);
@@ -56,9 +56,9 @@ int mod_concat_backward(void *self, int site, int layer, const float *dout, pr_e
         if (dg)
             *dg += (float)(acc * s * (1.0 - s));
         dout = a;
-        c.out = mod_view2(in->h_keep, in->n_virtual, in->w_out, in->w_out);
+        CT(&c, out) = mod_view2(in->h_keep, in->n_virtual, in->w_out, in->w_out);
     }
-    c.d_out = mod_view2(dout, in->n_virtual, in->w_out, in->w_out);
+    CT(&c, d_out) = mod_view2(dout, in->n_virtual, in->w_out, in->w_out);
     return mod_call(mod, in, mod->t.backward, "backward", &c, err);
 }
 

@@ -18,7 +18,7 @@
  * contributions. */
 static int fusion_init(const pr_ctx *c)
 {
-    pr_tensor *v = &c->params[2];
+    pr_tensor *v = c->params[2];
     int64_t d = v->shape[0];
     float *w = v->data;
     for (int64_t i = 0; i < d; i++)
@@ -28,12 +28,13 @@ static int fusion_init(const pr_ctx *c)
 }
 
 static const pr_param_decl fusion_params[] = {
-    { sizeof(pr_param_decl), "query", "d_out, d_out", PR_INIT_NORMAL, "0.02", PR_SCOPE_INSERTION, 0,
-      "W_Q: query = y W_Q, y the site output", NULL },
-    { sizeof(pr_param_decl), "key", "d_out, d_out", PR_INIT_NORMAL, "0.02", PR_SCOPE_INSERTION, 0,
-      "W_K: key_i = h_i W_K, h_i a fused module's contribution", NULL },
-    { sizeof(pr_param_decl), "value", "d_out, d_out", PR_INIT_CUSTOM, NULL, PR_SCOPE_INSERTION, 0,
-      "W_V: value_i = h_i W_V; identity plus 1e-6 off the diagonal", NULL },
+    { .struct_size = sizeof(pr_param_decl), .name = "query", .shape = "d_out, d_out", .init = PR_INIT_NORMAL,
+      .init_arg = "0.02", .scope = PR_SCOPE_INSERTION, .help = "W_Q: query = y W_Q, y the site output" },
+    { .struct_size = sizeof(pr_param_decl), .name = "key", .shape = "d_out, d_out", .init = PR_INIT_NORMAL,
+      .init_arg = "0.02", .scope = PR_SCOPE_INSERTION,
+      .help = "W_K: key_i = h_i W_K, h_i a fused module's contribution" },
+    { .struct_size = sizeof(pr_param_decl), .name = "value", .shape = "d_out, d_out", .init = PR_INIT_CUSTOM,
+      .scope = PR_SCOPE_INSERTION, .help = "W_V: value_i = h_i W_V; identity plus 1e-6 off the diagonal" },
 };
 
 const pr_technique mod_fusion_technique = {
@@ -137,9 +138,9 @@ static int fusion_kid_ctx(const insertion *ki, const pr_site_io *io, const float
         return rc;
     mod_ctx_init(ki, c, io->B, io->T, io->training, step);
     if (ki->mod->t.insertion == PR_INSERT_SEQUENTIAL)
-        c->in = mod_view2(yq, io->rows, io->y_dim, io->y_dim);
+        CT(c, in) = mod_view2(yq, io->rows, io->y_dim, io->y_dim);
     else
-        c->in = mod_view2(io->x, io->rows, io->x_dim, io->x_ld);
+        CT(c, in) = mod_view2(io->x, io->rows, io->x_dim, io->x_ld);
     return PR_OK;
 }
 
@@ -169,7 +170,7 @@ int mod_fusion_forward(void *self, const pr_site_io *io, pr_error *err)
             return rc;
         float *h = f.h + (size_t)i * stride;
         memset(h, 0, rd * sizeof(float));
-        c.out = mod_view2(h, rows, d, d);
+        CT(&c, out) = mod_view2(h, rows, d, d);
         if ((rc = mod_call(ki->mod, ki, ki->mod->t.forward, "forward", &c, err)))
             return rc;
         float k = mod_add_coefficient(ki);
@@ -280,11 +281,11 @@ int mod_fusion_backward(void *self, const pr_site_io *io, pr_error *err)
         pr_ctx c;
         if ((rc = fusion_kid_ctx(ki, io, f.yq, ki->n_fwd ? ki->n_fwd - 1 : 0, &c, err)))
             return rc;
-        c.d_out = mod_view2(dh, rows, d, d);
+        CT(&c, d_out) = mod_view2(dh, rows, d, d);
         if (ki->mod->t.insertion == PR_INSERT_SEQUENTIAL)
-            c.d_in = mod_view2(dyq, rows, d, d);
+            CT(&c, d_in) = mod_view2(dyq, rows, d, d);
         else
-            c.d_in = mod_view2(dx, rows, io->x_dim, dx_ld);
+            CT(&c, d_in) = mod_view2(dx, rows, io->x_dim, dx_ld);
         if ((rc = mod_call(ki->mod, ki, ki->mod->t.backward, "backward", &c, err)))
             return rc;
     }

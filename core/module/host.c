@@ -43,6 +43,7 @@ void host_call_begin(host_call *c)
 {
     c->msg[0] = '\0';
     c->has_msg = 0;
+    c->aux_loss = 0.0;
     c->prev = current_call;
     current_call = c;
 }
@@ -296,6 +297,151 @@ static void host_parallel_for(int64_t n, void (*fn)(void *arg, int64_t begin, in
     fn(arg, 0, n);
 }
 
+/* ---- dropout keyed by sample --------------------------------------------------- */
+
+/* The key of row r of a call: every input that decides the mask, and
+ * nothing of how the batch was split (not the micro-batch, not the rank):
+ * (module seed, step, global sample index, position, site, layer, stream). */
+static uint64_t dropout_row_key(const pr_ctx *ctx, uint32_t stream, int r)
+{
+    int T = ctx->T > 0 ? ctx->T : 1;
+    int b = r / T, t = r % T;
+    int64_t sample = ctx->sample_index ? ctx->sample_index[b] : b;
+    uint64_t k = host_mix64(ctx->module_seed ^ 0xD1B54A32D192ED03ull);
+    k = host_mix64(k ^ (uint64_t)(ctx->step + 1));
+    k = host_mix64(k ^ (uint64_t)sample);
+    k = host_mix64(k ^ ((uint64_t)(uint32_t)t << 32 | (uint32_t)(ctx->layer + 1)));
+    return host_mix64(k ^ ((uint64_t)(uint32_t)ctx->site << 32 | stream));
+}
+
+static void host_dropout_mask(const pr_ctx *ctx, uint32_t stream, float p, int cols, void *mask)
+{
+    const int words = (cols + 31) / 32;
+    uint32_t *w = mask;
+    const int drop = ctx->training && p > 0.0f;
+    for (int r = 0; r < ctx->rows; r++) {
+        uint64_t state = drop ? dropout_row_key(ctx, stream, r) : 0;
+        for (int k = 0; k < words; k++) {
+            uint32_t u = 0;
+            for (int b = 0; b < 32 && k * 32 + b < cols; b++)
+                if (!drop || host_rng_uniform(&state) >= p)
+                    u |= 1u << b;
+            w[(size_t)r * words + k] = u;
+        }
+    }
+}
+
+static int kept(const uint32_t *w, int words, int r, int j)
+{
+    return (w[(size_t)r * words + j / 32] >> (j % 32)) & 1u;
+}
+
+static void host_dropout_apply(float *out, int ld_out, const float *in, int ld_in, const void *mask, int rows,
+                               int cols, float p)
+{
+    const int words = (cols + 31) / 32;
+    const float s = 1.0f / (1.0f - p);
+    for (int r = 0; r < rows; r++)
+        for (int j = 0; j < cols; j++)
+            out[(size_t)r * ld_out + j] = kept(mask, words, r, j) ? in[(size_t)r * ld_in + j] * s : 0.0f;
+}
+
+static void host_dropout_backward(float *d_in, int ld_in, const float *d_out, int ld_out, const void *mask,
+                                  int rows, int cols, float p)
+{
+    const int words = (cols + 31) / 32;
+    const float s = 1.0f / (1.0f - p);
+    for (int r = 0; r < rows; r++)
+        for (int j = 0; j < cols; j++)
+            if (kept(mask, words, r, j))
+                d_in[(size_t)r * ld_in + j] += s * d_out[(size_t)r * ld_out + j];
+}
+
+/* ---- bias rows ------------------------------------------------------------------ */
+
+static void host_col_sums(float *sums, const float *x, int ld, int rows, int cols)
+{
+    for (int r = 0; r < rows; r++)
+        for (int j = 0; j < cols; j++)
+            sums[j] += x[(size_t)r * ld + j];
+}
+
+static void host_add_bias_rows(float *y, int ld, const float *bias, int rows, int cols)
+{
+    for (int r = 0; r < rows; r++)
+        for (int j = 0; j < cols; j++)
+            y[(size_t)r * ld + j] += bias[j];
+}
+
+/* ---- base weights in f32 ---------------------------------------------------------- */
+
+static float half_to_f32(int dtype, uint16_t h)
+{
+    uint32_t bits;
+    if (dtype == PR_DTYPE_BF16) {
+        bits = (uint32_t)h << 16;
+    } else { /* IEEE half */
+        uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+        if (e == 0 && m == 0)
+            bits = sign;
+        else if (e == 0) { /* subnormal */
+            e = 127 - 15 + 1;
+            while (!(m & 0x400u)) {
+                m <<= 1;
+                e--;
+            }
+            bits = sign | (e << 23) | ((m & 0x3FFu) << 13);
+        } else if (e == 31)
+            bits = sign | 0x7F800000u | (m << 13);
+        else
+            bits = sign | ((e + 127 - 15) << 23) | (m << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* dst [d_in, d_out] packed: element (i, j) of the IN_OUT view of the
+ * call's weight, from either layout and any of f32, f16, bf16. */
+static int host_base_weight_f32(const pr_ctx *ctx, float *dst)
+{
+    const pr_tensor *w = ctx ? ctx->base_weight : NULL;
+    if (!w || !w->data || w->ndim != 2 || !dst)
+        return PR_ERR_INVALID;
+    const int out_in = ctx->base_layout == PR_WEIGHT_OUT_IN;
+    const int64_t d_in = out_in ? w->shape[1] : w->shape[0], d_out = out_in ? w->shape[0] : w->shape[1];
+    const int64_t ld = w->stride[0] ? w->stride[0] : w->shape[1];
+    for (int64_t i = 0; i < d_in; i++)
+        for (int64_t j = 0; j < d_out; j++) {
+            int64_t at = out_in ? j * ld + i : i * ld + j;
+            float v;
+            if (w->dtype == PR_DTYPE_F32 || w->dtype == 0)
+                v = ((const float *)w->data)[at];
+            else if (w->dtype == PR_DTYPE_F16 || w->dtype == PR_DTYPE_BF16)
+                v = half_to_f32(w->dtype, ((const uint16_t *)w->data)[at]);
+            else
+                return PR_ERR_UNSUPPORTED;
+            dst[i * d_out + j] = v;
+        }
+    return PR_OK;
+}
+
+/* ---- auxiliary losses and extensions ------------------------------------------------ */
+
+static void host_add_aux_loss(const pr_ctx *ctx, double value)
+{
+    (void)ctx;
+    host_call *c = current_call ? current_call : &stray_call;
+    c->aux_loss += value;
+}
+
+/* No optional host interfaces are defined in ABI 1.0. */
+static const void *host_extension_data(const char *uri)
+{
+    (void)uri;
+    return NULL;
+}
+
 /* ---- the table ------------------------------------------------------------------ */
 
 static const pr_host services = {
@@ -315,6 +461,14 @@ static const pr_host services = {
     .softmax_rows = host_softmax_rows,
     .softmax_rows_backward = host_softmax_rows_backward,
     .parallel_for = host_parallel_for,
+    .dropout_mask = host_dropout_mask,
+    .dropout_apply = host_dropout_apply,
+    .dropout_backward = host_dropout_backward,
+    .col_sums = host_col_sums,
+    .add_bias_rows = host_add_bias_rows,
+    .base_weight_f32 = host_base_weight_f32,
+    .add_aux_loss = host_add_aux_loss,
+    .extension_data = host_extension_data,
 };
 
 const pr_host *host_services(void)

@@ -23,6 +23,7 @@ const pr_host *host_services(void);
 typedef struct host_call {
     char msg[HOST_MSG_MAX];
     int has_msg;
+    double aux_loss;          /* what the call added through host->add_aux_loss */
     struct host_call *prev;   /* calls nest when a callback runs inside another */
 } host_call;
 

@@ -47,10 +47,10 @@ static int add_forward(insertion *in, const pr_site_io *io, pr_ctx *c, float *ar
     int rows = io->rows, d_out = io->y_dim, rc;
     if (mod->t.insertion == PR_INSERT_SEQUENTIAL)
         keep_y(in, io);
-    c->in = module_input(in, io);
+    CT(c, in) = module_input(in, io);
     float *h = mod->gated ? in->h_keep : area_a;
     memset(h, 0, (size_t)rows * in->w_out * sizeof(float));
-    c->out = mod_view2(h, rows, in->w_out, in->w_out);
+    CT(c, out) = mod_view2(h, rows, in->w_out, in->w_out);
     if ((rc = mod_call(mod, in, mod->t.forward, "forward", c, err)))
         return rc;
     mod_axpy_rows(io->y, io->y_ld, h, in->w_out, rows, d_out, mod_add_coefficient(in));
@@ -63,12 +63,12 @@ static int add_backward(insertion *in, const pr_site_io *io, pr_ctx *c, float *d
     pr_module *mod = in->mod;
     int rows = io->rows, d_out = io->y_dim, seq = mod->t.insertion == PR_INSERT_SEQUENTIAL, rc;
     float s = mod_gate_value(in), *dg = mod_gate_grad(in);
-    c->in = module_input(in, io);
+    CT(c, in) = module_input(in, io);
     if (seq) {
         memset(area_b, 0, (size_t)rows * d_out * sizeof(float));
-        c->d_in = mod_view2(area_b, rows, d_out, d_out);
+        CT(c, d_in) = mod_view2(area_b, rows, d_out, d_out);
     } else {
-        c->d_in = mod_view2(dx, rows, io->x_dim, dx_ld);
+        CT(c, d_in) = mod_view2(dx, rows, io->x_dim, dx_ld);
     }
     float k = mod_add_coefficient(in);
     if (mod->gated) {
@@ -82,10 +82,10 @@ static int add_backward(insertion *in, const pr_site_io *io, pr_ctx *c, float *d
             }
             *dg += (float)(acc * k * (1.0 - s));
         }
-        c->out = mod_view2(in->h_keep, rows, in->w_out, in->w_out);
+        CT(c, out) = mod_view2(in->h_keep, rows, in->w_out, in->w_out);
     }
     if (mod->t.integration == PR_INTEGRATE_DIRECT_ADD && !mod->gated) {
-        c->d_out = mod_view2(io->dy, rows, d_out, io->y_ld);
+        CT(c, d_out) = mod_view2(io->dy, rows, d_out, io->y_ld);
     } else {
         for (int r = 0; r < rows; r++) {
             const float *dy = io->dy + (size_t)r * io->y_ld;
@@ -93,7 +93,7 @@ static int add_backward(insertion *in, const pr_site_io *io, pr_ctx *c, float *d
             for (int j = 0; j < d_out; j++)
                 d[j] = k * dy[j];
         }
-        c->d_out = mod_view2(area_a, rows, d_out, d_out);
+        CT(c, d_out) = mod_view2(area_a, rows, d_out, d_out);
     }
     if ((rc = mod_call(mod, in, mod->t.backward, "backward", c, err)))
         return rc;
@@ -118,9 +118,9 @@ static int rescale_forward(insertion *in, const pr_site_io *io, pr_ctx *c, float
     int rows = io->rows, d_out = io->y_dim, rc;
     float s = mod_gate_value(in);
     keep_y(in, io);
-    c->in = module_input(in, io);
+    CT(c, in) = module_input(in, io);
     memset(in->h_keep, 0, (size_t)in->w_out * sizeof(float));
-    c->out = mod_view2(in->h_keep, 1, in->w_out, in->w_out);
+    CT(c, out) = mod_view2(in->h_keep, 1, in->w_out, in->w_out);
     if ((rc = mod_call(mod, in, mod->t.forward, "forward", c, err)))
         return rc;
     /* y (rows, d_out) *= h (1, d_out), or 1 + s*(h - 1) when gated */
@@ -138,12 +138,12 @@ static int rescale_backward(insertion *in, const pr_site_io *io, pr_ctx *c, floa
     pr_module *mod = in->mod;
     int rows = io->rows, d_out = io->y_dim, seq = mod->t.insertion == PR_INSERT_SEQUENTIAL, rc;
     float s = mod_gate_value(in), *dg = mod_gate_grad(in);
-    c->in = module_input(in, io);
+    CT(c, in) = module_input(in, io);
     if (seq) {
         memset(area_b, 0, (size_t)rows * d_out * sizeof(float));
-        c->d_in = mod_view2(area_b, rows, d_out, d_out);
+        CT(c, d_in) = mod_view2(area_b, rows, d_out, d_out);
     } else {
-        c->d_in = mod_view2(dx, rows, io->x_dim, dx_ld);
+        CT(c, d_in) = mod_view2(dx, rows, io->x_dim, dx_ld);
     }
     /* S (1, d_out) = sum_rows dy * y_old; dy <- dy * h (ungated) or
      * dy * (1 + s(h - 1)) (gated, with dh = s*S and
@@ -166,8 +166,8 @@ static int rescale_backward(insertion *in, const pr_site_io *io, pr_ctx *c, floa
         if (dg)
             *dg += (float)(acc * s * (1.0 - s));
     }
-    c->out = mod_view2(in->h_keep, 1, in->w_out, in->w_out);
-    c->d_out = mod_view2(area_a, 1, in->w_out, in->w_out);
+    CT(c, out) = mod_view2(in->h_keep, 1, in->w_out, in->w_out);
+    CT(c, d_out) = mod_view2(area_a, 1, in->w_out, in->w_out);
     if ((rc = mod_call(mod, in, mod->t.backward, "backward", c, err)))
         return rc;
     if (seq)
@@ -204,8 +204,8 @@ static int delta_forward(insertion *in, const pr_site_io *io, pr_ctx *c, float *
     int rows = io->rows, d_out = io->y_dim, din = in->dims.d_in, rc;
     float s = mod_gate_value(in);
     memset(in->dw, 0, (size_t)din * d_out * sizeof(float));
-    c->in = mod_view2(io->x, rows, io->x_dim, io->x_ld);
-    c->out = mod_view2(in->dw, din, d_out, d_out);
+    CT(c, in) = mod_view2(io->x, rows, io->x_dim, io->x_ld);
+    CT(c, out) = mod_view2(in->dw, din, d_out, d_out);
     if ((rc = mod_call(mod, in, mod->t.merge, "merge", c, err)))
         return rc;
     /* y (rows, d_out) += s * x (rows, d_in) . dW (d_in, d_out) */
@@ -234,9 +234,9 @@ static int delta_backward(insertion *in, const pr_site_io *io, pr_ctx *c, float 
         if (dg)
             *dg += (float)(acc * s * (1.0 - s));
     }
-    c->in = mod_view2(io->x, rows, io->x_dim, io->x_ld);
-    c->out = mod_view2(in->dw, din, d_out, d_out);
-    c->d_out = mod_view2(area_a, din, d_out, d_out);
+    CT(c, in) = mod_view2(io->x, rows, io->x_dim, io->x_ld);
+    CT(c, out) = mod_view2(in->dw, din, d_out, d_out);
+    CT(c, d_out) = mod_view2(area_a, din, d_out, d_out);
     return mod_call(mod, in, mod->t.backward, "backward", c, err);
 }
 
@@ -270,8 +270,8 @@ static int custom_forward(insertion *in, const pr_site_io *io, pr_ctx *c, float 
     float s = mod_gate_value(in);
     if (mod->gated)
         keep_y(in, io);
-    c->in = mod_view2(io->x, rows, io->x_dim, io->x_ld);
-    c->out = mod_view2(io->y, rows, io->y_dim, io->y_ld);
+    CT(c, in) = mod_view2(io->x, rows, io->x_dim, io->x_ld);
+    CT(c, out) = mod_view2(io->y, rows, io->y_dim, io->y_ld);
     if ((rc = mod_call(mod, in, mod->t.integrate_forward, "integrate_forward", c, err)) || !mod->gated)
         return rc;
     /* gated: D = F - y_old (kept), y = y_old + s*D */
@@ -292,11 +292,11 @@ static int custom_backward(insertion *in, const pr_site_io *io, pr_ctx *c, float
     pr_module *mod = in->mod;
     int rows = io->rows, d_out = io->y_dim, rc;
     float s = mod_gate_value(in), *dg = mod_gate_grad(in);
-    c->in = mod_view2(io->x, rows, io->x_dim, io->x_ld);
-    c->out = mod_view2(io->y, rows, io->y_dim, io->y_ld);
-    c->d_in = mod_view2(dx, rows, io->x_dim, dx_ld);
+    CT(c, in) = mod_view2(io->x, rows, io->x_dim, io->x_ld);
+    CT(c, out) = mod_view2(io->y, rows, io->y_dim, io->y_ld);
+    CT(c, d_in) = mod_view2(dx, rows, io->x_dim, dx_ld);
     if (!mod->gated) {
-        c->d_out = mod_view2(io->dy, rows, io->y_dim, io->y_ld);
+        CT(c, d_out) = mod_view2(io->dy, rows, io->y_dim, io->y_ld);
         return mod_call(mod, in, mod->t.integrate_backward, "integrate_backward", c, err);
     }
     /* y = y_old + s*(F - y_old): dg += s(1-s) sum(dy * D); the technique
@@ -313,7 +313,7 @@ static int custom_backward(insertion *in, const pr_site_io *io, pr_ctx *c, float
     }
     if (dg)
         *dg += (float)(acc * s * (1.0 - s));
-    c->d_out = mod_view2(area_a, rows, d_out, d_out);
+    CT(c, d_out) = mod_view2(area_a, rows, d_out, d_out);
     if ((rc = mod_call(mod, in, mod->t.integrate_backward, "integrate_backward", c, err)))
         return rc;
     for (int r = 0; r < rows; r++) {

@@ -76,7 +76,7 @@ int pr_module_merge(pr_module *mod, pr_error *err)
         memset(bdelta, 0, (size_t)dout * sizeof(float));
         pr_ctx c;
         mod_ctx_init(in, &c, 0, 0, 0, UINT64_MAX - 3);
-        c.out = mod_view2(delta, din, dout, dout);
+        CT(&c, out) = mod_view2(delta, din, dout, dout);
         int64_t nb = dout;
         pr_tensor bd = mod_view(bdelta, 1, &nb);
         c.bias_delta = in->has_bb ? &bd : NULL;

@@ -164,6 +164,7 @@ void mod_free(pr_module *mod)
         free(in->grads);
         free(in->saved);
         free(in->scratch);
+        free(in->ptrs);
         free(in->block);
         free(in->orig_w);
         free(in->orig_b);

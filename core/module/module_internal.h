@@ -86,6 +86,11 @@
 #define ALIGN_FLOATS 16
 #define WHERE_LEN 48
 
+/* The site tensor f of a host-built pr_ctx as an lvalue: pr_ctx points at
+ * its tensors (ABI 1), and mod_ctx_init points them at storage the
+ * insertion keeps for the call in progress. */
+#define CT(c, f) (*(pr_tensor *)(uintptr_t)(c)->f)
+
 /* ---- structures ------------------------------------------------------------ */
 
 /* One allocated copy of a parameter (or the gate of one insertion). */
@@ -114,8 +119,14 @@ typedef struct insertion {
     int gate;                  /* copy index of the gate, or -1 */
     pr_tensor *params, *grads; /* n_params views each */
     pr_tensor *saved, *scratch;
+    /* what pr_ctx points at: pointer arrays over the four view arrays
+     * (one block: params, grads, saved, scratch) and the site tensors of
+     * the call in progress (in, out, d_in, d_out) */
+    pr_tensor **ptrs;
+    pr_tensor site_t[4];
     pr_tensor bw, bb;          /* base weight / bias views at projection sites */
     int has_bw, has_bb;
+    int bw_layout;             /* pr_weight_layout of bw (0: IN_OUT) */
     /* host buffers, planned by reserve */
     float *block;              /* saved buffers, y_old, h_keep */
     size_t block_floats;
@@ -261,6 +272,9 @@ int mod_fusion_backward(void *self, const pr_site_io *io, pr_error *err);
 int mod_call(const pr_module *mod, const insertion *in, pr_callback cb, const char *what, const pr_ctx *c,
     pr_error *err);
 void mod_ctx_init(const insertion *in, pr_ctx *c, int B, int T, int training, uint64_t step);
+/* training.c */
+const int64_t *mod_samples(const pr_model *m);
+void mod_add_aux_loss(const pr_model *m, double value);
 int mod_prepare_views(insertion *in, int B, int T, float **area_a, float **area_b, pr_error *err);
 int mod_reserve_insertion(insertion *in, int B, int T, pr_error *err);
 int mod_hook_reserve(void *self, int B, int T, pr_error *err);

@@ -90,9 +90,10 @@ int pr_module_fold(pr_module *mod, pr_module_param_fn fn, void *arg, pr_error *e
     param_copy *cp = calloc((size_t)mod->n_ins * nf + 1, sizeof *cp);
     int *which = calloc((size_t)mod->n_ins * nf + 1, sizeof *which);
     pr_tensor *outs = calloc(nf, sizeof *outs);
+    pr_tensor **outp = calloc(nf, sizeof *outp);
     float **data = calloc((size_t)mod->n_ins * nf + 1, sizeof *data);
     int n = 0, rc = PR_OK;
-    if (!fd || !cp || !which || !outs || !data) {
+    if (!fd || !cp || !which || !outs || !outp || !data) {
         rc = pr_errorf(err, PR_ERR_NOMEM, "module '%s': out of memory for folding", mod_name(mod));
         goto done;
     }
@@ -151,7 +152,9 @@ int pr_module_fold(pr_module *mod, pr_module_param_fn fn, void *arg, pr_error *e
             continue;
         pr_ctx c;
         mod_ctx_init(in, &c, 0, 0, 0, UINT64_MAX - 4);
-        c.out_params = outs;
+        for (uint32_t i = 0; i < nf; i++)
+            outp[i] = &outs[i];
+        c.out_params = outp;
         c.n_out_params = nf;
         rc = mod_call(mod, in, mod->t.fold, "fold", &c, err);
     }
@@ -170,6 +173,7 @@ done:
     free(cp);
     free(which);
     free(outs);
+    free(outp);
     free(data);
     return rc;
 }

@@ -51,6 +51,7 @@
 #include <jansson.h>
 
 #include "peftref/module.h"
+#include "host.h"
 #include "names.h"
 #include "registry_internal.h"
 
@@ -225,9 +226,25 @@ static int load_library(const char *path, candidate *k, char *reason, size_t len
     }
     pr_plugin_entry_fn entry;
     memcpy(&entry, &sym, sizeof entry);
-    const pr_plugin *pl = entry();
+    /* The plugin's bundle: the directory the library lives in. */
+    char bundle[PATH_MAX], why[PR_ERROR_MSG_MAX] = "";
+    snprintf(bundle, sizeof bundle, "%s", path);
+    char *slash = strrchr(bundle, '/');
+    if (slash)
+        *(slash == bundle ? slash + 1 : slash) = '\0';
+    else
+        snprintf(bundle, sizeof bundle, ".");
+    const pr_entry_args args = {
+        .struct_size = sizeof args, .abi_major = PR_ABI_MAJOR, .abi_minor = PR_ABI_MINOR,
+        .host = host_services(), .bundle_path = bundle, .error = why, .error_size = sizeof why,
+    };
+    const pr_plugin *pl = entry(&args);
     if (!pl) {
-        snprintf(reason, len, "%s returned NULL", PR_PLUGIN_ENTRY_NAME);
+        why[sizeof why - 1] = '\0';
+        if (why[0])
+            snprintf(reason, len, "%s refused to load: %s", PR_PLUGIN_ENTRY_NAME, why);
+        else
+            snprintf(reason, len, "%s returned NULL", PR_PLUGIN_ENTRY_NAME);
         goto refused;
     }
     if (pl->struct_size < 2 * sizeof(uint32_t)) {

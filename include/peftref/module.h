@@ -244,6 +244,21 @@ int pr_module_load(pr_model *m, const char *path, const pr_registry *reg, const 
  * the masks an uninterrupted run draws.  The training loop calls it. */
 void pr_model_set_step(pr_model *m, uint64_t step);
 
+/* The global sample index of each of the next batch's B rows (pointer
+ * kept until the next call; NULL: the row number).  Modules key their
+ * randomness (dropout) by it, so results do not depend on how a global
+ * batch is split into micro-batches or processes (pr_ctx.sample_index). */
+void pr_model_set_samples(pr_model *m, const int64_t *sample_index);
+
+/* Every trainable module's after_backward callbacks (after the backward of
+ * each micro-batch) and on_step callbacks (after each optimizer step). */
+int pr_model_after_backward(pr_model *m, pr_error *err);
+int pr_model_after_step(pr_model *m, pr_error *err);
+
+/* The auxiliary losses callbacks reported (host->add_aux_loss) since the
+ * last call, which resets the sum. */
+double pr_model_take_aux_loss(pr_model *m);
+
 /* 1 when the module sits behind a learned gate (spec gate, or GATED_ADD). */
 int pr_module_is_gated(const pr_module *mod);
 
