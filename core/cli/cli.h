@@ -66,4 +66,8 @@ int cli_load_model(const char *dir, const char *preset, long long seed, pr_model
  * is NULL and the preset's vocabulary is 256. */
 int cli_load_tokenizer(const char *dir, const pr_model *m, pr_tokenizer **tok, pr_error *err);
 
+/* The technique's parameter sharing as a set (sharing_set, else {sharing}):
+ * words[v - 1] names pr_sharing value v, joined with ", ". */
+void cli_sharing_text(const pr_technique *t, const char *const *words, int n_words, char *buf, size_t len);
+
 #endif

@@ -282,6 +282,22 @@ static compare_arm *new_arm(run *R, const char *name, const char *path)
 
 /* Load every arm (rows stay in order; arms[i].row is set at the end, once
  * the arrays stop moving). */
+/* A technique offered by two files is named once, whichever arms use it. */
+static void warn_shadowed_arms(const run *R, const pr_registry *reg)
+{
+    for (int t = 0; t < pr_registry_count(reg); t++) {
+        const pr_technique *tech = pr_registry_technique(reg, t);
+        int used = 0;
+        for (int i = 0; i < R->n_arms && !used; i++)
+            for (int k = 0; R->arms[i].pipe && k < pr_pipeline_n_modules(R->arms[i].pipe) && !used; k++) {
+                pr_module_spec spec;
+                used = pr_pipeline_module_spec(R->arms[i].pipe, k, &spec) == PR_OK && spec.technique == tech;
+            }
+        if (used)
+            cli_warn_shadowed("compare", reg, tech->name);
+    }
+}
+
 static int load_arms(run *R, char **files, int n_files, const char *const *sets, int n_sets, const pr_registry *reg,
                      int quiet)
 {
@@ -419,6 +435,7 @@ int cmd_compare(int argc, char **argv)
         goto done;
     for (int i = 0; i < R.n_arms; i++)
         R.arms[i].row = &R.rows[i];
+    warn_shadowed_arms(&R, reg);
     R.rows[0].is_base = 1;
     snprintf(R.rows[0].techniques, sizeof R.rows[0].techniques, "none");
 

@@ -151,7 +151,7 @@ static void init_text(const pr_param_decl *p, char *buf, size_t len)
     case PR_INIT_UNIFORM: snprintf(buf, len, "uniform(-%s, %s)", arg, arg); break;
     case PR_INIT_KAIMING_UNIFORM: snprintf(buf, len, "kaiming-uniform(a = %s)", arg); break;
     case PR_INIT_EMBED_ROWS: snprintf(buf, len, "rows of the token embedding"); break;
-    case PR_INIT_TEXT: snprintf(buf, len, "embeddings of option init_text"); break;
+    case PR_INIT_TEXT: snprintf(buf, len, "embeddings of the text of option %s", p->init_source ? p->init_source : "?"); break;
     case PR_INIT_CONSTANT: snprintf(buf, len, "constant %s", arg); break;
     case PR_INIT_CUSTOM: snprintf(buf, len, "custom (init callback)"); break;
     default: snprintf(buf, len, "?"); break;
@@ -294,7 +294,9 @@ static void print_page(const pr_technique *t, const char *origin)
     print_field("intra-connectivity", WORD(intra_words, t->intra));
     print_field("inter-connectivity", WORD(inter_words, t->inter));
     print_field("parameter adaptation", WORD(adaptation_words, t->adaptation));
-    print_field("parameter sharing", WORD(sharing_words, t->sharing));
+    char sharing[64];
+    cli_sharing_text(t, sharing_words, (int)(sizeof sharing_words / sizeof sharing_words[0]), sharing, sizeof sharing);
+    print_field("parameter sharing", sharing);
     print_field("input type", WORD(input_words, t->input));
     print_field("insertion form", WORD(insertion_words, t->insertion));
     print_field("number of insertions", WORD(insertions_words, t->insertions));

@@ -146,7 +146,8 @@ static void row_fill(row *r, const pr_technique *t)
     snprintf(r->cell[COL_INTRA], sizeof r->cell[0], "%s", WORD(intra_words, t->intra));
     snprintf(r->cell[COL_INTER], sizeof r->cell[0], "%s", WORD(inter_words, t->inter));
     snprintf(r->cell[COL_ADAPTATION], sizeof r->cell[0], "%s", WORD(adaptation_words, t->adaptation));
-    snprintf(r->cell[COL_SHARING], sizeof r->cell[0], "%s", WORD(sharing_words, t->sharing));
+    cli_sharing_text(t, sharing_words, (int)(sizeof sharing_words / sizeof sharing_words[0]), r->cell[COL_SHARING],
+                     sizeof r->cell[0]);
     snprintf(r->cell[COL_INPUT], sizeof r->cell[0], "%s", WORD(input_words, t->input));
     snprintf(r->cell[COL_INSERTION], sizeof r->cell[0], "%s", WORD(insertion_words, t->insertion));
     insertions_text(t, r->cell[COL_INSERTIONS], sizeof r->cell[0]);

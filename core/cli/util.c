@@ -158,3 +158,15 @@ void cli_warn_shadowed_pipeline(const char *cmd, const pr_registry *reg, const p
             cli_warn_shadowed(cmd, reg, spec.technique->name);
     }
 }
+
+void cli_sharing_text(const pr_technique *t, const char *const *words, int n_words, char *buf, size_t len)
+{
+    uint32_t set = t->sharing_set ? t->sharing_set : PR_SHARE_BIT(t->sharing);
+    size_t k = 0;
+    buf[0] = '\0';
+    for (int v = 1; v <= n_words; v++)
+        if (set & PR_SHARE_BIT(v) && k < len)
+            k += (size_t)snprintf(buf + k, len - k, "%s%s", k ? ", " : "", words[v - 1]);
+    if (!buf[0])
+        snprintf(buf, len, "?");
+}

@@ -103,6 +103,12 @@ static pr_tensor_info *add_layer_tensor(pr_model *m, int kind, int l, int ndim, 
     return add_tensor(m, kind, l, ndim, s0, s1, name);
 }
 
+static void in_workspace(pr_tensor_info *t, uint32_t ws)
+{
+    if (t)
+        t->workspace = ws;
+}
+
 static void destroy(pr_model *m)
 {
     gpt2 *g = m->fam;
@@ -152,6 +158,24 @@ static int build(pr_model *m, pr_error *err)
     g->lnfw = add_tensor(m, PR_TENSOR_NORM_GAIN, -1, 1, C, 0, "ln_f.weight");
     if (b) g->lnfb = add_tensor(m, PR_TENSOR_NORM_BIAS, -1, 1, C, 0, "ln_f.bias");
     m->head = c->tied_head ? m->wte : add_tensor(m, PR_TENSOR_WEIGHT, -1, 2, V, C, "lm_head.weight");
+    /* the PEFT-Ref workspace of every tensor, which selection techniques choose by */
+    in_workspace(m->wte, PR_WS_EMBEDDING);
+    in_workspace(m->wpe, PR_WS_EMBEDDING);
+    for (int l = 0; l < c->n_layers; l++) {
+        layer_params *p = &g->lp[l];
+        pr_tensor_info *norms[] = { p->ln1w, p->ln1b, p->ln2w, p->ln2b };
+        pr_tensor_info *attn[] = { p->qkvw, p->qkvb, p->attprojw, p->attprojb };
+        pr_tensor_info *ffn[] = { p->fcw, p->fcb, p->fcprojw, p->fcprojb };
+        for (int i = 0; i < 4; i++) {
+            in_workspace(norms[i], PR_WS_NORM);
+            in_workspace(attn[i], PR_WS_ATTENTION);
+            in_workspace(ffn[i], PR_WS_FFN);
+        }
+    }
+    in_workspace(g->lnfw, PR_WS_NORM);
+    in_workspace(g->lnfb, PR_WS_NORM);
+    if (m->head != m->wte)
+        in_workspace(m->head, PR_WS_HEAD);
     return PR_OK;
 }
 

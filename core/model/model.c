@@ -202,3 +202,8 @@ model_modules *model_modules_of(const pr_model *m)
 {
     return m ? (model_modules *)&m->modules : NULL;
 }
+
+const pr_tensor_info *model_token_embedding(const pr_model *m)
+{
+    return m ? m->wte : NULL;
+}

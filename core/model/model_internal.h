@@ -30,6 +30,8 @@ typedef struct model_modules {
     const int64_t *samples;    /* B global sample indices of the batch in flight, or NULL */
     double aux_loss;           /* what after_backward callbacks added since the last read */
 } model_modules;
+/* The token embedding table (GPT-2's wte, LLaMA's embed_tokens). */
+const pr_tensor_info *model_token_embedding(const pr_model *m);
 /* m's list; NULL for a NULL m. */
 model_modules *model_modules_of(const pr_model *m);
 

@@ -77,6 +77,19 @@ const pr_tensor_info *pr_model_find_tensor(const pr_model *m, const char *name)
     return model_find_tensor(m, name);
 }
 
+int pr_model_set_tensor_optim(pr_model *m, const char *name, int no_decay, float lr_mult, pr_error *err)
+{
+    pr_tensor_info *t = m ? model_find_tensor(m, name) : NULL;
+    if (!t)
+        return pr_errorf(err, PR_ERR_NOTFOUND, "no tensor named '%s'", name ? name : "(null)");
+    if (!(lr_mult >= 0.0f) || lr_mult > 1e6f)
+        return pr_errorf(err, PR_ERR_INVALID, "tensor '%s': learning-rate multiplier %g must be in [0, 1e6]", name,
+                         (double)lr_mult);
+    t->no_decay = no_decay != 0;
+    t->lr_mult = lr_mult;
+    return PR_OK;
+}
+
 /* Every distinct tensor once: an added tensor that views the same memory
  * as an earlier one (a parameter shared across sites registered under two
  * names) is not counted again. */

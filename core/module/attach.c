@@ -79,6 +79,25 @@ static int register_tensors(pr_module *mod, pr_error *err)
                                      pc->trained ? mod->grads + pc->goff : NULL, err);
         if (rc)
             return rc;
+        if (pc->decl < 0)
+            continue;   /* a gate: the usual rules */
+        /* what the declaration asks of the optimizer: no decay, a learning-rate multiplier (LoRA+) */
+        const pr_param_decl *d = &mod->pd[pc->decl];
+        double lr = 1.0;
+        if (d->lr_scale) {
+            const insertion *in = &mod->ins[pc->first_ins >= 0 ? pc->first_ins : 0];
+            expr_var v[MAX_VARS];
+            char e[256];
+            int nv = mod_model_vars(mod, &in->dims, in->opts, v);
+            if (expr_eval(d->lr_scale, v, nv, &lr, e, sizeof e))
+                return pr_errorf(err, PR_ERR_INVALID, "module '%s': parameter '%s' lr_scale '%s': %s", mod_name(mod),
+                                 d->name, d->lr_scale, e);
+        }
+        if ((d->flags & PR_PARAM_NO_DECAY) || d->lr_scale) {
+            if ((rc = pr_model_set_tensor_optim(mod->model, pc->name, (d->flags & PR_PARAM_NO_DECAY) != 0, (float)lr,
+                                                err)))
+                return rc;
+        }
     }
     return PR_OK;
 }

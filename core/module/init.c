@@ -89,7 +89,7 @@ static int init_copy(pr_module *mod, const pr_module_spec *spec, param_copy *pc,
     }
     case PR_INIT_EMBED_ROWS:
     case PR_INIT_TEXT: {
-        const pr_tensor_info *wte = pr_model_find_tensor(mod->model, "wte.weight");
+        const pr_tensor_info *wte = model_token_embedding(mod->model);
         int C = in->dims.d_model, V = in->dims.vocab;
         if (!wte || !wte->data)
             return pr_errorf(err, PR_ERR_INVALID, "module '%s': parameter '%s' copies token embeddings, but the model has none",
@@ -102,11 +102,16 @@ static int init_copy(pr_module *mod, const pr_module_spec *spec, param_copy *pc,
         int *ids = NULL;
         size_t n_ids = 0;
         if (init == PR_INIT_TEXT) {
-            int oi = mod_option_index(mod, "init_text");
+            /* the declared text option (pr_param_decl.init_source) */
+            const char *src = p->init_source;
+            int oi = src ? mod_option_index(mod, src) : -1;
             const char *text = oi >= 0 ? in->opts[oi].str : NULL;
+            if (!src)
+                return pr_errorf(err, PR_ERR_INVALID, "module '%s': parameter '%s' is initialised from text but "
+                                 "declares no init_source option", mod_name(mod), p->name);
             if (!text || !*text)
                 return pr_errorf(err, PR_ERR_INVALID, "module '%s': parameter '%s' is initialised from text, but option "
-                                 "'init_text' is %s", mod_name(mod), p->name, oi < 0 ? "not declared" : "empty");
+                                 "'%s' is %s", mod_name(mod), p->name, src, oi < 0 ? "not declared" : "empty");
             if (!spec->tokenizer)
                 return pr_errorf(err, PR_ERR_INVALID, "module '%s': parameter '%s' is initialised from text; a tokenizer is needed",
                                  mod_name(mod), p->name);
@@ -115,14 +120,14 @@ static int init_copy(pr_module *mod, const pr_module_spec *spec, param_copy *pc,
                 return rc;
             if (n_ids == 0) {
                 free(ids);
-                return pr_errorf(err, PR_ERR_INVALID, "module '%s': init_text '%s' encodes to no tokens", mod_name(mod), text);
+                return pr_errorf(err, PR_ERR_INVALID, "module '%s': %s '%s' encodes to no tokens", mod_name(mod), src, text);
             }
         }
         for (size_t r = 0; r < nrows; r++) {
             int id = ids ? ids[r % n_ids] : (int)(h->rng_next(&st) % (uint64_t)V);
             if (id < 0 || id >= V) {
                 free(ids);
-                return pr_errorf(err, PR_ERR_INVALID, "module '%s': init_text token id %d is outside the vocabulary [0, %d)",
+                return pr_errorf(err, PR_ERR_INVALID, "module '%s': text token id %d is outside the vocabulary [0, %d)",
                                  mod_name(mod), id, V);
             }
             memcpy(x + r * (size_t)C, wte->data + (size_t)id * C, (size_t)C * sizeof(float));

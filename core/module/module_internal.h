@@ -244,6 +244,7 @@ int mod_init_params(pr_module *mod, const pr_module_spec *spec, pr_error *err);
 /* plan.c */
 int mod_model_vars(const pr_module *mod, const pr_dims *d, const pr_option_value *opts, expr_var *v);
 int64_t mod_shape_numel(const int64_t *dims, int ndim);
+int mod_count_bits(uint32_t x);
 int mod_option_index(const pr_module *mod, const char *name);
 int mod_is_concat(const pr_module *mod);
 int mod_is_select(const pr_module *mod);

@@ -39,8 +39,12 @@ static double option_number(const pr_option_decl *o, const char *text)
 
 /* The model's dimensions, the site's widths and the module's numeric
  * options as resolved at site (defaults, then options, then site_options). */
-static int site_vars(const pr_model_config *c, int d_in, int d_out, const pr_module_spec *spec, int site,
-                     expr_var *v)
+typedef struct site_set_dims {
+    int max_d_in, max_d_out, n_sites, n_layers;
+} site_set_dims;
+
+static int site_vars(const pr_model_config *c, int d_in, int d_out, const site_set_dims *ss,
+                     const pr_module_spec *spec, int site, expr_var *v)
 {
     const pr_technique *t = spec->technique;
     int n = 0;
@@ -53,6 +57,10 @@ static int site_vars(const pr_model_config *c, int d_in, int d_out, const pr_mod
     v[n++] = (expr_var){ "vocab", c->vocab_size };
     v[n++] = (expr_var){ "d_in", d_in };
     v[n++] = (expr_var){ "d_out", d_out };
+    v[n++] = (expr_var){ "max_d_in", ss->max_d_in };
+    v[n++] = (expr_var){ "max_d_out", ss->max_d_out };
+    v[n++] = (expr_var){ "n_sites", ss->n_sites };
+    v[n++] = (expr_var){ "n_chosen_layers", ss->n_layers };
     for (uint32_t i = 0; t->options && i < t->n_options && n < MAX_VARS; i++) {
         pr_option_decl o;
         decl_copy(&o, sizeof o, t->options, i);
@@ -77,6 +85,13 @@ static int insertion_flops(const pr_technique *t, const expr_var *v, int nv, int
     char e[256];
     int64_t w;
     *flops = 0;
+    if (t->flops_per_token) {   /* the technique's own count */
+        if (expr_eval_int(t->flops_per_token, v, nv, &w, e, sizeof e))
+            return pr_errorf(err, PR_ERR_INVALID, "technique '%s': flops_per_token '%s': %s", t->name,
+                             t->flops_per_token, e);
+        *flops = w;
+        return PR_OK;
+    }
     switch (t->integration) {
     case PR_INTEGRATE_RESCALE:
         /* one multiply per element of the rescaled row */
@@ -138,6 +153,15 @@ int overhead_of_pipeline(const pr_pipeline *p, overhead *out, pr_error *err)
         pr_pipeline_module_layers(p, i, &n_layers);
         int mergeable = t->merge != NULL && t->integration != PR_INTEGRATE_CONCAT;
         int prefix = 0;
+        site_set_dims ss = { 0, 0, 0, n_layers };
+        for (int s = 0; s < PR_SITE_COUNT; s++) {
+            int a = 0, b = 0;
+            if (!(plan->sites & PR_SITE_BIT(s)) || pr_model_site_dims(shape, s, &a, &b))
+                continue;
+            ss.max_d_in = a > ss.max_d_in ? a : ss.max_d_in;
+            ss.max_d_out = b > ss.max_d_out ? b : ss.max_d_out;
+            ss.n_sites++;
+        }
         for (int s = 0; s < PR_SITE_COUNT && rc == PR_OK; s++) {
             if (!(plan->sites & PR_SITE_BIT(s)))
                 continue;
@@ -145,7 +169,7 @@ int overhead_of_pipeline(const pr_pipeline *p, overhead *out, pr_error *err)
             if (pr_model_site_dims(shape, s, &d_in, &d_out))
                 continue;
             expr_var v[MAX_VARS];
-            int nv = site_vars(cfg, d_in, d_out, &spec, s, v);
+            int nv = site_vars(cfg, d_in, d_out, &ss, &spec, s, v);
             if (t->integration == PR_INTEGRATE_CONCAT) {
                 int64_t nvirt;
                 char e[256];

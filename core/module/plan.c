@@ -26,12 +26,24 @@ int mod_model_vars(const pr_module *mod, const pr_dims *d, const pr_option_value
     v[n++] = (expr_var){ "vocab", d->vocab };
     v[n++] = (expr_var){ "d_in", d->d_in };
     v[n++] = (expr_var){ "d_out", d->d_out };
+    v[n++] = (expr_var){ "max_d_in", d->max_d_in };
+    v[n++] = (expr_var){ "max_d_out", d->max_d_out };
+    v[n++] = (expr_var){ "n_sites", mod_count_bits(mod->sites) };
+    v[n++] = (expr_var){ "n_chosen_layers", mod->layers_all ? d->n_layers : mod->n_layers };
     for (uint32_t i = 0; i < mod->t.n_options; i++) {
         const pr_option_decl *o = &mod->opt[i];
         if (o->type == PR_OPT_STRING || !o->name)
             continue;
         v[n++] = (expr_var){ o->name, opts[i].num };
     }
+    return n;
+}
+
+int mod_count_bits(uint32_t x)
+{
+    int n = 0;
+    for (; x; x &= x - 1)
+        n++;
     return n;
 }
 
@@ -352,6 +364,16 @@ static int build_insertions(pr_module *mod, const pr_model *m, pr_error *err)
             k++;
         }
     mod->n_ins = k;
+    /* the widest site of the module, for tensors shared across its sites */
+    int max_in = 0, max_out = 0;
+    for (int i = 0; i < k; i++) {
+        max_in = mod->ins[i].dims.d_in > max_in ? mod->ins[i].dims.d_in : max_in;
+        max_out = mod->ins[i].dims.d_out > max_out ? mod->ins[i].dims.d_out : max_out;
+    }
+    for (int i = 0; i < k; i++) {
+        mod->ins[i].dims.max_d_in = max_in;
+        mod->ins[i].dims.max_d_out = max_out;
+    }
     return PR_OK;
 }
 
@@ -577,24 +599,10 @@ static int resolve_params(pr_module *mod, pr_error *err)
 
 /* ---- selection ------------------------------------------------------------------------------ */
 
-/* Workspace of a base tensor, from the family's tensor names. */
+/* Workspace of a base tensor, as its model family declares it. */
 static uint32_t tensor_workspace(const pr_tensor_info *t)
 {
-    const char *n = t->name;
-    if (t->kind == PR_TENSOR_MODULE)
-        return 0;
-    if (t->kind == PR_TENSOR_NORM_GAIN || t->kind == PR_TENSOR_NORM_BIAS)
-        return PR_WS_NORM;
-    if (strncmp(n, "lm_head.", 8) == 0)
-        return PR_WS_HEAD;
-    if (t->kind == PR_TENSOR_EMBEDDING || strncmp(n, "wte.", 4) == 0 || strncmp(n, "wpe.", 4) == 0 ||
-        strstr(n, "embed_tokens"))
-        return PR_WS_EMBEDDING;
-    if (strstr(n, ".attn.") || strstr(n, ".self_attn."))
-        return PR_WS_ATTENTION;
-    if (strstr(n, ".mlp."))
-        return PR_WS_FFN;
-    return 0;
+    return t->kind == PR_TENSOR_MODULE ? 0 : t->workspace;
 }
 
 static uint32_t tensor_base_kind(const pr_tensor_info *t)

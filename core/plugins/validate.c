@@ -133,7 +133,8 @@ bad:
 /* ---- descriptor validation ------------------------------------------------ */
 
 static const char *const dim_names[] = {"d_model", "n_heads", "n_kv_heads", "d_head", "d_ff",
-                                        "n_layers", "vocab", "d_in", "d_out"};
+                                        "n_layers", "vocab", "d_in", "d_out", "max_d_in", "max_d_out",
+                                        "n_sites", "n_chosen_layers"};
 #define N_DIM_NAMES ((int)(sizeof dim_names / sizeof dim_names[0]))
 static const char *const buffer_names[] = {"rows", "B", "T"};
 
@@ -232,7 +233,7 @@ static const enum_field typology_fields[] = {
 
 #define WORKSPACE_ALL (PR_WS_EMBEDDING | PR_WS_ATTENTION | PR_WS_FFN | PR_WS_NORM | PR_WS_HEAD)
 #define BASE_KINDS_ALL (PR_BASE_WEIGHT | PR_BASE_BIAS | PR_BASE_NORM_GAIN | PR_BASE_NORM_BIAS | PR_BASE_EMBEDDING)
-#define PARAM_FLAGS_ALL (PR_PARAM_NO_DECAY | PR_PARAM_TRAINING_ONLY | PR_PARAM_FROZEN)
+#define PARAM_FLAGS_ALL (PR_PARAM_NO_DECAY | PR_PARAM_TRAINING_ONLY | PR_PARAM_FROZEN | PR_PARAM_REGENERATE)
 #define SITES_ALL ((uint32_t)((1ull << PR_SITE_COUNT) - 1))
 
 static int validate_option(const tech_copy *c, const pr_option_decl *o, uint32_t i, pr_error *err)
@@ -312,10 +313,10 @@ static int validate_init_option(const tech_copy *c, const pr_param_decl *p, pr_e
             return bad(c, err, "param '%s': init_option '%s' offers '%s', which is not an init (zeros, ones, normal, "
                        "uniform, kaiming_uniform, embed_rows, text, constant)", p->name, o->name, o->choices[k]);
         if (strcmp(o->choices[k], "text") == 0) {
-            const pr_option_decl *txt = find_option(c, "init_text");
+            const pr_option_decl *txt = p->init_source ? find_option(c, p->init_source) : NULL;
             if (!txt || txt->type != PR_OPT_STRING)
-                return bad(c, err, "param '%s': init_option '%s' offers 'text' but there is no string option "
-                           "'init_text'", p->name, o->name);
+                return bad(c, err, "param '%s': init_option '%s' offers 'text' but init_source names no string "
+                           "option", p->name, o->name);
         }
     }
     return PR_OK;
@@ -347,10 +348,24 @@ static int validate_params(const tech_copy *c, const pr_param_decl *params, uint
         if (p->init == PR_INIT_CUSTOM && !c->t.init)
             return bad(c, err, "param '%s': init is custom but the technique has no init callback", p->name);
         if (p->init == PR_INIT_TEXT) {
-            const pr_option_decl *o = find_option(c, "init_text");
+            const pr_option_decl *o = p->init_source ? find_option(c, p->init_source) : NULL;
             if (!o || o->type != PR_OPT_STRING)
-                return bad(c, err, "param '%s': init is text but there is no string option 'init_text'", p->name);
+                return bad(c, err, "param '%s': init is text but init_source names no string option", p->name);
         }
+        if (p->lr_scale) {
+            snprintf(label, sizeof label, "param '%s' lr_scale", p->name);
+            if ((rc = check_expr(c, err, label, p->lr_scale, EXPR_FLOAT, 0)))
+                return rc;
+        }
+        if (p->peft_layout && (p->peft_layout < PR_PEFT_AS_IS || p->peft_layout > PR_PEFT_LAYERS_CONCAT))
+            return bad(c, err, "param '%s': unknown peft_layout value %d (known 1..%d)", p->name, p->peft_layout,
+                       PR_PEFT_LAYERS_CONCAT);
+        if ((p->flags & PR_PARAM_REGENERATE) && !(p->flags & PR_PARAM_FROZEN))
+            return bad(c, err, "param '%s' is regenerated but not frozen: only a frozen buffer can be rebuilt "
+                       "from the seed", p->name);
+        if ((p->flags & PR_PARAM_REGENERATE) && p->init == PR_INIT_CUSTOM)
+            return bad(c, err, "param '%s' is regenerated from the seed, so its init must be one the host draws "
+                       "(not custom)", p->name);
         if (p->init_option && (rc = validate_init_option(c, p, err)))
             return rc;
         if (p->scope < PR_SCOPE_INSERTION || p->scope > PR_SCOPE_GLOBAL)
@@ -465,6 +480,13 @@ int reg_validate_copy(const tech_copy *c, pr_error *err)
         return bad(c, err, "missing backward callback");
     if (t->integration == PR_INTEGRATE_CUSTOM && (!t->integrate_forward || !t->integrate_backward))
         return bad(c, err, "custom integration without integrate_forward and integrate_backward");
+    if (t->flops_per_token && (rc = check_expr(c, err, "flops_per_token", t->flops_per_token, EXPR_INT, 0)))
+        return rc;
+    if (t->sharing_set & ~(uint32_t)(PR_SHARE_BIT(PR_SHARE_NONE) | PR_SHARE_BIT(PR_SHARE_ACROSS_LAYERS) |
+                                     PR_SHARE_BIT(PR_SHARE_ACROSS_SITES)))
+        return bad(c, err, "sharing_set has unknown bits 0x%x", t->sharing_set);
+    if (t->composite && (!t->compose_forward || !t->compose_backward))
+        return bad(c, err, "composite technique without compose_forward and compose_backward");
     if (t->integration == PR_INTEGRATE_SCALED_ADD && !t->scale_expr && !t->scale)
         return bad(c, err, "scaled addition without scale_expr or a scale callback");
     if (t->integration == PR_INTEGRATE_CONCAT && !t->n_virtual)

@@ -67,6 +67,7 @@ typedef struct trainer {
     const pr_train_config *cfg;
     int is_cls;
     int B, T, C, K;
+    int64_t *samples;   /* (B) global sample index of each row of the micro-batch in flight */
     data_dataset train, val;
     data_sampler sampler;
     int pad_id;
@@ -94,6 +95,7 @@ static void trainer_free(trainer *t)
     free(t->targets);
     free(t->lengths);
     free(t->labels);
+    free(t->samples);
     free(t->idx);
     free(t->head);
     free(t->head_grad);
@@ -293,15 +295,43 @@ static int make_dir(const char *dir, pr_error *err)
     return PR_OK;
 }
 
-/* Trainable tensors and the head become optimizer segments (one group for
- * the base tensors, one for the head) and checkpoint tensors, in the same
- * order, so the optimizer's flat moment block lines up with them. */
+/* The learning-rate multiplier a tensor asks for (0 in the table means 1). */
+static float tensor_lr_mult(const pr_tensor_info *ti)
+{
+    return ti->lr_mult > 0.0f ? ti->lr_mult : 1.0f;
+}
+
+/* Trainable tensors and the head become optimizer segments and checkpoint
+ * tensors, in the same order, so the optimizer's flat moment block lines
+ * up with them.  Base and module tensors form one group per learning-rate
+ * multiplier they declare (LoRA+), in order of first appearance, keeping
+ * table order within each (one group, table order, when none declares
+ * one); the head is a group of its own.  A tensor is weight-decayed by the
+ * usual rule (optim_default_decay) unless it declares PR_PARAM_NO_DECAY. */
+#define MAX_LR_GROUPS 8
 static int plan_optimizer(trainer *t, pr_error *err)
 {
     const pr_train_config *cfg = t->cfg;
     int nt = pr_model_n_tensors(t->m), n_base = 0;
-    for (int i = 0; i < nt; i++)
-        n_base += pr_model_tensor(t->m, i)->trainable;
+    float mults[MAX_LR_GROUPS];
+    int n_mults = 0, per_mult[MAX_LR_GROUPS] = {0};
+    for (int i = 0; i < nt; i++) {
+        const pr_tensor_info *ti = pr_model_tensor(t->m, i);
+        if (!ti->trainable)
+            continue;
+        n_base++;
+        float lm = tensor_lr_mult(ti);
+        int g = 0;
+        while (g < n_mults && mults[g] != lm)
+            g++;
+        if (g == n_mults) {
+            if (n_mults == MAX_LR_GROUPS)
+                return pr_errorf(err, PR_ERR_UNSUPPORTED, "tensor '%s': more than %d distinct learning-rate "
+                                 "multipliers", ti->name, MAX_LR_GROUPS);
+            mults[n_mults++] = lm;
+        }
+        per_mult[g]++;
+    }
     int n_head = t->is_cls ? 2 : 0;
     if (n_base + n_head == 0) {
         if (cfg->steps == 0)
@@ -314,19 +344,25 @@ static int plan_optimizer(trainer *t, pr_error *err)
         free(segs);
         return pr_errorf(err, PR_ERR_NOMEM, "out of memory planning the optimizer");
     }
-    int k = 0;
-    for (int i = 0; i < nt; i++) {
-        const pr_tensor_info *ti = pr_model_tensor(t->m, i);
-        if (!ti->trainable)
-            continue;
-        segs[k] = (optim_segment){.name = ti->name, .param = ti->data, .grad = ti->grad,
-                                  .n = (size_t)ti->numel,
-                                  .decay = cfg->decay_all || optim_default_decay(ti->name, ti->ndim)};
-        t->ts[k] = (trainstate_tensor){.name = ti->name, .data = ti->data, .n = (size_t)ti->numel,
-                                       .ndim = ti->ndim};
-        for (int d = 0; d < ti->ndim; d++)
-            t->ts[k].shape[d] = ti->shape[d];
-        k++;
+    optim_group groups[MAX_LR_GROUPS + 1];
+    int k = 0, n_groups = 0;
+    for (int g = 0; g < n_mults; g++) {
+        groups[n_groups++] = (optim_group){.segs = segs + k, .n_segs = per_mult[g], .lr_mult = mults[g],
+                                           .weight_decay = OPTIM_WD_DEFAULT};
+        for (int i = 0; i < nt; i++) {
+            const pr_tensor_info *ti = pr_model_tensor(t->m, i);
+            if (!ti->trainable || tensor_lr_mult(ti) != mults[g])
+                continue;
+            segs[k] = (optim_segment){.name = ti->name, .param = ti->data, .grad = ti->grad,
+                                      .n = (size_t)ti->numel,
+                                      .decay = !ti->no_decay &&
+                                               (cfg->decay_all || optim_default_decay(ti->name, ti->ndim))};
+            t->ts[k] = (trainstate_tensor){.name = ti->name, .data = ti->data, .n = (size_t)ti->numel,
+                                           .ndim = ti->ndim};
+            for (int d = 0; d < ti->ndim; d++)
+                t->ts[k].shape[d] = ti->shape[d];
+            k++;
+        }
     }
     if (t->is_cls) {
         size_t CK = (size_t)t->C * t->K;
@@ -339,20 +375,17 @@ static int plan_optimizer(trainer *t, pr_error *err)
                                        .shape = {t->C, t->K}};
         t->ts[k + 1] = (trainstate_tensor){.name = "cls_head.bias", .data = t->head + CK,
                                            .n = (size_t)t->K, .ndim = 1, .shape = {t->K}};
+        groups[n_groups++] = (optim_group){.segs = segs + k, .n_segs = n_head, .lr_mult = cfg->head_lr_mult,
+                                           .weight_decay = OPTIM_WD_DEFAULT};
     }
     t->n_ts = n_base + n_head;
-    optim_group groups[2] = {
-        {.segs = segs, .n_segs = n_base, .lr_mult = 1.0f, .weight_decay = OPTIM_WD_DEFAULT},
-        {.segs = segs + n_base, .n_segs = n_head, .lr_mult = cfg->head_lr_mult,
-         .weight_decay = OPTIM_WD_DEFAULT},
-    };
     optim_config oc;
     optim_config_default(&oc);
     oc.beta1 = cfg->beta1;
     oc.beta2 = cfg->beta2;
     oc.eps = cfg->eps;
     oc.weight_decay = cfg->weight_decay;
-    int rc = optim_init(&t->opt, &oc, n_base ? groups : groups + 1, n_base ? (n_head ? 2 : 1) : 1, err);
+    int rc = optim_init(&t->opt, &oc, groups, n_groups, err);
     free(segs);
     if (rc == PR_OK)
         t->opt_ready = 1;
@@ -412,7 +445,8 @@ static int setup(trainer *t, pr_model *m, const pr_tokenizer *tok, const pr_trai
     t->lengths = malloc((size_t)t->B * sizeof(int));
     t->labels = malloc((size_t)t->B * sizeof(int));
     t->idx = malloc((size_t)t->B * sizeof(size_t));
-    if (!t->tokens || !t->targets || !t->lengths || !t->labels || !t->idx)
+    t->samples = malloc((size_t)t->B * sizeof(int64_t));
+    if (!t->tokens || !t->targets || !t->lengths || !t->labels || !t->idx || !t->samples)
         return pr_errorf(err, PR_ERR_NOMEM, "out of memory for batches");
     rng_seed(&t->rng, cfg->seed ^ 0x7065667472656600ull);
     if (t->is_cls) {
@@ -565,15 +599,24 @@ int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, p
         pr_model_set_step(m, (uint64_t)step); /* module dropout masks follow the step, across a resume */
         pr_model_zero_grad(m);
         optim_zero_grad(&t.opt);
+        (void)pr_model_take_aux_loss(m);   /* this step's only */
         double loss_sum = 0.0;
         for (int a = 0; a < cfg->accum; a++) {
             data_sampler_next(&t.sampler, t.idx, t.B);
             if ((rc = data_make_batch(&t.train, t.idx, t.B, t.B, t.T, t.tokens, t.targets, t.lengths,
                                       t.labels, t.pad_id, err)))
                 goto out_signals;
+            /* Row b of micro-batch a is sample (step * accum + a) * B + b of the run: the
+             * same index however the global batch is split, so module randomness keyed
+             * by it is too. */
+            for (int b = 0; b < t.B; b++)
+                t.samples[b] = ((int64_t)step * cfg->accum + a) * t.B + b;
+            pr_model_set_samples(m, t.samples);
             double l;
             int64_t scored;
             if ((rc = run_batch(&t, t.B, 1, &l, &scored, NULL, err)))
+                goto out_signals;
+            if ((rc = pr_model_after_backward(m, err)))
                 goto out_signals;
             if (!isfinite(l)) {
                 rc = pr_errorf(err, PR_ERR_NUMERIC,
@@ -607,6 +650,10 @@ int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, p
         if ((rc = optim_step(&t.opt, lr, err)))
             goto out_signals;
         step++;
+        pr_model_set_step(m, (uint64_t)step - 1);
+        if ((rc = pr_model_after_step(m, err)))
+            goto out_signals;
+        double aux = pr_model_take_aux_loss(m) / cfg->accum;
         res->step_seconds += now_seconds() - t_step;
         res->tokens_trained = tokens_done;
         if (first) {
@@ -615,8 +662,12 @@ int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, p
         }
         res->final_train_loss = loss;
         double now = now_seconds();
-        log_metrics(&t, "{\"step\": %lld, \"loss\": %.6f, \"lr\": %.6g, \"grad_norm\": %.6f, \"seconds\": %.3f}",
-                    (long long)step, loss, lr, norm, now - t0);
+        if (aux != 0.0)
+            log_metrics(&t, "{\"step\": %lld, \"loss\": %.6f, \"aux_loss\": %.6g, \"lr\": %.6g, \"grad_norm\": %.6f, "
+                        "\"seconds\": %.3f}", (long long)step, loss, aux, lr, norm, now - t0);
+        else
+            log_metrics(&t, "{\"step\": %lld, \"loss\": %.6f, \"lr\": %.6g, \"grad_norm\": %.6f, \"seconds\": %.3f}",
+                        (long long)step, loss, lr, norm, now - t0);
         int last = step == cfg->steps;
         if (pg.mode == PR_PROGRESS_BAR ||
             (pg.mode == PR_PROGRESS_PLAIN && (cfg->log_every <= 0 || step % cfg->log_every == 0 || last))) {

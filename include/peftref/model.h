@@ -32,6 +32,10 @@ typedef struct pr_tensor_info {
     int trainable;
     int kind;          /* pr_tensor_kind */
     int layer;         /* -1 for model-level tensors */
+    uint32_t workspace; /* the PEFT-Ref workspace it belongs to (pr_workspace bits; 0 for added tensors) */
+    /* what the optimizer applies to it (module parameters declare both) */
+    int no_decay;      /* 1: never weight-decayed (PR_PARAM_NO_DECAY) */
+    float lr_mult;     /* learning-rate multiplier; 0 means 1 */
 } pr_tensor_info;
 
 typedef enum pr_tensor_kind {
@@ -71,6 +75,8 @@ const pr_model_config *pr_model_get_config(const pr_model *m);
 int pr_model_n_tensors(const pr_model *m);
 const pr_tensor_info *pr_model_tensor(const pr_model *m, int i);
 const pr_tensor_info *pr_model_find_tensor(const pr_model *m, const char *name);
+/* Set what the optimizer applies to an added tensor (module parameters). */
+int pr_model_set_tensor_optim(pr_model *m, const char *name, int no_decay, float lr_mult, pr_error *err);
 int64_t pr_model_param_count(const pr_model *m);
 
 /* Make a base tensor trainable (allocates its gradient once).  An added
