@@ -157,6 +157,21 @@ int mod_prepare_views(insertion *in, int B, int T, float **area_a, float **area_
     return PR_OK;
 }
 
+/* Scratch for a call outside a step (setup, init, merge, fold,
+ * after_backward, on_step): the declared scratch buffers for one row, so
+ * those that do not depend on the batch (a frozen weight in f32) are lent
+ * whole. */
+int mod_lend_scratch(insertion *in, pr_error *err)
+{
+    pr_module *mod = in->mod;
+    size_t nx = 0;
+    int rc;
+    if ((rc = buffers_size(in, mod->xd, mod->t.n_scratch, 1, 1, NULL, NULL, &nx, err)) ||
+        (rc = mod_grow_scratch(mod, nx, "module", err)))
+        return rc;
+    return buffers_size(in, mod->xd, mod->t.n_scratch, 1, 1, in->scratch, mod->scratch, &nx, err);
+}
+
 /* ---- reserve ----------------------------------------------------------------------------------- */
 
 int mod_reserve_insertion(insertion *in, int B, int T, pr_error *err)

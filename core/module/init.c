@@ -150,6 +150,8 @@ int mod_init_params(pr_module *mod, const pr_module_spec *spec, pr_error *err)
     for (int k = 0; k < mod->n_ins && mod->t.scale; k++) {
         insertion *in = &mod->ins[k];
         pr_ctx c;
+        if ((rc = mod_lend_scratch(in, err)))
+            return rc;
         mod_ctx_init(in, &c, 0, 0, 0, 0);
         in->scale = mod->t.scale(&c);
         if (!isfinite(in->scale))
@@ -168,6 +170,8 @@ int mod_init_params(pr_module *mod, const pr_module_spec *spec, pr_error *err)
         if (!owns)
             continue;
         pr_ctx c;
+        if ((rc = mod_lend_scratch(in, err)))
+            return rc;
         mod_ctx_init(in, &c, 0, 0, 0, UINT64_MAX - 1);
         if ((rc = mod_call(mod, in, mod->t.init, "init", &c, err)))
             return rc;
@@ -175,6 +179,8 @@ int mod_init_params(pr_module *mod, const pr_module_spec *spec, pr_error *err)
     for (int k = 0; k < mod->n_ins && mod->t.setup; k++) {
         insertion *in = &mod->ins[k];
         pr_ctx c;
+        if ((rc = mod_lend_scratch(in, err)))
+            return rc;
         mod_ctx_init(in, &c, 0, 0, 0, UINT64_MAX - 2);
         if ((rc = mod_call(mod, in, mod->t.setup, "setup", &c, err)))
             return rc;

@@ -75,6 +75,12 @@ int pr_module_merge(pr_module *mod, pr_error *err)
         memset(delta, 0, (size_t)din * dout * sizeof(float));
         memset(bdelta, 0, (size_t)dout * sizeof(float));
         pr_ctx c;
+        if ((rc = mod_lend_scratch(in, err))) {
+            free(in->orig_w);
+            free(in->orig_b);
+            in->orig_w = in->orig_b = NULL;
+            break;
+        }
         mod_ctx_init(in, &c, 0, 0, 0, UINT64_MAX - 3);
         CT(&c, out) = mod_view2(delta, din, dout, dout);
         int64_t nb = dout;

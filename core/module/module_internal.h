@@ -273,6 +273,7 @@ int mod_fusion_backward(void *self, const pr_site_io *io, pr_error *err);
 int mod_call(const pr_module *mod, const insertion *in, pr_callback cb, const char *what, const pr_ctx *c,
     pr_error *err);
 void mod_ctx_init(const insertion *in, pr_ctx *c, int B, int T, int training, uint64_t step);
+int mod_lend_scratch(insertion *in, pr_error *err);
 /* training.c */
 const int64_t *mod_samples(const pr_model *m);
 void mod_add_aux_loss(const pr_model *m, double value);

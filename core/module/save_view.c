@@ -151,6 +151,8 @@ int pr_module_fold(pr_module *mod, pr_module_param_fn fn, void *arg, pr_error *e
         if (!owns)
             continue;
         pr_ctx c;
+        if ((rc = mod_lend_scratch(in, err)))
+            break;
         mod_ctx_init(in, &c, 0, 0, 0, UINT64_MAX - 4);
         for (uint32_t i = 0; i < nf; i++)
             outp[i] = &outs[i];

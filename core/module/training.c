@@ -50,9 +50,12 @@ static int each_insertion(pr_model *m, int which, pr_error *err)
             continue;
         for (int k = 0; k < mod->n_ins; k++) {
             pr_ctx c;
+            int rc = mod_lend_scratch(&mod->ins[k], err);
+            if (rc)
+                return rc;
             mod_ctx_init(&mod->ins[k], &c, 0, 0, 1, e->step);
             c.step = (int64_t)e->step + which;
-            int rc = mod_call(mod, &mod->ins[k], cb, which ? "on_step" : "after_backward", &c, err);
+            rc = mod_call(mod, &mod->ins[k], cb, which ? "on_step" : "after_backward", &c, err);
             if (rc)
                 return rc;
         }
