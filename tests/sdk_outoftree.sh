@@ -109,6 +109,7 @@ installed() {
              "$PREFIX/lib/pkgconfig/peftref-plugin.pc" "$BIN" \
              "$DOCDIR/LICENSE" "$DOCDIR/sdk/GUIDE.md" "$DOCDIR/sdk/manifest.example.json" \
              "$DOCDIR/sdk/template/Makefile" "$DOCDIR/sdk/template/scaled_bias.c" \
+             "$DOCDIR/sdk/example/Makefile" "$DOCDIR/sdk/example/frozen_a_lora.c" \
              "$DOCDIR/sdk/template-pack/configure.ac" "$DOCDIR/sdk/template-pack/Makefile.am" \
              "$DOCDIR/sdk/template-pack/manifest.json"; do
         [ -f "$f" ] || { echo "missing $f"; return 1; }
@@ -253,6 +254,26 @@ else
     skip_step check-template "the template is not installed"
 fi
 step check-lora "$BIN" plugins check "$PLUGINDIR/lora.so"
+
+# ---- 5b. the installed worked example builds and passes the checker ---------------
+EXA=$TMP/example
+build_example() {
+    copy_sdk example "$EXA" && cd "$EXA" && make clean >/dev/null || return 1
+    make CFLAGS="-O2 -g -Werror" PEFTREF="$BIN" >"$LOGS/example-make.out" 2>&1
+    rc=$?
+    cat "$LOGS/example-make.out"
+    [ "$rc" -eq 0 ] && [ -f frozen_a_lora.so ] || return 1
+    if grep -F -- "$SRC" "$LOGS/example-make.out"; then
+        echo "the build used the source tree"
+        return 1
+    fi
+}
+step example-build build_example
+if [ -f "$EXA/frozen_a_lora.so" ]; then
+    step check-example "$BIN" plugins check "$EXA/frozen_a_lora.so"
+else
+    skip_step check-example "the example did not build"
+fi
 
 # ---- 6. train the template inside a pipeline ------------------------------------
 cat >"$TMP/pipeline.yaml" <<EOF
