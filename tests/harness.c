@@ -422,3 +422,41 @@ __attribute__((constructor)) static void th_host_fill(void)
     th_host.add_aux_loss = h->add_aux_loss;
     th_host.extension_data = h->extension_data;
 }
+
+pr_ctx *th_ctx_bind(th_ctx *t)
+{
+    for (int i = 0; i < TH_CTX_MAX; i++) {
+        t->params_p[i] = &t->params[i];
+        t->grads_p[i] = &t->grads[i];
+        t->saved_p[i] = &t->saved[i];
+        t->scratch_p[i] = &t->scratch[i];
+        t->out_params_p[i] = &t->out_params[i];
+    }
+    pr_ctx *c = &t->c;
+    c->struct_size = sizeof(pr_ctx);
+    if (!c->host)
+        c->host = &th_host;
+    c->in = &t->in;
+    c->out = &t->out;
+    c->d_in = &t->d_in;
+    c->d_out = &t->d_out;
+    c->params = t->params_p;
+    c->grads = t->grads_p;
+    c->saved = t->saved_p;
+    c->scratch = t->scratch_p;
+    c->out_params = t->out_params_p;
+    return c;
+}
+
+pr_ctx *th_ctx_init(th_ctx *t)
+{
+    memset(t, 0, sizeof *t);
+    return th_ctx_bind(t);
+}
+
+pr_ctx *th_ctx_copy(th_ctx *dst, const th_ctx *src)
+{
+    if (dst != src)
+        memcpy(dst, src, sizeof *dst);
+    return th_ctx_bind(dst);
+}

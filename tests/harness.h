@@ -146,4 +146,36 @@ void th_gemm(int ta, int tb, int M, int N, int K, float alpha, const float *A, i
  * every other service is the host's own. */
 extern pr_host th_host;
 
+/* A context for calling a technique's callbacks by hand.  ABI 1's pr_ctx
+ * points at its tensors (the site tensors, and arrays of pointers for
+ * params, grads, saved, scratch and out_params); th_ctx holds the tensors
+ * themselves and th_ctx_bind points c's fields at them, so a test fills
+ * t.in = th_view2(...), t.params[0] = ..., sets c's counts and passes &t.c.
+ * An unset site tensor has data NULL ("absent"), as the ABI wants.
+ * base_weight, base_bias and bias_delta stay the test's own pointers.
+ * th_ctx must not be copied with '=': the copy's c would point into the
+ * original; th_ctx_copy copies and re-binds. */
+enum { TH_CTX_MAX = 16 };
+
+typedef struct th_ctx {
+    pr_ctx c;
+    pr_tensor in, out, d_in, d_out;
+    pr_tensor params[TH_CTX_MAX], grads[TH_CTX_MAX], saved[TH_CTX_MAX], scratch[TH_CTX_MAX],
+        out_params[TH_CTX_MAX];
+    /* what c's pointer arrays hold: &params[i], ... (rebuilt by th_ctx_bind) */
+    pr_tensor *params_p[TH_CTX_MAX], *grads_p[TH_CTX_MAX], *saved_p[TH_CTX_MAX], *scratch_p[TH_CTX_MAX],
+        *out_params_p[TH_CTX_MAX];
+} th_ctx;
+
+/* Point t->c's tensor fields (in, out, d_in, d_out, params, grads, saved, scratch, out_params) at
+ * t's own storage; sets c.struct_size and, when unset, c.host = &th_host.  Keeps every other field
+ * of c and every tensor.  Returns &t->c. */
+pr_ctx *th_ctx_bind(th_ctx *t);
+
+/* Zero t, then th_ctx_bind(t). */
+pr_ctx *th_ctx_init(th_ctx *t);
+
+/* *dst = *src, then th_ctx_bind(dst): a copy whose c points into dst.  Returns &dst->c. */
+pr_ctx *th_ctx_copy(th_ctx *dst, const th_ctx *src);
+
 #endif

@@ -69,28 +69,30 @@ static char workdir[256];
 /* dW = A^T B^T (d_in, d_out), A (r, d_in), B (d_out, r); y += x.dW. */
 static int wd_merge(const pr_ctx *c)
 {
-    const pr_tensor *a = &c->params[0], *b = &c->params[1];
+    const pr_tensor *a = c->params[0], *b = c->params[1];
     int r = (int)a->shape[0], din = (int)a->shape[1], dout = (int)b->shape[0];
-    c->host->gemm(1, 1, din, dout, r, 1.0f, a->data, din, b->data, r, 1.0f, c->out.data, (int)c->out.stride[0]);
+    c->host->gemm(1, 1, din, dout, r, 1.0f, a->data, din, b->data, r, 1.0f, c->out->data, (int)c->out->stride[0]);
     return 0;
 }
 
 /* d_out = G = dL/d(dW): dA += (G B)^T = B^T G^T, dB += G^T A^T */
 static int wd_backward(const pr_ctx *c)
 {
-    const pr_tensor *a = &c->params[0], *b = &c->params[1];
+    const pr_tensor *a = c->params[0], *b = c->params[1];
     int r = (int)a->shape[0], din = (int)a->shape[1], dout = (int)b->shape[0];
-    const float *g = c->d_out.data;
-    if (c->grads[0].data)
-        c->host->gemm(1, 1, r, din, dout, 1.0f, b->data, r, g, dout, 1.0f, c->grads[0].data, din);
-    if (c->grads[1].data)
-        c->host->gemm(1, 1, dout, r, din, 1.0f, g, dout, a->data, din, 1.0f, c->grads[1].data, r);
+    const float *g = c->d_out->data;
+    if (c->grads[0]->data)
+        c->host->gemm(1, 1, r, din, dout, 1.0f, b->data, r, g, dout, 1.0f, c->grads[0]->data, din);
+    if (c->grads[1]->data)
+        c->host->gemm(1, 1, dout, r, din, 1.0f, g, dout, a->data, din, 1.0f, c->grads[1]->data, r);
     return 0;
 }
 
 static const pr_param_decl wd_params[] = {
-    { sizeof(pr_param_decl), "wd_A", "2, d_in", PR_INIT_NORMAL, "0.1", PR_SCOPE_INSERTION, 0, "A", NULL },
-    { sizeof(pr_param_decl), "wd_B", "d_out, 2", PR_INIT_NORMAL, "0.1", PR_SCOPE_INSERTION, 0, "B", NULL },
+    { .struct_size = sizeof(pr_param_decl), .name = "wd_A", .shape = "2, d_in", .init = PR_INIT_NORMAL,
+      .init_arg = "0.1", .scope = PR_SCOPE_INSERTION, .help = "A" },
+    { .struct_size = sizeof(pr_param_decl), .name = "wd_B", .shape = "d_out, 2", .init = PR_INIT_NORMAL,
+      .init_arg = "0.1", .scope = PR_SCOPE_INSERTION, .help = "B" },
 };
 
 static const pr_technique twd = {

@@ -146,9 +146,8 @@ typedef struct fixture {
     float x[ROWS * LDX], dx[ROWS * LDX], h[ROWS * LDH], w[ROWS * LDH];
     float xa[ROWS * R], mask[ROWS * ((D_IN + 31) / 32)], dropout_on[1];
     float xd[ROWS * D_IN], dxa[ROWS * R];
-    pr_tensor params[2], grads[2], saved[3], scratch[2];
     pr_dims dims;
-    pr_ctx ctx;
+    th_ctx t; /* the context and its tensors (harness.h) */
 } fixture;
 
 static fixture *fixture_new(double alpha, double dropout, int rslora, int training)
@@ -163,22 +162,21 @@ static fixture *fixture_new(double alpha, double dropout, int rslora, int traini
     gc_fill(f->B, D_OUT * R, 2, 0.5f);
     gc_fill(f->x, ROWS * LDX, 3, 1.0f);
     gc_fill(f->w, ROWS * LDH, 4, 1.0f);
-    f->params[0] = th_view2(f->A, R, D_IN, D_IN);
-    f->params[1] = th_view2(f->B, D_OUT, R, R);
-    f->grads[0] = th_view2(f->dA, R, D_IN, D_IN);
-    f->grads[1] = th_view2(f->dB, D_OUT, R, R);
-    f->saved[0] = th_view2(f->xa, ROWS, R, R);
-    f->saved[1] = th_view2(f->mask, ROWS, (D_IN + 31) / 32, (D_IN + 31) / 32);
-    f->saved[2] = th_view2(f->dropout_on, 1, 1, 1);
-    f->saved[2].ndim = 1;
-    f->scratch[0] = th_view2(f->xd, ROWS, D_IN, D_IN);
-    f->scratch[1] = th_view2(f->dxa, ROWS, R, R);
+    th_ctx *t = &f->t;
+    t->params[0] = th_view2(f->A, R, D_IN, D_IN);
+    t->params[1] = th_view2(f->B, D_OUT, R, R);
+    t->grads[0] = th_view2(f->dA, R, D_IN, D_IN);
+    t->grads[1] = th_view2(f->dB, D_OUT, R, R);
+    t->saved[0] = th_view2(f->xa, ROWS, R, R);
+    t->saved[1] = th_view2(f->mask, ROWS, (D_IN + 31) / 32, (D_IN + 31) / 32);
+    t->saved[2] = th_view2(f->dropout_on, 1, 1, 1);
+    t->saved[2].ndim = 1;
+    t->scratch[0] = th_view2(f->xd, ROWS, D_IN, D_IN);
+    t->scratch[1] = th_view2(f->dxa, ROWS, R, R);
     f->dims = (pr_dims){ .struct_size = sizeof(pr_dims), .d_model = D_IN, .n_heads = 1,
                          .n_kv_heads = 1, .d_head = D_IN, .d_ff = D_OUT, .n_layers = 1,
                          .vocab = 8, .d_in = D_IN, .d_out = D_OUT, .family = 1 };
-    pr_ctx *c = &f->ctx;
-    c->struct_size = sizeof(pr_ctx);
-    c->host = &th_host;
+    pr_ctx *c = th_ctx_bind(t);
     c->technique = lora;
     c->dims = &f->dims;
     c->site = PR_SITE_Q;
@@ -187,17 +185,14 @@ static fixture *fixture_new(double alpha, double dropout, int rslora, int traini
     c->rows = ROWS;
     c->training = training;
     c->seed = 12345;
+    c->module_seed = 12345; /* the dropout key (with step 0 and sample_index NULL: row / T) */
     c->options = f->opts;
     c->n_options = 4;
-    c->params = f->params;
-    c->grads = f->grads;
     c->n_params = 2;
-    c->saved = f->saved;
     c->n_saved = 3;
-    c->scratch = f->scratch;
     c->n_scratch = 2;
-    c->in = th_view2(f->x, ROWS, D_IN, LDX);
-    c->out = th_view2(f->h, ROWS, D_OUT, LDH);
+    t->in = th_view2(f->x, ROWS, D_IN, LDX);
+    t->out = th_view2(f->h, ROWS, D_OUT, LDH);
     c->scale = lora->scale(c);
     return f;
 }
@@ -206,8 +201,8 @@ static fixture *fixture_new(double alpha, double dropout, int rslora, int traini
 static double loss_of(void *arg)
 {
     fixture *f = arg;
-    pr_ctx c = f->ctx;
-    if (lora->forward(&c) != 0)
+    th_ctx c;
+    if (lora->forward(th_ctx_copy(&c, &f->t)) != 0)
         fail_msg("forward: %s", th_last_error);
     double l = 0.0;
     for (int i = 0; i < ROWS; i++)
@@ -222,11 +217,12 @@ static void backward_of(fixture *f)
     memset(f->dB, 0, sizeof f->dB);
     memset(f->dx, 0, sizeof f->dx);
     (void)loss_of(f);
-    pr_ctx c = f->ctx;
+    th_ctx c;
+    th_ctx_copy(&c, &f->t);
     c.out = (pr_tensor){ 0 };
     c.d_out = th_view2(f->w, ROWS, D_OUT, LDH);
     c.d_in = th_view2(f->dx, ROWS, D_IN, LDX);
-    assert_int_equal(lora->backward(&c), 0);
+    assert_int_equal(lora->backward(&c.c), 0);
 }
 
 static void check_gradients(fixture *f)
@@ -275,8 +271,10 @@ static void test_gradients(void **state)
     free(f);
 }
 
-/* With dropout the mask is a deterministic function of ctx->seed, so the
- * forward probed by finite differences is one fixed function. */
+/* With dropout the mask is a deterministic function of the context's key
+ * (module_seed, step, sample, position, site, layer), so the forward probed
+ * by finite differences is one fixed function.  The plugin must use the
+ * host's keyed mask: the one th_host.dropout_mask draws for the context. */
 static void test_gradients_dropout(void **state)
 {
     (void)state;
@@ -294,8 +292,22 @@ static void test_gradients_dropout(void **state)
     memcpy(h1, f->h, sizeof h1);
     (void)loss_of(f);
     assert_memory_equal(h1, f->h, sizeof h1);
+    /* exactly the host's mask for this context (stream 0): saved, and applied to x */
+    enum { W = (D_IN + 31) / 32 };
+    uint32_t want[ROWS * W];
+    th_host.dropout_mask(&f->t.c, 0, 0.4f, D_IN, want);
+    assert_memory_equal(f->mask, want, sizeof want);
+    for (int i = 0; i < ROWS; i++)
+        for (int j = 0; j < D_IN; j++) {
+            int keep = (want[i * W + j / 32] >> (j % 32)) & 1u;
+            float x = f->x[i * LDX + j];
+            if (keep)
+                assert_float_equal(f->xd[i * D_IN + j], x / 0.6f, 1e-6 * (1 + fabs(x)));
+            else
+                assert_true(f->xd[i * D_IN + j] == 0.0f);
+        }
     /* in eval the same module applies no dropout */
-    f->ctx.training = 0;
+    f->t.c.training = 0;
     (void)loss_of(f);
     assert_true(f->dropout_on[0] == 0.0f);
     assert_memory_not_equal(h1, f->h, sizeof h1);
@@ -309,18 +321,19 @@ static void test_merge(void **state)
     fixture *f = fixture_new(6, 0.2, 0, 0);
     (void)loss_of(f);
     float dW[D_IN * D_OUT];
-    pr_ctx c = f->ctx;
+    th_ctx c;
+    th_ctx_copy(&c, &f->t);
     c.in = (pr_tensor){ 0 };
     c.out = th_view2(dW, D_IN, D_OUT, D_OUT);
-    assert_int_equal(lora->merge(&c), 0);
-    assert_float_equal(c.scale, 2.0f, 1e-7);
+    assert_int_equal(lora->merge(&c.c), 0);
+    assert_float_equal(c.c.scale, 2.0f, 1e-7);
     double worst = 0.0, norm = 0.0;
     for (int i = 0; i < ROWS; i++)
         for (int o = 0; o < D_OUT; o++) {
             double y = 0.0;
             for (int j = 0; j < D_IN; j++)
                 y += (double)f->x[i * LDX + j] * dW[j * D_OUT + o];
-            double sh = (double)c.scale * f->h[i * LDH + o];
+            double sh = (double)c.c.scale * f->h[i * LDH + o];
             worst = fmax(worst, fabs(y - sh));
             norm = fmax(norm, fabs(sh));
         }
@@ -333,27 +346,31 @@ static void test_scale(void **state)
 {
     (void)state;
     pr_option_value o[4] = { { .num = 4 }, { .num = 8 }, { .num = 0 }, { .num = 0 } };
-    pr_ctx c = { .struct_size = sizeof(pr_ctx), .host = &th_host, .options = o, .n_options = 4 };
-    assert_float_equal(lora->scale(&c), 2.0f, 1e-7);
+    th_ctx t;
+    pr_ctx *c = th_ctx_init(&t); /* site tensors present (data NULL), as a host passes them */
+    c->options = o;
+    c->n_options = 4;
+    assert_float_equal(lora->scale(c), 2.0f, 1e-7);
     o[3].num = 1;
-    assert_float_equal(lora->scale(&c), 4.0f, 1e-7);
+    assert_float_equal(lora->scale(c), 4.0f, 1e-7);
     o[0].num = 16;
     o[1].num = 32;
-    assert_float_equal(lora->scale(&c), 8.0f, 1e-6);
+    assert_float_equal(lora->scale(c), 8.0f, 1e-6);
 }
 
 static void test_errors(void **state)
 {
     (void)state;
     fixture *f = fixture_new(8, 0, 0, 0);
-    pr_ctx c = f->ctx;
+    th_ctx c;
+    th_ctx_copy(&c, &f->t);
     c.in = th_view2(f->x, ROWS, D_IN - 1, LDX);
     th_last_error[0] = 0;
-    assert_int_not_equal(lora->forward(&c), 0);
+    assert_int_not_equal(lora->forward(&c.c), 0);
     assert_non_null(strstr(th_last_error, "width"));
-    c = f->ctx;
-    c.n_saved = 1;
-    assert_int_not_equal(lora->forward(&c), 0);
+    th_ctx_copy(&c, &f->t);
+    c.c.n_saved = 1;
+    assert_int_not_equal(lora->forward(&c.c), 0);
     assert_non_null(strstr(th_last_error, "saved"));
     free(f);
 }

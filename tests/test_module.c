@@ -57,10 +57,10 @@ enum { TB = 2, TT = 6 };
 
 /* ---- helpers for the techniques' callbacks ------------------------------------ */
 
-#define PD(c, i) ((float *)(c)->params[i].data)
-#define GD(c, i) ((float *)(c)->grads[i].data)
-#define LD(t) ((int)(t).stride[0])
-#define FD(t) ((float *)(t).data)
+#define PD(c, i) ((float *)(c)->params[i]->data)
+#define GD(c, i) ((float *)(c)->grads[i]->data)
+#define LD(t) ((int)(t)->stride[0])
+#define FD(t) ((float *)(t)->data)
 
 /* g (cols) += column sums of a (rows, cols; ld) */
 static void colsum_acc(float *g, const float *a, int ld, int rows, int cols)
@@ -77,8 +77,8 @@ enum { L_A = 0, L_B = 1 };
 static int lora_forward(const pr_ctx *c)
 {
     const pr_host *h = c->host;
-    int r = (int)c->params[L_A].shape[0], din = (int)c->params[L_A].shape[1];
-    int dout = (int)c->params[L_B].shape[0];
+    int r = (int)c->params[L_A]->shape[0], din = (int)c->params[L_A]->shape[1];
+    int dout = (int)c->params[L_B]->shape[0];
     float *xa = FD(c->saved[0]);
     h->gemm(0, 1, c->rows, r, din, 1.0f, FD(c->in), LD(c->in), PD(c, L_A), din, 0.0f, xa, r);
     h->gemm(0, 1, c->rows, dout, r, 1.0f, xa, r, PD(c, L_B), r, 0.0f, FD(c->out), LD(c->out));
@@ -88,8 +88,8 @@ static int lora_forward(const pr_ctx *c)
 static int lora_backward(const pr_ctx *c)
 {
     const pr_host *h = c->host;
-    int r = (int)c->params[L_A].shape[0], din = (int)c->params[L_A].shape[1];
-    int dout = (int)c->params[L_B].shape[0], rows = c->rows;
+    int r = (int)c->params[L_A]->shape[0], din = (int)c->params[L_A]->shape[1];
+    int dout = (int)c->params[L_B]->shape[0], rows = c->rows;
     const float *xa = FD(c->saved[0]);
     float *dxa = FD(c->scratch[0]);
     if (GD(c, L_B))
@@ -97,7 +97,7 @@ static int lora_backward(const pr_ctx *c)
     h->gemm(0, 0, rows, r, dout, 1.0f, FD(c->d_out), LD(c->d_out), PD(c, L_B), r, 0.0f, dxa, r);
     if (GD(c, L_A))
         h->gemm(1, 0, r, din, rows, 1.0f, dxa, r, FD(c->in), LD(c->in), 1.0f, GD(c, L_A), din);
-    if (c->d_in.data)
+    if (c->d_in->data)
         h->gemm(0, 0, rows, din, r, 1.0f, dxa, r, PD(c, L_A), din, 1.0f, FD(c->d_in), LD(c->d_in));
     return 0;
 }
@@ -105,8 +105,8 @@ static int lora_backward(const pr_ctx *c)
 /* delta (d_in, d_out) = s A^T B^T */
 static int lora_merge(const pr_ctx *c)
 {
-    int r = (int)c->params[L_A].shape[0], din = (int)c->params[L_A].shape[1];
-    int dout = (int)c->params[L_B].shape[0];
+    int r = (int)c->params[L_A]->shape[0], din = (int)c->params[L_A]->shape[1];
+    int dout = (int)c->params[L_B]->shape[0];
     c->host->gemm(1, 1, din, dout, r, c->scale, PD(c, L_A), din, PD(c, L_B), r, 0.0f, FD(c->out), LD(c->out));
     return 0;
 }
@@ -115,8 +115,8 @@ static int lora_merge(const pr_ctx *c)
  * dA += s B^T G^T, dB += s G^T A^T */
 static int lora_wd_backward(const pr_ctx *c)
 {
-    int r = (int)c->params[L_A].shape[0], din = (int)c->params[L_A].shape[1];
-    int dout = (int)c->params[L_B].shape[0];
+    int r = (int)c->params[L_A]->shape[0], din = (int)c->params[L_A]->shape[1];
+    int dout = (int)c->params[L_B]->shape[0];
     const float *G = FD(c->d_out);
     if (GD(c, L_A))
         c->host->gemm(1, 1, r, din, dout, c->scale, PD(c, L_B), r, G, LD(c->d_out), 1.0f, GD(c, L_A), din);
@@ -177,8 +177,8 @@ enum { A_DW = 0, A_DB = 1, A_UW = 2, A_UB = 3 };
 static int adapter_forward(const pr_ctx *c)
 {
     const pr_host *h = c->host;
-    int din = (int)c->params[A_DW].shape[0], m = (int)c->params[A_DW].shape[1];
-    int dout = (int)c->params[A_UW].shape[1], rows = c->rows;
+    int din = (int)c->params[A_DW]->shape[0], m = (int)c->params[A_DW]->shape[1];
+    int dout = (int)c->params[A_UW]->shape[1], rows = c->rows;
     float *z = FD(c->saved[0]), *a = FD(c->saved[1]);
     h->gemm(0, 0, rows, m, din, 1.0f, FD(c->in), LD(c->in), PD(c, A_DW), m, 0.0f, z, m);
     for (int r = 0; r < rows; r++)
@@ -196,8 +196,8 @@ static int adapter_forward(const pr_ctx *c)
 static int adapter_backward(const pr_ctx *c)
 {
     const pr_host *h = c->host;
-    int din = (int)c->params[A_DW].shape[0], m = (int)c->params[A_DW].shape[1];
-    int dout = (int)c->params[A_UW].shape[1], rows = c->rows;
+    int din = (int)c->params[A_DW]->shape[0], m = (int)c->params[A_DW]->shape[1];
+    int dout = (int)c->params[A_UW]->shape[1], rows = c->rows;
     const float *z = FD(c->saved[0]), *a = FD(c->saved[1]);
     float *da = FD(c->scratch[0]), *dz = FD(c->scratch[1]);
     const float *dy = FD(c->d_out);
@@ -212,7 +212,7 @@ static int adapter_backward(const pr_ctx *c)
         h->gemm(1, 0, din, m, rows, 1.0f, FD(c->in), LD(c->in), dz, m, 1.0f, GD(c, A_DW), m);
     if (GD(c, A_DB))
         colsum_acc(GD(c, A_DB), dz, m, rows, m);
-    if (c->d_in.data)
+    if (c->d_in->data)
         h->gemm(0, 1, rows, din, m, 1.0f, dz, m, PD(c, A_DW), m, 1.0f, FD(c->d_in), LD(c->d_in));
     return 0;
 }
@@ -267,14 +267,14 @@ static const pr_technique tgated = {
 
 static int ia3_forward(const pr_ctx *c)
 {
-    memcpy(FD(c->out), PD(c, 0), (size_t)c->params[0].shape[0] * sizeof(float));
+    memcpy(FD(c->out), PD(c, 0), (size_t)c->params[0]->shape[0] * sizeof(float));
     return 0;
 }
 
 static int ia3_backward(const pr_ctx *c)
 {
     if (GD(c, 0))
-        colsum_acc(GD(c, 0), FD(c->d_out), LD(c->d_out), 1, (int)c->params[0].shape[0]);
+        colsum_acc(GD(c, 0), FD(c->d_out), LD(c->d_out), 1, (int)c->params[0]->shape[0]);
     return 0;
 }
 
@@ -298,7 +298,7 @@ static const pr_technique tia3 = {
 
 static int rows_forward(const pr_ctx *c)
 {
-    int n = (int)c->params[0].shape[0], w = (int)c->params[0].shape[1];
+    int n = (int)c->params[0]->shape[0], w = (int)c->params[0]->shape[1];
     for (int r = 0; r < n; r++)
         memcpy(FD(c->out) + (size_t)r * LD(c->out), PD(c, 0) + (size_t)r * w, (size_t)w * sizeof(float));
     return 0;
@@ -306,7 +306,7 @@ static int rows_forward(const pr_ctx *c)
 
 static int rows_backward(const pr_ctx *c)
 {
-    int n = (int)c->params[0].shape[0], w = (int)c->params[0].shape[1];
+    int n = (int)c->params[0]->shape[0], w = (int)c->params[0]->shape[1];
     if (!GD(c, 0))
         return 0;
     for (int r = 0; r < n; r++)
@@ -370,7 +370,7 @@ enum { C_G = 0, C_U = 1 };
 
 static int custom_forward(const pr_ctx *c)
 {
-    int din = (int)c->params[C_U].shape[0], dout = (int)c->params[C_U].shape[1], rows = c->rows;
+    int din = (int)c->params[C_U]->shape[0], dout = (int)c->params[C_U]->shape[1], rows = c->rows;
     float *y = FD(c->out), *yo = FD(c->saved[0]);
     const float *g = PD(c, C_G);
     for (int r = 0; r < rows; r++)
@@ -385,13 +385,13 @@ static int custom_forward(const pr_ctx *c)
 
 static int custom_backward(const pr_ctx *c)
 {
-    int din = (int)c->params[C_U].shape[0], dout = (int)c->params[C_U].shape[1], rows = c->rows;
+    int din = (int)c->params[C_U]->shape[0], dout = (int)c->params[C_U]->shape[1], rows = c->rows;
     float *dy = FD(c->d_out);
     const float *yo = FD(c->saved[0]), *g = PD(c, C_G);
     int ld = LD(c->d_out);
     if (GD(c, C_U))
         c->host->gemm(1, 0, din, dout, rows, 1.0f, FD(c->in), LD(c->in), dy, ld, 1.0f, GD(c, C_U), dout);
-    if (c->d_in.data)
+    if (c->d_in->data)
         c->host->gemm(0, 1, rows, din, dout, 1.0f, dy, ld, PD(c, C_U), dout, 1.0f, FD(c->d_in), LD(c->d_in));
     for (int r = 0; r < rows; r++)
         for (int j = 0; j < dout; j++) {
@@ -438,8 +438,8 @@ enum { S_A = 0, S_B = 1, S_C = 2 };
 static int shared_forward(const pr_ctx *c)
 {
     const pr_host *h = c->host;
-    int din = (int)c->params[S_A].shape[0], r = (int)c->params[S_A].shape[1];
-    int dout = (int)c->params[S_B].shape[1], rows = c->rows;
+    int din = (int)c->params[S_A]->shape[0], r = (int)c->params[S_A]->shape[1];
+    int dout = (int)c->params[S_B]->shape[1], rows = c->rows;
     float *t = FD(c->saved[0]);
     h->gemm(0, 0, rows, r, din, 1.0f, FD(c->in), LD(c->in), PD(c, S_A), r, 0.0f, t, r);
     h->gemm(0, 0, rows, dout, r, 1.0f, t, r, PD(c, S_B), dout, 0.0f, FD(c->out), LD(c->out));
@@ -452,8 +452,8 @@ static int shared_forward(const pr_ctx *c)
 static int shared_backward(const pr_ctx *c)
 {
     const pr_host *h = c->host;
-    int din = (int)c->params[S_A].shape[0], r = (int)c->params[S_A].shape[1];
-    int dout = (int)c->params[S_B].shape[1], rows = c->rows;
+    int din = (int)c->params[S_A]->shape[0], r = (int)c->params[S_A]->shape[1];
+    int dout = (int)c->params[S_B]->shape[1], rows = c->rows;
     const float *t = FD(c->saved[0]), *dy = FD(c->d_out);
     float *dt = FD(c->scratch[0]);
     if (GD(c, S_B))
@@ -463,7 +463,7 @@ static int shared_backward(const pr_ctx *c)
     h->gemm(0, 1, rows, r, dout, 1.0f, dy, LD(c->d_out), PD(c, S_B), dout, 0.0f, dt, r);
     if (GD(c, S_A))
         h->gemm(1, 0, din, r, rows, 1.0f, FD(c->in), LD(c->in), dt, r, 1.0f, GD(c, S_A), r);
-    if (c->d_in.data)
+    if (c->d_in->data)
         h->gemm(0, 1, rows, din, r, 1.0f, dt, r, PD(c, S_A), r, 1.0f, FD(c->d_in), LD(c->d_in));
     return 0;
 }

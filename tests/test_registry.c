@@ -225,7 +225,8 @@ static const expected_refusal refusals[] = {
     {"/d1/garbage.so", "cannot load: "},
     {"/d1/no_entry.so", "no entry symbol peftref_plugin_entry"},
     {"/d1/no_name.so", "technique has no name"},
-    {"/d1/null_entry.so", "peftref_plugin_entry returned NULL"},
+    /* ABI 1: the entry writes its reason into args->error and the host relays it */
+    {"/d1/null_entry.so", "peftref_plugin_entry refused to load: null_entry: refusing to load (test fixture)"},
     {"/d1/pack_abi/pack_bad_copy.so", "manifest.json says abi_major 2, the pack's libraries are built for ABI 1"},
     {"/d1/pack_bad/pack_bad.so", "manifest.json lists technique 'pack-missing', which no library of the pack"},
     {"/d1/zero.so", "declares no techniques"},

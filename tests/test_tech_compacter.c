@@ -204,26 +204,40 @@ static void test_compacter_forward_reference(void **state)
     gc_fill(y, sizeof y / sizeof *y, 8, 1.0f);
 
     pr_option_value opts[5] = { { .num = CN }, { .num = 32 }, { .num = CM }, { .num = CR }, { .num = 1e-4 } };
-    pr_tensor params[7] = {
+    th_ctx t;
+    th_ctx_init(&t);
+    const pr_tensor params[7] = {
         tview(A, 3, CN, CN, CN, 0),     tview(ds, 3, CN, a, CR, 0), tview(dt, 3, CN, CR, b, 0),
         tview(db, 1, CM, 0, 0, 0),      tview(us, 3, CN, b, CR, 0), tview(ut, 3, CN, CR, a, 0),
         tview(ub, 1, CD, 0, 0, 0),
     };
-    pr_tensor saved[2] = { tview(z, 2, CROWS, CM, 0, 0), tview(act, 2, CROWS, CM, 0, 0) };
-    pr_tensor scratch[6] = { tview(wd, 2, CD, CM, 0, 0), tview(wu, 2, CM, CD, 0, 0),
-                             tview(g, 2, CD, CM, 0, 0),  tview(bi, 2, 2, a * b, 0, 0),
-                             tview(da, 2, CROWS, CM, 0, 0), tview(dz, 2, CROWS, CM, 0, 0) };
+    const pr_tensor saved[2] = { tview(z, 2, CROWS, CM, 0, 0), tview(act, 2, CROWS, CM, 0, 0) };
+    const pr_tensor scratch[6] = { tview(wd, 2, CD, CM, 0, 0), tview(wu, 2, CM, CD, 0, 0),
+                                   tview(g, 2, CD, CM, 0, 0),  tview(bi, 2, 2, a * b, 0, 0),
+                                   tview(da, 2, CROWS, CM, 0, 0), tview(dz, 2, CROWS, CM, 0, 0) };
+    memcpy(t.params, params, sizeof params);
+    memcpy(t.saved, saved, sizeof saved);
+    memcpy(t.scratch, scratch, sizeof scratch);
     pr_dims dims = { .struct_size = sizeof(pr_dims), .d_model = CD, .n_heads = 1, .n_kv_heads = 1,
                      .d_head = CD, .d_ff = 4 * CD, .n_layers = 1, .vocab = 8, .d_in = CD, .d_out = CD };
-    pr_ctx c = { .struct_size = sizeof(pr_ctx), .host = host_services(), .technique = compacter,
-                 .dims = &dims, .site = PR_SITE_FFN_OUT, .B = 1, .T = CROWS, .rows = CROWS,
-                 .options = opts, .n_options = 5, .params = params, .n_params = 7, .saved = saved,
-                 .n_saved = 2, .scratch = scratch, .n_scratch = 6 };
-    c.in = tview(y, 2, CROWS, CD, 0, 0);
-    c.in.stride[0] = CLD;
-    c.out = tview(h, 2, CROWS, CD, 0, 0);
-    assert_int_equal(compacter->setup(&c), 0);
-    assert_int_equal(compacter->forward(&c), 0);
+    pr_ctx *c = &t.c;
+    c->host = host_services();
+    c->technique = compacter;
+    c->dims = &dims;
+    c->site = PR_SITE_FFN_OUT;
+    c->B = 1;
+    c->T = CROWS;
+    c->rows = CROWS;
+    c->options = opts;
+    c->n_options = 5;
+    c->n_params = 7;
+    c->n_saved = 2;
+    c->n_scratch = 6;
+    t.in = tview(y, 2, CROWS, CD, 0, 0);
+    t.in.stride[0] = CLD;
+    t.out = tview(h, 2, CROWS, CD, 0, 0);
+    assert_int_equal(compacter->setup(c), 0);
+    assert_int_equal(compacter->forward(c), 0);
 
     /* W[p*a + u, q*b + v] = sum_i A_i[p, q] (s_i t_i)[u, v] */
     double Wd[CD][CM], Wu[CM][CD];
@@ -277,8 +291,8 @@ static void test_compacter_forward_reference(void **state)
     opts[0].num = 4;
     host_call hc;
     host_call_begin(&hc);
-    params[0] = tview(A, 3, 4, 4, 4, 0);
-    int rc = compacter->setup(&c);
+    t.params[0] = tview(A, 3, 4, 4, 4, 0);
+    int rc = compacter->setup(c);
     host_call_end(&hc);
     assert_int_not_equal(rc, 0);
     assert_non_null(strstr(hc.msg, "divisible"));
@@ -293,9 +307,8 @@ typedef struct ta_fix {
     float x[TROWS * TD], h[TROWS * TD], qkv[TROWS * 3 * THD], P[TB_ * TH * TT_ * TT_], u[TROWS * THD];
     float du[TROWS * THD], dqkv[TROWS * 3 * THD], dp[TT_];
     pr_option_value opts[3];
-    pr_tensor params[7], saved[3], scratch[3];
     pr_dims dims;
-    pr_ctx c;
+    th_ctx t; /* the context and its tensors (harness.h) */
 } ta_fix;
 
 static void ta_fix_init(ta_fix *f)
@@ -309,27 +322,37 @@ static void ta_fix_init(ta_fix *f)
     f->opts[0].num = TH;
     f->opts[1].num = TDH;
     f->opts[2].num = 1;
-    f->params[0] = tview(f->qw, 2, THD, TD, 0, 0);
-    f->params[1] = tview(f->qb, 1, THD, 0, 0, 0);
-    f->params[2] = tview(f->kw, 2, THD, TD, 0, 0);
-    f->params[3] = tview(f->vw, 2, THD, TD, 0, 0);
-    f->params[4] = tview(f->vb, 1, THD, 0, 0, 0);
-    f->params[5] = tview(f->ow, 2, TD, THD, 0, 0);
-    f->params[6] = tview(f->ob, 1, TD, 0, 0, 0);
-    f->saved[0] = tview(f->qkv, 2, TROWS, 3 * THD, 0, 0);
-    f->saved[1] = tview(f->P, 4, TB_, TH, TT_, TT_);
-    f->saved[2] = tview(f->u, 2, TROWS, THD, 0, 0);
-    f->scratch[0] = tview(f->du, 2, TROWS, THD, 0, 0);
-    f->scratch[1] = tview(f->dqkv, 2, TROWS, 3 * THD, 0, 0);
-    f->scratch[2] = tview(f->dp, 1, TT_, 0, 0, 0);
+    f->t.params[0] = tview(f->qw, 2, THD, TD, 0, 0);
+    f->t.params[1] = tview(f->qb, 1, THD, 0, 0, 0);
+    f->t.params[2] = tview(f->kw, 2, THD, TD, 0, 0);
+    f->t.params[3] = tview(f->vw, 2, THD, TD, 0, 0);
+    f->t.params[4] = tview(f->vb, 1, THD, 0, 0, 0);
+    f->t.params[5] = tview(f->ow, 2, TD, THD, 0, 0);
+    f->t.params[6] = tview(f->ob, 1, TD, 0, 0, 0);
+    f->t.saved[0] = tview(f->qkv, 2, TROWS, 3 * THD, 0, 0);
+    f->t.saved[1] = tview(f->P, 4, TB_, TH, TT_, TT_);
+    f->t.saved[2] = tview(f->u, 2, TROWS, THD, 0, 0);
+    f->t.scratch[0] = tview(f->du, 2, TROWS, THD, 0, 0);
+    f->t.scratch[1] = tview(f->dqkv, 2, TROWS, 3 * THD, 0, 0);
+    f->t.scratch[2] = tview(f->dp, 1, TT_, 0, 0, 0);
     f->dims = (pr_dims){ .struct_size = sizeof(pr_dims), .d_model = TD, .n_heads = 1, .n_kv_heads = 1,
                          .d_head = TD, .d_ff = 4 * TD, .n_layers = 1, .vocab = 8, .d_in = TD, .d_out = TD };
-    f->c = (pr_ctx){ .struct_size = sizeof(pr_ctx), .host = host_services(), .technique = tiny,
-                     .dims = &f->dims, .site = PR_SITE_ATTN_OUT, .B = TB_, .T = TT_, .rows = TROWS,
-                     .options = f->opts, .n_options = 3, .params = f->params, .n_params = 7,
-                     .saved = f->saved, .n_saved = 3, .scratch = f->scratch, .n_scratch = 3 };
-    f->c.in = tview(f->x, 2, TROWS, TD, 0, 0);
-    f->c.out = tview(f->h, 2, TROWS, TD, 0, 0);
+    pr_ctx *c = &f->t.c;
+    c->host = host_services();
+    c->technique = tiny;
+    c->dims = &f->dims;
+    c->site = PR_SITE_ATTN_OUT;
+    c->B = TB_;
+    c->T = TT_;
+    c->rows = TROWS;
+    c->options = f->opts;
+    c->n_options = 3;
+    c->n_params = 7;
+    c->n_saved = 3;
+    c->n_scratch = 3;
+    f->t.in = tview(f->x, 2, TROWS, TD, 0, 0);
+    f->t.out = tview(f->h, 2, TROWS, TD, 0, 0);
+    th_ctx_bind(&f->t);
 }
 
 static void test_tiny_forward_reference(void **state)
@@ -338,7 +361,7 @@ static void test_tiny_forward_reference(void **state)
     ta_fix *f = malloc(sizeof *f);
     assert_non_null(f);
     ta_fix_init(f);
-    assert_int_equal(tiny->forward(&f->c), 0);
+    assert_int_equal(tiny->forward(&f->t.c), 0);
 
     double worst = 0, norm = 0;
     for (int b = 0; b < TB_; b++) {
@@ -403,7 +426,7 @@ static void test_tiny_forward_reference(void **state)
     memcpy(h0, f->h, sizeof h0);
     for (int i = 0; i < TD; i++)
         f->x[2 * TD + i] += 0.5f;
-    assert_int_equal(tiny->forward(&f->c), 0);
+    assert_int_equal(tiny->forward(&f->t.c), 0);
     assert_memory_equal(h0, f->h, 2 * TD * sizeof(float));
     assert_memory_equal(h0 + TT_ * TD, f->h + TT_ * TD, TT_ * TD * sizeof(float));
     assert_memory_not_equal(h0 + 2 * TD, f->h + 2 * TD, TD * sizeof(float));
@@ -411,8 +434,8 @@ static void test_tiny_forward_reference(void **state)
     /* rows must be B x T */
     host_call hc;
     host_call_begin(&hc);
-    f->c.rows = TROWS - 1;
-    int rc = tiny->forward(&f->c);
+    f->t.c.rows = TROWS - 1;
+    int rc = tiny->forward(&f->t.c);
     host_call_end(&hc);
     assert_int_not_equal(rc, 0);
     assert_non_null(strstr(hc.msg, "B x T"));

@@ -23,8 +23,9 @@
  *  - dropout: in eval a module with dropout 0.5 gives the logits of the
  *    same module with dropout 0 bit for bit, in training it changes them;
  *    driven directly, forward drops 30% +- 5% of a 64 x 100 input (a
- *    10-sigma band), scales the kept ones by 1/(1-p), draws the same mask
- *    from the same ctx->seed and another from another seed.
+ *    10-sigma band), scales the kept ones by 1/(1-p), uses exactly the
+ *    host's keyed mask (th_host.dropout_mask for the context), draws the
+ *    same mask from the same key and another from another module_seed.
  *
  * DoRA (Liu et al. 2024, arXiv 2402.09353):
  *  - callbacks driven through the tests' host table (harness.h, a
@@ -507,9 +508,8 @@ typedef struct drop_fixture {
     float x[DR_ROWS * DR_IN], h[DR_ROWS * DR_OUT];
     float xa[DR_ROWS * DR_R], mask[DR_ROWS * DR_WORDS], on[1];
     float xd[DR_ROWS * DR_IN], dxa[DR_ROWS * DR_R];
-    pr_tensor params[2], saved[3], scratch[2];
     pr_dims dims;
-    pr_ctx ctx;
+    th_ctx t; /* the context and its tensors (harness.h) */
 } drop_fixture;
 
 static drop_fixture *drop_fixture_new(double p)
@@ -523,19 +523,18 @@ static drop_fixture *drop_fixture_new(double p)
     gc_fill(f->B, DR_OUT * DR_R, 2, 0.5f);
     for (int i = 0; i < DR_ROWS * DR_IN; i++)
         f->x[i] = 1.0f;
-    f->params[0] = th_view2(f->A, DR_R, DR_IN, DR_IN);
-    f->params[1] = th_view2(f->B, DR_OUT, DR_R, DR_R);
-    f->saved[0] = th_view2(f->xa, DR_ROWS, DR_R, DR_R);
-    f->saved[1] = th_view2(f->mask, DR_ROWS, DR_WORDS, DR_WORDS);
-    f->saved[2] = th_view1(f->on, 1);
-    f->scratch[0] = th_view2(f->xd, DR_ROWS, DR_IN, DR_IN);
-    f->scratch[1] = th_view2(f->dxa, DR_ROWS, DR_R, DR_R);
+    th_ctx *t = &f->t;
+    t->params[0] = th_view2(f->A, DR_R, DR_IN, DR_IN);
+    t->params[1] = th_view2(f->B, DR_OUT, DR_R, DR_R);
+    t->saved[0] = th_view2(f->xa, DR_ROWS, DR_R, DR_R);
+    t->saved[1] = th_view2(f->mask, DR_ROWS, DR_WORDS, DR_WORDS);
+    t->saved[2] = th_view1(f->on, 1);
+    t->scratch[0] = th_view2(f->xd, DR_ROWS, DR_IN, DR_IN);
+    t->scratch[1] = th_view2(f->dxa, DR_ROWS, DR_R, DR_R);
     f->dims = (pr_dims){ .struct_size = sizeof(pr_dims), .d_model = DR_IN, .n_heads = 1,
                          .n_kv_heads = 1, .d_head = DR_IN, .d_ff = DR_OUT, .n_layers = 1,
                          .vocab = 8, .d_in = DR_IN, .d_out = DR_OUT, .family = 1 };
-    pr_ctx *c = &f->ctx;
-    c->struct_size = sizeof(pr_ctx);
-    c->host = &th_host;
+    pr_ctx *c = th_ctx_bind(t);
     c->technique = lora;
     c->dims = &f->dims;
     c->site = PR_SITE_Q;
@@ -544,25 +543,25 @@ static drop_fixture *drop_fixture_new(double p)
     c->rows = DR_ROWS;
     c->training = 1;
     c->seed = 99;
+    c->module_seed = 99; /* the dropout key, with step 0 and sample_index NULL (row / T) */
     c->options = f->opts;
     c->n_options = 4;
-    c->params = f->params;
     c->n_params = 2;
-    c->saved = f->saved;
     c->n_saved = 3;
-    c->scratch = f->scratch;
     c->n_scratch = 2;
-    c->in = th_view2(f->x, DR_ROWS, DR_IN, DR_IN);
-    c->out = th_view2(f->h, DR_ROWS, DR_OUT, DR_OUT);
+    t->in = th_view2(f->x, DR_ROWS, DR_IN, DR_IN);
+    t->out = th_view2(f->h, DR_ROWS, DR_OUT, DR_OUT);
     return f;
 }
 
 static void test_lora_dropout(void **state)
 {
     (void)state;
-    /* driven directly: ~p dropped, kept ones scaled, the mask a function of the seed */
+    /* driven directly: ~p dropped, kept ones scaled, the mask a function of the key
+     * (module_seed, step, sample, position, site, layer): the host's keyed mask */
     drop_fixture *f = drop_fixture_new(0.3);
-    assert_int_equal(lora->forward(&f->ctx), 0);
+    pr_ctx *c = &f->t.c;
+    assert_int_equal(lora->forward(c), 0);
     assert_true(f->on[0] == 1.0f);
     int dropped = 0;
     for (int i = 0; i < DR_ROWS * DR_IN; i++) {
@@ -574,23 +573,31 @@ static void test_lora_dropout(void **state)
     double frac = (double)dropped / (DR_ROWS * DR_IN);
     printf("lora dropout p=0.3: dropped %.4f of %d inputs\n", frac, DR_ROWS * DR_IN);
     assert_true(fabs(frac - 0.3) <= 0.05);
+    /* the mask is exactly the one the host draws for this context (stream 0), and x_dropped
+     * drops exactly its cleared bits */
+    uint32_t want[DR_ROWS * DR_WORDS];
+    th_host.dropout_mask(c, 0, 0.3f, DR_IN, want);
+    assert_memory_equal(f->mask, want, sizeof want);
+    for (int i = 0; i < DR_ROWS; i++)
+        for (int j = 0; j < DR_IN; j++)
+            assert_int_equal(f->xd[i * DR_IN + j] != 0.0f, (want[i * DR_WORDS + j / 32] >> (j % 32)) & 1u);
     float mask1[DR_ROWS * DR_WORDS], h1[DR_ROWS * DR_OUT];
     memcpy(mask1, f->mask, sizeof mask1);
     memcpy(h1, f->h, sizeof h1);
-    assert_int_equal(lora->forward(&f->ctx), 0);
+    assert_int_equal(lora->forward(c), 0);
     assert_memory_equal(mask1, f->mask, sizeof mask1);
     assert_memory_equal(h1, f->h, sizeof h1);
-    f->ctx.seed = 100;
-    assert_int_equal(lora->forward(&f->ctx), 0);
+    c->module_seed = 100;
+    assert_int_equal(lora->forward(c), 0);
     assert_memory_not_equal(mask1, f->mask, sizeof mask1);
     /* eval: no dropout, the output of p = 0 */
-    f->ctx.training = 0;
-    assert_int_equal(lora->forward(&f->ctx), 0);
+    c->training = 0;
+    assert_int_equal(lora->forward(c), 0);
     assert_true(f->on[0] == 0.0f);
     memcpy(h1, f->h, sizeof h1);
     f->opts[2].num = 0;
-    f->ctx.training = 1;
-    assert_int_equal(lora->forward(&f->ctx), 0);
+    c->training = 1;
+    assert_int_equal(lora->forward(c), 0);
     assert_memory_equal(h1, f->h, sizeof h1);
     free(f);
 
@@ -674,9 +681,10 @@ typedef struct dfix {
     float x[D_ROWS * LDX], dx[D_ROWS * LDX], y[D_ROWS * LDY], dy[D_ROWS * LDY], w[D_ROWS * LDY];
     float xa[D_ROWS * D_R], u[D_ROWS * D_OUT], norm[D_OUT], mask[D_ROWS * D_WORDS], flags[2];
     float xd[D_ROWS * D_IN], v[D_IN * D_OUT], tmp[D_ROWS * D_OUT], dxa[D_ROWS * D_R], col[D_OUT];
-    pr_tensor params[3], grads[3], saved[5], scratch[5], bw, bb;
+    float wf[D_IN * D_OUT];
+    pr_tensor bw, bb;
     pr_dims dims;
-    pr_ctx ctx;
+    th_ctx t; /* the context and its tensors (harness.h) */
     int integrate;
 } dfix;
 
@@ -697,30 +705,31 @@ static dfix *dfix_new(double dropout, int training, int detach)
     gc_fill(f->w, D_ROWS * LDY, 6, 1.0f);
     for (int j = 0; j < D_OUT; j++)
         f->m[j] = 1.0f + 0.1f * (float)j;
-    f->params[0] = th_view2(f->A, D_R, D_IN, D_IN);
-    f->params[1] = th_view2(f->B, D_OUT, D_R, D_R);
-    f->params[2] = th_view1(f->m, D_OUT);
-    f->grads[0] = th_view2(f->dA, D_R, D_IN, D_IN);
-    f->grads[1] = th_view2(f->dB, D_OUT, D_R, D_R);
-    f->grads[2] = th_view1(f->dm, D_OUT);
-    f->saved[0] = th_view2(f->xa, D_ROWS, D_R, D_R);
-    f->saved[1] = th_view2(f->u, D_ROWS, D_OUT, D_OUT);
-    f->saved[2] = th_view1(f->norm, D_OUT);
-    f->saved[3] = th_view2(f->mask, D_ROWS, D_WORDS, D_WORDS);
-    f->saved[4] = th_view1(f->flags, 2);
-    f->scratch[0] = th_view2(f->xd, D_ROWS, D_IN, D_IN);
-    f->scratch[1] = th_view2(f->v, D_IN, D_OUT, D_OUT);
-    f->scratch[2] = th_view2(f->tmp, D_ROWS, D_OUT, D_OUT);
-    f->scratch[3] = th_view2(f->dxa, D_ROWS, D_R, D_R);
-    f->scratch[4] = th_view1(f->col, D_OUT);
+    th_ctx *t = &f->t;
+    t->params[0] = th_view2(f->A, D_R, D_IN, D_IN);
+    t->params[1] = th_view2(f->B, D_OUT, D_R, D_R);
+    t->params[2] = th_view1(f->m, D_OUT);
+    t->grads[0] = th_view2(f->dA, D_R, D_IN, D_IN);
+    t->grads[1] = th_view2(f->dB, D_OUT, D_R, D_R);
+    t->grads[2] = th_view1(f->dm, D_OUT);
+    t->saved[0] = th_view2(f->xa, D_ROWS, D_R, D_R);
+    t->saved[1] = th_view2(f->u, D_ROWS, D_OUT, D_OUT);
+    t->saved[2] = th_view1(f->norm, D_OUT);
+    t->saved[3] = th_view2(f->mask, D_ROWS, D_WORDS, D_WORDS);
+    t->saved[4] = th_view1(f->flags, 2);
+    t->scratch[0] = th_view2(f->xd, D_ROWS, D_IN, D_IN);
+    t->scratch[1] = th_view2(f->v, D_IN, D_OUT, D_OUT);
+    t->scratch[2] = th_view2(f->tmp, D_ROWS, D_OUT, D_OUT);
+    t->scratch[3] = th_view2(f->dxa, D_ROWS, D_R, D_R);
+    t->scratch[4] = th_view1(f->col, D_OUT);
+    /* ABI 1: the frozen weight in f32 [d_in, d_out], through host->base_weight_f32 */
+    t->scratch[5] = th_view2(f->wf, D_IN, D_OUT, D_OUT);
     f->bw = th_view2(f->W, D_IN, D_OUT, LDW);
     f->bb = th_view1(f->bias, D_OUT);
     f->dims = (pr_dims){ .struct_size = sizeof(pr_dims), .d_model = D_IN, .n_heads = 1,
                          .n_kv_heads = 1, .d_head = D_IN, .d_ff = D_OUT, .n_layers = 1,
                          .vocab = 8, .d_in = D_IN, .d_out = D_OUT, .family = 1 };
-    pr_ctx *c = &f->ctx;
-    c->struct_size = sizeof(pr_ctx);
-    c->host = &th_host;
+    pr_ctx *c = th_ctx_bind(t);
     c->technique = dora;
     c->dims = &f->dims;
     c->site = PR_SITE_Q;
@@ -729,17 +738,15 @@ static dfix *dfix_new(double dropout, int training, int detach)
     c->rows = D_ROWS;
     c->training = training;
     c->seed = 4242;
+    c->module_seed = 4242;
     c->options = f->opts;
     c->n_options = 5;
-    c->params = f->params;
-    c->grads = f->grads;
     c->n_params = 3;
-    c->saved = f->saved;
     c->n_saved = 5;
-    c->scratch = f->scratch;
-    c->n_scratch = 5;
-    c->in = th_view2(f->x, D_ROWS, D_IN, LDX);
+    c->n_scratch = 6;
+    t->in = th_view2(f->x, D_ROWS, D_IN, LDX);
     c->base_weight = &f->bw;
+    c->base_layout = PR_WEIGHT_IN_OUT;
     c->base_bias = &f->bb;
     return f;
 }
@@ -778,16 +785,17 @@ static void reference_weight(const dfix *f, double s, double *wp)
 static double dora_loss(void *arg)
 {
     dfix *f = arg;
-    pr_ctx c = f->ctx;
+    th_ctx c;
+    th_ctx_copy(&c, &f->t);
     int rc;
     if (f->integrate) {
         base_output(f);
         c.out = th_view2(f->y, D_ROWS, D_OUT, LDY);
-        rc = dora->integrate_forward(&c);
+        rc = dora->integrate_forward(&c.c);
     } else {
         memset(f->y, 0, sizeof f->y);
         c.out = th_view2(f->y, D_ROWS, D_OUT, LDY);
-        rc = dora->forward(&c);
+        rc = dora->forward(&c.c);
     }
     if (rc)
         fail_msg("dora forward: %s", th_last_error);
@@ -808,11 +816,12 @@ static void dora_grads(dfix *f)
     memset(f->dx, 0, sizeof f->dx);
     (void)dora_loss(f);
     memcpy(f->dy, f->w, sizeof f->dy);
-    pr_ctx c = f->ctx;
+    th_ctx c;
+    th_ctx_copy(&c, &f->t);
     c.out = th_view2(f->y, D_ROWS, D_OUT, LDY);
     c.d_out = th_view2(f->dy, D_ROWS, D_OUT, LDY);
     c.d_in = th_view2(f->dx, D_ROWS, D_IN, LDX);
-    int rc = f->integrate ? dora->integrate_backward(&c) : dora->backward(&c);
+    int rc = f->integrate ? dora->integrate_backward(&c.c) : dora->backward(&c.c);
     if (rc)
         fail_msg("dora backward: %s", th_last_error);
     if (f->integrate)
@@ -842,7 +851,7 @@ static void test_dora_setup_identity(void **state)
 {
     (void)state;
     dfix *f = dfix_new(0.3, 1, 0);
-    assert_int_equal(dora->setup(&f->ctx), 0);
+    assert_int_equal(dora->setup(&f->t.c), 0);
     for (int j = 0; j < D_OUT; j++) {
         double n2 = 0.0;
         for (int k = 0; k < D_IN; k++)
@@ -852,7 +861,7 @@ static void test_dora_setup_identity(void **state)
     /* B = 0: y unchanged bit for bit, in eval and with dropout in training */
     memset(f->B, 0, sizeof f->B);
     for (int training = 0; training < 2; training++) {
-        f->ctx.training = training;
+        f->t.c.training = training;
         f->integrate = 1;
         base_output(f);
         float y0[D_ROWS * LDY];
@@ -902,12 +911,13 @@ static void test_dora_reference(void **state)
     /* merge: x.(W + delta) + b = y' */
     float delta[D_IN * D_OUT], bd[D_OUT] = { 0 };
     pr_tensor bdt = th_view1(bd, D_OUT);
-    pr_ctx c = f->ctx;
+    th_ctx c;
+    th_ctx_copy(&c, &f->t);
     c.in = (pr_tensor){ 0 };
-    c.rows = c.B = c.T = 0;
+    c.c.rows = c.c.B = c.c.T = 0;
     c.out = th_view2(delta, D_IN, D_OUT, D_OUT);
-    c.bias_delta = &bdt;
-    assert_int_equal(dora->merge(&c), 0);
+    c.c.bias_delta = &bdt;
+    assert_int_equal(dora->merge(&c.c), 0);
     worst = 0.0;
     for (int k = 0; k < D_IN; k++)
         for (int j = 0; j < D_OUT; j++)
@@ -917,15 +927,15 @@ static void test_dora_reference(void **state)
         assert_true(bd[j] == 0.0f);
 
     /* errors: no frozen weight, wrong widths */
-    c = f->ctx;
-    c.base_weight = NULL;
+    th_ctx_copy(&c, &f->t);
+    c.c.base_weight = NULL;
     c.out = th_view2(f->y, D_ROWS, D_OUT, LDY);
     th_last_error[0] = 0;
-    assert_int_not_equal(dora->integrate_forward(&c), 0);
+    assert_int_not_equal(dora->integrate_forward(&c.c), 0);
     assert_non_null(strstr(th_last_error, "frozen weight"));
-    c = f->ctx;
+    th_ctx_copy(&c, &f->t);
     c.out = th_view2(f->y, D_ROWS, D_OUT - 1, LDY);
-    assert_int_not_equal(dora->integrate_forward(&c), 0);
+    assert_int_not_equal(dora->integrate_forward(&c.c), 0);
     assert_non_null(strstr(th_last_error, "width"));
     free(f);
 }

@@ -617,21 +617,26 @@ static void fold_layer(const pr_model *m, shape s, int l, int site, float *out, 
 {
     static const char *const names[] = { "pm/embedding", "pm/transform_0_weight", "pm/transform_0_bias",
                                          "pm/transform_2_weight", "pm/transform_2_bias" };
-    pr_tensor params[5], outp;
+    th_ctx t;
+    pr_ctx *c = th_ctx_init(&t);
     for (int i = 0; i < 5; i++) {
-        const pr_tensor_info *t = pr_model_find_tensor(m, names[i]);
-        assert_non_null(t);
-        params[i] = th_view(t->data, t->ndim, t->shape);
+        const pr_tensor_info *ti = pr_model_find_tensor(m, names[i]);
+        assert_non_null(ti);
+        t.params[i] = th_view(ti->data, ti->ndim, ti->shape);
     }
     const int64_t dkv = (int64_t)s.Hkv * s.hd, shp[3] = { 2, n_tokens, dkv };
-    outp = th_view(out, 3, shp);
+    t.out_params[0] = th_view(out, 3, shp);
     pr_dims dims = { .struct_size = sizeof(pr_dims), .d_model = s.C, .n_heads = s.H, .n_kv_heads = s.Hkv,
                      .d_head = s.hd, .d_ff = s.F, .n_layers = s.L, .vocab = MV, .d_in = (int)dkv,
                      .d_out = (int)dkv, .family = PR_FAMILY_GPT2 };
-    pr_ctx c = { .struct_size = sizeof(pr_ctx), .host = &th_host, .technique = prefix_mlp, .dims = &dims,
-                 .site = site, .layer = l, .params = params, .n_params = 5, .out_params = &outp, .n_out_params = 1 };
+    c->technique = prefix_mlp;
+    c->dims = &dims;
+    c->site = site;
+    c->layer = l;
+    c->n_params = 5;
+    c->n_out_params = 1;
     th_last_error[0] = 0;
-    if (prefix_mlp->fold(&c) != 0)
+    if (prefix_mlp->fold(c) != 0)
         fail_msg("fold: %s", th_last_error);
 }
 
@@ -690,11 +695,13 @@ static void test_prefix_fold(void **state)
         /* without its parameters fold() refuses, with a message */
         float small[8];
         const int64_t bad[3] = { 2, 1, 4 };
-        pr_tensor outp = th_view(small, 3, bad);
-        pr_ctx c = { .struct_size = sizeof(pr_ctx), .host = &th_host, .out_params = &outp, .n_out_params = 1,
-                     .site = PR_SITE_ATTN_K };
+        th_ctx t;
+        pr_ctx *c = th_ctx_init(&t);
+        t.out_params[0] = th_view(small, 3, bad);
+        c->n_out_params = 1;
+        c->site = PR_SITE_ATTN_K;
         th_last_error[0] = 0;
-        assert_int_not_equal(prefix_mlp->fold(&c), 0);
+        assert_int_not_equal(prefix_mlp->fold(c), 0);
         assert_non_null(strstr(th_last_error, "parameters"));
         free(folded);
         free(again);

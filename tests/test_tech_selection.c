@@ -621,35 +621,48 @@ static void test_ia3_merge_direct(void **state)
 {
     (void)state;
     enum { R = 3, N = 4 };
-    static const pr_host host = { .struct_size = sizeof(pr_host), .abi_major = PR_ABI_MAJOR, .error = th_host_error };
-    float l[N] = { 0.5f, 1.0f, 2.0f, -1.0f }, W[R * N], b[N] = { 1, 2, 3, 4 }, dW[R * N], db[N];
+    /* a minimal host: errors, and (ABI 1) the frozen weight in f32, which merge reads through
+     * base_weight_f32 into its scratch buffer base_w */
+    const pr_host host = { .struct_size = sizeof(pr_host), .abi_major = PR_ABI_MAJOR, .error = th_host_error,
+                           .base_weight_f32 = th_host.base_weight_f32 };
+    float l[N] = { 0.5f, 1.0f, 2.0f, -1.0f }, W[R * N], b[N] = { 1, 2, 3, 4 }, dW[R * N], db[N], wbuf[R * N];
     for (int i = 0; i < R * N; i++)
         W[i] = (float)(i + 1);
-    pr_tensor p = th_view1(l, N);
     pr_tensor w = th_view2(W, R, N, N), bias = th_view2(b, 1, N, N), bd = th_view2(db, 1, N, N);
     bias.ndim = bd.ndim = 1;
     bias.shape[0] = bd.shape[0] = N;
-    pr_ctx ctx = { .struct_size = sizeof(pr_ctx), .host = &host, .site = PR_SITE_ATTN_V, .params = &p,
-                   .n_params = 1, .base_weight = &w, .base_bias = &bias, .bias_delta = &bd };
-    ctx.out = th_view2(dW, R, N, N);
-    assert_int_equal(tech[T_IA3]->merge(&ctx), 0);
+    th_ctx t;
+    pr_ctx *ctx = th_ctx_init(&t);
+    ctx->host = &host;
+    ctx->site = PR_SITE_ATTN_V;
+    t.params[0] = th_view1(l, N);
+    ctx->n_params = 1;
+    t.scratch[0] = th_view2(wbuf, R, N, N); /* base_w: d_model x d_out floats */
+    ctx->n_scratch = 1;
+    ctx->base_weight = &w;
+    ctx->base_layout = PR_WEIGHT_IN_OUT;
+    ctx->base_bias = &bias;
+    ctx->bias_delta = &bd;
+    t.out = th_view2(dW, R, N, N);
+    assert_int_equal(tech[T_IA3]->merge(ctx), 0);
     for (int i = 0; i < R; i++)
         for (int j = 0; j < N; j++)
             assert_float_equal(dW[i * N + j], W[i * N + j] * (l[j] - 1.0f), 0);
     for (int j = 0; j < N; j++)
         assert_float_equal(db[j], b[j] * (l[j] - 1.0f), 0);
     /* without a bias delta to write */
-    ctx.bias_delta = NULL;
+    ctx->bias_delta = NULL;
     th_last_error[0] = 0;
-    assert_int_not_equal(tech[T_IA3]->merge(&ctx), 0);
+    assert_int_not_equal(tech[T_IA3]->merge(ctx), 0);
     assert_non_null(strstr(th_last_error, "bias"));
     /* ffn.act: rows of a [N, R] weight */
     pr_tensor w2 = th_view2(W, N, R, R);
-    ctx.base_weight = &w2;
-    ctx.base_bias = NULL;
-    ctx.site = PR_SITE_FFN_ACT;
-    ctx.out = th_view2(dW, N, R, R);
-    assert_int_equal(tech[T_IA3]->merge(&ctx), 0);
+    ctx->base_weight = &w2;
+    ctx->base_bias = NULL;
+    ctx->site = PR_SITE_FFN_ACT;
+    t.scratch[0] = th_view2(wbuf, N, R, R);
+    t.out = th_view2(dW, N, R, R);
+    assert_int_equal(tech[T_IA3]->merge(ctx), 0);
     for (int i = 0; i < N; i++)
         for (int j = 0; j < R; j++)
             assert_float_equal(dW[i * R + j], (l[i] - 1.0f) * W[i * R + j], 0);
