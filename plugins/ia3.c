@@ -45,11 +45,11 @@ static const pr_param_decl ia3_params[N_PARAMS] = {
     [PARAM_L] = {
         .struct_size = sizeof(pr_param_decl), .name = "ia3_l", .shape = "d_out",
         .init = PR_INIT_ONES, .scope = PR_SCOPE_INSERTION,
-        /* Hugging Face PEFT's name; core/io/module_file.c stores the vector
-         * as (d, 1) at a k / v projection ((d_q + 2 d_kv, 1) at GPT-2's
-         * fused c_attn, q rows ones) and as (1, d_ff) at the down projection */
+        /* Hugging Face PEFT's name, at the projection the vector folds
+         * into: (d, 1) at a k / v projection ((d_q + 2 d_kv, 1) at GPT-2's
+         * fused c_attn, q rows ones) and (1, d_ff) at the down projection */
         .peft_key = "{prefix}.ia3_l",
-        .peft_layout = PR_PEFT_AS_IS,
+        .peft_layout = PR_PEFT_FOLD_VECTOR,
         .help = "the rescaling vector: l_k at attn.k, l_v at attn.v, l_ff at ffn.act; ones, so "
                 "the module starts as the identity (Liu et al. 2022, §3.3)",
     },

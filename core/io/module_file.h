@@ -8,21 +8,22 @@
  * how it came to be (training, peftref_version) and how its tensors are
  * named (tensor_names: "peft" or "peftref").
  *
- * Tensor names.  Where the technique exists in Hugging Face PEFT the file
- * uses PEFT's state-dict names and shapes, so a converter is a renaming:
- *   LoRA, DoRA   base_model.model.transformer.h.L.<module>.lora_A.weight
- *                (r, d_in), lora_B.weight (d_out, r),
- *                lora_magnitude_vector (d_out)
- *   (IA)^3       <module>.ia3_l: (d_out, 1) at a projection's output; GPT-2's
- *                fused attn.c_attn holds q, k and v in one (d_q + 2 d_kv, 1)
- *                vector whose q third is ones; (1, d_ff) at mlp.c_proj's input
- *   prompt       prompt_embeddings (n_tokens, d_model)
- *   prefix       prompt_embeddings (n_tokens, 2 L d_kv), layer l's keys in
- *                columns 2l d_kv .. and its values in (2l+1) d_kv ..
+ * Tensor names.  Where the technique exists in Hugging Face PEFT
+ * (pr_technique.peft_type) the file uses PEFT's state-dict names and
+ * shapes, so a converter is a renaming: each parameter's peft_key and
+ * peft_layout (plugin.h) say its key and how its copies lie in it, e.g.
+ *   {prefix}.lora_A.weight     base_model.model.transformer.h.L.<module>.lora_A.weight
+ *   FOLD_VECTOR                (d_out, 1) at the projection a stream site folds
+ *                              into, GPT-2's fused attn.c_attn holding k and v in
+ *                              one (d_q + 2 d_kv, 1) vector whose q third is the
+ *                              identity; (1, d_ff) at the down projection's input
+ *   LAYERS_CONCAT              (n_tokens, 2 L d_kv), layer l's two blocks in
+ *                              columns 2l d_kv .. and (2l+1) d_kv ..
  * A module copy therefore lands in a file tensor as nb blocks of
- * (br, bc) elements at row r0 and columns c0 + b*cstep (one block for all
- * but the prefix).  Anything else (sites PEFT cannot name, such as GPT-2's
- * q slice, gates, other techniques) keeps the host's names
+ * (br, bc) elements at row r0 and columns c0 + b*cstep (or transposed).
+ * Anything else (sites PEFT cannot name, such as GPT-2's q slice, a
+ * module on some layers only where PEFT needs all, techniques without a
+ * peft_type) keeps the host's names
  * "<module>/h.<layer>.<site>.<param>" for the whole module. */
 #ifndef PEFTREF_CORE_MODULE_FILE_H
 #define PEFTREF_CORE_MODULE_FILE_H
@@ -67,12 +68,16 @@ typedef struct placement {
     int64_t r0, c0, cstep;
     int64_t nb, br, bc;        /* the copy as nb blocks of (br, bc) */
     float fill;                /* elements no copy covers */
+    int transposed;            /* the (br, bc) copy is stored as (bc, br) at (r0, c0) */
 } placement;
 
 /* peft_names.c */
-const char *peft_type(const char *technique);
-int peft_place(const char *tech, const pr_module_param *p, const pr_model_config *c, int all_layers,
-    placement *pl);
+/* Where copy p of a module of technique t goes in PEFT's layout, from the
+ * declaration of p's parameter (fold: p is fold() output, declared in
+ * t->fold_params); 0 when PEFT has no name for it.  all_layers: the module
+ * uses every layer. */
+int peft_place(const pr_technique *t, int fold, const pr_module_param *p, const pr_model_config *c, int all_layers,
+               placement *pl);
 void peft_place_values(const placement *pl, float *f, float *x, int to_file);
 /* module_save.c */
 void mf_read_decl(void *dst, size_t host_size, const void *base, uint32_t i);

@@ -128,7 +128,7 @@ int mf_fill_from(const source *s, pr_module *mod, pr_error *err)
         placement pl;
         char fname[512];
         if (f->peft) {
-            if (!peft_place(t->name, &p, cfg, all, &pl)) {
+            if (!peft_place(t, 0, &p, cfg, all, &pl)) {
                 rc = pr_errorf(err, PR_ERR_INVALID, "%s: parameter '%s' of module '%s' has no Hugging Face PEFT name, "
                                "but the file uses them", f->path, p.name, pr_module_name(mod));
                 break;

@@ -65,33 +65,30 @@ static int has_option(const pr_technique *t, const char *name)
     return 0;
 }
 
-/* The folded form of technique t: a technique of the registry with the
- * same integration and sites whose parameters are exactly t's
- * fold_params (names and shapes) and whose options t also has.
- * (prefix_tuning_mlp folds into prefix_tuning.) */
+/* The folded form of technique t: the technique its folds_to names, when
+ * the registry has it and it fits what fold() saves (the same integration
+ * and sites, parameters exactly t's fold_params by name, shape and scope,
+ * options t also has); NULL otherwise. */
 static const pr_technique *folded_form(const pr_registry *reg, const pr_technique *t)
 {
-    for (int k = 0; k < pr_registry_count(reg); k++) {
-        const pr_technique *u = pr_registry_technique(reg, k);
-        if (u == t || u->integration != t->integration || u->sites != t->sites || u->n_params != t->n_fold_params)
-            continue;
-        int ok = 1;
-        for (uint32_t i = 0; i < u->n_params && ok; i++) {
-            pr_param_decl a, b;
-            mf_read_decl(&a, sizeof a, u->params, i);
-            mf_read_decl(&b, sizeof b, t->fold_params, i);
-            ok = a.name && b.name && !strcmp(a.name, b.name) && a.shape && b.shape && !strcmp(a.shape, b.shape) &&
-                 a.scope == b.scope && !(a.flags & PR_PARAM_TRAINING_ONLY);
-        }
-        for (uint32_t i = 0; i < u->n_options && ok; i++) {
-            pr_option_decl d;
-            mf_read_decl(&d, sizeof d, u->options, i);
-            ok = d.name && has_option(t, d.name);
-        }
-        if (ok)
-            return u;
+    const pr_technique *u = t->folds_to ? pr_registry_find(reg, t->folds_to) : NULL;
+    if (!u || u == t || u->integration != t->integration || u->sites != t->sites || u->n_params != t->n_fold_params)
+        return NULL;
+    for (uint32_t i = 0; i < u->n_params; i++) {
+        pr_param_decl a, b;
+        mf_read_decl(&a, sizeof a, u->params, i);
+        mf_read_decl(&b, sizeof b, t->fold_params, i);
+        if (!a.name || !b.name || strcmp(a.name, b.name) || !a.shape || !b.shape || strcmp(a.shape, b.shape) ||
+            a.scope != b.scope || (a.flags & PR_PARAM_TRAINING_ONLY))
+            return NULL;
     }
-    return NULL;
+    for (uint32_t i = 0; i < u->n_options; i++) {
+        pr_option_decl d;
+        mf_read_decl(&d, sizeof d, u->options, i);
+        if (!d.name || !has_option(t, d.name))
+            return NULL;
+    }
+    return u;
 }
 
 /* A JSON value as option text. */

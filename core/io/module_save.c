@@ -106,10 +106,11 @@ typedef struct out_tensor {
 typedef struct saver {
     pr_module *mod;
     const pr_model_config *cfg;
-    const char *tech;
+    const pr_technique *tech;
     int all_layers;
     int peft;             /* 1: PEFT names */
     int pass;             /* 0: decide names, 1: gather */
+    int fold;             /* 1: the copies are fold() output (fold_params) */
     uint32_t skip_flags;  /* parameters left out (training-only, when folded) */
     out_tensor *t;
     int n, cap;
@@ -165,7 +166,7 @@ static int save_param(void *arg, const pr_module_param *p, pr_error *err)
         return PR_OK;
     placement pl;
     if (s->pass == 0) {
-        if (!peft_place(s->tech, p, s->cfg, s->all_layers, &pl))
+        if (!peft_place(s->tech, s->fold, p, s->cfg, s->all_layers, &pl))
             s->peft = 0;
         return PR_OK;
     }
@@ -176,10 +177,14 @@ static int save_param(void *arg, const pr_module_param *p, pr_error *err)
         memcpy(o->data, p->data, (size_t)p->numel * sizeof(float));
         return PR_OK;
     }
-    peft_place(s->tech, p, s->cfg, s->all_layers, &pl);
+    peft_place(s->tech, s->fold, p, s->cfg, s->all_layers, &pl);
     out_tensor *o = out_find(s, pl.name);
     if (!o && !(o = out_add(s, pl.name, pl.ndim, pl.shape, pl.fill, err)))
         return PR_ERR_NOMEM;
+    /* copies sharing a tensor (packed vectors, concatenated layers) agree on its shape */
+    if (o->ndim != pl.ndim || o->shape[0] != pl.shape[0] || (pl.ndim == 2 && o->shape[1] != pl.shape[1]))
+        return pr_errorf(err, PR_ERR_INVALID, "module tensor '%s' (Hugging Face PEFT's '%s') does not fit the "
+                         "tensor other copies put there", p->name, pl.name);
     peft_place_values(&pl, o->data, p->data, 1);
     return PR_OK;
 }
@@ -200,6 +205,7 @@ static int gather(saver *s, pr_error *err)
     pr_module *mod = s->mod;
     int folded = has_training_only(mod);
     s->skip_flags = folded ? PR_PARAM_TRAINING_ONLY : 0;
+    s->fold = 0;
     for (int i = 0; i < pr_module_n_params(mod); i++) {
         pr_module_param p;
         pr_module_param_at(mod, i, &p);
@@ -207,7 +213,10 @@ static int gather(saver *s, pr_error *err)
         if (rc)
             return rc;
     }
-    return folded ? pr_module_fold(mod, save_param, s, err) : PR_OK;
+    if (!folded)
+        return PR_OK;
+    s->fold = 1;
+    return pr_module_fold(mod, save_param, s, err);
 }
 
 static char *json_text(json_t *j)
@@ -247,7 +256,7 @@ int pr_module_save(pr_module *mod, const char *path, const pr_module_save_info *
     saver s;
     memset(&s, 0, sizeof s);
     s.mod = mod;
-    s.tech = t->name;
+    s.tech = t;
     int n_layers_used = 0;
     s.all_layers = pr_module_layers(mod, &n_layers_used) == NULL;
     int rc = PR_OK;
@@ -278,7 +287,7 @@ int pr_module_save(pr_module *mod, const char *path, const pr_module_save_info *
                 memcpy(o->data, ti->data, (size_t)ti->numel * sizeof(float));
         }
     } else {
-        s.peft = peft_type(t->name) != NULL;
+        s.peft = t->peft_type != NULL;
         s.pass = 0;
         if ((rc = gather(&s, err)) == PR_OK) {
             s.pass = 1;
@@ -354,7 +363,7 @@ int pr_module_save(pr_module *mod, const char *path, const pr_module_save_info *
         { "tensor_names", s.peft ? "peft" : "peftref" },
         { "folded", folded ? "true" : "false" },
         { "gated", pr_module_is_gated(mod) ? "true" : "false" },
-        { "peft_type", s.peft ? peft_type(t->name) : "" },
+        { "peft_type", s.peft ? t->peft_type : "" },
     };
     int n_meta = (int)(sizeof meta / sizeof meta[0]) - (s.peft ? 0 : 1);
     entries = calloc((size_t)(s.n ? s.n : 1), sizeof *entries);

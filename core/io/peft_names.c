@@ -1,9 +1,11 @@
-/* peftref core: Hugging Face PEFT's names and layouts for a module's tensors, by
- * technique name; replaceable whole. */
+/* peftref core: Hugging Face PEFT's names and layouts for a module's tensors.
+ *
+ * One placer for every technique: it reads what the technique declares
+ * (pr_technique.peft_type, each parameter's peft_key and peft_layout,
+ * plugin.h) and the parameter's scope and shape; the only model knowledge
+ * here is where a site lives in Hugging Face's module tree, per family. */
 #include "config.h"
 
-#include <jansson.h>
-#include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -11,7 +13,7 @@
 
 #include "module_file.h"
 
-/* ---- Hugging Face PEFT names ----------------------------------------------------------------- */
+/* ---- Hugging Face module paths per model family ------------------------------------------- */
 
 /* The module path of a projection site in Hugging Face's layout. */
 static const char *hf_site_path(const pr_model_config *c, int site)
@@ -42,119 +44,203 @@ static const char *hf_layer_prefix(const pr_model_config *c)
     return c->family == PR_FAMILY_GPT2 ? "base_model.model.transformer.h" : "base_model.model.model.layers";
 }
 
-/* PEFT's peft_type for the technique, or NULL when PEFT lacks it. */
-const char *peft_type(const char *technique)
+/* The projection a stream site's values fold into (as the model's
+ * site_weight has it): attn.k / attn.v the projection they come from, at
+ * rows [offset, offset + d_kv) of its output (the k and v slices of a
+ * fused q,k,v projection); ffn.act the down projection they go to, at its
+ * input.  *width is that side's full width.  0 when the site folds into
+ * nothing. */
+static int hf_fold_target(const pr_model_config *c, int site, int *proj, int *input_side, int64_t *offset,
+                          int64_t *width)
 {
-    if (!strcmp(technique, "lora") || !strcmp(technique, "dora"))
-        return "LORA";
-    if (!strcmp(technique, "ia3"))
-        return "IA3";
-    if (!strcmp(technique, "prompt_tuning"))
-        return "PROMPT_TUNING";
-    if (!strcmp(technique, "prefix_tuning") || !strcmp(technique, "prefix_tuning_mlp"))
-        return "PREFIX_TUNING";
-    return NULL;
+    int64_t d_q = (int64_t)c->n_heads * c->d_head, d_kv = (int64_t)c->n_kv_heads * c->d_head;
+    int fused = c->family == PR_FAMILY_GPT2 && c->fused_qkv;
+    *input_side = 0;
+    *offset = 0;
+    switch (site) {
+    case PR_SITE_ATTN_K:
+    case PR_SITE_ATTN_V:
+        if (fused) {
+            *proj = PR_SITE_QKV;
+            *offset = d_q + (site == PR_SITE_ATTN_V ? d_kv : 0);
+            *width = d_q + 2 * d_kv;
+        } else {
+            *proj = site == PR_SITE_ATTN_V ? PR_SITE_V : PR_SITE_K;
+            *width = d_kv;
+        }
+        return 1;
+    case PR_SITE_FFN_ACT:
+        *proj = PR_SITE_FFN_DOWN;
+        *input_side = 1;
+        *width = c->d_ff;
+        return 1;
+    default:
+        return 0;
+    }
 }
 
-static void one_block(placement *pl, const pr_module_param *p)
+/* ---- the placer -------------------------------------------------------------------------------- */
+
+/* key with {prefix} and {layer} filled in; 0 when it does not fit or names
+ * another placeholder. */
+static int expand_key(const char *key, const char *prefix, int layer, char *out, size_t len)
 {
-    pl->ndim = p->ndim == 1 ? 1 : 2;
-    pl->shape[0] = p->shape[0];
-    pl->shape[1] = p->ndim == 1 ? 1 : p->shape[1];
-    pl->nb = 1;
-    pl->br = pl->shape[0];
-    pl->bc = pl->shape[1];
+    size_t n = 0;
+    for (const char *k = key; *k;) {
+        char num[16];
+        const char *put;
+        size_t plen;
+        if (*k == '{') {
+            if (!strncmp(k, "{prefix}", 8)) {
+                put = prefix;
+                k += 8;
+            } else if (!strncmp(k, "{layer}", 7)) {
+                snprintf(num, sizeof num, "%d", layer);
+                put = num;
+                k += 7;
+            } else {
+                return 0;
+            }
+            plen = strlen(put);
+        } else {
+            put = k++;
+            plen = 1;
+        }
+        if (n + plen >= len)
+            return 0;
+        memcpy(out + n, put, plen);
+        n += plen;
+    }
+    out[n] = '\0';
+    return 1;
 }
 
-/* Where copy p of a module of technique tech goes in PEFT's layout; 0 when
- * PEFT has no name for it.  all_layers: the module uses every layer. */
-int peft_place(const char *tech, const pr_module_param *p, const pr_model_config *c, int all_layers,
-                      placement *pl)
+/* The declaration of p's parameter: among t's fold_params (fold: p is
+ * fold() output) or its params. */
+static int find_decl(const pr_technique *t, int fold, const char *name, pr_param_decl *d)
+{
+    const pr_param_decl *base = fold ? t->fold_params : t->params;
+    uint32_t n = fold ? t->n_fold_params : t->n_params;
+    for (uint32_t i = 0; i < n; i++) {
+        mf_read_decl(d, sizeof *d, base, i);
+        if (d->name && name && !strcmp(d->name, name))
+            return 1;
+    }
+    return 0;
+}
+
+int peft_place(const pr_technique *t, int fold, const pr_module_param *p, const pr_model_config *c, int all_layers,
+               placement *pl)
 {
     memset(pl, 0, sizeof *pl);
-    const char *type = peft_type(tech);
-    if (!type || p->ndim < 1 || p->ndim > 3)
+    pr_param_decl d;
+    if (!t->peft_type || !find_decl(t, fold, p->param, &d) || !d.peft_key || p->ndim < 1 || p->ndim > 3)
         return 0;
-    int d_kv = c->n_kv_heads * c->d_head, d_q = c->n_heads * c->d_head;
-    if (!strcmp(type, "LORA")) {
-        const char *path = hf_site_path(c, p->site);
-        if (!path || p->layer < 0 || p->scope != PR_SCOPE_INSERTION)
+    int layout = d.peft_layout ? d.peft_layout : PR_PEFT_AS_IS;
+    int has_prefix = strstr(d.peft_key, "{prefix}") != NULL, has_layer = strstr(d.peft_key, "{layer}") != NULL;
+    int per_layer = p->layer >= 0;
+    /* which copies a key can name, one tensor each (or one for all, concatenated) */
+    if (layout == PR_PEFT_LAYERS_CONCAT) {
+        if (has_prefix || has_layer || p->scope != PR_SCOPE_LAYER || !per_layer || !all_layers)
             return 0;
-        const char *suffix;
-        if (!strcmp(p->param, "lora_A") && p->ndim == 2)
-            suffix = "lora_A.weight";
-        else if (!strcmp(p->param, "lora_B") && p->ndim == 2)
-            suffix = "lora_B.weight";
-        else if (!strcmp(p->param, "lora_magnitude_vector") && p->ndim == 1)
-            suffix = "lora_magnitude_vector";
-        else
+    } else if (has_prefix) {
+        if (p->scope != PR_SCOPE_INSERTION || !per_layer)
             return 0;
-        snprintf(pl->name, sizeof pl->name, "%s.%d.%s.%s", hf_layer_prefix(c), p->layer, path, suffix);
-        one_block(pl, p);
-        return 1;
+    } else if (has_layer) {
+        if (p->scope != PR_SCOPE_LAYER || !per_layer)
+            return 0;
+    } else if (p->scope != PR_SCOPE_GLOBAL) {
+        return 0;
     }
-    if (!strcmp(type, "IA3")) {
-        if (strcmp(p->param, "ia3_l") || p->ndim != 1 || p->layer < 0 || p->scope != PR_SCOPE_INSERTION)
+    /* the module path {prefix} names: the site's, or (FOLD_VECTOR) that of
+     * the projection the site's values fold into */
+    int site = p->site, input_side = 0;
+    int64_t offset = 0, width = p->shape[0];
+    if (layout == PR_PEFT_FOLD_VECTOR) {
+        if (p->ndim != 1 || !has_prefix)
             return 0;
-        const char *path;
-        pl->ndim = 2;
-        pl->nb = 1;
-        pl->fill = 1.0f;
-        if (p->site == PR_SITE_FFN_ACT) {
-            /* PEFT's feed-forward form: (1, in_features) at the down projection */
-            path = c->family == PR_FAMILY_GPT2 ? "mlp.c_proj" : "mlp.down_proj";
+        if (!hf_site_path(c, site) && !hf_fold_target(c, site, &site, &input_side, &offset, &width))
+            return 0;
+        if (offset + p->shape[0] > width)
+            return 0;
+    }
+    char prefix[160] = "";
+    if (has_prefix) {
+        const char *path = hf_site_path(c, site);
+        if (!path)
+            return 0;
+        snprintf(prefix, sizeof prefix, "%s.%d.%s", hf_layer_prefix(c), p->layer, path);
+    }
+    if (!expand_key(d.peft_key, prefix, p->layer, pl->name, sizeof pl->name))
+        return 0;
+    pl->fill = t->integration == PR_INTEGRATE_RESCALE ? 1.0f : 0.0f;
+    pl->nb = 1;
+    pl->ndim = 2;
+    switch (layout) {
+    case PR_PEFT_AS_IS:
+        if (p->ndim > 2)
+            return 0;
+        pl->ndim = p->ndim;
+        pl->br = p->shape[0];
+        pl->bc = p->ndim == 1 ? 1 : p->shape[1];
+        pl->shape[0] = pl->br;
+        pl->shape[1] = pl->bc;
+        return 1;
+    case PR_PEFT_TRANSPOSED:
+        if (p->ndim != 2)
+            return 0;
+        pl->transposed = 1;
+        pl->br = p->shape[0];
+        pl->bc = p->shape[1];
+        pl->shape[0] = pl->bc;
+        pl->shape[1] = pl->br;
+        return 1;
+    case PR_PEFT_LAYERS_CONCAT:
+        /* (nb, br, bc) per layer -> (br, n_layers * nb * bc), layer l's block b
+         * at columns (l nb + b) bc */
+        pl->nb = p->ndim == 3 ? p->shape[0] : 1;
+        pl->br = p->ndim >= 2 ? p->shape[p->ndim - 2] : 1;
+        pl->bc = p->shape[p->ndim - 1];
+        pl->shape[0] = pl->br;
+        pl->shape[1] = (int64_t)c->n_layers * pl->nb * pl->bc;
+        pl->c0 = (int64_t)p->layer * pl->nb * pl->bc;
+        pl->cstep = pl->bc;
+        return 1;
+    case PR_PEFT_FOLD_VECTOR:
+        if (input_side) {
             pl->shape[0] = 1;
-            pl->shape[1] = p->shape[0];
+            pl->shape[1] = width;
+            pl->c0 = offset;
             pl->br = 1;
             pl->bc = p->shape[0];
-        } else if (p->site == PR_SITE_ATTN_K || p->site == PR_SITE_ATTN_V) {
-            int is_v = p->site == PR_SITE_ATTN_V;
-            if (c->family == PR_FAMILY_GPT2) {
-                if (!c->fused_qkv)
-                    return 0;
-                path = "attn.c_attn";
-                pl->shape[0] = d_q + 2 * d_kv;
-                pl->r0 = d_q + (is_v ? d_kv : 0);
-            } else {
-                path = is_v ? "self_attn.v_proj" : "self_attn.k_proj";
-                pl->shape[0] = d_kv;
-            }
+        } else {
+            pl->shape[0] = width;
             pl->shape[1] = 1;
+            pl->r0 = offset;
             pl->br = p->shape[0];
             pl->bc = 1;
-        } else {
-            return 0;
         }
-        snprintf(pl->name, sizeof pl->name, "%s.%d.%s.ia3_l", hf_layer_prefix(c), p->layer, path);
         return 1;
-    }
-    if (!strcmp(type, "PROMPT_TUNING")) {
-        if (p->ndim != 2 || p->scope != PR_SCOPE_GLOBAL)
-            return 0;
-        snprintf(pl->name, sizeof pl->name, "prompt_embeddings");
-        one_block(pl, p);
-        return 1;
-    }
-    /* PREFIX_TUNING: (2, n, d_kv) per layer, every layer */
-    if (!all_layers || p->ndim != 3 || p->shape[0] != 2 || p->shape[2] != d_kv || p->layer < 0 ||
-        p->scope != PR_SCOPE_LAYER)
+    default:
         return 0;
-    snprintf(pl->name, sizeof pl->name, "prompt_embeddings");
-    pl->ndim = 2;
-    pl->shape[0] = p->shape[1];
-    pl->shape[1] = (int64_t)2 * c->n_layers * d_kv;
-    pl->c0 = (int64_t)2 * p->layer * d_kv;
-    pl->cstep = d_kv;
-    pl->nb = 2;
-    pl->br = p->shape[1];
-    pl->bc = d_kv;
-    return 1;
+    }
 }
 
 /* Copy between a copy's values x (nb*br*bc) and the file tensor f (R, C). */
 void peft_place_values(const placement *pl, float *f, float *x, int to_file)
 {
     int64_t C = pl->shape[1];
+    if (pl->transposed) {
+        for (int64_t r = 0; r < pl->br; r++)
+            for (int64_t k = 0; k < pl->bc; k++) {
+                float *fe = f + (pl->r0 + k) * C + pl->c0 + r, *xe = x + r * pl->bc + k;
+                if (to_file)
+                    *fe = *xe;
+                else
+                    *xe = *fe;
+            }
+        return;
+    }
     for (int64_t b = 0; b < pl->nb; b++)
         for (int64_t r = 0; r < pl->br; r++) {
             float *fr = f + (pl->r0 + r) * C + pl->c0 + b * pl->cstep;

@@ -244,9 +244,20 @@ enum pr_param_flags {
 typedef enum pr_peft_layout {
     PR_PEFT_AS_IS = 1,          /* the same shape and order */
     PR_PEFT_TRANSPOSED = 2,     /* a 2-D parameter stored transposed */
-    PR_PEFT_LAYERS_CONCAT = 3   /* per-layer copies concatenated along the last axis,
+    PR_PEFT_LAYERS_CONCAT = 3,  /* per-layer copies concatenated along the last axis,
                                  * one tensor for the whole module (prefix tuning's
                                  * [n_virtual, n_layers * 2 * d]) */
+    /* A 1-D vector of one insertion, stored where its values fold (the
+     * weight merge() is given as base_weight): {prefix} is that
+     * projection's PEFT module path, and the tensor is the vector in the
+     * projection's broadcast shape: (D_out, 1) when it scales the
+     * projection's outputs, its elements at the site's rows of them (the
+     * key and value slices of GPT-2's fused attn.c_attn, so attn.k and
+     * attn.v share one tensor), or (1, D_in) when it scales the
+     * projection's inputs (ffn.act at the down projection).  Elements no
+     * copy covers hold the integration's identity: 1 for
+     * PR_INTEGRATE_RESCALE, else 0.  ((IA)^3's ia3_l.) */
+    PR_PEFT_FOLD_VECTOR = 4
 } pr_peft_layout;
 
 /* shape: comma-separated integer expressions, e.g. "r, d_in".  Variables:
@@ -281,7 +292,14 @@ typedef struct pr_param_decl {
     /* Hugging Face PEFT key of this tensor, a pattern over {prefix} (the
      * PEFT module path of the site, e.g. "base_model.model.transformer.h.3.
      * attn.c_attn") and {layer}: e.g. "{prefix}.lora_A.weight"; NULL = PEFT
-     * has no name for it.  With peft_layout; see pr_technique.peft_type. */
+     * has no name for it.  With peft_layout; see pr_technique.peft_type.
+     * The key says which copies have a name: with {prefix}, the copies of
+     * a PR_SCOPE_INSERTION parameter at (site, layer) insertions whose
+     * site has a PEFT module path; with {layer} only, the copies of a
+     * PR_SCOPE_LAYER parameter; with neither, a PR_SCOPE_GLOBAL parameter
+     * or (PR_PEFT_LAYERS_CONCAT) a PR_SCOPE_LAYER one of a module on every
+     * layer.  A module is saved under PEFT names only when every copy
+     * has one. */
     const char *peft_key;
     int32_t peft_layout;     /* pr_peft_layout; 0 = AS_IS */
 } pr_param_decl;
