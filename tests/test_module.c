@@ -328,7 +328,7 @@ static const pr_param_decl prompt_params[] = {
 };
 static const pr_param_decl prompt_text_params[] = {
     { .struct_size = sizeof(pr_param_decl), .name = "prompt", .shape = "n_tokens, d_model", .init = PR_INIT_TEXT,
-      .scope = PR_SCOPE_INSERTION },
+      .scope = PR_SCOPE_INSERTION, .init_source = "init_text" },
 };
 static const pr_param_decl prefix_params[] = {
     { .struct_size = sizeof(pr_param_decl), .name = "prefix", .shape = "n_tokens, d_out", .init = PR_INIT_NORMAL,

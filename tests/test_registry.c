@@ -506,7 +506,7 @@ static void test_validate(void **state)
     params[1].shape = "width, d_in / n_heads";
     assert_int_equal(pr_technique_validate(&t, &err), PR_OK);
     params[1].init = PR_INIT_TEXT;
-    expect_invalid(&t, "no string option 'init_text'");
+    expect_invalid(&t, "init is text but init_source names no string option");
     params[1].init = PR_INIT_CUSTOM;
     expect_invalid(&t, "no init callback");
     params[1].init = PR_INIT_NORMAL;
@@ -529,7 +529,7 @@ static void test_validate(void **state)
     iopts[1].choices = bad_inits;
     expect_invalid(&t, "init_option 'init_from' offers 'random', which is not an init");
     iopts[1].choices = text_inits;
-    expect_invalid(&t, "offers 'text' but there is no string option 'init_text'");
+    expect_invalid(&t, "offers 'text' but init_source names no string option");
 
     t = base;
     t.integration = PR_INTEGRATE_SCALED_ADD;

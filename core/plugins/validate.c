@@ -357,9 +357,6 @@ static int validate_params(const tech_copy *c, const pr_param_decl *params, uint
             if ((rc = check_expr(c, err, label, p->lr_scale, EXPR_FLOAT, 0)))
                 return rc;
         }
-        if (p->peft_layout && (p->peft_layout < PR_PEFT_AS_IS || p->peft_layout > PR_PEFT_LAYERS_CONCAT))
-            return bad(c, err, "param '%s': unknown peft_layout value %d (known 1..%d)", p->name, p->peft_layout,
-                       PR_PEFT_LAYERS_CONCAT);
         if ((p->flags & PR_PARAM_REGENERATE) && !(p->flags & PR_PARAM_FROZEN))
             return bad(c, err, "param '%s' is regenerated but not frozen: only a frozen buffer can be rebuilt "
                        "from the seed", p->name);
