@@ -451,13 +451,13 @@ typedef enum pr_activation {
  *               out         (rows, d_out, zeroed) the combined output h,
  *                           which the host integrates like any additive
  *                           module's (y += k*h, k the scale and gate).
- *             compose_backward gets members, in, site_y and out (h as
- *             forward left it) again, and
+ *             compose_backward gets members, in and site_y again (out
+ *             only when the composite is gated: h as forward left it), and
  *               d_out       the gradient of h (k*dy, as for backward);
  *               d_members[i] (rows, d_out, zeroed; accumulate) the
  *                           gradient of h_i, which the host hands to
  *                           member i's backward (times its scale and gate);
- *               d_in        dx (accumulate; data NULL when x needs none);
+ *               d_in        dx (accumulate; a host scratch when x needs none);
  *               d_site_y    (rows, d_out, zeroed; accumulate) the gradient
  *                           of site_y through the composite's own use of
  *                           it (a query read from y), added to dy with
