@@ -555,9 +555,11 @@ static pr_module *frozen(pr_model *m, const char *technique, const char *name, c
 
 static pr_module *fuse(pr_model *m, const char *name, pr_module **mods, int n, pr_error *err)
 {
-    pr_fusion_spec fs = { name, mods, n, 1, 9 };
+    const pr_technique *t = pr_registry_find(reg, "adapter_fusion");
+    assert_non_null(t);
+    pr_module_spec fs = { .technique = t, .name = name, .trainable = 1, .seed = 9 };
     pr_module *f = NULL;
-    int rc = pr_module_fuse(m, &fs, &f, err);
+    int rc = pr_module_compose(m, &fs, mods, n, &f, err);
     if (rc)
         return NULL;
     return f;
@@ -592,7 +594,7 @@ static void test_fusion_errors(void **state)
     assert_non_null(strstr(err.msg, "twice"));
     /* nothing changed: four modules, no fusion */
     assert_int_equal(pr_model_n_modules(m), 4);
-    assert_null(pr_module_fused_by(a));
+    assert_null(pr_module_composed_by(a));
     pr_model_free(m);
 }
 
@@ -617,9 +619,9 @@ static void test_fusion_starts_at_mean(void **state)
     assert_non_null(f);
     probe_at(fused, &pf, PR_SITE_FFN_OUT, 0);
     assert_int_equal(pr_model_n_modules(fused), 1);
-    assert_int_equal(pr_module_n_fused(f), 2);
-    assert_ptr_equal(pr_module_fused(f, 1), kids[1]);
-    assert_ptr_equal(pr_module_fused_by(kids[0]), f);
+    assert_int_equal(pr_module_n_members(f), 2);
+    assert_ptr_equal(pr_module_member(f, 1), kids[1]);
+    assert_ptr_equal(pr_module_composed_by(kids[0]), f);
     assert_string_equal(pr_module_technique(f)->name, "adapter_fusion");
     /* 3 d^2 per insertion, trained; the fused modules stay frozen */
     assert_int_equal(pr_module_trainable_count(f), 3 * 32 * 32);
@@ -675,7 +677,7 @@ static void test_fusion_gradients(void **state)
     /* saved and filled into a fusion on another model: the same logits */
     char path[400];
     snprintf(path, sizeof path, "%s/fusion.safetensors", workdir);
-    assert_int_equal(pr_fusion_save(f, path, &err), PR_OK);
+    assert_int_equal(pr_composite_save(f, path, &err), PR_OK);
     pr_model *m2 = make_model();
     pr_module *kids2[2] = { frozen(m2, "adapter_houlsby", "ka", NULL, 0),
                             frozen(m2, "adapter_parallel", "kb", NULL, 0) };
@@ -683,7 +685,7 @@ static void test_fusion_gradients(void **state)
     randomise(m2, "kb/", 0.3f);
     pr_module *f2 = fuse(m2, "other", kids2, 2, &err);
     assert_non_null(f2);
-    assert_int_equal(pr_fusion_fill(f2, path, &err), PR_OK);
+    assert_int_equal(pr_composite_fill(f2, path, &err), PR_OK);
     float *l1 = logits_of(m), *l2 = logits_of(m2);
     assert_true(th_max_abs_diff(l1, l2, (size_t)TB * TT * 64) == 0.0);
     free(l1), free(l2);

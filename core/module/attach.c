@@ -146,34 +146,34 @@ void mod_prefix_of(const pr_module *mod, char *buf, size_t len)
     snprintf(buf, len, "%s/", mod_name(mod));
 }
 
-/* 1 when a module of m, or a module a fusion of m combines, is named name. */
+/* 1 when a module of m, or a member of a composite module of m, is named name. */
 static int name_taken(const pr_model *m, const char *name)
 {
     const model_modules *e = model_modules_of(m);
     for (int i = 0; e && i < e->n; i++) {
         if (strcmp(e->mods[i]->name, name) == 0)
             return 1;
-        for (int k = 0; k < e->mods[i]->n_kids; k++)
-            if (strcmp(e->mods[i]->kids[k]->name, name) == 0)
+        for (int k = 0; k < e->mods[i]->n_members; k++)
+            if (strcmp(e->mods[i]->members[k]->name, name) == 0)
                 return 1;
     }
     return 0;
 }
 
-/* A fusion module takes its fused modules out of the model's list and
- * the hook lists are rebuilt without their hooks (the fusion runs them). */
-static void adopt_kids(pr_model *m, pr_module *mod)
+/* A composite module takes its members out of the model's list and the
+ * hook lists are rebuilt without their hooks (the composite runs them). */
+static void adopt_members(pr_model *m, pr_module *mod)
 {
-    for (int k = 0; k < mod->n_kids; k++) {
-        mod->kids[k]->fused_by = mod;
-        mod_list_remove(m, mod->kids[k]);
+    for (int k = 0; k < mod->n_members; k++) {
+        mod->members[k]->composed_by = mod;
+        mod_list_remove(m, mod->members[k]);
     }
     mod_reattach_others(m, NULL);
 }
 
-/* pr_module_attach, and for a fusion module (n_kids > 0) the modules it
- * combines, whose insertions match its own one for one. */
-int mod_attach_impl(pr_model *m, const pr_module_spec *spec, pr_module *const *kids, int n_kids, pr_module **out,
+/* pr_module_attach, and for a composite module (n_members > 0) the
+ * modules it combines, whose insertions match its own one for one. */
+int mod_attach_impl(pr_model *m, const pr_module_spec *spec, pr_module *const *members, int n_members, pr_module **out,
                        pr_error *err)
 {
     if (out)
@@ -184,31 +184,45 @@ int mod_attach_impl(pr_model *m, const pr_module_spec *spec, pr_module *const *k
         mod_free(mod);
         return rc;
     }
+    if (!mod->t.composite != !(n_members > 0)) {
+        rc = mod->t.composite
+                 ? pr_errorf(err, PR_ERR_INVALID, "module '%s': technique %s is composite (it combines modules "
+                             "attached before it); attach it with pr_module_compose", mod->name, mod->t.name)
+                 : pr_errorf(err, PR_ERR_INVALID, "module '%s': technique %s is not composite; it cannot combine "
+                             "other modules", mod->name, mod->t.name);
+        mod_free(mod);
+        return rc;
+    }
     if (name_taken(m, mod->name)) {
         rc = pr_errorf(err, PR_ERR_INVALID, "module '%s': the model already has a module of that name; give it "
                        "another name", mod->name);
         mod_free(mod);
         return rc;
     }
-    if (n_kids > 0) {
-        mod->kids = malloc((size_t)n_kids * sizeof *mod->kids);
-        if (!mod->kids) {
+    if (n_members > 0) {
+        mod->members = malloc((size_t)n_members * sizeof *mod->members);
+        if (!mod->members) {
             mod_free(mod);
             return pr_errorf(err, PR_ERR_NOMEM, "module: out of memory");
         }
-        memcpy(mod->kids, kids, (size_t)n_kids * sizeof *mod->kids);
-        mod->n_kids = n_kids;
-        for (int i = 0; i < n_kids; i++) {
-            int same = kids[i]->n_ins == mod->n_ins;
+        memcpy(mod->members, members, (size_t)n_members * sizeof *mod->members);
+        mod->n_members = n_members;
+        for (int i = 0; i < n_members; i++) {
+            int same = members[i]->n_ins == mod->n_ins;
             for (int k = 0; same && k < mod->n_ins; k++)
-                same = kids[i]->ins[k].site == mod->ins[k].site && kids[i]->ins[k].layer == mod->ins[k].layer;
+                same = members[i]->ins[k].site == mod->ins[k].site && members[i]->ins[k].layer == mod->ins[k].layer;
             if (!same) {
-                rc = pr_errorf(err, PR_ERR_INVALID, "fusion '%s': module '%s' has other insertions than the fusion",
-                               mod->name, kids[i]->name);
-                mod->n_kids = 0;
+                rc = pr_errorf(err, PR_ERR_INVALID, "module '%s': member '%s' has other insertions than the "
+                               "composite", mod->name, members[i]->name);
+                mod->n_members = 0;
                 mod_free(mod);
                 return rc;
             }
+        }
+        if (mod_composite_alloc(mod)) {
+            mod->n_members = 0;
+            mod_free(mod);
+            return pr_errorf(err, PR_ERR_NOMEM, "module: out of memory");
         }
     }
     char prefix[256];
@@ -222,7 +236,7 @@ int mod_attach_impl(pr_model *m, const pr_module_spec *spec, pr_module *const *k
         mod_undo_selection(mod);
         if (mod->hooks_attached)
             mod_reattach_others(m, mod);
-        mod->n_kids = 0;
+        mod->n_members = 0;
         mod_free(mod);
         if (err)
             *err = keep;
@@ -232,12 +246,12 @@ int mod_attach_impl(pr_model *m, const pr_module_spec *spec, pr_module *const *k
         pr_model_remove_tensors(m, prefix);
         mod_undo_selection(mod);
         mod_reattach_others(m, mod);
-        mod->n_kids = 0;
+        mod->n_members = 0;
         mod_free(mod);
         return pr_errorf(err, PR_ERR_NOMEM, "module: out of memory");
     }
-    if (mod->n_kids)
-        adopt_kids(m, mod);
+    if (mod->n_members)
+        adopt_members(m, mod);
     if (out)
         *out = mod;
     return PR_OK;
@@ -245,12 +259,5 @@ int mod_attach_impl(pr_model *m, const pr_module_spec *spec, pr_module *const *k
 
 int pr_module_attach(pr_model *m, const pr_module_spec *spec, pr_module **out, pr_error *err)
 {
-    const pr_technique *ft = pr_fusion_technique();
-    if (spec && spec->technique == ft) {
-        if (out)
-            *out = NULL;
-        return pr_errorf(err, PR_ERR_INVALID, "module '%s': %s combines attached modules; attach it with "
-                         "pr_module_fuse", spec->name ? spec->name : ft->name, ft->name);
-    }
     return mod_attach_impl(m, spec, NULL, 0, out, err);
 }

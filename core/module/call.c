@@ -16,6 +16,7 @@ static int buffer_vars(const insertion *ins, int B, int T, expr_var *v)
     v[n++] = (expr_var){ "rows", (double)B * T };
     v[n++] = (expr_var){ "B", B };
     v[n++] = (expr_var){ "T", T };
+    v[n++] = (expr_var){ "n_members", ins->mod->n_members };
     return n;
 }
 
@@ -129,10 +130,13 @@ static size_t area_a_floats(const insertion *in, int rows)
     return need.area_a;
 }
 
+/* A composite's area B holds site_y's gradient (rows, d_out) first, then
+ * the dx stand-in when the site input needs no gradient. */
 static size_t area_b_floats(const insertion *in, int rows)
 {
     int w = in->w_in > in->dims.d_in ? in->w_in : in->dims.d_in;
-    return mod_round_up((size_t)rows * (size_t)w);
+    size_t n = mod_round_up((size_t)rows * (size_t)w);
+    return in->mod->n_members ? n + mod_round_up((size_t)rows * (size_t)in->dims.d_out) : n;
 }
 
 /* Point the saved and scratch views at B x T and find the host areas. */
@@ -190,8 +194,8 @@ int mod_reserve_insertion(insertion *in, int B, int T, pr_error *err)
         return rc;
     form_need fn;
     mod_form(mod)->reserve(in, rows, &fn);
-    size_t ny = fn.y_old, nh = fn.keep;
-    float *block = mod_alloc_floats(ns + ny + nh);
+    size_t ny = fn.y_old, nh = fn.keep, nm = mod_composite_floats(in, rows);
+    float *block = mod_alloc_floats(ns + ny + nh + nm);
     if (!block)
         return pr_errorf(err, PR_ERR_NOMEM, "module '%s' at %s: out of memory for saved activations (B=%d, T=%d)",
                          mod_name(mod), in->where, B, T);
@@ -202,10 +206,12 @@ int mod_reserve_insertion(insertion *in, int B, int T, pr_error *err)
     }
     free(in->block);
     in->block = block;
-    in->block_floats = ns + ny + nh;
+    in->block_floats = ns + ny + nh + nm;
     in->y_old = ny ? block + ns : NULL;
     if (nh)
         in->h_keep = block + ns + ny;
+    in->mh = nm ? block + ns + ny + nh : NULL;
+    in->mdh = nm ? in->mh + nm / 2 : NULL;
     in->res_B = B;
     in->res_T = T;
     return PR_OK;
@@ -213,5 +219,7 @@ int mod_reserve_insertion(insertion *in, int B, int T, pr_error *err)
 
 int mod_hook_reserve(void *self, int B, int T, pr_error *err)
 {
-    return mod_reserve_insertion(self, B, T, err);
+    insertion *in = self;
+    int rc = in->mod->n_members ? mod_composite_reserve(in, B, T, err) : PR_OK;
+    return rc ? rc : mod_reserve_insertion(in, B, T, err);
 }

@@ -4,7 +4,7 @@
 
 #include "module_internal.h"
 
-/* ---- composition: gates and fusion ------------------------------------------------------------- */
+/* ---- composition: gates ----------------------------------------------------------------------- */
 
 int pr_module_is_gated(const pr_module *mod)
 {

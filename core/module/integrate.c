@@ -41,17 +41,21 @@ static pr_tensor module_input(const insertion *in, const pr_site_io *io)
 
 /* ---- direct, scaled and gated addition: y += k*h ------------------------------------------------ */
 
+/* A composite module (n_members > 0) is an addition whose h comes from
+ * its members through compose_forward: in is x, y_old is kept as its
+ * site_y, and in backward site_y's gradient collects in area B. */
 static int add_forward(insertion *in, const pr_site_io *io, pr_ctx *c, float *area_a, pr_error *err)
 {
     pr_module *mod = in->mod;
-    int rows = io->rows, d_out = io->y_dim, rc;
-    if (mod->t.insertion == PR_INSERT_SEQUENTIAL)
+    int rows = io->rows, d_out = io->y_dim, comp = mod->n_members > 0, rc;
+    if (mod->t.insertion == PR_INSERT_SEQUENTIAL || comp)
         keep_y(in, io);
-    CT(c, in) = module_input(in, io);
+    CT(c, in) = comp ? mod_view2(io->x, rows, io->x_dim, io->x_ld) : module_input(in, io);
     float *h = mod->gated ? in->h_keep : area_a;
     memset(h, 0, (size_t)rows * in->w_out * sizeof(float));
     CT(c, out) = mod_view2(h, rows, in->w_out, in->w_out);
-    if ((rc = mod_call(mod, in, mod->t.forward, "forward", c, err)))
+    rc = comp ? mod_composite_forward(in, io, c, err) : mod_call(mod, in, mod->t.forward, "forward", c, err);
+    if (rc)
         return rc;
     mod_axpy_rows(io->y, io->y_ld, h, in->w_out, rows, d_out, mod_add_coefficient(in));
     return PR_OK;
@@ -61,15 +65,16 @@ static int add_backward(insertion *in, const pr_site_io *io, pr_ctx *c, float *d
                         float *area_b, pr_error *err)
 {
     pr_module *mod = in->mod;
-    int rows = io->rows, d_out = io->y_dim, seq = mod->t.insertion == PR_INSERT_SEQUENTIAL, rc;
+    int rows = io->rows, d_out = io->y_dim, comp = mod->n_members > 0, rc;
+    int seq = mod->t.insertion == PR_INSERT_SEQUENTIAL || comp;
     float s = mod_gate_value(in), *dg = mod_gate_grad(in);
-    CT(c, in) = module_input(in, io);
-    if (seq) {
+    CT(c, in) = comp ? mod_view2(io->x, rows, io->x_dim, io->x_ld) : module_input(in, io);
+    if (seq)
         memset(area_b, 0, (size_t)rows * d_out * sizeof(float));
+    if (seq && !comp)
         CT(c, d_in) = mod_view2(area_b, rows, d_out, d_out);
-    } else {
+    else
         CT(c, d_in) = mod_view2(dx, rows, io->x_dim, dx_ld);
-    }
     float k = mod_add_coefficient(in);
     if (mod->gated) {
         /* y += k*h with k = c*s: dg += k(1-s) * sum(dy * h) */
@@ -95,18 +100,22 @@ static int add_backward(insertion *in, const pr_site_io *io, pr_ctx *c, float *d
         }
         CT(c, d_out) = mod_view2(area_a, rows, d_out, d_out);
     }
-    if ((rc = mod_call(mod, in, mod->t.backward, "backward", c, err)))
+    rc = comp ? mod_composite_backward(in, io, c, dx, dx_ld, area_b, err)
+              : mod_call(mod, in, mod->t.backward, "backward", c, err);
+    if (rc)
         return rc;
     if (seq)
         mod_axpy_rows(io->dy, io->y_ld, area_b, d_out, rows, d_out, 1.0f);
     return PR_OK;
 }
 
-/* h (rows, w_out) in area A; y_old when sequential; h kept when gated. */
+/* h (rows, w_out) in area A; y_old when sequential or composite; h kept
+ * when gated. */
 static void add_reserve(const insertion *in, size_t rows, form_need *need)
 {
+    int y = in->mod->t.insertion == PR_INSERT_SEQUENTIAL || in->mod->n_members > 0;
     need->area_a = mod_round_up(rows * (size_t)in->w_out);
-    need->y_old = in->mod->t.insertion == PR_INSERT_SEQUENTIAL ? mod_round_up(rows * (size_t)in->dims.d_out) : 0;
+    need->y_old = y ? mod_round_up(rows * (size_t)in->dims.d_out) : 0;
     need->keep = in->mod->gated ? mod_round_up(rows * (size_t)in->w_out) : 0;
 }
 
@@ -341,7 +350,7 @@ int mod_hook_forward(void *self, const pr_site_io *io, pr_error *err)
 {
     insertion *in = self;
     pr_module *mod = in->mod;
-    if (mod->merged || mod->fused_by)
+    if (mod->merged || mod->composed_by)
         return PR_OK;
     float *area_a, *area_b;
     int rc = mod_prepare_views(in, io->B, io->T, &area_a, &area_b, err);
@@ -356,7 +365,7 @@ int mod_hook_backward(void *self, const pr_site_io *io, pr_error *err)
 {
     insertion *in = self;
     pr_module *mod = in->mod;
-    if (mod->merged || mod->fused_by)
+    if (mod->merged || mod->composed_by)
         return PR_OK;
     float *area_a, *area_b;
     int rc = mod_prepare_views(in, io->B, io->T, &area_a, &area_b, err);
@@ -369,28 +378,17 @@ int mod_hook_backward(void *self, const pr_site_io *io, pr_error *err)
     float *dx = io->dx;
     int dx_ld = io->x_ld;
     if (!dx) {
-        memset(area_b, 0, (size_t)io->rows * io->x_dim * sizeof(float));
-        dx = area_b;
+        /* a composite keeps the start of area B for site_y's gradient */
+        dx = mod->n_members ? area_b + mod_round_up((size_t)io->rows * (size_t)io->y_dim) : area_b;
+        memset(dx, 0, (size_t)io->rows * io->x_dim * sizeof(float));
         dx_ld = io->x_dim;
     }
     return mod_form(mod)->backward(in, io, &c, dx, dx_ld, area_a, area_b, err);
 }
 
-/* The site hook of an insertion: its form's, or a fusion module's. */
-static pr_site_hook hook_of(insertion *in)
-{
-    pr_site_hook h = { mod_hook_forward, mod_hook_backward, in, mod_hook_reserve };
-    if (in->mod->n_kids) {
-        h.forward = mod_fusion_forward;
-        h.backward = mod_fusion_backward;
-        h.reserve = mod_fusion_reserve;
-    }
-    return h;
-}
-
 static int hook_install(insertion *in, pr_error *err)
 {
-    pr_site_hook h = hook_of(in);
+    pr_site_hook h = { mod_hook_forward, mod_hook_backward, in, mod_hook_reserve };
     return pr_model_attach_hook(in->mod->model, in->site, in->layer, &h, err);
 }
 

@@ -36,9 +36,9 @@ int pr_module_merge(pr_module *mod, pr_error *err)
     if (mod->gated && !mod_form(mod)->merges_gated)
         return pr_errorf(err, PR_ERR_UNSUPPORTED, "module '%s' (technique %s) cannot be merged: a gated rescaling "
                          "1 + s*(h - 1) is not what merge() folds", mod_name(mod), mod->t.name);
-    if (mod->fused_by)
-        return pr_errorf(err, PR_ERR_UNSUPPORTED, "module '%s' cannot be merged: fusion '%s' combines it",
-                         mod_name(mod), mod_name(mod->fused_by));
+    if (mod->composed_by)
+        return pr_errorf(err, PR_ERR_UNSUPPORTED, "module '%s' cannot be merged: composite module '%s' combines it",
+                         mod_name(mod), mod_name(mod->composed_by));
     for (int k = 0; k < mod->n_ins; k++)
         if (!mod->ins[k].has_bw)
             return pr_errorf(err, PR_ERR_UNSUPPORTED,

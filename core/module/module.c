@@ -168,13 +168,15 @@ void mod_free(pr_module *mod)
         free(in->block);
         free(in->orig_w);
         free(in->orig_b);
+        free(in->cm_t);
+        free(in->cm_p);
         if (mod_form(mod)->release)
             mod_form(mod)->release(in);
     }
     free(mod->ins);
-    for (int i = 0; i < mod->n_kids; i++)
-        mod_free(mod->kids[i]);
-    free(mod->kids);
+    for (int i = 0; i < mod->n_members; i++)
+        mod_free(mod->members[i]);
+    free(mod->members);
     for (int c = 0; c < mod->n_copies; c++)
         free(mod->copies[c].name);
     free(mod->copies);
@@ -198,11 +200,11 @@ void mod_free(pr_module *mod)
 /* ---- the model's modules ---------------------------------------------------------------------------- */
 
 /* Everything but the memory: unmerge, teardown(), the module's tensors
- * and selections; a fusion module's fused modules first. */
+ * and selections; a composite module's members first. */
 static void module_release(pr_model *m, pr_module *mod)
 {
-    for (int i = mod->n_kids - 1; i >= 0; i--)
-        module_release(m, mod->kids[i]);
+    for (int i = mod->n_members - 1; i >= 0; i--)
+        module_release(m, mod->members[i]);
     if (mod->merged)
         pr_module_unmerge(mod, NULL);
     for (int k = 0; k < mod->n_ins && mod->t.teardown; k++) {
@@ -287,13 +289,13 @@ pr_model *pr_module_model(const pr_module *mod)
 
 void pr_module_detach(pr_module *mod)
 {
-    /* a fused module goes with its fusion module */
-    if (!mod || mod->fused_by)
+    /* a member goes with its composite module */
+    if (!mod || mod->composed_by)
         return;
     pr_model *m = mod->model;
     module_release(m, mod);
     mod_list_remove(m, mod);
-    if (mod->hooks_attached || mod->n_kids)
+    if (mod->hooks_attached || mod->n_members)
         mod_reattach_others(m, mod);
     mod_free(mod);
     if (model_modules_of(m)->n == 0)

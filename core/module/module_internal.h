@@ -62,10 +62,12 @@
  *                      prefix tuning
  * Merging a gated module folds s times its delta (not for RESCALE).
  *
- * Fusion (pr_module_fuse; AdapterFusion, Pfeiffer et al. 2021, arXiv
- * 2005.00247): a module whose hooks run its fused modules' forward()
- * calls themselves (the fused modules' own hooks are detached) and add
- * the attention-weighted sum of their contributions; see fusion_forward.
+ * Composite modules (pr_module_compose, pr_technique.composite;
+ * composite.c): an additive module whose hook runs its members' forward()
+ * and backward() itself (the members' own hooks are detached): the
+ * members' contributions h_i feed compose_forward instead of y, and the
+ * composite's output is integrated by its addition form; in backward
+ * compose_backward's d_members[i] feed the members' backward.
  *
  * The model's tensor table and hooks do not know modules; the model holds
  * the list of modules attached to it (model_modules_of), module.c fills
@@ -133,7 +135,10 @@ typedef struct insertion {
     float *y_old;              /* (rows, d_out) sequential and rescale */
     float *h_keep;             /* gated (rows, w_out), rescale (1, w_out) */
     float *dw;                 /* WEIGHT_DELTA (d_in, d_out) */
-    float *fu;                 /* fusion: yq, H, Q, K, V, A (fusion_forward) */
+    float *mh, *mdh;           /* composite: member outputs h_i and their gradients
+                                * (n_members x rows x d_out each, in the block) */
+    pr_tensor *cm_t;           /* composite: 2 n_members views (h_i, dh_i), site_y, d_site_y */
+    const pr_tensor **cm_p;    /* composite: pointers to the 2 n_members views */
     int res_B, res_T;
     uint64_t n_fwd;            /* forwards so far: the step part of ctx->seed */
     /* merge */
@@ -179,9 +184,9 @@ struct pr_module {
     int hooks_attached;
     /* composition */
     int gated;                     /* a gate per insertion (spec->gate or GATED_ADD) */
-    struct pr_module **kids;       /* a fusion module's fused modules */
-    int n_kids;
-    struct pr_module *fused_by;    /* the fusion module this one belongs to */
+    struct pr_module **members;    /* a composite module's members, in order */
+    int n_members;
+    struct pr_module *composed_by; /* the composite module this one is a member of */
 };
 
 /* ---- integration forms (integrate.c) ------------------------------------------------ */
@@ -197,7 +202,7 @@ typedef struct form_need {
 /* One integration form: mod_forms[pr_integration]. */
 typedef struct integration_form {
     const char *name;            /* as messages say it: "addition", "rescaling", ... */
-    int additive;                /* y += k*h: what fusion combines */
+    int additive;                /* y += k*h: what a composite combines, and is */
     int scaled;                  /* k includes the insertion's scale */
     int gated;                   /* gated always (GATED_ADD), not only with spec->gate */
     int fixed_in, fixed_out;     /* module_in / module_out must be the site's widths */
@@ -263,11 +268,20 @@ void mod_read_elem(void *dst, size_t host_size, const void *base, uint32_t i);
 int mod_grow_scratch(pr_module *mod, size_t need, const char *kind, pr_error *err);
 void mod_free(pr_module *mod);
 
-/* fusion.c */
-extern const pr_technique mod_fusion_technique;
-int mod_fusion_reserve(void *self, int B, int T, pr_error *err);
-int mod_fusion_forward(void *self, const pr_site_io *io, pr_error *err);
-int mod_fusion_backward(void *self, const pr_site_io *io, pr_error *err);
+/* composite.c */
+/* The per-insertion views of a composite's members; -1: out of memory. */
+int mod_composite_alloc(pr_module *mod);
+/* Floats of the insertion's block for member outputs and their gradients. */
+size_t mod_composite_floats(const insertion *in, size_t rows);
+/* Reserve the members' insertions that this composite insertion runs. */
+int mod_composite_reserve(insertion *in, int B, int T, pr_error *err);
+/* The composite's part of add_forward / add_backward: run the members,
+ * then compose_forward into c->out; compose_backward (c->d_out given,
+ * d_site_y the zeroed area site_dy), then the members' backward (input
+ * gradients into dx, or site_dy for sequential members). */
+int mod_composite_forward(insertion *in, const pr_site_io *io, pr_ctx *c, pr_error *err);
+int mod_composite_backward(insertion *in, const pr_site_io *io, pr_ctx *c, float *dx, int dx_ld, float *site_dy,
+                           pr_error *err);
 
 /* call.c */
 int mod_call(const pr_module *mod, const insertion *in, pr_callback cb, const char *what, const pr_ctx *c,
@@ -285,7 +299,7 @@ int mod_hook_reserve(void *self, int B, int T, pr_error *err);
 void mod_undo_selection(pr_module *mod);
 void mod_reattach_others(pr_model *m, const pr_module *except);
 void mod_prefix_of(const pr_module *mod, char *buf, size_t len);
-int mod_attach_impl(pr_model *m, const pr_module_spec *spec, pr_module *const *kids, int n_kids, pr_module **out,
+int mod_attach_impl(pr_model *m, const pr_module_spec *spec, pr_module *const *members, int n_members, pr_module **out,
     pr_error *err);
 
 /* compose.c */

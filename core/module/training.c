@@ -12,8 +12,8 @@ static void module_set_step(pr_module *mod, uint64_t step)
 {
     for (int k = 0; k < mod->n_ins; k++)
         mod->ins[k].n_fwd = step << 24;
-    for (int i = 0; i < mod->n_kids; i++)
-        module_set_step(mod->kids[i], step);
+    for (int i = 0; i < mod->n_members; i++)
+        module_set_step(mod->members[i], step);
 }
 
 void pr_model_set_step(pr_model *m, uint64_t step)

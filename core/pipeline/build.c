@@ -89,11 +89,12 @@ void pr_pipeline_format_counts(const pr_pipeline_counts *c, char *buf, size_t le
 /* ---- build ------------------------------------------------------------------------------------------- */
 
 /* A fuse entry: each file attached frozen as "<name>.<k>" (k its place in
- * the list), then the fusion module over them, from `load:` if given. */
+ * the list), then the composite module (pm->t) over them, from `load:`
+ * if given. */
 static int build_fuse(const pr_pipeline *p, pr_model *m, const pipe_module *pm, pr_error *e)
 {
-    pr_module **kids = calloc((size_t)pm->n_files, sizeof *kids);
-    if (!kids)
+    pr_module **members = calloc((size_t)pm->n_files, sizeof *members);
+    if (!members)
         return pr_errorf(e, PR_ERR_NOMEM, "out of memory");
     int rc = PR_OK;
     for (int k = 0; k < pm->n_files && !rc; k++) {
@@ -105,16 +106,17 @@ static int build_fuse(const pr_pipeline *p, pr_model *m, const pipe_module *pm, 
         snprintf(name, sizeof name, "%s.%d", pm->name, k);
         ks.name = name;
         ks.trainable = 0;
-        if (!(rc = pr_module_attach(m, &ks, &kids[k], e)))
-            rc = pr_module_file_fill(pm->files[k], kids[k], e);
+        if (!(rc = pr_module_attach(m, &ks, &members[k], e)))
+            rc = pr_module_file_fill(pm->files[k], members[k], e);
     }
-    pr_fusion_spec fs = { pm->name, kids, pm->n_files, pm->trainable, pm->has_seed ? pm->seed : p->tc.seed };
-    pr_module *fusion = NULL;
+    pr_module_spec cs = { .technique = pm->t, .name = pm->name, .trainable = pm->trainable,
+                          .seed = pm->has_seed ? pm->seed : p->tc.seed };
+    pr_module *comp = NULL;
     if (!rc)
-        rc = pr_module_fuse(m, &fs, &fusion, e);
-    if (!rc && pm->fusion_load)
-        rc = pr_fusion_fill(fusion, pm->fusion_load, e);
-    free(kids);
+        rc = pr_module_compose(m, &cs, members, pm->n_files, &comp, e);
+    if (!rc && pm->composite_load)
+        rc = pr_composite_fill(comp, pm->composite_load, e);
+    free(members);
     return rc;
 }
 

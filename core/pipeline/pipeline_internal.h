@@ -109,10 +109,10 @@ typedef struct pipe_module {
     double *weights;             /* average: normalised to sum 1 */
     const char *base_name;       /* default name: the saved module's */
     int gate;                    /* gate: true (docs/pipeline.md, "Composition") */
-    const char *fusion_load;     /* fuse: trained fusion weights to start from (load:) */
+    const char *composite_load;  /* fuse: the composite's trained weights to start from (load:) */
 } pipe_module;
 
-/* MOD_FUSE: `fuse: [FILE, ...]`, the files frozen and combined by a fusion module */
+/* MOD_FUSE: `fuse: [FILE, ...]`, the files frozen and combined by a composite module */
 enum { MOD_TECHNIQUE = 0, MOD_LOAD = 1, MOD_AVERAGE = 2, MOD_FUSE = 3 };
 enum { MODE_FROZEN = 1, MODE_CONTINUE = 2, MODE_NEW = 3 };
 

@@ -96,7 +96,7 @@ static int write_snapshot(const pr_pipeline *p, const pr_model *m, const char *p
         const pipe_module *pm = &p->mods[i];
         const char *name = mod_name_of(m, i);
         if (pm->kind == MOD_FUSE) {
-            /* the fused files as they were, the fusion frozen at its trained weights */
+            /* the member files as they were, the composite frozen at its trained weights */
             fprintf(o, "  - fuse: [");
             for (int k = 0; k < pm->n_files; k++) {
                 fprintf(o, "%s", k ? ", " : "");
@@ -108,9 +108,9 @@ static int write_snapshot(const pr_pipeline *p, const pr_model *m, const char *p
                 snprintf(rel, sizeof rel, "modules/%s.safetensors", name);
                 fprintf(o, "\n    load: ");
                 yq(o, rel);
-            } else if (pm->fusion_load) {
+            } else if (pm->composite_load) {
                 fprintf(o, "\n    load: ");
-                yq_abs(o, pm->fusion_load);
+                yq_abs(o, pm->composite_load);
             }
             fprintf(o, "\n    seed: %llu\n    trainable: false\n    name: ",
                     (unsigned long long)(pm->has_seed ? pm->seed : p->tc.seed));
@@ -204,9 +204,9 @@ int pr_pipeline_save_run(const pr_pipeline *p, pr_model *m, const pr_train_resul
         char file[512];
         snprintf(file, sizeof file, "%s/%s.safetensors", dir, pr_module_name(mod));
         if (pm->kind == MOD_FUSE) {
-            /* the fused modules are referenced; the fusion's weights are saved when trained */
+            /* the members are referenced; the composite's weights are saved when trained */
             if (pm->trainable)
-                rc = pr_fusion_save(mod, file, err);
+                rc = pr_composite_save(mod, file, err);
             continue;
         }
         pr_module_save_info mi = info;

@@ -4,17 +4,24 @@
  *   load: FILE           one module, with its technique, sites, layers and
  *                        options, used frozen, trained further or anew;
  *   average: [FILE ...]  the weighted mean of compatible modules;
- *   fuse: [FILE ...]     the files attached frozen and combined by an
- *                        AdapterFusion module, whose plan counts them all. */
+ *   fuse: [FILE ...]     the files attached frozen and combined by a
+ *                        composite module of the technique FUSE_TECHNIQUE
+ *                        (AdapterFusion, a plugin), whose plan counts
+ *                        them all. */
 #include "config.h"
 
 #include <limits.h>
+#include <stddef.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "pipeline_internal.h"
+
+/* The composite technique a `fuse:` entry resolves to, found in the
+ * registry like any technique (docs/pipeline.md, "Composition"). */
+#define FUSE_TECHNIQUE "adapter_fusion"
 
 /* A saved module file named at n: resolved, readable, opened (its
  * technique found, its metadata parsed).  NULL after a diagnostic. */
@@ -197,9 +204,9 @@ int pl_load_saved(loader *L, const ynode *m, const char *path, pipe_module *pm, 
     return 0;
 }
 
-/* `fuse: [FILE, ...]`: saved modules attached frozen and combined by an
- * AdapterFusion module, the entry's module (docs/pipeline.md,
- * "Composition"); load: starts the fusion from saved fusion weights. */
+/* `fuse: [FILE, ...]`: saved modules attached frozen and combined by a
+ * composite module of FUSE_TECHNIQUE, the entry's module (docs/pipeline.md,
+ * "Composition"); load: starts the composite from its saved weights. */
 int pl_load_fuse(loader *L, const ynode *m, const char *path, pipe_module *pm, const ynode **name_node)
 {
     static const char *const keys[] = { "fuse", "name", "seed", "trainable", "force", "load" };
@@ -233,8 +240,8 @@ int pl_load_fuse(loader *L, const ynode *m, const char *path, pipe_module *pm, c
     if ((n = pl_map_get(m, "load"))) {
         const char *s;
         snprintf(kp, sizeof kp, "%s.load", path);
-        if (!pl_get_string(L, n, kp, &s) && (pm->fusion_load = pl_resolve_path(L, n, s)))
-            pl_check_exists(L, n, kp, pm->fusion_load, 0);
+        if (!pl_get_string(L, n, kp, &s) && (pm->composite_load = pl_resolve_path(L, n, s)))
+            pl_check_exists(L, n, kp, pm->composite_load, 0);
     }
     n = pl_map_get(m, "fuse");
     snprintf(kp, sizeof kp, "%s.fuse", path);
@@ -254,10 +261,20 @@ int pl_load_fuse(loader *L, const ynode *m, const char *path, pipe_module *pm, c
     }
     if (L->d.n > errors_before || pm->n_files != n->n)
         return -1;
-    /* the fusion attaches where the fused modules do */
+    pm->t = L->reg ? pr_registry_find(L->reg, FUSE_TECHNIQUE) : NULL;
+    if (!pm->t) {
+        pl_diag_at(&L->d, m, "%s: fuse needs the technique '%s', which is not installed (no plugin found offers "
+                   "it; 'peftref plugins' lists what was found)", path, FUSE_TECHNIQUE);
+        return -1;
+    }
+    if (!(pm->t->struct_size >= offsetof(pr_technique, composite) + sizeof pm->t->composite && pm->t->composite)) {
+        pl_diag_at(&L->d, m, "%s: fuse needs the technique '%s' to be composite; the one installed is not", path,
+                   FUSE_TECHNIQUE);
+        return -1;
+    }
+    /* the composite attaches where its members do */
     pr_module_spec spec;
     pr_module_file_spec(pm->files[0], &spec);
-    pm->t = pr_fusion_technique();
     pm->sites = spec.sites;
     if (spec.layers) {
         pm->layers = malloc((size_t)spec.n_layers * sizeof *pm->layers);
@@ -271,8 +288,8 @@ int pl_load_fuse(loader *L, const ynode *m, const char *path, pipe_module *pm, c
     return 0;
 }
 
-/* The plan of a fuse entry: the fusion's parameters plus every fused
- * module's (frozen); the files must be additive modules sharing their
+/* The plan of a fuse entry: the composite's parameters plus every
+ * member's (frozen); the files must be additive modules sharing their
  * sites and layers. */
 void pl_plan_fuse(loader *L, const ynode *at, pipe_module *pm)
 {
@@ -285,7 +302,8 @@ void pl_plan_fuse(loader *L, const ynode *at, pipe_module *pm)
         ks.trainable = 0;
         pr_module_plan kp, fp;
         pr_error e = { 0 };
-        if (pr_fusion_plan_for(&p->cfg, &ks, pm->trainable, &fp, &e) || pr_module_plan_for(&p->cfg, &ks, &kp, &e)) {
+        pr_module_spec cs = { .technique = pm->t, .name = pm->name, .trainable = pm->trainable };
+        if (pr_composite_plan_for(&p->cfg, &cs, &ks, &fp, &e) || pr_module_plan_for(&p->cfg, &ks, &kp, &e)) {
             pl_diag_at(&L->d, at, "%s: %s", pr_module_file_path(pm->files[k]), e.msg);
             return;
         }
@@ -301,7 +319,7 @@ void pl_plan_fuse(loader *L, const ynode *at, pipe_module *pm)
             for (int l = 0; same && ks.layers && l < ks.n_layers; l++)
                 same = ks.layers[l] == s0.layers[l];
             if (!same) {
-                pl_diag_at(&L->d, at, "%s and %s attach at different sites or layers; fused modules must share them",
+                pl_diag_at(&L->d, at, "%s and %s attach at different sites or layers; members must share them",
                            pr_module_file_path(pm->files[0]), pr_module_file_path(pm->files[k]));
                 return;
             }

@@ -136,7 +136,8 @@ static const char *const dim_names[] = {"d_model", "n_heads", "n_kv_heads", "d_h
                                         "n_layers", "vocab", "d_in", "d_out", "max_d_in", "max_d_out",
                                         "n_sites", "n_chosen_layers"};
 #define N_DIM_NAMES ((int)(sizeof dim_names / sizeof dim_names[0]))
-static const char *const buffer_names[] = {"rows", "B", "T"};
+static const char *const buffer_names[] = {"rows", "B", "T", "n_members"};
+#define N_BUFFER_NAMES ((int)(sizeof buffer_names / sizeof buffer_names[0]))
 
 static int bad(const tech_copy *c, pr_error *err, const char *fmt, ...)
 #if defined(__GNUC__)
@@ -196,12 +197,12 @@ enum { EXPR_FLOAT, EXPR_INT, EXPR_SHAPE };
 static int check_expr(const tech_copy *c, pr_error *err, const char *what, const char *src, int kind,
                       int buffer)
 {
-    const char *names[N_DIM_NAMES + 3 + MAX_DECLS];
+    const char *names[N_DIM_NAMES + N_BUFFER_NAMES + MAX_DECLS];
     int n = 0;
     for (int i = 0; i < N_DIM_NAMES; i++)
         names[n++] = dim_names[i];
     if (buffer)
-        for (int i = 0; i < 3; i++)
+        for (int i = 0; i < N_BUFFER_NAMES; i++)
             names[n++] = buffer_names[i];
     for (uint32_t i = 0; i < c->t.n_options; i++)
         if (option_is_numeric(&c->options[i]))
@@ -478,10 +479,20 @@ int reg_validate_copy(const tech_copy *c, pr_error *err)
         return bad(c, err, "declares no sites it can attach to");
     if (!t->default_sites)
         return bad(c, err, "declares no default sites");
-    if (!t->forward)
-        return bad(c, err, "missing forward callback");
-    if (!t->backward)
-        return bad(c, err, "missing backward callback");
+    if (t->composite) {
+        /* a composite's h comes from its members through compose_forward */
+        if (!t->compose_forward || !t->compose_backward)
+            return bad(c, err, "composite without compose_forward and compose_backward callbacks");
+        if (t->integration != PR_INTEGRATE_DIRECT_ADD && t->integration != PR_INTEGRATE_SCALED_ADD &&
+            t->integration != PR_INTEGRATE_GATED_ADD)
+            return bad(c, err, "a composite integrates by addition (direct, scaled or gated), not %d",
+                       t->integration);
+    } else {
+        if (!t->forward)
+            return bad(c, err, "missing forward callback");
+        if (!t->backward)
+            return bad(c, err, "missing backward callback");
+    }
     if (t->integration == PR_INTEGRATE_CUSTOM && (!t->integrate_forward || !t->integrate_backward))
         return bad(c, err, "custom integration without integrate_forward and integrate_backward");
     if (t->flops_per_token && (rc = check_expr(c, err, "flops_per_token", t->flops_per_token, EXPR_INT, 0)))

@@ -236,7 +236,7 @@ typedef struct pr_module_load_options {
 int pr_module_load(pr_model *m, const char *path, const pr_registry *reg, const pr_module_load_options *opt,
                    pr_module **out, pr_error *err);
 
-/* ---- composition: gates and fusion (docs/pipeline.md, "Composition") ------ */
+/* ---- composition: gates and composite modules (docs/pipeline.md, "Composition") */
 
 /* Start optimizer step `step`: the per-call seeds modules are handed
  * (pr_ctx.seed, e.g. dropout masks) restart from a function of the step
@@ -262,49 +262,41 @@ double pr_model_take_aux_loss(pr_model *m);
 /* 1 when the module sits behind a learned gate (spec gate, or GATED_ADD). */
 int pr_module_is_gated(const pr_module *mod);
 
-/* AdapterFusion (Pfeiffer et al. 2021, arXiv 2005.00247): one fusion
- * module over n >= 2 attached, frozen modules of additive integration
+/* Composite modules (pr_technique.composite; plugin.h says what the host
+ * runs and in which order): one module of a composite technique over
+ * n >= 2 members, attached, frozen modules of additive integration
  * (direct, scaled or gated addition) that share their sites and layers.
- * At each insertion the fused modules' own integration stops; their
- * contributions h_i (what each would have added to the site output y)
- * are combined by attention per position,
- *     a = softmax_i((y W_Q) . (h_i W_K)),   y <- y + sum_i a_i (h_i W_V),
- * with W_Q, W_K, W_V (d_out x d_out) the fusion's only parameters
- * ("<name>/h.<layer>.<site>.query", ".key", ".value"; W_Q and W_K
- * normal(0, 0.02), W_V the identity plus 1e-6 off the diagonal, so it
- * starts as the mean of the contributions).  The fused modules leave the
- * model's module list and belong to the fusion module: detaching it
- * detaches them. */
-typedef struct pr_fusion_spec {
-    const char *name;            /* NULL: "fusion" */
-    pr_module *const *modules;
-    int n_modules;
-    int trainable;
-    uint64_t seed;
-} pr_fusion_spec;
+ * The composite attaches where its members do (spec->sites and
+ * spec->layers are ignored); at each insertion the members' own
+ * integration stops and the composite combines what each would have added
+ * (AdapterFusion, Pfeiffer et al. 2021, is the plugin adapter_fusion).
+ * The members leave the model's module list and belong to the composite:
+ * detaching it detaches them.  pr_module_attach refuses a composite
+ * technique. */
+int pr_module_compose(pr_model *m, const pr_module_spec *spec, pr_module *const *members, int n_members,
+                      pr_module **out, pr_error *err);
 
-int pr_module_fuse(pr_model *m, const pr_fusion_spec *spec, pr_module **out, pr_error *err);
+/* What a composite module of spec `composite` over members attached with
+ * spec `member` would add to a model of shape cfg (its own parameters;
+ * spec->trainable 0 for a frozen composite). */
+int pr_composite_plan_for(const pr_model_config *cfg, const pr_module_spec *composite,
+                          const pr_module_spec *member, pr_module_plan *out, pr_error *err);
 
-/* What fusing modules attached with spec `fused` would add to a model of
- * shape cfg (3 d_out^2 per insertion; trainable 0 for a frozen fusion). */
-int pr_fusion_plan_for(const pr_model_config *cfg, const pr_module_spec *fused, int trainable, pr_module_plan *out,
-                       pr_error *err);
+/* The members of a composite module (0 for any other module), and the
+ * composite a member belongs to (NULL when it is none's member). */
+int pr_module_n_members(const pr_module *mod);
+pr_module *pr_module_member(const pr_module *mod, int i);
+pr_module *pr_module_composed_by(const pr_module *mod);
 
-/* The modules a fusion module combines (0 for any other module), and the
- * fusion module a fused module belongs to (NULL when it is not fused). */
-int pr_module_n_fused(const pr_module *mod);
-pr_module *pr_module_fused(const pr_module *mod, int i);
-pr_module *pr_module_fused_by(const pr_module *mod);
-
-/* The fusion modules' technique ("adapter_fusion", built into the host:
- * attach it with pr_module_fuse, not pr_module_attach). */
-const pr_technique *pr_fusion_technique(void);
-
-/* A fusion module's parameters as one safetensors file (metadata format
- * "peftref-fusion"; tensors named without the "<module>/" prefix), and
- * back into a fusion module over the same sites and layers. */
-int pr_fusion_save(const pr_module *mod, const char *path, pr_error *err);
-int pr_fusion_fill(pr_module *mod, const char *path, pr_error *err);
+/* A composite module's own parameters as one safetensors file (metadata
+ * format "peftref-composite", technique, technique_version, members;
+ * tensors named without the "<module>/" prefix, "h.0.ffn_out.query"), and
+ * back into a composite of the same technique over the same sites and
+ * layers.  Filling reads any "peftref-*" format whose technique metadata
+ * names the module's technique, so files written before composites were
+ * generic load too. */
+int pr_composite_save(const pr_module *mod, const char *path, pr_error *err);
+int pr_composite_fill(pr_module *mod, const char *path, pr_error *err);
 
 #ifdef __cplusplus
 }
