@@ -53,13 +53,13 @@ static const pr_option_decl lora_options[N_OPTS] = {
         .help = "rank of the update B.A; default 8 as Hugging Face PEFT's LoraConfig r",
     },
     [OPT_ALPHA] = {
-        .struct_size = sizeof(pr_option_decl), .name = "alpha", .type = PR_OPT_FLOAT,
+        .struct_size = sizeof(pr_option_decl), .name = "alpha", .peft_name = "lora_alpha", .type = PR_OPT_FLOAT,
         .def = 8, .min = 0, .max = 1e6, .per_site = 1,
         .help = "scaling numerator: the update is scaled by alpha/r (alpha/sqrt(r) with "
                 "use_rslora); Hugging Face PEFT's lora_alpha, default 8",
     },
     [OPT_DROPOUT] = {
-        .struct_size = sizeof(pr_option_decl), .name = "dropout", .type = PR_OPT_FLOAT,
+        .struct_size = sizeof(pr_option_decl), .name = "dropout", .peft_name = "lora_dropout", .type = PR_OPT_FLOAT,
         .def = 0, .min = 0, .max = 0.999, .per_site = 0,
         .help = "dropout probability on the module input in training, in [0, 1); default 0 "
                 "as Hugging Face PEFT's lora_dropout (the paper's GPT-2 runs used 0.1)",

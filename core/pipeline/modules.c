@@ -346,6 +346,10 @@ static int load_options(loader *L, const ynode *n, const char *path, pipe_module
             char h[128], list[400] = "";
             size_t off = 0;
             pl_hint(h, sizeof h, key->text, names, nd);
+            for (int q = 0; q < nd; q++)   /* a Hugging Face PEFT config name the technique declares */
+                if (decl[q].peft_name && strcmp(decl[q].peft_name, key->text) == 0)
+                    snprintf(h, sizeof h, " (did you mean '%s'? '%s' is its name in Hugging Face PEFT)", names[q],
+                             key->text);
             for (int q = 0; q < nd; q++) {
                 int w = snprintf(list + off, sizeof list - off, "%s%s", q ? ", " : "", names[q]);
                 if (w > 0 && (size_t)w < sizeof list - off)

@@ -5,9 +5,10 @@
  *                        options, used frozen, trained further or anew;
  *   average: [FILE ...]  the weighted mean of compatible modules;
  *   fuse: [FILE ...]     the files attached frozen and combined by a
- *                        composite module of the technique FUSE_TECHNIQUE
- *                        (AdapterFusion, a plugin), whose plan counts
- *                        them all. */
+ *                        composite module (a plugin technique declaring
+ *                        pr_technique.composite): the one named by
+ *                        technique:, or the only composite installed;
+ *                        its plan counts them all. */
 #include "config.h"
 
 #include <limits.h>
@@ -19,9 +20,53 @@
 
 #include "pipeline_internal.h"
 
-/* The composite technique a `fuse:` entry resolves to, found in the
- * registry like any technique (docs/pipeline.md, "Composition"). */
-#define FUSE_TECHNIQUE "adapter_fusion"
+static int is_composite(const pr_technique *t)
+{
+    return t->struct_size >= offsetof(pr_technique, composite) + sizeof t->composite && t->composite;
+}
+
+/* The composite technique of a `fuse:` entry: technique: when given, else
+ * the one composite technique installed.  NULL after a diagnostic. */
+static const pr_technique *fuse_technique(loader *L, const ynode *m, const char *path)
+{
+    const ynode *n = pl_map_get(m, "technique");
+    char kp[112];
+    snprintf(kp, sizeof kp, "%s.technique", path);
+    if (n) {
+        const char *name;
+        if (pl_get_string(L, n, kp, &name))
+            return NULL;
+        const pr_technique *t = L->reg ? pr_registry_find(L->reg, name) : NULL;
+        if (!t)
+            pl_diag_at(&L->d, n, "%s: technique '%s' is not installed ('peftref plugins' lists what was found)", kp,
+                       name);
+        else if (!is_composite(t))
+            pl_diag_at(&L->d, n, "%s: technique '%s' is not a composite technique, so it cannot fuse modules", kp,
+                       name);
+        return t && is_composite(t) ? t : NULL;
+    }
+    const pr_technique *found = NULL;
+    int n_found = 0;
+    char names[256] = "";
+    for (int i = 0; L->reg && i < pr_registry_count(L->reg); i++) {
+        const pr_technique *t = pr_registry_technique(L->reg, i);
+        if (!is_composite(t))
+            continue;
+        size_t k = strlen(names);
+        snprintf(names + k, sizeof names - k, "%s'%s'", k ? ", " : "", t->name);
+        found = t;
+        n_found++;
+    }
+    if (n_found == 1)
+        return found;
+    if (n_found == 0)
+        pl_diag_at(&L->d, m, "%s: fuse needs a composite technique, and none is installed ('peftref plugins' "
+                   "lists what was found)", path);
+    else
+        pl_diag_at(&L->d, m, "%s: several composite techniques are installed (%s): say which with technique:", path,
+                   names);
+    return NULL;
+}
 
 /* A saved module file named at n: resolved, readable, opened (its
  * technique found, its metadata parsed).  NULL after a diagnostic. */
@@ -205,11 +250,11 @@ int pl_load_saved(loader *L, const ynode *m, const char *path, pipe_module *pm, 
 }
 
 /* `fuse: [FILE, ...]`: saved modules attached frozen and combined by a
- * composite module of FUSE_TECHNIQUE, the entry's module (docs/pipeline.md,
+ * composite module (fuse_technique), the entry's module (docs/pipeline.md,
  * "Composition"); load: starts the composite from its saved weights. */
 int pl_load_fuse(loader *L, const ynode *m, const char *path, pipe_module *pm, const ynode **name_node)
 {
-    static const char *const keys[] = { "fuse", "name", "seed", "trainable", "force", "load" };
+    static const char *const keys[] = { "fuse", "technique", "name", "seed", "trainable", "force", "load" };
     int errors_before = L->d.n;
     char kp[96];
     pm->kind = MOD_FUSE;
@@ -261,17 +306,8 @@ int pl_load_fuse(loader *L, const ynode *m, const char *path, pipe_module *pm, c
     }
     if (L->d.n > errors_before || pm->n_files != n->n)
         return -1;
-    pm->t = L->reg ? pr_registry_find(L->reg, FUSE_TECHNIQUE) : NULL;
-    if (!pm->t) {
-        pl_diag_at(&L->d, m, "%s: fuse needs the technique '%s', which is not installed (no plugin found offers "
-                   "it; 'peftref plugins' lists what was found)", path, FUSE_TECHNIQUE);
+    if (!(pm->t = fuse_technique(L, m, path)))
         return -1;
-    }
-    if (!(pm->t->struct_size >= offsetof(pr_technique, composite) + sizeof pm->t->composite && pm->t->composite)) {
-        pl_diag_at(&L->d, m, "%s: fuse needs the technique '%s' to be composite; the one installed is not", path,
-                   FUSE_TECHNIQUE);
-        return -1;
-    }
     /* the composite attaches where its members do */
     pr_module_spec spec;
     pr_module_file_spec(pm->files[0], &spec);

@@ -200,6 +200,9 @@ typedef struct pr_option_decl {
     const char *const *choices; /* NULL-terminated, for ENUM */
     const char *help;
     int32_t per_site;     /* may be overridden per site in a pipeline */
+    /* The option's name in Hugging Face PEFT's config (LoRA's alpha is
+     * "lora_alpha"), or NULL: a pipeline that uses it is pointed here. */
+    const char *peft_name;
 } pr_option_decl;
 
 typedef struct pr_option_value {
