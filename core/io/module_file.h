@@ -43,6 +43,8 @@ struct pr_module_file {
     int peft;
     int folded;
     int gated;                  /* saved behind learned gates (spec gate) */
+    int has_seed;               /* the file carries the module's seed (regenerated buffers) */
+    uint64_t seed;
     int all_layers;
     int *layers;
     int n_layers;

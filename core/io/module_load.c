@@ -148,6 +148,10 @@ int mf_fill_from(const source *s, pr_module *mod, pr_error *err)
         const st_tensor *info;
         float *v = NULL;
         rc = src_get(s, fname, &info, &v, err);
+        if (rc == PR_ERR_NOTFOUND && (p.flags & PR_PARAM_REGENERATE) && f->has_seed) {
+            rc = PR_OK;   /* regenerated from the saved seed when the module was attached */
+            continue;
+        }
         if (rc == PR_ERR_NOTFOUND) {
             if (p.flags & PR_PARAM_TRAINING_ONLY)
                 rc = pr_errorf(err, PR_ERR_INVALID, "%s: module '%s': training-only parameter '%s' was folded away "

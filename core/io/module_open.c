@@ -5,6 +5,7 @@
 #include <jansson.h>
 #include <math.h>
 #include <stdint.h>
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -205,6 +206,19 @@ int pr_module_file_open(const char *path, const pr_registry *reg, pr_module_file
     f->peft = names && !strcmp(names, "peft");
     const char *gated = st_metadata(f->st, "gated");
     f->gated = gated && !strcmp(gated, "true");
+    /* the seed that regenerates frozen buffers left out of the file */
+    const char *seed = st_metadata(f->st, "seed");
+    if (seed) {
+        char *end = NULL;
+        errno = 0;
+        unsigned long long v = strtoull(seed, &end, 16);
+        if (errno || !end || end == seed || *end) {
+            rc = pr_errorf(err, PR_ERR_FORMAT, "%s: metadata seed '%s' is not a hexadecimal number", path, seed);
+            goto fail;
+        }
+        f->seed = (uint64_t)v;
+        f->has_seed = 1;
+    }
     f->saved_name = st_metadata(f->st, "name");
     if (!f->saved_name) {
         rc = pr_errorf(err, PR_ERR_FORMAT, "%s: metadata has no module name", path);
@@ -273,6 +287,8 @@ void pr_module_file_spec(const pr_module_file *f, pr_module_spec *spec)
     spec->n_options = f->n_opts;
     spec->trainable = 1;
     spec->gate = f->gated;
+    if (f->has_seed)
+        spec->seed = f->seed;
 }
 
 int pr_module_file_check_base(const pr_module_file *f, const char *fingerprint, pr_error *err)

@@ -204,7 +204,7 @@ static int gather(saver *s, pr_error *err)
 {
     pr_module *mod = s->mod;
     int folded = has_training_only(mod);
-    s->skip_flags = folded ? PR_PARAM_TRAINING_ONLY : 0;
+    s->skip_flags = (folded ? PR_PARAM_TRAINING_ONLY : 0) | PR_PARAM_REGENERATE;
     s->fold = 0;
     for (int i = 0; i < pr_module_n_params(mod); i++) {
         pr_module_param p;
@@ -346,6 +346,15 @@ int pr_module_save(pr_module *mod, const char *path, const pr_module_save_info *
         goto done;
     }
     int folded = !is_select && has_training_only(mod);
+    /* frozen buffers regenerated on load need the module's seed */
+    int regenerates = 0;
+    for (int i = 0; i < pr_module_n_params(mod); i++) {
+        pr_module_param p;
+        pr_module_param_at(mod, i, &p);
+        regenerates |= (p.flags & PR_PARAM_REGENERATE) != 0;
+    }
+    char seed_hex[24];
+    snprintf(seed_hex, sizeof seed_hex, "%016llx", (unsigned long long)pr_module_seed(mod));
     st_kv meta[] = {
         { "format", "peftref-module" },
         { "format_version", "1" },
@@ -363,9 +372,14 @@ int pr_module_save(pr_module *mod, const char *path, const pr_module_save_info *
         { "tensor_names", s.peft ? "peft" : "peftref" },
         { "folded", folded ? "true" : "false" },
         { "gated", pr_module_is_gated(mod) ? "true" : "false" },
+        { "seed", seed_hex },
         { "peft_type", s.peft ? t->peft_type : "" },
     };
     int n_meta = (int)(sizeof meta / sizeof meta[0]) - (s.peft ? 0 : 1);
+    if (!regenerates) {   /* no seed to keep: drop it, keeping peft_type */
+        meta[n_meta - (s.peft ? 2 : 1)] = meta[n_meta - 1];
+        n_meta--;
+    }
     entries = calloc((size_t)(s.n ? s.n : 1), sizeof *entries);
     if (!entries) {
         rc = pr_errorf(err, PR_ERR_NOMEM, "%s: out of memory", path);

@@ -301,3 +301,8 @@ void pr_module_detach(pr_module *mod)
     if (model_modules_of(m)->n == 0)
         list_release(m);
 }
+
+uint64_t pr_module_seed(const pr_module *mod)
+{
+    return mod ? mod->seed : 0;
+}

@@ -262,6 +262,10 @@ double pr_model_take_aux_loss(pr_model *m);
 /* 1 when the module sits behind a learned gate (spec gate, or GATED_ADD). */
 int pr_module_is_gated(const pr_module *mod);
 
+/* The seed the module's parameters were initialised from (saved with
+ * modules that regenerate frozen buffers, PR_PARAM_REGENERATE). */
+uint64_t pr_module_seed(const pr_module *mod);
+
 /* Composite modules (pr_technique.composite; plugin.h says what the host
  * runs and in which order): one module of a composite technique over
  * n >= 2 members, attached, frozen modules of additive integration
