@@ -200,6 +200,9 @@ typedef struct pr_option_decl {
     const char *const *choices; /* NULL-terminated, for ENUM */
     const char *help;
     int32_t per_site;     /* may be overridden per site in a pipeline */
+    /* The option's name in Hugging Face PEFT's config (LoRA's alpha is
+     * "lora_alpha"), or NULL: a pipeline that uses it is pointed here. */
+    const char *peft_name;
 } pr_option_decl;
 
 typedef struct pr_option_value {
@@ -244,16 +247,28 @@ enum pr_param_flags {
 typedef enum pr_peft_layout {
     PR_PEFT_AS_IS = 1,          /* the same shape and order */
     PR_PEFT_TRANSPOSED = 2,     /* a 2-D parameter stored transposed */
-    PR_PEFT_LAYERS_CONCAT = 3   /* per-layer copies concatenated along the last axis,
+    PR_PEFT_LAYERS_CONCAT = 3,  /* per-layer copies concatenated along the last axis,
                                  * one tensor for the whole module (prefix tuning's
                                  * [n_virtual, n_layers * 2 * d]) */
+    /* A 1-D vector of one insertion, stored where its values fold (the
+     * weight merge() is given as base_weight): {prefix} is that
+     * projection's PEFT module path, and the tensor is the vector in the
+     * projection's broadcast shape: (D_out, 1) when it scales the
+     * projection's outputs, its elements at the site's rows of them (the
+     * key and value slices of GPT-2's fused attn.c_attn, so attn.k and
+     * attn.v share one tensor), or (1, D_in) when it scales the
+     * projection's inputs (ffn.act at the down projection).  Elements no
+     * copy covers hold the integration's identity: 1 for
+     * PR_INTEGRATE_RESCALE, else 0.  ((IA)^3's ia3_l.) */
+    PR_PEFT_FOLD_VECTOR = 4
 } pr_peft_layout;
 
 /* shape: comma-separated integer expressions, e.g. "r, d_in".  Variables:
  * d_model, n_heads, n_kv_heads, d_head, d_ff, n_layers, vocab, d_in, d_out
  * (the site's widths), max_d_in, max_d_out (the largest widths over the
  * module's chosen sites, for a tensor shared across sites), n_sites and
- * n_chosen_layers, rows, B, T (saved buffers only), and the numeric
+ * n_chosen_layers, rows, B, T and n_members (saved and scratch buffers
+ * only; n_members: a composite's member count), and the numeric
  * options by name.  Operators + - * / (integer division) % and
  * parentheses; functions min(a,b), max(a,b).  init_arg is a float
  * expression over the same names plus sqrt(). */
@@ -281,7 +296,14 @@ typedef struct pr_param_decl {
     /* Hugging Face PEFT key of this tensor, a pattern over {prefix} (the
      * PEFT module path of the site, e.g. "base_model.model.transformer.h.3.
      * attn.c_attn") and {layer}: e.g. "{prefix}.lora_A.weight"; NULL = PEFT
-     * has no name for it.  With peft_layout; see pr_technique.peft_type. */
+     * has no name for it.  With peft_layout; see pr_technique.peft_type.
+     * The key says which copies have a name: with {prefix}, the copies of
+     * a PR_SCOPE_INSERTION parameter at (site, layer) insertions whose
+     * site has a PEFT module path; with {layer} only, the copies of a
+     * PR_SCOPE_LAYER parameter; with neither, a PR_SCOPE_GLOBAL parameter
+     * or (PR_PEFT_LAYERS_CONCAT) a PR_SCOPE_LAYER one of a module on every
+     * layer.  A module is saved under PEFT names only when every copy
+     * has one. */
     const char *peft_key;
     int32_t peft_layout;     /* pr_peft_layout; 0 = AS_IS */
 } pr_param_decl;
@@ -291,7 +313,7 @@ typedef struct pr_param_decl {
 typedef struct pr_buffer_decl {
     uint32_t struct_size;
     const char *name;
-    const char *shape;       /* may use rows, B, T */
+    const char *shape;       /* may use rows, B, T, n_members */
 } pr_buffer_decl;
 
 /* Selection: base tensors a technique makes trainable (BitFit, LayerNorm
@@ -438,11 +460,29 @@ typedef enum pr_activation {
  *             the number of steps taken); params are writable (a rank
  *             budget schedule masks them here).
  *  compose_forward/compose_backward (composite modules, pr_technique.
- *             composite): the member modules attached at the same site ran
- *             first; members[i] holds member i's output h_i (rows, d_out),
- *             in = x, out = the combined output the host integrates; in
- *             backward d_out is given and d_members[i] (accumulate) receive
- *             the gradient of each member's output. */
+ *             composite; see there): the host ran the members' forward
+ *             first (without integrating them) and hands
+ *               members[i]  (rows, d_out) h_i, what member i would have
+ *                           added to y on its own (its output times its
+ *                           scale and gate), i in member order;
+ *               in          (rows, d_in) x, the site input;
+ *               site_y      (rows, d_out) y, the site output as the
+ *                           composite receives it (before any member or
+ *                           the composite adds to it), read-only;
+ *               out         (rows, d_out, zeroed) the combined output h,
+ *                           which the host integrates like any additive
+ *                           module's (y += k*h, k the scale and gate).
+ *             compose_backward gets members, in and site_y again (out
+ *             only when the composite is gated: h as forward left it), and
+ *               d_out       the gradient of h (k*dy, as for backward);
+ *               d_members[i] (rows, d_out, zeroed; accumulate) the
+ *                           gradient of h_i, which the host hands to
+ *                           member i's backward (times its scale and gate);
+ *               d_in        dx (accumulate; a host scratch when x needs none);
+ *               d_site_y    (rows, d_out, zeroed; accumulate) the gradient
+ *                           of site_y through the composite's own use of
+ *                           it (a query read from y), added to dy with
+ *                           the members' input gradients. */
 typedef struct pr_ctx {
     uint32_t struct_size;
     const pr_host *host;
@@ -482,6 +522,12 @@ typedef struct pr_ctx {
     const pr_tensor *const *members;
     const pr_tensor *const *d_members;
     uint32_t n_members;
+    /* composite modules (compose_forward/compose_backward): the site
+     * output y as the composite receives it, and its gradient
+     * (accumulate); see the call table above.  Part of 1.0, with
+     * members. */
+    const pr_tensor *site_y;
+    const pr_tensor *d_site_y;
 } pr_ctx;
 
 typedef int (*pr_callback)(const pr_ctx *ctx);
@@ -552,7 +598,20 @@ typedef struct pr_technique {
     pr_callback on_step;
     /* Composite: the technique combines the outputs of the other modules
      * attached at its sites (AdapterFusion, a mixture of LoRA experts),
-     * through compose_forward/compose_backward. */
+     * through compose_forward/compose_backward; forward and backward are
+     * unused (NULL).  Its integration is an addition (DIRECT_ADD,
+     * SCALED_ADD or GATED_ADD): the host adds the combined output to y.
+     * It attaches over n >= 2 members (pr_module_compose): frozen modules
+     * of additive integration already attached at the same sites and
+     * layers, listed in order; they leave the model's module list, their
+     * own integration stops, and the composite owns them.  At each
+     * insertion the host runs, in this order: the members' forward (each
+     * on x, or on site_y when sequential), compose_forward, the
+     * integration; in backward: compose_backward, each member's backward
+     * with d_members[i], then dy += d_site_y and the sequential members'
+     * input gradients.  Saved and scratch buffer shapes may use n_members.
+     * A composite's own insertion form says what its output is added
+     * after (sequential: it reads y); in is x either way. */
     int32_t composite;
     pr_callback compose_forward;
     pr_callback compose_backward;
