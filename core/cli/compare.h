@@ -20,7 +20,8 @@ typedef struct compare_point {
 
 typedef struct compare_row {
     char name[128];
-    char techniques[256];     /* "lora", "lora+bitfit", "none" */
+    /* the arm's techniques joined by "+", or "none" */
+    char techniques[256];
     int is_base;              /* the untrained base model, evaluated only */
     int ok;                   /* ran to the end */
     char error[1024];         /* why not, one line */
