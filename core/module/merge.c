@@ -8,17 +8,30 @@
 
 /* ---- merge ---------------------------------------------------------------------------------------- */
 
-/* The weight view is [bw.shape[0], bw.shape[1]] (the site's d_in x d_out
- * at a projection site, see site_weight_shape at a stream site); the
- * bias, when there is one, has bw.shape[1] entries. */
+/* The weight view bw is the weight as its family stores it: [d_in, d_out]
+ * (PR_WEIGHT_IN_OUT, GPT-2's Conv1D) or [d_out, d_in] (OUT_IN, nn.Linear);
+ * merge() always returns its delta as [d_in, d_out].  The bias, when there
+ * is one, has d_out entries. */
+static int out_in(const insertion *in)
+{
+    return in->bw_layout == PR_WEIGHT_OUT_IN;
+}
+
+static void weight_dims(const insertion *in, int *din, int *dout)
+{
+    *din = (int)in->bw.shape[out_in(in) ? 1 : 0];
+    *dout = (int)in->bw.shape[out_in(in) ? 0 : 1];
+}
+
 static void restore_insertion(insertion *in)
 {
     if (!in->orig_w)
         return;
-    int rows = (int)in->bw.shape[0], cols = (int)in->bw.shape[1];
+    int rows = (int)in->bw.shape[0], cols = (int)in->bw.shape[1], din, dout;
+    weight_dims(in, &din, &dout);
     mod_copy_rows(in->bw.data, (int)in->bw.stride[0], in->orig_w, cols, rows, cols);
     if (in->orig_b)
-        memcpy(in->bb.data, in->orig_b, (size_t)cols * sizeof(float));
+        memcpy(in->bb.data, in->orig_b, (size_t)dout * sizeof(float));
     free(in->orig_w);
     free(in->orig_b);
     in->orig_w = in->orig_b = NULL;
@@ -46,9 +59,11 @@ int pr_module_merge(pr_module *mod, pr_error *err)
                              mod_name(mod), mod->t.name, mod->ins[k].where);
     size_t maxn = 0, maxb = 0;
     for (int k = 0; k < mod->n_ins; k++) {
-        size_t n = (size_t)mod->ins[k].bw.shape[0] * (size_t)mod->ins[k].bw.shape[1];
+        int din, dout;
+        weight_dims(&mod->ins[k], &din, &dout);
+        size_t n = (size_t)din * (size_t)dout;
         maxn = n > maxn ? n : maxn;
-        maxb = (size_t)mod->ins[k].bw.shape[1] > maxb ? (size_t)mod->ins[k].bw.shape[1] : maxb;
+        maxb = (size_t)dout > maxb ? (size_t)dout : maxb;
     }
     /* the weight delta, then the bias delta */
     float *delta = mod_alloc_floats(maxn + maxb);
@@ -58,7 +73,9 @@ int pr_module_merge(pr_module *mod, pr_error *err)
     int rc = PR_OK, k;
     for (k = 0; k < mod->n_ins; k++) {
         insertion *in = &mod->ins[k];
-        int din = (int)in->bw.shape[0], dout = (int)in->bw.shape[1], ld = (int)in->bw.stride[0];
+        int din, dout, ld = (int)in->bw.stride[0];
+        const int rows = (int)in->bw.shape[0], cols = (int)in->bw.shape[1];
+        weight_dims(in, &din, &dout);
         in->orig_w = mod_alloc_floats((size_t)din * dout);
         in->orig_b = in->has_bb ? mod_alloc_floats((size_t)dout) : NULL;
         if (!in->orig_w || (in->has_bb && !in->orig_b)) {
@@ -69,7 +86,7 @@ int pr_module_merge(pr_module *mod, pr_error *err)
             break;
         }
         float *w = in->bw.data;
-        mod_copy_rows(in->orig_w, dout, w, ld, din, dout);
+        mod_copy_rows(in->orig_w, cols, w, ld, rows, cols);
         if (in->orig_b)
             memcpy(in->orig_b, in->bb.data, (size_t)dout * sizeof(float));
         memset(delta, 0, (size_t)din * dout * sizeof(float));
@@ -94,7 +111,13 @@ int pr_module_merge(pr_module *mod, pr_error *err)
         }
         /* a gated module adds s times its delta */
         float s = mod_gate_value(in);
-        mod_axpy_rows(w, ld, delta, dout, din, dout, s);
+        if (!out_in(in)) {
+            mod_axpy_rows(w, ld, delta, dout, din, dout, s);
+        } else {   /* the [d_in, d_out] delta into a [d_out, d_in] weight */
+            for (int i = 0; i < din; i++)
+                for (int o = 0; o < dout; o++)
+                    w[(size_t)o * ld + i] += s * delta[(size_t)i * dout + o];
+        }
         if (in->has_bb)
             mod_axpy_rows(in->bb.data, dout, bdelta, dout, 1, dout, s);
     }
