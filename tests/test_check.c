@@ -8,6 +8,7 @@
  *   bad_dx         d_in scaled by 1.3                -> an upstream base tensor
  *   crash_forward  null dereference in forward       -> reported, not fatal
  *   bad_seed       init() ignores ctx->seed          -> determinism
+ *   nan_forward    forward writes NaN everywhere     -> finite (and nothing else)
  * A file the loader refuses is one failed "load" check.  The command line
  * exits 0 when every check passes, 1 when one fails, 2 on usage errors.
  * Four probes per tensor keep the suite quick under sanitizers. */
@@ -87,8 +88,8 @@ static void test_lora_passes(void **state)
     if (r.n_failed)
         fprintf(stderr, "%s", r.text);
     assert_int_equal(r.n_failed, 0);
-    /* load, 7 sites GPT-2 has (qkv q k v o ffn.up ffn.down), 5 more checks */
-    assert_int_equal(r.n_checks, 1 + 7 + 5);
+    /* load, 7 sites GPT-2 has (qkv q k v o ffn.up ffn.down), 6 more checks */
+    assert_int_equal(r.n_checks, 1 + 7 + 6);
     expect_line(&r, "PASS lora.so/load:", "lora");
     expect_line(&r, "PASS lora/gradient/h.1.qkv:", "2 module tensors and 4 upstream");
     expect_line(&r, "PASS lora/gradient/h.1.ffn.down:", NULL);
@@ -98,6 +99,7 @@ static void test_lora_passes(void **state)
     expect_line(&r, "PASS lora/accumulation:", NULL);
     expect_line(&r, "PASS lora/save-load:", NULL);
     expect_line(&r, "PASS lora/options:", NULL);
+    expect_line(&r, "PASS lora/finite:", "at 7 sites");
     assert_null(strstr(r.text, "FAIL"));
     free(r.text);
 }
@@ -107,7 +109,7 @@ static void test_bad_backward_named(void **state)
     (void)state;
     run r = check(FIXTURE_DIR "/bad_backward.so", NULL);
     assert_int_equal(r.rc, PR_OK);
-    assert_int_equal(r.n_checks, 1 + 2 + 5);
+    assert_int_equal(r.n_checks, 1 + 2 + 6);
     /* both sites fail, naming lora_B and the site; nothing else fails */
     expect_line(&r, "FAIL bad-backward/gradient/h.1.qkv:", "gradient of 'bad-backward/h.1.qkv.lora_B' off by");
     expect_line(&r, "FAIL bad-backward/gradient/h.1.ffn.down:", "'bad-backward/h.1.ffn.down.lora_B'");
@@ -137,16 +139,17 @@ static void test_crash_survived(void **state)
     (void)state;
     run r = check(FIXTURE_DIR "/crash_forward.so", NULL);
     assert_int_equal(r.rc, PR_OK);
-    assert_int_equal(r.n_checks, 1 + 2 + 5);
+    assert_int_equal(r.n_checks, 1 + 2 + 6);
     /* every check that runs forward fails as a crash; the others still run and pass */
     expect_line(&r, "FAIL crash-forward/gradient/h.1.qkv:", "crashed");
     expect_line(&r, "FAIL crash-forward/gradient/h.1.ffn.down:", "crashed");
     expect_line(&r, "FAIL crash-forward/determinism:", "crashed");
     expect_line(&r, "FAIL crash-forward/accumulation:", "crashed");
     expect_line(&r, "FAIL crash-forward/save-load:", "crashed");
+    expect_line(&r, "FAIL crash-forward/finite:", "crashed");
     expect_line(&r, "PASS crash-forward/params:", NULL);
     expect_line(&r, "PASS crash-forward/options:", NULL);
-    assert_int_equal(r.n_failed, 5);
+    assert_int_equal(r.n_failed, 6);
     free(r.text);
 }
 
@@ -157,6 +160,21 @@ static void test_bad_seed_nondeterministic(void **state)
     assert_int_equal(r.rc, PR_OK);
     expect_line(&r, "FAIL bad-seed/determinism:", "parameter 'bad-seed/h.0.qkv.lora_A' differs");
     expect_line(&r, "PASS bad-seed/gradient/h.1.qkv:", NULL);
+    assert_int_equal(r.n_failed, 1);
+    free(r.text);
+}
+
+/* A forward that returns NaN from finite inputs passes every other check
+ * (NaN is within every tolerance and repeats bit for bit); the finite
+ * check fails it, naming the site and the first non-finite element. */
+static void test_nan_forward_not_finite(void **state)
+{
+    (void)state;
+    run r = check(FIXTURE_DIR "/nan_forward.so", NULL);
+    assert_int_equal(r.rc, PR_OK);
+    assert_int_equal(r.n_checks, 1 + 2 + 6);
+    expect_line(&r, "FAIL nan-forward/finite:",
+                "forward at h.1.qkv (eval) produced a non-finite value from finite inputs: out[0, 0] = nan");
     assert_int_equal(r.n_failed, 1);
     free(r.text);
 }
@@ -204,6 +222,7 @@ static void test_cli_exit_codes(void **state)
     (void)state;
     assert_int_equal(cli_status("--probes 3 '" FIXTURE_DIR "/bad_seed.so' --technique bad-seed"), 1);
     assert_int_equal(cli_status("--probes 3 '" PLUGIN_DIR "/lora.so'"), 0);
+    assert_int_equal(cli_status("--probes 3 '" FIXTURE_DIR "/nan_forward.so'"), 1);
     assert_int_equal(cli_status(""), 2);
     assert_int_equal(cli_status("--probes 0 x.so"), 2);
     assert_int_equal(cli_status("--bogus x.so"), 2);
@@ -218,6 +237,7 @@ int main(void)
         cmocka_unit_test(test_bad_input_gradient_upstream),
         cmocka_unit_test(test_crash_survived),
         cmocka_unit_test(test_bad_seed_nondeterministic),
+        cmocka_unit_test(test_nan_forward_not_finite),
         cmocka_unit_test(test_refused_and_filters),
         cmocka_unit_test(test_cli_exit_codes),
     };

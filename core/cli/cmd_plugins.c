@@ -31,6 +31,13 @@ static const char plugins_usage[] =
     "exactly the techniques the manifest lists.  A technique name found again\n"
     "later in the search is refused.\n"
     "\n"
+    "Each plugin is first loaded in a child process: one that crashes or hangs\n"
+    "while loading is refused with the reason, and the verdict is cached by the\n"
+    "file's path, size and modification time in $PEFTREF_REGISTRY_CACHE (a\n"
+    "path, or 'off'), else $XDG_CACHE_HOME/peftref/registry-cache.json or\n"
+    "~/.cache/peftref/registry-cache.json.  $PEFTREF_SCAN_TIMEOUT: seconds a\n"
+    "plugin may take to load (default 10).\n"
+    "\n"
     "  -h, --help    show this help\n";
 
 static const char inspect_usage[] =

@@ -1,8 +1,8 @@
 /* peftref core: the plugin conformance checker's driver (see check.h for
  * what each check verifies and its tolerances): running each check in a
  * child process, relaying and tallying its outcome, and the per-file
- * report.  The checks themselves are in check_gradient.c, check_decls.c
- * and check_roundtrip.c, on the bench of check_bench.c.
+ * report.  The checks themselves are in check_gradient.c, check_decls.c,
+ * check_roundtrip.c and check_finite.c, on the bench of check_bench.c.
  *
  * The parent process loads the plugin (after a child has loaded it once
  * without crashing), then forks one child per check.  A child builds its
@@ -36,7 +36,7 @@
 
 typedef enum check_kind {
     CHECK_LOAD, CHECK_GRADIENT, CHECK_PARAMS, CHECK_DETERMINISM, CHECK_ACCUMULATION, CHECK_SAVE_LOAD,
-    CHECK_OPTIONS
+    CHECK_OPTIONS, CHECK_FINITE
 } check_kind;
 
 typedef struct job {
@@ -71,6 +71,7 @@ static void run_child(const job *j, FILE *res)
     case CHECK_ACCUMULATION: chk_accumulation(j->t, j->o, &r); break;
     case CHECK_SAVE_LOAD: chk_save_load(j->t, j->o, &r); break;
     case CHECK_OPTIONS: chk_options(j->t, j->o, &r); break;
+    case CHECK_FINITE: chk_finite(j->t, j->o, &r); break;
     }
 }
 
@@ -237,6 +238,7 @@ static void check_technique(const pr_technique *t, const check_options *o, FILE 
         { CHECK_ACCUMULATION, "accumulation" },
         { CHECK_SAVE_LOAD, "save-load" },
         { CHECK_OPTIONS, "options" },
+        { CHECK_FINITE, "finite" },
     };
     for (size_t k = 0; k < sizeof rest / sizeof rest[0]; k++) {
         j.kind = rest[k].kind;

@@ -32,6 +32,14 @@
  *                  them are rejected by pr_module_attach; an unknown ENUM
  *                  choice and a non-boolean BOOL are rejected; every default,
  *                  given explicitly as text, is accepted.
+ *   finite         at every site the technique supports that the test model
+ *                  has, with its parameters moved off their initial values,
+ *                  forward (and integrate_forward for custom integration)
+ *                  writes only finite values when its inputs are finite, in
+ *                  eval and training mode, and the loss is finite; a failure
+ *                  names the callback, the site and the first non-finite
+ *                  output element.  (NaN slips through the other checks: it
+ *                  is within every tolerance and its bits repeat.)
  *
  * Test model: GPT-2 family, 2 layers, d_model 32, 4 heads, d_ff 64,
  * vocabulary 64, batch 2 x 6 tokens (the second shape of the params check:

@@ -1,7 +1,7 @@
 /* peftref core: private declarations shared by the files of the plugin
  * conformance checker (check.c runs the checks, check_bench.c holds what
- * they stand on, check_gradient.c, check_decls.c and check_roundtrip.c the
- * checks themselves).  Not installed; check.h is the checker's interface. */
+ * they stand on, check_gradient.c, check_decls.c, check_roundtrip.c and
+ * check_finite.c the checks themselves).  Not installed; check.h is the checker's interface. */
 #ifndef PEFTREF_CORE_CHECK_INTERNAL_H
 #define PEFTREF_CORE_CHECK_INTERNAL_H
 
@@ -94,5 +94,6 @@ void chk_options(const pr_technique *t, const check_options *o, report *r);     
 void chk_determinism(const pr_technique *t, const check_options *o, report *r);          /* check_roundtrip.c */
 void chk_accumulation(const pr_technique *t, const check_options *o, report *r);         /* check_roundtrip.c */
 void chk_save_load(const pr_technique *t, const check_options *o, report *r);            /* check_roundtrip.c */
+void chk_finite(const pr_technique *t, const check_options *o, report *r);               /* check_finite.c */
 
 #endif

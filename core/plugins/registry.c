@@ -28,10 +28,18 @@
  * targets held to the same rule.  What fails it is refused with the reason
  * (the rule itself is in trust.c).
  *
- * A library is loaded with dlopen(RTLD_NOW | RTLD_LOCAL) and refused with a
- * one-line reason when it does not load, lacks peftref_plugin_entry, its
- * entry returns NULL or no techniques, its pr_plugin is too small or built
- * for another ABI major, or any descriptor fails pr_technique_validate.
+ * Every library that passes the trust rule is first loaded, checked and
+ * unloaded in a child process by the scanner (scanner.c), whose verdicts
+ * are cached per user by real path, size and mtime: a library that
+ * crashes or hangs while loading is refused with the reason ("crashed
+ * while loading: signal 11 (Segmentation fault)") and the host goes on.
+ * Only a library the scanner accepted is loaded here, by load.c: with
+ * dlopen(RTLD_NOW | RTLD_LOCAL), refused with a one-line reason when it
+ * does not load, lacks peftref_plugin_entry, its entry returns NULL or no
+ * techniques, its pr_plugin is too small or built for another ABI major,
+ * or any descriptor fails pr_technique_validate.  Because the scan forks,
+ * pr_registry_open must come before anything that forbids fork (MPI_Init)
+ * or makes it unsafe (threads of the caller's own).
  * A refused library is dlclosed at once; accepted ones stay open until
  * pr_registry_free.  The registry keeps host-side copies of the
  * descriptors, made and validated by validate.c. */
@@ -51,7 +59,6 @@
 #include <jansson.h>
 
 #include "peftref/module.h"
-#include "host.h"
 #include "names.h"
 #include "registry_internal.h"
 
@@ -94,27 +101,9 @@ struct pr_registry {
     int n_shadows, cap_shadows;
     char **seen;                 /* real paths of directories and files already searched */
     int n_seen, cap_seen;
+    reg_scanner *scan;           /* while pr_registry_open searches */
     int oom;
 };
-
-/* A library loaded and checked, not yet admitted. */
-typedef struct candidate {
-    void *handle;
-    char *path;
-    tech_copy *techs;
-    uint32_t n;
-} candidate;
-
-static void candidate_drop(candidate *k)
-{
-    for (uint32_t i = 0; i < k->n; i++)
-        reg_tech_copy_free(&k->techs[i]);
-    free(k->techs);
-    if (k->handle)
-        dlclose(k->handle);
-    free(k->path);
-    memset(k, 0, sizeof *k);
-}
 
 static int grow(void **arr, int *cap, int need, size_t elem)
 {
@@ -196,113 +185,14 @@ static char *join_path(const char *dir, const char *name)
     return p;
 }
 
-/* dlopen, find the entry, check the plugin and copy its descriptors. */
-static int load_library(const char *path, candidate *k, char *reason, size_t len)
+static int load_library(pr_registry *r, const char *path, reg_candidate *k, char *reason, size_t len)
 {
-    memset(k, 0, sizeof *k);
-    k->path = strdup(path);
-    if (!k->path) {
-        snprintf(reason, len, "out of memory");
+    if (!r->scan) {
+        memset(k, 0, sizeof *k);
+        snprintf(reason, len, "cannot scan it: out of memory");
         return -1;
     }
-    dlerror();
-    k->handle = dlopen(path, RTLD_NOW | RTLD_LOCAL);
-    if (!k->handle) {
-        const char *e = dlerror();
-        if (!e)
-            e = "unknown error";
-        /* dlerror usually starts with the path, which the report shows already. */
-        size_t pl = strlen(path);
-        if (strncmp(e, path, pl) == 0 && e[pl] == ':')
-            e += pl + 1 + (e[pl + 1] == ' ');
-        snprintf(reason, len, "cannot load: %s", e);
-        goto refused;
-    }
-    dlerror();
-    void *sym = dlsym(k->handle, PR_PLUGIN_ENTRY_NAME);
-    if (!sym) {
-        snprintf(reason, len, "no entry symbol %s (not a peftref plugin?)", PR_PLUGIN_ENTRY_NAME);
-        goto refused;
-    }
-    pr_plugin_entry_fn entry;
-    memcpy(&entry, &sym, sizeof entry);
-    /* The plugin's bundle: the directory the library lives in. */
-    char bundle[PATH_MAX], why[PR_ERROR_MSG_MAX] = "";
-    snprintf(bundle, sizeof bundle, "%s", path);
-    char *slash = strrchr(bundle, '/');
-    if (slash)
-        *(slash == bundle ? slash + 1 : slash) = '\0';
-    else
-        snprintf(bundle, sizeof bundle, ".");
-    const pr_entry_args args = {
-        .struct_size = sizeof args, .abi_major = PR_ABI_MAJOR, .abi_minor = PR_ABI_MINOR,
-        .host = host_services(), .bundle_path = bundle, .error = why, .error_size = sizeof why,
-    };
-    const pr_plugin *pl = entry(&args);
-    if (!pl) {
-        why[sizeof why - 1] = '\0';
-        if (why[0])
-            snprintf(reason, len, "%s refused to load: %s", PR_PLUGIN_ENTRY_NAME, why);
-        else
-            snprintf(reason, len, "%s returned NULL", PR_PLUGIN_ENTRY_NAME);
-        goto refused;
-    }
-    if (pl->struct_size < 2 * sizeof(uint32_t)) {
-        snprintf(reason, len, "pr_plugin struct_size %u is smaller than the %zu bytes of ABI %d.0", pl->struct_size,
-                 (size_t)PLUGIN_MIN_SIZE, PR_ABI_MAJOR);
-        goto refused;
-    }
-    if (pl->abi_major != PR_ABI_MAJOR) {
-        snprintf(reason, len, "built for ABI %u, this host speaks ABI %d", pl->abi_major, PR_ABI_MAJOR);
-        goto refused;
-    }
-    if (pl->struct_size < PLUGIN_MIN_SIZE || pl->struct_size > STRUCT_MAX_SIZE) {
-        snprintf(reason, len, "pr_plugin struct_size %u is %s the %zu bytes of ABI %d.0", pl->struct_size,
-                 pl->struct_size < PLUGIN_MIN_SIZE ? "smaller than" : "absurdly larger than",
-                 (size_t)PLUGIN_MIN_SIZE, PR_ABI_MAJOR);
-        goto refused;
-    }
-    pr_plugin p;
-    memset(&p, 0, sizeof p);
-    memcpy(&p, pl, pl->struct_size < sizeof p ? pl->struct_size : sizeof p);
-    if (p.n_techniques == 0 || !p.techniques) {
-        snprintf(reason, len, "declares no techniques");
-        goto refused;
-    }
-    if (p.n_techniques > MAX_TECHNIQUES) {
-        snprintf(reason, len, "declares %u techniques, absurdly many", p.n_techniques);
-        goto refused;
-    }
-    k->techs = calloc(p.n_techniques, sizeof *k->techs);
-    if (!k->techs) {
-        snprintf(reason, len, "out of memory");
-        goto refused;
-    }
-    for (uint32_t i = 0; i < p.n_techniques; i++) {
-        pr_error err = {0};
-        if (!p.techniques[i]) {
-            snprintf(reason, len, "technique %u of %u is NULL", i + 1, p.n_techniques);
-            goto refused;
-        }
-        if (reg_tech_copy_make(p.techniques[i], &k->techs[i], &err)) {
-            snprintf(reason, len, "%s", err.msg);
-            goto refused;
-        }
-        k->n = i + 1;
-        if (reg_validate_copy(&k->techs[i], &err)) {
-            snprintf(reason, len, "%s", err.msg);
-            goto refused;
-        }
-        for (uint32_t j = 0; j < i; j++)
-            if (strcmp(k->techs[j].t.name, k->techs[i].t.name) == 0) {
-                snprintf(reason, len, "declares technique '%s' twice", k->techs[i].t.name);
-                goto refused;
-            }
-    }
-    return 0;
-refused:
-    candidate_drop(k);
-    return -1;
+    return reg_load_library(path, r->scan, k, reason, len);
 }
 
 static int find_tech(const pr_registry *r, const char *name)
@@ -336,7 +226,7 @@ static void shadow(pr_registry *r, const char *name, int lib, const char *path)
 /* Admit a checked library unless one of its names is taken; consumes k.
  * A library offering a taken name is refused, naming the first such
  * technique; every taken name it offered is remembered as shadowed. */
-static void admit(pr_registry *r, candidate *k)
+static void admit(pr_registry *r, reg_candidate *k)
 {
     int first = -1;
     for (uint32_t i = 0; i < k->n; i++) {
@@ -351,13 +241,13 @@ static void admit(pr_registry *r, candidate *k)
         }
     }
     if (first >= 0) {
-        candidate_drop(k);
+        reg_candidate_drop(k);
         return;
     }
     if (grow((void **)&r->libs, &r->cap_libs, r->n_libs + 1, sizeof *r->libs) ||
         grow((void **)&r->techs, &r->cap_techs, r->n_techs + (int)k->n, sizeof *r->techs)) {
         r->oom = 1;
-        candidate_drop(k);
+        reg_candidate_drop(k);
         return;
     }
     int lib = r->n_libs++;
@@ -465,7 +355,7 @@ static void search_pack(pr_registry *r, const char *dir, const char *manifest_pa
         refuse(r, dir, "cannot open technique pack: %s", strerror(errno));
         return;
     }
-    candidate *ks = calloc((size_t)(n ? n : 1), sizeof *ks);
+    reg_candidate *ks = calloc((size_t)(n ? n : 1), sizeof *ks);
     if (!ks) {
         r->oom = 1;
         for (int i = 0; i < n; i++)
@@ -481,7 +371,7 @@ static void search_pack(pr_registry *r, const char *dir, const char *manifest_pa
             n_so++;
             if (reg_untrusted(path, 0, reason, sizeof reason))
                 refuse(r, path, "%s", reason);
-            else if (load_library(path, &ks[nk], reason, sizeof reason) == 0)
+            else if (load_library(r, path, &ks[nk], reason, sizeof reason) == 0)
                 nk++;
             else
                 refuse(r, path, "%s", reason);
@@ -541,7 +431,7 @@ static void search_pack(pr_registry *r, const char *dir, const char *manifest_pa
             admit(r, &ks[k]);
             continue;
         }
-        candidate_drop(&ks[k]);
+        reg_candidate_drop(&ks[k]);
     }
     free(ks);
     json_decref(man);
@@ -578,10 +468,10 @@ static void search_dir(pr_registry *r, const char *dir, int explicit)
         }
         if (stat(path, &st) == 0 && S_ISREG(st.st_mode) && ends_with(path, ".so")) {
             if (!seen_before(r, path)) {
-                candidate k;
+                reg_candidate k;
                 if (reg_untrusted(path, 0, reason, sizeof reason))
                     refuse(r, path, "%s", reason);
-                else if (load_library(path, &k, reason, sizeof reason) == 0)
+                else if (load_library(r, path, &k, reason, sizeof reason) == 0)
                     admit(r, &k);
                 else
                     refuse(r, path, "%s", reason);
@@ -650,6 +540,7 @@ int pr_registry_open(const char *search_path, pr_registry **out, pr_error *err)
     pr_registry *r = calloc(1, sizeof *r);
     if (!r)
         return pr_errorf(err, PR_ERR_NOMEM, "plugin registry: out of memory");
+    r->scan = reg_scanner_open(reg_probe_library);
     if (search_path) {
         search_list(r, search_path, 1);
     } else {
@@ -659,6 +550,8 @@ int pr_registry_open(const char *search_path, pr_registry **out, pr_error *err)
         search_build_tree(r);
         search_dir(r, PEFTREF_PLUGINSDIR, 0);
     }
+    reg_scanner_close(r->scan);
+    r->scan = NULL;
     if (r->oom && r->n_techs == 0 && r->n_refused == 0) {
         pr_registry_free(r);
         return pr_errorf(err, PR_ERR_NOMEM, "plugin registry: out of memory while searching for plugins");

@@ -1,7 +1,9 @@
 /* peftref core: private declarations shared by the plugin registry
  * (registry.c: search, packs, admission, listing), its trust rule
- * (trust.c) and the descriptor copies and validation it relies on
- * (validate.c).  Not installed. */
+ * (trust.c), loading one library (load.c), the scanner that loads each
+ * library in a child first and caches the verdicts (scanner.c) and the
+ * descriptor copies and validation they rely on (validate.c).  Not
+ * installed. */
 #ifndef PEFTREF_CORE_REGISTRY_INTERNAL_H
 #define PEFTREF_CORE_REGISTRY_INTERNAL_H
 
@@ -46,5 +48,50 @@ int reg_validate_copy(const tech_copy *c, pr_error *err);
  * a plugin or pack directory -- may be loaded or searched; else 1 with
  * the one-line reason in why. */
 int reg_untrusted(const char *path, int is_dir, char *why, size_t size);
+
+/* ---- the scanner (scanner.c) ---- */
+
+/* Seconds a child may take to load and describe one library before it is
+ * killed; PEFTREF_SCAN_TIMEOUT (1..3600) overrides it. */
+#define REG_SCAN_TIMEOUT 10
+
+/* What the scanner's child runs on a library: load, check and unload it
+ * as the registry would; 0 when accepted, else -1 with the reason. */
+typedef int (*reg_probe_fn)(const char *path, char *reason, size_t len);
+
+typedef struct reg_scanner reg_scanner;
+
+/* A scanner reading the registry cache (PEFTREF_REGISTRY_CACHE, else the
+ * per-user file); NULL when out of memory. */
+reg_scanner *reg_scanner_open(reg_probe_fn probe);
+/* 0 when the library at path may be dlopened in this process: the cache
+ * says so for its real path, size and mtime, or probe succeeded in a
+ * child.  Else 1 with the one-line reason in why ("crashed while loading:
+ * signal 11 (Segmentation fault)", "did not finish loading within 10 s",
+ * or the probe's own reason). */
+int reg_scanner_verdict(reg_scanner *s, const char *path, char *why, size_t len);
+/* Children started so far (0 when every verdict came from the cache). */
+int reg_scanner_forks(const reg_scanner *s);
+/* Write the cache when a verdict was added, and free s. */
+void reg_scanner_close(reg_scanner *s);
+
+/* ---- loading one library (load.c) ---- */
+
+/* A library loaded and checked, not yet admitted. */
+typedef struct reg_candidate {
+    void *handle;
+    char *path;
+    tech_copy *techs;
+    uint32_t n;
+} reg_candidate;
+
+/* dlclose and free; k is zeroed. */
+void reg_candidate_drop(reg_candidate *k);
+/* Ask scan (when not NULL) whether path may be loaded, then dlopen it,
+ * call its entry, check the plugin and copy and validate its
+ * descriptors into k.  0, or -1 with the one-line reason (k zeroed). */
+int reg_load_library(const char *path, reg_scanner *scan, reg_candidate *k, char *reason, size_t len);
+/* The scanner's probe: reg_load_library without a scanner, then unload. */
+int reg_probe_library(const char *path, char *reason, size_t len);
 
 #endif

@@ -8,6 +8,7 @@
  *   LL_STATIC_SEED   lora_A is initialised by init() from a static RNG
  *                    state instead of ctx->seed, so two attaches with one
  *                    seed differ
+ *   LL_NAN_FORWARD   forward writes NaN into every output element
  * Like every plugin it includes only <peftref/plugin.h>. */
 #ifndef PEFTREF_TEST_LORA_LIKE_H
 #define PEFTREF_TEST_LORA_LIKE_H
@@ -46,6 +47,12 @@ static int ll_forward(const pr_ctx *c)
 #endif
     h->gemm(0, 1, c->rows, r, din, 1.0f, c->in->data, ll_ld(c->in), c->params[LL_A]->data, din, 0.0f, xa, r);
     h->gemm(0, 1, c->rows, dout, r, 1.0f, xa, r, c->params[LL_B]->data, r, 0.0f, c->out->data, ll_ld(c->out));
+#ifdef LL_NAN_FORWARD
+    /* the bug: a result that is not a number, whatever the input */
+    for (int i = 0; i < c->rows; i++)
+        for (int j = 0; j < dout; j++)
+            ((float *)c->out->data)[(int64_t)i * ll_ld(c->out) + j] = __builtin_nanf("");
+#endif
     return 0;
 }
 
