@@ -1,7 +1,7 @@
 #!/bin/sh
 # kill -9 at random moments of a training run, resuming after each kill.
 #
-# A pipeline (a tiny byte-level model with a LoRA module, dropout on, 40
+# A pipeline (a tiny byte-level model with a LoRA module, dropout on, 240
 # steps, a checkpoint every 2) is trained once straight through, then again
 # in another directory killed with SIGKILL at KILL_COUNT (20) random moments,
 # each attempt `peftref train --resume` after the last.  The interrupted run
@@ -21,6 +21,8 @@ corpus=$srcdir/tests/data/train/corpus.txt
 PEFTREF_PLUGIN_PATH=${PEFTREF_PLUGIN_PATH:-$(pwd)/plugins/.libs}
 export PEFTREF_PLUGIN_PATH
 KILL_COUNT=${KILL_COUNT:-20}
+# long enough that 20 kills, each after at least one new step, land before the end
+STEPS=${KILL_STEPS:-240}
 seed=${KILL_SEED:-$(( $(date +%s) % 100000 ))}
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/peftref-kill-XXXXXX") || exit 1
 passed=0
@@ -49,7 +51,7 @@ task:
   train: $corpus
   val_fraction: 0.1
 train:
-  steps: 40
+  steps: $STEPS
   batch: 4
   seq_len: 32
   lr: 3e-3
@@ -73,15 +75,26 @@ echo "uninterrupted run: ${span} ms"
 state=$seed
 kills=0
 finished_early=0
+step_ms=$((span / STEPS))
+[ $step_ms -lt 5 ] && step_ms=5
+last_step() { sed -n 's/^{"step": \([0-9]*\), "loss".*/\1/p' "$tmp/killed/metrics.jsonl" 2>/dev/null | tail -n1; }
 i=1
 while [ $i -le "$KILL_COUNT" ]; do
     state=$(( (state * 1103515245 + 12345) % 2147483648 ))
-    # a moment within the first 40% of a whole run's time: each attempt
-    # spends much of it starting up, so training needs many attempts
-    delay=$(( (state / 7) % (span * 2 / 5 + 1) ))
+    before=$(last_step)
     "$PEFTREF" train "$tmp/run.yaml" --set "train.output=$tmp/killed" --resume --quiet \
         >>"$tmp/killed.out" 2>>"$tmp/killed.err" &
     pid=$!
+    # Wait until this attempt has trained a step beyond where the last one
+    # stopped (so every kill lands in training, however slow the machine),
+    # then kill it a random moment later: within the next two steps, which
+    # covers the forward, backward, optimizer and checkpoint writes.
+    waited=0
+    while kill -0 $pid 2>/dev/null && [ "$(last_step)" = "$before" ] && [ $waited -lt 3000 ]; do
+        sleep 0.01
+        waited=$((waited + 1))
+    done
+    delay=$(( (state / 7) % (2 * step_ms + 1) ))
     sleep "$(printf '%d.%03d' $((delay / 1000)) $((delay % 1000)))"
     if kill -9 $pid 2>/dev/null; then
         kills=$((kills + 1))
@@ -89,10 +102,10 @@ while [ $i -le "$KILL_COUNT" ]; do
         finished_early=$((finished_early + 1))
     fi
     wait $pid 2>/dev/null
-    step=$(sed -n 's/^{"step": \([0-9]*\), "loss".*/\1/p' "$tmp/killed/metrics.jsonl" 2>/dev/null | tail -n1)
-    echo "  kill $i after ${delay} ms: metrics at step ${step:-none}"
+    echo "  kill $i, ${delay} ms after step ${before:-none}+1: metrics at step $(last_step)"
     i=$((i + 1))
 done
+check "all $KILL_COUNT kills landed during training" [ "$kills" -eq "$KILL_COUNT" ]
 echo "$kills kills landed, $finished_early attempts had ended before theirs"
 "$PEFTREF" train "$tmp/run.yaml" --set "train.output=$tmp/killed" --resume --quiet \
     >>"$tmp/killed.out" 2>>"$tmp/killed.err"
@@ -102,7 +115,7 @@ for f in "$tmp"/straight/modules/*.safetensors; do
     check "module $(basename "$f") bytes equal" cmp "$f" "$tmp/killed/modules/$(basename "$f")"
 done
 final() { # the last train loss and the last val loss of a run's metrics
-    sed -n 's/^{"step": 40, "loss": \([^,]*\),.*/\1/p; s/^{"step": 40, "val_loss": \([^,]*\),.*/\1/p' "$1/metrics.jsonl" | tr '\n' ' '
+    sed -n "s/^{\"step\": $STEPS, \"loss\": \([^,]*\),.*/\1/p; s/^{\"step\": $STEPS, \"val_loss\": \([^,]*\),.*/\1/p" "$1/metrics.jsonl" | tr '\n' ' '
 }
 a=$(final "$tmp/straight")
 b=$(final "$tmp/killed")
@@ -114,7 +127,7 @@ steps=$(sed -n 's/^{"step": \([0-9]*\), "loss".*/\1/p' "$tmp/killed/metrics.json
 dups=$(printf '%s\n' "$steps" | sort -n | uniq -d | wc -l)
 count=$(printf '%s\n' "$steps" | grep -c .)
 check "metrics: no step twice ($dups repeated)" [ "$dups" -eq 0 ]
-check "metrics: steps 1..40 once each ($count lines)" [ "$count" -eq 40 ]
+check "metrics: steps 1..$STEPS once each ($count lines)" [ "$count" -eq "$STEPS" ]
 vdups=$(sed -n 's/^{"step": \([0-9]*\), "val_loss".*/\1/p' "$tmp/killed/metrics.jsonl" | sort -n | uniq -d | wc -l)
 check "metrics: no evaluation twice" [ "$vdups" -eq 0 ]
 check "metrics and loss.svg identical but for time" sh -c \
