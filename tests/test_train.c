@@ -259,6 +259,7 @@ static void test_nan_keeps_last_good_checkpoint(void **state)
     pr_model_find_tensor(m, "wpe.weight")->data[5] = NAN;
     tc.steps = 6;
     tc.resume = 1;
+    tc.resume_changed = 1; /* steps 3 -> 6 is a changed setting (issue 17) */
     int rc = pr_train(m, tok, &tc, &r, &err);
     assert_int_equal(rc, PR_ERR_NUMERIC);
     assert_non_null(strstr(err.msg, "NaN"));
@@ -357,6 +358,324 @@ static void test_sigkill_resume_matches(void **state)
     assert_string_equal(f2, r2);
 }
 
+/* ---- issue 17: resume checks, output directories, data and divergence ---------- */
+
+static pr_model *trainable_tiny(pr_tokenizer **tok)
+{
+    pr_model *m = tiny(1, 32);
+    pr_error err = {0};
+    assert_int_equal(pr_tokenizer_byte(tok, &err), PR_OK);
+    assert_int_equal(pr_model_set_trainable(m, "*", 1, &err), PR_OK);
+    return m;
+}
+
+static int count_lines_with(const char *path, const char *needle)
+{
+    char *buf;
+    size_t len;
+    if (read_file(path, &buf, &len) != 0)
+        return -1;
+    buf[len] = '\0';
+    int n = 0;
+    for (const char *p = buf; (p = strstr(p, needle)); p++)
+        n++;
+    free(buf);
+    return n;
+}
+
+/* Defect 7: a checkpoint beyond train.steps is an error naming both
+ * numbers; a finished run resumed reports its real losses, trains nothing
+ * and writes nothing. */
+static void test_resume_beyond_steps_and_finished(void **state)
+{
+    (void)state;
+    pr_tokenizer *tok = NULL;
+    pr_model *m = trainable_tiny(&tok);
+    pr_error err = {0};
+    char out[300], metrics[400];
+    snprintf(out, sizeof out, "%s/finished", workdir);
+    snprintf(metrics, sizeof metrics, "%s/metrics.jsonl", out);
+    pr_train_config tc;
+    base_config(&tc, out, 6);
+    pr_train_result r;
+    assert_int_equal(pr_train(m, tok, &tc, &r, &err), PR_OK);
+    double final = r.final_train_loss, final_val = r.final_val_loss;
+    char *before, *after;
+    size_t nb, na;
+    assert_int_equal(read_file(metrics, &before, &nb), 0);
+
+    /* a fresh copy of the base model, as a new process would build */
+    pr_model_free(m);
+    pr_tokenizer_free(tok);
+    m = trainable_tiny(&tok);
+    tc.resume = 1;
+    tc.steps = 4;
+    assert_int_equal(pr_train(m, tok, &tc, &r, &err), PR_ERR_INVALID);
+    assert_non_null(strstr(err.msg, "step 6"));
+    assert_non_null(strstr(err.msg, "train.steps 4"));
+
+    tc.steps = 6;
+    assert_int_equal(pr_train(m, tok, &tc, &r, &err), PR_OK);
+    assert_true(r.complete);
+    assert_int_equal(r.steps_done, 6);
+    assert_true(r.final_train_loss == final); /* not a made-up 0.0 */
+    assert_true(r.final_val_loss == final_val);
+    assert_int_equal(read_file(metrics, &after, &na), 0);
+    assert_int_equal(na, nb);
+    assert_memory_equal(before, after, nb);
+    free(before);
+    free(after);
+    pr_tokenizer_free(tok);
+    pr_model_free(m);
+}
+
+/* Defect 8: a NaN before any checkpoint names none. */
+static void test_nan_before_first_checkpoint(void **state)
+{
+    (void)state;
+    pr_tokenizer *tok = NULL;
+    pr_model *m = tiny(1, 32);
+    pr_error err = {0};
+    assert_int_equal(pr_tokenizer_byte(&tok, &err), PR_OK);
+    assert_int_equal(pr_model_set_trainable(m, "ln_f.weight", 1, &err), PR_OK);
+    pr_model_find_tensor(m, "wpe.weight")->data[3] = NAN;
+    char out[300];
+    snprintf(out, sizeof out, "%s/nan_early", workdir);
+    pr_train_config tc;
+    base_config(&tc, out, 4);
+    pr_train_result r;
+    assert_int_equal(pr_train(m, tok, &tc, &r, &err), PR_ERR_NUMERIC);
+    assert_null(strstr(err.msg, "last good checkpoint is"));
+    assert_non_null(strstr(err.msg, "no checkpoint has been written yet"));
+    pr_tokenizer_free(tok);
+    pr_model_free(m);
+}
+
+/* Defect 9: a changed optimiser setting or data file is an error naming the
+ * setting with both values; resume_changed accepts it and records it. */
+static void test_resume_changed_settings(void **state)
+{
+    (void)state;
+    pr_tokenizer *tok = NULL;
+    pr_model *m = trainable_tiny(&tok);
+    pr_error err = {0};
+    char out[300], data[300], metrics[400];
+    snprintf(out, sizeof out, "%s/changed", workdir);
+    snprintf(data, sizeof data, "%s/changed.txt", workdir);
+    snprintf(metrics, sizeof metrics, "%s/metrics.jsonl", out);
+    char *text;
+    size_t len;
+    assert_int_equal(read_file(DATA_TEXT, &text, &len), 0);
+    FILE *f = fopen(data, "wb");
+    fwrite(text, 1, len, f);
+    fclose(f);
+    pr_train_config tc;
+    base_config(&tc, out, 8);
+    tc.train_path = data;
+    tc.ckpt_every = 2;
+    pr_train_result r;
+    tc.steps = 8;
+    tc.ckpt_every = 2;
+    {
+        pr_train_config t2 = tc;
+        t2.steps = 2;
+        assert_int_equal(pr_train(m, tok, &t2, &r, &err), PR_OK);
+    }
+    pr_model_free(m);
+    pr_tokenizer_free(tok);
+    m = trainable_tiny(&tok);
+    tc.resume = 1;
+    /* steps differ (2 -> 8) as well as lr */
+    tc.lr = 10.0f;
+    assert_int_equal(pr_train(m, tok, &tc, &r, &err), PR_ERR_INVALID);
+    fprintf(stderr, "%s\n", err.msg);
+    assert_non_null(strstr(err.msg, "train.lr 0.003 -> 10"));
+    assert_non_null(strstr(err.msg, "train.steps 2 -> 8"));
+    assert_non_null(strstr(err.msg, "--resume-changed"));
+    /* same size, one byte different: the content hash sees it */
+    tc.lr = 3e-3f;
+    text[len / 2] ^= 1;
+    f = fopen(data, "wb");
+    fwrite(text, 1, len, f);
+    fclose(f);
+    assert_int_equal(pr_train(m, tok, &tc, &r, &err), PR_ERR_INVALID);
+    assert_non_null(strstr(err.msg, "data.train size="));
+    tc.resume_changed = 1;
+    int rc = pr_train(m, tok, &tc, &r, &err);
+    if (rc)
+        fprintf(stderr, "%s\n", err.msg);
+    assert_int_equal(rc, PR_OK);
+    assert_int_equal(r.steps_done, 8);
+    assert_int_equal(count_lines_with(metrics, "{\"event\": \"resume_changed\", \"step\": 2, \"settings\": {"), 1);
+    assert_int_equal(count_lines_with(metrics, "\"train.steps\":{\"old\":\"2\",\"new\":\"8\"}"), 1);
+    free(text);
+    pr_tokenizer_free(tok);
+    pr_model_free(m);
+}
+
+/* Defect 10: the lock refuses a second writer naming its pid, a stale lock
+ * and dead runs' temporary files are cleaned, metrics are cut back to the
+ * checkpoint, and an earlier run is replaced only with force. */
+static void test_output_directory_lock_and_cleanup(void **state)
+{
+    (void)state;
+    pr_tokenizer *tok = NULL;
+    pr_model *m = trainable_tiny(&tok);
+    pr_error err = {0};
+    char out[300], path[600], host[256];
+    snprintf(out, sizeof out, "%s/locked", workdir);
+    mkdir(out, 0777);
+    gethostname(host, sizeof host);
+    host[sizeof host - 1] = '\0';
+    /* a live holder: a child that waits */
+    pid_t live = fork();
+    if (live == 0) {
+        pause();
+        _exit(0);
+    }
+    snprintf(path, sizeof path, "%s/.lock", out);
+    FILE *f = fopen(path, "w");
+    fprintf(f, "%ld %s\n", (long)live, host);
+    fclose(f);
+    pr_train_config tc;
+    base_config(&tc, out, 4);
+    tc.ckpt_every = 2;
+    pr_train_result r;
+    assert_int_equal(pr_train(m, tok, &tc, &r, &err), PR_ERR_INVALID);
+    char pid_text[32];
+    snprintf(pid_text, sizeof pid_text, "pid %ld", (long)live);
+    assert_non_null(strstr(err.msg, pid_text));
+    kill(live, SIGKILL);
+    waitpid(live, NULL, 0);
+    /* now stale (its pid is dead), with a dead run's temporary file beside it */
+    char tmp[700];
+    snprintf(tmp, sizeof tmp, "%s/checkpoint.safetensors.tmp.%ld.0123456789abcdef", out, (long)live);
+    f = fopen(tmp, "w");
+    fputs("partial", f);
+    fclose(f);
+    assert_int_equal(pr_train(m, tok, &tc, &r, &err), PR_OK);
+    struct stat st;
+    assert_int_not_equal(stat(tmp, &st), 0);
+    assert_int_not_equal(stat(path, &st), 0); /* released */
+
+    /* metrics beyond the checkpoint (a run killed after logging step 5 and 6,
+     * before checkpointing them) are cut on resume: no step twice */
+    char metrics[400];
+    snprintf(metrics, sizeof metrics, "%s/metrics.jsonl", out);
+    f = fopen(metrics, "a");
+    fputs("{\"step\": 5, \"loss\": 9.000000, \"lr\": 0.001, \"grad_norm\": 1.0, \"seconds\": 0.1}\n"
+          "{\"step\": 6, \"loss\": 9.0000", f);
+    fclose(f);
+    tc.steps = 6;
+    tc.resume = 1;
+    tc.resume_changed = 1; /* steps 4 -> 6 */
+    pr_model_free(m);
+    pr_tokenizer_free(tok);
+    m = trainable_tiny(&tok);
+    assert_int_equal(pr_train(m, tok, &tc, &r, &err), PR_OK);
+    assert_int_equal(count_lines_with(metrics, "{\"step\": 5, \"loss\""), 1);
+    assert_int_equal(count_lines_with(metrics, "{\"step\": 6, \"loss\""), 1);
+    assert_int_equal(count_lines_with(metrics, "9.0000"), 0);
+
+    /* no checkpoint but an earlier run's files: refused without force */
+    char ck[400];
+    snprintf(ck, sizeof ck, "%s/checkpoint.safetensors", out);
+    unlink(ck);
+    tc.resume = 0;
+    tc.resume_changed = 0;
+    assert_int_equal(pr_train(m, tok, &tc, &r, &err), PR_ERR_INVALID);
+    assert_non_null(strstr(err.msg, "--force"));
+    snprintf(path, sizeof path, "%s/modules", out);
+    mkdir(path, 0777);
+    snprintf(path, sizeof path, "%s/modules/a.safetensors", out);
+    f = fopen(path, "w");
+    fclose(f);
+    tc.resume = 1; /* resume has nothing to continue: still refused */
+    assert_int_equal(pr_train(m, tok, &tc, &r, &err), PR_ERR_INVALID);
+    assert_non_null(strstr(err.msg, "modules/a.safetensors"));
+    tc.resume = 0;
+    tc.force = 1;
+    assert_int_equal(pr_train(m, tok, &tc, &r, &err), PR_OK);
+    assert_int_equal(count_lines_with(metrics, "{\"step\": 0, \"val_loss\""), 1); /* a new file */
+    assert_int_equal(count_lines_with(metrics, "{\"step\": 5, \"loss\""), 1);
+    pr_tokenizer_free(tok);
+    pr_model_free(m);
+}
+
+/* Run pr_train with stderr captured into buf. */
+static int train_capturing_stderr(pr_model *m, const pr_tokenizer *tok, const pr_train_config *tc,
+                                  pr_train_result *r, pr_error *err, char *buf, size_t size)
+{
+    char path[300];
+    snprintf(path, sizeof path, "%s/stderr.txt", workdir);
+    fflush(stderr);
+    int saved = dup(2), fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    dup2(fd, 2);
+    close(fd);
+    int rc = pr_train(m, tok, tc, r, err);
+    fflush(stderr);
+    dup2(saved, 2);
+    close(saved);
+    FILE *f = fopen(path, "r");
+    size_t n = fread(buf, 1, size - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    return rc;
+}
+
+/* Defect 11: a classification file with an invalid label value names its
+ * file and line; a diverging run warns once, naming the step and lr. */
+static void test_invalid_label_line_and_divergence(void **state)
+{
+    (void)state;
+    char path[300];
+    snprintf(path, sizeof path, "%s/badlabel.jsonl", workdir);
+    FILE *f = fopen(path, "w");
+    for (int i = 0; i < 6; i++)
+        fprintf(f, "{\"text\": \"item %d\", \"label\": \"%s\"}\n", i, i % 2 ? "a" : "b");
+    fprintf(f, "{\"text\": \"item x\", \"label\": \"\"}\n");
+    fclose(f);
+    pr_tokenizer *tok = NULL;
+    pr_model *m = trainable_tiny(&tok);
+    pr_error err = {0};
+    char out[300];
+    snprintf(out, sizeof out, "%s/badlabel", workdir);
+    pr_train_config tc;
+    base_config(&tc, out, 2);
+    tc.task = "classification";
+    tc.train_path = path;
+    pr_train_result r;
+    assert_int_equal(pr_train(m, tok, &tc, &r, &err), PR_ERR_FORMAT);
+    char where[400];
+    snprintf(where, sizeof where, "%s:7:", path);
+    assert_non_null(strstr(err.msg, where));
+
+    snprintf(out, sizeof out, "%s/diverge", workdir);
+    base_config(&tc, out, 12);
+    tc.lr = 10.0f;
+    tc.clip = 0.0f;
+    tc.warmup = 0;
+    tc.schedule = "constant";
+    static char buf[8192];
+    int rc = train_capturing_stderr(m, tok, &tc, &r, &err, buf, sizeof buf);
+    assert_true(rc == PR_OK || rc == PR_ERR_NUMERIC);
+    const char *w = strstr(buf, "warning: training is diverging at step ");
+    assert_non_null(w);
+    assert_null(strstr(w + strlen("warning: training is diverging"), "diverging")); /* once */
+    assert_non_null(strstr(w, "lower learning rate"));
+    pr_tokenizer_free(tok);
+    pr_model_free(m);
+
+    /* an ordinary run does not warn */
+    m = trainable_tiny(&tok);
+    snprintf(out, sizeof out, "%s/calm", workdir);
+    base_config(&tc, out, 12);
+    assert_int_equal(train_capturing_stderr(m, tok, &tc, &r, &err, buf, sizeof buf), PR_OK);
+    assert_null(strstr(buf, "diverging"));
+    pr_tokenizer_free(tok);
+    pr_model_free(m);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -365,6 +684,11 @@ int main(void)
         cmocka_unit_test(test_classification_head_learns),
         cmocka_unit_test(test_nan_keeps_last_good_checkpoint),
         cmocka_unit_test(test_sigkill_resume_matches),
+        cmocka_unit_test(test_resume_beyond_steps_and_finished),
+        cmocka_unit_test(test_nan_before_first_checkpoint),
+        cmocka_unit_test(test_resume_changed_settings),
+        cmocka_unit_test(test_output_directory_lock_and_cleanup),
+        cmocka_unit_test(test_invalid_label_line_and_divergence),
     };
     return cmocka_run_group_tests(tests, setup_dir, teardown_dir);
 }

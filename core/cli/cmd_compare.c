@@ -537,6 +537,7 @@ int cmd_compare(int argc, char **argv)
         a->tc.progress = r->is_base ? PR_PROGRESS_NONE : child_progress;
         a->tc.quiet = a->tc.progress == PR_PROGRESS_NONE;
         a->tc.resume = 0;
+        a->tc.force = 1;   /* each comparison trains its arms afresh */
         a->tc.ckpt_every = 0;
         a->out_dir = r->is_base ? arm_dir(root, "base") : arm_dir(arms_root, r->name);
         if (!a->out_dir) {

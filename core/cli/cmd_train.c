@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "cli.h"
 #include "fileio.h"
@@ -13,7 +14,8 @@
 #include "runtime.h"
 
 static const char train_usage[] =
-    "usage: peftref train PIPELINE.yaml [--set KEY=VALUE ...] [--arm NAME] [--resume] [--progress MODE] [--quiet]\n"
+    "usage: peftref train PIPELINE.yaml [--set KEY=VALUE ...] [--arm NAME] [--resume [--resume-changed]]\n"
+    "                     [--force] [--progress MODE] [--quiet]\n"
     "       peftref train (--model DIR | --preset NAME [model options]) --data FILE --out DIR\n"
     "                     [training options]\n"
     "\n"
@@ -34,6 +36,17 @@ static const char train_usage[] =
     "step, RNG and data position) is written atomically to DIR every\n"
     "--ckpt-every steps, at the end, and on SIGINT/SIGTERM; --resume continues\n"
     "from it.  Metrics go to DIR/metrics.jsonl.\n"
+    "\n"
+    "The output directory is locked while a run writes (DIR/.lock, the holder's\n"
+    "pid and host: a second run into it is refused), temporary files of dead\n"
+    "runs are removed on start, and on resume metrics.jsonl is cut back to the\n"
+    "checkpoint's step.  --resume checks that the checkpoint was written with\n"
+    "this run's settings (optimiser and schedule, steps, batch, data files'\n"
+    "sizes and content hashes, base model fingerprint, modules and their\n"
+    "options) and names every difference; a checkpoint at the last step is a\n"
+    "finished run: nothing is trained or rewritten.  An earlier run in DIR\n"
+    "without a checkpoint (its metrics, modules or pipeline.yaml) is replaced\n"
+    "only with --force.\n"
     "\n"
     "model:\n"
     "  --model DIR          Hugging Face GPT-2 directory\n"
@@ -70,6 +83,10 @@ static const char train_usage[] =
     "  --ckpt-every N       steps between checkpoints (default: only at the end)\n"
     "  --out DIR            output directory (required)\n"
     "  --resume             continue from DIR/checkpoint.safetensors\n"
+    "  --resume-changed     resume although settings differ from the checkpoint's\n"
+    "                       (each change is recorded in metrics.jsonl)\n"
+    "  --force              start afresh in a DIR holding an earlier run (its\n"
+    "                       checkpoint is removed, its outputs replaced)\n"
     "  --save DIR           after training, write the model as a Hugging Face directory\n"
     "  --save-dtype T       weights stored by --save: f32 (default), f16, bf16\n"
     "  --progress MODE      auto (default): a bar redrawn in place when stderr is a\n"
@@ -83,7 +100,8 @@ enum {
     O_MODEL = 256, O_PRESET, O_INIT_SEED, O_LAYERS, O_DMODEL, O_HEADS, O_DFF, O_MAXSEQ, O_VOCAB,
     O_TOKENIZER, O_TRAINABLE, O_DATA, O_VAL, O_VALFRAC, O_FORMAT, O_TASK, O_STEPS, O_BATCH,
     O_SEQLEN, O_ACCUM, O_LR, O_MINLR, O_WARMUP, O_SCHEDULE, O_WD, O_DECAYALL, O_CLIP, O_SEED,
-    O_EVALEVERY, O_EVALBATCHES, O_LOGEVERY, O_CKPTEVERY, O_OUT, O_RESUME, O_SAVE, O_QUIET, O_PROGRESS
+    O_EVALEVERY, O_EVALBATCHES, O_LOGEVERY, O_CKPTEVERY, O_OUT, O_RESUME, O_SAVE, O_QUIET, O_PROGRESS,
+    O_RESUME_CHANGED, O_FORCE
 };
 
 /* --progress MODE -> pr_progress, or -1 after a usage message. */
@@ -142,6 +160,12 @@ static int report_result(int trc, const pr_train_result *res, const pr_error *er
         fprintf(stderr, "peftref train: %s\n", err->msg);
         return 1;
     }
+    if (res->complete) {
+        fprintf(stderr, "peftref train: the run is complete (its checkpoint is at step %lld of %lld, train_loss "
+                "%.6f, val_loss %.6f): nothing to do\n", (long long)res->steps_done, (long long)res->steps_done,
+                res->final_train_loss, res->final_val_loss);
+        return 0;
+    }
     printf("steps %lld  train_loss %.6f -> %.6f  val_loss %.6f -> %.6f", (long long)res->steps_done,
            res->first_train_loss, res->final_train_loss, res->initial_val_loss, res->final_val_loss);
     if (res->final_val_accuracy >= 0)
@@ -175,11 +199,32 @@ static int save_outputs(const pr_pipeline *pipe, pr_model *m, const pr_train_con
     return rc ? 1 : 0;
 }
 
+/* A finished run's outputs are current when pipeline.yaml and loss.svg (the
+ * last written, after the modules) are not older than its checkpoint; if
+ * they are missing or older, the run was stopped between its last
+ * checkpoint and its outputs, which are then written from the checkpoint. */
+static int outputs_current(const char *out)
+{
+    char *ck = fileio_join(out, "checkpoint.safetensors"), *py = fileio_join(out, "pipeline.yaml"),
+         *svg = fileio_join(out, "loss.svg");
+    struct stat a, b, c;
+    int ok = ck && py && svg && stat(ck, &a) == 0 && stat(py, &b) == 0 && stat(svg, &c) == 0;
+#define NOT_OLDER(x, y) ((x).st_mtim.tv_sec > (y).st_mtim.tv_sec || \
+                         ((x).st_mtim.tv_sec == (y).st_mtim.tv_sec && (x).st_mtim.tv_nsec >= (y).st_mtim.tv_nsec))
+    ok = ok && NOT_OLDER(b, a) && NOT_OLDER(c, a);
+#undef NOT_OLDER
+    free(ck);
+    free(py);
+    free(svg);
+    return ok;
+}
+
 /* peftref train PIPELINE.yaml [--set KEY=VALUE ...] [--resume] [--quiet] [--save DIR] */
 static int train_pipeline(int argc, char **argv)
 {
     static const struct option opts[] = {
         {"set", required_argument, 0, 's'}, {"resume", no_argument, 0, 'r'},
+        {"resume-changed", no_argument, 0, 'R'}, {"force", no_argument, 0, 'F'},
         {"quiet", no_argument, 0, 'q'}, {"save", required_argument, 0, 'S'},
         {"save-dtype", required_argument, 0, 'D'},
         {"progress", required_argument, 0, 'p'}, {"arm", required_argument, 0, 'a'},
@@ -190,7 +235,7 @@ static int train_pipeline(int argc, char **argv)
         fprintf(stderr, "peftref train: out of memory\n");
         return 1;
     }
-    int n_sets = 0, resume = 0, quiet = 0, progress = -1, c;
+    int n_sets = 0, resume = 0, resume_changed = 0, force = 0, quiet = 0, progress = -1, c;
     const char *arm = NULL;
     optind = 1;
     opterr = 0;
@@ -198,6 +243,8 @@ static int train_pipeline(int argc, char **argv)
         switch (c) {
         case 's': sets[n_sets++] = optarg; break;
         case 'r': resume = 1; break;
+        case 'R': resume_changed = 1; break;
+        case 'F': force = 1; break;
         case 'a': arm = optarg; break;
         case 'q': quiet = 1; break;
         case 'S': save_dir = optarg; break;
@@ -214,7 +261,8 @@ static int train_pipeline(int argc, char **argv)
             free(sets);
             return 2;
         default:
-            fprintf(stderr, "peftref train: with a pipeline only --set, --arm, --resume, --progress, --quiet, --save and --save-dtype apply "
+            fprintf(stderr, "peftref train: with a pipeline only --set, --arm, --resume, --resume-changed, --force, --progress, --quiet, --save "
+                    "and --save-dtype apply "
                     "(got '%s'; set other values in the YAML or with --set)\n", argv[optind - 1]);
             free(sets);
             return 2;
@@ -252,6 +300,8 @@ static int train_pipeline(int argc, char **argv)
         pr_train_config tc;
         pr_pipeline_train_config(pipe, &tc);
         tc.resume |= resume;
+        tc.resume_changed |= resume_changed;
+        tc.force |= force;
         tc.quiet |= quiet;
         if (progress >= 0)
             tc.progress = progress;
@@ -261,10 +311,18 @@ static int train_pipeline(int argc, char **argv)
             fprintf(stderr, "peftref train: %s\n", line);
         }
         pr_train_result res;
-        int trc = pr_train(m, tok, &tc, &res, &err);
-        rc = report_result(trc, &res, &err);
-        if (trc == 0)
-            rc = save_outputs(pipe, m, &tc, &res);
+        memset(&res, 0, sizeof res);
+        /* held until the outputs are written, so no other run mixes files in */
+        int trc = pr_train_lock(tc.out_dir, &err);
+        if (trc == 0) {
+            trc = pr_train(m, tok, &tc, &res, &err);
+            rc = report_result(trc, &res, &err);
+            if (trc == 0 && !(res.complete && outputs_current(tc.out_dir)))
+                rc = save_outputs(pipe, m, &tc, &res);
+            pr_train_unlock(tc.out_dir);
+        } else {
+            rc = report_result(trc, &res, &err);
+        }
         /* the base model as trained (full finetuning, selection), without modules */
         if (rc == 0 && save_dir &&
             pr_model_save_hf_as(m, save_dir, pr_pipeline_tokenizer_dir(pipe), save_dtype, &err)) {
@@ -324,6 +382,7 @@ int cmd_train(int argc, char **argv)
         {"eval-every", required_argument, 0, O_EVALEVERY}, {"eval-batches", required_argument, 0, O_EVALBATCHES},
         {"log-every", required_argument, 0, O_LOGEVERY}, {"ckpt-every", required_argument, 0, O_CKPTEVERY},
         {"out", required_argument, 0, O_OUT}, {"resume", no_argument, 0, O_RESUME},
+        {"resume-changed", no_argument, 0, O_RESUME_CHANGED}, {"force", no_argument, 0, O_FORCE},
         {"save", required_argument, 0, O_SAVE}, {"quiet", no_argument, 0, O_QUIET},
         {"progress", required_argument, 0, O_PROGRESS},
         {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
@@ -386,6 +445,8 @@ int cmd_train(int argc, char **argv)
         case O_CKPTEVERY: INT_OPT("--ckpt-every", tc.ckpt_every, 0);
         case O_OUT: tc.out_dir = optarg; break;
         case O_RESUME: tc.resume = 1; break;
+        case O_RESUME_CHANGED: tc.resume_changed = 1; break;
+        case O_FORCE: tc.force = 1; break;
         case O_SAVE: save_dir = optarg; break;
         case O_QUIET: tc.quiet = 1; break;
         case O_PROGRESS:

@@ -88,6 +88,25 @@ static json_t *option_json(const pr_option_decl *o, const pr_option_value *v)
     }
 }
 
+/* A module's resolved options as compact JSON, the "options" a saved module
+ * records (the run fingerprint, core/train/run_fingerprint.c, compares them);
+ * NULL when out of memory. */
+char *mf_module_options_json(const pr_module *mod)
+{
+    const pr_technique *t = pr_module_technique(mod);
+    json_t *oj = json_object();
+    if (!oj)
+        return NULL;
+    for (uint32_t i = 0; t && i < t->n_options; i++) {
+        pr_option_decl d;
+        mf_read_decl(&d, sizeof d, t->options, i);
+        json_object_set_new(oj, d.name, option_json(&d, pr_module_option(mod, (int)i)));
+    }
+    char *s = json_dumps(oj, JSON_COMPACT | JSON_SORT_KEYS);
+    json_decref(oj);
+    return s;
+}
+
 static int same_value(const pr_option_decl *o, const pr_option_value *a, const pr_option_value *b)
 {
     if (o->type == PR_OPT_STRING)

@@ -81,6 +81,14 @@ int trainstate_save(const char *path, const char *fingerprint, const trainstate_
                     int n_params, const trainstate_moments *moments,
                     const trainstate_progress *progress, pr_error *err)
 {
+    return trainstate_save_extra(path, fingerprint, params, n_params, moments, progress, NULL, 0, err);
+}
+
+int trainstate_save_extra(const char *path, const char *fingerprint, const trainstate_tensor *params,
+                          int n_params, const trainstate_moments *moments,
+                          const trainstate_progress *progress, const st_kv *extra, int n_extra,
+                          pr_error *err)
+{
     if (!fingerprint || !progress)
         return pr_errorf(err, PR_ERR_INVALID, "%s: checkpoint needs a fingerprint and progress",
                          path);
@@ -136,9 +144,18 @@ int trainstate_save(const char *path, const char *fingerprint, const trainstate_
         {"optim_t", optim_t}, /* last: left out without moments */
     };
     int n_meta = (int)(sizeof meta / sizeof meta[0]) - (moments ? 0 : 1);
+    st_kv *all = calloc((size_t)(n_meta + (n_extra > 0 ? n_extra : 0)), sizeof *all);
+    if (!all && rc == PR_OK)
+        rc = pr_errorf(err, PR_ERR_NOMEM, "%s: out of memory", path);
+    if (all) {
+        memcpy(all, meta, (size_t)n_meta * sizeof *all);
+        for (int i = 0; i < n_extra; i++)
+            all[n_meta + i] = extra[i];
+    }
 
     if (rc == PR_OK)
-        rc = st_write(path, entries, n, meta, n_meta, err);
+        rc = st_write(path, entries, n, all, n_meta + (n_extra > 0 ? n_extra : 0), err);
+    free(all);
     for (int i = 0; i < n; i++)
         free((char *)entries[i].name);
     free(entries);
@@ -343,5 +360,30 @@ int trainstate_load(const char *path, const char *fingerprint, const trainstate_
     }
     st_close(f);
     free(found);
+    return rc;
+}
+
+int trainstate_read_meta(const char *path, const char *const *keys, char **values, int n, pr_error *err)
+{
+    for (int i = 0; i < n; i++)
+        values[i] = NULL;
+    st_file *f = NULL;
+    int rc = st_open(path, 0, &f, err);
+    if (rc != PR_OK)
+        return rc;
+    const char *s = st_metadata(f, "format");
+    if (!s || strcmp(s, TRAINSTATE_FORMAT) != 0)
+        rc = pr_errorf(err, PR_ERR_FORMAT, "%s: not a peftref training checkpoint", path);
+    for (int i = 0; i < n && rc == PR_OK; i++) {
+        const char *v = st_metadata(f, keys[i]);
+        if (v && !(values[i] = strdup(v)))
+            rc = pr_errorf(err, PR_ERR_NOMEM, "%s: out of memory", path);
+    }
+    st_close(f);
+    if (rc != PR_OK)
+        for (int i = 0; i < n; i++) {
+            free(values[i]);
+            values[i] = NULL;
+        }
     return rc;
 }

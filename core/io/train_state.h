@@ -71,6 +71,18 @@ int trainstate_save(const char *path, const char *fingerprint, const trainstate_
                     int n_params, const trainstate_moments *moments,
                     const trainstate_progress *progress, pr_error *err);
 
+/* The same with n_extra more "__metadata__" strings (keys other than the
+ * ones above). */
+int trainstate_save_extra(const char *path, const char *fingerprint, const trainstate_tensor *params,
+                          int n_params, const trainstate_moments *moments,
+                          const trainstate_progress *progress, const st_kv *extra, int n_extra,
+                          pr_error *err);
+
+/* Read the metadata values of n keys of the checkpoint at path (the
+ * fingerprint, the step, extra keys) into fresh strings (caller frees; NULL
+ * for a key the file lacks) without checking anything but its format. */
+int trainstate_read_meta(const char *path, const char *const *keys, char **values, int n, pr_error *err);
+
 /* Read path into the caller's buffers.  Everything is validated before
  * anything is written: format and version, fingerprint (a mismatch names
  * the file and both fingerprints), every metadata field, every tensor's

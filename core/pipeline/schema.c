@@ -388,7 +388,7 @@ void pl_load_train(loader *L, const ynode *t)
     static const char *const keys[] = { "steps", "batch", "seq_len", "accum", "lr", "min_lr_ratio", "schedule",
                                         "warmup", "weight_decay", "decay_all", "clip", "beta1", "beta2", "eps",
                                         "head_lr_mult", "seed", "eval_every", "eval_batches", "log_every",
-                                        "checkpoint_every", "output", "resume", "progress" };
+                                        "checkpoint_every", "output", "resume", "resume_changed", "progress" };
     static const char *const schedules[] = { "cosine", "linear", "constant" };
     static const char *const progress_modes[] = { "auto", "bar", "plain", "none" };
     pr_train_config *c = &L->p->tc;
@@ -433,6 +433,8 @@ void pl_load_train(loader *L, const ynode *t)
         c->decay_all = b;
     if ((n = pl_map_get(t, "resume")) && !pl_get_bool(L, n, "train.resume", &b))
         c->resume = b;
+    if ((n = pl_map_get(t, "resume_changed")) && !pl_get_bool(L, n, "train.resume_changed", &b))
+        c->resume_changed = b;
     const char *mode;
     if ((n = pl_map_get(t, "progress")) && !pl_get_choice(L, n, "train.progress", progress_modes, 4, &mode))
         c->progress = pr_progress_parse(mode);

@@ -320,6 +320,9 @@ static int cls_record(jsonl_ctx *c, const json_t *rec, int line, pr_error *err)
         if (v > c->max_int)
             c->max_int = v;
         label = (int)v;
+    } else if (json_string_length(lab) == 0) {
+        return pr_errorf(err, PR_ERR_FORMAT, "%s:%d: field \"label\" is an empty string (a label needs a name)",
+                         c->path, line);
     } else if (c->given) {
         label = label_find(c->given, json_string_value(lab));
         if (label < 0)

@@ -3,6 +3,7 @@
  * progress report on stderr is in progress.c. */
 #include "config.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <stdarg.h>
 #include <math.h>
@@ -21,6 +22,8 @@
 #include "optim.h"
 #include "progress.h"
 #include "rng.h"
+#include "run_dir.h"
+#include "run_fingerprint.h"
 #include "schedule.h"
 #include "train_state.h"
 
@@ -81,7 +84,13 @@ typedef struct trainer {
     trainstate_tensor *ts;                    /* trainable tensors in optimizer order */
     int n_ts;
     pr_rng rng;
-    char fingerprint[512];
+    run_fp fp;                                /* this run's settings (run_fingerprint.h) */
+    char *fp_json;                            /* ... as the checkpoint stores them */
+    int locked;                               /* holds out_dir's lock */
+    int64_t ckpt_step;                        /* step of the checkpoint on disk, -1: none */
+    /* the losses a checkpoint carries, so a finished run reports real ones */
+    double first_loss, min_loss, last_loss, last_val, last_acc;
+    int have_loss, warned_diverging;
     char *ckpt_path, *metrics_path;
     FILE *metrics;
 } trainer;
@@ -109,6 +118,23 @@ static void trainer_free(trainer *t)
     free(t->metrics_path);
     if (t->metrics)
         fclose(t->metrics);
+    run_fp_free(&t->fp);
+    free(t->fp_json);
+    if (t->locked)
+        run_dir_unlock(t->cfg->out_dir);
+}
+
+int pr_train_lock(const char *out_dir, pr_error *err)
+{
+    if (!out_dir)
+        return pr_errorf(err, PR_ERR_INVALID, "an output directory is required");
+    return run_dir_lock(out_dir, err);
+}
+
+void pr_train_unlock(const char *out_dir)
+{
+    if (out_dir)
+        run_dir_unlock(out_dir);
 }
 
 /* ---- classification head -------------------------------------------------
@@ -249,17 +275,39 @@ static int save_checkpoint(trainer *t, int64_t step, pr_error *err)
     data_sampler_get_position(&t->sampler, &epoch, &cursor);
     prog.epoch = (int64_t)epoch;
     prog.cursor = (int64_t)cursor;
-    return trainstate_save(t->ckpt_path, t->fingerprint, t->ts, t->n_ts, &mom, &prog, err);
+    char val[5][40];
+    snprintf(val[0], sizeof val[0], "%.17g", t->have_loss ? t->last_loss : NAN);
+    snprintf(val[1], sizeof val[1], "%.17g", t->have_loss ? t->first_loss : NAN);
+    snprintf(val[2], sizeof val[2], "%.17g", t->have_loss ? t->min_loss : NAN);
+    snprintf(val[3], sizeof val[3], "%.17g", t->last_val);
+    snprintf(val[4], sizeof val[4], "%.17g", t->last_acc);
+    st_kv extra[] = {{"train_loss", val[0]}, {"first_train_loss", val[1]}, {"min_train_loss", val[2]},
+                     {"val_loss", val[3]}, {"val_accuracy", val[4]}};
+    int rc = trainstate_save_extra(t->ckpt_path, t->fp_json, t->ts, t->n_ts, &mom, &prog, extra,
+                                   (int)(sizeof extra / sizeof extra[0]), err);
+    if (rc == PR_OK)
+        t->ckpt_step = step;
+    return rc;
 }
 
-static int load_checkpoint(trainer *t, int64_t *step, pr_error *err)
+/* Where the last good checkpoint is, for a message. */
+static const char *ckpt_note(const trainer *t, char *buf, size_t len)
+{
+    if (t->ckpt_step >= 0)
+        snprintf(buf, len, "the last good checkpoint is %s (step %lld)", t->ckpt_path, (long long)t->ckpt_step);
+    else
+        snprintf(buf, len, "no checkpoint has been written yet (%s does not exist)", t->ckpt_path);
+    return buf;
+}
+
+static int load_checkpoint(trainer *t, const char *fingerprint, int64_t *step, pr_error *err)
 {
     float *m, *v;
     size_t n;
     optim_state_block(&t->opt, &m, &v, &n);
     trainstate_moments mom = {.m = m, .v = v, .n = n};
     trainstate_progress prog;
-    int rc = trainstate_load(t->ckpt_path, t->fingerprint, t->ts, t->n_ts, &mom, &prog, err);
+    int rc = trainstate_load(t->ckpt_path, fingerprint, t->ts, t->n_ts, &mom, &prog, err);
     if (rc)
         return rc;
     if ((rc = optim_set_t(&t->opt, mom.t, err)))
@@ -268,30 +316,7 @@ static int load_checkpoint(trainer *t, int64_t *step, pr_error *err)
     if ((rc = data_sampler_set_position(&t->sampler, (uint64_t)prog.epoch, (uint64_t)prog.cursor, err)))
         return rc;
     *step = prog.step;
-    return PR_OK;
-}
-
-/* mkdir -p: an arm of a comparison trains in OUTPUT/ARM. */
-static int make_dir(const char *dir, pr_error *err)
-{
-    char *buf = strdup(dir);
-    if (!buf)
-        return pr_errorf(err, PR_ERR_NOMEM, "out of memory");
-    for (char *s = buf + 1;; s++) {
-        if (*s != '/' && *s != '\0')
-            continue;
-        char c = *s;
-        *s = '\0';
-        if (mkdir(buf, 0777) != 0 && errno != EEXIST) {
-            int e = errno;
-            free(buf);
-            return pr_errorf(err, PR_ERR_IO, "%s: cannot create output directory: %s", dir, strerror(e));
-        }
-        *s = c;
-        if (c == '\0')
-            break;
-    }
-    free(buf);
+    t->ckpt_step = prog.step;
     return PR_OK;
 }
 
@@ -466,8 +491,11 @@ static int setup(trainer *t, pr_model *m, const pr_tokenizer *tok, const pr_trai
         return rc;
     if ((rc = plan_optimizer(t, err)))
         return rc;
-    if ((rc = make_dir(cfg->out_dir, err)))
+    /* an arm of a comparison trains in OUTPUT/ARM: the lock makes the directories */
+    if ((rc = run_dir_lock(cfg->out_dir, err)))
         return rc;
+    t->locked = 1;
+    run_dir_clean_temps(cfg->out_dir);
     t->ckpt_path = fileio_join(cfg->out_dir, "checkpoint.safetensors");
     t->metrics_path = fileio_join(cfg->out_dir, "metrics.jsonl");
     if (!t->ckpt_path || !t->metrics_path)
@@ -475,12 +503,128 @@ static int setup(trainer *t, pr_model *m, const pr_tokenizer *tok, const pr_trai
     int64_t n_train = 0;
     for (int i = 0; i < t->n_ts; i++)
         n_train += (int64_t)t->ts[i].n;
-    /* Everything that must agree for a checkpoint to continue this run. */
-    snprintf(t->fingerprint, sizeof t->fingerprint,
-             "task=%s L=%d C=%d H=%d V=%d T=%d B=%d accum=%d K=%d trainable=%lld seed=%llu", task,
-             mc->n_layers, mc->d_model, mc->n_heads, mc->vocab_size, t->T, t->B, cfg->accum, t->K,
-             (long long)n_train, (unsigned long long)cfg->seed);
+    /* Everything that must agree for a checkpoint to continue this run
+     * (taken before training changes any base tensor). */
+    if ((rc = run_fp_of_run(&t->fp, m, cfg, err)))
+        return rc;
+    if (run_fp_set(&t->fp, "labels", "%d", t->K) || run_fp_set(&t->fp, "params", "%lld", (long long)n_train) ||
+        !(t->fp_json = run_fp_json(&t->fp)))
+        return pr_errorf(err, PR_ERR_NOMEM, "out of memory");
+    t->ckpt_step = -1;
+    t->last_val = NAN;
+    t->last_acc = NAN;
     return PR_OK;
+}
+
+static int exists(const char *dir, const char *name)
+{
+    char *p = fileio_join(dir, name);
+    struct stat st;
+    int r = p && stat(p, &st) == 0;
+    free(p);
+    return r;
+}
+
+static void remove_in(const char *dir, const char *name)
+{
+    char *p = fileio_join(dir, name);
+    if (p)
+        unlink(p);
+    free(p);
+}
+
+/* Whether dir holds an earlier run's outputs (what a pipeline run writes
+ * after training); names them in buf. */
+static int has_outputs(const char *dir, char *buf, size_t len)
+{
+    size_t k = 0;
+    buf[0] = '\0';
+    static const char *const names[] = {"pipeline.yaml", "loss.svg"};
+    for (int i = 0; i < 2; i++)
+        if (exists(dir, names[i]) && k < len)
+            k += (size_t)snprintf(buf + k, len - k, "%s%s", k ? ", " : "", names[i]);
+    char *mods = fileio_join(dir, "modules");
+    DIR *d = mods ? opendir(mods) : NULL;
+    struct dirent *de;
+    while (d && (de = readdir(d)))
+        if (strstr(de->d_name, ".safetensors") && !strstr(de->d_name, ".tmp.")) {
+            if (k < len)
+                k += (size_t)snprintf(buf + k, len - k, "%smodules/%s", k ? ", " : "", de->d_name);
+            break;
+        }
+    if (d)
+        closedir(d);
+    free(mods);
+    return k > 0;
+}
+
+static double meta_num(const char *s)
+{
+    return s ? strtod(s, NULL) : NAN;
+}
+
+/* A checkpoint to continue: its step within train.steps, its settings
+ * this run's (or accepted with resume_changed: *changed gets them as
+ * JSON), then its values loaded. */
+static int resume_checkpoint(trainer *t, int64_t *step, char **changed, pr_error *err)
+{
+    const pr_train_config *cfg = t->cfg;
+    static const char *const keys[] = {"fingerprint", "step", "train_loss", "first_train_loss",
+                                       "min_train_loss", "val_loss", "val_accuracy"};
+    enum { NK = (int)(sizeof keys / sizeof keys[0]) };
+    char *v[NK];
+    int rc = trainstate_read_meta(t->ckpt_path, keys, v, NK, err);
+    if (rc)
+        return rc;
+    char *end = NULL;
+    long long ck_step = v[1] ? strtoll(v[1], &end, 10) : -1;
+    if (!v[0] || !v[1] || *end || ck_step < 0) {
+        rc = pr_errorf(err, PR_ERR_FORMAT, "%s: checkpoint metadata lacks a fingerprint or a step", t->ckpt_path);
+    } else if (ck_step > cfg->steps) {
+        rc = pr_errorf(err, PR_ERR_INVALID,
+                       "%s is at step %lld, beyond train.steps %d: it belongs to a longer run (raise the steps "
+                       "to at least %lld to continue it, or use another output directory)",
+                       t->ckpt_path, ck_step, cfg->steps, ck_step);
+    } else {
+        run_fp old;
+        pr_error perr = {0};
+        char msg[2048];
+        if (run_fp_parse(v[0], &old, &perr) != PR_OK) {
+            if (!cfg->resume_changed)
+                rc = pr_errorf(err, PR_ERR_INVALID,
+                               "%s was written by an earlier peftref whose fingerprint ('%.200s') records shapes "
+                               "and seed only, so its other settings cannot be checked: resume it anyway with "
+                               "--resume-changed (train.resume_changed)", t->ckpt_path, v[0]);
+            else if (!(*changed = strdup("{\"fingerprint\": {\"old\": \"(shapes and seed only)\", \"new\": "
+                                         "\"(this run)\"}}")))
+                rc = pr_errorf(err, PR_ERR_NOMEM, "out of memory");
+        } else {
+            int n = run_fp_diff(&old, &t->fp, msg, sizeof msg, changed);
+            run_fp_free(&old);
+            if (n > 0 && !cfg->resume_changed)
+                rc = pr_errorf(err, PR_ERR_INVALID,
+                               "%s was written with different settings (%d changed: %s): resume anyway with "
+                               "--resume-changed (train.resume_changed; recorded in metrics.jsonl), restore the "
+                               "settings, or use another output directory", t->ckpt_path, n, msg);
+            if (n == 0) {
+                free(*changed);
+                *changed = NULL;
+            }
+        }
+    }
+    if (rc == PR_OK)
+        rc = load_checkpoint(t, v[0], step, err);
+    if (rc == PR_OK && v[2]) {
+        t->last_loss = meta_num(v[2]);
+        t->first_loss = meta_num(v[3]);
+        t->min_loss = meta_num(v[4]);
+        t->have_loss = isfinite(t->last_loss);
+        t->last_val = meta_num(v[5]);
+        t->last_acc = meta_num(v[6]);
+    }
+    for (int i = 0; i < NK; i++)
+        free(v[i]);
+    return rc;
 }
 
 static void log_metrics(trainer *t, const char *fmt, ...)
@@ -547,25 +691,72 @@ int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, p
         goto out;
 
     int64_t step = 0;
-    FILE *probe = fopen(t.ckpt_path, "rb");
-    if (probe) {
-        fclose(probe);
+    int talk = !cfg->quiet && cfg->progress != PR_PROGRESS_NONE;
+    char *changed = NULL;
+    struct stat sb;
+    int have_ckpt = stat(t.ckpt_path, &sb) == 0;
+    if (cfg->force) {
+        /* afresh: nothing of the earlier run may pass for this one's */
+        unlink(t.ckpt_path);
+        remove_in(cfg->out_dir, "pipeline.yaml");
+        remove_in(cfg->out_dir, "loss.svg");
+        have_ckpt = 0;
+    }
+    if (have_ckpt) {
         if (!cfg->resume) {
             rc = pr_errorf(err, PR_ERR_INVALID,
-                           "%s exists: resume it (--resume) or choose another output directory",
-                           t.ckpt_path);
+                           "%s exists: resume it (--resume), start over with --force, or choose another "
+                           "output directory", t.ckpt_path);
             goto out;
         }
-        if ((rc = load_checkpoint(&t, &step, err)))
+        if ((rc = resume_checkpoint(&t, &step, &changed, err)))
             goto out;
         res->resumed_from = (int)step;
-        if (!cfg->quiet && cfg->progress != PR_PROGRESS_NONE)
+        if (talk)
             fprintf(stderr, "resumed from %s at step %lld\n", t.ckpt_path, (long long)step);
+    } else if (!cfg->force) {
+        char what[600];
+        if (has_outputs(cfg->out_dir, what, sizeof what)) {
+            rc = pr_errorf(err, PR_ERR_INVALID,
+                           "%s holds an earlier run (%s) and no checkpoint to resume from: choose another "
+                           "output directory, or replace it with --force", cfg->out_dir, what);
+            goto out;
+        }
+        if (stat(t.metrics_path, &sb) == 0 && sb.st_size > 0) {
+            if (!cfg->resume) {
+                rc = pr_errorf(err, PR_ERR_INVALID,
+                               "%s holds an earlier run's metrics.jsonl and no checkpoint: start that run again "
+                               "with --resume, replace it with --force, or choose another output directory",
+                               cfg->out_dir);
+                goto out;
+            }
+            if (talk)
+                fprintf(stderr, "no checkpoint in %s yet: starting from step 0\n", cfg->out_dir);
+        }
     }
+    if (have_ckpt && step == cfg->steps && step > 0) {
+        /* a finished run: nothing to train, nothing to write; its results are the checkpoint's */
+        res->complete = 1;
+        res->steps_done = step;
+        res->first_train_loss = t.have_loss ? t.first_loss : NAN;
+        res->final_train_loss = t.have_loss ? t.last_loss : NAN;
+        res->initial_val_loss = NAN;
+        res->final_val_loss = t.last_val;
+        res->final_val_accuracy = t.is_cls && isfinite(t.last_acc) ? t.last_acc : -1.0;
+        goto out;
+    }
+    if (step > 0 && (rc = run_dir_truncate_metrics(t.metrics_path, step, err)))
+        goto out;
     t.metrics = fopen(t.metrics_path, step > 0 ? "a" : "w");
     if (!t.metrics) {
         rc = pr_errorf(err, PR_ERR_IO, "%s: %s", t.metrics_path, strerror(errno));
         goto out;
+    }
+    if (changed) {
+        log_metrics(&t, "{\"event\": \"resume_changed\", \"step\": %lld, \"settings\": %s}", (long long)step,
+                    changed);
+        if (talk)
+            fprintf(stderr, "resuming with changed settings (--resume-changed), recorded in %s\n", t.metrics_path);
     }
 
     double vloss, vacc;
@@ -619,10 +810,11 @@ int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, p
             if ((rc = pr_model_after_backward(m, err)))
                 goto out_signals;
             if (!isfinite(l)) {
+                char note[600];
                 rc = pr_errorf(err, PR_ERR_NUMERIC,
-                               "loss is %s at step %lld: training stopped before updating; the last good "
-                               "checkpoint is %s (lower the learning rate or check the data)",
-                               isnan(l) ? "NaN" : "infinite", (long long)step + 1, t.ckpt_path);
+                               "loss is %s at step %lld: training stopped before updating; %s (lower the "
+                               "learning rate or check the data)",
+                               isnan(l) ? "NaN" : "infinite", (long long)step + 1, ckpt_note(&t, note, sizeof note));
                 goto out_signals;
             }
             loss_sum += l;
@@ -639,10 +831,11 @@ int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, p
         size_t bad_index;
         const char *bad = optim_nonfinite_grad(&t.opt, &bad_index);
         if (bad) {
+            char note[600];
             rc = pr_errorf(err, PR_ERR_NUMERIC,
                            "gradient of %s[%zu] is not finite at step %lld: training stopped before "
-                           "updating; the last good checkpoint is %s",
-                           bad, bad_index, (long long)step + 1, t.ckpt_path);
+                           "updating; %s",
+                           bad, bad_index, (long long)step + 1, ckpt_note(&t, note, sizeof note));
             goto out_signals;
         }
         double norm = cfg->clip > 0 ? optim_clip(&t.opt, cfg->clip) : optim_grad_norm(&t.opt);
@@ -661,6 +854,23 @@ int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, p
             first = 0;
         }
         res->final_train_loss = loss;
+        if (!t.have_loss) {
+            t.first_loss = t.min_loss = loss;
+            t.have_loss = 1;
+        }
+        /* Diverging: a loss above both the run's first one and three times its
+         * running minimum (the lowest loss so far, the first included).  Said
+         * once per session, naming the step and the peak learning rate. */
+        if (!t.warned_diverging && loss > t.first_loss && loss > 3.0 * t.min_loss) {
+            t.warned_diverging = 1;
+            fprintf(stderr, "peftref: warning: training is diverging at step %lld: loss %.4g is above the first "
+                    "(%.4g) and more than 3x the lowest so far (%.4g), at lr %.3g (peak %.3g); try a lower "
+                    "learning rate (e.g. --lr %.2g)\n", (long long)step, loss, t.first_loss, t.min_loss,
+                    (double)lr, (double)cfg->lr, (double)cfg->lr / 10.0);
+        }
+        if (loss < t.min_loss)
+            t.min_loss = loss;
+        t.last_loss = loss;
         double now = now_seconds();
         if (aux != 0.0)
             log_metrics(&t, "{\"step\": %lld, \"loss\": %.6f, \"aux_loss\": %.6g, \"lr\": %.6g, \"grad_norm\": %.6f, "
@@ -683,6 +893,8 @@ int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, p
             train_progress_eval(&pg, step, vloss, vacc, tokens_done, now_seconds());
             res->final_val_loss = vloss;
             res->final_val_accuracy = vacc;
+            t.last_val = vloss;
+            t.last_acc = vacc;
         }
         if ((cfg->ckpt_every > 0 && step % cfg->ckpt_every == 0) || last || stop_signal) {
             if ((rc = save_checkpoint(&t, step, err)))
@@ -707,6 +919,7 @@ out_signals:
     sigaction(SIGINT, &old_int, NULL);
     sigaction(SIGTERM, &old_term, NULL);
 out:
+    free(changed);
     trainer_free(&t);
     return rc;
 }

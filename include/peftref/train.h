@@ -51,6 +51,11 @@ typedef struct pr_train_config {
     int resume;                /* continue from out_dir/checkpoint.safetensors if present */
     int quiet;                 /* no log lines on stderr (same as PR_PROGRESS_NONE) */
     int progress;              /* pr_progress: how progress is shown on stderr */
+    /* output directory safety (docs/pipeline.md, "What a run leaves") */
+    int resume_changed;        /* resume although settings differ from the
+                                  checkpoint's (recorded in metrics.jsonl) */
+    int force;                 /* start afresh in an out_dir holding an earlier
+                                  run: its checkpoint is removed, its outputs replaced */
 } pr_train_config;
 
 /* How training shows its progress on stderr.  AUTO (the default) draws a
@@ -84,12 +89,30 @@ typedef struct pr_train_result {
     double step_seconds;         /* time in optimizer steps (forward, backward,
                                     update), without evaluations and checkpoints */
     int64_t tokens_trained;      /* real (non-padding) tokens in those steps */
+    int complete;                /* resumed a checkpoint at the last step: nothing
+                                    trained; the losses are the checkpoint's */
 } pr_train_result;
+
+/* The lock of a run's output directory (OUT/.lock: the holder's pid and
+ * host), taken by pr_train for as long as it runs; a command that writes
+ * more into OUT after training takes it first to hold it throughout.
+ * Re-entrant within a process.  An error names the holding pid and host;
+ * a lock whose pid is dead on this host is stale and taken over. */
+int pr_train_lock(const char *out_dir, pr_error *err);
+void pr_train_unlock(const char *out_dir);
 
 /* Train m in place.  Base tensors marked trainable (pr_model_set_trainable)
  * are updated; at least one must be, or the task must be classification
  * (which always trains its head), or steps must be 0 (evaluation only: the
- * result holds the validation loss of m as it is). */
+ * result holds the validation loss of m as it is).
+ *
+ * out_dir: a checkpoint there is continued only with resume, and only when
+ * its fingerprint (core/train/run_fingerprint.h: optimiser and schedule
+ * settings, data files, base model, modules) matches this run's, or with
+ * resume_changed; a checkpoint already at the last step trains nothing
+ * (res->complete).  Without a checkpoint, an earlier run's metrics or
+ * outputs there are replaced only with force (resume restarts a run that
+ * died before its first checkpoint). */
 int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, pr_train_result *res,
              pr_error *err);
 
