@@ -515,6 +515,49 @@ static void test_yaml_deep_nesting(void **state)
     free(dir);
 }
 
+/* ---- limits on the model's dimensions -------------------------------------------- */
+
+/* n_layers 500000 (before the bounds: over a minute and 2 GB building the
+ * tensor table) is refused at once, naming the bound; so is a product of
+ * bounded dimensions past a matrix's 2^31 elements; a real shape passes. */
+static void test_model_bounds(void **state)
+{
+    (void)state;
+    char *dir = temp_dir(), path[512], expect[1024], text[1024];
+    pr_error err = { 0 };
+    double secs;
+    snprintf(text, sizeof text, "model: {config: {n_layers: 500000}}\nmodules: [{technique: lora}]\n"
+             "task: {train: %s/data/train/corpus.txt}\n", TEST_SRCDIR);
+    assert_int_equal(load_text(dir, "layers.yaml", text, path, sizeof path, &err, &secs), PR_ERR_INVALID);
+    snprintf(expect, sizeof expect, "%s:1:28: model.config.n_layers: 500000 is more than 1024 (PR_MAX_N_LAYERS)",
+             path);
+    assert_string_equal(err.msg, expect);
+    assert_true(secs < 5.0);
+
+    snprintf(text, sizeof text, "model: {config: {vocab: 99999999999999999}}\nmodules: []\n"
+             "task: {train: %s/data/train/corpus.txt}\n", TEST_SRCDIR);
+    assert_int_equal(load_text(dir, "vocab.yaml", text, path, sizeof path, &err, &secs), PR_ERR_INVALID);
+    snprintf(expect, sizeof expect, "%s:1:25: model.config.vocab: 99999999999999999 is more than 4194304 "
+             "(PR_MAX_VOCAB)", path);
+    assert_string_equal(err.msg, expect);
+
+    snprintf(text, sizeof text, "model: {config: {d_model: 65536, n_heads: 1024, vocab: 4194304}}\nmodules: []\n"
+             "task: {train: %s/data/train/corpus.txt}\n", TEST_SRCDIR);
+    assert_int_equal(load_text(dir, "product.yaml", text, path, sizeof path, &err, &secs), PR_ERR_INVALID);
+    snprintf(expect, sizeof expect, "%s:1:17: model.config: config: a weight matrix of this shape exceeds 2^31 "
+             "elements", path);
+    assert_string_equal(err.msg, expect);
+    assert_true(secs < 5.0);
+
+    /* gpt2-small written out as a config */
+    snprintf(text, sizeof text, "model: {config: {n_layers: 12, d_model: 768, n_heads: 12, vocab: 50257, "
+             "max_seq: 1024}}\nmodules: [{technique: lora}]\ntask: {train: %s/data/train/corpus.txt}\n",
+             TEST_SRCDIR);
+    assert_int_equal(load_text(dir, "small.yaml", text, path, sizeof path, &err, &secs), PR_OK);
+    th_remove_tree(dir);
+    free(dir);
+}
+
 /* An anchor inside a value dropped for its duplicate key is forgotten: a
  * later alias copies the first anchor of that name, not freed memory. */
 static void test_yaml_dropped_anchor(void **state)
@@ -676,6 +719,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_yaml_alias_bomb),
         cmocka_unit_test(test_yaml_deep_nesting),
         cmocka_unit_test(test_yaml_dropped_anchor),
+        cmocka_unit_test(test_model_bounds),
         cmocka_unit_test(test_set_overrides),
         cmocka_unit_test(test_set_errors),
         cmocka_unit_test(test_cli_plan_and_train),
