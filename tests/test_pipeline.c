@@ -515,6 +515,33 @@ static void test_yaml_deep_nesting(void **state)
     free(dir);
 }
 
+/* Every compare arm is checked as a copy of the whole file: 5000 arms
+ * beside 60,000 nodes took minutes before PL_MAX_ARMS. */
+static void test_too_many_arms(void **state)
+{
+    (void)state;
+    char *dir = temp_dir(), path[512], expect[1024];
+    size_t len = 60000 * 3 + 5000 * 40 + 1024, o;
+    char *t = malloc(len);
+    assert_non_null(t);
+    o = (size_t)snprintf(t, len, "x-pad: [1");
+    for (int i = 1; i < 60000; i++)
+        o += (size_t)snprintf(t + o, len - o, ", 1");
+    o += (size_t)snprintf(t + o, len - o, "]\nmodel: {preset: gpt2-tiny}\nmodules: []\n"
+                          "task: {train: %s/data/train/corpus.txt}\ncompare:\n  arms:\n", TEST_SRCDIR);
+    for (int i = 0; i < 5000; i++)
+        o += (size_t)snprintf(t + o, len - o, "    - {name: a%d, modules: []}\n", i);
+    pr_error err = { 0 };
+    double secs;
+    assert_int_equal(load_text(dir, "arms.yaml", t, path, sizeof path, &err, &secs), PR_ERR_INVALID);
+    snprintf(expect, sizeof expect, "%s:7:5: compare.arms: 5000 arms, more than 128 (PL_MAX_ARMS)", path);
+    assert_string_equal(err.msg, expect);
+    assert_true(secs < 5.0);
+    free(t);
+    th_remove_tree(dir);
+    free(dir);
+}
+
 /* ---- limits on the model's dimensions -------------------------------------------- */
 
 /* n_layers 500000 (before the bounds: over a minute and 2 GB building the
@@ -720,6 +747,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_yaml_deep_nesting),
         cmocka_unit_test(test_yaml_dropped_anchor),
         cmocka_unit_test(test_model_bounds),
+        cmocka_unit_test(test_too_many_arms),
         cmocka_unit_test(test_set_overrides),
         cmocka_unit_test(test_set_errors),
         cmocka_unit_test(test_cli_plan_and_train),

@@ -35,6 +35,10 @@ enum { Y_SCALAR = 1, Y_SEQ = 2, Y_MAP = 3 };
 #define PL_YAML_MAX_NODES 100000                     /* nodes of the expanded tree */
 #define PL_YAML_MAX_TEXT ((size_t)4 << 20)           /* scalar bytes of the expanded tree: 4 MiB */
 #define PL_YAML_MAX_DEPTH 64                         /* nesting, the top-level mapping at depth 0 */
+/* Each compare arm is checked as a copy of the whole tree, so the arms
+ * multiply the tree's size: at most this many (at most 12.8 million nodes
+ * copied in all). */
+#define PL_MAX_ARMS 128
 
 typedef struct ynode {
     int kind;
