@@ -117,6 +117,22 @@ static void test_shapes(void **state)
     assert_non_null(strstr(err, "not an integer"));
     assert_int_equal(expr_eval_shape("", vars, NV, d, &nd, err, sizeof err), -1);
     assert_non_null(strstr(err, "empty expression"));
+
+    /* a shape holds at most EXPR_MAX_NUMEL elements: 768^4 fits in int64
+     * (3.5e11) but not in the bound; neither does a product across
+     * dimensions, nor one that would overflow int64 */
+    assert_int_equal(expr_eval_shape("d_model * d_model * d_model * d_model", vars, NV, d, &nd, err, sizeof err), -1);
+    assert_string_equal(err, "the shape has more than 2147483647 elements (EXPR_MAX_NUMEL) with dimension 1 "
+                             "(347892350976) at column 1");
+    assert_int_equal(expr_eval_shape("d_model * d_model, d_model * d_model", vars, NV, d, &nd, err, sizeof err), -1);
+    assert_string_equal(err, "the shape has more than 2147483647 elements (EXPR_MAX_NUMEL) with dimension 2 "
+                             "(589824) at column 20");
+    assert_int_equal(expr_eval_shape("big, big", vars, NV, d, &nd, err, sizeof err), -1);
+    assert_non_null(strstr(err, "EXPR_MAX_NUMEL"));
+    /* the bound itself is accepted */
+    assert_int_equal(expr_eval_shape("2147483647", vars, NV, d, &nd, err, sizeof err), 0);
+    assert_int_equal(expr_eval_shape("65536, 32767", vars, NV, d, &nd, err, sizeof err), 0);
+    assert_int_equal(expr_eval_shape("65536, 32768", vars, NV, d, &nd, err, sizeof err), -1);
 }
 
 static void test_errors(void **state)

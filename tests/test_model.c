@@ -173,6 +173,63 @@ static void test_config_validate(void **state)
     assert_non_null(strstr(err.msg, "act"));
 }
 
+/* Each dimension's upper bound (include/peftref/config.h) is named in
+ * the message; a shape whose products pass 2^31 elements per matrix is
+ * refused; the bounds themselves and the GPT-2 presets are accepted. */
+static void test_config_bounds(void **state)
+{
+    (void)state;
+    pr_model_config c;
+    pr_error err = { 0 };
+    pr_config_preset("gpt2-tiny", &c);
+    c.n_layers = 500000;
+    assert_int_equal(pr_config_validate(&c, &err), PR_ERR_INVALID);
+    assert_string_equal(err.msg, "config: n_layers 500000 is more than 1024 (PR_MAX_N_LAYERS)");
+    assert_true(pr_config_param_count(&c) == -1);
+    c.n_layers = PR_MAX_N_LAYERS;
+    assert_int_equal(pr_config_validate(&c, &err), PR_OK);
+    assert_true(pr_config_param_count(&c) > 0);
+
+    const struct { int *field; int max; const char *msg; } b[] = {
+        { &c.d_model, PR_MAX_D_MODEL, "config: d_model 65537 is more than 65536 (PR_MAX_D_MODEL)" },
+        { &c.n_heads, PR_MAX_N_HEADS, "config: n_heads 1025 is more than 1024 (PR_MAX_N_HEADS)" },
+        { &c.n_kv_heads, PR_MAX_N_HEADS, "config: n_kv_heads 1025 is more than 1024 (PR_MAX_N_HEADS)" },
+        { &c.d_head, PR_MAX_D_HEAD, "config: d_head 4097 is more than 4096 (PR_MAX_D_HEAD)" },
+        { &c.d_ff, PR_MAX_D_FF, "config: d_ff 262145 is more than 262144 (PR_MAX_D_FF)" },
+        { &c.vocab_size, PR_MAX_VOCAB, "config: vocab_size 4194305 is more than 4194304 (PR_MAX_VOCAB)" },
+        { &c.max_seq, PR_MAX_SEQ, "config: max_seq 1048577 is more than 1048576 (PR_MAX_SEQ)" },
+    };
+    for (size_t i = 0; i < sizeof b / sizeof b[0]; i++) {
+        pr_config_preset("gpt2-tiny", &c);
+        *b[i].field = b[i].max + 1;
+        assert_int_equal(pr_config_validate(&c, &err), PR_ERR_INVALID);
+        assert_string_equal(err.msg, b[i].msg);
+        assert_true(pr_config_param_count(&c) == -1);
+        *b[i].field = INT32_MAX;   /* no overflow on the way to the refusal */
+        assert_int_equal(pr_config_validate(&c, &err), PR_ERR_INVALID);
+        assert_true(pr_config_param_count(&c) == -1);
+    }
+
+    /* every dimension within its bound, a product past 2^31 elements */
+    pr_config_preset("gpt2-tiny", &c);
+    c.d_model = PR_MAX_D_MODEL;
+    c.vocab_size = PR_MAX_VOCAB;
+    c.n_heads = c.n_kv_heads = 1024;
+    c.d_head = 64;
+    c.d_ff = PR_MAX_D_FF;
+    assert_int_equal(pr_config_validate(&c, &err), PR_ERR_INVALID);
+    assert_string_equal(err.msg, "config: a weight matrix of this shape exceeds 2^31 elements");
+    /* counted without overflow all the same: 2^22 x 2^16 embedding ... */
+    int64_t n = pr_config_param_count(&c);
+    assert_true(n > (int64_t)PR_MAX_VOCAB * PR_MAX_D_MODEL);
+
+    static const char *const presets[] = { "gpt2-tiny", "gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl" };
+    for (size_t i = 0; i < sizeof presets / sizeof presets[0]; i++) {
+        assert_int_equal(pr_config_preset(presets[i], &c), PR_OK);
+        assert_int_equal(pr_config_validate(&c, &err), PR_OK);
+    }
+}
+
 static void test_site_names(void **state)
 {
     (void)state;
@@ -1015,6 +1072,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_presets_and_counts),
         cmocka_unit_test(test_config_validate),
+        cmocka_unit_test(test_config_bounds),
         cmocka_unit_test(test_site_names),
         cmocka_unit_test(test_rng),
         cmocka_unit_test(test_tensor_table),

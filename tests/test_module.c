@@ -294,6 +294,22 @@ static const pr_technique tia3 = {
     .params = ia3_params, .n_params = 1, .forward = ia3_forward, .backward = ia3_backward,
 };
 
+/* tbig: tia3 with a parameter whose shape, at a real model, is far too
+ * large (768^4 elements at GPT-2 small): refused when planned */
+static const pr_param_decl big_params[] = {
+    { .struct_size = sizeof(pr_param_decl), .name = "huge", .shape = "d_model * d_model * d_model * d_model",
+      .init = PR_INIT_ONES, .scope = PR_SCOPE_INSERTION },
+};
+
+static const pr_technique tbig = {
+    .struct_size = sizeof(pr_technique), .abi_major = PR_ABI_MAJOR, .name = "tbig", .version = "0.1.0",
+    .intra = PR_INTRA_NONE, .inter = PR_INTER_FIXED, .adaptation = PR_ADAPT_RESCALING, .sharing = PR_SHARE_NONE,
+    .input = PR_INPUT_NONE, .insertion = PR_INSERT_SEQUENTIAL, .insertions = PR_INSERTIONS_PER_SITE_LAYER,
+    .integration = PR_INTEGRATE_RESCALE, .workspace = PR_WS_ATTENTION | PR_WS_FFN,
+    .sites = PR_SITE_BIT(PR_SITE_FFN_ACT), .default_sites = PR_SITE_BIT(PR_SITE_FFN_ACT),
+    .params = big_params, .n_params = 1, .forward = ia3_forward, .backward = ia3_backward,
+};
+
 /* ---- tprompt / tprefix: the virtual rows are the parameter itself ----------------------------- */
 
 static int rows_forward(const pr_ctx *c)
@@ -720,6 +736,27 @@ static void test_shared_shape_mismatch(void **state)
     assert_int_equal(pr_module_plan_for(&c, &s, &plan, &err), PR_ERR_INVALID);
     assert_non_null(strstr(err.msg, "'Bm'"));
     assert_non_null(strstr(err.msg, "one shape"));
+}
+
+/* A plugin's parameter shape is outside input: one past EXPR_MAX_NUMEL
+ * elements is refused by the plan, before anything is allocated (at a
+ * small model the same declaration is planned and attached). */
+static void test_huge_param_shape(void **state)
+{
+    (void)state;
+    pr_model_config c;
+    pr_config_preset("gpt2-small", &c);
+    pr_module_plan plan;
+    pr_module_spec s = { .technique = &tbig, .trainable = 1 };
+    pr_error err = { 0 };
+    assert_int_equal(pr_module_plan_for(&c, &s, &plan, &err), PR_ERR_INVALID);
+    assert_non_null(strstr(err.msg, "parameter 'huge' shape 'd_model * d_model * d_model * d_model'"));
+    assert_non_null(strstr(err.msg, "the shape has more than 2147483647 elements (EXPR_MAX_NUMEL) with dimension 1 "
+                                    "(347892350976)"));
+    pr_model_config small = th_config(&(th_shape){ .L = 1, .C = 4, .H = 1, .Hkv = 1, .hd = 4, .F = 8, .V = 16,
+                                                   .max_seq = 8 }, 11);
+    assert_int_equal(pr_module_plan_for(&small, &s, &plan, &err), PR_OK);
+    assert_int_equal(plan.params, 256);
 }
 
 /* ---- selection ---------------------------------------------------------------------------------- */
@@ -1228,6 +1265,7 @@ int main(void)
         cmocka_unit_test(test_grad_custom),
         cmocka_unit_test(test_grad_shared_scopes),
         cmocka_unit_test(test_shared_shape_mismatch),
+        cmocka_unit_test(test_huge_param_shape),
         cmocka_unit_test(test_select_biases),
         cmocka_unit_test(test_param_counts),
         cmocka_unit_test(test_per_site_option),

@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "peftref/pipeline.h"
@@ -400,6 +401,208 @@ static void test_yaml_aliases(void **state)
     free(dir);
 }
 
+/* ---- limits on the YAML tree (docs/security.md) ------------------------------ */
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* Load text written to DIR/name; returns the status, err filled, the time
+ * taken in *secs.  The loads below must be refused at once: the time is
+ * only a generous sanity bound (machines are shared). */
+static int load_text(const char *dir, const char *name, const char *text, char *path, size_t path_len,
+                     pr_error *err, double *secs)
+{
+    snprintf(path, path_len, "%s/%s", dir, name);
+    FILE *f = fopen(path, "w");
+    assert_non_null(f);
+    fputs(text, f);
+    assert_int_equal(fclose(f), 0);
+    pr_pipeline *p = NULL;
+    double t0 = now_s();
+    int rc = pr_pipeline_load(path, NULL, 0, reg, &p, err);
+    *secs = now_s() - t0;
+    pr_pipeline_free(p);
+    return rc;
+}
+
+/* "Billion laughs": nine levels of ten aliases of the level below, 10^9
+ * scalars from a few hundred bytes (before the limit: gigabytes and
+ * minutes).  Level d holds 11,111 nodes and the tree has 12,351 when e
+ * starts, so e's eighth *d is the alias that passes 100,000. */
+static void test_yaml_alias_bomb(void **state)
+{
+    (void)state;
+    char *dir = temp_dir(), path[512], text[2048], expect[1024];
+    size_t o = (size_t)snprintf(text, sizeof text, "a: &a [x, x, x, x, x, x, x, x, x, x]\n");
+    for (char c = 'b'; c <= 'i'; c++)
+        o += (size_t)snprintf(text + o, sizeof text - o, "%c: &%c [*%c, *%c, *%c, *%c, *%c, *%c, *%c, *%c, *%c, *%c]\n",
+                              c, c, c - 1, c - 1, c - 1, c - 1, c - 1, c - 1, c - 1, c - 1, c - 1, c - 1);
+    snprintf(text + o, sizeof text - o, "model: {preset: gpt2-tiny}\nmodules: []\ntask: {train: x.txt}\n");
+    pr_error err = { 0 };
+    double secs;
+    assert_int_equal(load_text(dir, "bomb.yaml", text, path, sizeof path, &err, &secs), PR_ERR_INVALID);
+    snprintf(expect, sizeof expect, "%s:5:36: alias '*d' would make the pipeline more than 100000 YAML nodes "
+             "(PL_YAML_MAX_NODES)", path);
+    assert_string_equal(err.msg, expect);
+    assert_true(secs < 5.0);
+
+    /* bytes: 1000 aliases of a 200 kB string (200 MB expanded) */
+    size_t big = 200000, len = big + 16 + 1000 * 4 + 64;
+    char *t = malloc(len);
+    assert_non_null(t);
+    o = (size_t)snprintf(t, len, "s: &s \"");
+    memset(t + o, 'x', big);
+    o += big;
+    o += (size_t)snprintf(t + o, len - o, "\"\nl: [");
+    for (int i = 0; i < 1000; i++)
+        o += (size_t)snprintf(t + o, len - o, "%s*s", i ? ", " : "");
+    snprintf(t + o, len - o, "]\n");
+    assert_int_equal(load_text(dir, "text.yaml", t, path, sizeof path, &err, &secs), PR_ERR_INVALID);
+    /* 200,002 bytes before l's list (keys s and l, the string): the 20th
+     * alias (column 5 + 4 * 19) passes 4 MiB */
+    snprintf(expect, sizeof expect, "%s:2:81: alias '*s' would make the pipeline's text more than 4194304 bytes "
+             "(PL_YAML_MAX_TEXT)", path);
+    assert_string_equal(err.msg, expect);
+    assert_true(secs < 5.0);
+    free(t);
+    th_remove_tree(dir);
+    free(dir);
+}
+
+/* Nesting: written out, and made by aliases of aliases, each wrapping the
+ * one before in ten more lists (3000 of them: 45 million nodes 30,000
+ * levels deep before the limit). */
+static void test_yaml_deep_nesting(void **state)
+{
+    (void)state;
+    char *dir = temp_dir(), path[512], expect[1024];
+    const int deep = 100000;
+    size_t len = 2 * (size_t)deep + 64, o;
+    char *t = malloc(len);
+    assert_non_null(t);
+    o = (size_t)snprintf(t, len, "x: ");
+    memset(t + o, '[', (size_t)deep);
+    memset(t + o + deep, ']', (size_t)deep);
+    snprintf(t + o + 2 * (size_t)deep, len - o - 2 * (size_t)deep, "\n");
+    pr_error err = { 0 };
+    double secs;
+    assert_int_equal(load_text(dir, "deep.yaml", t, path, sizeof path, &err, &secs), PR_ERR_INVALID);
+    /* the top-level mapping is level 0, x's list level 1: the 65th '[' is level 65 */
+    snprintf(expect, sizeof expect, "%s:1:68: nesting deeper than 64 levels (PL_YAML_MAX_DEPTH)", path);
+    assert_string_equal(err.msg, expect);
+    assert_true(secs < 5.0);
+    free(t);
+
+    const int levels = 3000;
+    len = (size_t)levels * 48 + 64;
+    t = malloc(len);
+    assert_non_null(t);
+    o = (size_t)snprintf(t, len, "chain:\n  - &a0 x\n");
+    for (int k = 1; k < levels; k++)
+        o += (size_t)snprintf(t + o, len - o, "  - &a%d [[[[[[[[[[*a%d]]]]]]]]]]\n", k, k - 1);
+    assert_int_equal(load_text(dir, "chain.yaml", t, path, sizeof path, &err, &secs), PR_ERR_INVALID);
+    /* an item is at level 2 and its alias at level 12: *a5 reaches 12 + 5 * 10 = 62, *a6 72 */
+    snprintf(expect, sizeof expect, "%s:9:19: alias '*a6' would nest the pipeline deeper than 64 levels "
+             "(PL_YAML_MAX_DEPTH)", path);
+    assert_string_equal(err.msg, expect);
+    assert_true(secs < 5.0);
+    free(t);
+    th_remove_tree(dir);
+    free(dir);
+}
+
+/* Every compare arm is checked as a copy of the whole file: 5000 arms
+ * beside 60,000 nodes took minutes before PL_MAX_ARMS. */
+static void test_too_many_arms(void **state)
+{
+    (void)state;
+    char *dir = temp_dir(), path[512], expect[1024];
+    size_t len = 60000 * 3 + 5000 * 40 + 1024, o;
+    char *t = malloc(len);
+    assert_non_null(t);
+    o = (size_t)snprintf(t, len, "x-pad: [1");
+    for (int i = 1; i < 60000; i++)
+        o += (size_t)snprintf(t + o, len - o, ", 1");
+    o += (size_t)snprintf(t + o, len - o, "]\nmodel: {preset: gpt2-tiny}\nmodules: []\n"
+                          "task: {train: %s/data/train/corpus.txt}\ncompare:\n  arms:\n", TEST_SRCDIR);
+    for (int i = 0; i < 5000; i++)
+        o += (size_t)snprintf(t + o, len - o, "    - {name: a%d, modules: []}\n", i);
+    pr_error err = { 0 };
+    double secs;
+    assert_int_equal(load_text(dir, "arms.yaml", t, path, sizeof path, &err, &secs), PR_ERR_INVALID);
+    snprintf(expect, sizeof expect, "%s:7:5: compare.arms: 5000 arms, more than 128 (PL_MAX_ARMS)", path);
+    assert_string_equal(err.msg, expect);
+    assert_true(secs < 5.0);
+    free(t);
+    th_remove_tree(dir);
+    free(dir);
+}
+
+/* ---- limits on the model's dimensions -------------------------------------------- */
+
+/* n_layers 500000 (before the bounds: over a minute and 2 GB building the
+ * tensor table) is refused at once, naming the bound; so is a product of
+ * bounded dimensions past a matrix's 2^31 elements; a real shape passes. */
+static void test_model_bounds(void **state)
+{
+    (void)state;
+    char *dir = temp_dir(), path[512], expect[1024], text[1024];
+    pr_error err = { 0 };
+    double secs;
+    snprintf(text, sizeof text, "model: {config: {n_layers: 500000}}\nmodules: [{technique: lora}]\n"
+             "task: {train: %s/data/train/corpus.txt}\n", TEST_SRCDIR);
+    assert_int_equal(load_text(dir, "layers.yaml", text, path, sizeof path, &err, &secs), PR_ERR_INVALID);
+    snprintf(expect, sizeof expect, "%s:1:28: model.config.n_layers: 500000 is more than 1024 (PR_MAX_N_LAYERS)",
+             path);
+    assert_string_equal(err.msg, expect);
+    assert_true(secs < 5.0);
+
+    snprintf(text, sizeof text, "model: {config: {vocab: 99999999999999999}}\nmodules: []\n"
+             "task: {train: %s/data/train/corpus.txt}\n", TEST_SRCDIR);
+    assert_int_equal(load_text(dir, "vocab.yaml", text, path, sizeof path, &err, &secs), PR_ERR_INVALID);
+    snprintf(expect, sizeof expect, "%s:1:25: model.config.vocab: 99999999999999999 is more than 4194304 "
+             "(PR_MAX_VOCAB)", path);
+    assert_string_equal(err.msg, expect);
+
+    snprintf(text, sizeof text, "model: {config: {d_model: 65536, n_heads: 1024, vocab: 4194304}}\nmodules: []\n"
+             "task: {train: %s/data/train/corpus.txt}\n", TEST_SRCDIR);
+    assert_int_equal(load_text(dir, "product.yaml", text, path, sizeof path, &err, &secs), PR_ERR_INVALID);
+    snprintf(expect, sizeof expect, "%s:1:17: model.config: config: a weight matrix of this shape exceeds 2^31 "
+             "elements", path);
+    assert_string_equal(err.msg, expect);
+    assert_true(secs < 5.0);
+
+    /* gpt2-small written out as a config */
+    snprintf(text, sizeof text, "model: {config: {n_layers: 12, d_model: 768, n_heads: 12, vocab: 50257, "
+             "max_seq: 1024}}\nmodules: [{technique: lora}]\ntask: {train: %s/data/train/corpus.txt}\n",
+             TEST_SRCDIR);
+    assert_int_equal(load_text(dir, "small.yaml", text, path, sizeof path, &err, &secs), PR_OK);
+    th_remove_tree(dir);
+    free(dir);
+}
+
+/* An anchor inside a value dropped for its duplicate key is forgotten: a
+ * later alias copies the first anchor of that name, not freed memory. */
+static void test_yaml_dropped_anchor(void **state)
+{
+    (void)state;
+    char *dir = temp_dir(), path[512], expect[1024];
+    pr_error err = { 0 };
+    double secs;
+    assert_int_equal(load_text(dir, "dup.yaml", "x-k: &k [1]\nx-k: &k {a: [2, 3]}\nx-y: *k\n", path, sizeof path, &err,
+                               &secs),
+                     PR_ERR_INVALID);
+    snprintf(expect, sizeof expect, "%s:2:1: duplicate key 'x-k' (first at line 1)", path);
+    if (!strstr(err.msg, expect))
+        fail_msg("no '%s' in '%s'", expect, err.msg);
+    th_remove_tree(dir);
+    free(dir);
+}
+
 /* ---- overrides ------------------------------------------------------------------ */
 
 static void test_set_overrides(void **state)
@@ -540,6 +743,11 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_multi_errors),
         cmocka_unit_test(test_many_errors_truncated),
         cmocka_unit_test(test_yaml_aliases),
+        cmocka_unit_test(test_yaml_alias_bomb),
+        cmocka_unit_test(test_yaml_deep_nesting),
+        cmocka_unit_test(test_yaml_dropped_anchor),
+        cmocka_unit_test(test_model_bounds),
+        cmocka_unit_test(test_too_many_arms),
         cmocka_unit_test(test_set_overrides),
         cmocka_unit_test(test_set_errors),
         cmocka_unit_test(test_cli_plan_and_train),

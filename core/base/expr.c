@@ -435,6 +435,7 @@ static int parse_shape(parser *p, int64_t dims[4], int *ndim)
     if (!p->src)
         return fail(p, 0, "missing shape expression");
     int n = 0;
+    int64_t numel = 1;
     for (;;) {
         size_t start = p->pos;
         value v = {0, 0};
@@ -451,6 +452,12 @@ static int parse_shape(parser *p, int64_t dims[4], int *ndim)
                     start++;
                 return fail(p, start, "dimension %d ('%.*s') is %lld; every dimension must be >= 1", n + 1,
                             (int)(end - start), p->src + start, (long long)v.i);
+            }
+            if (__builtin_mul_overflow(numel, v.i, &numel) || numel > EXPR_MAX_NUMEL) {
+                while (p->src[start] == ' ' || p->src[start] == '\t')
+                    start++;
+                return fail(p, start, "the shape has more than %lld elements (EXPR_MAX_NUMEL) with dimension %d "
+                            "(%lld)", (long long)EXPR_MAX_NUMEL, n + 1, (long long)v.i);
             }
             dims[n] = v.i;
         }

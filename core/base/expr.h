@@ -27,7 +27,15 @@ int expr_eval(const char *src, const expr_var *vars, int n_vars, double *out, ch
 /* Integer-mode evaluation of one dimension. */
 int expr_eval_int(const char *src, const expr_var *vars, int n_vars, int64_t *out, char *err, size_t errlen);
 
-/* A comma-separated shape "r, d_in" (1..4 dimensions, each >= 1). */
+/* The most elements one evaluated shape may hold (the product of its
+ * dimensions): that of the largest base weight matrix (config.c keeps
+ * those below 2^31, which the kernels count in int).  A plugin's parameter
+ * declaration is outside input; a shape past this is refused before
+ * anything is allocated (docs/security.md). */
+#define EXPR_MAX_NUMEL ((int64_t)INT32_MAX)
+
+/* A comma-separated shape "r, d_in" (1..4 dimensions, each >= 1, their
+ * product at most EXPR_MAX_NUMEL). */
 int expr_eval_shape(const char *src, const expr_var *vars, int n_vars, int64_t dims[4], int *ndim,
                     char *err, size_t errlen);
 

@@ -16,6 +16,10 @@
 
 float *bump_take(bump *b, size_t n)
 {
+    if (b->overflow || n > BUMP_MAX_FLOATS - b->off) {
+        b->overflow = 1;   /* only while sizing: the block is never made */
+        return NULL;
+    }
     float *p = b->base ? b->base + b->off : NULL;
     b->off += (n + ALIGN_FLOATS - 1) / ALIGN_FLOATS * ALIGN_FLOATS;
     return p;
@@ -69,8 +73,11 @@ static void layout_activations(pr_model *m, bump *b, int B, int Tr, int Ti)
 
 int model_plan_activations(pr_model *m, int B, int Tr, int Ti, pr_error *err)
 {
-    bump sizing = { NULL, 0 };
+    bump sizing = { NULL, 0, 0 };
     layout_activations(m, &sizing, B, Tr, Ti);
+    if (sizing.overflow)
+        return pr_errorf(err, PR_ERR_INVALID, "reserve: the activations of B=%d x T=%d with this model would "
+                         "pass %zu bytes (BUMP_MAX_FLOATS floats)", B, Ti, BUMP_MAX_FLOATS * sizeof(float));
     size_t bytes = sizing.off * sizeof(float);
     void *block = NULL;
     if (posix_memalign(&block, 64, bytes) != 0)
@@ -88,7 +95,7 @@ int model_plan_activations(pr_model *m, int B, int Tr, int Ti, pr_error *err)
     m->tok_block = toks;
     m->tokens = toks;
     m->targets = toks + (size_t)B * (size_t)Tr;
-    bump assign = { m->act_block, 0 };
+    bump assign = { m->act_block, 0, 0 };
     layout_activations(m, &assign, B, Tr, Ti);
     m->resB = B;
     m->resT = Tr;

@@ -1,5 +1,7 @@
 /* peftref: model-shape presets, validation and parameter counting. */
 #include <math.h>
+#include <stddef.h>
+#include <stdint.h>
 #include <string.h>
 
 #include "peftref/config.h"
@@ -67,15 +69,24 @@ static int config_check_consistent(const pr_model_config *c, pr_error *err)
 {
     if (c->family != PR_FAMILY_GPT2 && c->family != PR_FAMILY_LLAMA)
         return pr_errorf(err, PR_ERR_INVALID, "config: family %d is not a known model family", c->family);
-    const struct { const char *name; int v; } pos[] = {
-        { "n_layers", c->n_layers }, { "d_model", c->d_model }, { "n_heads", c->n_heads },
-        { "n_kv_heads", c->n_kv_heads }, { "d_head", c->d_head }, { "d_ff", c->d_ff },
-        { "vocab_size", c->vocab_size }, { "max_seq", c->max_seq },
+    const struct { const char *name; int v, max; const char *bound; } pos[] = {
+        { "n_layers", c->n_layers, PR_MAX_N_LAYERS, "PR_MAX_N_LAYERS" },
+        { "d_model", c->d_model, PR_MAX_D_MODEL, "PR_MAX_D_MODEL" },
+        { "n_heads", c->n_heads, PR_MAX_N_HEADS, "PR_MAX_N_HEADS" },
+        { "n_kv_heads", c->n_kv_heads, PR_MAX_N_HEADS, "PR_MAX_N_HEADS" },
+        { "d_head", c->d_head, PR_MAX_D_HEAD, "PR_MAX_D_HEAD" },
+        { "d_ff", c->d_ff, PR_MAX_D_FF, "PR_MAX_D_FF" },
+        { "vocab_size", c->vocab_size, PR_MAX_VOCAB, "PR_MAX_VOCAB" },
+        { "max_seq", c->max_seq, PR_MAX_SEQ, "PR_MAX_SEQ" },
     };
-    for (size_t i = 0; i < sizeof pos / sizeof pos[0]; i++)
+    for (size_t i = 0; i < sizeof pos / sizeof pos[0]; i++) {
         if (pos[i].v <= 0)
             return pr_errorf(err, PR_ERR_INVALID, "config: %s must be positive (got %d)",
                              pos[i].name, pos[i].v);
+        if (pos[i].v > pos[i].max)
+            return pr_errorf(err, PR_ERR_INVALID, "config: %s %d is more than %d (%s)", pos[i].name, pos[i].v,
+                             pos[i].max, pos[i].bound);
+    }
     if (c->n_heads % c->n_kv_heads != 0)
         return pr_errorf(err, PR_ERR_INVALID,
                          "config: n_heads (%d) must be a multiple of n_kv_heads (%d)",
@@ -87,6 +98,17 @@ static int config_check_consistent(const pr_model_config *c, pr_error *err)
         (int64_t)c->vocab_size * c->d_model >= big || (int64_t)c->max_seq * c->d_model >= big)
         return pr_errorf(err, PR_ERR_INVALID,
                          "config: a weight matrix of this shape exceeds 2^31 elements");
+    /* with the bounds above every product of pr_config_param_count fits
+     * in int64 (a layer holds less than 2^41 parameters, the model less
+     * than 2^52); the
+     * weights, their gradients and two optimiser moments must also fit in
+     * size_t bytes (a 32-bit host) */
+    int64_t params = pr_config_param_count(c);
+    if (params <= 0 || (uint64_t)params > (uint64_t)(SIZE_MAX / (4 * sizeof(float))) ||
+        (uint64_t)params > (uint64_t)(PTRDIFF_MAX / (4 * sizeof(float))))
+        return pr_errorf(err, PR_ERR_INVALID,
+                         "config: %lld parameters: their weights, gradients and optimiser state do not fit in "
+                         "this host's address space", (long long)params);
     if (!(c->norm_eps > 0.0f) || !isfinite(c->norm_eps))
         return pr_errorf(err, PR_ERR_INVALID, "config: norm_eps must be a positive finite number (got %g)",
                          (double)c->norm_eps);
@@ -139,8 +161,12 @@ int pr_config_validate(const pr_model_config *cfg, pr_error *err)
 
 int64_t pr_config_param_count(const pr_model_config *c)
 {
+    /* within the PR_MAX_ bounds nothing below overflows int64 */
     if (!c || c->n_layers <= 0 || c->d_model <= 0 || c->n_heads <= 0 || c->n_kv_heads <= 0 ||
-        c->d_head <= 0 || c->d_ff <= 0 || c->vocab_size <= 0 || c->max_seq <= 0)
+        c->d_head <= 0 || c->d_ff <= 0 || c->vocab_size <= 0 || c->max_seq <= 0 ||
+        c->n_layers > PR_MAX_N_LAYERS || c->d_model > PR_MAX_D_MODEL || c->n_heads > PR_MAX_N_HEADS ||
+        c->n_kv_heads > PR_MAX_N_HEADS || c->d_head > PR_MAX_D_HEAD || c->d_ff > PR_MAX_D_FF ||
+        c->vocab_size > PR_MAX_VOCAB || c->max_seq > PR_MAX_SEQ)
         return -1;
     int64_t C = c->d_model, F = c->d_ff, V = c->vocab_size;
     int64_t dq = (int64_t)c->n_heads * c->d_head, dkv = (int64_t)c->n_kv_heads * c->d_head;

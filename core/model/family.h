@@ -28,7 +28,15 @@
 typedef struct bump {
     float *base;   /* NULL while sizing */
     size_t off;
+    int overflow;  /* set when the total would pass BUMP_MAX_FLOATS (off then stops growing) */
 } bump;
+
+/* The most floats one activation block may hold: its size in bytes fits
+ * in ptrdiff_t with room for rounding.  Each view's n is a product of at
+ * most a batch of rows (B*T < 2^31) and two bounded dimensions
+ * (include/peftref/config.h), so it fits in 64 bits; the sum over layers
+ * is what could wrap. */
+#define BUMP_MAX_FLOATS ((size_t)PTRDIFF_MAX / sizeof(float) / 2)
 
 /* n floats at a 64-byte aligned offset; NULL while sizing. */
 float *bump_take(bump *b, size_t n);

@@ -377,6 +377,14 @@ static int build_insertions(pr_module *mod, const pr_model *m, pr_error *err)
     return PR_OK;
 }
 
+/* The evaluator's message in e (rc != 0), or one that w is above max. */
+static const char *too_big(char *e, size_t len, int rc, int64_t w, int64_t max, const char *bound)
+{
+    if (!rc)
+        snprintf(e, len, "%lld is more than %lld (%s)", (long long)w, (long long)max, bound);
+    return e;
+}
+
 /* Module widths, n_virtual and the scale-expression of each insertion. */
 static int resolve_widths(pr_module *mod, pr_error *err)
 {
@@ -391,13 +399,17 @@ static int resolve_widths(pr_module *mod, pr_error *err)
         int64_t w;
         const char *src_in = mod->t.module_in ? mod->t.module_in : (seq ? "d_out" : "d_in");
         const char *src_out = mod->t.module_out ? mod->t.module_out : "d_out";
-        if (expr_eval_int(src_in, v, nv, &w, e, sizeof e))
+        /* widths are ints: a plugin's expression is held to EXPR_MAX_NUMEL
+         * (the shapes of its parameters are bounded in resolve_params) */
+        int rc = expr_eval_int(src_in, v, nv, &w, e, sizeof e);
+        if (rc || w > EXPR_MAX_NUMEL)
             return pr_errorf(err, PR_ERR_INVALID, "module '%s': module_in '%s' at %s: %s", mod_name(mod), src_in,
-                             in->where, e);
+                             in->where, too_big(e, sizeof e, rc, w, EXPR_MAX_NUMEL, "EXPR_MAX_NUMEL"));
         in->w_in = (int)w;
-        if (expr_eval_int(src_out, v, nv, &w, e, sizeof e))
+        rc = expr_eval_int(src_out, v, nv, &w, e, sizeof e);
+        if (rc || w > EXPR_MAX_NUMEL)
             return pr_errorf(err, PR_ERR_INVALID, "module '%s': module_out '%s' at %s: %s", mod_name(mod), src_out,
-                             in->where, e);
+                             in->where, too_big(e, sizeof e, rc, w, EXPR_MAX_NUMEL, "EXPR_MAX_NUMEL"));
         in->w_out = (int)w;
         const integration_form *form = mod_form(mod);
         if (form->fixed_in && in->w_in != expect_in)
@@ -411,9 +423,11 @@ static int resolve_widths(pr_module *mod, pr_error *err)
             if (!mod->t.n_virtual)
                 return pr_errorf(err, PR_ERR_INVALID, "module '%s': concatenation without an n_virtual expression",
                                  mod_name(mod));
-            if (expr_eval_int(mod->t.n_virtual, v, nv, &w, e, sizeof e) || w < 1)
+            rc = expr_eval_int(mod->t.n_virtual, v, nv, &w, e, sizeof e);
+            if (rc || w < 1 || w > PR_MAX_SEQ)
                 return pr_errorf(err, PR_ERR_INVALID, "module '%s': n_virtual '%s' at %s: %s", mod_name(mod),
-                                 mod->t.n_virtual, in->where, w < 1 ? "must be >= 1" : e);
+                                 mod->t.n_virtual, in->where,
+                                 !rc && w < 1 ? "must be >= 1" : too_big(e, sizeof e, rc, w, PR_MAX_SEQ, "PR_MAX_SEQ"));
             in->n_virtual = (int)w;
         }
         in->scale = 1.0f;
@@ -580,9 +594,16 @@ static int resolve_params(pr_module *mod, pr_error *err)
             in->gate = mod->n_copies - 1;
         }
     }
+    /* each copy is at most EXPR_MAX_NUMEL; their sum, with gradients and
+     * two optimiser moments, must still fit in ptrdiff_t bytes (a 32-bit
+     * host) before anything is allocated */
+    const size_t max_floats = (size_t)PTRDIFF_MAX / sizeof(float) / 4;
     size_t off = 0, goff = 0;
     for (int c = 0; c < mod->n_copies; c++) {
         param_copy *pc = &mod->copies[c];
+        if (mod_round_up((size_t)pc->numel) > max_floats - off)
+            return pr_errorf(err, PR_ERR_INVALID, "module '%s': its parameters would take more than %zu floats, more "
+                             "than this host can address", mod_name(mod), max_floats);
         pc->off = off;
         off += mod_round_up((size_t)pc->numel);
         mod->param_count += pc->numel;

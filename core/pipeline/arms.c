@@ -79,6 +79,10 @@ const ynode *pl_load_compare(loader *L, const ynode *c, int **ok)
                    arms->kind == Y_SEQ ? "an empty list" : g);
         return NULL;
     }
+    if (arms->n > PL_MAX_ARMS) {
+        pl_diag_at(&L->d, arms, "compare.arms: %d arms, more than %d (PL_MAX_ARMS)", arms->n, PL_MAX_ARMS);
+        return NULL;
+    }
     p->arm_names = calloc((size_t)arms->n, sizeof *p->arm_names);
     const ynode **name_nodes = calloc((size_t)arms->n, sizeof *name_nodes);
     *ok = calloc((size_t)arms->n, sizeof **ok);

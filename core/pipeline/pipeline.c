@@ -196,9 +196,16 @@ static int load_impl(const char *path, int arm, const char *const *overrides, in
         return pr_errorf(err, PR_ERR_INVALID, "pipeline: NULL path, registry or overrides, or a bad arm");
     char *text = NULL;
     size_t len = 0;
-    int rc = fileio_read_all(path, (size_t)16 << 20, &text, &len, err);
-    if (rc)
+    pr_error re = { 0 };
+    int rc = fileio_read_all(path, PL_YAML_MAX_BYTES, &text, &len, &re);
+    if (rc == PR_ERR_FORMAT)   /* too large: name the limit */
+        return pr_errorf(err, rc, "%s (PL_YAML_MAX_BYTES: a pipeline file is at most %zu bytes)", re.msg,
+                         PL_YAML_MAX_BYTES);
+    if (rc) {
+        if (err)
+            *err = re;
         return rc;
+    }
     loader L;
     memset(&L, 0, sizeof L);
     L.reg = reg;

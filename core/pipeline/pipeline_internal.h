@@ -23,6 +23,23 @@
 
 enum { Y_SCALAR = 1, Y_SEQ = 2, Y_MAP = 3 };
 
+/* Limits on a pipeline file, which is outside input (docs/security.md,
+ * "Limits on outside input").  The tree is built with aliases expanded
+ * (an alias is a copy of its anchor's node), so a few hundred bytes of
+ * aliases of aliases ("billion laughs") could ask for billions of nodes:
+ * the builder counts the nodes, scalar bytes and depth each alias would
+ * add and refuses it, before copying, when the expanded tree would pass
+ * one of these.  Each limit applies to one parse: the file, or one --set
+ * value. */
+#define PL_YAML_MAX_BYTES ((size_t)1 << 20)          /* the pipeline file: 1 MiB */
+#define PL_YAML_MAX_NODES 100000                     /* nodes of the expanded tree */
+#define PL_YAML_MAX_TEXT ((size_t)4 << 20)           /* scalar bytes of the expanded tree: 4 MiB */
+#define PL_YAML_MAX_DEPTH 64                         /* nesting, the top-level mapping at depth 0 */
+/* Each compare arm is checked as a copy of the whole tree, so the arms
+ * multiply the tree's size: at most this many (at most 12.8 million nodes
+ * copied in all). */
+#define PL_MAX_ARMS 128
+
 typedef struct ynode {
     int kind;
     char *text;            /* scalar value */

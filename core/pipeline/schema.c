@@ -260,14 +260,27 @@ static void load_model_config(loader *L, const ynode *c)
     /* start from the small test shape; d_head, n_kv_heads and d_ff follow
      * d_model and n_heads unless given */
     pr_config_preset("gpt2-tiny", cfg);
+    /* each dimension's bound (include/peftref/config.h), checked here to
+     * locate the value; pr_config_validate checks their products */
+    static const struct { long long max; const char *name; } bound[8] = {
+        { PR_MAX_N_LAYERS, "PR_MAX_N_LAYERS" }, { PR_MAX_D_MODEL, "PR_MAX_D_MODEL" },
+        { PR_MAX_N_HEADS, "PR_MAX_N_HEADS" }, { PR_MAX_N_HEADS, "PR_MAX_N_HEADS" },
+        { PR_MAX_D_HEAD, "PR_MAX_D_HEAD" }, { PR_MAX_D_FF, "PR_MAX_D_FF" },
+        { PR_MAX_VOCAB, "PR_MAX_VOCAB" }, { PR_MAX_SEQ, "PR_MAX_SEQ" },
+    };
     int bad = 0;
     long long v[8] = { 0 };
     for (int i = 0; i < 8; i++) {
         const ynode *n = pl_map_get(c, keys[i]);
         char path[64];
         snprintf(path, sizeof path, "model.config.%s", keys[i]);
-        if (n && pl_get_int(L, n, path, 1, 1 << 20, &v[i]))
+        if (n && pl_get_int(L, n, path, 1, LLONG_MAX, &v[i])) {
             bad = 1;
+        } else if (v[i] > bound[i].max) {
+            pl_diag_at(&L->d, n, "%s: %lld is more than %lld (%s)", path, v[i], bound[i].max, bound[i].name);
+            v[i] = 0;
+            bad = 1;
+        }
     }
     if (v[0]) cfg->n_layers = (int)v[0];
     if (v[1]) cfg->d_model = (int)v[1];

@@ -4,17 +4,22 @@
  * 1-based line and column (an override's: its ordinal and the column in
  * "--set KEY=VALUE"), so that the validator can say where a problem is.
  * Anchors and aliases are resolved here (an alias is a copy of its
- * anchor's node); a stream holds at most one document. */
+ * anchor's node); a stream holds at most one document.
+ *
+ * The expanded tree is held to PL_YAML_MAX_NODES nodes, PL_YAML_MAX_TEXT
+ * scalar bytes and PL_YAML_MAX_DEPTH levels (pipeline_internal.h): every
+ * anchor remembers how many nodes and bytes its node holds and how deep it
+ * goes, so an alias that would pass a limit is refused, at the alias,
+ * before anything is copied. */
 #include "config.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 #include <yaml.h>
 
 #include "pipeline_internal.h"
-
-#define MAX_DEPTH 64
 
 /* ---- the YAML tree --------------------------------------------------------- */
 
@@ -141,7 +146,10 @@ int pl_is_null(const ynode *n)
 
 typedef struct anchor {
     char *name;
-    ynode *node;   /* borrowed from the tree */
+    ynode *node;      /* borrowed from the tree */
+    long nodes;       /* what a copy of node adds to the tree: nodes, */
+    size_t text;      /* scalar bytes */
+    int height;       /* and levels (1: a scalar or an empty list) */
 } anchor;
 
 typedef struct yparse {
@@ -153,6 +161,9 @@ typedef struct yparse {
     int n_anchors, cap_anchors;
     diags *d;
     int failed;
+    long nodes;       /* in the tree so far, aliases expanded */
+    size_t text;      /* scalar bytes so far */
+    int deepest;      /* the deepest level reached so far in the node being built */
 } yparse;
 
 static void mark_pos(const yparse *y, yaml_mark_t m, int *line, int *col)
@@ -193,7 +204,7 @@ static int next_event(yparse *y, yaml_event_t *e)
     return -1;
 }
 
-static int add_anchor(yparse *y, const char *name, ynode *n)
+static int add_anchor(yparse *y, const char *name, ynode *n, long nodes, size_t text, int height)
 {
     if (y->n_anchors == y->cap_anchors) {
         int cap = y->cap_anchors ? 2 * y->cap_anchors : 8;
@@ -206,7 +217,36 @@ static int add_anchor(yparse *y, const char *name, ynode *n)
     char *s = strdup(name);
     if (!s)
         return -1;
-    y->anchors[y->n_anchors++] = (anchor){ s, n };
+    y->anchors[y->n_anchors++] = (anchor){ s, n, nodes, text, height };
+    return 0;
+}
+
+/* Forget the anchors from the first'th on: they point into a node about to
+ * be freed (a duplicate key's value), which a later alias must not copy. */
+static void drop_anchors(yparse *y, int first)
+{
+    while (y->n_anchors > first)
+        free(y->anchors[--y->n_anchors].name);
+}
+
+/* Account for nodes more nodes and text more scalar bytes at line:col (an
+ * alias names itself in what); -1 after reporting the limit passed. */
+static int count_nodes(yparse *y, long nodes, size_t text, int line, int col, const char *what)
+{
+    if (nodes > PL_YAML_MAX_NODES - y->nodes) {
+        pl_diag_loc(y->d, y->src, line, col, "%s would make the pipeline more than %d YAML nodes "
+                    "(PL_YAML_MAX_NODES)", what, PL_YAML_MAX_NODES);
+        y->failed = 1;
+        return -1;
+    }
+    if (text > PL_YAML_MAX_TEXT - y->text) {
+        pl_diag_loc(y->d, y->src, line, col, "%s would make the pipeline's text more than %zu bytes "
+                    "(PL_YAML_MAX_TEXT)", what, PL_YAML_MAX_TEXT);
+        y->failed = 1;
+        return -1;
+    }
+    y->nodes += nodes;
+    y->text += text;
     return 0;
 }
 
@@ -222,19 +262,38 @@ static ynode *build(yparse *y, yaml_event_t *e, int depth)
 {
     int line, col;
     mark_pos(y, e->start_mark, &line, &col);
-    if (depth > MAX_DEPTH) {
-        pl_diag_loc(y->d, y->src, line, col, "nesting deeper than %d levels", MAX_DEPTH);
+    if (depth > PL_YAML_MAX_DEPTH) {
+        pl_diag_loc(y->d, y->src, line, col, "nesting deeper than %d levels (PL_YAML_MAX_DEPTH)",
+                    PL_YAML_MAX_DEPTH);
         y->failed = 1;
         return NULL;
     }
     ynode *n = NULL;
     const yaml_char_t *anchor_name = NULL;
+    long nodes0 = y->nodes;
+    size_t text0 = y->text;
+    int deepest0 = y->deepest;
+    y->deepest = depth;
     switch (e->type) {
     case YAML_ALIAS_EVENT: {
         const char *name = (const char *)e->data.alias.anchor;
+        y->deepest = deepest0;
         for (int i = y->n_anchors - 1; i >= 0; i--)
             if (strcmp(y->anchors[i].name, name) == 0) {
-                n = pl_ynode_copy(y->anchors[i].node);
+                const anchor *a = &y->anchors[i];
+                char what[160];
+                snprintf(what, sizeof what, "alias '*%.100s'", name);
+                if (depth + a->height - 1 > PL_YAML_MAX_DEPTH) {
+                    pl_diag_loc(y->d, y->src, line, col, "%s would nest the pipeline deeper than %d levels "
+                                "(PL_YAML_MAX_DEPTH)", what, PL_YAML_MAX_DEPTH);
+                    y->failed = 1;
+                    return NULL;
+                }
+                if (count_nodes(y, a->nodes, a->text, line, col, what))
+                    return NULL;
+                if (depth + a->height - 1 > y->deepest)
+                    y->deepest = depth + a->height - 1;
+                n = pl_ynode_copy(a->node);
                 if (!n)
                     oom_at(y, line, col);
                 return n;
@@ -244,6 +303,8 @@ static ynode *build(yparse *y, yaml_event_t *e, int depth)
         return NULL;
     }
     case YAML_SCALAR_EVENT:
+        if (count_nodes(y, 1, e->data.scalar.length, line, col, "this value"))
+            return NULL;
         n = pl_ynode_scalar((const char *)e->data.scalar.value, e->data.scalar.style == YAML_PLAIN_SCALAR_STYLE,
                             y->src, line, col);
         anchor_name = e->data.scalar.anchor;
@@ -251,6 +312,8 @@ static ynode *build(yparse *y, yaml_event_t *e, int depth)
     case YAML_SEQUENCE_START_EVENT:
     case YAML_MAPPING_START_EVENT: {
         int is_map = e->type == YAML_MAPPING_START_EVENT;
+        if (count_nodes(y, 1, 0, line, col, is_map ? "this mapping" : "this list"))
+            return NULL;
         n = pl_ynode_new(is_map ? Y_MAP : Y_SEQ, y->src, line, col);
         anchor_name = is_map ? e->data.mapping_start.anchor : e->data.sequence_start.anchor;
         if (!n)
@@ -265,6 +328,7 @@ static ynode *build(yparse *y, yaml_event_t *e, int depth)
                 yaml_event_delete(&k);
                 break;
             }
+            int anchors0 = y->n_anchors;
             ynode *key = build(y, &k, depth + 1);
             yaml_event_delete(&k);
             if (!key) {
@@ -289,6 +353,7 @@ static ynode *build(yparse *y, yaml_event_t *e, int depth)
                 if (key->kind != Y_SCALAR) {
                     pl_diag_at(y->d, key, "a mapping key must be a name, not a %s",
                                key->kind == Y_MAP ? "mapping" : "list");
+                    drop_anchors(y, anchors0);
                     pl_ynode_free(key);
                     pl_ynode_free(val);
                     continue;
@@ -296,6 +361,7 @@ static ynode *build(yparse *y, yaml_event_t *e, int depth)
                 int first = pl_map_find(n, key->text);
                 if (first >= 0) {
                     pl_diag_at(y->d, key, "duplicate key '%s' (first at line %d)", key->text, n->keys[first]->line);
+                    drop_anchors(y, anchors0);
                     pl_ynode_free(key);
                     pl_ynode_free(val);
                     continue;
@@ -323,7 +389,11 @@ static ynode *build(yparse *y, yaml_event_t *e, int depth)
         oom_at(y, line, col);
         return NULL;
     }
-    if (anchor_name && add_anchor(y, (const char *)anchor_name, n)) {
+    /* what this node holds (a duplicate key's dropped value counted too) */
+    int height = y->deepest - depth + 1;
+    if (deepest0 > y->deepest)
+        y->deepest = deepest0;
+    if (anchor_name && add_anchor(y, (const char *)anchor_name, n, y->nodes - nodes0, y->text - text0, height)) {
         pl_ynode_free(n);
         oom_at(y, line, col);
         return NULL;

@@ -43,14 +43,32 @@ typedef struct pr_model_config {
     uint64_t seed;     /* seed for random init */
 } pr_model_config;
 
+/* Upper bounds on each dimension, which pr_config_validate enforces
+ * (docs/security.md, "Limits on outside input"): a config.json or a
+ * pipeline is outside input, and a model's tensor table and plans grow
+ * with these numbers.  They admit the largest released dense shapes
+ * (405B-class: 126 layers, d_model 16384, d_ff 53248, 128k vocabulary,
+ * 128k context) with room to spare; every weight matrix must also stay
+ * below 2^31 elements, and the parameter count, with its gradients and
+ * optimiser moments, must fit in int64 and in size_t bytes. */
+#define PR_MAX_N_LAYERS 1024
+#define PR_MAX_D_MODEL 65536
+#define PR_MAX_N_HEADS 1024       /* n_heads and n_kv_heads */
+#define PR_MAX_D_HEAD 4096
+#define PR_MAX_D_FF 262144
+#define PR_MAX_VOCAB 4194304      /* 4 Mi tokens */
+#define PR_MAX_SEQ 1048576        /* 1 Mi positions */
+
 /* Fill cfg with a named preset ("gpt2-small", "gpt2-tiny" ...).
  * Returns PR_ERR_NOTFOUND for an unknown name. */
 int pr_config_preset(const char *name, pr_model_config *cfg);
 
-/* Check internal consistency (H*hd, H % Hkv, positive sizes ...). */
+/* Check internal consistency (H*hd, H % Hkv, positive sizes ...) and the
+ * bounds above; the message names the field and the bound. */
 int pr_config_validate(const pr_model_config *cfg, pr_error *err);
 
-/* Number of parameters a model of this shape holds (tied head counted once). */
+/* Number of parameters a model of this shape holds (tied head counted once);
+ * -1 for a dimension that is not positive or passes its PR_MAX_ bound. */
 int64_t pr_config_param_count(const pr_model_config *cfg);
 
 #ifdef __cplusplus
