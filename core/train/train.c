@@ -683,6 +683,7 @@ int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, p
     for (int i = 0; i < t.n_ts; i++)
         res->trainable_params += (int64_t)t.ts[i].n;
 
+    char *changed = NULL;   /* settings a resume accepted (freed at out) */
     sched_config sc = {.lr = cfg->lr, .warmup = cfg->warmup, .total = cfg->steps > 0 ? cfg->steps : 1,
                        .min_ratio = cfg->min_lr_ratio};
     /* steps 0 only evaluates: no schedule runs, so its warmup cannot be wrong */
@@ -692,7 +693,6 @@ int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, p
 
     int64_t step = 0;
     int talk = !cfg->quiet && cfg->progress != PR_PROGRESS_NONE;
-    char *changed = NULL;
     struct stat sb;
     int have_ckpt = stat(t.ckpt_path, &sb) == 0;
     if (cfg->force) {
