@@ -204,6 +204,31 @@ static void test_cli_eval_json(void **state)
                          tmpdir, tmpdir), 1);
 }
 
+/* --save into a directory that already holds a model is refused before
+ * training starts, naming the file; --force replaces it. */
+static void test_cli_save_refuses_existing(void **state)
+{
+    (void)state;
+    char out[8192], path[600];
+    const char *args = "train --preset gpt2-tiny --layers 1 --d-model 32 --heads 2 --max-seq 32 --data %s/text.txt "
+                       "--out %s/run%s --steps 1 --batch 2 --seq-len 16 --quiet --save %s%s";
+    assert_int_not_equal(run(out, sizeof out, args, tmpdir, tmpdir, "1", tmpdir, ""), 0);
+    assert_non_null(strstr(out, "already holds a model"));
+    assert_non_null(strstr(out, "config.json"));
+    snprintf(path, sizeof path, "%s/run1/metrics.jsonl", tmpdir);
+    assert_int_not_equal(access(path, F_OK), 0);   /* nothing trained */
+    int rc = run(out, sizeof out, args, tmpdir, tmpdir, "2", tmpdir, "/saved");
+    if (rc)
+        fprintf(stderr, "%s\n", out);
+    assert_int_equal(rc, 0);
+    snprintf(path, sizeof path, "%s/saved/model.safetensors", tmpdir);
+    assert_int_equal(access(path, F_OK), 0);
+    /* again into it: refused; with --force: replaced */
+    assert_int_not_equal(run(out, sizeof out, args, tmpdir, tmpdir, "3", tmpdir, "/saved"), 0);
+    assert_non_null(strstr(out, "already holds a model"));
+    assert_int_equal(run(out, sizeof out, args, tmpdir, tmpdir, "4", tmpdir, "/saved --force"), 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -212,6 +237,7 @@ int main(void)
         cmocka_unit_test(test_cli_help),
         cmocka_unit_test(test_cli_tokenize_byte),
         cmocka_unit_test(test_cli_eval_json),
+        cmocka_unit_test(test_cli_save_refuses_existing),
     };
     return cmocka_run_group_tests(tests, setup_dir, teardown_dir);
 }

@@ -88,6 +88,8 @@ static const char train_usage[] =
     "  --force              start afresh in a DIR holding an earlier run (its\n"
     "                       checkpoint is removed, its outputs replaced)\n"
     "  --save DIR           after training, write the model as a Hugging Face directory\n"
+    "                       (one that already holds a model is refused before training\n"
+    "                       unless --force)\n"
     "  --save-dtype T       weights stored by --save: f32 (default), f16, bf16\n"
     "  --progress MODE      auto (default): a bar redrawn in place when stderr is a\n"
     "                       terminal, log lines otherwise; bar, plain (log lines), none\n"
@@ -203,6 +205,26 @@ static int save_outputs(const pr_pipeline *pipe, pr_model *m, const pr_train_con
  * last written, after the modules) are not older than its checkpoint; if
  * they are missing or older, the run was stopped between its last
  * checkpoint and its outputs, which are then written from the checkpoint. */
+/* --save DIR must not replace a model written before unless --force: say
+ * so before training rather than after.  1 when DIR may be written. */
+static int save_dir_free(const char *dir, int force)
+{
+    if (!dir || force)
+        return 1;
+    static const char *const files[] = { "model.safetensors", "model.safetensors.index.json", "config.json" };
+    for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
+        char path[4096];
+        struct stat st;
+        snprintf(path, sizeof path, "%s/%s", dir, files[i]);
+        if (stat(path, &st) == 0) {
+            fprintf(stderr, "peftref train: --save %s already holds a model (%s): choose another directory, or "
+                    "replace it with --force\n", dir, path);
+            return 0;
+        }
+    }
+    return 1;
+}
+
 static int outputs_current(const char *out)
 {
     char *ck = fileio_join(out, "checkpoint.safetensors"), *py = fileio_join(out, "pipeline.yaml"),
@@ -296,6 +318,8 @@ static int train_pipeline(int argc, char **argv)
             rc = 1;
         }
     }
+    if (rc == 0 && !save_dir_free(save_dir, force))
+        rc = 1;
     if (rc == 0) {
         pr_train_config tc;
         pr_pipeline_train_config(pipe, &tc);
@@ -521,6 +545,10 @@ int cmd_train(int argc, char **argv)
                 n_tr += pr_model_tensor(m, i)->numel;
         fprintf(stderr, "peftref train: %lld of %lld parameters trainable; %s\n", (long long)n_tr,
                 (long long)pr_model_param_count(m), line);
+    }
+    if (!save_dir_free(save_dir, tc.force)) {
+        rc = 1;
+        goto done;
     }
     pr_train_result res;
     int trc = pr_train(m, tok, &tc, &res, &err);
