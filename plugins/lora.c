@@ -17,6 +17,11 @@
  * from scale() below.  merge() folds the update into the frozen weight as
  * dW = s * (B.A)^T = s * A^T.B^T, shaped [d_in, d_out].
  *
+ * LoRA+ (Hayou, Ghosh, Yu 2024, "LoRA+: Efficient Low Rank Adaptation of
+ * Large Models", arXiv 2402.12354): option loraplus_lr_ratio, lora_B's
+ * learning rate over lora_A's (pr_param_decl.lr_scale; the host's
+ * optimizer applies it).  The default 1 is plain LoRA.
+ *
  * Saved for backward, per insertion:
  *   xa            (rows, r)              x_dropped . A^T
  *   dropout_mask  (rows, ceil(d_in/32))  kept-element bits of the dropout
@@ -40,8 +45,10 @@
 PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args);
 
 /* Indices into the declaration arrays below (and so into ctx->options,
- * ctx->params, ctx->saved and ctx->scratch). */
-enum { OPT_R, OPT_ALPHA, OPT_DROPOUT, OPT_RSLORA, N_OPTS };
+ * ctx->params, ctx->saved and ctx->scratch).  The callbacks read the first
+ * N_CB_OPTS options; loraplus_lr_ratio is read by the host only (lora_B's
+ * lr_scale). */
+enum { OPT_R, OPT_ALPHA, OPT_DROPOUT, OPT_RSLORA, N_CB_OPTS, OPT_LORAPLUS = N_CB_OPTS, N_OPTS };
 enum { PARAM_A, PARAM_B, N_PARAMS };
 enum { SAVED_XA, SAVED_MASK, SAVED_DROPOUT_ON, N_SAVED };
 enum { SCRATCH_XD, SCRATCH_DXA, N_SCRATCH };
@@ -70,6 +77,13 @@ static const pr_option_decl lora_options[N_OPTS] = {
         .help = "rank-stabilised scale alpha/sqrt(r) instead of alpha/r (Kalajdzievski 2023, "
                 "arXiv 2312.03732)",
     },
+    [OPT_LORAPLUS] = {
+        .struct_size = sizeof(pr_option_decl), .name = "loraplus_lr_ratio", .type = PR_OPT_FLOAT,
+        .def = 1, .min = 1e-6, .max = 1e6, .per_site = 0,
+        .help = "LoRA+ (Hayou, Ghosh, Yu 2024, arXiv 2402.12354): lora_B learns at this multiple of "
+                "the learning rate of lora_A; 1 = plain LoRA (off); the paper recommends about 16. "
+                "Hugging Face PEFT's create_loraplus_optimizer argument of the same name",
+    },
 };
 
 static const pr_param_decl lora_params[N_PARAMS] = {
@@ -83,7 +97,9 @@ static const pr_param_decl lora_params[N_PARAMS] = {
         .struct_size = sizeof(pr_param_decl), .name = "lora_B", .shape = "d_out, r",
         .init = PR_INIT_ZEROS, .scope = PR_SCOPE_INSERTION,
         .peft_key = "{prefix}.lora_B.weight", .peft_layout = PR_PEFT_AS_IS,
-        .help = "up projection; zeros, so the adapted model starts equal to the base model",
+        .lr_scale = "loraplus_lr_ratio",
+        .help = "up projection; zeros, so the adapted model starts equal to the base model; its "
+                "learning rate is loraplus_lr_ratio times lora_A's (LoRA+)",
     },
 };
 
@@ -115,9 +131,9 @@ typedef struct lora_dims {
 
 static int lora_get_dims(const pr_ctx *ctx, lora_dims *d)
 {
-    if (ctx->n_params < N_PARAMS || ctx->n_options < N_OPTS)
+    if (ctx->n_params < N_PARAMS || ctx->n_options < N_CB_OPTS)
         return ctx->host->error(ctx, "lora: expected %d parameters and %d options, got %u and %u",
-                                N_PARAMS, N_OPTS, ctx->n_params, ctx->n_options);
+                                N_PARAMS, N_CB_OPTS, ctx->n_params, ctx->n_options);
     const pr_tensor *a = ctx->params[PARAM_A], *b = ctx->params[PARAM_B];
     if (a->ndim != 2 || b->ndim != 2 || !a->data || !b->data || b->shape[1] != a->shape[0])
         return ctx->host->error(ctx, "lora: lora_A and lora_B must be (r, d_in) and (d_out, r)");
