@@ -74,7 +74,7 @@ enum { SCRATCH_XD, SCRATCH_Z, SCRATCH_U, SCRATCH_BD, N_SCRATCH };
             .struct_size = sizeof(pr_option_decl), .name = "d_initial", .type = PR_OPT_FLOAT,                 \
             .def = 0.1, .min = -1e6, .max = 1e6, .per_site = 1,                                               \
             .help = "initial value of every element of vera_lambda_d; default 0.1 as Hugging Face "          \
-                    "PEFT's d_initial (the paper's section 3.2)",                                             \
+                    "PEFT's d_initial",                                                                       \
         },                                                                                                    \
         [OPT_SAVE_PROJECTION] = {                                                                             \
             .struct_size = sizeof(pr_option_decl), .name = "save_projection", .type = PR_OPT_BOOL,            \
