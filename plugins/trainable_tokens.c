@@ -93,8 +93,9 @@ static const pr_param_decl tt_params[N_PARAMS] = {
         .struct_size = sizeof(pr_param_decl), .name = "trainable_tokens_delta", .shape = "n_token_indices, d_model",
         .init = PR_INIT_CUSTOM, .scope = PR_SCOPE_GLOBAL, .flags = PR_PARAM_NO_DECAY,
         /* PEFT: base_model.model.transformer.wte.trainable_tokens_delta for
-         * GPT-2.  The generic placer names a global tensor without a site
-         * path ({prefix} is for per-insertion copies), so no key. */
+         * GPT-2, model.embed_tokens... for LLaMA.  {prefix} is only placed
+         * for per-insertion copies at sites with a PEFT module path (embed
+         * has none), and a literal key would fit one family only, so no key. */
         .help = "the new values of the rows token_indices lists, one d_model row each",
     },
 };
