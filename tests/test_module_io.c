@@ -369,6 +369,22 @@ static void test_bad_metadata_names_quoted(void **state)
     }
 }
 
+/* A file found by fuzz_module whose tensor names are shorter than its
+ * saved module name: comparing two such files for averaging read past the
+ * end of the name (ASan: heap-buffer-overflow in strcmp). */
+static void test_average_short_tensor_names(void **state)
+{
+    (void)state;
+    const char *path = TEST_SRCDIR "/data/fuzz-regressions/module-short-tensor-name.safetensors";
+    pr_module_file *f = NULL;
+    pr_error err = { 0 };
+    if (pr_module_file_open(path, reg, &f, &err) != PR_OK)
+        fail_msg("the regression file no longer opens (%s): it must reach the average check", err.msg);
+    pr_module_file *two[2] = { f, f };
+    assert_int_equal(pr_module_files_compatible(two, 2, &err), PR_OK);   /* a file agrees with itself */
+    pr_module_file_close(f);
+}
+
 /* ---- pipelines: modes, reuse, average ------------------------------------------------ */
 
 static const char model_yaml[] = "model:\n  config: {n_layers: 2, d_model: 32, n_heads: 2, d_ff: 64, vocab: 256, "
@@ -773,6 +789,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_fold_prefix_mlp),
         cmocka_unit_test(test_fingerprint_mismatch),
         cmocka_unit_test(test_bad_metadata_names_quoted),
+        cmocka_unit_test(test_average_short_tensor_names),
         cmocka_unit_test(test_modes),
         cmocka_unit_test(test_reuse_frozen_with_new),
         cmocka_unit_test(test_average),

@@ -41,6 +41,13 @@ static void json_diff(const char *a, const char *b, char *buf, size_t len)
     json_decref(y);
 }
 
+/* name past "MODULE/", or name itself when it does not start so. */
+static const char *after_module_name(const char *name, const char *module)
+{
+    size_t n = strlen(module);
+    return strncmp(name, module, n) == 0 && name[n] == '/' ? name + n + 1 : name;
+}
+
 int pr_module_files_compatible(pr_module_file *const *f, int n, pr_error *err)
 {
     static const char *const keys[] = { "technique", "options", "site_options", "sites", "layers", "tensor_names",
@@ -61,10 +68,11 @@ int pr_module_files_compatible(pr_module_file *const *f, int n, pr_error *err)
         for (int i = 0; i < st_count(f[0]->st); i++) {
             const st_tensor *a = st_tensor_at(f[0]->st, i), *b = st_tensor_at(f[k]->st, i);
             const char *an = a->name, *bn = b->name;
-            /* host names carry the saved module name; compare what follows it */
+            /* host names carry the saved module name; compare what follows it
+             * (a file may not hold to that: then the whole name is compared) */
             if (!f[0]->peft) {
-                an += strlen(f[0]->saved_name) + 1;
-                bn += strlen(f[k]->saved_name) + 1;
+                an = after_module_name(an, f[0]->saved_name);
+                bn = after_module_name(bn, f[k]->saved_name);
             }
             int same = !strcmp(an, bn) && a->ndim == b->ndim;
             for (int d = 0; same && d < a->ndim; d++)
