@@ -1,6 +1,7 @@
-/* peftref: the training loop (see include/peftref/train.h): setup, the
- * classification head, evaluation, checkpoints and metrics lines; its
- * progress report on stderr is in progress.c. */
+/* peftref: the training loop (see include/peftref/train.h): setup,
+ * checkpoints, resume, metrics lines and the step loop; one batch and the
+ * validation pass are in batch.c, the run's state in trainer.h, its
+ * progress report on stderr in progress.c. */
 #include "config.h"
 
 #include <dirent.h>
@@ -26,6 +27,7 @@
 #include "run_fingerprint.h"
 #include "schedule.h"
 #include "train_state.h"
+#include "trainer.h"
 
 /* ---- signals --------------------------------------------------------------
  * SIGINT/SIGTERM only raise a flag; the loop finishes the step in flight,
@@ -64,36 +66,6 @@ void pr_train_config_default(pr_train_config *c)
     c->ckpt_every = 0;
 }
 
-/* Everything one run holds; freed by trainer_free. */
-typedef struct trainer {
-    pr_model *m;
-    const pr_train_config *cfg;
-    int is_cls;
-    int B, T, C, K;
-    int64_t *samples;   /* (B) global sample index of each row of the micro-batch in flight */
-    data_dataset train, val;
-    data_sampler sampler;
-    int pad_id;
-    int *tokens, *targets, *lengths, *labels; /* (B,T), (B,T), (B), (B) */
-    size_t *idx;                              /* (B) */
-    /* classification head: W (C,K) then b (K), and their gradients, in one
-     * flat block each; pooled (B,C), logits (B,K), dhidden (B,T,C) */
-    float *head, *head_grad, *pooled, *cls_logits, *dhidden;
-    optim opt;
-    int opt_ready;
-    trainstate_tensor *ts;                    /* trainable tensors in optimizer order */
-    int n_ts;
-    pr_rng rng;
-    run_fp fp;                                /* this run's settings (run_fingerprint.h) */
-    char *fp_json;                            /* ... as the checkpoint stores them */
-    int locked;                               /* holds out_dir's lock */
-    int64_t ckpt_step;                        /* step of the checkpoint on disk, -1: none */
-    /* the losses a checkpoint carries, so a finished run reports real ones */
-    double first_loss, min_loss, last_loss, last_val, last_acc;
-    int have_loss, warned_diverging;
-    char *ckpt_path, *metrics_path;
-    FILE *metrics;
-} trainer;
 
 static void trainer_free(trainer *t)
 {
@@ -135,132 +107,6 @@ void pr_train_unlock(const char *out_dir)
 {
     if (out_dir)
         run_dir_unlock(out_dir);
-}
-
-/* ---- classification head -------------------------------------------------
- * The head reads the final hidden state of each row's last real token
- * (position lengths[b]-1; padding is on the right and attention is causal,
- * so that position has seen the whole text).
- *   pooled (B,C); logits (B,K) = pooled . W + b; mean cross-entropy. */
-static double head_forward_backward(trainer *t, int rows, int backward, int *correct)
-{
-    const float *hidden = pr_model_hidden(t->m);
-    int C = t->C, K = t->K, T = t->T;
-    const float *W = t->head, *bias = t->head + (size_t)C * K;
-    float *dW = t->head_grad, *db = t->head_grad + (size_t)C * K;
-    double loss = 0.0;
-    int n = 0;
-    if (backward)
-        memset(t->dhidden, 0, sizeof(float) * (size_t)t->B * T * C);
-    for (int b = 0; b < rows; b++) {
-        if (t->labels[b] < 0)
-            continue;
-        const float *h = hidden + ((size_t)b * T + (size_t)(t->lengths[b] - 1)) * C;
-        float *z = t->cls_logits + (size_t)b * K;
-        for (int k = 0; k < K; k++)
-            z[k] = bias[k];
-        for (int c = 0; c < C; c++)
-            for (int k = 0; k < K; k++)
-                z[k] += h[c] * W[(size_t)c * K + k];
-        double mx = z[0];
-        int arg = 0;
-        for (int k = 1; k < K; k++)
-            if (z[k] > mx) {
-                mx = z[k];
-                arg = k;
-            }
-        double s = 0.0;
-        for (int k = 0; k < K; k++)
-            s += exp(z[k] - mx);
-        loss += -(z[t->labels[b]] - mx - log(s));
-        if (correct && arg == t->labels[b])
-            (*correct)++;
-        n++;
-        /* probabilities overwrite the logits for the backward below */
-        for (int k = 0; k < K; k++)
-            z[k] = (float)(exp(z[k] - mx) / s);
-    }
-    if (n == 0)
-        return 0.0;
-    if (backward) {
-        float scale = 1.0f / (float)n;
-        for (int b = 0; b < rows; b++) {
-            if (t->labels[b] < 0)
-                continue;
-            const float *h = hidden + ((size_t)b * T + (size_t)(t->lengths[b] - 1)) * C;
-            float *dh = t->dhidden + ((size_t)b * T + (size_t)(t->lengths[b] - 1)) * C;
-            float *p = t->cls_logits + (size_t)b * K;
-            p[t->labels[b]] -= 1.0f;
-            for (int k = 0; k < K; k++) {
-                float g = p[k] * scale;
-                db[k] += g;
-                for (int c = 0; c < C; c++) {
-                    dW[(size_t)c * K + k] += h[c] * g;
-                    dh[c] += W[(size_t)c * K + k] * g;
-                }
-            }
-        }
-    }
-    return loss / n;
-}
-
-/* One micro-batch: forward, and backward when asked.  Returns the mean
- * loss over its scored targets in *loss and their count in *scored. */
-static int run_batch(trainer *t, int rows, int backward, double *loss, int64_t *scored, int *correct,
-                     pr_error *err)
-{
-    int rc;
-    pr_batch bt = {.tokens = t->tokens, .targets = t->is_cls ? NULL : t->targets, .B = t->B, .T = t->T,
-                   .hidden_only = t->is_cls};
-    float l = 0.0f;
-    if ((rc = pr_model_forward(t->m, &bt, &l, err)))
-        return rc;
-    if (t->is_cls) {
-        *loss = head_forward_backward(t, rows, backward, correct);
-        *scored = 0;
-        for (int b = 0; b < rows; b++)
-            *scored += t->labels[b] >= 0;
-        if (backward && isfinite(*loss))
-            rc = pr_model_backward_hidden(t->m, t->dhidden, err);
-    } else {
-        *loss = l;
-        *scored = pr_model_scored_tokens(t->m);
-        if (backward && isfinite(*loss) && *scored > 0)
-            rc = pr_model_backward(t->m, err);
-    }
-    return rc;
-}
-
-/* Mean validation loss (weighted by scored targets) and accuracy. */
-static int evaluate(trainer *t, double *loss_out, double *acc_out, pr_error *err)
-{
-    pr_model_set_training(t->m, 0);
-    size_t n = t->val.n;
-    size_t max_rows = t->cfg->eval_batches > 0 ? (size_t)t->cfg->eval_batches * t->B : n;
-    if (max_rows > n)
-        max_rows = n;
-    double sum = 0.0;
-    int64_t total = 0;
-    int correct = 0, rows_seen = 0;
-    for (size_t i = 0; i < max_rows; i += (size_t)t->B) {
-        int rows = (int)((max_rows - i) < (size_t)t->B ? (max_rows - i) : (size_t)t->B);
-        for (int b = 0; b < rows; b++)
-            t->idx[b] = i + (size_t)b;
-        int rc = data_make_batch(&t->val, t->idx, rows, t->B, t->T, t->tokens, t->targets, t->lengths,
-                                 t->labels, t->pad_id, err);
-        if (rc)
-            return rc;
-        double l;
-        int64_t scored;
-        if ((rc = run_batch(t, rows, 0, &l, &scored, &correct, err)))
-            return rc;
-        sum += l * (double)scored;
-        total += scored;
-        rows_seen += rows;
-    }
-    *loss_out = total > 0 ? sum / (double)total : NAN;
-    *acc_out = t->is_cls && rows_seen > 0 ? (double)correct / rows_seen : -1.0;
-    return PR_OK;
 }
 
 static int save_checkpoint(trainer *t, int64_t step, pr_error *err)
@@ -761,7 +607,7 @@ int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, p
 
     double vloss, vacc;
     train_progress_init(&pg, t.cfg, t.is_cls, step);
-    if ((rc = evaluate(&t, &vloss, &vacc, err)))
+    if ((rc = train_evaluate(&t, &vloss, &vacc, err)))
         goto out;
     res->initial_val_loss = vloss;
     if (step == 0) {
@@ -805,7 +651,7 @@ int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, p
             pr_model_set_samples(m, t.samples);
             double l;
             int64_t scored;
-            if ((rc = run_batch(&t, t.B, 1, &l, &scored, NULL, err)))
+            if ((rc = train_run_batch(&t, t.B, 1, &l, &scored, NULL, err)))
                 goto out_signals;
             if ((rc = pr_model_after_backward(m, err)))
                 goto out_signals;
@@ -887,7 +733,7 @@ int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, p
             tokens_last = tokens_done;
         }
         if ((cfg->eval_every > 0 && step % cfg->eval_every == 0) || last) {
-            if ((rc = evaluate(&t, &vloss, &vacc, err)))
+            if ((rc = train_evaluate(&t, &vloss, &vacc, err)))
                 goto out_signals;
             log_eval(&t, step, vloss, vacc);
             train_progress_eval(&pg, step, vloss, vacc, tokens_done, now_seconds());
