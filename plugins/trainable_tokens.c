@@ -22,44 +22,37 @@
  * which replaces that token's row of E in y = E[token] (+ the position
  * embedding, GPT-2); its backward adds dy[r] to row k of the gradient.
  *
- * THE ABI GAP.  ABI 1.0 gives an embed-site callback the embedded rows
- * (ctx->in, ctx->out) but neither the token ids they came from nor the
- * token embedding (ctx->base_weight is NULL at stream sites, and no pr_init
- * copies rows at chosen ids: PR_INIT_EMBED_ROWS samples them).  Both are
- * needed, so the plugin asks the host for them through
- * host->extension_data(TT_EXT_EMBED_TOKENS), the interface below, which
- * the 1.0 host does not provide (host_extension_data returns NULL for every
- * URI): there init_weights = true and every forward stop with an error that
- * says so, rather than silently leaving the rows untrained.  A host that
- * implements the interface (or an ABI 1.1 pr_ctx field carrying the ids,
- * plus a PR_INIT that copies embedding rows at listed ids) runs it as is.
- * Two more gaps: a shape expression cannot count a STRING option's list, so
- * n_token_indices states the count (checked against token_indices); and
- * PEFT also replaces the same rows of a tied LM head (GPT-2 ties wte),
- * which no site reaches, so here only the input side changes.
+ * What it needs of the host.  ABI 1 gives an embed-site callback the
+ * embedded rows (ctx->in, ctx->out) but neither the token ids they came
+ * from nor the token embedding (ctx->base_weight is NULL at stream sites).
+ * Both come through the host extension PR_EXT_EMBED_TOKENS_URI
+ * (<peftref/ext/embed_tokens.h>): token_ids gives the id of every row of
+ * the call (-1 at a virtual position, so prompt-tuning rows are never
+ * replaced), token_row_f32 a row of the frozen embedding.  A host without
+ * the extension, or a call where it has no ids, stops the technique with
+ * an error that says so rather than silently leaving the rows untrained.
  *
- * This file includes only <peftref/plugin.h> and libc, and links against
- * nothing of peftref. */
+ * Gaps.  A shape expression cannot count a STRING option's list, so
+ * n_token_indices states the count (checked against token_indices).  PEFT
+ * also replaces the same rows of a tied LM head (GPT-2 ties wte to the
+ * head): no site reaches the LM head, so here only the input side changes,
+ * and the logits of the chosen tokens still use the frozen rows.  There is
+ * no merge: the embed site has no base weight for a merge to write into.
+ * The embedding must stay frozen (as in PEFT): E[token_indices[k]] is read
+ * as a constant, so a trainable embedding would get dy for rows that are
+ * in fact replaced.
+ *
+ * This file includes only <peftref/plugin.h>, the extension header
+ * <peftref/ext/embed_tokens.h> and libc, and links against nothing of
+ * peftref. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include <peftref/ext/embed_tokens.h>
 #include <peftref/plugin.h>
 
 PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args);
-
-/* ---- the host interface this technique needs (not in ABI 1.0) ---------------------------------- */
-
-#define TT_EXT_EMBED_TOKENS "urn:peftref:ext:embed-tokens:1"
-
-typedef struct tt_embed_tokens {
-    uint32_t struct_size;
-    /* ids[r] = the token id of row r (r < ctx->rows) of the call's embed-site
-     * tensors, -1 at a virtual position; 0 or non-zero when unavailable. */
-    int (*token_ids)(const pr_ctx *ctx, int32_t *ids);
-    /* dst (d_model) = row `id` of the frozen token embedding, in f32. */
-    int (*token_row_f32)(const pr_ctx *ctx, int64_t id, float *dst);
-} tt_embed_tokens;
 
 /* ---- declarations ------------------------------------------------------------------------------ */
 
@@ -152,13 +145,13 @@ static int parse_indices(const pr_ctx *ctx, int64_t *idx, int n)
     return 0;
 }
 
-static const tt_embed_tokens *ext_of(const pr_ctx *ctx)
+static const pr_ext_embed_tokens *ext_of(const pr_ctx *ctx)
 {
     const pr_host *h = ctx->host;
     if (h->struct_size < offsetof(pr_host, extension_data) + sizeof h->extension_data || !h->extension_data)
         return NULL;
-    const tt_embed_tokens *e = h->extension_data(TT_EXT_EMBED_TOKENS);
-    if (!e || e->struct_size < sizeof(tt_embed_tokens) || !e->token_ids || !e->token_row_f32)
+    const pr_ext_embed_tokens *e = h->extension_data(PR_EXT_EMBED_TOKENS_URI);
+    if (!e || e->struct_size < sizeof(pr_ext_embed_tokens) || !e->token_ids || !e->token_row_f32)
         return NULL;
     return e;
 }
@@ -166,15 +159,15 @@ static const tt_embed_tokens *ext_of(const pr_ctx *ctx)
 static int no_ext(const pr_ctx *ctx, const char *what)
 {
     return ctx->host->error(ctx, "trainable_tokens: %s needs the token ids and the token embedding at the embed "
-                                 "site, which this host does not give a plugin (plugin ABI %u.%u: no such pr_ctx "
-                                 "field, no interface " TT_EXT_EMBED_TOKENS ")",
+                                 "site, which this host does not give a plugin (plugin ABI %u.%u without the "
+                                 "interface " PR_EXT_EMBED_TOKENS_URI ")",
                             what, ctx->host->abi_major, ctx->host->abi_minor);
 }
 
 typedef struct view {
     int n, d;
     int64_t *idx;
-    const tt_embed_tokens *ext;
+    const pr_ext_embed_tokens *ext;
 } view;
 
 static int get_view(const pr_ctx *ctx, view *v, const char *what, int need_ext)
@@ -232,7 +225,9 @@ static int call_rows(const pr_ctx *ctx, const view *v, int32_t **ids, float **or
     *ids = ctx->scratch[X_IDS]->data; /* rows floats: as many int32 */
     *orig = ctx->scratch[X_ORIG]->data;
     if (v->ext->token_ids(ctx, *ids))
-        return no_ext(ctx, "this call");
+        return ctx->host->error(ctx, "trainable_tokens: the host gave no token ids for this call (%d rows at %s); "
+                                     "it serves them only at the embed site during a model step",
+                                ctx->rows, ctx->site == PR_SITE_EMBED ? "the embed site" : "another site");
     for (int k = 0; k < v->n; k++)
         if (v->ext->token_row_f32(ctx, v->idx[k], *orig + (size_t)k * v->d))
             return ctx->host->error(ctx, "trainable_tokens: the host gave no embedding row for token %lld",
@@ -314,8 +309,8 @@ static const pr_technique tt_technique = {
     .name = "trainable_tokens",
     .version = "1.0.0",
     .summary = "Train only chosen rows of the token embedding (Hugging Face PEFT's TRAINABLE_TOKENS): the rows "
-               "of token_indices are replaced by trainable copies; saved as those rows.  Needs the token ids at "
-               "the embed site, which plugin ABI 1.0 does not give.",
+               "of token_indices are replaced by trainable copies; saved as those rows.  Needs the host extension "
+               PR_EXT_EMBED_TOKENS_URI " (the token ids at the embed site).",
     .citation = "Hugging Face PEFT, TrainableTokensConfig / TrainableTokensModel (peft_type TRAINABLE_TOKENS), "
                 "https://github.com/huggingface/peft (no paper)",
     .license = "MIT",

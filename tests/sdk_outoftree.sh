@@ -106,6 +106,7 @@ fi
 
 installed() {
     for f in "$PREFIX/include/peftref/plugin.h" "$PREFIX/include/peftref/site.h" \
+             "$PREFIX/include/peftref/ext/embed_tokens.h" \
              "$PREFIX/lib/pkgconfig/peftref-plugin.pc" "$BIN" \
              "$DOCDIR/LICENSE" "$DOCDIR/sdk/GUIDE.md" "$DOCDIR/sdk/manifest.example.json" \
              "$DOCDIR/sdk/template/Makefile" "$DOCDIR/sdk/template/scaled_bias.c" \

@@ -10,11 +10,11 @@
  *    from its parameters (forward and fold, called directly);
  *  - the module saved (folded) loads as prompt_tuning and gives a
  *    bit-identical loss;
- *  - trainable_tokens: on this host (ABI 1.0, no token ids at the embed
- *    site) attach says why it cannot run; with a test host that provides
- *    the interface it asks for, its callbacks replace exactly the chosen
- *    rows, start as the identity, and an SGD step changes only those rows
- *    of the effective token table;
+ *  - trainable_tokens, called directly with a test host serving the
+ *    extension urn:peftref:ext:embed-tokens:1 from test data: its
+ *    callbacks replace exactly the chosen rows, start as the identity, and
+ *    an SGD step changes only those rows of the effective token table (on
+ *    the real host and model: tests/test_tech_tokens.c);
  *  - the conformance checker on p_tuning. */
 #include <stdarg.h>
 #include <stddef.h>
@@ -32,6 +32,7 @@
 #include "peftref/peftref.h"
 #include "peftref/module.h"
 #include "peftref/plugin.h"
+#include "peftref/ext/embed_tokens.h"
 #include "check.h"
 #include "gradcheck.h"
 #include "harness.h"
@@ -357,32 +358,7 @@ static void test_ptune_fold_loads_as_prompt(void **state)
 
 /* ---- trainable_tokens -------------------------------------------------------------------------- */
 
-/* This host: no token ids at the embed site, and attach says so. */
-static void test_tt_gap_reported(void **state)
-{
-    (void)state;
-    pr_model_config c = tiny();
-    pr_model *m = NULL;
-    pr_error err = { 0 };
-    if (pr_model_create(&c, &m, &err))
-        fail_msg("model: %s", err.msg);
-    const pr_option_setting o[] = { { "token_indices", "1,2,3", -1 }, { "n_token_indices", "3", -1 } };
-    pr_module_spec s = { .technique = tt, .options = o, .n_options = 2, .trainable = 1, .seed = 1 };
-    pr_module *mod = NULL;
-    assert_int_not_equal(pr_module_attach(m, &s, &mod, &err), PR_OK);
-    printf("trainable_tokens on this host: %s\n", err.msg);
-    assert_non_null(strstr(err.msg, "token ids"));
-    assert_int_equal(pr_model_n_modules(m), 0);
-    pr_model_free(m);
-}
-
-/* The interface the plugin asks for, served from test data. */
-typedef struct tt_embed_tokens {
-    uint32_t struct_size;
-    int (*token_ids)(const pr_ctx *ctx, int32_t *ids);
-    int (*token_row_f32)(const pr_ctx *ctx, int64_t id, float *dst);
-} tt_embed_tokens;
-
+/* The extension the plugin asks for, served from test data. */
 static float E[MV * MC];
 static int32_t row_ids[MB * MT];
 
@@ -399,11 +375,11 @@ static int ext_row(const pr_ctx *ctx, int64_t id, float *dst)
     return 0;
 }
 
-static const tt_embed_tokens ext = { sizeof(tt_embed_tokens), ext_ids, ext_row };
+static const pr_ext_embed_tokens ext = { sizeof(pr_ext_embed_tokens), ext_ids, ext_row };
 
 static const void *ext_data(const char *uri)
 {
-    return strcmp(uri, "urn:peftref:ext:embed-tokens:1") ? NULL : &ext;
+    return strcmp(uri, PR_EXT_EMBED_TOKENS_URI) ? NULL : &ext;
 }
 
 static void test_tt_rows(void **state)
@@ -551,7 +527,6 @@ int main(void)
         cmocka_unit_test(test_counts_gpt2_small),
         cmocka_unit_test(test_ptune_formula),
         cmocka_unit_test(test_ptune_fold_loads_as_prompt),
-        cmocka_unit_test(test_tt_gap_reported),
         cmocka_unit_test(test_tt_rows),
         cmocka_unit_test(test_conformance_ptune),
     };

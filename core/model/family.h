@@ -155,6 +155,7 @@ struct pr_model {
     /* the last forward: T internal positions = nv virtual + Tr real */
     int B, T, Tr, nv;
     int have_fwd, have_targets;
+    int embed_live;              /* the embed site's hooks are running (their rows' token ids are served) */
     int64_t scored;
     int *tokens, *targets;
 };

@@ -4,6 +4,7 @@
 #define PEFTREF_CORE_MODEL_INTERNAL_H
 
 #include <stddef.h>
+#include <stdint.h>
 #include "peftref/model.h"
 #include "peftref/plugin.h"
 
@@ -32,6 +33,12 @@ typedef struct model_modules {
 } model_modules;
 /* The token embedding table (GPT-2's wte, LLaMA's embed_tokens). */
 const pr_tensor_info *model_token_embedding(const pr_model *m);
+/* ids (rows) = the token id of each row the embed site's hooks see, in
+ * their order (b*T + t, T internal), -1 at a virtual position; only while
+ * those hooks run (forward or backward of a step) and rows = B*T.
+ * Returns 0, or PR_ERR_INVALID (ids untouched) otherwise.  Serves the
+ * host extension urn:peftref:ext:embed-tokens:1 (peftref/ext/embed_tokens.h). */
+int model_embed_token_ids(const pr_model *m, int rows, int32_t *ids);
 /* m's list; NULL for a NULL m. */
 model_modules *model_modules_of(const pr_model *m);
 

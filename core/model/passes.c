@@ -84,6 +84,18 @@ static void scatter_real_rows(float *dst, const float *src, int B, int nv, int T
     }
 }
 
+/* The token ids of the rows at the embed site: sequence b's position t < nv
+ * is virtual (-1), position t >= nv holds token t - nv of the batch. */
+int model_embed_token_ids(const pr_model *m, int rows, int32_t *ids)
+{
+    if (!m || !ids || !m->embed_live || rows != m->B * m->T)
+        return PR_ERR_INVALID;
+    for (int b = 0; b < m->B; b++)
+        for (int t = 0; t < m->T; t++)
+            ids[(size_t)b * m->T + t] = t < m->nv ? -1 : (int32_t)m->tokens[(size_t)b * m->Tr + (t - m->nv)];
+    return PR_OK;
+}
+
 /* ---- forward ------------------------------------------------------------- */
 
 /* Final norm output at the real positions, (B,Tr,C). */
@@ -157,7 +169,10 @@ int pr_model_forward(pr_model *m, const pr_batch *batch, float *loss, pr_error *
     if ((rc = embed_forward(m, err)))
         return rc;
     const float *x;
-    if ((rc = model_stream_forward(m, PR_SITE_EMBED, -1, m->encoded, C, m->embed_y, C, &x, NULL, err)))
+    m->embed_live = 1;
+    rc = model_stream_forward(m, PR_SITE_EMBED, -1, m->encoded, C, m->embed_y, C, &x, NULL, err);
+    m->embed_live = 0;
+    if (rc)
         return rc;
     for (int l = 0; l < c->n_layers; l++) {
         layer_frame *f = &m->lf[l];
@@ -276,7 +291,10 @@ static int backward_from_final_norm(pr_model *m, pr_error *err)
 
     if (model_has_hooks(m, PR_SITE_EMBED, -1)) {
         memset(m->dtmp, 0, NC * sizeof(float));
-        if ((rc = model_stream_backward(m, PR_SITE_EMBED, -1, m->encoded, C, m->dtmp, m->embed_y, m->dres, C, err)))
+        m->embed_live = 1;
+        rc = model_stream_backward(m, PR_SITE_EMBED, -1, m->encoded, C, m->dtmp, m->embed_y, m->dres, C, err);
+        m->embed_live = 0;
+        if (rc)
             return rc;
         float *t = m->dres; m->dres = m->dtmp; m->dtmp = t;
     }

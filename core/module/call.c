@@ -43,6 +43,8 @@ int mod_call(const pr_module *mod, const insertion *in, pr_callback cb, const ch
                          mod_name(mod), mod->t.name, in ? in->where : "(module)", what);
     host_call hc;
     host_call_begin(&hc);
+    hc.ctx = c;
+    hc.model = mod->model;
     int rc = cb(c);
     host_call_end(&hc);
     if (hc.aux_loss != 0.0)

@@ -6,6 +6,8 @@
  * seed and the number of draws; GEMM is cblas_sgemm, row-major. */
 #include "host.h"
 
+#include "model_internal.h"
+#include "peftref/ext/embed_tokens.h"
 #include "peftref/site.h"
 
 #include "peftref/status.h"
@@ -44,6 +46,8 @@ void host_call_begin(host_call *c)
     c->msg[0] = '\0';
     c->has_msg = 0;
     c->aux_loss = 0.0;
+    c->ctx = NULL;
+    c->model = NULL;
     c->prev = current_call;
     current_call = c;
 }
@@ -435,10 +439,47 @@ static void host_add_aux_loss(const pr_ctx *ctx, double value)
     c->aux_loss += value;
 }
 
-/* No optional host interfaces are defined in ABI 1.0. */
+/* ---- extension urn:peftref:ext:embed-tokens:1 (peftref/ext/embed_tokens.h) ---------------- */
+
+/* The model of the callback in progress on this thread whose context is
+ * ctx (calls nest: a composite's member inside its parent), or NULL. */
+static const pr_model *call_model(const pr_ctx *ctx)
+{
+    for (const host_call *c = current_call; c && ctx; c = c->prev)
+        if (c->ctx == ctx)
+            return c->model;
+    return NULL;
+}
+
+static int embed_token_ids(const pr_ctx *ctx, int32_t *ids)
+{
+    const pr_model *m = call_model(ctx);
+    if (!m || !ids || ctx->site != PR_SITE_EMBED || ctx->rows <= 0)
+        return PR_ERR_INVALID;
+    return model_embed_token_ids(m, ctx->rows, ids);
+}
+
+static int embed_token_row_f32(const pr_ctx *ctx, int64_t id, float *dst)
+{
+    const pr_model *m = call_model(ctx);
+    const pr_tensor_info *wte = model_token_embedding(m);
+    if (!wte || !wte->data || wte->ndim != 2 || !dst || id < 0 || id >= wte->shape[0])
+        return PR_ERR_INVALID;
+    memcpy(dst, wte->data + id * wte->shape[1], (size_t)wte->shape[1] * sizeof(float));
+    return PR_OK;
+}
+
+static const pr_ext_embed_tokens ext_embed_tokens = {
+    .struct_size = sizeof(pr_ext_embed_tokens),
+    .token_ids = embed_token_ids,
+    .token_row_f32 = embed_token_row_f32,
+};
+
+/* The optional host interfaces, by URI: see peftref/ext/. */
 static const void *host_extension_data(const char *uri)
 {
-    (void)uri;
+    if (uri && strcmp(uri, PR_EXT_EMBED_TOKENS_URI) == 0)
+        return &ext_embed_tokens;
     return NULL;
 }
 

@@ -24,6 +24,10 @@ typedef struct host_call {
     char msg[HOST_MSG_MAX];
     int has_msg;
     double aux_loss;          /* what the call added through host->add_aux_loss */
+    /* the callback's context and the model of its module (mod_call sets
+     * them; NULL otherwise): what the extensions by URI serve from */
+    const pr_ctx *ctx;
+    const struct pr_model *model;
     struct host_call *prev;   /* calls nest when a callback runs inside another */
 } host_call;
 
