@@ -930,7 +930,7 @@ static void test_pipeline_fuse(void **state)
     snprintf(file, sizeof file, "%s/fuse.yaml", workdir);
     snprintf(out, sizeof out, "%s/run_fuse", workdir);
     char modules[1200];
-    snprintf(modules, sizeof modules, "modules:\n  - {fuse: [%s, %s], name: fz}\n", a_path, b_path);
+    snprintf(modules, sizeof modules, "modules:\n  - {fuse: [%s, %s], name: fz, technique: adapter_fusion}\n", a_path, b_path);
     write_pipeline(file, modules, train_yaml);
     pr_train_result res;
     pr_model *mf = NULL;

@@ -110,6 +110,7 @@ static int build_fuse(const pr_pipeline *p, pr_model *m, const pipe_module *pm, 
             rc = pr_module_file_fill(pm->files[k], members[k], e);
     }
     pr_module_spec cs = { .technique = pm->t, .name = pm->name, .trainable = pm->trainable,
+                          .options = pm->opts, .n_options = pm->n_opts,
                           .seed = pm->has_seed ? pm->seed : p->tc.seed };
     pr_module *comp = NULL;
     if (!rc)

@@ -375,6 +375,13 @@ static int load_options(loader *L, const ynode *n, const char *path, pipe_module
     return bad ? -1 : 0;
 }
 
+/* A fuse entry's `options:` (docs/pipeline.md, "Composition"): the
+ * composite technique's own options, checked like a technique entry's. */
+int pl_load_module_options(loader *L, const ynode *n, const char *path, pipe_module *pm)
+{
+    return load_options(L, n, path, pm, -1);
+}
+
 static void load_site_options(loader *L, const ynode *n, const char *path, pipe_module *pm)
 {
     if (pl_want_map(L, n, path))

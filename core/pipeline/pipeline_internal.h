@@ -204,6 +204,7 @@ void pl_load_modules(loader *L, const ynode *list);
 /* Entries of the modules list made from saved module files, at path
  * ("modules.N"); *name_node is set to an explicit, valid name: key. */
 int pl_load_saved(loader *L, const ynode *m, const char *path, pipe_module *pm, const ynode **name_node);
+int pl_load_module_options(loader *L, const ynode *n, const char *path, pipe_module *pm);
 int pl_load_fuse(loader *L, const ynode *m, const char *path, pipe_module *pm, const ynode **name_node);
 void pl_plan_fuse(loader *L, const ynode *at, pipe_module *pm);
 

@@ -4,6 +4,7 @@
  * or merge the run with. */
 #include "config.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
@@ -30,6 +31,20 @@ static void yq(FILE *o, const char *s)
             fputc(c, o);
     }
     fputc('"', o);
+}
+
+/* An option value as written in a pipeline: plain when it is a number,
+ * a boolean or a bare word (so it is read back with its type), else
+ * quoted. */
+static void yval(FILE *o, const char *s)
+{
+    int plain = *s != 0;
+    for (const char *c = s; *c && plain; c++)
+        plain = isalnum((unsigned char)*c) || strchr("._+-", *c);
+    if (plain)
+        fputs(s, o);
+    else
+        yq(o, s);
 }
 
 /* The shortest %g form of v that reads back as the same float (single)
@@ -102,7 +117,18 @@ static int write_snapshot(const pr_pipeline *p, const pr_model *m, const char *p
                 fprintf(o, "%s", k ? ", " : "");
                 yq_abs(o, pr_module_file_path(pm->files[k]));
             }
-            fprintf(o, "]");
+            fprintf(o, "]\n    technique: ");
+            yq(o, pm->t->name);
+            if (pm->n_opts) {
+                fprintf(o, "\n    options: {");
+                for (int k = 0; k < pm->n_opts; k++) {
+                    fprintf(o, "%s", k ? ", " : "");
+                    yq(o, pm->opts[k].name);
+                    fprintf(o, ": ");
+                    yval(o, pm->opts[k].value);
+                }
+                fprintf(o, "}");
+            }
             if (pm->trainable) {
                 char rel[300];
                 snprintf(rel, sizeof rel, "modules/%s.safetensors", name);

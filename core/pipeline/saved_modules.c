@@ -254,7 +254,7 @@ int pl_load_saved(loader *L, const ynode *m, const char *path, pipe_module *pm, 
  * "Composition"); load: starts the composite from its saved weights. */
 int pl_load_fuse(loader *L, const ynode *m, const char *path, pipe_module *pm, const ynode **name_node)
 {
-    static const char *const keys[] = { "fuse", "technique", "name", "seed", "trainable", "force", "load" };
+    static const char *const keys[] = { "fuse", "technique", "name", "seed", "trainable", "force", "load", "options" };
     int errors_before = L->d.n;
     char kp[96];
     pm->kind = MOD_FUSE;
@@ -308,6 +308,9 @@ int pl_load_fuse(loader *L, const ynode *m, const char *path, pipe_module *pm, c
         return -1;
     if (!(pm->t = fuse_technique(L, m, path)))
         return -1;
+    if ((n = pl_map_get(m, "options")) &&
+        pl_load_module_options(L, n, (snprintf(kp, sizeof kp, "%s.options", path), kp), pm))
+        return -1;
     /* the composite attaches where its members do */
     pr_module_spec spec;
     pr_module_file_spec(pm->files[0], &spec);
@@ -338,7 +341,8 @@ void pl_plan_fuse(loader *L, const ynode *at, pipe_module *pm)
         ks.trainable = 0;
         pr_module_plan kp, fp;
         pr_error e = { 0 };
-        pr_module_spec cs = { .technique = pm->t, .name = pm->name, .trainable = pm->trainable };
+        pr_module_spec cs = { .technique = pm->t, .name = pm->name, .trainable = pm->trainable,
+                              .options = pm->opts, .n_options = pm->n_opts };
         if (pr_composite_plan_for(&p->cfg, &cs, &ks, &fp, &e) || pr_module_plan_for(&p->cfg, &ks, &kp, &e)) {
             pl_diag_at(&L->d, at, "%s: %s", pr_module_file_path(pm->files[k]), e.msg);
             return;
