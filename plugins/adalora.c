@@ -142,7 +142,7 @@ static const pr_param_decl adalora_params[N_PARAMS] = {
     },
     [PARAM_E] = {
         .struct_size = sizeof(pr_param_decl), .name = "lora_E", .shape = "n_sites * n_chosen_layers, init_r",
-        .init = PR_INIT_ZEROS, .scope = PR_SCOPE_GLOBAL, .flags = PR_PARAM_NO_DECAY,
+        .init = PR_INIT_ZEROS, .scope = PR_SCOPE_GLOBAL,
         .help = "singular values, row i for insertion i (PEFT's per-layer lora_E (init_r, 1) stacked: "
                 "the budget masks them all in one call); zeros, so the module starts as the identity",
     },
