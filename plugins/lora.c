@@ -22,6 +22,32 @@
  * learning rate over lora_A's (pr_param_decl.lr_scale; the host's
  * optimizer applies it).  The default 1 is plain LoRA.
  *
+ * Initialisation, option init_lora_weights (Hugging Face PEFT's name and
+ * values): true (default: kaiming-uniform A, zero B), false (B also
+ * kaiming-uniform, fan-in r: not the identity), gaussian (A ~ normal(0,
+ * 1/r), PEFT's std = 1/r; zero B), pissa (Meng, Wang, Zhang 2024, "PiSSA:
+ * Principal Singular Values and Singular Vectors Adaptation of Large
+ * Language Models", arXiv 2404.02948) and olora (Buyukakyuz 2024, "OLoRA:
+ * Orthonormal Low-Rank Adaptation of Large Language Models", arXiv
+ * 2406.01775).  With W the frozen weight as PEFT holds it (d_out, d_in):
+ *   pissa: W = U S V^T,  A = sqrt(S_r/s) V_r^T,  B = U_r sqrt(S_r/s)
+ *   olora: W = Q R,      A = R[:r, :],           B = Q[:, :r]   (unscaled)
+ * PEFT then overwrites W with W_res = W - s B A.  peftref's base weights may
+ * be mapped read-only and shared, so this module never writes W: it keeps
+ * frozen copies A0 = A, B0 = B of the initial factors and computes
+ *     y = x.W + s * x.(A^T B^T - A0^T B0^T)
+ * which equals x.W_res + s * x.A^T B^T exactly in exact arithmetic, with
+ * the same gradients for A and B (the A0/B0 term is constant in them).
+ * The frozen term sees the undropped x, as W_res does; merge() adds
+ * s (A^T B^T - A0^T B0^T).  This is PEFT's conversion of a PiSSA / OLoRA
+ * adapter to plain LoRA (path_initial_model_for_weight_conversion): rank
+ * 2r, A' = [A; A0], B' = [B, -B0], lora_alpha' = 2 alpha (s unchanged).
+ * The decompositions (one-sided Jacobi SVD, Householder QR, in double) are
+ * in this file, since a plugin links only libm.  They run in setup() at
+ * every attach; A0 and B0 are frozen and regenerated (not saved): a loaded
+ * module recomputes them from the same base weight.  loftq is refused: it
+ * needs a quantised base.
+ *
  * Saved for backward, per insertion:
  *   xa            (rows, r)              x_dropped . A^T
  *   dropout_mask  (rows, ceil(d_in/32))  kept-element bits of the dropout
