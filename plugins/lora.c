@@ -77,6 +77,10 @@ PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args
  * lr_scale). */
 enum { OPT_R, OPT_ALPHA, OPT_DROPOUT, OPT_RSLORA, OPT_INIT, N_CB_OPTS, OPT_LORAPLUS = N_CB_OPTS, N_OPTS };
 enum { PARAM_A, PARAM_B, PARAM_A0, PARAM_B0, N_PARAMS };
+/* The frozen copies' rank: r under pissa and olora (choices 3 and 4 of
+ * init_choices[]), 0 otherwise, so a plain LoRA module carries no copy. */
+#define LORA0_ROWS "r * (min(max(init_lora_weights - 2, 0), 1) - min(max(init_lora_weights - 4, 0), 1))"
+
 /* init_lora_weights, in the order of init_choices[] */
 enum { INIT_TRUE, INIT_FALSE, INIT_GAUSSIAN, INIT_PISSA, INIT_OLORA, INIT_LOFTQ };
 static const char *const init_choices[] = { "true", "false", "gaussian", "pissa", "olora", "loftq", NULL };
@@ -147,7 +151,7 @@ static const pr_param_decl lora_params[N_PARAMS] = {
      * records the base fingerprint).  Their keys are never written; they let
      * a module saved under PEFT names load back. */
     [PARAM_A0] = {
-        .struct_size = sizeof(pr_param_decl), .name = "lora_A0", .shape = "r, d_in",
+        .struct_size = sizeof(pr_param_decl), .name = "lora_A0", .shape = LORA0_ROWS ", d_in",
         .init = PR_INIT_ZEROS, .scope = PR_SCOPE_INSERTION,
         .flags = PR_PARAM_FROZEN | PR_PARAM_REGENERATE,
         .peft_key = "{prefix}.lora_A0.weight", .peft_layout = PR_PEFT_AS_IS,
@@ -155,7 +159,7 @@ static const pr_param_decl lora_params[N_PARAMS] = {
                 "for the other inits",
     },
     [PARAM_B0] = {
-        .struct_size = sizeof(pr_param_decl), .name = "lora_B0", .shape = "d_out, r",
+        .struct_size = sizeof(pr_param_decl), .name = "lora_B0", .shape = "d_out, " LORA0_ROWS,
         .init = PR_INIT_ZEROS, .scope = PR_SCOPE_INSERTION,
         .flags = PR_PARAM_FROZEN | PR_PARAM_REGENERATE,
         .peft_key = "{prefix}.lora_B0.weight", .peft_layout = PR_PEFT_AS_IS,
