@@ -323,7 +323,7 @@ static void test_lora_descriptor(void **state)
  * parameters (all trainable) in `insertions` insertions.  Returns the run
  * with the module attached, for per-tensor checks; run_free it. */
 static run *check_counts(const shape *s, const pr_technique *t, uint32_t sites, const pr_option_setting *o,
-                         int n_o, int64_t want, int insertions)
+                         int n_o, int64_t want, int64_t frozen, int insertions)
 {
     pr_model_config cfg;
     shape_config(s, &cfg);
@@ -332,13 +332,13 @@ static run *check_counts(const shape *s, const pr_technique *t, uint32_t sites, 
     pr_module_plan plan;
     pr_error err = { 0 };
     assert_int_equal(pr_module_plan_for(&cfg, &spec, &plan, &err), PR_OK);
-    assert_int_equal(plan.params, want);
+    assert_int_equal(plan.params, want + frozen);
     assert_int_equal(plan.trainable, want);
     assert_int_equal(plan.insertions, insertions);
 
     run *r = run_new(s);
     pr_module *mod = attach(r, t, sites, o, n_o);
-    assert_int_equal(pr_module_param_count(mod), want);
+    assert_int_equal(pr_module_param_count(mod), want + frozen);
     assert_int_equal(pr_module_trainable_count(mod), want);
     int64_t in_table = 0;
     for (int i = 0; i < pr_model_n_tensors(r->m); i++) {
@@ -346,7 +346,7 @@ static run *check_counts(const shape *s, const pr_technique *t, uint32_t sites, 
         if (ti->kind == PR_TENSOR_MODULE)
             in_table += ti->numel;
     }
-    assert_int_equal(in_table, want);
+    assert_int_equal(in_table, want + frozen);
     return r;
 }
 
@@ -357,7 +357,8 @@ static void test_lora_per_site_counts(void **state)
         const shape *s = &SHAPES[k];
         const int64_t want = (int64_t)s->L * (4 * (s->C + s->C) + 8 * (s->C + s->C) +
                                               2 * (s->F + s->C));
-        run *r = check_counts(s, lora, LORA_SITES, lora_site_opts, 4, want, 3 * s->L);
+        /* lora_A0 / lora_B0: frozen, as many as the trainable factors */
+        run *r = check_counts(s, lora, LORA_SITES, lora_site_opts, 4, want, 0, 3 * s->L);
         for (int l = 0; l < s->L; l++) {
             const pr_tensor_info *qa = mtensor(r, "lora", l, "q", "lora_A");
             const pr_tensor_info *vb = mtensor(r, "lora", l, "v", "lora_B");
@@ -990,7 +991,7 @@ static void test_dora_counts(void **state)
         /* q: r 4; v: r 8; ffn.up: the default r 8, d_in C, d_out F */
         const int64_t want = (int64_t)s->L * ((4 * (s->C + s->C) + s->C) + (8 * (s->C + s->C) + s->C) +
                                               (8 * (s->C + s->F) + s->F));
-        run *r = check_counts(s, dora, DORA_SITES, dora_site_opts, 3, want, 3 * s->L);
+        run *r = check_counts(s, dora, DORA_SITES, dora_site_opts, 3, want, 0, 3 * s->L);
         /* the default site: qkv, C -> 3C, r 8 */
         pr_model_config cfg;
         shape_config(s, &cfg);

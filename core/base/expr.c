@@ -27,6 +27,7 @@ typedef struct parser {
     size_t pos;
     expr_mode mode;
     int int_rules;               /* integer-mode rules apply (MODE_INT, or check of a shape) */
+    int allow_zero;              /* a shape's dimensions may be 0 (an absent frozen buffer) */
     const expr_var *vars;
     int n_vars;
     const char *const *names;    /* MODE_CHECK */
@@ -444,14 +445,14 @@ static int parse_shape(parser *p, int64_t dims[4], int *ndim)
         if (n == 4)
             return fail(p, start, "a shape has at most 4 dimensions");
         if (p->mode == MODE_INT) {
-            if (v.i < 1) {
+            if (v.i < (p->allow_zero ? 0 : 1)) {
                 size_t end = p->pos;
                 while (end > start && (p->src[end - 1] == ' ' || p->src[end - 1] == '\t'))
                     end--;
                 while (p->src[start] == ' ' || p->src[start] == '\t')
                     start++;
-                return fail(p, start, "dimension %d ('%.*s') is %lld; every dimension must be >= 1", n + 1,
-                            (int)(end - start), p->src + start, (long long)v.i);
+                return fail(p, start, "dimension %d ('%.*s') is %lld; every dimension must be >= %d", n + 1,
+                            (int)(end - start), p->src + start, (long long)v.i, p->allow_zero ? 0 : 1);
             }
             if (__builtin_mul_overflow(numel, v.i, &numel) || numel > EXPR_MAX_NUMEL) {
                 while (p->src[start] == ' ' || p->src[start] == '\t')
@@ -508,8 +509,15 @@ int expr_eval_int(const char *src, const expr_var *vars, int n_vars, int64_t *ou
 int expr_eval_shape(const char *src, const expr_var *vars, int n_vars, int64_t dims[4], int *ndim, char *err,
                     size_t errlen)
 {
+    return expr_eval_shape_z(src, vars, n_vars, 0, dims, ndim, err, errlen);
+}
+
+int expr_eval_shape_z(const char *src, const expr_var *vars, int n_vars, int allow_zero, int64_t dims[4], int *ndim,
+                      char *err, size_t errlen)
+{
     parser p;
     parser_init(&p, src, MODE_INT, 1, err, errlen);
+    p.allow_zero = allow_zero;
     p.vars = vars;
     p.n_vars = n_vars;
     int64_t d[4] = {0, 0, 0, 0};

@@ -38,6 +38,10 @@ int expr_eval_int(const char *src, const expr_var *vars, int n_vars, int64_t *ou
  * product at most EXPR_MAX_NUMEL). */
 int expr_eval_shape(const char *src, const expr_var *vars, int n_vars, int64_t dims[4], int *ndim,
                     char *err, size_t errlen);
+/* The same, where allow_zero lets a dimension be 0: a frozen buffer a
+ * module's options leave out (PR_PARAM_FROZEN; it holds no element). */
+int expr_eval_shape_z(const char *src, const expr_var *vars, int n_vars, int allow_zero, int64_t dims[4],
+                      int *ndim, char *err, size_t errlen);
 
 /* Syntax check with the set of names that may appear (values unknown):
  * reports syntax errors and unknown names without evaluating. */

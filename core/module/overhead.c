@@ -114,7 +114,7 @@ static int insertion_flops(const pr_technique *t, const expr_var *v, int nv, int
             continue;   /* folded away before inference */
         int64_t dims[4];
         int ndim;
-        if (expr_eval_shape(d.shape, v, nv, dims, &ndim, e, sizeof e))
+        if (expr_eval_shape_z(d.shape, v, nv, (d.flags & PR_PARAM_FROZEN) != 0, dims, &ndim, e, sizeof e))
             return pr_errorf(err, PR_ERR_INVALID, "technique '%s': parameter '%s' shape '%s': %s", t->name,
                              d.name ? d.name : "?", d.shape, e);
         int64_t numel = 1;

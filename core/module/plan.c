@@ -526,7 +526,7 @@ static int resolve_params(pr_module *mod, pr_error *err)
             const pr_param_decl *p = &mod->pd[i];
             int64_t dims[4];
             int nd = 0;
-            if (expr_eval_shape(p->shape, v, nv, dims, &nd, e, sizeof e))
+            if (expr_eval_shape_z(p->shape, v, nv, (p->flags & PR_PARAM_FROZEN) != 0, dims, &nd, e, sizeof e))
                 return pr_errorf(err, PR_ERR_INVALID, "module '%s': parameter '%s' shape '%s' at %s: %s", mod_name(mod),
                                  p->name, p->shape, in->where, e);
             int kl = (p->scope == PR_SCOPE_INSERTION || p->scope == PR_SCOPE_LAYER) ? in->layer : INT32_MIN;

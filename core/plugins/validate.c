@@ -172,7 +172,8 @@ static int name_ok(const char *s, const char *first, const char *rest)
 
 static int option_is_numeric(const pr_option_decl *o)
 {
-    return o->type == PR_OPT_INT || o->type == PR_OPT_FLOAT || o->type == PR_OPT_BOOL;
+    /* an enum option is its choice's index (core/module/plan.c) */
+    return o->type == PR_OPT_INT || o->type == PR_OPT_FLOAT || o->type == PR_OPT_BOOL || o->type == PR_OPT_ENUM;
 }
 
 /* 1 when src has a ',' outside parentheses (a list, not one expression). */

@@ -192,7 +192,7 @@ typedef enum pr_option_type {
 
 typedef struct pr_option_decl {
     uint32_t struct_size;
-    const char *name;     /* [a-z][a-z0-9_]*; usable in shape expressions if numeric */
+    const char *name;     /* [a-z][a-z0-9_]*; usable in shape expressions unless a string */
     int32_t type;         /* pr_option_type */
     double def;           /* default for numeric, bool (0/1) and enum (index) */
     double min, max;      /* inclusive bounds for INT and FLOAT */
@@ -269,9 +269,13 @@ typedef enum pr_peft_layout {
  * module's chosen sites, for a tensor shared across sites), n_sites and
  * n_chosen_layers, rows, B, T and n_members (saved and scratch buffers
  * only; n_members: a composite's member count), and the numeric
- * options by name.  Operators + - * / (integer division) % and
- * parentheses; functions min(a,b), max(a,b).  init_arg is a float
- * expression over the same names plus sqrt(). */
+ * options by name (a bool is 0 or 1, an enum its choice's index).
+ * Operators + - * / (integer division) % and parentheses; functions
+ * min(a,b), max(a,b).  Every dimension is >= 1, except that a
+ * PR_PARAM_FROZEN parameter's may be 0: a buffer the module's options
+ * leave out (hosts of ABI 1.0 refuse it), which holds no element and is
+ * neither counted nor saved.  init_arg is a float expression over the
+ * same names plus sqrt(). */
 typedef struct pr_param_decl {
     uint32_t struct_size;
     const char *name;        /* unique in the technique; Hugging Face PEFT's name where one exists */
