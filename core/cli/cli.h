@@ -11,6 +11,10 @@
 #include "peftref/pipeline.h"
 
 int cmd_eval(int argc, char **argv);
+/* `peftref predict`, and eval's classification scores (cmd_predict.c). */
+int cmd_predict(int argc, char **argv);
+int cli_eval_classification(const char *arg, pr_pipeline *p, pr_model *m, pr_tokenizer *tok, const char *data,
+                            int T, int batch, int json);
 int cmd_tokenize(int argc, char **argv);
 int cmd_train(int argc, char **argv);
 int cmd_plugins(int argc, char **argv);

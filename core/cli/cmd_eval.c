@@ -21,6 +21,11 @@ static const char eval_usage[] =
     "k feeds tokens k*T..k*T+T-1 and scores the next token at each position.\n"
     "Prints the mean cross-entropy (nats) over the W*T targets and e^loss.\n"
     "\n"
+    "On a classification pipeline or run, scores its head instead: over the\n"
+    "run's validation split, or the JSONL records of --data FILE, the loss,\n"
+    "accuracy, macro-F1 and per-label counts (--json: {\"loss\", \"accuracy\",\n"
+    "\"macro_f1\", \"n\", \"per_class\": {LABEL: {\"n\", \"correct\"}}}).\n"
+    "\n"
     "  --model DIR       Hugging Face GPT-2 directory (config.json, model.safetensors\n"
     "                    or model.safetensors.index.json, tokenizer files)\n"
     "  --preset NAME     a built-in shape with seeded random init (gpt2-tiny, gpt2-small)\n"
@@ -88,7 +93,7 @@ int cmd_eval(int argc, char **argv)
                 eval_usage);
         return 2;
     }
-    if (!data_path || (T == 0 && !pipeline)) {
+    if ((!data_path && !pipeline) || (T == 0 && !pipeline)) {
         fprintf(stderr, "peftref eval: --data FILE and --seq-len T are required\n%s", eval_usage);
         return 2;
     }
@@ -109,10 +114,19 @@ int cmd_eval(int argc, char **argv)
         if ((rc = cli_pipeline_build("eval", pipeline, sets, n_sets, &reg, &pipe, &m, &tok)))
             goto done;
         rc = 1;
-        if (T == 0) {
-            pr_train_config tc;
-            pr_pipeline_train_config(pipe, &tc);
+        pr_train_config tc;
+        pr_pipeline_train_config(pipe, &tc);
+        if (tc.task && strcmp(tc.task, "classification") == 0) {
+            /* the run's own sequence length and batch: its validation accuracy, exactly */
+            rc = cli_eval_classification(pipeline, pipe, m, tok, data_path, T ? T : tc.seq_len, tc.batch, json);
+            goto done;
+        }
+        if (T == 0)
             T = tc.seq_len;
+        if (!data_path) {
+            fprintf(stderr, "peftref eval: --data FILE is required for a language-model pipeline\n");
+            rc = 2;
+            goto done;
         }
     }
     if ((!pipeline && (cli_load_model(model_dir, preset, seed, &m, &err) ||

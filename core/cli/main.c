@@ -14,7 +14,8 @@ typedef struct subcommand {
 } subcommand;
 
 static const subcommand commands[] = {
-    {"eval", cmd_eval, "perplexity of a model on a text file"},
+    {"eval", cmd_eval, "perplexity of a model on a text file; a classification run's accuracy"},
+    {"predict", cmd_predict, "labels and probabilities from a classification run"},
     {"tokenize", cmd_tokenize, "print a text's token ids"},
     {"train", cmd_train, "train a model's tensors, or a YAML pipeline's modules"},
     {"plan", cmd_plan, "check a YAML pipeline and count what it would train"},

@@ -183,6 +183,7 @@ int pr_pipeline_build(pr_pipeline *p, pr_model **model, pr_tokenizer **tok, pr_e
         }
     }
     *model = m;
+    p->built = m;
     return PR_OK;
 }
 
@@ -200,4 +201,9 @@ void pr_pipeline_train_config(const pr_pipeline *p, pr_train_config *cfg)
         return;
     }
     *cfg = p->tc;
+}
+
+const pr_head *pr_pipeline_head(const pr_pipeline *p)
+{
+    return p && p->head.n_labels > 0 ? &p->head : NULL;
 }

@@ -48,6 +48,7 @@ void pr_pipeline_free(pr_pipeline *p)
 {
     if (!p)
         return;
+    pr_head_free(&p->head);
     for (int i = 0; i < p->n_mods; i++) {
         free(p->mods[i].layers);
         free(p->mods[i].opts);
@@ -119,6 +120,7 @@ static void validate(loader *L, const ynode *root, int has_arms)
     pl_load_train(L, pl_map_get(root, "train"));
     if ((n = pl_map_get(root, "task")))
         pl_load_task(L, n);
+    pl_check_metrics(L, root);
     if ((n = pl_map_get(root, "modules")))
         pl_load_modules(L, n);
     if (!p->tc.out_dir)
@@ -152,6 +154,7 @@ static void check_arm(loader *L, const ynode *root, const ynode *arm, int i)
     }
     A.p->reg = L->reg;
     pr_train_config_default(&A.p->tc);
+    pl_tc_init(A.p);
     ynode *t = pl_arm_tree(&A, root, arm);
     if (t)
         validate(&A, t, 0);
@@ -221,6 +224,7 @@ static int load_impl(const char *path, int arm, const char *const *overrides, in
     }
     p->reg = reg;
     pr_train_config_default(&p->tc);
+    pl_tc_init(p);
     /* the file's name as written locates its diagnostics */
     int parse_failed = pl_parse_yaml(text, len, p->path, 1, 0, &L.d, &root) != 0;
     free(text);

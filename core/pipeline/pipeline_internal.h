@@ -152,7 +152,13 @@ struct pr_pipeline {
     int n_arms;
     const char *arm;             /* the arm applied, or NULL for the base */
     char base_fp[64];            /* pr_model_fingerprint of the base, set by build */
+    pr_head head;                /* classification: the head task.head names, then the trained one */
+    const char *head_path;       /* task.head as resolved, or NULL */
+    pr_model *built;             /* the model build made (not owned), which keep_best saves */
 };
+
+/* Point p->tc at p's head and keep_best's saver (run_outputs.c). */
+void pl_tc_init(pr_pipeline *p);
 
 /* A copy of s that lives as long as p (NULL when out of memory). */
 const char *pl_keep(pr_pipeline *p, const char *s);
@@ -194,6 +200,7 @@ void pl_check_exists(loader *L, const ynode *n, const char *path, const char *re
 void pl_load_model(loader *L, const ynode *m);
 void pl_load_train(loader *L, const ynode *t);
 void pl_load_task(loader *L, const ynode *t);
+void pl_check_metrics(loader *L, const ynode *root);
 
 /* ---- modules (modules.c, saved_modules.c) --------------------------------- */
 

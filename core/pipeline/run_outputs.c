@@ -1,7 +1,9 @@
 /* peftref pipelines: what a run leaves in its output directory: the
- * trained modules (modules/NAME.safetensors) and pipeline.yaml, the
- * resolved pipeline with every module loaded frozen, to evaluate, sample
- * or merge the run with. */
+ * trained modules (modules/NAME.safetensors, and a classification run's
+ * head, modules/head.safetensors) and pipeline.yaml, the resolved
+ * pipeline with every module loaded frozen, to evaluate, sample or merge
+ * the run with; with train.keep_best, the best evaluation's modules in
+ * modules/best/ and best.yaml, the same pipeline over them. */
 #include "config.h"
 
 #include <ctype.h>
@@ -75,8 +77,10 @@ static const char *mod_name_of(const pr_model *m, int i)
 }
 
 /* The resolved pipeline, every module loaded frozen: module files of the
- * run are named relative to the run directory, others absolutely. */
-static int write_snapshot(const pr_pipeline *p, const pr_model *m, const char *path, pr_error *err)
+ * run (under sub, "modules/" or "modules/best/") are named relative to
+ * the run directory, others absolutely. */
+static int write_snapshot(const pr_pipeline *p, const pr_model *m, const char *path, const char *sub,
+                          pr_error *err)
 {
     char *text = NULL;
     size_t len = 0;
@@ -131,7 +135,7 @@ static int write_snapshot(const pr_pipeline *p, const pr_model *m, const char *p
             }
             if (pm->trainable) {
                 char rel[300];
-                snprintf(rel, sizeof rel, "modules/%s.safetensors", name);
+                snprintf(rel, sizeof rel, "%s%s.safetensors", sub, name);
                 fprintf(o, "\n    load: ");
                 yq(o, rel);
             } else if (pm->composite_load) {
@@ -162,7 +166,7 @@ static int write_snapshot(const pr_pipeline *p, const pr_model *m, const char *p
         } else {
             fprintf(o, "  - load: ");
             char rel[300];
-            snprintf(rel, sizeof rel, "modules/%s.safetensors", name);
+            snprintf(rel, sizeof rel, "%s%s.safetensors", sub, name);
             yq(o, rel);
         }
         fprintf(o, "\n    mode: frozen\n    name: ");
@@ -180,6 +184,13 @@ static int write_snapshot(const pr_pipeline *p, const pr_model *m, const char *p
         yq_abs(o, t->val_path);
         fputc('\n', o);
     }
+    if (p->head.n_labels > 0) {
+        char rel[300];
+        snprintf(rel, sizeof rel, "%shead.safetensors", sub);
+        fprintf(o, "  head: ");
+        yq(o, rel);
+        fputc('\n', o);
+    }
     char b[7][40];
     fprintf(o, "  val_fraction: %s\n  format: %s\n", short_num(b[0], 40, t->val_fraction, 0),
             t->format ? t->format : "auto");
@@ -193,12 +204,63 @@ static int write_snapshot(const pr_pipeline *p, const pr_model *m, const char *p
             short_num(b[4], 40, t->beta1, 1), short_num(b[5], 40, t->beta2, 1), short_num(b[6], 40, t->eps, 1),
             short_num(b[0], 40, t->head_lr_mult, 1), (unsigned long long)t->seed, t->eval_every, t->eval_batches,
             t->log_every, t->ckpt_every);
+    if (t->keep_best)
+        fprintf(o, "  keep_best: %s\n", t->keep_best);
+    if (t->early_stop_patience > 0)
+        fprintf(o, "  early_stop: {patience: %d, min_delta: %s, metric: %s}\n", t->early_stop_patience,
+                short_num(b[1], 40, t->early_stop_min_delta, 0),
+                t->early_stop_metric ? t->early_stop_metric : "val_loss");
     if (fclose(o) != 0) {
         free(text);
         return pr_errorf(err, PR_ERR_NOMEM, "%s: out of memory", path);
     }
     int rc = fileio_write_atomic(path, text, len, err);
     free(text);
+    return rc;
+}
+
+static int make_dir(const char *dir, pr_error *err)
+{
+    if (mkdir(dir, 0777) != 0 && errno != EEXIST)
+        return pr_errorf(err, PR_ERR_IO, "%s: cannot create it: %s", dir, strerror(errno));
+    return PR_OK;
+}
+
+/* Into dir: every module not loaded frozen (those are referenced, not
+ * copied) and the head. */
+static int save_modules(const pr_pipeline *p, pr_model *m, const char *dir, const pr_module_save_info *info,
+                        pr_error *err)
+{
+    int rc = PR_OK;
+    for (int i = 0; i < p->n_mods && !rc; i++) {
+        const pipe_module *pm = &p->mods[i];
+        if (pm->kind != MOD_TECHNIQUE && pm->mode == MODE_FROZEN)
+            continue;  /* referenced, not copied */
+        pr_module *mod = pr_model_module(m, i);
+        char file[512];
+        snprintf(file, sizeof file, "%s/%s.safetensors", dir, pr_module_name(mod));
+        if (pm->kind == MOD_FUSE) {
+            /* the members are referenced; the composite's weights are saved when trained */
+            if (pm->trainable)
+                rc = pr_composite_save(mod, file, err);
+            continue;
+        }
+        pr_module_save_info mi = *info;
+        if (pm->kind != MOD_TECHNIQUE && pm->mode == MODE_CONTINUE) {
+            /* steps count from the saved module's own training */
+            const char *tr = pr_module_file_meta(pm->files[0], "training");
+            const char *st = tr ? strstr(tr, "\"steps\":") : NULL;
+            if (st)
+                mi.steps += strtoll(st + 8, NULL, 10);
+        }
+        rc = pr_module_save(mod, file, &mi, err);
+    }
+    if (!rc && p->head.n_labels > 0) {
+        char *file = fileio_join(dir, "head.safetensors");
+        rc = file ? pr_head_save(&p->head, file, info->steps, info->final_val_loss, err)
+                  : (int)pr_errorf(err, PR_ERR_NOMEM, "out of memory");
+        free(file);
+    }
     return rc;
 }
 
@@ -213,45 +275,52 @@ int pr_pipeline_save_run(const pr_pipeline *p, pr_model *m, const pr_train_resul
     char *dir = fileio_join(out, "modules");
     if (!dir)
         return pr_errorf(err, PR_ERR_NOMEM, "out of memory");
-    int rc = PR_OK;
-    if (mkdir(out, 0777) != 0 && errno != EEXIST)
-        rc = pr_errorf(err, PR_ERR_IO, "%s: cannot create the output directory: %s", out, strerror(errno));
-    if (!rc && p->n_mods && mkdir(dir, 0777) != 0 && errno != EEXIST)
-        rc = pr_errorf(err, PR_ERR_IO, "%s: cannot create it: %s", dir, strerror(errno));
+    int rc = make_dir(out, err);
+    if (!rc && (p->n_mods || p->head.n_labels > 0))
+        rc = make_dir(dir, err);
     pr_module_save_info info = { .base_fingerprint = pr_pipeline_base_fingerprint(p),
                                  .steps = res ? res->steps_done : 0,
                                  .final_train_loss = res && res->steps_done ? res->final_train_loss : NAN,
                                  .final_val_loss = res ? res->final_val_loss : NAN };
-    for (int i = 0; i < p->n_mods && !rc; i++) {
-        const pipe_module *pm = &p->mods[i];
-        if (pm->kind != MOD_TECHNIQUE && pm->mode == MODE_FROZEN)
-            continue;  /* referenced, not copied */
-        pr_module *mod = pr_model_module(m, i);
-        char file[512];
-        snprintf(file, sizeof file, "%s/%s.safetensors", dir, pr_module_name(mod));
-        if (pm->kind == MOD_FUSE) {
-            /* the members are referenced; the composite's weights are saved when trained */
-            if (pm->trainable)
-                rc = pr_composite_save(mod, file, err);
-            continue;
-        }
-        pr_module_save_info mi = info;
-        if (pm->kind != MOD_TECHNIQUE && pm->mode == MODE_CONTINUE) {
-            /* steps count from the saved module's own training */
-            const char *tr = pr_module_file_meta(pm->files[0], "training");
-            const char *st = tr ? strstr(tr, "\"steps\":") : NULL;
-            if (st)
-                mi.steps += strtoll(st + 8, NULL, 10);
-        }
-        rc = pr_module_save(mod, file, &mi, err);
-    }
+    if (!rc)
+        rc = save_modules(p, m, dir, &info, err);
     free(dir);
     if (rc)
         return rc;
     char *snap = fileio_join(out, "pipeline.yaml");
     if (!snap)
         return pr_errorf(err, PR_ERR_NOMEM, "out of memory");
-    rc = write_snapshot(p, m, snap, err);
+    rc = write_snapshot(p, m, snap, "modules/", err);
     free(snap);
     return rc;
+}
+
+/* keep_best's on_best: the modules and head as evaluated at step into
+ * OUT/modules/best/, and OUT/best.yaml, the pipeline over them. */
+static int save_best(void *arg, int64_t step, double val_loss, double val_accuracy, pr_error *err)
+{
+    (void)val_accuracy;
+    pr_pipeline *p = arg;
+    if (!p->built)
+        return PR_OK;
+    const char *out = p->tc.out_dir;
+    char *mods = fileio_join(out, "modules"), *dir = fileio_join(out, "modules/best");
+    char *snap = fileio_join(out, "best.yaml");
+    int rc = mods && dir && snap ? PR_OK : (int)pr_errorf(err, PR_ERR_NOMEM, "out of memory");
+    pr_module_save_info info = { .base_fingerprint = pr_pipeline_base_fingerprint(p), .steps = step,
+                                 .final_train_loss = NAN, .final_val_loss = val_loss };
+    if (!rc && !(rc = make_dir(out, err)) && !(rc = make_dir(mods, err)) && !(rc = make_dir(dir, err)) &&
+        !(rc = save_modules(p, p->built, dir, &info, err)))
+        rc = write_snapshot(p, p->built, snap, "modules/best/", err);
+    free(mods);
+    free(dir);
+    free(snap);
+    return rc;
+}
+
+void pl_tc_init(pr_pipeline *p)
+{
+    p->tc.head = &p->head;
+    p->tc.on_best = save_best;
+    p->tc.on_best_arg = p;
 }

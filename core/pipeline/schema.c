@@ -401,7 +401,9 @@ void pl_load_train(loader *L, const ynode *t)
     static const char *const keys[] = { "steps", "batch", "seq_len", "accum", "lr", "min_lr_ratio", "schedule",
                                         "warmup", "weight_decay", "decay_all", "clip", "beta1", "beta2", "eps",
                                         "head_lr_mult", "seed", "eval_every", "eval_batches", "log_every",
-                                        "checkpoint_every", "output", "resume", "resume_changed", "progress" };
+                                        "checkpoint_every", "output", "resume", "resume_changed", "progress",
+                                        "keep_best", "early_stop" };
+    static const char *const metrics[] = { "val_loss", "val_accuracy" };
     static const char *const schedules[] = { "cosine", "linear", "constant" };
     static const char *const progress_modes[] = { "auto", "bar", "plain", "none" };
     pr_train_config *c = &L->p->tc;
@@ -451,6 +453,23 @@ void pl_load_train(loader *L, const ynode *t)
     const char *mode;
     if ((n = pl_map_get(t, "progress")) && !pl_get_choice(L, n, "train.progress", progress_modes, 4, &mode))
         c->progress = pr_progress_parse(mode);
+    if ((n = pl_map_get(t, "keep_best")) && !pl_is_null(n))
+        pl_get_choice(L, n, "train.keep_best", metrics, 2, &c->keep_best);
+    if ((n = pl_map_get(t, "early_stop")) && !pl_is_null(n) && !pl_want_map(L, n, "train.early_stop")) {
+        static const char *const es_keys[] = { "patience", "min_delta", "metric" };
+        pl_check_keys(L, n, "train.early_stop", es_keys, 3);
+        const ynode *e;
+        if (!(e = pl_map_get(n, "patience")))
+            pl_diag_at(&L->d, n, "train.early_stop: missing required key 'patience' (evaluations without "
+                       "improvement before stopping)");
+        else if (!pl_get_int(L, e, "train.early_stop.patience", 1, big, &v))
+            c->early_stop_patience = (int)v;
+        if ((e = pl_map_get(n, "min_delta")) &&
+            !pl_get_float(L, e, "train.early_stop.min_delta", 0, 0, INFINITY, 0, &f))
+            c->early_stop_min_delta = f;
+        if ((e = pl_map_get(n, "metric")))
+            pl_get_choice(L, e, "train.early_stop.metric", metrics, 2, &c->early_stop_metric);
+    }
     const char *s;
     if ((n = pl_map_get(t, "output")) && !pl_get_string(L, n, "train.output", &s))
         c->out_dir = pl_resolve_path(L, n, s);
@@ -461,12 +480,12 @@ void pl_load_train(loader *L, const ynode *t)
 
 void pl_load_task(loader *L, const ynode *t)
 {
-    static const char *const keys[] = { "type", "train", "validation", "val_fraction", "format" };
+    static const char *const keys[] = { "type", "train", "validation", "val_fraction", "format", "head" };
     static const char *const types[] = { "lm", "classification" }, *const formats[] = { "auto", "text", "jsonl" };
     pr_train_config *c = &L->p->tc;
     if (pl_want_map(L, t, "task"))
         return;
-    pl_check_keys(L, t, "task", keys, 5);
+    pl_check_keys(L, t, "task", keys, 6);
     const ynode *n;
     if ((n = pl_map_get(t, "type")))
         pl_get_choice(L, n, "task.type", types, 2, &c->task);
@@ -483,4 +502,27 @@ void pl_load_task(loader *L, const ynode *t)
     if ((n = pl_map_get(t, "validation")) && !pl_is_null(n) && !pl_get_string(L, n, "task.validation", &s) &&
         (c->val_path = pl_resolve_path(L, n, s)))
         pl_check_exists(L, n, "task.validation", c->val_path, 0);
+    /* a run's trained head (modules/head.safetensors), read now to check it */
+    pr_error e = {0};
+    if ((n = pl_map_get(t, "head")) && !pl_is_null(n) && !pl_get_string(L, n, "task.head", &s) &&
+        (L->p->head_path = pl_resolve_path(L, n, s)) &&
+        pr_head_load(L->p->head_path, L->p->have_cfg ? L->p->cfg.d_model : 0, &L->p->head, &e) != PR_OK)
+        pl_diag_at(&L->d, n, "task.head: %s", e.msg);
+}
+
+/* val_accuracy is a classification metric: train.keep_best and
+ * train.early_stop.metric may name it only for that task. */
+void pl_check_metrics(loader *L, const ynode *root)
+{
+    const pr_train_config *c = &L->p->tc;
+    if (c->task && strcmp(c->task, "classification") == 0)
+        return;
+    const ynode *t = pl_map_get(root, "train"), *es = pl_map_get(t, "early_stop");
+    const ynode *at[] = { pl_map_get(t, "keep_best"), pl_map_get(es, "metric") };
+    const char *val[] = { c->keep_best, c->early_stop_metric };
+    const char *path[] = { "train.keep_best", "train.early_stop.metric" };
+    for (int i = 0; i < 2; i++)
+        if (at[i] && val[i] && strcmp(val[i], "val_accuracy") == 0)
+            pl_diag_at(&L->d, at[i], "%s: val_accuracy needs task.type classification (a language-model run has "
+                       "val_loss only)", path[i]);
 }

@@ -29,11 +29,7 @@ static double head_forward_backward(trainer *t, int rows, int backward, int *cor
             continue;
         const float *h = hidden + ((size_t)b * T + (size_t)(t->lengths[b] - 1)) * C;
         float *z = t->cls_logits + (size_t)b * K;
-        for (int k = 0; k < K; k++)
-            z[k] = bias[k];
-        for (int c = 0; c < C; c++)
-            for (int k = 0; k < K; k++)
-                z[k] += h[c] * W[(size_t)c * K + k];
+        train_head_logits(W, bias, h, C, K, z);
         double mx = z[0];
         int arg = 0;
         for (int k = 1; k < K; k++)

@@ -198,6 +198,7 @@ typedef struct jsonl_ctx {
     int T;
     int eot;                    /* appended to lm records, or -1 */
     const data_labels *given;   /* fixed label set, or NULL */
+    int label_optional;         /* with given: a record may lack "label" */
     builder b;
     ibuf seq;
     /* classification without a given label set: the labels as read */
@@ -294,9 +295,11 @@ static int cls_record(jsonl_ctx *c, const json_t *rec, int line, pr_error *err)
     int rc = get_string(rec, "text", c->path, line, &s, &len, err);
     if (rc)
         return rc;
+    int label = -1, kind = json_is_string(lab) ? 1 : json_is_integer(lab) ? 2 : 0;
+    if (!lab && c->given && c->label_optional)
+        goto text;
     if (!lab)
         return pr_errorf(err, PR_ERR_FORMAT, "%s:%d: field \"label\" is missing", c->path, line);
-    int kind = json_is_string(lab) ? 1 : json_is_integer(lab) ? 2 : 0;
     if (!kind)
         return pr_errorf(err, PR_ERR_FORMAT, "%s:%d: field \"label\" must be a string or an integer, not %s",
                          c->path, line, json_kind(lab));
@@ -306,8 +309,6 @@ static int cls_record(jsonl_ctx *c, const json_t *rec, int line, pr_error *err)
                          line, json_kind(lab), c->given ? "the training set's" : "earlier records'",
                          want == 1 ? "strings" : "integers");
     c->label_kind = kind;
-
-    int label = -1;
     if (kind == 2) {
         json_int_t v = json_integer_value(lab);
         if (v < 0 || v > DATA_MAX_INT_LABEL)
@@ -329,7 +330,7 @@ static int cls_record(jsonl_ctx *c, const json_t *rec, int line, pr_error *err)
             return pr_errorf(err, PR_ERR_FORMAT, "%s:%d: field \"label\": \"%s\" is not in the training label set",
                              c->path, line, json_string_value(lab));
     }
-
+text:
     rc = encode_field(c->tok, s, len, c->path, line, "text", &ids, &n, err);
     if (rc)
         return rc;
@@ -548,6 +549,7 @@ int data_load(const char *path, const char *format, const char *task, const pr_t
             .T = seq_len,
             .eot = o->no_eot ? -1 : pr_tokenizer_eot(tok),
             .given = o->labels,
+            .label_optional = o->label_optional,
             .b = b,
             .max_int = -1,
         };

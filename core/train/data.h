@@ -61,6 +61,9 @@ typedef struct data_options {
     /* classification: the label set examples must belong to (e.g. the
      * training set's, when loading validation data); NULL builds one */
     const data_labels *labels;
+    /* classification with a given label set: a record may lack "label"
+     * (its example's label is then -1), as inputs to predict do */
+    int label_optional;
     /* lm JSONL: do not append the tokenizer's end-of-text id */
     int no_eot;
     /* largest file accepted, in bytes; 0 means 1 GiB */

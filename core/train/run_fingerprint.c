@@ -194,6 +194,12 @@ int run_fp_of_run(run_fp *f, const pr_model *m, const pr_train_config *c, pr_err
     rc |= run_fp_set(f, "train.eps", "%s", flt(b, sizeof b, c->eps));
     rc |= run_fp_set(f, "train.head_lr_mult", "%s", flt(b, sizeof b, c->head_lr_mult));
     rc |= run_fp_set(f, "train.seed", "%llu", (unsigned long long)c->seed);
+    /* set only when on, so the checkpoints of runs without them still match */
+    if (c->keep_best)
+        rc |= run_fp_set(f, "train.keep_best", "%s", c->keep_best);
+    if (c->early_stop_patience > 0)
+        rc |= run_fp_set(f, "train.early_stop", "patience=%d min_delta=%.9g metric=%s", c->early_stop_patience,
+                         c->early_stop_min_delta, c->early_stop_metric ? c->early_stop_metric : "val_loss");
     /* the trainable base tensors (modules' own tensors come with the modules) */
     uint64_t h = FNV_BASIS;
     int n_tr = 0;

@@ -16,6 +16,7 @@
  *                                 (taken before training changes it)
  *   train.steps batch seq_len accum lr min_lr_ratio warmup schedule
  *         weight_decay decay_all clip beta1 beta2 eps head_lr_mult seed
+ *         (keep_best, early_stop: only when on)
  *   trainable                     names of the trainable base tensors (count
  *                                 and a hash of the names)
  *   module.NAME                   technique@version, trainable, sites,

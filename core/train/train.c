@@ -109,62 +109,6 @@ void pr_train_unlock(const char *out_dir)
         run_dir_unlock(out_dir);
 }
 
-static int save_checkpoint(trainer *t, int64_t step, pr_error *err)
-{
-    float *m, *v;
-    size_t n;
-    optim_state_block(&t->opt, &m, &v, &n);
-    trainstate_moments mom = {.m = m, .v = v, .n = n, .t = optim_get_t(&t->opt)};
-    trainstate_progress prog = {.step = step, .shuffle_seed = t->cfg->seed};
-    memcpy(prog.rng, t->rng.s, sizeof prog.rng);
-    uint64_t epoch, cursor;
-    data_sampler_get_position(&t->sampler, &epoch, &cursor);
-    prog.epoch = (int64_t)epoch;
-    prog.cursor = (int64_t)cursor;
-    char val[5][40];
-    snprintf(val[0], sizeof val[0], "%.17g", t->have_loss ? t->last_loss : NAN);
-    snprintf(val[1], sizeof val[1], "%.17g", t->have_loss ? t->first_loss : NAN);
-    snprintf(val[2], sizeof val[2], "%.17g", t->have_loss ? t->min_loss : NAN);
-    snprintf(val[3], sizeof val[3], "%.17g", t->last_val);
-    snprintf(val[4], sizeof val[4], "%.17g", t->last_acc);
-    st_kv extra[] = {{"train_loss", val[0]}, {"first_train_loss", val[1]}, {"min_train_loss", val[2]},
-                     {"val_loss", val[3]}, {"val_accuracy", val[4]}};
-    int rc = trainstate_save_extra(t->ckpt_path, t->fp_json, t->ts, t->n_ts, &mom, &prog, extra,
-                                   (int)(sizeof extra / sizeof extra[0]), err);
-    if (rc == PR_OK)
-        t->ckpt_step = step;
-    return rc;
-}
-
-/* Where the last good checkpoint is, for a message. */
-static const char *ckpt_note(const trainer *t, char *buf, size_t len)
-{
-    if (t->ckpt_step >= 0)
-        snprintf(buf, len, "the last good checkpoint is %s (step %lld)", t->ckpt_path, (long long)t->ckpt_step);
-    else
-        snprintf(buf, len, "no checkpoint has been written yet (%s does not exist)", t->ckpt_path);
-    return buf;
-}
-
-static int load_checkpoint(trainer *t, const char *fingerprint, int64_t *step, pr_error *err)
-{
-    float *m, *v;
-    size_t n;
-    optim_state_block(&t->opt, &m, &v, &n);
-    trainstate_moments mom = {.m = m, .v = v, .n = n};
-    trainstate_progress prog;
-    int rc = trainstate_load(t->ckpt_path, fingerprint, t->ts, t->n_ts, &mom, &prog, err);
-    if (rc)
-        return rc;
-    if ((rc = optim_set_t(&t->opt, mom.t, err)))
-        return rc;
-    memcpy(t->rng.s, prog.rng, sizeof prog.rng);
-    if ((rc = data_sampler_set_position(&t->sampler, (uint64_t)prog.epoch, (uint64_t)prog.cursor, err)))
-        return rc;
-    *step = prog.step;
-    t->ckpt_step = prog.step;
-    return PR_OK;
-}
 
 /* The learning-rate multiplier a tensor asks for (0 in the table means 1). */
 static float tensor_lr_mult(const pr_tensor_info *ti)
@@ -271,6 +215,12 @@ static int setup(trainer *t, pr_model *m, const pr_tokenizer *tok, const pr_trai
     t->is_cls = cfg->task && strcmp(cfg->task, "classification") == 0;
     if (cfg->task && !t->is_cls && strcmp(cfg->task, "lm") != 0)
         return pr_errorf(err, PR_ERR_INVALID, "task: expected 'lm' or 'classification', got '%s'", cfg->task);
+    static const char *const metrics[] = {"val_loss", "val_accuracy"};
+    const char *const which[] = {cfg->keep_best, cfg->early_stop_metric};
+    for (int i = 0; i < 2; i++)
+        if (which[i] && strcmp(which[i], metrics[0]) != 0 && (strcmp(which[i], metrics[1]) != 0 || !t->is_cls))
+            return pr_errorf(err, PR_ERR_INVALID, "%s: expected val_loss%s, got '%s'",
+                             i ? "early_stop.metric" : "keep_best", t->is_cls ? " or val_accuracy" : "", which[i]);
     if (cfg->steps < 0 || cfg->batch < 1 || cfg->seq_len < 1 || cfg->accum < 1)
         return pr_errorf(err, PR_ERR_INVALID, "steps >= 0, batch >= 1, seq_len >= 1 and accum >= 1 are required");
     if (!cfg->out_dir)
@@ -332,6 +282,8 @@ static int setup(trainer *t, pr_model *m, const pr_tokenizer *tok, const pr_trai
         /* small normal init keeps the initial prediction near uniform */
         for (size_t i = 0; i < (size_t)t->C * t->K; i++)
             t->head[i] = 0.02f * rng_normal(&t->rng);
+        if ((rc = train_import_head(t, err)))
+            return rc;
     }
     if ((rc = pr_model_reserve(m, t->B, t->T, err)))
         return rc;
@@ -357,120 +309,14 @@ static int setup(trainer *t, pr_model *m, const pr_tokenizer *tok, const pr_trai
         !(t->fp_json = run_fp_json(&t->fp)))
         return pr_errorf(err, PR_ERR_NOMEM, "out of memory");
     t->ckpt_step = -1;
+    t->stopped_at = -1;
+    best_init(&t->keep, cfg->keep_best, 0.0);
+    t->keep.on = cfg->keep_best != NULL;
+    best_init(&t->stop, cfg->early_stop_metric, cfg->early_stop_min_delta);
+    t->stop.on = cfg->early_stop_patience > 0;
     t->last_val = NAN;
     t->last_acc = NAN;
     return PR_OK;
-}
-
-static int exists(const char *dir, const char *name)
-{
-    char *p = fileio_join(dir, name);
-    struct stat st;
-    int r = p && stat(p, &st) == 0;
-    free(p);
-    return r;
-}
-
-static void remove_in(const char *dir, const char *name)
-{
-    char *p = fileio_join(dir, name);
-    if (p)
-        unlink(p);
-    free(p);
-}
-
-/* Whether dir holds an earlier run's outputs (what a pipeline run writes
- * after training); names them in buf. */
-static int has_outputs(const char *dir, char *buf, size_t len)
-{
-    size_t k = 0;
-    buf[0] = '\0';
-    static const char *const names[] = {"pipeline.yaml", "loss.svg"};
-    for (int i = 0; i < 2; i++)
-        if (exists(dir, names[i]) && k < len)
-            k += (size_t)snprintf(buf + k, len - k, "%s%s", k ? ", " : "", names[i]);
-    char *mods = fileio_join(dir, "modules");
-    DIR *d = mods ? opendir(mods) : NULL;
-    struct dirent *de;
-    while (d && (de = readdir(d)))
-        if (strstr(de->d_name, ".safetensors") && !strstr(de->d_name, ".tmp.")) {
-            if (k < len)
-                k += (size_t)snprintf(buf + k, len - k, "%smodules/%s", k ? ", " : "", de->d_name);
-            break;
-        }
-    if (d)
-        closedir(d);
-    free(mods);
-    return k > 0;
-}
-
-static double meta_num(const char *s)
-{
-    return s ? strtod(s, NULL) : NAN;
-}
-
-/* A checkpoint to continue: its step within train.steps, its settings
- * this run's (or accepted with resume_changed: *changed gets them as
- * JSON), then its values loaded. */
-static int resume_checkpoint(trainer *t, int64_t *step, char **changed, pr_error *err)
-{
-    const pr_train_config *cfg = t->cfg;
-    static const char *const keys[] = {"fingerprint", "step", "train_loss", "first_train_loss",
-                                       "min_train_loss", "val_loss", "val_accuracy"};
-    enum { NK = (int)(sizeof keys / sizeof keys[0]) };
-    char *v[NK];
-    int rc = trainstate_read_meta(t->ckpt_path, keys, v, NK, err);
-    if (rc)
-        return rc;
-    char *end = NULL;
-    long long ck_step = v[1] ? strtoll(v[1], &end, 10) : -1;
-    if (!v[0] || !v[1] || *end || ck_step < 0) {
-        rc = pr_errorf(err, PR_ERR_FORMAT, "%s: checkpoint metadata lacks a fingerprint or a step", t->ckpt_path);
-    } else if (ck_step > cfg->steps) {
-        rc = pr_errorf(err, PR_ERR_INVALID,
-                       "%s is at step %lld, beyond train.steps %d: it belongs to a longer run (raise the steps "
-                       "to at least %lld to continue it, or use another output directory)",
-                       t->ckpt_path, ck_step, cfg->steps, ck_step);
-    } else {
-        run_fp old;
-        pr_error perr = {0};
-        char msg[2048];
-        if (run_fp_parse(v[0], &old, &perr) != PR_OK) {
-            if (!cfg->resume_changed)
-                rc = pr_errorf(err, PR_ERR_INVALID,
-                               "%s was written by an earlier peftref whose fingerprint ('%.200s') records shapes "
-                               "and seed only, so its other settings cannot be checked: resume it anyway with "
-                               "--resume-changed (train.resume_changed)", t->ckpt_path, v[0]);
-            else if (!(*changed = strdup("{\"fingerprint\": {\"old\": \"(shapes and seed only)\", \"new\": "
-                                         "\"(this run)\"}}")))
-                rc = pr_errorf(err, PR_ERR_NOMEM, "out of memory");
-        } else {
-            int n = run_fp_diff(&old, &t->fp, msg, sizeof msg, changed);
-            run_fp_free(&old);
-            if (n > 0 && !cfg->resume_changed)
-                rc = pr_errorf(err, PR_ERR_INVALID,
-                               "%s was written with different settings (%d changed: %s): resume anyway with "
-                               "--resume-changed (train.resume_changed; recorded in metrics.jsonl), restore the "
-                               "settings, or use another output directory", t->ckpt_path, n, msg);
-            if (n == 0) {
-                free(*changed);
-                *changed = NULL;
-            }
-        }
-    }
-    if (rc == PR_OK)
-        rc = load_checkpoint(t, v[0], step, err);
-    if (rc == PR_OK && v[2]) {
-        t->last_loss = meta_num(v[2]);
-        t->first_loss = meta_num(v[3]);
-        t->min_loss = meta_num(v[4]);
-        t->have_loss = isfinite(t->last_loss);
-        t->last_val = meta_num(v[5]);
-        t->last_acc = meta_num(v[6]);
-    }
-    for (int i = 0; i < NK; i++)
-        free(v[i]);
-    return rc;
 }
 
 static void log_metrics(trainer *t, const char *fmt, ...)
@@ -503,6 +349,33 @@ static void log_eval(trainer *t, int64_t step, double vloss, double vacc)
                     exp(vloss));
 }
 
+/* After the evaluation at step: keep_best's best modules (on_best, with
+ * the head exported first) and early stopping's count, and why it stops. */
+static int after_eval(trainer *t, int64_t step, double vloss, double vacc, pr_error *err)
+{
+    const pr_train_config *cfg = t->cfg;
+    int rc = PR_OK;
+    if (t->keep.on && best_update(&t->keep, step, t->keep.higher ? vacc : vloss)) {
+        log_metrics(t, "{\"event\": \"best\", \"step\": %lld, \"metric\": \"%s\", \"value\": %.6f}",
+                    (long long)step, cfg->keep_best, t->keep.best);
+        if (cfg->on_best && !(rc = train_export_head(t, err)))
+            rc = cfg->on_best(cfg->on_best_arg, step, vloss, vacc, err);
+    }
+    if (!rc && t->stop.on && !best_update(&t->stop, step, t->stop.higher ? vacc : vloss) &&
+        t->stop.bad >= cfg->early_stop_patience) {
+        const char *metric = t->stop.higher ? "val_accuracy" : "val_loss";
+        t->stopped_at = step;
+        log_metrics(t, "{\"event\": \"early_stop\", \"step\": %lld, \"metric\": \"%s\", \"best\": %.6f, "
+                    "\"best_step\": %lld, \"patience\": %d, \"min_delta\": %.6g}", (long long)step, metric,
+                    t->stop.best, (long long)t->stop.best_step, cfg->early_stop_patience, cfg->early_stop_min_delta);
+        if (!cfg->quiet && cfg->progress != PR_PROGRESS_NONE)
+            fprintf(stderr, "\nearly stopping at step %lld: %s has not improved by more than %g for %d evaluations "
+                    "(best %.6g at step %lld)\n", (long long)step, metric, cfg->early_stop_min_delta,
+                    cfg->early_stop_patience, t->stop.best, (long long)t->stop.best_step);
+    }
+    return rc;
+}
+
 static double now_seconds(void)
 {
     struct timespec ts;
@@ -520,6 +393,8 @@ int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, p
     memset(res, 0, sizeof *res);
     res->resumed_from = -1;
     res->final_val_accuracy = -1.0;
+    res->best_step = res->early_stopped = -1;
+    res->best_val_loss = res->best_val_accuracy = NAN;
     int rc = setup(&t, m, tok, cfg, err);
     if (rc) {
         trainer_free(&t);
@@ -544,8 +419,8 @@ int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, p
     if (cfg->force) {
         /* afresh: nothing of the earlier run may pass for this one's */
         unlink(t.ckpt_path);
-        remove_in(cfg->out_dir, "pipeline.yaml");
-        remove_in(cfg->out_dir, "loss.svg");
+        train_remove_in(cfg->out_dir, "pipeline.yaml");
+        train_remove_in(cfg->out_dir, "loss.svg");
         have_ckpt = 0;
     }
     if (have_ckpt) {
@@ -555,14 +430,14 @@ int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, p
                            "output directory", t.ckpt_path);
             goto out;
         }
-        if ((rc = resume_checkpoint(&t, &step, &changed, err)))
+        if ((rc = train_resume_checkpoint(&t, &step, &changed, err)))
             goto out;
         res->resumed_from = (int)step;
         if (talk)
             fprintf(stderr, "resumed from %s at step %lld\n", t.ckpt_path, (long long)step);
     } else if (!cfg->force) {
         char what[600];
-        if (has_outputs(cfg->out_dir, what, sizeof what)) {
+        if (train_has_outputs(cfg->out_dir, what, sizeof what)) {
             rc = pr_errorf(err, PR_ERR_INVALID,
                            "%s holds an earlier run (%s) and no checkpoint to resume from: choose another "
                            "output directory, or replace it with --force", cfg->out_dir, what);
@@ -580,7 +455,7 @@ int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, p
                 fprintf(stderr, "no checkpoint in %s yet: starting from step 0\n", cfg->out_dir);
         }
     }
-    if (have_ckpt && step == cfg->steps && step > 0) {
+    if (have_ckpt && ((step == cfg->steps && step > 0) || t.stopped_at >= 0)) {
         /* a finished run: nothing to train, nothing to write; its results are the checkpoint's */
         res->complete = 1;
         res->steps_done = step;
@@ -613,6 +488,8 @@ int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, p
     if (step == 0) {
         log_eval(&t, 0, vloss, vacc);
         train_progress_eval(&pg, 0, vloss, vacc, 0, now_seconds());
+        if ((rc = after_eval(&t, 0, vloss, vacc, err)))
+            goto out;
     } else {
         pg.val = vloss;
         pg.acc = vacc;
@@ -660,7 +537,7 @@ int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, p
                 rc = pr_errorf(err, PR_ERR_NUMERIC,
                                "loss is %s at step %lld: training stopped before updating; %s (lower the "
                                "learning rate or check the data)",
-                               isnan(l) ? "NaN" : "infinite", (long long)step + 1, ckpt_note(&t, note, sizeof note));
+                               isnan(l) ? "NaN" : "infinite", (long long)step + 1, train_ckpt_note(&t, note, sizeof note));
                 goto out_signals;
             }
             loss_sum += l;
@@ -681,7 +558,7 @@ int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, p
             rc = pr_errorf(err, PR_ERR_NUMERIC,
                            "gradient of %s[%zu] is not finite at step %lld: training stopped before "
                            "updating; %s",
-                           bad, bad_index, (long long)step + 1, ckpt_note(&t, note, sizeof note));
+                           bad, bad_index, (long long)step + 1, train_ckpt_note(&t, note, sizeof note));
             goto out_signals;
         }
         double norm = cfg->clip > 0 ? optim_clip(&t.opt, cfg->clip) : optim_grad_norm(&t.opt);
@@ -741,9 +618,11 @@ int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, p
             res->final_val_accuracy = vacc;
             t.last_val = vloss;
             t.last_acc = vacc;
+            if ((rc = after_eval(&t, step, vloss, vacc, err)))
+                goto out_signals;
         }
-        if ((cfg->ckpt_every > 0 && step % cfg->ckpt_every == 0) || last || stop_signal) {
-            if ((rc = save_checkpoint(&t, step, err)))
+        if ((cfg->ckpt_every > 0 && step % cfg->ckpt_every == 0) || last || stop_signal || t.stopped_at == step) {
+            if ((rc = train_save_checkpoint(&t, step, err)))
                 goto out_signals;
         }
         if (stop_signal) {
@@ -752,8 +631,10 @@ int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, p
                            (int)stop_signal, (long long)step, t.ckpt_path);
             goto out_signals;
         }
+        if (t.stopped_at == step)
+            break;
     }
-    if (step == cfg->steps && res->final_val_loss == 0.0) {
+    if ((step == cfg->steps || t.stopped_at == step) && res->final_val_loss == 0.0) {
         res->final_val_loss = vloss;
         res->final_val_accuracy = vacc;
     }
@@ -765,6 +646,19 @@ out_signals:
     sigaction(SIGINT, &old_int, NULL);
     sigaction(SIGTERM, &old_term, NULL);
 out:
+    if (rc == PR_OK || rc == PR_ERR_INTERRUPTED) {
+        res->early_stopped = t.stopped_at;
+        if (t.keep.on && t.keep.best_step >= 0) {
+            res->best_step = t.keep.best_step;
+            (t.keep.higher ? &res->best_val_accuracy : &res->best_val_loss)[0] = t.keep.best;
+        }
+        pr_error herr = {0};
+        int hr = train_export_head(&t, &herr);
+        if (hr && rc == PR_OK) {
+            rc = hr;
+            *err = herr;
+        }
+    }
     free(changed);
     trainer_free(&t);
     return rc;

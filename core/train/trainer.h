@@ -7,6 +7,7 @@
 #include <stdio.h>
 
 #include "peftref/train.h"
+#include "best.h"
 #include "data.h"
 #include "optim.h"
 #include "rng.h"
@@ -42,7 +43,32 @@ typedef struct trainer {
     int have_loss, warned_diverging;
     char *ckpt_path, *metrics_path;
     FILE *metrics;
+    /* train.keep_best and train.early_stop; stopped_at: the step early
+     * stopping stopped at (-1), carried by the checkpoint with both */
+    best_tracker keep, stop;
+    int64_t stopped_at;
 } trainer;
+
+/* checkpoint.c: write OUT/checkpoint.safetensors at step; continue one
+ * (its settings checked, *changed the accepted differences as JSON);
+ * where the last good one is, for a message; whether dir holds an
+ * earlier run's outputs (named in buf); remove dir/name. */
+int train_save_checkpoint(trainer *t, int64_t step, pr_error *err);
+int train_resume_checkpoint(trainer *t, int64_t *step, char **changed, pr_error *err);
+const char *train_ckpt_note(const trainer *t, char *buf, size_t len);
+int train_has_outputs(const char *dir, char *buf, size_t len);
+void train_remove_in(const char *dir, const char *name);
+
+/* Copy the trained head and its labels into cfg->head (classification
+ * with a head to fill; nothing otherwise). */
+int train_export_head(trainer *t, pr_error *err);
+/* Start from cfg->head when it holds one: its shape and labels must be
+ * this run's. */
+int train_import_head(trainer *t, pr_error *err);
+
+/* The head's logits for one pooled row: z (K) = h (C) . W (C,K) + b (K)
+ * (classify.c; training and pr_classify_* share it). */
+void train_head_logits(const float *W, const float *bias, const float *h, int C, int K, float *z);
 
 /* One micro-batch of rows: forward, and backward when asked.  The mean
  * loss over its scored targets in *loss and their count in *scored;

@@ -9,6 +9,7 @@
 #include "peftref/tokenizer.h"
 #include "peftref/eval.h"
 #include "peftref/train.h"
+#include "peftref/head.h"
 #include "peftref/plugin.h"
 #include "peftref/module.h"
 #include "peftref/pipeline.h"

@@ -109,8 +109,14 @@ void pr_pipeline_format_counts(const pr_pipeline_counts *c, char *buf, size_t le
  * pipeline order.  The caller frees *model and *tok. */
 int pr_pipeline_build(pr_pipeline *p, pr_model **model, pr_tokenizer **tok, pr_error *err);
 
-/* The task and train settings.  Strings point into p. */
+/* The task and train settings.  Strings point into p; cfg->head is p's
+ * head (the one task.head names, trained in place by pr_train), and
+ * keep_best saves into train.output/modules/best/ (docs/pipeline.md). */
 void pr_pipeline_train_config(const pr_pipeline *p, pr_train_config *cfg);
+
+/* The classification head: task.head's, or the one pr_train trained with
+ * this pipeline's config; NULL when there is none. */
+const pr_head *pr_pipeline_head(const pr_pipeline *p);
 
 /* ---- compare arms (docs/pipeline.md, "Compare arms") ---------------------
  *

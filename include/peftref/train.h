@@ -14,6 +14,7 @@
 #include "peftref/status.h"
 #include "peftref/model.h"
 #include "peftref/tokenizer.h"
+#include "peftref/head.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -56,6 +57,20 @@ typedef struct pr_train_config {
                                   checkpoint's (recorded in metrics.jsonl) */
     int force;                 /* start afresh in an out_dir holding an earlier
                                   run: its checkpoint is removed, its outputs replaced */
+    /* classification head (peftref/head.h): in, the head to start from
+     * (n_labels 0: a fresh one; else its labels must be the training
+     * data's); out, the trained head, at the end and before each on_best */
+    pr_head *head;
+    /* best modules and early stopping (docs/pipeline.md, "Best modules and
+     * early stopping"); every evaluation counts, step 0's included */
+    const char *keep_best;            /* NULL (off), "val_loss" or "val_accuracy" */
+    int early_stop_patience;          /* stop after this many evaluations without improvement; 0: off */
+    double early_stop_min_delta;      /* an improvement is by more than this */
+    const char *early_stop_metric;    /* NULL: "val_loss"; or "val_accuracy" */
+    /* keep_best: called after each evaluation that improves keep_best's
+     * metric, the model (and head) as evaluated */
+    int (*on_best)(void *arg, int64_t step, double val_loss, double val_accuracy, pr_error *err);
+    void *on_best_arg;
 } pr_train_config;
 
 /* How training shows its progress on stderr.  AUTO (the default) draws a
@@ -91,6 +106,9 @@ typedef struct pr_train_result {
     int64_t tokens_trained;      /* real (non-padding) tokens in those steps */
     int complete;                /* resumed a checkpoint at the last step: nothing
                                     trained; the losses are the checkpoint's */
+    int64_t best_step;           /* keep_best: the step of the best evaluation, -1: none */
+    double best_val_loss, best_val_accuracy;   /* ... and its values */
+    int64_t early_stopped;       /* the step early stopping stopped at, -1: it did not */
 } pr_train_result;
 
 /* The lock of a run's output directory (OUT/.lock: the holder's pid and
