@@ -173,11 +173,21 @@ static void test_four_arms_table(void **state)
     assert_int_equal((int)num(row_named(t, "bitfit"), "extra_positions"), 0);
     assert_true(fabs(num(row_named(t, "full"), "trainable_percent") - 100.0) < 1e-9);
 
-    /* text: a header, a rule, five rows; no arm row has an empty cell */
-    char *txt_path = join(odir, "table.txt"), *txt = slurp(txt_path);
+    /* the default text table: eight columns within 100 characters a line */
+    char *narrow_path = join(odir, "table.txt"), *narrow = slurp(narrow_path);
+    int narrow_lines = 0;
+    assert_non_null(strstr(narrow, "+FLOP/tok"));
+    assert_null(strstr(narrow, "ms/step"));
+    for (char *save = NULL, *l = strtok_r(narrow, "\n", &save); l; l = strtok_r(NULL, "\n", &save), narrow_lines++)
+        assert_true(strlen(l) <= 100);
+    assert_true(narrow_lines >= 7);
+    free(narrow);
+    free(narrow_path);
+    /* --wide (table_wide.txt): a header, a rule, five rows; no arm row has an empty cell */
+    char *txt_path = join(odir, "table_wide.txt"), *txt = slurp(txt_path);
     int lines = 0, rows_seen = 0;
     for (char *save = NULL, *l = strtok_r(txt, "\n", &save); l; l = strtok_r(NULL, "\n", &save), lines++) {
-        if (lines < 2)
+        if (lines < 2 || !strncmp(l, "note:", 5))
             continue;
         rows_seen++;
         int is_base = strncmp(l, "base (untrained)", 16) == 0;
@@ -219,7 +229,7 @@ static void test_four_arms_table(void **state)
             header = n;
         assert_int_equal(n, header);
     }
-    assert_int_equal(header, 15);
+    assert_int_equal(header, 22);
     assert_int_equal(records, 6);
 
     /* curves.svg: an SVG document with a polyline per arm and the legend */

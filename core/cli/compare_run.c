@@ -77,7 +77,7 @@ uint64_t compare_seed(uint64_t train_seed, int i)
  * time follows the machine's load. */
 double compare_calibrate(void)
 {
-    enum { N = 64, REPS = 12 };
+    enum { N = 96, REPS = 16 };   /* about 15 M multiply-adds: some milliseconds */
     static float a[N * N], b[N * N], c[N * N];
     for (int i = 0; i < N * N; i++) {
         a[i] = (float)(i % 7) * 0.25f;
