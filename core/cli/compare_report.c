@@ -276,13 +276,11 @@ static void pad(FILE *o, int n)
 static void render_notes(const compare_table *t, FILE *o, int narrow)
 {
     if (t->seeds > 1)
-        fprintf(o, "val loss, val %s, tokens/s%s: mean ± sample sd over %d seeds per arm (seed i = train.seed + "
-                "1000003*i)\n", is_cls(t) ? "acc" : "ppl", t->wide ? ", ms/step" : "", t->seeds);
+        fprintf(o, "mean ± sample sd over %d seeds per arm (seed i = train.seed + 1000003*i)\n", t->seeds);
     for (int i = 0; i < t->n_rows; i++) {
         const compare_row *r = &t->rows[i];
         if (r->setting[0])
-            fprintf(o, "%s: best setting on validation %s (its sweep: sweeps/%s.md with --out)\n", r->name, r->setting,
-                    r->name);
+            fprintf(o, "%s: best on validation: %s (sweeps/%s.md)\n", r->name, r->setting, r->name);
         if (r->seeds > 1 && r->ok && r->s_loss.n < r->seeds)
             fprintf(o, "%s: %d of %d seeds finished\n", r->name, r->s_loss.n, r->seeds);
     }
@@ -290,10 +288,8 @@ static void render_notes(const compare_table *t, FILE *o, int narrow)
         if (!t->rows[i].ok)
             fprintf(o, "%s: failed: %s\n", t->rows[i].name, t->rows[i].error[0] ? t->rows[i].error : "unknown error");
     if (t->calib_lo > 0 && t->calib_hi > 1.2 * t->calib_lo)
-        fprintf(o, "note: the machine's load changed during the comparison: a fixed calibration loop took %.1f to "
-                "%.1f ms before different runs (%.0f%% apart, over 20%%); compare tokens/s%s with care\n",
-                1e3 * t->calib_lo, 1e3 * t->calib_hi, 100.0 * (t->calib_hi / t->calib_lo - 1.0),
-                t->wide ? " and ms/step" : "");
+        fprintf(o, "note: machine load changed between runs (calibration loop %.1f-%.1f ms, %.0f%% apart): "
+                "timings vary\n", 1e3 * t->calib_lo, 1e3 * t->calib_hi, 100.0 * (t->calib_hi / t->calib_lo - 1.0));
 }
 
 static void render_text(const compare_table *t, FILE *o, int markdown)

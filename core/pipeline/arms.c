@@ -73,7 +73,8 @@ static int sweep_index(const ynode *sw, int k, int point)
 
 /* Checks an arm's sweep: a mapping of keys its set: may hold (and does
  * not) to non-empty lists of scalars, at most PL_MAX_SWEEP_POINTS settings
- * in all.  Fills p->arm_n_points[i] and p->arm_labels[i]. */
+ * in all (a key it may not hold is reported and left out, so that the
+ * values of the others are still checked).  Fills p->arm_n_points[i] and p->arm_labels[i]. */
 static void load_sweep(loader *L, const ynode *a, const char *path, int i)
 {
     pr_pipeline *p = L->p;
@@ -95,11 +96,9 @@ static void load_sweep(loader *L, const ynode *a, const char *path, int i)
             pl_diag_at(&L->d, key, "%s: '%s' cannot be swept: a sweep takes the keys an arm's set: may change "
                        "(modules.* and train.lr, min_lr_ratio, schedule, warmup, weight_decay, decay_all, clip, "
                        "beta1, beta2, eps, head_lr_mult)", kp, key->text);
-            bad = 1;
         } else if (set && set->kind == Y_MAP && pl_map_find(set, key->text) >= 0) {
             pl_diag_at(&L->d, key, "%s: '%s' is also in the arm's set: (line %d); give it in one place", kp,
                        key->text, set->keys[pl_map_find(set, key->text)]->line);
-            bad = 1;
         }
         if (v->kind != Y_SEQ || v->n == 0) {
             char g[200];
