@@ -173,11 +173,21 @@ static void test_four_arms_table(void **state)
     assert_int_equal((int)num(row_named(t, "bitfit"), "extra_positions"), 0);
     assert_true(fabs(num(row_named(t, "full"), "trainable_percent") - 100.0) < 1e-9);
 
-    /* text: a header, a rule, five rows; no arm row has an empty cell */
-    char *txt_path = join(odir, "table.txt"), *txt = slurp(txt_path);
+    /* the default text table: eight columns within 100 characters a line */
+    char *narrow_path = join(odir, "table.txt"), *narrow = slurp(narrow_path);
+    int narrow_lines = 0;
+    assert_non_null(strstr(narrow, "+FLOP/tok"));
+    assert_null(strstr(narrow, "ms/step"));
+    for (char *save = NULL, *l = strtok_r(narrow, "\n", &save); l; l = strtok_r(NULL, "\n", &save), narrow_lines++)
+        assert_true(strlen(l) <= 100);
+    assert_true(narrow_lines >= 7);
+    free(narrow);
+    free(narrow_path);
+    /* --wide (table_wide.txt): a header, a rule, five rows; no arm row has an empty cell */
+    char *txt_path = join(odir, "table_wide.txt"), *txt = slurp(txt_path);
     int lines = 0, rows_seen = 0;
     for (char *save = NULL, *l = strtok_r(txt, "\n", &save); l; l = strtok_r(NULL, "\n", &save), lines++) {
-        if (lines < 2)
+        if (lines < 2 || !strncmp(l, "note:", 5))
             continue;
         rows_seen++;
         int is_base = strncmp(l, "base (untrained)", 16) == 0;
@@ -219,7 +229,7 @@ static void test_four_arms_table(void **state)
             header = n;
         assert_int_equal(n, header);
     }
-    assert_int_equal(header, 15);
+    assert_int_equal(header, 22);
     assert_int_equal(records, 6);
 
     /* curves.svg: an SVG document with a polyline per arm and the legend */
@@ -591,6 +601,177 @@ static void test_progress_auto(void **state)
     free(err);
 }
 
+/* The last val_loss in a run's metrics.jsonl. */
+static double last_val_loss(const char *run_dir)
+{
+    char *path = join(run_dir, "metrics.jsonl");
+    FILE *f = fopen(path, "r");
+    if (!f)
+        fail_msg("cannot open %s", path);
+    char line[4096];
+    double v = NAN;
+    while (fgets(line, sizeof line, f)) {
+        json_t *o = json_loads(line, 0, NULL);
+        if (json_is_number(json_object_get(o, "val_loss")))
+            v = json_number_value(json_object_get(o, "val_loss"));
+        json_decref(o);
+    }
+    fclose(f);
+    free(path);
+    return v;
+}
+
+/* compare.seeds: 3: every arm's val loss is the mean and sample sd of its
+ * seeds' final losses (computed here from each run's metrics.jsonl), the
+ * seeds differ, the text shows mean ± sd; the sweep arm's row is its
+ * setting of lowest mean val loss, and its table is written. */
+static void test_seeds_and_sweep(void **state)
+{
+    (void)state;
+    char *dir = temp_dir(), *out = join(dir, "t.txt"), *odir = join(dir, "out");
+    const char *args[] = { PEFTREF_BIN, "compare", CMP "seeds_sweep.yaml", "--out", odir, "--quiet", NULL };
+    assert_int_equal(run_cli(args, out, NULL), 0);
+    char *tj = join(odir, "table.json");
+    json_t *t = load_json(tj);
+    assert_int_equal(json_integer_value(json_object_get(t, "seeds")), 3);
+    /* lora: arms/lora/seed0..2 */
+    double v[3], sum = 0;
+    for (int s = 0; s < 3; s++) {
+        char rel[64];
+        snprintf(rel, sizeof rel, "arms/lora/seed%d", s);
+        char *rd = join(odir, rel);
+        v[s] = last_val_loss(rd);
+        sum += v[s];
+        free(rd);
+    }
+    assert_true(v[0] != v[1] && v[1] != v[2]);
+    double mean = sum / 3, ss = 0;
+    for (int s = 0; s < 3; s++)
+        ss += (v[s] - mean) * (v[s] - mean);
+    double sd = sqrt(ss / 2);
+    const json_t *lora = row_named(t, "lora");
+    assert_int_equal((int)num(lora, "n_seeds"), 3);
+    assert_true(fabs(num(lora, "val_loss") - mean) < 1e-5);
+    assert_true(fabs(num(lora, "val_loss_sd") - sd) < 1e-5);
+    assert_true(sd > 0);
+    /* bitfit's sweep: p0 (lr 1e-5) and p1 (lr 3e-2), three seeds each */
+    double m[2];
+    for (int p = 0; p < 2; p++) {
+        m[p] = 0;
+        for (int s = 0; s < 3; s++) {
+            char rel[64];
+            snprintf(rel, sizeof rel, "arms/bitfit/p%d-seed%d", p, s);
+            char *rd = join(odir, rel);
+            m[p] += last_val_loss(rd) / 3;
+            free(rd);
+        }
+    }
+    int best = m[1] < m[0];
+    const json_t *bit = row_named(t, "bitfit");
+    assert_string_equal(json_string_value(json_object_get(bit, "setting")), best ? "train.lr=3e-2" : "train.lr=1e-5");
+    assert_true(fabs(num(bit, "val_loss") - m[best]) < 1e-5);
+    char *sj = join(odir, "sweeps/bitfit.json");
+    json_t *sw = load_json(sj);
+    const json_t *settings = json_object_get(sw, "settings");
+    assert_int_equal(json_array_size(settings), 2);
+    for (int p = 0; p < 2; p++) {
+        const json_t *x = json_array_get(settings, (size_t)p);
+        assert_true(fabs(num(x, "val_loss") - m[p]) < 1e-5);
+        assert_int_equal(json_is_true(json_object_get(x, "best")), p == best);
+    }
+    char *smd = join(odir, "sweeps/bitfit.md"), *scsv = join(odir, "sweeps/bitfit.csv");
+    free(slurp(smd));
+    free(slurp(scsv));
+    /* the text: mean ± sd in every trained row, lines within 100 columns */
+    char *txt = slurp(out);
+    assert_non_null(strstr(txt, "mean ± sample sd over 3 seeds"));
+    int rows_sd = 0;
+    for (char *save = NULL, *l = strtok_r(txt, "\n", &save); l; l = strtok_r(NULL, "\n", &save)) {
+        rows_sd += (!strncmp(l, "lora ", 5) || !strncmp(l, "bitfit ", 7)) && strstr(l, "±") != NULL;
+        size_t cols = 0;
+        for (const char *c = l; *c; c++)
+            cols += ((unsigned char)*c & 0xC0) != 0x80;
+        assert_true(cols <= 100);
+    }
+    assert_int_equal(rows_sd, 2);
+    /* the band: one per arm */
+    char *svg_path = join(odir, "curves.svg"), *svg = slurp(svg_path);
+    int bands = 0;
+    for (char *p = svg; (p = strstr(p, "class=\"band\"")); p++)
+        bands++;
+    assert_int_equal(bands, 2);
+    free(svg);
+    free(svg_path);
+    free(txt);
+    free(smd);
+    free(scsv);
+    json_decref(sw);
+    free(sj);
+    json_decref(t);
+    free(tj);
+    th_remove_tree(dir);
+    free(dir);
+    free(out);
+    free(odir);
+}
+
+/* A bad sweep is reported at its line and column. */
+static void test_bad_sweep(void **state)
+{
+    (void)state;
+    char *dir = temp_dir(), *err = join(dir, "err");
+    const char *args[] = { PEFTREF_BIN, "plan", CMP "bad_sweep.yaml", NULL };
+    assert_int_equal(run_cli(args, NULL, err), 1);
+    char *e = slurp(err);
+    assert_non_null(strstr(e, "bad_sweep.yaml:8:37: compare.arms.0.sweep: 'train.steps' cannot be swept"));
+    assert_non_null(strstr(e, "bad_sweep.yaml:8:32: train.lr: -1 is out of range"));
+    free(e);
+    th_remove_tree(dir);
+    free(dir);
+    free(err);
+}
+
+/* An --out holding a comparison is refused (naming it) unless --resume or
+ * --force; --resume reuses every finished run. */
+static void test_rerun_refused(void **state)
+{
+    (void)state;
+    char *dir = temp_dir(), *out = join(dir, "t.json"), *err = join(dir, "err"), *odir = join(dir, "out");
+    const char *a1[] = { PEFTREF_BIN, "compare", CMP "twins.yaml", "--out", odir, "--format", "json",
+                         "--progress", "none", NULL };
+    assert_int_equal(run_cli(a1, out, err), 0);
+    json_t *t1 = load_json(out);
+    assert_int_equal(run_cli(a1, NULL, err), 1);
+    char *e = slurp(err);
+    assert_non_null(strstr(e, odir));
+    assert_non_null(strstr(e, "--resume"));
+    free(e);
+    const char *a2[] = { PEFTREF_BIN, "compare", CMP "twins.yaml", "--out", odir, "--format", "json",
+                         "--progress", "none", "--resume", NULL };
+    assert_int_equal(run_cli(a2, out, err), 0);
+    json_t *t2 = load_json(out);
+    e = slurp(err);
+    assert_non_null(strstr(e, "arm 1/2: first ... finished earlier: reused"));
+    assert_non_null(strstr(e, "arm 2/2: second ... finished earlier: reused"));
+    free(e);
+    assert_true(num(row_named(t1, "first"), "val_loss") == num(row_named(t2, "first"), "val_loss"));
+    assert_int_equal((int)num(row_named(t2, "first"), "reused"), 1);
+    const char *a3[] = { PEFTREF_BIN, "compare", CMP "twins.yaml", "--out", odir, "--format", "json",
+                         "--progress", "none", "--force", NULL };
+    assert_int_equal(run_cli(a3, out, err), 0);
+    json_t *t3 = load_json(out);
+    assert_int_equal((int)num(row_named(t3, "first"), "reused"), 0);
+    assert_true(num(row_named(t1, "first"), "val_loss") == num(row_named(t3, "first"), "val_loss"));
+    json_decref(t1);
+    json_decref(t2);
+    json_decref(t3);
+    th_remove_tree(dir);
+    free(dir);
+    free(out);
+    free(err);
+    free(odir);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -603,6 +784,9 @@ int main(void)
         cmocka_unit_test(test_arm_as_pipeline),
         cmocka_unit_test(test_progress_modes),
         cmocka_unit_test(test_progress_auto),
+        cmocka_unit_test(test_seeds_and_sweep),
+        cmocka_unit_test(test_bad_sweep),
+        cmocka_unit_test(test_rerun_refused),
     };
     return cmocka_run_group_tests(tests, open_registry, close_registry);
 }

@@ -13,8 +13,8 @@
 #include "config.h"
 
 #include <errno.h>
-#include <ftw.h>
 #include <getopt.h>
+#include <inttypes.h>
 #include <math.h>
 #include <signal.h>
 #include <stdio.h>
@@ -30,208 +30,64 @@
 #include "runtime.h"
 
 static const char compare_usage[] =
-    "usage: peftref compare PIPELINE.yaml [PIPELINE.yaml ...] [--set KEY=VALUE ...]\n"
-    "                       [--format text|markdown|csv|json] [--out DIR] [--progress MODE] [--quiet]\n"
+    "usage: peftref compare PIPELINE.yaml [PIPELINE.yaml ...] [--set KEY=VALUE ...] [--seeds N]\n"
+    "                       [--format text|markdown|csv|json] [--wide] [--out DIR [--resume|--force]]\n"
+    "                       [--progress MODE] [--quiet]\n"
     "\n"
-    "Train every arm on the same data with the same seed and budget, each in\n"
-    "its own process, evaluate the untrained base model once, and print one\n"
-    "row per arm: techniques, trainable parameters and their share of all,\n"
-    "peak memory, time per step and tokens per second, inference overhead\n"
-    "(extra positions, extra FLOPs per token unmerged and merged), final\n"
-    "validation loss and perplexity (accuracy for classification).\n"
+    "Train every arm on the same data with the same seed and budget, each run in\n"
+    "its own process, evaluate the untrained base model once, and print one row\n"
+    "per arm.  The arms are the entries of one pipeline's compare section, or the\n"
+    "pipelines given (each one arm, or its own arms when it has a compare section);\n"
+    "pipelines given together must agree on the model, data, seed and budget.\n"
+    "With seeds (compare.seeds, --seeds) each arm trains N times, seed i being\n"
+    "train.seed + 1000003*i, and its figures are mean ± sample sd over the N; an\n"
+    "arm with a sweep (sweep: {train.lr: [...]}) shows its best setting on\n"
+    "validation, its full sweep in DIR/sweeps/ARM.{md,csv,json}.\n"
     "\n"
-    "The arms are the entries of one pipeline's compare section, or the\n"
-    "pipelines given (each one arm, or its own arms when it has a compare\n"
-    "section); pipelines given together must agree on the model, data, seed\n"
-    "and budget.  docs/pipeline.md, \"Compare arms\", describes the section\n"
-    "and how each column is measured.\n"
+    "Columns (the text table shows the first eight; --wide, markdown, csv and\n"
+    "json all of them):\n"
+    "  arm                 the arm's name (its setting below it for a sweep)\n"
+    "  trainable           parameters the optimizer updated\n"
+    "  trainable%          100 * trainable / all parameters (base, modules, head)\n"
+    "  peak MiB            the arm's process's peak resident memory (VmHWM)\n"
+    "  tokens/s            real tokens trained per second of training steps\n"
+    "                      (forward, backward, update; evaluations excluded)\n"
+    "  +FLOP/tok           extra floating-point operations per token at inference,\n"
+    "                      modules unmerged (>= a lower bound; \"+N pos\": extra positions)\n"
+    "  val loss            final validation loss\n"
+    "  val ppl / val acc   exp(val loss), or classification accuracy\n"
+    "  techniques          (--wide) the arm's techniques\n"
+    "  ms/step             (--wide) milliseconds per optimizer step, same clock\n"
+    "  +positions          (--wide) sequence positions the modules add\n"
+    "  +FLOP/tok (merged)  (--wide) the extra FLOP left once mergeable modules are\n"
+    "                      merged into the weights\n"
+    "  status              (--wide) ok, or failed: REASON\n"
+    "docs/pipeline.md, \"Compare arms\", says how each is measured.\n"
     "\n"
     "  --set KEY=VALUE   override a value in every pipeline (as peftref train)\n"
+    "  --seeds N         train each arm N times (overrides compare.seeds)\n"
     "  --format F        text (aligned, the default), markdown, csv or json\n"
-    "  --out DIR         write DIR/table.{txt,md,csv,json} and DIR/curves.svg (every\n"
-    "                    arm's validation loss per step); arms train in DIR/arms/NAME\n"
-    "                    (afresh: an earlier checkpoint there is removed).  Without\n"
+    "  --wide            text: every column\n"
+    "  --out DIR         write DIR/table.{txt,md,csv,json}, DIR/table_wide.txt and\n"
+    "                    DIR/curves.svg; runs train in DIR/arms/NAME.  A DIR holding\n"
+    "                    an earlier comparison needs --resume or --force.  Without\n"
     "                    --out they train in a temporary directory\n"
+    "  --resume          continue the comparison in DIR: finished runs whose pipeline,\n"
+    "                    data and program are unchanged are reused, unfinished ones\n"
+    "                    continue from their checkpoints\n"
+    "  --force           start afresh in DIR (its earlier runs are removed)\n"
     "  --progress MODE   each arm's training progress: auto (a bar when stderr is a\n"
     "                    terminal, else only the per-arm lines), bar, plain, none\n"
     "  --quiet           no progress on stderr at all\n"
     "  -h, --help        show this help\n"
     "\n"
     "Arms that fail (a bad configuration, a NaN loss, a crash) are reported in\n"
-    "the table with the reason; the others still run.\n"
+    "the table with the reason; the others still run.  SIGINT or SIGTERM stops\n"
+    "the run in flight at a checkpoint (then --resume continues it).\n"
     "Exit status: 0 every arm finished, 1 an arm failed or nothing could run,\n"
     "2 usage, 130 interrupted.\n";
 
 static volatile sig_atomic_t interrupted;
-
-static void on_interrupt(int sig)
-{
-    (void)sig;
-    interrupted = 1;
-}
-
-/* ---- loading ------------------------------------------------------------------------------------------ */
-
-/* Diagnostics of a pipeline that does not load: printed as they come, and
- * the first few kept for the table. */
-typedef struct diag_sink {
-    char text[sizeof ((compare_row *)0)->error];
-    int n;
-    int quiet;
-} diag_sink;
-
-static void collect(void *arg, const char *line)
-{
-    diag_sink *s = arg;
-    if (!s->quiet)
-        fprintf(stderr, "%s\n", line);
-    if (s->n < 3) {
-        size_t o = strlen(s->text);
-        snprintf(s->text + o, sizeof s->text - o, "%s%s", o ? "; " : "", line);
-    }
-    s->n++;
-}
-
-static void sink_finish(diag_sink *s, const pr_error *err)
-{
-    if (s->n > 3) {
-        size_t o = strlen(s->text);
-        snprintf(s->text + o, sizeof s->text - o, "; (%d more)", s->n - 3);
-    }
-    if (!s->text[0])
-        snprintf(s->text, sizeof s->text, "%s", err->msg[0] ? err->msg : "the pipeline does not load");
-}
-
-/* The file name without directory and extension. */
-static void stem_of(const char *path, char *buf, size_t len)
-{
-    const char *b = strrchr(path, '/');
-    snprintf(buf, len, "%s", b ? b + 1 : path);
-    char *dot = strrchr(buf, '.');
-    if (dot && dot != buf)
-        *dot = '\0';
-}
-
-/* "lora+bitfit", or "none". */
-static void technique_list(const pr_pipeline *p, char *buf, size_t len)
-{
-    size_t o = 0;
-    buf[0] = '\0';
-    for (int i = 0; i < pr_pipeline_n_modules(p); i++) {
-        pr_module_spec s;
-        if (pr_pipeline_module_spec(p, i, &s) || !s.technique)
-            continue;
-        int w = snprintf(buf + o, len - o, "%s%s", o ? "+" : "", s.technique->name);
-        if (w < 0 || (size_t)w >= len - o)
-            break;
-        o += (size_t)w;
-    }
-    if (!buf[0])
-        snprintf(buf, len, "none");
-}
-
-static int str_differs(const char *a, const char *b)
-{
-    return (a == NULL) != (b == NULL) || (a && strcmp(a, b) != 0);
-}
-
-/* Every arm must train the same base model on the same data with the same
- * seed and budget.  Returns 0, or 1 with what differs in why. */
-static int budget_differs(const pr_pipeline *ref, const pr_pipeline *p, char *why, size_t len)
-{
-    const pr_model_config *a = pr_pipeline_model_config(ref), *b = pr_pipeline_model_config(p);
-    pr_train_config x, y;
-    pr_pipeline_train_config(ref, &x);
-    pr_pipeline_train_config(p, &y);
-#define DIFF_INT(what, u, v)                                                                                   \
-    if ((u) != (v)) {                                                                                          \
-        snprintf(why, len, "%s is %lld here but %lld in %s", what, (long long)(v), (long long)(u),               \
-                 pr_pipeline_path(ref));                                                                       \
-        return 1;                                                                                              \
-    }
-#define DIFF_STR(what, u, v)                                                                                   \
-    if (str_differs(u, v)) {                                                                                   \
-        snprintf(why, len, "%s is '%s' here but '%s' in %s", what, (v) ? (v) : "(none)", (u) ? (u) : "(none)",  \
-                 pr_pipeline_path(ref));                                                                       \
-        return 1;                                                                                              \
-    }
-    DIFF_INT("the model source", pr_pipeline_model_source(ref), pr_pipeline_model_source(p))
-    DIFF_STR("model", pr_pipeline_model_name(ref), pr_pipeline_model_name(p))
-    DIFF_STR("model.tokenizer", pr_pipeline_tokenizer_dir(ref), pr_pipeline_tokenizer_dir(p))
-    DIFF_INT("model n_layers", a->n_layers, b->n_layers)
-    DIFF_INT("model d_model", a->d_model, b->d_model)
-    DIFF_INT("model n_heads", a->n_heads, b->n_heads)
-    DIFF_INT("model n_kv_heads", a->n_kv_heads, b->n_kv_heads)
-    DIFF_INT("model d_head", a->d_head, b->d_head)
-    DIFF_INT("model d_ff", a->d_ff, b->d_ff)
-    DIFF_INT("model vocab", a->vocab_size, b->vocab_size)
-    DIFF_INT("model max_seq", a->max_seq, b->max_seq)
-    DIFF_INT("model bias", a->bias, b->bias)
-    DIFF_INT("model tied_head", a->tied_head, b->tied_head)
-    DIFF_INT("model.seed", (long long)a->seed, (long long)b->seed)
-    DIFF_STR("task.type", x.task, y.task)
-    DIFF_STR("task.train", x.train_path, y.train_path)
-    DIFF_STR("task.validation", x.val_path, y.val_path)
-    DIFF_STR("task.format", x.format, y.format)
-    if (x.val_fraction != y.val_fraction) {
-        snprintf(why, len, "task.val_fraction is %g here but %g in %s", y.val_fraction, x.val_fraction,
-                 pr_pipeline_path(ref));
-        return 1;
-    }
-    DIFF_INT("train.steps", x.steps, y.steps)
-    DIFF_INT("train.batch", x.batch, y.batch)
-    DIFF_INT("train.seq_len", x.seq_len, y.seq_len)
-    DIFF_INT("train.accum", x.accum, y.accum)
-    DIFF_INT("train.seed", (long long)x.seed, (long long)y.seed)
-    DIFF_INT("train.eval_every", x.eval_every, y.eval_every)
-    DIFF_INT("train.eval_batches", x.eval_batches, y.eval_batches)
-#undef DIFF_INT
-#undef DIFF_STR
-    return 0;
-}
-
-/* ---- directories ------------------------------------------------------------------------------------------------- */
-
-static int make_dirs(const char *dir)
-{
-    char buf[4096];
-    snprintf(buf, sizeof buf, "%s", dir);
-    for (char *s = buf + 1; *s; s++)
-        if (*s == '/') {
-            *s = '\0';
-            if (mkdir(buf, 0777) != 0 && errno != EEXIST)
-                return -1;
-            *s = '/';
-        }
-    return mkdir(buf, 0777) != 0 && errno != EEXIST ? -1 : 0;
-}
-
-static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
-{
-    (void)st;
-    (void)flag;
-    (void)ftw;
-    remove(path);
-    return 0;
-}
-
-static void remove_tree(const char *dir)
-{
-    nftw(dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
-}
-
-/* out/NAME, with a fresh start: no checkpoint of an earlier run. */
-static char *arm_dir(const char *root, const char *name)
-{
-    char *d = fileio_join(root, name);
-    if (!d)
-        return NULL;
-    char *ck = fileio_join(d, "checkpoint.safetensors");
-    if (ck)
-        unlink(ck);
-    free(ck);
-    return d;
-}
 
 static int write_file(const char *dir, const char *name, const char *text)
 {
@@ -245,110 +101,131 @@ static int write_file(const char *dir, const char *name, const char *text)
     return rc;
 }
 
-/* ---- the command ------------------------------------------------------------------------------------------------- */
+/* An arm's runs: a setting of its sweep times a seed, units[pt * n_seeds + s]. */
+typedef struct group {
+    compare_arm *units;
+    compare_row *rows;        /* the runs' own rows */
+    compare_row *points;      /* per setting, over its seeds */
+    int n_points, n_seeds, best;
+} group;
 
-typedef struct run {
-    compare_arm *arms;               /* arms[0]: the untrained base */
-    int n_arms, cap_arms;
-    compare_row *rows;       /* parallel to arms */
-} run;
-
-static compare_arm *new_arm(run *R, const char *name, const char *path)
+/* The directory of run (pt, s) of an arm: NAME alone for one run, else
+ * NAME/seedS, NAME/pPT or NAME/pPT-seedS. */
+static char *unit_dir(const char *arms_root, const char *name, const group *g, int pt, int s)
 {
-    if (R->n_arms == R->cap_arms) {
-        int cap = R->cap_arms ? 2 * R->cap_arms : 8;
-        compare_arm *a = realloc(R->arms, (size_t)cap * sizeof *a);
-        if (!a)
-            return NULL;
-        R->arms = a;
-        compare_row *r = realloc(R->rows, (size_t)cap * sizeof *r);
-        if (!r)
-            return NULL;
-        R->rows = r;
-        R->cap_arms = cap;
+    char sub[64] = "";
+    if (g->n_points > 1 && g->n_seeds > 1)
+        snprintf(sub, sizeof sub, "/p%d-seed%d", pt, s);
+    else if (g->n_points > 1)
+        snprintf(sub, sizeof sub, "/p%d", pt);
+    else if (g->n_seeds > 1)
+        snprintf(sub, sizeof sub, "/seed%d", s);
+    char rel[512];
+    snprintf(rel, sizeof rel, "%s%s", name, sub);
+    return fileio_join(arms_root, rel);
+}
+
+/* An earlier comparison in out: its table or its runs. */
+static int holds_comparison(const char *out)
+{
+    static const char *const marks[] = { "table.json", "arms", "base" };
+    for (int i = 0; i < 3; i++) {
+        char *p = fileio_join(out, marks[i]);
+        struct stat st;
+        int there = p && stat(p, &st) == 0;
+        free(p);
+        if (there)
+            return 1;
     }
-    compare_arm *a = &R->arms[R->n_arms];
-    compare_row *r = &R->rows[R->n_arms];
-    memset(a, 0, sizeof *a);
+    return 0;
+}
+
+/* Plan run u (counts, overhead) into its row and set what its child trains
+ * with; 0, or -1 with the row's error set and u->pipe freed. */
+static int prepare_unit(compare_arm *u, int is_base, int eval_every, int progress, int resume, const char *dir)
+{
+    compare_row *r = u->row;
+    if (!is_base)
+        compare_technique_list(u->pipe, r->techniques, sizeof r->techniques);
+    pr_pipeline_counts counts;
+    pr_error e = { 0 };
+    if (pr_pipeline_counts_get(u->pipe, &counts, &e) != PR_OK || overhead_of_pipeline(u->pipe, &r->cost, &e) != PR_OK) {
+        snprintf(r->error, sizeof r->error, "%s", e.msg);
+        pr_pipeline_free(u->pipe);
+        u->pipe = NULL;
+        return -1;
+    }
+    r->have_plan = 1;
+    r->trainable_plan = is_base ? 0 : counts.trainable;
+    r->all_params = counts.all;
+    pr_pipeline_train_config(u->pipe, &u->tc);
+    u->tc.eval_every = is_base ? 0 : eval_every;
+    u->tc.progress = is_base ? PR_PROGRESS_NONE : progress;
+    u->tc.quiet = u->tc.progress == PR_PROGRESS_NONE;
+    u->resume = resume;
+    u->tc.resume = resume;
+    u->tc.force = !resume;   /* afresh, unless continuing this comparison */
+    if (!resume)
+        u->tc.ckpt_every = 0;
+    u->out_dir = dir ? strdup(dir) : NULL;
+    if (!u->out_dir) {
+        snprintf(r->error, sizeof r->error, "out of memory");
+        pr_pipeline_free(u->pipe);
+        u->pipe = NULL;
+        return -1;
+    }
+    if (!resume) {
+        char *ck = fileio_join(u->out_dir, "checkpoint.safetensors");
+        if (ck)
+            unlink(ck);
+        free(ck);
+        char *res = fileio_join(u->out_dir, COMPARE_RESULT_FILE);
+        if (res)
+            unlink(res);
+        free(res);
+    }
+    u->tc.out_dir = u->out_dir;
+    return 0;
+}
+
+static void empty_row(compare_row *r, const compare_row *like)
+{
     memset(r, 0, sizeof *r);
     r->val_loss = r->initial_val_loss = NAN;
     r->val_accuracy = -1;
-    snprintf(r->name, sizeof r->name, "%s", name);
-    snprintf(r->techniques, sizeof r->techniques, "-");
-    a->path = path;
-    R->n_arms++;
-    return a;
+    snprintf(r->name, sizeof r->name, "%s", like->name);
+    snprintf(r->techniques, sizeof r->techniques, "%s", like->techniques);
 }
 
-/* Load every arm (rows stay in order; arms[i].row is set at the end, once
- * the arrays stop moving). */
-/* A technique offered by two files is named once, whichever arms use it. */
-static void warn_shadowed_arms(const run *R, const pr_registry *reg)
+/* Write DIR/sweeps/ARM.{md,csv,json}. */
+static int write_sweep(const char *out, const compare_arm *a, const group *g, int cls)
 {
-    for (int t = 0; t < pr_registry_count(reg); t++) {
-        const pr_technique *tech = pr_registry_technique(reg, t);
-        int used = 0;
-        for (int i = 0; i < R->n_arms && !used; i++)
-            for (int k = 0; R->arms[i].pipe && k < pr_pipeline_n_modules(R->arms[i].pipe) && !used; k++) {
-                pr_module_spec spec;
-                used = pr_pipeline_module_spec(R->arms[i].pipe, k, &spec) == PR_OK && spec.technique == tech;
-            }
-        if (used)
-            cli_warn_shadowed("compare", reg, tech->name);
+    char *dir = fileio_join(out, "sweeps");
+    if (!dir || compare_make_dirs(dir) != 0) {
+        fprintf(stderr, "peftref compare: cannot create %s/sweeps: %s\n", out, strerror(errno));
+        free(dir);
+        return 1;
     }
-}
-
-static int load_arms(run *R, char **files, int n_files, const char *const *sets, int n_sets, const pr_registry *reg,
-                     int quiet)
-{
-    if (!new_arm(R, "base (untrained)", NULL))
-        return -1;
-    for (int f = 0; f < n_files; f++) {
-        char stem[128];
-        stem_of(files[f], stem, sizeof stem);
-        diag_sink sink = { .quiet = quiet };
-        pr_error err = { 0 };
-        pr_pipeline *base = NULL;
-        if (pr_pipeline_load_arm(files[f], PR_PIPELINE_BASE, sets, n_sets, reg, &base, collect, &sink, &err)) {
-            if (n_files == 1) {
-                if (!sink.n)
-                    fprintf(stderr, "peftref compare: %s\n", err.msg);
-                return 1;   /* nothing to compare */
-            }
-            sink_finish(&sink, &err);
-            compare_arm *a = new_arm(R, stem, files[f]);
-            if (!a)
-                return -1;
-            snprintf(R->rows[R->n_arms - 1].error, sizeof R->rows[0].error, "%s", sink.text);
-            continue;
-        }
-        int n = pr_pipeline_n_arms(base);
-        if (n == 0) {
-            compare_arm *a = new_arm(R, stem, files[f]);
-            if (!a)
-                return -1;
-            a->pipe = base;
-            continue;
-        }
-        for (int i = 0; i < n; i++) {
-            char name[256];
-            if (n_files > 1)
-                snprintf(name, sizeof name, "%s:%s", stem, pr_pipeline_arm_name(base, i));
-            else
-                snprintf(name, sizeof name, "%s", pr_pipeline_arm_name(base, i));
-            compare_arm *a = new_arm(R, name, files[f]);
-            if (!a)
-                return -1;
-            diag_sink s2 = { .quiet = quiet };
-            pr_error e2 = { 0 };
-            if (pr_pipeline_load_arm(files[f], i, sets, n_sets, reg, &a->pipe, collect, &s2, &e2)) {
-                sink_finish(&s2, &e2);
-                snprintf(R->rows[R->n_arms - 1].error, sizeof R->rows[0].error, "%s", s2.text);
-            }
-        }
-        pr_pipeline_free(base);
+    const char **labels = calloc((size_t)g->n_points, sizeof *labels);
+    int rc = labels ? 0 : 1;
+    for (int p = 0; labels && p < g->n_points; p++) {
+        labels[p] = pr_pipeline_arm_point_label(a->pipe, a->arm_index, p);
+        if (!labels[p])
+            labels[p] = "?";
     }
-    return 0;
+    static const char *const ext[] = { "md", "csv", "json" };
+    static const int fmts[] = { COMPARE_MARKDOWN, COMPARE_CSV, COMPARE_JSON };
+    for (int f = 0; labels && f < 3; f++) {
+        char name[300];
+        snprintf(name, sizeof name, "%s.%s", a->row->name, ext[f]);
+        char *s = compare_sweep_render(a->row->name, g->points, labels, g->n_points, g->best, cls, fmts[f]);
+        if (!s || write_file(dir, name, s))
+            rc = 1;
+        free(s);
+    }
+    free(labels);
+    free(dir);
+    return rc;
 }
 
 int cmd_compare(int argc, char **argv)
@@ -357,14 +234,18 @@ int cmd_compare(int argc, char **argv)
         { "set", required_argument, 0, 's' },      { "format", required_argument, 0, 'f' },
         { "out", required_argument, 0, 'o' },      { "progress", required_argument, 0, 'p' },
         { "quiet", no_argument, 0, 'q' },          { "help", no_argument, 0, 'h' },
+        { "seeds", required_argument, 0, 'S' },    { "wide", no_argument, 0, 'w' },
+        { "resume", no_argument, 0, 'r' },         { "force", no_argument, 0, 'F' },
         { 0, 0, 0, 0 }
     };
-    const char **sets = calloc((size_t)argc + 3, sizeof *sets);
+    /* room for the base row's two and a run's seed */
+    const char **sets = calloc((size_t)argc + 4, sizeof *sets);
     if (!sets) {
         fprintf(stderr, "peftref compare: out of memory\n");
         return 1;
     }
-    int n_sets = 0, fmt = COMPARE_TEXT, progress = PR_PROGRESS_AUTO, quiet = 0, c;
+    int n_sets = 0, fmt = COMPARE_TEXT, progress = PR_PROGRESS_AUTO, quiet = 0, c, seeds_opt = 0, wide = 0;
+    int resume = 0, force = 0;
     const char *out = NULL;
     optind = 1;
     opterr = 0;
@@ -373,6 +254,20 @@ int cmd_compare(int argc, char **argv)
         case 's': sets[n_sets++] = optarg; break;
         case 'o': out = optarg; break;
         case 'q': quiet = 1; break;
+        case 'w': wide = 1; break;
+        case 'r': resume = 1; break;
+        case 'F': force = 1; break;
+        case 'S': {
+            char *end;
+            long v = strtol(optarg, &end, 10);
+            if (*end || end == optarg || v < 1 || v > 100) {
+                fprintf(stderr, "peftref compare: --seeds expects a whole number from 1 to 100, got '%s'\n", optarg);
+                free(sets);
+                return 2;
+            }
+            seeds_opt = (int)v;
+            break;
+        }
         case 'f':
             if ((fmt = compare_format_parse(optarg)) < 0) {
                 fprintf(stderr, "peftref compare: --format expects text, markdown, csv or json, got '%s'\n", optarg);
@@ -400,9 +295,15 @@ int cmd_compare(int argc, char **argv)
     }
     int n_files = argc - optind;
     char **files = argv + optind;
-    if (n_files < 1) {
-        fprintf(stderr, "peftref compare: expected one pipeline with a compare section, or several pipelines "
-                "(see peftref compare --help)\n");
+    const char *usage_error = NULL;
+    if (n_files < 1)
+        usage_error = "expected one pipeline with a compare section, or several pipelines";
+    else if (resume && force)
+        usage_error = "--resume continues the comparison in --out, --force starts it afresh: give one";
+    else if ((resume || force) && !out)
+        usage_error = "--resume and --force apply to an --out directory";
+    if (usage_error) {
+        fprintf(stderr, "peftref compare: %s (see peftref compare --help)\n", usage_error);
         free(sets);
         return 2;
     }
@@ -412,6 +313,12 @@ int cmd_compare(int argc, char **argv)
             free(sets);
             return 2;
         }
+    if (out && !resume && !force && holds_comparison(out)) {
+        fprintf(stderr, "peftref compare: %s holds an earlier comparison: add --resume to continue it (finished "
+                "runs are reused) or --force to start afresh, or choose another --out\n", out);
+        free(sets);
+        return 1;
+    }
     /* per-arm lines always (unless quiet); the training's own progress as asked */
     int child_progress = quiet ? PR_PROGRESS_NONE : progress;
     if (child_progress == PR_PROGRESS_AUTO)
@@ -424,18 +331,19 @@ int cmd_compare(int argc, char **argv)
         free(sets);
         return 1;
     }
-    run R;
+    compare_list R;
     memset(&R, 0, sizeof R);
+    group *G = NULL;
     pr_pipeline *base_pipe = NULL;
-    char *root = NULL;
-    int rc = load_arms(&R, files, n_files, sets, n_sets, reg, quiet);
+    char *root = NULL, *arms_root = NULL;
+    int rc = compare_load_arms(&R, files, n_files, sets, n_sets, reg, quiet);
     if (rc < 0)
         fprintf(stderr, "peftref compare: out of memory\n");
     if (rc)
         goto done;
     for (int i = 0; i < R.n_arms; i++)
         R.arms[i].row = &R.rows[i];
-    warn_shadowed_arms(&R, reg);
+    compare_warn_shadowed(&R, reg);
     R.rows[0].is_base = 1;
     snprintf(R.rows[0].techniques, sizeof R.rows[0].techniques, "none");
 
@@ -448,7 +356,7 @@ int cmd_compare(int argc, char **argv)
         char why[600];
         if (!ref) {
             ref = a->pipe;
-        } else if (budget_differs(ref, a->pipe, why, sizeof why)) {
+        } else if (compare_budget_differs(ref, a->pipe, why, sizeof why)) {
             snprintf(a->row->error, sizeof a->row->error, "not comparable: %s", why);
             pr_pipeline_free(a->pipe);
             a->pipe = NULL;
@@ -464,10 +372,10 @@ int cmd_compare(int argc, char **argv)
         const char **bsets = sets;
         bsets[n_sets] = "modules=[]";
         bsets[n_sets + 1] = "train.steps=0";
-        diag_sink sink = { .quiet = quiet };
+        compare_diags sink = { .quiet = quiet };
         if (pr_pipeline_load_arm(pr_pipeline_path(ref), PR_PIPELINE_BASE, bsets, n_sets + 2, reg, &base_pipe,
-                                 collect, &sink, &err)) {
-            sink_finish(&sink, &err);
+                                 compare_collect, &sink, &err)) {
+            compare_sink_finish(&sink, &err);
             snprintf(R.rows[0].error, sizeof R.rows[0].error, "%s", sink.text);
         }
         R.arms[0].pipe = base_pipe;
@@ -477,9 +385,12 @@ int cmd_compare(int argc, char **argv)
     pr_pipeline_train_config(ref, &ref_tc);
     /* the reference may fail later and be freed: keep nothing that points into it */
     const char *task = ref_tc.task && !strcmp(ref_tc.task, "classification") ? "classification" : "lm";
+    int cls = !strcmp(task, "classification");
+    uint64_t train_seed = ref_tc.seed;
+    int n_seeds = seeds_opt > 0 ? seeds_opt : pr_pipeline_compare_seeds(ref);
     /* where the arms train */
     if (out) {
-        if (make_dirs(out) != 0) {
+        if (compare_make_dirs(out) != 0) {
             fprintf(stderr, "peftref compare: cannot create %s: %s\n", out, strerror(errno));
             rc = 1;
             goto done;
@@ -496,18 +407,27 @@ int cmd_compare(int argc, char **argv)
             goto done;
         }
     }
-    char *arms_root = fileio_join(root, "arms");
-    if (!arms_root || make_dirs(arms_root) != 0) {
+    arms_root = fileio_join(root, "arms");
+    if (arms_root && force)
+        compare_remove_tree(arms_root);
+    if (!arms_root || compare_make_dirs(arms_root) != 0) {
         fprintf(stderr, "peftref compare: cannot create %s/arms: %s\n", root, strerror(errno));
-        free(arms_root);
         rc = 1;
         goto done;
     }
-    /* plans and settings */
+    /* plans and settings: every arm's runs, a setting of its sweep times a seed */
     int eval_every = ref_tc.eval_every > 0 ? ref_tc.eval_every : (ref_tc.steps >= 10 ? ref_tc.steps / 10 : 1);
+    G = calloc((size_t)R.n_arms, sizeof *G);
+    if (!G) {
+        fprintf(stderr, "peftref compare: out of memory\n");
+        rc = 1;
+        goto done;
+    }
+    int n_runs = 0;
     for (int i = 0; i < R.n_arms; i++) {
         compare_arm *a = &R.arms[i];
         compare_row *r = a->row;
+        group *g = &G[i];
         /* arm names become directory names */
         for (int j = 1; j < i; j++)
             if (!strcmp(R.rows[j].name, r->name)) {
@@ -517,93 +437,160 @@ int cmd_compare(int argc, char **argv)
             }
         if (!a->pipe)
             continue;
-        if (!r->is_base)
-            technique_list(a->pipe, r->techniques, sizeof r->techniques);
-        pr_pipeline_counts counts;
-        pr_error e = { 0 };
-        if (pr_pipeline_counts_get(a->pipe, &counts, &e) == PR_OK &&
-            overhead_of_pipeline(a->pipe, &r->cost, &e) == PR_OK) {
-            r->have_plan = 1;
-            r->trainable_plan = r->is_base ? 0 : counts.trainable;
-            r->all_params = counts.all;
-        } else {
-            snprintf(r->error, sizeof r->error, "%s", e.msg);
-            pr_pipeline_free(a->pipe);
-            a->pipe = NULL;
-            continue;
-        }
-        pr_pipeline_train_config(a->pipe, &a->tc);
-        a->tc.eval_every = r->is_base ? 0 : eval_every;
-        a->tc.progress = r->is_base ? PR_PROGRESS_NONE : child_progress;
-        a->tc.quiet = a->tc.progress == PR_PROGRESS_NONE;
-        a->tc.resume = 0;
-        a->tc.force = 1;   /* each comparison trains its arms afresh */
-        a->tc.ckpt_every = 0;
-        a->out_dir = r->is_base ? arm_dir(root, "base") : arm_dir(arms_root, r->name);
-        if (!a->out_dir) {
+        g->n_points = r->is_base || a->arm_index < 0 ? 1 : pr_pipeline_arm_points(a->pipe, a->arm_index);
+        g->n_seeds = r->is_base ? 1 : n_seeds;
+        int n = g->n_points * g->n_seeds;
+        g->units = calloc((size_t)n, sizeof *g->units);
+        g->rows = calloc((size_t)n, sizeof *g->rows);
+        g->points = calloc((size_t)g->n_points, sizeof *g->points);
+        if (!g->units || !g->rows || !g->points) {
             snprintf(r->error, sizeof r->error, "out of memory");
-            pr_pipeline_free(a->pipe);
-            a->pipe = NULL;
             continue;
         }
-        a->tc.out_dir = a->out_dir;
+        compare_technique_list(a->pipe, r->techniques, sizeof r->techniques);
+        if (r->is_base)
+            snprintf(r->techniques, sizeof r->techniques, "none");
+        for (int pt = 0; pt < g->n_points; pt++)
+            for (int s = 0; s < g->n_seeds; s++) {
+                compare_arm *u = &g->units[pt * g->n_seeds + s];
+                compare_row *ur = &g->rows[pt * g->n_seeds + s];
+                empty_row(ur, r);
+                u->row = ur;
+                u->path = a->path;
+                u->arm_index = a->arm_index;
+                if (n == 1) {
+                    u->pipe = a->pipe;   /* lent: freed with the arm */
+                } else {
+                    char seed_set[64];
+                    snprintf(seed_set, sizeof seed_set, "train.seed=%" PRIu64, compare_seed(train_seed, s));
+                    sets[n_sets] = seed_set;
+                    compare_diags sink = { .quiet = quiet };
+                    pr_error e = { 0 };
+                    int lrc = a->arm_index < 0
+                                  ? pr_pipeline_load_arm(a->path, PR_PIPELINE_BASE, sets, n_sets + 1, reg, &u->pipe,
+                                                         compare_collect, &sink, &e)
+                                  : pr_pipeline_load_arm_point(a->path, a->arm_index, pt, sets, n_sets + 1, reg,
+                                                               &u->pipe, compare_collect, &sink, &e);
+                    if (lrc) {
+                        compare_sink_finish(&sink, &e);
+                        snprintf(ur->error, sizeof ur->error, "%s", sink.text);
+                        continue;
+                    }
+                }
+                char *dir = r->is_base ? fileio_join(root, "base") : unit_dir(arms_root, r->name, g, pt, s);
+                if (prepare_unit(u, r->is_base, eval_every, child_progress, resume, dir) == 0)
+                    n_runs++;
+                else if (n == 1)
+                    a->pipe = NULL;   /* freed by prepare_unit */
+                free(dir);
+            }
     }
-    free(arms_root);
 
-    /* run: the base first, then every arm, one process each */
-    struct sigaction sa, old_int, old_term;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_interrupt;
-    sigemptyset(&sa.sa_mask);
+    /* run: the base first, then every arm's runs, one process each */
     interrupted = 0;
-    sigaction(SIGINT, &sa, &old_int);
-    sigaction(SIGTERM, &sa, &old_term);
+    compare_signals_install(&interrupted);
     if (!quiet) {
         runtime_warn_generic_blas();
         char line[256];
         runtime_describe(line, sizeof line);
-        fprintf(stderr, "peftref compare: %d arm%s, %d steps each; %s\n", R.n_arms - 1, R.n_arms == 2 ? "" : "s",
-                ref_tc.steps, line);
+        fprintf(stderr, "peftref compare: %d arm%s, %d steps each", R.n_arms - 1, R.n_arms == 2 ? "" : "s",
+                ref_tc.steps);
+        if (n_seeds > 1)
+            fprintf(stderr, ", %d seeds", n_seeds);
+        fprintf(stderr, "; %s\n", line);
     }
+    double calib_lo = 0, calib_hi = 0;
     for (int i = 0; i < R.n_arms; i++) {
         compare_arm *a = &R.arms[i];
         compare_row *r = a->row;
-        char label[300];
-        if (r->is_base)
-            snprintf(label, sizeof label, "%s", r->name);
-        else
-            snprintf(label, sizeof label, "arm %d/%d: %s", i, R.n_arms - 1, r->name);
-        if (interrupted) {
-            if (!r->error[0])
-                snprintf(r->error, sizeof r->error, "not run: interrupted");
-            continue;
-        }
-        if (!a->pipe) {
-            if (!quiet)
-                fprintf(stderr, "%s ... failed: %s\n", label, r->error);
-            continue;
-        }
-        if (!quiet)
-            fprintf(stderr, "%s ...\n", label);
-        if (compare_run_arm(a))
-            interrupted = 1;
-        if (r->is_base)
-            r->trainable = 0;   /* evaluated only (a classification head is counted, not trained) */
-        if (!r->is_base)
-            compare_read_curve(r, a->out_dir);
-        if (!quiet) {
-            if (r->ok)
-                fprintf(stderr, "%s ... done in %.1f s\n", label, r->seconds);
+        group *g = &G[i];
+        int n = g->n_points * g->n_seeds;
+        for (int k = 0; k < n; k++) {
+            compare_arm *u = &g->units[k];
+            compare_row *ur = u->row;
+            char label[700];
+            if (r->is_base)
+                snprintf(label, sizeof label, "%s", r->name);
             else
-                fprintf(stderr, "%s ... failed in %.1f s: %s\n", label, r->seconds, r->error);
+                snprintf(label, sizeof label, "arm %d/%d: %s", i, R.n_arms - 1, r->name);
+            if (g->n_points > 1) {
+                size_t l = strlen(label);
+                snprintf(label + l, sizeof label - l, " [%s]",
+                         pr_pipeline_arm_point_label(a->pipe ? a->pipe : u->pipe, a->arm_index, k / g->n_seeds));
+            }
+            if (g->n_seeds > 1) {
+                size_t l = strlen(label);
+                snprintf(label + l, sizeof label - l, " seed %d/%d", k % g->n_seeds + 1, g->n_seeds);
+            }
+            if (interrupted) {
+                if (!ur->error[0])
+                    snprintf(ur->error, sizeof ur->error, "not run: interrupted");
+                continue;
+            }
+            if (!u->pipe) {
+                if (!quiet)
+                    fprintf(stderr, "%s ... failed: %s\n", label, ur->error);
+                continue;
+            }
+            if (!quiet)
+                fprintf(stderr, "%s ...\n", label);
+            ur->calib_seconds = compare_calibrate();
+            if (compare_run_arm(u))
+                interrupted = 1;
+            if (r->is_base)
+                ur->trainable = 0;   /* evaluated only (a classification head is counted, not trained) */
+            else
+                compare_read_curve(ur, u->out_dir);
+            if (ur->ok && !ur->reused && ur->steps_timed > 0) {
+                if (calib_lo == 0 || ur->calib_seconds < calib_lo)
+                    calib_lo = ur->calib_seconds;
+                if (ur->calib_seconds > calib_hi)
+                    calib_hi = ur->calib_seconds;
+            }
+            if (!quiet) {
+                if (ur->ok && ur->reused)
+                    fprintf(stderr, "%s ... finished earlier: reused\n", label);
+                else if (ur->ok)
+                    fprintf(stderr, "%s ... done in %.1f s\n", label, ur->seconds);
+                else
+                    fprintf(stderr, "%s ... failed in %.1f s: %s\n", label, ur->seconds, ur->error);
+            }
         }
+        /* per setting over its seeds, then the best setting as the arm's row */
+        if (!g->units)
+            continue;
+        for (int pt = 0; pt < g->n_points; pt++) {
+            compare_row *runs[128];
+            int m = g->n_seeds < 128 ? g->n_seeds : 128;
+            for (int s = 0; s < m; s++)
+                runs[s] = &g->rows[pt * g->n_seeds + s];
+            empty_row(&g->points[pt], r);
+            compare_aggregate(&g->points[pt], runs, m, cls);
+        }
+        g->best = compare_pick_best(g->points, g->n_points, cls);
+        compare_row *chosen = &g->points[g->best >= 0 ? g->best : 0];
+        char name[sizeof r->name];
+        memcpy(name, r->name, sizeof name);
+        free(r->curve);
+        *r = *chosen;
+        chosen->curve = NULL;
+        chosen->n_curve = 0;
+        memcpy(r->name, name, sizeof name);
+        r->is_base = i == 0;
+        if (g->n_points > 1) {
+            const char *l = pr_pipeline_arm_point_label(a->pipe ? a->pipe : g->units[0].pipe, a->arm_index,
+                                                        g->best >= 0 ? g->best : 0);
+            snprintf(r->setting, sizeof r->setting, "%s", l ? l : "");
+        }
+        if (r->is_base)
+            r->trainable = 0;
     }
-    sigaction(SIGINT, &old_int, NULL);
-    sigaction(SIGTERM, &old_term, NULL);
+    compare_signals_restore();
 
     /* the table */
     compare_table t = { .pipelines = (const char *const *)files, .n_pipelines = n_files, .task = task,
-                        .steps = ref_tc.steps, .eval_every = eval_every, .rows = R.rows, .n_rows = R.n_arms };
+                        .steps = ref_tc.steps, .eval_every = eval_every, .rows = R.rows, .n_rows = R.n_arms,
+                        .wide = wide, .seeds = n_seeds, .calib_lo = calib_lo, .calib_hi = calib_hi };
     char *text = compare_render(&t, fmt);
     if (!text) {
         fprintf(stderr, "peftref compare: out of memory\n");
@@ -619,27 +606,78 @@ int cmd_compare(int argc, char **argv)
     if (out) {
         static const char *const names[] = { "table.txt", "table.md", "table.csv", "table.json" };
         for (int f = 0; f < 4; f++) {
+            t.wide = 0;
             char *s = compare_render(&t, f);
             if (!s || write_file(out, names[f], s))
                 rc = 1;
             free(s);
         }
+        t.wide = 1;
+        char *s = compare_render(&t, COMPARE_TEXT);
+        if (!s || write_file(out, "table_wide.txt", s))
+            rc = 1;
+        free(s);
         char *svg = compare_svg(&t);
         if (!svg || write_file(out, "curves.svg", svg))
             rc = 1;
         free(svg);
+        int sweeps = 0;
+        for (int i = 1; i < R.n_arms; i++)
+            if (G[i].n_points > 1 && G[i].points) {
+                if (write_sweep(out, &R.arms[i], &G[i], cls))
+                    rc = 1;
+                sweeps++;
+            }
         if (!quiet && rc == 0)
-            fprintf(stderr, "peftref compare: wrote %s/table.{txt,md,csv,json} and %s/curves.svg\n", out, out);
+            fprintf(stderr, "peftref compare: wrote %s/table.{txt,md,csv,json}, %s/table_wide.txt and %s/curves.svg%s\n",
+                    out, out, out, sweeps ? " and the sweeps in sweeps/" : "");
+    } else {
+        for (int i = 1; i < R.n_arms; i++)
+            if (G[i].n_points > 1 && !quiet)
+                fprintf(stderr, "peftref compare: %s: chose %s on validation (with --out, its sweep is written to "
+                        "OUT/sweeps/)\n", R.rows[i].name, R.rows[i].setting);
     }
     for (int i = 0; i < R.n_arms; i++)
         if (!R.rows[i].ok)
             rc = rc ? rc : 1;
-    if (interrupted)
+    if (interrupted) {
         rc = 130;
+        if (out) {
+            fprintf(stderr, "peftref compare: interrupted; the run in flight saved its checkpoint. Continue with:\n"
+                    "  peftref compare");
+            for (int i = 0; i < n_files; i++)
+                fprintf(stderr, " %s", files[i]);
+            for (int i = 0; i < n_sets; i++)
+                fprintf(stderr, " --set '%s'", sets[i]);
+            if (seeds_opt)
+                fprintf(stderr, " --seeds %d", seeds_opt);
+            fprintf(stderr, " --out %s --resume\n", out);
+        } else {
+            fprintf(stderr, "peftref compare: interrupted; without --out nothing is kept to resume (give --out DIR "
+                    "to make a comparison resumable)\n");
+        }
+    }
+    (void)n_runs;
 done:
     if (root && !out)
-        remove_tree(root);
+        compare_remove_tree(root);
     free(root);
+    free(arms_root);
+    for (int i = 0; G && i < R.n_arms; i++) {
+        int n = G[i].n_points * G[i].n_seeds;
+        for (int k = 0; G[i].units && k < n; k++) {
+            if (G[i].units[k].pipe != R.arms[i].pipe)
+                pr_pipeline_free(G[i].units[k].pipe);
+            free(G[i].units[k].out_dir);
+            free(G[i].rows[k].curve);
+        }
+        for (int p = 0; G[i].points && p < G[i].n_points; p++)
+            free(G[i].points[p].curve);
+        free(G[i].units);
+        free(G[i].rows);
+        free(G[i].points);
+    }
+    free(G);
     for (int i = 0; i < R.n_arms; i++) {
         pr_pipeline_free(R.arms[i].pipe);
         free(R.arms[i].out_dir);

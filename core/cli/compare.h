@@ -9,14 +9,23 @@
 #define PEFTREF_CLI_COMPARE_H
 
 #include <stdint.h>
+#include <signal.h>
 #include <stdio.h>
 #include "overhead.h"
 #include "peftref/peftref.h"
 
 typedef struct compare_point {
     int64_t step;
-    double loss;
+    double loss;              /* the mean over seeds */
+    double lo, hi;            /* the lowest and highest seed's */
 } compare_point;
+
+/* A figure over the seeds of one setting: mean, sample standard deviation
+ * (n - 1 in the denominator; 0 for n = 1) and how many seeds gave it. */
+typedef struct compare_stat {
+    double mean, sd;
+    int n;
+} compare_stat;
 
 typedef struct compare_row {
     char name[128];
@@ -42,6 +51,13 @@ typedef struct compare_row {
     double val_accuracy;      /* classification; < 0 for lm */
     compare_point *curve;     /* validation loss per evaluation */
     int n_curve;
+    int64_t steps_timed;      /* steps in step_seconds (fewer than steps after a resume) */
+    int reused;               /* a finished run of an earlier compare, not trained again */
+    double calib_seconds;     /* the load probe timed just before this run (compare_calibrate) */
+    /* over seeds (compare_aggregate); n = 0 when not aggregated */
+    compare_stat s_loss, s_metric, s_ms, s_tps, s_peak;
+    int seeds;                /* seeds asked for */
+    char setting[512];        /* the chosen setting of a sweep, "" without one */
 } compare_row;
 
 typedef struct compare_table {
@@ -51,7 +67,13 @@ typedef struct compare_table {
     int steps, eval_every;
     compare_row *rows;
     int n_rows;
+    int wide;                 /* text: every column (else the essential ones, within 100 columns) */
+    int seeds;                /* seeds per arm */
+    double calib_lo, calib_hi; /* the fastest and slowest load probe; 0 when not measured */
 } compare_table;
+
+/* A finished run's fingerprint and result, in its directory, for --resume. */
+#define COMPARE_RESULT_FILE "compare_result.json"
 
 typedef struct compare_arm {
     compare_row *row;
@@ -59,7 +81,41 @@ typedef struct compare_arm {
     pr_pipeline *pipe;       /* NULL when it did not load */
     pr_train_config tc;      /* what the child trains with */
     char *out_dir;
+    int resume;              /* reuse a finished run whose fingerprint matches, else continue its checkpoint */
+    int arm_index;           /* in its file's compare section; -1: the file is the arm */
 } compare_arm;
+
+/* ---- loading (compare_load.c) ---- */
+
+typedef struct compare_list {
+    compare_arm *arms;       /* arms[0]: the untrained base */
+    int n_arms, cap_arms;
+    compare_row *rows;       /* parallel to arms */
+} compare_list;
+
+/* Diagnostics of a pipeline that does not load: printed as they come
+ * (unless quiet), the first few kept for the table (compare_collect is a
+ * pr_pipeline_report_fn). */
+typedef struct compare_diags {
+    char text[1024];
+    int n;
+    int quiet;
+} compare_diags;
+void compare_collect(void *arg, const char *line);
+void compare_sink_finish(compare_diags *s, const pr_error *err);
+
+/* Every arm of files (rows[0] the base, to fill); 1 when nothing can be
+ * compared, -1 out of memory. */
+int compare_load_arms(compare_list *R, char **files, int n_files, const char *const *sets, int n_sets,
+                      const pr_registry *reg, int quiet);
+void compare_warn_shadowed(const compare_list *R, const pr_registry *reg);
+/* Returns 1 with what differs in why when p does not train ref's base
+ * model on its data with its seed and budget. */
+int compare_budget_differs(const pr_pipeline *ref, const pr_pipeline *p, char *why, size_t len);
+/* "lora+bitfit", or "none". */
+void compare_technique_list(const pr_pipeline *p, char *buf, size_t len);
+int compare_make_dirs(const char *dir);
+void compare_remove_tree(const char *dir);
 
 /* Run arm a in a child process and fill its row.  Returns 1 when the
  * child was interrupted (SIGINT/SIGTERM). */
@@ -67,6 +123,35 @@ int compare_run_arm(compare_arm *a);
 
 /* The evaluations in out_dir/metrics.jsonl as the row's curve. */
 void compare_read_curve(compare_row *r, const char *out_dir);
+
+/* Forward SIGINT and SIGTERM received by this process to the arm's child
+ * while one runs (install once; *flag is set too). */
+void compare_signals_install(volatile sig_atomic_t *flag);
+void compare_signals_restore(void);
+
+/* Seconds a fixed small matrix-product loop takes now: timed before each
+ * run, so that a change of machine load between arms shows. */
+double compare_calibrate(void);
+
+/* Seed index i of an arm: train.seed + 1000003 * i (mod 2^63), so seed 0
+ * is train.seed itself. */
+uint64_t compare_seed(uint64_t train_seed, int i);
+
+/* ---- statistics over seeds, sweeps (compare_stats.c) ---- */
+
+/* dst from runs[0..n) (the seeds of one setting): the plan and the
+ * statistics of the runs that finished; ok when all did (else the first
+ * failure, "seed K: REASON"); the curve is the mean per step with the
+ * seeds' range. */
+void compare_aggregate(compare_row *dst, compare_row *const *runs, int n, int cls);
+/* The best of rows[0..n) on validation: lowest mean val loss, or for
+ * classification highest mean accuracy, ties broken by val loss; -1 when
+ * none finished. */
+int compare_pick_best(const compare_row *rows, int n, int cls);
+/* An arm's sweep as a table: one row per setting (labels[i]), the chosen
+ * one marked; fmt COMPARE_MARKDOWN, COMPARE_CSV or COMPARE_JSON. */
+char *compare_sweep_render(const char *arm, const compare_row *rows, const char *const *labels, int n, int best,
+                           int cls, int fmt);
 
 enum { COMPARE_TEXT = 0, COMPARE_MARKDOWN = 1, COMPARE_CSV = 2, COMPARE_JSON = 3 };
 

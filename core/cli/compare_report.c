@@ -40,8 +40,8 @@ static int is_cls(const compare_table *t)
 static const char *col_title(const compare_table *t, int c)
 {
     static const char *const titles[N_COLS] = { "arm", "techniques", "trainable", "trainable%", "peak MiB",
-                                                "ms/step", "tokens/s", "+positions", "+FLOP/token",
-                                                "merged", "val loss", "val ppl", "status" };
+                                                "ms/step", "tokens/s", "+positions", "+FLOP/tok",
+                                                "+FLOP/tok (merged)", "val loss", "val ppl", "status" };
     if (c == C_METRIC && is_cls(t))
         return "val acc";
     return titles[c];
@@ -81,11 +81,56 @@ static int64_t row_trainable(const compare_row *r, int *known)
     return r->have_result ? r->trainable : r->have_plan ? r->trainable_plan : 0;
 }
 
+/* The text table's columns without --wide: within 100 columns. */
+static const int narrow_cols[] = { C_ARM, C_TRAINABLE, C_PCT, C_PEAK, C_TPS, C_FLOPS, C_LOSS, C_METRIC };
+#define N_NARROW ((int)(sizeof narrow_cols / sizeof narrow_cols[0]))
+
+/* Spread over seeds: shown when the row was trained with more than one. */
+static int spread(const compare_row *r, const compare_stat *s)
+{
+    return r->seeds > 1 && s->n > 0;
+}
+
+/* 181234 -> "181k", 1234567 -> "1.2M" (narrow cells). */
+static void compact(double v, char *buf, size_t len)
+{
+    double a = fabs(v);
+    if (a >= 1e9)
+        snprintf(buf, len, "%.3gG", v / 1e9);
+    else if (a >= 1e6)
+        snprintf(buf, len, "%.3gM", v / 1e6);
+    else if (a >= 1e5)
+        snprintf(buf, len, "%.3gk", v / 1e3);
+    else
+        grouped((int64_t)llround(v), buf, len);
+}
+
+/* mean ± sd in f (narrow: no spaces; raw: the mean alone). */
+static void with_sd(char *buf, size_t len, const compare_stat *s, const char *f, int raw, int narrow, int compact_n)
+{
+    char m[48], d[48];
+    if (compact_n == 1) {
+        compact(s->mean, m, sizeof m);
+        compact(s->sd, d, sizeof d);
+    } else if (compact_n == 2) {
+        grouped((int64_t)llround(s->mean), m, sizeof m);
+        grouped((int64_t)llround(s->sd), d, sizeof d);
+    } else {
+        snprintf(m, sizeof m, f, s->mean);
+        snprintf(d, sizeof d, f, s->sd);
+    }
+    if (raw)
+        snprintf(buf, len, "%s", m);
+    else
+        snprintf(buf, len, "%s%s%s", m, narrow ? "±" : " ± ", d);
+}
+
 /* The text of cell (r, c): human (thousands separators, units) or raw for
  * CSV.  Unknown values are "-" (human) or "" (raw). */
 static void cell(const compare_table *t, const compare_row *r, int c, int raw, char *buf, size_t len)
 {
     const char *none = raw ? "" : "-";
+    int narrow = !raw && !t->wide;
     int known;
     int64_t tr = row_trainable(r, &known);
     int cls = is_cls(t);
@@ -102,6 +147,8 @@ static void cell(const compare_table *t, const compare_row *r, int c, int raw, c
             snprintf(buf, len, "%s", none);
         else if (raw)
             snprintf(buf, len, "%lld", (long long)tr);
+        else if (narrow && tr >= 10000000)
+            compact((double)tr, buf, len);
         else
             grouped(tr, buf, len);
         return;
@@ -118,14 +165,20 @@ static void cell(const compare_table *t, const compare_row *r, int c, int raw, c
             snprintf(buf, len, raw ? "%.3f" : "%.1f", r->peak_mib);
         return;
     case C_MS:
-        if (!r->have_result || r->steps <= 0 || r->step_seconds <= 0)
+        if (spread(r, &r->s_ms))
+            with_sd(buf, len, &r->s_ms, raw ? "%.4f" : "%.2f", raw, narrow, 0);
+        else if (!r->have_result || r->steps_timed <= 0 || r->step_seconds <= 0)
             snprintf(buf, len, "%s", none);
         else
-            snprintf(buf, len, raw ? "%.4f" : "%.2f", 1000.0 * r->step_seconds / (double)r->steps);
+            snprintf(buf, len, raw ? "%.4f" : "%.2f", 1000.0 * r->step_seconds / (double)r->steps_timed);
         return;
     case C_TPS:
-        if (!r->have_result || r->steps <= 0 || r->step_seconds <= 0)
+        if (spread(r, &r->s_tps))
+            with_sd(buf, len, &r->s_tps, "%.1f", raw, narrow, raw ? 0 : narrow ? 1 : 2);
+        else if (!r->have_result || r->steps_timed <= 0 || r->step_seconds <= 0)
             snprintf(buf, len, "%s", none);
+        else if (narrow)
+            compact((double)r->tokens / r->step_seconds, buf, len);
         else if (raw)
             snprintf(buf, len, "%.1f", (double)r->tokens / r->step_seconds);
         else
@@ -148,20 +201,34 @@ static void cell(const compare_table *t, const compare_row *r, int c, int raw, c
             snprintf(buf, len, "%lld", (long long)f);
         } else {
             char g[40];
-            grouped(f, g, sizeof g);
-            snprintf(buf, len, "%s%s", r->cost.flops_lower_bound && f > 0 ? ">=" : "", g);
+            if (narrow)
+                compact((double)f, g, sizeof g);
+            else
+                grouped(f, g, sizeof g);
+            int pos = r->cost.positions + r->cost.prefix;
+            if (narrow && pos > 0)
+                snprintf(buf, len, "%s%s +%d pos", r->cost.flops_lower_bound && f > 0 ? ">=" : "", g, pos);
+            else
+                snprintf(buf, len, "%s%s", r->cost.flops_lower_bound && f > 0 ? ">=" : "", g);
         }
         return;
     }
     case C_LOSS:
-        if (!r->have_result || !r->ok || !isfinite(r->val_loss))
+        if (narrow && !r->ok)
+            snprintf(buf, len, "failed");
+        else if (!r->have_result || !r->ok || !isfinite(r->val_loss))
             snprintf(buf, len, "%s", none);
+        else if (spread(r, &r->s_loss))
+            with_sd(buf, len, &r->s_loss, raw ? "%.6f" : narrow ? "%.3f" : "%.4f", raw, narrow, 0);
         else
             snprintf(buf, len, raw ? "%.6f" : "%.4f", r->val_loss);
         return;
     case C_METRIC:
         if (!r->have_result || !r->ok || !isfinite(r->val_loss) || (cls && r->val_accuracy < 0))
             snprintf(buf, len, "%s", none);
+        else if (spread(r, &r->s_metric))
+            with_sd(buf, len, &r->s_metric, raw ? "%.6f" : cls ? (narrow ? "%.3f" : "%.4f") : (narrow ? "%.1f" : "%.2f"),
+                    raw, narrow, 0);
         else if (cls)
             snprintf(buf, len, raw ? "%.6f" : "%.4f", r->val_accuracy);
         else
@@ -189,55 +256,114 @@ static int right_aligned(int c)
 
 #define CELL_MAX 1200
 
+/* Display width: UTF-8 continuation bytes take no column. */
+static int width_of(const char *s)
+{
+    int w = 0;
+    for (; *s; s++)
+        w += ((unsigned char)*s & 0xC0) != 0x80;
+    return w;
+}
+
+static void pad(FILE *o, int n)
+{
+    for (; n > 0; n--)
+        fputc(' ', o);
+}
+
+/* Lines under the text table: what the figures are over, each sweep's
+ * choice, failures (narrow), and a change of machine load. */
+static void render_notes(const compare_table *t, FILE *o, int narrow)
+{
+    if (t->seeds > 1)
+        fprintf(o, "mean ± sample sd over %d seeds per arm (seed i = train.seed + 1000003*i)\n", t->seeds);
+    for (int i = 0; i < t->n_rows; i++) {
+        const compare_row *r = &t->rows[i];
+        if (r->setting[0])
+            fprintf(o, "%s: best on validation: %s (sweeps/%s.md)\n", r->name, r->setting, r->name);
+        if (r->seeds > 1 && r->ok && r->s_loss.n < r->seeds)
+            fprintf(o, "%s: %d of %d seeds finished\n", r->name, r->s_loss.n, r->seeds);
+    }
+    for (int i = 0; narrow && i < t->n_rows; i++)
+        if (!t->rows[i].ok)
+            fprintf(o, "%s: failed: %s\n", t->rows[i].name, t->rows[i].error[0] ? t->rows[i].error : "unknown error");
+    if (t->calib_lo > 0 && t->calib_hi > 1.2 * t->calib_lo)
+        fprintf(o, "note: machine load changed between runs (calibration loop %.1f-%.1f ms, %.0f%% apart): "
+                "timings vary\n", 1e3 * t->calib_lo, 1e3 * t->calib_hi, 100.0 * (t->calib_hi / t->calib_lo - 1.0));
+}
+
 static void render_text(const compare_table *t, FILE *o, int markdown)
 {
+    int narrow = !markdown && !t->wide;
+    int cols[N_COLS], n_cols = 0;
+    if (narrow)
+        for (int c = 0; c < N_NARROW; c++)
+            cols[n_cols++] = narrow_cols[c];
+    else
+        for (int c = 0; c < N_COLS; c++)
+            cols[n_cols++] = c;
+    compare_table tt = *t;
+    tt.wide = !narrow;
+    t = &tt;
     int w[N_COLS];
     char buf[CELL_MAX];
-    for (int c = 0; c < N_COLS; c++) {
-        w[c] = (int)strlen(col_title(t, c));
+    for (int k = 0; k < n_cols; k++) {
+        int c = cols[k];
+        w[k] = width_of(col_title(t, c));
         for (int i = 0; i < t->n_rows; i++) {
             cell(t, &t->rows[i], c, 0, buf, sizeof buf);
-            if ((int)strlen(buf) > w[c])
-                w[c] = (int)strlen(buf);
+            if (width_of(buf) > w[k])
+                w[k] = width_of(buf);
         }
     }
     for (int i = -1; i < t->n_rows; i++) {
-        for (int c = 0; c < N_COLS; c++) {
+        for (int k = 0; k < n_cols; k++) {
+            int c = cols[k];
             if (i < 0)
                 snprintf(buf, sizeof buf, "%s", col_title(t, c));
             else
                 cell(t, &t->rows[i], c, 0, buf, sizeof buf);
             if (markdown) {
-                fputs(c == 0 ? "| " : " | ", o);
+                fputs(k == 0 ? "| " : " | ", o);
                 for (const char *s = buf; *s; s++) {
                     if (*s == '|')
                         fputc('\\', o);
                     fputc(*s, o);
                 }
-                if (c == N_COLS - 1)
+                if (k == n_cols - 1)
                     fputs(" |", o);
-            } else if (c == N_COLS - 1) {
+            } else if (k == n_cols - 1 && !right_aligned(c)) {
                 fputs(buf, o);   /* the last column is not padded */
             } else {
-                fprintf(o, right_aligned(c) ? "%*s  " : "%-*s  ", w[c], buf);
+                int gap = w[k] - width_of(buf);
+                if (right_aligned(c))
+                    pad(o, gap);
+                fputs(buf, o);
+                if (!right_aligned(c))
+                    pad(o, gap);
+                if (k < n_cols - 1)
+                    fputs("  ", o);
             }
         }
         fputc('\n', o);
         if (i < 0) {
-            for (int c = 0; c < N_COLS; c++) {
+            for (int k = 0; k < n_cols; k++) {
+                int c = cols[k];
                 if (markdown)
-                    fputs(c == 0 ? "|" : "|", o);
-                int n = markdown ? 3 : w[c];
-                for (int k = 0; k < n; k++)
+                    fputs("|", o);
+                int n = markdown ? 3 : w[k];
+                for (int j = 0; j < n; j++)
                     fputc('-', o);
                 if (markdown && right_aligned(c))
                     fputc(':', o);
-                if (!markdown && c < N_COLS - 1)
+                if (!markdown && k < n_cols - 1)
                     fputs("  ", o);
             }
             fputs(markdown ? "|\n" : "\n", o);
         }
     }
+    if (!markdown)
+        render_notes(t, o, narrow);
 }
 
 /* ---- CSV (RFC 4180) ---------------------------------------------------------------------------------------- */
@@ -263,7 +389,10 @@ static void render_csv(const compare_table *t, FILE *o)
     char buf[CELL_MAX];
     for (int c = 0; c < N_COLS; c++)
         csv_field(o, csv_title(t, c), 0);
-    csv_field(o, "flops_lower_bound", 0);
+    static const char *const extra[] = { "flops_lower_bound", "n_seeds", "val_loss_sd", "val_metric_sd",
+                                         "ms_per_step_sd", "tokens_per_second_sd", "setting", "reused" };
+    for (int k = 0; k < 8; k++)
+        csv_field(o, extra[k], 0);
     csv_field(o, "error", 1);
     for (int i = 0; i < t->n_rows; i++) {
         const compare_row *r = &t->rows[i];
@@ -272,6 +401,18 @@ static void render_csv(const compare_table *t, FILE *o)
             csv_field(o, buf, 0);
         }
         csv_field(o, r->cost.flops_lower_bound ? "true" : "false", 0);
+        snprintf(buf, sizeof buf, "%d", r->s_loss.n);
+        csv_field(o, buf, 0);
+        const compare_stat *sds[] = { &r->s_loss, &r->s_metric, &r->s_ms, &r->s_tps };
+        for (int k = 0; k < 4; k++) {
+            if (sds[k]->n > 0 && isfinite(sds[k]->sd))
+                snprintf(buf, sizeof buf, "%.6g", sds[k]->sd);
+            else
+                buf[0] = '\0';
+            csv_field(o, buf, 0);
+        }
+        csv_field(o, r->setting, 0);
+        csv_field(o, r->reused ? "true" : "false", 0);
         csv_field(o, r->ok ? "" : r->error, 1);
     }
 }
@@ -299,7 +440,9 @@ static json_t *row_json(const compare_table *t, const compare_row *r)
         for (char *save = NULL, *s = strtok_r(tbuf, "+", &save); s; s = strtok_r(NULL, "+", &save))
             json_array_append_new(tech, json_string(s));
     for (int i = 0; i < r->n_curve; i++) {
-        json_t *pt = json_pack("[I, f]", (json_int_t)r->curve[i].step, r->curve[i].loss);
+        json_t *pt = r->seeds > 1 ? json_pack("[I, f, f, f]", (json_int_t)r->curve[i].step, r->curve[i].loss,
+                                              r->curve[i].lo, r->curve[i].hi)
+                                  : json_pack("[I, f]", (json_int_t)r->curve[i].step, r->curve[i].loss);
         if (pt && isfinite(r->curve[i].loss))
             json_array_append_new(curve, pt);
         else
@@ -307,7 +450,7 @@ static json_t *row_json(const compare_table *t, const compare_row *r)
     }
     int known;
     int64_t tr = row_trainable(r, &known);
-    int timed = r->have_result && r->steps > 0 && r->step_seconds > 0;
+    int timed = r->have_result && r->steps_timed > 0 && r->step_seconds > 0;
     int cls = is_cls(t), plan = r->have_plan || r->is_base;
     int loss_ok = r->have_result && r->ok;
     json_object_set_new(o, "arm", json_string(r->name));
@@ -325,8 +468,14 @@ static json_t *row_json(const compare_table *t, const compare_row *r)
     json_object_set_new(o, "peak_memory_mib", num_or_null(r->have_result && r->peak_mib > 0, r->peak_mib));
     json_object_set_new(o, "steps", r->have_result ? json_integer((json_int_t)r->steps) : json_null());
     json_object_set_new(o, "seconds", num_or_null(r->have_result, r->seconds));
-    json_object_set_new(o, "ms_per_step", num_or_null(timed, timed ? 1000.0 * r->step_seconds / (double)r->steps : 0));
-    json_object_set_new(o, "tokens_per_second", num_or_null(timed, timed ? (double)r->tokens / r->step_seconds : 0));
+    if (r->seeds > 1) {
+        json_object_set_new(o, "ms_per_step", num_or_null(r->s_ms.n > 0, r->s_ms.mean));
+        json_object_set_new(o, "tokens_per_second", num_or_null(r->s_tps.n > 0, r->s_tps.mean));
+    } else {
+        json_object_set_new(o, "ms_per_step",
+                            num_or_null(timed, timed ? 1000.0 * r->step_seconds / (double)r->steps_timed : 0));
+        json_object_set_new(o, "tokens_per_second", num_or_null(timed, timed ? (double)r->tokens / r->step_seconds : 0));
+    }
     json_object_set_new(o, "extra_positions", plan ? json_integer(r->cost.positions) : json_null());
     json_object_set_new(o, "prefix_length", plan ? json_integer(r->cost.prefix) : json_null());
     json_object_set_new(o, "extra_flops_per_token", plan ? json_integer((json_int_t)r->cost.flops) : json_null());
@@ -337,6 +486,14 @@ static json_t *row_json(const compare_table *t, const compare_row *r)
     json_object_set_new(o, "val_loss", num_or_null(loss_ok, r->val_loss));
     json_object_set_new(o, "val_perplexity", num_or_null(loss_ok && !cls, exp(r->val_loss)));
     json_object_set_new(o, "val_accuracy", num_or_null(loss_ok && cls && r->val_accuracy >= 0, r->val_accuracy));
+    json_object_set_new(o, "n_seeds", json_integer(r->s_loss.n));
+    json_object_set_new(o, "val_loss_sd", num_or_null(loss_ok && r->s_loss.n > 0, r->s_loss.sd));
+    json_object_set_new(o, cls ? "val_accuracy_sd" : "val_perplexity_sd",
+                        num_or_null(loss_ok && r->s_metric.n > 0, r->s_metric.sd));
+    json_object_set_new(o, "ms_per_step_sd", num_or_null(r->s_ms.n > 0, r->s_ms.sd));
+    json_object_set_new(o, "tokens_per_second_sd", num_or_null(r->s_tps.n > 0, r->s_tps.sd));
+    json_object_set_new(o, "setting", r->setting[0] ? json_string(r->setting) : json_null());
+    json_object_set_new(o, "reused", json_integer(r->reused));
     json_object_set_new(o, "curve", curve);
     return o;
 }
@@ -361,6 +518,10 @@ static char *render_json(const compare_table *t)
     json_object_set_new(root, "task", json_string(t->task ? t->task : "lm"));
     json_object_set_new(root, "steps", json_integer(t->steps));
     json_object_set_new(root, "eval_every", json_integer(t->eval_every));
+    json_object_set_new(root, "seeds", json_integer(t->seeds > 0 ? t->seeds : 1));
+    json_object_set_new(root, "load_changed", json_boolean(t->calib_lo > 0 && t->calib_hi > 1.2 * t->calib_lo));
+    json_object_set_new(root, "calibration_ms",
+                        t->calib_lo > 0 ? json_pack("[f, f]", 1e3 * t->calib_lo, 1e3 * t->calib_hi) : json_null());
     json_object_set_new(root, "rows", rows);
     char *s = json_dumps(root, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
     json_decref(root);
@@ -441,10 +602,11 @@ char *compare_svg(const compare_table *t)
                 continue;
             if ((double)r->curve[k].step > x_max)
                 x_max = (double)r->curve[k].step;
-            if (r->curve[k].loss < y_lo)
-                y_lo = r->curve[k].loss;
-            if (r->curve[k].loss > y_hi)
-                y_hi = r->curve[k].loss;
+            double lo = fmin(r->curve[k].loss, r->curve[k].lo), hi = fmax(r->curve[k].loss, r->curve[k].hi);
+            if (lo < y_lo)
+                y_lo = lo;
+            if (hi > y_hi)
+                y_hi = hi;
         }
     }
     if (t->steps > x_max)
@@ -533,6 +695,15 @@ char *compare_svg(const compare_table *t)
         int n = 0;
         for (int p = 0; p < r->n_curve; p++)
             n += isfinite(r->curve[p].loss) != 0;
+        if (n > 1 && r->seeds > 1) {
+            /* the band: the lowest to the highest seed at each evaluation */
+            fprintf(o, "<polygon class=\"band\" fill=\"%s\" fill-opacity=\"0.18\" stroke=\"none\" points=\"", col);
+            for (int p = 0; p < r->n_curve; p++)
+                fprintf(o, "%s%.1f,%.1f", p ? " " : "", PX((double)r->curve[p].step), PY(r->curve[p].hi));
+            for (int p = r->n_curve - 1; p >= 0; p--)
+                fprintf(o, " %.1f,%.1f", PX((double)r->curve[p].step), PY(r->curve[p].lo));
+            fputs("\"/>\n", o);
+        }
         if (n > 0) {
             fprintf(o, "<polyline fill=\"none\" stroke=\"%s\" stroke-width=\"2\"%s points=\"", col, dash);
             for (int p = 0; p < r->n_curve; p++)

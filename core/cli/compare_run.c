@@ -21,8 +21,13 @@
 #include <time.h>
 #include <unistd.h>
 
+#ifdef __linux__
+#include <sys/prctl.h>
+#endif
+
 #include "compare.h"
 #include "fileio.h"
+#include "run_fingerprint.h"
 
 static double now_seconds(void)
 {
@@ -30,6 +35,75 @@ static double now_seconds(void)
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
+
+/* The child training now (0 when none), for the signal forwarder. */
+static volatile pid_t running_child;
+static volatile sig_atomic_t *stop_flag;
+static struct sigaction saved_int, saved_term;
+
+static void forward_signal(int sig)
+{
+    if (stop_flag)
+        *stop_flag = 1;
+    pid_t c = running_child;
+    if (c > 0)
+        kill(c, sig);   /* the child's trainer checkpoints and stops */
+}
+
+void compare_signals_install(volatile sig_atomic_t *flag)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = forward_signal;
+    sigemptyset(&sa.sa_mask);
+    stop_flag = flag;
+    sigaction(SIGINT, &sa, &saved_int);
+    sigaction(SIGTERM, &sa, &saved_term);
+}
+
+void compare_signals_restore(void)
+{
+    sigaction(SIGINT, &saved_int, NULL);
+    sigaction(SIGTERM, &saved_term, NULL);
+    stop_flag = NULL;
+}
+
+uint64_t compare_seed(uint64_t train_seed, int i)
+{
+    return (train_seed + 1000003ull * (uint64_t)i) & 0x7fffffffffffffffull;
+}
+
+/* C = A * B on n x n matrices, repeated: a fixed amount of arithmetic whose
+ * time follows the machine's load. */
+double compare_calibrate(void)
+{
+    enum { N = 96, REPS = 16 };   /* about 15 M multiply-adds: some milliseconds */
+    static float a[N * N], b[N * N], c[N * N];
+    for (int i = 0; i < N * N; i++) {
+        a[i] = (float)(i % 7) * 0.25f;
+        b[i] = (float)(i % 5) * 0.5f;
+    }
+    double best = 0;
+    for (int trial = 0; trial < 3; trial++) {
+        double t0 = now_seconds();
+        for (int r = 0; r < REPS; r++)
+            for (int i = 0; i < N; i++)
+                for (int j = 0; j < N; j++) {
+                    float acc = 0;
+                    for (int k = 0; k < N; k++)
+                        acc += a[i * N + k] * b[k * N + j];
+                    c[i * N + j] = acc + (float)r;
+                }
+        double t = now_seconds() - t0;
+        /* the fastest of three: one preemption does not decide, a lasting load does */
+        if (trial == 0 || t < best)
+            best = t;
+    }
+    volatile float sink = c[N + 1];
+    (void)sink;
+    return best;
+}
+
 
 /* Peak resident set of this process in KiB: VmHWM, else ru_maxrss. */
 static long peak_kib(void)
@@ -70,40 +144,123 @@ static int write_all(int fd, const char *s, size_t n)
     return 0;
 }
 
-/* In the child: build and train, send the result, exit. */
+/* What decides a run's result: the run's fingerprint (pipeline, data,
+ * base model) and the program's own bytes. */
+static char *fingerprint_of(const pr_model *m, const pr_train_config *tc, pr_error *err)
+{
+    run_fp f;
+    run_fp_init(&f);
+    char *s = NULL;
+    if (run_fp_of_run(&f, m, tc, err) == PR_OK && run_fp_add_file(&f, "code.program", "/proc/self/exe", err) == PR_OK)
+        s = run_fp_json(&f);
+    run_fp_free(&f);
+    return s;
+}
+
+/* out_dir/compare_result.json of a finished run with this fingerprint:
+ * its result object (new reference), else NULL. */
+static json_t *stored_result(const char *out_dir, const char *fp)
+{
+    char *path = fileio_join(out_dir, COMPARE_RESULT_FILE);
+    json_t *o = path ? json_load_file(path, 0, NULL) : NULL;
+    free(path);
+    const char *old = json_string_value(json_object_get(o, "fingerprint"));
+    json_t *res = old && fp && !strcmp(old, fp) ? json_object_get(o, "result") : NULL;
+    if (json_is_object(res))
+        json_incref(res);
+    else
+        res = NULL;
+    json_decref(o);
+    return res;
+}
+
+static void store_result(const char *out_dir, const char *fp, json_t *res)
+{
+    json_t *o = json_object();
+    char *path = fileio_join(out_dir, COMPARE_RESULT_FILE);
+    if (o && path && fp) {
+        json_object_set_new(o, "fingerprint", json_string(fp));
+        json_object_set(o, "result", res);
+        char *s = json_dumps(o, JSON_INDENT(1));
+        pr_error e = { 0 };
+        if (s && fileio_write_atomic(path, s, strlen(s), &e))
+            fprintf(stderr, "peftref compare: %s\n", e.msg);
+        free(s);
+    }
+    free(path);
+    json_decref(o);
+}
+
+/* In the child: build and train (or take the finished run's result when
+ * resuming one whose fingerprint matches), send the result, exit. */
 static void child_main(compare_arm *a, int fd)
 {
     signal(SIGINT, SIG_DFL);
     signal(SIGTERM, SIG_DFL);
+#ifdef __linux__
+    /* the parent killed outright: stop at the next step with a checkpoint */
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (getppid() == 1)
+        _exit(1);
+#endif
     pr_error err = { 0 };
     pr_model *m = NULL;
     pr_tokenizer *tok = NULL;
     pr_train_result res;
     memset(&res, 0, sizeof res);
     res.final_val_accuracy = -1;
+    res.resumed_from = -1;
+    char *fp = NULL;
+    json_t *o = NULL;
     int rc = pr_pipeline_build(a->pipe, &m, &tok, &err);
-    if (rc == PR_OK)
-        rc = pr_train(m, tok, &a->tc, &res, &err);
-    long peak = peak_kib();
-    json_t *o = json_object();
+    if (rc == PR_OK && !(fp = fingerprint_of(m, &a->tc, &err)))
+        rc = err.code ? err.code : PR_ERR_NOMEM;
+    if (rc == PR_OK && a->resume && (o = stored_result(a->out_dir, fp))) {
+        json_object_set_new(o, "reused", json_true());
+    } else {
+        if (rc == PR_OK && a->resume) {
+            /* no finished run of this fingerprint: continue a checkpoint of
+             * the same fingerprint, or start afresh */
+            char *ck = fileio_join(a->out_dir, COMPARE_RESULT_FILE);
+            if (ck && access(ck, F_OK) == 0) {
+                a->tc.resume = 0;
+                a->tc.force = 1;
+                fprintf(stderr, "peftref compare: %s: settings, data or program changed since it finished: "
+                        "training it again\n", a->out_dir);
+                unlink(ck);
+            }
+            free(ck);
+        }
+        if (rc == PR_OK)
+            rc = pr_train(m, tok, &a->tc, &res, &err);
+        long peak = peak_kib();
+        o = json_object();
+        if (o) {
+            json_object_set_new(o, "rc", json_integer(rc));
+            json_object_set_new(o, "error", json_string(rc ? err.msg : ""));
+            json_object_set_new(o, "interrupted", json_boolean(res.interrupted));
+            json_object_set_new(o, "steps", json_integer((json_int_t)res.steps_done));
+            json_object_set_new(o, "steps_timed", json_integer((json_int_t)(res.complete ? 0 :
+                                res.steps_done - (res.resumed_from > 0 ? res.resumed_from : 0))));
+            json_object_set_new(o, "step_seconds", real_or_null(res.step_seconds));
+            json_object_set_new(o, "tokens", json_integer((json_int_t)res.tokens_trained));
+            json_object_set_new(o, "trainable", json_integer((json_int_t)res.trainable_params));
+            json_object_set_new(o, "initial_val_loss", real_or_null(res.initial_val_loss));
+            json_object_set_new(o, "val_loss", real_or_null(res.final_val_loss));
+            json_object_set_new(o, "val_accuracy", real_or_null(res.final_val_accuracy));
+            json_object_set_new(o, "peak_kib", json_integer(peak));
+            if (rc == PR_OK && !res.interrupted && !res.complete)
+                store_result(a->out_dir, fp, o);
+        }
+    }
     if (o) {
-        json_object_set_new(o, "rc", json_integer(rc));
-        json_object_set_new(o, "error", json_string(rc ? err.msg : ""));
-        json_object_set_new(o, "interrupted", json_boolean(res.interrupted));
-        json_object_set_new(o, "steps", json_integer((json_int_t)res.steps_done));
-        json_object_set_new(o, "step_seconds", real_or_null(res.step_seconds));
-        json_object_set_new(o, "tokens", json_integer((json_int_t)res.tokens_trained));
-        json_object_set_new(o, "trainable", json_integer((json_int_t)res.trainable_params));
-        json_object_set_new(o, "initial_val_loss", real_or_null(res.initial_val_loss));
-        json_object_set_new(o, "val_loss", real_or_null(res.final_val_loss));
-        json_object_set_new(o, "val_accuracy", real_or_null(res.final_val_accuracy));
-        json_object_set_new(o, "peak_kib", json_integer(peak));
         char *s = json_dumps(o, JSON_COMPACT);
         if (s)
             write_all(fd, s, strlen(s));
         free(s);
         json_decref(o);
     }
+    free(fp);
     close(fd);
     _exit(rc == PR_OK ? 0 : 1);
 }
@@ -137,6 +294,7 @@ int compare_run_arm(compare_arm *a)
         close(pfd[0]);
         child_main(a, pfd[1]);
     }
+    running_child = pid;
     close(pfd[1]);
     char *buf = NULL;
     size_t len = 0, cap = 0;
@@ -160,6 +318,7 @@ int compare_run_arm(compare_arm *a)
     memset(&ru, 0, sizeof ru);
     while (wait4(pid, &status, 0, &ru) < 0 && errno == EINTR)
         ;
+    running_child = 0;
     r->seconds = now_seconds() - t0;
     json_t *o = NULL;
     if (buf && len > 0) {
@@ -180,6 +339,8 @@ int compare_run_arm(compare_arm *a)
         const char *msg = json_string_value(json_object_get(o, "error"));
         r->have_result = 1;
         r->steps = (int64_t)json_num(o, "steps", 0);
+        r->steps_timed = (int64_t)json_num(o, "steps_timed", (double)r->steps);
+        r->reused = json_is_true(json_object_get(o, "reused"));
         r->step_seconds = json_num(o, "step_seconds", 0);
         r->tokens = (int64_t)json_num(o, "tokens", 0);
         r->trainable = (int64_t)json_num(o, "trainable", 0);
@@ -218,8 +379,8 @@ void compare_read_curve(compare_row *r, const char *out_dir)
             compare_point *c = realloc(r->curve, (size_t)(r->n_curve + 1) * sizeof *c);
             if (c) {
                 r->curve = c;
-                r->curve[r->n_curve++] = (compare_point){ (int64_t)json_integer_value(step),
-                                                          json_number_value(loss) };
+                double v = json_number_value(loss);
+                r->curve[r->n_curve++] = (compare_point){ (int64_t)json_integer_value(step), v, v, v };
             }
         }
         json_decref(o);

@@ -7,6 +7,7 @@
  * the same data with the same seed and budget. */
 #include "config.h"
 
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,6 +33,115 @@ static int arm_set_key_ok(const char *k)
         if (!strcmp(k + 6, arm_train_keys[i]))
             return 1;
     return 0;
+}
+
+#define PL_MAX_SWEEP_POINTS 256
+
+static int64_t product_capped(int64_t a, int64_t b)
+{
+    return a > PL_MAX_SWEEP_POINTS || b > PL_MAX_SWEEP_POINTS ? PL_MAX_SWEEP_POINTS + 1 : a * b;
+}
+
+int pl_arm_points(const ynode *arm)
+{
+    const ynode *sw = arm && arm->kind == Y_MAP ? pl_map_get(arm, "sweep") : NULL;
+    if (!sw || pl_is_null(sw))
+        return 1;
+    if (sw->kind != Y_MAP || sw->n == 0)
+        return 0;
+    int64_t n = 1;
+    for (int k = 0; k < sw->n; k++) {
+        const ynode *v = sw->vals[k];
+        if (v->kind != Y_SEQ || v->n == 0)
+            return 0;
+        for (int j = 0; j < v->n; j++)
+            if (v->vals[j]->kind != Y_SCALAR)
+                return 0;
+        n = product_capped(n, v->n);
+    }
+    return n > PL_MAX_SWEEP_POINTS ? 0 : (int)n;
+}
+
+/* The value index of key k at grid point `point` (the last key fastest). */
+static int sweep_index(const ynode *sw, int k, int point)
+{
+    int stride = 1;
+    for (int j = k + 1; j < sw->n; j++)
+        stride *= sw->vals[j]->n;
+    return (point / stride) % sw->vals[k]->n;
+}
+
+/* Checks an arm's sweep: a mapping of keys its set: may hold (and does
+ * not) to non-empty lists of scalars, at most PL_MAX_SWEEP_POINTS settings
+ * in all (a key it may not hold is reported and left out, so that the
+ * values of the others are still checked).  Fills p->arm_n_points[i] and p->arm_labels[i]. */
+static void load_sweep(loader *L, const ynode *a, const char *path, int i)
+{
+    pr_pipeline *p = L->p;
+    const ynode *sw = pl_map_get(a, "sweep"), *set = pl_map_get(a, "set");
+    char kp[128];
+    snprintf(kp, sizeof kp, "%s.sweep", path);
+    p->arm_n_points[i] = 1;
+    if (!sw || pl_is_null(sw))
+        return;
+    if (pl_want_map(L, sw, kp))
+        return;
+    int bad = sw->n == 0;
+    if (sw->n == 0)
+        pl_diag_at(&L->d, sw, "%s: expected keys with lists of values, e.g. {train.lr: [1e-4, 3e-4, 1e-3]}", kp);
+    int64_t n = 1;
+    for (int k = 0; k < sw->n; k++) {
+        const ynode *key = sw->keys[k], *v = sw->vals[k];
+        if (!arm_set_key_ok(key->text)) {
+            pl_diag_at(&L->d, key, "%s: '%s' cannot be swept: a sweep takes the keys an arm's set: may change "
+                       "(modules.* and train.lr, min_lr_ratio, schedule, warmup, weight_decay, decay_all, clip, "
+                       "beta1, beta2, eps, head_lr_mult)", kp, key->text);
+        } else if (set && set->kind == Y_MAP && pl_map_find(set, key->text) >= 0) {
+            pl_diag_at(&L->d, key, "%s: '%s' is also in the arm's set: (line %d); give it in one place", kp,
+                       key->text, set->keys[pl_map_find(set, key->text)]->line);
+        }
+        if (v->kind != Y_SEQ || v->n == 0) {
+            char g[200];
+            pl_got(g, sizeof g, v);
+            pl_diag_at(&L->d, v, "%s.%s: expected a non-empty list of values, e.g. [1e-4, 3e-4], got %s", kp,
+                       key->text, v->kind == Y_SEQ ? "an empty list" : g);
+            bad = 1;
+            continue;
+        }
+        for (int j = 0; j < v->n; j++)
+            if (v->vals[j]->kind != Y_SCALAR) {
+                char g[200];
+                pl_got(g, sizeof g, v->vals[j]);
+                pl_diag_at(&L->d, v->vals[j], "%s.%s.%d: a swept value is a scalar, got %s", kp, key->text, j, g);
+                bad = 1;
+            }
+        n = product_capped(n, v->n);
+    }
+    if (!bad && n > PL_MAX_SWEEP_POINTS) {
+        pl_diag_at(&L->d, sw, "%s: more than %d settings (PL_MAX_SWEEP_POINTS)", kp, PL_MAX_SWEEP_POINTS);
+        bad = 1;
+    }
+    if (bad) {
+        p->arm_n_points[i] = 0;
+        return;
+    }
+    p->arm_n_points[i] = (int)n;
+    if (!(p->arm_labels[i] = calloc((size_t)n, sizeof *p->arm_labels[i]))) {
+        L->oom = 1;
+        return;
+    }
+    for (int pt = 0; pt < n; pt++) {
+        char label[512];
+        size_t o = 0;
+        label[0] = '\0';
+        for (int k = 0; k < sw->n && o < sizeof label; k++) {
+            int w = snprintf(label + o, sizeof label - o, "%s%s=%s", k ? ", " : "", sw->keys[k]->text,
+                             sw->vals[k]->vals[sweep_index(sw, k, pt)]->text);
+            o += w > 0 ? (size_t)w : 0;
+        }
+        if (!(p->arm_labels[i][pt] = pl_keep(p, label)))
+            L->oom = 1;
+    }
 }
 
 /* An arm's default name: its modules' techniques (or loaded files) joined
@@ -60,13 +170,18 @@ static void arm_default_name(const ynode *mods, char *buf, size_t len)
  * each arm whose own keys are well formed (*ok is the caller's to free). */
 const ynode *pl_load_compare(loader *L, const ynode *c, int **ok)
 {
-    static const char *const keys[] = { "arms" };
-    static const char *const arm_keys[] = { "name", "modules", "set" };
+    static const char *const keys[] = { "arms", "seeds" };
+    static const char *const arm_keys[] = { "name", "modules", "set", "sweep" };
     pr_pipeline *p = L->p;
     *ok = NULL;
     if (pl_want_map(L, c, "compare"))
         return NULL;
-    pl_check_keys(L, c, "compare", keys, 1);
+    pl_check_keys(L, c, "compare", keys, 2);
+    const ynode *sn = pl_map_get(c, "seeds");
+    long long seeds = 1;
+    if (sn && pl_get_int(L, sn, "compare.seeds", 1, PL_MAX_SEEDS, &seeds))
+        seeds = 1;
+    p->compare_seeds = (int)seeds;
     const ynode *arms = pl_map_get(c, "arms");
     if (!arms) {
         pl_diag_at(&L->d, c, "compare: missing required key 'arms' (a list of arms, each with its modules)");
@@ -86,7 +201,9 @@ const ynode *pl_load_compare(loader *L, const ynode *c, int **ok)
     p->arm_names = calloc((size_t)arms->n, sizeof *p->arm_names);
     const ynode **name_nodes = calloc((size_t)arms->n, sizeof *name_nodes);
     *ok = calloc((size_t)arms->n, sizeof **ok);
-    if (!p->arm_names || !name_nodes || !*ok) {
+    p->arm_n_points = calloc((size_t)arms->n, sizeof *p->arm_n_points);
+    p->arm_labels = calloc((size_t)arms->n, sizeof *p->arm_labels);
+    if (!p->arm_names || !name_nodes || !*ok || !p->arm_n_points || !p->arm_labels) {
         free(name_nodes);
         L->oom = 1;
         return NULL;
@@ -98,7 +215,7 @@ const ynode *pl_load_compare(loader *L, const ynode *c, int **ok)
         snprintf(path, sizeof path, "compare.arms.%d", i);
         if (pl_want_map(L, a, path))
             continue;
-        pl_check_keys(L, a, path, arm_keys, 3);
+        pl_check_keys(L, a, path, arm_keys, 4);
         if (!(n = pl_map_get(a, "modules")))
             pl_diag_at(&L->d, a, "%s: missing required key 'modules' (write 'modules: []' for the base model alone)",
                        path);
@@ -129,6 +246,9 @@ const ynode *pl_load_compare(loader *L, const ynode *c, int **ok)
                                "may set modules.* and train.lr, min_lr_ratio, schedule, warmup, weight_decay, "
                                "decay_all, clip, beta1, beta2, eps, head_lr_mult, log_every, progress",
                                kp, set->keys[k]->text);
+        load_sweep(L, a, path, i);
+        if (!p->arm_n_points[i])
+            (*ok)[i] = 0;
     }
     /* default names: the techniques, then _2, _3 ... skipping taken ones */
     for (int i = 0; i < arms->n && !L->oom; i++) {
@@ -157,7 +277,7 @@ const ynode *pl_load_compare(loader *L, const ynode *c, int **ok)
 
 /* The file as an arm sees it: the arm's modules replace the file's, its
  * set: entries apply, and the compare section is gone. */
-ynode *pl_arm_tree(loader *L, const ynode *root, const ynode *arm)
+ynode *pl_arm_tree(loader *L, const ynode *root, const ynode *arm, int point)
 {
     ynode *t = pl_ynode_copy(root);
     const ynode *mods = pl_map_get(arm, "modules");
@@ -199,5 +319,20 @@ ynode *pl_arm_tree(loader *L, const ynode *root, const ynode *arm)
         /* a quoted key's text starts one column after its quote */
         pl_apply_path(L, &t, key->text, strlen(key->text), NULL, v, key->src, key->line, key->col - 1 + !key->plain);
     }
+    /* the sweep's setting, as if written in set: (values located where the list gives them) */
+    const ynode *sw = pl_map_get(arm, "sweep");
+    if (sw && !pl_is_null(sw) && pl_arm_points(arm) > 0)
+        for (int k = 0; k < sw->n && !L->oom; k++) {
+            const ynode *key = sw->keys[k];
+            if (!arm_set_key_ok(key->text))
+                continue;
+            ynode *v = pl_ynode_copy(sw->vals[k]->vals[sweep_index(sw, k, point)]);
+            if (!v) {
+                L->oom = 1;
+                break;
+            }
+            pl_apply_path(L, &t, key->text, strlen(key->text), NULL, v, key->src, key->line,
+                          key->col - 1 + !key->plain);
+        }
     return t;
 }

@@ -62,6 +62,10 @@ void pr_pipeline_free(pr_pipeline *p)
         free(p->strs[i]);
     free(p->strs);
     free(p->arm_names);
+    for (int i = 0; p->arm_labels && i < p->n_arms; i++)
+        free(p->arm_labels[i]);
+    free(p->arm_labels);
+    free(p->arm_n_points);
     pr_model_free(p->loaded);
     free(p->path);
     free(p);
@@ -137,7 +141,7 @@ static void loader_done(loader *L)
 
 /* Check arm i as its own pipeline and add what it reports to L's
  * diagnostics (the base's own problems, reported once). */
-static void check_arm(loader *L, const ynode *root, const ynode *arm, int i)
+static void check_arm(loader *L, const ynode *root, const ynode *arm, int i, int point)
 {
     loader A;
     memset(&A, 0, sizeof A);
@@ -155,7 +159,7 @@ static void check_arm(loader *L, const ynode *root, const ynode *arm, int i)
     A.p->reg = L->reg;
     pr_train_config_default(&A.p->tc);
     pl_tc_init(A.p);
-    ynode *t = pl_arm_tree(&A, root, arm);
+    ynode *t = pl_arm_tree(&A, root, arm, point);
     if (t)
         validate(&A, t, 0);
     for (int k = 0; k < A.d.n && !L->d.oom; k++) {
@@ -188,7 +192,7 @@ static void check_arm(loader *L, const ynode *root, const ynode *arm, int i)
 
 enum { ARMS_ALL = -2 };   /* the base pipeline and every arm checked */
 
-static int load_impl(const char *path, int arm, const char *const *overrides, int n_overrides,
+static int load_impl(const char *path, int arm, int point, const char *const *overrides, int n_overrides,
                      const pr_registry *reg, pr_pipeline **out, pr_pipeline_report_fn report, void *arg,
                      pr_error *err)
 {
@@ -245,9 +249,12 @@ static int load_impl(const char *path, int arm, const char *const *overrides, in
                             "no compare section, so no arm %d (see docs/pipeline.md, compare arms)", arm);
             else if (arms && arm >= arms->n)
                 pl_diag_at(&L.d, arms, "compare.arms: no arm %d (the file has %d)", arm, arms->n);
+            else if (arms && arm_ok[arm] && (point < 0 || point >= p->arm_n_points[arm]))
+                pl_diag_at(&L.d, arms->vals[arm], "compare.arms.%d: no setting %d of its sweep (it has %d)", arm,
+                           point, p->arm_n_points[arm]);
             else if (arms && arm_ok[arm]) {
                 L.mod_prefix = where;
-                ynode *t = pl_arm_tree(&L, root, arms->vals[arm]);
+                ynode *t = pl_arm_tree(&L, root, arms->vals[arm], point);
                 if (t)
                     validate(&L, t, 0);
                 pl_ynode_free(t);
@@ -261,8 +268,8 @@ static int load_impl(const char *path, int arm, const char *const *overrides, in
         } else {
             validate(&L, root, c != NULL);
             for (int i = 0; arm == ARMS_ALL && arms && i < arms->n; i++)
-                if (arm_ok[i])
-                    check_arm(&L, root, arms->vals[i], i);
+                for (int k = 0; arm_ok[i] && k < p->arm_n_points[i]; k++)
+                    check_arm(&L, root, arms->vals[i], i, k);
         }
         free(arm_ok);
     }
@@ -289,7 +296,7 @@ int pr_pipeline_load_report(const char *path, const char *const *overrides, int 
                             const pr_registry *reg, pr_pipeline **out, pr_pipeline_report_fn report, void *arg,
                             pr_error *err)
 {
-    return load_impl(path, ARMS_ALL, overrides, n_overrides, reg, out, report, arg, err);
+    return load_impl(path, ARMS_ALL, 0, overrides, n_overrides, reg, out, report, arg, err);
 }
 
 int pr_pipeline_load(const char *path, const char *const *overrides, int n_overrides, const pr_registry *reg,
@@ -307,7 +314,37 @@ int pr_pipeline_load_arm(const char *path, int arm, const char *const *overrides
             *out = NULL;
         return pr_errorf(err, PR_ERR_INVALID, "pipeline: arm %d: expected an index or PR_PIPELINE_BASE", arm);
     }
-    return load_impl(path, arm, overrides, n_overrides, reg, out, report, arg, err);
+    return load_impl(path, arm, 0, overrides, n_overrides, reg, out, report, arg, err);
+}
+
+int pr_pipeline_load_arm_point(const char *path, int arm, int point, const char *const *overrides,
+                               int n_overrides, const pr_registry *reg, pr_pipeline **out,
+                               pr_pipeline_report_fn report, void *arg, pr_error *err)
+{
+    if (arm < 0 || point < 0) {
+        if (out)
+            *out = NULL;
+        return pr_errorf(err, PR_ERR_INVALID, "pipeline: arm %d, setting %d: expected indices", arm, point);
+    }
+    return load_impl(path, arm, point, overrides, n_overrides, reg, out, report, arg, err);
+}
+
+int pr_pipeline_compare_seeds(const pr_pipeline *p)
+{
+    return p && p->compare_seeds > 0 ? p->compare_seeds : 1;
+}
+
+int pr_pipeline_arm_points(const pr_pipeline *p, int i)
+{
+    return p && i >= 0 && i < p->n_arms && p->arm_n_points ? p->arm_n_points[i] : 1;
+}
+
+const char *pr_pipeline_arm_point_label(const pr_pipeline *p, int i, int point)
+{
+    if (!p || i < 0 || i >= p->n_arms || !p->arm_labels || !p->arm_labels[i] || point < 0 ||
+        point >= p->arm_n_points[i])
+        return NULL;
+    return p->arm_labels[i][point];
 }
 
 int pr_pipeline_n_arms(const pr_pipeline *p)

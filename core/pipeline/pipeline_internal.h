@@ -39,6 +39,7 @@ enum { Y_SCALAR = 1, Y_SEQ = 2, Y_MAP = 3 };
  * multiply the tree's size: at most this many (at most 12.8 million nodes
  * copied in all). */
 #define PL_MAX_ARMS 128
+#define PL_MAX_SEEDS 100   /* compare.seeds */
 
 typedef struct ynode {
     int kind;
@@ -151,6 +152,9 @@ struct pr_pipeline {
     const char **arm_names;      /* compare.arms, in order (strings kept in strs) */
     int n_arms;
     const char *arm;             /* the arm applied, or NULL for the base */
+    int compare_seeds;           /* compare.seeds (1 without it) */
+    int *arm_n_points;           /* per arm: settings of its sweep (1 without one) */
+    const char ***arm_labels;    /* per arm: "KEY=VALUE, ..." of each setting (NULL without a sweep) */
     char base_fp[64];            /* pr_model_fingerprint of the base, set by build */
     pr_head head;                /* classification: the head task.head names, then the trained one */
     const char *head_path;       /* task.head as resolved, or NULL */
@@ -225,6 +229,10 @@ void pl_apply_override(loader *L, ynode **root, const char *text, int ordinal);
 /* ---- compare arms (arms.c) ------------------------------------------------ */
 
 const ynode *pl_load_compare(loader *L, const ynode *c, int **ok);
-ynode *pl_arm_tree(loader *L, const ynode *root, const ynode *arm);
+/* The tree of arm (a compare.arms item) at setting point of its sweep
+ * (0 without one). */
+ynode *pl_arm_tree(loader *L, const ynode *root, const ynode *arm, int point);
+/* The number of settings of arm's sweep (1 without one; 0 when malformed). */
+int pl_arm_points(const ynode *arm);
 
 #endif

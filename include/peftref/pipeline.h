@@ -145,6 +145,20 @@ const char *pr_pipeline_arm_name(const pr_pipeline *p, int i);
 int pr_pipeline_find_arm(const pr_pipeline *p, const char *name);
 const char *pr_pipeline_arm(const pr_pipeline *p);
 
+/* compare.seeds: how many times each arm is trained (1 without it). */
+int pr_pipeline_compare_seeds(const pr_pipeline *p);
+
+/* An arm's `sweep:` ({KEY: [VALUE, ...], ...}, keys as its set: takes)
+ * is a grid of settings, the last key varying fastest: their number (1
+ * without a sweep), each one's "KEY=VALUE, KEY=VALUE" text (NULL without
+ * a sweep), and arm `arm` loaded at setting `point` (0-based; as
+ * pr_pipeline_load_arm otherwise). */
+int pr_pipeline_arm_points(const pr_pipeline *p, int i);
+const char *pr_pipeline_arm_point_label(const pr_pipeline *p, int i, int point);
+int pr_pipeline_load_arm_point(const char *path, int arm, int point, const char *const *overrides,
+                               int n_overrides, const pr_registry *reg, pr_pipeline **out,
+                               pr_pipeline_report_fn report, void *arg, pr_error *err);
+
 /* ---- saved modules and run outputs (docs/pipeline.md, docs/modules.md) ---- */
 
 /* The base model's pr_model_fingerprint, taken by pr_pipeline_build before
