@@ -111,7 +111,12 @@ static void test_descriptor(void **state)
     assert_int_equal(o->type, PR_OPT_BOOL);
     assert_true(o->def == 0);
 
-    assert_int_equal(t->n_params, 2);
+    /* lora_A0 / lora_B0: frozen copies, 0 rows unless init_lora_weights is pissa or olora */
+    assert_int_equal(t->n_params, 4);
+    assert_string_equal(t->params[2].name, "lora_A0");
+    assert_true(t->params[2].flags & PR_PARAM_FROZEN);
+    assert_string_equal(t->params[3].name, "lora_B0");
+    assert_true(t->params[3].flags & PR_PARAM_FROZEN);
     assert_string_equal(t->params[0].name, "lora_A");
     assert_string_equal(t->params[0].shape, "r, d_in");
     assert_int_equal(t->params[0].init, PR_INIT_KAIMING_UNIFORM);

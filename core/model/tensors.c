@@ -118,11 +118,10 @@ int pr_model_add_tensor(pr_model *m, const char *name, int ndim, const int64_t *
         return pr_errorf(err, PR_ERR_INVALID, "add_tensor '%s': ndim must be 1..4 (got %d)", name, ndim);
     int64_t numel = 1;
     for (int d = 0; d < ndim; d++) {
-        /* a frozen module buffer its options leave out holds nothing */
-        if (shape[d] < (grad ? 1 : 0))
-            return pr_errorf(err, PR_ERR_INVALID, "add_tensor '%s': dimension %d must be %s (got %lld)", name, d,
-                             grad ? "positive" : "non-negative", (long long)shape[d]);
-        if (shape[d] && numel > INT64_MAX / shape[d])
+        if (shape[d] <= 0)
+            return pr_errorf(err, PR_ERR_INVALID, "add_tensor '%s': dimension %d must be positive (got %lld)",
+                             name, d, (long long)shape[d]);
+        if (numel > INT64_MAX / shape[d])
             return pr_errorf(err, PR_ERR_INVALID, "add_tensor '%s': too many elements", name);
         numel *= shape[d];
     }

@@ -75,6 +75,8 @@ static int register_tensors(pr_module *mod, pr_error *err)
 {
     for (int c = 0; c < mod->n_copies; c++) {
         const param_copy *pc = &mod->copies[c];
+        if (pc->numel == 0)
+            continue;   /* a frozen buffer the options leave out: nothing to name */
         int rc = pr_model_add_tensor(mod->model, pc->name, pc->ndim, pc->shape, mod->params + pc->off,
                                      pc->trained ? mod->grads + pc->goff : NULL, err);
         if (rc)
