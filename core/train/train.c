@@ -29,6 +29,9 @@
 #include "train_state.h"
 #include "trainer.h"
 
+/* consecutive steps a loss must stay past the diverging rule before the warning */
+#define DIVERGING_STEPS 3
+
 /* ---- signals --------------------------------------------------------------
  * SIGINT/SIGTERM only raise a flag; the loop finishes the step in flight,
  * writes a checkpoint and returns PR_ERR_INTERRUPTED. */
@@ -582,9 +585,12 @@ int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, p
             t.have_loss = 1;
         }
         /* Diverging: a loss above both the run's first one and three times its
-         * running minimum (the lowest loss so far, the first included).  Said
-         * once per session, naming the step and the peak learning rate. */
-        if (!t.warned_diverging && loss > t.first_loss && loss > 3.0 * t.min_loss) {
+         * running minimum (the lowest loss so far, the first included) on
+         * DIVERGING_STEPS consecutive steps, so that one hard batch of a noisy
+         * task does not raise it.  Said once per session, naming the step and
+         * the peak learning rate. */
+        t.diverging_steps = loss > t.first_loss && loss > 3.0 * t.min_loss ? t.diverging_steps + 1 : 0;
+        if (!t.warned_diverging && t.diverging_steps >= DIVERGING_STEPS) {
             t.warned_diverging = 1;
             fprintf(stderr, "peftref: warning: training is diverging at step %lld: loss %.4g is above the first "
                     "(%.4g) and more than 3x the lowest so far (%.4g), at lr %.3g (peak %.3g); try a lower "

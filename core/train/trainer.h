@@ -41,6 +41,7 @@ typedef struct trainer {
     /* the losses a checkpoint carries, so a finished run reports real ones */
     double first_loss, min_loss, last_loss, last_val, last_acc;
     int have_loss, warned_diverging;
+    int diverging_steps;         /* consecutive steps past the diverging rule (not checkpointed: it only warns) */
     char *ckpt_path, *metrics_path;
     FILE *metrics;
     /* train.keep_best and train.early_stop; stopped_at: the step early
