@@ -156,9 +156,11 @@ static void test_config_validate(void **state)
     c.rope_theta = 10000.0f;
     c.bias = 0;
     c.tied_head = 0;
+    /* the LLaMA family keeps q, k and v separate */
     assert_int_equal(pr_config_validate(&c, &err), PR_ERR_UNSUPPORTED);
     assert_non_null(strstr(err.msg, "LLaMA"));
-    /* counting still works for a family that cannot run yet:
+    assert_non_null(strstr(err.msg, "fused_qkv"));
+    /* counting does not depend on it:
      * 2 norms of C + qkv + o + 3 SwiGLU matrices per layer, final norm, head */
     int64_t C = 64, F = 256, V = 256, L = 2;
     int64_t want = V * C + L * (2 * C + C * 3 * C + C * C + 3 * C * F) + C + V * C;
@@ -166,6 +168,12 @@ static void test_config_validate(void **state)
     pr_model *m = NULL;
     assert_int_equal(pr_model_create(&c, &m, &err), PR_ERR_UNSUPPORTED);
     assert_null(m);
+    c.fused_qkv = 0;
+    assert_int_equal(pr_model_create(&c, &m, &err), PR_OK);
+    assert_true(pr_model_param_count(m) == want);
+    assert_non_null(pr_model_find_tensor(m, "model.layers.1.self_attn.k_proj.weight"));
+    pr_model_free(m);
+    m = NULL;
 
     pr_config_preset("gpt2-tiny", &c);
     c.act = PR_ACT_SWIGLU;

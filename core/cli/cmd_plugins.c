@@ -477,7 +477,7 @@ static int plugins_inspect(int argc, char **argv)
 
     pr_model_config cfg;
     if (!model_dir && pr_config_preset(preset ? preset : "gpt2-small", &cfg) != PR_OK) {
-        fprintf(stderr, "peftref plugins inspect: unknown preset '%s' (known: gpt2-small, gpt2-tiny)\n", preset);
+        fprintf(stderr, "peftref plugins inspect: unknown preset '%s' (known: %s)\n", preset, pr_config_preset_names());
         return 2;
     }
     pr_registry *reg = NULL;

@@ -49,8 +49,10 @@ static const char train_usage[] =
     "only with --force.\n"
     "\n"
     "model:\n"
-    "  --model DIR          Hugging Face GPT-2 directory\n"
-    "  --preset NAME        built-in shape with seeded random init (gpt2-tiny, gpt2-small)\n"
+    "  --model DIR          Hugging Face directory (GPT-2, Llama, Mistral, Qwen2, Qwen3)\n"
+    "  --preset NAME        built-in shape with seeded random init (gpt2-tiny, gpt2-small,\n"
+    "                       gpt2-medium, gpt2-large, gpt2-xl, llama-tiny, smollm-135m,\n"
+    "                       tinyllama-1.1b, llama-3.2-1b)\n"
     "  --init-seed N        seed of the preset's random init\n"
     "  --layers N --d-model N --heads N --d-ff N --max-seq N --vocab N\n"
     "                       inline overrides of the preset's dimensions\n"
@@ -518,7 +520,7 @@ int cmd_train(int argc, char **argv)
     } else {
         pr_model_config cfg;
         if (pr_config_preset(preset, &cfg) != PR_OK) {
-            fprintf(stderr, "peftref train: unknown preset '%s' (known: gpt2-tiny, gpt2-small)\n", preset);
+            fprintf(stderr, "peftref train: unknown preset '%s' (known: %s)\n", preset, pr_config_preset_names());
             return 2;
         }
         if (layers) cfg.n_layers = layers;

@@ -71,7 +71,7 @@ int cli_load_model(const char *dir, const char *preset, long long seed, pr_model
         return pr_model_load_hf(dir, m, err);
     pr_model_config cfg;
     if (pr_config_preset(preset, &cfg) != PR_OK)
-        return pr_errorf(err, PR_ERR_NOTFOUND, "unknown preset '%s' (known: gpt2-small, gpt2-tiny)", preset);
+        return pr_errorf(err, PR_ERR_NOTFOUND, "unknown preset '%s' (known: %s)", preset, pr_config_preset_names());
     if (seed >= 0)
         cfg.seed = (uint64_t)seed;
     return pr_model_create(&cfg, m, err);

@@ -1,11 +1,13 @@
-/* peftref core: Hugging Face GPT-2 checkpoints (config.json + safetensors).
+/* peftref core: Hugging Face checkpoints (config.json + safetensors) of the
+ * GPT-2 and LLaMA families.
  *
  * A checkpoint directory holds config.json and either model.safetensors or
  * model.safetensors.index.json, whose "weight_map" names the shard file of
  * every tensor.  Tensor names are those of transformers' GPT2Model, with or
- * without the "transformer." prefix GPT2LMHeadModel adds.  GPT-2's Conv1D
- * stores weights [in, out], which is the model's own layout, so F32
- * tensors are used in place from a private writable mapping (pages a
+ * without the "transformer." prefix GPT2LMHeadModel adds, or of
+ * LlamaForCausalLM and its relatives ("model.layers.0.self_attn.q_proj.
+ * weight").  Both are stored in the model's own layout (GPT-2's Conv1D
+ * [in, out], nn.Linear's [out, in]), so F32 tensors are used in place from a private writable mapping (pages a
  * trainable tensor writes are copied, the file is never touched); F16 and
  * BF16 tensors are converted into one f32 block. */
 #include <errno.h>
@@ -19,6 +21,7 @@
 #include <sys/stat.h>
 
 #include "fileio.h"
+#include "hf_config.h"
 #include "model_internal.h"
 #include "safetensors.h"
 
@@ -26,140 +29,6 @@
 #define INDEX_MAX_BYTES ((size_t)64 << 20)
 
 static const char prefix[] = "transformer.";
-
-/* ---- config.json ------------------------------------------------------------ */
-
-/* A required positive integer key. */
-static int cfg_int(const json_t *root, const char *path, const char *key, int *out, pr_error *err)
-{
-    const json_t *v = json_object_get(root, key);
-    if (!v)
-        return pr_errorf(err, PR_ERR_NOTFOUND, "%s: missing key '%s'", path, key);
-    if (!json_is_integer(v) || json_integer_value(v) <= 0 || json_integer_value(v) > INT_MAX)
-        return pr_errorf(err, PR_ERR_FORMAT, "%s: key '%s' must be a positive integer", path, key);
-    *out = (int)json_integer_value(v);
-    return PR_OK;
-}
-
-/* An optional boolean key; *out keeps its default when absent or null. */
-static int cfg_bool(const json_t *root, const char *path, const char *key, int *out, pr_error *err)
-{
-    const json_t *v = json_object_get(root, key);
-    if (!v || json_is_null(v))
-        return PR_OK;
-    if (!json_is_boolean(v))
-        return pr_errorf(err, PR_ERR_FORMAT, "%s: key '%s' must be true or false", path, key);
-    *out = json_is_true(v);
-    return PR_OK;
-}
-
-/* Optional positive number; *out keeps its default when absent. */
-static int cfg_number(const json_t *root, const char *path, const char *key, float *out,
-                      pr_error *err)
-{
-    const json_t *v = json_object_get(root, key);
-    if (!v)
-        return PR_OK;
-    if (!json_is_number(v) || !(json_number_value(v) > 0.0))
-        return pr_errorf(err, PR_ERR_FORMAT, "%s: key '%s' must be a positive number", path, key);
-    *out = (float)json_number_value(v);
-    return PR_OK;
-}
-
-/* Map a transformers GPT2Config onto pr_model_config.  Keys that change the
- * computation in ways peftref does not implement are refused rather than
- * ignored. */
-static int parse_gpt2_config(const json_t *root, const char *path, pr_model_config *c,
-                             pr_error *err)
-{
-    int rc;
-    if (!json_is_object(root))
-        return pr_errorf(err, PR_ERR_FORMAT, "%s: not a JSON object", path);
-    const json_t *mt = json_object_get(root, "model_type");
-    if (mt && (!json_is_string(mt) || strcmp(json_string_value(mt), "gpt2") != 0))
-        return pr_errorf(err, PR_ERR_UNSUPPORTED,
-                         "%s: key 'model_type' is %s%s%s; only \"gpt2\" checkpoints are supported",
-                         path, json_is_string(mt) ? "\"" : "",
-                         json_is_string(mt) ? json_string_value(mt) : "not a string",
-                         json_is_string(mt) ? "\"" : "");
-
-    memset(c, 0, sizeof *c);
-    c->family = PR_FAMILY_GPT2;
-    if ((rc = cfg_int(root, path, "n_layer", &c->n_layers, err)) ||
-        (rc = cfg_int(root, path, "n_embd", &c->d_model, err)) ||
-        (rc = cfg_int(root, path, "n_head", &c->n_heads, err)) ||
-        (rc = cfg_int(root, path, "vocab_size", &c->vocab_size, err)))
-        return rc;
-    if (!json_object_get(root, "n_positions") && !json_object_get(root, "n_ctx"))
-        return pr_errorf(err, PR_ERR_NOTFOUND, "%s: missing key 'n_positions' (or 'n_ctx')", path);
-    if (json_object_get(root, "n_positions")) {
-        if ((rc = cfg_int(root, path, "n_positions", &c->max_seq, err)))
-            return rc;
-    } else if ((rc = cfg_int(root, path, "n_ctx", &c->max_seq, err))) {
-        return rc;
-    }
-    if (c->d_model % c->n_heads != 0)
-        return pr_errorf(err, PR_ERR_FORMAT, "%s: key 'n_embd' (%d) is not a multiple of 'n_head' (%d)",
-                         path, c->d_model, c->n_heads);
-
-    const json_t *inner = json_object_get(root, "n_inner");
-    if (!inner || json_is_null(inner)) {
-        if (c->d_model > INT_MAX / 4)
-            return pr_errorf(err, PR_ERR_FORMAT, "%s: key 'n_embd' is too large", path);
-        c->d_ff = 4 * c->d_model;
-    } else if ((rc = cfg_int(root, path, "n_inner", &c->d_ff, err))) {
-        return rc;
-    }
-
-    c->norm_eps = 1e-5f; /* GPT2Config's default */
-    if ((rc = cfg_number(root, path, "layer_norm_epsilon", &c->norm_eps, err)))
-        return rc;
-    c->init_std = 0.02f;
-    if ((rc = cfg_number(root, path, "initializer_range", &c->init_std, err)))
-        return rc;
-
-    const json_t *act = json_object_get(root, "activation_function");
-    if (act) {
-        const char *a = json_is_string(act) ? json_string_value(act) : NULL;
-        if (!a)
-            return pr_errorf(err, PR_ERR_FORMAT, "%s: key 'activation_function' must be a string", path);
-        if (strcmp(a, "gelu_new") != 0 && strcmp(a, "gelu_pytorch_tanh") != 0)
-            return pr_errorf(err, PR_ERR_UNSUPPORTED,
-                             "%s: key 'activation_function' is \"%s\"; peftref implements the tanh "
-                             "approximation of GELU only (\"gelu_new\", \"gelu_pytorch_tanh\")",
-                             path, a);
-    }
-
-    c->tied_head = 1;
-    if ((rc = cfg_bool(root, path, "tie_word_embeddings", &c->tied_head, err)))
-        return rc;
-    int scale = 1, inverse_layer = 0, cross = 0;
-    if ((rc = cfg_bool(root, path, "scale_attn_weights", &scale, err)) ||
-        (rc = cfg_bool(root, path, "scale_attn_by_inverse_layer_idx", &inverse_layer, err)) ||
-        (rc = cfg_bool(root, path, "add_cross_attention", &cross, err)))
-        return rc;
-    if (!scale)
-        return pr_errorf(err, PR_ERR_UNSUPPORTED,
-                         "%s: key 'scale_attn_weights' is false; attention is always scaled by 1/sqrt(d_head)",
-                         path);
-    if (inverse_layer)
-        return pr_errorf(err, PR_ERR_UNSUPPORTED,
-                         "%s: key 'scale_attn_by_inverse_layer_idx' true is not supported", path);
-    if (cross)
-        return pr_errorf(err, PR_ERR_UNSUPPORTED,
-                         "%s: key 'add_cross_attention' true is not supported", path);
-
-    c->n_kv_heads = c->n_heads;
-    c->d_head = c->d_model / c->n_heads;
-    c->bias = 1;
-    c->fused_qkv = 1;
-    c->norm = PR_NORM_LAYERNORM;
-    c->act = PR_ACT_GELU_TANH;
-    c->pos = PR_POS_LEARNED;
-    c->rope_theta = 0.0f;
-    c->seed = 1337;
-    return PR_OK;
-}
 
 static int load_config(const char *dir, pr_model_config *cfg, pr_error *err)
 {
@@ -176,7 +45,7 @@ static int load_config(const char *dir, pr_model_config *cfg, pr_error *err)
             rc = pr_errorf(err, PR_ERR_FORMAT, "%s:%d:%d: invalid JSON: %s", path, jerr.line,
                            jerr.column, jerr.text);
         } else {
-            rc = parse_gpt2_config(root, path, cfg, err);
+            rc = hf_parse_config(root, path, cfg, err);
             int vrc = rc == PR_OK ? pr_config_validate(cfg, err) : PR_OK;
             if (vrc != PR_OK) {
                 char inner[PR_ERROR_MSG_MAX];
@@ -401,6 +270,9 @@ static int ignorable(const char *name, int tied)
         name += sizeof prefix - 1;
     if (ends_with(name, ".attn.bias") || ends_with(name, ".attn.masked_bias"))
         return 1;
+    /* LLaMA checkpoints of older transformers saved RoPE's frequencies */
+    if (ends_with(name, ".rotary_emb.inv_freq"))
+        return 1;
     return tied && strcmp(name, "lm_head.weight") == 0;
 }
 
@@ -471,8 +343,8 @@ int pr_model_load_hf(const char *dir, pr_model **out, pr_error *err)
             const char *name = st_tensor_at(sh->st, j)->name;
             if (!sh->claimed[j] && !ignorable(name, cfg.tied_head)) {
                 rc = pr_errorf(err, PR_ERR_FORMAT,
-                               "%s: unexpected tensor '%s' (not part of a GPT-2 model with this config.json)",
-                               sh->path, name);
+                               "%s: unexpected tensor '%s' (not part of a %s model with this config.json)",
+                               sh->path, name, cfg.family == PR_FAMILY_LLAMA ? "LLaMA-family" : "GPT-2");
                 goto fail;
             }
         }

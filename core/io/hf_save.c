@@ -1,4 +1,4 @@
-/* peftref: write a model as a Hugging Face GPT-2 directory. */
+/* peftref: write a model as a Hugging Face directory (GPT-2 or LLaMA family). */
 #include "config.h"
 
 #include <errno.h>
@@ -11,36 +11,15 @@
 #include "peftref/model.h"
 #include "peftref/tokenizer.h"
 #include "fileio.h"
+#include "hf_config.h"
 
-/* A float's shortest decimal form (1e-05, not 9.9999997473787516e-06). */
-static double float_decimal(float f)
-{
-    char buf[32];
-    snprintf(buf, sizeof buf, "%.7g", (double)f);
-    return strtod(buf, NULL);
-}
-
-/* config.json with GPT2Config's keys, so transformers and peftref both
- * read the directory back. */
+/* config.json with the Hugging Face keys of the model's family, so
+ * transformers and peftref both read the directory back. */
 static int write_config(const pr_model *m, const char *dir, const char *tokenizer_kind, pr_error *err)
 {
-    const pr_model_config *c = pr_model_get_config(m);
-    if (c->family != PR_FAMILY_GPT2)
-        return pr_errorf(err, PR_ERR_UNSUPPORTED, "only GPT-2 family models can be written as Hugging Face directories");
-    json_t *o = json_object();
-    json_object_set_new(o, "model_type", json_string("gpt2"));
-    json_object_set_new(o, "architectures", json_pack("[s]", "GPT2LMHeadModel"));
-    json_object_set_new(o, "n_layer", json_integer(c->n_layers));
-    json_object_set_new(o, "n_embd", json_integer(c->d_model));
-    json_object_set_new(o, "n_head", json_integer(c->n_heads));
-    json_object_set_new(o, "n_inner", json_integer(c->d_ff));
-    json_object_set_new(o, "vocab_size", json_integer(c->vocab_size));
-    json_object_set_new(o, "n_positions", json_integer(c->max_seq));
-    json_object_set_new(o, "n_ctx", json_integer(c->max_seq));
-    json_object_set_new(o, "layer_norm_epsilon", json_real(float_decimal(c->norm_eps)));
-    json_object_set_new(o, "initializer_range", json_real(float_decimal(c->init_std)));
-    json_object_set_new(o, "activation_function", json_string("gelu_new"));
-    json_object_set_new(o, "tie_word_embeddings", json_boolean(c->tied_head));
+    json_t *o = hf_config_json(pr_model_get_config(m), err);
+    if (!o)
+        return err ? err->code : PR_ERR_NOMEM;
     if (tokenizer_kind && strcmp(tokenizer_kind, "byte") == 0)
         json_object_set_new(o, "peftref_tokenizer", json_string("byte"));
     char *text = json_dumps(o, JSON_INDENT(2) | JSON_PRESERVE_ORDER);

@@ -33,10 +33,71 @@ static void gpt2_defaults(pr_model_config *c, int L, int C, int H)
     c->seed = 1337;
 }
 
+/* A LLaMA-family shape: RMSNorm, RoPE, SwiGLU, separate q/k/v, no biases. */
+static void llama_defaults(pr_model_config *c, int L, int C, int H, int Hkv, int F, int V, int max_seq,
+                           float theta, int tied)
+{
+    memset(c, 0, sizeof *c);
+    c->family = PR_FAMILY_LLAMA;
+    c->variant = PR_VARIANT_LLAMA;
+    c->n_layers = L;
+    c->d_model = C;
+    c->n_heads = H;
+    c->n_kv_heads = Hkv;
+    c->d_head = C / H;
+    c->d_ff = F;
+    c->vocab_size = V;
+    c->max_seq = max_seq;
+    c->norm_eps = 1e-5f;
+    c->tied_head = tied;
+    c->norm = PR_NORM_RMSNORM;
+    c->act = PR_ACT_SWIGLU;
+    c->pos = PR_POS_ROPE;
+    c->rope_theta = theta;
+    c->init_std = 0.02f;
+    c->seed = 1337;
+}
+
+static const char preset_list[] =
+    "gpt2-tiny, gpt2-small, gpt2-medium, gpt2-large, gpt2-xl, llama-tiny, smollm-135m, tinyllama-1.1b, "
+    "llama-3.2-1b";
+
+const char *pr_config_preset_names(void)
+{
+    return preset_list;
+}
+
 int pr_config_preset(const char *name, pr_model_config *cfg)
 {
     if (!name || !cfg)
         return PR_ERR_INVALID;
+    /* LLaMA-family shapes from the released config.json files:
+     * HuggingFaceTB/SmolLM-135M, TinyLlama/TinyLlama-1.1B-intermediate-
+     * step-1431k-3T (and its Chat v1.0), meta-llama/Llama-3.2-1B. */
+    if (!strcmp(name, "llama-tiny")) {
+        /* a test-sized LLaMA over the 256 byte values (~107k parameters):
+         * grouped-query attention (4 query heads over 2 key/value heads),
+         * an untied head */
+        llama_defaults(cfg, 2, 64, 4, 2, 128, 256, 64, 10000.0f, 0);
+        return PR_OK;
+    }
+    if (!strcmp(name, "smollm-135m")) {
+        llama_defaults(cfg, 30, 576, 9, 3, 1536, 49152, 2048, 10000.0f, 1);
+        return PR_OK;
+    }
+    if (!strcmp(name, "tinyllama-1.1b")) {
+        llama_defaults(cfg, 22, 2048, 32, 4, 5632, 32000, 2048, 10000.0f, 0);
+        return PR_OK;
+    }
+    if (!strcmp(name, "llama-3.2-1b")) {
+        llama_defaults(cfg, 16, 2048, 32, 8, 8192, 128256, 131072, 500000.0f, 1);
+        cfg->rope_scaling = PR_ROPE_LLAMA3;
+        cfg->rope_factor = 32.0f;
+        cfg->rope_low_freq_factor = 1.0f;
+        cfg->rope_high_freq_factor = 4.0f;
+        cfg->rope_orig_max_pos = 8192;
+        return PR_OK;
+    }
     if (!strcmp(name, "gpt2-small") || !strcmp(name, "gpt2"))
         gpt2_defaults(cfg, 12, 768, 12);
     else if (!strcmp(name, "gpt2-medium"))
@@ -135,6 +196,37 @@ static int config_check_consistent(const pr_model_config *c, pr_error *err)
             return pr_errorf(err, PR_ERR_INVALID, "config: d_head must be even with RoPE (got %d)",
                              c->d_head);
     }
+    const struct { const char *name; int v; } flags[] = {
+        { "qkv_bias", c->qkv_bias }, { "o_bias", c->o_bias }, { "mlp_bias", c->mlp_bias },
+        { "qk_norm", c->qk_norm },
+    };
+    for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++)
+        if (flags[i].v != 0 && flags[i].v != 1)
+            return pr_errorf(err, PR_ERR_INVALID, "config: %s must be 0 or 1 (got %d)", flags[i].name,
+                             flags[i].v);
+    /* variant 0 is plain Llama: a config written by hand need not set it */
+    if (c->family == PR_FAMILY_LLAMA && (c->variant < 0 || c->variant > PR_VARIANT_QWEN3))
+        return pr_errorf(err, PR_ERR_INVALID, "config: variant %d is not a known LLaMA-family model type",
+                         c->variant);
+    if (c->rope_scaling != PR_ROPE_NONE && c->rope_scaling != PR_ROPE_LINEAR &&
+        c->rope_scaling != PR_ROPE_LLAMA3)
+        return pr_errorf(err, PR_ERR_INVALID, "config: rope_scaling %d is not a known scaling", c->rope_scaling);
+    if (c->rope_scaling != PR_ROPE_NONE && (!(c->rope_factor > 0.0f) || !isfinite(c->rope_factor)))
+        return pr_errorf(err, PR_ERR_INVALID, "config: rope_scaling needs a positive finite factor (got %g)",
+                         (double)c->rope_factor);
+    if (c->rope_scaling == PR_ROPE_LLAMA3) {
+        if (!(c->rope_low_freq_factor > 0.0f) || !(c->rope_high_freq_factor > c->rope_low_freq_factor) ||
+            !isfinite(c->rope_high_freq_factor))
+            return pr_errorf(err, PR_ERR_INVALID,
+                             "config: llama3 rope_scaling needs 0 < low_freq_factor < high_freq_factor (got %g, %g)",
+                             (double)c->rope_low_freq_factor, (double)c->rope_high_freq_factor);
+        if (c->rope_orig_max_pos <= 0 || c->rope_orig_max_pos > PR_MAX_SEQ)
+            return pr_errorf(err, PR_ERR_INVALID,
+                             "config: llama3 rope_scaling needs original_max_position_embeddings in [1, %d] (got %d)",
+                             PR_MAX_SEQ, c->rope_orig_max_pos);
+    }
+    if (c->sliding_window < 0)
+        return pr_errorf(err, PR_ERR_INVALID, "config: sliding_window must be >= 0 (got %d)", c->sliding_window);
     return PR_OK;
 }
 
@@ -144,7 +236,7 @@ static int config_check_supported(const pr_model_config *c, pr_error *err)
     const family_ops *ops = family_find(c->family);
     if (!ops)
         return pr_errorf(err, PR_ERR_UNSUPPORTED,
-                         "config: family %s is not implemented yet (only GPT-2 models run)",
+                         "config: family %s is not implemented",
                          family_name(c->family));
     return ops->check_config(c, err);
 }
@@ -174,9 +266,14 @@ int64_t pr_config_param_count(const pr_model_config *c)
     /* RMSNorm has a gain only; LayerNorm adds a bias when the model has biases */
     int64_t norm = C * ((c->norm == PR_NORM_LAYERNORM && c->bias) ? 2 : 1);
 
-    int64_t attn = C * (dq + 2 * dkv) + b * (dq + 2 * dkv) + dq * C + b * C;
-    int64_t ffn = c->act == PR_ACT_SWIGLU ? 3 * C * F + b * (2 * F + C) : 2 * C * F + b * (F + C);
-    int64_t layer = 2 * norm + attn + ffn;
+    /* GPT-2's bias covers every projection; LLaMA models say which carry one */
+    int64_t bqkv = c->family == PR_FAMILY_LLAMA ? (c->qkv_bias ? 1 : 0) : b;
+    int64_t bo = c->family == PR_FAMILY_LLAMA ? (c->o_bias ? 1 : 0) : b;
+    int64_t bmlp = c->family == PR_FAMILY_LLAMA ? (c->mlp_bias ? 1 : 0) : b;
+    int64_t attn = C * (dq + 2 * dkv) + bqkv * (dq + 2 * dkv) + dq * C + bo * C;
+    int64_t ffn = c->act == PR_ACT_SWIGLU ? 3 * C * F + bmlp * (2 * F + C) : 2 * C * F + bmlp * (F + C);
+    int64_t qk_norm = c->qk_norm ? 2 * (int64_t)c->d_head : 0;
+    int64_t layer = 2 * norm + attn + ffn + qk_norm;
 
     int64_t n = V * C;                              /* token embedding */
     if (c->pos == PR_POS_LEARNED)

@@ -78,6 +78,7 @@ typedef struct family_ops {
 const family_ops *family_find(int family);
 
 extern const family_ops family_gpt2;
+extern const family_ops family_llama;
 
 /* ---- the frame's state --------------------------------------------------- */
 

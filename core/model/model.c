@@ -23,6 +23,7 @@ const family_ops *family_find(int family)
 {
     switch (family) {
     case PR_FAMILY_GPT2: return &family_gpt2;
+    case PR_FAMILY_LLAMA: return &family_llama;
     default: return NULL;
     }
 }

@@ -246,7 +246,8 @@ void pl_check_exists(loader *L, const ynode *n, const char *path, const char *re
 /* ---- model ------------------------------------------------------------------------------------ */
 
 static const char *const preset_names[] = { "gpt2-tiny", "gpt2-small", "gpt2", "gpt2-medium", "gpt2-large",
-                                            "gpt2-xl" };
+                                            "gpt2-xl", "llama-tiny", "smollm-135m", "tinyllama-1.1b",
+                                            "llama-3.2-1b" };
 #define N_PRESETS ((int)(sizeof preset_names / sizeof preset_names[0]))
 
 static void load_model_config(loader *L, const ynode *c)
@@ -371,10 +372,10 @@ void pl_load_model(loader *L, const ynode *m)
         if (pl_want_scalar(L, preset, "model.preset", "a preset name"))
             return;
         if (pr_config_preset(preset->text, &p->cfg) != PR_OK) {
-            char h[128];
+            char h[128], known[256];
             pl_hint(h, sizeof h, preset->text, preset_names, N_PRESETS);
-            pl_diag_at(&L->d, preset, "model.preset: unknown preset '%s'%s", preset->text,
-                       h[0] ? h : " (known: gpt2-tiny, gpt2-small, gpt2-medium, gpt2-large, gpt2-xl)");
+            snprintf(known, sizeof known, " (known: %s)", pr_config_preset_names());
+            pl_diag_at(&L->d, preset, "model.preset: unknown preset '%s'%s", preset->text, h[0] ? h : known);
             return;
         }
         p->model_name = pl_keep(p, preset->text);

@@ -20,6 +20,20 @@ typedef enum pr_family { PR_FAMILY_GPT2 = 1, PR_FAMILY_LLAMA = 2 } pr_family;
 typedef enum pr_norm_kind { PR_NORM_LAYERNORM = 1, PR_NORM_RMSNORM = 2 } pr_norm_kind;
 typedef enum pr_act_kind { PR_ACT_GELU_TANH = 1, PR_ACT_SWIGLU = 2 } pr_act_kind;
 typedef enum pr_pos_kind { PR_POS_LEARNED = 1, PR_POS_ROPE = 2 } pr_pos_kind;
+/* Which Hugging Face model_type a LLaMA-family model is (its config.json
+ * and tensor names); 0 for GPT-2. */
+typedef enum pr_variant {
+    PR_VARIANT_LLAMA = 1,   /* llama: Llama 2/3/3.1/3.2, TinyLlama, SmolLM */
+    PR_VARIANT_MISTRAL = 2, /* mistral */
+    PR_VARIANT_QWEN2 = 3,   /* qwen2 (q/k/v biases) */
+    PR_VARIANT_QWEN3 = 4    /* qwen3 (per-head RMSNorm of q and k) */
+} pr_variant;
+/* rope_scaling of a RoPE model (Hugging Face's rope_type). */
+typedef enum pr_rope_scaling {
+    PR_ROPE_NONE = 0,
+    PR_ROPE_LINEAR = 1,     /* positions divided by rope_factor */
+    PR_ROPE_LLAMA3 = 2      /* Llama 3.1's frequency-dependent scaling */
+} pr_rope_scaling;
 
 typedef struct pr_model_config {
     int family;        /* pr_family */
@@ -41,6 +55,17 @@ typedef struct pr_model_config {
     float rope_theta;  /* RoPE base, unused by GPT-2 */
     float init_std;    /* random init std, 0.02 for GPT-2 */
     uint64_t seed;     /* seed for random init */
+    /* LLaMA family (all 0 for GPT-2, whose biases `bias` covers) */
+    int variant;       /* pr_variant */
+    int qkv_bias;      /* q, k, v projections carry biases (attention_bias; qwen2) */
+    int o_bias;        /* o projection carries a bias (attention_bias) */
+    int mlp_bias;      /* gate, up and down projections carry biases (mlp_bias) */
+    int qk_norm;       /* per-head RMSNorm of q and k before RoPE (qwen3) */
+    int rope_scaling;  /* pr_rope_scaling */
+    float rope_factor; /* linear and llama3 */
+    float rope_low_freq_factor, rope_high_freq_factor; /* llama3 */
+    int rope_orig_max_pos; /* llama3: original_max_position_embeddings */
+    int sliding_window;    /* mistral: keys within this many positions, 0 = none */
 } pr_model_config;
 
 /* Upper bounds on each dimension, which pr_config_validate enforces
@@ -59,9 +84,13 @@ typedef struct pr_model_config {
 #define PR_MAX_VOCAB 4194304      /* 4 Mi tokens */
 #define PR_MAX_SEQ 1048576        /* 1 Mi positions */
 
-/* Fill cfg with a named preset ("gpt2-small", "gpt2-tiny" ...).
+/* Fill cfg with a named preset: "gpt2-small", "gpt2-medium", "gpt2-large",
+ * "gpt2-xl", "gpt2-tiny" (tests), "llama-tiny" (tests), "smollm-135m",
+ * "tinyllama-1.1b", "llama-3.2-1b" (the shapes of those released models).
  * Returns PR_ERR_NOTFOUND for an unknown name. */
 int pr_config_preset(const char *name, pr_model_config *cfg);
+/* The preset names, comma-separated, for messages ("gpt2-tiny, ..."). */
+const char *pr_config_preset_names(void);
 
 /* Check internal consistency (H*hd, H % Hkv, positive sizes ...) and the
  * bounds above; the message names the field and the bound. */
