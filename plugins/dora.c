@@ -566,6 +566,7 @@ static const pr_technique dora_technique = {
              PR_SITE_BIT(PR_SITE_V) | PR_SITE_BIT(PR_SITE_O) | PR_SITE_BIT(PR_SITE_FFN_UP) |
              PR_SITE_BIT(PR_SITE_FFN_GATE) | PR_SITE_BIT(PR_SITE_FFN_DOWN),
     .default_sites = PR_SITE_BIT(PR_SITE_QKV),
+    .default_sites_llama = PR_SITE_BIT(PR_SITE_Q) | PR_SITE_BIT(PR_SITE_V),
     .params = dora_params,
     .n_params = N_PARAMS,
     .saved = dora_saved,

@@ -10,6 +10,11 @@
  *     attn.v    v  <- l_v  (.) v     l_v  (n_kv_heads * d_head)
  *     ffn.act   a  <- l_ff (.) a     l_ff (d_ff),  a = gelu(x W_up + b_up)
  *
+ * On LLaMA-family models the defaults are the k and v projection sites
+ * (k_proj's output is the keys before RoPE, which is where Hugging Face
+ * PEFT scales them; attn.k follows RoPE and does not fold into k_proj)
+ * and ffn.act, the input of down_proj (silu(gate) * up).
+ *
  * each initialised to ones, so the adapted model starts as the base model
  * (the paper, §3.3; Hugging Face PEFT's init_ia3_weights).  Parameter name
  * ia3_l as in Hugging Face PEFT.  Trainable parameters: L * (2 * d_kv +
@@ -153,8 +158,9 @@ static int ia3_merge(const pr_ctx *ctx)
                 dW[(size_t)i * ldo + j] = (l[i] - 1.0f) * W[(size_t)i * cols + j];
         return 0;
     }
-    if (ctx->site != PR_SITE_ATTN_K && ctx->site != PR_SITE_ATTN_V)
-        return host->error(ctx, "ia3: cannot merge at this site (attn.k, attn.v, ffn.act only)");
+    if (ctx->site != PR_SITE_ATTN_K && ctx->site != PR_SITE_ATTN_V && ctx->site != PR_SITE_K &&
+        ctx->site != PR_SITE_V)
+        return host->error(ctx, "ia3: cannot merge at this site (k, v, attn.k, attn.v, ffn.act only)");
     /* the values come from the k / v projection: scale its columns and bias */
     if (cols != n)
         return host->error(ctx, "ia3: the projection has %d columns, ia3_l has %d", cols, n);
@@ -199,9 +205,12 @@ static const pr_technique ia3_technique = {
     .integration = PR_INTEGRATE_RESCALE,
     .workspace = PR_WS_ATTENTION | PR_WS_FFN,
     .sites = PR_SITE_BIT(PR_SITE_ATTN_K) | PR_SITE_BIT(PR_SITE_ATTN_V) |
-             PR_SITE_BIT(PR_SITE_FFN_ACT),
+             PR_SITE_BIT(PR_SITE_FFN_ACT) | PR_SITE_BIT(PR_SITE_K) | PR_SITE_BIT(PR_SITE_V),
     .default_sites = PR_SITE_BIT(PR_SITE_ATTN_K) | PR_SITE_BIT(PR_SITE_ATTN_V) |
                      PR_SITE_BIT(PR_SITE_FFN_ACT),
+    /* Hugging Face PEFT's LLaMA targets: k_proj, v_proj (their outputs;
+     * the keys before RoPE) and down_proj as feed-forward (its input) */
+    .default_sites_llama = PR_SITE_BIT(PR_SITE_K) | PR_SITE_BIT(PR_SITE_V) | PR_SITE_BIT(PR_SITE_FFN_ACT),
     .params = ia3_params,
     .n_params = N_PARAMS,
     .scratch = ia3_scratch,

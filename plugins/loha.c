@@ -224,6 +224,7 @@ static const pr_technique loha_technique = {
              PR_SITE_BIT(PR_SITE_V) | PR_SITE_BIT(PR_SITE_O) | PR_SITE_BIT(PR_SITE_FFN_UP) |
              PR_SITE_BIT(PR_SITE_FFN_DOWN),
     .default_sites = PR_SITE_BIT(PR_SITE_QKV),
+    .default_sites_llama = PR_SITE_BIT(PR_SITE_Q) | PR_SITE_BIT(PR_SITE_V),
     .params = loha_params,
     .n_params = N_PARAMS,
     .scratch = loha_scratch,

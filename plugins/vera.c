@@ -372,7 +372,8 @@ static int vera_regen_setup(const pr_ctx *ctx)
         .sharing_set = PR_SHARE_BIT(PR_SHARE_ACROSS_LAYERS) | PR_SHARE_BIT(PR_SHARE_ACROSS_SITES),            \
         .input = PR_INPUT_HIDDEN, .insertion = PR_INSERT_PARALLEL, .insertions = PR_INSERTIONS_PER_SITE_LAYER, \
         .integration = PR_INTEGRATE_SCALED_ADD, .workspace = PR_WS_ATTENTION | PR_WS_FFN, .options = OPTIONS,  \
-        .n_options = N_OPTS, .sites = VERA_SITES, .default_sites = PR_SITE_BIT(PR_SITE_QKV), .params = PARAMS, \
+        .n_options = N_OPTS, .sites = VERA_SITES, .default_sites = PR_SITE_BIT(PR_SITE_QKV),                   \
+        .default_sites_llama = PR_SITE_BIT(PR_SITE_Q) | PR_SITE_BIT(PR_SITE_V), .params = PARAMS,             \
         .n_params = N_PARAMS, .saved = vera_saved, .n_saved = N_SAVED, .scratch = vera_scratch,                \
         .n_scratch = N_SCRATCH, .scale_expr = "1", .param_formula = FORMULA,                                  \
         .flops_per_token = "2 * r * (d_in + d_out) + r + d_out", .forward = vera_forward,                     \

@@ -353,6 +353,7 @@ static const pr_technique xlora_technique = {
     .n_options = N_OPTS,
     .sites = (1u << PR_SITE_COUNT) - 1,
     .default_sites = PR_SITE_BIT(PR_SITE_QKV),
+    .default_sites_llama = PR_SITE_BIT(PR_SITE_Q) | PR_SITE_BIT(PR_SITE_V),
     .params = xlora_params,
     .n_params = N_PARAMS,
     .saved = xlora_saved,

@@ -2,6 +2,7 @@
  * variables, options, sites, layers, insertions, parameter copies and
  * selection; pr_module_plan_for runs it on a tensor table without storage. */
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -258,10 +259,21 @@ int mod_is_select(const pr_module *mod)
     return mod->t.integration == PR_INTEGRATE_SELECT;
 }
 
+uint32_t pr_technique_default_sites(const pr_technique *t, int family)
+{
+    if (!t)
+        return 0;
+    if (family == PR_FAMILY_LLAMA &&
+        t->struct_size >= offsetof(pr_technique, default_sites_llama) + sizeof t->default_sites_llama &&
+        t->default_sites_llama)
+        return t->default_sites_llama;
+    return t->default_sites;
+}
+
 static int resolve_sites(pr_module *mod, const pr_model *m, const pr_module_spec *spec, pr_error *err)
 {
     uint32_t all = (1u << PR_SITE_COUNT) - 1;
-    uint32_t mask = spec->sites ? spec->sites : mod->t.default_sites;
+    uint32_t mask = spec->sites ? spec->sites : pr_technique_default_sites(&mod->t, pr_model_get_config(m)->family);
     char buf[256];
     if (mask & ~all)
         return pr_errorf(err, PR_ERR_INVALID, "module '%s': site mask 0x%x names sites beyond the %d known ones",

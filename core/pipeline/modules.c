@@ -386,7 +386,7 @@ static void load_site_options(loader *L, const ynode *n, const char *path, pipe_
 {
     if (pl_want_map(L, n, path))
         return;
-    uint32_t used = pm->sites ? pm->sites : pm->t->default_sites;
+    uint32_t used = pm->sites ? pm->sites : pr_technique_default_sites(pm->t, L->p->cfg.family);
     for (int k = 0; k < n->n; k++) {
         const ynode *key = n->keys[k], *val = n->vals[k];
         char spath[300];

@@ -480,6 +480,10 @@ int reg_validate_copy(const tech_copy *c, pr_error *err)
         return bad(c, err, "declares no sites it can attach to");
     if (!t->default_sites)
         return bad(c, err, "declares no default sites");
+    if (t->struct_size >= offsetof(pr_technique, default_sites_llama) + sizeof t->default_sites_llama &&
+        (t->default_sites_llama & ~t->sites))
+        return bad(c, err, "default_sites_llama has sites (0x%x) the technique cannot attach to",
+                   t->default_sites_llama & ~t->sites);
     if (t->composite) {
         /* a composite's h comes from its members through compose_forward */
         if (!t->compose_forward || !t->compose_backward)

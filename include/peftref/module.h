@@ -101,6 +101,11 @@ typedef struct pr_module_plan {
     int layers_used;
 } pr_module_plan;
 
+/* The sites t attaches to when a spec names none, on a model of family
+ * `family` (pr_family): default_sites_llama on LLaMA-family models where
+ * the technique declares it (ABI 1.1), default_sites otherwise. */
+uint32_t pr_technique_default_sites(const pr_technique *t, int family);
+
 int pr_module_plan_for(const pr_model_config *cfg, const pr_module_spec *spec, pr_module_plan *out,
                        pr_error *err);
 

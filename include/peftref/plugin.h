@@ -69,7 +69,7 @@ extern "C" {
 #endif
 
 #define PR_ABI_MAJOR 1
-#define PR_ABI_MINOR 0
+#define PR_ABI_MINOR 1
 
 /* The one exported symbol.  Declare it with PR_PLUGIN_EXPORT. */
 #define PR_PLUGIN_ENTRY_NAME "peftref_plugin_entry"
@@ -628,6 +628,13 @@ typedef struct pr_technique {
     const char *folds_to;
     /* An optional interface of the technique by URI, or NULL. */
     const void *(*extension_data)(const char *uri);
+    /* Default sites on LLaMA-family models (separate q/k/v projections,
+     * RoPE, SwiGLU), as Hugging Face PEFT's defaults for model_type llama
+     * differ from GPT-2's: LoRA q_proj and v_proj where GPT-2 has c_attn,
+     * (IA)^3 k_proj, v_proj and down_proj's input.  A subset of sites;
+     * 0 = default_sites on every family.  Added in ABI 1.1: a host reads it
+     * only when struct_size covers it, and an older host ignores it. */
+    uint32_t default_sites_llama;
 } pr_technique;
 
 /* What the entry symbol returns. */
