@@ -23,6 +23,7 @@
 #include <string.h>
 #include <sys/wait.h>
 
+#include "peftref/config.h"
 #include "check.h"
 
 #define PLUGIN_DIR TEST_BUILDDIR "/plugins/.libs"
@@ -33,7 +34,7 @@ typedef struct run {
     char *text;
 } run;
 
-static run check(const char *path, const char *technique)
+static run check_family(const char *path, const char *technique, int family)
 {
     run r = { 0, 0, 0, NULL };
     size_t len = 0;
@@ -43,12 +44,18 @@ static run check(const char *path, const char *technique)
     o.probes = 4;
     o.timeout = 120;
     o.technique = technique;
+    o.family = family;
     pr_error err = { 0 };
     r.rc = check_plugin_file(path, &o, out, &r.n_checks, &r.n_failed, &err);
     fclose(out);
     if (r.rc)
         fprintf(stderr, "check %s: %s\n", path, err.msg);
     return r;
+}
+
+static run check(const char *path, const char *technique)
+{
+    return check_family(path, technique, 0);
 }
 
 /* The output line that starts with start (e.g. "FAIL x/gradient/h.1.qkv:"),
@@ -100,6 +107,31 @@ static void test_lora_passes(void **state)
     expect_line(&r, "PASS lora/save-load:", NULL);
     expect_line(&r, "PASS lora/options:", NULL);
     expect_line(&r, "PASS lora/finite:", "at 7 sites");
+    assert_null(strstr(r.text, "FAIL"));
+    free(r.text);
+}
+
+/* Every built-in plugin at every site it supports on a llama-tiny model
+ * (and a Qwen2 for the second shape of `params`). */
+static void test_all_plugins_on_llama(void **state)
+{
+    (void)state;
+    run r = check_family(PLUGIN_DIR, NULL, PR_FAMILY_LLAMA);
+    assert_int_equal(r.rc, PR_OK);
+    if (r.n_failed)
+        fprintf(stderr, "%s", r.text);
+    assert_int_equal(r.n_failed, 0);
+    assert_true(r.n_checks > 250);
+    expect_line(&r, "PASS lora/gradient/h.1.ffn.gate:", "2 module tensors");
+    expect_line(&r, "SKIP lora/gradient/h.1.qkv:", "LLaMA test model has no qkv site");
+    expect_line(&r, "PASS ia3/gradient/h.1.k:", NULL);
+    expect_line(&r, "PASS ia3/gradient/h.1.attn.k:", NULL);
+    expect_line(&r, "PASS prefix_tuning/gradient/h.1.attn.k:", NULL);
+    expect_line(&r, "PASS prompt_tuning/gradient/embed:", NULL);
+    expect_line(&r, "PASS bitfit/gradient:", NULL);
+    expect_line(&r, "PASS lnfit/gradient:", NULL);
+    expect_line(&r, "PASS dora/save-load:", NULL);
+    expect_line(&r, "PASS adapter_houlsby/gradient/h.1.ffn_out:", NULL);
     assert_null(strstr(r.text, "FAIL"));
     free(r.text);
 }
@@ -233,6 +265,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_lora_passes),
+        cmocka_unit_test(test_all_plugins_on_llama),
         cmocka_unit_test(test_bad_backward_named),
         cmocka_unit_test(test_bad_input_gradient_upstream),
         cmocka_unit_test(test_crash_survived),

@@ -10,11 +10,14 @@
 #include "check.h"
 
 static const char check_usage[] =
-    "usage: peftref plugins check PATH [--verbose] [--technique NAME] [--probes N] [--timeout S]\n"
+    "usage: peftref plugins check PATH [--family gpt2|llama] [--verbose] [--technique NAME]\n"
+    "                              [--probes N] [--timeout S]\n"
     "\n"
     "Check that every technique in plugin file PATH (a directory: every plugin\n"
-    "in it) keeps the plugin ABI's promises, on a tiny random GPT-2 model\n"
-    "(2 layers, d_model 32, 4 heads, vocabulary 64, batch 2 x 6):\n"
+    "in it) keeps the plugin ABI's promises, on a tiny random model (2 layers,\n"
+    "d_model 32, 4 heads, vocabulary 64, batch 2 x 6): GPT-2, or with --family\n"
+    "llama a llama-tiny (RMSNorm, RoPE, SwiGLU, 4 query heads over 2 key/value\n"
+    "heads, attention and MLP biases; the second shape of `params` a Qwen2):\n"
     "  gradient/SITE  at each site it supports, one at a time: the gradients of\n"
     "                 its parameters, and of the base tensors upstream of the\n"
     "                 site (which need its input gradient), against central\n"
@@ -33,6 +36,7 @@ static const char check_usage[] =
     "Each check runs in its own process: a crash, abort or hang fails that\n"
     "check only.  One line per check, PASS or FAIL, then a summary.\n"
     "\n"
+    "  --family F           gpt2 (default) or llama: the test models' family\n"
     "  -v, --verbose        per-tensor and per-option details\n"
     "  --technique NAME     check only technique NAME\n"
     "  --probes N           entries probed per tensor (default 6)\n"
@@ -48,6 +52,7 @@ int cmd_plugins_check(int argc, char **argv)
                                          {"technique", required_argument, 0, 't'},
                                          {"probes", required_argument, 0, 'p'},
                                          {"timeout", required_argument, 0, 'T'},
+                                         {"family", required_argument, 0, 'f'},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     check_options o;
@@ -59,6 +64,16 @@ int cmd_plugins_check(int argc, char **argv)
         switch (c) {
         case 'v': o.verbose = 1; break;
         case 't': o.technique = optarg; break;
+        case 'f':
+            if (strcmp(optarg, "gpt2") == 0) {
+                o.family = PR_FAMILY_GPT2;
+            } else if (strcmp(optarg, "llama") == 0) {
+                o.family = PR_FAMILY_LLAMA;
+            } else {
+                fprintf(stderr, "peftref plugins check: --family is gpt2 or llama, not '%s'\n", optarg);
+                return 2;
+            }
+            break;
         case 'p':
             if (cli_parse_int("plugins check", "--probes", optarg, 1, 1000, &o.probes))
                 return 2;

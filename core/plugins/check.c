@@ -222,7 +222,8 @@ static void check_technique(const pr_technique *t, const check_options *o, FILE 
             chk_site_label(s, where, sizeof where);
             snprintf(label, sizeof label, "%s/gradient/%s", t->name, where);
             if (have_model && !chk_site_exists(m, s)) {
-                fprintf(out, "SKIP %s: the GPT-2 test model has no %s site\n", label, pr_site_name(s));
+                fprintf(out, "SKIP %s: the %s test model has no %s site\n", label,
+                        chk_family() == PR_FAMILY_LLAMA ? "LLaMA" : "GPT-2", pr_site_name(s));
                 tl->skipped++;
                 continue;
             }
@@ -326,6 +327,7 @@ int check_plugin_file(const char *path, const check_options *opts, FILE *out, in
     check_options o = { 0 };
     if (opts)
         o = *opts;
+    chk_set_family(o.family);
     if (n_checks)
         *n_checks = 0;
     if (n_failed)

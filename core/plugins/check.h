@@ -63,6 +63,7 @@ typedef struct check_options {
     int probes;             /* entries probed per tensor; 0: CHECK_DEFAULT_PROBES */
     int timeout;            /* seconds per check; 0: CHECK_DEFAULT_TIMEOUT */
     const char *technique;  /* check only this technique; NULL: all in the file */
+    int family;             /* pr_family of the test models; 0: GPT-2 */
 } check_options;
 
 /* Check the plugin file path (a directory: every plugin it holds) and

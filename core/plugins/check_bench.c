@@ -16,28 +16,47 @@
 
 /* ---- test models --------------------------------------------------------------------------- */
 
+static int shape_family = PR_FAMILY_GPT2;
+
+void chk_set_family(int family)
+{
+    shape_family = family == PR_FAMILY_LLAMA ? PR_FAMILY_LLAMA : PR_FAMILY_GPT2;
+}
+
+int chk_family(void)
+{
+    return shape_family;
+}
+
 /* A: 2 layers, C 32, H 4, F 64, V 64 (init_std 0.1 so that the loss
- * depends visibly on every tensor, as in the model tests). */
+ * depends visibly on every tensor, as in the model tests).  LLaMA family:
+ * llama-tiny at these sizes, grouped-query (Hkv 2), with Llama's
+ * attention_bias and mlp_bias on so that every projection has a bias for
+ * the techniques that train or fold one. */
 pr_model_config chk_shape_a(void)
 {
     pr_model_config c;
     memset(&c, 0, sizeof c);
-    pr_config_preset("gpt2-tiny", &c);
+    pr_config_preset(shape_family == PR_FAMILY_LLAMA ? "llama-tiny" : "gpt2-tiny", &c);
     c.n_layers = 2;
     c.d_model = 32;
     c.n_heads = 4;
-    c.n_kv_heads = 4;
+    c.n_kv_heads = shape_family == PR_FAMILY_LLAMA ? 2 : 4;
     c.d_head = 8;
     c.d_ff = 64;
     c.vocab_size = 64;
     c.max_seq = 64;
     c.init_std = 0.1f;
     c.seed = 11;
+    if (shape_family == PR_FAMILY_LLAMA)
+        c.qkv_bias = c.o_bias = c.mlp_bias = 1;
     return c;
 }
 
 /* B: 3 layers, grouped-query attention (Hkv < H) and d_head != C/H, so
- * widths that a technique derives wrongly from d_model show up. */
+ * widths that a technique derives wrongly from d_model show up.  LLaMA
+ * family: a Qwen2 (q/k/v biases only), tied head, d_head 6 (RoPE needs
+ * an even one). */
 pr_model_config chk_shape_b(void)
 {
     pr_model_config c = chk_shape_a();
@@ -48,6 +67,12 @@ pr_model_config chk_shape_b(void)
     c.d_head = 5;
     c.d_ff = 40;
     c.vocab_size = 50;
+    if (shape_family == PR_FAMILY_LLAMA) {
+        c.variant = PR_VARIANT_QWEN2;
+        c.d_head = 6;
+        c.o_bias = c.mlp_bias = 0;
+        c.tied_head = 1;
+    }
     return c;
 }
 

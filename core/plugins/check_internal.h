@@ -88,6 +88,10 @@ void chk_finish(report *r, const char *pass_detail);
 
 /* ---- the checks, each run in a child (check.h says what they verify) ---- */
 
+/* The family the test models of chk_shape_a/b have (PR_FAMILY_GPT2 unless
+ * set); check_plugin_file sets it before any check runs. */
+void chk_set_family(int family);
+int chk_family(void);
 void chk_gradient(const pr_technique *t, int site, const check_options *o, report *r);   /* check_gradient.c */
 void chk_params(const pr_technique *t, const check_options *o, report *r);               /* check_decls.c */
 void chk_options(const pr_technique *t, const check_options *o, report *r);              /* check_decls.c */
