@@ -25,6 +25,7 @@
 
 #define LORA_SO TEST_BUILDDIR "/plugins/.libs/lora.so"
 #define IA3_SO TEST_BUILDDIR "/plugins/.libs/ia3.so"
+#define PREFIX_SO TEST_BUILDDIR "/plugins/.libs/prefix_tuning.so"
 
 /* Central differences as test_model.c argues them (eps 3e-3 on float
  * parameters, the loss recomputed in double from the logits): 1e-4
@@ -276,6 +277,67 @@ static void test_causal_and_batch_independent(void **state)
     }
 }
 
+/* The key/value cache: a prompt of 3 tokens, then one token at a time,
+ * gives the full forward's logits row for row (1e-5 of their max), with
+ * prefix tuning's keys and values and ia3 at attn.k, attn.v attached; a
+ * cache is refused where the model has virtual positions. */
+static void test_decode_matches_forward(void **state)
+{
+    (void)state;
+    void *hp = NULL, *hi = NULL;
+    const pr_plugin *pp = th_plugin_open(PREFIX_SO, &hp);
+    assert_non_null(pp);
+    const pr_technique *prefix = NULL;
+    for (uint32_t i = 0; i < pp->n_techniques; i++)
+        if (strcmp(pp->techniques[i]->name, "prefix_tuning") == 0)
+            prefix = pp->techniques[i];
+    assert_non_null(prefix);
+    const pr_technique *ia3 = th_plugin_technique(IA3_SO, &hi);
+    for (int i = 0; i < N_VARIANTS; i++) {
+        pr_model *m = variant_model(i);
+        perturb_norms_and_biases(m, 500 + (unsigned)i);
+        const pr_option_setting po[] = { { "n_tokens", "3", -1 } };
+        pr_module_spec ps = { .technique = prefix, .options = po, .n_options = 1, .trainable = 1, .seed = 9 };
+        th_attach(m, &ps);
+        pr_module_spec is = { .technique = ia3, .sites = PR_SITE_BIT(PR_SITE_ATTN_K) | PR_SITE_BIT(PR_SITE_ATTN_V),
+                              .trainable = 1, .seed = 5 };
+        th_attach(m, &is);
+        for (int t = 0; t < pr_model_n_tensors(m); t++) {
+            const pr_tensor_info *ti = pr_model_tensor(m, t);
+            if (ti->kind == PR_TENSOR_MODULE && strncmp(ti->name, "ia3/", 4) == 0)
+                for (int64_t j = 0; j < ti->numel; j++)
+                    ti->data[j] = 1.0f + 0.3f * sinf((float)(j + 3 * t));
+        }
+        pr_model_set_training(m, 0);
+        th_loss_ctx lc;
+        th_loss_init_rng(&lc, m, 1, TT, 61 + (unsigned)i);
+        float *full = th_logits_copy(&lc);
+        int V = pr_model_get_config(m)->vocab_size;
+        pr_error err = { 0 };
+        assert_int_equal(pr_model_decode_begin(m, TT, &err), PR_OK);
+        assert_int_equal(pr_model_decode(m, lc.tokens, 3, &err), PR_OK);
+        double worst = th_max_abs_diff(pr_model_logits(m), full, (size_t)3 * V), scale = 0;
+        for (int t = 3; t < TT; t++) {
+            assert_int_equal(pr_model_decode(m, lc.tokens + t, 1, &err), PR_OK);
+            worst = fmax(worst, th_max_abs_diff(pr_model_logits(m), full + (size_t)t * V, (size_t)V));
+        }
+        for (size_t j = 0; j < (size_t)TT * V; j++)
+            scale = fmax(scale, fabs((double)full[j]));
+        print_message("variant %s: cached vs full max|diff| %.3e of max %.3e\n", variants[i].name, worst, scale);
+        assert_true(worst <= 1e-5 * scale);
+        assert_int_equal(pr_model_decode_pos(m), TT);
+        /* attaching drops the cache */
+        pr_module_spec is2 = { .technique = ia3, .name = "ia3b", .sites = PR_SITE_BIT(PR_SITE_FFN_ACT), .trainable = 1,
+                               .seed = 6 };
+        th_attach(m, &is2);
+        assert_int_equal(pr_model_decode_pos(m), -1);
+        free(full);
+        pr_model_free(m);
+    }
+    dlclose(hp);
+    dlclose(hi);
+}
+
 /* Mistral's window: within it the model runs; past it the forward says so. */
 static void test_sliding_window(void **state)
 {
@@ -328,6 +390,7 @@ int main(void)
         cmocka_unit_test(test_grad_lora_seven),
         cmocka_unit_test(test_grad_ia3_sites),
         cmocka_unit_test(test_causal_and_batch_independent),
+        cmocka_unit_test(test_decode_matches_forward),
         cmocka_unit_test(test_sliding_window),
         cmocka_unit_test(test_presets),
     };

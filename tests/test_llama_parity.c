@@ -326,9 +326,11 @@ static void test_greedy(void **state)
             attach_adapter(m, lora, "gqa");
         pr_model_set_training(m, 0);
         int seq[64];
+        int V = pr_model_get_config(m)->vocab_size;
+        static float full_last[16][512];
+        assert_true(n <= 16 && V <= 512);
         for (int i = 0; i < P; i++)
             seq[i] = (int)lrintf(prompt[i]);
-        int V = pr_model_get_config(m)->vocab_size;
         for (int k = 0; k < n; k++) {
             int T = P + k;
             pr_batch b = { .tokens = seq, .targets = NULL, .B = 1, .T = T };
@@ -343,7 +345,41 @@ static void test_greedy(void **state)
             seq[T] = best;
             if (best != (int)lrintf(want[k]))
                 fail_msg("%s: token %d is %d, the reference says %d", gname, k, best, (int)lrintf(want[k]));
+            memcpy(full_last[k], z, (size_t)V * sizeof(float));
         }
+        /* the cached path: the prompt at once, then one token at a time;
+         * the same tokens, and logits within 1e-5 of the full forwards' max */
+        pr_error err = { 0 };
+        assert_int_equal(pr_model_decode_begin(m, P + n, &err), PR_OK);
+        assert_int_equal(pr_model_decode_pos(m), 0);
+        for (int k = 0; k < n; k++) {
+            int rc = k == 0 ? pr_model_decode(m, seq, P, &err) : pr_model_decode(m, seq + P + k - 1, 1, &err);
+            if (rc != PR_OK)
+                fail_msg("decode: %s", err.msg);
+            int rows = k == 0 ? P : 1;
+            const float *z = pr_model_logits(m) + (size_t)(rows - 1) * V;
+            int best = 0;
+            for (int v = 1; v < V; v++)
+                if (z[v] > z[best])
+                    best = v;
+            if (best != (int)lrintf(want[k]))
+                fail_msg("%s (cached): token %d is %d, the reference says %d", gname, k, best, (int)lrintf(want[k]));
+            char what[64];
+            snprintf(what, sizeof what, "%s cached logits, token %d", gname, k);
+            (void)close_to(what, z, full_last[k], (size_t)V); /* prints with PEFTREF_PARITY_VERBOSE */
+            double worst = 0, scale = 0;
+            for (int v = 0; v < V; v++) {
+                worst = fmax(worst, fabs((double)z[v] - full_last[k][v]));
+                scale = fmax(scale, fabs((double)full_last[k][v]));
+            }
+            assert_true(worst <= 1e-5 * scale);
+        }
+        assert_int_equal(pr_model_decode_pos(m), P + n - 1);
+        /* the cache is full after one more; a further token is refused */
+        assert_int_equal(pr_model_decode(m, seq + P + n - 1, 1, &err), PR_OK);
+        assert_int_equal(pr_model_decode(m, seq, 1, &err), PR_ERR_INVALID);
+        pr_model_decode_end(m);
+        assert_int_equal(pr_model_decode_pos(m), -1);
         free(want);
         pr_model_free(m);
     }

@@ -1,8 +1,11 @@
 /* peftref generate: sample a continuation of a prompt from a model and its
  * modules.
  *
- * Each new token comes from one forward pass over the context, the last
- * W = max_seq - (virtual positions) tokens (no key/value cache): the logits
+ * Each new token is predicted from the context, at most its last W =
+ * max_seq - (virtual positions) tokens.  LLaMA-family models keep a
+ * key/value cache (pr_model_decode), so a token costs one position; when
+ * the cache is full it restarts from the last W/2 tokens.  GPT-2 models
+ * run one forward pass over the context per token.  The logits
  * z of the last position are divided by the temperature, cut to the k
  * largest (top-k; ties keep the lower id), and a token is drawn from
  * softmax(z) with one uniform number of the seeded generator (core/base/rng.h),
@@ -26,10 +29,12 @@ static const char generate_usage[] =
     "Print TEXT followed by N sampled tokens.  The model is a Hugging Face\n"
     "directory (--model), or a pipeline's model with its modules attached (a run\n"
     "directory RUN stands for RUN/pipeline.yaml, the run's trained modules loaded\n"
-    "frozen).  Every token is predicted from the last max_seq - (virtual\n"
-    "positions) tokens of the context.\n"
+    "frozen).  Every token is predicted from at most the last max_seq - (virtual\n"
+    "positions) tokens of the context.  LLaMA-family models keep a key/value\n"
+    "cache (one position per new token; when it is full it restarts from the\n"
+    "last half of the window); GPT-2 models recompute the context per token.\n"
     "\n"
-    "  --model DIR          Hugging Face GPT-2 directory\n"
+    "  --model DIR          Hugging Face directory (GPT-2, Llama, Mistral, Qwen2, Qwen3)\n"
     "  --prompt TEXT        the text to continue (required)\n"
     "  --tokens N           tokens to generate (default 50)\n"
     "  --temperature T      softmax temperature; 0 = greedy (default 1.0)\n"
@@ -118,23 +123,74 @@ static int generate(pr_model *m, const pr_tokenizer *tok, const char *prompt, in
         }
         all[len++] = eot;
     }
-    if (W < 1 || pr_model_reserve(m, 1, W, &err)) {
-        fprintf(stderr, "peftref generate: %s\n", W < 1 ? "the model has no positions left for text" : err.msg);
+    if (W < 1) {
+        fprintf(stderr, "peftref generate: the model has no positions left for text\n");
         rc = 1;
         goto done;
     }
+    /* the context never needs more than the prompt and the new tokens */
+    if ((size_t)W > len + (size_t)n_new)
+        W = (int)(len + (size_t)n_new);
+    if (cfg->sliding_window > 0 && W > cfg->sliding_window)
+        W = cfg->sliding_window;
     pr_model_set_training(m, 0);
+    /* With a key/value cache (LLaMA family) each token costs one position;
+     * activations are planned for prefill chunks of at most CHUNK tokens. */
+    enum { CHUNK = 128 };
+    int chunk = W < CHUNK ? W : CHUNK;
+    int cached = pr_model_reserve(m, 1, chunk, &err) == PR_OK && pr_model_decode_begin(m, W, &err) == PR_OK;
+    if (!cached && pr_model_reserve(m, 1, W, &err)) {
+        fprintf(stderr, "peftref generate: %s\n", err.msg);
+        rc = 1;
+        goto done;
+    }
     pr_rng rng;
     rng_seed(&rng, seed);
     for (int k = 0; k < n_new; k++) {
-        int T = len < (size_t)W ? (int)len : W;
-        pr_batch b = {.tokens = all + len - (size_t)T, .targets = NULL, .B = 1, .T = T};
-        if (pr_model_forward(m, &b, NULL, &err)) {
-            fprintf(stderr, "peftref generate: %s\n", err.msg);
-            rc = 1;
-            goto done;
+        const float *z;
+        if (cached) {
+            int pos = pr_model_decode_pos(m);
+            if (pos == W) {
+                /* the cache is full: keep the last half of the window */
+                if (pr_model_decode_begin(m, W, &err)) {
+                    fprintf(stderr, "peftref generate: %s\n", err.msg);
+                    rc = 1;
+                    goto done;
+                }
+                pos = 0;
+            }
+            /* feed what the cache lacks: the newest token, or after a
+             * reset the last W/2, or at the start the context's last W */
+            int left;
+            if (pos > 0)
+                left = 1;
+            else if (k == 0)
+                left = len < (size_t)W ? (int)len : W;
+            else
+                left = W / 2 > 0 ? W / 2 : 1;
+            const int *feed = all + len - (size_t)left;
+            int rows = 0;
+            while (left > 0) {
+                rows = left < chunk ? left : chunk;
+                if (pr_model_decode(m, feed, rows, &err)) {
+                    fprintf(stderr, "peftref generate: %s\n", err.msg);
+                    rc = 1;
+                    goto done;
+                }
+                feed += rows;
+                left -= rows;
+            }
+            z = pr_model_logits(m) + (size_t)(rows - 1) * V;
+        } else {
+            int T = len < (size_t)W ? (int)len : W;
+            pr_batch b = {.tokens = all + len - (size_t)T, .targets = NULL, .B = 1, .T = T};
+            if (pr_model_forward(m, &b, NULL, &err)) {
+                fprintf(stderr, "peftref generate: %s\n", err.msg);
+                rc = 1;
+                goto done;
+            }
+            z = pr_model_logits(m) + (size_t)(T - 1) * V;
         }
-        const float *z = pr_model_logits(m) + (size_t)(T - 1) * V;
         all[len++] = next_token(z, V, temperature, top_k, &rng, c);
     }
     char *text = NULL;

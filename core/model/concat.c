@@ -57,6 +57,7 @@ int pr_model_attach_concat(pr_model *m, int site, int layer, const pr_concat_pro
                          "attach_concat: site '%s' takes no concatenation (only embed, attn.k and attn.v)",
                          pr_site_name(site));
     int rc = model_check_site_layer(m, site, layer, "attach_concat", err);
+    pr_model_decode_end(m);
     if (rc)
         return rc;
     if (p->n <= 0)

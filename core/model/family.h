@@ -72,6 +72,12 @@ typedef struct family_ops {
      * m->dres holds dLoss/d(block output) on entry and dLoss/dx on return. */
     int (*block_forward)(pr_model *m, int l, const float *x, const float **out, pr_error *err);
     int (*block_backward)(pr_model *m, int l, const float *x, pr_error *err);
+    /* Incremental decoding (NULL without a cached path): plan the
+     * key/value cache for ctx positions, and free it.  While m->decode_pos
+     * >= 0, block_forward runs B = 1 sequence of T new positions starting
+     * at m->decode_pos, attending to the cached ones, and caches its own. */
+    int (*decode_reserve)(pr_model *m, int ctx, pr_error *err);
+    void (*decode_free)(pr_model *m);
 } family_ops;
 
 /* The table for cfg->family, or NULL for a family with no implementation. */
@@ -156,6 +162,9 @@ struct pr_model {
     /* the last forward: T internal positions = nv virtual + Tr real */
     int B, T, Tr, nv;
     int have_fwd, have_targets;
+    /* incremental decoding: cache capacity (0 = none), positions cached,
+     * and the first position of the forward in flight (-1 outside one) */
+    int decode_ctx, decode_len, decode_pos;
     int embed_live;              /* the embed site's hooks are running (their rows' token ids are served) */
     int64_t scored;
     int *tokens, *targets;

@@ -143,6 +143,7 @@ int pr_model_attach_hook(pr_model *m, int site, int layer, const pr_site_hook *h
     }
     hl->h[hl->n++] = *hook;
     m->have_fwd = 0;
+    pr_model_decode_end(m); /* cached keys and values no longer hold */
     if (!m->act_block)
         return PR_OK;
     /* the first hook at a stream site needs its own output buffer */
@@ -165,6 +166,7 @@ void pr_model_detach_hooks(pr_model *m)
         m->concat[i].total = 0;
     }
     m->have_fwd = 0;
+    pr_model_decode_end(m);
 }
 
 /* The frame checks the site; the family says where its weight lives. */

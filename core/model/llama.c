@@ -77,6 +77,12 @@ typedef struct llama {
     float *dattproj, *ddown;     /* (N,C) */
     float *dact, *dswi, *dgate, *dup; /* (N,F) */
     float *att_scratch;          /* (T, Pmax+T) */
+    /* incremental decoding (pr_model_decode_begin): per layer the keys
+     * after RoPE and attn.k hooks, the values after attn.v hooks */
+    float *cache;                /* one block: L x 2 x (ctx, KV) */
+    float **kc, **vc;            /* (L) views of it */
+    float *dec_scores;           /* (Pmax + ctx) */
+    int ctx;
 } llama;
 
 static const char *variant_name(int v)
@@ -139,6 +145,10 @@ static void destroy(pr_model *m)
     free(g->lp);
     free(g->la);
     free(g->inv_freq);
+    free(g->cache);
+    free(g->kc);
+    free(g->vc);
+    free(g->dec_scores);
     free(g);
     m->fam = NULL;
 }
@@ -382,6 +392,81 @@ static void fill_rope(pr_model *m)
     g->rope_T = m->T;
 }
 
+/* Causal attention of T new queries at positions pos0 .. pos0+T-1 over P
+ * prefix columns and the cached keys 0 .. pos0+T-1 (the new ones
+ * included).  q (T, H*hd); kc, vc (>= pos0+T, Hkv*hd); pk, pv (Hkv, P, hd);
+ * out (T, H*hd); scores (P + pos0 + T). */
+static void attention_cached(float *out, const float *q, const float *kc, const float *vc, const float *pk,
+                             const float *pv, int P, int T, int pos0, int H, int Hkv, int hd, float *scores)
+{
+    int KV = Hkv * hd, Q = H * hd, group = H / Hkv;
+    float scale = 1.0f / sqrtf((float)hd);
+    for (int i = 0; i < T; i++) {
+        int nk = pos0 + i + 1;
+        for (int h = 0; h < H; h++) {
+            int gk = h / group;
+            const float *qi = q + (size_t)i * Q + (size_t)h * hd;
+            float mx = -INFINITY;
+            for (int j = 0; j < P + nk; j++) {
+                const float *kj = j < P ? pk + ((size_t)gk * P + j) * hd : kc + (size_t)(j - P) * KV + (size_t)gk * hd;
+                float sdot = 0.0f;
+                for (int d = 0; d < hd; d++)
+                    sdot += qi[d] * kj[d];
+                scores[j] = sdot * scale;
+                mx = fmaxf(mx, scores[j]);
+            }
+            double sum = 0.0;
+            for (int j = 0; j < P + nk; j++) {
+                scores[j] = expf(scores[j] - mx);
+                sum += scores[j];
+            }
+            float inv = (float)(1.0 / sum);
+            float *o = out + (size_t)i * Q + (size_t)h * hd;
+            memset(o, 0, (size_t)hd * sizeof(float));
+            for (int j = 0; j < P + nk; j++) {
+                const float *vj = j < P ? pv + ((size_t)gk * P + j) * hd : vc + (size_t)(j - P) * KV + (size_t)gk * hd;
+                float w = scores[j] * inv;
+                for (int d = 0; d < hd; d++)
+                    o[d] += w * vj[d];
+            }
+        }
+    }
+}
+
+static void decode_free(pr_model *m)
+{
+    llama *g = m->fam;
+    free(g->cache);
+    free(g->kc);
+    free(g->vc);
+    free(g->dec_scores);
+    g->cache = g->dec_scores = NULL;
+    g->kc = g->vc = NULL;
+    g->ctx = 0;
+}
+
+static int decode_reserve(pr_model *m, int ctx, pr_error *err)
+{
+    const pr_model_config *c = &m->cfg;
+    llama *g = m->fam;
+    decode_free(m);
+    size_t KV = (size_t)c->n_kv_heads * c->d_head, L = (size_t)c->n_layers;
+    g->cache = malloc(L * 2 * (size_t)ctx * KV * sizeof(float));
+    g->kc = calloc(L, sizeof *g->kc);
+    g->vc = calloc(L, sizeof *g->vc);
+    g->dec_scores = malloc(((size_t)model_max_prefix_room(m) + (size_t)ctx) * sizeof(float));
+    if (!g->cache || !g->kc || !g->vc || !g->dec_scores) {
+        decode_free(m);
+        return pr_errorf(err, PR_ERR_NOMEM, "decode: out of memory for a key/value cache of %d positions", ctx);
+    }
+    for (size_t l = 0; l < L; l++) {
+        g->kc[l] = g->cache + (2 * l) * (size_t)ctx * KV;
+        g->vc[l] = g->cache + (2 * l + 1) * (size_t)ctx * KV;
+    }
+    g->ctx = ctx;
+    return PR_OK;
+}
+
 static int block_forward(pr_model *m, int l, const float *x, const float **out, pr_error *err)
 {
     const pr_model_config *c = &m->cfg;
@@ -395,12 +480,19 @@ static int block_forward(pr_model *m, int l, const float *x, const float **out, 
     float eps = c->norm_eps;
     int rc;
 
-    if (c->sliding_window > 0 && T + model_prefix_room(m, l) > c->sliding_window)
+    int dec = m->decode_pos >= 0, pos0 = dec ? m->decode_pos : 0;
+    if (c->sliding_window > 0 && pos0 + T + model_prefix_room(m, l) > c->sliding_window)
         return pr_errorf(err, PR_ERR_UNSUPPORTED,
                          "forward: %d positions exceed the model's sliding_window of %d; peftref runs "
                          "sequences within the window only (where the window changes nothing)",
-                         T + model_prefix_room(m, l), c->sliding_window);
-    fill_rope(m);
+                         pos0 + T + model_prefix_room(m, l), c->sliding_window);
+    if (dec && l == 0) {
+        /* positions pos0 .. pos0+T-1; the next full forward refills */
+        rope_tables(g->cos, g->sin, g->inv_freq, hd, pos0, T);
+        g->rope_T = -1;
+    } else if (!dec) {
+        fill_rope(m);
+    }
 
     /* attention: x -> rmsnorm -> q, k, v -> (q/k norm) -> RoPE -> attention -> o_proj */
     rmsnorm_forward(a->ln1, a->rstd1, x, p->ln1w->data, N, C, eps);
@@ -423,7 +515,14 @@ static int block_forward(pr_model *m, int l, const float *x, const float **out, 
         (rc = model_stream_forward(m, PR_SITE_ATTN_V, l, a->v, KV, a->vatt, KV, &v, &ldv, err)) ||
         (rc = model_prefix_forward(m, l, err)))
         return rc;
-    attention_forward(a->atty, a->att, a->qr, Q, k, ldk, v, ldv, f->pk, f->pv, f->P, B, T, H, Hkv, hd);
+    if (dec) {
+        model_copy_rows(g->kc[l] + (size_t)pos0 * KV, KV, k, ldk, T, KV);
+        model_copy_rows(g->vc[l] + (size_t)pos0 * KV, KV, v, ldv, T, KV);
+        attention_cached(a->atty, a->qr, g->kc[l], g->vc[l], f->pk, f->pv, f->P, T, pos0, H, Hkv, hd,
+                         g->dec_scores);
+    } else {
+        attention_forward(a->atty, a->att, a->qr, Q, k, ldk, v, ldv, f->pk, f->pv, f->P, B, T, H, Hkv, hd);
+    }
     if ((rc = proj_forward(m, PR_SITE_O, l, a->atty, Q, p->ow, p->ob, a->attproj, C, err)))
         return rc;
     const float *aout;
@@ -570,4 +669,6 @@ const family_ops family_llama = {
     .final_norm_backward = final_norm_backward,
     .block_forward = block_forward,
     .block_backward = block_backward,
+    .decode_reserve = decode_reserve,
+    .decode_free = decode_free,
 };

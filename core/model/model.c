@@ -44,6 +44,7 @@ int model_create_empty(const pr_model_config *cfg, pr_model **out, pr_error *err
         return pr_errorf(err, PR_ERR_NOMEM, "model: out of memory");
     m->cfg = *cfg;
     m->ops = ops;
+    m->decode_pos = -1;
     int L = cfg->n_layers, nt = ops->count_tensors(cfg);
     m->tensors = calloc((size_t)nt, sizeof *m->tensors);
     m->names = calloc((size_t)nt, TENSOR_NAME_LEN);
@@ -158,6 +159,7 @@ void pr_model_free(pr_model *m)
         return;
     /* modules attached to m (core/module/module.c) go with it */
     pr_model_detach_modules(m);
+    pr_model_decode_end(m);
     for (int i = 0; i < m->n_maps; i++)
         munmap(m->maps[i].addr, m->maps[i].len);
     free(m->maps);

@@ -300,3 +300,64 @@ static int backward_from_final_norm(pr_model *m, pr_error *err)
     }
     return embed_backward(m, m->dres, err);
 }
+
+/* ---- incremental decoding ------------------------------------------------ */
+
+int pr_model_decode_begin(pr_model *m, int ctx, pr_error *err)
+{
+    if (!m)
+        return pr_errorf(err, PR_ERR_INVALID, "decode: NULL model");
+    pr_model_decode_end(m);
+    if (!m->ops->decode_reserve)
+        return pr_errorf(err, PR_ERR_UNSUPPORTED, "decode: %s models have no key/value cache; run full forwards",
+                         m->ops->name);
+    if (pr_model_virtual_positions(m) > 0)
+        return pr_errorf(err, PR_ERR_UNSUPPORTED,
+                         "decode: the model has %d virtual positions (prompt tuning); run full forwards",
+                         pr_model_virtual_positions(m));
+    if (ctx < 1 || ctx > m->cfg.max_seq)
+        return pr_errorf(err, PR_ERR_INVALID, "decode: a cache of %d positions is outside [1, max_seq=%d]", ctx,
+                         m->cfg.max_seq);
+    int rc = m->ops->decode_reserve(m, ctx, err);
+    if (rc)
+        return rc;
+    m->decode_ctx = ctx;
+    m->decode_len = 0;
+    m->decode_pos = -1;
+    return PR_OK;
+}
+
+int pr_model_decode(pr_model *m, const int *tokens, int n, pr_error *err)
+{
+    if (!m || !tokens)
+        return pr_errorf(err, PR_ERR_INVALID, "decode: NULL model or tokens");
+    if (m->decode_ctx <= 0)
+        return pr_errorf(err, PR_ERR_INVALID, "decode: no cache; call pr_model_decode_begin first");
+    if (n < 1 || n > m->decode_ctx - m->decode_len)
+        return pr_errorf(err, PR_ERR_INVALID, "decode: %d new tokens after %d cached do not fit the cache of %d", n,
+                         m->decode_len, m->decode_ctx);
+    pr_batch b = { .tokens = tokens, .targets = NULL, .B = 1, .T = n };
+    m->decode_pos = m->decode_len;
+    int rc = pr_model_forward(m, &b, NULL, err);
+    m->decode_pos = -1;
+    if (rc)
+        return rc;
+    m->decode_len += n;
+    return PR_OK;
+}
+
+int pr_model_decode_pos(const pr_model *m)
+{
+    return m && m->decode_ctx > 0 ? m->decode_len : -1;
+}
+
+void pr_model_decode_end(pr_model *m)
+{
+    if (!m)
+        return;
+    if (m->decode_ctx > 0 && m->ops->decode_free)
+        m->ops->decode_free(m);
+    m->decode_ctx = 0;
+    m->decode_len = 0;
+    m->decode_pos = -1;
+}

@@ -127,6 +127,23 @@ const float *pr_model_logits(const pr_model *m);
 /* Scored-target count of the last forward. */
 int64_t pr_model_scored_tokens(const pr_model *m);
 
+/* ---- incremental decoding with a key/value cache (one sequence) ---------
+ *
+ * pr_model_decode_begin plans a cache for ctx positions (ctx <= max_seq)
+ * and empties it; each pr_model_decode then runs the n tokens that follow
+ * the cached ones (positions pos .. pos+n-1), keeps their keys and values,
+ * and leaves the logits of those n rows in pr_model_logits.  The result is
+ * the full forward's over the whole sequence, computed once per token.
+ * The model must be reserved for B = 1 and T >= the largest n.  Families
+ * without a cached path (GPT-2) and models with virtual positions (prompt
+ * tuning) give PR_ERR_UNSUPPORTED from begin; run full forwards instead.
+ * Attaching or detaching modules, or pr_model_decode_end, drops the cache. */
+int pr_model_decode_begin(pr_model *m, int ctx, pr_error *err);
+int pr_model_decode(pr_model *m, const int *tokens, int n, pr_error *err);
+/* Positions in the cache (0 after begin), or -1 when none is planned. */
+int pr_model_decode_pos(const pr_model *m);
+void pr_model_decode_end(pr_model *m);
+
 /* ---- site hooks: how modules attach -----------------------------------
  *
  * At one site instance (site, layer) the model calls every attached hook's
