@@ -388,12 +388,99 @@ static void test_greedy(void **state)
     dlclose(h);
 }
 
+/* Write config text and the gqa case's tensors (every one, one dropped,
+ * or one with a wrong shape) into dir, and load it. */
+static int load_variant(const char *dir, const char *config, const char *drop, const char *reshape, pr_error *err)
+{
+    char path[600];
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    FILE *f = fopen(path, "w");
+    assert_non_null(f);
+    fputs(config, f);
+    fclose(f);
+    pr_model *src = load_case("gqa", 1, 1);
+    int n = pr_model_n_tensors(src), k = 0;
+    st_entry *e = calloc((size_t)n, sizeof *e);
+    assert_non_null(e);
+    for (int i = 0; i < n; i++) {
+        const pr_tensor_info *t = pr_model_tensor(src, i);
+        if (drop && strcmp(t->name, drop) == 0)
+            continue;
+        e[k].name = t->name;
+        e[k].ndim = t->ndim;
+        for (int d = 0; d < t->ndim; d++)
+            e[k].shape[d] = t->shape[d];
+        if (reshape && strcmp(t->name, reshape) == 0) {
+            e[k].shape[0] = t->shape[1];
+            e[k].shape[1] = t->shape[0];
+        }
+        e[k].data = t->data;
+        e[k].dtype = ST_F32;
+        k++;
+    }
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    pr_error werr = { 0 };
+    assert_int_equal(st_write(path, e, k, NULL, 0, &werr), PR_OK);
+    free(e);
+    pr_model_free(src);
+    pr_model *m = NULL;
+    int rc = pr_model_load_hf(dir, &m, err);
+    pr_model_free(m);
+    return rc;
+}
+
+static void expect_in(const char *msg, const char *a, const char *b)
+{
+    if (!strstr(msg, a) || (b && !strstr(msg, b)))
+        fail_msg("message \"%s\" lacks \"%s\"%s%s", msg, a, b ? " or " : "", b ? b : "");
+}
+
+/* What a directory gets wrong is named: the model_type and the families
+ * peftref loads, a rope_scaling type, a missing or mis-shaped tensor. */
+static void test_load_errors(void **state)
+{
+    (void)state;
+    char *dir = th_scratch_dir("llama-load");
+    char cfg_text[4096];
+    char cfgpath[512];
+    snprintf(cfgpath, sizeof cfgpath, "%s/gqa/model/config.json", REF_DIR);
+    FILE *f = fopen(cfgpath, "r");
+    assert_non_null(f);
+    size_t len = fread(cfg_text, 1, sizeof cfg_text - 1, f);
+    fclose(f);
+    cfg_text[len] = '\0';
+    pr_error err = { 0 };
+    assert_int_equal(load_variant(dir, cfg_text, NULL, NULL, &err), PR_OK);
+
+    char bad[4200];
+    const char *mt = strstr(cfg_text, "\"llama\"");
+    assert_non_null(mt);
+    snprintf(bad, sizeof bad, "%.*s\"gemma\"%s", (int)(mt - cfg_text), cfg_text, mt + 7);
+    assert_int_equal(load_variant(dir, bad, NULL, NULL, &err), PR_ERR_UNSUPPORTED);
+    expect_in(err.msg, "gemma", "config.json");
+    expect_in(err.msg, "\"llama\"", "\"qwen3\"");
+
+    const char *rs = strstr(cfg_text, "\"rope_scaling\": null");
+    assert_non_null(rs);
+    snprintf(bad, sizeof bad, "%.*s\"rope_scaling\": {\"rope_type\": \"yarn\", \"factor\": 4}%s", (int)(rs - cfg_text),
+             cfg_text, rs + strlen("\"rope_scaling\": null"));
+    assert_int_equal(load_variant(dir, bad, NULL, NULL, &err), PR_ERR_UNSUPPORTED);
+    expect_in(err.msg, "yarn", "rope_scaling");
+
+    assert_int_equal(load_variant(dir, cfg_text, "model.layers.1.mlp.up_proj.weight", NULL, &err), PR_ERR_NOTFOUND);
+    expect_in(err.msg, "model.layers.1.mlp.up_proj.weight", "model.safetensors");
+    assert_int_equal(load_variant(dir, cfg_text, NULL, "model.layers.0.self_attn.k_proj.weight", &err), PR_ERR_FORMAT);
+    expect_in(err.msg, "model.layers.0.self_attn.k_proj.weight", "shape");
+    th_scratch_dir_free(dir);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_base),
         cmocka_unit_test(test_lora),
         cmocka_unit_test(test_greedy),
+        cmocka_unit_test(test_load_errors),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
