@@ -27,6 +27,8 @@ int cmd_plan(int argc, char **argv);
 int cmd_compare(int argc, char **argv);
 /* `peftref merge` and `peftref generate` (core/cli/cmd_merge.c, cmd_generate.c). */
 int cmd_merge(int argc, char **argv);
+/* `peftref export` (core/cli/cmd_export.c; writers export_peft.c, export_gguf.c). */
+int cmd_export(int argc, char **argv);
 int cmd_generate(int argc, char **argv);
 
 /* Pipelines (core/cli/cmd_plan.c): open the plugin registry and load path

@@ -23,6 +23,7 @@ static const subcommand commands[] = {
     {"typology", cmd_typology, "the PEFT-Ref typology table of every technique found"},
     {"compare", cmd_compare, "train several pipelines or arms and print the PEFT-Ref comparison table"},
     {"merge", cmd_merge, "fold a pipeline's or run's modules into a Hugging Face model"},
+    {"export", cmd_export, "write a run's module for Hugging Face PEFT or llama.cpp (GGUF)"},
     {"generate", cmd_generate, "sample text from a model, pipeline or run"},
 };
 
