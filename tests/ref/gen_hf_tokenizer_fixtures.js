@@ -74,6 +74,8 @@ add('em space', '\u2003x \u2003 y');
 add('next line U+0085', 'a\u0085b \u0085 c');
 add('bom U+FEFF', '\ufeffstart \ufeff x');
 add('zero width space', 'a\u200bb');
+add('U+0085 runs', '\u0085\u0085x !\u0085\n a\n\u0085b');
+add('U+FEFF runs', 'x\ufeff\ufeff y \ufeff\ufeff\n');
 add('indented code', 'def f(x):\n    return x ** 2\n\n\nprint(f(3))\n');
 for (const w of ["I'm", "I'M", "they're", "they'RE", "THEY'RE", "we've", "WE'VE", "It's", "IT'S", "you'll",
                  "YOU'LL", "she'd", "SHE'D", "don't", "DON'T", "y'all", "'s", "'S", "'tis", "rock'n'roll",
