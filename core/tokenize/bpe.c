@@ -32,7 +32,7 @@
 
 /* ---- hashing ---------------------------------------------------------- */
 
-static uint64_t hash_bytes(const unsigned char *s, size_t n)
+uint64_t tok_hash_bytes(const unsigned char *s, size_t n)
 {
     uint64_t h = 0xcbf29ce484222325ULL; /* FNV-1a, then a final mix */
     for (size_t i = 0; i < n; i++) {
@@ -85,8 +85,7 @@ static const unsigned char *strmap_key(const strmap *m, size_t i)
     return m->arena + m->ents[i].off;
 }
 
-/* Index of the entry for key, or -1. */
-static long strmap_find(const strmap *m, const unsigned char *key, size_t len, uint64_t h)
+long tok_strmap_find(const strmap *m, const unsigned char *key, size_t len, uint64_t h)
 {
     if (!m->n_slots)
         return -1;
@@ -118,8 +117,7 @@ static int strmap_rehash(strmap *m, size_t n_slots)
     return 0;
 }
 
-/* Add key (absent: the caller looked it up) with val; returns its index or -1. */
-static long strmap_add(strmap *m, const unsigned char *key, size_t len, uint64_t h, int32_t val)
+long tok_strmap_add(strmap *m, const unsigned char *key, size_t len, uint64_t h, int32_t val)
 {
     if (len > UINT32_MAX || m->n >= UINT32_MAX - 1)
         return -1;
@@ -145,7 +143,7 @@ static long strmap_add(strmap *m, const unsigned char *key, size_t len, uint64_t
 
 /* ---- (symbol, symbol) -> (rank, merged symbol) ------------------------- */
 
-static uint64_t pair_key(int32_t a, int32_t b)
+uint64_t tok_pair_key(int32_t a, int32_t b)
 {
     return (uint64_t)(uint32_t)a << 32 | (uint32_t)b;
 }
@@ -163,7 +161,7 @@ static const pair_slot *pairmap_find(const pairmap *m, uint64_t key)
 
 /* Set key's rank and merged symbol (a later duplicate merge line wins, as
  * in GPT-2's dict of ranks).  n_slots is sized once for all merges. */
-static void pairmap_put(pairmap *m, uint64_t key, int32_t rank, int32_t merged)
+void tok_pairmap_put(pairmap *m, uint64_t key, int32_t rank, int32_t merged)
 {
     size_t mask = m->n_slots - 1, s = (size_t)hash_u64(key) & mask;
     while (m->slots[s].key != PAIR_EMPTY && m->slots[s].key != key)
@@ -173,6 +171,21 @@ static void pairmap_put(pairmap *m, uint64_t key, int32_t rank, int32_t merged)
     m->slots[s].key = key;
     m->slots[s].rank = rank;
     m->slots[s].merged = merged;
+}
+
+int tok_pairmap_init(pairmap *m, size_t n)
+{
+    size_t n_slots = 64;
+    while (n_slots < 2 * n)
+        n_slots *= 2;
+    m->slots = malloc(n_slots * sizeof *m->slots);
+    if (!m->slots)
+        return -1;
+    m->n_slots = n_slots;
+    m->n = 0;
+    for (size_t i = 0; i < n_slots; i++)
+        m->slots[i].key = PAIR_EMPTY;
+    return 0;
 }
 
 /* ---- the byte alphabet ---------------------------------------------- */
@@ -187,8 +200,7 @@ static void byte_alphabet(uint32_t byte_to_cp[256])
     }
 }
 
-/* cp (< 324) -> byte, or -1 outside the alphabet. */
-static void cp_alphabet(int cp_to_byte[324])
+void tok_cp_alphabet(int cp_to_byte[324])
 {
     uint32_t b2c[256];
     byte_alphabet(b2c);
@@ -200,10 +212,8 @@ static void cp_alphabet(int cp_to_byte[324])
 
 /* ---- loading vocab.json and merges.txt --------------------------------- */
 
-/* Raw bytes of a token spelled in the byte alphabet.  Returns 1 when every
- * character is in the alphabet; 0 otherwise (out then holds the token's
- * UTF-8 as is, which is what decoding such a token yields). */
-static int token_to_bytes(const int cp_to_byte[324], const char *tokstr, size_t n, unsigned char *out, size_t *out_n)
+/* Decoding a token outside the alphabet yields its UTF-8 as is. */
+int tok_token_to_bytes(const int cp_to_byte[324], const char *tokstr, size_t n, unsigned char *out, size_t *out_n)
 {
     const unsigned char *s = (const unsigned char *)tokstr;
     size_t i = 0, k = 0;
@@ -280,7 +290,7 @@ static int load_vocab(pr_tokenizer *t, const char *path, const int cp_to_byte[32
             rc = pr_errorf(err, PR_ERR_NOMEM, "%s: out of memory", path);
             goto done;
         }
-        int in_alphabet = token_to_bytes(cp_to_byte, key, n, buf, &nb);
+        int in_alphabet = tok_token_to_bytes(cp_to_byte, key, n, buf, &nb);
         if (t->dec_len[id] != UINT32_MAX) {
             rc = pr_errorf(err, PR_ERR_FORMAT, "%s: id %d is given to two tokens (one is \"%s\")", path, id, key);
             goto done;
@@ -292,9 +302,9 @@ static int load_vocab(pr_tokenizer *t, const char *path, const int cp_to_byte[32
         if (strcmp(key, "<|endoftext|>") == 0)
             t->eot = id;
         if (in_alphabet && nb > 0) {
-            uint64_t h = hash_bytes(buf, nb);
+            uint64_t h = tok_hash_bytes(buf, nb);
             /* distinct keys in the alphabet have distinct bytes */
-            if (strmap_find(vocab, buf, nb, h) < 0 && strmap_add(vocab, buf, nb, h, id) < 0) {
+            if (tok_strmap_find(vocab, buf, nb, h) < 0 && tok_strmap_add(vocab, buf, nb, h, id) < 0) {
                 rc = pr_errorf(err, PR_ERR_NOMEM, "%s: out of memory", path);
                 goto done;
             }
@@ -309,9 +319,9 @@ done:
 /* Symbol index of raw bytes s[0..n), interning it. */
 static long intern_sym(pr_tokenizer *t, const unsigned char *s, size_t n)
 {
-    uint64_t h = hash_bytes(s, n);
-    long i = strmap_find(&t->syms, s, n, h);
-    return i >= 0 ? i : strmap_add(&t->syms, s, n, h, 0);
+    uint64_t h = tok_hash_bytes(s, n);
+    long i = tok_strmap_find(&t->syms, s, n, h);
+    return i >= 0 ? i : tok_strmap_add(&t->syms, s, n, h, 0);
 }
 
 /* Vocabulary id of symbol i's bytes, or -1. */
@@ -319,7 +329,7 @@ static int32_t sym_vocab_id(const pr_tokenizer *t, const strmap *vocab, long i)
 {
     const unsigned char *k = strmap_key(&t->syms, (size_t)i);
     size_t n = t->syms.ents[i].len;
-    long v = strmap_find(vocab, k, n, hash_bytes(k, n));
+    long v = tok_strmap_find(vocab, k, n, tok_hash_bytes(k, n));
     return v < 0 ? -1 : vocab->ents[v].val;
 }
 
@@ -342,17 +352,10 @@ static int load_merges(pr_tokenizer *t, const char *path, const int cp_to_byte[3
     size_t n_lines = 1;
     for (size_t i = 0; i < len; i++)
         n_lines += text[i] == '\n';
-    size_t n_slots = 64;
-    while (n_slots < 2 * n_lines)
-        n_slots *= 2;
-    t->merges.slots = malloc(n_slots * sizeof *t->merges.slots);
-    if (!buf || !t->merges.slots) {
+    if (!buf || tok_pairmap_init(&t->merges, n_lines)) {
         rc = pr_errorf(err, PR_ERR_NOMEM, "%s: out of memory", path);
         goto done;
     }
-    t->merges.n_slots = n_slots;
-    for (size_t i = 0; i < n_slots; i++)
-        t->merges.slots[i].key = PAIR_EMPTY;
 
     for (int b = 0; b < 256; b++) {
         unsigned char c = (unsigned char)b;
@@ -403,8 +406,8 @@ static int load_merges(pr_tokenizer *t, const char *path, const int cp_to_byte[3
         }
         size_t na, nb;
         unsigned char *ab = buf;
-        int ok_a = token_to_bytes(cp_to_byte, line + a0, a1 - a0, ab, &na);
-        int ok_b = token_to_bytes(cp_to_byte, line + b0, b1 - b0, ab + na, &nb);
+        int ok_a = tok_token_to_bytes(cp_to_byte, line + a0, a1 - a0, ab, &na);
+        int ok_b = tok_token_to_bytes(cp_to_byte, line + b0, b1 - b0, ab + na, &nb);
         if (!ok_a || !ok_b) {
             rc = pr_errorf(err, PR_ERR_FORMAT, "%s:%zu: token \"%.*s\" has a character outside GPT-2's byte alphabet",
                            path, line_no, ok_a ? (int)(b1 - b0) : (int)(a1 - a0), ok_a ? line + b0 : line + a0);
@@ -415,13 +418,13 @@ static int load_merges(pr_tokenizer *t, const char *path, const int cp_to_byte[3
             rc = pr_errorf(err, PR_ERR_NOMEM, "%s: out of memory", path);
             goto done;
         }
-        long v = strmap_find(vocab, ab, na + nb, hash_bytes(ab, na + nb));
+        long v = tok_strmap_find(vocab, ab, na + nb, tok_hash_bytes(ab, na + nb));
         if (v < 0) {
             rc = pr_errorf(err, PR_ERR_FORMAT, "%s:%zu: merged token \"%.*s%.*s\" is not in the vocabulary",
                            path, line_no, (int)(a1 - a0), line + a0, (int)(b1 - b0), line + b0);
             goto done;
         }
-        pairmap_put(&t->merges, pair_key((int32_t)sa, (int32_t)sb), rank++, (int32_t)sm);
+        tok_pairmap_put(&t->merges, tok_pair_key((int32_t)sa, (int32_t)sb), rank++, (int32_t)sm);
     }
 
     t->sym_id = malloc(t->syms.n * sizeof *t->sym_id);
@@ -443,7 +446,7 @@ done:
 int pr_tokenizer_load_bpe(const char *vocab_json, const char *merges_txt, pr_tokenizer **out, pr_error *err)
 {
     int cp_to_byte[324];
-    cp_alphabet(cp_to_byte);
+    tok_cp_alphabet(cp_to_byte);
     pr_tokenizer *t = calloc(1, sizeof *t);
     if (!t)
         return pr_errorf(err, PR_ERR_NOMEM, "%s: out of memory", vocab_json);
@@ -523,7 +526,7 @@ static void queue_pair(const pr_tokenizer *t, enc_ws *w, int32_t p, int pending)
     int32_t q = w->next[p];
     if (q < 0)
         return;
-    const pair_slot *ps = pairmap_find(&t->merges, pair_key(w->sym[p], w->sym[q]));
+    const pair_slot *ps = pairmap_find(&t->merges, tok_pair_key(w->sym[p], w->sym[q]));
     if (!ps)
         return;
     heap_ent e = {ps->rank, p, w->sym[p], w->sym[q], ps->merged};
@@ -533,7 +536,7 @@ static void queue_pair(const pr_tokenizer *t, enc_ws *w, int32_t p, int pending)
         heap_push(w, e);
 }
 
-static int push_id(enc_ws *w, int id)
+int tok_push_id(enc_ws *w, int id)
 {
     if (tok_grow((void **)&w->ids, &w->ids_cap, w->n_ids + 1, sizeof *w->ids))
         return -1;
@@ -541,17 +544,8 @@ static int push_id(enc_ws *w, int id)
     return 0;
 }
 
-/* Append the ids of word s[0..n) to w->ids.
- *
- * GPT-2 merges, in rounds, every occurrence of the lowest-ranked pair,
- * left to right, before looking at the pairs those merges create.  The
- * heap (rank, position) yields one round's occurrences in that order;
- * pairs created during a round wait in pend until the round ends, since
- * they may rank lower than the pair being merged.  O(n log n) per word. */
-static int bpe_word(const pr_tokenizer *t, enc_ws *w, const unsigned char *s, size_t n)
+int tok_word_reserve(enc_ws *w, size_t n)
 {
-    if (n == 1)
-        return push_id(w, t->sym_id[t->byte_sym[s[0]]]);
     if (n > INT32_MAX / 4)
         return -1;
     if (n > w->word_cap) {
@@ -570,8 +564,20 @@ static int bpe_word(const pr_tokenizer *t, enc_ws *w, const unsigned char *s, si
     if (tok_grow((void **)&w->heap, &w->heap_cap, 3 * n, sizeof *w->heap) ||
         tok_grow((void **)&w->pend, &w->pend_cap, 2 * n, sizeof *w->pend))
         return -1;
+    return 0;
+}
+
+/* GPT-2 merges, in rounds, every occurrence of the lowest-ranked pair,
+ * left to right, before looking at the pairs those merges create.  The
+ * heap (rank, position) yields one round's occurrences in that order;
+ * pairs created during a round wait in pend until the round ends, since
+ * they may rank lower than the pair being merged.  Hugging Face tokenizers
+ * (models/bpe/word.rs, merge_all) pushes them at once instead: the same
+ * ids whenever a merge ranks below the merges that make its parts, as in
+ * every trained merge list.  O(n log n) per word. */
+int tok_bpe_merge(const pr_tokenizer *t, enc_ws *w, size_t n, int rounds)
+{
     for (size_t i = 0; i < n; i++) {
-        w->sym[i] = t->byte_sym[s[i]];
         w->next[i] = i + 1 < n ? (int32_t)(i + 1) : -1;
         w->prev[i] = (int32_t)i - 1;
     }
@@ -600,38 +606,57 @@ static int bpe_word(const pr_tokenizer *t, enc_ws *w, const unsigned char *s, si
             w->prev[w->next[q]] = p;
         w->sym[q] = -1; /* dead */
         if (w->prev[p] >= 0)
-            queue_pair(t, w, w->prev[p], 1);
-        queue_pair(t, w, p, 1);
+            queue_pair(t, w, w->prev[p], rounds);
+        queue_pair(t, w, p, rounds);
     }
-    for (int32_t p = 0; p >= 0; p = w->next[p])
-        if (push_id(w, t->sym_id[w->sym[p]]))
+    for (int32_t p = n ? 0 : -1; p >= 0; p = w->next[p])
+        if (tok_push_id(w, t->sym_id[w->sym[p]]))
             return -1;
     return 0;
 }
 
-/* bpe_word through the per-call cache. */
+/* Append the ids of GPT-2 pre-token s[0..n) to w->ids: its bytes are the
+ * initial symbols. */
+static int bpe_word(const pr_tokenizer *t, enc_ws *w, const unsigned char *s, size_t n)
+{
+    if (n == 1)
+        return tok_push_id(w, t->sym_id[t->byte_sym[s[0]]]);
+    if (tok_word_reserve(w, n))
+        return -1;
+    for (size_t i = 0; i < n; i++)
+        w->sym[i] = t->byte_sym[s[i]];
+    return tok_bpe_merge(t, w, n, 1);
+}
+
+/* The ids of one pre-token, by the tokenizer's kind. */
+static int word_ids(const pr_tokenizer *t, enc_ws *w, const unsigned char *s, size_t n)
+{
+    return t->kind == TOK_HF ? tok_hf_word(t, w, s, n) : bpe_word(t, w, s, n);
+}
+
+/* word_ids through the per-call cache. */
 int tok_encode_word(const pr_tokenizer *t, enc_ws *w, const unsigned char *s, size_t n)
 {
     if (n > CACHE_MAX_WORD || n == 1)
-        return bpe_word(t, w, s, n);
-    uint64_t h = hash_bytes(s, n);
-    long c = strmap_find(&w->cache, s, n, h);
+        return word_ids(t, w, s, n);
+    uint64_t h = tok_hash_bytes(s, n);
+    long c = tok_strmap_find(&w->cache, s, n, h);
     if (c >= 0) {
         const int32_t *e = w->pool + w->cache.ents[c].val;
         for (int32_t k = 0; k < e[0]; k++)
-            if (push_id(w, e[1 + k]))
+            if (tok_push_id(w, e[1 + k]))
                 return -1;
         return 0;
     }
     size_t start = w->n_ids;
-    if (bpe_word(t, w, s, n))
+    if (word_ids(t, w, s, n))
         return -1;
     size_t cnt = w->n_ids - start;
     if (w->n_pool + cnt + 1 > INT32_MAX)
         return 0; /* cache full: still correct, just uncached */
     if (tok_grow((void **)&w->pool, &w->pool_cap, w->n_pool + cnt + 1, sizeof *w->pool))
         return -1;
-    if (strmap_add(&w->cache, s, n, h, (int32_t)w->n_pool) < 0)
+    if (tok_strmap_add(&w->cache, s, n, h, (int32_t)w->n_pool) < 0)
         return -1;
     w->pool[w->n_pool] = (int32_t)cnt;
     for (size_t k = 0; k < cnt; k++)

@@ -53,7 +53,15 @@ size_t tok_utf8_decode(const unsigned char *s, size_t n, uint32_t *cp)
 
 /* ---- pre-tokenisation -------------------------------------------------- */
 
-enum { CL_OTHER = 0, CL_LETTER, CL_NUMBER, CL_SPACE };
+enum { CL_OTHER = TOK_CL_OTHER, CL_LETTER = TOK_CL_LETTER, CL_NUMBER = TOK_CL_NUMBER, CL_SPACE = TOK_CL_SPACE };
+
+/* Unicode's White_Space property (PropList.txt, unchanged since Unicode
+ * 6.3): Oniguruma's \s, which Hugging Face tokenizers' patterns use.  It
+ * has U+0085 and not U+FEFF, unlike ECMAScript's \s. */
+static const uint32_t white_space[][2] = {
+    {0x0009, 0x000D}, {0x0020, 0x0020}, {0x0085, 0x0085}, {0x00A0, 0x00A0}, {0x1680, 0x1680},
+    {0x2000, 0x200A}, {0x2028, 0x2029}, {0x202F, 0x202F}, {0x205F, 0x205F}, {0x3000, 0x3000},
+};
 
 static int in_ranges(const uint32_t (*r)[2], size_t n, uint32_t cp)
 {
@@ -70,7 +78,7 @@ static int in_ranges(const uint32_t (*r)[2], size_t n, uint32_t cp)
     return 0;
 }
 
-static int classify(uint32_t cp)
+static int classify(uint32_t cp, int ws)
 {
     if (cp < 0x80) {
         if ((cp | 0x20) >= 'a' && (cp | 0x20) <= 'z')
@@ -85,15 +93,20 @@ static int classify(uint32_t cp)
         return CL_LETTER;
     if (in_ranges(pr_uc_number, PR_UC_NUMBER_N, cp))
         return CL_NUMBER;
-    if (in_ranges(pr_uc_space, PR_UC_SPACE_N, cp))
+    if (ws ? in_ranges(white_space, sizeof white_space / sizeof white_space[0], cp)
+           : in_ranges(pr_uc_space, PR_UC_SPACE_N, cp))
         return CL_SPACE;
     return CL_OTHER;
 }
 
 /* Class of the character at s[i] and its byte length (*w).  A byte that
  * does not start valid UTF-8 is one CL_OTHER character. */
-static int char_at(const unsigned char *s, size_t n, size_t i, size_t *w)
+int tok_char_class(const unsigned char *s, size_t n, size_t i, size_t *w, int ws)
 {
+    if (s[i] < 0x80) {
+        *w = 1;
+        return classify(s[i], ws);
+    }
     uint32_t cp;
     size_t l = tok_utf8_decode(s + i, n - i, &cp);
     if (!l) {
@@ -101,21 +114,21 @@ static int char_at(const unsigned char *s, size_t n, size_t i, size_t *w)
         return CL_OTHER;
     }
     *w = l;
-    return classify(cp);
+    return classify(cp, ws);
 }
 
 /* End of the run of class cl starting at i. */
-static size_t run_end(const unsigned char *s, size_t n, size_t i, int cl)
+static size_t run_end(const unsigned char *s, size_t n, size_t i, int cl, int ws)
 {
     size_t w;
-    while (i < n && char_at(s, n, i, &w) == cl)
+    while (i < n && tok_char_class(s, n, i, &w, ws) == cl)
         i += w;
     return i;
 }
 
 /* End of the pre-token starting at i < n: the first alternative of the
  * pattern that matches at i, as a backtracking regex engine picks it. */
-size_t tok_pretok_next(const unsigned char *s, size_t n, size_t i)
+size_t tok_gpt2_next(const unsigned char *s, size_t n, size_t i, int ws)
 {
     if (s[i] == '\'' && i + 1 < n) { /* 's 't 're 've 'm 'll 'd */
         unsigned char c = s[i + 1];
@@ -127,17 +140,22 @@ size_t tok_pretok_next(const unsigned char *s, size_t n, size_t i)
     }
     size_t w;
     size_t j = (s[i] == ' ' && i + 1 < n) ? i + 1 : i; /* " ?" */
-    int cl = char_at(s, n, j, &w);
+    int cl = tok_char_class(s, n, j, &w, ws);
     if (cl != CL_SPACE)             /*  ?\p{L}+ |  ?\p{N}+ |  ?[^\s\p{L}\p{N}]+ */
-        return run_end(s, n, j + w, cl);
+        return run_end(s, n, j + w, cl, ws);
     /* whitespace at i: \s+(?!\S) keeps the run but its last character when
      * a non-space follows; a one-character run then falls to \s+ */
     size_t last = i, k = i;
-    while (k < n && char_at(s, n, k, &w) == CL_SPACE) {
+    while (k < n && tok_char_class(s, n, k, &w, ws) == CL_SPACE) {
         last = k;
         k += w;
     }
     if (k == n || last == i)
         return k;
     return last;
+}
+
+size_t tok_pretok_next(const unsigned char *s, size_t n, size_t i)
+{
+    return tok_gpt2_next(s, n, i, 0);
 }

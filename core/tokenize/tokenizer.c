@@ -4,9 +4,12 @@
  *
  * Which tokenizer a model directory declares (pr_tokenizer_load):
  *  1. config.json with "peftref_tokenizer": "byte"  -> byte tokenizer;
- *     "peftref_tokenizer": "gpt2-bpe" requires vocab.json and merges.txt.
- *  2. otherwise vocab.json and merges.txt both present -> GPT-2 BPE;
- *  3. otherwise neither present                        -> byte tokenizer;
+ *     "peftref_tokenizer": "gpt2-bpe" requires vocab.json and merges.txt,
+ *     "hf-bpe" requires tokenizer.json.
+ *  2. otherwise tokenizer.json present -> Hugging Face tokenizers' format
+ *     (hf_load.c), with tokenizer_config.json when present;
+ *  3. otherwise vocab.json and merges.txt both present -> GPT-2 BPE;
+ *  4. otherwise neither present                        -> byte tokenizer;
  *     only one of them present is an error naming the missing file.
  * A missing config.json is fine; an unreadable one is an error.
  *
@@ -36,6 +39,7 @@ void pr_tokenizer_free(pr_tokenizer *tok)
     tok_strmap_free(&tok->syms);
     free(tok->sym_id);
     free(tok->merges.slots);
+    tok_hf_free(tok->hf);
     free(tok);
 }
 
@@ -47,6 +51,7 @@ int pr_tokenizer_byte(pr_tokenizer **out, pr_error *err)
     t->kind = TOK_BYTE;
     t->vocab_size = 256;
     t->eot = -1;
+    t->bos = -1;
     *out = t;
     return PR_OK;
 }
@@ -61,9 +66,19 @@ int pr_tokenizer_eot(const pr_tokenizer *tok)
     return tok->eot;
 }
 
+int pr_tokenizer_bos(const pr_tokenizer *tok)
+{
+    return tok->kind == TOK_HF ? tok->bos : -1;
+}
+
+int pr_tokenizer_add_bos(const pr_tokenizer *tok)
+{
+    return tok->kind == TOK_HF ? tok->add_bos : 0;
+}
+
 const char *pr_tokenizer_kind(const pr_tokenizer *tok)
 {
-    return tok->kind == TOK_BPE ? "gpt2-bpe" : "byte";
+    return tok->kind == TOK_HF ? "hf-bpe" : tok->kind == TOK_BPE ? "gpt2-bpe" : "byte";
 }
 
 /* ---- loading ----------------------------------------------------------- */
@@ -104,21 +119,31 @@ int pr_tokenizer_load(const char *model_dir, pr_tokenizer **out, pr_error *err)
     char *cfg = fileio_join(model_dir, "config.json");
     char *vocab = fileio_join(model_dir, "vocab.json");
     char *merges = fileio_join(model_dir, "merges.txt");
+    char *hf = fileio_join(model_dir, "tokenizer.json");
+    char *hf_cfg = fileio_join(model_dir, "tokenizer_config.json");
     int rc;
     char kind[64];
-    if (!cfg || !vocab || !merges) {
+    if (!cfg || !vocab || !merges || !hf || !hf_cfg) {
         rc = pr_errorf(err, PR_ERR_NOMEM, "%s: out of memory", model_dir);
         goto done;
     }
     rc = config_tokenizer_kind(cfg, kind, sizeof kind, err);
     if (rc != PR_OK)
         goto done;
-    if (kind[0] && strcmp(kind, "byte") != 0 && strcmp(kind, "gpt2-bpe") != 0) {
-        rc = pr_errorf(err, PR_ERR_INVALID, "%s: unknown \"peftref_tokenizer\" \"%s\" (known: byte, gpt2-bpe)", cfg, kind);
+    if (kind[0] && strcmp(kind, "byte") != 0 && strcmp(kind, "gpt2-bpe") != 0 && strcmp(kind, "hf-bpe") != 0) {
+        rc = pr_errorf(err, PR_ERR_INVALID, "%s: unknown \"peftref_tokenizer\" \"%s\" (known: byte, gpt2-bpe, hf-bpe)",
+                       cfg, kind);
         goto done;
     }
     if (strcmp(kind, "byte") == 0) {
         rc = pr_tokenizer_byte(out, err);
+        goto done;
+    }
+    if (strcmp(kind, "gpt2-bpe") != 0 && (tok_file_exists(hf) || strcmp(kind, "hf-bpe") == 0)) {
+        if (!tok_file_exists(hf))
+            rc = pr_errorf(err, PR_ERR_NOTFOUND, "%s: missing (config.json asks for \"hf-bpe\")", hf);
+        else
+            rc = tok_hf_load(hf, tok_file_exists(hf_cfg) ? hf_cfg : NULL, out, err);
         goto done;
     }
     int hv = tok_file_exists(vocab), hm = tok_file_exists(merges);
@@ -133,6 +158,8 @@ done:
     free(cfg);
     free(vocab);
     free(merges);
+    free(hf);
+    free(hf_cfg);
     return rc;
 }
 
@@ -156,14 +183,20 @@ int pr_tokenizer_encode(const pr_tokenizer *tok, const char *text, size_t len, i
     memset(&w, 0, sizeof w);
     if (tok_grow((void **)&w.ids, &w.ids_cap, len / 3 + 16, sizeof *w.ids))
         return pr_errorf(err, PR_ERR_NOMEM, "encode: out of memory");
-    for (size_t i = 0; i < len;) {
-        size_t e = tok_pretok_next(s, len, i);
-        if (tok_encode_word(tok, &w, s + i, e - i)) {
-            tok_enc_ws_free(&w);
-            free(w.ids);
-            return pr_errorf(err, PR_ERR_NOMEM, "encode: out of memory (%zu bytes of text)", len);
+    int fail = 0;
+    if (tok->kind == TOK_HF) {
+        fail = tok_hf_encode(tok, &w, s, len);
+    } else {
+        for (size_t i = 0; !fail && i < len;) {
+            size_t e = tok_pretok_next(s, len, i);
+            fail = tok_encode_word(tok, &w, s + i, e - i);
+            i = e;
         }
-        i = e;
+    }
+    if (fail) {
+        tok_enc_ws_free(&w);
+        free(w.ids);
+        return pr_errorf(err, PR_ERR_NOMEM, "encode: out of memory (%zu bytes of text)", len);
     }
     tok_enc_ws_free(&w);
     *ids = w.ids;
@@ -176,10 +209,10 @@ int pr_tokenizer_decode(const pr_tokenizer *tok, const int *ids, size_t n, char 
     size_t total = 0;
     for (size_t i = 0; i < n; i++) {
         int id = ids[i];
-        if (id < 0 || id >= tok->vocab_size || (tok->kind == TOK_BPE && tok->dec_len[id] == UINT32_MAX))
+        if (id < 0 || id >= tok->vocab_size || (tok->kind != TOK_BYTE && tok->dec_len[id] == UINT32_MAX))
             return pr_errorf(err, PR_ERR_INVALID, "decode: id %d at position %zu is not in the %s vocabulary (size %d)",
                              id, i, pr_tokenizer_kind(tok), tok->vocab_size);
-        total += tok->kind == TOK_BPE ? tok->dec_len[id] : 1;
+        total += tok->kind != TOK_BYTE ? tok->dec_len[id] : 1;
     }
     char *out = malloc(total + 1);
     if (!out)
@@ -192,6 +225,12 @@ int pr_tokenizer_decode(const pr_tokenizer *tok, const int *ids, size_t n, char 
             memcpy(out + pos, tok->dec_bytes + tok->dec_off[ids[i]], tok->dec_len[ids[i]]);
             pos += tok->dec_len[ids[i]];
         }
+    }
+    if (tok->kind == TOK_HF) { /* the decoder's Strip */
+        size_t head, tail;
+        tok_hf_strip(tok, out, pos, &head, &tail);
+        memmove(out, out + head, pos - head - tail);
+        pos -= head + tail;
     }
     out[pos] = '\0';
     *text = out;
