@@ -80,12 +80,24 @@ int pr_model_save_hf_as(const pr_model *m, const char *dir, const char *tokenize
         int rc = pr_tokenizer_load(tokenizer_dir, &tok, err);
         if (rc)
             return rc;
-        kind = strcmp(pr_tokenizer_kind(tok), "byte") == 0 ? "byte" : "gpt2-bpe";
+        const char *k = pr_tokenizer_kind(tok);
+        kind = strcmp(k, "byte") == 0 ? "byte" : strcmp(k, "hf-bpe") == 0 ? "hf-bpe" : "gpt2-bpe";
         pr_tokenizer_free(tok);
         if (strcmp(kind, "gpt2-bpe") == 0 &&
             ((rc = copy_file(tokenizer_dir, dir, "vocab.json", err)) ||
              (rc = copy_file(tokenizer_dir, dir, "merges.txt", err))))
             return rc;
+        if (strcmp(kind, "hf-bpe") == 0) {
+            /* tokenizer.json, and tokenizer_config.json (bos/eos) when there is one */
+            if ((rc = copy_file(tokenizer_dir, dir, "tokenizer.json", err)))
+                return rc;
+            char *cfg = fileio_join(tokenizer_dir, "tokenizer_config.json");
+            struct stat sb;
+            int have = cfg && stat(cfg, &sb) == 0;
+            free(cfg);
+            if (have && (rc = copy_file(tokenizer_dir, dir, "tokenizer_config.json", err)))
+                return rc;
+        }
     }
     int rc = write_config(m, dir, kind, err);
     if (rc)
