@@ -338,6 +338,100 @@ static void test_decode_matches_forward(void **state)
     dlclose(hi);
 }
 
+/* Merge and unmerge of every mergeable technique on the LLaMA family's
+ * [out, in] weights: the merged model's logits equal the attached
+ * module's (1e-5 of their max), and unmerge restores every base tensor
+ * bit for bit (the host keeps the originals).  Parameters are moved off
+ * their identity init first. */
+static void test_merge_unmerge(void **state)
+{
+    (void)state;
+    static const struct { const char *so, *name; uint32_t sites; } techs[] = {
+        { "lora", "lora", 0 }, { "dora", "dora", 0 }, { "lora_fa", "lora_fa", 0 }, { "adalora", "adalora", 0 },
+        { "vera", "vera", 0 }, { "loha", "loha", 0 }, { "lokr", "lokr", 0 }, { "oft", "oft", 0 },
+        { "oft", "boft", 0 }, { "hra", "hra", 0 }, { "fourierft", "fourierft", 0 },
+        { "ia3", "ia3", 0 }, { "ia3", "ia3", PR_SITE_BIT(PR_SITE_ATTN_V) },
+        { "lora", "lora", PR_SITE_BIT(PR_SITE_O) | PR_SITE_BIT(PR_SITE_FFN_GATE) | PR_SITE_BIT(PR_SITE_FFN_UP) |
+                              PR_SITE_BIT(PR_SITE_FFN_DOWN) | PR_SITE_BIT(PR_SITE_K) },
+    };
+    for (size_t k = 0; k < sizeof techs / sizeof techs[0]; k++) {
+        char path[512];
+        snprintf(path, sizeof path, "%s/plugins/.libs/%s.so", TEST_BUILDDIR, techs[k].so);
+        void *h = NULL;
+        const pr_plugin *pl = th_plugin_open(path, &h);
+        assert_non_null(pl);
+        const pr_technique *t = NULL;
+        for (uint32_t i = 0; i < pl->n_techniques; i++)
+            if (strcmp(pl->techniques[i]->name, techs[k].name) == 0)
+                t = pl->techniques[i];
+        assert_non_null(t);
+        for (int v = 0; v < N_VARIANTS; v++) {
+            pr_model *m = variant_model(v);
+            perturb_norms_and_biases(m, 700 + (unsigned)v);
+            int nb = pr_model_n_tensors(m);
+            float **orig = calloc((size_t)nb, sizeof *orig);
+            assert_non_null(orig);
+            for (int i = 0; i < nb; i++) {
+                const pr_tensor_info *ti = pr_model_tensor(m, i);
+                orig[i] = malloc((size_t)ti->numel * sizeof(float));
+                memcpy(orig[i], ti->data, (size_t)ti->numel * sizeof(float));
+            }
+            pr_module_spec spec = { .technique = t, .sites = techs[k].sites, .trainable = 1, .seed = 13 };
+            pr_module *mod = th_attach(m, &spec);
+            for (int i = nb; i < pr_model_n_tensors(m); i++) {
+                const pr_tensor_info *ti = pr_model_tensor(m, i);
+                if (ti->kind == PR_TENSOR_MODULE && ti->trainable)
+                    for (int64_t j = 0; j < ti->numel; j++)
+                        ti->data[j] += 0.05f * sinf((float)(j + 11 * i));
+            }
+            pr_model_set_training(m, 0);
+            th_loss_ctx lc;
+            th_loss_init_rng(&lc, m, TB, TT, 71);
+            float *with = th_logits_copy(&lc);
+            int V = pr_model_get_config(m)->vocab_size;
+            pr_error err = { 0 };
+            if (pr_module_merge(mod, &err) != PR_OK)
+                fail_msg("%s on %s: merge: %s", techs[k].name, variants[v].name, err.msg);
+            float *merged = th_logits_copy(&lc);
+            double scale = 0;
+            for (size_t j = 0; j < (size_t)TB * TT * V; j++)
+                scale = fmax(scale, fabs((double)with[j]));
+            double d = th_max_abs_diff(with, merged, (size_t)TB * TT * V);
+            double moved = 0;
+            for (int i = 0; i < nb; i++) {
+                const pr_tensor_info *ti = pr_model_tensor(m, i);
+                moved = fmax(moved, th_max_abs_diff(ti->data, orig[i], (size_t)ti->numel));
+            }
+            if (!(d <= 1e-5 * scale) || !(moved > 0))
+                fail_msg("%s on %s: merged logits differ by %.3e of %.3e (base moved %.3e)", techs[k].name,
+                         variants[v].name, d, scale, moved);
+            if (pr_module_unmerge(mod, &err) != PR_OK)
+                fail_msg("%s on %s: unmerge: %s", techs[k].name, variants[v].name, err.msg);
+            for (int i = 0; i < nb; i++) {
+                const pr_tensor_info *ti = pr_model_tensor(m, i);
+                double tmax = 0;
+                for (int64_t j = 0; j < ti->numel; j++)
+                    tmax = fmax(tmax, fabs((double)orig[i][j]));
+                double e = th_max_abs_diff(ti->data, orig[i], (size_t)ti->numel);
+                if (e != 0.0)
+                    fail_msg("%s on %s: unmerge leaves %s off by %.3e of %.3e", techs[k].name, variants[v].name,
+                             ti->name, e, tmax);
+                free(orig[i]);
+            }
+            free(orig);
+            float *after = th_logits_copy(&lc);
+            assert_true(th_max_abs_diff(after, with, (size_t)TB * TT * V) <= 1e-5 * scale);
+            free(with);
+            free(merged);
+            free(after);
+            pr_model_free(m);
+        }
+        print_message("%s%s: merge and unmerge exact on %d variants\n", techs[k].name,
+                      techs[k].sites ? " (other sites)" : "", N_VARIANTS);
+        dlclose(h);
+    }
+}
+
 /* Mistral's window: within it the model runs; past it the forward says so. */
 static void test_sliding_window(void **state)
 {
@@ -391,6 +485,7 @@ int main(void)
         cmocka_unit_test(test_grad_ia3_sites),
         cmocka_unit_test(test_causal_and_batch_independent),
         cmocka_unit_test(test_decode_matches_forward),
+        cmocka_unit_test(test_merge_unmerge),
         cmocka_unit_test(test_sliding_window),
         cmocka_unit_test(test_presets),
     };

@@ -153,8 +153,11 @@ static void test_descriptors(void **state)
     assert_int_equal(t->integration, PR_INTEGRATE_RESCALE);
     assert_int_equal(t->workspace, PR_WS_ATTENTION | PR_WS_FFN);
     uint32_t sites = PR_SITE_BIT(PR_SITE_ATTN_K) | PR_SITE_BIT(PR_SITE_ATTN_V) | PR_SITE_BIT(PR_SITE_FFN_ACT);
-    assert_int_equal(t->sites, sites);
+    uint32_t kv = PR_SITE_BIT(PR_SITE_K) | PR_SITE_BIT(PR_SITE_V);
+    assert_int_equal(t->sites, sites | kv);
     assert_int_equal(t->default_sites, sites);
+    /* Hugging Face PEFT's LLaMA defaults: k_proj, v_proj and down_proj's input */
+    assert_int_equal(t->default_sites_llama, kv | PR_SITE_BIT(PR_SITE_FFN_ACT));
     assert_int_equal(t->n_params, 1);
     assert_string_equal(t->params[0].name, "ia3_l");
     assert_string_equal(t->params[0].shape, "d_out");
