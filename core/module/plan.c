@@ -683,6 +683,33 @@ static int resolve_selection(pr_module *mod, const pr_model *m, pr_error *err)
         mod->n_selected++;
         mod->base_selected += t->numel;
     }
+    if (mod->n_selected == 0) {
+        /* nothing left to select can mean another module owns it; a model
+         * without such tensors at all (BitFit on LLaMA, which has no
+         * biases) makes the technique meaningless here */
+        int exist = 0;
+        for (int i = 0; i < n && !exist; i++) {
+            const pr_tensor_info *t = pr_model_tensor(m, i);
+            exist = (tensor_base_kind(t) & mod->t.select_kinds) && (tensor_workspace(t) & mod->t.workspace) &&
+                    layer_chosen(mod, t->layer);
+        }
+        if (!exist) {
+            static const struct { uint32_t bit; const char *name; } kinds[] = {
+                { PR_BASE_WEIGHT, "weights" }, { PR_BASE_BIAS, "biases" }, { PR_BASE_NORM_GAIN, "norm gains" },
+                { PR_BASE_NORM_BIAS, "norm biases" }, { PR_BASE_EMBEDDING, "embeddings" },
+            };
+            char what[128] = "";
+            for (size_t k = 0; k < sizeof kinds / sizeof kinds[0]; k++)
+                if (mod->t.select_kinds & kinds[k].bit)
+                    snprintf(what + strlen(what), sizeof what - strlen(what), "%s%s", what[0] ? " or " : "",
+                             kinds[k].name);
+            return pr_errorf(err, PR_ERR_UNSUPPORTED,
+                             "module '%s': technique '%s' trains base %s, and this %s model has none in the "
+                             "chosen layers and workspaces",
+                             mod_name(mod), mod->t.name, what,
+                             pr_model_get_config(m)->family == PR_FAMILY_LLAMA ? "LLaMA-family" : "GPT-2");
+        }
+    }
     return PR_OK;
 }
 static int name_ok(const char *s)

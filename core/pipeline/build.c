@@ -24,8 +24,8 @@ static int open_tokenizer(const pr_pipeline *p, pr_tokenizer **tok, pr_error *er
     if (p->cfg.vocab_size == 256)
         return pr_tokenizer_byte(tok, err);
     return pr_errorf(err, PR_ERR_INVALID,
-                     "%s: model: a vocabulary of %d needs model.tokenizer (a directory with vocab.json and "
-                     "merges.txt); only a 256-entry vocabulary uses the byte tokenizer", p->model_where,
+                     "%s: model: a vocabulary of %d needs model.tokenizer (a directory with tokenizer.json, or "
+                     "vocab.json and merges.txt); only a 256-entry vocabulary uses the byte tokenizer", p->model_where,
                      p->cfg.vocab_size);
 }
 
