@@ -200,9 +200,16 @@ static void print_plan(const pr_pipeline *p)
     grouped(pr_config_param_count(c), n, sizeof n);
     printf("pipeline: %s%s%s\n", pr_pipeline_path(p), pr_pipeline_arm(p) ? ", arm " : "",
            pr_pipeline_arm(p) ? pr_pipeline_arm(p) : "");
-    printf("model:    %s%s%s: %d layers, d_model %d, %d heads, d_ff %d, vocab %d, max_seq %d; %s params, frozen\n",
+    static const char *const variants[] = { "LLaMA", "LLaMA", "Mistral", "Qwen2", "Qwen3" };
+    char heads[48];
+    if (c->n_kv_heads != c->n_heads)
+        snprintf(heads, sizeof heads, "%d heads (%d key/value)", c->n_heads, c->n_kv_heads);
+    else
+        snprintf(heads, sizeof heads, "%d heads", c->n_heads);
+    printf("model:    %s%s%s: %s, %d layers, d_model %d, %s, d_ff %d, vocab %d, max_seq %d; %s params, frozen\n",
            src, pr_pipeline_model_name(p) ? " " : "", pr_pipeline_model_name(p) ? pr_pipeline_model_name(p) : "",
-           c->n_layers, c->d_model, c->n_heads, c->d_ff, c->vocab_size, c->max_seq, n);
+           c->family == PR_FAMILY_LLAMA ? variants[c->variant >= 0 && c->variant <= 4 ? c->variant : 0] : "GPT-2",
+           c->n_layers, c->d_model, heads, c->d_ff, c->vocab_size, c->max_seq, n);
     pr_train_config tc;
     pr_pipeline_train_config(p, &tc);
     printf("task:     %s on %s", tc.task, tc.train_path);
