@@ -212,6 +212,15 @@ static void seeds_hf(pr_model *m)
     put_file(&b, FUZZ_SRCDIR "/tests/ref/gpt2-parity/model/config.json");
     put_sep(&b);
     seed_buf("hf", "parity-config", &b);
+
+    /* a LLaMA-family checkpoint (the gqa parity case) */
+    put_file(&b, FUZZ_SRCDIR "/tests/ref/llama-parity/gqa/model/config.json");
+    put_sep(&b);
+    put_file(&b, FUZZ_SRCDIR "/tests/ref/llama-parity/gqa/model/model.safetensors");
+    seed_buf("hf", "llama-gqa", &b);
+    put_file(&b, FUZZ_SRCDIR "/tests/ref/llama-parity/qwen3/model/config.json");
+    put_sep(&b);
+    seed_buf("hf", "qwen3-config", &b);
 }
 
 static void seeds_trainstate(void)
@@ -320,6 +329,86 @@ static void seeds_tokenizer(void)
     seed_buf("tokenizer", "byte", &b);
 }
 
+/* tokenizer.json files: a byte-level BPE with Llama 3's Split regex, and a
+ * SentencePiece-style BPE (Prepend/Replace normaliser, byte fallback) as
+ * Llama 2 and Mistral write them, each small, with added tokens. */
+static void seeds_hftok(void)
+{
+    const char *v = FUZZ_SRCDIR "/tests/data/train/bytes-bpe/vocab.json";
+    size_t n;
+    char *vt = slurp(v, &n);
+    json_error_t je;
+    json_t *vocab = json_loads(vt, 0, &je);
+    free(vt);
+    if (!vocab)
+        die(v, NULL);
+    int next = (int)json_object_size(vocab);
+    const char *add[] = {"\xc4\xa0t", "he", "\xc4\xa0the", "in"};
+    for (int i = 0; i < 4; i++)
+        json_object_set_new(vocab, add[i], json_integer(next++));
+    json_t *bl = json_pack(
+        "{s:s,s:[{s:i,s:s,s:b,s:b}],s:n,s:{s:s,s:[{s:s,s:{s:s},s:s,s:b},{s:s,s:b,s:b,s:b}]},s:{s:s,s:b,s:b,s:b},"
+        "s:{s:s,s:n,s:n,s:n,s:n,s:b,s:b,s:b,s:o,s:[s,s,s,s]}}",
+        "version", "1.0", "added_tokens", "id", next, "content", "<|begin_of_text|>", "special", 1, "normalized", 0,
+        "normalizer", "pre_tokenizer", "type", "Sequence", "pretokenizers", "type", "Split", "pattern", "Regex",
+        "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
+        "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+",
+        "behavior", "Isolated", "invert", 0, "type", "ByteLevel", "add_prefix_space", 0, "trim_offsets", 1,
+        "use_regex", 0, "decoder", "type", "ByteLevel", "add_prefix_space", 1, "trim_offsets", 1, "use_regex", 1,
+        "model", "type", "BPE", "dropout", "unk_token", "continuing_subword_prefix", "end_of_word_suffix",
+        "fuse_unk", 0, "byte_fallback", 0, "ignore_merges", 1, "vocab", vocab, "merges", "\xc4\xa0 t", "h e",
+        "\xc4\xa0t he", "i n");
+    char *blj = json_dumps(bl, JSON_COMPACT);
+    json_decref(bl);
+    if (!blj)
+        die("hftok byte-level seed", NULL);
+    buf b = {0};
+    put_str(&b, blj);
+    put_sep(&b);
+    put_str(&b, "{\"bos_token\": \"<|begin_of_text|>\", \"eos_token\": {\"content\": \"<|begin_of_text|>\"}}");
+    put_sep(&b);
+    put_str(&b, "<|begin_of_text|>the thin line, it's  123456 \r\n\tin the theatre \xc3\xa9 \xf0\x9f\x98\x80");
+    seed_buf("hftok", "bytelevel", &b);
+    free(blj);
+
+    /* <unk> <s> </s>, the 256 byte-fallback tokens, then a few pieces */
+    json_t *sp = json_object();
+    json_object_set_new(sp, "<unk>", json_integer(0));
+    json_object_set_new(sp, "<s>", json_integer(1));
+    json_object_set_new(sp, "</s>", json_integer(2));
+    for (int i = 0; i < 256; i++) {
+        char k[8];
+        snprintf(k, sizeof k, "<0x%02X>", i);
+        json_object_set_new(sp, k, json_integer(3 + i));
+    }
+    const char *pieces[] = {"\xe2\x96\x81", "t", "h", "e", "\xe2\x96\x81t", "he", "\xe2\x96\x81the", "i", "n", "in"};
+    for (int i = 0; i < 10; i++)
+        json_object_set_new(sp, pieces[i], json_integer(259 + i));
+    json_t *spj = json_pack(
+        "{s:s,s:[{s:i,s:s,s:b,s:b},{s:i,s:s,s:b,s:b}],s:{s:s,s:[{s:s,s:s},{s:s,s:{s:s},s:s}]},s:n,"
+        "s:{s:s,s:[{s:s,s:{s:s},s:s},{s:s},{s:s},{s:s,s:s,s:i,s:i}]},"
+        "s:{s:s,s:n,s:s,s:n,s:n,s:b,s:b,s:o,s:[s,s,s,s,s]}}",
+        "version", "1.0", "added_tokens", "id", 1, "content", "<s>", "special", 1, "normalized", 0, "id", 2, "content",
+        "</s>", "special", 1, "normalized", 0, "normalizer", "type", "Sequence", "normalizers", "type", "Prepend",
+        "prepend", "\xe2\x96\x81", "type", "Replace", "pattern", "String", " ", "content", "\xe2\x96\x81",
+        "pre_tokenizer", "decoder", "type", "Sequence", "decoders", "type", "Replace", "pattern", "String",
+        "\xe2\x96\x81", "content", " ", "type", "ByteFallback", "type", "Fuse", "type", "Strip", "content", " ",
+        "start", 1, "stop", 0, "model", "type", "BPE", "dropout", "unk_token", "<unk>", "continuing_subword_prefix",
+        "end_of_word_suffix", "fuse_unk", 1, "byte_fallback", 1, "vocab", sp, "merges", "\xe2\x96\x81 t", "h e",
+        "\xe2\x96\x81t he", "i n", "\xe2\x96\x81 i");
+    char *spt = json_dumps(spj, JSON_COMPACT);
+    json_decref(spj);
+    if (!spt)
+        die("hftok sentencepiece seed", NULL);
+    put_str(&b, spt);
+    put_sep(&b);
+    put_str(&b, "{\"bos_token\": \"<s>\", \"eos_token\": \"</s>\", \"add_bos_token\": true}");
+    put_sep(&b);
+    put_str(&b, "the thin line</s> in  the theatre \xc3\xa9\xff\xfe unknown \xe4\xb8\xad");
+    seed_buf("hftok", "sentencepiece", &b);
+    free(spt);
+}
+
 static void seeds_data(void)
 {
     /* settings byte (fuzz_data.c) + file */
@@ -393,6 +482,7 @@ int main(int argc, char **argv)
     seeds_trainstate();
     seeds_module();
     seeds_tokenizer();
+    seeds_hftok();
     seeds_data();
     seeds_pipeline();
     seeds_manifest();
