@@ -293,6 +293,38 @@ static void test_rng(void **state)
     assert_true(fabs(var - 1.0) < 0.05);
 }
 
+/* The random init is one rng_normal stream in table order, whatever the
+ * thread count of its chunked Box-Muller: every weight of a model whose
+ * tensors span several chunks equals the serial stream bit for bit. */
+static void test_init_stream(void **state)
+{
+    (void)state;
+    pr_model_config c;
+    assert_int_equal(pr_config_preset("llama-tiny", &c), PR_OK);
+    c.vocab_size = 1200; /* embed_tokens 1200 x 64 = 76,800: two chunks of 65,536 */
+    c.seed = 99;
+    pr_model *m = NULL;
+    pr_error err = { 0 };
+    assert_int_equal(pr_model_create(&c, &m, &err), PR_OK);
+    pr_rng r;
+    rng_seed(&r, c.seed);
+    size_t checked = 0;
+    for (int i = 0; i < pr_model_n_tensors(m); i++) {
+        const pr_tensor_info *t = pr_model_tensor(m, i);
+        if (t->kind != PR_TENSOR_WEIGHT && t->kind != PR_TENSOR_EMBEDDING)
+            continue;
+        for (int64_t j = 0; j < t->numel; j++) {
+            float want = c.init_std * rng_normal(&r);
+            if (memcmp(&want, &t->data[j], sizeof want) != 0)
+                fail_msg("%s[%lld] = %.9g, the serial stream gives %.9g", t->name, (long long)j,
+                         (double)t->data[j], (double)want);
+        }
+        checked += (size_t)t->numel;
+    }
+    assert_true(checked > 65536);
+    pr_model_free(m);
+}
+
 /* ---- tensors and init ---------------------------------------------------- */
 
 static void test_tensor_table(void **state)
@@ -1083,6 +1115,7 @@ int main(void)
         cmocka_unit_test(test_config_bounds),
         cmocka_unit_test(test_site_names),
         cmocka_unit_test(test_rng),
+        cmocka_unit_test(test_init_stream),
         cmocka_unit_test(test_tensor_table),
         cmocka_unit_test(test_determinism),
         cmocka_unit_test(test_loss_and_masking),

@@ -45,11 +45,18 @@ float rng_uniform(pr_rng *r)
     return (float)(rng_next(r) >> 40) * (1.0f / 16777216.0f);
 }
 
+float rng_box_muller(float a, float b)
+{
+    /* u1 in (0, 1] keeps log finite; the sine partner is discarded so each
+     * normal costs exactly two draws */
+    double u1 = 1.0 - (double)a;
+    double u2 = (double)b;
+    return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
+}
+
 float rng_normal(pr_rng *r)
 {
-    /* Box-Muller from two uniforms; u1 in (0, 1] keeps log finite.  The
-     * sine partner is discarded so each normal costs exactly two draws. */
-    double u1 = 1.0 - (double)rng_uniform(r);
-    double u2 = (double)rng_uniform(r);
-    return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
+    float a = rng_uniform(r);
+    float b = rng_uniform(r);
+    return rng_box_muller(a, b);
 }

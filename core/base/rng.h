@@ -14,5 +14,7 @@ float rng_uniform(pr_rng *r);
 /* standard normal (Box-Muller, no cached second value, so the stream
  * position depends only on the number of calls) */
 float rng_normal(pr_rng *r);
+/* The normal rng_normal makes of its two uniforms a, b (drawn in that order). */
+float rng_box_muller(float a, float b);
 
 #endif

@@ -111,21 +111,43 @@ int model_adopt_mapping(pr_model *m, void *addr, size_t len, pr_error *err)
 /* Weights and embeddings normal(0, std) with the family's std per tensor
  * (GPT-2 scales its residual projections), biases 0, norm gains 1.  One
  * stream in table order, so a seed fixes the model. */
+enum { INIT_CHUNK = 1 << 16 };
+
+/* x[j] = std * rng_normal(rng) for j < n, the same values in the same
+ * order: the two uniforms of each normal are drawn in sequence, and the
+ * Box-Muller transform of a chunk (the cost, for a billion weights) runs
+ * across threads.  u holds 2 * INIT_CHUNK floats, or is NULL (serial). */
+static void fill_normal(float *x, size_t n, float std, pr_rng *rng, float *u)
+{
+    if (!u) {
+        for (size_t j = 0; j < n; j++)
+            x[j] = std * rng_normal(rng);
+        return;
+    }
+    for (size_t off = 0; off < n; off += INIT_CHUNK) {
+        size_t len = n - off < INIT_CHUNK ? n - off : INIT_CHUNK;
+        for (size_t j = 0; j < 2 * len; j++)
+            u[j] = rng_uniform(rng);
+        float *y = x + off;
+#pragma omp parallel for schedule(static) if (len >= 4096)
+        for (size_t j = 0; j < len; j++)
+            y[j] = std * rng_box_muller(u[2 * j], u[2 * j + 1]);
+    }
+}
+
 void model_init_random(pr_model *m)
 {
     pr_rng rng;
     rng_seed(&rng, m->cfg.seed);
+    float *u = malloc(2 * INIT_CHUNK * sizeof(float)); /* NULL: the serial path, same values */
     for (int i = 0; i < m->n_base; i++) {
         pr_tensor_info *t = &m->tensors[i];
         size_t n = (size_t)t->numel;
         switch (t->kind) {
         case PR_TENSOR_EMBEDDING:
-        case PR_TENSOR_WEIGHT: {
-            float s = m->ops->init_std(m, t);
-            for (size_t j = 0; j < n; j++)
-                t->data[j] = s * rng_normal(&rng);
+        case PR_TENSOR_WEIGHT:
+            fill_normal(t->data, n, m->ops->init_std(m, t), &rng, u);
             break;
-        }
         case PR_TENSOR_NORM_GAIN:
             for (size_t j = 0; j < n; j++)
                 t->data[j] = 1.0f;
@@ -135,6 +157,7 @@ void model_init_random(pr_model *m)
             break;
         }
     }
+    free(u);
 }
 
 int pr_model_create(const pr_model_config *cfg, pr_model **out, pr_error *err)
