@@ -41,6 +41,7 @@ struct pr_module_file {
     const pr_technique *t;      /* what to attach: the saved technique or its folded form */
     const char *saved_name;
     int peft;
+    int peft_dir;               /* a Hugging Face PEFT adapter directory (peft_adapter.c) */
     int folded;
     int gated;                  /* saved behind learned gates (spec gate) */
     int has_seed;               /* the file carries the module's seed (regenerated buffers) */

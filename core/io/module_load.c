@@ -232,7 +232,7 @@ int pr_module_load(pr_model *m, const char *path, const pr_registry *reg, const 
     if (out)
         *out = NULL;
     pr_module_file *f = NULL;
-    int rc = pr_module_file_open(path, reg, &f, err);
+    int rc = pr_module_file_open_ex(path, reg, pr_model_get_config(m), 0, &f, err);
     if (rc)
         return rc;
     char fp[64];

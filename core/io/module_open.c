@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "module_file.h"
+#include "peft_adapter.h"
 
 /* ---- opening ------------------------------------------------------------------------------------------ */
 
@@ -166,7 +167,19 @@ static int parse_options(pr_module_file *f, const char *text, int site, pr_error
 
 int pr_module_file_open(const char *path, const pr_registry *reg, pr_module_file **out, pr_error *err)
 {
+    return pr_module_file_open_ex(path, reg, NULL, 0, out, err);
+}
+
+int pr_module_file_open_ex(const char *path, const pr_registry *reg, const pr_model_config *cfg, unsigned flags,
+                           pr_module_file **out, pr_error *err)
+{
     *out = NULL;
+    if (peft_is_adapter_dir(path)) {
+        if (!cfg)
+            return pr_errorf(err, PR_ERR_INVALID, "%s: a Hugging Face PEFT adapter directory is read against its "
+                             "base model, and none is known here", path);
+        return peft_adapter_open(path, reg, cfg, flags, out, err);
+    }
     pr_module_file *f = calloc(1, sizeof *f);
     if (!f || !(f->path = strdup(path))) {
         free(f);
@@ -293,10 +306,14 @@ void pr_module_file_spec(const pr_module_file *f, pr_module_spec *spec)
 
 int pr_module_file_check_base(const pr_module_file *f, const char *fingerprint, pr_error *err)
 {
-    const char *saved = st_metadata(f->st, "base_fingerprint");
+    /* a PEFT adapter records peftref's fingerprint only when peftref wrote
+     * it; others are checked by their tensor names and shapes */
+    const char *saved = st_metadata(f->st, f->peft_dir ? "peftref_base_fingerprint" : "base_fingerprint");
+    if (f->peft_dir && !saved)
+        return PR_OK;
     if (saved && fingerprint && !strcmp(saved, fingerprint))
         return PR_OK;
-    const char *cfg = st_metadata(f->st, "base_config");
+    const char *cfg = st_metadata(f->st, f->peft_dir ? "peftref_base_config" : "base_config");
     return pr_errorf(err, PR_ERR_INVALID, "%s: saved on another base model (fingerprint %s, base %s; this model's is "
                      "%s); use force: true to load it anyway", f->path, saved ? saved : "missing", cfg ? cfg : "?",
                      fingerprint ? fingerprint : "?");

@@ -12,11 +12,12 @@
 #include <string.h>
 
 #include "module_file.h"
+#include "peft_adapter.h"
 
 /* ---- Hugging Face module paths per model family ------------------------------------------- */
 
 /* The module path of a projection site in Hugging Face's layout. */
-static const char *hf_site_path(const pr_model_config *c, int site)
+const char *peft_site_path(const pr_model_config *c, int site)
 {
     if (c->family == PR_FAMILY_GPT2) {
         switch (site) {
@@ -39,9 +40,9 @@ static const char *hf_site_path(const pr_model_config *c, int site)
     }
 }
 
-static const char *hf_layer_prefix(const pr_model_config *c)
+const char *peft_blocks_path(const pr_model_config *c)
 {
-    return c->family == PR_FAMILY_GPT2 ? "base_model.model.transformer.h" : "base_model.model.model.layers";
+    return c->family == PR_FAMILY_GPT2 ? "transformer.h" : "model.layers";
 }
 
 /* The projection a stream site's values fold into (as the model's
@@ -159,17 +160,17 @@ int peft_place(const pr_technique *t, int fold, const pr_module_param *p, const 
     if (layout == PR_PEFT_FOLD_VECTOR) {
         if (p->ndim != 1 || !has_prefix)
             return 0;
-        if (!hf_site_path(c, site) && !hf_fold_target(c, site, &site, &input_side, &offset, &width))
+        if (!peft_site_path(c, site) && !hf_fold_target(c, site, &site, &input_side, &offset, &width))
             return 0;
         if (offset + p->shape[0] > width)
             return 0;
     }
     char prefix[160] = "";
     if (has_prefix) {
-        const char *path = hf_site_path(c, site);
+        const char *path = peft_site_path(c, site);
         if (!path)
             return 0;
-        snprintf(prefix, sizeof prefix, "%s.%d.%s", hf_layer_prefix(c), p->layer, path);
+        snprintf(prefix, sizeof prefix, "base_model.model.%s.%d.%s", peft_blocks_path(c), p->layer, path);
     }
     if (!expand_key(d.peft_key, prefix, p->layer, pl->name, sizeof pl->name))
         return 0;

@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "pipeline_internal.h"
 
@@ -70,7 +71,7 @@ static const pr_technique *fuse_technique(loader *L, const ynode *m, const char 
 
 /* A saved module file named at n: resolved, readable, opened (its
  * technique found, its metadata parsed).  NULL after a diagnostic. */
-static pr_module_file *open_saved(loader *L, const ynode *n, const char *path)
+static pr_module_file *open_saved(loader *L, const ynode *n, const char *path, unsigned flags)
 {
     const char *s;
     if (pl_get_string(L, n, path, &s))
@@ -79,12 +80,15 @@ static pr_module_file *open_saved(loader *L, const ynode *n, const char *path)
     if (!file)
         return NULL;
     int before = L->d.n;
-    pl_check_exists(L, n, path, file, 0);
+    struct stat st;
+    int is_dir = stat(file, &st) == 0 && S_ISDIR(st.st_mode);   /* a PEFT adapter directory */
+    pl_check_exists(L, n, path, file, is_dir);
     if (L->d.n > before)
         return NULL;
     pr_module_file *f = NULL;
     pr_error e = { 0 };
-    if (pr_module_file_open(file, L->reg, &f, &e)) {
+    /* a Hugging Face PEFT adapter directory is read against the base model */
+    if (pr_module_file_open_ex(file, L->reg, L->p->have_cfg ? &L->p->cfg : NULL, flags, &f, &e)) {
         pl_diag_at(&L->d, n, "%s: %s", path, e.msg);
         return NULL;
     }
@@ -108,7 +112,7 @@ static int push_file(loader *L, pipe_module *pm, pr_module_file *f)
  * technique, options, sites and layers come from the (first) file. */
 int pl_load_saved(loader *L, const ynode *m, const char *path, pipe_module *pm, const ynode **name_node)
 {
-    static const char *const load_keys[] = { "load", "mode", "name", "seed", "force" };
+    static const char *const load_keys[] = { "load", "mode", "name", "seed", "force", "allow_unknown_fields" };
     static const char *const avg_keys[] = { "average", "weights", "mode", "name", "force" };
     static const char *const modes[] = { "frozen", "continue", "new" };
     int errors_before = L->d.n, avg = pl_map_get(m, "average") != NULL;
@@ -121,8 +125,8 @@ int pl_load_saved(loader *L, const ynode *m, const char *path, pipe_module *pm, 
     for (int i = 0; i < m->n; i++) {
         const char *k = m->keys[i]->text;
         const char *const *known = avg ? avg_keys : load_keys;
-        int ok = 0;
-        for (int j = 0; j < 5 && !ok; j++)
+        int ok = 0, n_known = avg ? 5 : 6;
+        for (int j = 0; j < n_known && !ok; j++)
             ok = !strcmp(k, known[j]);
         if (ok)
             continue;
@@ -132,7 +136,7 @@ int pl_load_saved(loader *L, const ynode *m, const char *path, pipe_module *pm, 
                        "say how to use it with mode (frozen, continue or new)", path, k);
         else {
             char h[128];
-            pl_hint(h, sizeof h, k, known, 5);
+            pl_hint(h, sizeof h, k, known, n_known);
             pl_diag_at(&L->d, m->keys[i], "unknown key '%s.%s'%s", path, k, h);
         }
     }
@@ -163,9 +167,13 @@ int pl_load_saved(loader *L, const ynode *m, const char *path, pipe_module *pm, 
                 *name_node = n;
         }
     }
+    unsigned open_flags = 0;
+    if ((n = pl_map_get(m, "allow_unknown_fields")) &&
+        !pl_get_bool(L, n, (snprintf(kp, sizeof kp, "%s.allow_unknown_fields", path), kp), &b) && b)
+        open_flags |= PR_MODULE_FILE_ALLOW_UNKNOWN_FIELDS;
     if (!avg) {
         n = pl_map_get(m, "load");
-        pr_module_file *f = open_saved(L, n, (snprintf(kp, sizeof kp, "%s.load", path), kp));
+        pr_module_file *f = open_saved(L, n, (snprintf(kp, sizeof kp, "%s.load", path), kp), open_flags);
         if (f)
             push_file(L, pm, f);
     } else {
@@ -181,7 +189,7 @@ int pl_load_saved(loader *L, const ynode *m, const char *path, pipe_module *pm, 
             for (int i = 0; i < n->n; i++) {
                 char ip[112];
                 snprintf(ip, sizeof ip, "%s.%d", kp, i);
-                pr_module_file *f = open_saved(L, n->vals[i], ip);
+                pr_module_file *f = open_saved(L, n->vals[i], ip, 0);
                 if (!f || push_file(L, pm, f))
                     bad = 1;
             }
@@ -300,7 +308,7 @@ int pl_load_fuse(loader *L, const ynode *m, const char *path, pipe_module *pm, c
     for (int i = 0; i < n->n; i++) {
         char ip[112];
         snprintf(ip, sizeof ip, "%s.%d", kp, i);
-        pr_module_file *f = open_saved(L, n->vals[i], ip);
+        pr_module_file *f = open_saved(L, n->vals[i], ip, 0);
         if (f)
             push_file(L, pm, f);
     }

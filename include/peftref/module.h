@@ -207,6 +207,14 @@ typedef struct pr_module_file pr_module_file;
 /* Open path and check its metadata: the technique exists in reg and its
  * version's major matches the file's, options, sites and layers parse. */
 int pr_module_file_open(const char *path, const pr_registry *reg, pr_module_file **out, pr_error *err);
+/* The same, also for a Hugging Face PEFT adapter directory (one holding
+ * adapter_config.json; docs/modules.md, "Interoperability"), which needs
+ * the base model's shape cfg to resolve PEFT's target_modules (NULL: such
+ * a directory is an error).  flags: PR_MODULE_FILE_ALLOW_UNKNOWN_FIELDS
+ * accepts adapter_config.json fields peftref does not know. */
+enum { PR_MODULE_FILE_ALLOW_UNKNOWN_FIELDS = 1u << 0 };
+int pr_module_file_open_ex(const char *path, const pr_registry *reg, const pr_model_config *cfg, unsigned flags,
+                           pr_module_file **out, pr_error *err);
 void pr_module_file_close(pr_module_file *f);
 const char *pr_module_file_path(const pr_module_file *f);
 /* A __metadata__ value, or NULL. */

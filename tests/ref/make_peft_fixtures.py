@@ -1,0 +1,430 @@
+#!/usr/bin/env python3
+"""Write Hugging Face PEFT adapters and their reference losses, for the C
+test tests/test_peft_interop.c (peftref's import of PEFT adapters).
+
+  /usr/bin/python3 tests/ref/make_peft_fixtures.py [OUTDIR]   # default tests/ref/peft-adapters
+
+PEFT itself is not used (it cannot be installed here).  The adapters are
+written from PEFT's documented state-dict keys, shapes and adapter_config.json
+fields (PeftConfig, LoraConfig, IA3Config, PromptTuningConfig,
+PrefixTuningConfig as PEFT 0.17 writes them), and each one is applied here
+to a plain float64 model as PEFT applies it:
+
+  target_modules   a list: a module whose name equals an entry or ends in
+                   "." + entry; a string: re.fullmatch on the name
+  layers_to_transform / layers_pattern   the block index of the name
+  rank_pattern, alpha_pattern   first key k with re.match(rf"(.*\\.)?({k})$", name)
+  LORA             y = base(x) + s * B(A x),  s = lora_alpha / r, or
+                   lora_alpha / sqrt(r) with use_rslora
+  LORA + use_dora  n = ||W + s B A||_row (W as [out, in]), g = m / n,
+                   y = base(x) + (g - 1) * (base(x) - bias) + g * s * B(A x)
+  IA3              y = base(x) * l (l of shape (out, 1), bias included);
+                   in feedforward_modules y = base(x * l) (l (1, in))
+  PROMPT_TUNING    the num_virtual_tokens embeddings before the tokens'
+                   (GPT-2's learned positions 0.. for them, the tokens
+                   after); only the real tokens are scored
+  PREFIX_TUNING    prompt_embeddings (n, num_layers*2*token_dim), viewed as
+                   (n, 2L, heads, head_dim) -> layer l's keys = block 2l,
+                   values = block 2l+1 (keys used as they are, not rotated),
+                   prepended to every layer's keys and values; token_dim is
+                   num_key_value_heads * head_dim.  Hugging Face models place
+                   the tokens after a cache of n entries at positions n..n+T-1
+                   (`loss`); peftref's prefix_tuning keeps them at 0..T-1
+                   (`loss_pos0`, the value the C test compares with).
+
+Bases: tests/ref/gpt2-parity/model (GPT-2, Conv1D [in, out], fan_in_fan_out)
+and tests/ref/llama-parity/gqa/model (LLaMA, GQA), with the tokens and
+targets of their expected.safetensors.  Writes OUTDIR/<case>/adapter_config.json,
+OUTDIR/<case>/adapter_model.safetensors (F32) and OUTDIR/expected.json
+{case: {"base": ..., "loss": ..., "loss_pos0": ...}}.  Deterministic.
+"""
+import json
+import math
+import os
+import re
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import llama_ref as LR  # noqa: E402  (RMSNorm, RoPE tables, safetensors I/O)
+
+SEED = 20260112
+GPT2_DIR = os.path.join(HERE, "gpt2-parity")
+LLAMA_DIR = os.path.join(HERE, "llama-parity", "gqa")
+
+# ------------------------------------------------------------------ PEFT's config files
+
+COMMON = {"auto_mapping": None, "base_model_name_or_path": "", "inference_mode": True, "revision": None,
+          "task_type": "CAUSAL_LM", "peft_version": "0.17.1"}
+
+LORA_DEFAULTS = {
+    "alpha_pattern": {}, "bias": "none", "corda_config": None, "eva_config": None, "exclude_modules": None,
+    "fan_in_fan_out": False, "init_lora_weights": True, "layer_replication": None, "layers_pattern": None,
+    "layers_to_transform": None, "loftq_config": {}, "lora_alpha": 8, "lora_bias": False, "lora_dropout": 0.0,
+    "megatron_config": None, "megatron_core": "megatron.core", "modules_to_save": None, "peft_type": "LORA",
+    "qalora_group_size": 16, "r": 8, "rank_pattern": {}, "target_modules": None, "target_parameters": None,
+    "trainable_token_indices": None, "use_dora": False, "use_qalora": False, "use_rslora": False,
+}
+IA3_DEFAULTS = {"exclude_modules": None, "fan_in_fan_out": False, "feedforward_modules": None,
+                "init_ia3_weights": True, "modules_to_save": None, "peft_type": "IA3", "target_modules": None}
+PROMPT_DEFAULTS = {"num_attention_heads": None, "num_layers": None, "num_transformer_submodules": 1,
+                   "num_virtual_tokens": None, "peft_type": "PROMPT_TUNING", "prompt_tuning_init": "RANDOM",
+                   "prompt_tuning_init_text": None, "token_dim": None, "tokenizer_kwargs": None,
+                   "tokenizer_name_or_path": None, "modules_to_save": None}
+PREFIX_DEFAULTS = {"encoder_hidden_size": None, "num_attention_heads": None, "num_layers": None,
+                   "num_transformer_submodules": 1, "num_virtual_tokens": None, "peft_type": "PREFIX_TUNING",
+                   "prefix_projection": False, "token_dim": None, "modules_to_save": None}
+
+
+def make_config(defaults, **kw):
+    c = dict(COMMON)
+    c.update(defaults)
+    for k, v in kw.items():
+        assert k in c, k
+        c[k] = v
+    return dict(sorted(c.items()))
+
+# ------------------------------------------------------------------ PEFT's module matching
+
+
+def target_matches(spec, name):
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == t or name.endswith("." + t) for t in spec)
+
+
+def layer_index(cfg, name):
+    pat = cfg.get("layers_pattern")
+    if pat:
+        m = re.match(r".*\.%s\.(\d+)\." % pat, name)
+    else:
+        m = re.match(r".*\.[^.]*\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def is_target(cfg, name):
+    if not target_matches(cfg["target_modules"], name):
+        return False
+    if target_matches(cfg.get("exclude_modules"), name):
+        return False
+    ltt = cfg.get("layers_to_transform")
+    if ltt is not None:
+        li = layer_index(cfg, name)
+        ltt = [ltt] if isinstance(ltt, int) else ltt
+        return li is not None and li in ltt
+    return True
+
+
+def pattern_get(pattern, name, default):
+    for k, v in pattern.items():
+        if re.match(r"(.*\.)?(%s)$" % k, name):
+            return v
+    return default
+
+
+class Adapter:
+    """One PEFT adapter applied at the base model's linear modules."""
+
+    def __init__(self, cfg, tensors):
+        self.cfg, self.t = cfg, tensors
+
+    def linear(self, name, x, W, b):
+        """W [out, in] (nn.Linear layout), b (out) or None."""
+        cfg, pt = self.cfg, self.cfg["peft_type"]
+        key = "base_model.model." + name
+        if pt == "IA3" and is_target(cfg, name):
+            l = self.t[key + ".ia3_l"]
+            if target_matches(cfg.get("feedforward_modules"), name):
+                y = (x * l[0]) @ W.t()
+                return y + b if b is not None else y
+            y = x @ W.t() + (b if b is not None else 0.0)
+            return y * l[:, 0]
+        y = x @ W.t()
+        base = y + b if b is not None else y
+        if pt != "LORA" or not is_target(cfg, name):
+            return base
+        r = pattern_get(cfg["rank_pattern"], name, cfg["r"])
+        alpha = pattern_get(cfg["alpha_pattern"], name, cfg["lora_alpha"])
+        s = alpha / math.sqrt(r) if cfg["use_rslora"] else alpha / r
+        A, B = self.t[key + ".lora_A.weight"], self.t[key + ".lora_B.weight"]
+        assert A.shape[0] == r and B.shape[1] == r, name
+        lora = (x @ A.t()) @ B.t()
+        if not cfg["use_dora"]:
+            return base + s * lora
+        m = self.t[key + ".lora_magnitude_vector"]
+        n = (W + s * (B @ A)).norm(p=2, dim=1)
+        g = m / n
+        return base + (g - 1) * y + g * s * lora
+
+
+def no_adapter():
+    return Adapter({"peft_type": "NONE"}, {})
+
+# ------------------------------------------------------------------ the bases
+
+
+def ce(logits, targets):
+    return float(LR.mean_cross_entropy(logits, targets))
+
+
+def gpt2_loss(p, cfg, tokens, targets, ad, pos0=False):
+    C, H = cfg["n_embd"], cfg["n_head"]
+    L, eps, hd = cfg["n_layer"], cfg["layer_norm_epsilon"], cfg["n_embd"] // cfg["n_head"]
+    Bn, T = tokens.shape
+    pt = ad.cfg["peft_type"]
+    nv = ad.cfg["num_virtual_tokens"] if pt in ("PROMPT_TUNING", "PREFIX_TUNING") else 0
+
+    def ln(x, w, b):
+        mu = x.mean(-1, keepdim=True)
+        var = ((x - mu) ** 2).mean(-1, keepdim=True)
+        return (x - mu) / torch.sqrt(var + eps) * w + b
+
+    def conv(name, x):   # Conv1D weight [in, out] as nn.Linear [out, in]
+        return ad.linear(name, x, p[name + ".weight"].t(), p[name + ".bias"])
+
+    x = p["transformer.wte.weight"][tokens]
+    if pt == "PROMPT_TUNING":
+        prompt = ad.t["prompt_embeddings"].unsqueeze(0).expand(Bn, nv, C)
+        x = torch.cat([prompt, x], dim=1) + p["transformer.wpe.weight"][: nv + T]
+    else:
+        off = nv if pt == "PREFIX_TUNING" and not pos0 else 0
+        x = x + p["transformer.wpe.weight"][off: off + T]
+    Tt = x.shape[1]
+    for l in range(L):
+        h = "transformer.h.%d." % l
+        a = ln(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"])
+        qkv = conv(h + "attn.c_attn", a)
+        q, k, v = [t.reshape(Bn, Tt, H, hd).transpose(1, 2) for t in qkv.split(C, dim=-1)]
+        mask = torch.tril(torch.ones(Tt, Tt, dtype=torch.bool))
+        if pt == "PREFIX_TUNING":
+            pk, pv = prefix_kv(ad, l, H, hd)
+            k = torch.cat([pk.expand(Bn, -1, -1, -1), k], dim=2)
+            v = torch.cat([pv.expand(Bn, -1, -1, -1), v], dim=2)
+            mask = torch.cat([torch.ones(Tt, nv, dtype=torch.bool), mask], dim=1)
+        s = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
+        y = torch.softmax(s.masked_fill(~mask, float("-inf")), -1) @ v
+        x = x + conv(h + "attn.c_proj", y.transpose(1, 2).reshape(Bn, Tt, C))
+        a = ln(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"])
+        u = conv(h + "mlp.c_fc", a)
+        u = 0.5 * u * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (u + 0.044715 * u ** 3)))
+        x = x + conv(h + "mlp.c_proj", u)
+    x = ln(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"])
+    logits = x @ p["transformer.wte.weight"].t()
+    if pt == "PROMPT_TUNING":
+        logits = logits[:, nv:]
+    return ce(logits, targets)
+
+
+def prefix_kv(ad, layer, heads, hd):
+    e = ad.t["prompt_embeddings"]                   # (n, L*2*heads*hd)
+    n = e.shape[0]
+    kv = e.reshape(n, -1, heads, hd).permute(1, 2, 0, 3)   # (2L, heads, n, hd)
+    return kv[2 * layer].unsqueeze(0), kv[2 * layer + 1].unsqueeze(0)
+
+
+def llama_loss(cfg, p, tokens, targets, ad, pos0=False):
+    eps = float(cfg["rms_norm_eps"])
+    H, Hkv, hd = cfg["num_attention_heads"], LR.kv_heads(cfg), LR.head_dim(cfg)
+    Bn, T = tokens.shape
+    pt = ad.cfg["peft_type"]
+    nv = ad.cfg["num_virtual_tokens"] if pt in ("PROMPT_TUNING", "PREFIX_TUNING") else 0
+    x = p["model.embed_tokens.weight"][tokens]
+    if pt == "PROMPT_TUNING":
+        x = torch.cat([ad.t["prompt_embeddings"].unsqueeze(0).expand(Bn, nv, -1), x], dim=1)
+    Tt = x.shape[1]
+    off = nv if pt == "PREFIX_TUNING" and not pos0 else 0
+    cos, sin = LR.rope_cos_sin(cfg, off + Tt, torch.float64)
+    cos, sin = cos[off:], sin[off:]
+
+    def lin(name, a):
+        return ad.linear(name, a, p[name + ".weight"], p.get(name + ".bias"))
+
+    for l in range(cfg["num_hidden_layers"]):
+        pre = "model.layers.%d." % l
+        a = LR.rmsnorm(x, p[pre + "input_layernorm.weight"], eps)
+        q = lin(pre + "self_attn.q_proj", a).view(Bn, Tt, H, hd).transpose(1, 2)
+        k = lin(pre + "self_attn.k_proj", a).view(Bn, Tt, Hkv, hd).transpose(1, 2)
+        v = lin(pre + "self_attn.v_proj", a).view(Bn, Tt, Hkv, hd).transpose(1, 2)
+        q = q * cos + LR.rotate_half(q) * sin
+        k = k * cos + LR.rotate_half(k) * sin
+        mask = LR.attention_mask(Tt, None)
+        if pt == "PREFIX_TUNING":
+            pk, pv = prefix_kv(ad, l, Hkv, hd)
+            k = torch.cat([pk.expand(Bn, -1, -1, -1), k], dim=2)
+            v = torch.cat([pv.expand(Bn, -1, -1, -1), v], dim=2)
+            mask = torch.cat([torch.ones(Tt, nv, dtype=torch.bool), mask], dim=1)
+        k = k.repeat_interleave(H // Hkv, dim=1)
+        v = v.repeat_interleave(H // Hkv, dim=1)
+        s = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
+        y = torch.softmax(s.masked_fill(~mask, float("-inf")), -1) @ v
+        h = x + lin(pre + "self_attn.o_proj", y.transpose(1, 2).reshape(Bn, Tt, H * hd))
+        n = LR.rmsnorm(h, p[pre + "post_attention_layernorm.weight"], eps)
+        u = torch.nn.functional.silu(lin(pre + "mlp.gate_proj", n)) * lin(pre + "mlp.up_proj", n)
+        x = h + lin(pre + "mlp.down_proj", u)
+    x = LR.rmsnorm(x, p["model.norm.weight"], eps)
+    head = p["model.embed_tokens.weight"] if LR.tied(cfg) else p["lm_head.weight"]
+    logits = x @ head.t()
+    if pt == "PROMPT_TUNING":
+        logits = logits[:, nv:]
+    return ce(logits, targets)
+
+# ------------------------------------------------------------------ the adapters
+
+
+def f32(t):
+    return t.to(torch.float32).to(torch.float64)
+
+
+def lora_tensors(gen, cfg, modules, shapes, dora=False, W=None):
+    """modules: base names; shapes: name -> (out, in); W: name -> [out, in]."""
+    out = {}
+    for name in modules:
+        if not is_target(cfg, name):
+            continue
+        r = pattern_get(cfg["rank_pattern"], name, cfg["r"])
+        o, i = shapes[name]
+        key = "base_model.model." + name
+        A = f32(torch.randn(r, i, generator=gen, dtype=torch.float64) * 0.3)
+        B = f32(torch.randn(o, r, generator=gen, dtype=torch.float64) * 0.3)
+        out[key + ".lora_A.weight"], out[key + ".lora_B.weight"] = A, B
+        if dora:
+            alpha = pattern_get(cfg["alpha_pattern"], name, cfg["lora_alpha"])
+            s = alpha / math.sqrt(r) if cfg["use_rslora"] else alpha / r
+            n = (W[name] + s * (B @ A)).norm(p=2, dim=1)
+            out[key + ".lora_magnitude_vector"] = f32(n * (1.0 + 0.3 * torch.randn(o, generator=gen,
+                                                                                   dtype=torch.float64)))
+    return out
+
+
+def write_case(outdir, case, cfg, tensors):
+    d = os.path.join(outdir, case)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "adapter_config.json"), "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+        f.write("\n")
+    LR.write_safetensors(os.path.join(d, "adapter_model.safetensors"), list(tensors.items()), "F32",
+                         {"format": "pt"})
+
+
+def main():
+    outdir = sys.argv[1] if len(sys.argv) > 1 else os.path.join(HERE, "peft-adapters")
+    os.makedirs(outdir, exist_ok=True)
+    gen = torch.Generator().manual_seed(SEED)
+    expected = {}
+
+    # ---- GPT-2
+    with open(os.path.join(GPT2_DIR, "model", "config.json")) as f:
+        g2 = json.load(f)
+    gw, _, _ = LR.read_safetensors(os.path.join(GPT2_DIR, "model", "model.safetensors"))
+    gw = {(k if k.startswith("transformer.") else "transformer." + k): v for k, v in gw.items()}
+    ex, _, _ = LR.read_safetensors(os.path.join(GPT2_DIR, "expected.safetensors"))
+    gtok, gtgt = ex["tokens"].long(), ex["targets"].long()
+    C, L = g2["n_embd"], g2["n_layer"]
+    g2_lin = {}
+    for l in range(L):
+        h = "transformer.h.%d." % l
+        for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+            w = gw[h + m + ".weight"]          # [in, out]
+            g2_lin[h + m] = (w.shape[1], w.shape[0])
+    g2_W = {n: gw[n + ".weight"].t() for n in g2_lin}
+    base = gpt2_loss(gw, g2, gtok, gtgt, no_adapter())
+    # the stored loss is float32
+    assert abs(base - float(ex["loss"][0])) < 1e-6 * abs(base), (base, float(ex["loss"][0]))
+
+    def g2case(case, cfg, tensors):
+        ad = Adapter(cfg, tensors)
+        loss, loss0 = gpt2_loss(gw, g2, gtok, gtgt, ad), gpt2_loss(gw, g2, gtok, gtgt, ad, pos0=True)
+        expected[case] = {"base": "gpt2", "loss": loss, "loss_pos0": loss0}
+        write_case(outdir, case, cfg, tensors)
+
+    # LoRA with rsLoRA and per-site ranks/alphas; "c_proj" is both attn.c_proj and mlp.c_proj
+    cfg = make_config(LORA_DEFAULTS, r=4, lora_alpha=8, use_rslora=True, fan_in_fan_out=True,
+                      target_modules=["c_attn", "c_proj"], rank_pattern={"attn.c_attn": 2},
+                      alpha_pattern={"mlp.c_proj": 3})
+    g2case("gpt2_lora", cfg, lora_tensors(gen, cfg, g2_lin, g2_lin))
+    # LoRA on one layer only, a regular expression as target_modules
+    cfg = make_config(LORA_DEFAULTS, r=3, lora_alpha=6, fan_in_fan_out=True,
+                      target_modules=r"transformer\.h\.[0-9]+\.mlp\.c_fc", layers_to_transform=[1],
+                      layers_pattern="h")
+    g2case("gpt2_lora_layer", cfg, lora_tensors(gen, cfg, g2_lin, g2_lin))
+    cfg = make_config(LORA_DEFAULTS, r=2, lora_alpha=4, use_dora=True, fan_in_fan_out=True,
+                      target_modules=["c_attn", "c_fc"])
+    g2case("gpt2_dora", cfg, lora_tensors(gen, cfg, g2_lin, g2_lin, dora=True, W=g2_W))
+    # (IA)^3: keys and values of c_attn (queries at 1, which peftref's ia3 needs), mlp.c_proj's input
+    cfg = make_config(IA3_DEFAULTS, target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"],
+                      fan_in_fan_out=True)
+    t = {}
+    for l in range(L):
+        lk = torch.ones(3 * C, 1, dtype=torch.float64)
+        lk[C:] = f32(1.0 + 0.4 * torch.randn(2 * C, 1, generator=gen, dtype=torch.float64))
+        t["base_model.model.transformer.h.%d.attn.c_attn.ia3_l" % l] = lk
+        t["base_model.model.transformer.h.%d.mlp.c_proj.ia3_l" % l] = f32(
+            1.0 + 0.4 * torch.randn(1, 4 * C, generator=gen, dtype=torch.float64))
+    g2case("gpt2_ia3", cfg, t)
+    cfg = make_config(PROMPT_DEFAULTS, num_virtual_tokens=3, token_dim=C, num_attention_heads=g2["n_head"],
+                      num_layers=L)
+    g2case("gpt2_prompt", cfg, {"prompt_embeddings": f32(torch.randn(3, C, generator=gen, dtype=torch.float64))})
+    cfg = make_config(PREFIX_DEFAULTS, num_virtual_tokens=3, token_dim=C, num_attention_heads=g2["n_head"],
+                      num_layers=L, encoder_hidden_size=C)
+    g2case("gpt2_prefix", cfg, {"prompt_embeddings": f32(torch.randn(3, L * 2 * C, generator=gen,
+                                                                     dtype=torch.float64))})
+
+    # ---- LLaMA (gqa: hidden 32, 4 heads, 2 key/value heads, head_dim 8, intermediate 64)
+    lcfg, lw = LR.load_model_dir(os.path.join(LLAMA_DIR, "model"))
+    lex, _, _ = LR.read_safetensors(os.path.join(LLAMA_DIR, "expected.safetensors"))
+    ltok, ltgt = lex["tokens"].long(), lex["targets"].long()
+    Ll, Hkv, hd = lcfg["num_hidden_layers"], LR.kv_heads(lcfg), LR.head_dim(lcfg)
+    l_lin = {}
+    for l in range(Ll):
+        for proj in LR.PROJECTIONS:
+            l_lin[LR.module_name(l, proj)] = LR.proj_shape(lcfg, proj)
+    l_W = {n: lw[n + ".weight"] for n in l_lin}
+    base = llama_loss(lcfg, lw, ltok, ltgt, no_adapter())
+    assert abs(base - float(lex["loss"][0])) < 1e-6 * abs(base), (base, float(lex["loss"][0]))
+
+    def lcase(case, cfg, tensors):
+        ad = Adapter(cfg, tensors)
+        loss, loss0 = llama_loss(lcfg, lw, ltok, ltgt, ad), llama_loss(lcfg, lw, ltok, ltgt, ad, pos0=True)
+        expected[case] = {"base": "llama", "loss": loss, "loss_pos0": loss0}
+        write_case(outdir, case, cfg, tensors)
+
+    cfg = make_config(LORA_DEFAULTS, r=4, lora_alpha=8, use_rslora=True,
+                      target_modules=r".*\.(q_proj|v_proj|down_proj)", rank_pattern={"v_proj": 2},
+                      alpha_pattern={"down_proj": 5})
+    lcase("llama_lora", cfg, lora_tensors(gen, cfg, l_lin, l_lin))
+    cfg = make_config(LORA_DEFAULTS, r=2, lora_alpha=4, use_dora=True,
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    lcase("llama_dora", cfg, lora_tensors(gen, cfg, l_lin, l_lin, dora=True, W=l_W))
+    cfg = make_config(IA3_DEFAULTS, target_modules=["k_proj", "v_proj", "down_proj"],
+                      feedforward_modules=["down_proj"])
+    t = {}
+    for l in range(Ll):
+        pre = "base_model.model.model.layers.%d." % l
+        for proj in ("k_proj", "v_proj"):
+            t[pre + "self_attn.%s.ia3_l" % proj] = f32(1.0 + 0.4 * torch.randn(Hkv * hd, 1, generator=gen,
+                                                                               dtype=torch.float64))
+        t[pre + "mlp.down_proj.ia3_l"] = f32(1.0 + 0.4 * torch.randn(1, lcfg["intermediate_size"], generator=gen,
+                                                                     dtype=torch.float64))
+    lcase("llama_ia3", cfg, t)
+    cfg = make_config(PROMPT_DEFAULTS, num_virtual_tokens=3, token_dim=lcfg["hidden_size"],
+                      num_attention_heads=lcfg["num_attention_heads"], num_layers=Ll)
+    lcase("llama_prompt", cfg, {"prompt_embeddings": f32(torch.randn(3, lcfg["hidden_size"], generator=gen,
+                                                                     dtype=torch.float64))})
+    cfg = make_config(PREFIX_DEFAULTS, num_virtual_tokens=3, token_dim=Hkv * hd, num_attention_heads=Hkv,
+                      num_layers=Ll, encoder_hidden_size=lcfg["hidden_size"])
+    lcase("llama_prefix", cfg, {"prompt_embeddings": f32(torch.randn(3, Ll * 2 * Hkv * hd, generator=gen,
+                                                                     dtype=torch.float64))})
+
+    with open(os.path.join(outdir, "expected.json"), "w") as f:
+        json.dump(dict(sorted(expected.items())), f, indent=2)
+        f.write("\n")
+    for k, v in sorted(expected.items()):
+        print("%-16s %-6s loss %.10f  loss_pos0 %.10f" % (k, v["base"], v["loss"], v["loss_pos0"]))
+
+
+if __name__ == "__main__":
+    main()
