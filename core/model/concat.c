@@ -37,6 +37,11 @@ int model_max_prefix_room(const pr_model *m)
     return p;
 }
 
+int model_position_offset(const pr_model *m)
+{
+    return model_max_prefix_room(m);
+}
+
 int model_check_prefixes(const pr_model *m, pr_error *err)
 {
     for (int l = 0; l < m->cfg.n_layers; l++) {

@@ -218,6 +218,10 @@ int model_sublayer_backward(pr_model *m, int site, int layer, const float *x, fl
 /* Prefix columns layer l's attention must hold room for, and the most of any layer. */
 int model_prefix_room(const pr_model *m, int l);
 int model_max_prefix_room(const pr_model *m);
+/* The position of a sequence's first token: the prefix length P with
+ * prefix keys and values (positions P .. P+T-1, after them, as Hugging
+ * Face places tokens after a past_key_values cache), else 0. */
+int model_position_offset(const pr_model *m);
 /* The k and v providers of every layer agree on their prefix length. */
 int model_check_prefixes(const pr_model *m, pr_error *err);
 /* Prefix keys and values of layer l into m->lf[l].pk, .pv; sets .P. */

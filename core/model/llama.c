@@ -68,7 +68,7 @@ typedef struct llama {
     float *rstdf;                /* (N) */
     double *inv_freq;            /* (hd/2) */
     float *cos, *sin;            /* (T, hd/2) for positions 0 .. T-1 */
-    int rope_T;                  /* rows of cos/sin filled; 0 = none yet */
+    int rope_T, rope_P;          /* rows of cos/sin filled (0 = none yet), from position rope_P */
     /* backward scratch */
     float *dq, *dqr, *dk, *dkr, *dv; /* (N,Q) (N,Q) (N,KV) x3 */
     float *dkatt, *dvatt;        /* (N,KV), only with attn.k / attn.v hooks */
@@ -383,13 +383,16 @@ static int proj_backward(pr_model *m, int site, int l, const float *x, int din, 
     return PR_OK;
 }
 
+/* cos, sin for positions P .. P+T-1 (P = model_position_offset). */
 static void fill_rope(pr_model *m)
 {
     llama *g = m->fam;
-    if (g->rope_T == m->T)
+    int P = model_position_offset(m);
+    if (g->rope_T == m->T && g->rope_P == P)
         return;
-    rope_tables(g->cos, g->sin, g->inv_freq, m->cfg.d_head, 0, m->T);
+    rope_tables(g->cos, g->sin, g->inv_freq, m->cfg.d_head, P, m->T);
     g->rope_T = m->T;
+    g->rope_P = P;
 }
 
 /* Causal attention of T new queries at positions pos0 .. pos0+T-1 over P
@@ -488,7 +491,7 @@ static int block_forward(pr_model *m, int l, const float *x, const float **out, 
                          pos0 + T + model_prefix_room(m, l), c->sliding_window);
     if (dec && l == 0) {
         /* positions pos0 .. pos0+T-1; the next full forward refills */
-        rope_tables(g->cos, g->sin, g->inv_freq, hd, pos0, T);
+        rope_tables(g->cos, g->sin, g->inv_freq, hd, model_position_offset(m) + pos0, T);
         g->rope_T = -1;
     } else if (!dec) {
         fill_rope(m);

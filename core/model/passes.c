@@ -6,6 +6,10 @@
  * (family.h); the embedding, the head and every site outside a block are
  * the frame's.
  *
+ * Positions: with prefix keys and values (prefix tuning) of length P the
+ * sequence's positions start at P, where Hugging Face places tokens after
+ * a past_key_values cache of that length (model_position_offset).
+ *
  * Virtual positions (prompt tuning, Lester et al. 2021): with nv vectors
  * prepended at the embedding site every sequence runs on T = nv + Tr
  * positions, Tr of them real tokens.  Inside the blocks T is that internal
@@ -26,6 +30,8 @@ static int embed_forward(pr_model *m, pr_error *err)
     const pr_model_config *c = &m->cfg;
     int B = m->B, T = m->T, Tr = m->Tr, nv = m->nv, C = c->d_model;
     const float *wpe = data_of(m->wpe);
+    if (wpe)
+        wpe += (size_t)model_position_offset(m) * C;
     if (nv == 0) {
         encoder_forward(m->encoded, m->tokens, m->wte->data, wpe, B, T, C);
         return PR_OK;
@@ -49,6 +55,8 @@ static int embed_backward(pr_model *m, const float *dx, pr_error *err)
     const pr_model_config *c = &m->cfg;
     int B = m->B, T = m->T, Tr = m->Tr, nv = m->nv, C = c->d_model;
     float *dwte = grad_of(m->wte), *dwpe = grad_of(m->wpe);
+    if (dwpe)
+        dwpe += (size_t)model_position_offset(m) * C;
     if (nv == 0) {
         if (dwte || dwpe)
             encoder_backward(dwte, dwpe, dx, m->tokens, B, T, C);
@@ -111,12 +119,14 @@ static int check_batch(pr_model *m, const pr_batch *bt, pr_error *err)
         return pr_errorf(err, PR_ERR_INVALID, "forward: NULL batch or tokens");
     if (bt->B <= 0 || bt->T <= 0)
         return pr_errorf(err, PR_ERR_INVALID, "forward: B and T must be positive (got B=%d, T=%d)", bt->B, bt->T);
-    int nv = pr_model_virtual_positions(m);
-    if (bt->T + nv > c->max_seq) {
-        if (nv)
-            return pr_errorf(err, PR_ERR_INVALID, "forward: T=%d plus %d virtual positions exceeds the model's "
-                             "max_seq=%d", bt->T, nv, c->max_seq);
-        return pr_errorf(err, PR_ERR_INVALID, "forward: T=%d exceeds the model's max_seq=%d", bt->T, c->max_seq);
+    int nv = pr_model_virtual_positions(m), P = model_position_offset(m);
+    int pos0 = m->decode_pos >= 0 ? m->decode_pos : 0;
+    if (P + pos0 + bt->T + nv > c->max_seq) {
+        if (nv || P)
+            return pr_errorf(err, PR_ERR_INVALID, "forward: T=%d after %d prefix and %d virtual positions exceeds "
+                             "the model's max_seq=%d", pos0 + bt->T, P, nv, c->max_seq);
+        return pr_errorf(err, PR_ERR_INVALID, "forward: T=%d exceeds the model's max_seq=%d", pos0 + bt->T,
+                         c->max_seq);
     }
     if (!m->act_block)
         return pr_errorf(err, PR_ERR_INVALID, "forward: no activation memory; call pr_model_reserve first");
@@ -315,9 +325,10 @@ int pr_model_decode_begin(pr_model *m, int ctx, pr_error *err)
         return pr_errorf(err, PR_ERR_UNSUPPORTED,
                          "decode: the model has %d virtual positions (prompt tuning); run full forwards",
                          pr_model_virtual_positions(m));
-    if (ctx < 1 || ctx > m->cfg.max_seq)
-        return pr_errorf(err, PR_ERR_INVALID, "decode: a cache of %d positions is outside [1, max_seq=%d]", ctx,
-                         m->cfg.max_seq);
+    int room = m->cfg.max_seq - model_position_offset(m);
+    if (ctx < 1 || ctx > room)
+        return pr_errorf(err, PR_ERR_INVALID, "decode: a cache of %d positions is outside [1, %d] (max_seq %d less "
+                         "%d prefix positions)", ctx, room, m->cfg.max_seq, model_position_offset(m));
     int rc = m->ops->decode_reserve(m, ctx, err);
     if (rc)
         return rc;
