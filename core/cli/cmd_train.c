@@ -155,7 +155,7 @@ static int select_trainable(pr_model *m, const char *list, pr_error *err)
 }
 
 /* Report a finished (or interrupted) run; returns the exit status. */
-static int report_result(int trc, const pr_train_result *res, const pr_error *err)
+static int report_result(int trc, const pr_train_result *res, const pr_error *err, int quiet)
 {
     if (dist_rank() != 0)   /* every rank has rank 0's result and message: it alone says them */
         return trc == PR_ERR_INTERRUPTED ? 130 : trc ? 1 : 0;
@@ -178,7 +178,7 @@ static int report_result(int trc, const pr_train_result *res, const pr_error *er
     if (res->final_val_accuracy >= 0)
         printf("  val_accuracy %.4f", res->final_val_accuracy);
     printf("\n");
-    if (dist_size() > 1 && res->step_seconds > 0)
+    if (dist_size() > 1 && res->step_seconds > 0 && !quiet)
         fprintf(stderr, "peftref train: %d ranks: %.0f tokens/s; the gradient all-reduce took %.3f s of %.3f s "
                 "in steps (%.1f%%)\n", dist_size(), (double)res->tokens_trained / res->step_seconds,
                 res->allreduce_seconds, res->step_seconds, 100.0 * res->allreduce_seconds / res->step_seconds);
@@ -351,13 +351,13 @@ static int train_pipeline(int argc, char **argv)
         int trc = dist_agree(rank0 ? pr_train_lock(tc.out_dir, &err) : PR_OK, &err);
         if (trc == 0) {
             trc = pr_train(m, tok, &tc, &res, &err);
-            rc = report_result(trc, &res, &err);
+            rc = report_result(trc, &res, &err, tc.quiet);
             if (trc == 0 && rank0 && !(res.complete && outputs_current(tc.out_dir)))
                 rc = save_outputs(pipe, m, &tc, &res);
             if (rank0)
                 pr_train_unlock(tc.out_dir);
         } else {
-            rc = report_result(trc, &res, &err);
+            rc = report_result(trc, &res, &err, tc.quiet);
         }
         /* the base model as trained (full finetuning, selection), without modules */
         if (rc == 0 && save_dir && rank0 &&
@@ -568,10 +568,10 @@ int cmd_train(int argc, char **argv)
     pr_train_result res;
     int trc = pr_train(m, tok, &tc, &res, &err);
     if (trc) {
-        rc = report_result(trc, &res, &err);
+        rc = report_result(trc, &res, &err, tc.quiet);
         goto done;
     }
-    report_result(trc, &res, &err);
+    report_result(trc, &res, &err, tc.quiet);
     if (save_dir && dist_rank() == 0 && pr_model_save_hf(m, save_dir, model_dir ? model_dir : tok_dir, &err))
         goto fail;
     rc = 0;
