@@ -11,7 +11,7 @@ export PEFTREF_PLUGIN_PATH
 # one BLAS thread per rank: two ranks on a 2-core machine must not oversubscribe it
 export OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/peftref-mpi-XXXXXX") || exit 1
-trap 'rm -rf "$tmp"' EXIT
+[ -n "${KEEP_TMP:-}" ] || trap 'rm -rf "$tmp"' EXIT
 passed=0
 failed=0
 check() { # check NAME COMMAND...
