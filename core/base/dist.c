@@ -19,7 +19,10 @@
 void openblas_set_num_threads(int n);
 int openblas_get_num_threads(void);
 
-static int g_rank = 0, g_size = 1, g_active = 0, g_agreed_failure = 0;
+static int g_rank = 0, g_size = 1;
+#ifdef HAVE_MPI
+static int g_active = 0, g_agreed_failure = 0;
+#endif
 
 /* Two buffers for the stop note so a signal never reads a half-written one. */
 #define NOTE_MAX 1024
