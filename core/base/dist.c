@@ -66,9 +66,8 @@ static int env_threads(const char *name)
     return (*end == '\0' || *end == ',') && v > 0 && v < 4096 ? (int)v : 0;
 }
 
-/* Threads per rank: what the user set, else the CPUs this rank is bound to
- * when mpirun bound it to fewer than the host has, else the host's cores
- * shared equally among its ranks. */
+/* Threads per rank: what the user set, else the CPUs this rank is bound to,
+ * at most the host's cores shared equally among its ranks. */
 static void set_threads(void)
 {
     MPI_Comm local;
@@ -93,10 +92,12 @@ static void set_threads(void)
         if ((long)t * n_local > online && g_rank == 0)
             fprintf(stderr, "peftref: warning: %d ranks on this host x %d threads each exceed its %ld cores; "
                     "set OPENBLAS_NUM_THREADS=%ld\n", n_local, t, online, online / n_local > 0 ? online / n_local : 1);
-    } else if (bound > 0 && bound < online) {
-        t = bound;
     } else {
-        t = (int)(online / n_local);
+        /* bound to a core: 1; to a socket that several ranks share: its
+         * share of the host */
+        t = bound > 0 && bound < online ? bound : (int)online;
+        if (t > online / n_local)
+            t = (int)(online / n_local);
     }
     if (t < 1)
         t = 1;
