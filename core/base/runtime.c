@@ -7,6 +7,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "dist.h"
 #include "runtime.h"
 
 /* OpenBLAS extensions (not in every cblas.h). */
@@ -98,6 +99,16 @@ void runtime_describe(char *buf, unsigned long size)
     snprintf(buf, size, "blas: OpenBLAS %s%s, %d threads; omp: %d threads", runtime_blas_core(),
              runtime_blas_is_generic() ? " (generic fallback kernel)" : "", runtime_blas_threads(),
              runtime_omp_threads());
+}
+
+void runtime_describe_layout(char *buf, unsigned long size)
+{
+    char mpi[128];
+    runtime_describe(buf, size);
+    dist_describe(mpi, sizeof mpi);
+    size_t n = strlen(buf);
+    if (n + 2 < size)
+        snprintf(buf + n, size - n, "; %s", mpi);
 }
 
 void runtime_warn_generic_blas(void)

@@ -30,6 +30,10 @@ int runtime_reexec_if_needed(char **argv);
 /* One line for logs: "blas: OpenBLAS Haswell, 2 threads; omp: 2 threads". */
 void runtime_describe(char *buf, unsigned long size);
 
+/* The same followed by the MPI layout (dist_describe), for a run's first
+ * line: "blas: ...; omp: 1 threads; mpi: 2 ranks, 1 thread each". */
+void runtime_describe_layout(char *buf, unsigned long size);
+
 /* Warn on stderr (once per process) when a generic BLAS kernel is in use. */
 void runtime_warn_generic_blas(void);
 

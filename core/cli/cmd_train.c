@@ -9,6 +9,7 @@
 #include <sys/stat.h>
 
 #include "cli.h"
+#include "dist.h"
 #include "fileio.h"
 #include "loss_plot.h"
 #include "runtime.h"
@@ -47,6 +48,11 @@ static const char train_usage[] =
     "finished run: nothing is trained or rewritten.  An earlier run in DIR\n"
     "without a checkpoint (its metrics, modules or pipeline.yaml) is replaced\n"
     "only with --force.\n"
+    "\n"
+    "Under mpirun -np N (docs/distributed.md) the N ranks split every batch\n"
+    "(train.batch is the global batch, a multiple of N) and sum their gradients\n"
+    "with one all-reduce a step; the losses are one process's, and rank 0 alone\n"
+    "writes and prints.\n"
     "\n"
     "model:\n"
     "  --model DIR          Hugging Face directory (GPT-2, Llama, Mistral, Qwen2, Qwen3)\n"
@@ -154,8 +160,10 @@ static int select_trainable(pr_model *m, const char *list, pr_error *err)
 }
 
 /* Report a finished (or interrupted) run; returns the exit status. */
-static int report_result(int trc, const pr_train_result *res, const pr_error *err)
+static int report_result(int trc, const pr_train_result *res, const pr_error *err, int quiet)
 {
+    if (dist_rank() != 0)   /* every rank has rank 0's result and message: it alone says them */
+        return trc == PR_ERR_INTERRUPTED ? 130 : trc ? 1 : 0;
     if (trc == PR_ERR_INTERRUPTED) {
         fprintf(stderr, "peftref train: %s\n", err->msg);
         return 130;
@@ -175,6 +183,10 @@ static int report_result(int trc, const pr_train_result *res, const pr_error *er
     if (res->final_val_accuracy >= 0)
         printf("  val_accuracy %.4f", res->final_val_accuracy);
     printf("\n");
+    if (dist_size() > 1 && res->step_seconds > 0 && !quiet)
+        fprintf(stderr, "peftref train: %d ranks: %.0f tokens/s; the gradient all-reduce took %.3f s of %.3f s "
+                "in steps (%.1f%%)\n", dist_size(), (double)res->tokens_trained / res->step_seconds,
+                res->allreduce_seconds, res->step_seconds, 100.0 * res->allreduce_seconds / res->step_seconds);
     return 0;
 }
 
@@ -331,26 +343,29 @@ static int train_pipeline(int argc, char **argv)
         tc.quiet |= quiet;
         if (progress >= 0)
             tc.progress = progress;
-        if (!tc.quiet && tc.progress != PR_PROGRESS_NONE) {
+        if (!tc.quiet && tc.progress != PR_PROGRESS_NONE && dist_rank() == 0) {
             char line[256];
-            runtime_describe(line, sizeof line);
+            runtime_describe_layout(line, sizeof line);
             fprintf(stderr, "peftref train: %s\n", line);
         }
         pr_train_result res;
         memset(&res, 0, sizeof res);
         /* held until the outputs are written, so no other run mixes files in */
-        int trc = pr_train_lock(tc.out_dir, &err);
+        /* under MPI rank 0 alone writes: the lock, the outputs, --save */
+        int rank0 = dist_rank() == 0;
+        int trc = dist_agree(rank0 ? pr_train_lock(tc.out_dir, &err) : PR_OK, &err);
         if (trc == 0) {
             trc = pr_train(m, tok, &tc, &res, &err);
-            rc = report_result(trc, &res, &err);
-            if (trc == 0 && !(res.complete && outputs_current(tc.out_dir)))
+            rc = report_result(trc, &res, &err, tc.quiet);
+            if (trc == 0 && rank0 && !(res.complete && outputs_current(tc.out_dir)))
                 rc = save_outputs(pipe, m, &tc, &res);
-            pr_train_unlock(tc.out_dir);
+            if (rank0)
+                pr_train_unlock(tc.out_dir);
         } else {
-            rc = report_result(trc, &res, &err);
+            rc = report_result(trc, &res, &err, tc.quiet);
         }
         /* the base model as trained (full finetuning, selection), without modules */
-        if (rc == 0 && save_dir &&
+        if (rc == 0 && save_dir && rank0 &&
             pr_model_save_hf_as(m, save_dir, pr_pipeline_tokenizer_dir(pipe), save_dtype, &err)) {
             fprintf(stderr, "peftref train: %s\n", err.msg);
             rc = 1;
@@ -390,6 +405,9 @@ static const char *first_operand(int argc, char **argv, const struct option *opt
 
 int cmd_train(int argc, char **argv)
 {
+    /* under MPI only rank 0 speaks on stdout (counts, the result line) */
+    if (dist_rank() != 0 && !freopen("/dev/null", "w", stdout))
+        return 1;
     static const struct option opts[] = {
         {"model", required_argument, 0, O_MODEL}, {"preset", required_argument, 0, O_PRESET},
         {"init-seed", required_argument, 0, O_INIT_SEED}, {"layers", required_argument, 0, O_LAYERS},
@@ -538,9 +556,9 @@ int cmd_train(int argc, char **argv)
     if (cli_load_tokenizer(model_dir ? model_dir : tok_dir, m, &tok, &err) ||
         select_trainable(m, trainable, &err))
         goto fail;
-    if (!tc.quiet && tc.progress != PR_PROGRESS_NONE) {
+    if (!tc.quiet && tc.progress != PR_PROGRESS_NONE && dist_rank() == 0) {
         char line[256];
-        runtime_describe(line, sizeof line);
+        runtime_describe_layout(line, sizeof line);
         int64_t n_tr = 0;
         for (int i = 0; i < pr_model_n_tensors(m); i++)
             if (pr_model_tensor(m, i)->trainable)
@@ -555,11 +573,11 @@ int cmd_train(int argc, char **argv)
     pr_train_result res;
     int trc = pr_train(m, tok, &tc, &res, &err);
     if (trc) {
-        rc = report_result(trc, &res, &err);
+        rc = report_result(trc, &res, &err, tc.quiet);
         goto done;
     }
-    report_result(trc, &res, &err);
-    if (save_dir && pr_model_save_hf(m, save_dir, model_dir ? model_dir : tok_dir, &err))
+    report_result(trc, &res, &err, tc.quiet);
+    if (save_dir && dist_rank() == 0 && pr_model_save_hf(m, save_dir, model_dir ? model_dir : tok_dir, &err))
         goto fail;
     rc = 0;
     goto done;

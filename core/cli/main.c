@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "cli.h"
+#include "dist.h"
 #include "runtime.h"
 
 typedef struct subcommand {
@@ -32,13 +33,16 @@ static void usage(FILE *f)
     fprintf(f, "usage: peftref [--version] [--help] COMMAND [ARGS]\n\ncommands:\n");
     for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
         fprintf(f, "  %-10s %s\n", commands[i].name, commands[i].summary);
-    fprintf(f, "  %-10s %s\n", "runtime", "print the BLAS kernel and thread settings in use");
+    fprintf(f, "  %-10s %s\n", "runtime", "print the BLAS kernel, thread and MPI settings in use");
     fprintf(f, "\n'peftref COMMAND --help' describes each command.\n");
 }
 
 int main(int argc, char **argv)
 {
     runtime_reexec_if_needed(argv);
+    /* under mpirun: one rank of a data-parallel job (dist.h) */
+    if (dist_init(&argc, &argv))
+        return 1;
     if (argc < 2) {
         usage(stderr);
         return 2;
@@ -55,12 +59,16 @@ int main(int argc, char **argv)
     if (strcmp(cmd, "runtime") == 0) {
         char line[256];
         runtime_describe(line, sizeof line);
-        printf("%s\n", line);
-        return 0;
+        if (dist_rank() == 0)
+            printf("%s\n", line);
+        dist_describe(line, sizeof line);
+        if (dist_rank() == 0)
+            printf("%s\n", line);
+        return dist_finish(0);
     }
     for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
         if (strcmp(cmd, commands[i].name) == 0)
-            return commands[i].run(argc - 1, argv + 1);
+            return dist_finish(commands[i].run(argc - 1, argv + 1));
     fprintf(stderr, "peftref: unknown command '%s'\n", cmd);
     usage(stderr);
     return 2;

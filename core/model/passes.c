@@ -241,6 +241,11 @@ static int backward_from_final_norm(pr_model *m, pr_error *err);
 
 int pr_model_backward(pr_model *m, pr_error *err)
 {
+    return pr_model_backward_over(m, m ? m->scored : 0, err);
+}
+
+int pr_model_backward_over(pr_model *m, int64_t n_scored, pr_error *err)
+{
     if (!m)
         return pr_errorf(err, PR_ERR_INVALID, "backward: NULL model");
     if (!m->have_fwd)
@@ -249,12 +254,15 @@ int pr_model_backward(pr_model *m, pr_error *err)
         return pr_errorf(err, PR_ERR_INVALID, "backward: the last forward had no targets");
     if (m->scored <= 0)
         return pr_errorf(err, PR_ERR_INVALID, "backward: the last forward scored no targets (all are -1)");
+    if (n_scored < m->scored)
+        return pr_errorf(err, PR_ERR_INVALID, "backward: %lld scored targets in all is fewer than the %lld of "
+                         "the last forward", (long long)n_scored, (long long)m->scored);
     const pr_model_config *c = &m->cfg;
     int Nr = m->B * m->Tr, C = c->d_model, V = c->vocab_size;
 
-    /* loss = mean over scored rows -> logits -> ln_f at the real rows */
+    /* loss = sum over scored rows / n_scored -> logits -> ln_f at the real rows */
     memset(m->dlogits, 0, (size_t)Nr * V * sizeof(float));
-    crossentropy_backward(m->dlogits, m->probs, m->targets, Nr, V, 1.0f / (float)m->scored);
+    crossentropy_backward(m->dlogits, m->probs, m->targets, Nr, V, 1.0f / (float)n_scored);
     float *dh = m->nv ? m->dhid : m->dln;
     memset(dh, 0, (size_t)Nr * C * sizeof(float));
     matmul_backward(dh, C, grad_of(m->head), NULL, m->dlogits, V, real_hidden(m), C, m->head->data, 0, Nr, C, V);

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "peftref/module.h"
+#include "dist.h"
 #include "trainer.h"
 
 /* ---- classification head -------------------------------------------------
@@ -14,7 +15,7 @@
  * (position lengths[b]-1; padding is on the right and attention is causal,
  * so that position has seen the whole text).
  *   pooled (B,C); logits (B,K) = pooled . W + b; mean cross-entropy. */
-static double head_forward_backward(trainer *t, int rows, int backward, int *correct)
+static double head_forward_backward(trainer *t, int rows, int backward, int64_t n_all, int *correct)
 {
     const float *hidden = pr_model_hidden(t->m);
     int C = t->C, K = t->K, T = t->T;
@@ -51,7 +52,7 @@ static double head_forward_backward(trainer *t, int rows, int backward, int *cor
     if (n == 0)
         return 0.0;
     if (backward) {
-        float scale = 1.0f / (float)n;
+        float scale = 1.0f / (float)(n_all > n ? n_all : n);
         for (int b = 0; b < rows; b++) {
             if (t->labels[b] < 0)
                 continue;
@@ -72,10 +73,9 @@ static double head_forward_backward(trainer *t, int rows, int backward, int *cor
     return loss / n;
 }
 
-/* One micro-batch: forward, and backward when asked.  Returns the mean
- * loss over its scored targets in *loss and their count in *scored. */
-int train_run_batch(trainer *t, int rows, int backward, double *loss, int64_t *scored, int *correct,
-                     pr_error *err)
+/* One micro-batch: forward, and backward when asked (trainer.h). */
+int train_run_batch(trainer *t, int rows, int backward, int64_t n_scored_all, double *loss, int64_t *scored,
+                    int *correct, pr_error *err)
 {
     int rc;
     pr_batch bt = {.tokens = t->tokens, .targets = t->is_cls ? NULL : t->targets, .B = t->B, .T = t->T,
@@ -84,7 +84,7 @@ int train_run_batch(trainer *t, int rows, int backward, double *loss, int64_t *s
     if ((rc = pr_model_forward(t->m, &bt, &l, err)))
         return rc;
     if (t->is_cls) {
-        *loss = head_forward_backward(t, rows, backward, correct);
+        *loss = head_forward_backward(t, rows, backward, n_scored_all, correct);
         *scored = 0;
         for (int b = 0; b < rows; b++)
             *scored += t->labels[b] >= 0;
@@ -94,40 +94,46 @@ int train_run_batch(trainer *t, int rows, int backward, double *loss, int64_t *s
         *loss = l;
         *scored = pr_model_scored_tokens(t->m);
         if (backward && isfinite(*loss) && *scored > 0)
-            rc = pr_model_backward(t->m, err);
+            rc = pr_model_backward_over(t->m, n_scored_all > *scored ? n_scored_all : *scored, err);
     }
     return rc;
 }
 
-/* Mean validation loss (weighted by scored targets) and accuracy. */
+/* Mean validation loss (weighted by scored targets) and accuracy.  Rows
+ * [0, max_rows) go in pieces of B rows, piece k to rank k % ranks. */
 int train_evaluate(trainer *t, double *loss_out, double *acc_out, pr_error *err)
 {
     pr_model_set_training(t->m, 0);
     size_t n = t->val.n;
-    size_t max_rows = t->cfg->eval_batches > 0 ? (size_t)t->cfg->eval_batches * t->B : n;
+    size_t max_rows = t->cfg->eval_batches > 0 ? (size_t)t->cfg->eval_batches * t->B_global : n;
     if (max_rows > n)
         max_rows = n;
     double sum = 0.0;
     int64_t total = 0;
-    int correct = 0, rows_seen = 0;
-    for (size_t i = 0; i < max_rows; i += (size_t)t->B) {
+    int correct = 0, rows_seen = 0, rc = PR_OK;
+    size_t piece = 0;
+    for (size_t i = 0; i < max_rows && !rc; i += (size_t)t->B, piece++) {
+        if ((int)(piece % (size_t)t->ranks) != t->rank)
+            continue;
         int rows = (int)((max_rows - i) < (size_t)t->B ? (max_rows - i) : (size_t)t->B);
         for (int b = 0; b < rows; b++)
             t->idx[b] = i + (size_t)b;
-        int rc = data_make_batch(&t->val, t->idx, rows, t->B, t->T, t->tokens, t->targets, t->lengths,
-                                 t->labels, t->pad_id, err);
-        if (rc)
-            return rc;
+        rc = data_make_batch(&t->val, t->idx, rows, t->B, t->T, t->tokens, t->targets, t->lengths, t->labels,
+                             t->pad_id, err);
         double l;
         int64_t scored;
-        if ((rc = train_run_batch(t, rows, 0, &l, &scored, &correct, err)))
-            return rc;
-        sum += l * (double)scored;
-        total += scored;
-        rows_seen += rows;
+        if (!rc && !(rc = train_run_batch(t, rows, 0, 0, &l, &scored, &correct, err))) {
+            sum += l * (double)scored;
+            total += scored;
+            rows_seen += rows;
+        }
     }
-    *loss_out = total > 0 ? sum / (double)total : NAN;
-    *acc_out = t->is_cls && rows_seen > 0 ? (double)correct / rows_seen : -1.0;
+    if ((rc = dist_agree(rc, err)))
+        return rc;
+    double s[4] = {sum, (double)total, (double)correct, (double)rows_seen};
+    if ((rc = dist_sum_doubles(s, 4, err)))
+        return rc;
+    *loss_out = s[1] > 0 ? s[0] / s[1] : NAN;
+    *acc_out = t->is_cls && s[3] > 0 ? s[2] / s[3] : -1.0;
     return PR_OK;
 }
-

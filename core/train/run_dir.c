@@ -66,12 +66,30 @@ static void host_name(char *buf, size_t len)
             *p = '_';
 }
 
-/* A live process: kill(pid, 0) succeeds or is refused for permission. */
+/* A zombie has ended (a killed MPI rank whose parent mpirun is gone stays
+ * one where nothing reaps orphans, as in a container without an init):
+ * state Z in /proc/PID/stat, after the parenthesised command name. */
+static int pid_zombie(long pid)
+{
+    char path[64], buf[512];
+    snprintf(path, sizeof path, "/proc/%ld/stat", pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return 0;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    const char *close = strrchr(buf, ')');
+    return close && close[1] == ' ' && (close[2] == 'Z' || close[2] == 'X');
+}
+
+/* A live process: kill(pid, 0) succeeds or is refused for permission, and
+ * it is no zombie. */
 static int pid_alive(long pid)
 {
     if (pid <= 0 || pid > INT_MAX)
         return 0;
-    return kill((pid_t)pid, 0) == 0 || errno == EPERM;
+    return (kill((pid_t)pid, 0) == 0 || errno == EPERM) && !pid_zombie(pid);
 }
 
 /* Create path holding text, failing with EEXIST when it exists. */

@@ -19,6 +19,7 @@
 #include "peftref/train.h"
 #include "peftref/module.h"
 #include "data.h"
+#include "dist.h"
 #include "fileio.h"
 #include "optim.h"
 #include "progress.h"
@@ -39,6 +40,10 @@ static volatile sig_atomic_t stop_signal;
 
 static void on_signal(int sig)
 {
+    /* several ranks: a peer may be gone, and the next collective would wait
+     * for it forever; rank 0 says where the last checkpoint is */
+    if (dist_size() > 1)
+        dist_signal_exit(sig);
     stop_signal = sig;
 }
 
@@ -81,6 +86,8 @@ static void trainer_free(trainer *t)
     free(t->labels);
     free(t->samples);
     free(t->idx);
+    free(t->idx_step);
+    free(t->red_buf);
     free(t->head);
     free(t->head_grad);
     free(t->pooled);
@@ -210,6 +217,85 @@ static int plan_optimizer(trainer *t, pr_error *err)
     return rc;
 }
 
+/* ---- the gradient all-reduce ------------------------------------------------
+ * Every trainable tensor's gradient (the model's flat block, each module's
+ * block, the classification head's) is summed over the ranks in one
+ * MPI_Allreduce.  When the optimizer's segments lie back to back in memory
+ * the sum runs in place over them; otherwise they are packed into one
+ * staging block first.  No scaling follows: each rank's backward already
+ * divided by the step's scored targets on every rank (train_run_batch). */
+static int cmp_seg_addr(const void *a, const void *b)
+{
+    const optim_seg *x = *(const optim_seg *const *)a, *y = *(const optim_seg *const *)b;
+    return x->grad < y->grad ? -1 : x->grad > y->grad;
+}
+
+static int plan_reduce(trainer *t, pr_error *err)
+{
+    t->red_n = t->opt_ready ? t->opt.n_total : 0;
+    if (t->ranks == 1 || t->red_n == 0)
+        return PR_OK;
+    const optim_seg **order = malloc((size_t)t->opt.n_segs * sizeof *order);
+    if (!order)
+        return pr_errorf(err, PR_ERR_NOMEM, "out of memory planning the gradient all-reduce");
+    for (int i = 0; i < t->opt.n_segs; i++)
+        order[i] = &t->opt.segs[i];
+    qsort(order, (size_t)t->opt.n_segs, sizeof *order, cmp_seg_addr);
+    int contiguous = 1;
+    for (int i = 1; i < t->opt.n_segs && contiguous; i++)
+        contiguous = order[i - 1]->grad + order[i - 1]->n == order[i]->grad;
+    t->red_single = contiguous;
+    t->red_ptr = order[0]->grad;
+    free(order);
+    if (!contiguous && !(t->red_buf = malloc(t->red_n * sizeof(float))))
+        return pr_errorf(err, PR_ERR_NOMEM, "out of memory for the %zu-float gradient all-reduce block", t->red_n);
+    return PR_OK;
+}
+
+static int reduce_grads(trainer *t, pr_error *err)
+{
+    if (t->ranks == 1 || t->red_n == 0)
+        return PR_OK;
+    if (t->red_single)
+        return dist_sum_floats(t->red_ptr, t->red_n, err);
+    size_t off = 0;
+    for (int i = 0; i < t->opt.n_segs; i++) {
+        memcpy(t->red_buf + off, t->opt.segs[i].grad, t->opt.segs[i].n * sizeof(float));
+        off += t->opt.segs[i].n;
+    }
+    int rc = dist_sum_floats(t->red_buf, t->red_n, err);
+    off = 0;
+    for (int i = 0; i < t->opt.n_segs && !rc; i++) {
+        memcpy(t->opt.segs[i].grad, t->red_buf + off, t->opt.segs[i].n * sizeof(float));
+        off += t->opt.segs[i].n;
+    }
+    return rc;
+}
+
+/* rank 0's value of v, on every rank */
+static int from_rank0(trainer *t, int v, pr_error *err, int *rc)
+{
+    double d = t->rank == 0 ? (double)v : 0.0;
+    *rc = dist_sum_doubles(&d, 1, err);
+    return (int)d;
+}
+
+/* What rank 0 says when a signal ends a run of several ranks. */
+static void update_stop_note(const trainer *t, int64_t step)
+{
+    if (t->ranks == 1 || t->rank != 0)
+        return;
+    char note[1024];
+    if (t->ckpt_step >= 0)
+        snprintf(note, sizeof note, "step %lld was in flight; the last checkpoint, %s at step %lld, is intact: "
+                 "continue with mpirun -np %d peftref train ... --resume", (long long)step + 1, t->ckpt_path,
+                 (long long)t->ckpt_step, t->ranks);
+    else
+        snprintf(note, sizeof note, "step %lld was in flight and no checkpoint has been written yet "
+                 "(train.checkpoint_every sets how often one is)", (long long)step + 1);
+    dist_set_stop_note(note);
+}
+
 static int setup(trainer *t, pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, pr_error *err)
 {
     int rc;
@@ -235,7 +321,14 @@ static int setup(trainer *t, pr_model *m, const pr_tokenizer *tok, const pr_trai
     if (pr_tokenizer_vocab_size(tok) > mc->vocab_size)
         return pr_errorf(err, PR_ERR_INVALID, "the tokenizer's %d ids do not fit the model's vocabulary of %d",
                          pr_tokenizer_vocab_size(tok), mc->vocab_size);
-    t->B = cfg->batch;
+    t->rank = dist_rank();
+    t->ranks = dist_size();
+    if (cfg->batch % t->ranks != 0)
+        return pr_errorf(err, PR_ERR_INVALID, "train.batch %d does not split evenly over %d ranks: each rank "
+                         "takes the same share of every batch (choose a multiple of %d)", cfg->batch, t->ranks,
+                         t->ranks);
+    t->B_global = cfg->batch;
+    t->B = cfg->batch / t->ranks;
     t->T = cfg->seq_len;
     t->C = mc->d_model;
     const char *task = t->is_cls ? "classification" : "lm";
@@ -270,7 +363,8 @@ static int setup(trainer *t, pr_model *m, const pr_tokenizer *tok, const pr_trai
     t->labels = malloc((size_t)t->B * sizeof(int));
     t->idx = malloc((size_t)t->B * sizeof(size_t));
     t->samples = malloc((size_t)t->B * sizeof(int64_t));
-    if (!t->tokens || !t->targets || !t->lengths || !t->labels || !t->idx || !t->samples)
+    t->idx_step = malloc((size_t)cfg->accum * (size_t)t->B_global * sizeof(size_t));
+    if (!t->tokens || !t->targets || !t->lengths || !t->labels || !t->idx || !t->samples || !t->idx_step)
         return pr_errorf(err, PR_ERR_NOMEM, "out of memory for batches");
     rng_seed(&t->rng, cfg->seed ^ 0x7065667472656600ull);
     if (t->is_cls) {
@@ -290,13 +384,16 @@ static int setup(trainer *t, pr_model *m, const pr_tokenizer *tok, const pr_trai
     }
     if ((rc = pr_model_reserve(m, t->B, t->T, err)))
         return rc;
-    if ((rc = plan_optimizer(t, err)))
+    if ((rc = plan_optimizer(t, err)) || (rc = plan_reduce(t, err)))
         return rc;
-    /* an arm of a comparison trains in OUTPUT/ARM: the lock makes the directories */
-    if ((rc = run_dir_lock(cfg->out_dir, err)))
-        return rc;
-    t->locked = 1;
-    run_dir_clean_temps(cfg->out_dir);
+    /* an arm of a comparison trains in OUTPUT/ARM: the lock makes the
+     * directories; only rank 0 writes there */
+    if (t->rank == 0) {
+        if ((rc = run_dir_lock(cfg->out_dir, err)))
+            return rc;
+        t->locked = 1;
+        run_dir_clean_temps(cfg->out_dir);
+    }
     t->ckpt_path = fileio_join(cfg->out_dir, "checkpoint.safetensors");
     t->metrics_path = fileio_join(cfg->out_dir, "metrics.jsonl");
     if (!t->ckpt_path || !t->metrics_path)
@@ -398,7 +495,16 @@ int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, p
     res->final_val_accuracy = -1.0;
     res->best_step = res->early_stopped = -1;
     res->best_val_loss = res->best_val_accuracy = NAN;
-    int rc = setup(&t, m, tok, cfg, err);
+    /* ranks other than 0 print nothing and write nothing (best modules included) */
+    pr_train_config quiet_cfg;
+    if (dist_rank() != 0) {
+        quiet_cfg = *cfg;
+        quiet_cfg.quiet = 1;
+        quiet_cfg.progress = PR_PROGRESS_NONE;
+        quiet_cfg.on_best = NULL;
+        cfg = &quiet_cfg;
+    }
+    int rc = dist_agree(setup(&t, m, tok, cfg, err), err);
     if (rc) {
         trainer_free(&t);
         return rc;
@@ -418,8 +524,14 @@ int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, p
     int64_t step = 0;
     int talk = !cfg->quiet && cfg->progress != PR_PROGRESS_NONE;
     struct stat sb;
+    /* rank 0 decides what is on disk; every rank then reads the same checkpoint */
     int have_ckpt = stat(t.ckpt_path, &sb) == 0;
-    if (cfg->force) {
+    if (t.ranks > 1) {
+        have_ckpt = from_rank0(&t, have_ckpt && !cfg->force, err, &rc);
+        if (rc)
+            goto out;
+    }
+    if (cfg->force && t.rank == 0) {
         /* afresh: nothing of the earlier run may pass for this one's */
         unlink(t.ckpt_path);
         train_remove_in(cfg->out_dir, "pipeline.yaml");
@@ -433,31 +545,29 @@ int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, p
                            "output directory", t.ckpt_path);
             goto out;
         }
-        if ((rc = train_resume_checkpoint(&t, &step, &changed, err)))
+        if ((rc = dist_agree(train_resume_checkpoint(&t, &step, &changed, err), err)))
             goto out;
         res->resumed_from = (int)step;
         if (talk)
             fprintf(stderr, "resumed from %s at step %lld\n", t.ckpt_path, (long long)step);
-    } else if (!cfg->force) {
+    } else if (!cfg->force && t.rank == 0) {
         char what[600];
         if (train_has_outputs(cfg->out_dir, what, sizeof what)) {
             rc = pr_errorf(err, PR_ERR_INVALID,
                            "%s holds an earlier run (%s) and no checkpoint to resume from: choose another "
                            "output directory, or replace it with --force", cfg->out_dir, what);
-            goto out;
-        }
-        if (stat(t.metrics_path, &sb) == 0 && sb.st_size > 0) {
-            if (!cfg->resume) {
+        } else if (stat(t.metrics_path, &sb) == 0 && sb.st_size > 0) {
+            if (!cfg->resume)
                 rc = pr_errorf(err, PR_ERR_INVALID,
                                "%s holds an earlier run's metrics.jsonl and no checkpoint: start that run again "
                                "with --resume, replace it with --force, or choose another output directory",
                                cfg->out_dir);
-                goto out;
-            }
-            if (talk)
+            else if (talk)
                 fprintf(stderr, "no checkpoint in %s yet: starting from step 0\n", cfg->out_dir);
         }
     }
+    if ((rc = dist_agree(rc, err)))
+        goto out;
     if (have_ckpt && ((step == cfg->steps && step > 0) || t.stopped_at >= 0)) {
         /* a finished run: nothing to train, nothing to write; its results are the checkpoint's */
         res->complete = 1;
@@ -469,13 +579,14 @@ int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, p
         res->final_val_accuracy = t.is_cls && isfinite(t.last_acc) ? t.last_acc : -1.0;
         goto out;
     }
-    if (step > 0 && (rc = run_dir_truncate_metrics(t.metrics_path, step, err)))
-        goto out;
-    t.metrics = fopen(t.metrics_path, step > 0 ? "a" : "w");
-    if (!t.metrics) {
-        rc = pr_errorf(err, PR_ERR_IO, "%s: %s", t.metrics_path, strerror(errno));
-        goto out;
+    if (t.rank == 0) {
+        if (step > 0)
+            rc = run_dir_truncate_metrics(t.metrics_path, step, err);
+        if (!rc && !(t.metrics = fopen(t.metrics_path, step > 0 ? "a" : "w")))
+            rc = pr_errorf(err, PR_ERR_IO, "%s: %s", t.metrics_path, strerror(errno));
     }
+    if ((rc = dist_agree(rc, err)))
+        goto out;
     if (changed) {
         log_metrics(&t, "{\"event\": \"resume_changed\", \"step\": %lld, \"settings\": %s}", (long long)step,
                     changed);
@@ -491,7 +602,7 @@ int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, p
     if (step == 0) {
         log_eval(&t, 0, vloss, vacc);
         train_progress_eval(&pg, 0, vloss, vacc, 0, now_seconds());
-        if ((rc = after_eval(&t, 0, vloss, vacc, err)))
+        if ((rc = dist_agree(after_eval(&t, 0, vloss, vacc, err), err)))
             goto out;
     } else {
         pg.val = vloss;
@@ -517,43 +628,60 @@ int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, p
         pr_model_zero_grad(m);
         optim_zero_grad(&t.opt);
         (void)pr_model_take_aux_loss(m);   /* this step's only */
-        double loss_sum = 0.0;
-        for (int a = 0; a < cfg->accum; a++) {
-            data_sampler_next(&t.sampler, t.idx, t.B);
-            if ((rc = data_make_batch(&t.train, t.idx, t.B, t.B, t.T, t.tokens, t.targets, t.lengths,
-                                      t.labels, t.pad_id, err)))
-                goto out_signals;
-            /* Row b of micro-batch a is sample (step * accum + a) * B + b of the run: the
-             * same index however the global batch is split, so module randomness keyed
-             * by it is too. */
+        update_stop_note(&t, step);
+        /* The step's global batch: accum micro-batches of B_global rows, drawn
+         * alike on every rank; rank r runs rows [r*B, (r+1)*B) of each.  Every
+         * backward divides by the scored targets of the whole step, so the
+         * micro-batches' and ranks' gradients sum to the global batch's. */
+        int n_rows = cfg->accum * t.B_global;
+        data_sampler_next(&t.sampler, t.idx_step, n_rows);
+        int64_t n_scored = data_count_scored(&t.train, t.idx_step, (size_t)n_rows);
+        /* this rank's sums: loss * scored, scored, tokens, forward aux loss */
+        double st[4] = {0.0, 0.0, 0.0, 0.0};
+        for (int a = 0; a < cfg->accum && !rc; a++) {
+            const size_t *rows = t.idx_step + (size_t)a * t.B_global + (size_t)t.rank * t.B;
+            if ((rc = data_make_batch(&t.train, rows, t.B, t.B, t.T, t.tokens, t.targets, t.lengths, t.labels,
+                                      t.pad_id, err)))
+                break;
+            /* Row b of micro-batch a on rank r is sample (step * accum + a) * B_global
+             * + r * B + b of the run: the same index however the global batch is
+             * split over micro-batches and ranks, so module randomness keyed by it
+             * (dropout masks) is too. */
             for (int b = 0; b < t.B; b++)
-                t.samples[b] = ((int64_t)step * cfg->accum + a) * t.B + b;
+                t.samples[b] = ((int64_t)step * cfg->accum + a) * t.B_global + (int64_t)t.rank * t.B + b;
             pr_model_set_samples(m, t.samples);
             double l;
             int64_t scored;
-            if ((rc = train_run_batch(&t, t.B, 1, &l, &scored, NULL, err)))
-                goto out_signals;
-            if ((rc = pr_model_after_backward(m, err)))
-                goto out_signals;
-            if (!isfinite(l)) {
-                char note[600];
-                rc = pr_errorf(err, PR_ERR_NUMERIC,
-                               "loss is %s at step %lld: training stopped before updating; %s (lower the "
-                               "learning rate or check the data)",
-                               isnan(l) ? "NaN" : "infinite", (long long)step + 1, train_ckpt_note(&t, note, sizeof note));
-                goto out_signals;
-            }
-            loss_sum += l;
+            if ((rc = train_run_batch(&t, t.B, 1, n_scored, &l, &scored, NULL, err)))
+                break;
+            st[0] += l * (double)scored;
+            st[1] += (double)scored;
             for (int b = 0; b < t.B; b++)
-                tokens_done += t.lengths[b];
+                st[2] += t.lengths[b];
         }
-        double loss = loss_sum / cfg->accum;
-        if (cfg->accum > 1) {
-            float s = 1.0f / (float)cfg->accum;
-            for (int i = 0; i < t.opt.n_segs; i++)
-                for (size_t j = 0; j < t.opt.segs[i].n; j++)
-                    t.opt.segs[i].grad[j] *= s;
+        st[3] = pr_model_take_aux_loss(m);
+        if ((rc = dist_agree(rc, err)) || (rc = dist_sum_doubles(st, 4, err)))
+            goto out_signals;
+        double loss = st[1] > 0 ? st[0] / st[1] : 0.0;
+        tokens_done += (int64_t)st[2];
+        if (!isfinite(loss)) {
+            char note[600];
+            rc = pr_errorf(err, PR_ERR_NUMERIC,
+                           "loss is %s at step %lld: training stopped before updating; %s (lower the "
+                           "learning rate or check the data)",
+                           isnan(loss) ? "NaN" : "infinite", (long long)step + 1, train_ckpt_note(&t, note, sizeof note));
+            goto out_signals;
         }
+        double t_comm = now_seconds();
+        if ((rc = dist_agree(reduce_grads(&t, err), err)))
+            goto out_signals;
+        t_comm = now_seconds() - t_comm;
+        res->allreduce_seconds += t_comm;
+        /* once per step, on the whole batch's gradient (the same on every rank):
+         * a regulariser's gradient, AdaLoRA's importance scores */
+        if ((rc = dist_agree(pr_model_after_backward(m, err), err)))
+            goto out_signals;
+        double aux_bwd = pr_model_take_aux_loss(m);
         size_t bad_index;
         const char *bad = optim_nonfinite_grad(&t.opt, &bad_index);
         if (bad) {
@@ -572,7 +700,8 @@ int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, p
         pr_model_set_step(m, (uint64_t)step - 1);
         if ((rc = pr_model_after_step(m, err)))
             goto out_signals;
-        double aux = pr_model_take_aux_loss(m) / cfg->accum;
+        /* forward terms are per micro-batch: their mean over the step's */
+        double aux = st[3] / (double)(cfg->accum * t.ranks) + aux_bwd + pr_model_take_aux_loss(m);
         res->step_seconds += now_seconds() - t_step;
         res->tokens_trained = tokens_done;
         if (first) {
@@ -592,7 +721,8 @@ int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, p
         t.diverging_steps = loss > t.first_loss && loss > 3.0 * t.min_loss ? t.diverging_steps + 1 : 0;
         if (!t.warned_diverging && t.diverging_steps >= DIVERGING_STEPS) {
             t.warned_diverging = 1;
-            fprintf(stderr, "peftref: warning: training is diverging at step %lld: loss %.4g is above the first "
+            if (t.rank == 0)
+                fprintf(stderr, "peftref: warning: training is diverging at step %lld: loss %.4g is above the first "
                     "(%.4g) and more than 3x the lowest so far (%.4g), at lr %.3g (peak %.3g); try a lower "
                     "learning rate (e.g. --lr %.2g)\n", (long long)step, loss, t.first_loss, t.min_loss,
                     (double)lr, (double)cfg->lr, (double)cfg->lr / 10.0);
@@ -601,12 +731,14 @@ int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, p
             t.min_loss = loss;
         t.last_loss = loss;
         double now = now_seconds();
+        char aux_part[64] = "", mpi_part[96] = "";
         if (aux != 0.0)
-            log_metrics(&t, "{\"step\": %lld, \"loss\": %.6f, \"aux_loss\": %.6g, \"lr\": %.6g, \"grad_norm\": %.6f, "
-                        "\"seconds\": %.3f}", (long long)step, loss, aux, lr, norm, now - t0);
-        else
-            log_metrics(&t, "{\"step\": %lld, \"loss\": %.6f, \"lr\": %.6g, \"grad_norm\": %.6f, \"seconds\": %.3f}",
-                        (long long)step, loss, lr, norm, now - t0);
+            snprintf(aux_part, sizeof aux_part, ", \"aux_loss\": %.6g", aux);
+        if (t.ranks > 1)
+            snprintf(mpi_part, sizeof mpi_part, ", \"step_seconds\": %.6f, \"allreduce_seconds\": %.6f",
+                     now - t_step, t_comm);
+        log_metrics(&t, "{\"step\": %lld, \"loss\": %.6f%s, \"lr\": %.6g, \"grad_norm\": %.6f, \"seconds\": %.3f%s}",
+                    (long long)step, loss, aux_part, lr, norm, now - t0, mpi_part);
         int last = step == cfg->steps;
         if (pg.mode == PR_PROGRESS_BAR ||
             (pg.mode == PR_PROGRESS_PLAIN && (cfg->log_every <= 0 || step % cfg->log_every == 0 || last))) {
@@ -624,11 +756,12 @@ int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, p
             res->final_val_accuracy = vacc;
             t.last_val = vloss;
             t.last_acc = vacc;
-            if ((rc = after_eval(&t, step, vloss, vacc, err)))
+            if ((rc = dist_agree(after_eval(&t, step, vloss, vacc, err), err)))
                 goto out_signals;
         }
         if ((cfg->ckpt_every > 0 && step % cfg->ckpt_every == 0) || last || stop_signal || t.stopped_at == step) {
-            if ((rc = train_save_checkpoint(&t, step, err)))
+            /* rank 0 writes it; every rank knows its step, for the stop note */
+            if ((rc = dist_agree(t.rank == 0 ? train_save_checkpoint(&t, step, err) : PR_OK, err)))
                 goto out_signals;
         }
         if (stop_signal) {

@@ -19,7 +19,16 @@ typedef struct trainer {
     pr_model *m;
     const pr_train_config *cfg;
     int is_cls;
-    int B, T, C, K;
+    int B, T, C, K;       /* B: the rows this rank runs of each micro-batch */
+    /* data parallelism (dist.h): rank of ranks; each micro-batch of B_global
+     * rows (train.batch) is split into ranks slices of B rows */
+    int rank, ranks, B_global;
+    size_t *idx_step;     /* (accum * B_global) example indices of the step in flight */
+    /* the gradient all-reduce: one contiguous block (red_single, red_ptr)
+     * or every segment packed into red_buf; red_n floats either way */
+    float *red_buf, *red_ptr;
+    size_t red_n;
+    int red_single;
     int64_t *samples;   /* (B) global sample index of each row of the micro-batch in flight */
     data_dataset train, val;
     data_sampler sampler;
@@ -72,13 +81,17 @@ int train_import_head(trainer *t, pr_error *err);
 void train_head_logits(const float *W, const float *bias, const float *h, int C, int K, float *z);
 
 /* One micro-batch of rows: forward, and backward when asked.  The mean
- * loss over its scored targets in *loss and their count in *scored;
+ * loss over its scored targets in *loss and their count in *scored; the
+ * backward is that of the sum of its target losses over n_scored_all, the
+ * targets of the whole step on every rank (0: its own count), so the
+ * pieces' gradients add up to the global batch's;
  * correct predictions are added to *correct (classification, may be NULL). */
-int train_run_batch(trainer *t, int rows, int backward, double *loss, int64_t *scored, int *correct,
-                    pr_error *err);
+int train_run_batch(trainer *t, int rows, int backward, int64_t n_scored_all, double *loss, int64_t *scored,
+                    int *correct, pr_error *err);
 
 /* Mean validation loss (weighted by scored targets) and accuracy (-1 for a
- * language-model task), over eval_batches batches (all when 0). */
+ * language-model task), over eval_batches batches of train.batch rows (all
+ * when 0), the rows shared out among the ranks and the sums reduced. */
 int train_evaluate(trainer *t, double *loss_out, double *acc_out, pr_error *err);
 
 #endif

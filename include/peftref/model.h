@@ -109,6 +109,12 @@ int pr_model_forward(pr_model *m, const pr_batch *batch, float *loss, pr_error *
  * Accumulates into the gradients of trainable tensors and calls the
  * backward of every attached site hook. */
 int pr_model_backward(pr_model *m, pr_error *err);
+/* The same for a loss that divides the sum of this forward's scored token
+ * losses by n_scored targets counted over a larger batch (every
+ * micro-batch of a step, on every rank) rather than by the forward's own
+ * count: the pieces' gradients then add up to the whole batch's mean-loss
+ * gradient.  pr_model_backward is n_scored = pr_model_scored_tokens. */
+int pr_model_backward_over(pr_model *m, int64_t n_scored, pr_error *err);
 
 /* Final normalised hidden states of the last forward, (B,T,C), at the
  * real positions only. */

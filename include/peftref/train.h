@@ -109,6 +109,8 @@ typedef struct pr_train_result {
     int64_t best_step;           /* keep_best: the step of the best evaluation, -1: none */
     double best_val_loss, best_val_accuracy;   /* ... and its values */
     int64_t early_stopped;       /* the step early stopping stopped at, -1: it did not */
+    double allreduce_seconds;    /* of step_seconds, in the gradient all-reduce over
+                                    MPI ranks (0 for one process) */
 } pr_train_result;
 
 /* The lock of a run's output directory (OUT/.lock: the holder's pid and
