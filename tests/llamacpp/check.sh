@@ -95,6 +95,26 @@ YAML
     CHECK "$d/merged.gguf" - "$TOKENS" "$d/ref-lora.bin" "$tol" || failed=1
     # f16 weights: rounding the weights alone costs about 1e-3
     CHECK "$d/base-f16.gguf" - "$TOKENS" "$d/ref-base.bin" 1e-2 || failed=1
+    # the round trip peftref -> Hugging Face PEFT -> peftref -> GGUF: the PEFT
+    # adapter loaded back gives the run's logits bit for bit, and its GGUF
+    # export what llama.cpp computes within the same tolerance (LLaMA: GPT-2's
+    # q and v slices of c_attn have no PEFT module name)
+    [ "$fam" = llama ] || continue
+    "$PEFTREF" export "$d/run" --format peft --out "$d/peft"
+    cat > "$d/from-peft.yaml" <<YAML
+model: {preset: $preset, seed: 11}
+task: {type: lm, train: $DATA}
+modules:
+  - load: $d/peft
+    mode: frozen
+train: {steps: 1, batch: 1, seq_len: 16, output: $d/peft-run}
+YAML
+    "$LOGITS" "$d/from-peft.yaml" "$TOKENS" "$d/ref-peft.bin" >/dev/null
+    same=$("$LOGITS" --diff "$d/ref-peft.bin" "$d/ref-lora.bin")
+    say "$fam: peftref -> PEFT -> peftref moves the logits by $same relative (must be 0)"
+    awk -v m="$same" 'BEGIN { exit !(m == 0) }' || { say "$fam: FAIL: the PEFT round trip changed the logits"; failed=1; }
+    "$PEFTREF" export "$d/from-peft.yaml" --format gguf --out "$d/peft-lora.gguf"
+    CHECK "$d/base.gguf" "$d/peft-lora.gguf" "$TOKENS" "$d/ref-lora.bin" "$tol" || failed=1
 done
 if [ "$failed" = 0 ]; then say "passed"; else say "FAILED"; fi
 exit "$failed"
