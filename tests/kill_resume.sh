@@ -21,8 +21,10 @@ corpus=$srcdir/tests/data/train/corpus.txt
 PEFTREF_PLUGIN_PATH=${PEFTREF_PLUGIN_PATH:-$(pwd)/plugins/.libs}
 export PEFTREF_PLUGIN_PATH
 KILL_COUNT=${KILL_COUNT:-20}
-# long enough that 20 kills, each after at least one new step, land before the end
-STEPS=${KILL_STEPS:-240}
+# long enough that 20 kills, each after at least one new step, land before the
+# end even on a loaded machine, where noticing a new step (a poll every 10 ms
+# that runs sed) can take as long as 20 or 30 steps of this tiny model
+STEPS=${KILL_STEPS:-720}
 seed=${KILL_SEED:-$(( $(date +%s) % 100000 ))}
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/peftref-kill-XXXXXX") || exit 1
 passed=0
