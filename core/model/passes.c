@@ -17,6 +17,7 @@
  * rows only, gathered from the final norm's output.  The LM head reads
  * the token table (tied) or its own (V,C) weight as nn.Linear [out, in]. */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "family.h"
@@ -284,6 +285,41 @@ int pr_model_backward_hidden(pr_model *m, const float *dhidden, pr_error *err)
     return backward_from_final_norm(m, err);
 }
 
+/* The lowest block whose backward anything needs: one holding a trainable
+ * base tensor, a hook at any of its sites (a module's parameters, or a
+ * frozen module the gradient must pass through to reach one) or prefix
+ * keys and values; -1 when the embedding needs its gradient (trainable
+ * token or position table, embed hooks, virtual positions); n_layers when
+ * nothing below the final norm does.  Blocks below it are not
+ * differentiated (LoRA on the top 4 of 12 layers runs backward through 4),
+ * which leaves every gradient bit for bit what the full backward gives.
+ * PEFTREF_BACKWARD_ALL=1 (read once) runs every block, for measuring. */
+static int lowest_needed_layer(const pr_model *m)
+{
+    static int all = -1;
+    if (all < 0) {
+        const char *e = getenv("PEFTREF_BACKWARD_ALL");
+        all = e && *e && strcmp(e, "0") != 0;
+    }
+    if (all || grad_of(m->wte) || grad_of(m->wpe) || model_has_hooks(m, PR_SITE_EMBED, -1) ||
+        pr_model_virtual_positions(m) > 0)
+        return -1;
+    int L = m->cfg.n_layers, low = L;
+    for (int i = 0; i < m->n_tensors; i++) {
+        const pr_tensor_info *t = m->tab[i];
+        if (t->grad && t->layer >= 0 && t->layer < low)
+            low = t->layer;
+    }
+    for (int l = 0; l < low; l++) {
+        if (model_prefix_room(m, l) > 0)
+            return l;
+        for (int s = 0; s < PR_SITE_COUNT; s++)
+            if (pr_site_is_per_layer(s) && model_has_hooks(m, s, l))
+                return l;
+    }
+    return low;
+}
+
 /* m->dln holds dLoss/d(final norm output); propagate to every trainable
  * tensor and hook. */
 static int backward_from_final_norm(pr_model *m, pr_error *err)
@@ -295,7 +331,8 @@ static int backward_from_final_norm(pr_model *m, pr_error *err)
     memset(m->dres, 0, NC * sizeof(float));
     m->ops->final_norm_backward(m, m->dres, m->dln, m->lf[c->n_layers - 1].out);
 
-    for (int l = c->n_layers - 1; l >= 0; l--) {
+    int low = lowest_needed_layer(m);
+    for (int l = c->n_layers - 1; l >= (low > 0 ? low : 0); l--) {
         const layer_frame *f = &m->lf[l];
         if (model_has_hooks(m, PR_SITE_BLOCK_OUT, l)) {
             memset(m->dtmp, 0, NC * sizeof(float));
@@ -306,6 +343,8 @@ static int backward_from_final_norm(pr_model *m, pr_error *err)
         if ((rc = m->ops->block_backward(m, l, f->in, err)))
             return rc;
     }
+    if (low >= 0)
+        return PR_OK;
 
     if (model_has_hooks(m, PR_SITE_EMBED, -1)) {
         memset(m->dtmp, 0, NC * sizeof(float));
