@@ -214,7 +214,7 @@ static void test_import_fixtures(void **state)
         batch_free(&b);
         n++;
     }
-    assert_int_equal(n, 11);
+    assert_int_equal(n, 22);
     json_decref(ex);
 }
 
@@ -392,11 +392,12 @@ static void test_refusals(void **state)
 
     variant(FIX "/gpt2_lora", "bad_type", "peft_type", "\"FOO\"", d, sizeof d);
     snprintf(want, sizeof want, "%s/adapter_config.json: unknown peft_type 'FOO'; peftref imports LORA (with "
-             "use_dora, use_rslora, rank_pattern, alpha_pattern), IA3, PROMPT_TUNING and PREFIX_TUNING", d);
+             "use_dora, use_rslora, rank_pattern, alpha_pattern), IA3, PROMPT_TUNING, P_TUNING, PREFIX_TUNING, LOHA, "
+             "LOKR, VERA, OFT, HRA, FOURIERFT and TRAINABLE_TOKENS", d);
     expect_refusal(g2, d, NULL, want);
 
-    variant(FIX "/gpt2_lora", "known_type", "peft_type", "\"LOHA\"", d, sizeof d);
-    snprintf(want, sizeof want, "%s/adapter_config.json: cannot import peft_type 'LOHA'", d);
+    variant(FIX "/gpt2_lora", "known_type", "peft_type", "\"POLY\"", d, sizeof d);
+    snprintf(want, sizeof want, "%s/adapter_config.json: cannot import peft_type 'POLY'", d);
     expect_refusal(g2, d, NULL, want);
 
     variant(FIX "/gpt2_lora", "bad_bias", "bias", "\"all\"", d, sizeof d);
@@ -568,9 +569,23 @@ static void test_export_refusals(void **state)
                                              "Hugging Face PEFT has no module name (sites such as GPT-2's q, k or v "
                                              "slices of c_attn, or a prefix on some layers only); use --format "
                                              "peftref\n" },
-        { "{technique: loha}", "peftref export: module 'loha': technique loha (PEFT type LOHA) is not written as a "
-                              "PEFT adapter by peftref (LORA from lora and dora, IA3, PROMPT_TUNING and "
-                              "PREFIX_TUNING are); use --format peftref\n" },
+        { "{technique: loha}", "peftref export: module 'loha' (technique loha): Hugging Face PEFT's LOHA adapts "
+                              "torch.nn.Linear layers only, and GPT-2's projections are transformers' Conv1D, which "
+                              "it refuses; use --format peftref\n" },
+        { "{technique: boft}", "peftref export: module 'boft': technique boft (PEFT type BOFT) keeps boft_R as "
+                              "PEFT's 4-dimensional (m, nb, b, b) tensor, which peftref's PEFT writer (tensors of 1 "
+                              "or 2 dimensions) does not place; use --format peftref\n" },
+        { "{technique: adalora}", "peftref export: module 'adalora': technique adalora (PEFT type ADALORA) holds "
+                                 "all singular values in one (n_sites * n_layers, init_r) lora_E, where Hugging Face "
+                                 "PEFT saves one lora_E (r, 1) per module with a rank_pattern of kept ranks; use "
+                                 "--format peftref\n" },
+        { "{technique: trainable_tokens, options: {token_indices: \"5, 9\", n_token_indices: 2}}",
+          "peftref export: module 'trainable_tokens' (technique trainable_tokens): the base model ties its output "
+          "head to the token embedding, where Hugging Face PEFT's TRAINABLE_TOKENS replaces the head's rows too and "
+          "peftref's trainable_tokens only the input rows; use --format peftref\n" },
+        { "{technique: fourierft, sites: [qkv], options: {ifft2_norm: ortho, n_frequency: 8}}",
+          "peftref export: module 'fourierft' (technique fourierft) uses ifft2_norm ortho; Hugging Face PEFT's FourierFT uses "
+          "torch.fft.ifft2's default (backward) and has no field for another; use --format peftref\n" },
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         snprintf(path, sizeof path, "%s/refuse%zu.yaml", tmp, i);
