@@ -11,7 +11,9 @@
  * attn.c_proj and mlp.c_proj, a regular-expression target_modules,
  * layers_to_transform; DoRA; IA3 with feedforward_modules; prompt tuning;
  * prefix tuning (against the reference's loss with the tokens at positions
- * 0.., peftref's convention; Hugging Face's, after the prefix, is printed).
+ * 0.., peftref's convention; Hugging Face's, after the prefix, is printed);
+ * LoHa, LoKr, OFT, HRA, trainable tokens (LLaMA), VeRA, FourierFT (with
+ * n_frequency_pattern) and P-tuning (both).  lora_fa exports as LORA.
  * The seven PEFT LoRA adapters of tests/ref/llama-parity load the same way
  * and give loss_lora.
  *

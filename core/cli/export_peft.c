@@ -15,6 +15,15 @@
  *   prompt_tuning  PROMPT_TUNING   num_virtual_tokens, token_dim, ...
  *   prefix_tuning(_mlp)  PREFIX_TUNING   num_virtual_tokens, token_dim =
  *                         num_key_value_heads * head_dim, prefix_projection false
+ *   lora_fa        LORA   as lora (lora_A is only not trained)
+ *   p_tuning       P_TUNING   the folded prompt; PromptEncoderConfig's fields
+ *   loha, lokr     LOHA, LOKR   r, alpha, rank_pattern / alpha_pattern (LLaMA only:
+ *                         PEFT's LyCORIS layers refuse GPT-2's Conv1D)
+ *   vera           VERA   r, vera_dropout, d_initial, save_projection true
+ *   oft, hra       OFT, HRA   r / oft_block_size, use_cayley_neumann false; r (LLaMA only)
+ *   fourierft      FOURIERFT  n_frequency (+ n_frequency_pattern), scaling, random_loc_seed
+ *   trainable_tokens  TRAINABLE_TOKENS   token_indices (untied heads only)
+ * boft and adalora are refused (their PEFT tensors are laid out otherwise).
  *
  * A lora module initialised by pissa or olora computes
  * x.W + s x.(A^T B^T - A0^T B0^T) with frozen A0, B0 from the base weight
