@@ -86,9 +86,8 @@ static const pr_param_decl tt_params[N_PARAMS] = {
         .struct_size = sizeof(pr_param_decl), .name = "trainable_tokens_delta", .shape = "n_token_indices, d_model",
         .init = PR_INIT_CUSTOM, .scope = PR_SCOPE_GLOBAL, .flags = PR_PARAM_NO_DECAY,
         /* PEFT: base_model.model.transformer.wte.trainable_tokens_delta for
-         * GPT-2, model.embed_tokens... for LLaMA.  {prefix} is only placed
-         * for per-insertion copies at sites with a PEFT module path (embed
-         * has none), and a literal key would fit one family only, so no key. */
+         * GPT-2, base_model.model.model.embed_tokens... for LLaMA ({embed}) */
+        .peft_key = "{embed}.trainable_tokens_delta", .peft_layout = PR_PEFT_AS_IS,
         .help = "the new values of the rows token_indices lists, one d_model row each",
     },
 };

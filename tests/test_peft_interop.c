@@ -11,7 +11,9 @@
  * attn.c_proj and mlp.c_proj, a regular-expression target_modules,
  * layers_to_transform; DoRA; IA3 with feedforward_modules; prompt tuning;
  * prefix tuning (against the reference's loss with the tokens at positions
- * 0.., peftref's convention; Hugging Face's, after the prefix, is printed).
+ * 0.., peftref's convention; Hugging Face's, after the prefix, is printed);
+ * LoHa, LoKr, OFT, HRA, trainable tokens (LLaMA), VeRA, FourierFT (with
+ * n_frequency_pattern) and P-tuning (both).  lora_fa exports as LORA.
  * The seven PEFT LoRA adapters of tests/ref/llama-parity load the same way
  * and give loss_lora.
  *
@@ -214,7 +216,7 @@ static void test_import_fixtures(void **state)
         batch_free(&b);
         n++;
     }
-    assert_int_equal(n, 11);
+    assert_int_equal(n, 22);
     json_decref(ex);
 }
 
@@ -392,11 +394,12 @@ static void test_refusals(void **state)
 
     variant(FIX "/gpt2_lora", "bad_type", "peft_type", "\"FOO\"", d, sizeof d);
     snprintf(want, sizeof want, "%s/adapter_config.json: unknown peft_type 'FOO'; peftref imports LORA (with "
-             "use_dora, use_rslora, rank_pattern, alpha_pattern), IA3, PROMPT_TUNING and PREFIX_TUNING", d);
+             "use_dora, use_rslora, rank_pattern, alpha_pattern), IA3, PROMPT_TUNING, P_TUNING, PREFIX_TUNING, LOHA, "
+             "LOKR, VERA, OFT, HRA, FOURIERFT and TRAINABLE_TOKENS", d);
     expect_refusal(g2, d, NULL, want);
 
-    variant(FIX "/gpt2_lora", "known_type", "peft_type", "\"LOHA\"", d, sizeof d);
-    snprintf(want, sizeof want, "%s/adapter_config.json: cannot import peft_type 'LOHA'", d);
+    variant(FIX "/gpt2_lora", "known_type", "peft_type", "\"POLY\"", d, sizeof d);
+    snprintf(want, sizeof want, "%s/adapter_config.json: cannot import peft_type 'POLY'", d);
     expect_refusal(g2, d, NULL, want);
 
     variant(FIX "/gpt2_lora", "bad_bias", "bias", "\"all\"", d, sizeof d);
@@ -516,6 +519,72 @@ static void test_refusals(void **state)
     snprintf(want, sizeof want, "%s/adapter_config.json: target_modules is missing or null: peftref does not guess "
              "PEFT's per-model defaults; name the modules", d);
     expect_refusal(ll, d, NULL, want);
+
+    /* the further types: one field value each that peftref cannot honour */
+    static const struct {
+        const char *fix, *name, *field, *value, *want;
+    } further[] = {
+        { "llama_loha", "bad_loha", "rank_dropout", "0.5",
+          "rank_dropout = 0.5 is not supported: peftref's loha has no rank dropout" },
+        { "llama_lokr", "bad_lokr", "decompose_both", "true",
+          "decompose_both = true is not supported: peftref's lokr keeps lokr_w1 whole (lokr_w1_a / lokr_w1_b are "
+          "not offered)" },
+        { "llama_vera", "bad_vera", "save_projection", "false",
+          "save_projection = false is not supported: peftref cannot regenerate PEFT's vera_A and vera_B from "
+          "projection_prng_key; save them with the adapter" },
+        { "llama_oft", "bad_oft", "use_cayley_neumann", "true",
+          "use_cayley_neumann = true is not supported: peftref computes the exact Cayley transform (I - S)(I + "
+          "S)^-1, not PEFT's truncated Neumann series, which gives another rotation" },
+        { "llama_hra", "bad_hra", "apply_GS", "true",
+          "apply_GS = true is not supported: peftref's hra reflects along the vectors themselves (Gram-Schmidt is "
+          "not offered)" },
+        { "llama_fourierft", "bad_fourierft", "bias", "\"all\"",
+          "bias = \"all\" is not supported: peftref's fourierft trains no biases (BitFit is a module of its own)" },
+        { "llama_ptuning", "bad_ptuning", "encoder_reparameterization_type", "\"GRU\"",
+          "encoder_reparameterization_type = \"GRU\" is not supported: PEFT's prompt encoder is MLP or LSTM" },
+        { "llama_trainable_tokens", "bad_tt", "target_modules", "[\"lm_head\"]",
+          "target_modules = [\"lm_head\"] is not supported: peftref's trainable_tokens works on the token embedding "
+          "only" },
+        { "gpt2_vera", "bad_gpt2_vera", "vera_dropout", "-0.5",
+          "vera_dropout = -0.5 is not supported: expected a value >= 0" },
+    };
+    for (size_t i = 0; i < sizeof further / sizeof further[0]; i++) {
+        char src[512];
+        snprintf(src, sizeof src, FIX "/%s", further[i].fix);
+        variant(src, further[i].name, further[i].field, further[i].value, d, sizeof d);
+        snprintf(want, sizeof want, "%s/adapter_config.json: %s", d, further[i].want);
+        expect_refusal(strncmp(further[i].fix, "gpt2", 4) ? ll : g2, d, NULL, want);
+    }
+    /* PEFT's LoHa never adapts GPT-2's Conv1D */
+    variant(FIX "/llama_loha", "loha_on_gpt2", "target_modules", "[\"c_attn\"]", d, sizeof d);
+    snprintf(want, sizeof want, "%s/adapter_config.json: peft_type LOHA adapts torch.nn.Linear layers, and this GPT-2 "
+             "base model's projections are Conv1D, which PEFT's LOHA refuses", d);
+    expect_refusal(g2, d, NULL, want);
+    /* PEFT's full lokr_w2 (r >= max(k, n) / 2) is not peftref's */
+    variant(FIX "/llama_lokr", "bad_lokr_ab", "alpha", "3", d, sizeof d);
+    {
+        /* a copy of the tensors with one lokr_w2_a renamed to PEFT's full lokr_w2 */
+        char cmd[4096];
+        snprintf(cmd, sizeof cmd, "rm -f %s/adapter_model.safetensors && /usr/bin/env python3 -c \"import sys, json, "
+                 "struct; b=open(sys.argv[1],'rb').read(); n=struct.unpack('<Q',b[:8])[0]; h=json.loads(b[8:8+n]); "
+                 "k='base_model.model.model.layers.0.self_attn.q_proj.lokr_w2'; h[k]=h.pop(k+'_a'); "
+                 "t=json.dumps(h).encode(); open(sys.argv[2],'wb').write(struct.pack('<Q',len(t))+t+b[8+n:])\" "
+                 "%s/llama_lokr/adapter_model.safetensors %s/adapter_model.safetensors", d, FIX, d);
+        assert_int_equal(system(cmd), 0);
+    }
+    snprintf(want, sizeof want, "%s/adapter_model.safetensors: tensor "
+             "'base_model.model.model.layers.0.self_attn.q_proj.lokr_w2' is PEFT's lokr_w2, which peftref's lokr "
+             "does not have (it keeps lokr_w1 whole and lokr_w2 as lokr_w2_a . lokr_w2_b, PEFT's choice for r < "
+             "max(k, n) / 2)", d);
+    expect_refusal(ll, d, NULL, want);
+    variant(FIX "/gpt2_lora", "boft", "peft_type", "\"BOFT\"", d, sizeof d);
+    snprintf(want, sizeof want, "%s/adapter_config.json: cannot import peft_type 'BOFT': its boft_R is a "
+             "4-dimensional (m, nb, b, b) tensor", d);
+    expect_refusal(g2, d, NULL, want);
+    variant(FIX "/gpt2_lora", "adalora", "peft_type", "\"ADALORA\"", d, sizeof d);
+    snprintf(want, sizeof want, "%s/adapter_config.json: cannot import peft_type 'ADALORA': its lora_E is one (r, "
+             "1) tensor per module", d);
+    expect_refusal(g2, d, NULL, want);
 }
 
 /* Base mismatch through peftref's fingerprint, and export refusals leaving
@@ -568,9 +637,23 @@ static void test_export_refusals(void **state)
                                              "Hugging Face PEFT has no module name (sites such as GPT-2's q, k or v "
                                              "slices of c_attn, or a prefix on some layers only); use --format "
                                              "peftref\n" },
-        { "{technique: loha}", "peftref export: module 'loha': technique loha (PEFT type LOHA) is not written as a "
-                              "PEFT adapter by peftref (LORA from lora and dora, IA3, PROMPT_TUNING and "
-                              "PREFIX_TUNING are); use --format peftref\n" },
+        { "{technique: loha}", "peftref export: module 'loha' (technique loha): Hugging Face PEFT's LOHA adapts "
+                              "torch.nn.Linear layers only, and GPT-2's projections are transformers' Conv1D, which "
+                              "it refuses; use --format peftref\n" },
+        { "{technique: boft}", "peftref export: module 'boft': technique boft (PEFT type BOFT) keeps boft_R as "
+                              "PEFT's 4-dimensional (m, nb, b, b) tensor, which peftref's PEFT writer (tensors of 1 "
+                              "or 2 dimensions) does not place; use --format peftref\n" },
+        { "{technique: adalora}", "peftref export: module 'adalora': technique adalora (PEFT type ADALORA) holds "
+                                 "all singular values in one (n_sites * n_layers, init_r) lora_E, where Hugging Face "
+                                 "PEFT saves one lora_E (r, 1) per module with a rank_pattern of kept ranks; use "
+                                 "--format peftref\n" },
+        { "{technique: trainable_tokens, options: {token_indices: \"5, 9\", n_token_indices: 2}}",
+          "peftref export: module 'trainable_tokens' (technique trainable_tokens): the base model ties its output "
+          "head to the token embedding, where Hugging Face PEFT's TRAINABLE_TOKENS replaces the head's rows too and "
+          "peftref's trainable_tokens only the input rows; use --format peftref\n" },
+        { "{technique: fourierft, sites: [qkv], options: {ifft2_norm: ortho, n_frequency: 8}}",
+          "peftref export: module 'fourierft' (technique fourierft) uses ifft2_norm ortho; Hugging Face PEFT's FourierFT uses "
+          "torch.fft.ifft2's default (backward) and has no field for another; use --format peftref\n" },
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         snprintf(path, sizeof path, "%s/refuse%zu.yaml", tmp, i);
@@ -668,6 +751,80 @@ static void test_pissa_export(void **state)
     free(l0);
 }
 
+/* ---- LoRA-FA as PEFT's LORA ------------------------------------------------------------------------- */
+
+/* A trained lora_fa module exports as a LoraConfig adapter (lora_A is just
+ * not trained); loaded back it is a lora module with the same tensors bit
+ * for bit and the same loss within float32 rounding of another code path. */
+static void test_lora_fa_export(void **state)
+{
+    (void)state;
+    char path[1024], run[1024], out[1024], out2[1024], e[4096];
+    snprintf(path, sizeof path, "%s/lora_fa.yaml", tmp);
+    snprintf(run, sizeof run, "%s/lora_fa-run", tmp);
+    FILE *f = fopen(path, "w");
+    assert_non_null(f);
+    fprintf(f, "model: {path: %s/../models/fortunes-gpt2}\n"
+               "task: {type: lm, train: %s/../data/fortunes/adapt-train.txt}\n"
+               "modules:\n  - {technique: lora_fa, sites: [qkv, ffn.down], options: {r: 4, alpha: 8}}\n"
+               "train: {steps: 4, batch: 2, seq_len: 16, lr: 1e-2, output: %s, eval_every: 0}\n",
+            TEST_SRCDIR, TEST_SRCDIR, run);
+    fclose(f);
+    const char *train[] = { "peftref", "train", path, NULL };
+    if (run_cli(train, e, sizeof e) != 0)
+        fail_msg("train: %s", e);
+    snprintf(out, sizeof out, "%s/lora_fa-peft", tmp);
+    const char *args[] = { "peftref", "export", run, "--format", "peft", "--out", out, NULL };
+    if (run_cli(args, e, sizeof e) != 0)
+        fail_msg("export: %s", e);
+    char cp[1100];
+    snprintf(cp, sizeof cp, "%s/adapter_config.json", out);
+    json_error_t je;
+    json_t *c = json_load_file(cp, 0, &je);
+    assert_non_null(c);
+    assert_string_equal(json_string_value(json_object_get(c, "peft_type")), "LORA");
+    assert_int_equal(json_integer_value(json_object_get(c, "r")), 4);
+    assert_true(json_number_value(json_object_get(c, "lora_alpha")) == 8.0);
+    assert_true(json_is_false(json_object_get(c, "use_dora")));
+    json_decref(c);
+    batch b = { .B = 2, .T = 12 };
+    int tokens[24], targets[24];
+    for (int i = 0; i < 24; i++) {
+        tokens[i] = (i * 37 + 11) % 256;
+        targets[i] = (i * 53 + 5) % 256;
+    }
+    b.tokens = tokens;
+    b.targets = targets;
+    char rp[1100], pp[1100];
+    snprintf(rp, sizeof rp, "%s/pipeline.yaml", run);
+    write_pipeline("lora_fa_plain", TEST_SRCDIR "/../models/fortunes-gpt2", out, NULL, pp, sizeof pp);
+    double l1 = pipeline_loss(rp, &b, NULL), l2 = pipeline_loss(pp, &b, NULL);
+    fprintf(stderr, "  lora_fa -> PEFT LORA -> lora: loss %.9f and %.9f (%.2e relative)\n", l1, l2,
+            fabs(l1 - l2) / fabs(l1));
+    assert_true(fabs(l1 - l2) <= 1e-6 * fabs(l1));
+    /* the trained module matters: the base alone gives another loss */
+    char bp[1100];
+    snprintf(bp, sizeof bp, "%s/lora_fa_base.yaml", tmp);
+    f = fopen(bp, "w");
+    assert_non_null(f);
+    fprintf(f, "model: {path: %s/../models/fortunes-gpt2}\ntask: {type: lm, train: %s/../data/fortunes/"
+               "adapt-train.txt}\nmodules: []\n", TEST_SRCDIR, TEST_SRCDIR);
+    fclose(f);
+    double l0 = pipeline_loss(bp, &b, NULL);
+    fprintf(stderr, "  the base alone: loss %.9f\n", l0);
+    assert_true(fabs(l1 - l0) > 1e-4 * fabs(l0));
+    /* PEFT -> peftref (lora) -> PEFT: the same tensors */
+    snprintf(out2, sizeof out2, "%s/lora_fa-peft2", tmp);
+    const char *args2[] = { "peftref", "export", pp, "--format", "peft", "--out", out2, NULL };
+    if (run_cli(args2, e, sizeof e) != 0)
+        fail_msg("export: %s", e);
+    char a[1100], b2[1100];
+    snprintf(a, sizeof a, "%s/adapter_model.safetensors", out);
+    snprintf(b2, sizeof b2, "%s/adapter_model.safetensors", out2);
+    same_tensors(a, b2);
+    same_tensors(b2, a);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -677,6 +834,7 @@ int main(void)
         cmocka_unit_test(test_refusals),
         cmocka_unit_test(test_export_refusals),
         cmocka_unit_test(test_pissa_export),
+        cmocka_unit_test(test_lora_fa_export),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -15,6 +15,15 @@
  *   prompt_tuning  PROMPT_TUNING   num_virtual_tokens, token_dim, ...
  *   prefix_tuning(_mlp)  PREFIX_TUNING   num_virtual_tokens, token_dim =
  *                         num_key_value_heads * head_dim, prefix_projection false
+ *   lora_fa        LORA   as lora (lora_A is only not trained)
+ *   p_tuning       P_TUNING   the folded prompt; PromptEncoderConfig's fields
+ *   loha, lokr     LOHA, LOKR   r, alpha, rank_pattern / alpha_pattern (LLaMA only:
+ *                         PEFT's LyCORIS layers refuse GPT-2's Conv1D)
+ *   vera           VERA   r, vera_dropout, d_initial, save_projection true
+ *   oft, hra       OFT, HRA   r / oft_block_size, use_cayley_neumann false; r (LLaMA only)
+ *   fourierft      FOURIERFT  n_frequency (+ n_frequency_pattern), scaling, random_loc_seed
+ *   trainable_tokens  TRAINABLE_TOKENS   token_indices (untied heads only)
+ * boft and adalora are refused (their PEFT tensors are laid out otherwise).
  *
  * A lora module initialised by pissa or olora computes
  * x.W + s x.(A^T B^T - A0^T B0^T) with frozen A0, B0 from the base weight
@@ -453,6 +462,212 @@ static int lora_config(const job *j, json_t *c, int doubled)
     return 0;
 }
 
+/* ---- the further weight types: LOHA, LOKR, VERA, OFT, HRA, FOURIERFT ----------------------------------- */
+
+/* A per-site option that PEFT's config has one value for: the module's, or
+ * an error naming the site whose value differs. */
+static int one_value(const job *j, const char *opt, const char *field, double *out)
+{
+    double v = opt_num(j, opt, -1, 0);
+    uint32_t sites = pr_module_sites(j->mod);
+    for (int s = 0; s < PR_SITE_COUNT; s++)
+        if ((sites & PR_SITE_BIT(s)) && opt_num(j, opt, s, v) != v)
+            return ERR("module '%s' (technique %s) sets %s per site (%g at %s, %g for the module); PEFT's %s has "
+                       "one value for every module; use --format peftref", pr_module_name(j->mod), j->t->name, opt,
+                       opt_num(j, opt, s, v), pr_site_name(s), v, field);
+    *out = v;
+    return 0;
+}
+
+/* The sites whose option opt differs from the module's, as PEFT's
+ * *_pattern object (module name -> value). */
+static json_t *site_pattern(const job *j, const char *opt, double def)
+{
+    json_t *p = json_object();
+    uint32_t sites = pr_module_sites(j->mod);
+    for (int s = 0; s < PR_SITE_COUNT; s++) {
+        const char *path = (sites & PR_SITE_BIT(s)) ? peft_site_path(j->cfg, s) : NULL;
+        if (!path)
+            continue;
+        double v = opt_num(j, opt, s, def);
+        if (v != def)
+            json_object_set_new(p, j->cfg->family == PR_FAMILY_GPT2 ? path : strrchr(path, '.') + 1, num_json(v));
+    }
+    return p;
+}
+
+/* PEFT adapts these types only in nn.Linear (and convolution) layers; GPT-2's
+ * projections are transformers' Conv1D, which their _create_new_module
+ * refuses ("Target module ... is not supported"). */
+static int linear_only(const job *j)
+{
+    if (j->cfg->family != PR_FAMILY_GPT2)
+        return 0;
+    return ERR("module '%s' (technique %s): Hugging Face PEFT's %s adapts torch.nn.Linear layers only, and GPT-2's "
+               "projections are transformers' Conv1D, which it refuses; use --format peftref",
+               pr_module_name(j->mod), j->t->name, j->t->peft_type);
+}
+
+static void target_fields(const job *j, json_t *c, int has_exclude, int has_fifo)
+{
+    json_object_set_new(c, "target_modules", site_names(j, pr_module_sites(j->mod), 1));
+    if (has_exclude)
+        json_object_set_new(c, "exclude_modules", json_null());
+    if (has_fifo)
+        json_object_set_new(c, "fan_in_fan_out", json_boolean(j->cfg->family == PR_FAMILY_GPT2));
+    set_layers(j, c);
+}
+
+/* LoKr's factorised lokr_w2 exists in PEFT only when r < max(k, n) / 2 (else
+ * it is one full lokr_w2 (k, n), LoKrLayer.update_layer's use_w2). */
+static int lokr_check(const job *j, const adapter *a)
+{
+    for (int i = 0; i < a->n; i++) {
+        const tensor_out *w2a = &a->t[i];
+        size_t L = strlen(w2a->name);
+        if (L < 10 || strcmp(w2a->name + L - 10, ".lokr_w2_a"))
+            continue;
+        char bname[256];
+        snprintf(bname, sizeof bname, "%.*s.lokr_w2_b", (int)(L - 10), w2a->name);
+        const tensor_out *w2b = find_tensor((adapter *)a, bname);
+        if (!w2b)
+            continue;
+        int64_t k = w2a->shape[0], r = w2a->shape[1], n = w2b->shape[1], mx = k > n ? k : n;
+        if (2 * r >= mx)
+            return ERR("module '%s' (technique lokr): at %.*s, r = %lld is not below max(k, n) / 2 = %lld / 2, "
+                       "where Hugging Face PEFT's LoKr keeps one full lokr_w2 (%lld, %lld) instead of lokr_w2_a and "
+                       "lokr_w2_b; use --format peftref (or a smaller r)", pr_module_name(j->mod), (int)(L - 10),
+                       w2a->name, (long long)r, (long long)mx, (long long)k, (long long)n);
+    }
+    return 0;
+}
+
+static int lycoris_config(const job *j, json_t *c, const adapter *a, int lokr)
+{
+    int rc = linear_only(j);
+    if (rc || (lokr && (rc = lokr_check(j, a))))
+        return rc;
+    double r = opt_num(j, "r", -1, 8), alpha = opt_num(j, "alpha", -1, 8);
+    json_object_set_new(c, "r", num_json(r));
+    json_object_set_new(c, "alpha", num_json(alpha));
+    json_object_set_new(c, "rank_pattern", site_pattern(j, "r", r));
+    json_object_set_new(c, "alpha_pattern", site_pattern(j, "alpha", alpha));
+    json_object_set_new(c, "rank_dropout", json_real(0.0));
+    json_object_set_new(c, "module_dropout", json_real(0.0));
+    json_object_set_new(c, "use_effective_conv2d", json_false());
+    json_object_set_new(c, "init_weights", json_true());
+    if (lokr) {
+        json_object_set_new(c, "decompose_both", json_false());
+        json_object_set_new(c, "decompose_factor", json_integer(-1));
+        json_object_set_new(c, "rank_dropout_scale", json_false());
+    }
+    target_fields(j, c, 1, 0);
+    return 0;
+}
+
+static int vera_config(const job *j, json_t *c)
+{
+    if (opt_num(j, "save_projection", -1, 1) == 0)
+        return ERR("module '%s' (technique %s) regenerates vera_A and vera_B from peftref's seed, which Hugging Face "
+                   "PEFT (projection_prng_key through torch's generator) does not reproduce; train with technique "
+                   "vera (save_projection true) or use --format peftref", pr_module_name(j->mod), j->t->name);
+    double d_initial;
+    int rc = one_value(j, "d_initial", "d_initial", &d_initial);
+    if (rc)
+        return rc;
+    json_object_set_new(c, "r", num_json(opt_num(j, "r", -1, 256)));
+    json_object_set_new(c, "projection_prng_key", json_integer(0));
+    json_object_set_new(c, "save_projection", json_true());
+    json_object_set_new(c, "vera_dropout", json_real(opt_num(j, "dropout", -1, 0)));
+    json_object_set_new(c, "d_initial", json_real(d_initial));
+    json_object_set_new(c, "bias", json_string("none"));
+    json_object_set_new(c, "init_weights", json_true());
+    target_fields(j, c, 0, 1);
+    return 0;
+}
+
+static int oft_config(const job *j, json_t *c)
+{
+    double r, bs;
+    int rc = linear_only(j);
+    if (rc || (rc = one_value(j, "r", "r", &r)) || (rc = one_value(j, "oft_block_size", "oft_block_size", &bs)))
+        return rc;
+    json_object_set_new(c, "r", num_json(r));
+    json_object_set_new(c, "oft_block_size", num_json(r ? 0 : bs));
+    json_object_set_new(c, "module_dropout", json_real(0.0));
+    json_object_set_new(c, "bias", json_string("none"));
+    json_object_set_new(c, "init_weights", json_true());
+    json_object_set_new(c, "coft", json_false());
+    json_object_set_new(c, "eps", json_real(6e-05));
+    json_object_set_new(c, "block_share", json_false());
+    /* peftref computes the exact Cayley transform (plugins/oft.c) */
+    json_object_set_new(c, "use_cayley_neumann", json_false());
+    json_object_set_new(c, "num_cayley_neumann_terms", json_integer(5));
+    target_fields(j, c, 1, 1);
+    return 0;
+}
+
+static int hra_config(const job *j, json_t *c)
+{
+    double r;
+    int rc = linear_only(j);
+    if (rc || (rc = one_value(j, "r", "r", &r)))
+        return rc;
+    json_object_set_new(c, "r", num_json(r));
+    json_object_set_new(c, "apply_GS", json_false());
+    json_object_set_new(c, "init_weights", json_boolean(opt_num(j, "init_weights", -1, 1) != 0));
+    json_object_set_new(c, "bias", json_string("none"));
+    target_fields(j, c, 1, 0);
+    return 0;
+}
+
+static int fourierft_config(const job *j, json_t *c)
+{
+    const char *norm = opt_str(j, "ifft2_norm");
+    if (norm && strcmp(norm, "backward"))
+        return ERR("module '%s' (technique fourierft) uses ifft2_norm %s; Hugging Face PEFT's FourierFT uses "
+                   "torch.fft.ifft2's default (backward) and has no field for another; use --format peftref",
+                   pr_module_name(j->mod), norm);
+    double n = opt_num(j, "n_frequency", -1, 1000);
+    json_object_set_new(c, "n_frequency", num_json(n));
+    json_object_set_new(c, "n_frequency_pattern", site_pattern(j, "n_frequency", n));
+    json_object_set_new(c, "scaling", json_real(opt_num(j, "scaling", -1, 150)));
+    json_object_set_new(c, "random_loc_seed", num_json(opt_num(j, "random_loc_seed", -1, 777)));
+    json_object_set_new(c, "init_weights", json_boolean(opt_num(j, "init_weights", -1, 0) != 0));
+    json_object_set_new(c, "bias", json_string("none"));
+    target_fields(j, c, 1, 1);
+    return 0;
+}
+
+/* TrainableTokensConfig: the embedding's rows token_indices.  PEFT ties the
+ * same rows of a tied output head to them; peftref's trainable_tokens
+ * changes the input side only. */
+static int trainable_tokens_config(const job *j, json_t *c)
+{
+    if (j->cfg->tied_head)
+        return ERR("module '%s' (technique trainable_tokens): the base model ties its output head to the token "
+                   "embedding, where Hugging Face PEFT's TRAINABLE_TOKENS replaces the head's rows too and peftref's "
+                   "trainable_tokens only the input rows; use --format peftref", pr_module_name(j->mod));
+    const char *ids = opt_str(j, "token_indices");
+    json_t *a = json_array();
+    for (const char *s = ids ? ids : ""; *s;) {
+        char *end;
+        long v = strtol(s, &end, 10);
+        if (end == s) {
+            s++;
+            continue;
+        }
+        json_array_append_new(a, json_integer(v));
+        s = end;
+    }
+    json_object_set_new(c, "token_indices", a);
+    json_t *tm = json_array();
+    json_array_append_new(tm, json_string(j->cfg->family == PR_FAMILY_GPT2 ? "wte" : "embed_tokens"));
+    json_object_set_new(c, "target_modules", tm);
+    json_object_set_new(c, "init_weights", json_boolean(opt_num(j, "init_weights", -1, 1) != 0));
+    return 0;
+}
+
 static int ia3_config(const job *j, json_t *c)
 {
     uint32_t sites = pr_module_sites(j->mod);
@@ -473,7 +688,7 @@ static int ia3_config(const job *j, json_t *c)
     return 0;
 }
 
-static void prompt_config(const job *j, json_t *c, int prefix)
+static void prompt_config(const job *j, json_t *c, int prefix, int ptuning)
 {
     const pr_model_config *g = j->cfg;
     json_object_set_new(c, "num_virtual_tokens", num_json(opt_num(j, "n_tokens", -1, 0)));
@@ -489,6 +704,17 @@ static void prompt_config(const job *j, json_t *c, int prefix)
     }
     json_object_set_new(c, "token_dim", json_integer(g->d_model));
     json_object_set_new(c, "num_attention_heads", json_integer(g->n_heads));
+    if (ptuning) {
+        /* PromptEncoderConfig; the file holds the MLP's output (p_tuning folds
+         * to it when saved), which PEFT's PromptEncoder in inference mode
+         * uses as its embedding */
+        json_object_set_new(c, "encoder_reparameterization_type", json_string("MLP"));
+        double h = opt_num(j, "encoder_hidden_size", -1, 0);   /* 0: token_dim, PEFT's None */
+        json_object_set_new(c, "encoder_hidden_size", json_integer(h > 0 ? (json_int_t)h : g->d_model));
+        json_object_set_new(c, "encoder_num_layers", json_integer(2));
+        json_object_set_new(c, "encoder_dropout", json_real(0.0));
+        return;
+    }
     const char *init = opt_str(j, "init"), *text = opt_str(j, "init_text");
     int is_text = init && !strcmp(init, "text");
     json_object_set_new(c, "prompt_tuning_init",
@@ -577,15 +803,36 @@ int export_peft(const export_request *r)
     const pr_technique *t = j.t;
     const char *name = pr_module_name(j.mod);
     const char *type = t->peft_type;
-    int lora = type && !strcmp(type, "LORA") && (!strcmp(t->name, "lora") || !strcmp(t->name, "dora"));
+    int lora = type && !strcmp(type, "LORA") &&
+               (!strcmp(t->name, "lora") || !strcmp(t->name, "dora") || !strcmp(t->name, "lora_fa"));
     int ia3 = type && !strcmp(type, "IA3"), prompt = type && !strcmp(type, "PROMPT_TUNING");
-    int prefix = type && !strcmp(type, "PREFIX_TUNING");
+    int prefix = type && !strcmp(type, "PREFIX_TUNING"), ptuning = type && !strcmp(type, "P_TUNING");
+    static const char *const weight_types[] = { "LOHA", "LOKR", "VERA", "OFT", "HRA", "FOURIERFT",
+                                                "TRAINABLE_TOKENS", NULL };
+    int weight = 0;
+    for (int i = 0; type && weight_types[i] && !weight; i++)
+        weight = !strcmp(type, weight_types[i]);
     if (!type || t->integration == PR_INTEGRATE_SELECT) {
         rc = ERR("module '%s': technique %s has no Hugging Face PEFT type; use --format peftref", name, t->name);
-    } else if (!lora && !ia3 && !prompt && !prefix) {
+    } else if (!strcmp(type, "BOFT")) {
+        /* PEFT's BOFTLayer keeps boft_R as one (m, nb, b, b) parameter; the
+         * generic placer and the writer here handle tensors of up to two
+         * dimensions, so plugins/oft.c saves boft under peftref's names */
+        rc = ERR("module '%s': technique boft (PEFT type BOFT) keeps boft_R as PEFT's 4-dimensional (m, nb, b, b) "
+                 "tensor, which peftref's PEFT writer (tensors of 1 or 2 dimensions) does not place; use --format "
+                 "peftref", name);
+    } else if (!strcmp(type, "ADALORA")) {
+        /* PEFT's AdaLoRA saves lora_E per module, (r, 1), and rank_pattern as
+         * each module's boolean mask of kept ranks; peftref's adalora holds
+         * every insertion's E in one (n_sites * n_layers, init_r) tensor with
+         * its own budget schedule state */
+        rc = ERR("module '%s': technique adalora (PEFT type ADALORA) holds all singular values in one (n_sites * "
+                 "n_layers, init_r) lora_E, where Hugging Face PEFT saves one lora_E (r, 1) per module with a "
+                 "rank_pattern of kept ranks; use --format peftref", name);
+    } else if (!lora && !ia3 && !prompt && !prefix && !ptuning && !weight) {
         rc = ERR("module '%s': technique %s (PEFT type %s) is not written as a PEFT adapter by peftref (LORA from "
-                 "lora and dora, IA3, PROMPT_TUNING and PREFIX_TUNING are); use --format peftref", name, t->name,
-                 type);
+                 "lora, dora and lora_fa, IA3, PROMPT_TUNING, P_TUNING, PREFIX_TUNING, LOHA, LOKR, VERA, OFT, HRA, "
+                 "FOURIERFT and TRAINABLE_TOKENS are); use --format peftref", name, t->name, type);
     } else if (pr_module_is_gated(j.mod)) {
         rc = ERR("module '%s' sits behind a learned gate, which PEFT has no field for; use --format peftref", name);
     }
@@ -613,8 +860,20 @@ int export_peft(const export_request *r)
             rc = lora_config(&j, c, doubled);
         else if (ia3)
             rc = ia3_config(&j, c);
+        else if (!strcmp(type, "LOHA") || !strcmp(type, "LOKR"))
+            rc = lycoris_config(&j, c, &a, !strcmp(type, "LOKR"));
+        else if (!strcmp(type, "VERA"))
+            rc = vera_config(&j, c);
+        else if (!strcmp(type, "OFT"))
+            rc = oft_config(&j, c);
+        else if (!strcmp(type, "HRA"))
+            rc = hra_config(&j, c);
+        else if (!strcmp(type, "FOURIERFT"))
+            rc = fourierft_config(&j, c);
+        else if (!strcmp(type, "TRAINABLE_TOKENS"))
+            rc = trainable_tokens_config(&j, c);
         else
-            prompt_config(&j, c, prefix);
+            prompt_config(&j, c, prefix, ptuning);
     }
     if (!rc)
         rc = add_head(&j, &a, c);

@@ -117,7 +117,8 @@ enum {
     F_EMPTY,       /* only its default: absent, null, [] or {} */
     F_FALSE,       /* only false (or absent) */
     F_TRUE,        /* only true (or absent) */
-    F_READ         /* read by the type's own code */
+    F_READ,        /* read by the type's own code */
+    F_ZERO         /* only 0 (or absent) */
 };
 
 typedef struct cfg_field {
@@ -187,6 +188,80 @@ static const cfg_field prefix_fields[] = {
                                     "its MLP away when saving)" },
 };
 
+/* The further types (PEFT 0.17 to 0.20 field sets). */
+#define TARGET_FIELDS                                                                                          \
+    { "target_modules", F_READ, NULL }, { "exclude_modules", F_READ, NULL },                                  \
+        { "layers_to_transform", F_READ, NULL }, { "layers_pattern", F_READ, NULL }
+
+static const cfg_field loha_fields[] = {
+    TARGET_FIELDS, { "r", F_READ, NULL }, { "alpha", F_READ, NULL }, { "rank_pattern", F_READ, NULL },
+    { "alpha_pattern", F_READ, NULL },
+    { "rank_dropout", F_ZERO, "peftref's loha has no rank dropout" },
+    { "module_dropout", F_ZERO, "peftref's loha has no module dropout" },
+    { "use_effective_conv2d", F_INFO, NULL },   /* convolutions only */
+    { "init_weights", F_TRUE, "peftref's loha starts with hada_w2_b at zero, PEFT's true" },
+};
+
+static const cfg_field lokr_fields[] = {
+    TARGET_FIELDS, { "r", F_READ, NULL }, { "alpha", F_READ, NULL }, { "rank_pattern", F_READ, NULL },
+    { "alpha_pattern", F_READ, NULL },
+    { "rank_dropout", F_ZERO, "peftref's lokr has no rank dropout" },
+    { "module_dropout", F_ZERO, "peftref's lokr has no module dropout" },
+    { "use_effective_conv2d", F_INFO, NULL },   /* convolutions only */
+    { "decompose_both", F_FALSE, "peftref's lokr keeps lokr_w1 whole (lokr_w1_a / lokr_w1_b are not offered)" },
+    { "decompose_factor", F_READ, NULL },
+    { "rank_dropout_scale", F_INFO, NULL },     /* used only with rank_dropout */
+    { "init_weights", F_TRUE, "peftref's lokr starts with lokr_w1 at zero, PEFT's true" },
+};
+
+static const cfg_field vera_fields[] = {
+    TARGET_FIELDS, { "r", F_READ, NULL }, { "fan_in_fan_out", F_READ, NULL }, { "bias", F_READ, NULL },
+    { "vera_dropout", F_READ, NULL }, { "d_initial", F_READ, NULL },
+    { "projection_prng_key", F_INFO, NULL },   /* the projections are in the file */
+    { "save_projection", F_TRUE, "peftref cannot regenerate PEFT's vera_A and vera_B from projection_prng_key; "
+                                 "save them with the adapter" },
+    { "init_weights", F_TRUE, "peftref's vera initialises as PEFT's true" },
+};
+
+static const cfg_field oft_fields[] = {
+    TARGET_FIELDS, { "r", F_READ, NULL }, { "oft_block_size", F_READ, NULL }, { "fan_in_fan_out", F_READ, NULL },
+    { "bias", F_READ, NULL },
+    { "module_dropout", F_ZERO, "peftref's oft has no module dropout" },
+    { "init_weights", F_TRUE, "peftref's oft starts as the identity, PEFT's true" },
+    { "coft", F_FALSE, "constrained OFT is not offered" },
+    { "eps", F_INFO, NULL },   /* used only with coft */
+    { "block_share", F_FALSE, "peftref's oft has one rotation per block" },
+    { "use_cayley_neumann", F_FALSE, "peftref computes the exact Cayley transform (I - S)(I + S)^-1, not PEFT's "
+                                     "truncated Neumann series, which gives another rotation" },
+    { "num_cayley_neumann_terms", F_INFO, NULL },   /* used only with use_cayley_neumann */
+};
+
+static const cfg_field hra_fields[] = {
+    TARGET_FIELDS, { "r", F_READ, NULL }, { "init_weights", F_READ, NULL }, { "bias", F_READ, NULL },
+    { "apply_GS", F_FALSE, "peftref's hra reflects along the vectors themselves (Gram-Schmidt is not offered)" },
+};
+
+static const cfg_field fourierft_fields[] = {
+    TARGET_FIELDS, { "n_frequency", F_READ, NULL }, { "n_frequency_pattern", F_READ, NULL },
+    { "scaling", F_READ, NULL }, { "random_loc_seed", F_READ, NULL }, { "init_weights", F_READ, NULL },
+    { "fan_in_fan_out", F_READ, NULL }, { "bias", F_READ, NULL },
+};
+
+/* PromptEncoderConfig: the file holds the encoder's output (PEFT's
+ * inference mode uses it as the prompt), so the encoder's shape is
+ * informational. */
+static const cfg_field ptuning_fields[] = {
+    { "num_virtual_tokens", F_READ, NULL }, { "token_dim", F_READ, NULL },
+    { "num_transformer_submodules", F_READ, NULL }, { "num_attention_heads", F_READ, NULL },
+    { "num_layers", F_READ, NULL }, { "encoder_reparameterization_type", F_READ, NULL },
+    { "encoder_hidden_size", F_INFO, NULL }, { "encoder_num_layers", F_INFO, NULL },
+    { "encoder_dropout", F_INFO, NULL },
+};
+
+static const cfg_field tt_fields[] = {
+    { "token_indices", F_READ, NULL }, { "target_modules", F_READ, NULL }, { "init_weights", F_READ, NULL },
+};
+
 static const cfg_field *find_field(const cfg_field *t, int n, const char *name)
 {
     for (int i = 0; i < n; i++)
@@ -215,6 +290,8 @@ static int check_fields(reader *R, const cfg_field *own, int n_own)
         if (fd->check == F_FALSE && !json_is_null(v) && !json_is_false(v))
             return bad_value(R, k, v, fd->why);
         if (fd->check == F_TRUE && !json_is_null(v) && !json_is_true(v))
+            return bad_value(R, k, v, fd->why);
+        if (fd->check == F_ZERO && !json_is_null(v) && !(json_is_number(v) && json_number_value(v) == 0))
             return bad_value(R, k, v, fd->why);
     }
     return PR_OK;
@@ -765,6 +842,269 @@ static int open_ia3(reader *R, const pr_model_config *c, const pr_registry *reg)
     return rc;
 }
 
+/* ---- the further weight types ------------------------------------------------------------------ */
+
+static int need_technique(reader *R, const pr_registry *reg, const char *tech)
+{
+    const pr_technique *t = pr_registry_find(reg, tech);
+    if (!t)
+        return pr_errorf(R->err, PR_ERR_NOTFOUND, "%s: technique '%s' is not installed (peftref plugins lists the "
+                         "techniques found)", R->dir, tech);
+    R->f->t = t;
+    return PR_OK;
+}
+
+static int check_bias(reader *R, const char *tech)
+{
+    const json_t *bias = get(R, "bias");
+    if (bias && !(json_is_string(bias) && !strcmp(json_string_value(bias), "none"))) {
+        char why[128];
+        snprintf(why, sizeof why, "peftref's %s trains no biases (BitFit is a module of its own)", tech);
+        return bad_value(R, "bias", bias, why);
+    }
+    return PR_OK;
+}
+
+/* PEFT's LoHa, LoKr, OFT and HRA adapt torch.nn.Linear (and convolutions),
+ * not transformers' Conv1D: such an adapter is never for GPT-2. */
+static int linear_only(reader *R, const pr_model_config *c)
+{
+    if (c->family != PR_FAMILY_GPT2)
+        return PR_OK;
+    return pr_errorf(R->err, PR_ERR_INVALID, "%s/" CONFIG_NAME ": peft_type %s adapts torch.nn.Linear layers, and "
+                     "this GPT-2 base model's projections are Conv1D, which PEFT's %s refuses (is the adapter for "
+                     "another model?)", R->dir, R->type, R->type);
+}
+
+/* A *_pattern field giving a per-site option. */
+typedef struct site_pattern {
+    const char *field, *opt;
+    double def;          /* the module's value */
+    int integer;         /* the value must be a positive integer */
+} site_pattern;
+
+/* target_modules etc. matched as for LoRA (projection modules), and the
+ * *_pattern fields resolved per module: they must agree along the layers
+ * of a site; values that differ from the module's become site options. */
+static int open_targets(reader *R, const pr_model_config *c, const char *tech, const site_pattern *pats, int n_pats)
+{
+    int n = 0;
+    hf_module *mods = list_modules(c, &n);
+    unsigned char *matched = mods ? calloc((size_t)n, 1) : NULL, *layers = calloc((size_t)c->n_layers + 1, 1);
+    double(*val)[4] = calloc(PR_SITE_COUNT, sizeof *val);
+    const char **first = calloc(PR_SITE_COUNT, sizeof *first);
+    int rc = PR_OK;
+    if (!mods || !matched || !layers || !val || !first || n_pats > 4)
+        rc = pr_errorf(R->err, PR_ERR_NOMEM, "%s: out of memory", R->dir);
+    uint32_t sites = 0;
+    if (!rc)
+        rc = match_modules(R, c, tech, lora_site_of, mods, n, matched, &sites, layers);
+    for (int k = 0; k < n && !rc; k++) {
+        uint32_t bits = 0;
+        if (!matched[k] || lora_site_of(R, c, &mods[k], &bits) != 1)
+            continue;
+        int s = site_index(bits);
+        for (int q = 0; q < n_pats && !rc; q++) {
+            double v = pats[q].def;
+            if (pattern_value(R, pats[q].field, mods[k].name, &v) < 0) {
+                rc = PR_ERR_UNSUPPORTED;
+                break;
+            }
+            if (pats[q].integer && (v < 1 || v != floor(v))) {
+                rc = pr_errorf(R->err, PR_ERR_UNSUPPORTED, "%s/" CONFIG_NAME ": %s gives '%s' %g, not a positive "
+                               "integer", R->dir, pats[q].field, mods[k].name, v);
+                break;
+            }
+            if (!first[s]) {
+                val[s][q] = v;
+            } else if (val[s][q] != v) {
+                char b[256];
+                rc = pr_errorf(R->err, PR_ERR_UNSUPPORTED, "%s/" CONFIG_NAME ": %s = %s gives '%s' %g but '%s' %g; "
+                               "peftref's %s is per site, the same on every layer", R->dir, pats[q].field,
+                               json_text(get(R, pats[q].field), b, sizeof b), first[s], val[s][q], mods[k].name, v,
+                               pats[q].opt);
+            }
+        }
+        if (!first[s])
+            first[s] = mods[k].name;
+    }
+    if (!rc)
+        rc = set_sites_layers(R, c, sites, layers);
+    for (int s = 0; s < PR_SITE_COUNT && !rc; s++)
+        for (int q = 0; first[s] && q < n_pats && !rc; q++)
+            if (val[s][q] != pats[q].def)
+                rc = push_num(R, pats[q].opt, val[s][q], s);
+    free(mods);
+    free(matched);
+    free(layers);
+    free(val);
+    free(first);
+    return rc;
+}
+
+static int num_field(reader *R, const char *field, double def, double min, double *out)
+{
+    int rc = get_num(R, field, def, out);
+    if (!rc && *out < min) {
+        char why[64];
+        snprintf(why, sizeof why, "expected a value >= %g", min);
+        return bad_value(R, field, get(R, field), why);
+    }
+    return rc;
+}
+
+static int bool_field(reader *R, const char *field, int def, const char *opt)
+{
+    int v = def, rc = PR_OK;
+    if (get(R, field))
+        rc = get_bool(R, field, &v);
+    return rc ? rc : push_opt(R, opt, v ? "true" : "false", -1);
+}
+
+/* Tensors PEFT makes in branches peftref's lokr does not take. */
+static int lokr_tensors(reader *R)
+{
+    for (int i = 0; i < st_count(R->f->st); i++) {
+        const char *nm = st_tensor_at(R->f->st, i)->name;
+        const char *d = strrchr(nm, '.');
+        if (d && (!strcmp(d, ".lokr_w2") || !strcmp(d, ".lokr_w1_a") || !strcmp(d, ".lokr_w1_b") ||
+                  !strcmp(d, ".lokr_t2")))
+            return pr_errorf(R->err, PR_ERR_UNSUPPORTED, "%s/" WEIGHTS_NAME ": tensor '%s' is PEFT's %s, which "
+                             "peftref's lokr does not have (it keeps lokr_w1 whole and lokr_w2 as lokr_w2_a . "
+                             "lokr_w2_b, PEFT's choice for r < max(k, n) / 2)", R->dir, nm, d + 1);
+    }
+    return PR_OK;
+}
+
+static int open_weight_type(reader *R, const pr_model_config *c, const pr_registry *reg)
+{
+    const char *T = R->type;
+    int rc;
+    double r, alpha, v;
+    if (!strcmp(T, "LOHA") || !strcmp(T, "LOKR")) {
+        int lokr = !strcmp(T, "LOKR");
+        const char *tech = lokr ? "lokr" : "loha";
+        if ((rc = lokr ? check_fields(R, lokr_fields, NELEM(lokr_fields)) : check_fields(R, loha_fields,
+                                                                                         NELEM(loha_fields))) ||
+            (rc = linear_only(R, c)) || (rc = need_technique(R, reg, tech)))
+            return rc;
+        if (lokr) {
+            long long f;
+            if ((rc = get_int(R, "decompose_factor", 0, -1000000, &f)) > PR_OK)
+                return rc;
+            if (rc == PR_OK && f != -1)
+                return bad_value(R, "decompose_factor", get(R, "decompose_factor"),
+                                 "peftref's lokr factors each width near its square root (-1)");
+            if ((rc = lokr_tensors(R)))
+                return rc;
+        }
+        if ((rc = num_field(R, "r", 8, 1, &r)) || (rc = num_field(R, "alpha", 8, 0, &alpha)))
+            return rc;
+        if (r != floor(r))
+            return bad_value(R, "r", get(R, "r"), "expected an integer");
+        site_pattern pats[] = { { "rank_pattern", "r", r, 1 }, { "alpha_pattern", "alpha", alpha, 0 } };
+        if ((rc = push_num(R, "r", r, -1)) || (rc = push_num(R, "alpha", alpha, -1)))
+            return rc;
+        return open_targets(R, c, tech, pats, NELEM(pats));
+    }
+    if (!strcmp(T, "VERA")) {
+        double dropout, d_initial;
+        if ((rc = check_fields(R, vera_fields, NELEM(vera_fields))) || (rc = check_fan_in_fan_out(R, c)) ||
+            (rc = check_bias(R, "vera")) || (rc = need_technique(R, reg, "vera")) ||
+            (rc = num_field(R, "r", 256, 1, &r)) || (rc = num_field(R, "vera_dropout", 0, 0, &dropout)) ||
+            (rc = get_num(R, "d_initial", 0.1, &d_initial)))
+            return rc;
+        if ((rc = push_num(R, "r", r, -1)) || (rc = push_num(R, "dropout", dropout, -1)) ||
+            (rc = push_num(R, "d_initial", d_initial, -1)) || (rc = push_opt(R, "save_projection", "true", -1)))
+            return rc;
+        return open_targets(R, c, "vera", NULL, 0);
+    }
+    if (!strcmp(T, "OFT")) {
+        double bs;
+        if ((rc = check_fields(R, oft_fields, NELEM(oft_fields))) || (rc = linear_only(R, c)) ||
+            (rc = check_fan_in_fan_out(R, c)) || (rc = check_bias(R, "oft")) ||
+            (rc = need_technique(R, reg, "oft")) || (rc = num_field(R, "r", 0, 0, &r)) ||
+            (rc = num_field(R, "oft_block_size", 32, 0, &bs)))
+            return rc;
+        if ((r == 0) == (bs == 0))
+            return bad_value(R, r ? "r" : "oft_block_size", get(R, r ? "r" : "oft_block_size"),
+                             "PEFT's OFT takes exactly one of r and oft_block_size non-zero");
+        if ((rc = push_num(R, "r", r, -1)) || (rc = push_num(R, "oft_block_size", bs, -1)))
+            return rc;
+        return open_targets(R, c, "oft", NULL, 0);
+    }
+    if (!strcmp(T, "HRA")) {
+        if ((rc = check_fields(R, hra_fields, NELEM(hra_fields))) || (rc = linear_only(R, c)) ||
+            (rc = check_bias(R, "hra")) || (rc = need_technique(R, reg, "hra")) ||
+            (rc = num_field(R, "r", 8, 1, &r)) || (rc = push_num(R, "r", r, -1)) ||
+            (rc = bool_field(R, "init_weights", 1, "init_weights")))
+            return rc;
+        return open_targets(R, c, "hra", NULL, 0);
+    }
+    /* FOURIERFT */
+    double scaling;
+    if ((rc = check_fields(R, fourierft_fields, NELEM(fourierft_fields))) || (rc = check_fan_in_fan_out(R, c)) ||
+        (rc = check_bias(R, "fourierft")) || (rc = need_technique(R, reg, "fourierft")) ||
+        (rc = num_field(R, "n_frequency", 1000, 1, &v)) || (rc = num_field(R, "scaling", 150, 0, &scaling)) ||
+        (rc = num_field(R, "random_loc_seed", 777, 0, &r)))
+        return rc;
+    if (r != floor(r) || r > 4294967295.0)
+        return bad_value(R, "random_loc_seed", get(R, "random_loc_seed"), "expected a seed in 0 .. 2^32 - 1");
+    site_pattern pats[] = { { "n_frequency_pattern", "n_frequency", v, 1 } };
+    if ((rc = push_num(R, "n_frequency", v, -1)) || (rc = push_num(R, "scaling", scaling, -1)) ||
+        (rc = push_num(R, "random_loc_seed", r, -1)) || (rc = bool_field(R, "init_weights", 0, "init_weights")) ||
+        (rc = push_opt(R, "ifft2_norm", "backward", -1)))
+        return rc;
+    return open_targets(R, c, "fourierft", pats, NELEM(pats));
+}
+
+/* TRAINABLE_TOKENS: rows of the token embedding. */
+static int open_trainable_tokens(reader *R, const pr_model_config *c, const pr_registry *reg)
+{
+    int rc = check_fields(R, tt_fields, NELEM(tt_fields));
+    if (rc || (rc = need_technique(R, reg, "trainable_tokens")))
+        return rc;
+    if (c->tied_head)
+        return pr_errorf(R->err, PR_ERR_UNSUPPORTED, "%s/" CONFIG_NAME ": the base model ties its output head to "
+                         "the token embedding; PEFT's TRAINABLE_TOKENS then replaces the head's rows too, and "
+                         "peftref's trainable_tokens replaces the input rows only", R->dir);
+    const char *embed = c->family == PR_FAMILY_GPT2 ? "transformer.wte" : "model.embed_tokens";
+    const json_t *tm = get(R, "target_modules");
+    if (tm && (rc = check_name_list(R, "target_modules", tm, 0)))
+        return rc;
+    int hit = tm ? names_match(R, "target_modules", tm, embed) : 1;
+    if (hit < 0)
+        return PR_ERR_UNSUPPORTED;
+    if (!hit)
+        return bad_value(R, "target_modules", tm, "peftref's trainable_tokens works on the token embedding only");
+    const json_t *ids = get(R, "token_indices");
+    if (!ids || !json_is_array(ids) || json_array_size(ids) == 0)
+        return bad_value(R, "token_indices", ids, "expected a non-empty list of token ids");
+    size_t i, len = 0, cap = 16 * json_array_size(ids) + 1;
+    char *text = malloc(cap);
+    if (!text)
+        return pr_errorf(R->err, PR_ERR_NOMEM, "%s: out of memory", R->dir);
+    json_t *e;
+    json_array_foreach(ids, i, e) {
+        long long id = json_is_integer(e) ? json_integer_value(e) : -1;
+        if (id < 0 || id >= c->vocab_size) {
+            free(text);
+            char why[96];
+            snprintf(why, sizeof why, "expected token ids below the vocabulary size %d", c->vocab_size);
+            return bad_value(R, "token_indices", ids, why);
+        }
+        len += (size_t)snprintf(text + len, cap - len, "%s%lld", i ? ", " : "", id);
+    }
+    rc = push_opt(R, "token_indices", text, -1);
+    free(text);
+    if (rc || (rc = push_num(R, "n_token_indices", (double)json_array_size(ids), -1)) ||
+        (rc = bool_field(R, "init_weights", 1, "init_weights")))
+        return rc;
+    R->f->sites = PR_SITE_BIT(PR_SITE_EMBED);
+    R->f->all_layers = 1;
+    return PR_OK;
+}
+
 /* The PromptLearningConfig fields every prompt type checks against the base. */
 static int check_prompt_shape(reader *R, const pr_model_config *c, int64_t token_dim, const char *token_dim_is,
                               int heads_ok_a, int heads_ok_b)
@@ -794,13 +1134,20 @@ static int check_prompt_shape(reader *R, const pr_model_config *c, int64_t token
     return PR_OK;
 }
 
-static int open_prompt(reader *R, const pr_model_config *c, const pr_registry *reg, int prefix)
+/* prefix: PREFIX_TUNING; ptuning: P_TUNING, whose file holds the prompt
+ * encoder's output, a plain prompt (what peftref's p_tuning folds to). */
+static int open_prompt(reader *R, const pr_model_config *c, const pr_registry *reg, int prefix, int ptuning)
 {
     const char *tech = prefix ? "prefix_tuning" : "prompt_tuning";
     int rc = prefix ? check_fields(R, prefix_fields, NELEM(prefix_fields))
-                    : check_fields(R, prompt_fields, NELEM(prompt_fields));
+             : ptuning ? check_fields(R, ptuning_fields, NELEM(ptuning_fields))
+                       : check_fields(R, prompt_fields, NELEM(prompt_fields));
     if (rc)
         return rc;
+    const json_t *ert = ptuning ? get(R, "encoder_reparameterization_type") : NULL;
+    if (ert && !(json_is_string(ert) && (!strcmp(json_string_value(ert), "MLP") ||
+                                         !strcmp(json_string_value(ert), "LSTM"))))
+        return bad_value(R, "encoder_reparameterization_type", ert, "PEFT's prompt encoder is MLP or LSTM");
     const pr_technique *t = pr_registry_find(reg, tech);
     if (!t)
         return pr_errorf(R->err, PR_ERR_NOTFOUND, "%s: technique '%s' is not installed (peftref plugins lists the "
@@ -823,6 +1170,8 @@ static int open_prompt(reader *R, const pr_model_config *c, const pr_registry *r
     }
     R->f->sites = PR_SITE_BIT(PR_SITE_EMBED);
     R->f->all_layers = 1;
+    if (ptuning)
+        return PR_OK;
     const json_t *init = get(R, "prompt_tuning_init"), *text = get(R, "prompt_tuning_init_text");
     const char *how = init && json_is_string(init) ? json_string_value(init) : "RANDOM";
     if (!strcmp(how, "RANDOM"))
@@ -929,15 +1278,31 @@ int peft_adapter_open(const char *dir, const pr_registry *reg, const pr_model_co
     else if (!strcmp(R.type, "IA3"))
         rc = open_ia3(&R, cfg, reg);
     else if (!strcmp(R.type, "PROMPT_TUNING"))
-        rc = open_prompt(&R, cfg, reg, 0);
+        rc = open_prompt(&R, cfg, reg, 0, 0);
+    else if (!strcmp(R.type, "P_TUNING"))
+        rc = open_prompt(&R, cfg, reg, 0, 1);
     else if (!strcmp(R.type, "PREFIX_TUNING"))
-        rc = open_prompt(&R, cfg, reg, 1);
+        rc = open_prompt(&R, cfg, reg, 1, 0);
+    else if (!strcmp(R.type, "LOHA") || !strcmp(R.type, "LOKR") || !strcmp(R.type, "VERA") ||
+             !strcmp(R.type, "OFT") || !strcmp(R.type, "HRA") || !strcmp(R.type, "FOURIERFT"))
+        rc = open_weight_type(&R, cfg, reg);
+    else if (!strcmp(R.type, "TRAINABLE_TOKENS"))
+        rc = open_trainable_tokens(&R, cfg, reg);
+    else if (!strcmp(R.type, "BOFT"))
+        rc = pr_errorf(err, PR_ERR_UNSUPPORTED, "%s/" CONFIG_NAME ": cannot import peft_type 'BOFT': its boft_R "
+                       "is a 4-dimensional (m, nb, b, b) tensor, and peftref reads PEFT tensors of 1 or 2 "
+                       "dimensions (peftref's boft modules are saved under peftref's names)", dir);
+    else if (!strcmp(R.type, "ADALORA"))
+        rc = pr_errorf(err, PR_ERR_UNSUPPORTED, "%s/" CONFIG_NAME ": cannot import peft_type 'ADALORA': its lora_E "
+                       "is one (r, 1) tensor per module with a rank_pattern of kept ranks, where peftref's adalora "
+                       "holds every insertion's in one (n_sites * n_layers, init_r) tensor", dir);
     else {
         int known = 0;
         for (int i = 0; known_types[i] && !known; i++)
             known = !strcmp(known_types[i], R.type);
         rc = pr_errorf(err, PR_ERR_UNSUPPORTED, "%s/" CONFIG_NAME ": %s peft_type '%s'; peftref imports LORA (with "
-                       "use_dora, use_rslora, rank_pattern, alpha_pattern), IA3, PROMPT_TUNING and PREFIX_TUNING", dir,
+                       "use_dora, use_rslora, rank_pattern, alpha_pattern), IA3, PROMPT_TUNING, P_TUNING, "
+                       "PREFIX_TUNING, LOHA, LOKR, VERA, OFT, HRA, FOURIERFT and TRAINABLE_TOKENS", dir,
                        known ? "cannot import" : "unknown", R.type);
     }
     if (rc || (rc = check_tensors(&R, cfg)))

@@ -82,9 +82,11 @@ static int hf_fold_target(const pr_model_config *c, int site, int *proj, int *in
 
 /* ---- the placer -------------------------------------------------------------------------------- */
 
-/* key with {prefix} and {layer} filled in; 0 when it does not fit or names
- * another placeholder. */
-static int expand_key(const char *key, const char *prefix, int layer, char *out, size_t len)
+/* key with {prefix}, {layer} and {embed} (the token embedding's module,
+ * "base_model.model.transformer.wte" / "base_model.model.model.embed_tokens")
+ * filled in; 0 when it does not fit or names another placeholder. */
+static int expand_key(const char *key, const char *prefix, int layer, const pr_model_config *c, char *out,
+                      size_t len)
 {
     size_t n = 0;
     for (const char *k = key; *k;) {
@@ -95,6 +97,10 @@ static int expand_key(const char *key, const char *prefix, int layer, char *out,
             if (!strncmp(k, "{prefix}", 8)) {
                 put = prefix;
                 k += 8;
+            } else if (!strncmp(k, "{embed}", 7)) {
+                put = c->family == PR_FAMILY_GPT2 ? "base_model.model.transformer.wte"
+                                                  : "base_model.model.model.embed_tokens";
+                k += 7;
             } else if (!strncmp(k, "{layer}", 7)) {
                 snprintf(num, sizeof num, "%d", layer);
                 put = num;
@@ -172,7 +178,7 @@ int peft_place(const pr_technique *t, int fold, const pr_module_param *p, const 
             return 0;
         snprintf(prefix, sizeof prefix, "base_model.model.%s.%d.%s", peft_blocks_path(c), p->layer, path);
     }
-    if (!expand_key(d.peft_key, prefix, p->layer, pl->name, sizeof pl->name))
+    if (!expand_key(d.peft_key, prefix, p->layer, c, pl->name, sizeof pl->name))
         return 0;
     pl->fill = t->integration == PR_INTEGRATE_RESCALE ? 1.0f : 0.0f;
     pl->nb = 1;

@@ -378,8 +378,9 @@ static int validate_params(const tech_copy *c, const pr_param_decl *params, uint
             return bad(c, err, "param '%s': unknown peft_layout value %d (known 0..%d)", p->name, p->peft_layout,
                        PR_PEFT_FOLD_VECTOR);
         for (const char *k = p->peft_key ? strchr(p->peft_key, '{') : NULL; k; k = strchr(k + 1, '{'))
-            if (strncmp(k, "{prefix}", 8) != 0 && strncmp(k, "{layer}", 7) != 0)
-                return bad(c, err, "param '%s': peft_key '%.*s' uses a placeholder other than {prefix} and {layer}",
+            if (strncmp(k, "{prefix}", 8) != 0 && strncmp(k, "{layer}", 7) != 0 && strncmp(k, "{embed}", 7) != 0)
+                return bad(c, err, "param '%s': peft_key '%.*s' uses a placeholder other than {prefix}, {layer} and "
+                           "{embed}",
                            p->name, MAX_NAME, p->peft_key);
     }
     return PR_OK;

@@ -299,7 +299,8 @@ typedef struct pr_param_decl {
     const char *lr_scale;
     /* Hugging Face PEFT key of this tensor, a pattern over {prefix} (the
      * PEFT module path of the site, e.g. "base_model.model.transformer.h.3.
-     * attn.c_attn") and {layer}: e.g. "{prefix}.lora_A.weight"; NULL = PEFT
+     * attn.c_attn"), {layer} and {embed} (the token embedding's module,
+     * "base_model.model.model.embed_tokens"): e.g. "{prefix}.lora_A.weight"; NULL = PEFT
      * has no name for it.  With peft_layout; see pr_technique.peft_type.
      * The key says which copies have a name: with {prefix}, the copies of
      * a PR_SCOPE_INSERTION parameter at (site, layer) insertions whose

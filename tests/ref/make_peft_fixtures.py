@@ -32,6 +32,23 @@ to a plain float64 model as PEFT applies it:
                    (`loss`); peftref's prefix_tuning keeps them at 0..T-1
                    (`loss_pos0`, the value the C test compares with).
 
+  LOHA             dW = s (w1_a w1_b) * (w2_a w2_b), s = alpha / r (rank_pattern,
+                   alpha_pattern as LoRA's), y = x (W + dW)^T + b
+  LOKR             dW = s kron(w1, w2_a w2_b), (l, k) and (m, n) PEFT's
+                   factorization(d_out, -1), factorization(d_in, -1)
+  VERA             y = base(x) + lambda_b * ((lambda_d * (x A[:, :in]^T)) B[:out]^T),
+                   A = base_model.vera_A, B = base_model.vera_B (save_projection)
+  OFT              y = base(x R), R block-diagonal, R_k = (I - S_k)(I + S_k)^-1,
+                   S_k = U - U^T with oft_R.weight[k] the strict upper triangle
+                   (torch.triu_indices order); use_cayley_neumann false
+  HRA              W' = W H_1 ... H_r, H_i = I - 2 u_i u_i^T / |u_i|^2, u_i = hra_u[:, i]
+  FOURIERFT        dW = scaling * real(ifft2(F)), F (out, in) zero but for the
+                   spectrum at torch.randperm(out*in, seed random_loc_seed)[:n]
+                   (row idx // in, column idx % in)
+  P_TUNING         as PROMPT_TUNING (the file holds the encoder's output)
+  TRAINABLE_TOKENS the rows token_indices of the token embedding replaced by
+                   trainable_tokens_delta (untied head: the logits unchanged)
+
 Bases: tests/ref/gpt2-parity/model (GPT-2, Conv1D [in, out], fan_in_fan_out)
 and tests/ref/llama-parity/gqa/model (LLaMA, GQA), with the tokens and
 targets of their expected.safetensors.  Writes OUTDIR/<case>/adapter_config.json,
@@ -76,6 +93,33 @@ PROMPT_DEFAULTS = {"num_attention_heads": None, "num_layers": None, "num_transfo
 PREFIX_DEFAULTS = {"encoder_hidden_size": None, "num_attention_heads": None, "num_layers": None,
                    "num_transformer_submodules": 1, "num_virtual_tokens": None, "peft_type": "PREFIX_TUNING",
                    "prefix_projection": False, "token_dim": None, "modules_to_save": None}
+
+
+LYCORIS = {"alpha": 8, "alpha_pattern": {}, "exclude_modules": None, "init_weights": True, "layers_pattern": None,
+           "layers_to_transform": None, "module_dropout": 0.0, "modules_to_save": None, "r": 8, "rank_dropout": 0.0,
+           "rank_pattern": {}, "target_modules": None, "use_effective_conv2d": False}
+LOHA_DEFAULTS = dict(LYCORIS, peft_type="LOHA")
+LOKR_DEFAULTS = dict(LYCORIS, peft_type="LOKR", decompose_both=False, decompose_factor=-1, rank_dropout_scale=False)
+VERA_DEFAULTS = {"bias": "none", "d_initial": 0.1, "fan_in_fan_out": False, "init_weights": True,
+                 "layers_pattern": None, "layers_to_transform": None, "modules_to_save": None, "peft_type": "VERA",
+                 "projection_prng_key": 0, "r": 256, "save_projection": True, "target_modules": None,
+                 "vera_dropout": 0.0}
+OFT_DEFAULTS = {"bias": "none", "block_share": False, "coft": False, "eps": 6e-05, "exclude_modules": None,
+                "fan_in_fan_out": False, "init_weights": True, "layers_pattern": None, "layers_to_transform": None,
+                "module_dropout": 0.0, "modules_to_save": None, "num_cayley_neumann_terms": 5, "oft_block_size": 32,
+                "peft_type": "OFT", "r": 0, "target_modules": None, "use_cayley_neumann": True}
+HRA_DEFAULTS = {"apply_GS": False, "bias": "none", "exclude_modules": None, "init_weights": True,
+                "layers_pattern": None, "layers_to_transform": None, "modules_to_save": None, "peft_type": "HRA",
+                "r": 8, "target_modules": None}
+FOURIERFT_DEFAULTS = {"bias": "none", "exclude_modules": None, "fan_in_fan_out": False, "init_weights": False,
+                      "layers_pattern": None, "layers_to_transform": None, "modules_to_save": None,
+                      "n_frequency": 1000, "n_frequency_pattern": {}, "peft_type": "FOURIERFT",
+                      "random_loc_seed": 777, "scaling": 150.0, "target_modules": None}
+PTUNING_DEFAULTS = {"encoder_dropout": 0.0, "encoder_hidden_size": None, "encoder_num_layers": 2,
+                    "encoder_reparameterization_type": "MLP", "modules_to_save": None, "num_attention_heads": None,
+                    "num_layers": None, "num_transformer_submodules": 1, "num_virtual_tokens": None,
+                    "peft_type": "P_TUNING", "token_dim": None}
+TT_DEFAULTS = {"init_weights": True, "peft_type": "TRAINABLE_TOKENS", "target_modules": None, "token_indices": []}
 
 
 def make_config(defaults, **kw):
@@ -143,6 +187,8 @@ class Adapter:
                 return y + b if b is not None else y
             y = x @ W.t() + (b if b is not None else 0.0)
             return y * l[:, 0]
+        if pt in WEIGHT_TYPES and is_target(cfg, name):
+            return weight_type(cfg, self.t, key, name, x, W, b)
         y = x @ W.t()
         base = y + b if b is not None else y
         if pt != "LORA" or not is_target(cfg, name):
@@ -161,6 +207,126 @@ class Adapter:
         return base + (g - 1) * y + g * s * lora
 
 
+WEIGHT_TYPES = ("LOHA", "LOKR", "VERA", "OFT", "HRA", "FOURIERFT")
+
+
+def factorization(dim, factor=-1):
+    """LyCORIS' / PEFT's factorization: (m, n), m <= n, m n = dim."""
+    if factor > 0 and dim % factor == 0:
+        m, n = factor, dim // factor
+        return (n, m) if m > n else (m, n)
+    if factor == -1:
+        factor = dim
+    m, n = 1, dim
+    length = m + n
+    while m < n:
+        nm = m + 1
+        while dim % nm != 0:
+            nm += 1
+        nn = dim // nm
+        if nm + nn > length or nm > factor:
+            break
+        m, n = nm, nn
+    return (n, m) if m > n else (m, n)
+
+
+def oft_rotation(Uvec, b):
+    """oft_R.weight (nb, b(b-1)/2) -> block-diagonal R, R_k = (I - S)(I + S)^-1."""
+    rows, cols = torch.triu_indices(b, b, 1)
+    blocks = []
+    I = torch.eye(b, dtype=torch.float64)
+    for k in range(Uvec.shape[0]):
+        S = torch.zeros(b, b, dtype=torch.float64)
+        S[rows, cols] = Uvec[k]
+        S = S - S.t()
+        blocks.append((I - S) @ torch.linalg.inv(I + S))
+    return torch.block_diag(*blocks)
+
+
+def fourier_indices(o, i, n, seed):
+    idx = torch.randperm(o * i, generator=torch.Generator().manual_seed(seed))[:n]
+    return idx // i, idx % i
+
+
+def weight_type(cfg, t, key, name, x, W, b):
+    """x W'^T + b for the weight types (W [out, in])."""
+    pt, o, i = cfg["peft_type"], W.shape[0], W.shape[1]
+    bias = b if b is not None else 0.0
+    if pt == "VERA":
+        A, B = t["base_model.vera_A"][:, :i], t["base_model.vera_B"][:o, :]
+        h = t[key + ".vera_lambda_b"] * ((t[key + ".vera_lambda_d"] * (x @ A.t())) @ B.t())
+        return x @ W.t() + bias + h
+    if pt == "OFT":
+        U = t[key + ".oft_R.weight"]
+        R = oft_rotation(U, i // U.shape[0])
+        return (x @ R) @ W.t() + bias
+    if pt == "HRA":
+        u = t[key + ".hra_u"]
+        u = u / u.norm(dim=0)
+        H = torch.eye(i, dtype=torch.float64)
+        for k in range(u.shape[1]):
+            H = H - 2 * H @ u[:, k:k + 1] @ u[:, k:k + 1].t()
+        return x @ (W @ H).t() + bias
+    if pt == "FOURIERFT":
+        n = pattern_get(cfg["n_frequency_pattern"], name, cfg["n_frequency"])
+        spec = t[key + ".fourierft_spectrum"]
+        assert spec.shape == (n,), (name, spec.shape)
+        F = torch.zeros(o, i, dtype=torch.complex128)
+        r_, c_ = fourier_indices(o, i, n, cfg["random_loc_seed"])
+        F[r_, c_] = spec.to(torch.complex128)
+        dW = torch.fft.ifft2(F).real * cfg["scaling"]
+        return x @ (W + dW).t() + bias
+    r = pattern_get(cfg["rank_pattern"], name, cfg["r"])
+    s = pattern_get(cfg["alpha_pattern"], name, cfg["alpha"]) / r
+    if pt == "LOHA":
+        dW = s * (t[key + ".hada_w1_a"] @ t[key + ".hada_w1_b"]) * (t[key + ".hada_w2_a"] @ t[key + ".hada_w2_b"])
+    else:
+        w2 = t[key + ".lokr_w2_a"] @ t[key + ".lokr_w2_b"]
+        assert t[key + ".lokr_w2_a"].shape[1] == r
+        dW = s * torch.kron(t[key + ".lokr_w1"], w2)
+    assert dW.shape == W.shape, name
+    return x @ (W + dW).t() + bias
+
+
+def weight_tensors(gen, cfg, modules, shapes, scale=0.3):
+    """Random tensors for the weight types at every targeted module."""
+    pt, out = cfg["peft_type"], {}
+
+    def rnd(*shape):
+        return f32(torch.randn(*shape, generator=gen, dtype=torch.float64) * scale)
+
+    names = [n for n in modules if is_target(cfg, n)]
+    if pt == "VERA":
+        mo = max(shapes[n][0] for n in names)
+        mi = max(shapes[n][1] for n in names)
+        out["base_model.vera_A"] = rnd(cfg["r"], mi)
+        out["base_model.vera_B"] = rnd(mo, cfg["r"])
+    for name in names:
+        o, i = shapes[name]
+        key = "base_model.model." + name
+        if pt == "LOHA":
+            r = pattern_get(cfg["rank_pattern"], name, cfg["r"])
+            for w in ("1", "2"):
+                out[key + ".hada_w%s_a" % w], out[key + ".hada_w%s_b" % w] = rnd(o, r), rnd(r, i)
+        elif pt == "LOKR":
+            r = pattern_get(cfg["rank_pattern"], name, cfg["r"])
+            (l, k), (m, n) = factorization(o), factorization(i)
+            assert r < max(k, n) / 2, name   # PEFT's factorised lokr_w2
+            out[key + ".lokr_w1"], out[key + ".lokr_w2_a"], out[key + ".lokr_w2_b"] = rnd(l, m), rnd(k, r), rnd(r, n)
+        elif pt == "VERA":
+            out[key + ".vera_lambda_d"] = rnd(cfg["r"]) + 0.1
+            out[key + ".vera_lambda_b"] = rnd(o)
+        elif pt == "OFT":
+            bs = i // cfg["r"] if cfg["r"] else cfg["oft_block_size"]
+            out[key + ".oft_R.weight"] = rnd(i // bs, bs * (bs - 1) // 2)
+        elif pt == "HRA":
+            out[key + ".hra_u"] = rnd(i, cfg["r"])
+        elif pt == "FOURIERFT":
+            n = pattern_get(cfg["n_frequency_pattern"], name, cfg["n_frequency"])
+            out[key + ".fourierft_spectrum"] = f32(torch.randn(n, generator=gen, dtype=torch.float64))
+    return out
+
+
 def no_adapter():
     return Adapter({"peft_type": "NONE"}, {})
 
@@ -176,7 +342,7 @@ def gpt2_loss(p, cfg, tokens, targets, ad, pos0=False):
     L, eps, hd = cfg["n_layer"], cfg["layer_norm_epsilon"], cfg["n_embd"] // cfg["n_head"]
     Bn, T = tokens.shape
     pt = ad.cfg["peft_type"]
-    nv = ad.cfg["num_virtual_tokens"] if pt in ("PROMPT_TUNING", "PREFIX_TUNING") else 0
+    nv = ad.cfg["num_virtual_tokens"] if pt in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING") else 0
 
     def ln(x, w, b):
         mu = x.mean(-1, keepdim=True)
@@ -187,7 +353,7 @@ def gpt2_loss(p, cfg, tokens, targets, ad, pos0=False):
         return ad.linear(name, x, p[name + ".weight"].t(), p[name + ".bias"])
 
     x = p["transformer.wte.weight"][tokens]
-    if pt == "PROMPT_TUNING":
+    if pt in ("PROMPT_TUNING", "P_TUNING"):
         prompt = ad.t["prompt_embeddings"].unsqueeze(0).expand(Bn, nv, C)
         x = torch.cat([prompt, x], dim=1) + p["transformer.wpe.weight"][: nv + T]
     else:
@@ -214,7 +380,7 @@ def gpt2_loss(p, cfg, tokens, targets, ad, pos0=False):
         x = x + conv(h + "mlp.c_proj", u)
     x = ln(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"])
     logits = x @ p["transformer.wte.weight"].t()
-    if pt == "PROMPT_TUNING":
+    if pt in ("PROMPT_TUNING", "P_TUNING"):
         logits = logits[:, nv:]
     return ce(logits, targets)
 
@@ -231,9 +397,13 @@ def llama_loss(cfg, p, tokens, targets, ad, pos0=False):
     H, Hkv, hd = cfg["num_attention_heads"], LR.kv_heads(cfg), LR.head_dim(cfg)
     Bn, T = tokens.shape
     pt = ad.cfg["peft_type"]
-    nv = ad.cfg["num_virtual_tokens"] if pt in ("PROMPT_TUNING", "PREFIX_TUNING") else 0
-    x = p["model.embed_tokens.weight"][tokens]
-    if pt == "PROMPT_TUNING":
+    nv = ad.cfg["num_virtual_tokens"] if pt in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING") else 0
+    E = p["model.embed_tokens.weight"]
+    if pt == "TRAINABLE_TOKENS":
+        E = E.clone()
+        E[ad.cfg["token_indices"]] = ad.t["base_model.model.model.embed_tokens.trainable_tokens_delta"]
+    x = E[tokens]
+    if pt in ("PROMPT_TUNING", "P_TUNING"):
         x = torch.cat([ad.t["prompt_embeddings"].unsqueeze(0).expand(Bn, nv, -1), x], dim=1)
     Tt = x.shape[1]
     off = nv if pt == "PREFIX_TUNING" and not pos0 else 0
@@ -268,7 +438,7 @@ def llama_loss(cfg, p, tokens, targets, ad, pos0=False):
     x = LR.rmsnorm(x, p["model.norm.weight"], eps)
     head = p["model.embed_tokens.weight"] if LR.tied(cfg) else p["lm_head.weight"]
     logits = x @ head.t()
-    if pt == "PROMPT_TUNING":
+    if pt in ("PROMPT_TUNING", "P_TUNING"):
         logits = logits[:, nv:]
     return ce(logits, targets)
 
@@ -419,11 +589,48 @@ def main():
     lcase("llama_prefix", cfg, {"prompt_embeddings": f32(torch.randn(3, Ll * 2 * Hkv * hd, generator=gen,
                                                                      dtype=torch.float64))})
 
+    # ---- the further types (their own generator, so the cases above stay as they were)
+    gen = torch.Generator().manual_seed(SEED + 1)
+    cfg = make_config(VERA_DEFAULTS, r=4, d_initial=0.1, fan_in_fan_out=True, target_modules=["c_attn", "mlp.c_proj"])
+    g2case("gpt2_vera", cfg, weight_tensors(gen, cfg, g2_lin, g2_lin))
+    cfg = make_config(FOURIERFT_DEFAULTS, n_frequency=24, scaling=40.0, random_loc_seed=777, fan_in_fan_out=True,
+                      target_modules=["c_attn", "c_fc"], n_frequency_pattern={"mlp.c_fc": 40})
+    g2case("gpt2_fourierft", cfg, weight_tensors(gen, cfg, g2_lin, g2_lin))
+    cfg = make_config(PTUNING_DEFAULTS, num_virtual_tokens=3, token_dim=C, num_attention_heads=g2["n_head"],
+                      num_layers=L, encoder_hidden_size=C)
+    g2case("gpt2_ptuning", cfg, {"prompt_embeddings": f32(torch.randn(3, C, generator=gen, dtype=torch.float64))})
+
+    cfg = make_config(LOHA_DEFAULTS, r=2, alpha=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                      rank_pattern={"v_proj": 3}, alpha_pattern={"down_proj": 2})
+    lcase("llama_loha", cfg, weight_tensors(gen, cfg, l_lin, l_lin))
+    cfg = make_config(LOKR_DEFAULTS, r=2, alpha=3, target_modules=["q_proj", "v_proj", "down_proj"])
+    lcase("llama_lokr", cfg, weight_tensors(gen, cfg, l_lin, l_lin))
+    cfg = make_config(VERA_DEFAULTS, r=4, d_initial=0.1, target_modules=["q_proj", "v_proj", "up_proj"])
+    lcase("llama_vera", cfg, weight_tensors(gen, cfg, l_lin, l_lin))
+    cfg = make_config(OFT_DEFAULTS, r=0, oft_block_size=8, use_cayley_neumann=False,
+                      target_modules=["q_proj", "v_proj", "down_proj"])
+    lcase("llama_oft", cfg, weight_tensors(gen, cfg, l_lin, l_lin))
+    cfg = make_config(HRA_DEFAULTS, r=2, target_modules=["k_proj", "o_proj", "gate_proj"])
+    lcase("llama_hra", cfg, weight_tensors(gen, cfg, l_lin, l_lin, scale=1.0))
+    cfg = make_config(FOURIERFT_DEFAULTS, n_frequency=20, scaling=40.0, random_loc_seed=1234,
+                      target_modules=["q_proj", "down_proj"], n_frequency_pattern={"down_proj": 30})
+    lcase("llama_fourierft", cfg, weight_tensors(gen, cfg, l_lin, l_lin))
+    cfg = make_config(PTUNING_DEFAULTS, num_virtual_tokens=2, token_dim=lcfg["hidden_size"],
+                      num_attention_heads=lcfg["num_attention_heads"], num_layers=Ll,
+                      encoder_hidden_size=lcfg["hidden_size"])
+    lcase("llama_ptuning", cfg, {"prompt_embeddings": f32(torch.randn(2, lcfg["hidden_size"], generator=gen,
+                                                                      dtype=torch.float64))})
+    assert not LR.tied(lcfg)   # PEFT would replace a tied head's rows too
+    ids = sorted(set(int(v) for v in ltok.flatten().tolist()))[:3]
+    cfg = make_config(TT_DEFAULTS, token_indices=ids, target_modules=["embed_tokens"])
+    lcase("llama_trainable_tokens", cfg, {"base_model.model.model.embed_tokens.trainable_tokens_delta": f32(
+        torch.randn(len(ids), lcfg["hidden_size"], generator=gen, dtype=torch.float64) * 0.5)})
+
     with open(os.path.join(outdir, "expected.json"), "w") as f:
         json.dump(dict(sorted(expected.items())), f, indent=2)
         f.write("\n")
     for k, v in sorted(expected.items()):
-        print("%-16s %-6s loss %.10f  loss_pos0 %.10f" % (k, v["base"], v["loss"], v["loss_pos0"]))
+        print("%-22s %-6s loss %.10f  loss_pos0 %.10f" % (k, v["base"], v["loss"], v["loss_pos0"]))
 
 
 if __name__ == "__main__":
