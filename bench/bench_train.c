@@ -79,9 +79,9 @@ typedef struct workload {
 static const workload WORKLOADS[] = {
     { "small-lora-T256", "main", "gpt2-small", K_LORA, "qkv", 8, 4, 256, 1, 3 },
     { "small-full-T256", "main", "gpt2-small", K_FULL, NULL, 0, 4, 256, 1, 3 },
-    { "small-eval-T256", "main", "gpt2-small", K_EVAL, "qkv", 8, 4, 256, 1, 4 },
-    { "small-lora-T128", "seq", "gpt2-small", K_LORA, "qkv", 8, 4, 128, 1, 3 },
-    { "small-lora-T512", "seq", "gpt2-small", K_LORA, "qkv", 8, 4, 512, 1, 3 },
+    { "small-eval-T256", "main", "gpt2-small", K_EVAL, "qkv", 8, 4, 256, 1, 3 },
+    { "small-lora-T128", "seq", "gpt2-small", K_LORA, "qkv", 8, 4, 128, 1, 2 },
+    { "small-lora-T512", "seq", "gpt2-small", K_LORA, "qkv", 8, 4, 512, 1, 2 },
     { "small-lora-T1024", "seq", "gpt2-small", K_LORA, "qkv", 8, 4, 1024, 1, 2 },
     { "tiny-lora-T256", "size", "gpt2-tiny", K_LORA, "qkv", 8, 4, 256, 2, 20 },
     { "medium-lora-T256", "size", "gpt2-medium", K_LORA, "qkv", 8, 4, 256, 1, 2 },
@@ -140,7 +140,7 @@ typedef struct job {
 
 typedef struct opts {
     const char *srcdir, *peftref, *workdir, *python, *only;
-    int quick, no_torch, raw_env;
+    int quick, no_torch, raw_env, plan_only;
     double timeout;
 } opts;
 
@@ -190,11 +190,6 @@ static int mkdir_p(const char *path)
         *p = '/';
     }
     return mkdir(buf, 0777) != 0 && errno != EEXIST ? -1 : 0;
-}
-
-static int file_exists(const char *path)
-{
-    return access(path, R_OK) == 0;
 }
 
 /* The whole file, NUL-terminated; NULL if unreadable. */
@@ -543,7 +538,7 @@ static int work_shapes(const dims *d, const workload *w, gemm_shape *out)
 typedef struct shape_set {
     int n;
     int MKN[MAX_SHAPES][3];
-    double sgemm[MAX_SHAPES], t_f32[MAX_SHAPES], t_bf16[MAX_SHAPES];
+    double sgemm[MAX_SHAPES], t_bf16[MAX_SHAPES];
 } shape_set;
 
 static int shape_index(shape_set *s, int M, int K, int N, int add)
@@ -572,8 +567,8 @@ static double sgemm_gflops(int M, int K, int N)
         a[i] = (float)(i % 7) * 0.1f - 0.3f;
     for (size_t i = 0; i < (size_t)K * N; i++)
         b[i] = (float)(i % 5) * 0.1f - 0.2f;
-    /* one untimed product, then at least 3 and until 0.3 s */
-    for (int r = -1; r < 50 && (r < 3 || spent < 0.3); r++) {
+    /* one untimed product, then at least 2 and until 0.3 s */
+    for (int r = -1; r < 50 && (r < 2 || spent < 0.3); r++) {
         double t0 = now_s();
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, M, N, K, 1.0f, a, K, b, N, 0.0f, c, N);
         double dt = now_s() - t0;
@@ -1168,7 +1163,7 @@ static void usage(void)
 {
     fprintf(stderr,
             "usage: bench_train --srcdir DIR --peftref PATH [--workdir DIR] [--quick] [--python PATH]\n"
-            "                   [--no-torch] [--only SUBSTRING] [--timeout SECONDS] [--raw-env]\n");
+            "                   [--no-torch] [--only SUBSTRING] [--timeout SECONDS] [--raw-env] [--plan-only]\n");
 }
 
 static void label_job(job *j, int inline_config, int quick)
@@ -1192,12 +1187,13 @@ static void label_job(job *j, int inline_config, int quick)
 
 int main(int argc, char **argv)
 {
-    opts o = { NULL, NULL, "bench-work", NULL, NULL, 0, 0, 0, 1800.0 };
+    opts o = { NULL, NULL, "bench-work", NULL, NULL, 0, 0, 0, 0, 1800.0 };
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--quick")) { o.quick = 1; continue; }
         if (!strcmp(a, "--no-torch")) { o.no_torch = 1; continue; }
         if (!strcmp(a, "--raw-env")) { o.raw_env = 1; continue; }
+        if (!strcmp(a, "--plan-only")) { o.plan_only = 1; continue; }
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(); return 0; }
         if (!v) { usage(); return 2; }
         if (!strcmp(a, "--srcdir")) o.srcdir = v;
@@ -1387,7 +1383,10 @@ int main(int argc, char **argv)
         if (!j->have_dims)
             continue;
         textf(j->ids, sizeof j->ids, "%s/corpus-ids-%d.txt", o.workdir, j->d.V);
-        if (file_exists(j->ids))
+        int done = 0;             /* tokenized for an earlier job of this run */
+        for (int k = 0; k < i; k++)
+            done |= jobs[k].have_dims && !strcmp(jobs[k].ids, j->ids);
+        if (done)
             continue;
         char tdir[1200];
         if (j->tokdir[0])
@@ -1417,12 +1416,12 @@ int main(int argc, char **argv)
     memset(sg, 0, sizeof sg);
     double sgemm_1024 = 0;
     int blas_threads = 0;
-    if (in_child(child_sgemm, ss, sg, sizeof(double) * (size_t)(ss->n + 2)) == 0) {
+    if (!o.plan_only && in_child(child_sgemm, ss, sg, sizeof(double) * (size_t)(ss->n + 2)) == 0) {
         memcpy(ss->sgemm, sg, sizeof(double) * (size_t)ss->n);
         sgemm_1024 = sg[ss->n];
         blas_threads = (int)sg[ss->n + 1];
     }
-    if (mc.torch_ok && ss->n > 0) {
+    if (!o.plan_only && mc.torch_ok && ss->n > 0) {
         char *shapes = calloc((size_t)ss->n, 40);
         size_t off = 0;
         for (int k = 0; k < ss->n; k++)
@@ -1444,10 +1443,8 @@ int main(int argc, char **argv)
                 int k = shape_index(ss, (int)json_integer_value(json_array_get(s, 0)),
                                     (int)json_integer_value(json_array_get(s, 1)),
                                     (int)json_integer_value(json_array_get(s, 2)), 0);
-                if (k >= 0) {
-                    ss->t_f32[k] = json_number_value(json_object_get(row, "f32"));
+                if (k >= 0)
                     ss->t_bf16[k] = json_number_value(json_object_get(row, "bf16"));
-                }
             }
             json_decref(js);
             free(t);
@@ -1508,6 +1505,8 @@ int main(int argc, char **argv)
                     char l[256];
                     first_line(perr, l, sizeof l);
                     set_result(&j->r[IMPL_PEFTREF], ST_NA, "n/a: peftref plan refused it: %s", l);
+                } else if (o.plan_only) {
+                    set_result(&j->r[IMPL_PEFTREF], ST_NA, "planned: %s (--plan-only)", pipeline);
                 } else if (j->run.kind == K_EVAL) {
                     run_peftref_eval(&o, j, dir, pipeline);
                 } else {
@@ -1516,7 +1515,9 @@ int main(int argc, char **argv)
             }
         }
         for (int impl = IMPL_TORCH_F32; impl <= IMPL_TORCH_BF16 && j->have_dims; impl++) {
-            if (o.no_torch)
+            if (o.plan_only)
+                set_result(&j->r[impl], ST_NA, "not run (--plan-only)", NULL);
+            else if (o.no_torch)
                 set_result(&j->r[impl], ST_NA, "skipped (--no-torch)", NULL);
             else if (!mc.torch_ok)
                 set_result(&j->r[impl], ST_NA, "n/a: %s", mc.torch_line);

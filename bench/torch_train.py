@@ -9,13 +9,14 @@ process, so the peak resident set it reads from wait4() is that run's alone:
                      --mode lora|full|eval [--sites qkv] [--rank 8] [--alpha 16]
                      --B 4 --T 256 --warmup 1 --steps 3 [--dtype f32|bf16]
                      [--ids FILE] [--threads N] [AdamW settings]
-  torch_train.py ceiling --shapes M,K,N[;M,K,N...] [--threads N]
+  torch_train.py ceiling --shapes M,K,N[;M,K,N...] [--threads N] [--f32]
   torch_train.py info
 
 `run` prints one JSON line: the timed step seconds, their median and minimum,
 the trainable parameter count and the first and last loss, or {"na": REASON}.
 `ceiling` prints the GFLOP/s of torch.matmul on each (M,K)x(K,N) shape in
-float32 and in bfloat16.  `info` prints the torch version and its CPU backends.
+bfloat16 (and float32 with --f32): one untimed product, then the median of at
+least 2 and until 0.3 s.  `info` prints the torch version and its CPU backends.
 
 A training step is what peftref's trainer times (core/train/train.c): take the
 next batch of windows from the token stream, zero the gradients, forward with
@@ -297,13 +298,13 @@ def cmd_ceiling(a):
     for spec in a.shapes.split(";"):
         M, K, N = (int(x) for x in spec.split(","))
         row = {"shape": [M, K, N]}
-        for dt, key in ((torch.float32, "f32"), (torch.bfloat16, "bf16")):
+        for dt, key in ((torch.bfloat16, "bf16"),) + (((torch.float32, "f32"),) if a.f32 else ()):
             g = torch.Generator().manual_seed(1)
             x = torch.randn(M, K, generator=g).to(dt)
             w = torch.randn(K, N, generator=g).to(dt)
             torch.matmul(x, w)                       # warm-up (oneDNN primitive creation)
             ts, spent = [], 0.0
-            while len(ts) < 3 or (spent < a.min_seconds and len(ts) < 50):
+            while len(ts) < 2 or (spent < a.min_seconds and len(ts) < 50):
                 t0 = time.perf_counter()
                 torch.matmul(x, w)
                 dt_s = time.perf_counter() - t0
@@ -352,6 +353,7 @@ def main():
     c.add_argument("--shapes", required=True)
     c.add_argument("--threads", type=int, default=2)
     c.add_argument("--min-seconds", type=float, default=0.3)
+    c.add_argument("--f32", action="store_true", help="also time float32 torch.matmul")
     i = sub.add_parser("info")
     i.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
