@@ -1246,8 +1246,11 @@ int main(int argc, char **argv)
         char out[1400];
         textf(out, sizeof out, "%s/runtime.out", o.workdir);
         char *av[] = { (char *)o.peftref, "runtime", NULL };
-        if (run_child(av, out, NULL, 60, NULL, NULL) == 0)
-            first_line(out, mc.runtime_line, sizeof mc.runtime_line);
+        if (run_child(av, out, NULL, 60, NULL, NULL) == 0) {
+            char l[256];
+            first_line(out, l, sizeof l);
+            textf(mc.runtime_line, sizeof mc.runtime_line, "%s", strncmp(l, "blas: ", 6) ? l : l + 6);
+        }
         else
             textf(mc.runtime_line, sizeof mc.runtime_line, "(peftref runtime failed)");
     }
