@@ -119,6 +119,7 @@ typedef struct result {
     long rss_kb;
     double loss_first, loss_last;
     long long trainable;
+    double calib_ms;     /* the load probe just before this run (calibrate) */
 } result;
 
 typedef struct job {
@@ -585,6 +586,42 @@ out:
     return g;
 }
 
+/* The load probe: a fixed 512^3 sgemm on every BLAS thread, median of 5
+ * after one untimed, in ms.  Taken in a child before and after each run; when
+ * another process holds a core it grows (OpenBLAS's threads wait for each
+ * other), so rows whose probe differs were measured under different load. */
+static void child_calib(const void *arg, void *out)
+{
+    (void)arg;
+    const int n = 512;
+    float *a = malloc(sizeof(float) * (size_t)n * n), *b = malloc(sizeof(float) * (size_t)n * n);
+    float *c = malloc(sizeof(float) * (size_t)n * n);
+    double t[5], *ms = out;
+    *ms = 0.0;
+    if (a && b && c) {
+        for (size_t i = 0; i < (size_t)n * n; i++) {
+            a[i] = (float)(i % 7) * 0.1f;
+            b[i] = (float)(i % 5) * 0.1f;
+        }
+        for (int r = -1; r < 5; r++) {
+            double t0 = now_s();
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.0f, a, n, b, n, 0.0f, c, n);
+            if (r >= 0)
+                t[r] = now_s() - t0;
+        }
+        *ms = 1e3 * median(t, 5);
+    }
+    free(a);
+    free(b);
+    free(c);
+}
+
+static double calibrate(void)
+{
+    double ms = 0.0;
+    return in_child(child_calib, NULL, &ms, sizeof ms) == 0 ? ms : 0.0;
+}
+
 static void child_sgemm(const void *arg, void *out)
 {
     const shape_set *s = arg;
@@ -1038,8 +1075,8 @@ static void print_table(FILE *f, job *jobs, int n, int md)
 {
     static const char *const hdr[] = { "workload", "impl", "GFLOP/step", "steps", "step ms", "min ms",
                                        "tok/s", "GFLOP/s", "sgemm ceil", "bf16 ceil", "of ceil",
-                                       "peak MiB", "peftref/this" };
-    int wid[] = { -8, -11, 10, 5, 9, 9, 8, 8, 10, 9, 7, 8, 12 };
+                                       "peak MiB", "peftref/this", "probe ms" };
+    int wid[] = { -8, -11, 10, 5, 9, 9, 8, 8, 10, 9, 7, 8, 12, 8 };
     const int nc = (int)(sizeof hdr / sizeof *hdr);
     for (int i = 0; i < n; i++)
         if ((int)strlen(jobs[i].label) > -wid[0])
@@ -1056,7 +1093,7 @@ static void print_table(FILE *f, job *jobs, int n, int md)
         job *j = &jobs[i];
         for (int impl = 0; impl < N_IMPL; impl++) {
             const result *r = &j->r[impl];
-            char cell[13][96];
+            char cell[14][96];
             textf(cell[0], sizeof cell[0], "%s", impl == 0 ? j->label : md ? "" : "");
             textf(cell[1], sizeof cell[1], "%s", IMPL_NAMES[impl]);
             fmt_num(cell[2], sizeof cell[2], impl == 0 ? j->gflop : 0, "%.1f");
@@ -1074,8 +1111,9 @@ static void print_table(FILE *f, job *jobs, int n, int md)
                     textf(cell[12], sizeof cell[12], "%.2fx", tok_s(j, IMPL_PEFTREF) / tok_s(j, impl));
                 else
                     textf(cell[12], sizeof cell[12], "-");
+                fmt_num(cell[13], sizeof cell[13], r->calib_ms, "%.1f");
             } else {
-                for (int c = 3; c < 13; c++)
+                for (int c = 3; c < 14; c++)
                     textf(cell[c], sizeof cell[c], "%s", "");
             }
             fmt_num(cell[8], sizeof cell[8], impl == 0 ? j->ceil_sgemm : 0, "%.1f");
@@ -1511,9 +1549,13 @@ int main(int argc, char **argv)
                 } else if (o.plan_only) {
                     set_result(&j->r[IMPL_PEFTREF], ST_NA, "planned: %s (--plan-only)", pipeline);
                 } else if (j->run.kind == K_EVAL) {
+                    double c0 = calibrate();
                     run_peftref_eval(&o, j, dir, pipeline);
+                    j->r[IMPL_PEFTREF].calib_ms = fmax(c0, calibrate());
                 } else {
+                    double c0 = calibrate();
                     run_peftref_train(&o, j, dir, pipeline);
+                    j->r[IMPL_PEFTREF].calib_ms = fmax(c0, calibrate());
                 }
             }
         }
@@ -1525,7 +1567,11 @@ int main(int argc, char **argv)
             else if (!mc.torch_ok)
                 set_result(&j->r[impl], ST_NA, "n/a: %s", mc.torch_line);
             else
+            {
+                double c0 = calibrate();
                 run_torch(&o, j, impl, dir);
+                j->r[impl].calib_ms = fmax(c0, calibrate());
+            }
         }
         fprintf(stderr, "bench_train: %s done in %.1f s\n", j->label, now_s() - t0);
     }
@@ -1584,6 +1630,20 @@ int main(int argc, char **argv)
                     fprintf(f, "  loss %-40s %-11s %.4f -> %.4f%s\n", jobs[i].label, IMPL_NAMES[impl],
                             jobs[i].r[impl].loss_first, jobs[i].r[impl].loss_last,
                             jobs[i].run.kind == K_EVAL && impl == 0 ? " (1 batch / all batches)" : "");
+        double lo = 0, hi = 0;
+        for (int i = 0; i < nj; i++)
+            for (int impl = 0; impl < N_IMPL; impl++) {
+                double c = jobs[i].r[impl].state == ST_OK ? jobs[i].r[impl].calib_ms : 0;
+                if (c > 0 && (lo == 0 || c < lo))
+                    lo = c;
+                if (c > hi)
+                    hi = c;
+            }
+        if (lo > 0)
+            fprintf(f, "  probe ms: 512^3 sgemm on %d BLAS threads, the slower of the probes before and after each run, "
+                       "%.1f-%.1f ms%s\n", blas_threads,
+                    lo, hi, hi > 1.2 * lo ? ": the machine's load changed during the run (more than 20%), so rows "
+                                            "measured at a higher probe had less of the CPU" : "");
         fprintf(f, "total %.0f s; load %s (at end)\n", t_total, loadend);
         if (m)
             fprintf(f, "```\n");
