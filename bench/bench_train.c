@@ -1256,8 +1256,11 @@ int main(int argc, char **argv)
      * passive unless set; a real OpenBLAS kernel set when it fell back to a
      * generic one and OPENBLAS_CORETYPE is unset), so that this process's
      * sgemm, peftref and torch all run under it.  --raw-env: as given. */
+    if (!getenv("BENCH_TRAIN_GIVEN_CORETYPE"))     /* what the caller gave, across the re-exec */
+        setenv("BENCH_TRAIN_GIVEN_CORETYPE", getenv("OPENBLAS_CORETYPE") ? getenv("OPENBLAS_CORETYPE") : "", 1);
     if (!o.raw_env)
         runtime_reexec_if_needed(argv);
+    const char *given_ct = getenv("BENCH_TRAIN_GIVEN_CORETYPE");
 
     char path[1400];
     if (strlen(o.workdir) > 800 || strlen(o.srcdir) > 800) {
@@ -1513,13 +1516,16 @@ int main(int argc, char **argv)
              "cpu:   %s (family %s, model %s), %d CPUs online; AVX-512F %s, AVX-512 BF16 %s, AMX-BF16 %s, "
              "AMX-TILE %s\n"
              "blas:  %s (`peftref runtime`); sgemm 1024^3 %.1f GFLOP/s on %d threads\n"
-             "env:   OPENBLAS_CORETYPE=%s OMP_WAIT_POLICY=%s OMP_NUM_THREADS=%s OPENBLAS_NUM_THREADS=%s%s\n"
+             "env:   OPENBLAS_CORETYPE=%s%s OMP_WAIT_POLICY=%s OMP_NUM_THREADS=%s OPENBLAS_NUM_THREADS=%s%s\n"
              "torch: %s\n"
              "load:  %s (at start)\n",
              pr_version(), o.quick ? " --quick" : "", date, mc.model, mc.family[0] ? mc.family : "?",
              mc.model_no[0] ? mc.model_no : "?", mc.ncpu, mc.avx512f ? "yes" : "no",
              mc.avx512_bf16 ? "yes" : "no", mc.amx_bf16 ? "yes" : "no", mc.amx_tile ? "yes" : "no",
-             mc.runtime_line, sgemm_1024, blas_threads, ct ? ct : "(unset)", wp ? wp : "(unset)",
+             mc.runtime_line, sgemm_1024, blas_threads, ct ? ct : "(unset)",
+             !ct ? "" : given_ct && !strcmp(given_ct, ct) ? " (from the environment)"
+                                                          : " (set by the runtime policy: OpenBLAS had fallen back to generic kernels)",
+             wp ? wp : "(unset)",
              on ? on : "(unset)", bn ? bn : "(unset)",
              getenv("PEFTREF_RUNTIME_SET") ? " (peftref's runtime policy applied)" : o.raw_env ? " (--raw-env)" : "",
              mc.torch_line, loadavg);
