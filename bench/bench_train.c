@@ -57,6 +57,7 @@
 
 #include <cblas.h>
 #include <jansson.h>
+#include <limits.h>
 
 #include "peftref/peftref.h"
 #include "runtime.h"
@@ -1094,7 +1095,7 @@ static void print_table(FILE *f, job *jobs, int n, int md)
         for (int impl = 0; impl < N_IMPL; impl++) {
             const result *r = &j->r[impl];
             char cell[14][96];
-            textf(cell[0], sizeof cell[0], "%s", impl == 0 ? j->label : md ? "" : "");
+            textf(cell[0], sizeof cell[0], "%s", impl == 0 ? j->label : "");
             textf(cell[1], sizeof cell[1], "%s", IMPL_NAMES[impl]);
             fmt_num(cell[2], sizeof cell[2], impl == 0 ? j->gflop : 0, "%.1f");
             if (r->state == ST_OK) {
@@ -1271,6 +1272,16 @@ int main(int argc, char **argv)
         fprintf(stderr, "bench_train: cannot create %s: %s\n", o.workdir, strerror(errno));
         return 1;
     }
+    /* pipelines name their files by absolute path: relative ones would be
+     * read against the pipeline's own directory */
+    static char abs_work[PATH_MAX], abs_src[PATH_MAX];
+    if (!realpath(o.workdir, abs_work) || !realpath(o.srcdir, abs_src)) {
+        fprintf(stderr, "bench_train: %s: %s\n", realpath(o.workdir, abs_work) ? o.srcdir : o.workdir,
+                strerror(errno));
+        return 1;
+    }
+    o.workdir = abs_work;
+    o.srcdir = abs_src;
     if (!getenv("PEFTREF_REGISTRY_CACHE")) {
         textf(path, sizeof path, "%s/registry-cache.json", o.workdir);
         setenv("PEFTREF_REGISTRY_CACHE", path, 1);
