@@ -131,37 +131,59 @@ LLAMA_SITES = {"q": ["q_proj", "wq"], "k": ["k_proj", "wk"], "v": ["v_proj", "wv
 
 
 def build_llama(torch, a):
-    """The model of tests/ref/llama_ref.py, or (None, reason)."""
+    """The LLaMA decoder of tests/ref/llama_ref.py as an nn.Module, or (None,
+    reason).  The reference keeps its base weights and LoRA tensors in dicts
+    (Hugging Face names, PEFT keys) and applies LoRA inside its projections;
+    here the base weights are made in f32 directly (normal(0, 0.02), norm
+    gains 1, as transformers initialises the model), and with a LoRA the A
+    and B tensors become the module's parameters (A kaiming-uniform, B zero,
+    as PEFT and peftref initialise them), so AdamW and autocast see what they
+    see in any PyTorch model."""
     if not a.llama_ref or not os.path.exists(a.llama_ref):
         return None, "tests/ref/llama_ref.py not in this tree"
     spec = importlib.util.spec_from_file_location("llama_ref", a.llama_ref)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    # Hugging Face LlamaConfig keys, the names a reference model is most
-    # likely to take.
-    cfg = dict(hidden_size=a.C, num_hidden_layers=a.L, num_attention_heads=a.H,
+    cfg = dict(model_type="llama", hidden_size=a.C, num_hidden_layers=a.L, num_attention_heads=a.H,
                num_key_value_heads=a.Hkv, head_dim=a.dh, intermediate_size=a.F, vocab_size=a.V,
                max_position_embeddings=a.P, rms_norm_eps=1e-5, rope_theta=a.rope_theta,
-               tie_word_embeddings=bool(a.tied))
-    tried = []
-    conf_cls = getattr(mod, "LlamaConfig", None)
-    for name in ("build_model", "Llama", "LlamaModel", "LlamaForCausalLM", "LLaMA", "Transformer", "Model"):
-        ctor = getattr(mod, name, None)
-        if not callable(ctor):
-            continue
-        tried.append(name)
-        calls = [lambda: ctor(cfg), lambda: ctor(**cfg)]
-        if conf_cls is not None:
-            calls.insert(0, lambda: ctor(conf_cls(**cfg)))
-        for call in calls:
-            try:
-                model = call()
-            except (TypeError, ValueError, KeyError, AttributeError):
-                continue
-            if isinstance(model, torch.nn.Module):
-                return model, LLAMA_SITES
-    return None, "llama_ref.py has no model constructor taking a config (tried %s)" % (
-        ", ".join(tried) or "build_model, Llama, LlamaModel, LlamaForCausalLM, LLaMA, Transformer, Model")
+               rope_scaling=None, tie_word_embeddings=bool(a.tied), attention_bias=False, mlp_bias=False,
+               hidden_act="silu")
+    ref = mod.LlamaRef.__new__(mod.LlamaRef)   # the weights are made here, not copied
+    ref.cfg, ref.dtype, ref.lora, ref.lora_scale = cfg, torch.float32, None, 0.0
+    ref.windows = mod.layer_windows(cfg)
+    ref.params = {}
+    for name, shape in mod.param_shapes(cfg):
+        if len(shape) == 1:
+            ref.params[name] = torch.ones(shape, dtype=torch.float32)
+        else:
+            ref.params[name] = torch.empty(shape, dtype=torch.float32).normal_(0.0, 0.02)
+
+    class RefLlama(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ref = ref
+            self.lora_params = torch.nn.ParameterDict()
+
+        def attach(self, sites, rank, alpha):
+            proj = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "ffn.gate": "gate_proj",
+                    "ffn.up": "up_proj", "ffn.down": "down_proj"}
+            targets = tuple(proj.get(s, s) for s in sites)
+            ref.lora, ref.lora_scale = {}, float(alpha) / float(rank)
+            for key, shape in mod.lora_shapes(cfg, rank, targets):
+                t = torch.zeros(shape, dtype=torch.float32)
+                if key.endswith("lora_A.weight"):
+                    torch.nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+                p = torch.nn.Parameter(t)
+                self.lora_params[key.replace(".", "_")] = p
+                ref.lora[key] = p
+            return sorted(set(targets))
+
+        def forward(self, tokens):
+            logits, _ = ref.forward(tokens)
+            return logits
+
+    return RefLlama(), None
 
 
 def attach_lora(torch, model, site_names, sites, rank, alpha):
@@ -204,14 +226,18 @@ def cmd_run(a):
     if a.family == "gpt2":
         model, site_names = build_gpt2(torch, a)
     else:
-        model, site_names = build_llama(torch, a)
+        model, why = build_llama(torch, a)
         if model is None:
-            print(json.dumps({"na": site_names}))
+            print(json.dumps({"na": why}))
             return 0
     lora = a.mode in ("lora", "eval") and a.rank > 0
     if lora:
         sites = [s.strip() for s in a.sites.split(",") if s.strip()]
-        if not attach_lora(torch, model, site_names, sites, a.rank, a.alpha):
+        if a.family == "llama":
+            found = model.attach(sites, a.rank, a.alpha)
+        else:
+            found = attach_lora(torch, model, site_names, sites, a.rank, a.alpha)
+        if not found:
             print(json.dumps({"na": "no nn.Linear named for sites %s in the model" % a.sites}))
             return 0
         for name, p in model.named_parameters():
