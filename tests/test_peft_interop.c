@@ -12,8 +12,11 @@
  * layers_to_transform; DoRA; IA3 with feedforward_modules; prompt tuning;
  * prefix tuning (against the reference's loss with the tokens at positions
  * 0.., peftref's convention; Hugging Face's, after the prefix, is printed);
- * LoHa, LoKr, OFT, HRA, trainable tokens (LLaMA), VeRA, FourierFT (with
- * n_frequency_pattern) and P-tuning (both).  lora_fa exports as LORA.
+ * LoHa, LoKr, OFT, BOFT (two butterfly factors), HRA, trainable tokens
+ * (LLaMA), VeRA, FourierFT (with n_frequency_pattern), P-tuning and AdaLoRA
+ * (both; GPT-2's with a rank_pattern that resized three of its four
+ * modules, LLaMA's without one).  lora_fa exports as LORA.  AdaLoRA's round
+ * trip also checks the kept triplets found again from lora_E's zeros.
  * The seven PEFT LoRA adapters of tests/ref/llama-parity load the same way
  * and give loss_lora.
  *
