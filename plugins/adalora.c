@@ -50,6 +50,10 @@
  * the generic placer names a global tensor only as one key, so lora_E has no
  * PEFT key and a saved module uses peftref's tensor names (lora_A and lora_B
  * carry PEFT's keys).  Trainable counts are unchanged (init_r per insertion).
+ * `peftref export --format peft` splits lora_E per module and writes the
+ * kept triplets with PEFT's rank_pattern (core/cli/export_peft.c); a PEFT
+ * ADALORA adapter is rebuilt into this layout on import
+ * (core/io/peft_adapter.c).
  *
  * The RankAllocator's statistics are frozen buffers (PR_PARAM_FROZEN |
  * PR_PARAM_REGENERATE, zeros): not trained, not written into module files

@@ -98,9 +98,14 @@
  *     blocks by I, drawn with torch.randperm): not provided.
  *
  * PEFT names: oft_R is saved as {prefix}.oft_R.weight (PEFT's
- * OFTRotationModule.weight, adapter name removed), peft_type OFT.  BOFT's
- * boft_R is 4-D, which the host's generic PEFT placer does not place
- * (2-D at most as is), so BOFT modules are saved under peftref's names.
+ * OFTRotationModule.weight, adapter name removed), peft_type OFT; boft_R
+ * and boft_s as {prefix}.boft_R (m, nb, b, b) and {prefix}.boft_s
+ * (d_out, 1), PEFT's BOFTLayer parameters (nn.ParameterDict, so no
+ * ".weight"), peft_type BOFT, in the same element order.  PEFT's BOFT on
+ * a machine without its CUDA extension (fbd_cuda) builds every layer with
+ * one factor whatever boft_n_butterfly_factor says; an adapter with m > 1
+ * loads there only on a GPU (peftref computes the m factors on any
+ * machine).
  *
  * This file includes only <peftref/plugin.h> and libc/libm, and links
  * against nothing of peftref. */
@@ -198,11 +203,13 @@ static const pr_param_decl boft_params[] = {
         .struct_size = sizeof(pr_param_decl), .name = "boft_R",
         .shape = BOFT_M ", d_in / max(" BOFT_B ", 1), " BOFT_B ", " BOFT_B,
         .init = PR_INIT_ZEROS, .scope = PR_SCOPE_INSERTION,
+        .peft_key = "{prefix}.boft_R", .peft_layout = PR_PEFT_AS_IS,
         .help = "per butterfly factor and block, a b x b matrix A; S = (A - A^T) / 2; zeros: M = I",
     },
     [P_SCALE] = {
         .struct_size = sizeof(pr_param_decl), .name = "boft_s", .shape = "d_out, 1",
         .init = PR_INIT_ONES, .scope = PR_SCOPE_INSERTION, .flags = PR_PARAM_NO_DECAY,
+        .peft_key = "{prefix}.boft_s", .peft_layout = PR_PEFT_AS_IS,
         .help = "scale of each output column of the rotated weight; ones",
     },
 };

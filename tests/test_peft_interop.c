@@ -12,8 +12,11 @@
  * layers_to_transform; DoRA; IA3 with feedforward_modules; prompt tuning;
  * prefix tuning (against the reference's loss with the tokens at positions
  * 0.., peftref's convention; Hugging Face's, after the prefix, is printed);
- * LoHa, LoKr, OFT, HRA, trainable tokens (LLaMA), VeRA, FourierFT (with
- * n_frequency_pattern) and P-tuning (both).  lora_fa exports as LORA.
+ * LoHa, LoKr, OFT, BOFT (two butterfly factors), HRA, trainable tokens
+ * (LLaMA), VeRA, FourierFT (with n_frequency_pattern), P-tuning and AdaLoRA
+ * (both; GPT-2's with a rank_pattern that resized three of its four
+ * modules, LLaMA's without one).  lora_fa exports as LORA.  AdaLoRA's round
+ * trip also checks the kept triplets found again from lora_E's zeros.
  * The seven PEFT LoRA adapters of tests/ref/llama-parity load the same way
  * and give loss_lora.
  *
@@ -216,7 +219,7 @@ static void test_import_fixtures(void **state)
         batch_free(&b);
         n++;
     }
-    assert_int_equal(n, 22);
+    assert_int_equal(n, 25);
     json_decref(ex);
 }
 
@@ -325,10 +328,23 @@ static void test_round_trip(void **state)
         const char *args2[] = { "peftref", "export", path2, "--format", "peftref", "--out", mf, NULL };
         if (run_cli(args2, e, sizeof e) != 0)
             fail_msg("export peftref %s: %s", name, e);
-        same_tensors(a, mf);
+        /* adalora's module file holds lora_E whole, under peftref's names (plugins/adalora.c) */
+        if (!strstr(name, "adalora"))
+            same_tensors(a, mf);
         snprintf(rt, sizeof rt, "rt3_%s", name);
         write_pipeline(rt, model, mf, NULL, path2, sizeof path2);
         assert_true(pipeline_loss(path2, &b, NULL) == l1);
+        if (strstr(name, "adalora")) {
+            /* the module file carries no rank_pattern buffer (it comes back as ones): the kept
+             * triplets are found from lora_E's zeros, the same PEFT tensors again */
+            snprintf(out, sizeof out, "%s/rt4_%s", tmp, name);
+            const char *args3[] = { "peftref", "export", path2, "--format", "peft", "--out", out, NULL };
+            if (run_cli(args3, e, sizeof e) != 0)
+                fail_msg("export %s from its module file: %s", name, e);
+            snprintf(b2, sizeof b2, "%s/adapter_model.safetensors", out);
+            same_tensors(a, b2);
+            same_tensors(b2, a);
+        }
         batch_free(&b);
     }
     json_decref(ex);
@@ -395,7 +411,7 @@ static void test_refusals(void **state)
     variant(FIX "/gpt2_lora", "bad_type", "peft_type", "\"FOO\"", d, sizeof d);
     snprintf(want, sizeof want, "%s/adapter_config.json: unknown peft_type 'FOO'; peftref imports LORA (with "
              "use_dora, use_rslora, rank_pattern, alpha_pattern), IA3, PROMPT_TUNING, P_TUNING, PREFIX_TUNING, LOHA, "
-             "LOKR, VERA, OFT, HRA, FOURIERFT and TRAINABLE_TOKENS", d);
+             "LOKR, VERA, OFT, BOFT, HRA, FOURIERFT, TRAINABLE_TOKENS and ADALORA", d);
     expect_refusal(g2, d, NULL, want);
 
     variant(FIX "/gpt2_lora", "known_type", "peft_type", "\"POLY\"", d, sizeof d);
@@ -547,6 +563,17 @@ static void test_refusals(void **state)
           "only" },
         { "gpt2_vera", "bad_gpt2_vera", "vera_dropout", "-0.5",
           "vera_dropout = -0.5 is not supported: expected a value >= 0" },
+        { "llama_boft", "bad_boft", "boft_dropout", "0.5",
+          "boft_dropout = 0.5 is not supported: peftref's boft has no multiplicative dropout (blocks replaced by the "
+          "identity)" },
+        { "llama_boft", "bad_boft_bn", "boft_block_num", "8",
+          "boft_block_size = 4 is not supported: PEFT's BOFT takes exactly one of boft_block_size and boft_block_num "
+          "non-zero" },
+        { "gpt2_adalora", "bad_adalora", "lora_alpha", "0",
+          "lora_alpha = 0 is not supported: with a rank_pattern, PEFT scales each module by its kept rank when "
+          "lora_alpha <= 0, and peftref's adalora by init_r; give lora_alpha > 0" },
+        { "gpt2_adalora", "bad_adalora_pat", "init_r", "5",
+          "rank_pattern = " },
     };
     for (size_t i = 0; i < sizeof further / sizeof further[0]; i++) {
         char src[512];
@@ -577,13 +604,16 @@ static void test_refusals(void **state)
              "does not have (it keeps lokr_w1 whole and lokr_w2 as lokr_w2_a . lokr_w2_b, PEFT's choice for r < "
              "max(k, n) / 2)", d);
     expect_refusal(ll, d, NULL, want);
-    variant(FIX "/gpt2_lora", "boft", "peft_type", "\"BOFT\"", d, sizeof d);
-    snprintf(want, sizeof want, "%s/adapter_config.json: cannot import peft_type 'BOFT': its boft_R is a "
-             "4-dimensional (m, nb, b, b) tensor", d);
+    /* PEFT's BOFT never adapts GPT-2's Conv1D */
+    variant(FIX "/llama_boft", "boft_on_gpt2", "target_modules", "[\"c_attn\"]", d, sizeof d);
+    snprintf(want, sizeof want, "%s/adapter_config.json: peft_type BOFT adapts torch.nn.Linear layers, and this GPT-2 "
+             "base model's projections are Conv1D, which PEFT's BOFT refuses", d);
     expect_refusal(g2, d, NULL, want);
-    variant(FIX "/gpt2_lora", "adalora", "peft_type", "\"ADALORA\"", d, sizeof d);
-    snprintf(want, sizeof want, "%s/adapter_config.json: cannot import peft_type 'ADALORA': its lora_E is one (r, "
-             "1) tensor per module", d);
+    /* an AdaLoRA rank_pattern whose kept count does not fit the tensors */
+    variant(FIX "/gpt2_adalora", "adalora_short", "rank_pattern",
+            "{\"transformer.h.0.attn.c_attn.lora_E\": [true, true, true, true]}", d, sizeof d);
+    snprintf(want, sizeof want, "%s/adapter_model.safetensors: tensor 'base_model.model.transformer.h.0.attn.c_attn."
+             "lora_A' is [3, 48] but rank_pattern and the base model need [4, 48]", d);
     expect_refusal(g2, d, NULL, want);
 }
 
@@ -640,13 +670,12 @@ static void test_export_refusals(void **state)
         { "{technique: loha}", "peftref export: module 'loha' (technique loha): Hugging Face PEFT's LOHA adapts "
                               "torch.nn.Linear layers only, and GPT-2's projections are transformers' Conv1D, which "
                               "it refuses; use --format peftref\n" },
-        { "{technique: boft}", "peftref export: module 'boft': technique boft (PEFT type BOFT) keeps boft_R as "
-                              "PEFT's 4-dimensional (m, nb, b, b) tensor, which peftref's PEFT writer (tensors of 1 "
-                              "or 2 dimensions) does not place; use --format peftref\n" },
-        { "{technique: adalora}", "peftref export: module 'adalora': technique adalora (PEFT type ADALORA) holds "
-                                 "all singular values in one (n_sites * n_layers, init_r) lora_E, where Hugging Face "
-                                 "PEFT saves one lora_E (r, 1) per module with a rank_pattern of kept ranks; use "
-                                 "--format peftref\n" },
+        { "{technique: boft}", "peftref export: module 'boft' (technique boft): Hugging Face PEFT's BOFT adapts "
+                              "torch.nn.Linear layers only, and GPT-2's projections are transformers' Conv1D, which "
+                              "it refuses; use --format peftref\n" },
+        { "{technique: adalora, sites: [q, v], options: {total_step: 10}}",
+          "peftref export: module 'adalora' (technique adalora) adapts q, which has no Hugging Face module name; use "
+          "--format peftref\n" },
         { "{technique: trainable_tokens, options: {token_indices: \"5, 9\", n_token_indices: 2}}",
           "peftref export: module 'trainable_tokens' (technique trainable_tokens): the base model ties its output "
           "head to the token embedding, where Hugging Face PEFT's TRAINABLE_TOKENS replaces the head's rows too and "

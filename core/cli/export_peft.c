@@ -21,9 +21,13 @@
  *                         PEFT's LyCORIS layers refuse GPT-2's Conv1D)
  *   vera           VERA   r, vera_dropout, d_initial, save_projection true
  *   oft, hra       OFT, HRA   r / oft_block_size, use_cayley_neumann false; r (LLaMA only)
+ *   boft           BOFT   boft_block_size / boft_block_num, boft_n_butterfly_factor;
+ *                         boft_R (m, nb, b, b) as saved (LLaMA only)
  *   fourierft      FOURIERFT  n_frequency (+ n_frequency_pattern), scaling, random_loc_seed
  *   trainable_tokens  TRAINABLE_TOKENS   token_indices (untied heads only)
- * boft and adalora are refused (their PEFT tensors are laid out otherwise).
+ *   adalora        ADALORA   LoraConfig's fields and init_r, target_r, tinit, tfinal,
+ *                         deltaT, beta1, beta2, orth_reg_weight, total_step; each
+ *                         module's kept triplets and rank_pattern (adalora_tensors)
  *
  * A lora module initialised by pissa or olora computes
  * x.W + s x.(A^T B^T - A0^T B0^T) with frozen A0, B0 from the base weight
@@ -200,7 +204,7 @@ int export_peftref(const export_request *r)
 typedef struct tensor_out {
     char name[256];
     int ndim;
-    int64_t shape[2];
+    int64_t shape[4];
     float *data;
 } tensor_out;
 
@@ -258,7 +262,7 @@ static int read_saved(job *j, const char *path, adapter *a)
                    "peftref", pr_module_name(j->mod), j->t->name);
     for (int i = 0; i < st_count(a->st); i++) {
         const st_tensor *t = st_tensor_at(a->st, i);
-        if (t->ndim < 1 || t->ndim > 2)
+        if (t->ndim < 1 || t->ndim > 4)
             return ERR("module tensor '%s' has %d dimensions", t->name, t->ndim);
         tensor_out *o = add_tensor(a, t->name, t->ndim, t->shape);
         if (!o)
@@ -607,6 +611,26 @@ static int oft_config(const job *j, json_t *c)
     return 0;
 }
 
+/* BOFTConfig: boft_block_size and boft_block_num are exclusive (one is 0);
+ * peftref's boft takes boft_block_size when it is set. */
+static int boft_config(const job *j, json_t *c)
+{
+    double bs, bn, m;
+    int rc = linear_only(j);
+    if (rc || (rc = one_value(j, "boft_block_size", "boft_block_size", &bs)) ||
+        (rc = one_value(j, "boft_block_num", "boft_block_num", &bn)) ||
+        (rc = one_value(j, "boft_n_butterfly_factor", "boft_n_butterfly_factor", &m)))
+        return rc;
+    json_object_set_new(c, "boft_block_size", num_json(bs));
+    json_object_set_new(c, "boft_block_num", num_json(bs ? 0 : bn));
+    json_object_set_new(c, "boft_n_butterfly_factor", num_json(m));
+    json_object_set_new(c, "boft_dropout", json_real(0.0));
+    json_object_set_new(c, "bias", json_string("none"));
+    json_object_set_new(c, "init_weights", json_true());
+    target_fields(j, c, 1, 1);
+    return 0;
+}
+
 static int hra_config(const job *j, json_t *c)
 {
     double r;
@@ -724,6 +748,152 @@ static void prompt_config(const job *j, json_t *c, int prefix, int ptuning)
     json_object_set_new(c, "tokenizer_kwargs", json_null());
 }
 
+/* ---- ADALORA ----------------------------------------------------------------------------------------- */
+
+/* peftref's adalora keeps init_r triplets per insertion, lora_E of every
+ * insertion in one (insertions, init_r) tensor (row k: insertion k, layer
+ * by layer in site order), and the mask of kept triplets in its
+ * rank_pattern buffer, which module files do not carry (it comes back as
+ * ones).  What PEFT saves (AdaLoraModel.resize_state_dict_by_rank_pattern)
+ * is each module's kept triplets only: lora_A (k, in), lora_B (out, k),
+ * lora_E (k, 1), with rank_pattern {"<module>.lora_E": init_r booleans}.
+ * A triplet is kept when the buffer keeps it and its singular value is not
+ * 0: the budget's masking zeroes lora_E and every step after the final
+ * allocation zeroes it again, so a pruned triplet's value is exactly 0
+ * where a trained kept one is not.  A module whose lora_E is 0 everywhere
+ * (never trained) is written whole with rank_pattern null, so it keeps
+ * training as it would in peftref. */
+static int adalora_tensors(job *j, adapter *a, json_t *c)
+{
+    const char *mname = pr_module_name(j->mod);
+    const float *E = NULL, *P = NULL;
+    int64_t n_rows = 0, r = 0;
+    for (int i = 0; i < pr_module_n_params(j->mod); i++) {
+        pr_module_param p;
+        pr_module_param_at(j->mod, i, &p);
+        if (!strcmp(p.param, "lora_E") || !strcmp(p.param, "rank_pattern")) {
+            if (p.ndim != 2)
+                return ERR("module '%s': %s is not 2-dimensional", mname, p.param);
+            *(!strcmp(p.param, "lora_E") ? &E : &P) = p.data;
+            n_rows = p.shape[0];
+            r = p.shape[1];
+        }
+    }
+    if (!E)
+        return ERR("module '%s' (technique adalora) has no lora_E", mname);
+    int any = 0, pruned = 0;
+    for (int64_t i = 0; i < n_rows * r; i++) {
+        any |= E[i] != 0.0f;
+        pruned |= E[i] == 0.0f || (P && P[i] == 0.0f);
+    }
+    int resize = any && pruned;
+    uint32_t sites = pr_module_sites(j->mod);
+    int n_sites = 0, nl = 0;
+    for (int s = 0; s < PR_SITE_COUNT; s++)
+        n_sites += (sites & PR_SITE_BIT(s)) != 0;
+    const int *ls = pr_module_layers(j->mod, &nl);
+    if (!ls)
+        nl = j->cfg->n_layers;
+    if ((int64_t)n_sites * nl != n_rows)
+        return ERR("module '%s': lora_E has %lld rows for %d insertions", mname, (long long)n_rows, n_sites * nl);
+    json_t *rp = resize ? json_object() : json_null();
+    int rc = 0;
+    for (int i = 0; !rc && i < pr_module_n_params(j->mod); i++) {
+        pr_module_param p;
+        pr_module_param_at(j->mod, i, &p);
+        int is_a = !strcmp(p.param, "lora_A"), is_b = !strcmp(p.param, "lora_B");
+        if (!is_a && !is_b)
+            continue;
+        const char *path = peft_site_path(j->cfg, p.site);
+        if (!path) {
+            rc = ERR("module '%s' (technique adalora) adapts %s, which has no Hugging Face module name; use --format "
+                     "peftref", mname, pr_site_name(p.site));
+            break;
+        }
+        int li = 0, si = 0;
+        while (ls && li < nl && ls[li] != p.layer)
+            li++;
+        if (!ls)
+            li = p.layer;
+        for (int s = 0; s < p.site; s++)
+            si += (sites & PR_SITE_BIT(s)) != 0;
+        int64_t k = (int64_t)li * n_sites + si;
+        const float *ek = E + k * r, *pk = P ? P + k * r : NULL;
+        int64_t kept = 0;
+        for (int64_t q = 0; q < r; q++)
+            kept += !resize || (ek[q] != 0.0f && (!pk || pk[q] != 0.0f));
+        char mod[200], key[256];
+        snprintf(mod, sizeof mod, "%s.%d.%s", peft_blocks_path(j->cfg), p.layer, path);
+        int64_t shape[2];
+        if (is_a) {
+            shape[0] = kept;
+            shape[1] = p.shape[1];
+        } else {
+            shape[0] = p.shape[0];
+            shape[1] = kept;
+        }
+        snprintf(key, sizeof key, "base_model.model.%s.lora_%c", mod, is_a ? 'A' : 'B');
+        tensor_out *o = add_tensor(a, key, 2, shape);
+        tensor_out *oe = NULL;
+        if (o && is_a) {
+            int64_t es[2] = { kept, 1 };
+            snprintf(key, sizeof key, "base_model.model.%s.lora_E", mod);
+            oe = add_tensor(a, key, 2, es);
+            o = &a->t[a->n - 2];   /* add_tensor may move the array */
+        }
+        if (!o || (is_a && !oe)) {
+            rc = ERR("out of memory");
+            break;
+        }
+        int64_t q = 0;
+        json_t *bools = is_a && resize ? json_array() : NULL;
+        for (int64_t t = 0; t < r; t++) {
+            int keep = !resize || (ek[t] != 0.0f && (!pk || pk[t] != 0.0f));
+            if (bools)
+                json_array_append_new(bools, json_boolean(keep));
+            if (!keep)
+                continue;
+            if (is_a) {
+                memcpy(o->data + q * p.shape[1], p.data + t * p.shape[1], (size_t)p.shape[1] * sizeof(float));
+                oe->data[q] = ek[t];
+            } else {
+                for (int64_t row = 0; row < p.shape[0]; row++)
+                    o->data[row * kept + q] = p.data[row * r + t];
+            }
+            q++;
+        }
+        if (bools) {
+            snprintf(key, sizeof key, "%s.lora_E", mod);
+            json_object_set_new(rp, key, bools);
+        }
+    }
+    if (rc) {
+        json_decref(rp);
+        return rc;
+    }
+    json_object_set_new(c, "rank_pattern", rp);
+    return 0;
+}
+
+static int adalora_config(const job *j, json_t *c)
+{
+    int rc = lora_config(j, c, 0);
+    if (rc)
+        return rc;
+    json_object_set_new(c, "r", json_integer(8));   /* LoraConfig's r, which AdaLoRA does not use */
+    json_object_del(c, "rank_pattern");
+    static const char *const ints[][2] = { { "target_r", "target_r" }, { "init_r", "init_r" }, { "tinit", "tinit" },
+                                           { "tfinal", "tfinal" }, { "deltaT", "delta_t" } };
+    for (size_t i = 0; i < sizeof ints / sizeof ints[0]; i++)
+        json_object_set_new(c, ints[i][0], num_json(opt_num(j, ints[i][1], -1, 0)));
+    json_object_set_new(c, "beta1", json_real(opt_num(j, "beta1", -1, 0.85)));
+    json_object_set_new(c, "beta2", json_real(opt_num(j, "beta2", -1, 0.85)));
+    json_object_set_new(c, "orth_reg_weight", json_real(opt_num(j, "orth_reg_weight", -1, 0.5)));
+    double total = opt_num(j, "total_step", -1, 0);
+    json_object_set_new(c, "total_step", total > 0 ? num_json(total) : json_null());
+    return 0;
+}
+
 /* A classification head: PEFT's modules_to_save "score", the classifier of
  * GPT2ForSequenceClassification / LlamaForSequenceClassification, as
  * torch.nn.Linear(d_model, K).weight (K, d_model). */
@@ -774,8 +944,8 @@ static int write_adapter(const export_request *r, job *j, adapter *a, json_t *c)
     for (int i = 0; !rc && i < a->n; i++) {
         e[i].name = a->t[i].name;
         e[i].ndim = a->t[i].ndim;
-        e[i].shape[0] = a->t[i].shape[0];
-        e[i].shape[1] = a->t[i].shape[1];
+        for (int d = 0; d < a->t[i].ndim; d++)
+            e[i].shape[d] = a->t[i].shape[d];
         e[i].data = a->t[i].data;
         e[i].dtype = ST_F32;
     }
@@ -807,32 +977,17 @@ int export_peft(const export_request *r)
                (!strcmp(t->name, "lora") || !strcmp(t->name, "dora") || !strcmp(t->name, "lora_fa"));
     int ia3 = type && !strcmp(type, "IA3"), prompt = type && !strcmp(type, "PROMPT_TUNING");
     int prefix = type && !strcmp(type, "PREFIX_TUNING"), ptuning = type && !strcmp(type, "P_TUNING");
-    static const char *const weight_types[] = { "LOHA", "LOKR", "VERA", "OFT", "HRA", "FOURIERFT",
+    static const char *const weight_types[] = { "LOHA", "LOKR", "VERA", "OFT", "BOFT", "HRA", "FOURIERFT",
                                                 "TRAINABLE_TOKENS", NULL };
-    int weight = 0;
+    int weight = 0, ada = type && !strcmp(type, "ADALORA");
     for (int i = 0; type && weight_types[i] && !weight; i++)
         weight = !strcmp(type, weight_types[i]);
     if (!type || t->integration == PR_INTEGRATE_SELECT) {
         rc = ERR("module '%s': technique %s has no Hugging Face PEFT type; use --format peftref", name, t->name);
-    } else if (!strcmp(type, "BOFT")) {
-        /* PEFT's BOFTLayer keeps boft_R as one (m, nb, b, b) parameter; the
-         * generic placer and the writer here handle tensors of up to two
-         * dimensions, so plugins/oft.c saves boft under peftref's names */
-        rc = ERR("module '%s': technique boft (PEFT type BOFT) keeps boft_R as PEFT's 4-dimensional (m, nb, b, b) "
-                 "tensor, which peftref's PEFT writer (tensors of 1 or 2 dimensions) does not place; use --format "
-                 "peftref", name);
-    } else if (!strcmp(type, "ADALORA")) {
-        /* PEFT's AdaLoRA saves lora_E per module, (r, 1), and rank_pattern as
-         * each module's boolean mask of kept ranks; peftref's adalora holds
-         * every insertion's E in one (n_sites * n_layers, init_r) tensor with
-         * its own budget schedule state */
-        rc = ERR("module '%s': technique adalora (PEFT type ADALORA) holds all singular values in one (n_sites * "
-                 "n_layers, init_r) lora_E, where Hugging Face PEFT saves one lora_E (r, 1) per module with a "
-                 "rank_pattern of kept ranks; use --format peftref", name);
-    } else if (!lora && !ia3 && !prompt && !prefix && !ptuning && !weight) {
+    } else if (!lora && !ada && !ia3 && !prompt && !prefix && !ptuning && !weight) {
         rc = ERR("module '%s': technique %s (PEFT type %s) is not written as a PEFT adapter by peftref (LORA from "
-                 "lora, dora and lora_fa, IA3, PROMPT_TUNING, P_TUNING, PREFIX_TUNING, LOHA, LOKR, VERA, OFT, HRA, "
-                 "FOURIERFT and TRAINABLE_TOKENS are); use --format peftref", name, t->name, type);
+                 "lora, dora and lora_fa, IA3, PROMPT_TUNING, P_TUNING, PREFIX_TUNING, LOHA, LOKR, VERA, OFT, BOFT, "
+                 "HRA, FOURIERFT, TRAINABLE_TOKENS and ADALORA are); use --format peftref", name, t->name, type);
     } else if (pr_module_is_gated(j.mod)) {
         rc = ERR("module '%s' sits behind a learned gate, which PEFT has no field for; use --format peftref", name);
     }
@@ -849,7 +1004,9 @@ int export_peft(const export_request *r)
     int doubled = init && (!strcmp(init, "pissa") || !strcmp(init, "olora"));
     if (save_module(&j, tmp, &err))
         rc = ERR("%s", err.msg);
-    if (!rc)
+    if (!rc && ada && st_open(tmp, 0, &a.st, &err))   /* its metadata; the tensors are split below */
+        rc = ERR("%s", err.msg);
+    if (!rc && !ada)
         rc = read_saved(&j, tmp, &a);
     unlink(tmp);
     if (!rc && doubled)
@@ -858,6 +1015,8 @@ int export_peft(const export_request *r)
         c = common_config(&j, type);
         if (lora)
             rc = lora_config(&j, c, doubled);
+        else if (ada && !(rc = adalora_config(&j, c)))
+            rc = adalora_tensors(&j, &a, c);
         else if (ia3)
             rc = ia3_config(&j, c);
         else if (!strcmp(type, "LOHA") || !strcmp(type, "LOKR"))
@@ -866,6 +1025,8 @@ int export_peft(const export_request *r)
             rc = vera_config(&j, c);
         else if (!strcmp(type, "OFT"))
             rc = oft_config(&j, c);
+        else if (!strcmp(type, "BOFT"))
+            rc = boft_config(&j, c);
         else if (!strcmp(type, "HRA"))
             rc = hra_config(&j, c);
         else if (!strcmp(type, "FOURIERFT"))

@@ -67,7 +67,9 @@ typedef struct source {
 typedef struct placement {
     char name[256];
     int ndim;
-    int64_t shape[2];          /* the file tensor, viewed as (R, C) */
+    int64_t full[ST_MAX_DIMS]; /* the file tensor's shape (ndim entries) */
+    int64_t shape[2];          /* the file tensor, viewed as (R, C): an N-D
+                                * one as (prod of the leading dims, last dim) */
     int64_t r0, c0, cstep;
     int64_t nb, br, bc;        /* the copy as nb blocks of (br, bc) */
     float fill;                /* elements no copy covers */

@@ -166,8 +166,9 @@ int mf_fill_from(const source *s, pr_module *mod, pr_error *err)
             break;
         int same;
         if (f->peft) {
-            int64_t fs[2] = { info->ndim >= 1 ? info->shape[0] : 1, info->ndim == 2 ? info->shape[1] : 1 };
-            same = info->ndim == pl.ndim && fs[0] == pl.shape[0] && fs[1] == pl.shape[1];
+            same = info->ndim == pl.ndim;
+            for (int d = 0; same && d < pl.ndim; d++)
+                same = info->shape[d] == pl.full[d];
         } else {
             same = info->ndim == p.ndim;
             for (int d = 0; same && d < p.ndim; d++)
@@ -177,7 +178,7 @@ int mf_fill_from(const source *s, pr_module *mod, pr_error *err)
             char a[64], b[64];
             mf_shape_text(info->ndim, info->shape, a, sizeof a);
             if (f->peft)
-                mf_shape_text(pl.ndim, pl.shape, b, sizeof b);
+                mf_shape_text(pl.ndim, pl.full, b, sizeof b);
             else
                 mf_shape_text(p.ndim, p.shape, b, sizeof b);
             rc = pr_errorf(err, PR_ERR_INVALID, "%s: tensor '%s' is %s but module '%s' (as planned) needs %s", f->path,

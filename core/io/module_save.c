@@ -198,10 +198,13 @@ static int save_param(void *arg, const pr_module_param *p, pr_error *err)
     }
     peft_place(s->tech, s->fold, p, s->cfg, s->all_layers, &pl);
     out_tensor *o = out_find(s, pl.name);
-    if (!o && !(o = out_add(s, pl.name, pl.ndim, pl.shape, pl.fill, err)))
+    if (!o && !(o = out_add(s, pl.name, pl.ndim, pl.full, pl.fill, err)))
         return PR_ERR_NOMEM;
     /* copies sharing a tensor (packed vectors, concatenated layers) agree on its shape */
-    if (o->ndim != pl.ndim || o->shape[0] != pl.shape[0] || (pl.ndim == 2 && o->shape[1] != pl.shape[1]))
+    int same = o->ndim == pl.ndim;
+    for (int d = 0; same && d < pl.ndim; d++)
+        same = o->shape[d] == pl.full[d];
+    if (!same)
         return pr_errorf(err, PR_ERR_INVALID, "module tensor '%s' (Hugging Face PEFT's '%s') does not fit the "
                          "tensor other copies put there", p->name, pl.name);
     peft_place_values(&pl, o->data, p->data, 1);

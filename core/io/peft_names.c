@@ -136,12 +136,12 @@ static int find_decl(const pr_technique *t, int fold, const char *name, pr_param
     return 0;
 }
 
-int peft_place(const pr_technique *t, int fold, const pr_module_param *p, const pr_model_config *c, int all_layers,
-               placement *pl)
+static int place(const pr_technique *t, int fold, const pr_module_param *p, const pr_model_config *c, int all_layers,
+                 placement *pl)
 {
     memset(pl, 0, sizeof *pl);
     pr_param_decl d;
-    if (!t->peft_type || !find_decl(t, fold, p->param, &d) || !d.peft_key || p->ndim < 1 || p->ndim > 3)
+    if (!t->peft_type || !find_decl(t, fold, p->param, &d) || !d.peft_key || p->ndim < 1 || p->ndim > 4)
         return 0;
     int layout = d.peft_layout ? d.peft_layout : PR_PEFT_AS_IS;
     int has_prefix = strstr(d.peft_key, "{prefix}") != NULL, has_layer = strstr(d.peft_key, "{layer}") != NULL;
@@ -185,13 +185,22 @@ int peft_place(const pr_technique *t, int fold, const pr_module_param *p, const 
     pl->ndim = 2;
     switch (layout) {
     case PR_PEFT_AS_IS:
-        if (p->ndim > 2)
-            return 0;
+        /* an N-D parameter (BOFT's boft_R (m, nb, b, b)) keeps its shape,
+         * its elements in the same order: a (prod of the leading dims, last)
+         * matrix to the copy */
         pl->ndim = p->ndim;
-        pl->br = p->shape[0];
-        pl->bc = p->ndim == 1 ? 1 : p->shape[1];
+        pl->br = 1;
+        for (int k = 0; k + 1 < p->ndim; k++)
+            pl->br *= p->shape[k];
+        pl->bc = p->ndim == 1 ? p->shape[0] : p->shape[p->ndim - 1];
+        if (p->ndim == 1) {
+            pl->br = p->shape[0];
+            pl->bc = 1;
+        }
         pl->shape[0] = pl->br;
         pl->shape[1] = pl->bc;
+        for (int k = 0; k < p->ndim; k++)
+            pl->full[k] = p->shape[k];
         return 1;
     case PR_PEFT_TRANSPOSED:
         if (p->ndim != 2)
@@ -231,6 +240,18 @@ int peft_place(const pr_technique *t, int fold, const pr_module_param *p, const 
     default:
         return 0;
     }
+}
+
+int peft_place(const pr_technique *t, int fold, const pr_module_param *p, const pr_model_config *c, int all_layers,
+               placement *pl)
+{
+    if (!place(t, fold, p, c, all_layers, pl))
+        return 0;
+    if (pl->ndim <= 2) {
+        pl->full[0] = pl->shape[0];
+        pl->full[1] = pl->shape[1];
+    }
+    return 1;
 }
 
 /* Copy between a copy's values x (nb*br*bc) and the file tensor f (R, C). */

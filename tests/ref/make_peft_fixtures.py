@@ -45,6 +45,14 @@ to a plain float64 model as PEFT applies it:
   FOURIERFT        dW = scaling * real(ifft2(F)), F (out, in) zero but for the
                    spectrum at torch.randperm(out*in, seed random_loc_seed)[:n]
                    (row idx // in, column idx % in)
+  BOFT             y = (base(x M) - b) * boft_s + b, M = mat_{m-1} ... mat_0,
+                   mat_i = P_i diag_k(Q_ik) P_i^T, Q = (I - S)(I + S)^-1 with
+                   S = (A - A^T) / 2, A = boft_R[i, k]; P_i the matrix of
+                   block_butterfly_perm(in, nb / 2^i, b / 2, m - 1) (P[k, p[k]] = 1)
+  ADALORA          y = base(x) + (x (A * E)^T B^T) * lora_alpha / (init_r + 1e-5);
+                   the file holds the triplets rank_pattern keeps (lora_A (k, in),
+                   lora_B (out, k), lora_E (k, 1)), as PEFT's
+                   resize_state_dict_by_rank_pattern saves them
   P_TUNING         as PROMPT_TUNING (the file holds the encoder's output)
   TRAINABLE_TOKENS the rows token_indices of the token embedding replaced by
                    trainable_tokens_delta (untied head: the logits unchanged)
@@ -119,6 +127,12 @@ PTUNING_DEFAULTS = {"encoder_dropout": 0.0, "encoder_hidden_size": None, "encode
                     "encoder_reparameterization_type": "MLP", "modules_to_save": None, "num_attention_heads": None,
                     "num_layers": None, "num_transformer_submodules": 1, "num_virtual_tokens": None,
                     "peft_type": "P_TUNING", "token_dim": None}
+BOFT_DEFAULTS = {"bias": "none", "boft_block_num": 0, "boft_block_size": 4, "boft_dropout": 0.0,
+                 "boft_n_butterfly_factor": 1, "exclude_modules": None, "fan_in_fan_out": False, "init_weights": True,
+                 "layers_pattern": None, "layers_to_transform": None, "modules_to_save": None, "peft_type": "BOFT",
+                 "target_modules": None}
+ADALORA_DEFAULTS = dict(LORA_DEFAULTS, peft_type="ADALORA", target_r=8, init_r=12, tinit=0, tfinal=0, deltaT=1,
+                        beta1=0.85, beta2=0.85, orth_reg_weight=0.5, total_step=None, rank_pattern=None)
 TT_DEFAULTS = {"init_weights": True, "peft_type": "TRAINABLE_TOKENS", "target_modules": None, "token_indices": []}
 
 
@@ -207,7 +221,41 @@ class Adapter:
         return base + (g - 1) * y + g * s * lora
 
 
-WEIGHT_TYPES = ("LOHA", "LOKR", "VERA", "OFT", "HRA", "FOURIERFT")
+WEIGHT_TYPES = ("LOHA", "LOKR", "VERA", "OFT", "BOFT", "HRA", "FOURIERFT", "ADALORA")
+
+
+def butterfly_perm(n, nblocks, r, n_factor):
+    """PEFT's block_butterfly_perm(n, nblocks, r, n_factor): in each group of
+    n / nblocks indices, the chunks of r taken even ones first, then odd."""
+    if n_factor == 0:
+        return list(range(n))
+    group = n // nblocks
+    chunks = group // r
+    order = list(range(0, chunks, 2)) + list(range(1, chunks, 2))
+    perm = []
+    for g in range(0, n, group):
+        for c in order:
+            perm.extend(range(g + c * r, g + c * r + r))
+    return perm
+
+
+def boft_rotation(R):
+    """boft_R (m, nb, b, b) -> M = mat_{m-1} ... mat_0, mat_i = P_i diag(Q_i,k) P_i^T,
+    Q = (I - S)(I + S)^-1, S = (A - A^T) / 2, P[k, perm[k]] = 1."""
+    m, nb, b, _ = R.shape
+    n = nb * b
+    I = torch.eye(b, dtype=torch.float64)
+    M = torch.eye(n, dtype=torch.float64)
+    for f in range(m):
+        blocks = []
+        for k in range(nb):
+            S = 0.5 * (R[f, k] - R[f, k].t())
+            blocks.append((I - S) @ torch.linalg.inv(I + S))
+        P = torch.zeros(n, n, dtype=torch.float64)
+        for k, j in enumerate(butterfly_perm(n, nb // 2 ** f, b // 2, m - 1)):
+            P[k, j] = 1.0
+        M = (P @ torch.block_diag(*blocks) @ P.t()) @ M
+    return M
 
 
 def factorization(dim, factor=-1):
@@ -260,6 +308,14 @@ def weight_type(cfg, t, key, name, x, W, b):
         U = t[key + ".oft_R.weight"]
         R = oft_rotation(U, i // U.shape[0])
         return (x @ R) @ W.t() + bias
+    if pt == "BOFT":
+        M = boft_rotation(t[key + ".boft_R"])
+        return ((x @ M) @ W.t()) * t[key + ".boft_s"][:, 0] + bias
+    if pt == "ADALORA":
+        # SVDLinear: scaling / (ranknum + 1e-5), ranknum init_r (kept through the resize)
+        A, B, E = t[key + ".lora_A"], t[key + ".lora_B"], t[key + ".lora_E"]
+        s = cfg["lora_alpha"] / (cfg["init_r"] + 1e-5)
+        return x @ W.t() + bias + ((x @ (A * E).t()) @ B.t()) * s
     if pt == "HRA":
         u = t[key + ".hra_u"]
         u = u / u.norm(dim=0)
@@ -319,6 +375,16 @@ def weight_tensors(gen, cfg, modules, shapes, scale=0.3):
         elif pt == "OFT":
             bs = i // cfg["r"] if cfg["r"] else cfg["oft_block_size"]
             out[key + ".oft_R.weight"] = rnd(i // bs, bs * (bs - 1) // 2)
+        elif pt == "BOFT":
+            bs = cfg["boft_block_size"] or i // cfg["boft_block_num"]
+            out[key + ".boft_R"] = rnd(cfg["boft_n_butterfly_factor"], i // bs, bs, bs)
+            out[key + ".boft_s"] = f32(1.0 + 0.3 * torch.randn(o, 1, generator=gen, dtype=torch.float64))
+        elif pt == "ADALORA":
+            # resized by rank_pattern as PEFT saves it: the kept triplets only
+            keep = (cfg["rank_pattern"] or {}).get(name + ".lora_E", [True] * cfg["init_r"])
+            k = sum(keep)
+            out[key + ".lora_A"], out[key + ".lora_B"] = rnd(k, i), rnd(o, k)
+            out[key + ".lora_E"] = f32(torch.randn(k, 1, generator=gen, dtype=torch.float64))
         elif pt == "HRA":
             out[key + ".hra_u"] = rnd(i, cfg["r"])
         elif pt == "FOURIERFT":
@@ -625,6 +691,23 @@ def main():
     cfg = make_config(TT_DEFAULTS, token_indices=ids, target_modules=["embed_tokens"])
     lcase("llama_trainable_tokens", cfg, {"base_model.model.model.embed_tokens.trainable_tokens_delta": f32(
         torch.randn(len(ids), lcfg["hidden_size"], generator=gen, dtype=torch.float64) * 0.5)})
+
+    # ---- BOFT (nn.Linear only: LLaMA) and AdaLoRA (Conv1D too: GPT-2)
+    gen = torch.Generator().manual_seed(SEED + 2)
+    cfg = make_config(BOFT_DEFAULTS, boft_block_size=4, boft_n_butterfly_factor=2,
+                      target_modules=["q_proj", "v_proj", "down_proj"])
+    lcase("llama_boft", cfg, weight_tensors(gen, cfg, l_lin, l_lin))
+    # init_r 4; the budget kept 3, 1, 4 (not resized) and 2 triplets
+    pattern = {"transformer.h.0.attn.c_attn.lora_E": [True, False, True, True],
+               "transformer.h.0.mlp.c_fc.lora_E": [False, False, True, False],
+               "transformer.h.1.attn.c_attn.lora_E": [True, True, True, True],
+               "transformer.h.1.mlp.c_fc.lora_E": [False, True, False, True]}
+    cfg = make_config(ADALORA_DEFAULTS, init_r=4, target_r=2, lora_alpha=6, total_step=100, tinit=10, tfinal=20,
+                      fan_in_fan_out=True, target_modules=["c_attn", "c_fc"], rank_pattern=pattern)
+    g2case("gpt2_adalora", cfg, weight_tensors(gen, cfg, g2_lin, g2_lin))
+    cfg = make_config(ADALORA_DEFAULTS, init_r=3, target_r=2, lora_alpha=4, total_step=50,
+                      target_modules=["q_proj", "v_proj"])
+    lcase("llama_adalora", cfg, weight_tensors(gen, cfg, l_lin, l_lin))
 
     with open(os.path.join(outdir, "expected.json"), "w") as f:
         json.dump(dict(sorted(expected.items())), f, indent=2)
