@@ -239,6 +239,90 @@ int dist_agree(int rc, pr_error *err)
 #endif
 }
 
+void dist_detach(void)
+{
+#ifdef HAVE_MPI
+    g_active = 0;   /* the child _exits: neither MPI_Finalize nor MPI_Abort is its to call */
+#endif
+    g_rank = 0;
+    g_size = 1;
+}
+
+int dist_gather_text(const char *mine, char ***all, pr_error *err)
+{
+    *all = NULL;
+    size_t n = strlen(mine) + 1;
+    if (g_size == 1) {
+        char **a = calloc(1, sizeof *a);
+        if (!a || !(a[0] = strdup(mine))) {
+            free(a);
+            return pr_errorf(err, PR_ERR_NOMEM, "out of memory");
+        }
+        *all = a;
+        return PR_OK;
+    }
+#ifdef HAVE_MPI
+    if (n > (size_t)INT_MAX)
+        return pr_errorf(err, PR_ERR_INVALID, "rank %d of %d: %zu bytes to gather, more than MPI counts", g_rank,
+                         g_size, n);
+    int len = (int)n, *lens = NULL, *offs = NULL;
+    char *buf = NULL;
+    /* the other ranks wait in the gather: rank 0 out of memory ends the job */
+    if (g_rank == 0 && (!(lens = calloc((size_t)g_size, sizeof *lens)) || !(offs = calloc((size_t)g_size, sizeof *offs)))) {
+        fprintf(stderr, "peftref: rank 0: out of memory gathering results\n");
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+    int rc = MPI_Gather(&len, 1, MPI_INT, lens, 1, MPI_INT, 0, MPI_COMM_WORLD);
+    if (rc != MPI_SUCCESS) {
+        free(lens);
+        free(offs);
+        return mpi_error(rc, "gathering results", err);
+    }
+    size_t total = 0;
+    if (g_rank == 0 && lens) {
+        for (int r = 0; r < g_size; r++) {
+            offs[r] = (int)total;
+            total += (size_t)(lens[r] > 0 ? lens[r] : 0);
+        }
+        if (total > (size_t)INT_MAX || !(buf = malloc(total))) {
+            fprintf(stderr, "peftref: rank 0: cannot hold the %zu bytes of results gathered\n", total);
+            MPI_Abort(MPI_COMM_WORLD, 1);
+        }
+    }
+    rc = MPI_Gatherv(mine, len, MPI_CHAR, buf, lens, offs, MPI_CHAR, 0, MPI_COMM_WORLD);
+    if (rc != MPI_SUCCESS) {
+        free(lens);
+        free(offs);
+        free(buf);
+        return mpi_error(rc, "gathering results", err);
+    }
+    if (g_rank != 0)
+        return PR_OK;
+    char **a = calloc((size_t)g_size, sizeof *a);
+    for (int r = 0; a && r < g_size; r++) {
+        size_t l = (size_t)lens[r];
+        if (!(a[r] = malloc(l))) {
+            for (int k = 0; k < r; k++)
+                free(a[k]);
+            free(a);
+            a = NULL;
+            break;
+        }
+        memcpy(a[r], buf + offs[r], l);
+        a[r][l - 1] = '\0';
+    }
+    free(lens);
+    free(offs);
+    free(buf);
+    if (!a)
+        return pr_errorf(err, PR_ERR_NOMEM, "rank 0: out of memory gathering results");
+    *all = a;
+    return PR_OK;
+#else
+    return pr_errorf(err, PR_ERR_INVALID, "%zu bytes: several ranks without MPI", n);
+#endif
+}
+
 void dist_set_stop_note(const char *note)
 {
     int next = g_note_at == 0 ? 1 : 0;

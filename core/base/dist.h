@@ -54,6 +54,16 @@ int dist_sum_doubles(double *buf, int n, pr_error *err);
  * or PR_OK when none failed. */
 int dist_agree(int rc, pr_error *err);
 
+/* In a child forked from a rank (peftref compare launched under mpirun
+ * runs one single-process arm per rank): from here on this process is a
+ * world of one that never calls MPI; the parent rank keeps its place. */
+void dist_detach(void);
+
+/* Every rank's NUL-terminated text, gathered on rank 0: there *all gets
+ * dist_size() strings (freed by the caller, each and the array), on the
+ * other ranks NULL.  A world of one gets a copy of its own. */
+int dist_gather_text(const char *mine, char ***all, pr_error *err);
+
 /* The note rank 0 writes when a signal ends a multi-rank run (the step in
  * flight, where the last checkpoint is); copied, safe to update between
  * steps while signals may arrive. */

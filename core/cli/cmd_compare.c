@@ -24,8 +24,11 @@
 #include <sys/types.h>
 #include <unistd.h>
 
+#include <jansson.h>
+
 #include "cli.h"
 #include "compare.h"
+#include "dist.h"
 #include "fileio.h"
 #include "runtime.h"
 
@@ -80,6 +83,11 @@ static const char compare_usage[] =
     "                    terminal, else only the per-arm lines), bar, plain, none\n"
     "  --quiet           no progress on stderr at all\n"
     "  -h, --help        show this help\n"
+    "\n"
+    "MPI (docs/distributed.md): compare.mpi_ranks: N trains each arm with\n"
+    "mpirun -np N peftref train (the launcher: mpirun, or $PEFTREF_MPIRUN);\n"
+    "mpirun -np N peftref compare ... runs run r on rank r mod N, one process\n"
+    "each, and rank 0 prints and writes the table.\n"
     "\n"
     "Arms that fail (a bad configuration, a NaN loss, a crash) are reported in\n"
     "the table with the reason; the others still run.  SIGINT or SIGTERM stops\n"
@@ -142,7 +150,8 @@ static int holds_comparison(const char *out)
 
 /* Plan run u (counts, overhead) into its row and set what its child trains
  * with; 0, or -1 with the row's error set and u->pipe freed. */
-static int prepare_unit(compare_arm *u, int is_base, int eval_every, int progress, int resume, const char *dir)
+static int prepare_unit(compare_arm *u, int is_base, int eval_every, int progress, int resume, const char *dir,
+                        int mine)
 {
     compare_row *r = u->row;
     if (!is_base)
@@ -165,7 +174,9 @@ static int prepare_unit(compare_arm *u, int is_base, int eval_every, int progres
     u->resume = resume;
     u->tc.resume = resume;
     u->tc.force = !resume;   /* afresh, unless continuing this comparison */
-    if (!resume)
+    /* a single process checkpoints when a signal stops it; ranks under
+     * mpirun end at once, so an MPI arm keeps train.checkpoint_every */
+    if (!resume && u->mpi_ranks <= 1)
         u->tc.ckpt_every = 0;
     u->out_dir = dir ? strdup(dir) : NULL;
     if (!u->out_dir) {
@@ -174,7 +185,7 @@ static int prepare_unit(compare_arm *u, int is_base, int eval_every, int progres
         u->pipe = NULL;
         return -1;
     }
-    if (!resume) {
+    if (!resume && mine) {   /* another rank's runs are its own to clear */
         char *ck = fileio_join(u->out_dir, "checkpoint.safetensors");
         if (ck)
             unlink(ck);
@@ -226,6 +237,101 @@ static int write_sweep(const char *out, const compare_arm *a, const group *g, in
     free(labels);
     free(dir);
     return rc;
+}
+
+/* ---- arms side by side on MPI ranks ---------------------------------------
+ * `mpirun -np N peftref compare ...`: every rank loads and plans every arm
+ * alike, runs the runs r with r mod N == its rank (in the order a single
+ * process would: the base, then each arm's settings and seeds), each in a
+ * forked child that is a world of one (dist_detach), and sends the rows it
+ * filled to rank 0 as one JSON text (dist_gather_text); rank 0 aggregates,
+ * prints and writes the table. */
+
+/* A failure every rank agrees on (several ranks), or rc itself; *agreed
+ * is set once a failure was agreed, so no rank waits in a later call. */
+static int collective(int rc, int *agreed)
+{
+    if (dist_size() == 1 || *agreed)
+        return rc;
+    pr_error e = { 0 };
+    if (rc)
+        pr_errorf(&e, rc, "failed");
+    int r = dist_agree(rc, &e);
+    if (r)
+        *agreed = 1;
+    return r;
+}
+
+static json_t *num_or_null(double v)
+{
+    return isfinite(v) ? json_real(v) : json_null();
+}
+
+static double num_of(const json_t *o, const char *key, double def)
+{
+    const json_t *v = json_object_get(o, key);
+    return json_is_number(v) ? json_number_value(v) : def;
+}
+
+/* What a run filled in its row (not the plan, which every rank has). */
+static json_t *row_result_json(int unit, const compare_row *r)
+{
+    json_t *o = json_object(), *c = json_array();
+    if (!o || !c) {
+        json_decref(o);
+        json_decref(c);
+        return NULL;
+    }
+    json_object_set_new(o, "unit", json_integer(unit));
+    json_object_set_new(o, "ok", json_integer(r->ok));
+    json_object_set_new(o, "error", json_string(r->error));
+    json_object_set_new(o, "have_result", json_integer(r->have_result));
+    json_object_set_new(o, "trainable", json_integer((json_int_t)r->trainable));
+    json_object_set_new(o, "steps", json_integer((json_int_t)r->steps));
+    json_object_set_new(o, "seconds", num_or_null(r->seconds));
+    json_object_set_new(o, "step_seconds", num_or_null(r->step_seconds));
+    json_object_set_new(o, "tokens", json_integer((json_int_t)r->tokens));
+    json_object_set_new(o, "peak_mib", num_or_null(r->peak_mib));
+    json_object_set_new(o, "initial_val_loss", num_or_null(r->initial_val_loss));
+    json_object_set_new(o, "val_loss", num_or_null(r->val_loss));
+    json_object_set_new(o, "val_accuracy", num_or_null(r->val_accuracy));
+    json_object_set_new(o, "steps_timed", json_integer((json_int_t)r->steps_timed));
+    json_object_set_new(o, "reused", json_integer(r->reused));
+    json_object_set_new(o, "calib_seconds", num_or_null(r->calib_seconds));
+    for (int i = 0; i < r->n_curve; i++)
+        json_array_append_new(c, json_pack("[I,f]", (json_int_t)r->curve[i].step, r->curve[i].loss));
+    json_object_set_new(o, "curve", c);
+    return o;
+}
+
+static void row_result_read(compare_row *r, const json_t *o)
+{
+    r->ok = (int)num_of(o, "ok", 0);
+    snprintf(r->error, sizeof r->error, "%s", json_string_value(json_object_get(o, "error")) ?
+             json_string_value(json_object_get(o, "error")) : "");
+    r->have_result = (int)num_of(o, "have_result", 0);
+    r->trainable = (int64_t)num_of(o, "trainable", 0);
+    r->steps = (int64_t)num_of(o, "steps", 0);
+    r->seconds = num_of(o, "seconds", 0);
+    r->step_seconds = num_of(o, "step_seconds", 0);
+    r->tokens = (int64_t)num_of(o, "tokens", 0);
+    r->peak_mib = num_of(o, "peak_mib", 0);
+    r->initial_val_loss = num_of(o, "initial_val_loss", NAN);
+    r->val_loss = num_of(o, "val_loss", NAN);
+    r->val_accuracy = num_of(o, "val_accuracy", -1);
+    r->steps_timed = (int64_t)num_of(o, "steps_timed", 0);
+    r->reused = (int)num_of(o, "reused", 0);
+    r->calib_seconds = num_of(o, "calib_seconds", 0);
+    const json_t *c = json_object_get(o, "curve");
+    size_t n = json_array_size(c);
+    free(r->curve);
+    r->curve = n ? calloc(n, sizeof *r->curve) : NULL;
+    r->n_curve = 0;
+    for (size_t i = 0; r->curve && i < n; i++) {
+        const json_t *pt = json_array_get(c, i);
+        double v = json_number_value(json_array_get(pt, 1));
+        r->curve[r->n_curve++] = (compare_point){ (int64_t)json_integer_value(json_array_get(pt, 0)), v, v, v };
+    }
 }
 
 int cmd_compare(int argc, char **argv)
@@ -313,12 +419,17 @@ int cmd_compare(int argc, char **argv)
             free(sets);
             return 2;
         }
-    if (out && !resume && !force && holds_comparison(out)) {
-        fprintf(stderr, "peftref compare: %s holds an earlier comparison: add --resume to continue it (finished "
-                "runs are reused) or --force to start afresh, or choose another --out\n", out);
+    /* several ranks: every one looks before any creates a file */
+    int agreed = 0, me = dist_rank(), n_ranks = dist_size();
+    if (collective(out && !resume && !force && holds_comparison(out), &agreed)) {
+        if (me == 0)
+            fprintf(stderr, "peftref compare: %s holds an earlier comparison: add --resume to continue it (finished "
+                    "runs are reused) or --force to start afresh, or choose another --out\n", out);
         free(sets);
         return 1;
     }
+    /* loading and planning are every rank's, their messages rank 0's */
+    int lquiet = quiet || me != 0;
     /* per-arm lines always (unless quiet); the training's own progress as asked */
     int child_progress = quiet ? PR_PROGRESS_NONE : progress;
     if (child_progress == PR_PROGRESS_AUTO)
@@ -336,14 +447,17 @@ int cmd_compare(int argc, char **argv)
     group *G = NULL;
     pr_pipeline *base_pipe = NULL;
     char *root = NULL, *arms_root = NULL;
-    int rc = compare_load_arms(&R, files, n_files, sets, n_sets, reg, quiet);
+    compare_row **unit_rows = NULL;   /* every run's row, in the order they run */
+    int n_units = 0;
+    int rc = compare_load_arms(&R, files, n_files, sets, n_sets, reg, lquiet);
     if (rc < 0)
         fprintf(stderr, "peftref compare: out of memory\n");
     if (rc)
         goto done;
     for (int i = 0; i < R.n_arms; i++)
         R.arms[i].row = &R.rows[i];
-    compare_warn_shadowed(&R, reg);
+    if (me == 0)
+        compare_warn_shadowed(&R, reg);
     R.rows[0].is_base = 1;
     snprintf(R.rows[0].techniques, sizeof R.rows[0].techniques, "none");
 
@@ -363,7 +477,8 @@ int cmd_compare(int argc, char **argv)
         }
     }
     if (!ref) {
-        fprintf(stderr, "peftref compare: no arm could be loaded\n");
+        if (me == 0)
+            fprintf(stderr, "peftref compare: no arm could be loaded\n");
         rc = 1;
         goto done;
     }
@@ -372,7 +487,7 @@ int cmd_compare(int argc, char **argv)
         const char **bsets = sets;
         bsets[n_sets] = "modules=[]";
         bsets[n_sets + 1] = "train.steps=0";
-        compare_diags sink = { .quiet = quiet };
+        compare_diags sink = { .quiet = lquiet };
         if (pr_pipeline_load_arm(pr_pipeline_path(ref), PR_PIPELINE_BASE, bsets, n_sets + 2, reg, &base_pipe,
                                  compare_collect, &sink, &err)) {
             compare_sink_finish(&sink, &err);
@@ -388,12 +503,33 @@ int cmd_compare(int argc, char **argv)
     int cls = !strcmp(task, "classification");
     uint64_t train_seed = ref_tc.seed;
     int n_seeds = seeds_opt > 0 ? seeds_opt : pr_pipeline_compare_seeds(ref);
-    /* where the arms train */
+    /* compare.mpi_ranks > 1: each arm under its own mpirun, which needs MPI,
+     * and is not nested in a compare whose ranks run the arms side by side */
+    for (int i = 1; i < R.n_arms; i++) {
+        const char *at = NULL;
+        int k = R.arms[i].pipe ? pr_pipeline_compare_mpi_ranks(R.arms[i].pipe, &at) : 1;
+        char why[600];
+        if (k <= 1)
+            continue;
+        if (n_ranks > 1)
+            snprintf(why, sizeof why, "this compare runs under mpirun with %d ranks, which train the arms side by "
+                     "side, one process each: give compare.mpi_ranks: 1, or run peftref compare without mpirun",
+                     n_ranks);
+        else if (compare_mpi_available(why, sizeof why))
+            continue;
+        if (me == 0)
+            fprintf(stderr, "%s: compare.mpi_ranks: %d trains each arm under mpirun -np %d, but %s\n",
+                    at ? at : R.arms[i].path, k, k, why);
+        rc = 1;
+        goto done;
+    }
+    /* where the arms train: --out (shared by the ranks), else a temporary
+     * directory of each rank's own */
+    int st = 0;
     if (out) {
         if (compare_make_dirs(out) != 0) {
             fprintf(stderr, "peftref compare: cannot create %s: %s\n", out, strerror(errno));
-            rc = 1;
-            goto done;
+            st = 1;
         }
         root = strdup(out);
     } else {
@@ -403,17 +539,24 @@ int cmd_compare(int argc, char **argv)
         root = mkdtemp(tmpl) ? strdup(tmpl) : NULL;
         if (!root) {
             fprintf(stderr, "peftref compare: cannot create a temporary directory: %s\n", strerror(errno));
-            rc = 1;
-            goto done;
+            st = 1;
         }
     }
-    arms_root = fileio_join(root, "arms");
-    if (arms_root && force)
-        compare_remove_tree(arms_root);
-    if (!arms_root || compare_make_dirs(arms_root) != 0) {
-        fprintf(stderr, "peftref compare: cannot create %s/arms: %s\n", root, strerror(errno));
-        rc = 1;
-        goto done;
+    arms_root = root ? fileio_join(root, "arms") : NULL;
+    /* rank 0 clears and creates the shared directory, then the others create theirs */
+    for (int turn = 0; turn < 2 && !rc; turn++) {
+        if ((turn == 0) == (me == 0) || !out) {
+            if (!st && arms_root && force && out)
+                compare_remove_tree(arms_root);
+            if (!st && (!arms_root || compare_make_dirs(arms_root) != 0)) {
+                fprintf(stderr, "peftref compare: cannot create %s/arms: %s\n", root ? root : "?", strerror(errno));
+                st = 1;
+            }
+        }
+        if ((rc = collective(st, &agreed)))
+            goto done;
+        if (!out)
+            break;
     }
     /* plans and settings: every arm's runs, a setting of its sweep times a seed */
     int eval_every = ref_tc.eval_every > 0 ? ref_tc.eval_every : (ref_tc.steps >= 10 ? ref_tc.steps / 10 : 1);
@@ -424,6 +567,17 @@ int cmd_compare(int argc, char **argv)
         goto done;
     }
     int n_runs = 0;
+    for (int i = 0; i < R.n_arms; i++)
+        if (R.arms[i].pipe)
+            n_units += (R.rows[i].is_base || R.arms[i].arm_index < 0 ? 1 : pr_pipeline_arm_points(R.arms[i].pipe,
+                        R.arms[i].arm_index)) * (R.rows[i].is_base ? 1 : n_seeds);
+    unit_rows = calloc((size_t)n_units + 1, sizeof *unit_rows);
+    if (!unit_rows) {
+        fprintf(stderr, "peftref compare: out of memory\n");
+        rc = 1;
+        goto done;
+    }
+    int n_listed = 0;
     for (int i = 0; i < R.n_arms; i++) {
         compare_arm *a = &R.arms[i];
         compare_row *r = a->row;
@@ -458,13 +612,21 @@ int cmd_compare(int argc, char **argv)
                 u->row = ur;
                 u->path = a->path;
                 u->arm_index = a->arm_index;
+                u->arm_point = pt;
+                u->sets = sets;
+                u->n_sets = n_sets;
+                if (n > 1)
+                    snprintf(u->seed_set, sizeof u->seed_set, "train.seed=%" PRIu64, compare_seed(train_seed, s));
+                int unit = n_listed < n_units ? n_listed++ : n_units;
+                unit_rows[unit] = ur;
+                int mine = unit % n_ranks == me;
                 if (n == 1) {
                     u->pipe = a->pipe;   /* lent: freed with the arm */
                 } else {
                     char seed_set[64];
                     snprintf(seed_set, sizeof seed_set, "train.seed=%" PRIu64, compare_seed(train_seed, s));
                     sets[n_sets] = seed_set;
-                    compare_diags sink = { .quiet = quiet };
+                    compare_diags sink = { .quiet = lquiet };
                     pr_error e = { 0 };
                     int lrc = a->arm_index < 0
                                   ? pr_pipeline_load_arm(a->path, PR_PIPELINE_BASE, sets, n_sets + 1, reg, &u->pipe,
@@ -478,7 +640,9 @@ int cmd_compare(int argc, char **argv)
                     }
                 }
                 char *dir = r->is_base ? fileio_join(root, "base") : unit_dir(arms_root, r->name, g, pt, s);
-                if (prepare_unit(u, r->is_base, eval_every, child_progress, resume, dir) == 0)
+                u->mpi_ranks = r->is_base ? 1 : pr_pipeline_compare_mpi_ranks(u->pipe, NULL);
+                u->arm_name = a->arm_index >= 0 ? pr_pipeline_arm(u->pipe) : NULL;
+                if (prepare_unit(u, r->is_base, eval_every, child_progress, resume, dir, mine) == 0)
                     n_runs++;
                 else if (n == 1)
                     a->pipe = NULL;   /* freed by prepare_unit */
@@ -489,7 +653,7 @@ int cmd_compare(int argc, char **argv)
     /* run: the base first, then every arm's runs, one process each */
     interrupted = 0;
     compare_signals_install(&interrupted);
-    if (!quiet) {
+    if (!quiet && me == 0) {
         runtime_warn_generic_blas();
         char line[256];
         runtime_describe(line, sizeof line);
@@ -497,22 +661,30 @@ int cmd_compare(int argc, char **argv)
                 ref_tc.steps);
         if (n_seeds > 1)
             fprintf(stderr, ", %d seeds", n_seeds);
+        if (n_ranks > 1)
+            fprintf(stderr, "; %d runs side by side on %d ranks (run r on rank r mod %d)", n_units, n_ranks, n_ranks);
         fprintf(stderr, "; %s\n", line);
     }
     double calib_lo = 0, calib_hi = 0;
+    int unit = 0;
     for (int i = 0; i < R.n_arms; i++) {
         compare_arm *a = &R.arms[i];
         compare_row *r = a->row;
         group *g = &G[i];
         int n = g->n_points * g->n_seeds;
-        for (int k = 0; k < n; k++) {
+        for (int k = 0; k < n && g->units; k++) {
             compare_arm *u = &g->units[k];
             compare_row *ur = u->row;
-            char label[700];
+            if (unit++ % n_ranks != me)
+                continue;   /* another rank's run */
+            char label[700] = "";
+            if (n_ranks > 1)
+                snprintf(label, sizeof label, "rank %d: ", me);
+            size_t lp = strlen(label);
             if (r->is_base)
-                snprintf(label, sizeof label, "%s", r->name);
+                snprintf(label + lp, sizeof label - lp, "%s", r->name);
             else
-                snprintf(label, sizeof label, "arm %d/%d: %s", i, R.n_arms - 1, r->name);
+                snprintf(label + lp, sizeof label - lp, "arm %d/%d: %s", i, R.n_arms - 1, r->name);
             if (g->n_points > 1) {
                 size_t l = strlen(label);
                 snprintf(label + l, sizeof label - l, " [%s]",
@@ -541,12 +713,6 @@ int cmd_compare(int argc, char **argv)
                 ur->trainable = 0;   /* evaluated only (a classification head is counted, not trained) */
             else
                 compare_read_curve(ur, u->out_dir);
-            if (ur->ok && !ur->reused && ur->steps_timed > 0) {
-                if (calib_lo == 0 || ur->calib_seconds < calib_lo)
-                    calib_lo = ur->calib_seconds;
-                if (ur->calib_seconds > calib_hi)
-                    calib_hi = ur->calib_seconds;
-            }
             if (!quiet) {
                 if (ur->ok && ur->reused)
                     fprintf(stderr, "%s ... finished earlier: reused\n", label);
@@ -556,6 +722,63 @@ int cmd_compare(int argc, char **argv)
                     fprintf(stderr, "%s ... failed in %.1f s: %s\n", label, ur->seconds, ur->error);
             }
         }
+    }
+    /* several ranks: the rows each filled travel to rank 0 */
+    if (n_ranks > 1) {
+        json_t *msg = json_object(), *list = json_array();
+        for (int k = 0; msg && list && k < n_units; k++)
+            if (k % n_ranks == me && unit_rows[k])
+                json_array_append_new(list, row_result_json(k, unit_rows[k]));
+        char *text = NULL;
+        if (msg && list) {
+            json_object_set_new(msg, "interrupted", json_boolean(interrupted));
+            json_object_set(msg, "rows", list);
+            text = json_dumps(msg, JSON_COMPACT);
+        }
+        json_decref(list);
+        json_decref(msg);
+        char **all = NULL;
+        pr_error e = { 0 };
+        int grc = dist_gather_text(text ? text : "{}", &all, &e);
+        free(text);
+        if (grc)
+            fprintf(stderr, "peftref compare: %s\n", e.msg);
+        for (int q = 0; all && q < n_ranks; q++) {
+            json_t *o = json_loads(all[q], 0, NULL);
+            if (json_is_true(json_object_get(o, "interrupted")))
+                interrupted = 1;
+            const json_t *rows = json_object_get(o, "rows");
+            for (size_t j = 0; j < json_array_size(rows); j++) {
+                const json_t *ro = json_array_get(rows, j);
+                int k = (int)num_of(ro, "unit", -1);
+                if (k >= 0 && k < n_units && k % n_ranks == q && unit_rows[k])
+                    row_result_read(unit_rows[k], ro);
+            }
+            json_decref(o);
+            free(all[q]);
+        }
+        free(all);
+        if ((rc = collective(grc, &agreed)) || me != 0) {
+            compare_signals_restore();
+            goto done;   /* rank 0 alone aggregates and writes */
+        }
+        for (int k = 0; k < n_units; k++)
+            if (unit_rows[k] && !unit_rows[k]->ok && !unit_rows[k]->error[0])
+                snprintf(unit_rows[k]->error, sizeof unit_rows[k]->error, "rank %d sent no result", k % n_ranks);
+    }
+    for (int k = 0; k < n_units; k++) {
+        const compare_row *ur = unit_rows[k];
+        if (ur && ur->ok && !ur->reused && ur->steps_timed > 0) {
+            if (calib_lo == 0 || ur->calib_seconds < calib_lo)
+                calib_lo = ur->calib_seconds;
+            if (ur->calib_seconds > calib_hi)
+                calib_hi = ur->calib_seconds;
+        }
+    }
+    for (int i = 0; i < R.n_arms; i++) {
+        compare_arm *a = &R.arms[i];
+        compare_row *r = a->row;
+        group *g = &G[i];
         /* per setting over its seeds, then the best setting as the arm's row */
         if (!g->units)
             continue;
@@ -659,8 +882,12 @@ int cmd_compare(int argc, char **argv)
     }
     (void)n_runs;
 done:
+    /* every rank ends with rank 0's status (an arm failed, interrupted) */
+    if (n_ranks > 1 && !agreed)
+        rc = collective(rc, &agreed);
     if (root && !out)
         compare_remove_tree(root);
+    free(unit_rows);
     free(root);
     free(arms_root);
     for (int i = 0; G && i < R.n_arms; i++) {

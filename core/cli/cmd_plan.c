@@ -225,6 +225,13 @@ static void print_plan(const pr_pipeline *p)
         cli_arm_list(p, names, sizeof names);
         printf("compare:  %d arms: %s (plan one with --arm NAME; peftref compare runs them all)\n",
                pr_pipeline_n_arms(p), names);
+        const char *at = NULL;
+        int ranks = pr_pipeline_compare_mpi_ranks(p, &at);
+        if (ranks > 1)
+            printf("          each arm trains on %d MPI ranks (compare.mpi_ranks: mpirun -np %d peftref train)\n",
+                   ranks, ranks);
+        else if (at)
+            printf("          each arm trains in one process (compare.mpi_ranks: 1)\n");
     }
     if (nm == 0) {
         printf("modules:  none\n");

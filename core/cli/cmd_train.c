@@ -9,14 +9,16 @@
 #include <sys/stat.h>
 
 #include "cli.h"
+#include "compare.h"
 #include "dist.h"
 #include "fileio.h"
 #include "loss_plot.h"
 #include "runtime.h"
 
 static const char train_usage[] =
-    "usage: peftref train PIPELINE.yaml [--set KEY=VALUE ...] [--arm NAME] [--resume [--resume-changed]]\n"
-    "                     [--force] [--progress MODE] [--quiet]\n"
+    "usage: peftref train PIPELINE.yaml [--set KEY=VALUE ...] [--arm NAME [--arm-setting K]]\n"
+    "                     [--resume [--resume-changed]] [--force] [--out DIR] [--result-json FILE]\n"
+    "                     [--progress MODE] [--quiet]\n"
     "       peftref train (--model DIR | --preset NAME [model options]) --data FILE --out DIR\n"
     "                     [training options]\n"
     "\n"
@@ -26,7 +28,13 @@ static const char train_usage[] =
     "pipeline's settings.  --set overrides a value by its dotted path\n"
     "(train.steps=10, modules.0.options.r=4) before the pipeline is checked.\n"
     "A pipeline with a compare section trains one of its arms, --arm NAME,\n"
-    "into train.output/NAME (peftref compare trains them all).\n"
+    "into train.output/NAME (peftref compare trains them all); --arm-setting K\n"
+    "takes the K-th setting (0-based, the last key varying fastest) of its sweep.\n"
+    "--out DIR trains into DIR in place of train.output (and an arm's /NAME).\n"
+    "--result-json FILE: rank 0 writes the run's result there atomically when\n"
+    "training ends (peftref compare's per-arm result: losses, accuracy,\n"
+    "steps, tokens, step seconds, trainable count, rank 0's peak resident\n"
+    "memory peak_kib and the sum over ranks peak_kib_all_ranks).\n"
     "Besides checkpoint.safetensors and metrics.jsonl, train.output gets\n"
     "modules/NAME.safetensors for every module not loaded frozen, pipeline.yaml\n"
     "(the run as a pipeline of frozen modules: peftref eval --pipeline RUN)\n"
@@ -190,6 +198,33 @@ static int report_result(int trc, const pr_train_result *res, const pr_error *er
     return 0;
 }
 
+static void print_diag(void *arg, const char *line)
+{
+    (void)arg;
+    fprintf(stderr, "%s\n", line);
+}
+
+/* --result-json FILE: every rank adds its peak memory to the sum, rank 0
+ * writes the file (collective: every rank calls it with the agreed trc). */
+static int write_result_json(const char *path, int trc, const pr_train_result *res, const pr_error *err)
+{
+    long peak = compare_peak_kib();
+    double sum = (double)peak;
+    pr_error e = { 0 };
+    if (dist_sum_doubles(&sum, 1, &e)) {
+        fprintf(stderr, "peftref train: --result-json: %s\n", e.msg);
+        return 1;
+    }
+    if (dist_rank() != 0)
+        return 0;
+    char *s = compare_result_json(trc, trc ? err->msg : "", res, peak, dist_size(), sum);
+    int rc = s ? fileio_write_atomic(path, s, strlen(s), &e) : (int)pr_errorf(&e, PR_ERR_NOMEM, "out of memory");
+    free(s);
+    if (rc)
+        fprintf(stderr, "peftref train: --result-json %s: %s\n", path, e.msg);
+    return rc ? 1 : 0;
+}
+
 /* What a pipeline run leaves in train.output besides checkpoint.safetensors
  * and metrics.jsonl: modules/NAME.safetensors, pipeline.yaml, loss.svg. */
 static int save_outputs(const pr_pipeline *pipe, pr_model *m, const pr_train_config *tc, const pr_train_result *res)
@@ -264,8 +299,11 @@ static int train_pipeline(int argc, char **argv)
         {"quiet", no_argument, 0, 'q'}, {"save", required_argument, 0, 'S'},
         {"save-dtype", required_argument, 0, 'D'},
         {"progress", required_argument, 0, 'p'}, {"arm", required_argument, 0, 'a'},
+        {"arm-setting", required_argument, 0, 'P'}, {"out", required_argument, 0, 'o'},
+        {"result-json", required_argument, 0, 'J'},
         {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
-    const char *save_dir = NULL, *save_dtype = "f32";
+    const char *save_dir = NULL, *save_dtype = "f32", *out_dir = NULL, *result_json = NULL;
+    int arm_setting = -1;
     const char **sets = calloc((size_t)argc + 1, sizeof *sets);
     if (!sets) {
         fprintf(stderr, "peftref train: out of memory\n");
@@ -282,6 +320,14 @@ static int train_pipeline(int argc, char **argv)
         case 'R': resume_changed = 1; break;
         case 'F': force = 1; break;
         case 'a': arm = optarg; break;
+        case 'o': out_dir = optarg; break;
+        case 'J': result_json = optarg; break;
+        case 'P':
+            if (cli_parse_int("train", "--arm-setting", optarg, 0, 1 << 20, &arm_setting)) {
+                free(sets);
+                return 2;
+            }
+            break;
         case 'q': quiet = 1; break;
         case 'S': save_dir = optarg; break;
         case 'D': save_dtype = optarg; break;
@@ -297,8 +343,8 @@ static int train_pipeline(int argc, char **argv)
             free(sets);
             return 2;
         default:
-            fprintf(stderr, "peftref train: with a pipeline only --set, --arm, --resume, --resume-changed, --force, --progress, --quiet, --save "
-                    "and --save-dtype apply "
+            fprintf(stderr, "peftref train: with a pipeline only --set, --arm, --arm-setting, --resume, --resume-changed, "
+                    "--force, --out, --result-json, --progress, --quiet, --save and --save-dtype apply "
                     "(got '%s'; set other values in the YAML or with --set)\n", argv[optind - 1]);
             free(sets);
             return 2;
@@ -314,13 +360,39 @@ static int train_pipeline(int argc, char **argv)
     pr_model *m = NULL;
     pr_tokenizer *tok = NULL;
     pr_error err = {0};
+    if (arm_setting >= 0 && !arm) {
+        fprintf(stderr, "peftref train: --arm-setting K picks a setting of an arm's sweep: give --arm NAME too\n");
+        free(sets);
+        return 2;
+    }
     int rc = cli_pipeline_open_arm("train", argv[optind], sets, n_sets, arm, &reg, &pipe);
+    if (rc == 0 && arm_setting >= 0) {
+        int ai = pr_pipeline_find_arm(pipe, arm), np = pr_pipeline_arm_points(pipe, ai);
+        if (arm_setting >= np) {
+            fprintf(stderr, "peftref train: --arm-setting %d: arm %s has %d setting%s\n", arm_setting, arm, np,
+                    np == 1 ? " (no sweep)" : "s");
+            rc = 2;
+        } else if (arm_setting > 0) {
+            pr_pipeline_free(pipe);
+            pipe = NULL;
+            if (pr_pipeline_load_arm_point(argv[optind], ai, arm_setting, sets, n_sets, reg, &pipe, print_diag, NULL,
+                                           &err)) {
+                if (err.code != PR_ERR_INVALID)
+                    fprintf(stderr, "peftref train: %s\n", err.msg);
+                rc = 1;
+            }
+        }
+    }
     if (rc == 0 && pr_pipeline_n_arms(pipe) > 0 && !pr_pipeline_arm(pipe)) {
         char names[512];
         cli_arm_list(pipe, names, sizeof names);
         fprintf(stderr, "peftref train: %s compares %d arms (%s): train one with --arm NAME, or all of them "
                 "with peftref compare %s\n", argv[optind], pr_pipeline_n_arms(pipe), names, argv[optind]);
         rc = 2;
+    }
+    if (rc == 0 && out_dir && pr_pipeline_set_output(pipe, out_dir, &err)) {
+        fprintf(stderr, "peftref train: %s\n", err.msg);
+        rc = 1;
     }
     if (rc == 0)
         rc = cli_pipeline_print_counts("train", pipe, stdout);
@@ -364,6 +436,8 @@ static int train_pipeline(int argc, char **argv)
         } else {
             rc = report_result(trc, &res, &err, tc.quiet);
         }
+        if (result_json && write_result_json(result_json, trc, &res, &err))
+            rc = rc ? rc : 1;
         /* the base model as trained (full finetuning, selection), without modules */
         if (rc == 0 && save_dir && rank0 &&
             pr_model_save_hf_as(m, save_dir, pr_pipeline_tokenizer_dir(pipe), save_dtype, &err)) {

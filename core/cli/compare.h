@@ -83,7 +83,20 @@ typedef struct compare_arm {
     char *out_dir;
     int resume;              /* reuse a finished run whose fingerprint matches, else continue its checkpoint */
     int arm_index;           /* in its file's compare section; -1: the file is the arm */
+    /* compare.mpi_ranks > 1: the child runs `mpirun -np mpi_ranks peftref
+     * train path [--arm arm_name [--arm-setting arm_point]] --set sets...
+     * --set seed_set` instead of training in-process */
+    int mpi_ranks;
+    const char *arm_name;    /* NULL when the file is the arm */
+    int arm_point;           /* the setting of its sweep */
+    const char *const *sets; /* the compare's --set overrides */
+    int n_sets;
+    char seed_set[64];       /* "train.seed=S" of seed index > 0, else "" */
 } compare_arm;
+
+/* What `peftref train --result-json` leaves for a compare_arm with
+ * mpi_ranks > 1, in the run's directory. */
+#define COMPARE_MPI_RESULT_FILE "mpi_result.json"
 
 /* ---- loading (compare_load.c) ---- */
 
@@ -120,6 +133,21 @@ void compare_remove_tree(const char *dir);
 /* Run arm a in a child process and fill its row.  Returns 1 when the
  * child was interrupted (SIGINT/SIGTERM). */
 int compare_run_arm(compare_arm *a);
+
+/* 1 when an arm can train under mpirun (peftref built with MPI, the
+ * launcher, mpirun or $PEFTREF_MPIRUN, on PATH); else 0 with why. */
+int compare_mpi_available(char *why, size_t len);
+
+/* The result a run reports, as the compare child sends it over its pipe
+ * (rc, error, interrupted, complete, steps, steps_timed, step_seconds,
+ * tokens, trainable, initial_val_loss, val_loss, val_accuracy, peak_kib)
+ * plus ranks and peak_kib_all_ranks: `peftref train --result-json FILE`
+ * writes it (rank 0, with its own peak memory as peak_kib).  A fresh
+ * string, NULL when out of memory. */
+char *compare_result_json(int rc, const char *msg, const pr_train_result *res, long peak_kib, int ranks,
+                          double peak_kib_sum);
+/* VmHWM of this process in KiB (ru_maxrss where /proc is missing). */
+long compare_peak_kib(void);
 
 /* The evaluations in out_dir/metrics.jsonl as the row's curve. */
 void compare_read_curve(compare_row *r, const char *out_dir);

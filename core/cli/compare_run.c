@@ -9,6 +9,7 @@
 #include "config.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <jansson.h>
 #include <math.h>
 #include <signal.h>
@@ -26,6 +27,7 @@
 #endif
 
 #include "compare.h"
+#include "dist.h"
 #include "fileio.h"
 #include "run_fingerprint.h"
 
@@ -106,7 +108,7 @@ double compare_calibrate(void)
 
 
 /* Peak resident set of this process in KiB: VmHWM, else ru_maxrss. */
-static long peak_kib(void)
+long compare_peak_kib(void)
 {
     long kib = -1;
     FILE *f = fopen("/proc/self/status", "r");
@@ -146,12 +148,18 @@ static int write_all(int fd, const char *s, size_t n)
 
 /* What decides a run's result: the run's fingerprint (pipeline, data,
  * base model) and the program's own bytes. */
-static char *fingerprint_of(const pr_model *m, const pr_train_config *tc, pr_error *err)
+static char *fingerprint_of(const pr_model *m, const pr_train_config *tc, int mpi_ranks, pr_error *err)
 {
     run_fp f;
     run_fp_init(&f);
     char *s = NULL;
-    if (run_fp_of_run(&f, m, tc, err) == PR_OK && run_fp_add_file(&f, "code.program", "/proc/self/exe", err) == PR_OK)
+    /* the ranks train the same steps, but time them differently: a change
+     * of compare.mpi_ranks trains the arm again (a single-process arm's
+     * fingerprint is what it was before the key existed) */
+    int ok = run_fp_of_run(&f, m, tc, err) == PR_OK && run_fp_add_file(&f, "code.program", "/proc/self/exe", err) == PR_OK;
+    if (ok && mpi_ranks > 1 && run_fp_set(&f, "compare.mpi_ranks", "%d", mpi_ranks) != 0)
+        ok = 0 * pr_errorf(err, PR_ERR_NOMEM, "out of memory");
+    if (ok)
         s = run_fp_json(&f);
     run_fp_free(&f);
     return s;
@@ -191,12 +199,230 @@ static void store_result(const char *out_dir, const char *fp, json_t *res)
     json_decref(o);
 }
 
+/* The result one run reports (the child over its pipe, `peftref train
+ * --result-json` in its file): rc and error, the training summary and the
+ * peak resident memory in KiB (< 0: not measured). */
+static json_t *result_object(int rc, const char *msg, const pr_train_result *res, long peak)
+{
+    json_t *o = json_object();
+    if (!o)
+        return NULL;
+    json_object_set_new(o, "rc", json_integer(rc));
+    json_object_set_new(o, "error", json_string(rc && msg ? msg : ""));
+    json_object_set_new(o, "interrupted", json_boolean(res->interrupted));
+    json_object_set_new(o, "complete", json_boolean(res->complete));
+    json_object_set_new(o, "steps", json_integer((json_int_t)res->steps_done));
+    json_object_set_new(o, "steps_timed", json_integer((json_int_t)(res->complete ? 0 :
+                        res->steps_done - (res->resumed_from > 0 ? res->resumed_from : 0))));
+    json_object_set_new(o, "step_seconds", real_or_null(res->step_seconds));
+    json_object_set_new(o, "tokens", json_integer((json_int_t)res->tokens_trained));
+    json_object_set_new(o, "trainable", json_integer((json_int_t)res->trainable_params));
+    json_object_set_new(o, "initial_val_loss", real_or_null(res->initial_val_loss));
+    json_object_set_new(o, "val_loss", real_or_null(res->final_val_loss));
+    json_object_set_new(o, "val_accuracy", real_or_null(res->final_val_accuracy));
+    json_object_set_new(o, "peak_kib", json_integer(peak));
+    return o;
+}
+
+char *compare_result_json(int rc, const char *msg, const pr_train_result *res, long peak_kib, int ranks,
+                          double peak_kib_sum)
+{
+    json_t *o = result_object(rc, msg, res, peak_kib);
+    if (!o)
+        return NULL;
+    json_object_set_new(o, "ranks", json_integer(ranks));
+    json_object_set_new(o, "peak_kib_all_ranks", json_integer((json_int_t)peak_kib_sum));
+    char *s = json_dumps(o, JSON_INDENT(1));
+    json_decref(o);
+    return s;
+}
+
+/* mpirun (or $PEFTREF_MPIRUN, split at blanks, e.g. "mpirun --oversubscribe")
+ * as an argv prefix in words[0..*n); the words point into buf.  0, or -1
+ * with why in err when no launcher is on PATH. */
+static int launcher(char *buf, size_t len, char **words, int max, int *n, pr_error *err)
+{
+    const char *env = getenv("PEFTREF_MPIRUN");
+    snprintf(buf, len, "%s", env && *env ? env : "mpirun");
+    *n = 0;
+    for (char *save = NULL, *w = strtok_r(buf, " \t", &save); w && *n < max; w = strtok_r(NULL, " \t", &save))
+        words[(*n)++] = w;
+    if (*n == 0)
+        return pr_errorf(err, PR_ERR_INVALID, "PEFTREF_MPIRUN is blank");
+    if (strchr(words[0], '/'))
+        return access(words[0], X_OK) == 0 ? 0
+               : pr_errorf(err, PR_ERR_NOTFOUND, "the MPI launcher %s cannot be run", words[0]);
+    const char *path = getenv("PATH");
+    char dir[4096];
+    for (const char *p = path ? path : "/usr/bin:/bin"; *p;) {
+        size_t k = strcspn(p, ":");
+        snprintf(dir, sizeof dir, "%.*s/%s", (int)k, p, words[0]);
+        if (k > 0 && access(dir, X_OK) == 0)
+            return 0;
+        p += k + (p[k] == ':');
+    }
+    return pr_errorf(err, PR_ERR_NOTFOUND, "%s is not on PATH", words[0]);
+}
+
+int compare_mpi_available(char *why, size_t len)
+{
+    pr_error e = { 0 };
+    char buf[1024];
+    char *w[64];
+    int n;
+    if (!dist_built()) {
+        snprintf(why, len, "peftref was built without MPI (configure found no MPI library; install libopenmpi-dev "
+                 "and openmpi-bin and build again)");
+        return 0;
+    }
+    if (launcher(buf, sizeof buf, w, 64, &n, &e)) {
+        snprintf(why, len, "%s (install openmpi-bin, or set PEFTREF_MPIRUN)", e.msg);
+        return 0;
+    }
+    return 1;
+}
+
+/* The launcher training now in the child of a compare_mpi arm, for its
+ * signal forwarder. */
+static volatile pid_t running_launcher;
+static volatile sig_atomic_t launcher_signalled;
+
+static void forward_to_launcher(int sig)
+{
+    pid_t c = running_launcher;
+    launcher_signalled = sig;
+    if (c > 0)
+        kill(c, sig);   /* mpirun passes it to the ranks, which end at once */
+}
+
+/* In the child of an arm with mpi_ranks > 1: `mpirun -np N peftref train
+ * PIPELINE [--arm NAME [--arm-setting K]] --set ... --out DIR
+ * --result-json DIR/mpi_result.json`, then that file's result (rank 0's
+ * peak memory as peak_kib).  NULL with err set when there is none. */
+static json_t *run_under_mpi(compare_arm *a, pr_error *err)
+{
+    char lbuf[1024], np[16], point[16], res_path[4096], exe[4096];
+    char *words[64];
+    int n_words;
+    if (launcher(lbuf, sizeof lbuf, words, 48, &n_words, err))
+        return NULL;
+    ssize_t el = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    if (el <= 0) {
+        pr_errorf(err, PR_ERR_IO, "cannot find this program (/proc/self/exe): %s", strerror(errno));
+        return NULL;
+    }
+    exe[el] = '\0';
+    snprintf(res_path, sizeof res_path, "%s/%s", a->out_dir, COMPARE_MPI_RESULT_FILE);
+    unlink(res_path);
+    snprintf(np, sizeof np, "%d", a->mpi_ranks);
+    snprintf(point, sizeof point, "%d", a->arm_point);
+    const pr_train_config *tc = &a->tc;
+    char ev[64];
+    snprintf(ev, sizeof ev, "train.eval_every=%d", tc->eval_every);
+    size_t cap = (size_t)n_words + 2 * (size_t)a->n_sets + 32;
+    const char **argv = calloc(cap, sizeof *argv);
+    if (!argv) {
+        pr_errorf(err, PR_ERR_NOMEM, "out of memory");
+        return NULL;
+    }
+    int k = 0;
+    for (int i = 0; i < n_words; i++)
+        argv[k++] = words[i];
+    argv[k++] = "-np";
+    argv[k++] = np;
+    argv[k++] = exe;
+    argv[k++] = "train";
+    argv[k++] = a->path;
+    if (a->arm_name) {
+        argv[k++] = "--arm";
+        argv[k++] = a->arm_name;
+        if (a->arm_point > 0) {
+            argv[k++] = "--arm-setting";
+            argv[k++] = point;
+        }
+    }
+    for (int i = 0; i < a->n_sets; i++) {
+        argv[k++] = "--set";
+        argv[k++] = a->sets[i];
+    }
+    if (a->seed_set[0]) {
+        argv[k++] = "--set";
+        argv[k++] = a->seed_set;
+    }
+    argv[k++] = "--set";
+    argv[k++] = ev;
+    argv[k++] = "--out";
+    argv[k++] = a->out_dir;
+    argv[k++] = "--result-json";
+    argv[k++] = res_path;
+    argv[k++] = tc->resume ? "--resume" : "--force";
+    argv[k++] = "--progress";
+    argv[k++] = tc->progress == PR_PROGRESS_BAR ? "bar" : tc->progress == PR_PROGRESS_PLAIN ? "plain" : "none";
+    if (tc->quiet)
+        argv[k++] = "--quiet";
+    argv[k] = NULL;
+    fflush(NULL);
+    pid_t pid = fork();
+    if (pid < 0) {
+        pr_errorf(err, PR_ERR_IO, "cannot start %s: %s", words[0], strerror(errno));
+        free(argv);
+        return NULL;
+    }
+    if (pid == 0) {
+        /* the ranks' own stdout (the parameter line, the result line) is
+         * not the table's */
+        int dn = open("/dev/null", O_WRONLY);
+        if (dn >= 0) {
+            dup2(dn, STDOUT_FILENO);
+            close(dn);
+        }
+        execvp(argv[0], (char *const *)argv);
+        fprintf(stderr, "peftref compare: cannot run %s: %s\n", argv[0], strerror(errno));
+        _exit(127);
+    }
+    free(argv);
+    running_launcher = pid;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = forward_to_launcher;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    int status = 0;
+    while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+        ;
+    running_launcher = 0;
+    signal(SIGINT, SIG_DFL);
+    signal(SIGTERM, SIG_DFL);
+    json_t *o = json_load_file(res_path, 0, NULL);
+    if (json_is_object(o)) {
+        /* a signal that ended the ranks at once leaves no result: the run is interrupted */
+        return o;
+    }
+    json_decref(o);
+    if (launcher_signalled)
+        pr_errorf(err, PR_ERR_INTERRUPTED, "interrupted by signal %d: the %d ranks ended at once; --resume "
+                  "continues from the last train.checkpoint_every checkpoint, if any", (int)launcher_signalled,
+                  a->mpi_ranks);
+    else if (WIFSIGNALED(status))
+        pr_errorf(err, PR_ERR_IO, "mpirun -np %d was killed by signal %d (%s)", a->mpi_ranks,
+                  WTERMSIG(status), strsignal(WTERMSIG(status)));
+    else if (WIFEXITED(status) && WEXITSTATUS(status) == 130)
+        pr_errorf(err, PR_ERR_INTERRUPTED, "mpirun -np %d: the ranks were interrupted", a->mpi_ranks);
+    else
+        pr_errorf(err, PR_ERR_IO, "mpirun -np %d %s train exited with status %d without a result (its messages "
+                  "are above)", a->mpi_ranks, exe, WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+    return NULL;
+}
+
 /* In the child: build and train (or take the finished run's result when
  * resuming one whose fingerprint matches), send the result, exit. */
 static void child_main(compare_arm *a, int fd)
 {
     signal(SIGINT, SIG_DFL);
     signal(SIGTERM, SIG_DFL);
+    /* forked from an MPI rank (arms side by side): this arm is a process of its own */
+    dist_detach();
 #ifdef __linux__
     /* the parent killed outright: stop at the next step with a checkpoint */
     prctl(PR_SET_PDEATHSIG, SIGTERM);
@@ -213,7 +439,7 @@ static void child_main(compare_arm *a, int fd)
     char *fp = NULL;
     json_t *o = NULL;
     int rc = pr_pipeline_build(a->pipe, &m, &tok, &err);
-    if (rc == PR_OK && !(fp = fingerprint_of(m, &a->tc, &err)))
+    if (rc == PR_OK && !(fp = fingerprint_of(m, &a->tc, a->mpi_ranks, &err)))
         rc = err.code ? err.code : PR_ERR_NOMEM;
     if (rc == PR_OK && a->resume && (o = stored_result(a->out_dir, fp))) {
         json_object_set_new(o, "reused", json_true());
@@ -231,27 +457,28 @@ static void child_main(compare_arm *a, int fd)
             }
             free(ck);
         }
-        if (rc == PR_OK)
-            rc = pr_train(m, tok, &a->tc, &res, &err);
-        long peak = peak_kib();
-        o = json_object();
-        if (o) {
-            json_object_set_new(o, "rc", json_integer(rc));
-            json_object_set_new(o, "error", json_string(rc ? err.msg : ""));
-            json_object_set_new(o, "interrupted", json_boolean(res.interrupted));
-            json_object_set_new(o, "steps", json_integer((json_int_t)res.steps_done));
-            json_object_set_new(o, "steps_timed", json_integer((json_int_t)(res.complete ? 0 :
-                                res.steps_done - (res.resumed_from > 0 ? res.resumed_from : 0))));
-            json_object_set_new(o, "step_seconds", real_or_null(res.step_seconds));
-            json_object_set_new(o, "tokens", json_integer((json_int_t)res.tokens_trained));
-            json_object_set_new(o, "trainable", json_integer((json_int_t)res.trainable_params));
-            json_object_set_new(o, "initial_val_loss", real_or_null(res.initial_val_loss));
-            json_object_set_new(o, "val_loss", real_or_null(res.final_val_loss));
-            json_object_set_new(o, "val_accuracy", real_or_null(res.final_val_accuracy));
-            json_object_set_new(o, "peak_kib", json_integer(peak));
-            if (rc == PR_OK && !res.interrupted && !res.complete)
-                store_result(a->out_dir, fp, o);
+        if (rc == PR_OK && a->mpi_ranks > 1) {
+            /* the ranks build their own: this process holds nothing while they train */
+            pr_tokenizer_free(tok);
+            pr_model_free(m);
+            tok = NULL;
+            m = NULL;
+            o = run_under_mpi(a, &err);
+            if (!o) {
+                rc = err.code ? err.code : PR_ERR_IO;
+                res.interrupted = rc == PR_ERR_INTERRUPTED;
+                o = result_object(rc, err.msg, &res, -1);
+            } else {
+                rc = (int)json_integer_value(json_object_get(o, "rc"));
+            }
+        } else {
+            if (rc == PR_OK)
+                rc = pr_train(m, tok, &a->tc, &res, &err);
+            o = result_object(rc, err.msg, &res, compare_peak_kib());
         }
+        if (o && rc == PR_OK && !json_is_true(json_object_get(o, "interrupted")) &&
+            !json_is_true(json_object_get(o, "complete")))
+            store_result(a->out_dir, fp, o);
     }
     if (o) {
         char *s = json_dumps(o, JSON_COMPACT);

@@ -170,18 +170,28 @@ static void arm_default_name(const ynode *mods, char *buf, size_t len)
  * each arm whose own keys are well formed (*ok is the caller's to free). */
 const ynode *pl_load_compare(loader *L, const ynode *c, int **ok)
 {
-    static const char *const keys[] = { "arms", "seeds" };
+    static const char *const keys[] = { "arms", "seeds", "mpi_ranks" };
     static const char *const arm_keys[] = { "name", "modules", "set", "sweep" };
     pr_pipeline *p = L->p;
     *ok = NULL;
     if (pl_want_map(L, c, "compare"))
         return NULL;
-    pl_check_keys(L, c, "compare", keys, 2);
+    pl_check_keys(L, c, "compare", keys, 3);
     const ynode *sn = pl_map_get(c, "seeds");
     long long seeds = 1;
     if (sn && pl_get_int(L, sn, "compare.seeds", 1, PL_MAX_SEEDS, &seeds))
         seeds = 1;
     p->compare_seeds = (int)seeds;
+    /* compare.mpi_ranks: N ranks train each arm (mpirun -np N peftref train) */
+    const ynode *rn = pl_map_get(c, "mpi_ranks");
+    long long ranks = 1;
+    if (rn && pl_get_int(L, rn, "compare.mpi_ranks", 1, PL_MAX_MPI_RANKS, &ranks))
+        ranks = 1;
+    p->compare_mpi_ranks = (int)ranks;
+    if (rn) {
+        snprintf(p->compare_mpi_ranks_at, sizeof p->compare_mpi_ranks_at, "%s:%d:%d", rn->src ? rn->src : "?",
+                 rn->line, rn->col);
+    }
     const ynode *arms = pl_map_get(c, "arms");
     if (!arms) {
         pl_diag_at(&L->d, c, "compare: missing required key 'arms' (a list of arms, each with its modules)");

@@ -334,6 +334,22 @@ int pr_pipeline_compare_seeds(const pr_pipeline *p)
     return p && p->compare_seeds > 0 ? p->compare_seeds : 1;
 }
 
+int pr_pipeline_set_output(pr_pipeline *p, const char *dir, pr_error *err)
+{
+    const char *d = p && dir ? pl_keep(p, dir) : NULL;
+    if (!d)
+        return pr_errorf(err, PR_ERR_NOMEM, "out of memory");
+    p->tc.out_dir = d;
+    return PR_OK;
+}
+
+int pr_pipeline_compare_mpi_ranks(const pr_pipeline *p, const char **where)
+{
+    if (where)
+        *where = p && p->compare_mpi_ranks_at[0] ? p->compare_mpi_ranks_at : NULL;
+    return p && p->compare_mpi_ranks > 0 ? p->compare_mpi_ranks : 1;
+}
+
 int pr_pipeline_arm_points(const pr_pipeline *p, int i)
 {
     return p && i >= 0 && i < p->n_arms && p->arm_n_points ? p->arm_n_points[i] : 1;

@@ -40,6 +40,7 @@ enum { Y_SCALAR = 1, Y_SEQ = 2, Y_MAP = 3 };
  * copied in all). */
 #define PL_MAX_ARMS 128
 #define PL_MAX_SEEDS 100   /* compare.seeds */
+#define PL_MAX_MPI_RANKS 4096   /* compare.mpi_ranks */
 
 typedef struct ynode {
     int kind;
@@ -153,6 +154,8 @@ struct pr_pipeline {
     int n_arms;
     const char *arm;             /* the arm applied, or NULL for the base */
     int compare_seeds;           /* compare.seeds (1 without it) */
+    int compare_mpi_ranks;       /* compare.mpi_ranks (1 without it) */
+    char compare_mpi_ranks_at[320]; /* FILE:LINE:COL of its value, "" without it */
     int *arm_n_points;           /* per arm: settings of its sweep (1 without one) */
     const char ***arm_labels;    /* per arm: "KEY=VALUE, ..." of each setting (NULL without a sweep) */
     char base_fp[64];            /* pr_model_fingerprint of the base, set by build */

@@ -148,6 +148,15 @@ const char *pr_pipeline_arm(const pr_pipeline *p);
 /* compare.seeds: how many times each arm is trained (1 without it). */
 int pr_pipeline_compare_seeds(const pr_pipeline *p);
 
+/* Train into dir in place of train.output (and an arm's /NAME): where
+ * the run's checkpoint, metrics and outputs go (peftref train --out). */
+int pr_pipeline_set_output(pr_pipeline *p, const char *dir, pr_error *err);
+
+/* compare.mpi_ranks: the MPI ranks each arm trains on (1 without it);
+ * *where (may be NULL) gets the value's FILE:LINE:COL, or NULL when the
+ * key is absent. */
+int pr_pipeline_compare_mpi_ranks(const pr_pipeline *p, const char **where);
+
 /* An arm's `sweep:` ({KEY: [VALUE, ...], ...}, keys as its set: takes)
  * is a grid of settings, the last key varying fastest: their number (1
  * without a sweep), each one's "KEY=VALUE, KEY=VALUE" text (NULL without
