@@ -56,6 +56,7 @@ int main(int argc, char **argv)
         char line[256];
         runtime_describe(line, sizeof line);
         printf("%s\n", line);
+        cli_runtime_bf16();
         return 0;
     }
     for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
