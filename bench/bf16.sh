@@ -6,6 +6,8 @@
 #
 #   bash bench/bf16.sh [BUILD_DIR]          (default: build)
 #   STEPS=6 WARMUP=2 EVAL_BATCHES=6 bash bench/bf16.sh build
+#   bash bench/bf16.sh BUILD_DIR threads    the bf16 training row under thread
+#                                           settings (oversubscription check)
 #
 # Rows: tokens/s and peak RSS (the process's VmHWM, /usr/bin/time %M) of
 #   lora-qkv r8  train steps: B*T tokens per step over the steps after WARMUP
@@ -20,6 +22,7 @@
 set -euo pipefail
 src=$(cd "$(dirname "$0")/.." && pwd)
 build=$(cd "${1:-build}" && pwd)
+mode=${2:-table}
 bin=$build/peftref
 export PEFTREF_PLUGIN_PATH=$build/plugins/.libs
 STEPS=${STEPS:-6}
@@ -59,7 +62,9 @@ peak_kb() { sed -n 's/^PEAK_KB //p' "$1" | tail -n 1; }
 # tokens/s of the training steps after WARMUP, from metrics.jsonl
 train_row() {
     local prec=$1 out=$work/run-$1
-    /usr/bin/time -f 'PEAK_KB %M' "$bin" train "$work/lora.yaml" --set train.output="$out" \
+    /usr/bin/time -f 'PEAK_KB %M
+CPU %P
+CSW %c %w' "$bin" train "$work/lora.yaml" --set train.output="$out" \
         --set train.precision="$prec" --force --quiet > "$work/train-$prec.log" 2> "$work/train-$prec.err" ||
         { cat "$work/train-$prec.err" >&2; exit 1; }
     python3 - "$out/metrics.jsonl" "$WARMUP" $((B * T)) <<'PY'
@@ -94,6 +99,28 @@ text = open(work + "/text.txt", encoding="utf-8", errors="replace").read()
 for w, n in (("1", 1), ("n", nb)):
     open(work + "/eval-%s.txt" % w, "w").write(text[: int(n * B * T * 4.2)])
 PY
+
+if [ "$mode" = threads ]; then
+    # oneDNN (OpenMP, libgomp) and OpenBLAS (its own pthreads) share 2 cores:
+    # idle OpenMP workers that spin (OMP_WAIT_POLICY=active, or libgomp's
+    # default spin count) hold a core while OpenBLAS works, and OpenBLAS's
+    # workers spin after a GEMM while oneDNN works.  Involuntary context
+    # switches (preemptions) and s/step show it.
+    echo "threads: bf16 LoRA training, $(nproc) cores; load before: $(cut -d' ' -f1-3 /proc/loadavg)"
+    printf '%-58s %9s %10s %8s %14s\n' "setting" "tokens/s" "s/step" "CPU" "invol. csw"
+    run_setting() {
+        local label=$1; shift
+        read -r t s <<< "$(export "$@"; train_row bf16)"
+        printf '%-58s %9s %10s %8s %14s\n' "$label" "$t" "$s" "$(sed -n 's/^CPU //p' "$work/train-bf16.err")" \
+            "$(sed -n 's/^CSW //p' "$work/train-bf16.err" | cut -d' ' -f1)"
+    }
+    run_setting "peftref default (OMP_WAIT_POLICY=passive, set by peftref)" PEFTREF_BENCH_DEFAULT=1
+    run_setting "OMP_WAIT_POLICY=active (OpenMP workers spin)" OMP_WAIT_POLICY=active
+    run_setting "OMP_WAIT_POLICY=passive OPENBLAS_NUM_THREADS=1" OPENBLAS_NUM_THREADS=1
+    run_setting "OMP_WAIT_POLICY=passive OMP_NUM_THREADS=1" OMP_NUM_THREADS=1
+    echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
+    exit 0
+fi
 
 echo "peftref bf16 benchmark: GPT-2-small shape (preset gpt2-small), B=$B, T=$T"
 echo "cpu: $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1), $(nproc) cores"

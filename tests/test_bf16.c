@@ -554,12 +554,24 @@ static void test_without_dnnl(void **state)
     snprintf(path, sizeof path, "%s/p.yaml", dir);
     FILE *f = fopen(path, "w");
     assert_non_null(f);
-    fputs("model:\n  preset: gpt2-tiny\ntask:\n  type: lm\n  train: x.txt\ntrain:\n  steps: 1\n  precision: bf16\n", f);
+    fputs("model:\n  preset: gpt2-tiny\ntask:\n  type: lm\n  train: x.txt\nmodules: []\ntrain:\n  steps: 1\n"
+          "  precision: bf16\n", f);
     fclose(f);
+    snprintf(path, sizeof path, "%s/x.txt", dir);
+    f = fopen(path, "w");
+    assert_non_null(f);
+    fputs("some text to train on\n", f);
+    fclose(f);
+    snprintf(path, sizeof path, "%s/p.yaml", dir);
     pr_pipeline *p = NULL;
-    assert_int_not_equal(pr_pipeline_load(path, NULL, 0, NULL, &p, &err), PR_OK);
+    pr_registry *reg = NULL;
+    assert_int_equal(pr_registry_open(PLUGINS, &reg, &err), PR_OK);
+    assert_int_not_equal(pr_pipeline_load(path, NULL, 0, reg, &p, &err), PR_OK);
+    pr_registry_free(reg);
     printf("pipeline refused: %s\n", err.msg);
-    assert_non_null(strstr(err.msg, "p.yaml:8"));
+    /* the only complaint, at line 9, column 14 */
+    assert_non_null(strstr(err.msg, "p.yaml:9:14: train.precision: precision bf16 needs oneDNN"));
+    assert_null(strchr(err.msg, '\n'));
     assert_non_null(strstr(err.msg, "oneDNN"));
     th_remove_tree(dir);
     free(dir);
