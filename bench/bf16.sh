@@ -104,7 +104,9 @@ if [ "$mode" = threads ]; then
     # oneDNN (OpenMP, libgomp) and OpenBLAS (its own pthreads) share 2 cores:
     # idle OpenMP workers that spin (OMP_WAIT_POLICY=active, or libgomp's
     # default spin count) hold a core while OpenBLAS works, and OpenBLAS's
-    # workers spin after a GEMM while oneDNN works.  Involuntary context
+    # workers spin after a GEMM while oneDNN works (sched_yield for 2^28
+    # cycles; OPENBLAS_THREAD_TIMEOUT=n makes that 2^n, and peftref sets 4).
+    # CPU is the process's (200% = both cores); invol. csw its preemptions.  Involuntary context
     # switches (preemptions) and s/step show it.
     echo "threads: bf16 LoRA training, $(nproc) cores; load before: $(cut -d' ' -f1-3 /proc/loadavg)"
     printf '%-58s %9s %10s %8s %14s\n' "setting" "tokens/s" "s/step" "CPU" "invol. csw"
@@ -114,10 +116,11 @@ if [ "$mode" = threads ]; then
         printf '%-58s %9s %10s %8s %14s\n' "$label" "$t" "$s" "$(sed -n 's/^CPU //p' "$work/train-bf16.err")" \
             "$(sed -n 's/^CSW //p' "$work/train-bf16.err" | cut -d' ' -f1)"
     }
-    run_setting "peftref default (OMP_WAIT_POLICY=passive, set by peftref)" PEFTREF_BENCH_DEFAULT=1
+    run_setting "peftref's (OMP_WAIT_POLICY=passive OPENBLAS_THREAD_TIMEOUT=4)" PEFTREF_BENCH_DEFAULT=1
+    run_setting "OPENBLAS_THREAD_TIMEOUT=28 (OpenBLAS workers spin)" OPENBLAS_THREAD_TIMEOUT=28
     run_setting "OMP_WAIT_POLICY=active (OpenMP workers spin)" OMP_WAIT_POLICY=active
-    run_setting "OMP_WAIT_POLICY=passive OPENBLAS_NUM_THREADS=1" OPENBLAS_NUM_THREADS=1
-    run_setting "OMP_WAIT_POLICY=passive OMP_NUM_THREADS=1" OMP_NUM_THREADS=1
+    run_setting "OPENBLAS_NUM_THREADS=1" OPENBLAS_NUM_THREADS=1
+    run_setting "OMP_NUM_THREADS=1 (oneDNN and our loops on one thread)" OMP_NUM_THREADS=1
     echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
     exit 0
 fi
@@ -127,7 +130,8 @@ echo "cpu: $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1),
 "$bin" runtime | sed 's/^/  /'
 echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "env: OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset} OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-unset}" \
-     "OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-unset (peftref sets passive)}"
+     "OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-unset (peftref sets passive)}" \
+     "OPENBLAS_THREAD_TIMEOUT=${OPENBLAS_THREAD_TIMEOUT:-unset (peftref sets 4)}"
 echo
 printf '%-28s %12s %12s %12s\n' "workload" "tokens/s" "s/step" "peak RSS MB"
 declare -A tps

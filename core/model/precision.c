@@ -213,6 +213,11 @@ int pr_model_set_precision(pr_model *m, int precision, pr_error *err)
         return pr_errorf(err, PR_ERR_NOMEM, "set_precision bf16: out of memory");
     }
     lp->n = m->n_base;
+    /* One tensor at a time: its bf16 copy, then its f32 pages released, so
+     * the peak is the f32 model plus one tensor's copy.  A failure part way
+     * leaves a consistent model: what was converted runs in bf16, the rest
+     * in f32. */
+    m->lowp = lp;
     for (int i = 0; i < m->n_base; i++) {
         pr_tensor_info *t = &m->tensors[i];
         if (!bf16_candidate(m, t))
@@ -222,32 +227,26 @@ int pr_model_set_precision(pr_model *m, int precision, pr_error *err)
         if (posix_memalign(&w, 64, (size_t)t->numel * sizeof(uint16_t)) != 0 ||
             !(lp->fp[i] = malloc((size_t)ns * sizeof(float)))) {
             free(w);
-            m->lowp = lp;
-            model_lowp_free(m);
-            return pr_errorf(err, PR_ERR_NOMEM, "set_precision bf16: out of memory for tensor '%s' (%lld values)",
-                             t->name, (long long)t->numel);
+            rc = pr_errorf(err, PR_ERR_NOMEM, "set_precision bf16: out of memory for tensor '%s' (%lld values)",
+                           t->name, (long long)t->numel);
+            break;
         }
-        lp->w[i] = w;
-        bf16_from_f32(lp->w[i], t->data, (size_t)t->numel);
+        bf16_from_f32(w, t->data, (size_t)t->numel);
         for (int64_t k = 0; k < ns; k++)
             lp->fp[i][k] = t->data[model_fp_sample_at(t->numel, k)];
         lp->bytes += (size_t)t->numel * sizeof(uint16_t);
-    }
-    /* only now that every copy exists: drop the f32 values */
-    for (int i = 0; i < m->n_base; i++) {
-        pr_tensor_info *t = &m->tensors[i];
-        if (!lp->w[i])
-            continue;
         if (releasable(m, t->data))
             release_pages(t->data, (size_t)t->numel * sizeof(float));
         t->data = NULL;
+        lp->w[i] = w;
     }
-    m->lowp = lp;
+    if (rc && lp->bytes == 0)
+        model_lowp_free(m);
     m->have_fwd = 0;
     /* the modules' views of the frozen weights now point at bf16 storage */
     for (int i = 0; i < mm->n; i++)
         module_refresh_base_views(mm->mods[i]);
-    return PR_OK;
+    return rc;
 }
 
 /* ---- the dispatch ---------------------------------------------------------- */
