@@ -8,6 +8,8 @@
 #   STEPS=6 WARMUP=2 EVAL_BATCHES=6 bash bench/bf16.sh build
 #   bash bench/bf16.sh BUILD_DIR threads    the bf16 training row under thread
 #                                           settings (oversubscription check)
+#   bash bench/bf16.sh BUILD_DIR pack       bf16 products with plain or packed
+#                                           weights (bench/bf16_pack.c)
 #
 # Rows: tokens/s and peak RSS (the process's VmHWM, /usr/bin/time %M) of
 #   lora-qkv r8  train steps: B*T tokens per step over the steps after WARMUP
@@ -100,6 +102,14 @@ for w, n in (("1", 1), ("n", nb)):
     open(work + "/eval-%s.txt" % w, "w").write(text[: int(n * B * T * 4.2)])
 PY
 
+if [ "$mode" = pack ]; then
+    # packed (oneDNN's preferred layout) against plain bf16 weights
+    ${CC:-cc} -O2 -o "$work/bf16_pack" "$src/bench/bf16_pack.c" -ldnnl
+    echo "bf16 matmul, weights plain or packed; load before: $(cut -d' ' -f1-3 /proc/loadavg)"
+    OMP_WAIT_POLICY=passive "$work/bf16_pack"
+    echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
+    exit 0
+fi
 if [ "$mode" = threads ]; then
     # oneDNN (OpenMP, libgomp) and OpenBLAS (its own pthreads) share 2 cores:
     # idle OpenMP workers that spin (OMP_WAIT_POLICY=active, or libgomp's
