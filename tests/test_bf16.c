@@ -23,6 +23,7 @@
  *    to the rounded f32 weight, for a module attached before conversion;
  *  - gradients of LoRA's parameters under bf16 against finite differences
  *    and against the f32 gradients (looser tolerances, stated there);
+ *  - LLaMA's cached decoding in bf16 against its full forward;
  *  - the built-in task: LoRA's validation loss in bf16 within 1% of f32's;
  *  - without oneDNN: precision bf16 is refused with a message saying why
  *    (a build with oneDNN skips that test and says so). */
@@ -459,6 +460,41 @@ static void test_grads(void **state)
     check_grads("llama-tiny");
 }
 
+/* ---- incremental decoding ------------------------------------------------------------------ */
+
+/* LLaMA's cached decoding in bf16 runs its products one row at a time:
+ * the logits equal the full forward's but for the order oneDNN sums in
+ * (a bf16 x bf16 product is exact in f32), so within 1e-4 of their scale. */
+static void test_decode(void **state)
+{
+    (void)state;
+    if (!bf16_available()) {
+        printf("decode: skipped (built without oneDNN)\n");
+        return;
+    }
+    enum { TT = 7 };
+    pr_model *m = tiny("llama-tiny", 1, TT);
+    pr_error err = {0};
+    assert_int_equal(pr_model_set_precision(m, PR_PRECISION_BF16, &err), PR_OK);
+    th_loss_ctx lc;
+    th_loss_init_rng(&lc, m, 1, TT, 17);
+    float *full = th_logits_copy(&lc);
+    int V = pr_model_get_config(m)->vocab_size;
+    assert_int_equal(pr_model_decode_begin(m, TT, &err), PR_OK);
+    assert_int_equal(pr_model_decode(m, lc.tokens, 2, &err), PR_OK);
+    double worst = th_max_abs_diff(pr_model_logits(m), full, (size_t)2 * V), scale = 0;
+    for (int t = 2; t < TT; t++) {
+        assert_int_equal(pr_model_decode(m, lc.tokens + t, 1, &err), PR_OK);
+        worst = fmax(worst, th_max_abs_diff(pr_model_logits(m), full + (size_t)t * V, (size_t)V));
+    }
+    for (size_t j = 0; j < (size_t)TT * V; j++)
+        scale = fmax(scale, fabs((double)full[j]));
+    printf("llama-tiny bf16: cached vs full logits max |diff| %.3g of max %.3g\n", worst, scale);
+    assert_true(worst <= 1e-4 * scale);
+    free(full);
+    pr_model_free(m);
+}
+
 /* ---- the built-in task ---------------------------------------------------------------------- */
 
 /* The last val_loss in run/metrics.jsonl. */
@@ -587,6 +623,7 @@ int main(void)
         cmocka_unit_test(test_model_storage),
         cmocka_unit_test(test_base_weight_f32),
         cmocka_unit_test(test_grads),
+        cmocka_unit_test(test_decode),
         cmocka_unit_test(test_builtin_task),
         cmocka_unit_test(test_without_dnnl),
     };
