@@ -35,14 +35,14 @@ void bf16_set_chunk_elems(size_t n)
 
 void bf16_from_f32(uint16_t *dst, const float *src, size_t n)
 {
-#pragma omp parallel for schedule(static) if (n >= PAR_MIN)
+#pragma omp parallel for simd schedule(static) if (n >= PAR_MIN)
     for (size_t i = 0; i < n; i++)
         dst[i] = bf16_from_f32_1(src[i]);
 }
 
 void bf16_to_f32(float *dst, const uint16_t *src, size_t n)
 {
-#pragma omp parallel for schedule(static) if (n >= PAR_MIN)
+#pragma omp parallel for simd schedule(static) if (n >= PAR_MIN)
     for (size_t i = 0; i < n; i++)
         dst[i] = bf16_to_f32_1(src[i]);
 }
@@ -201,9 +201,13 @@ int bf16_matmul(float *c, int ldc, const float *a, int lda, const uint16_t *w, i
         int mr = M - r0 < (int)rows ? M - r0 : (int)rows;
         const float *ar = a + (size_t)r0 * lda;
 #pragma omp parallel for schedule(static) if ((size_t)mr * K >= PAR_MIN)
-        for (int i = 0; i < mr; i++)
+        for (int i = 0; i < mr; i++) {
+            uint16_t *d = scratch + (size_t)i * K;
+            const float *s = ar + (size_t)i * lda;
+#pragma omp simd
             for (int k = 0; k < K; k++)
-                scratch[(size_t)i * K + k] = bf16_from_f32_1(ar[(size_t)i * lda + k]);
+                d[k] = bf16_from_f32_1(s[k]);
+        }
         mm_key key = {.M = mr, .K = K, .N = N, .lda = K, .ldc = ldc, .has_bias = bias != NULL,
                       .acc = accumulate != 0, .ws0 = ws0, .ws1 = ws1};
         mm_entry *e = entry_for(&key, err);

@@ -24,9 +24,10 @@ int bf16_available(void);
 static inline uint16_t bf16_from_f32_1(float f)
 {
     union { float f; uint32_t u; } v = { f };
-    if ((v.u & 0x7F800000u) == 0x7F800000u && (v.u & 0x7FFFFFu))
-        return (uint16_t)((v.u >> 16) | 0x40u);
-    return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
+    uint32_t rounded = (v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16;
+    uint32_t quiet = (v.u >> 16) | 0x40u;
+    /* a select, not a branch, so that loops over it vectorise */
+    return (uint16_t)((v.u & 0x7FFFFFFFu) > 0x7F800000u ? quiet : rounded);
 }
 
 static inline float bf16_to_f32_1(uint16_t h)
