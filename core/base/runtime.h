@@ -21,7 +21,8 @@ int runtime_blas_threads(void);
 int runtime_omp_threads(void);
 
 /* Called at the top of main() with argv.  When OMP_WAIT_POLICY is unset it
- * sets it to "passive"; when OpenBLAS runs a generic fallback kernel and
+ * sets it to "passive", and OPENBLAS_THREAD_TIMEOUT to 4 (OpenBLAS's idle
+ * workers sleep at once instead of spinning); when OpenBLAS runs a generic fallback kernel and
  * the user has not chosen OPENBLAS_CORETYPE, it sets the suggested core.
  * If anything changed it re-executes the program (once; guarded by
  * PEFTREF_RUNTIME_SET) and does not return.  Otherwise returns 0. */

@@ -64,6 +64,11 @@ void cli_warn_shadowed_pipeline(const char *cmd, const pr_registry *reg, const p
 
 /* Read a whole file ("-" = stdin).  *data is NUL-terminated (free() it). */
 int cli_read_file(const char *path, char **data, size_t *len, pr_error *err);
+/* --precision's value (pr_precision) for command cmd, or -1 after printing
+ * why not (an unknown name, or bf16 in a build without oneDNN). */
+int cli_parse_precision(const char *cmd, const char *s);
+/* Print `peftref runtime`'s bf16 lines (oneDNN version, ISA, a measured product). */
+void cli_runtime_bf16(void);
 /* Parse a positive int option value; prints a usage error naming opt. */
 int cli_parse_int(const char *cmd, const char *opt, const char *s, int min, int max, int *out);
 /* Load a model: a Hugging Face directory or a named preset (random init). */

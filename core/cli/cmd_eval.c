@@ -40,6 +40,8 @@ static const char eval_usage[] =
     "  --seq-len T       window length in tokens (required)\n"
     "  --batch N         windows per forward pass (default 4)\n"
     "  --json            print one JSON object: loss, perplexity, tokens, windows, seq_len\n"
+    "  --precision P     f32 (default) or bf16: frozen weights stored in bf16 and\n"
+    "                    their products on oneDNN (needs a build with oneDNN)\n"
     "  -h, --help        show this help\n";
 
 int cmd_eval(int argc, char **argv)
@@ -50,9 +52,10 @@ int cmd_eval(int argc, char **argv)
         {"data", required_argument, 0, 'd'},   {"seq-len", required_argument, 0, 't'},
         {"batch", required_argument, 0, 'b'},  {"json", no_argument, 0, 'j'},
         {"pipeline", required_argument, 0, 'P'}, {"set", required_argument, 0, 'S'},
+        {"precision", required_argument, 0, 'r'},
         {"help", no_argument, 0, 'h'},         {0, 0, 0, 0}};
     const char *model_dir = NULL, *preset = NULL, *tok_dir = NULL, *data_path = NULL;
-    int T = 0, batch = 4, json = 0, seed = -1, n_sets = 0;
+    int T = 0, batch = 4, json = 0, seed = -1, n_sets = 0, precision = PR_PRECISION_F32;
     const char *pipeline = NULL;
     const char *sets[64];
     optind = 1;
@@ -68,6 +71,9 @@ int cmd_eval(int argc, char **argv)
         case 't': if (cli_parse_int("eval", "--seq-len", optarg, 1, 1 << 20, &T)) return 2; break;
         case 'b': if (cli_parse_int("eval", "--batch", optarg, 1, 4096, &batch)) return 2; break;
         case 'j': json = 1; break;
+        case 'r':
+            if ((precision = cli_parse_precision("eval", optarg)) < 0) return 2;
+            break;
         case 'P': pipeline = optarg; break;
         case 'S':
             if (n_sets == 64) {
@@ -115,6 +121,10 @@ int cmd_eval(int argc, char **argv)
         if ((rc = cli_pipeline_build("eval", pipeline, sets, n_sets, &reg, &pipe, &m, &tok)))
             goto done;
         rc = 1;
+        if (precision != PR_PRECISION_F32 && pr_model_set_precision(m, precision, &err)) {
+            fprintf(stderr, "peftref eval: %s\n", err.msg);
+            goto done;
+        }
         pr_train_config tc;
         pr_pipeline_train_config(pipe, &tc);
         if (tc.task && strcmp(tc.task, "classification") == 0) {
@@ -132,6 +142,7 @@ int cmd_eval(int argc, char **argv)
     }
     if ((!pipeline && (cli_load_model(model_dir, preset, seed, &m, &err) ||
                        cli_load_tokenizer(model_dir ? model_dir : tok_dir, m, &tok, &err))) ||
+        (precision != PR_PRECISION_F32 && pr_model_set_precision(m, precision, &err)) ||
         cli_read_file(data_path, &text, &len, &err) ||
         pr_tokenizer_encode(tok, text, len, &ids, &n, &err)) {
         fprintf(stderr, "peftref eval: %s\n", err.msg);

@@ -41,6 +41,8 @@ static const char generate_usage[] =
     "  --top-k K            sample among the K most likely tokens; 0 = all (default 0)\n"
     "  --seed S             sampling seed: same seed, same text (default 1)\n"
     "  --set KEY=VALUE      override a pipeline value\n"
+    "  --precision P        f32 (default) or bf16: frozen weights stored in bf16 and\n"
+    "                       their products on oneDNN (needs a build with oneDNN)\n"
     "  -h, --help           show this help\n"
     "\n"
     "Exit status: 0 done, 1 error, 2 usage.\n";
@@ -217,14 +219,15 @@ int cmd_generate(int argc, char **argv)
         {"model", required_argument, 0, 'm'},  {"prompt", required_argument, 0, 'p'},
         {"tokens", required_argument, 0, 'n'}, {"temperature", required_argument, 0, 't'},
         {"top-k", required_argument, 0, 'k'},  {"seed", required_argument, 0, 'S'},
-        {"set", required_argument, 0, 's'},    {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
+        {"set", required_argument, 0, 's'},    {"precision", required_argument, 0, 'r'},
+        {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
     const char **sets = calloc((size_t)argc + 1, sizeof *sets);
     if (!sets) {
         fprintf(stderr, "peftref generate: out of memory\n");
         return 1;
     }
     const char *model_dir = NULL, *prompt = NULL;
-    int n_sets = 0, n_new = 50, top_k = 0, seed = 1, c, rc = 2;
+    int n_sets = 0, n_new = 50, top_k = 0, seed = 1, c, rc = 2, precision = PR_PRECISION_F32;
     double temperature = 1.0;
     optind = 1;
     opterr = 0;
@@ -233,6 +236,7 @@ int cmd_generate(int argc, char **argv)
         case 'm': model_dir = optarg; break;
         case 'p': prompt = optarg; break;
         case 's': sets[n_sets++] = optarg; break;
+        case 'r': if ((precision = cli_parse_precision("generate", optarg)) < 0) goto out; break;
         case 'n': if (cli_parse_int("generate", "--tokens", optarg, 0, 1 << 20, &n_new)) goto out; break;
         case 'k': if (cli_parse_int("generate", "--top-k", optarg, 0, 1 << 30, &top_k)) goto out; break;
         case 'S': if (cli_parse_int("generate", "--seed", optarg, 0, 2147483647, &seed)) goto out; break;
@@ -272,6 +276,10 @@ int cmd_generate(int argc, char **argv)
         }
     } else {
         rc = cli_pipeline_build("generate", argv[optind], sets, n_sets, &reg, &pipe, &m, &tok);
+    }
+    if (rc == 0 && precision != PR_PRECISION_F32 && pr_model_set_precision(m, precision, &err)) {
+        fprintf(stderr, "peftref generate: %s\n", err.msg);
+        rc = 1;
     }
     if (rc == 0)
         rc = generate(m, tok, prompt, n_new, temperature, top_k, (uint64_t)seed);

@@ -62,8 +62,10 @@ int main(int argc, char **argv)
         if (dist_rank() == 0)
             printf("%s\n", line);
         dist_describe(line, sizeof line);
-        if (dist_rank() == 0)
+        if (dist_rank() == 0) {
             printf("%s\n", line);
+            cli_runtime_bf16();
+        }
         return dist_finish(0);
     }
     for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)

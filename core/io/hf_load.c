@@ -415,13 +415,28 @@ int pr_model_save_safetensors_as(const pr_model *m, const char *path, const char
     st_entry *e = calloc((size_t)nt + 1, sizeof *e);
     if (!e)
         return pr_errorf(err, PR_ERR_NOMEM, "%s: out of memory", path);
+    float **conv = calloc((size_t)nt + 1, sizeof *conv);   /* f32 copies of tensors stored in bf16 */
+    if (!conv) {
+        free(e);
+        return pr_errorf(err, PR_ERR_NOMEM, "%s: out of memory", path);
+    }
     int rc = PR_OK, n = 0;
     for (int i = 0; i < nt; i++) {
         const pr_tensor_info *t = pr_model_tensor(m, i);
         /* module parameters are saved with their module, not the base model */
         if (t->kind == PR_TENSOR_MODULE)
             continue;
-        if (!t->data) {
+        const float *data = t->data;
+        if (!data && pr_model_tensor_is_bf16(m, t)) {
+            if (!(conv[i] = malloc((size_t)t->numel * sizeof(float)))) {
+                rc = pr_errorf(err, PR_ERR_NOMEM, "%s: out of memory converting tensor '%s' from bf16", path, t->name);
+                break;
+            }
+            if ((rc = pr_model_tensor_f32(m, t, conv[i], err)))
+                break;
+            data = conv[i];
+        }
+        if (!data) {
             rc = pr_errorf(err, PR_ERR_INVALID, "%s: tensor '%s' has no data", path, t->name);
             break;
         }
@@ -429,13 +444,16 @@ int pr_model_save_safetensors_as(const pr_model *m, const char *path, const char
         e[n].ndim = t->ndim;
         for (int d = 0; d < t->ndim && d < ST_MAX_DIMS; d++)
             e[n].shape[d] = t->shape[d];
-        e[n].data = t->data;
+        e[n].data = data;
         e[n].dtype = stored;
         n++;
     }
     static const st_kv meta[] = {{"format", "pt"}};
     if (rc == PR_OK)
         rc = st_write(path, e, n, meta, 1, err);
+    for (int i = 0; i < nt; i++)
+        free(conv[i]);
+    free(conv);
     free(e);
     return rc;
 }

@@ -8,9 +8,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "model_internal.h"
 #include "module_file.h"
 
-#define FP_SAMPLES 65536
+#define FP_SAMPLES MODEL_FP_SAMPLES
 
 /* ---- fingerprint --------------------------------------------------------------------------- */
 
@@ -49,6 +50,11 @@ void pr_model_fingerprint(const pr_model *m, char *buf, size_t len)
         int32_t nd = t->ndim;
         fnv_bytes(&f, &nd, sizeof nd);
         fnv_bytes(&f, t->shape, (size_t)t->ndim * sizeof t->shape[0]);
+        const float *kept = model_tensor_fp_samples(m, t);
+        if (kept) { /* stored in bf16: the f32 values it was converted from */
+            fnv_bytes(&f, kept, (size_t)model_fp_sample_count(t->numel) * sizeof(float));
+            continue;
+        }
         if (!t->data)
             continue;
         if (t->numel <= FP_SAMPLES) {

@@ -125,7 +125,9 @@ struct pr_model {
     char *names;                 /* n_base * TENSOR_NAME_LEN */
     pr_tensor_info **tab;        /* (n_tensors) the table: base, then added ones */
     int n_tensors, tab_cap;
-    float *storage;              /* owned block for tensors not set elsewhere */
+    float *storage;              /* owned block for tensors not set elsewhere (anonymous mmap) */
+    size_t storage_floats;
+    struct model_lowp *lowp;     /* bf16 copies of frozen weights (precision.c), NULL in f32 */
     mapping *maps;
     int n_maps;
     pr_tensor_info *wte, *wpe;   /* token table (V,C); learned positions (max_seq,C) or NULL */
@@ -236,6 +238,23 @@ int model_concat_backward(const pr_model *m, int site, int layer, const float *d
 /* ---- activation memory (activations.c) ----------------------------------- */
 
 int model_plan_activations(pr_model *m, int B, int Tr, int Ti, pr_error *err);
+
+/* ---- precision (precision.c) -------------------------------------------- */
+
+typedef struct model_lowp model_lowp;
+/* The bf16 copy of base tensor t, or NULL (f32 model, or t stays f32). */
+const uint16_t *model_tensor_bf16(const pr_model *m, const pr_tensor_info *t);
+void model_lowp_free(pr_model *m);
+/* The frozen products: matmul_forward/backward (kernels.h) of weight
+ * tensor w, on oneDNN in bf16 when w has a bf16 copy, else on OpenBLAS
+ * exactly as matmul_forward/backward.  A bf16 weight has no gradient. */
+int model_matmul_forward(pr_model *m, float *out, int ldo, const float *inp, int ldi, const pr_tensor_info *w,
+                         int w_in_out, const float *b, int N, int C, int OC, pr_error *err);
+int model_matmul_backward(pr_model *m, float *dinp, int lddi, float *dw, float *db, const float *dout, int lddo,
+                          const float *inp, int ldi, const pr_tensor_info *w, int w_in_out, int N, int C, int OC,
+                          pr_error *err);
+/* encoder_forward from the token table, whatever its storage. */
+void model_encoder_forward(const pr_model *m, float *out, const int *tokens, const float *wpe, int B, int T, int C);
 
 /* ---- small helpers ------------------------------------------------------- */
 

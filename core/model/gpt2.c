@@ -220,9 +220,11 @@ static int site_weight(pr_model *m, int site, int layer, model_weight_view *v, p
         return pr_errorf(err, PR_ERR_UNSUPPORTED, "site_weight: site '%s' has no weight in GPT-2 models",
                          pr_site_name(site));
     }
-    if (!wt->data)
+    if (!wt->data && !model_tensor_bf16(m, wt))
         return pr_errorf(err, PR_ERR_INVALID, "site_weight: tensor '%s' has no data", wt->name);
-    v->w = wt->data + off;
+    v->tensor = wt;
+    v->off = off;
+    v->w = wt->data ? wt->data + off : NULL;
     v->ld = stride;
     v->b = bt && bt->data ? bt->data + off : NULL;
     v->d_in = din;
@@ -316,7 +318,8 @@ static int block_forward(pr_model *m, int l, const float *x, const float **out, 
 
     /* attention: x -> ln1 -> qkv -> attention -> c_proj */
     layernorm_forward(a->ln1, a->ln1_mean, a->ln1_rstd, x, p->ln1w->data, data_of(p->ln1b), N, C, eps);
-    matmul_forward(a->qkv, QKV, a->ln1, C, p->qkvw->data, 1, data_of(p->qkvb), N, C, QKV);
+    if ((rc = model_matmul_forward(m, a->qkv, QKV, a->ln1, C, p->qkvw, 1, data_of(p->qkvb), N, C, QKV, err)))
+        return rc;
     if ((rc = model_proj_forward(m, PR_SITE_QKV, l, a->ln1, C, a->qkv, QKV, QKV, err)) ||
         (rc = model_proj_forward(m, PR_SITE_Q, l, a->ln1, C, a->qkv, Q, QKV, err)) ||
         (rc = model_proj_forward(m, PR_SITE_K, l, a->ln1, C, a->qkv + Q, KV, QKV, err)) ||
@@ -329,7 +332,8 @@ static int block_forward(pr_model *m, int l, const float *x, const float **out, 
         (rc = model_prefix_forward(m, l, err)))
         return rc;
     attention_forward(a->atty, a->att, a->qkv, QKV, k, ldk, v, ldv, f->pk, f->pv, f->P, B, T, H, Hkv, hd);
-    matmul_forward(a->attproj, C, a->atty, Q, p->attprojw->data, 1, data_of(p->attprojb), N, Q, C);
+    if ((rc = model_matmul_forward(m, a->attproj, C, a->atty, Q, p->attprojw, 1, data_of(p->attprojb), N, Q, C, err)))
+        return rc;
     if ((rc = model_proj_forward(m, PR_SITE_O, l, a->atty, Q, a->attproj, C, C, err)))
         return rc;
     const float *aout;
@@ -339,14 +343,16 @@ static int block_forward(pr_model *m, int l, const float *x, const float **out, 
 
     /* FFN: resid2 -> ln2 -> c_fc -> GELU -> c_proj */
     layernorm_forward(a->ln2, a->ln2_mean, a->ln2_rstd, a->resid2, p->ln2w->data, data_of(p->ln2b), N, C, eps);
-    matmul_forward(a->fch, F, a->ln2, C, p->fcw->data, 1, data_of(p->fcb), N, C, F);
+    if ((rc = model_matmul_forward(m, a->fch, F, a->ln2, C, p->fcw, 1, data_of(p->fcb), N, C, F, err)))
+        return rc;
     if ((rc = model_proj_forward(m, PR_SITE_FFN_UP, l, a->ln2, C, a->fch, F, F, err)))
         return rc;
     gelu_forward(a->fch_gelu, a->fch, (size_t)N * F);
     const float *act;
     if ((rc = model_stream_forward(m, PR_SITE_FFN_ACT, l, a->fch_gelu, F, a->act, F, &act, NULL, err)))
         return rc;
-    matmul_forward(a->fcproj, C, act, F, p->fcprojw->data, 1, data_of(p->fcprojb), N, F, C);
+    if ((rc = model_matmul_forward(m, a->fcproj, C, act, F, p->fcprojw, 1, data_of(p->fcprojb), N, F, C, err)))
+        return rc;
     if ((rc = model_proj_forward(m, PR_SITE_FFN_DOWN, l, act, F, a->fcproj, C, C, err)))
         return rc;
     const float *fout;
@@ -390,8 +396,9 @@ static int block_backward(pr_model *m, int l, const float *x, pr_error *err)
     memset(dact, 0, NF * sizeof(float));
     if ((rc = model_proj_backward(m, PR_SITE_FFN_DOWN, l, act, F, dact, a->fcproj, C, C, g->dfcproj, err)))
         return rc;
-    matmul_backward(dact, F, grad_of(p->fcprojw), grad_of(p->fcprojb), g->dfcproj, C, act, F,
-                    p->fcprojw->data, 1, N, F, C);
+    if ((rc = model_matmul_backward(m, dact, F, grad_of(p->fcprojw), grad_of(p->fcprojb), g->dfcproj,
+                                        C, act, F, p->fcprojw, 1, N, F, C, err)))
+        return rc;
     /* ffn.act */
     float *dgelu_out = dact, *dfch = g->dffb;
     if (model_has_hooks(m, PR_SITE_FFN_ACT, l)) {
@@ -406,7 +413,9 @@ static int block_backward(pr_model *m, int l, const float *x, pr_error *err)
     /* ffn.up: fch = ln2 . W + b */
     if ((rc = model_proj_backward(m, PR_SITE_FFN_UP, l, a->ln2, C, m->dln, a->fch, F, F, dfch, err)))
         return rc;
-    matmul_backward(m->dln, C, grad_of(p->fcw), grad_of(p->fcb), dfch, F, a->ln2, C, p->fcw->data, 1, N, C, F);
+    if ((rc = model_matmul_backward(m, m->dln, C, grad_of(p->fcw), grad_of(p->fcb), dfch,
+                                        F, a->ln2, C, p->fcw, 1, N, C, F, err)))
+        return rc;
     layernorm_backward(m->dres, grad_of(p->ln2w), grad_of(p->ln2b), m->dln, a->resid2, p->ln2w->data,
                        a->ln2_mean, a->ln2_rstd, N, C);
 
@@ -425,8 +434,9 @@ static int block_backward(pr_model *m, int l, const float *x, pr_error *err)
     memset(g->datty, 0, (size_t)N * Q * sizeof(float));
     if ((rc = model_proj_backward(m, PR_SITE_O, l, a->atty, Q, g->datty, a->attproj, C, C, g->dattproj, err)))
         return rc;
-    matmul_backward(g->datty, Q, grad_of(p->attprojw), grad_of(p->attprojb), g->dattproj, C, a->atty, Q,
-                    p->attprojw->data, 1, N, Q, C);
+    if ((rc = model_matmul_backward(m, g->datty, Q, grad_of(p->attprojw), grad_of(p->attprojb), g->dattproj,
+                                        C, a->atty, Q, p->attprojw, 1, N, Q, C, err)))
+        return rc;
     /* attention */
     int hk = model_has_hooks(m, PR_SITE_ATTN_K, l), hv = model_has_hooks(m, PR_SITE_ATTN_V, l);
     const float *k = hk ? a->katt : a->qkv + Q, *v = hv ? a->vatt : a->qkv + Q + KV;
@@ -456,8 +466,9 @@ static int block_backward(pr_model *m, int l, const float *x, pr_error *err)
         (rc = model_proj_backward(m, PR_SITE_Q, l, a->ln1, C, m->dln, a->qkv, Q, QKV, g->dqkv, err)) ||
         (rc = model_proj_backward(m, PR_SITE_QKV, l, a->ln1, C, m->dln, a->qkv, QKV, QKV, g->dqkv, err)))
         return rc;
-    matmul_backward(m->dln, C, grad_of(p->qkvw), grad_of(p->qkvb), g->dqkv, QKV, a->ln1, C, p->qkvw->data, 1,
-                    N, C, QKV);
+    if ((rc = model_matmul_backward(m, m->dln, C, grad_of(p->qkvw), grad_of(p->qkvb), g->dqkv,
+                                        QKV, a->ln1, C, p->qkvw, 1, N, C, QKV, err)))
+        return rc;
     layernorm_backward(m->dres, grad_of(p->ln1w), grad_of(p->ln1b), m->dln, x, p->ln1w->data,
                        a->ln1_mean, a->ln1_rstd, N, C);
     return PR_OK;

@@ -46,6 +46,10 @@ int pr_model_set_trainable(pr_model *m, const char *name, int on, pr_error *err)
         return pr_errorf(err, PR_ERR_INVALID, "set_trainable: NULL model or name");
     on = on ? 1 : 0;
     if (strcmp(name, "*") == 0) {
+        for (int i = 0; i < m->n_tensors && on; i++)
+            if (model_tensor_bf16(m, m->tab[i]))
+                return pr_errorf(err, PR_ERR_INVALID, "set_trainable '*': tensor '%s' is stored in bf16 (precision "
+                                 "bf16); choose what trains before setting the precision", m->tab[i]->name);
         for (int i = 0; i < m->n_tensors; i++)
             if (m->tab[i]->kind != PR_TENSOR_MODULE || m->tab[i]->grad)
                 m->tab[i]->trainable = on;
@@ -63,6 +67,9 @@ int pr_model_set_trainable(pr_model *m, const char *name, int on, pr_error *err)
     }
     if (t->trainable == on)
         return PR_OK;
+    if (on && model_tensor_bf16(m, t))
+        return pr_errorf(err, PR_ERR_INVALID, "set_trainable: tensor '%s' is stored in bf16 (precision bf16); "
+                         "choose what trains before setting the precision", name);
     t->trainable = on;
     return relayout_grads(m, err);
 }

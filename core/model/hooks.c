@@ -182,7 +182,12 @@ int model_site_weight_view(pr_model *m, int site, int layer, model_weight_view *
         return pr_errorf(err, PR_ERR_INVALID, "site_weight: site '%s' is a stream site; it has no weight",
                          pr_site_name(site));
     memset(v, 0, sizeof *v);
-    return m->ops->site_weight(m, site, layer, v, err);
+    if ((rc = m->ops->site_weight(m, site, layer, v, err)))
+        return rc;
+    const uint16_t *w16 = model_tensor_bf16(m, v->tensor);
+    if (w16 && !v->w)
+        v->w16 = w16 + v->off;
+    return PR_OK;
 }
 
 /* The public view is [d_in, d_out]; a family storing [d_out, d_in] is
@@ -198,6 +203,9 @@ int pr_model_site_weight(pr_model *m, int site, int layer, float **w, int *ld, f
     if (v.layout != PR_WEIGHT_IN_OUT)
         return pr_errorf(err, PR_ERR_UNSUPPORTED, "site_weight: %s stores the weight at site '%s' as [d_out, "
                          "d_in]; it has no [d_in, d_out] view", m->ops->name, pr_site_name(site));
+    if (!v.w)
+        return pr_errorf(err, PR_ERR_UNSUPPORTED, "site_weight: tensor '%s' at site '%s' is stored in bf16 "
+                         "(precision bf16); it has no f32 view", v.tensor ? v.tensor->name : "?", pr_site_name(site));
     *w = v.w;
     *ld = v.ld;
     if (b)

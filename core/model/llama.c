@@ -265,8 +265,10 @@ static int site_weight(pr_model *m, int site, int layer, model_weight_view *v, p
         return pr_errorf(err, PR_ERR_UNSUPPORTED, "site_weight: site '%s' has no weight in %s models",
                          pr_site_name(site), variant_name(c->variant));
     }
-    if (!wt->data)
+    if (!wt->data && !model_tensor_bf16(m, wt))
         return pr_errorf(err, PR_ERR_INVALID, "site_weight: tensor '%s' has no data", wt->name);
+    v->tensor = wt;
+    v->off = 0;
     v->w = wt->data;
     v->ld = din;
     v->b = bt && bt->data ? bt->data : NULL;
@@ -366,7 +368,9 @@ static int proj_forward(pr_model *m, int site, int l, const float *x, int din, c
                         const pr_tensor_info *bias, float *y, int dout, pr_error *err)
 {
     int N = m->B * m->T;
-    matmul_forward(y, dout, x, din, w->data, 0, data_of(bias), N, din, dout);
+    int rc = model_matmul_forward(m, y, dout, x, din, w, 0, data_of(bias), N, din, dout, err);
+    if (rc)
+        return rc;
     return model_proj_forward(m, site, l, x, din, y, dout, dout, err);
 }
 
@@ -379,8 +383,7 @@ static int proj_backward(pr_model *m, int site, int l, const float *x, int din, 
     int rc = model_proj_backward(m, site, l, x, din, dx, y, dout, dout, dy, err);
     if (rc)
         return rc;
-    matmul_backward(dx, din, grad_of(w), grad_of(bias), dy, dout, x, din, w->data, 0, N, din, dout);
-    return PR_OK;
+    return model_matmul_backward(m, dx, din, grad_of(w), grad_of(bias), dy, dout, x, din, w, 0, N, din, dout, err);
 }
 
 /* cos, sin for positions P .. P+T-1 (P = model_position_offset). */

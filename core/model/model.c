@@ -75,10 +75,13 @@ int model_alloc_storage(pr_model *m, pr_error *err)
         return PR_OK;
     if (m->storage)
         return pr_errorf(err, PR_ERR_INVALID, "model: base storage is already allocated");
-    void *p = NULL;
-    if (posix_memalign(&p, 64, n * sizeof(float)) != 0)
+    /* anonymous pages rather than malloc: precision bf16 gives the pages
+     * of the tensors it converts back (precision.c) */
+    void *p = mmap(NULL, n * sizeof(float), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
         return pr_errorf(err, PR_ERR_NOMEM, "model: out of memory for %zu parameters", n);
     m->storage = p;
+    m->storage_floats = n;
     size_t off = 0;
     for (int i = 0; i < m->n_base; i++) {
         pr_tensor_info *t = &m->tensors[i];
@@ -196,7 +199,9 @@ void pr_model_free(pr_model *m)
     free(m->act_block);
     free(m->tok_block);
     free(m->grads);
-    free(m->storage);
+    if (m->storage)
+        munmap(m->storage, m->storage_floats * sizeof(float));
+    model_lowp_free(m);
     if (m->ops && m->ops->destroy)
         m->ops->destroy(m);
     free(m->lf);

@@ -50,16 +50,38 @@ model_modules *model_modules_of(const pr_model *m);
  * projection (d_in = d_model), ffn.act the down projection (d_in = d_ff =
  * the site's width, d_out = d_model) with no bias.  Writable, for merging. */
 typedef struct model_weight_view {
-    float *w;
+    float *w;        /* NULL when the weight is stored in bf16: then w16 */
+    const uint16_t *w16;
     int ld;          /* row stride of the stored matrix */
     float *b;        /* (d_out) or NULL without biases */
     int d_in, d_out;
     int layout;      /* pr_weight_layout */
+    /* set by the family: the tensor viewed and the view's first element */
+    const pr_tensor_info *tensor;
+    int64_t off;
 } model_weight_view;
 
 /* The view at (site, layer); PR_ERR_INVALID for a stream site without a
  * weight, PR_ERR_UNSUPPORTED for a site the family lacks.
  * pr_model_site_weight is this for [d_in, d_out] (IN_OUT) weights. */
 int model_site_weight_view(pr_model *m, int site, int layer, model_weight_view *v, pr_error *err);
+
+/* ---- precision (precision.c) ----
+ * The base-model fingerprint (pr_model_fingerprint) reads min(numel,
+ * MODEL_FP_SAMPLES) values of each base tensor, element
+ * model_fp_sample_at(numel, k) for k = 0, 1, ...; for a tensor stored in
+ * bf16 those f32 values were kept when it was converted. */
+#define MODEL_FP_SAMPLES 65536
+int64_t model_fp_sample_count(int64_t numel);
+int64_t model_fp_sample_at(int64_t numel, int64_t k);
+/* The kept f32 samples of a bf16-stored base tensor, or NULL. */
+const float *model_tensor_fp_samples(const pr_model *m, const pr_tensor_info *t);
+/* dst (shape[1]) = row `row` of 2-D tensor t in f32, whatever its storage. */
+int model_tensor_row_f32(const pr_model *m, const pr_tensor_info *t, int64_t row, float *dst);
+/* core/module/attach.c: view the site weights again (storage changed). */
+struct pr_module;
+void module_refresh_base_views(struct pr_module *mod);
+/* 1 when mod is merged into the frozen weights. */
+int module_is_merged(const struct pr_module *mod);
 
 #endif

@@ -34,7 +34,7 @@ static int embed_forward(pr_model *m, pr_error *err)
     if (wpe)
         wpe += (size_t)model_position_offset(m) * C;
     if (nv == 0) {
-        encoder_forward(m->encoded, m->tokens, m->wte->data, wpe, B, T, C);
+        model_encoder_forward(m, m->encoded, m->tokens, wpe, B, T, C);
         return PR_OK;
     }
     int rc = model_concat_forward(m, PR_SITE_EMBED, -1, m->vrows, C, err);
@@ -44,8 +44,8 @@ static int embed_forward(pr_model *m, pr_error *err)
         float *out = m->encoded + (size_t)b * T * C;
         for (size_t i = 0; i < (size_t)nv * C; i++)
             out[i] = m->vrows[i] + (wpe ? wpe[i] : 0.0f);
-        encoder_forward(out + (size_t)nv * C, m->tokens + (size_t)b * Tr, m->wte->data,
-                        wpe ? wpe + (size_t)nv * C : NULL, 1, Tr, C);
+        model_encoder_forward(m, out + (size_t)nv * C, m->tokens + (size_t)b * Tr,
+                              wpe ? wpe + (size_t)nv * C : NULL, 1, Tr, C);
     }
     return PR_OK;
 }
@@ -135,7 +135,7 @@ static int check_batch(pr_model *m, const pr_batch *bt, pr_error *err)
         return pr_errorf(err, PR_ERR_INVALID, "forward: batch B=%d x T=%d exceeds the reservation B=%d x T=%d",
                          bt->B, bt->T, m->resB, m->resT);
     for (int i = 0; i < m->n_base; i++)
-        if (!m->tensors[i].data)
+        if (!m->tensors[i].data && !model_tensor_bf16(m, &m->tensors[i]))
             return pr_errorf(err, PR_ERR_INVALID, "forward: tensor '%s' has no data", m->tensors[i].name);
     int rc = model_check_prefixes(m, err);
     if (rc)
@@ -205,7 +205,8 @@ int pr_model_forward(pr_model *m, const pr_batch *batch, float *loss, pr_error *
         m->have_fwd = 1;
         return PR_OK;
     }
-    matmul_forward(m->logits, V, real_hidden(m), C, m->head->data, 0, NULL, Nr, C, V);
+    if ((rc = model_matmul_forward(m, m->logits, V, real_hidden(m), C, m->head, 0, NULL, Nr, C, V, err)))
+        return rc;
 
     if (batch->targets) {
         m->scored = crossentropy_forward(m->losses, m->probs, m->logits, m->targets, Nr, V);
@@ -266,7 +267,10 @@ int pr_model_backward_over(pr_model *m, int64_t n_scored, pr_error *err)
     crossentropy_backward(m->dlogits, m->probs, m->targets, Nr, V, 1.0f / (float)n_scored);
     float *dh = m->nv ? m->dhid : m->dln;
     memset(dh, 0, (size_t)Nr * C * sizeof(float));
-    matmul_backward(dh, C, grad_of(m->head), NULL, m->dlogits, V, real_hidden(m), C, m->head->data, 0, Nr, C, V);
+    int rc = model_matmul_backward(m, dh, C, grad_of(m->head), NULL, m->dlogits, V, real_hidden(m), C, m->head, 0,
+                                   Nr, C, V, err);
+    if (rc)
+        return rc;
     if (m->nv)
         scatter_real_rows(m->dln, dh, m->B, m->nv, m->Tr, C);
     return backward_from_final_norm(m, err);

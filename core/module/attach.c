@@ -22,6 +22,43 @@ static void fill_views(pr_module *mod)
     }
 }
 
+/* The frozen weight the site folds into (a projection's own; attn.k and
+ * attn.v the key / value projection; ffn.act the down projection),
+ * viewed as the family stores it: f32, or bf16 under precision bf16
+ * (plugins read it through host->base_weight_f32 either way). */
+static void view_base_weight(pr_module *mod, insertion *in)
+{
+    model_weight_view v;
+    pr_error e2 = { 0 };
+    in->has_bw = in->has_bb = 0;
+    if (model_site_weight_view(mod->model, in->site, in->layer, &v, &e2) != PR_OK || (!v.w && !v.w16))
+        return;
+    const int out_in = v.layout == PR_WEIGHT_OUT_IN;
+    in->bw = mod_view2(v.w, out_in ? v.d_out : v.d_in, out_in ? v.d_in : v.d_out, v.ld);
+    if (!v.w) {
+        in->bw.data = (void *)v.w16;
+        in->bw.dtype = PR_DTYPE_BF16;
+    }
+    in->bw_layout = v.layout;
+    in->has_bw = 1;
+    if (v.b) {
+        int64_t n = v.d_out;
+        in->bb = mod_view(v.b, 1, &n);
+        in->has_bb = 1;
+    }
+}
+
+void module_refresh_base_views(pr_module *mod)
+{
+    for (int k = 0; mod && k < mod->n_ins; k++)
+        view_base_weight(mod, &mod->ins[k]);
+}
+
+int module_is_merged(const pr_module *mod)
+{
+    return mod && mod->merged;
+}
+
 static int alloc_module(pr_module *mod, pr_error *err)
 {
     mod->params = mod_alloc_floats(mod->n_param_floats);
@@ -50,22 +87,7 @@ static int alloc_module(pr_module *mod, pr_error *err)
             pp[2 * np + mod->t.n_saved + i] = &in->scratch[i];
         if (mod_form(mod)->alloc && mod_form(mod)->alloc(in))
             return pr_errorf(err, PR_ERR_NOMEM, "module '%s': out of memory", mod_name(mod));
-        /* The frozen weight the site folds into (a projection's own; attn.k
-         * and attn.v the key / value projection; ffn.act the down
-         * projection), viewed as the family stores it. */
-        model_weight_view v;
-        pr_error e2 = { 0 };
-        if (model_site_weight_view(mod->model, in->site, in->layer, &v, &e2) == PR_OK && v.w) {
-            const int out_in = v.layout == PR_WEIGHT_OUT_IN;
-            in->bw = mod_view2(v.w, out_in ? v.d_out : v.d_in, out_in ? v.d_in : v.d_out, v.ld);
-            in->bw_layout = v.layout;
-            in->has_bw = 1;
-            if (v.b) {
-                int64_t n = v.d_out;
-                in->bb = mod_view(v.b, 1, &n);
-                in->has_bb = 1;
-            }
-        }
+        view_base_weight(mod, in);
     }
     fill_views(mod);
     return PR_OK;

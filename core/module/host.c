@@ -463,10 +463,9 @@ static int embed_token_row_f32(const pr_ctx *ctx, int64_t id, float *dst)
 {
     const pr_model *m = call_model(ctx);
     const pr_tensor_info *wte = model_token_embedding(m);
-    if (!wte || !wte->data || wte->ndim != 2 || !dst || id < 0 || id >= wte->shape[0])
+    if (!wte || wte->ndim != 2 || !dst || id < 0 || id >= wte->shape[0])
         return PR_ERR_INVALID;
-    memcpy(dst, wte->data + id * wte->shape[1], (size_t)wte->shape[1] * sizeof(float));
-    return PR_OK;
+    return model_tensor_row_f32(m, wte, id, dst);   /* f32 or bf16 storage */
 }
 
 static const pr_ext_embed_tokens ext_embed_tokens = {

@@ -57,6 +57,12 @@ int pr_module_merge(pr_module *mod, pr_error *err)
             return pr_errorf(err, PR_ERR_UNSUPPORTED,
                              "module '%s' (technique %s) cannot be merged at %s: the site has no frozen weight to fold into",
                              mod_name(mod), mod->t.name, mod->ins[k].where);
+    for (int k = 0; k < mod->n_ins; k++)
+        if (mod->ins[k].bw.dtype == PR_DTYPE_BF16)
+            return pr_errorf(err, PR_ERR_UNSUPPORTED,
+                             "module '%s' cannot be merged at %s: the model stores that weight in bf16 (precision "
+                             "bf16), and a merge writes f32 weights; merge into a model loaded in f32 (peftref merge)",
+                             mod_name(mod), mod->ins[k].where);
     size_t maxn = 0, maxb = 0;
     for (int k = 0; k < mod->n_ins; k++) {
         int din, dout;

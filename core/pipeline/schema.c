@@ -403,7 +403,7 @@ void pl_load_train(loader *L, const ynode *t)
                                         "warmup", "weight_decay", "decay_all", "clip", "beta1", "beta2", "eps",
                                         "head_lr_mult", "seed", "eval_every", "eval_batches", "log_every",
                                         "checkpoint_every", "output", "resume", "resume_changed", "progress",
-                                        "keep_best", "early_stop" };
+                                        "keep_best", "early_stop", "precision" };
     static const char *const metrics[] = { "val_loss", "val_accuracy" };
     static const char *const schedules[] = { "cosine", "linear", "constant" };
     static const char *const progress_modes[] = { "auto", "bar", "plain", "none" };
@@ -454,6 +454,14 @@ void pl_load_train(loader *L, const ynode *t)
     const char *mode;
     if ((n = pl_map_get(t, "progress")) && !pl_get_choice(L, n, "train.progress", progress_modes, 4, &mode))
         c->progress = pr_progress_parse(mode);
+    static const char *const precisions[] = { "f32", "bf16" };
+    const char *prec;
+    if ((n = pl_map_get(t, "precision")) && !pl_get_choice(L, n, "train.precision", precisions, 2, &prec)) {
+        pr_error pe = { 0 };
+        c->precision = pr_precision_parse(prec);
+        if (pr_precision_available(c->precision, &pe))
+            pl_diag_at(&L->d, n, "train.precision: %s", pe.msg);
+    }
     if ((n = pl_map_get(t, "keep_best")) && !pl_is_null(n))
         pl_get_choice(L, n, "train.keep_best", metrics, 2, &c->keep_best);
     if ((n = pl_map_get(t, "early_stop")) && !pl_is_null(n) && !pl_want_map(L, n, "train.early_stop")) {

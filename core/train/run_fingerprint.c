@@ -197,6 +197,8 @@ int run_fp_of_run(run_fp *f, const pr_model *m, const pr_train_config *c, pr_err
     /* set only when on, so the checkpoints of runs without them still match */
     if (c->keep_best)
         rc |= run_fp_set(f, "train.keep_best", "%s", c->keep_best);
+    if (c->precision != PR_PRECISION_F32)
+        rc |= run_fp_set(f, "train.precision", "%s", pr_precision_name(c->precision));
     if (c->early_stop_patience > 0)
         rc |= run_fp_set(f, "train.early_stop", "patience=%d min_delta=%.9g metric=%s", c->early_stop_patience,
                          c->early_stop_min_delta, c->early_stop_metric ? c->early_stop_metric : "val_loss");

@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "peftref/train.h"
+#include "bf16.h"
 #include "peftref/module.h"
 #include "data.h"
 #include "dist.h"
@@ -381,6 +382,18 @@ static int setup(trainer *t, pr_model *m, const pr_tokenizer *tok, const pr_trai
             t->head[i] = 0.02f * rng_normal(&t->rng);
         if ((rc = train_import_head(t, err)))
             return rc;
+    }
+    /* bf16 storage of the frozen weights, now that modules are attached and
+     * what trains is chosen (peftref/model.h, "precision") */
+    if (cfg->precision != PR_PRECISION_F32) {
+        if ((rc = pr_model_set_precision(m, cfg->precision, err)))
+            return rc;
+        if (pr_model_bf16_bytes(m) == 0 && !cfg->quiet)
+            fprintf(stderr, "peftref: note: precision bf16 changes nothing here: every matrix a product reads "
+                    "is trained, and trained tensors stay f32\n");
+        if (!bf16_isa_native() && !cfg->quiet) /* decided by ISA; `peftref runtime` measures */
+            fprintf(stderr, "peftref: warning: precision bf16 on a CPU without AMX or AVX-512 BF16 (oneDNN ISA %s): "
+                    "its products are slower than f32 here\n", bf16_isa());
     }
     if ((rc = pr_model_reserve(m, t->B, t->T, err)))
         return rc;

@@ -243,6 +243,37 @@ int pr_model_attach_hook(pr_model *m, int site, int layer, const pr_site_hook *h
 /* Detach every hook and every concatenation provider. */
 void pr_model_detach_hooks(pr_model *m);
 
+/* ---- precision -----------------------------------------------------------
+ *
+ * f32 (the default): every tensor and product in f32 on OpenBLAS.  bf16:
+ * the frozen matrices products read (projection weights of every layer,
+ * the LM head or tied token table) are stored once in bf16 and their
+ * products run on oneDNN (activations cast to bf16, f32 accumulation);
+ * trainable tensors, biases, norms, position tables, module parameters,
+ * gradients and optimizer state stay f32.  A converted tensor keeps its
+ * entry (name, shape) with data NULL: read it with pr_model_tensor_f32.
+ * Set it after modules are attached and trainable tensors chosen (a bf16
+ * tensor cannot become trainable) and before training; it cannot be
+ * undone, and merging into bf16 weights is refused. */
+typedef enum pr_precision {
+    PR_PRECISION_F32 = 0,
+    PR_PRECISION_BF16 = 1
+} pr_precision;
+
+/* "f32" / "bf16" -> pr_precision, -1 for anything else. */
+int pr_precision_parse(const char *s);
+const char *pr_precision_name(int precision);
+/* PR_OK when this build can run precision (bf16 needs oneDNN). */
+int pr_precision_available(int precision, pr_error *err);
+int pr_model_set_precision(pr_model *m, int precision, pr_error *err);
+int pr_model_get_precision(const pr_model *m);
+/* 1 when base tensor t is stored in bf16 (its data is NULL). */
+int pr_model_tensor_is_bf16(const pr_model *m, const pr_tensor_info *t);
+/* Bytes of bf16 storage the model holds. */
+size_t pr_model_bf16_bytes(const pr_model *m);
+/* dst (t->numel) = tensor t in f32, whatever its storage. */
+int pr_model_tensor_f32(const pr_model *m, const pr_tensor_info *t, float *dst, pr_error *err);
+
 /* Input and output widths of a site in this model (-1 if absent). */
 int pr_model_site_dims(const pr_model *m, int site, int *d_in, int *d_out);
 

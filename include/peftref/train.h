@@ -71,6 +71,9 @@ typedef struct pr_train_config {
      * metric, the model (and head) as evaluated */
     int (*on_best)(void *arg, int64_t step, double val_loss, double val_accuracy, pr_error *err);
     void *on_best_arg;
+    /* pr_precision (peftref/model.h): PR_PRECISION_F32 (0, default) or
+     * PR_PRECISION_BF16, set on the model before the first step */
+    int precision;
 } pr_train_config;
 
 /* How training shows its progress on stderr.  AUTO (the default) draws a
