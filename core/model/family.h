@@ -47,6 +47,7 @@ float *bump_take_if(bump *b, int cond, size_t n);
 
 typedef struct family_ops {
     const char *name;      /* "GPT-2", in messages */
+    const char *layer_prefix; /* of per-layer tensor names: "h.", "model.layers." */
     /* cfg is consistent (config.c); can this family run it? */
     int (*check_config)(const pr_model_config *c, pr_error *err);
     /* Base tensors of cfg: how many, then (build) the family's state in
@@ -178,6 +179,12 @@ struct pr_model {
 pr_tensor_info *model_add_base_tensor(pr_model *m, int kind, int layer, int ndim, int64_t s0, int64_t s1,
                                       const char *name);
 void model_free_added_tensors(pr_model *m);
+/* Base tensor "<layer_prefix><l>.<suffix>" of layer l, the family's
+ * layer_prefix ("h." + "3" + "." + "attn.c_attn.weight"). */
+pr_tensor_info *model_add_layer_tensor(pr_model *m, int kind, int l, int ndim, int64_t s0, int64_t s1,
+                                       const char *suffix);
+/* t->workspace = ws; t may be NULL (a tensor the config leaves out). */
+void model_set_workspace(pr_tensor_info *t, uint32_t ws);
 /* Exact name, or a base name with Hugging Face's "transformer." prefix. */
 pr_tensor_info *model_find_tensor(const pr_model *m, const char *name);
 

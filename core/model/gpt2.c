@@ -89,26 +89,6 @@ static int count_tensors(const pr_model_config *c)
     return 2 + c->n_layers * per_layer + (c->bias ? 2 : 1) + (c->tied_head ? 0 : 1);
 }
 
-static pr_tensor_info *add_tensor(pr_model *m, int kind, int layer, int ndim, int64_t s0, int64_t s1,
-                                  const char *name)
-{
-    return model_add_base_tensor(m, kind, layer, ndim, s0, s1, name);
-}
-
-static pr_tensor_info *add_layer_tensor(pr_model *m, int kind, int l, int ndim, int64_t s0,
-                                        int64_t s1, const char *suffix)
-{
-    char name[TENSOR_NAME_LEN];
-    snprintf(name, sizeof name, "h.%d.%s", l, suffix);
-    return add_tensor(m, kind, l, ndim, s0, s1, name);
-}
-
-static void in_workspace(pr_tensor_info *t, uint32_t ws)
-{
-    if (t)
-        t->workspace = ws;
-}
-
 static void destroy(pr_model *m)
 {
     gpt2 *g = m->fam;
@@ -138,44 +118,44 @@ static int build(pr_model *m, pr_error *err)
     int64_t QKV = Q + 2 * KV;
     int b = c->bias;
 
-    m->wte = add_tensor(m, PR_TENSOR_EMBEDDING, -1, 2, V, C, "wte.weight");
-    m->wpe = add_tensor(m, PR_TENSOR_EMBEDDING, -1, 2, c->max_seq, C, "wpe.weight");
+    m->wte = model_add_base_tensor(m, PR_TENSOR_EMBEDDING, -1, 2, V, C, "wte.weight");
+    m->wpe = model_add_base_tensor(m, PR_TENSOR_EMBEDDING, -1, 2, c->max_seq, C, "wpe.weight");
     for (int l = 0; l < c->n_layers; l++) {
         layer_params *p = &g->lp[l];
-        p->ln1w = add_layer_tensor(m, PR_TENSOR_NORM_GAIN, l, 1, C, 0, "ln_1.weight");
-        if (b) p->ln1b = add_layer_tensor(m, PR_TENSOR_NORM_BIAS, l, 1, C, 0, "ln_1.bias");
-        p->qkvw = add_layer_tensor(m, PR_TENSOR_WEIGHT, l, 2, C, QKV, "attn.c_attn.weight");
-        if (b) p->qkvb = add_layer_tensor(m, PR_TENSOR_BIAS, l, 1, QKV, 0, "attn.c_attn.bias");
-        p->attprojw = add_layer_tensor(m, PR_TENSOR_WEIGHT, l, 2, Q, C, "attn.c_proj.weight");
-        if (b) p->attprojb = add_layer_tensor(m, PR_TENSOR_BIAS, l, 1, C, 0, "attn.c_proj.bias");
-        p->ln2w = add_layer_tensor(m, PR_TENSOR_NORM_GAIN, l, 1, C, 0, "ln_2.weight");
-        if (b) p->ln2b = add_layer_tensor(m, PR_TENSOR_NORM_BIAS, l, 1, C, 0, "ln_2.bias");
-        p->fcw = add_layer_tensor(m, PR_TENSOR_WEIGHT, l, 2, C, F, "mlp.c_fc.weight");
-        if (b) p->fcb = add_layer_tensor(m, PR_TENSOR_BIAS, l, 1, F, 0, "mlp.c_fc.bias");
-        p->fcprojw = add_layer_tensor(m, PR_TENSOR_WEIGHT, l, 2, F, C, "mlp.c_proj.weight");
-        if (b) p->fcprojb = add_layer_tensor(m, PR_TENSOR_BIAS, l, 1, C, 0, "mlp.c_proj.bias");
+        p->ln1w = model_add_layer_tensor(m, PR_TENSOR_NORM_GAIN, l, 1, C, 0, "ln_1.weight");
+        if (b) p->ln1b = model_add_layer_tensor(m, PR_TENSOR_NORM_BIAS, l, 1, C, 0, "ln_1.bias");
+        p->qkvw = model_add_layer_tensor(m, PR_TENSOR_WEIGHT, l, 2, C, QKV, "attn.c_attn.weight");
+        if (b) p->qkvb = model_add_layer_tensor(m, PR_TENSOR_BIAS, l, 1, QKV, 0, "attn.c_attn.bias");
+        p->attprojw = model_add_layer_tensor(m, PR_TENSOR_WEIGHT, l, 2, Q, C, "attn.c_proj.weight");
+        if (b) p->attprojb = model_add_layer_tensor(m, PR_TENSOR_BIAS, l, 1, C, 0, "attn.c_proj.bias");
+        p->ln2w = model_add_layer_tensor(m, PR_TENSOR_NORM_GAIN, l, 1, C, 0, "ln_2.weight");
+        if (b) p->ln2b = model_add_layer_tensor(m, PR_TENSOR_NORM_BIAS, l, 1, C, 0, "ln_2.bias");
+        p->fcw = model_add_layer_tensor(m, PR_TENSOR_WEIGHT, l, 2, C, F, "mlp.c_fc.weight");
+        if (b) p->fcb = model_add_layer_tensor(m, PR_TENSOR_BIAS, l, 1, F, 0, "mlp.c_fc.bias");
+        p->fcprojw = model_add_layer_tensor(m, PR_TENSOR_WEIGHT, l, 2, F, C, "mlp.c_proj.weight");
+        if (b) p->fcprojb = model_add_layer_tensor(m, PR_TENSOR_BIAS, l, 1, C, 0, "mlp.c_proj.bias");
     }
-    g->lnfw = add_tensor(m, PR_TENSOR_NORM_GAIN, -1, 1, C, 0, "ln_f.weight");
-    if (b) g->lnfb = add_tensor(m, PR_TENSOR_NORM_BIAS, -1, 1, C, 0, "ln_f.bias");
-    m->head = c->tied_head ? m->wte : add_tensor(m, PR_TENSOR_WEIGHT, -1, 2, V, C, "lm_head.weight");
+    g->lnfw = model_add_base_tensor(m, PR_TENSOR_NORM_GAIN, -1, 1, C, 0, "ln_f.weight");
+    if (b) g->lnfb = model_add_base_tensor(m, PR_TENSOR_NORM_BIAS, -1, 1, C, 0, "ln_f.bias");
+    m->head = c->tied_head ? m->wte : model_add_base_tensor(m, PR_TENSOR_WEIGHT, -1, 2, V, C, "lm_head.weight");
     /* the PEFT-Ref workspace of every tensor, which selection techniques choose by */
-    in_workspace(m->wte, PR_WS_EMBEDDING);
-    in_workspace(m->wpe, PR_WS_EMBEDDING);
+    model_set_workspace(m->wte, PR_WS_EMBEDDING);
+    model_set_workspace(m->wpe, PR_WS_EMBEDDING);
     for (int l = 0; l < c->n_layers; l++) {
         layer_params *p = &g->lp[l];
         pr_tensor_info *norms[] = { p->ln1w, p->ln1b, p->ln2w, p->ln2b };
         pr_tensor_info *attn[] = { p->qkvw, p->qkvb, p->attprojw, p->attprojb };
         pr_tensor_info *ffn[] = { p->fcw, p->fcb, p->fcprojw, p->fcprojb };
         for (int i = 0; i < 4; i++) {
-            in_workspace(norms[i], PR_WS_NORM);
-            in_workspace(attn[i], PR_WS_ATTENTION);
-            in_workspace(ffn[i], PR_WS_FFN);
+            model_set_workspace(norms[i], PR_WS_NORM);
+            model_set_workspace(attn[i], PR_WS_ATTENTION);
+            model_set_workspace(ffn[i], PR_WS_FFN);
         }
     }
-    in_workspace(g->lnfw, PR_WS_NORM);
-    in_workspace(g->lnfb, PR_WS_NORM);
+    model_set_workspace(g->lnfw, PR_WS_NORM);
+    model_set_workspace(g->lnfb, PR_WS_NORM);
     if (m->head != m->wte)
-        in_workspace(m->head, PR_WS_HEAD);
+        model_set_workspace(m->head, PR_WS_HEAD);
     return PR_OK;
 }
 
@@ -477,6 +457,7 @@ static int block_backward(pr_model *m, int l, const float *x, pr_error *err)
 
 const family_ops family_gpt2 = {
     .name = "GPT-2",
+    .layer_prefix = "h.",
     .check_config = check_config,
     .count_tensors = count_tensors,
     .build = build,

@@ -123,18 +123,16 @@ static int count_tensors(const pr_model_config *c)
     return 1 + c->n_layers * per_layer + 1 + (c->tied_head ? 0 : 1);
 }
 
-static pr_tensor_info *add_layer_tensor(pr_model *m, int kind, int l, int ndim, int64_t s0, int64_t s1,
-                                        const char *suffix)
+static void decode_free(pr_model *m)
 {
-    char name[TENSOR_NAME_LEN];
-    snprintf(name, sizeof name, "model.layers.%d.%s", l, suffix);
-    return model_add_base_tensor(m, kind, l, ndim, s0, s1, name);
-}
-
-static void in_workspace(pr_tensor_info *t, uint32_t ws)
-{
-    if (t)
-        t->workspace = ws;
+    llama *g = m->fam;
+    free(g->cache);
+    free(g->kc);
+    free(g->vc);
+    free(g->dec_scores);
+    g->cache = g->dec_scores = NULL;
+    g->kc = g->vc = NULL;
+    g->ctx = 0;
 }
 
 static void destroy(pr_model *m)
@@ -142,13 +140,10 @@ static void destroy(pr_model *m)
     llama *g = m->fam;
     if (!g)
         return;
+    decode_free(m);
     free(g->lp);
     free(g->la);
     free(g->inv_freq);
-    free(g->cache);
-    free(g->kc);
-    free(g->vc);
-    free(g->dec_scores);
     free(g);
     m->fam = NULL;
 }
@@ -184,46 +179,46 @@ static int build(pr_model *m, pr_error *err)
     m->wpe = NULL;
     for (int l = 0; l < c->n_layers; l++) {
         layer_params *p = &g->lp[l];
-        p->qw = add_layer_tensor(m, PR_TENSOR_WEIGHT, l, 2, Q, C, "self_attn.q_proj.weight");
-        if (c->qkv_bias) p->qb = add_layer_tensor(m, PR_TENSOR_BIAS, l, 1, Q, 0, "self_attn.q_proj.bias");
-        p->kw = add_layer_tensor(m, PR_TENSOR_WEIGHT, l, 2, KV, C, "self_attn.k_proj.weight");
-        if (c->qkv_bias) p->kb = add_layer_tensor(m, PR_TENSOR_BIAS, l, 1, KV, 0, "self_attn.k_proj.bias");
-        p->vw = add_layer_tensor(m, PR_TENSOR_WEIGHT, l, 2, KV, C, "self_attn.v_proj.weight");
-        if (c->qkv_bias) p->vb = add_layer_tensor(m, PR_TENSOR_BIAS, l, 1, KV, 0, "self_attn.v_proj.bias");
-        p->ow = add_layer_tensor(m, PR_TENSOR_WEIGHT, l, 2, C, Q, "self_attn.o_proj.weight");
-        if (c->o_bias) p->ob = add_layer_tensor(m, PR_TENSOR_BIAS, l, 1, C, 0, "self_attn.o_proj.bias");
+        p->qw = model_add_layer_tensor(m, PR_TENSOR_WEIGHT, l, 2, Q, C, "self_attn.q_proj.weight");
+        if (c->qkv_bias) p->qb = model_add_layer_tensor(m, PR_TENSOR_BIAS, l, 1, Q, 0, "self_attn.q_proj.bias");
+        p->kw = model_add_layer_tensor(m, PR_TENSOR_WEIGHT, l, 2, KV, C, "self_attn.k_proj.weight");
+        if (c->qkv_bias) p->kb = model_add_layer_tensor(m, PR_TENSOR_BIAS, l, 1, KV, 0, "self_attn.k_proj.bias");
+        p->vw = model_add_layer_tensor(m, PR_TENSOR_WEIGHT, l, 2, KV, C, "self_attn.v_proj.weight");
+        if (c->qkv_bias) p->vb = model_add_layer_tensor(m, PR_TENSOR_BIAS, l, 1, KV, 0, "self_attn.v_proj.bias");
+        p->ow = model_add_layer_tensor(m, PR_TENSOR_WEIGHT, l, 2, C, Q, "self_attn.o_proj.weight");
+        if (c->o_bias) p->ob = model_add_layer_tensor(m, PR_TENSOR_BIAS, l, 1, C, 0, "self_attn.o_proj.bias");
         if (c->qk_norm) {
-            p->qnw = add_layer_tensor(m, PR_TENSOR_NORM_GAIN, l, 1, hd, 0, "self_attn.q_norm.weight");
-            p->knw = add_layer_tensor(m, PR_TENSOR_NORM_GAIN, l, 1, hd, 0, "self_attn.k_norm.weight");
+            p->qnw = model_add_layer_tensor(m, PR_TENSOR_NORM_GAIN, l, 1, hd, 0, "self_attn.q_norm.weight");
+            p->knw = model_add_layer_tensor(m, PR_TENSOR_NORM_GAIN, l, 1, hd, 0, "self_attn.k_norm.weight");
         }
-        p->gw = add_layer_tensor(m, PR_TENSOR_WEIGHT, l, 2, F, C, "mlp.gate_proj.weight");
-        if (c->mlp_bias) p->gb = add_layer_tensor(m, PR_TENSOR_BIAS, l, 1, F, 0, "mlp.gate_proj.bias");
-        p->uw = add_layer_tensor(m, PR_TENSOR_WEIGHT, l, 2, F, C, "mlp.up_proj.weight");
-        if (c->mlp_bias) p->ub = add_layer_tensor(m, PR_TENSOR_BIAS, l, 1, F, 0, "mlp.up_proj.bias");
-        p->dw = add_layer_tensor(m, PR_TENSOR_WEIGHT, l, 2, C, F, "mlp.down_proj.weight");
-        if (c->mlp_bias) p->db = add_layer_tensor(m, PR_TENSOR_BIAS, l, 1, C, 0, "mlp.down_proj.bias");
-        p->ln1w = add_layer_tensor(m, PR_TENSOR_NORM_GAIN, l, 1, C, 0, "input_layernorm.weight");
-        p->ln2w = add_layer_tensor(m, PR_TENSOR_NORM_GAIN, l, 1, C, 0, "post_attention_layernorm.weight");
+        p->gw = model_add_layer_tensor(m, PR_TENSOR_WEIGHT, l, 2, F, C, "mlp.gate_proj.weight");
+        if (c->mlp_bias) p->gb = model_add_layer_tensor(m, PR_TENSOR_BIAS, l, 1, F, 0, "mlp.gate_proj.bias");
+        p->uw = model_add_layer_tensor(m, PR_TENSOR_WEIGHT, l, 2, F, C, "mlp.up_proj.weight");
+        if (c->mlp_bias) p->ub = model_add_layer_tensor(m, PR_TENSOR_BIAS, l, 1, F, 0, "mlp.up_proj.bias");
+        p->dw = model_add_layer_tensor(m, PR_TENSOR_WEIGHT, l, 2, C, F, "mlp.down_proj.weight");
+        if (c->mlp_bias) p->db = model_add_layer_tensor(m, PR_TENSOR_BIAS, l, 1, C, 0, "mlp.down_proj.bias");
+        p->ln1w = model_add_layer_tensor(m, PR_TENSOR_NORM_GAIN, l, 1, C, 0, "input_layernorm.weight");
+        p->ln2w = model_add_layer_tensor(m, PR_TENSOR_NORM_GAIN, l, 1, C, 0, "post_attention_layernorm.weight");
     }
     g->normw = model_add_base_tensor(m, PR_TENSOR_NORM_GAIN, -1, 1, C, 0, "model.norm.weight");
     m->head = c->tied_head ? m->wte : model_add_base_tensor(m, PR_TENSOR_WEIGHT, -1, 2, V, C, "lm_head.weight");
 
-    in_workspace(m->wte, PR_WS_EMBEDDING);
+    model_set_workspace(m->wte, PR_WS_EMBEDDING);
     for (int l = 0; l < c->n_layers; l++) {
         layer_params *p = &g->lp[l];
         pr_tensor_info *norms[] = { p->ln1w, p->ln2w };
         pr_tensor_info *attn[] = { p->qw, p->qb, p->kw, p->kb, p->vw, p->vb, p->ow, p->ob, p->qnw, p->knw };
         pr_tensor_info *ffn[] = { p->gw, p->gb, p->uw, p->ub, p->dw, p->db };
         for (size_t i = 0; i < sizeof norms / sizeof norms[0]; i++)
-            in_workspace(norms[i], PR_WS_NORM);
+            model_set_workspace(norms[i], PR_WS_NORM);
         for (size_t i = 0; i < sizeof attn / sizeof attn[0]; i++)
-            in_workspace(attn[i], PR_WS_ATTENTION);
+            model_set_workspace(attn[i], PR_WS_ATTENTION);
         for (size_t i = 0; i < sizeof ffn / sizeof ffn[0]; i++)
-            in_workspace(ffn[i], PR_WS_FFN);
+            model_set_workspace(ffn[i], PR_WS_FFN);
     }
-    in_workspace(g->normw, PR_WS_NORM);
+    model_set_workspace(g->normw, PR_WS_NORM);
     if (m->head != m->wte)
-        in_workspace(m->head, PR_WS_HEAD);
+        model_set_workspace(m->head, PR_WS_HEAD);
     return PR_OK;
 }
 
@@ -439,17 +434,6 @@ static void attention_cached(float *out, const float *q, const float *kc, const 
     }
 }
 
-static void decode_free(pr_model *m)
-{
-    llama *g = m->fam;
-    free(g->cache);
-    free(g->kc);
-    free(g->vc);
-    free(g->dec_scores);
-    g->cache = g->dec_scores = NULL;
-    g->kc = g->vc = NULL;
-    g->ctx = 0;
-}
 
 static int decode_reserve(pr_model *m, int ctx, pr_error *err)
 {
@@ -664,6 +648,7 @@ static int block_backward(pr_model *m, int l, const float *x, pr_error *err)
 
 const family_ops family_llama = {
     .name = "LLaMA",
+    .layer_prefix = "model.layers.",
     .check_config = check_config,
     .count_tensors = count_tensors,
     .build = build,

@@ -6,6 +6,7 @@
  * handed out stay valid until their tensor is removed. */
 #include <stdint.h>
 #include <stdlib.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "family.h"
@@ -170,4 +171,18 @@ void pr_model_remove_tensors(pr_model *m, const char *prefix)
             m->tab[keep++] = t;
     }
     m->n_tensors = keep;
+}
+
+pr_tensor_info *model_add_layer_tensor(pr_model *m, int kind, int l, int ndim, int64_t s0, int64_t s1,
+                                       const char *suffix)
+{
+    char name[TENSOR_NAME_LEN];
+    snprintf(name, sizeof name, "%s%d.%s", m->ops->layer_prefix, l, suffix);
+    return model_add_base_tensor(m, kind, l, ndim, s0, s1, name);
+}
+
+void model_set_workspace(pr_tensor_info *t, uint32_t ws)
+{
+    if (t)
+        t->workspace = ws;
 }
