@@ -722,6 +722,31 @@ static int add_part(lora_group **g, int *n_g, int *cap, int layer, const lora_ta
     return PR_OK;
 }
 
+/* A plain low-rank update llama.cpp's adapters express: Hugging Face PEFT's
+ * LORA type added with a scale, whose parameters are lora_A and lora_B (and
+ * the frozen initial copies lora_A0 / lora_B0 of PiSSA and OLoRA), nothing
+ * more (DoRA's magnitude vector is not an adapter term). Known by what the
+ * technique declares, not by its name. */
+static int plain_lora(const pr_module *mod)
+{
+    const pr_technique *t = pr_module_technique(mod);
+    if (!t->peft_type || strcmp(t->peft_type, "LORA") != 0 || t->integration != PR_INTEGRATE_SCALED_ADD)
+        return 0;
+    static const char *const ok[] = { "lora_A", "lora_B", "lora_A0", "lora_B0" };
+    int n = pr_module_n_params(mod);
+    for (int i = 0; i < n; i++) {
+        pr_module_param pa;
+        int known = 0;
+        if (pr_module_param_at(mod, i, &pa) != PR_OK)
+            return 0;
+        for (size_t k = 0; k < sizeof ok / sizeof ok[0]; k++)
+            known |= strcmp(pa.param, ok[k]) == 0;
+        if (!known)
+            return 0;
+    }
+    return n > 0;
+}
+
 int gguf_export_lora(pr_module *mod, const char *path, gguf_lora_summary *summary, pr_error *err)
 {
     const pr_technique *t = pr_module_technique(mod);
@@ -729,7 +754,7 @@ int gguf_export_lora(pr_module *mod, const char *path, gguf_lora_summary *summar
     const pr_model_config *c = pr_model_get_config(m);
     if (summary)
         memset(summary, 0, sizeof *summary);
-    if (strcmp(t->name, "lora") != 0 && strcmp(t->name, "lora_fa") != 0)
+    if (!plain_lora(mod))
         return pr_errorf(err, PR_ERR_UNSUPPORTED,
                          "gguf adapters carry LoRA only; technique %s (module '%s') has no llama.cpp adapter form: "
                          "merge it into the model with --base, or export --format peft or peftref",
