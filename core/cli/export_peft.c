@@ -53,24 +53,15 @@
 
 #include "cli.h"
 #include "export.h"
+#include "export_peft.h"
 #include "module_file.h"
 #include "peft_adapter.h"
 #include "peftref/head.h"
 #include "peftref/pipeline.h"
 
-#define ERR(...) (fprintf(stderr, "peftref export: " __VA_ARGS__), fputc('\n', stderr), 1)
 
 /* ---- the run and its module ---------------------------------------------------------------------- */
 
-typedef struct job {
-    pr_registry *reg;
-    pr_pipeline *pipe;
-    pr_model *m;
-    pr_tokenizer *tok;
-    pr_module *mod;
-    const pr_technique *t;
-    const pr_model_config *cfg;
-} job;
 
 static void job_free(job *j)
 {
@@ -201,18 +192,7 @@ int export_peftref(const export_request *r)
 
 /* ---- --format peft: the tensors -------------------------------------------------------------------- */
 
-typedef struct tensor_out {
-    char name[256];
-    int ndim;
-    int64_t shape[4];
-    float *data;
-} tensor_out;
 
-typedef struct adapter {
-    tensor_out *t;
-    int n;
-    st_file *st;             /* the module as saved (PEFT names) */
-} adapter;
 
 static void adapter_free(adapter *a)
 {
@@ -222,7 +202,7 @@ static void adapter_free(adapter *a)
     st_close(a->st);
 }
 
-static tensor_out *find_tensor(adapter *a, const char *name)
+tensor_out *xp_find_tensor(adapter *a, const char *name)
 {
     for (int i = 0; i < a->n; i++)
         if (!strcmp(a->t[i].name, name))
@@ -230,7 +210,7 @@ static tensor_out *find_tensor(adapter *a, const char *name)
     return NULL;
 }
 
-static tensor_out *add_tensor(adapter *a, const char *name, int ndim, const int64_t *shape)
+tensor_out *xp_add_tensor(adapter *a, const char *name, int ndim, const int64_t *shape)
 {
     tensor_out *v = realloc(a->t, (size_t)(a->n + 1) * sizeof *v);
     if (!v)
@@ -264,7 +244,7 @@ static int read_saved(job *j, const char *path, adapter *a)
         const st_tensor *t = st_tensor_at(a->st, i);
         if (t->ndim < 1 || t->ndim > 4)
             return ERR("module tensor '%s' has %d dimensions", t->name, t->ndim);
-        tensor_out *o = add_tensor(a, t->name, t->ndim, t->shape);
+        tensor_out *o = xp_add_tensor(a, t->name, t->ndim, t->shape);
         if (!o)
             return ERR("out of memory");
         if (st_to_f32(a->st, t, o->data, &err))
@@ -286,7 +266,7 @@ static int append_initial_factors(job *j, adapter *a)
         char key[256];
         snprintf(key, sizeof key, "base_model.model.%s.%d.%s.lora_%c.weight", peft_blocks_path(j->cfg), p.layer,
                  path ? path : "?", is_a ? 'A' : 'B');
-        tensor_out *o = find_tensor(a, key);
+        tensor_out *o = xp_find_tensor(a, key);
         if (!o || o->ndim != 2 || p.ndim != 2)
             return ERR("module '%s': no tensor '%s' for its initial factor %s", pr_module_name(j->mod), key, p.name);
         int64_t R = o->shape[0], C = o->shape[1];
@@ -322,7 +302,7 @@ static int append_initial_factors(job *j, adapter *a)
 
 /* ---- --format peft: adapter_config.json ------------------------------------------------------------ */
 
-static int option_index(const pr_technique *t, const char *name)
+int xp_option_index(const pr_technique *t, const char *name)
 {
     for (uint32_t i = 0; i < t->n_options; i++) {
         pr_option_decl d;
@@ -334,18 +314,18 @@ static int option_index(const pr_technique *t, const char *name)
 }
 
 /* A numeric option (site -1: the module's value). */
-static double opt_num(const job *j, const char *name, int site, double def)
+double xp_opt_num(const job *j, const char *name, int site, double def)
 {
-    int i = option_index(j->t, name);
+    int i = xp_option_index(j->t, name);
     if (i < 0)
         return def;
     const pr_option_value *v = site < 0 ? pr_module_option(j->mod, i) : pr_module_site_option(j->mod, site, i);
     return v ? v->num : def;
 }
 
-static const char *opt_str(const job *j, const char *name)
+const char *xp_opt_str(const job *j, const char *name)
 {
-    int i = option_index(j->t, name);
+    int i = xp_option_index(j->t, name);
     const pr_option_value *v = i < 0 ? NULL : pr_module_option(j->mod, i);
     return v && v->str ? v->str : NULL;
 }
@@ -365,7 +345,7 @@ static json_t *common_config(const job *j, const char *type)
     return c;
 }
 
-static json_t *site_names(const job *j, uint32_t sites, int lora_kind)
+json_t *xp_site_names(const job *j, uint32_t sites, int lora_kind)
 {
     json_t *a = json_array();
     for (int s = 0; s < PR_SITE_COUNT; s++) {
@@ -392,7 +372,7 @@ static json_t *site_names(const job *j, uint32_t sites, int lora_kind)
     return a;
 }
 
-static void set_layers(const job *j, json_t *c)
+void xp_set_layers(const job *j, json_t *c)
 {
     int n = 0;
     const int *ls = pr_module_layers(j->mod, &n);
@@ -408,36 +388,36 @@ static void set_layers(const job *j, json_t *c)
     json_object_set_new(c, "layers_pattern", json_string(j->cfg->family == PR_FAMILY_GPT2 ? "h" : "layers"));
 }
 
-static json_t *num_json(double v)
+json_t *xp_num_json(double v)
 {
     return v == floor(v) && fabs(v) < 1e15 ? json_integer((json_int_t)v) : json_real(v);
 }
 
-static int lora_config(const job *j, json_t *c, int doubled)
+int xp_lora_config(const job *j, json_t *c, int doubled)
 {
     int dora = !strcmp(j->t->name, "dora");
-    int rslora = opt_num(j, "use_rslora", -1, 0) != 0;
+    int rslora = xp_opt_num(j, "use_rslora", -1, 0) != 0;
     /* the doubled rank of a converted pissa / olora module keeps s = alpha / r (or / sqrt(r)) */
     double rk = doubled ? 2.0 : 1.0, ak = doubled ? (rslora ? sqrt(2.0) : 2.0) : 1.0;
-    double r = opt_num(j, "r", -1, 8), alpha = opt_num(j, "alpha", -1, 8);
+    double r = xp_opt_num(j, "r", -1, 8), alpha = xp_opt_num(j, "alpha", -1, 8);
     uint32_t sites = pr_module_sites(j->mod);
-    json_object_set_new(c, "r", num_json(r * rk));
-    json_object_set_new(c, "lora_alpha", num_json(alpha * ak));
-    json_object_set_new(c, "lora_dropout", json_real(opt_num(j, "dropout", -1, 0)));
+    json_object_set_new(c, "r", xp_num_json(r * rk));
+    json_object_set_new(c, "lora_alpha", xp_num_json(alpha * ak));
+    json_object_set_new(c, "lora_dropout", json_real(xp_opt_num(j, "dropout", -1, 0)));
     json_object_set_new(c, "use_rslora", json_boolean(rslora));
     json_object_set_new(c, "use_dora", json_boolean(dora));
-    json_object_set_new(c, "target_modules", site_names(j, sites, 1));
+    json_object_set_new(c, "target_modules", xp_site_names(j, sites, 1));
     json_object_set_new(c, "exclude_modules", json_null());
     json_object_set_new(c, "fan_in_fan_out", json_boolean(j->cfg->family == PR_FAMILY_GPT2));
     json_object_set_new(c, "bias", json_string("none"));
-    const char *init = dora ? NULL : opt_str(j, "init_lora_weights");
+    const char *init = dora ? NULL : xp_opt_str(j, "init_lora_weights");
     if (!init || doubled || !strcmp(init, "true"))
         json_object_set_new(c, "init_lora_weights", json_true());
     else if (!strcmp(init, "false"))
         json_object_set_new(c, "init_lora_weights", json_false());
     else
         json_object_set_new(c, "init_lora_weights", json_string(init));
-    set_layers(j, c);
+    xp_set_layers(j, c);
     json_t *rp = json_object(), *ap = json_object();
     for (int s = 0; s < PR_SITE_COUNT; s++) {
         if (!(sites & PR_SITE_BIT(s)))
@@ -446,11 +426,11 @@ static int lora_config(const job *j, json_t *c, int doubled)
         if (!p)
             continue;
         const char *name = j->cfg->family == PR_FAMILY_GPT2 ? p : strrchr(p, '.') + 1;
-        double sr = opt_num(j, "r", s, r), sa = opt_num(j, "alpha", s, alpha);
+        double sr = xp_opt_num(j, "r", s, r), sa = xp_opt_num(j, "alpha", s, alpha);
         if (sr != r)
-            json_object_set_new(rp, name, num_json(sr * rk));
+            json_object_set_new(rp, name, xp_num_json(sr * rk));
         if (sa != alpha)
-            json_object_set_new(ap, name, num_json(sa * ak));
+            json_object_set_new(ap, name, xp_num_json(sa * ak));
     }
     json_object_set_new(c, "rank_pattern", rp);
     json_object_set_new(c, "alpha_pattern", ap);
@@ -466,434 +446,6 @@ static int lora_config(const job *j, json_t *c, int doubled)
     return 0;
 }
 
-/* ---- the further weight types: LOHA, LOKR, VERA, OFT, HRA, FOURIERFT ----------------------------------- */
-
-/* A per-site option that PEFT's config has one value for: the module's, or
- * an error naming the site whose value differs. */
-static int one_value(const job *j, const char *opt, const char *field, double *out)
-{
-    double v = opt_num(j, opt, -1, 0);
-    uint32_t sites = pr_module_sites(j->mod);
-    for (int s = 0; s < PR_SITE_COUNT; s++)
-        if ((sites & PR_SITE_BIT(s)) && opt_num(j, opt, s, v) != v)
-            return ERR("module '%s' (technique %s) sets %s per site (%g at %s, %g for the module); PEFT's %s has "
-                       "one value for every module; use --format peftref", pr_module_name(j->mod), j->t->name, opt,
-                       opt_num(j, opt, s, v), pr_site_name(s), v, field);
-    *out = v;
-    return 0;
-}
-
-/* The sites whose option opt differs from the module's, as PEFT's
- * *_pattern object (module name -> value). */
-static json_t *site_pattern(const job *j, const char *opt, double def)
-{
-    json_t *p = json_object();
-    uint32_t sites = pr_module_sites(j->mod);
-    for (int s = 0; s < PR_SITE_COUNT; s++) {
-        const char *path = (sites & PR_SITE_BIT(s)) ? peft_site_path(j->cfg, s) : NULL;
-        if (!path)
-            continue;
-        double v = opt_num(j, opt, s, def);
-        if (v != def)
-            json_object_set_new(p, j->cfg->family == PR_FAMILY_GPT2 ? path : strrchr(path, '.') + 1, num_json(v));
-    }
-    return p;
-}
-
-/* PEFT adapts these types only in nn.Linear (and convolution) layers; GPT-2's
- * projections are transformers' Conv1D, which their _create_new_module
- * refuses ("Target module ... is not supported"). */
-static int linear_only(const job *j)
-{
-    if (j->cfg->family != PR_FAMILY_GPT2)
-        return 0;
-    return ERR("module '%s' (technique %s): Hugging Face PEFT's %s adapts torch.nn.Linear layers only, and GPT-2's "
-               "projections are transformers' Conv1D, which it refuses; use --format peftref",
-               pr_module_name(j->mod), j->t->name, j->t->peft_type);
-}
-
-static void target_fields(const job *j, json_t *c, int has_exclude, int has_fifo)
-{
-    json_object_set_new(c, "target_modules", site_names(j, pr_module_sites(j->mod), 1));
-    if (has_exclude)
-        json_object_set_new(c, "exclude_modules", json_null());
-    if (has_fifo)
-        json_object_set_new(c, "fan_in_fan_out", json_boolean(j->cfg->family == PR_FAMILY_GPT2));
-    set_layers(j, c);
-}
-
-/* LoKr's factorised lokr_w2 exists in PEFT only when r < max(k, n) / 2 (else
- * it is one full lokr_w2 (k, n), LoKrLayer.update_layer's use_w2). */
-static int lokr_check(const job *j, const adapter *a)
-{
-    for (int i = 0; i < a->n; i++) {
-        const tensor_out *w2a = &a->t[i];
-        size_t L = strlen(w2a->name);
-        if (L < 10 || strcmp(w2a->name + L - 10, ".lokr_w2_a"))
-            continue;
-        char bname[256];
-        snprintf(bname, sizeof bname, "%.*s.lokr_w2_b", (int)(L - 10), w2a->name);
-        const tensor_out *w2b = find_tensor((adapter *)a, bname);
-        if (!w2b)
-            continue;
-        int64_t k = w2a->shape[0], r = w2a->shape[1], n = w2b->shape[1], mx = k > n ? k : n;
-        if (2 * r >= mx)
-            return ERR("module '%s' (technique lokr): at %.*s, r = %lld is not below max(k, n) / 2 = %lld / 2, "
-                       "where Hugging Face PEFT's LoKr keeps one full lokr_w2 (%lld, %lld) instead of lokr_w2_a and "
-                       "lokr_w2_b; use --format peftref (or a smaller r)", pr_module_name(j->mod), (int)(L - 10),
-                       w2a->name, (long long)r, (long long)mx, (long long)k, (long long)n);
-    }
-    return 0;
-}
-
-static int lycoris_config(const job *j, json_t *c, const adapter *a, int lokr)
-{
-    int rc = linear_only(j);
-    if (rc || (lokr && (rc = lokr_check(j, a))))
-        return rc;
-    double r = opt_num(j, "r", -1, 8), alpha = opt_num(j, "alpha", -1, 8);
-    json_object_set_new(c, "r", num_json(r));
-    json_object_set_new(c, "alpha", num_json(alpha));
-    json_object_set_new(c, "rank_pattern", site_pattern(j, "r", r));
-    json_object_set_new(c, "alpha_pattern", site_pattern(j, "alpha", alpha));
-    json_object_set_new(c, "rank_dropout", json_real(0.0));
-    json_object_set_new(c, "module_dropout", json_real(0.0));
-    json_object_set_new(c, "use_effective_conv2d", json_false());
-    json_object_set_new(c, "init_weights", json_true());
-    if (lokr) {
-        json_object_set_new(c, "decompose_both", json_false());
-        json_object_set_new(c, "decompose_factor", json_integer(-1));
-        json_object_set_new(c, "rank_dropout_scale", json_false());
-    }
-    target_fields(j, c, 1, 0);
-    return 0;
-}
-
-static int vera_config(const job *j, json_t *c)
-{
-    if (opt_num(j, "save_projection", -1, 1) == 0)
-        return ERR("module '%s' (technique %s) regenerates vera_A and vera_B from peftref's seed, which Hugging Face "
-                   "PEFT (projection_prng_key through torch's generator) does not reproduce; train with technique "
-                   "vera (save_projection true) or use --format peftref", pr_module_name(j->mod), j->t->name);
-    double d_initial;
-    int rc = one_value(j, "d_initial", "d_initial", &d_initial);
-    if (rc)
-        return rc;
-    json_object_set_new(c, "r", num_json(opt_num(j, "r", -1, 256)));
-    json_object_set_new(c, "projection_prng_key", json_integer(0));
-    json_object_set_new(c, "save_projection", json_true());
-    json_object_set_new(c, "vera_dropout", json_real(opt_num(j, "dropout", -1, 0)));
-    json_object_set_new(c, "d_initial", json_real(d_initial));
-    json_object_set_new(c, "bias", json_string("none"));
-    json_object_set_new(c, "init_weights", json_true());
-    target_fields(j, c, 0, 1);
-    return 0;
-}
-
-static int oft_config(const job *j, json_t *c)
-{
-    double r, bs;
-    int rc = linear_only(j);
-    if (rc || (rc = one_value(j, "r", "r", &r)) || (rc = one_value(j, "oft_block_size", "oft_block_size", &bs)))
-        return rc;
-    json_object_set_new(c, "r", num_json(r));
-    json_object_set_new(c, "oft_block_size", num_json(r ? 0 : bs));
-    json_object_set_new(c, "module_dropout", json_real(0.0));
-    json_object_set_new(c, "bias", json_string("none"));
-    json_object_set_new(c, "init_weights", json_true());
-    json_object_set_new(c, "coft", json_false());
-    json_object_set_new(c, "eps", json_real(6e-05));
-    json_object_set_new(c, "block_share", json_false());
-    /* peftref computes the exact Cayley transform (plugins/oft.c) */
-    json_object_set_new(c, "use_cayley_neumann", json_false());
-    json_object_set_new(c, "num_cayley_neumann_terms", json_integer(5));
-    target_fields(j, c, 1, 1);
-    return 0;
-}
-
-/* BOFTConfig: boft_block_size and boft_block_num are exclusive (one is 0);
- * peftref's boft takes boft_block_size when it is set. */
-static int boft_config(const job *j, json_t *c)
-{
-    double bs, bn, m;
-    int rc = linear_only(j);
-    if (rc || (rc = one_value(j, "boft_block_size", "boft_block_size", &bs)) ||
-        (rc = one_value(j, "boft_block_num", "boft_block_num", &bn)) ||
-        (rc = one_value(j, "boft_n_butterfly_factor", "boft_n_butterfly_factor", &m)))
-        return rc;
-    json_object_set_new(c, "boft_block_size", num_json(bs));
-    json_object_set_new(c, "boft_block_num", num_json(bs ? 0 : bn));
-    json_object_set_new(c, "boft_n_butterfly_factor", num_json(m));
-    json_object_set_new(c, "boft_dropout", json_real(0.0));
-    json_object_set_new(c, "bias", json_string("none"));
-    json_object_set_new(c, "init_weights", json_true());
-    target_fields(j, c, 1, 1);
-    return 0;
-}
-
-static int hra_config(const job *j, json_t *c)
-{
-    double r;
-    int rc = linear_only(j);
-    if (rc || (rc = one_value(j, "r", "r", &r)))
-        return rc;
-    json_object_set_new(c, "r", num_json(r));
-    json_object_set_new(c, "apply_GS", json_false());
-    json_object_set_new(c, "init_weights", json_boolean(opt_num(j, "init_weights", -1, 1) != 0));
-    json_object_set_new(c, "bias", json_string("none"));
-    target_fields(j, c, 1, 0);
-    return 0;
-}
-
-static int fourierft_config(const job *j, json_t *c)
-{
-    const char *norm = opt_str(j, "ifft2_norm");
-    if (norm && strcmp(norm, "backward"))
-        return ERR("module '%s' (technique fourierft) uses ifft2_norm %s; Hugging Face PEFT's FourierFT uses "
-                   "torch.fft.ifft2's default (backward) and has no field for another; use --format peftref",
-                   pr_module_name(j->mod), norm);
-    double n = opt_num(j, "n_frequency", -1, 1000);
-    json_object_set_new(c, "n_frequency", num_json(n));
-    json_object_set_new(c, "n_frequency_pattern", site_pattern(j, "n_frequency", n));
-    json_object_set_new(c, "scaling", json_real(opt_num(j, "scaling", -1, 150)));
-    json_object_set_new(c, "random_loc_seed", num_json(opt_num(j, "random_loc_seed", -1, 777)));
-    json_object_set_new(c, "init_weights", json_boolean(opt_num(j, "init_weights", -1, 0) != 0));
-    json_object_set_new(c, "bias", json_string("none"));
-    target_fields(j, c, 1, 1);
-    return 0;
-}
-
-/* TrainableTokensConfig: the embedding's rows token_indices.  PEFT ties the
- * same rows of a tied output head to them; peftref's trainable_tokens
- * changes the input side only. */
-static int trainable_tokens_config(const job *j, json_t *c)
-{
-    if (j->cfg->tied_head)
-        return ERR("module '%s' (technique trainable_tokens): the base model ties its output head to the token "
-                   "embedding, where Hugging Face PEFT's TRAINABLE_TOKENS replaces the head's rows too and peftref's "
-                   "trainable_tokens only the input rows; use --format peftref", pr_module_name(j->mod));
-    const char *ids = opt_str(j, "token_indices");
-    json_t *a = json_array();
-    for (const char *s = ids ? ids : ""; *s;) {
-        char *end;
-        long v = strtol(s, &end, 10);
-        if (end == s) {
-            s++;
-            continue;
-        }
-        json_array_append_new(a, json_integer(v));
-        s = end;
-    }
-    json_object_set_new(c, "token_indices", a);
-    json_t *tm = json_array();
-    json_array_append_new(tm, json_string(j->cfg->family == PR_FAMILY_GPT2 ? "wte" : "embed_tokens"));
-    json_object_set_new(c, "target_modules", tm);
-    json_object_set_new(c, "init_weights", json_boolean(opt_num(j, "init_weights", -1, 1) != 0));
-    return 0;
-}
-
-static int ia3_config(const job *j, json_t *c)
-{
-    uint32_t sites = pr_module_sites(j->mod);
-    if (j->cfg->family != PR_FAMILY_GPT2 && (sites & (PR_SITE_BIT(PR_SITE_ATTN_K) | PR_SITE_BIT(PR_SITE_ATTN_V))))
-        return ERR("module '%s' (technique ia3) scales keys or values after RoPE (attn.k, attn.v), which PEFT's "
-                   "k_proj / v_proj vectors do not express on a LLaMA-family model (use sites k and v); use "
-                   "--format peftref", pr_module_name(j->mod));
-    json_object_set_new(c, "target_modules", site_names(j, sites, 0));
-    json_t *ff = json_array();
-    if (sites & PR_SITE_BIT(PR_SITE_FFN_ACT)) {
-        const char *p = peft_site_path(j->cfg, PR_SITE_FFN_DOWN);
-        json_array_append_new(ff, json_string(j->cfg->family == PR_FAMILY_GPT2 ? p : strrchr(p, '.') + 1));
-    }
-    json_object_set_new(c, "feedforward_modules", ff);
-    json_object_set_new(c, "exclude_modules", json_null());
-    json_object_set_new(c, "fan_in_fan_out", json_boolean(j->cfg->family == PR_FAMILY_GPT2));
-    json_object_set_new(c, "init_ia3_weights", json_true());
-    return 0;
-}
-
-static void prompt_config(const job *j, json_t *c, int prefix, int ptuning)
-{
-    const pr_model_config *g = j->cfg;
-    json_object_set_new(c, "num_virtual_tokens", num_json(opt_num(j, "n_tokens", -1, 0)));
-    json_object_set_new(c, "num_layers", json_integer(g->n_layers));
-    json_object_set_new(c, "num_transformer_submodules", json_integer(1));
-    if (prefix) {
-        /* PEFT's past_key_values per layer: num_key_value_heads heads of head_dim */
-        json_object_set_new(c, "token_dim", json_integer((json_int_t)g->n_kv_heads * g->d_head));
-        json_object_set_new(c, "num_attention_heads", json_integer(g->n_kv_heads));
-        json_object_set_new(c, "encoder_hidden_size", json_integer(g->d_model));
-        json_object_set_new(c, "prefix_projection", json_false());
-        return;
-    }
-    json_object_set_new(c, "token_dim", json_integer(g->d_model));
-    json_object_set_new(c, "num_attention_heads", json_integer(g->n_heads));
-    if (ptuning) {
-        /* PromptEncoderConfig; the file holds the MLP's output (p_tuning folds
-         * to it when saved), which PEFT's PromptEncoder in inference mode
-         * uses as its embedding */
-        json_object_set_new(c, "encoder_reparameterization_type", json_string("MLP"));
-        double h = opt_num(j, "encoder_hidden_size", -1, 0);   /* 0: token_dim, PEFT's None */
-        json_object_set_new(c, "encoder_hidden_size", json_integer(h > 0 ? (json_int_t)h : g->d_model));
-        json_object_set_new(c, "encoder_num_layers", json_integer(2));
-        json_object_set_new(c, "encoder_dropout", json_real(0.0));
-        return;
-    }
-    const char *init = opt_str(j, "init"), *text = opt_str(j, "init_text");
-    int is_text = init && !strcmp(init, "text");
-    json_object_set_new(c, "prompt_tuning_init",
-                        json_string(is_text ? "TEXT" : init && !strcmp(init, "normal") ? "RANDOM" : "SAMPLE_VOCAB"));
-    json_object_set_new(c, "prompt_tuning_init_text", is_text && text ? json_string(text) : json_null());
-    json_object_set_new(c, "tokenizer_name_or_path", json_null());
-    json_object_set_new(c, "tokenizer_kwargs", json_null());
-}
-
-/* ---- ADALORA ----------------------------------------------------------------------------------------- */
-
-/* peftref's adalora keeps init_r triplets per insertion, lora_E of every
- * insertion in one (insertions, init_r) tensor (row k: insertion k, layer
- * by layer in site order), and the mask of kept triplets in its
- * rank_pattern buffer, which module files do not carry (it comes back as
- * ones).  What PEFT saves (AdaLoraModel.resize_state_dict_by_rank_pattern)
- * is each module's kept triplets only: lora_A (k, in), lora_B (out, k),
- * lora_E (k, 1), with rank_pattern {"<module>.lora_E": init_r booleans}.
- * A triplet is kept when the buffer keeps it and its singular value is not
- * 0: the budget's masking zeroes lora_E and every step after the final
- * allocation zeroes it again, so a pruned triplet's value is exactly 0
- * where a trained kept one is not.  A module whose lora_E is 0 everywhere
- * (never trained) is written whole with rank_pattern null, so it keeps
- * training as it would in peftref. */
-static int adalora_tensors(job *j, adapter *a, json_t *c)
-{
-    const char *mname = pr_module_name(j->mod);
-    const float *E = NULL, *P = NULL;
-    int64_t n_rows = 0, r = 0;
-    for (int i = 0; i < pr_module_n_params(j->mod); i++) {
-        pr_module_param p;
-        pr_module_param_at(j->mod, i, &p);
-        if (!strcmp(p.param, "lora_E") || !strcmp(p.param, "rank_pattern")) {
-            if (p.ndim != 2)
-                return ERR("module '%s': %s is not 2-dimensional", mname, p.param);
-            *(!strcmp(p.param, "lora_E") ? &E : &P) = p.data;
-            n_rows = p.shape[0];
-            r = p.shape[1];
-        }
-    }
-    if (!E)
-        return ERR("module '%s' (technique adalora) has no lora_E", mname);
-    int any = 0, pruned = 0;
-    for (int64_t i = 0; i < n_rows * r; i++) {
-        any |= E[i] != 0.0f;
-        pruned |= E[i] == 0.0f || (P && P[i] == 0.0f);
-    }
-    int resize = any && pruned;
-    uint32_t sites = pr_module_sites(j->mod);
-    int n_sites = 0, nl = 0;
-    for (int s = 0; s < PR_SITE_COUNT; s++)
-        n_sites += (sites & PR_SITE_BIT(s)) != 0;
-    const int *ls = pr_module_layers(j->mod, &nl);
-    if (!ls)
-        nl = j->cfg->n_layers;
-    if ((int64_t)n_sites * nl != n_rows)
-        return ERR("module '%s': lora_E has %lld rows for %d insertions", mname, (long long)n_rows, n_sites * nl);
-    json_t *rp = resize ? json_object() : json_null();
-    int rc = 0;
-    for (int i = 0; !rc && i < pr_module_n_params(j->mod); i++) {
-        pr_module_param p;
-        pr_module_param_at(j->mod, i, &p);
-        int is_a = !strcmp(p.param, "lora_A"), is_b = !strcmp(p.param, "lora_B");
-        if (!is_a && !is_b)
-            continue;
-        const char *path = peft_site_path(j->cfg, p.site);
-        if (!path) {
-            rc = ERR("module '%s' (technique adalora) adapts %s, which has no Hugging Face module name; use --format "
-                     "peftref", mname, pr_site_name(p.site));
-            break;
-        }
-        int li = 0, si = 0;
-        while (ls && li < nl && ls[li] != p.layer)
-            li++;
-        if (!ls)
-            li = p.layer;
-        for (int s = 0; s < p.site; s++)
-            si += (sites & PR_SITE_BIT(s)) != 0;
-        int64_t k = (int64_t)li * n_sites + si;
-        const float *ek = E + k * r, *pk = P ? P + k * r : NULL;
-        int64_t kept = 0;
-        for (int64_t q = 0; q < r; q++)
-            kept += !resize || (ek[q] != 0.0f && (!pk || pk[q] != 0.0f));
-        char mod[200], key[256];
-        snprintf(mod, sizeof mod, "%s.%d.%s", peft_blocks_path(j->cfg), p.layer, path);
-        int64_t shape[2];
-        if (is_a) {
-            shape[0] = kept;
-            shape[1] = p.shape[1];
-        } else {
-            shape[0] = p.shape[0];
-            shape[1] = kept;
-        }
-        snprintf(key, sizeof key, "base_model.model.%s.lora_%c", mod, is_a ? 'A' : 'B');
-        tensor_out *o = add_tensor(a, key, 2, shape);
-        tensor_out *oe = NULL;
-        if (o && is_a) {
-            int64_t es[2] = { kept, 1 };
-            snprintf(key, sizeof key, "base_model.model.%s.lora_E", mod);
-            oe = add_tensor(a, key, 2, es);
-            o = &a->t[a->n - 2];   /* add_tensor may move the array */
-        }
-        if (!o || (is_a && !oe)) {
-            rc = ERR("out of memory");
-            break;
-        }
-        int64_t q = 0;
-        json_t *bools = is_a && resize ? json_array() : NULL;
-        for (int64_t t = 0; t < r; t++) {
-            int keep = !resize || (ek[t] != 0.0f && (!pk || pk[t] != 0.0f));
-            if (bools)
-                json_array_append_new(bools, json_boolean(keep));
-            if (!keep)
-                continue;
-            if (is_a) {
-                memcpy(o->data + q * p.shape[1], p.data + t * p.shape[1], (size_t)p.shape[1] * sizeof(float));
-                oe->data[q] = ek[t];
-            } else {
-                for (int64_t row = 0; row < p.shape[0]; row++)
-                    o->data[row * kept + q] = p.data[row * r + t];
-            }
-            q++;
-        }
-        if (bools) {
-            snprintf(key, sizeof key, "%s.lora_E", mod);
-            json_object_set_new(rp, key, bools);
-        }
-    }
-    if (rc) {
-        json_decref(rp);
-        return rc;
-    }
-    json_object_set_new(c, "rank_pattern", rp);
-    return 0;
-}
-
-static int adalora_config(const job *j, json_t *c)
-{
-    int rc = lora_config(j, c, 0);
-    if (rc)
-        return rc;
-    json_object_set_new(c, "r", json_integer(8));   /* LoraConfig's r, which AdaLoRA does not use */
-    json_object_del(c, "rank_pattern");
-    static const char *const ints[][2] = { { "target_r", "target_r" }, { "init_r", "init_r" }, { "tinit", "tinit" },
-                                           { "tfinal", "tfinal" }, { "deltaT", "delta_t" } };
-    for (size_t i = 0; i < sizeof ints / sizeof ints[0]; i++)
-        json_object_set_new(c, ints[i][0], num_json(opt_num(j, ints[i][1], -1, 0)));
-    json_object_set_new(c, "beta1", json_real(opt_num(j, "beta1", -1, 0.85)));
-    json_object_set_new(c, "beta2", json_real(opt_num(j, "beta2", -1, 0.85)));
-    json_object_set_new(c, "orth_reg_weight", json_real(opt_num(j, "orth_reg_weight", -1, 0.5)));
-    double total = opt_num(j, "total_step", -1, 0);
-    json_object_set_new(c, "total_step", total > 0 ? num_json(total) : json_null());
-    return 0;
-}
-
 /* A classification head: PEFT's modules_to_save "score", the classifier of
  * GPT2ForSequenceClassification / LlamaForSequenceClassification, as
  * torch.nn.Linear(d_model, K).weight (K, d_model). */
@@ -903,7 +455,7 @@ static int add_head(const job *j, adapter *a, json_t *c)
     if (!h || h->n_labels <= 0)
         return 0;
     int64_t shape[2] = { h->n_labels, h->d_model };
-    tensor_out *w = add_tensor(a, "base_model.model.score.weight", 2, shape);
+    tensor_out *w = xp_add_tensor(a, "base_model.model.score.weight", 2, shape);
     if (!w)
         return ERR("out of memory");
     for (int k = 0; k < h->n_labels; k++)
@@ -914,7 +466,7 @@ static int add_head(const job *j, adapter *a, json_t *c)
         nonzero |= h->bias[k] != 0.0f;
     if (nonzero) {
         int64_t bs[1] = { h->n_labels };
-        tensor_out *b = add_tensor(a, "base_model.model.score.bias", 1, bs);
+        tensor_out *b = xp_add_tensor(a, "base_model.model.score.bias", 1, bs);
         if (!b)
             return ERR("out of memory");
         memcpy(b->data, h->bias, (size_t)h->n_labels * sizeof(float));
@@ -1000,7 +552,7 @@ int export_peft(const export_request *r)
     pr_error err = { 0 };
     adapter a = { 0 };
     json_t *c = NULL;
-    const char *init = lora && !strcmp(t->name, "lora") ? opt_str(&j, "init_lora_weights") : NULL;
+    const char *init = lora && !strcmp(t->name, "lora") ? xp_opt_str(&j, "init_lora_weights") : NULL;
     int doubled = init && (!strcmp(init, "pissa") || !strcmp(init, "olora"));
     if (save_module(&j, tmp, &err))
         rc = ERR("%s", err.msg);
@@ -1014,27 +566,27 @@ int export_peft(const export_request *r)
     if (!rc) {
         c = common_config(&j, type);
         if (lora)
-            rc = lora_config(&j, c, doubled);
-        else if (ada && !(rc = adalora_config(&j, c)))
-            rc = adalora_tensors(&j, &a, c);
+            rc = xp_lora_config(&j, c, doubled);
+        else if (ada && !(rc = xp_adalora_config(&j, c)))
+            rc = xp_adalora_tensors(&j, &a, c);
         else if (ia3)
-            rc = ia3_config(&j, c);
+            rc = xp_ia3_config(&j, c);
         else if (!strcmp(type, "LOHA") || !strcmp(type, "LOKR"))
-            rc = lycoris_config(&j, c, &a, !strcmp(type, "LOKR"));
+            rc = xp_lycoris_config(&j, c, &a, !strcmp(type, "LOKR"));
         else if (!strcmp(type, "VERA"))
-            rc = vera_config(&j, c);
+            rc = xp_vera_config(&j, c);
         else if (!strcmp(type, "OFT"))
-            rc = oft_config(&j, c);
+            rc = xp_oft_config(&j, c);
         else if (!strcmp(type, "BOFT"))
-            rc = boft_config(&j, c);
+            rc = xp_boft_config(&j, c);
         else if (!strcmp(type, "HRA"))
-            rc = hra_config(&j, c);
+            rc = xp_hra_config(&j, c);
         else if (!strcmp(type, "FOURIERFT"))
-            rc = fourierft_config(&j, c);
+            rc = xp_fourierft_config(&j, c);
         else if (!strcmp(type, "TRAINABLE_TOKENS"))
-            rc = trainable_tokens_config(&j, c);
+            rc = xp_trainable_tokens_config(&j, c);
         else
-            prompt_config(&j, c, prefix, ptuning);
+            xp_prompt_config(&j, c, prefix, ptuning);
     }
     if (!rc)
         rc = add_head(&j, &a, c);
