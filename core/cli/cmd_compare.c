@@ -97,243 +97,6 @@ static const char compare_usage[] =
 
 static volatile sig_atomic_t interrupted;
 
-static int write_file(const char *dir, const char *name, const char *text)
-{
-    pr_error err = { 0 };
-    char *path = fileio_join(dir, name);
-    int rc = path ? fileio_write_atomic(path, text, strlen(text), &err)
-                  : (int)pr_errorf(&err, PR_ERR_NOMEM, "out of memory");
-    if (rc)
-        fprintf(stderr, "peftref compare: %s\n", err.msg);
-    free(path);
-    return rc;
-}
-
-/* An arm's runs: a setting of its sweep times a seed, units[pt * n_seeds + s]. */
-typedef struct group {
-    compare_arm *units;
-    compare_row *rows;        /* the runs' own rows */
-    compare_row *points;      /* per setting, over its seeds */
-    int n_points, n_seeds, best;
-} group;
-
-/* The directory of run (pt, s) of an arm: NAME alone for one run, else
- * NAME/seedS, NAME/pPT or NAME/pPT-seedS. */
-static char *unit_dir(const char *arms_root, const char *name, const group *g, int pt, int s)
-{
-    char sub[64] = "";
-    if (g->n_points > 1 && g->n_seeds > 1)
-        snprintf(sub, sizeof sub, "/p%d-seed%d", pt, s);
-    else if (g->n_points > 1)
-        snprintf(sub, sizeof sub, "/p%d", pt);
-    else if (g->n_seeds > 1)
-        snprintf(sub, sizeof sub, "/seed%d", s);
-    char rel[512];
-    snprintf(rel, sizeof rel, "%s%s", name, sub);
-    return fileio_join(arms_root, rel);
-}
-
-/* An earlier comparison in out: its table or its runs. */
-static int holds_comparison(const char *out)
-{
-    static const char *const marks[] = { "table.json", "arms", "base" };
-    for (int i = 0; i < 3; i++) {
-        char *p = fileio_join(out, marks[i]);
-        struct stat st;
-        int there = p && stat(p, &st) == 0;
-        free(p);
-        if (there)
-            return 1;
-    }
-    return 0;
-}
-
-/* Plan run u (counts, overhead) into its row and set what its child trains
- * with; 0, or -1 with the row's error set and u->pipe freed. */
-static int prepare_unit(compare_arm *u, int is_base, int eval_every, int progress, int resume, const char *dir,
-                        int mine)
-{
-    compare_row *r = u->row;
-    if (!is_base)
-        compare_technique_list(u->pipe, r->techniques, sizeof r->techniques);
-    pr_pipeline_counts counts;
-    pr_error e = { 0 };
-    if (pr_pipeline_counts_get(u->pipe, &counts, &e) != PR_OK || overhead_of_pipeline(u->pipe, &r->cost, &e) != PR_OK) {
-        snprintf(r->error, sizeof r->error, "%s", e.msg);
-        pr_pipeline_free(u->pipe);
-        u->pipe = NULL;
-        return -1;
-    }
-    r->have_plan = 1;
-    r->trainable_plan = is_base ? 0 : counts.trainable;
-    r->all_params = counts.all;
-    pr_pipeline_train_config(u->pipe, &u->tc);
-    u->tc.eval_every = is_base ? 0 : eval_every;
-    u->tc.progress = is_base ? PR_PROGRESS_NONE : progress;
-    u->tc.quiet = u->tc.progress == PR_PROGRESS_NONE;
-    u->resume = resume;
-    u->tc.resume = resume;
-    u->tc.force = !resume;   /* afresh, unless continuing this comparison */
-    /* a single process checkpoints when a signal stops it; ranks under
-     * mpirun end at once, so an MPI arm keeps train.checkpoint_every */
-    if (!resume && u->mpi_ranks <= 1)
-        u->tc.ckpt_every = 0;
-    u->out_dir = dir ? strdup(dir) : NULL;
-    if (!u->out_dir) {
-        snprintf(r->error, sizeof r->error, "out of memory");
-        pr_pipeline_free(u->pipe);
-        u->pipe = NULL;
-        return -1;
-    }
-    if (!resume && mine) {   /* another rank's runs are its own to clear */
-        char *ck = fileio_join(u->out_dir, "checkpoint.safetensors");
-        if (ck)
-            unlink(ck);
-        free(ck);
-        char *res = fileio_join(u->out_dir, COMPARE_RESULT_FILE);
-        if (res)
-            unlink(res);
-        free(res);
-    }
-    u->tc.out_dir = u->out_dir;
-    return 0;
-}
-
-static void empty_row(compare_row *r, const compare_row *like)
-{
-    memset(r, 0, sizeof *r);
-    r->val_loss = r->initial_val_loss = NAN;
-    r->val_accuracy = -1;
-    snprintf(r->name, sizeof r->name, "%s", like->name);
-    snprintf(r->techniques, sizeof r->techniques, "%s", like->techniques);
-}
-
-/* Write DIR/sweeps/ARM.{md,csv,json}. */
-static int write_sweep(const char *out, const compare_arm *a, const group *g, int cls)
-{
-    char *dir = fileio_join(out, "sweeps");
-    if (!dir || compare_make_dirs(dir) != 0) {
-        fprintf(stderr, "peftref compare: cannot create %s/sweeps: %s\n", out, strerror(errno));
-        free(dir);
-        return 1;
-    }
-    const char **labels = calloc((size_t)g->n_points, sizeof *labels);
-    int rc = labels ? 0 : 1;
-    for (int p = 0; labels && p < g->n_points; p++) {
-        labels[p] = pr_pipeline_arm_point_label(a->pipe, a->arm_index, p);
-        if (!labels[p])
-            labels[p] = "?";
-    }
-    static const char *const ext[] = { "md", "csv", "json" };
-    static const int fmts[] = { COMPARE_MARKDOWN, COMPARE_CSV, COMPARE_JSON };
-    for (int f = 0; labels && f < 3; f++) {
-        char name[300];
-        snprintf(name, sizeof name, "%s.%s", a->row->name, ext[f]);
-        char *s = compare_sweep_render(a->row->name, g->points, labels, g->n_points, g->best, cls, fmts[f]);
-        if (!s || write_file(dir, name, s))
-            rc = 1;
-        free(s);
-    }
-    free(labels);
-    free(dir);
-    return rc;
-}
-
-/* ---- arms side by side on MPI ranks ---------------------------------------
- * `mpirun -np N peftref compare ...`: every rank loads and plans every arm
- * alike, runs the runs r with r mod N == its rank (in the order a single
- * process would: the base, then each arm's settings and seeds), each in a
- * forked child that is a world of one (dist_detach), and sends the rows it
- * filled to rank 0 as one JSON text (dist_gather_text); rank 0 aggregates,
- * prints and writes the table. */
-
-/* A failure every rank agrees on (several ranks), or rc itself; *agreed
- * is set once a failure was agreed, so no rank waits in a later call. */
-static int collective(int rc, int *agreed)
-{
-    if (dist_size() == 1 || *agreed)
-        return rc;
-    pr_error e = { 0 };
-    if (rc)
-        pr_errorf(&e, rc, "failed");
-    int r = dist_agree(rc, &e);
-    if (r)
-        *agreed = 1;
-    return r;
-}
-
-static json_t *num_or_null(double v)
-{
-    return isfinite(v) ? json_real(v) : json_null();
-}
-
-static double num_of(const json_t *o, const char *key, double def)
-{
-    const json_t *v = json_object_get(o, key);
-    return json_is_number(v) ? json_number_value(v) : def;
-}
-
-/* What a run filled in its row (not the plan, which every rank has). */
-static json_t *row_result_json(int unit, const compare_row *r)
-{
-    json_t *o = json_object(), *c = json_array();
-    if (!o || !c) {
-        json_decref(o);
-        json_decref(c);
-        return NULL;
-    }
-    json_object_set_new(o, "unit", json_integer(unit));
-    json_object_set_new(o, "ok", json_integer(r->ok));
-    json_object_set_new(o, "error", json_string(r->error));
-    json_object_set_new(o, "have_result", json_integer(r->have_result));
-    json_object_set_new(o, "trainable", json_integer((json_int_t)r->trainable));
-    json_object_set_new(o, "steps", json_integer((json_int_t)r->steps));
-    json_object_set_new(o, "seconds", num_or_null(r->seconds));
-    json_object_set_new(o, "step_seconds", num_or_null(r->step_seconds));
-    json_object_set_new(o, "tokens", json_integer((json_int_t)r->tokens));
-    json_object_set_new(o, "peak_mib", num_or_null(r->peak_mib));
-    json_object_set_new(o, "initial_val_loss", num_or_null(r->initial_val_loss));
-    json_object_set_new(o, "val_loss", num_or_null(r->val_loss));
-    json_object_set_new(o, "val_accuracy", num_or_null(r->val_accuracy));
-    json_object_set_new(o, "steps_timed", json_integer((json_int_t)r->steps_timed));
-    json_object_set_new(o, "reused", json_integer(r->reused));
-    json_object_set_new(o, "calib_seconds", num_or_null(r->calib_seconds));
-    for (int i = 0; i < r->n_curve; i++)
-        json_array_append_new(c, json_pack("[I,f]", (json_int_t)r->curve[i].step, r->curve[i].loss));
-    json_object_set_new(o, "curve", c);
-    return o;
-}
-
-static void row_result_read(compare_row *r, const json_t *o)
-{
-    r->ok = (int)num_of(o, "ok", 0);
-    snprintf(r->error, sizeof r->error, "%s", json_string_value(json_object_get(o, "error")) ?
-             json_string_value(json_object_get(o, "error")) : "");
-    r->have_result = (int)num_of(o, "have_result", 0);
-    r->trainable = (int64_t)num_of(o, "trainable", 0);
-    r->steps = (int64_t)num_of(o, "steps", 0);
-    r->seconds = num_of(o, "seconds", 0);
-    r->step_seconds = num_of(o, "step_seconds", 0);
-    r->tokens = (int64_t)num_of(o, "tokens", 0);
-    r->peak_mib = num_of(o, "peak_mib", 0);
-    r->initial_val_loss = num_of(o, "initial_val_loss", NAN);
-    r->val_loss = num_of(o, "val_loss", NAN);
-    r->val_accuracy = num_of(o, "val_accuracy", -1);
-    r->steps_timed = (int64_t)num_of(o, "steps_timed", 0);
-    r->reused = (int)num_of(o, "reused", 0);
-    r->calib_seconds = num_of(o, "calib_seconds", 0);
-    const json_t *c = json_object_get(o, "curve");
-    size_t n = json_array_size(c);
-    free(r->curve);
-    r->curve = n ? calloc(n, sizeof *r->curve) : NULL;
-    r->n_curve = 0;
-    for (size_t i = 0; r->curve && i < n; i++) {
-        const json_t *pt = json_array_get(c, i);
-        double v = json_number_value(json_array_get(pt, 1));
-        r->curve[r->n_curve++] = (compare_point){ (int64_t)json_integer_value(json_array_get(pt, 0)), v, v, v };
-    }
-}
-
 int cmd_compare(int argc, char **argv)
 {
     static const struct option opts[] = {
@@ -421,7 +184,7 @@ int cmd_compare(int argc, char **argv)
         }
     /* several ranks: every one looks before any creates a file */
     int agreed = 0, me = dist_rank(), n_ranks = dist_size();
-    if (collective(out && !resume && !force && holds_comparison(out), &agreed)) {
+    if (compare_collective(out && !resume && !force && compare_holds_comparison(out), &agreed)) {
         if (me == 0)
             fprintf(stderr, "peftref compare: %s holds an earlier comparison: add --resume to continue it (finished "
                     "runs are reused) or --force to start afresh, or choose another --out\n", out);
@@ -444,7 +207,7 @@ int cmd_compare(int argc, char **argv)
     }
     compare_list R;
     memset(&R, 0, sizeof R);
-    group *G = NULL;
+    compare_group *G = NULL;
     pr_pipeline *base_pipe = NULL;
     char *root = NULL, *arms_root = NULL;
     compare_row **unit_rows = NULL;   /* every run's row, in the order they run */
@@ -553,7 +316,7 @@ int cmd_compare(int argc, char **argv)
                 st = 1;
             }
         }
-        if ((rc = collective(st, &agreed)))
+        if ((rc = compare_collective(st, &agreed)))
             goto done;
         if (!out)
             break;
@@ -581,7 +344,7 @@ int cmd_compare(int argc, char **argv)
     for (int i = 0; i < R.n_arms; i++) {
         compare_arm *a = &R.arms[i];
         compare_row *r = a->row;
-        group *g = &G[i];
+        compare_group *g = &G[i];
         /* arm names become directory names */
         for (int j = 1; j < i; j++)
             if (!strcmp(R.rows[j].name, r->name)) {
@@ -608,7 +371,7 @@ int cmd_compare(int argc, char **argv)
             for (int s = 0; s < g->n_seeds; s++) {
                 compare_arm *u = &g->units[pt * g->n_seeds + s];
                 compare_row *ur = &g->rows[pt * g->n_seeds + s];
-                empty_row(ur, r);
+                compare_empty_row(ur, r);
                 u->row = ur;
                 u->path = a->path;
                 u->arm_index = a->arm_index;
@@ -639,10 +402,10 @@ int cmd_compare(int argc, char **argv)
                         continue;
                     }
                 }
-                char *dir = r->is_base ? fileio_join(root, "base") : unit_dir(arms_root, r->name, g, pt, s);
+                char *dir = r->is_base ? fileio_join(root, "base") : compare_unit_dir(arms_root, r->name, g, pt, s);
                 u->mpi_ranks = r->is_base ? 1 : pr_pipeline_compare_mpi_ranks(u->pipe, NULL);
                 u->arm_name = a->arm_index >= 0 ? pr_pipeline_arm(u->pipe) : NULL;
-                if (prepare_unit(u, r->is_base, eval_every, child_progress, resume, dir, mine) == 0)
+                if (compare_prepare_unit(u, r->is_base, eval_every, child_progress, resume, dir, mine) == 0)
                     n_runs++;
                 else if (n == 1)
                     a->pipe = NULL;   /* freed by prepare_unit */
@@ -670,7 +433,7 @@ int cmd_compare(int argc, char **argv)
     for (int i = 0; i < R.n_arms; i++) {
         compare_arm *a = &R.arms[i];
         compare_row *r = a->row;
-        group *g = &G[i];
+        compare_group *g = &G[i];
         int n = g->n_points * g->n_seeds;
         for (int k = 0; k < n && g->units; k++) {
             compare_arm *u = &g->units[k];
@@ -728,7 +491,7 @@ int cmd_compare(int argc, char **argv)
         json_t *msg = json_object(), *list = json_array();
         for (int k = 0; msg && list && k < n_units; k++)
             if (k % n_ranks == me && unit_rows[k])
-                json_array_append_new(list, row_result_json(k, unit_rows[k]));
+                json_array_append_new(list, compare_row_result_json(k, unit_rows[k]));
         char *text = NULL;
         if (msg && list) {
             json_object_set_new(msg, "interrupted", json_boolean(interrupted));
@@ -750,15 +513,15 @@ int cmd_compare(int argc, char **argv)
             const json_t *rows = json_object_get(o, "rows");
             for (size_t j = 0; j < json_array_size(rows); j++) {
                 const json_t *ro = json_array_get(rows, j);
-                int k = (int)num_of(ro, "unit", -1);
+                int k = (int)compare_num_of(ro, "unit", -1);
                 if (k >= 0 && k < n_units && k % n_ranks == q && unit_rows[k])
-                    row_result_read(unit_rows[k], ro);
+                    compare_row_result_read(unit_rows[k], ro);
             }
             json_decref(o);
             free(all[q]);
         }
         free(all);
-        if ((rc = collective(grc, &agreed)) || me != 0) {
+        if ((rc = compare_collective(grc, &agreed)) || me != 0) {
             compare_signals_restore();
             goto done;   /* rank 0 alone aggregates and writes */
         }
@@ -778,7 +541,7 @@ int cmd_compare(int argc, char **argv)
     for (int i = 0; i < R.n_arms; i++) {
         compare_arm *a = &R.arms[i];
         compare_row *r = a->row;
-        group *g = &G[i];
+        compare_group *g = &G[i];
         /* per setting over its seeds, then the best setting as the arm's row */
         if (!g->units)
             continue;
@@ -787,7 +550,7 @@ int cmd_compare(int argc, char **argv)
             int m = g->n_seeds < 128 ? g->n_seeds : 128;
             for (int s = 0; s < m; s++)
                 runs[s] = &g->rows[pt * g->n_seeds + s];
-            empty_row(&g->points[pt], r);
+            compare_empty_row(&g->points[pt], r);
             compare_aggregate(&g->points[pt], runs, m, cls);
         }
         g->best = compare_pick_best(g->points, g->n_points, cls);
@@ -831,23 +594,23 @@ int cmd_compare(int argc, char **argv)
         for (int f = 0; f < 4; f++) {
             t.wide = 0;
             char *s = compare_render(&t, f);
-            if (!s || write_file(out, names[f], s))
+            if (!s || compare_write_file(out, names[f], s))
                 rc = 1;
             free(s);
         }
         t.wide = 1;
         char *s = compare_render(&t, COMPARE_TEXT);
-        if (!s || write_file(out, "table_wide.txt", s))
+        if (!s || compare_write_file(out, "table_wide.txt", s))
             rc = 1;
         free(s);
         char *svg = compare_svg(&t);
-        if (!svg || write_file(out, "curves.svg", svg))
+        if (!svg || compare_write_file(out, "curves.svg", svg))
             rc = 1;
         free(svg);
         int sweeps = 0;
         for (int i = 1; i < R.n_arms; i++)
             if (G[i].n_points > 1 && G[i].points) {
-                if (write_sweep(out, &R.arms[i], &G[i], cls))
+                if (compare_write_sweep(out, &R.arms[i], &G[i], cls))
                     rc = 1;
                 sweeps++;
             }
@@ -884,7 +647,7 @@ int cmd_compare(int argc, char **argv)
 done:
     /* every rank ends with rank 0's status (an arm failed, interrupted) */
     if (n_ranks > 1 && !agreed)
-        rc = collective(rc, &agreed);
+        rc = compare_collective(rc, &agreed);
     if (root && !out)
         compare_remove_tree(root);
     free(unit_rows);

@@ -8,6 +8,7 @@
 #ifndef PEFTREF_CLI_COMPARE_H
 #define PEFTREF_CLI_COMPARE_H
 
+#include <jansson.h>
 #include <stdint.h>
 #include <signal.h>
 #include <stdio.h>
@@ -193,5 +194,29 @@ char *compare_render(const compare_table *t, int fmt);
 /* Every row's validation-loss curve on one plot (a dashed line for the
  * untrained base), as a standalone SVG document. */
 char *compare_svg(const compare_table *t);
+
+
+/* ---- the runs of one comparison (compare_units.c, for cmd_compare.c) --------
+ * compare_group: an arm's runs (settings x seeds), their rows and per-setting points;
+ * the run directories, the sweep tables and the JSON rows MPI ranks
+ * exchange (each function documented at its definition). */
+typedef struct compare_group {
+    compare_arm *units;
+    compare_row *rows;        /* the runs' own rows */
+    compare_row *points;      /* per setting, over its seeds */
+    int n_points, n_seeds, best;
+} compare_group;
+
+int compare_collective(int rc, int *agreed);
+void compare_empty_row(compare_row *r, const compare_row *like);
+int compare_holds_comparison(const char *out);
+double compare_num_of(const json_t *o, const char *key, double def);
+int compare_prepare_unit(compare_arm *u, int is_base, int eval_every, int progress, int resume, const char *dir,
+                         int mine);
+json_t *compare_row_result_json(int unit, const compare_row *r);
+void compare_row_result_read(compare_row *r, const json_t *o);
+char *compare_unit_dir(const char *arms_root, const char *name, const compare_group *g, int pt, int s);
+int compare_write_file(const char *dir, const char *name, const char *text);
+int compare_write_sweep(const char *out, const compare_arm *a, const compare_group *g, int cls);
 
 #endif
