@@ -218,85 +218,6 @@ static int plan_optimizer(trainer *t, pr_error *err)
     return rc;
 }
 
-/* ---- the gradient all-reduce ------------------------------------------------
- * Every trainable tensor's gradient (the model's flat block, each module's
- * block, the classification head's) is summed over the ranks in one
- * MPI_Allreduce.  When the optimizer's segments lie back to back in memory
- * the sum runs in place over them; otherwise they are packed into one
- * staging block first.  No scaling follows: each rank's backward already
- * divided by the step's scored targets on every rank (train_run_batch). */
-static int cmp_seg_addr(const void *a, const void *b)
-{
-    const optim_seg *x = *(const optim_seg *const *)a, *y = *(const optim_seg *const *)b;
-    return x->grad < y->grad ? -1 : x->grad > y->grad;
-}
-
-static int plan_reduce(trainer *t, pr_error *err)
-{
-    t->red_n = t->opt_ready ? t->opt.n_total : 0;
-    if (t->ranks == 1 || t->red_n == 0)
-        return PR_OK;
-    const optim_seg **order = malloc((size_t)t->opt.n_segs * sizeof *order);
-    if (!order)
-        return pr_errorf(err, PR_ERR_NOMEM, "out of memory planning the gradient all-reduce");
-    for (int i = 0; i < t->opt.n_segs; i++)
-        order[i] = &t->opt.segs[i];
-    qsort(order, (size_t)t->opt.n_segs, sizeof *order, cmp_seg_addr);
-    int contiguous = 1;
-    for (int i = 1; i < t->opt.n_segs && contiguous; i++)
-        contiguous = order[i - 1]->grad + order[i - 1]->n == order[i]->grad;
-    t->red_single = contiguous;
-    t->red_ptr = order[0]->grad;
-    free(order);
-    if (!contiguous && !(t->red_buf = malloc(t->red_n * sizeof(float))))
-        return pr_errorf(err, PR_ERR_NOMEM, "out of memory for the %zu-float gradient all-reduce block", t->red_n);
-    return PR_OK;
-}
-
-static int reduce_grads(trainer *t, pr_error *err)
-{
-    if (t->ranks == 1 || t->red_n == 0)
-        return PR_OK;
-    if (t->red_single)
-        return dist_sum_floats(t->red_ptr, t->red_n, err);
-    size_t off = 0;
-    for (int i = 0; i < t->opt.n_segs; i++) {
-        memcpy(t->red_buf + off, t->opt.segs[i].grad, t->opt.segs[i].n * sizeof(float));
-        off += t->opt.segs[i].n;
-    }
-    int rc = dist_sum_floats(t->red_buf, t->red_n, err);
-    off = 0;
-    for (int i = 0; i < t->opt.n_segs && !rc; i++) {
-        memcpy(t->opt.segs[i].grad, t->red_buf + off, t->opt.segs[i].n * sizeof(float));
-        off += t->opt.segs[i].n;
-    }
-    return rc;
-}
-
-/* rank 0's value of v, on every rank */
-static int from_rank0(trainer *t, int v, pr_error *err, int *rc)
-{
-    double d = t->rank == 0 ? (double)v : 0.0;
-    *rc = dist_sum_doubles(&d, 1, err);
-    return (int)d;
-}
-
-/* What rank 0 says when a signal ends a run of several ranks. */
-static void update_stop_note(const trainer *t, int64_t step)
-{
-    if (t->ranks == 1 || t->rank != 0)
-        return;
-    char note[1024];
-    if (t->ckpt_step >= 0)
-        snprintf(note, sizeof note, "step %lld was in flight; the last checkpoint, %s at step %lld, is intact: "
-                 "continue with mpirun -np %d peftref train ... --resume", (long long)step + 1, t->ckpt_path,
-                 (long long)t->ckpt_step, t->ranks);
-    else
-        snprintf(note, sizeof note, "step %lld was in flight and no checkpoint has been written yet "
-                 "(train.checkpoint_every sets how often one is)", (long long)step + 1);
-    dist_set_stop_note(note);
-}
-
 static int setup(trainer *t, pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, pr_error *err)
 {
     int rc;
@@ -397,7 +318,7 @@ static int setup(trainer *t, pr_model *m, const pr_tokenizer *tok, const pr_trai
     }
     if ((rc = pr_model_reserve(m, t->B, t->T, err)))
         return rc;
-    if ((rc = plan_optimizer(t, err)) || (rc = plan_reduce(t, err)))
+    if ((rc = plan_optimizer(t, err)) || (rc = train_plan_reduce(t, err)))
         return rc;
     /* an arm of a comparison trains in OUTPUT/ARM: the lock makes the
      * directories; only rank 0 writes there */
@@ -540,7 +461,7 @@ int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, p
     /* rank 0 decides what is on disk; every rank then reads the same checkpoint */
     int have_ckpt = stat(t.ckpt_path, &sb) == 0;
     if (t.ranks > 1) {
-        have_ckpt = from_rank0(&t, have_ckpt && !cfg->force, err, &rc);
+        have_ckpt = train_from_rank0(&t, have_ckpt && !cfg->force, err, &rc);
         if (rc)
             goto out;
     }
@@ -641,7 +562,7 @@ int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, p
         pr_model_zero_grad(m);
         optim_zero_grad(&t.opt);
         (void)pr_model_take_aux_loss(m);   /* this step's only */
-        update_stop_note(&t, step);
+        train_update_stop_note(&t, step);
         /* The step's global batch: accum micro-batches of B_global rows, drawn
          * alike on every rank; rank r runs rows [r*B, (r+1)*B) of each.  Every
          * backward divides by the scored targets of the whole step, so the
@@ -686,7 +607,7 @@ int pr_train(pr_model *m, const pr_tokenizer *tok, const pr_train_config *cfg, p
             goto out_signals;
         }
         double t_comm = now_seconds();
-        if ((rc = dist_agree(reduce_grads(&t, err), err)))
+        if ((rc = dist_agree(train_reduce_grads(&t, err), err)))
             goto out_signals;
         t_comm = now_seconds() - t_comm;
         res->allreduce_seconds += t_comm;

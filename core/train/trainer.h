@@ -94,4 +94,12 @@ int train_run_batch(trainer *t, int rows, int backward, int64_t n_scored_all, do
  * when 0), the rows shared out among the ranks and the sums reduced. */
 int train_evaluate(trainer *t, double *loss_out, double *acc_out, pr_error *err);
 
+/* The data-parallel side of a step (train_reduce.c): the plan of the one
+ * all-reduce over the trainable gradients, the reduction, rank 0's
+ * decisions shared with every rank, and the note a signal prints. */
+int train_plan_reduce(trainer *t, pr_error *err);
+int train_reduce_grads(trainer *t, pr_error *err);
+int train_from_rank0(trainer *t, int v, pr_error *err, int *rc);
+void train_update_stop_note(const trainer *t, int64_t step);
+
 #endif
