@@ -253,6 +253,8 @@ int mod_count_bits(uint32_t x);
 int mod_option_index(const pr_module *mod, const char *name);
 int mod_is_concat(const pr_module *mod);
 int mod_is_select(const pr_module *mod);
+/* Base tensors a selection module makes trainable (select.c). */
+int mod_resolve_selection(pr_module *mod, const pr_model *m, pr_error *err);
 char *mod_copy_name(const pr_module *mod, const char *param, int scope, int site, int layer);
 int mod_resolve(const pr_model *m, const pr_module_spec *spec, pr_module **out, pr_error *err);
 
