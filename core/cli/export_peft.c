@@ -302,21 +302,10 @@ static int append_initial_factors(job *j, adapter *a)
 
 /* ---- --format peft: adapter_config.json ------------------------------------------------------------ */
 
-int xp_option_index(const pr_technique *t, const char *name)
-{
-    for (uint32_t i = 0; i < t->n_options; i++) {
-        pr_option_decl d;
-        mf_read_decl(&d, sizeof d, t->options, i);
-        if (d.name && !strcmp(d.name, name))
-            return (int)i;
-    }
-    return -1;
-}
-
 /* A numeric option (site -1: the module's value). */
 double xp_opt_num(const job *j, const char *name, int site, double def)
 {
-    int i = xp_option_index(j->t, name);
+    int i = pr_module_option_index(j->mod, name);
     if (i < 0)
         return def;
     const pr_option_value *v = site < 0 ? pr_module_option(j->mod, i) : pr_module_site_option(j->mod, site, i);
@@ -325,7 +314,7 @@ double xp_opt_num(const job *j, const char *name, int site, double def)
 
 const char *xp_opt_str(const job *j, const char *name)
 {
-    int i = xp_option_index(j->t, name);
+    int i = pr_module_option_index(j->mod, name);
     const pr_option_value *v = i < 0 ? NULL : pr_module_option(j->mod, i);
     return v && v->str ? v->str : NULL;
 }

@@ -38,7 +38,6 @@ typedef struct adapter {
     st_file *st;             /* the module as saved (PEFT names) */
 } adapter;
 
-int xp_option_index(const pr_technique *t, const char *name);
 double xp_opt_num(const job *j, const char *name, int site, double def);
 const char *xp_opt_str(const job *j, const char *name);
 json_t *xp_site_names(const job *j, uint32_t sites, int lora_kind);

@@ -61,14 +61,6 @@ static int site_target(const pr_model_config *c, int site, lora_target *t)
     }
 }
 
-static int option_index(const pr_technique *t, const char *name)
-{
-    for (uint32_t i = 0; i < t->n_options; i++)
-        if (strcmp(t->options[i].name, name) == 0)
-            return (int)i;
-    return -1;
-}
-
 /* One (layer, target) with its parts. */
 typedef struct lora_group {
     int layer;
@@ -152,7 +144,8 @@ int gguf_export_lora(pr_module *mod, const char *path, gguf_lora_summary *summar
     const char *arch = gguf_arch_for(c, 1, err);
     if (!arch)
         return err->code;
-    int o_r = option_index(t, "r"), o_alpha = option_index(t, "alpha"), o_rs = option_index(t, "use_rslora");
+    int o_r = pr_module_option_index(mod, "r"), o_alpha = pr_module_option_index(mod, "alpha"),
+        o_rs = pr_module_option_index(mod, "use_rslora");
     if (o_r < 0 || o_alpha < 0)
         return pr_errorf(err, PR_ERR_INVALID, "gguf: technique %s lacks the options r and alpha", t->name);
 

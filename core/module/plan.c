@@ -78,6 +78,11 @@ int mod_option_index(const pr_module *mod, const char *name)
     return -1;
 }
 
+int pr_module_option_index(const pr_module *mod, const char *name)
+{
+    return mod && name ? mod_option_index(mod, name) : -1;
+}
+
 static int parse_bool(const char *s, int *out)
 {
     static const char *const yes[] = { "true", "1", "yes", "on" };

@@ -129,6 +129,8 @@ int64_t pr_module_trainable_count(const pr_module *mod);
 /* Sites actually used (PR_SITE_BIT mask) and the resolved value of option i. */
 uint32_t pr_module_sites(const pr_module *mod);
 const pr_option_value *pr_module_option(const pr_module *mod, int i);
+/* The index of the module's option called name (for pr_module_option), or -1. */
+int pr_module_option_index(const pr_module *mod, const char *name);
 
 /* Fold a mergeable module into the frozen weights (keeping the originals,
  * so unmerge restores them bit-exactly) and stop applying it. */
