@@ -205,7 +205,7 @@ static int parse_llama_config(const json_t *root, const char *path, int variant,
         (rc = cfg_int(root, path, "vocab_size", &c->vocab_size, err)))
         return rc;
     c->n_kv_heads = c->n_heads;
-    c->max_seq = variant == PR_VARIANT_MISTRAL ? 32768 : variant == PR_VARIANT_LLAMA ? 2048 : 32768;
+    c->max_seq = variant == PR_VARIANT_LLAMA ? 2048 : 32768; /* the configs' max_position_embeddings defaults */
     if ((rc = cfg_int_opt(root, path, "num_key_value_heads", &c->n_kv_heads, err)) ||
         (rc = cfg_int_opt(root, path, "max_position_embeddings", &c->max_seq, err)))
         return rc;
@@ -268,7 +268,7 @@ static int parse_llama_config(const json_t *root, const char *path, int variant,
             return rc;
     }
     if (use_sw) {
-        c->sliding_window = variant == PR_VARIANT_MISTRAL ? 4096 : 4096;
+        c->sliding_window = 4096; /* MistralConfig's and Qwen2Config's default */
         const json_t *sw = json_object_get(root, "sliding_window");
         if (sw && json_is_null(sw))
             c->sliding_window = 0;

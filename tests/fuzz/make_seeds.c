@@ -283,6 +283,24 @@ static void seeds_module(void)
         die("no module saved", NULL);
 }
 
+/* The byte-level vocabulary of vocab.json at path plus the results of the
+ * merges "Ġ t", "h e", "Ġt he", "i n"; *next is the first free id. */
+static json_t *bytes_vocab_with_merges(const char *path, int *next)
+{
+    size_t n;
+    char *vt = slurp(path, &n);
+    json_error_t je;
+    json_t *vocab = json_loads(vt, 0, &je);
+    free(vt);
+    if (!vocab)
+        die(path, NULL);
+    *next = (int)json_object_size(vocab);
+    const char *add[] = {"\xc4\xa0t", "he", "\xc4\xa0the", "in"};
+    for (int i = 0; i < 4; i++)
+        json_object_set_new(vocab, add[i], json_integer((*next)++));
+    return vocab;
+}
+
 static void seeds_tokenizer(void)
 {
     const char *v = FUZZ_SRCDIR "/tests/data/train/bytes-bpe/vocab.json";
@@ -298,17 +316,8 @@ static void seeds_tokenizer(void)
     seed_buf("tokenizer", "bytes-bpe", &b);
 
     /* the byte vocabulary with a few merges: "Ġ t", "h e", "Ġt he", "i n" */
-    size_t n;
-    char *vt = slurp(v, &n);
-    json_error_t je;
-    json_t *vocab = json_loads(vt, 0, &je);
-    free(vt);
-    if (!vocab)
-        die(v, NULL);
-    int next = (int)json_object_size(vocab);
-    const char *add[] = {"\xc4\xa0t", "he", "\xc4\xa0the", "in"};
-    for (int i = 0; i < 4; i++)
-        json_object_set_new(vocab, add[i], json_integer(next++));
+    int next;
+    json_t *vocab = bytes_vocab_with_merges(v, &next);
     char *vj = json_dumps(vocab, JSON_COMPACT);
     json_decref(vocab);
     put_str(&b, "{\"peftref_tokenizer\": \"gpt2-bpe\"}");
@@ -334,18 +343,8 @@ static void seeds_tokenizer(void)
  * Llama 2 and Mistral write them, each small, with added tokens. */
 static void seeds_hftok(void)
 {
-    const char *v = FUZZ_SRCDIR "/tests/data/train/bytes-bpe/vocab.json";
-    size_t n;
-    char *vt = slurp(v, &n);
-    json_error_t je;
-    json_t *vocab = json_loads(vt, 0, &je);
-    free(vt);
-    if (!vocab)
-        die(v, NULL);
-    int next = (int)json_object_size(vocab);
-    const char *add[] = {"\xc4\xa0t", "he", "\xc4\xa0the", "in"};
-    for (int i = 0; i < 4; i++)
-        json_object_set_new(vocab, add[i], json_integer(next++));
+    int next;
+    json_t *vocab = bytes_vocab_with_merges(FUZZ_SRCDIR "/tests/data/train/bytes-bpe/vocab.json", &next);
     json_t *bl = json_pack(
         "{s:s,s:[{s:i,s:s,s:b,s:b}],s:n,s:{s:s,s:[{s:s,s:{s:s},s:s,s:b},{s:s,s:b,s:b,s:b}]},s:{s:s,s:b,s:b,s:b},"
         "s:{s:s,s:n,s:n,s:n,s:n,s:b,s:b,s:b,s:o,s:[s,s,s,s]}}",
