@@ -69,6 +69,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <peftref/ext/peft_config.h>
 #include <peftref/plugin.h>
 
 PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args);
@@ -538,6 +539,15 @@ static int dora_merge(const pr_ctx *ctx)
     return 0;
 }
 
+/* Hugging Face PEFT saves DoRA as a LoRA with use_dora = true. */
+static const pr_ext_peft_config dora_peft = { .struct_size = sizeof(pr_ext_peft_config),
+                                              .implies = "{\"use_dora\": true}" };
+
+static const void *dora_extension(const char *uri)
+{
+    return strcmp(uri, PR_EXT_PEFT_CONFIG_URI) ? NULL : &dora_peft;
+}
+
 static const pr_technique dora_technique = {
     .struct_size = sizeof(pr_technique),
     .abi_major = PR_ABI_MAJOR,
@@ -582,8 +592,8 @@ static const pr_technique dora_technique = {
     .integrate_backward = dora_integrate_backward,
     .merge = dora_merge,
     .setup = dora_setup,
-    /* Hugging Face PEFT saves DoRA as a LoRA with use_dora = true */
     .peft_type = "LORA",
+    .extension_data = dora_extension,
 };
 
 static const pr_technique *const dora_techniques[] = { &dora_technique };

@@ -27,7 +27,9 @@
  * Includes only <peftref/plugin.h> and libc/libm. */
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
+#include <peftref/ext/peft_config.h>
 #include <peftref/plugin.h>
 
 PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args);
@@ -252,6 +254,15 @@ static float fa_scale(const pr_ctx *ctx)
     return (float)(ctx->options[OPT_RSLORA].num != 0 ? alpha / sqrt(r) : alpha / r);
 }
 
+/* PEFT has LoRA-FA as an optimizer (create_lorafa_optimizer) over a plain
+ * LoRA: its adapters are LORA adapters, which a reader takes as lora. */
+static const pr_ext_peft_config fa_peft = { .struct_size = sizeof(pr_ext_peft_config), .no_import = 1 };
+
+static const void *fa_extension(const char *uri)
+{
+    return strcmp(uri, PR_EXT_PEFT_CONFIG_URI) ? NULL : &fa_peft;
+}
+
 static const pr_technique fa_technique = {
     .struct_size = sizeof(pr_technique),
     .abi_major = PR_ABI_MAJOR,
@@ -292,6 +303,7 @@ static const pr_technique fa_technique = {
     .backward = fa_backward,
     .merge = fa_merge,
     .peft_type = "LORA",
+    .extension_data = fa_extension,
 };
 
 static const pr_technique *const fa_techniques[] = { &fa_technique };

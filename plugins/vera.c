@@ -46,7 +46,9 @@
  * host->gemm and the dropout through the host's keyed masks. */
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
+#include <peftref/ext/peft_config.h>
 #include <peftref/plugin.h>
 
 PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args);
@@ -361,7 +363,7 @@ static int vera_regen_setup(const pr_ctx *ctx)
      PR_SITE_BIT(PR_SITE_O) | PR_SITE_BIT(PR_SITE_FFN_UP) | PR_SITE_BIT(PR_SITE_FFN_GATE) |                    \
      PR_SITE_BIT(PR_SITE_FFN_DOWN))
 
-#define VERA_TECHNIQUE(NAME, SUMMARY, OPTIONS, PARAMS, SETUP, FORMULA)                                              \
+#define VERA_TECHNIQUE(NAME, SUMMARY, OPTIONS, PARAMS, SETUP, FORMULA, EXT)                                       \
     {                                                                                                         \
         .struct_size = sizeof(pr_technique), .abi_major = PR_ABI_MAJOR, .name = NAME, .version = "1.0.0",     \
         .summary = SUMMARY,                                                                                   \
@@ -378,7 +380,17 @@ static int vera_regen_setup(const pr_ctx *ctx)
         .n_scratch = N_SCRATCH, .scale_expr = "1", .param_formula = FORMULA,                                  \
         .flops_per_token = "2 * r * (d_in + d_out) + r + d_out", .forward = vera_forward,                     \
         .backward = vera_backward, .merge = vera_merge, .setup = SETUP, .peft_type = "VERA",                  \
+        .extension_data = EXT,                                                                                \
     }
+
+/* vera_regen's A and B come from peftref's seed, not from PEFT's
+ * projection_prng_key, so a PEFT VERA adapter is never read as it. */
+static const pr_ext_peft_config vera_regen_peft = { .struct_size = sizeof(pr_ext_peft_config), .no_import = 1 };
+
+static const void *vera_regen_extension(const char *uri)
+{
+    return strcmp(uri, PR_EXT_PEFT_CONFIG_URI) ? NULL : &vera_regen_peft;
+}
 
 static const pr_technique vera_technique = VERA_TECHNIQUE(
     "vera",
@@ -388,7 +400,7 @@ static const pr_technique vera_technique = VERA_TECHNIQUE(
     vera_options, vera_params, vera_setup,
     "trained per insertion: r + d_out (vera_lambda_d, vera_lambda_b); frozen, once for the module: "
     "r * (max_d_in + max_d_out) (vera_A, vera_B; saved); GPT-2 small, r = 256 at c_attn: "
-    "12 * (256 + 2304) = 30,720 trained");
+    "12 * (256 + 2304) = 30,720 trained", NULL);
 
 static const pr_technique vera_regen_technique = VERA_TECHNIQUE(
     "vera_regen",
@@ -396,7 +408,7 @@ static const pr_technique vera_regen_technique = VERA_TECHNIQUE(
     "module's seed on load and never written; each insertion trains lambda_d and lambda_b.",
     vera_regen_options, vera_regen_params, vera_regen_setup,
     "trained per insertion: r + d_out (vera_lambda_d, vera_lambda_b); frozen, once for the module: "
-    "r * (max_d_in + max_d_out) (vera_A, vera_B; regenerated from the seed, not saved)");
+    "r * (max_d_in + max_d_out) (vera_A, vera_B; regenerated from the seed, not saved)", vera_regen_extension);
 
 static const pr_technique *const vera_techniques[] = { &vera_technique, &vera_regen_technique };
 

@@ -37,6 +37,7 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <dirent.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -785,6 +786,94 @@ static void test_pissa_export(void **state)
 /* A trained lora_fa module exports as a LoraConfig adapter (lora_A is just
  * not trained); loaded back it is a lora module with the same tensors bit
  * for bit and the same loss within float32 rounding of another code path. */
+/* A plugin directory of the built plugins less those in drop, plus the
+ * test plugins in extra (tests/plugins), opened as a registry. */
+static pr_registry *registry_of(const char *tag, const char *const *drop, const char *const *extra)
+{
+    char dir[1024], from[2048], to[2048];
+    snprintf(dir, sizeof dir, "%s/plugins-%s", tmp, tag);
+    assert_int_equal(mkdir(dir, 0700), 0);
+    DIR *d = opendir(PLUGINS);
+    assert_non_null(d);
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        size_t n = strlen(e->d_name);
+        int keep = n > 3 && !strcmp(e->d_name + n - 3, ".so");
+        for (int i = 0; keep && drop && drop[i]; i++)
+            keep = strcmp(e->d_name, drop[i]) != 0;
+        if (!keep)
+            continue;
+        snprintf(from, sizeof from, "%s/%s", PLUGINS, e->d_name);
+        snprintf(to, sizeof to, "%s/%s", dir, e->d_name);
+        assert_int_equal(symlink(from, to), 0);
+    }
+    closedir(d);
+    for (int i = 0; extra && extra[i]; i++) {
+        snprintf(from, sizeof from, "%s/tests/plugins/.libs/%s", TEST_BUILDDIR, extra[i]);
+        snprintf(to, sizeof to, "%s/%s", dir, extra[i]);
+        assert_int_equal(symlink(from, to), 0);
+    }
+    pr_registry *r = NULL;
+    pr_error err = { 0 };
+    if (pr_registry_open(dir, &r, &err))
+        fail_msg("registry %s: %s", dir, err.msg);
+    return r;
+}
+
+/* Which technique reads an adapter comes from what the techniques declare
+ * (peft_type and the peft-config extension), not from their names. */
+static void test_technique_choice(void **state)
+{
+    (void)state;
+    const char *g2 = REF "/gpt2-parity/model";
+    char want[2048];
+    pr_registry *full = reg;
+
+    /* use_dora: true with no technique implying it is refused, not read as lora */
+    const char *no_dora[] = { "dora.so", NULL };
+    reg = registry_of("no-dora", no_dora, NULL);
+    snprintf(want, sizeof want, "%s/adapter_config.json: use_dora = true is not supported: no technique found "
+             "declares PEFT's LORA with use_dora (peftref plugins lists them)", FIX "/gpt2_dora");
+    expect_refusal(g2, FIX "/gpt2_dora", NULL, want);
+    pr_registry_free(reg);
+
+    /* a type no technique declares */
+    const char *no_vera[] = { "vera.so", NULL };
+    reg = registry_of("no-vera", no_vera, NULL);
+    snprintf(want, sizeof want, "%s: no technique found declares PEFT type VERA (peftref plugins lists the "
+             "techniques found)", FIX "/gpt2_vera");
+    expect_refusal(g2, FIX "/gpt2_vera", NULL, want);
+    pr_registry_free(reg);
+
+    /* two techniques that both read a plain LORA adapter */
+    const char *twin[] = { "peft_twin.so", "peft_bad_implies.so", NULL };
+    reg = registry_of("twin", NULL, twin);
+    snprintf(want, sizeof want, "%s/adapter_config.json: techniques ", FIX "/gpt2_lora");
+    expect_refusal(g2, FIX "/gpt2_lora", NULL, want);
+    expect_refusal(g2, FIX "/gpt2_lora", NULL, "both read this PEFT LORA adapter; leave one of them out of the "
+                                                "plugin path");
+    expect_refusal(g2, FIX "/gpt2_lora", NULL, "peft-twin");
+    /* a use_dora adapter still goes to dora, which implies more of it */
+    pr_pipeline *p = NULL;
+    char path[1024], msg[PR_ERROR_MSG_MAX];
+    write_pipeline("twin_dora", g2, FIX "/gpt2_dora", NULL, path, sizeof path);
+    if (load_pipeline(path, &p, msg, sizeof msg))
+        fail_msg("%s: %s", path, msg);
+    pr_pipeline_free(p);
+    /* and the validator refuses an implies that is not a JSON object */
+    int refused = 0;
+    for (int i = 0; i < pr_registry_refused_count(reg); i++) {
+        const char *at, *why;
+        pr_registry_refused(reg, i, &at, &why);
+        if (strstr(at, "peft_bad_implies") && strstr(why, "peft-config implies is not a JSON object"))
+            refused = 1;
+    }
+    assert_true(refused);
+    assert_null(pr_registry_find(reg, "peft-bad-implies"));
+    pr_registry_free(reg);
+    reg = full;
+}
+
 static void test_lora_fa_export(void **state)
 {
     (void)state;
@@ -864,6 +953,7 @@ int main(void)
         cmocka_unit_test(test_export_refusals),
         cmocka_unit_test(test_pissa_export),
         cmocka_unit_test(test_lora_fa_export),
+        cmocka_unit_test(test_technique_choice),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -5,31 +5,33 @@
  * saved first (saved modules already use PEFT's keys and shapes where PEFT
  * has the technique, peft_names.c), then its tensors are copied into
  * adapter_model.safetensors and its options translated into the
- * adapter_config.json fields PEFT writes for the type:
+ * adapter_config.json fields PEFT writes for the technique's peft_type
+ * (pr_technique.peft_type), plus the fields a variant implies through the
+ * peft-config extension (include/peftref/ext/peft_config.h: DoRA's
+ * "use_dora": true):
  *
- *   lora, dora     LORA   r, lora_alpha, lora_dropout, use_rslora, use_dora,
- *                         target_modules, rank_pattern / alpha_pattern (the
- *                         sites whose r / alpha differ), layers_to_transform,
- *                         fan_in_fan_out (GPT-2's Conv1D), init_lora_weights
- *   ia3            IA3    target_modules, feedforward_modules
- *   prompt_tuning  PROMPT_TUNING   num_virtual_tokens, token_dim, ...
- *   prefix_tuning(_mlp)  PREFIX_TUNING   num_virtual_tokens, token_dim =
- *                         num_key_value_heads * head_dim, prefix_projection false
- *   lora_fa        LORA   as lora (lora_A is only not trained)
- *   p_tuning       P_TUNING   the folded prompt; PromptEncoderConfig's fields
- *   loha, lokr     LOHA, LOKR   r, alpha, rank_pattern / alpha_pattern (LLaMA only:
- *                         PEFT's LyCORIS layers refuse GPT-2's Conv1D)
- *   vera           VERA   r, vera_dropout, d_initial, save_projection true
- *   oft, hra       OFT, HRA   r / oft_block_size, use_cayley_neumann false; r (LLaMA only)
- *   boft           BOFT   boft_block_size / boft_block_num, boft_n_butterfly_factor;
- *                         boft_R (m, nb, b, b) as saved (LLaMA only)
- *   fourierft      FOURIERFT  n_frequency (+ n_frequency_pattern), scaling, random_loc_seed
- *   trainable_tokens  TRAINABLE_TOKENS   token_indices (untied heads only)
- *   adalora        ADALORA   LoraConfig's fields and init_r, target_r, tinit, tfinal,
- *                         deltaT, beta1, beta2, orth_reg_weight, total_step; each
- *                         module's kept triplets and rank_pattern (adalora_tensors)
+ *   LORA           r, lora_alpha, lora_dropout, use_rslora, use_dora,
+ *                  target_modules, rank_pattern / alpha_pattern (the sites
+ *                  whose r / alpha differ), layers_to_transform,
+ *                  fan_in_fan_out (GPT-2's Conv1D), init_lora_weights
+ *   IA3            target_modules, feedforward_modules
+ *   PROMPT_TUNING  num_virtual_tokens, token_dim, ...
+ *   PREFIX_TUNING  num_virtual_tokens, token_dim = num_key_value_heads *
+ *                  head_dim, prefix_projection false
+ *   P_TUNING       the folded prompt; PromptEncoderConfig's fields
+ *   LOHA, LOKR     r, alpha, rank_pattern / alpha_pattern (LLaMA only: PEFT's
+ *                  LyCORIS layers refuse GPT-2's Conv1D)
+ *   VERA           r, vera_dropout, d_initial, save_projection true
+ *   OFT, HRA       r / oft_block_size, use_cayley_neumann false; r (LLaMA only)
+ *   BOFT           boft_block_size / boft_block_num, boft_n_butterfly_factor;
+ *                  boft_R (m, nb, b, b) as saved (LLaMA only)
+ *   FOURIERFT      n_frequency (+ n_frequency_pattern), scaling, random_loc_seed
+ *   TRAINABLE_TOKENS  token_indices (untied heads only)
+ *   ADALORA        LoraConfig's fields and init_r, target_r, tinit, tfinal,
+ *                  deltaT, beta1, beta2, orth_reg_weight, total_step; each
+ *                  module's kept triplets and rank_pattern (adalora_tensors)
  *
- * A lora module initialised by pissa or olora computes
+ * A LORA module initialised by pissa or olora (option init_lora_weights) computes
  * x.W + s x.(A^T B^T - A0^T B0^T) with frozen A0, B0 from the base weight
  * (plugins/lora.c); PEFT's conversion of such an adapter to a plain LoRA
  * on the original base (path_initial_model_for_weight_conversion) is rank
@@ -384,7 +386,6 @@ json_t *xp_num_json(double v)
 
 int xp_lora_config(const job *j, json_t *c, int doubled)
 {
-    int dora = !strcmp(j->t->name, "dora");
     int rslora = xp_opt_num(j, "use_rslora", -1, 0) != 0;
     /* the doubled rank of a converted pissa / olora module keeps s = alpha / r (or / sqrt(r)) */
     double rk = doubled ? 2.0 : 1.0, ak = doubled ? (rslora ? sqrt(2.0) : 2.0) : 1.0;
@@ -394,12 +395,12 @@ int xp_lora_config(const job *j, json_t *c, int doubled)
     json_object_set_new(c, "lora_alpha", xp_num_json(alpha * ak));
     json_object_set_new(c, "lora_dropout", json_real(xp_opt_num(j, "dropout", -1, 0)));
     json_object_set_new(c, "use_rslora", json_boolean(rslora));
-    json_object_set_new(c, "use_dora", json_boolean(dora));
+    json_object_set_new(c, "use_dora", json_false());   /* a variant's implied fields are set after */
     json_object_set_new(c, "target_modules", xp_site_names(j, sites, 1));
     json_object_set_new(c, "exclude_modules", json_null());
     json_object_set_new(c, "fan_in_fan_out", json_boolean(j->cfg->family == PR_FAMILY_GPT2));
     json_object_set_new(c, "bias", json_string("none"));
-    const char *init = dora ? NULL : xp_opt_str(j, "init_lora_weights");
+    const char *init = xp_opt_str(j, "init_lora_weights");
     if (!init || doubled || !strcmp(init, "true"))
         json_object_set_new(c, "init_lora_weights", json_true());
     else if (!strcmp(init, "false"))
@@ -514,8 +515,7 @@ int export_peft(const export_request *r)
     const pr_technique *t = j.t;
     const char *name = pr_module_name(j.mod);
     const char *type = t->peft_type;
-    int lora = type && !strcmp(type, "LORA") &&
-               (!strcmp(t->name, "lora") || !strcmp(t->name, "dora") || !strcmp(t->name, "lora_fa"));
+    int lora = type && !strcmp(type, "LORA");
     int ia3 = type && !strcmp(type, "IA3"), prompt = type && !strcmp(type, "PROMPT_TUNING");
     int prefix = type && !strcmp(type, "PREFIX_TUNING"), ptuning = type && !strcmp(type, "P_TUNING");
     static const char *const weight_types[] = { "LOHA", "LOKR", "VERA", "OFT", "BOFT", "HRA", "FOURIERFT",
@@ -526,9 +526,9 @@ int export_peft(const export_request *r)
     if (!type || t->integration == PR_INTEGRATE_SELECT) {
         rc = ERR("module '%s': technique %s has no Hugging Face PEFT type; use --format peftref", name, t->name);
     } else if (!lora && !ada && !ia3 && !prompt && !prefix && !ptuning && !weight) {
-        rc = ERR("module '%s': technique %s (PEFT type %s) is not written as a PEFT adapter by peftref (LORA from "
-                 "lora, dora and lora_fa, IA3, PROMPT_TUNING, P_TUNING, PREFIX_TUNING, LOHA, LOKR, VERA, OFT, BOFT, "
-                 "HRA, FOURIERFT, TRAINABLE_TOKENS and ADALORA are); use --format peftref", name, t->name, type);
+        rc = ERR("module '%s': technique %s (PEFT type %s) is not written as a PEFT adapter by peftref (LORA, "
+                 "IA3, PROMPT_TUNING, P_TUNING, PREFIX_TUNING, LOHA, LOKR, VERA, OFT, BOFT, HRA, FOURIERFT, "
+                 "TRAINABLE_TOKENS and ADALORA are); use --format peftref", name, t->name, type);
     } else if (pr_module_is_gated(j.mod)) {
         rc = ERR("module '%s' sits behind a learned gate, which PEFT has no field for; use --format peftref", name);
     }
@@ -541,7 +541,7 @@ int export_peft(const export_request *r)
     pr_error err = { 0 };
     adapter a = { 0 };
     json_t *c = NULL;
-    const char *init = lora && !strcmp(t->name, "lora") ? xp_opt_str(&j, "init_lora_weights") : NULL;
+    const char *init = lora ? xp_opt_str(&j, "init_lora_weights") : NULL;
     int doubled = init && (!strcmp(init, "pissa") || !strcmp(init, "olora"));
     if (save_module(&j, tmp, &err))
         rc = ERR("%s", err.msg);
@@ -576,6 +576,15 @@ int export_peft(const export_request *r)
             rc = xp_trainable_tokens_config(&j, c);
         else
             xp_prompt_config(&j, c, prefix, ptuning);
+    }
+    if (!rc) {
+        /* the fields the technique stands for within its type ({"use_dora": true}) */
+        json_t *imp = peft_technique_implies(t);
+        if (!imp)
+            rc = ERR("technique %s: its peft-config extension's implies is not a JSON object", t->name);
+        else
+            json_object_update(c, imp);
+        json_decref(imp);
     }
     if (!rc)
         rc = add_head(&j, &a, c);

@@ -86,6 +86,8 @@ int peft_place(const pr_technique *t, int fold, const pr_module_param *p, const 
 void peft_place_values(const placement *pl, float *f, float *x, int to_file);
 /* module_save.c */
 void mf_read_decl(void *dst, size_t host_size, const void *base, uint32_t i);
+/* 1 when technique t declares an option of that name. */
+int mf_has_option(const pr_technique *t, const char *name);
 char *mf_module_options_json(const pr_module *mod);
 /* module_load.c */
 void mf_shape_text(int ndim, const int64_t *shape, char *buf, size_t len);

@@ -56,7 +56,7 @@ static long major_of(const char *v)
     return v ? strtol(v, NULL, 10) : 0;
 }
 
-static int has_option(const pr_technique *t, const char *name)
+int mf_has_option(const pr_technique *t, const char *name)
 {
     for (uint32_t i = 0; i < t->n_options; i++) {
         pr_option_decl d;
@@ -87,7 +87,7 @@ static const pr_technique *folded_form(const pr_registry *reg, const pr_techniqu
     for (uint32_t i = 0; i < u->n_options; i++) {
         pr_option_decl d;
         mf_read_decl(&d, sizeof d, u->options, i);
-        if (!d.name || !has_option(t, d.name))
+        if (!d.name || !mf_has_option(t, d.name))
             return NULL;
     }
     return u;
@@ -152,7 +152,7 @@ static int parse_options(pr_module_file *f, const char *text, int site, pr_error
             }
             continue;
         }
-        if (!has_option(f->t, k))
+        if (!mf_has_option(f->t, k))
             continue;   /* an option of the training form only (folded files) */
         const char *name = fkeep(f, k), *val = value_text(f, v, buf, sizeof buf);
         if (!name || !val || push_opt(f, name, val, -1)) {

@@ -86,9 +86,15 @@ const char *pa_json_text(const json_t *v, char *buf, size_t len)
     return buf;
 }
 
+/* why may hold "{tech}", the name of the technique the adapter is read as. */
 int pa_bad_value(reader *R, const char *field, const json_t *v, const char *why)
 {
-    char b[256];
+    char b[256], w[512];
+    const char *at = strstr(why, "{tech}");
+    if (at && R->tech) {
+        snprintf(w, sizeof w, "%.*s%s%s", (int)(at - why), why, R->tech, at + 6);
+        why = w;
+    }
     return pr_errorf(R->err, PR_ERR_UNSUPPORTED, "%s/" CONFIG_NAME ": %s = %s is not supported: %s", R->dir, field,
                      pa_json_text(v, b, sizeof b), why);
 }
@@ -418,7 +424,7 @@ int pa_ia3_site_of(reader *R, const pr_model_config *c, const hf_module *m, uint
 /* The modules target_modules (less exclude_modules, within
  * layers_to_transform) selects: sites and layers, which must form a
  * product.  matched[k] says which of mods did. */
-int pa_match_modules(reader *R, const pr_model_config *c, const char *tech, site_of_fn site_of,
+int pa_match_modules(reader *R, const pr_model_config *c, site_of_fn site_of,
                          const hf_module *mods, int n, unsigned char *matched, uint32_t *sites_out,
                          unsigned char *layers_out)
 {
@@ -466,7 +472,7 @@ int pa_match_modules(reader *R, const pr_model_config *c, const char *tech, site
         if (!ok) {
             char b[256];
             rc = pr_errorf(R->err, PR_ERR_UNSUPPORTED, "%s/" CONFIG_NAME ": target_modules = %s selects '%s', where "
-                           "peftref's %s cannot attach", R->dir, pa_json_text(tm, b, sizeof b), m->name, tech);
+                           "%s cannot attach", R->dir, pa_json_text(tm, b, sizeof b), m->name, R->tech);
             break;
         }
         matched[k] = 1;
@@ -571,7 +577,7 @@ int pa_check_fan_in_fan_out(reader *R, const pr_model_config *c)
 /* ---- the tensors against the base --------------------------------------------------------------- */
 
 /* Keys name this family's modules and layers; GPT-2's (IA)^3 vector on
- * c_attn leaves the queries alone (peftref's ia3 scales keys and values). */
+ * c_attn leaves the queries alone (peftref scales keys and values only). */
 int pa_check_tensors(reader *R, const pr_model_config *c)
 {
     const char *own =
@@ -603,14 +609,92 @@ int pa_check_tensors(reader *R, const pr_model_config *c)
                 for (int64_t k = 0; !rc && k < d_q; k++)
                     if (v[k] != 1.0f)
                         rc = pr_errorf(R->err, PR_ERR_UNSUPPORTED, "%s/" WEIGHTS_NAME ": tensor '%s' scales the "
-                                       "queries (element %lld is %.9g, not 1); peftref's ia3 scales keys and values",
-                                       R->dir, t->name, (long long)k, (double)v[k]);
+                                       "queries (element %lld is %.9g, not 1); peftref's %s scales keys and values",
+                                       R->dir, t->name, (long long)k, (double)v[k], R->tech);
                 free(v);
                 if (rc)
                     return rc;
             }
         }
     }
+    return PR_OK;
+}
+
+/* ---- which technique reads the adapter ----------------------------------------------------------- */
+
+const json_t *pa_implied(const reader *R, const char *field)
+{
+    return R->implies ? json_object_get(R->implies, field) : NULL;
+}
+
+/* How many of t's implied fields the config holds, or -1 when it lacks one
+ * (an absent field matches an implied false or null). */
+static int implied_match(const reader *R, const json_t *implies)
+{
+    const char *k;
+    const json_t *v;
+    int n = 0;
+    json_object_foreach((json_t *)implies, k, v) {
+        const json_t *have = json_object_get(R->root, k);
+        if (have ? !json_equal(have, v) : !(json_is_false(v) || json_is_null(v)))
+            return -1;
+        n++;
+    }
+    return n;
+}
+
+/* The technique an adapter of peft_type R->type is read as, from what the
+ * techniques declare (pr_technique.peft_type and the peft-config
+ * extension): the one whose implied fields the config holds, the most
+ * such fields winning; a technique with folds_to is read as the technique
+ * it folds to; no_import techniques are not candidates.  Sets R->f->t,
+ * R->tech and R->implies. */
+static int pa_resolve(reader *R, const pr_registry *reg)
+{
+    const pr_technique *best = NULL, *tie = NULL;
+    json_t *best_implies = NULL;
+    int best_n = -1, n_of_type = 0;
+    for (int i = 0; i < pr_registry_count(reg); i++) {
+        const pr_technique *t = pr_registry_technique(reg, i);
+        if (!t->peft_type || strcmp(t->peft_type, R->type))
+            continue;
+        n_of_type++;
+        const pr_ext_peft_config *v = peft_technique_variant(t);
+        if (v && v->no_import)
+            continue;
+        const pr_technique *u = t->folds_to ? pr_registry_find(reg, t->folds_to) : t;
+        if (!u)
+            continue;
+        json_t *imp = peft_technique_implies(t);
+        if (!imp)
+            continue;   /* the validator refuses such a plugin */
+        int n = implied_match(R, imp);
+        if (n > best_n) {
+            json_decref(best_implies);
+            best = u, tie = NULL, best_n = n, best_implies = imp;
+            continue;
+        }
+        if (n == best_n && u != best)
+            tie = u;
+        json_decref(imp);
+    }
+    if (!best) {
+        json_decref(best_implies);
+        if (n_of_type)
+            return pr_errorf(R->err, PR_ERR_NOTFOUND, "%s/" CONFIG_NAME ": no technique found reads this PEFT %s "
+                             "adapter's settings (peftref plugins inspect lists what each technique declares)",
+                             R->dir, R->type);
+        return pr_errorf(R->err, PR_ERR_NOTFOUND, "%s: no technique found declares PEFT type %s (peftref plugins "
+                         "lists the techniques found)", R->dir, R->type);
+    }
+    if (tie) {
+        json_decref(best_implies);
+        return pr_errorf(R->err, PR_ERR_INVALID, "%s/" CONFIG_NAME ": techniques %s and %s both read this PEFT %s "
+                         "adapter; leave one of them out of the plugin path", R->dir, best->name, tie->name, R->type);
+    }
+    R->f->t = best;
+    R->tech = best->name;
+    R->implies = best_implies;
     return PR_OK;
 }
 
@@ -621,6 +705,34 @@ static const char *const known_types[] = {
     "ADAPTION_PROMPT", "IA3", "LOHA", "LOKR", "OFT", "POLY", "LN_TUNING", "VERA", "FOURIERFT", "XLORA", "HRA",
     "VBLORA", "CPT", "BONE", "RANDLORA", "ROAD", "TRAINABLE_TOKENS", "SHIRA", "C3A", "MISS", "WAVEFT", "DELORA",
     "OSF", "GRALORA", "LILY", NULL
+};
+
+static int open_prompt(reader *R, const pr_model_config *c)
+{
+    return pa_open_prompt(R, c, 0, 0);
+}
+
+static int open_ptuning(reader *R, const pr_model_config *c)
+{
+    return pa_open_prompt(R, c, 0, 1);
+}
+
+static int open_prefix(reader *R, const pr_model_config *c)
+{
+    return pa_open_prompt(R, c, 1, 0);
+}
+
+/* The PEFT types peftref reads, each by its own reader of the type's
+ * fields and tensors. */
+static const struct {
+    const char *type;
+    int (*open)(reader *R, const pr_model_config *c);
+} readers[] = {
+    { "LORA", pa_open_lora }, { "IA3", pa_open_ia3 }, { "PROMPT_TUNING", open_prompt },
+    { "P_TUNING", open_ptuning }, { "PREFIX_TUNING", open_prefix }, { "LOHA", pa_open_weight_type },
+    { "LOKR", pa_open_weight_type }, { "VERA", pa_open_weight_type }, { "OFT", pa_open_weight_type },
+    { "BOFT", pa_open_weight_type }, { "HRA", pa_open_weight_type }, { "FOURIERFT", pa_open_weight_type },
+    { "TRAINABLE_TOKENS", pa_open_trainable_tokens }, { "ADALORA", pa_open_adalora },
 };
 
 int peft_adapter_open(const char *dir, const pr_registry *reg, const pr_model_config *cfg, unsigned flags,
@@ -657,25 +769,10 @@ int peft_adapter_open(const char *dir, const pr_registry *reg, const pr_model_co
     snprintf(path, sizeof path, "%s/" WEIGHTS_NAME, dir);
     if ((rc = st_open(path, 0, &f->st, err)))
         goto done;
-    if (!strcmp(R.type, "LORA"))
-        rc = pa_open_lora(&R, cfg, reg);
-    else if (!strcmp(R.type, "IA3"))
-        rc = pa_open_ia3(&R, cfg, reg);
-    else if (!strcmp(R.type, "PROMPT_TUNING"))
-        rc = pa_open_prompt(&R, cfg, reg, 0, 0);
-    else if (!strcmp(R.type, "P_TUNING"))
-        rc = pa_open_prompt(&R, cfg, reg, 0, 1);
-    else if (!strcmp(R.type, "PREFIX_TUNING"))
-        rc = pa_open_prompt(&R, cfg, reg, 1, 0);
-    else if (!strcmp(R.type, "LOHA") || !strcmp(R.type, "LOKR") || !strcmp(R.type, "VERA") ||
-             !strcmp(R.type, "OFT") || !strcmp(R.type, "BOFT") || !strcmp(R.type, "HRA") ||
-             !strcmp(R.type, "FOURIERFT"))
-        rc = pa_open_weight_type(&R, cfg, reg);
-    else if (!strcmp(R.type, "TRAINABLE_TOKENS"))
-        rc = pa_open_trainable_tokens(&R, cfg, reg);
-    else if (!strcmp(R.type, "ADALORA"))
-        rc = pa_open_adalora(&R, cfg, reg);
-    else {
+    int k = 0;
+    while (k < NELEM(readers) && strcmp(readers[k].type, R.type))
+        k++;
+    if (k == NELEM(readers)) {
         int known = 0;
         for (int i = 0; known_types[i] && !known; i++)
             known = !strcmp(known_types[i], R.type);
@@ -684,6 +781,8 @@ int peft_adapter_open(const char *dir, const pr_registry *reg, const pr_model_co
                        "use_dora, use_rslora, rank_pattern, alpha_pattern), IA3, PROMPT_TUNING, P_TUNING, "
                        "PREFIX_TUNING, LOHA, LOKR, VERA, OFT, BOFT, HRA, FOURIERFT, TRAINABLE_TOKENS and ADALORA",
                        dir, known ? "cannot import" : "unknown", R.type);
+    } else if (!(rc = pa_resolve(&R, reg))) {
+        rc = readers[k].open(&R, cfg);
     }
     if (rc || (rc = pa_check_tensors(&R, cfg)))
         goto done;
@@ -698,6 +797,7 @@ int peft_adapter_open(const char *dir, const pr_registry *reg, const pr_model_co
     if (!f->saved_name)
         rc = pr_errorf(err, PR_ERR_NOMEM, "%s: out of memory", dir);
 done:
+    json_decref(R.implies);
     json_decref(R.root);
     if (rc) {
         pr_module_file_close(f);

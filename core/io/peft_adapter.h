@@ -4,6 +4,10 @@
 #ifndef PEFTREF_CORE_PEFT_ADAPTER_H
 #define PEFTREF_CORE_PEFT_ADAPTER_H
 
+#include <jansson.h>
+
+#include <peftref/ext/peft_config.h>
+
 #include "module_file.h"
 
 /* 1 when path is a directory holding adapter_config.json. */
@@ -23,5 +27,13 @@ const char *peft_site_path(const pr_model_config *c, int site);
 /* "transformer.h" (GPT-2) or "model.layers" (LLaMA family): the blocks'
  * module list in the base model's own names. */
 const char *peft_blocks_path(const pr_model_config *c);
+
+/* A technique's PEFT variant (include/peftref/ext/peft_config.h), NULL when
+ * it declares none. */
+const pr_ext_peft_config *peft_technique_variant(const pr_technique *t);
+/* The fields t implies as a new JSON object (empty when none), NULL when
+ * its implies text is not a JSON object (the plugin validator refuses such
+ * a technique). */
+json_t *peft_technique_implies(const pr_technique *t);
 
 #endif

@@ -82,11 +82,10 @@ static int ada_tensor(reader *R, st_file *st, const char *key, int64_t rows, int
  * rank_pattern buffer from the booleans.  PEFT's scaling is
  * lora_alpha / (ranknum + 1e-5) with ranknum init_r kept through the
  * resize, which is peftref's. */
-int pa_open_adalora(reader *R, const pr_model_config *c, const pr_registry *reg)
+int pa_open_adalora(reader *R, const pr_model_config *c)
 {
     int rc = pa_check_fields2(R, pa_lora_fields, pa_n_lora_fields, adalora_fields, NELEM(adalora_fields));
-    if (rc || (rc = pa_check_fan_in_fan_out(R, c)) || (rc = pa_check_bias(R, "adalora")) ||
-        (rc = pa_need_technique(R, reg, "adalora")))
+    if (rc || (rc = pa_check_fan_in_fan_out(R, c)) || (rc = pa_check_bias(R)))
         return rc;
     int flag;
     if ((rc = pa_get_bool(R, "use_dora", &flag)))
@@ -95,10 +94,10 @@ int pa_open_adalora(reader *R, const pr_model_config *c, const pr_registry *reg)
         return pa_bad_value(R, "use_dora", pa_get(R, "use_dora"), "PEFT's AdaLoRA has no DoRA either");
     const json_t *init = pa_get(R, "init_lora_weights");
     if (init && !json_is_true(init))
-        return pa_bad_value(R, "init_lora_weights", init, "peftref's adalora initialises as PEFT's true");
+        return pa_bad_value(R, "init_lora_weights", init, "peftref's {tech} initialises as PEFT's true");
     if (pa_get(R, "alpha_pattern") && !pa_is_empty(pa_get(R, "alpha_pattern")))
         return pa_bad_value(R, "alpha_pattern", pa_get(R, "alpha_pattern"), "PEFT's AdaLoRA scales every module by "
-                         "lora_alpha; peftref's adalora too");
+                         "lora_alpha; peftref's {tech} too");
     long long init_r = 12, target_r = 8, tinit = 0, tfinal = 0, dt = 1, total = 0;
     double alpha, dropout, b1, b2, orth;
     if ((rc = pa_get_int(R, "init_r", 0, 1, &init_r)) > PR_OK ||
@@ -118,7 +117,7 @@ int pa_open_adalora(reader *R, const pr_model_config *c, const pr_registry *reg)
     if (alpha <= 0 && pat && json_object_size(pat) > 0)
         return pa_bad_value(R, "lora_alpha", pa_get(R, "lora_alpha"),
                             "with a rank_pattern, PEFT scales each module by its "
-                            "kept rank when lora_alpha <= 0, and peftref's adalora by init_r; give lora_alpha > 0");
+                            "kept rank when lora_alpha <= 0, and peftref's {tech} by init_r; give lora_alpha > 0");
     if (target_r > init_r)
         return pa_bad_value(R, "target_r", pa_get(R, "target_r"), "target_r must not exceed init_r");
     if ((rc = pa_push_num(R, "init_r", (double)init_r, -1)) ||
@@ -129,7 +128,7 @@ int pa_open_adalora(reader *R, const pr_model_config *c, const pr_registry *reg)
         (rc = pa_push_num(R, "total_step", (double)total, -1)) || (rc = pa_push_num(R, "alpha", alpha, -1)) ||
         (rc = pa_push_num(R, "dropout", dropout, -1)))
         return rc;
-    if ((rc = pa_open_targets(R, c, "adalora", NULL, 0)) || (rc = pa_check_tensors(R, c)))
+    if ((rc = pa_open_targets(R, c, NULL, 0)) || (rc = pa_check_tensors(R, c)))
         return rc;
     pr_module_file *f = R->f;
     const char *mname = pa_module_name_of(R);

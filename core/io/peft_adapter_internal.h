@@ -14,9 +14,11 @@ typedef struct reader {
     const char *dir;
     json_t *root;
     const char *type;
+    const char *tech;   /* the technique the adapter is read as (pa_resolve) */
     unsigned flags;
     pr_error *err;
     pr_module_file *f;
+    json_t *implies;    /* the fields the technique implies */
 } reader;
 
 /* How a known field's value is checked. */
@@ -77,7 +79,7 @@ const char *pa_json_text(const json_t *v, char *buf, size_t len);
 const char *pa_keep(pr_module_file *f, const char *s);
 hf_module *pa_list_modules(const pr_model_config *c, int *n);
 int pa_lora_site_of(reader *R, const pr_model_config *c, const hf_module *m, uint32_t *sites);
-int pa_match_modules(reader *R, const pr_model_config *c, const char *tech, site_of_fn site_of,
+int pa_match_modules(reader *R, const pr_model_config *c, site_of_fn site_of,
                      const hf_module *mods, int n, unsigned char *matched, uint32_t *sites_out,
                      unsigned char *layers_out);
 int pa_names_match(reader *R, const char *field, const json_t *v, const char *name);
@@ -87,19 +89,20 @@ int pa_push_opt(reader *R, const char *name, const char *value, int site);
 int pa_set_sites_layers(reader *R, const pr_model_config *c, uint32_t sites, const unsigned char *layers);
 int pa_site_index(uint32_t bits);
 /* peft_adapter_types.c */
-int pa_check_bias(reader *R, const char *tech);
+int pa_check_bias(reader *R);
 extern const cfg_field pa_lora_fields[];
 extern const int pa_n_lora_fields;
-int pa_need_technique(reader *R, const pr_registry *reg, const char *tech);
 int pa_num_field(reader *R, const char *field, double def, double min, double *out);
-int pa_open_ia3(reader *R, const pr_model_config *c, const pr_registry *reg);
-int pa_open_lora(reader *R, const pr_model_config *c, const pr_registry *reg);
-int pa_open_prompt(reader *R, const pr_model_config *c, const pr_registry *reg, int prefix, int ptuning);
-int pa_open_targets(reader *R, const pr_model_config *c, const char *tech, const site_pattern *pats, int n_pats);
-int pa_open_trainable_tokens(reader *R, const pr_model_config *c, const pr_registry *reg);
-int pa_open_weight_type(reader *R, const pr_model_config *c, const pr_registry *reg);
+int pa_open_ia3(reader *R, const pr_model_config *c);
+int pa_open_lora(reader *R, const pr_model_config *c);
+int pa_open_prompt(reader *R, const pr_model_config *c, int prefix, int ptuning);
+int pa_open_targets(reader *R, const pr_model_config *c, const site_pattern *pats, int n_pats);
+/* The value the technique read implies for field (peft_config.h), NULL when none. */
+const json_t *pa_implied(const reader *R, const char *field);
+int pa_open_trainable_tokens(reader *R, const pr_model_config *c);
+int pa_open_weight_type(reader *R, const pr_model_config *c);
 /* peft_adapter_adalora.c */
 const char *pa_module_name_of(reader *R);
-int pa_open_adalora(reader *R, const pr_model_config *c, const pr_registry *reg);
+int pa_open_adalora(reader *R, const pr_model_config *c);
 
 #endif

@@ -36,14 +36,14 @@ const cfg_field pa_lora_fields[] = {
     { "eva_config", F_EMPTY, "EVA initialisation is not offered" },
     { "corda_config", F_EMPTY, "CorDA initialisation is not offered" },
     { "layer_replication", F_EMPTY, "peftref does not replicate layers" },
-    { "trainable_token_indices", F_EMPTY, "trainable tokens are a module of their own (trainable_tokens)" },
-    { "target_parameters", F_EMPTY, "peftref's lora adapts modules, not bare parameters" },
-    { "lora_bias", F_FALSE, "peftref's lora has no bias of its own" },
+    { "trainable_token_indices", F_EMPTY, "trainable tokens are a module of their own (PEFT's TRAINABLE_TOKENS type)" },
+    { "target_parameters", F_EMPTY, "peftref's {tech} adapts modules, not bare parameters" },
+    { "lora_bias", F_FALSE, "peftref's {tech} has no bias of its own" },
     { "use_qalora", F_FALSE, "QALoRA needs a quantised base model" },
     { "qalora_group_size", F_INFO, NULL },   /* used only with use_qalora */
     { "alora_invocation_tokens", F_EMPTY, "activated LoRA is not offered" },
     { "arrow_config", F_EMPTY, "Arrow routing is not offered" },
-    { "ensure_weight_tying", F_FALSE, "peftref's lora does not adapt tied embeddings" },
+    { "ensure_weight_tying", F_FALSE, "peftref's {tech} does not adapt tied embeddings" },
     { "runtime_config", F_INFO, NULL },      /* device placement only */
 };
 const int pa_n_lora_fields = NELEM(pa_lora_fields);
@@ -51,7 +51,7 @@ const int pa_n_lora_fields = NELEM(pa_lora_fields);
 static const cfg_field ia3_fields[] = {
     { "target_modules", F_READ, NULL }, { "exclude_modules", F_READ, NULL },
     { "feedforward_modules", F_READ, NULL }, { "fan_in_fan_out", F_READ, NULL },
-    { "init_ia3_weights", F_TRUE, "peftref's ia3 starts at ones" },
+    { "init_ia3_weights", F_TRUE, "peftref's {tech} starts at ones" },
 };
 
 /* PromptTuningConfig and PrefixTuningConfig (PromptLearningConfig's fields). */
@@ -67,8 +67,8 @@ static const cfg_field prefix_fields[] = {
     { "num_virtual_tokens", F_READ, NULL }, { "token_dim", F_READ, NULL },
     { "num_transformer_submodules", F_READ, NULL }, { "num_attention_heads", F_READ, NULL },
     { "num_layers", F_READ, NULL }, { "encoder_hidden_size", F_INFO, NULL },
-    { "prefix_projection", F_FALSE, "the file holds the prefixes themselves (peftref's prefix_tuning_mlp folds "
-                                    "its MLP away when saving)" },
+    { "prefix_projection", F_FALSE, "the file holds the prefixes themselves (a prefix MLP is folded away "
+                                    "when saving)" },
 };
 
 
@@ -76,22 +76,22 @@ static const cfg_field prefix_fields[] = {
 static const cfg_field loha_fields[] = {
     TARGET_FIELDS, { "r", F_READ, NULL }, { "alpha", F_READ, NULL }, { "rank_pattern", F_READ, NULL },
     { "alpha_pattern", F_READ, NULL },
-    { "rank_dropout", F_ZERO, "peftref's loha has no rank dropout" },
-    { "module_dropout", F_ZERO, "peftref's loha has no module dropout" },
+    { "rank_dropout", F_ZERO, "peftref's {tech} has no rank dropout" },
+    { "module_dropout", F_ZERO, "peftref's {tech} has no module dropout" },
     { "use_effective_conv2d", F_INFO, NULL },   /* convolutions only */
-    { "init_weights", F_TRUE, "peftref's loha starts with hada_w2_b at zero, PEFT's true" },
+    { "init_weights", F_TRUE, "peftref's {tech} starts with hada_w2_b at zero, PEFT's true" },
 };
 
 static const cfg_field lokr_fields[] = {
     TARGET_FIELDS, { "r", F_READ, NULL }, { "alpha", F_READ, NULL }, { "rank_pattern", F_READ, NULL },
     { "alpha_pattern", F_READ, NULL },
-    { "rank_dropout", F_ZERO, "peftref's lokr has no rank dropout" },
-    { "module_dropout", F_ZERO, "peftref's lokr has no module dropout" },
+    { "rank_dropout", F_ZERO, "peftref's {tech} has no rank dropout" },
+    { "module_dropout", F_ZERO, "peftref's {tech} has no module dropout" },
     { "use_effective_conv2d", F_INFO, NULL },   /* convolutions only */
-    { "decompose_both", F_FALSE, "peftref's lokr keeps lokr_w1 whole (lokr_w1_a / lokr_w1_b are not offered)" },
+    { "decompose_both", F_FALSE, "peftref's {tech} keeps lokr_w1 whole (lokr_w1_a / lokr_w1_b are not offered)" },
     { "decompose_factor", F_READ, NULL },
     { "rank_dropout_scale", F_INFO, NULL },     /* used only with rank_dropout */
-    { "init_weights", F_TRUE, "peftref's lokr starts with lokr_w1 at zero, PEFT's true" },
+    { "init_weights", F_TRUE, "peftref's {tech} starts with lokr_w1 at zero, PEFT's true" },
 };
 
 static const cfg_field vera_fields[] = {
@@ -100,17 +100,17 @@ static const cfg_field vera_fields[] = {
     { "projection_prng_key", F_INFO, NULL },   /* the projections are in the file */
     { "save_projection", F_TRUE, "peftref cannot regenerate PEFT's vera_A and vera_B from projection_prng_key; "
                                  "save them with the adapter" },
-    { "init_weights", F_TRUE, "peftref's vera initialises as PEFT's true" },
+    { "init_weights", F_TRUE, "peftref's {tech} initialises as PEFT's true" },
 };
 
 static const cfg_field oft_fields[] = {
     TARGET_FIELDS, { "r", F_READ, NULL }, { "oft_block_size", F_READ, NULL }, { "fan_in_fan_out", F_READ, NULL },
     { "bias", F_READ, NULL },
-    { "module_dropout", F_ZERO, "peftref's oft has no module dropout" },
-    { "init_weights", F_TRUE, "peftref's oft starts as the identity, PEFT's true" },
+    { "module_dropout", F_ZERO, "peftref's {tech} has no module dropout" },
+    { "init_weights", F_TRUE, "peftref's {tech} starts as the identity, PEFT's true" },
     { "coft", F_FALSE, "constrained OFT is not offered" },
     { "eps", F_INFO, NULL },   /* used only with coft */
-    { "block_share", F_FALSE, "peftref's oft has one rotation per block" },
+    { "block_share", F_FALSE, "peftref's {tech} has one rotation per block" },
     { "use_cayley_neumann", F_FALSE, "peftref computes the exact Cayley transform (I - S)(I + S)^-1, not PEFT's "
                                      "truncated Neumann series, which gives another rotation" },
     { "num_cayley_neumann_terms", F_INFO, NULL },   /* used only with use_cayley_neumann */
@@ -119,13 +119,13 @@ static const cfg_field oft_fields[] = {
 static const cfg_field boft_fields[] = {
     TARGET_FIELDS, { "boft_block_size", F_READ, NULL }, { "boft_block_num", F_READ, NULL },
     { "boft_n_butterfly_factor", F_READ, NULL }, { "fan_in_fan_out", F_READ, NULL }, { "bias", F_READ, NULL },
-    { "boft_dropout", F_ZERO, "peftref's boft has no multiplicative dropout (blocks replaced by the identity)" },
-    { "init_weights", F_TRUE, "peftref's boft starts as the identity (boft_R zeros, boft_s ones), PEFT's true" },
+    { "boft_dropout", F_ZERO, "peftref's {tech} has no multiplicative dropout (blocks replaced by the identity)" },
+    { "init_weights", F_TRUE, "peftref's {tech} starts as the identity (boft_R zeros, boft_s ones), PEFT's true" },
 };
 
 static const cfg_field hra_fields[] = {
     TARGET_FIELDS, { "r", F_READ, NULL }, { "init_weights", F_READ, NULL }, { "bias", F_READ, NULL },
-    { "apply_GS", F_FALSE, "peftref's hra reflects along the vectors themselves (Gram-Schmidt is not offered)" },
+    { "apply_GS", F_FALSE, "peftref's {tech} reflects along the vectors themselves (Gram-Schmidt is not offered)" },
 };
 
 static const cfg_field fourierft_fields[] = {
@@ -151,7 +151,7 @@ static const cfg_field tt_fields[] = {
 
 /* ---- the types --------------------------------------------------------------------------------- */
 
-int pa_open_lora(reader *R, const pr_model_config *c, const pr_registry *reg)
+int pa_open_lora(reader *R, const pr_model_config *c)
 {
     int rc = pa_check_fields(R, pa_lora_fields, pa_n_lora_fields);
     if (rc)
@@ -160,15 +160,12 @@ int pa_open_lora(reader *R, const pr_model_config *c, const pr_registry *reg)
     if ((rc = pa_get_bool(R, "use_dora", &dora)) || (rc = pa_get_bool(R, "use_rslora", &rslora)) ||
         (rc = pa_check_fan_in_fan_out(R, c)))
         return rc;
-    const json_t *bias = pa_get(R, "bias");
-    if (bias && !(json_is_string(bias) && !strcmp(json_string_value(bias), "none")))
-        return pa_bad_value(R, "bias", bias, "peftref's lora trains no biases (BitFit is a module of its own)");
-    const char *tech = dora ? "dora" : "lora";
-    const pr_technique *t = pr_registry_find(reg, tech);
-    if (!t)
-        return pr_errorf(R->err, PR_ERR_NOTFOUND, "%s: technique '%s' is not installed (peftref plugins lists the "
-                         "techniques found)", R->dir, tech);
-    R->f->t = t;
+    if ((rc = pa_check_bias(R)))
+        return rc;
+    const json_t *variant = pa_implied(R, "use_dora");
+    if (dora && !json_is_true(variant))
+        return pa_bad_value(R, "use_dora", pa_get(R, "use_dora"),
+                            "no technique found declares PEFT's LORA with use_dora (peftref plugins lists them)");
     long long r;
     double alpha, dropout;
     if ((rc = pa_get_int(R, "r", 0, 1, &r)) > PR_OK)
@@ -187,9 +184,9 @@ int pa_open_lora(reader *R, const pr_model_config *c, const pr_registry *reg)
         init_name = json_string_value(init);
     else if (init && !json_is_null(init) && !json_is_true(init))
         return pa_bad_value(R, "init_lora_weights", init,
-                            "peftref's lora offers true, false, gaussian, pissa and olora");
-    if (dora && strcmp(init_name, "true"))
-        return pa_bad_value(R, "init_lora_weights", init, "peftref's dora initialises as PEFT's true");
+                            "peftref's {tech} offers true, false, gaussian, pissa and olora");
+    if (strcmp(init_name, "true") && !mf_has_option(R->f->t, "init_lora_weights"))
+        return pa_bad_value(R, "init_lora_weights", init, "peftref's {tech} initialises as PEFT's true");
     int n = 0;
     hf_module *mods = pa_list_modules(c, &n);
     unsigned char *matched = mods ? calloc((size_t)n, 1) : NULL, *layers = calloc((size_t)c->n_layers + 1, 1);
@@ -200,7 +197,7 @@ int pa_open_lora(reader *R, const pr_model_config *c, const pr_registry *reg)
         return pr_errorf(R->err, PR_ERR_NOMEM, "%s: out of memory", R->dir);
     }
     uint32_t sites = 0;
-    rc = pa_match_modules(R, c, tech, pa_lora_site_of, mods, n, matched, &sites, layers);
+    rc = pa_match_modules(R, c, pa_lora_site_of, mods, n, matched, &sites, layers);
     /* per-site rank and alpha: every layer's module of a site must agree */
     double site_r[PR_SITE_COUNT], site_a[PR_SITE_COUNT];
     const char *site_first[PR_SITE_COUNT] = { 0 };
@@ -260,16 +257,11 @@ int pa_open_lora(reader *R, const pr_model_config *c, const pr_registry *reg)
     return rc;
 }
 
-int pa_open_ia3(reader *R, const pr_model_config *c, const pr_registry *reg)
+int pa_open_ia3(reader *R, const pr_model_config *c)
 {
     int rc = pa_check_fields(R, ia3_fields, NELEM(ia3_fields));
     if (rc || (rc = pa_check_fan_in_fan_out(R, c)))
         return rc;
-    const pr_technique *t = pr_registry_find(reg, "ia3");
-    if (!t)
-        return pr_errorf(R->err, PR_ERR_NOTFOUND, "%s: technique 'ia3' is not installed (peftref plugins lists the "
-                         "techniques found)", R->dir);
-    R->f->t = t;
     const json_t *ff = pa_get(R, "feedforward_modules");
     if ((rc = pa_check_name_list(R, "feedforward_modules", ff, 0)))
         return rc;
@@ -283,7 +275,7 @@ int pa_open_ia3(reader *R, const pr_model_config *c, const pr_registry *reg)
         return pr_errorf(R->err, PR_ERR_NOMEM, "%s: out of memory", R->dir);
     }
     uint32_t sites = 0;
-    rc = pa_match_modules(R, c, "ia3", pa_ia3_site_of, mods, n, matched, &sites, layers);
+    rc = pa_match_modules(R, c, pa_ia3_site_of, mods, n, matched, &sites, layers);
     free(mods);
     free(matched);
     if (!rc)
@@ -294,22 +286,12 @@ int pa_open_ia3(reader *R, const pr_model_config *c, const pr_registry *reg)
 
 /* ---- the further weight types ------------------------------------------------------------------ */
 
-int pa_need_technique(reader *R, const pr_registry *reg, const char *tech)
-{
-    const pr_technique *t = pr_registry_find(reg, tech);
-    if (!t)
-        return pr_errorf(R->err, PR_ERR_NOTFOUND, "%s: technique '%s' is not installed (peftref plugins lists the "
-                         "techniques found)", R->dir, tech);
-    R->f->t = t;
-    return PR_OK;
-}
-
-int pa_check_bias(reader *R, const char *tech)
+int pa_check_bias(reader *R)
 {
     const json_t *bias = pa_get(R, "bias");
     if (bias && !(json_is_string(bias) && !strcmp(json_string_value(bias), "none"))) {
         char why[128];
-        snprintf(why, sizeof why, "peftref's %s trains no biases (BitFit is a module of its own)", tech);
+        snprintf(why, sizeof why, "peftref's %s trains no biases (BitFit is a module of its own)", R->tech);
         return pa_bad_value(R, "bias", bias, why);
     }
     return PR_OK;
@@ -331,7 +313,7 @@ static int linear_only(reader *R, const pr_model_config *c)
 /* target_modules etc. matched as for LoRA (projection modules), and the
  * *_pattern fields resolved per module: they must agree along the layers
  * of a site; values that differ from the module's become site options. */
-int pa_open_targets(reader *R, const pr_model_config *c, const char *tech, const site_pattern *pats, int n_pats)
+int pa_open_targets(reader *R, const pr_model_config *c, const site_pattern *pats, int n_pats)
 {
     int n = 0;
     hf_module *mods = pa_list_modules(c, &n);
@@ -343,7 +325,7 @@ int pa_open_targets(reader *R, const pr_model_config *c, const char *tech, const
         rc = pr_errorf(R->err, PR_ERR_NOMEM, "%s: out of memory", R->dir);
     uint32_t sites = 0;
     if (!rc)
-        rc = pa_match_modules(R, c, tech, pa_lora_site_of, mods, n, matched, &sites, layers);
+        rc = pa_match_modules(R, c, pa_lora_site_of, mods, n, matched, &sites, layers);
     for (int k = 0; k < n && !rc; k++) {
         uint32_t bits = 0;
         if (!matched[k] || pa_lora_site_of(R, c, &mods[k], &bits) != 1)
@@ -407,7 +389,7 @@ static int bool_field(reader *R, const char *field, int def, const char *opt)
     return rc ? rc : pa_push_opt(R, opt, v ? "true" : "false", -1);
 }
 
-/* Tensors PEFT makes in branches peftref's lokr does not take. */
+/* Tensors PEFT's LOKR makes in branches peftref's technique does not take. */
 static int lokr_tensors(reader *R)
 {
     for (int i = 0; i < st_count(R->f->st); i++) {
@@ -416,23 +398,22 @@ static int lokr_tensors(reader *R)
         if (d && (!strcmp(d, ".lokr_w2") || !strcmp(d, ".lokr_w1_a") || !strcmp(d, ".lokr_w1_b") ||
                   !strcmp(d, ".lokr_t2")))
             return pr_errorf(R->err, PR_ERR_UNSUPPORTED, "%s/" WEIGHTS_NAME ": tensor '%s' is PEFT's %s, which "
-                             "peftref's lokr does not have (it keeps lokr_w1 whole and lokr_w2 as lokr_w2_a . "
-                             "lokr_w2_b, PEFT's choice for r < max(k, n) / 2)", R->dir, nm, d + 1);
+                             "peftref's %s does not have (it keeps lokr_w1 whole and lokr_w2 as lokr_w2_a . "
+                             "lokr_w2_b, PEFT's choice for r < max(k, n) / 2)", R->dir, nm, d + 1, R->tech);
     }
     return PR_OK;
 }
 
-int pa_open_weight_type(reader *R, const pr_model_config *c, const pr_registry *reg)
+int pa_open_weight_type(reader *R, const pr_model_config *c)
 {
     const char *T = R->type;
     int rc;
     double r, alpha, v;
     if (!strcmp(T, "LOHA") || !strcmp(T, "LOKR")) {
         int lokr = !strcmp(T, "LOKR");
-        const char *tech = lokr ? "lokr" : "loha";
         if ((rc = lokr ? pa_check_fields(R, lokr_fields, NELEM(lokr_fields)) : pa_check_fields(R, loha_fields,
                                                                                          NELEM(loha_fields))) ||
-            (rc = linear_only(R, c)) || (rc = pa_need_technique(R, reg, tech)))
+            (rc = linear_only(R, c)))
             return rc;
         if (lokr) {
             long long f;
@@ -440,7 +421,7 @@ int pa_open_weight_type(reader *R, const pr_model_config *c, const pr_registry *
                 return rc;
             if (rc == PR_OK && f != -1)
                 return pa_bad_value(R, "decompose_factor", pa_get(R, "decompose_factor"),
-                                 "peftref's lokr factors each width near its square root (-1)");
+                                 "peftref's {tech} factors each width near its square root (-1)");
             if ((rc = lokr_tensors(R)))
                 return rc;
         }
@@ -451,25 +432,25 @@ int pa_open_weight_type(reader *R, const pr_model_config *c, const pr_registry *
         site_pattern pats[] = { { "rank_pattern", "r", r, 1 }, { "alpha_pattern", "alpha", alpha, 0 } };
         if ((rc = pa_push_num(R, "r", r, -1)) || (rc = pa_push_num(R, "alpha", alpha, -1)))
             return rc;
-        return pa_open_targets(R, c, tech, pats, NELEM(pats));
+        return pa_open_targets(R, c, pats, NELEM(pats));
     }
     if (!strcmp(T, "VERA")) {
         double dropout, d_initial;
         if ((rc = pa_check_fields(R, vera_fields, NELEM(vera_fields))) || (rc = pa_check_fan_in_fan_out(R, c)) ||
-            (rc = pa_check_bias(R, "vera")) || (rc = pa_need_technique(R, reg, "vera")) ||
+            (rc = pa_check_bias(R)) ||
             (rc = pa_num_field(R, "r", 256, 1, &r)) || (rc = pa_num_field(R, "vera_dropout", 0, 0, &dropout)) ||
             (rc = pa_get_num(R, "d_initial", 0.1, &d_initial)))
             return rc;
         if ((rc = pa_push_num(R, "r", r, -1)) || (rc = pa_push_num(R, "dropout", dropout, -1)) ||
             (rc = pa_push_num(R, "d_initial", d_initial, -1)) || (rc = pa_push_opt(R, "save_projection", "true", -1)))
             return rc;
-        return pa_open_targets(R, c, "vera", NULL, 0);
+        return pa_open_targets(R, c, NULL, 0);
     }
     if (!strcmp(T, "OFT")) {
         double bs;
         if ((rc = pa_check_fields(R, oft_fields, NELEM(oft_fields))) || (rc = linear_only(R, c)) ||
-            (rc = pa_check_fan_in_fan_out(R, c)) || (rc = pa_check_bias(R, "oft")) ||
-            (rc = pa_need_technique(R, reg, "oft")) || (rc = pa_num_field(R, "r", 0, 0, &r)) ||
+            (rc = pa_check_fan_in_fan_out(R, c)) || (rc = pa_check_bias(R)) ||
+            (rc = pa_num_field(R, "r", 0, 0, &r)) ||
             (rc = pa_num_field(R, "oft_block_size", 32, 0, &bs)))
             return rc;
         if ((r == 0) == (bs == 0))
@@ -477,13 +458,13 @@ int pa_open_weight_type(reader *R, const pr_model_config *c, const pr_registry *
                              "PEFT's OFT takes exactly one of r and oft_block_size non-zero");
         if ((rc = pa_push_num(R, "r", r, -1)) || (rc = pa_push_num(R, "oft_block_size", bs, -1)))
             return rc;
-        return pa_open_targets(R, c, "oft", NULL, 0);
+        return pa_open_targets(R, c, NULL, 0);
     }
     if (!strcmp(T, "BOFT")) {
         double bs, bn, m;
         if ((rc = pa_check_fields(R, boft_fields, NELEM(boft_fields))) || (rc = linear_only(R, c)) ||
-            (rc = pa_check_fan_in_fan_out(R, c)) || (rc = pa_check_bias(R, "boft")) ||
-            (rc = pa_need_technique(R, reg, "boft")) || (rc = pa_num_field(R, "boft_block_size", 4, 0, &bs)) ||
+            (rc = pa_check_fan_in_fan_out(R, c)) || (rc = pa_check_bias(R)) ||
+            (rc = pa_num_field(R, "boft_block_size", 4, 0, &bs)) ||
             (rc = pa_num_field(R, "boft_block_num", 0, 0, &bn)) ||
             (rc = pa_num_field(R, "boft_n_butterfly_factor", 1, 1, &m)))
             return rc;
@@ -494,21 +475,21 @@ int pa_open_weight_type(reader *R, const pr_model_config *c, const pr_registry *
         if ((rc = pa_push_num(R, "boft_block_size", bs, -1)) || (rc = pa_push_num(R, "boft_block_num", bn, -1)) ||
             (rc = pa_push_num(R, "boft_n_butterfly_factor", m, -1)))
             return rc;
-        return pa_open_targets(R, c, "boft", NULL, 0);
+        return pa_open_targets(R, c, NULL, 0);
     }
     if (!strcmp(T, "HRA")) {
         if ((rc = pa_check_fields(R, hra_fields, NELEM(hra_fields))) || (rc = linear_only(R, c)) ||
-            (rc = pa_check_bias(R, "hra")) || (rc = pa_need_technique(R, reg, "hra")) ||
+            (rc = pa_check_bias(R)) ||
             (rc = pa_num_field(R, "r", 8, 1, &r)) || (rc = pa_push_num(R, "r", r, -1)) ||
             (rc = bool_field(R, "init_weights", 1, "init_weights")))
             return rc;
-        return pa_open_targets(R, c, "hra", NULL, 0);
+        return pa_open_targets(R, c, NULL, 0);
     }
     /* FOURIERFT */
     double scaling;
     if ((rc = pa_check_fields(R, fourierft_fields, NELEM(fourierft_fields))) ||
-        (rc = pa_check_fan_in_fan_out(R, c)) || (rc = pa_check_bias(R, "fourierft")) ||
-        (rc = pa_need_technique(R, reg, "fourierft")) || (rc = pa_num_field(R, "n_frequency", 1000, 1, &v)) ||
+        (rc = pa_check_fan_in_fan_out(R, c)) || (rc = pa_check_bias(R)) ||
+        (rc = pa_num_field(R, "n_frequency", 1000, 1, &v)) ||
         (rc = pa_num_field(R, "scaling", 150, 0, &scaling)) || (rc = pa_num_field(R, "random_loc_seed", 777, 0, &r)))
         return rc;
     if (r != floor(r) || r > 4294967295.0)
@@ -518,19 +499,19 @@ int pa_open_weight_type(reader *R, const pr_model_config *c, const pr_registry *
         (rc = pa_push_num(R, "random_loc_seed", r, -1)) || (rc = bool_field(R, "init_weights", 0, "init_weights")) ||
         (rc = pa_push_opt(R, "ifft2_norm", "backward", -1)))
         return rc;
-    return pa_open_targets(R, c, "fourierft", pats, NELEM(pats));
+    return pa_open_targets(R, c, pats, NELEM(pats));
 }
 
 /* TRAINABLE_TOKENS: rows of the token embedding. */
-int pa_open_trainable_tokens(reader *R, const pr_model_config *c, const pr_registry *reg)
+int pa_open_trainable_tokens(reader *R, const pr_model_config *c)
 {
     int rc = pa_check_fields(R, tt_fields, NELEM(tt_fields));
-    if (rc || (rc = pa_need_technique(R, reg, "trainable_tokens")))
+    if (rc)
         return rc;
     if (c->tied_head)
         return pr_errorf(R->err, PR_ERR_UNSUPPORTED, "%s/" CONFIG_NAME ": the base model ties its output head to "
                          "the token embedding; PEFT's TRAINABLE_TOKENS then replaces the head's rows too, and "
-                         "peftref's trainable_tokens replaces the input rows only", R->dir);
+                         "peftref's %s replaces the input rows only", R->dir, R->tech);
     const char *embed = c->family == PR_FAMILY_GPT2 ? "transformer.wte" : "model.embed_tokens";
     const json_t *tm = pa_get(R, "target_modules");
     if (tm && (rc = pa_check_name_list(R, "target_modules", tm, 0)))
@@ -539,7 +520,7 @@ int pa_open_trainable_tokens(reader *R, const pr_model_config *c, const pr_regis
     if (hit < 0)
         return PR_ERR_UNSUPPORTED;
     if (!hit)
-        return pa_bad_value(R, "target_modules", tm, "peftref's trainable_tokens works on the token embedding only");
+        return pa_bad_value(R, "target_modules", tm, "peftref's {tech} works on the token embedding only");
     const json_t *ids = pa_get(R, "token_indices");
     if (!ids || !json_is_array(ids) || json_array_size(ids) == 0)
         return pa_bad_value(R, "token_indices", ids, "expected a non-empty list of token ids");
@@ -598,10 +579,9 @@ static int check_prompt_shape(reader *R, const pr_model_config *c, int64_t token
 }
 
 /* prefix: PREFIX_TUNING; ptuning: P_TUNING, whose file holds the prompt
- * encoder's output, a plain prompt (what peftref's p_tuning folds to). */
-int pa_open_prompt(reader *R, const pr_model_config *c, const pr_registry *reg, int prefix, int ptuning)
+ * encoder's output, a plain prompt (what a P_TUNING technique folds to). */
+int pa_open_prompt(reader *R, const pr_model_config *c, int prefix, int ptuning)
 {
-    const char *tech = prefix ? "prefix_tuning" : "prompt_tuning";
     int rc = prefix ? pa_check_fields(R, prefix_fields, NELEM(prefix_fields))
              : ptuning ? pa_check_fields(R, ptuning_fields, NELEM(ptuning_fields))
                        : pa_check_fields(R, prompt_fields, NELEM(prompt_fields));
@@ -611,11 +591,6 @@ int pa_open_prompt(reader *R, const pr_model_config *c, const pr_registry *reg, 
     if (ert && !(json_is_string(ert) && (!strcmp(json_string_value(ert), "MLP") ||
                                          !strcmp(json_string_value(ert), "LSTM"))))
         return pa_bad_value(R, "encoder_reparameterization_type", ert, "PEFT's prompt encoder is MLP or LSTM");
-    const pr_technique *t = pr_registry_find(reg, tech);
-    if (!t)
-        return pr_errorf(R->err, PR_ERR_NOTFOUND, "%s: technique '%s' is not installed (peftref plugins lists the "
-                         "techniques found)", R->dir, tech);
-    R->f->t = t;
     long long nv;
     if ((rc = pa_get_int(R, "num_virtual_tokens", 1, 1, &nv)))
         return rc;

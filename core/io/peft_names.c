@@ -6,6 +6,7 @@
  * here is where a site lives in Hugging Face's module tree, per family. */
 #include "config.h"
 
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -13,6 +14,27 @@
 
 #include "module_file.h"
 #include "peft_adapter.h"
+
+/* ---- a technique's PEFT variant ------------------------------------------------------------ */
+
+const pr_ext_peft_config *peft_technique_variant(const pr_technique *t)
+{
+    const pr_ext_peft_config *v = t && t->extension_data ? t->extension_data(PR_EXT_PEFT_CONFIG_URI) : NULL;
+    return v && v->struct_size >= offsetof(pr_ext_peft_config, no_import) + sizeof v->no_import ? v : NULL;
+}
+
+json_t *peft_technique_implies(const pr_technique *t)
+{
+    const pr_ext_peft_config *v = peft_technique_variant(t);
+    if (!v || !v->implies)
+        return json_object();
+    json_t *o = json_loads(v->implies, 0, NULL);
+    if (o && !json_is_object(o)) {
+        json_decref(o);
+        o = NULL;
+    }
+    return o;
+}
 
 /* ---- Hugging Face module paths per model family ------------------------------------------- */
 

@@ -20,6 +20,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <jansson.h>
+
+#include "peftref/ext/peft_config.h"
 #include "peftref/module.h"
 #include "expr.h"
 #include "registry_internal.h"
@@ -470,6 +473,21 @@ int reg_validate_copy(const tech_copy *c, pr_error *err)
     if (selection != (t->adaptation == PR_ADAPT_SELECTION))
         return bad(c, err, "selection adaptation and select integration go together (adaptation %d, "
                            "integration %d)", t->adaptation, t->integration);
+    const pr_ext_peft_config *pv = t->extension_data ? t->extension_data(PR_EXT_PEFT_CONFIG_URI) : NULL;
+    if (pv) {
+        if (pv->struct_size < offsetof(pr_ext_peft_config, no_import) + sizeof pv->no_import)
+            return bad(c, err, "its peft-config extension is %u bytes, shorter than version 1's %zu", pv->struct_size,
+                       offsetof(pr_ext_peft_config, no_import) + sizeof pv->no_import);
+        if (!t->peft_type)
+            return bad(c, err, "has a peft-config extension but no peft_type");
+        json_error_t je;
+        json_t *o = pv->implies ? json_loads(pv->implies, 0, &je) : NULL;
+        int ok = !pv->implies || (o && json_is_object(o));
+        json_decref(o);
+        if (!ok)
+            return bad(c, err, "peft-config implies is not a JSON object: %s",
+                       o ? "another JSON value" : je.text);
+    }
     if (selection) {
         if (!t->select_kinds)
             return bad(c, err, "a selection technique must name select_kinds");

@@ -9,13 +9,17 @@
  *                    state instead of ctx->seed, so two attaches with one
  *                    seed differ
  *   LL_NAN_FORWARD   forward writes NaN into every output element
- * Like every plugin it includes only <peftref/plugin.h>. */
+ *   LL_PEFT_TYPE     its pr_technique.peft_type (none when undefined)
+ *   LL_PEFT_IMPLIES  the implies text of its peft-config extension
+ *                    (include/peftref/ext/peft_config.h)
+ * Like every plugin it includes only peftref's public plugin headers. */
 #ifndef PEFTREF_TEST_LORA_LIKE_H
 #define PEFTREF_TEST_LORA_LIKE_H
 
 #include <stdint.h>
 #include <string.h>
 
+#include <peftref/ext/peft_config.h>
 #include <peftref/plugin.h>
 
 #ifndef LL_DB_SCALE
@@ -110,6 +114,15 @@ static const pr_param_decl ll_params[] = {
 static const pr_buffer_decl ll_saved[] = {{sizeof(pr_buffer_decl), "xa", "rows, r"}};
 static const pr_buffer_decl ll_scratch[] = {{sizeof(pr_buffer_decl), "d_xa", "rows, r"}};
 
+#ifdef LL_PEFT_IMPLIES
+static const pr_ext_peft_config ll_peft = { .struct_size = sizeof(pr_ext_peft_config), .implies = LL_PEFT_IMPLIES };
+
+static const void *ll_extension(const char *uri)
+{
+    return strcmp(uri, PR_EXT_PEFT_CONFIG_URI) ? NULL : &ll_peft;
+}
+#endif
+
 static const pr_technique ll_technique = {
     .struct_size = sizeof(pr_technique),
     .abi_major = PR_ABI_MAJOR,
@@ -143,6 +156,12 @@ static const pr_technique ll_technique = {
     .backward = ll_backward,
 #ifdef LL_STATIC_SEED
     .init = ll_init,
+#endif
+#ifdef LL_PEFT_TYPE
+    .peft_type = LL_PEFT_TYPE,
+#endif
+#ifdef LL_PEFT_IMPLIES
+    .extension_data = ll_extension,
 #endif
 };
 
