@@ -871,6 +871,14 @@ static void test_technique_choice(void **state)
     assert_true(refused);
     assert_null(pr_registry_find(reg, "peft-bad-implies"));
     pr_registry_free(reg);
+
+    /* ADALORA's reader fills lora_E and rank_pattern; a technique without them is refused */
+    const char *no_ada[] = { "adalora.so", NULL }, *ada[] = { "peft_ada.so", NULL };
+    reg = registry_of("ada", no_ada, ada);
+    snprintf(want, sizeof want, "%s: technique peft-ada declares PEFT type ADALORA but no global (a row per "
+             "insertion) parameter 'lora_E', which the ADALORA reader fills", FIX "/gpt2_adalora");
+    expect_refusal(g2, FIX "/gpt2_adalora", NULL, want);
+    pr_registry_free(reg);
     reg = full;
 }
 

@@ -302,7 +302,7 @@ void xp_prompt_config(const job *j, json_t *c, int prefix, int ptuning)
 
 /* ---- ADALORA ----------------------------------------------------------------------------------------- */
 
-/* peftref's adalora keeps init_r triplets per insertion, lora_E of every
+/* An ADALORA technique keeps init_r triplets per insertion, lora_E of every
  * insertion in one (insertions, init_r) tensor (row k: insertion k, layer
  * by layer in site order), and the mask of kept triplets in its
  * rank_pattern buffer, which module files do not carry (it comes back as
@@ -332,7 +332,7 @@ int xp_adalora_tensors(job *j, adapter *a, json_t *c)
         }
     }
     if (!E)
-        return ERR("module '%s' (technique adalora) has no lora_E", mname);
+        return ERR("module '%s' (technique %s, PEFT type ADALORA) has no lora_E", mname, j->t->name);
     int any = 0, pruned = 0;
     for (int64_t i = 0; i < n_rows * r; i++) {
         any |= E[i] != 0.0f;
@@ -358,8 +358,8 @@ int xp_adalora_tensors(job *j, adapter *a, json_t *c)
             continue;
         const char *path = peft_site_path(j->cfg, p.site);
         if (!path) {
-            rc = ERR("module '%s' (technique adalora) adapts %s, which has no Hugging Face module name; use --format "
-                     "peftref", mname, pr_site_name(p.site));
+            rc = ERR("module '%s' (technique %s) adapts %s, which has no Hugging Face module name; use --format "
+                     "peftref", mname, j->t->name, pr_site_name(p.site));
             break;
         }
         int li = 0, si = 0;

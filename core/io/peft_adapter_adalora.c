@@ -1,4 +1,4 @@
-/* peftref core: a PEFT ADALORA adapter read into peftref's adalora module
+/* peftref core: a PEFT ADALORA adapter read into the module of the technique declaring ADALORA
  * (per-module triplets and the rank_pattern masks rebuilt into its one
  * lora_E tensor). */
 #include "config.h"
@@ -82,10 +82,39 @@ static int ada_tensor(reader *R, st_file *st, const char *key, int64_t rows, int
  * rank_pattern buffer from the booleans.  PEFT's scaling is
  * lora_alpha / (ranknum + 1e-5) with ranknum init_r kept through the
  * resize, which is peftref's. */
+/* What the ADALORA reader fills, by PEFT's names: lora_A and lora_B per
+ * insertion, lora_E and rank_pattern as one (insertions, init_r) tensor
+ * each, a row per insertion.  A technique declaring ADALORA must hold them
+ * so. */
+static int adalora_params_declared(reader *R)
+{
+    static const struct {
+        const char *name;
+        int scope;
+    } need[] = { { "lora_A", PR_SCOPE_INSERTION }, { "lora_B", PR_SCOPE_INSERTION },
+                 { "lora_E", PR_SCOPE_GLOBAL }, { "rank_pattern", PR_SCOPE_GLOBAL } };
+    const pr_technique *t = R->f->t;
+    for (int k = 0; k < NELEM(need); k++) {
+        int found = 0;
+        for (uint32_t i = 0; i < t->n_params && !found; i++) {
+            pr_param_decl d;
+            mf_read_decl(&d, sizeof d, t->params, i);
+            found = d.name && !strcmp(d.name, need[k].name) && (int)d.scope == need[k].scope;
+        }
+        if (!found)
+            return pr_errorf(R->err, PR_ERR_UNSUPPORTED, "%s: technique %s declares PEFT type ADALORA but no %s "
+                             "parameter '%s', which the ADALORA reader fills", R->dir, t->name,
+                             need[k].scope == PR_SCOPE_INSERTION ? "per-insertion" : "global (a row per insertion)",
+                             need[k].name);
+    }
+    return PR_OK;
+}
+
 int pa_open_adalora(reader *R, const pr_model_config *c)
 {
     int rc = pa_check_fields2(R, pa_lora_fields, pa_n_lora_fields, adalora_fields, NELEM(adalora_fields));
-    if (rc || (rc = pa_check_fan_in_fan_out(R, c)) || (rc = pa_check_bias(R)))
+    if (rc || (rc = pa_check_fan_in_fan_out(R, c)) || (rc = pa_check_bias(R)) ||
+        (rc = adalora_params_declared(R)))
         return rc;
     int flag;
     if ((rc = pa_get_bool(R, "use_dora", &flag)))
