@@ -116,10 +116,11 @@ int model_embed_token_ids(const pr_model *m, int rows, int32_t *ids)
  * the scale 1/n_scored is known only at the backward
  * (pr_model_backward_over), an evaluation never pays for a gradient, a
  * frozen head gets none, and no gradient is touched by a forward whose
- * backward is skipped (a non-finite loss).  Rows [r0, r0+n) of the chunk
- * are the same rows of the full products, so logits, losses and dh come
- * out bit for bit as in the full path; the head's gradient sums the
- * chunks' rows in another order (within float rounding). */
+ * backward is skipped (a non-finite loss).  A chunk's rows are the same
+ * rows of the full products: the logits and losses came out bit for bit
+ * in tests/test_ce_chunks.c, the gradients within float rounding (the
+ * BLAS picks its kernels by the number of rows, and the head's gradient
+ * sums the chunks' rows in another order). */
 
 /* Final norm output at the real positions, (B,Tr,C). */
 static const float *real_hidden(const pr_model *m)
