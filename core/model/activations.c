@@ -53,8 +53,11 @@ static void layout_activations(pr_model *m, bump *b, int B, int Tr, int Ti)
     }
     m->lnf = bump_take(b, N * C);
     m->hid = bump_take_if(b, nv > 0, Nr * C);
-    m->logits = bump_take(b, Nr * V);
-    m->probs = bump_take(b, Nr * V);
+    size_t R = (size_t)m->ce_rows;
+    m->ce_logits = bump_take_if(b, !m->ce_full, R * V);
+    m->ce_probs = bump_take_if(b, !m->ce_full, R * V);
+    m->logits = bump_take_if(b, m->ce_full, Nr * V);
+    m->probs = bump_take_if(b, m->ce_full, Nr * V);
     m->losses = bump_take(b, Nr);
 
     m->dvrows = bump_take_if(b, nv > 0, nv * C);
@@ -66,15 +69,62 @@ static void layout_activations(pr_model *m, bump *b, int B, int Tr, int Ti)
     m->dtmp = bump_take(b, N * C);
     m->dstream = bump_take(b, N * C);
     m->dln = bump_take(b, N * C);
-    m->dlogits = bump_take(b, Nr * V);
+    m->dlogits = bump_take_if(b, m->ce_full, Nr * V);
 
     m->ops->layout(m, b, B, Ti);
 }
 
+/* Bytes of each of the two chunk buffers of the cross-entropy (ce_logits,
+ * ce_probs): 16 MiB keeps a chunk at 83 rows for GPT-2's 50257 tokens and
+ * 32 rows for a 128k vocabulary, enough rows for the head's sgemm to stay
+ * compute-bound (each chunk streams the whole (V,C) head once), while the
+ * pair is 32 MiB against the 3 x Nr x V floats of the full path (617 MB
+ * for GPT-2 at B=4, T=256). */
+#define CE_CHUNK_BYTES ((size_t)16 << 20)
+
+/* The head's cross-entropy for Nr real rows: PEFTREF_CE_FULL=1 keeps the
+ * (Nr,V) logits, probabilities and their gradient (for measuring, and
+ * for the test that compares both); otherwise chunks of ce_rows rows,
+ * PEFTREF_CE_CHUNK_ROWS when set (tests), else CE_CHUNK_BYTES' worth.
+ * Read when the activations are planned, since their layout depends on
+ * it. */
+static int plan_crossentropy(const pr_model *m, int Nr, int *full, int *rows_out, pr_error *err)
+{
+    const char *e = getenv("PEFTREF_CE_FULL");
+    *full = e && *e && strcmp(e, "0") != 0;
+    size_t rows = CE_CHUNK_BYTES / ((size_t)m->cfg.vocab_size * sizeof(float));
+    const char *r = getenv("PEFTREF_CE_CHUNK_ROWS");
+    if (r && *r) {
+        char *end = NULL;
+        long v = strtol(r, &end, 10);
+        if (*end || v <= 0 || v > INT32_MAX)
+            return pr_errorf(err, PR_ERR_INVALID, "reserve: PEFTREF_CE_CHUNK_ROWS='%s' is not a positive row count",
+                             r);
+        rows = (size_t)v;
+    }
+    if (rows < 1)
+        rows = 1;
+    if (rows > (size_t)Nr)
+        rows = (size_t)Nr;
+    *rows_out = (int)rows;
+    return PR_OK;
+}
+
 int model_plan_activations(pr_model *m, int B, int Tr, int Ti, pr_error *err)
 {
+    int full = 0, rows = 1;
+    int rc = plan_crossentropy(m, B * Tr, &full, &rows, err);
+    if (rc)
+        return rc;
+    /* sized for the new choice; a failure below keeps the previous block,
+     * laid out for the previous one */
+    int old_full = m->ce_full, old_rows = m->ce_rows;
+    m->ce_full = full;
+    m->ce_rows = rows;
     bump sizing = { NULL, 0, 0 };
     layout_activations(m, &sizing, B, Tr, Ti);
+    m->ce_full = old_full;
+    m->ce_rows = old_rows;
     if (sizing.overflow)
         return pr_errorf(err, PR_ERR_INVALID, "reserve: the activations of B=%d x T=%d with this model would "
                          "pass %zu bytes (BUMP_MAX_FLOATS floats)", B, Ti, BUMP_MAX_FLOATS * sizeof(float));
@@ -89,8 +139,13 @@ int model_plan_activations(pr_model *m, int B, int Tr, int Ti, pr_error *err)
         return pr_errorf(err, PR_ERR_NOMEM, "reserve: out of memory for token buffers");
     }
     memset(block, 0, bytes);
+    m->ce_full = full;
+    m->ce_rows = rows;
     free(m->act_block);
     free(m->tok_block);
+    free(m->logits_own);
+    m->logits_own = NULL;
+    m->logits_ready = 0;
     m->act_block = block;
     m->tok_block = toks;
     m->tokens = toks;

@@ -154,13 +154,24 @@ struct pr_model {
     float *lnf;                  /* (N,C) final norm output */
     float *hid, *dhid;           /* (Nr,C) real rows of lnf and their gradient, only with nv > 0 */
     int hidden_only;             /* last forward stopped at the final norm */
-    float *logits, *probs;       /* (Nr,V) */
+    /* The head and cross-entropy (passes.c).  Chunked (the default): the
+     * loss runs over ce_rows rows at a time in ce_logits and ce_probs
+     * (ce_rows,V) and the backward recomputes each chunk's logits, so no
+     * (Nr,V) buffer exists unless a caller asks for the logits; logits is
+     * then a separate (resB*resT,V) allocation made on that request.
+     * Full (PEFTREF_CE_FULL=1 when the activations are planned): logits,
+     * probs and dlogits are (Nr,V) views of the activation block. */
+    int ce_full, ce_rows;
+    float *ce_logits, *ce_probs; /* (ce_rows,V), chunked only */
+    float *logits, *probs;       /* (Nr,V); probs full only */
+    float *logits_own;           /* chunked: the allocation logits points to, or NULL */
+    int logits_ready;            /* logits hold the last forward's */
     float *losses;               /* (Nr) */
     /* backward scratch every family uses */
     float *dres, *dtmp;          /* (N,C) residual-stream gradient, ping-pong */
     float *dstream;              /* (N,C) dy of sub-layer site hooks */
     float *dln;                  /* (N,C) gradient of a norm output */
-    float *dlogits;              /* (Nr,V) */
+    float *dlogits;              /* (Nr,V), full only */
 
     /* the last forward: T internal positions = nv virtual + Tr real */
     int B, T, Tr, nv;

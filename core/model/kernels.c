@@ -572,3 +572,19 @@ void crossentropy_backward(float *dlogits, const float *probs, const int *target
         d[tgt] -= scale;
     }
 }
+
+void crossentropy_backward_inplace(float *g, const int *targets, int N, int V, float scale)
+{
+#pragma omp parallel for schedule(static) if ((long)N * V >= PAR_MIN)
+    for (int i = 0; i < N; i++) {
+        float *d = g + (size_t)i * V;
+        int tgt = targets[i];
+        if (tgt < 0) {
+            memset(d, 0, (size_t)V * sizeof(float));
+            continue;
+        }
+#pragma omp simd
+        for (int j = 0; j < V; j++) d[j] *= scale;
+        d[tgt] -= scale;
+    }
+}

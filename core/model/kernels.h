@@ -78,5 +78,9 @@ long crossentropy_forward(float *losses, float *probs, const float *logits,
  * With mean loss over S scored rows, scale = 1/S. */
 void crossentropy_backward(float *dlogits, const float *probs, const int *targets,
                            int N, int V, float scale);
+/* g (N,V) holds probs on entry and dlogits on return: (probs - onehot) *
+ * scale for scored rows, 0 for the others, bit for bit what
+ * crossentropy_backward adds to a zeroed dlogits. */
+void crossentropy_backward_inplace(float *g, const int *targets, int N, int V, float scale);
 
 #endif

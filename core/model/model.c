@@ -198,6 +198,7 @@ void pr_model_free(pr_model *m)
     free(m->concat);
     free(m->act_block);
     free(m->tok_block);
+    free(m->logits_own);
     free(m->grads);
     if (m->storage)
         munmap(m->storage, m->storage_floats * sizeof(float));

@@ -105,13 +105,105 @@ int model_embed_token_ids(const pr_model *m, int rows, int32_t *ids)
     return PR_OK;
 }
 
-/* ---- forward ------------------------------------------------------------- */
+/* ---- the LM head and the cross-entropy ----------------------------------
+ *
+ * Full path (m->ce_full): logits (Nr,V) = h W^T for every real row, the
+ * softmax probabilities kept for the backward, dlogits (Nr,V) there.
+ * Chunked path (the default): ce_rows rows at a time; the forward keeps
+ * only the per-row losses, and the backward recomputes each chunk's
+ * logits (one more head product) and takes dh and the head's gradient
+ * from it.  The recomputation is what makes it right for every caller:
+ * the scale 1/n_scored is known only at the backward
+ * (pr_model_backward_over), an evaluation never pays for a gradient, a
+ * frozen head gets none, and no gradient is touched by a forward whose
+ * backward is skipped (a non-finite loss).  A chunk's rows are the same
+ * rows of the full products: the logits and losses came out bit for bit
+ * in tests/test_ce_chunks.c, the gradients within float rounding (the
+ * BLAS picks its kernels by the number of rows, and the head's gradient
+ * sums the chunks' rows in another order). */
 
 /* Final norm output at the real positions, (B,Tr,C). */
 static const float *real_hidden(const pr_model *m)
 {
     return m->nv ? m->hid : m->lnf;
 }
+
+/* out (n,V) = the logits of real rows [r0, r0+n) */
+static int head_logits(pr_model *m, float *out, int r0, int n, pr_error *err)
+{
+    int C = m->cfg.d_model, V = m->cfg.vocab_size;
+    return model_matmul_forward(m, out, V, real_hidden(m) + (size_t)r0 * C, C, m->head, 0, NULL, n, C, V, err);
+}
+
+static int any_scored(const int *targets, int n)
+{
+    for (int i = 0; i < n; i++)
+        if (targets[i] >= 0)
+            return 1;
+    return 0;
+}
+
+/* m->losses (Nr) and m->scored from the head when targets are given; the
+ * full path also leaves the logits (and probabilities) in place. */
+static int head_loss_forward(pr_model *m, int targets, pr_error *err)
+{
+    int Nr = m->B * m->Tr, V = m->cfg.vocab_size, R = m->ce_rows, rc;
+    if (m->ce_full) {
+        if ((rc = head_logits(m, m->logits, 0, Nr, err)))
+            return rc;
+        m->logits_ready = 1;
+        if (targets)
+            m->scored = crossentropy_forward(m->losses, m->probs, m->logits, m->targets, Nr, V);
+        return PR_OK;
+    }
+    if (!targets)
+        return PR_OK; /* the logits are made when asked for (pr_model_logits) */
+    long scored = 0;
+    for (int r0 = 0; r0 < Nr; r0 += R) {
+        int n = Nr - r0 < R ? Nr - r0 : R;
+        const int *tg = m->targets + r0;
+        if (!any_scored(tg, n)) {
+            memset(m->losses + r0, 0, (size_t)n * sizeof(float));
+            continue;
+        }
+        if ((rc = head_logits(m, m->ce_logits, r0, n, err)))
+            return rc;
+        scored += crossentropy_forward(m->losses + r0, m->ce_probs, m->ce_logits, tg, n, V);
+    }
+    m->scored = scored;
+    return PR_OK;
+}
+
+/* dh (Nr,C) = dLoss/d(real rows) for loss = sum of scored losses * scale;
+ * the head's gradient, when it has one, accumulates. */
+static int head_loss_backward(pr_model *m, float *dh, float scale, pr_error *err)
+{
+    int Nr = m->B * m->Tr, C = m->cfg.d_model, V = m->cfg.vocab_size, R = m->ce_rows, rc;
+    const float *h = real_hidden(m);
+    float *dw = grad_of(m->head);
+    memset(dh, 0, (size_t)Nr * C * sizeof(float));
+    if (m->ce_full) {
+        memset(m->dlogits, 0, (size_t)Nr * V * sizeof(float));
+        crossentropy_backward(m->dlogits, m->probs, m->targets, Nr, V, scale);
+        return model_matmul_backward(m, dh, C, dw, NULL, m->dlogits, V, h, C, m->head, 0, Nr, C, V, err);
+    }
+    for (int r0 = 0; r0 < Nr; r0 += R) {
+        int n = Nr - r0 < R ? Nr - r0 : R;
+        const int *tg = m->targets + r0;
+        if (!any_scored(tg, n))
+            continue; /* dlogits 0: nothing to add */
+        if ((rc = head_logits(m, m->ce_logits, r0, n, err)))
+            return rc;
+        crossentropy_forward(m->losses + r0, m->ce_probs, m->ce_logits, tg, n, V);
+        crossentropy_backward_inplace(m->ce_probs, tg, n, V, scale);
+        if ((rc = model_matmul_backward(m, dh + (size_t)r0 * C, C, dw, NULL, m->ce_probs, V, h + (size_t)r0 * C, C,
+                                        m->head, 0, n, C, V, err)))
+            return rc;
+    }
+    return PR_OK;
+}
+
+/* ---- forward ------------------------------------------------------------- */
 
 static int check_batch(pr_model *m, const pr_batch *bt, pr_error *err)
 {
@@ -164,9 +256,10 @@ int pr_model_forward(pr_model *m, const pr_batch *batch, float *loss, pr_error *
         return rc;
     const pr_model_config *c = &m->cfg;
     int B = batch->B, Tr = batch->T, nv = pr_model_virtual_positions(m), T = nv + Tr;
-    int Nr = B * Tr, C = c->d_model, V = c->vocab_size;
+    int Nr = B * Tr, C = c->d_model;
 
     m->have_fwd = 0;
+    m->logits_ready = 0;
     m->B = B;
     m->T = T;
     m->Tr = Tr;
@@ -205,11 +298,9 @@ int pr_model_forward(pr_model *m, const pr_batch *batch, float *loss, pr_error *
         m->have_fwd = 1;
         return PR_OK;
     }
-    if ((rc = model_matmul_forward(m, m->logits, V, real_hidden(m), C, m->head, 0, NULL, Nr, C, V, err)))
+    if ((rc = head_loss_forward(m, batch->targets != NULL, err)))
         return rc;
-
     if (batch->targets) {
-        m->scored = crossentropy_forward(m->losses, m->probs, m->logits, m->targets, Nr, V);
         double sum = 0.0;
         for (int i = 0; i < Nr; i++)
             sum += m->losses[i];
@@ -222,9 +313,30 @@ int pr_model_forward(pr_model *m, const pr_batch *batch, float *loss, pr_error *
     return PR_OK;
 }
 
-const float *pr_model_logits(const pr_model *m)
+/* The logits are the model's state of the last forward: made on the
+ * first request after a chunked forward (from the saved real rows and the
+ * head as it is then), in a buffer of the model's own.  The cast writes
+ * that cache through the const handle; pr_model objects are only ever
+ * made by pr_model_new, never defined const. */
+const float *pr_model_logits(const pr_model *cm)
 {
-    return m && m->have_fwd && !m->hidden_only ? m->logits : NULL;
+    if (!cm || !cm->have_fwd || cm->hidden_only)
+        return NULL;
+    if (cm->logits_ready)
+        return cm->logits;
+    pr_model *m = (pr_model *)cm;
+    int Nr = m->B * m->Tr, V = m->cfg.vocab_size;
+    if (!m->logits_own) {
+        m->logits_own = malloc((size_t)m->resB * (size_t)m->resT * (size_t)V * sizeof(float));
+        if (!m->logits_own)
+            return NULL;
+    }
+    m->logits = m->logits_own;
+    pr_error err = { 0 };
+    if (head_logits(m, m->logits, 0, Nr, &err))
+        return NULL;
+    m->logits_ready = 1;
+    return m->logits;
 }
 
 const float *pr_model_hidden(const pr_model *m)
@@ -259,20 +371,13 @@ int pr_model_backward_over(pr_model *m, int64_t n_scored, pr_error *err)
     if (n_scored < m->scored)
         return pr_errorf(err, PR_ERR_INVALID, "backward: %lld scored targets in all is fewer than the %lld of "
                          "the last forward", (long long)n_scored, (long long)m->scored);
-    const pr_model_config *c = &m->cfg;
-    int Nr = m->B * m->Tr, C = c->d_model, V = c->vocab_size;
-
     /* loss = sum over scored rows / n_scored -> logits -> ln_f at the real rows */
-    memset(m->dlogits, 0, (size_t)Nr * V * sizeof(float));
-    crossentropy_backward(m->dlogits, m->probs, m->targets, Nr, V, 1.0f / (float)n_scored);
     float *dh = m->nv ? m->dhid : m->dln;
-    memset(dh, 0, (size_t)Nr * C * sizeof(float));
-    int rc = model_matmul_backward(m, dh, C, grad_of(m->head), NULL, m->dlogits, V, real_hidden(m), C, m->head, 0,
-                                   Nr, C, V, err);
+    int rc = head_loss_backward(m, dh, 1.0f / (float)n_scored, err);
     if (rc)
         return rc;
     if (m->nv)
-        scatter_real_rows(m->dln, dh, m->B, m->nv, m->Tr, C);
+        scatter_real_rows(m->dln, dh, m->B, m->nv, m->Tr, m->cfg.d_model);
     return backward_from_final_norm(m, err);
 }
 

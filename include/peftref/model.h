@@ -127,7 +127,12 @@ int pr_model_backward_hidden(pr_model *m, const float *dhidden, pr_error *err);
 /* Zero the gradients of trainable base tensors and of added tensors. */
 void pr_model_zero_grad(pr_model *m);
 
-/* Logits of the last forward, (B,T,V) row-major. */
+/* Logits of the last forward, (B,T,V) row-major.  A forward scores its
+ * targets in chunks of rows and keeps no logits; the first call after it
+ * computes them from the forward's final hidden states and the head as it
+ * is then (call it before changing the head), in a buffer the model keeps
+ * until the next forward.  NULL without a forward, after a hidden_only one,
+ * or when that buffer cannot be allocated. */
 const float *pr_model_logits(const pr_model *m);
 
 /* Scored-target count of the last forward. */
