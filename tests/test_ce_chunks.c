@@ -12,7 +12,10 @@
  * another order, so what is asserted is max |a - b| <= 1e-5 * max |full|
  * per tensor and the loss within 1e-6 relative; which results came out
  * bit for bit is printed (here: loss and logits, no gradient; the worst
- * gradient 6e-7 of its tensor's largest element).  The chunked gradients are
+ * gradient 6e-7 of its tensor's largest element).  Each case runs in
+ * eval and in training mode: in training a frozen head's dh is taken in
+ * the forward at scale 1 and scaled in the backward, another rounding
+ * of the same sums.  The chunked gradients are
  * also checked against finite differences, and the training and
  * loss-only paths are checked to hold no (Nr,V) buffer. */
 #include <dlfcn.h>
@@ -180,11 +183,14 @@ static void result_free(result *r)
 }
 
 /* One forward and backward of case k under the mode (full, rows). */
+static int training_mode;   /* the model's training flag in run_case */
+
 static void run_case(const ce_case *k, int full, const char *rows, result *out)
 {
     memset(out, 0, sizeof *out);
     ce_mode(full, rows);
     pr_model *m = case_model(k);
+    pr_model_set_training(m, training_mode);
     int tokens[CN], targets[CN];
     case_batch(tokens, targets, 11);
     pr_batch b = { .tokens = tokens, .targets = targets, .B = CB, .T = CT };
@@ -194,6 +200,8 @@ static void run_case(const ce_case *k, int full, const char *rows, result *out)
         fail_msg("%s: %s", k->name, err.msg);
     assert_int_equal(pr_model_scored_tokens(m), CN - 5);
     assert_int_equal(m->ce_full, full);
+    /* a frozen head in training takes dh in the forward, once (ce_dh) */
+    assert_int_equal(m->ce_dh_ready, !full && training_mode && !k->full && !k->head);
     if (!full) {
         /* training holds no (Nr,V) buffer: only the chunk pair */
         assert_null(m->logits_own);
@@ -229,11 +237,13 @@ static double max_abs(const float *a, size_t n)
     return mx;
 }
 
-/* Chunked (rows) against full for every case. */
+/* Chunked (rows) against full for every case, in eval and in training
+ * mode (where a frozen head's dh comes from the forward). */
 static void compare_modes(const char *rows)
 {
-    for (int c = 0; c < N_CASES; c++) {
-        const ce_case *k = &CASES[c];
+    for (int c = 0; c < 2 * N_CASES; c++) {
+        training_mode = c >= N_CASES;
+        const ce_case *k = &CASES[c % N_CASES];
         result f, ch;
         run_case(k, 1, NULL, &f);
         run_case(k, 0, rows, &ch);
@@ -257,13 +267,15 @@ static void compare_modes(const char *rows)
             worst = fmax(worst, d / scale);
             exact += memcmp(ch.grad[i], f.grad[i], f.numel[i] * sizeof(float)) == 0;
         }
-        print_message("%-20s chunk %-7s loss %s, logits %s, %d of %d gradients bit for bit, worst %.2g rel\n",
-                      k->name, rows ? rows : "default", ch.loss == f.loss ? "exact" : "close",
+        print_message("%-20s %-5s chunk %-7s loss %s, logits %s, %d of %d gradients bit for bit, worst %.2g "
+                      "rel\n", k->name, training_mode ? "train" : "eval", rows ? rows : "default",
+                      ch.loss == f.loss ? "exact" : "close",
                       memcmp(ch.logits, f.logits, (size_t)CN * CV * sizeof(float)) == 0 ? "exact" : "close", exact,
                       f.n, worst);
         result_free(&f);
         result_free(&ch);
     }
+    training_mode = 0;
     ce_mode(0, NULL);
 }
 
@@ -291,18 +303,21 @@ static void test_chunked_fd(void **state)
 {
     (void)state;
     static const th_fd fd = { .eps = 3e-3, .rtol = 5e-2, .atol = 1e-4, .probes = 6, .gmin = 1e-6 };
-    const int pick[] = { 2, 7 }; /* gpt2 full untied, llama prompt + head */
-    for (int p = 0; p < 2; p++) {
+    /* gpt2 full untied, llama prompt + head; gpt2 and llama lora in
+     * training mode (a frozen head: dh from the forward) */
+    const int pick[] = { 2, 7, 0, 4 };
+    for (int p = 0; p < 4; p++) {
         const ce_case *k = &CASES[pick[p]];
         ce_mode(0, "4");
         pr_model *m = case_model(k);
+        pr_model_set_training(m, p >= 2);
         th_loss_ctx lc;
         th_loss_bind(&lc, m, CB, CT);
         case_batch(lc.tokens, lc.targets, 23);
         const char *all[] = { "" };
         int n = th_check_grads(&lc, all, 1, 1, &fd);
         assert_true(n > 0);
-        print_message("%s: %d tensors against finite differences\n", k->name, n);
+        print_message("%s%s: %d tensors against finite differences\n", k->name, p >= 2 ? " (training)" : "", n);
         pr_model_free(m);
     }
     ce_mode(0, NULL);

@@ -56,6 +56,7 @@ static void layout_activations(pr_model *m, bump *b, int B, int Tr, int Ti)
     size_t R = (size_t)m->ce_rows;
     m->ce_logits = bump_take_if(b, !m->ce_full, R * V);
     m->ce_probs = bump_take_if(b, !m->ce_full, R * V);
+    m->ce_dh = bump_take_if(b, !m->ce_full, Nr * C);
     m->logits = bump_take_if(b, m->ce_full, Nr * V);
     m->probs = bump_take_if(b, m->ce_full, Nr * V);
     m->losses = bump_take(b, Nr);

@@ -163,6 +163,11 @@ struct pr_model {
      * probs and dlogits are (Nr,V) views of the activation block. */
     int ce_full, ce_rows;
     float *ce_logits, *ce_probs; /* (ce_rows,V), chunked only */
+    /* (Nr,C), chunked only: with a frozen head in training, the forward
+     * leaves here dLoss/dh for the sum of the scored losses (scale 1), so
+     * the backward scales it instead of recomputing the logits */
+    float *ce_dh;
+    int ce_dh_ready;
     float *logits, *probs;       /* (Nr,V); probs full only */
     float *logits_own;           /* chunked: the allocation logits points to, or NULL */
     int logits_ready;            /* logits hold the last forward's */

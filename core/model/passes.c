@@ -112,7 +112,11 @@ int model_embed_token_ids(const pr_model *m, int rows, int32_t *ids)
  * Chunked path (the default): ce_rows rows at a time; the forward keeps
  * only the per-row losses, and the backward recomputes each chunk's
  * logits (one more head product) and takes dh and the head's gradient
- * from it.  The recomputation is what makes it right for every caller:
+ * from it.  When the head is frozen and the model is training, the
+ * forward instead takes each chunk's dh for the sum of the scored losses
+ * right after its loss (ce_dh) and the backward only scales it by
+ * 1/n_scored: no second head product, and still nothing a skipped
+ * backward would have to undo, since no gradient is touched.  The recomputation is what makes it right for every caller:
  * the scale 1/n_scored is known only at the backward
  * (pr_model_backward_over), an evaluation never pays for a gradient, a
  * frozen head gets none, and no gradient is touched by a forward whose
@@ -133,6 +137,14 @@ static int head_logits(pr_model *m, float *out, int r0, int n, pr_error *err)
 {
     int C = m->cfg.d_model, V = m->cfg.vocab_size;
     return model_matmul_forward(m, out, V, real_hidden(m) + (size_t)r0 * C, C, m->head, 0, NULL, n, C, V, err);
+}
+
+/* PEFTREF_CE_RECOMPUTE=1: the backward recomputes the logits even for a
+ * frozen head (the chunked path's general form; benchmarks and tests). */
+static int ce_recompute(void)
+{
+    const char *e = getenv("PEFTREF_CE_RECOMPUTE");
+    return e && *e && strcmp(e, "0") != 0;
 }
 
 static int any_scored(const int *targets, int n)
@@ -156,12 +168,17 @@ static int head_loss_forward(pr_model *m, int targets, pr_error *err)
             m->scored = crossentropy_forward(m->losses, m->probs, m->logits, m->targets, Nr, V);
         return PR_OK;
     }
+    m->ce_dh_ready = 0;
     if (!targets)
         return PR_OK; /* the logits are made when asked for (pr_model_logits) */
+    int C = m->cfg.d_model, early = m->training && !grad_of(m->head) && !ce_recompute();
+    const float *h = real_hidden(m);
     long scored = 0;
     for (int r0 = 0; r0 < Nr; r0 += R) {
         int n = Nr - r0 < R ? Nr - r0 : R;
         const int *tg = m->targets + r0;
+        if (early)
+            memset(m->ce_dh + (size_t)r0 * C, 0, (size_t)n * C * sizeof(float));
         if (!any_scored(tg, n)) {
             memset(m->losses + r0, 0, (size_t)n * sizeof(float));
             continue;
@@ -169,8 +186,15 @@ static int head_loss_forward(pr_model *m, int targets, pr_error *err)
         if ((rc = head_logits(m, m->ce_logits, r0, n, err)))
             return rc;
         scored += crossentropy_forward(m->losses + r0, m->ce_probs, m->ce_logits, tg, n, V);
+        if (!early)
+            continue;
+        crossentropy_backward_inplace(m->ce_probs, tg, n, V, 1.0f);
+        if ((rc = model_matmul_backward(m, m->ce_dh + (size_t)r0 * C, C, NULL, NULL, m->ce_probs, V,
+                                        h + (size_t)r0 * C, C, m->head, 0, n, C, V, err)))
+            return rc;
     }
     m->scored = scored;
+    m->ce_dh_ready = early;
     return PR_OK;
 }
 
@@ -181,6 +205,11 @@ static int head_loss_backward(pr_model *m, float *dh, float scale, pr_error *err
     int Nr = m->B * m->Tr, C = m->cfg.d_model, V = m->cfg.vocab_size, R = m->ce_rows, rc;
     const float *h = real_hidden(m);
     float *dw = grad_of(m->head);
+    if (m->ce_dh_ready && !m->ce_full) {
+        for (size_t i = 0; i < (size_t)Nr * C; i++)
+            dh[i] = scale * m->ce_dh[i];
+        return PR_OK;
+    }
     memset(dh, 0, (size_t)Nr * C * sizeof(float));
     if (m->ce_full) {
         memset(m->dlogits, 0, (size_t)Nr * V * sizeof(float));
