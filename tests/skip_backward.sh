@@ -3,7 +3,9 @@
 # the top layer differentiates one block, not all): training with it gives
 # the losses and module files of the full backward (PEFTREF_BACKWARD_ALL=1)
 # bit for bit, for a module on the top layer, a prefix on the top layer and a
-# top layer with two modules (ia3 and a LoRA on ffn.down).
+# top layer with two modules (ia3 and a LoRA on ffn.down); and the lowest block
+# run makes no input gradient of its own (LoRA on every layer, GPT-2 and
+# LLaMA), unless its first norm trains (LayerNorm tuning on the top layer).
 set -u
 PEFTREF=${PEFTREF:-./peftref}
 srcdir=${srcdir:-.}
@@ -14,10 +16,10 @@ tmp=$(mktemp -d "${TMPDIR:-/tmp}/peftref-skipbw-XXXXXX") || exit 1
 passed=0 failed=0
 check() { if "$@"; then passed=$((passed + 1)); else failed=$((failed + 1)); echo "FAIL: $*"; fi; }
 
-run_case() { # name, modules block
-    name=$1 mods=$2
+run_case() { # name, modules block [, preset]
+    name=$1 mods=$2 preset=${3:-llama-tiny}
     cat > "$tmp/$name.yaml" <<YAML
-model: {preset: llama-tiny, seed: 5}
+model: {preset: $preset, seed: 5}
 task: {type: lm, train: $corpus}
 modules:
 $mods
@@ -43,6 +45,9 @@ run_case top-lora "  - {technique: lora, sites: [q, v], layers: [1], options: {r
 run_case top-prefix "  - {technique: prefix_tuning, layers: [1], options: {n_tokens: 4}}"
 run_case top-two-modules "  - {technique: ia3, layers: [1]}
   - {technique: lora, sites: [ffn.down], layers: [1], options: {r: 2, alpha: 4}}"
+run_case all-lora-llama "  - {technique: lora, sites: [q, v], options: {r: 4, alpha: 8}}"
+run_case all-lora-gpt2 "  - {technique: lora, sites: [qkv], options: {r: 4, alpha: 8}}" gpt2-tiny
+run_case top-lnfit-gpt2 "  - {technique: lnfit, layers: [1]}" gpt2-tiny
 [ "$failed" -eq 0 ] && rm -rf "$tmp"
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -140,6 +140,10 @@ struct pr_model {
     hook_list *hooks;            /* (L+1) * PR_SITE_COUNT; slot 0.. is layer -1 */
     concat_list *concat;         /* same slots; used at embed, attn.k, attn.v */
     int training;                /* handed to hooks as pr_site_io.training */
+    /* set by the frame for the lowest block it differentiates when nothing
+     * below it needs a gradient: the block need not make its input gradient
+     * (its first norm's, and the base products' dX into it) */
+    int bwd_no_input_grad;
 
     /* activations, planned for up to resB sequences of resT real tokens
      * and resTi internal positions (resTi >= resT + virtual positions) */

@@ -446,11 +446,14 @@ static int block_backward(pr_model *m, int l, const float *x, pr_error *err)
         (rc = model_proj_backward(m, PR_SITE_Q, l, a->ln1, C, m->dln, a->qkv, Q, QKV, g->dqkv, err)) ||
         (rc = model_proj_backward(m, PR_SITE_QKV, l, a->ln1, C, m->dln, a->qkv, QKV, QKV, g->dqkv, err)))
         return rc;
-    if ((rc = model_matmul_backward(m, m->dln, C, grad_of(p->qkvw), grad_of(p->qkvb), g->dqkv,
-                                        QKV, a->ln1, C, p->qkvw, 1, N, C, QKV, err)))
+    /* the lowest block differentiated: no input gradient unless ln1 trains */
+    int need_dx = !m->bwd_no_input_grad || grad_of(p->ln1w) || grad_of(p->ln1b);
+    if ((rc = model_matmul_backward(m, need_dx ? m->dln : NULL, C, grad_of(p->qkvw), grad_of(p->qkvb), g->dqkv,
+                                    QKV, a->ln1, C, p->qkvw, 1, N, C, QKV, err)))
         return rc;
-    layernorm_backward(m->dres, grad_of(p->ln1w), grad_of(p->ln1b), m->dln, x, p->ln1w->data,
-                       a->ln1_mean, a->ln1_rstd, N, C);
+    if (need_dx)
+        layernorm_backward(m->dres, grad_of(p->ln1w), grad_of(p->ln1b), m->dln, x, p->ln1w->data, a->ln1_mean,
+                           a->ln1_rstd, N, C);
     return PR_OK;
 }
 

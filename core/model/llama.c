@@ -371,14 +371,24 @@ static int proj_forward(pr_model *m, int site, int l, const float *x, int din, c
 
 /* The projection's backward: its hooks, then dx (N,din) += dy W, and the
  * weight's and bias's gradients when they are trained.  dy (N,dout). */
-static int proj_backward(pr_model *m, int site, int l, const float *x, int din, float *dx, const pr_tensor_info *w,
-                         const pr_tensor_info *bias, float *y, int dout, float *dy, pr_error *err)
+/* no_dx: the base product adds nothing to dx (the lowest block run, whose
+ * input gradient nothing needs); the site's hooks still get dx. */
+static int proj_backward_dx(pr_model *m, int site, int l, const float *x, int din, float *dx, int no_dx,
+                            const pr_tensor_info *w, const pr_tensor_info *bias, float *y, int dout, float *dy,
+                            pr_error *err)
 {
     int N = m->B * m->T;
     int rc = model_proj_backward(m, site, l, x, din, dx, y, dout, dout, dy, err);
     if (rc)
         return rc;
-    return model_matmul_backward(m, dx, din, grad_of(w), grad_of(bias), dy, dout, x, din, w, 0, N, din, dout, err);
+    return model_matmul_backward(m, no_dx ? NULL : dx, din, grad_of(w), grad_of(bias), dy, dout, x, din, w, 0, N,
+                                 din, dout, err);
+}
+
+static int proj_backward(pr_model *m, int site, int l, const float *x, int din, float *dx, const pr_tensor_info *w,
+                         const pr_tensor_info *bias, float *y, int dout, float *dy, pr_error *err)
+{
+    return proj_backward_dx(m, site, l, x, din, dx, 0, w, bias, y, dout, dy, err);
 }
 
 /* cos, sin for positions P .. P+T-1 (P = model_position_offset). */
@@ -638,11 +648,14 @@ static int block_backward(pr_model *m, int l, const float *x, pr_error *err)
         rope_backward(g->dq, Q, g->dqr, Q, g->cos, g->sin, B, T, H, hd);
         rope_backward(g->dk, KV, g->dkr, KV, g->cos, g->sin, B, T, Hkv, hd);
     }
-    if ((rc = proj_backward(m, PR_SITE_V, l, a->ln1, C, m->dln, p->vw, p->vb, a->v, KV, g->dv, err)) ||
-        (rc = proj_backward(m, PR_SITE_K, l, a->ln1, C, m->dln, p->kw, p->kb, a->k, KV, g->dk, err)) ||
-        (rc = proj_backward(m, PR_SITE_Q, l, a->ln1, C, m->dln, p->qw, p->qb, a->q, Q, g->dq, err)))
+    /* the lowest block differentiated: no input gradient unless ln1 trains */
+    int no_dx = m->bwd_no_input_grad && !grad_of(p->ln1w);
+    if ((rc = proj_backward_dx(m, PR_SITE_V, l, a->ln1, C, m->dln, no_dx, p->vw, p->vb, a->v, KV, g->dv, err)) ||
+        (rc = proj_backward_dx(m, PR_SITE_K, l, a->ln1, C, m->dln, no_dx, p->kw, p->kb, a->k, KV, g->dk, err)) ||
+        (rc = proj_backward_dx(m, PR_SITE_Q, l, a->ln1, C, m->dln, no_dx, p->qw, p->qb, a->q, Q, g->dq, err)))
         return rc;
-    rmsnorm_backward(m->dres, grad_of(p->ln1w), m->dln, x, p->ln1w->data, a->rstd1, N, C);
+    if (!no_dx)
+        rmsnorm_backward(m->dres, grad_of(p->ln1w), m->dln, x, p->ln1w->data, a->rstd1, N, C);
     return PR_OK;
 }
 

@@ -430,8 +430,11 @@ int pr_model_backward_hidden(pr_model *m, const float *dhidden, pr_error *err)
  * token or position table, embed hooks, virtual positions); n_layers when
  * nothing below the final norm does.  Blocks below it are not
  * differentiated (LoRA on the top 4 of 12 layers runs backward through 4),
- * which leaves every gradient bit for bit what the full backward gives.
- * PEFTREF_BACKWARD_ALL=1 (read once) runs every block, for measuring. */
+ * which leaves every gradient bit for bit what the full backward gives;
+ * the lowest block run makes no input gradient of its own (the frozen
+ * products' dX into its first norm and that norm's backward) unless the
+ * norm is trainable.  PEFTREF_BACKWARD_ALL=1 (read once) runs every block
+ * and makes every input gradient, for measuring. */
 static int lowest_needed_layer(const pr_model *m)
 {
     static int all = -1;
@@ -478,7 +481,10 @@ static int backward_from_final_norm(pr_model *m, pr_error *err)
                 return rc;
             float *t = m->dres; m->dres = m->dtmp; m->dtmp = t;
         }
-        if ((rc = m->ops->block_backward(m, l, f->in, err)))
+        m->bwd_no_input_grad = low >= 0 && l == low;
+        rc = m->ops->block_backward(m, l, f->in, err);
+        m->bwd_no_input_grad = 0;
+        if (rc)
             return rc;
     }
     if (low >= 0)
