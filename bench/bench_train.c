@@ -15,6 +15,14 @@
  * torch.autocast("cpu", dtype=torch.bfloat16)), each in its own process.
  * Peak resident sets are each child's ru_maxrss from wait4().
  *
+ * Rows marked bf16 run peftref a second time with train.precision: bf16
+ * (eval: --precision bf16).  Before/after rows (AB_SWITCHES) run peftref
+ * twice with a change off and on: an environment switch set to 1 for the
+ * before run and unset for the after run, or a train: key of the after
+ * pipeline; a switch whose name is not in the peftref program, or a key
+ * that `peftref plan` calls unknown, makes both cells "n/a: not in this
+ * build".
+ *
  * Evaluation rows run `peftref eval --pipeline P --json` twice, on a text of
  * B windows (one batch) and of B*(1+S) windows; the time of one batch is the
  * difference of the two runs' "seconds" divided by S (the mean of S batches;
