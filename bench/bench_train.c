@@ -174,6 +174,7 @@ typedef struct job {
     char corpus[1024];
     char ids[1024];      /* the corpus as token ids, for torch */
     double gflop;        /* per step (eval: per batch) */
+    double gflop_after;  /* a pair's after run when it does less work (skip-backward); 0: gflop */
     double ceil_sgemm, ceil_bf16;
     result r[N_IMPL];
     int impls[N_IMPL];   /* the rows printed for this job, in order */
@@ -540,19 +541,28 @@ static double matmul_weights(const dims *d)
     return d->L * per_layer + (double)d->V * C;
 }
 
-static double work_gflop(const dims *d, const workload *w)
+/* back_layers: the blocks a LoRA step's backward runs through (the top
+ * ones; L for all): the frozen input gradients of the others are not taken */
+static double work_gflop_back(const dims *d, const workload *w, int back_layers)
 {
     double N = (double)w->B * w->T, T = w->T, q = (double)d->H * d->dh;
     double nm = matmul_weights(d);
     double attn = 4.0 * d->L * T * T * q * w->B;
     double fwd = 2.0 * nm * N + attn;
     double lw = lora_width(d, w->sites, w->top_layers);
+    double share = d->L > 0 ? (double)back_layers / d->L : 1.0;
+    double nm_back = (nm - (double)d->V * d->C) * share + (double)d->V * d->C;
     switch (w->kind) {
     case K_FULL: return 3.0 * fwd * 1e-9;
     case K_EVAL: return (fwd + 2.0 * N * w->rank * lw) * 1e-9;
     case K_LORA: break;
     }
-    return (fwd + 2.0 * nm * N + 2.0 * attn + 6.0 * N * w->rank * lw) * 1e-9;
+    return (fwd + 2.0 * nm_back * N + 2.0 * attn * share + 6.0 * N * w->rank * lw) * 1e-9;
+}
+
+static double work_gflop(const dims *d, const workload *w)
+{
+    return work_gflop_back(d, w, d->L);
 }
 
 /* The forward projection shapes (M, K, N) of one step and how often each
@@ -1195,11 +1205,12 @@ static void print_table(FILE *f, job *jobs, int n, int md)
             char cell[NC][96];
             textf(cell[0], sizeof cell[0], "%s", k == 0 ? j->label : "");
             textf(cell[1], sizeof cell[1], "%s%s", impl_name(j, impl), r->remark[0] ? " ^" : "");
-            fmt_num(cell[2], sizeof cell[2], k == 0 ? j->gflop : 0, "%.1f");
+            double gflop = impl == IMPL_PEFTREF && j->gflop_after > 0 ? j->gflop_after : j->gflop;
+            fmt_num(cell[2], sizeof cell[2], k == 0 || gflop != j->gflop ? gflop : 0, "%.1f");
             if (r->state == ST_OK) {
                 int bf16 = impl == IMPL_TORCH_BF16 || impl == IMPL_PEFTREF_BF16;
                 double ceil = bf16 ? j->ceil_bf16 : j->ceil_sgemm;
-                double gf = j->gflop / r->med_s;
+                double gf = gflop / r->med_s;
                 textf(cell[3], sizeof cell[3], "%d", r->n_timed);
                 fmt_num(cell[4], sizeof cell[4], 1e3 * r->med_s, r->mean_only ? "%.1f*" : "%.1f");
                 fmt_num(cell[5], sizeof cell[5], r->mean_only ? 0 : 1e3 * r->min_s, "%.1f");
@@ -1228,7 +1239,8 @@ static void print_table(FILE *f, job *jobs, int n, int md)
             if (k != 0) {
                 textf(cell[8], sizeof cell[8], "%s", "");
                 textf(cell[9], sizeof cell[9], "%s", "");
-                textf(cell[2], sizeof cell[2], "%s", "");
+                if (gflop == j->gflop)
+                    textf(cell[2], sizeof cell[2], "%s", "");
             }
             if (r->state != ST_OK) {
                 /* the note takes the measurement columns */
@@ -1263,6 +1275,8 @@ static void scaling_cell(char *buf, size_t n, const job *j, int impl)
 /* tokens/s and peak RSS of the given jobs, one line each */
 static void print_scaling(FILE *f, job *const *order, int n, const char *title, int md)
 {
+    if (n == 0)
+        return;
     int lw = 8;
     for (int i = 0; i < n; i++)
         if ((int)strlen(order[i]->label) > lw)
@@ -1710,6 +1724,8 @@ int main(int argc, char **argv)
             j->available = 0;
         }
         j->gflop = work_gflop(&j->d, &j->run);
+        if (w->ab == AB_SKIP_BACKWARD && j->run.top_layers > 0)
+            j->gflop_after = work_gflop_back(&j->d, &j->run, j->run.top_layers);
         j->inline_config = inline_config;
         /* an environment switch this peftref does not read */
         const char *env = AB_SWITCHES[w->ab].env;
