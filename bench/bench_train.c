@@ -15,6 +15,14 @@
  * torch.autocast("cpu", dtype=torch.bfloat16)), each in its own process.
  * Peak resident sets are each child's ru_maxrss from wait4().
  *
+ * Rows marked bf16 run peftref a second time with train.precision: bf16
+ * (eval: --precision bf16).  Before/after rows (AB_SWITCHES) run peftref
+ * twice with a change off and on: an environment switch set to 1 for the
+ * before run and unset for the after run, or a train: key of the after
+ * pipeline; a switch whose name is not in the peftref program, or a key
+ * that `peftref plan` calls unknown, makes both cells "n/a: not in this
+ * build".
+ *
  * Evaluation rows run `peftref eval --pipeline P --json` twice, on a text of
  * B windows (one batch) and of B*(1+S) windows; the time of one batch is the
  * difference of the two runs' "seconds" divided by S (the mean of S batches;
@@ -66,27 +74,55 @@
 
 typedef enum { K_LORA, K_FULL, K_EVAL } work_kind;
 
+/* Before/after pairs: the same workload run twice by peftref, once with a
+ * change switched off ("before") and once as the build runs by default or
+ * with a pipeline key ("after"); no PyTorch side. */
+typedef enum { AB_NONE = 0, AB_SKIP_BACKWARD, AB_ATTN_FULL, AB_CE_FULL, AB_RECOMPUTE, N_AB } ab_kind;
+
+typedef struct ab_switch {
+    const char *env;          /* set to 1 for the before run, unset for the after run; NULL: none */
+    const char *after_train;  /* a train: key of the after run's pipeline; NULL: none */
+    const char *before_impl, *after_impl;   /* the impl column */
+    const char *what;         /* the label's work part */
+} ab_switch;
+
+static const ab_switch AB_SWITCHES[N_AB] = {
+    [AB_SKIP_BACKWARD] = { "PEFTREF_BACKWARD_ALL", NULL, "backward all blocks", "backward to lowest trainable",
+                           "skip-backward" },
+    [AB_ATTN_FULL] = { "PEFTREF_ATTN_FULL", NULL, "attention full TxT", "attention causal blocks", "causal-attn" },
+    [AB_CE_FULL] = { "PEFTREF_CE_FULL", NULL, "cross-entropy full logits", "cross-entropy chunked", "ce-chunked" },
+    [AB_RECOMPUTE] = { NULL, "recompute: true", "activations stored", "train.recompute: true", "recompute" },
+};
+
 typedef struct workload {
     const char *id;      /* directory name under --workdir */
-    const char *group;   /* main, seq (sequence-length scaling), size (model scaling), llama */
+    const char *group;   /* main, seq (sequence-length scaling), size (model scaling), llama, ab */
     const char *preset;  /* a built-in preset, as a pipeline's model.preset names it */
     work_kind kind;
     const char *sites;   /* peftref site names of the LoRA module */
     int rank;
     int B, T;
     int warmup, steps;   /* untimed and timed steps (eval: batches) */
+    int bf16;            /* also run peftref with train.precision bf16 (eval: --precision bf16) */
+    int top_layers;      /* LoRA on the top this many layers only; 0: every layer */
+    ab_kind ab;          /* a before/after pair instead of peftref f32 against torch */
 } workload;
 
 static const workload WORKLOADS[] = {
-    { "small-lora-T256", "main", "gpt2-small", K_LORA, "qkv", 8, 4, 256, 1, 3 },
-    { "small-full-T256", "main", "gpt2-small", K_FULL, NULL, 0, 4, 256, 1, 3 },
-    { "small-eval-T256", "main", "gpt2-small", K_EVAL, "qkv", 8, 4, 256, 1, 3 },
-    { "small-lora-T128", "seq", "gpt2-small", K_LORA, "qkv", 8, 4, 128, 1, 2 },
-    { "small-lora-T512", "seq", "gpt2-small", K_LORA, "qkv", 8, 4, 512, 1, 2 },
-    { "small-lora-T1024", "seq", "gpt2-small", K_LORA, "qkv", 8, 4, 1024, 1, 2 },
-    { "tiny-lora-T256", "size", "gpt2-tiny", K_LORA, "qkv", 8, 4, 256, 2, 20 },
-    { "medium-lora-T256", "size", "gpt2-medium", K_LORA, "qkv", 8, 4, 256, 1, 2 },
-    { "tinyllama-lora-T256", "llama", "tinyllama-1.1b", K_LORA, "q_proj, v_proj", 8, 1, 256, 1, 3 },
+    { "small-lora-T256", "main", "gpt2-small", K_LORA, "qkv", 8, 4, 256, 1, 3, 1, 0, AB_NONE },
+    { "small-full-T256", "main", "gpt2-small", K_FULL, NULL, 0, 4, 256, 1, 3, 1, 0, AB_NONE },
+    { "small-eval-T256", "main", "gpt2-small", K_EVAL, "qkv", 8, 4, 256, 1, 3, 1, 0, AB_NONE },
+    { "small-lora-T128", "seq", "gpt2-small", K_LORA, "qkv", 8, 4, 128, 1, 2, 0, 0, AB_NONE },
+    { "small-lora-T512", "seq", "gpt2-small", K_LORA, "qkv", 8, 4, 512, 1, 2, 0, 0, AB_NONE },
+    { "small-lora-T1024", "seq", "gpt2-small", K_LORA, "qkv", 8, 4, 1024, 1, 2, 0, 0, AB_NONE },
+    { "tiny-lora-T256", "size", "gpt2-tiny", K_LORA, "qkv", 8, 4, 256, 2, 20, 0, 0, AB_NONE },
+    { "medium-lora-T256", "size", "gpt2-medium", K_LORA, "qkv", 8, 4, 256, 1, 2, 0, 0, AB_NONE },
+    { "tinyllama-lora-T256", "llama", "tinyllama-1.1b", K_LORA, "q_proj, v_proj", 8, 1, 256, 1, 3, 1, 0, AB_NONE },
+    /* before/after: GPT-2-small, B=4 */
+    { "small-skipbw-T256", "ab", "gpt2-small", K_LORA, "qkv", 8, 4, 256, 1, 3, 0, 4, AB_SKIP_BACKWARD },
+    { "small-attnfull-T1024", "ab", "gpt2-small", K_LORA, "qkv", 8, 4, 1024, 1, 2, 0, 0, AB_ATTN_FULL },
+    { "small-cefull-T256", "ab", "gpt2-small", K_LORA, "qkv", 8, 4, 256, 1, 3, 0, 0, AB_CE_FULL },
+    { "small-recompute-T1024", "ab", "gpt2-small", K_LORA, "qkv", 8, 4, 1024, 1, 2, 0, 0, AB_RECOMPUTE },
 };
 #define N_WORK ((int)(sizeof WORKLOADS / sizeof *WORKLOADS))
 
@@ -102,8 +138,9 @@ static const known_shape KNOWN[] = {
     { "tinyllama-1.1b", PR_FAMILY_LLAMA, 22, 2048, 32, 4, 64, 5632, 32000, 2048, 0, 0 },
 };
 
-enum { IMPL_PEFTREF, IMPL_TORCH_F32, IMPL_TORCH_BF16, N_IMPL };
-static const char *const IMPL_NAMES[N_IMPL] = { "peftref f32", "torch f32", "torch bf16" };
+/* IMPL_PEFTREF is peftref f32, or the "after" run of a before/after pair */
+enum { IMPL_PEFTREF, IMPL_PEFTREF_BF16, IMPL_BEFORE, IMPL_TORCH_F32, IMPL_TORCH_BF16, N_IMPL };
+static const char *const IMPL_NAMES[N_IMPL] = { "peftref f32", "peftref bf16", "before", "torch f32", "torch bf16" };
 
 typedef struct dims {
     int family, L, C, H, Hkv, dh, F, V, P, tied, bias, swiglu;
@@ -121,6 +158,7 @@ typedef struct result {
     double loss_first, loss_last;
     long long trainable;
     double calib_ms;     /* the load probe just before this run (calibrate) */
+    char remark[320];    /* printed under the table (the trainer's note on a bf16 run that changes nothing) */
 } result;
 
 typedef struct job {
@@ -136,8 +174,12 @@ typedef struct job {
     char corpus[1024];
     char ids[1024];      /* the corpus as token ids, for torch */
     double gflop;        /* per step (eval: per batch) */
+    double gflop_after;  /* a pair's after run when it does less work (skip-backward); 0: gflop */
     double ceil_sgemm, ceil_bf16;
     result r[N_IMPL];
+    int impls[N_IMPL];   /* the rows printed for this job, in order */
+    int n_impl;
+    char pair_note[400]; /* before/after: how their results compare */
 } job;
 
 typedef struct opts {
@@ -477,8 +519,9 @@ static int site_dims(const dims *d, const char *site, int *din, int *dout)
     return 1;
 }
 
-/* sum over the LoRA sites (comma-separated) of d_in + d_out, times L */
-static double lora_width(const dims *d, const char *sites)
+/* sum over the LoRA sites (comma-separated) of d_in + d_out, times the
+ * adapted layers (top_layers of them, or all L) */
+static double lora_width(const dims *d, const char *sites, int top_layers)
 {
     char buf[256];
     double sum = 0.0;
@@ -488,7 +531,7 @@ static double lora_width(const dims *d, const char *sites)
         if (site_dims(d, tok, &din, &dout))
             sum += din + dout;
     }
-    return sum * d->L;
+    return sum * (top_layers > 0 && top_layers < d->L ? top_layers : d->L);
 }
 
 static double matmul_weights(const dims *d)
@@ -498,19 +541,28 @@ static double matmul_weights(const dims *d)
     return d->L * per_layer + (double)d->V * C;
 }
 
-static double work_gflop(const dims *d, const workload *w)
+/* back_layers: the blocks a LoRA step's backward runs through (the top
+ * ones; L for all): the frozen input gradients of the others are not taken */
+static double work_gflop_back(const dims *d, const workload *w, int back_layers)
 {
     double N = (double)w->B * w->T, T = w->T, q = (double)d->H * d->dh;
     double nm = matmul_weights(d);
     double attn = 4.0 * d->L * T * T * q * w->B;
     double fwd = 2.0 * nm * N + attn;
-    double lw = lora_width(d, w->sites);
+    double lw = lora_width(d, w->sites, w->top_layers);
+    double share = d->L > 0 ? (double)back_layers / d->L : 1.0;
+    double nm_back = (nm - (double)d->V * d->C) * share + (double)d->V * d->C;
     switch (w->kind) {
     case K_FULL: return 3.0 * fwd * 1e-9;
     case K_EVAL: return (fwd + 2.0 * N * w->rank * lw) * 1e-9;
     case K_LORA: break;
     }
-    return (fwd + 2.0 * nm * N + 2.0 * attn + 6.0 * N * w->rank * lw) * 1e-9;
+    return (fwd + 2.0 * nm_back * N + 2.0 * attn * share + 6.0 * N * w->rank * lw) * 1e-9;
+}
+
+static double work_gflop(const dims *d, const workload *w)
+{
+    return work_gflop_back(d, w, d->L);
 }
 
 /* The forward projection shapes (M, K, N) of one step and how often each
@@ -785,8 +837,10 @@ static int preset_dims(const char *preset, dims *d)
     return 0;
 }
 
-/* The pipeline for a job; for eval the LoRA pipeline whose model it scores. */
-static int write_pipeline(const job *j, const char *path, const char *outdir, int inline_config)
+/* The pipeline for a job; for eval the LoRA pipeline whose model it scores.
+ * train_extra: one more `train:` key ("precision: bf16"), or NULL. */
+static int write_pipeline(const job *j, const char *path, const char *outdir, int inline_config,
+                          const char *train_extra)
 {
     const workload *w = &j->run;
     FILE *f = fopen(path, "w");
@@ -804,11 +858,21 @@ static int write_pipeline(const job *j, const char *path, const char *outdir, in
     if (w->kind == K_FULL)
         fprintf(f, "  - technique: full\n");
     else
+    {
         fprintf(f, "  - technique: lora\n    sites: \"%s\"\n    options: {r: %d, alpha: 16}\n", w->sites,
                 w->rank);
+        if (w->top_layers > 0 && w->top_layers < j->d.L) {
+            fprintf(f, "    layers: [");
+            for (int l = j->d.L - w->top_layers; l < j->d.L; l++)
+                fprintf(f, "%s%d", l > j->d.L - w->top_layers ? ", " : "", l);
+            fprintf(f, "]\n");
+        }
+    }
     fprintf(f, "task:\n  type: lm\n  train: %s\n", j->corpus);
     fprintf(f, "train:\n  steps: %d\n  batch: %d\n  seq_len: %d\n  eval_batches: 1\n  output: %s\n",
             w->warmup + w->steps, w->B, w->T, outdir);
+    if (train_extra)
+        fprintf(f, "  %s\n", train_extra);
     return fclose(f) == 0 ? 0 : -1;
 }
 
@@ -848,13 +912,15 @@ static int read_step_times(const char *metrics, double *dt, int max, double *los
     return n;
 }
 
-static void run_peftref_train(const opts *o, job *j, const char *dir, const char *pipeline)
+/* One `peftref train` run of a job into r; tag names its files in dir
+ * (train-TAG.out, .err; "" for train.out), run_dir is the pipeline's
+ * train.output. */
+static void run_peftref_train(const opts *o, job *j, result *r, const char *dir, const char *tag,
+                              const char *pipeline, const char *run_dir)
 {
-    result *r = &j->r[IMPL_PEFTREF];
-    char run_dir[1200], out[1200], err[1200], metrics[1300], note[300];
-    textf(run_dir, sizeof run_dir, "%s/run", dir);
-    textf(out, sizeof out, "%s/train.out", dir);
-    textf(err, sizeof err, "%s/train.err", dir);
+    char out[1200], err[1200], metrics[1300], note[300];
+    textf(out, sizeof out, "%s/train%s%s.out", dir, *tag ? "-" : "", tag);
+    textf(err, sizeof err, "%s/train%s%s.err", dir, *tag ? "-" : "", tag);
     char *argv[] = { (char *)o->peftref, "train", (char *)pipeline, "--force", "--progress", "none", NULL };
     int to = 0;
     int rc = run_child(argv, out, err, o->timeout, &r->rss_kb, &to);
@@ -884,6 +950,16 @@ static void run_peftref_train(const opts *o, job *j, const char *dir, const char
     if (r->state != ST_OK)
         textf(r->note, sizeof r->note, "step times of 0 s in %s", metrics);
     free(dt);
+    /* the trainer's own word when a setting had nothing to act on */
+    char *e = read_text(err);
+    const char *nothing = e ? strstr(e, "changes nothing here") : NULL;
+    if (nothing) {
+        const char *b = nothing, *eol = strchr(nothing, '\n');
+        while (b > e && b[-1] != '\n')
+            b--;
+        textf(r->remark, sizeof r->remark, "%.*s", (int)(eol ? eol - b : (long)strlen(b)), b);
+    }
+    free(e);
     /* the checkpoint holds the trainable tensors and AdamW state: up to
      * 3 x 4 bytes per parameter in full finetuning */
     char ckpt[1300];
@@ -907,7 +983,7 @@ static int write_repeated(const char *path, const char *unit, long n)
 typedef struct eval_out { int ok; double seconds, loss; long windows; long rss_kb; char note[300]; } eval_out;
 
 static void run_eval_once(const opts *o, const job *j, const char *dir, const char *pipeline, long windows,
-                          const char *tag, eval_out *e)
+                          const char *tag, const char *precision, eval_out *e)
 {
     char data[1200], out[1200], err[1200], Ts[32], Bs[32];
     const char *unit = j->tokdir[0] ? " the" : "a";
@@ -922,7 +998,7 @@ static void run_eval_once(const opts *o, const job *j, const char *dir, const ch
     textf(Ts, sizeof Ts, "%d", j->run.T);
     textf(Bs, sizeof Bs, "%d", j->run.B);
     char *argv[] = { (char *)o->peftref, "eval", "--pipeline", (char *)pipeline, "--data", data,
-                     "--seq-len", Ts, "--batch", Bs, "--json", NULL };
+                     "--seq-len", Ts, "--batch", Bs, "--json", "--precision", (char *)precision, NULL };
     int to = 0;
     int rc = run_child(argv, out, err, o->timeout, &e->rss_kb, &to);
     if (rc != 0) {
@@ -952,14 +1028,19 @@ static void run_eval_once(const opts *o, const job *j, const char *dir, const ch
     e->ok = 1;
 }
 
-static void run_peftref_eval(const opts *o, job *j, const char *dir, const char *pipeline)
+/* eval of the job's pipeline at precision "f32" or "bf16" (--precision) into r */
+static void run_peftref_eval(const opts *o, job *j, result *r, const char *dir, const char *pipeline,
+                             const char *precision)
 {
-    result *r = &j->r[IMPL_PEFTREF];
     eval_out a, b;
     long B = j->run.B, S = j->run.steps;
-    run_eval_once(o, j, dir, pipeline, B, "1", &a);
+    char t1[32], tn[32];
+    int f32 = !strcmp(precision, "f32");
+    textf(t1, sizeof t1, "%s1", f32 ? "" : "bf16-");
+    textf(tn, sizeof tn, "%sn", f32 ? "" : "bf16-");
+    run_eval_once(o, j, dir, pipeline, B, t1, precision, &a);
     if (a.ok)
-        run_eval_once(o, j, dir, pipeline, B * (1 + S), "n", &b);
+        run_eval_once(o, j, dir, pipeline, B * (1 + S), tn, precision, &b);
     if (!a.ok || !b.ok) {
         set_result(r, ST_FAIL, "eval failed: %s", a.ok ? b.note : a.note);
         return;
@@ -1071,36 +1152,65 @@ static void put_cell(FILE *f, int md, int width, const char *text)
         fprintf(f, "%*s ", width, text);
 }
 
-/* One table: a row per workload and implementation.  md: Markdown. */
+static const char *impl_name(const job *j, int impl)
+{
+    if (j->run.ab != AB_NONE && impl == IMPL_BEFORE)
+        return AB_SWITCHES[j->run.ab].before_impl;
+    if (j->run.ab != AB_NONE && impl == IMPL_PEFTREF)
+        return AB_SWITCHES[j->run.ab].after_impl;
+    return IMPL_NAMES[impl];
+}
+
+/* "1.23x": this row's tokens/s over the reference row's, "-" without both */
+static void ratio_cell(char *buf, size_t n, const job *j, int impl, int ref)
+{
+    double a = tok_s(j, impl), b = tok_s(j, ref);
+    if (impl != ref && a > 0 && b > 0)
+        textf(buf, n, "%.2fx", a / b);
+    else
+        textf(buf, n, "-");
+}
+
+/* One table: a row per workload and implementation.  md: Markdown.  The
+ * ratio columns stand on peftref's rows: its tokens/s over torch f32's,
+ * torch bf16's, and (the after row of a pair) the before row's. */
 static void print_table(FILE *f, job *jobs, int n, int md)
 {
     static const char *const hdr[] = { "workload", "impl", "GFLOP/step", "steps", "step ms", "min ms",
                                        "tok/s", "GFLOP/s", "sgemm ceil", "bf16 ceil", "of ceil",
-                                       "peak MiB", "peftref/this", "probe ms" };
-    int wid[] = { -8, -11, 10, 5, 9, 9, 8, 8, 10, 9, 7, 8, 12, 8 };
-    const int nc = (int)(sizeof hdr / sizeof *hdr);
-    for (int i = 0; i < n; i++)
+                                       "peak MiB", "x torch f32", "x torch bf16", "x before", "probe ms" };
+    int wid[] = { -8, -11, 10, 5, 9, 9, 8, 8, 10, 9, 7, 8, 11, 12, 8, 8 };
+    enum { NC = sizeof hdr / sizeof *hdr };
+    for (int i = 0; i < n; i++) {
         if ((int)strlen(jobs[i].label) > -wid[0])
             wid[0] = -(int)strlen(jobs[i].label);
-    for (int c = 0; c < nc; c++)
+        for (int k = 0; k < jobs[i].n_impl; k++)
+            if ((int)strlen(impl_name(&jobs[i], jobs[i].impls[k])) + 2 > -wid[1])
+                wid[1] = -(int)strlen(impl_name(&jobs[i], jobs[i].impls[k])) - 2;
+    }
+    for (int c = 0; c < NC; c++)
         put_cell(f, md, wid[c], hdr[c]);
     fprintf(f, md ? "|\n" : "\n");
     if (md) {
-        for (int c = 0; c < nc; c++)
+        for (int c = 0; c < NC; c++)
             fprintf(f, c < 2 ? "|---" : "|---:");
         fprintf(f, "|\n");
     }
     for (int i = 0; i < n; i++) {
         job *j = &jobs[i];
-        for (int impl = 0; impl < N_IMPL; impl++) {
+        for (int k = 0; k < j->n_impl; k++) {
+            int impl = j->impls[k];
             const result *r = &j->r[impl];
-            char cell[14][96];
-            textf(cell[0], sizeof cell[0], "%s", impl == 0 ? j->label : "");
-            textf(cell[1], sizeof cell[1], "%s", IMPL_NAMES[impl]);
-            fmt_num(cell[2], sizeof cell[2], impl == 0 ? j->gflop : 0, "%.1f");
+            int peftref = impl == IMPL_PEFTREF || impl == IMPL_PEFTREF_BF16 || impl == IMPL_BEFORE;
+            char cell[NC][96];
+            textf(cell[0], sizeof cell[0], "%s", k == 0 ? j->label : "");
+            textf(cell[1], sizeof cell[1], "%s%s", impl_name(j, impl), r->remark[0] ? " ^" : "");
+            double gflop = impl == IMPL_PEFTREF && j->gflop_after > 0 ? j->gflop_after : j->gflop;
+            fmt_num(cell[2], sizeof cell[2], k == 0 || gflop != j->gflop ? gflop : 0, "%.1f");
             if (r->state == ST_OK) {
-                double ceil = impl == IMPL_TORCH_BF16 ? j->ceil_bf16 : j->ceil_sgemm;
-                double gf = j->gflop / r->med_s;
+                int bf16 = impl == IMPL_TORCH_BF16 || impl == IMPL_PEFTREF_BF16;
+                double ceil = bf16 ? j->ceil_bf16 : j->ceil_sgemm;
+                double gf = gflop / r->med_s;
                 textf(cell[3], sizeof cell[3], "%d", r->n_timed);
                 fmt_num(cell[4], sizeof cell[4], 1e3 * r->med_s, r->mean_only ? "%.1f*" : "%.1f");
                 fmt_num(cell[5], sizeof cell[5], r->mean_only ? 0 : 1e3 * r->min_s, "%.1f");
@@ -1108,21 +1218,29 @@ static void print_table(FILE *f, job *jobs, int n, int md)
                 fmt_num(cell[7], sizeof cell[7], gf, "%.1f");
                 fmt_num(cell[10], sizeof cell[10], ceil > 0 ? 100.0 * gf / ceil : 0, "%.0f%%");
                 fmt_num(cell[11], sizeof cell[11], r->rss_kb / 1024.0, "%.0f");
-                if (impl != IMPL_PEFTREF && j->r[IMPL_PEFTREF].state == ST_OK)
-                    textf(cell[12], sizeof cell[12], "%.2fx", tok_s(j, IMPL_PEFTREF) / tok_s(j, impl));
-                else
+                if (peftref) {
+                    ratio_cell(cell[12], sizeof cell[12], j, impl, IMPL_TORCH_F32);
+                    ratio_cell(cell[13], sizeof cell[13], j, impl, IMPL_TORCH_BF16);
+                } else {
                     textf(cell[12], sizeof cell[12], "-");
-                fmt_num(cell[13], sizeof cell[13], r->calib_ms, "%.1f");
+                    textf(cell[13], sizeof cell[13], "-");
+                }
+                if (j->run.ab != AB_NONE && impl == IMPL_PEFTREF)
+                    ratio_cell(cell[14], sizeof cell[14], j, impl, IMPL_BEFORE);
+                else
+                    textf(cell[14], sizeof cell[14], "-");
+                fmt_num(cell[15], sizeof cell[15], r->calib_ms, "%.1f");
             } else {
-                for (int c = 3; c < 14; c++)
+                for (int c = 3; c < NC; c++)
                     textf(cell[c], sizeof cell[c], "%s", "");
             }
-            fmt_num(cell[8], sizeof cell[8], impl == 0 ? j->ceil_sgemm : 0, "%.1f");
-            fmt_num(cell[9], sizeof cell[9], impl == 0 ? j->ceil_bf16 : 0, "%.1f");
-            if (impl != 0) {
+            fmt_num(cell[8], sizeof cell[8], k == 0 ? j->ceil_sgemm : 0, "%.1f");
+            fmt_num(cell[9], sizeof cell[9], k == 0 ? j->ceil_bf16 : 0, "%.1f");
+            if (k != 0) {
                 textf(cell[8], sizeof cell[8], "%s", "");
                 textf(cell[9], sizeof cell[9], "%s", "");
-                textf(cell[2], sizeof cell[2], "%s", "");
+                if (gflop == j->gflop)
+                    textf(cell[2], sizeof cell[2], "%s", "");
             }
             if (r->state != ST_OK) {
                 /* the note takes the measurement columns */
@@ -1130,7 +1248,7 @@ static void print_table(FILE *f, job *jobs, int n, int md)
                     put_cell(f, md, wid[c], cell[c]);
                 if (md) {
                     fprintf(f, "| %s |", r->state == ST_NONE ? "not run" : r->note);
-                    for (int c = 4; c < nc; c++)
+                    for (int c = 4; c < NC; c++)
                         fprintf(f, " %s |", c == 8 ? cell[8] : c == 9 ? cell[9] : "");
                     fprintf(f, "\n");
                 } else {
@@ -1138,7 +1256,7 @@ static void print_table(FILE *f, job *jobs, int n, int md)
                 }
                 continue;
             }
-            for (int c = 0; c < nc; c++)
+            for (int c = 0; c < NC; c++)
                 put_cell(f, md, wid[c], cell[c]);
             fprintf(f, md ? "|\n" : "\n");
         }
@@ -1157,6 +1275,8 @@ static void scaling_cell(char *buf, size_t n, const job *j, int impl)
 /* tokens/s and peak RSS of the given jobs, one line each */
 static void print_scaling(FILE *f, job *const *order, int n, const char *title, int md)
 {
+    if (n == 0)
+        return;
     int lw = 8;
     for (int i = 0; i < n; i++)
         if ((int)strlen(order[i]->label) > lw)
@@ -1164,21 +1284,17 @@ static void print_scaling(FILE *f, job *const *order, int n, const char *title, 
     fprintf(f, md ? "\n**%s**\n\n" : "\n%s\n", title);
     if (md)
         fprintf(f, "| workload | %s | %s | %s | peftref/f32 | peftref/bf16 |\n|---|---:|---:|---:|---:|---:|\n",
-                IMPL_NAMES[0], IMPL_NAMES[1], IMPL_NAMES[2]);
+                IMPL_NAMES[IMPL_PEFTREF], IMPL_NAMES[IMPL_TORCH_F32], IMPL_NAMES[IMPL_TORCH_BF16]);
     else
-        fprintf(f, "%-*s %22s %22s %22s %12s %12s\n", lw, "workload", IMPL_NAMES[0], IMPL_NAMES[1],
-                IMPL_NAMES[2], "peftref/f32", "peftref/bf16");
+        fprintf(f, "%-*s %22s %22s %22s %12s %12s\n", lw, "workload", IMPL_NAMES[IMPL_PEFTREF],
+                IMPL_NAMES[IMPL_TORCH_F32], IMPL_NAMES[IMPL_TORCH_BF16], "peftref/f32", "peftref/bf16");
+    static const int cols[3] = { IMPL_PEFTREF, IMPL_TORCH_F32, IMPL_TORCH_BF16 };
     for (int i = 0; i < n; i++) {
-        char c[N_IMPL][64], ra[2][32];
-        for (int impl = 0; impl < N_IMPL; impl++)
-            scaling_cell(c[impl], sizeof c[impl], order[i], impl);
-        for (int k = 0; k < 2; k++) {
-            double t = tok_s(order[i], k + 1), p = tok_s(order[i], IMPL_PEFTREF);
-            if (t > 0 && p > 0)
-                textf(ra[k], sizeof ra[k], "%.2fx", p / t);
-            else
-                textf(ra[k], sizeof ra[k], "-");
-        }
+        char c[3][64], ra[2][32];
+        for (int k = 0; k < 3; k++)
+            scaling_cell(c[k], sizeof c[k], order[i], cols[k]);
+        for (int k = 0; k < 2; k++)
+            ratio_cell(ra[k], sizeof ra[k], order[i], IMPL_PEFTREF, cols[k + 1]);
         if (md)
             fprintf(f, "| %s | %s | %s | %s | %s | %s |\n", order[i]->label, c[0], c[1], c[2], ra[0], ra[1]);
         else
@@ -1194,6 +1310,133 @@ static int pick_seq(const job *j)
 static int pick_size(const job *j)
 {
     return j->run.kind == K_LORA && (!strcmp(j->w->group, "size") || !strcmp(j->w->id, "small-lora-T256"));
+}
+
+/* 1 when both files exist with the same bytes, 0 when they differ, -1 when
+ * either cannot be read */
+static int files_equal(const char *a, const char *b)
+{
+    FILE *fa = fopen(a, "rb"), *fb = fopen(b, "rb");
+    int eq = fa && fb ? 1 : -1;
+    char x[65536], y[65536];
+    while (eq == 1) {
+        size_t na = fread(x, 1, sizeof x, fa), nb = fread(y, 1, sizeof y, fb);
+        if (na != nb || memcmp(x, y, na))
+            eq = 0;
+        else if (na == 0)
+            break;
+    }
+    if (fa)
+        fclose(fa);
+    if (fb)
+        fclose(fb);
+    return eq;
+}
+
+static int is_peftref(int impl)
+{
+    return impl == IMPL_PEFTREF || impl == IMPL_PEFTREF_BF16 || impl == IMPL_BEFORE;
+}
+
+/* Write, plan and run every peftref row of a job: f32 (or a pair's after
+ * run), bf16 (train.precision: bf16; eval: --precision bf16 on the f32
+ * pipeline) and a pair's before run.  A pair runs only when both of its
+ * pipelines plan; the before run sets the pair's environment switch to 1,
+ * the after run unsets it, and the caller's value is restored after. */
+static void run_peftref_variants(const opts *o, job *j, const char *dir)
+{
+    const ab_switch *ab = &AB_SWITCHES[j->run.ab];
+    char pipes[N_IMPL][1300], runs[N_IMPL][1300];
+    int planned[N_IMPL] = { 0 };
+    for (int k = 0; k < j->n_impl; k++) {
+        int impl = j->impls[k];
+        if (!is_peftref(impl))
+            continue;
+        result *r = &j->r[impl];
+        if (j->run.kind == K_EVAL && impl == IMPL_PEFTREF_BF16) {
+            /* the f32 pipeline, evaluated with --precision bf16 */
+            textf(pipes[impl], sizeof pipes[impl], "%s", pipes[IMPL_PEFTREF]);
+            planned[impl] = planned[IMPL_PEFTREF];
+            if (!planned[impl])
+                *r = j->r[IMPL_PEFTREF];
+            continue;
+        }
+        const char *tag = impl == IMPL_PEFTREF_BF16 ? "-bf16" : impl == IMPL_BEFORE ? "-before" : "";
+        const char *extra = impl == IMPL_PEFTREF_BF16 ? "precision: bf16" : impl == IMPL_PEFTREF ? ab->after_train : NULL;
+        char perr[1400];
+        textf(pipes[impl], sizeof pipes[impl], "%s/pipeline%s.yaml", dir, tag);
+        textf(runs[impl], sizeof runs[impl], "%s/run%s", dir, tag);
+        textf(perr, sizeof perr, "%s/plan-pipeline%s.err", dir, tag);
+        if (write_pipeline(j, pipes[impl], runs[impl], j->inline_config, extra) != 0) {
+            set_result(r, ST_FAIL, "cannot write %s", pipes[impl]);
+            continue;
+        }
+        char *av[] = { (char *)o->peftref, "plan", pipes[impl], NULL };
+        if (run_child(av, NULL, perr, 120, NULL, NULL) != 0) {
+            char l[256];
+            first_line(perr, l, sizeof l);
+            if (extra && impl == IMPL_PEFTREF && strstr(l, "unknown key"))
+                set_result(r, ST_NA, "n/a: not in this build (peftref plan: %s)", l);
+            else
+                set_result(r, ST_NA, "n/a: peftref plan refused it: %s", l);
+        } else if (o->plan_only) {
+            set_result(r, ST_NA, "planned: %s (--plan-only)", pipes[impl]);
+        } else {
+            planned[impl] = 1;
+        }
+    }
+    if (j->run.ab != AB_NONE && planned[IMPL_BEFORE] != planned[IMPL_PEFTREF]) {
+        /* one run of a pair alone compares nothing: it takes the other's note */
+        int bad = planned[IMPL_BEFORE] ? IMPL_PEFTREF : IMPL_BEFORE;
+        j->r[bad == IMPL_BEFORE ? IMPL_PEFTREF : IMPL_BEFORE] = j->r[bad];
+        planned[IMPL_BEFORE] = planned[IMPL_PEFTREF] = 0;
+    }
+    const char *given = ab->env ? getenv(ab->env) : NULL;
+    char *saved = given ? strdup(given) : NULL;
+    for (int k = 0; k < j->n_impl; k++) {
+        int impl = j->impls[k];
+        if (!is_peftref(impl) || !planned[impl])
+            continue;
+        result *r = &j->r[impl];
+        if (ab->env) {
+            if (impl == IMPL_BEFORE)
+                setenv(ab->env, "1", 1);
+            else
+                unsetenv(ab->env);
+        }
+        double c0 = calibrate();
+        if (j->run.kind == K_EVAL) {
+            run_peftref_eval(o, j, r, dir, pipes[impl], impl == IMPL_PEFTREF_BF16 ? "bf16" : "f32");
+            if (r->state == ST_FAIL && impl == IMPL_PEFTREF_BF16 && strstr(r->note, "oneDNN"))
+                r->state = ST_NA;    /* a build without the bf16 backend */
+        } else {
+            run_peftref_train(o, j, r, dir, impl == IMPL_PEFTREF_BF16 ? "bf16" : impl == IMPL_BEFORE ? "before" : "",
+                              pipes[impl], runs[impl]);
+        }
+        r->calib_ms = fmax(c0, calibrate());
+    }
+    if (ab->env) {
+        if (saved)
+            setenv(ab->env, saved, 1);
+        else
+            unsetenv(ab->env);
+    }
+    free(saved);
+    const result *rb = &j->r[IMPL_BEFORE], *ra = &j->r[IMPL_PEFTREF];
+    if (j->run.ab != AB_NONE && rb->state == ST_OK && ra->state == ST_OK) {
+        /* the trained LoRA tensors (train.output/modules/lora.safetensors) */
+        char fb[1400], fa[1400];
+        textf(fb, sizeof fb, "%s/modules/lora.safetensors", runs[IMPL_BEFORE]);
+        textf(fa, sizeof fa, "%s/modules/lora.safetensors", runs[IMPL_PEFTREF]);
+        int same = files_equal(fb, fa);
+        double dl = fmax(fabs(ra->loss_first - rb->loss_first), fabs(ra->loss_last - rb->loss_last));
+        textf(j->pair_note, sizeof j->pair_note,
+              "loss %.6f -> %.6f before, %.6f -> %.6f after (max |difference| %.2g); trained LoRA tensors %s; "
+              "peak RSS %.1f -> %.1f MiB",
+              rb->loss_first, rb->loss_last, ra->loss_first, ra->loss_last, dl,
+              same > 0 ? "bit-identical" : same == 0 ? "differ" : "not compared (no modules/lora.safetensors)",
+              rb->rss_kb / 1024.0, ra->rss_kb / 1024.0);
+    }
 }
 
 /* ---- main ------------------------------------------------------------------------------------- */
@@ -1218,10 +1461,58 @@ static void label_job(job *j, int inline_config, int quick)
         textf(what, sizeof what, "full");
     else if (w->kind == K_EVAL)
         textf(what, sizeof what, "eval LoRA-%s", sites);
+    else if (w->top_layers > 0 && w->top_layers < j->d.L)
+        textf(what, sizeof what, "LoRA r%d %s top%d", w->rank, sites, w->top_layers);
     else
         textf(what, sizeof what, "LoRA r%d %s", w->rank, sites);
-    textf(j->label, sizeof j->label, "%s%s %s B%d T%d", w->preset, quick ? "~tiny" : inline_config ? "*" : "",
-             what, w->B, w->T);
+    textf(j->label, sizeof j->label, "%s%s %s B%d T%d%s%s", w->preset, quick ? "~tiny" : inline_config ? "*" : "",
+             what, w->B, w->T, w->ab != AB_NONE ? " " : "", w->ab != AB_NONE ? AB_SWITCHES[w->ab].what : "");
+}
+
+/* Does the file (or, for a libtool wrapper script, the program it runs)
+ * contain the bytes of name?  An environment switch that the code reads
+ * with getenv("NAME") has its name in the program's read-only data. */
+static int program_mentions(const char *path, const char *name)
+{
+    char real[1400];
+    textf(real, sizeof real, "%s", path);
+    char head[2] = { 0, 0 };
+    FILE *h = fopen(path, "rb");
+    if (h) {
+        if (fread(head, 1, 2, h) != 2)
+            head[0] = '\0';
+        fclose(h);
+    }
+    if (head[0] == '#' && head[1] == '!') {
+        /* libtool: DIR/.libs/lt-NAME or DIR/.libs/NAME */
+        const char *slash = strrchr(path, '/');
+        int dl = slash ? (int)(slash - path) : 0;
+        const char *base = slash ? slash + 1 : path;
+        textf(real, sizeof real, "%.*s%s.libs/lt-%s", dl, path, dl ? "/" : "", base);
+        if (access(real, R_OK) != 0)
+            textf(real, sizeof real, "%.*s%s.libs/%s", dl, path, dl ? "/" : "", base);
+    }
+    FILE *f = fopen(real, "rb");
+    if (!f)
+        return 0;
+    size_t n = strlen(name), have = 0, cap = 1 << 16;
+    char *buf = malloc(cap + n);
+    int found = 0;
+    while (buf && !found) {
+        size_t got = fread(buf + have, 1, cap, f);
+        if (got == 0)
+            break;
+        have += got;
+        for (size_t i = 0; i + n <= have && !found; i++)
+            found = buf[i] == name[0] && !memcmp(buf + i, name, n);
+        /* keep the last n-1 bytes: a name across the boundary */
+        size_t keep = have < n ? have : n - 1;
+        memmove(buf, buf + have - keep, keep);
+        have = keep;
+    }
+    free(buf);
+    fclose(f);
+    return found;
 }
 
 int main(int argc, char **argv)
@@ -1395,6 +1686,20 @@ int main(int argc, char **argv)
             j->d.P = j->run.T;
             inline_config = 1;
         }
+        /* the top 4 of 12 layers are the top third; a 2-layer model (--quick) keeps the top one */
+        if (j->run.top_layers > 0 && j->have_dims && j->run.top_layers >= j->d.L)
+            j->run.top_layers = j->d.L / 2 > 0 ? j->d.L / 2 : 1;
+        j->n_impl = 0;
+        if (w->ab != AB_NONE) {
+            j->impls[j->n_impl++] = IMPL_BEFORE;
+            j->impls[j->n_impl++] = IMPL_PEFTREF;
+        } else {
+            j->impls[j->n_impl++] = IMPL_PEFTREF;
+            if (w->bf16)
+                j->impls[j->n_impl++] = IMPL_PEFTREF_BF16;
+            j->impls[j->n_impl++] = IMPL_TORCH_F32;
+            j->impls[j->n_impl++] = IMPL_TORCH_BF16;
+        }
         label_job(j, inline_config, o.quick);
         if (!j->have_dims) {
             textf(j->na, sizeof j->na, "n/a: preset not available in this build");
@@ -1419,9 +1724,18 @@ int main(int argc, char **argv)
             j->available = 0;
         }
         j->gflop = work_gflop(&j->d, &j->run);
+        if (w->ab == AB_SKIP_BACKWARD && j->run.top_layers > 0)
+            j->gflop_after = work_gflop_back(&j->d, &j->run, j->run.top_layers);
         j->inline_config = inline_config;
+        /* an environment switch this peftref does not read */
+        const char *env = AB_SWITCHES[w->ab].env;
+        if (j->available && env && !program_mentions(o.peftref, env)) {
+            textf(j->na, sizeof j->na, "n/a: not in this build (%s does not occur in %s)", env, o.peftref);
+            j->available = 0;
+        }
         if (!j->available)
-            set_result(&j->r[IMPL_PEFTREF], ST_NA, "%s", j->na);
+            for (int k = 0; k < 3; k++)    /* IMPL_PEFTREF, IMPL_PEFTREF_BF16, IMPL_BEFORE */
+                set_result(&j->r[k], ST_NA, "%s", j->na);
     }
 
     /* ---- data: one corpus per tokenizer, and its ids for torch ---- */
@@ -1546,37 +1860,13 @@ int main(int argc, char **argv)
     /* ---- run ---- */
     for (int i = 0; i < nj; i++) {
         job *j = &jobs[i];
-        char dir[1200], pipeline[1300], rundir[1300];
+        char dir[1200];
         textf(dir, sizeof dir, "%s/%s", o.workdir, j->w->id);
-        textf(pipeline, sizeof pipeline, "%s/pipeline.yaml", dir);
-        textf(rundir, sizeof rundir, "%s/run", dir);
         fprintf(stderr, "bench_train: %s ...\n", j->label);
         double t0 = now_s();
-        if (j->have_dims && j->available) {
-            if (write_pipeline(j, pipeline, rundir, j->inline_config) != 0) {
-                set_result(&j->r[IMPL_PEFTREF], ST_FAIL, "cannot write %s", pipeline);
-            } else {
-                char *av[] = { (char *)o.peftref, "plan", pipeline, NULL };
-                char perr[1400];
-                textf(perr, sizeof perr, "%s/plan-pipeline.err", dir);
-                if (run_child(av, NULL, perr, 120, NULL, NULL) != 0) {
-                    char l[256];
-                    first_line(perr, l, sizeof l);
-                    set_result(&j->r[IMPL_PEFTREF], ST_NA, "n/a: peftref plan refused it: %s", l);
-                } else if (o.plan_only) {
-                    set_result(&j->r[IMPL_PEFTREF], ST_NA, "planned: %s (--plan-only)", pipeline);
-                } else if (j->run.kind == K_EVAL) {
-                    double c0 = calibrate();
-                    run_peftref_eval(&o, j, dir, pipeline);
-                    j->r[IMPL_PEFTREF].calib_ms = fmax(c0, calibrate());
-                } else {
-                    double c0 = calibrate();
-                    run_peftref_train(&o, j, dir, pipeline);
-                    j->r[IMPL_PEFTREF].calib_ms = fmax(c0, calibrate());
-                }
-            }
-        }
-        for (int impl = IMPL_TORCH_F32; impl <= IMPL_TORCH_BF16 && j->have_dims; impl++) {
+        if (j->have_dims && j->available)
+            run_peftref_variants(&o, j, dir);
+        for (int impl = IMPL_TORCH_F32; impl <= IMPL_TORCH_BF16 && j->have_dims && j->run.ab == AB_NONE; impl++) {
             if (o.plan_only)
                 set_result(&j->r[impl], ST_NA, "not run (--plan-only)", NULL);
             else if (o.no_torch)
@@ -1641,12 +1931,35 @@ int main(int argc, char **argv)
                    "  peak MiB: ru_maxrss of the child process (wait4)\n"
                    "  *  after a preset name: run as model.config with the preset's dimensions and max_seq raised to T\n",
                 o.quick ? "1 (quick)" : "the listed");
+        fprintf(f, "  x torch f32, x torch bf16: this row's tok/s over that row's (above 1: this row is faster);\n"
+                   "    x before: a pair's after run over its before run (bench/README.md, before/after rows)\n");
+        int lw = 40, iw = 11;
         for (int i = 0; i < nj; i++)
-            for (int impl = 0; impl < N_IMPL; impl++)
+            for (int k = 0; k < jobs[i].n_impl; k++) {
+                int impl = jobs[i].impls[k];
+                if (jobs[i].r[impl].state == ST_OK) {
+                    lw = (int)strlen(jobs[i].label) > lw ? (int)strlen(jobs[i].label) : lw;
+                    iw = (int)strlen(impl_name(&jobs[i], impl)) > iw ? (int)strlen(impl_name(&jobs[i], impl)) : iw;
+                }
+            }
+        for (int i = 0; i < nj; i++)
+            for (int k = 0; k < jobs[i].n_impl; k++) {
+                int impl = jobs[i].impls[k];
                 if (jobs[i].r[impl].state == ST_OK)
-                    fprintf(f, "  loss %-40s %-11s %.4f -> %.4f%s\n", jobs[i].label, IMPL_NAMES[impl],
+                    fprintf(f, "  loss %-*s %-*s %.4f -> %.4f%s\n", lw, jobs[i].label, iw, impl_name(&jobs[i], impl),
                             jobs[i].r[impl].loss_first, jobs[i].r[impl].loss_last,
-                            jobs[i].run.kind == K_EVAL && impl == 0 ? " (1 batch / all batches)" : "");
+                            jobs[i].run.kind == K_EVAL && is_peftref(impl) ? " (1 batch / all batches)" : "");
+            }
+        for (int i = 0; i < nj; i++)
+            for (int k = 0; k < jobs[i].n_impl; k++) {
+                int impl = jobs[i].impls[k];
+                if (jobs[i].r[impl].remark[0])
+                    fprintf(f, "  ^ %s %s: %s\n", jobs[i].label, impl_name(&jobs[i], impl), jobs[i].r[impl].remark);
+            }
+        for (int i = 0; i < nj; i++)
+            if (jobs[i].run.ab != AB_NONE && jobs[i].r[IMPL_BEFORE].state == ST_OK &&
+                jobs[i].r[IMPL_PEFTREF].state == ST_OK)
+                fprintf(f, "  pair %s: %s\n", jobs[i].label, jobs[i].pair_note);
         double lo = 0, hi = 0;
         for (int i = 0; i < nj; i++)
             for (int impl = 0; impl < N_IMPL; impl++) {

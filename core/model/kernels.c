@@ -12,6 +12,7 @@
 #include <cblas.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* Below this many elements a loop runs on the calling thread only. */
@@ -374,6 +375,28 @@ void residual_backward(float *da, float *db, const float *dout, size_t n)
  * T=1024, 12 heads) that made a forward pass take 0.3-3 s instead of
  * 70 ms; the serial softmax costs a few percent. */
 
+/* PEFTREF_ATTN_FULL=1 (read once, at the first attention call) gives every
+ * query block all T key columns, the masked ones computed and then zeroed
+ * by the softmax: the full (T, P+T) score matrix, as attention computed it
+ * before the causal skip.  The results agree with the causal path up to the
+ * order of the sums in the products (bench_train's before/after row). */
+static int att_full = -1;
+
+void attention_set_full_scores(int on)
+{
+    att_full = on ? 1 : 0;
+}
+
+/* key columns (after the prefix) a block of query rows ending at r1 reads */
+static int att_key_cols(int r1, int T)
+{
+    if (att_full < 0) {
+        const char *e = getenv("PEFTREF_ATTN_FULL");
+        att_full = e && *e && strcmp(e, "0") != 0;
+    }
+    return att_full ? T : r1;
+}
+
 /* Row-wise softmax of score rows r0..r1 (S holds row r0, row stride ld)
  * over the visible columns 0..P+t; columns P+t+1 .. ncols-1 become 0. */
 static void att_softmax_rows(float *S, int ld, int r0, int r1, int P, int ncols)
@@ -414,7 +437,7 @@ void attention_forward(float *out, float *att,
             float *ab = att + ((size_t)b * H + h) * T * PT;
             for (int r0 = 0; r0 < T; r0 += ATT_BLOCK) {
                 int r1 = r0 + ATT_BLOCK < T ? r0 + ATT_BLOCK : T;
-                int m = r1 - r0;
+                int m = r1 - r0, kc = att_key_cols(r1, T);
                 float *S = ab + (size_t)r0 * PT;
                 const float *qr = qb + (size_t)r0 * ldq;
                 float *orow = ob + (size_t)r0 * ldo;
@@ -422,14 +445,14 @@ void attention_forward(float *out, float *att,
                 if (P)
                     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, P, hd, scale,
                                 qr, ldq, pkg, hd, 0.0f, S, PT);
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, r1, hd, scale,
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, kc, hd, scale,
                             qr, ldq, kb, ldk, 0.0f, S + P, PT);
                 att_softmax_rows(S, PT, r0, r1, P, PT);
                 /* out = S [pv; v] */
                 if (P)
                     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, hd, P, 1.0f,
                                 S, PT, pvg, hd, 0.0f, orow, ldo);
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, hd, r1, 1.0f,
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, hd, kc, 1.0f,
                             S + P, PT, vb, ldv, P ? 1.0f : 0.0f, orow, ldo);
             }
         }
@@ -437,9 +460,9 @@ void attention_forward(float *out, float *att,
 }
 
 /* Softmax backward on the visible columns, folding in the score scale:
- * dS = scale * A * (dA - sum_j A dA). */
+ * dS = scale * A * (dA - sum_j A dA); columns nv .. ncols-1 become 0. */
 static void att_softmax_backward_rows(float *dS, int ld, const float *A, int lda,
-                                      int r0, int r1, int P, float scale)
+                                      int r0, int r1, int P, int ncols, float scale)
 {
     for (int t = r0; t < r1; t++) {
         float *d = dS + (size_t)(t - r0) * ld;
@@ -451,7 +474,7 @@ static void att_softmax_backward_rows(float *dS, int ld, const float *A, int lda
         float fd = (float)dot;
 #pragma omp simd
         for (int j = 0; j < nv; j++) d[j] = scale * a[j] * (d[j] - fd);
-        for (int j = nv; j < P + r1; j++) d[j] = 0.0f;
+        for (int j = nv; j < ncols; j++) d[j] = 0.0f;
     }
 }
 
@@ -486,37 +509,37 @@ void attention_backward(float *dq, float *dk, float *dv, float *dpk, float *dpv,
             const float *ab = att + ((size_t)b * H + h) * T * PT;
             for (int r0 = 0; r0 < T; r0 += ATT_BLOCK) {
                 int r1 = r0 + ATT_BLOCK < T ? r0 + ATT_BLOCK : T;
-                int m = r1 - r0;
+                int m = r1 - r0, kc = att_key_cols(r1, T);
                 const float *A = ab + (size_t)r0 * PT;
                 const float *G = gb + (size_t)r0 * ldo;
                 const float *qr = qb + (size_t)r0 * ldq;
-                /* dv[0:r1] += A^T dout, dpv += A_prefix^T dout */
+                /* dv[0:kc] += A^T dout, dpv += A_prefix^T dout */
                 if (dvb)
-                    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, r1, hd, m, 1.0f,
+                    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, kc, hd, m, 1.0f,
                                 A + P, PT, G, ldo, 1.0f, dvb, ldv);
                 if (dpvg)
                     cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, P, hd, m, 1.0f,
                                 A, PT, G, ldo, 1.0f, dpvg, hd);
                 if (!need_scores) continue;
-                /* dA = dout [pv; v]^T into scratch (m, P + r1), row stride PT */
+                /* dA = dout [pv; v]^T into scratch (m, P + kc), row stride PT */
                 float *dS = scratch;
                 if (P)
                     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, P, hd, 1.0f,
                                 G, ldo, pvg, hd, 0.0f, dS, PT);
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, r1, hd, 1.0f,
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, kc, hd, 1.0f,
                             G, ldo, vb, ldv, 0.0f, dS + P, PT);
-                att_softmax_backward_rows(dS, PT, A, PT, r0, r1, P, scale);
+                att_softmax_backward_rows(dS, PT, A, PT, r0, r1, P, P + kc, scale);
                 /* dq += dS [pk; k] */
                 if (dqb) {
                     if (P)
                         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, hd, P, 1.0f,
                                     dS, PT, pkg, hd, 1.0f, dqb + (size_t)r0 * ldq, ldq);
-                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, hd, r1, 1.0f,
+                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, hd, kc, 1.0f,
                                 dS + P, PT, kb, ldk, 1.0f, dqb + (size_t)r0 * ldq, ldq);
                 }
-                /* dk[0:r1] += dS^T q, dpk += dS_prefix^T q */
+                /* dk[0:kc] += dS^T q, dpk += dS_prefix^T q */
                 if (dkb)
-                    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, r1, hd, m, 1.0f,
+                    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, kc, hd, m, 1.0f,
                                 dS + P, PT, qr, ldq, 1.0f, dkb, ldk);
                 if (dpkg)
                     cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, P, hd, m, 1.0f,

@@ -68,6 +68,11 @@ void attention_backward(float *dq, float *dk, float *dv, float *dpk, float *dpv,
                         const float *q, int ldq, const float *k, int ldk,
                         const float *v, int ldv, const float *pk, const float *pv, int P,
                         int B, int T, int H, int Hkv, int hd, float *scratch);
+/* on != 0: attention_forward/backward compute every query's scores against
+ * all T keys and zero the masked ones (the full score matrix) instead of
+ * only the keys each block of queries sees; the default comes from
+ * PEFTREF_ATTN_FULL at the first call.  For measuring and tests. */
+void attention_set_full_scores(int on);
 
 /* Softmax cross-entropy over logits (N,V).  targets[i] < 0 is not scored.
  * losses (N) gets per-row loss (0 for unscored); returns the number of
