@@ -30,6 +30,21 @@ float *bump_take_if(bump *b, int cond, size_t n)
     return cond ? bump_take(b, n) : NULL;
 }
 
+int model_act_areas(const pr_model *m)
+{
+    return m->recompute ? 1 : m->cfg.n_layers;
+}
+
+int model_act_has_hooks(const pr_model *m, int site, int l)
+{
+    return m->recompute ? model_any_layer_has_hooks(m, site) : model_has_hooks(m, site, l);
+}
+
+int model_act_prefix_room(const pr_model *m, int l)
+{
+    return m->recompute ? model_max_prefix_room(m) : model_prefix_room(m, l);
+}
+
 /* Lay out every view for B sequences of Tr real tokens and Ti internal
  * positions.  Run once with base NULL to size the block and once to
  * assign the views. */
@@ -50,6 +65,7 @@ static void layout_activations(pr_model *m, bump *b, int B, int Tr, int Ti)
         f->pk = bump_take_if(b, P > 0, Hkv * P * hd);
         f->pv = bump_take_if(b, P > 0, Hkv * P * hd);
         f->bout = bump_take_if(b, model_has_hooks(m, PR_SITE_BLOCK_OUT, l), N * C);
+        f->xin = bump_take_if(b, m->recompute && l > 0, N * C);
     }
     m->lnf = bump_take(b, N * C);
     m->hid = bump_take_if(b, nv > 0, Nr * C);
@@ -156,8 +172,31 @@ int model_plan_activations(pr_model *m, int B, int Tr, int Ti, pr_error *err)
     m->resB = B;
     m->resT = Tr;
     m->resTi = Ti;
+    m->area_layer = -1;
     m->have_fwd = 0;
     return PR_OK;
+}
+
+int pr_model_set_recompute(pr_model *m, int on, pr_error *err)
+{
+    if (!m)
+        return pr_errorf(err, PR_ERR_INVALID, "set_recompute: NULL model");
+    on = on != 0;
+    if (on == m->recompute)
+        return PR_OK;
+    m->recompute = on;
+    m->have_fwd = 0;
+    if (!m->act_block)
+        return PR_OK;
+    int rc = model_plan_activations(m, m->resB, m->resT, m->resTi, err);
+    if (rc)
+        m->recompute = !on;   /* the old plan still stands */
+    return rc;
+}
+
+int pr_model_get_recompute(const pr_model *m)
+{
+    return m ? m->recompute : 0;
 }
 
 /* T counts real tokens; the plan adds the virtual positions. */

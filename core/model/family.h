@@ -112,6 +112,8 @@ typedef struct layer_frame {
     const float *pre, *out;      /* (N,C) block output entering and leaving block_out */
     float *bout;                 /* (N,C) block_out output, only with hooks there */
     float *pk, *pv;              /* (Hkv,P,hd) prefix keys/values, only with P > 0 */
+    float *xin;                  /* (N,C) the block input kept for its rerun, only with
+                                    recompute and l > 0 (layer 0 reads the embedding's) */
     int P;                       /* prefix columns of the last forward */
 } layer_frame;
 
@@ -148,6 +150,11 @@ struct pr_model {
     /* activations, planned for up to resB sequences of resT real tokens
      * and resTi internal positions (resTi >= resT + virtual positions) */
     int resB, resT, resTi;
+    /* activation recomputation (pr_model_set_recompute): the blocks share
+     * one activation area and the backward reruns each block's forward
+     * from its kept input before differentiating it */
+    int recompute;
+    int area_layer;              /* the block whose activations the shared area holds, -1 none */
     float *act_block;
     int *tok_block;              /* tokens and targets (resB*resT each) */
     float *vrows, *dvrows;       /* (nv,C) virtual vectors, their batch-summed gradient */
@@ -265,6 +272,15 @@ int model_concat_backward(const pr_model *m, int site, int layer, const float *d
 /* ---- activation memory (activations.c) ----------------------------------- */
 
 int model_plan_activations(pr_model *m, int B, int Tr, int Ti, pr_error *err);
+/* How a family lays out its blocks' activations: areas (the first
+ * model_act_areas of them, then every layer's view is area 0's with
+ * recompute) and, for area l, whether a stream site's buffer is needed
+ * and how many prefix columns attention holds.  Without recompute each
+ * layer has its own area, sized for that layer; with it the one area
+ * serves every layer, so it is sized for the largest. */
+int model_act_areas(const pr_model *m);
+int model_act_has_hooks(const pr_model *m, int site, int l);
+int model_act_prefix_room(const pr_model *m, int l);
 
 /* ---- precision (precision.c) -------------------------------------------- */
 

@@ -225,30 +225,34 @@ static void layout(pr_model *m, bump *b, int B, int Ti)
     size_t hd = (size_t)c->d_head, Q = H * hd, KV = Hkv * hd, QKV = Q + 2 * KV;
     size_t Pmax = (size_t)model_max_prefix_room(m);
 
-    for (int l = 0; l < c->n_layers; l++) {
+    /* one area per layer, or one for them all with recompute (family.h) */
+    int areas = model_act_areas(m);
+    for (int l = 0; l < areas; l++) {
         layer_acts *a = &g->la[l];
-        size_t P = (size_t)model_prefix_room(m, l);
+        size_t P = (size_t)model_act_prefix_room(m, l);
         a->ln1 = bump_take(b, N * C);
         a->ln1_mean = bump_take(b, N);
         a->ln1_rstd = bump_take(b, N);
         a->qkv = bump_take(b, N * QKV);
-        a->katt = bump_take_if(b, model_has_hooks(m, PR_SITE_ATTN_K, l), N * KV);
-        a->vatt = bump_take_if(b, model_has_hooks(m, PR_SITE_ATTN_V, l), N * KV);
+        a->katt = bump_take_if(b, model_act_has_hooks(m, PR_SITE_ATTN_K, l), N * KV);
+        a->vatt = bump_take_if(b, model_act_has_hooks(m, PR_SITE_ATTN_V, l), N * KV);
         a->att = bump_take(b, (size_t)B * H * T * (P + T));
         a->atty = bump_take(b, N * Q);
         a->attproj = bump_take(b, N * C);
-        a->aout = bump_take_if(b, model_has_hooks(m, PR_SITE_ATTN_OUT, l), N * C);
+        a->aout = bump_take_if(b, model_act_has_hooks(m, PR_SITE_ATTN_OUT, l), N * C);
         a->resid2 = bump_take(b, N * C);
         a->ln2 = bump_take(b, N * C);
         a->ln2_mean = bump_take(b, N);
         a->ln2_rstd = bump_take(b, N);
         a->fch = bump_take(b, N * F);
         a->fch_gelu = bump_take(b, N * F);
-        a->act = bump_take_if(b, model_has_hooks(m, PR_SITE_FFN_ACT, l), N * F);
+        a->act = bump_take_if(b, model_act_has_hooks(m, PR_SITE_FFN_ACT, l), N * F);
         a->fcproj = bump_take(b, N * C);
-        a->fout = bump_take_if(b, model_has_hooks(m, PR_SITE_FFN_OUT, l), N * C);
+        a->fout = bump_take_if(b, model_act_has_hooks(m, PR_SITE_FFN_OUT, l), N * C);
         a->resid3 = bump_take(b, N * C);
     }
+    for (int l = areas; l < c->n_layers; l++)
+        g->la[l] = g->la[0];
     g->lnf_mean = bump_take(b, N);
     g->lnf_rstd = bump_take(b, N);
 

@@ -30,6 +30,9 @@ typedef struct model_modules {
     uint64_t step;
     const int64_t *samples;    /* B global sample indices of the batch in flight, or NULL */
     double aux_loss;           /* what after_backward callbacks added since the last read */
+    /* 1 while the model reruns a block's forward for its backward
+     * (recompute): a hook's forward there repeats its last call */
+    int rerun;
 } model_modules;
 /* The token embedding table (GPT-2's wte, LLaMA's embed_tokens). */
 const pr_tensor_info *model_token_embedding(const pr_model *m);

@@ -310,11 +310,16 @@ int pr_model_forward(pr_model *m, const pr_batch *batch, float *loss, pr_error *
     for (int l = 0; l < c->n_layers; l++) {
         layer_frame *f = &m->lf[l];
         f->in = x;
+        if (f->xin) {   /* recompute: the shared area that holds x is the next block's */
+            memcpy(f->xin, x, (size_t)B * T * C * sizeof(float));
+            f->in = f->xin;
+        }
         if ((rc = m->ops->block_forward(m, l, f->in, &f->pre, err)) ||
             (rc = model_stream_forward(m, PR_SITE_BLOCK_OUT, l, f->pre, C, f->bout, C, &f->out, NULL, err)))
             return rc;
         x = f->out;
     }
+    m->area_layer = c->n_layers - 1;
     m->ops->final_norm_forward(m, x, m->lnf);
     if (nv)
         gather_real_rows(m->hid, m->lnf, B, nv, Tr, C);
@@ -461,6 +466,26 @@ static int lowest_needed_layer(const pr_model *m)
     return low;
 }
 
+/* Recompute: block l's activations in the shared area for its backward.
+ * The forward leaves the top block's there; any other block runs forward
+ * again from its kept input, the hooks and providers at its sites
+ * included (a module's forward repeats its last call's context and
+ * rewrites the saved buffers of its insertion at layer l).  block_out's
+ * hooks, outside the block, keep their own buffers. */
+static int block_activations(pr_model *m, int l, pr_error *err)
+{
+    if (!m->recompute || m->area_layer == l)
+        return PR_OK;
+    layer_frame *f = &m->lf[l];
+    m->area_layer = -1;
+    m->modules.rerun = 1;
+    int rc = m->ops->block_forward(m, l, f->in, &f->pre, err);
+    m->modules.rerun = 0;
+    if (!rc)
+        m->area_layer = l;
+    return rc;
+}
+
 /* m->dln holds dLoss/d(final norm output); propagate to every trainable
  * tensor and hook. */
 static int backward_from_final_norm(pr_model *m, pr_error *err)
@@ -469,12 +494,17 @@ static int backward_from_final_norm(pr_model *m, pr_error *err)
     int B = m->B, T = m->T, N = B * T, C = c->d_model;
     size_t NC = (size_t)N * C;
     int rc;
+    /* the final norm's input is the top block's output, in the area with recompute */
+    if ((rc = block_activations(m, c->n_layers - 1, err)))
+        return rc;
     memset(m->dres, 0, NC * sizeof(float));
     m->ops->final_norm_backward(m, m->dres, m->dln, m->lf[c->n_layers - 1].out);
 
     int low = lowest_needed_layer(m);
     for (int l = c->n_layers - 1; l >= (low > 0 ? low : 0); l--) {
         const layer_frame *f = &m->lf[l];
+        if ((rc = block_activations(m, l, err)))
+            return rc;
         if (model_has_hooks(m, PR_SITE_BLOCK_OUT, l)) {
             memset(m->dtmp, 0, NC * sizeof(float));
             if ((rc = model_stream_backward(m, PR_SITE_BLOCK_OUT, l, f->pre, C, m->dtmp, f->bout, m->dres, C, err)))

@@ -35,6 +35,12 @@ static int call_failed(const pr_module *mod, const insertion *in, const char *wh
                      in ? in->where : "(module)", msg);
 }
 
+static int mod_rerunning(const pr_module *mod)
+{
+    const model_modules *e = model_modules_of(mod->model);
+    return e && e->rerun;
+}
+
 int mod_call(const pr_module *mod, const insertion *in, pr_callback cb, const char *what, const pr_ctx *c,
                 pr_error *err)
 {
@@ -47,9 +53,17 @@ int mod_call(const pr_module *mod, const insertion *in, pr_callback cb, const ch
     hc.model = mod->model;
     int rc = cb(c);
     host_call_end(&hc);
-    if (hc.aux_loss != 0.0)
+    /* a rerun forward (recompute) reported its loss the first time */
+    if (hc.aux_loss != 0.0 && !mod_rerunning(mod))
         mod_add_aux_loss(mod->model, hc.aux_loss);
     return rc ? call_failed(mod, in, what, rc, &hc, err) : PR_OK;
+}
+
+uint64_t mod_forward_call(insertion *in)
+{
+    if (mod_rerunning(in->mod))
+        return in->n_fwd ? in->n_fwd - 1 : 0;
+    return in->n_fwd++;
 }
 
 static uint64_t call_seed(const pr_module *mod, const insertion *in, uint64_t step)

@@ -321,7 +321,7 @@ int mod_composite_forward(insertion *in, const pr_site_io *io, pr_ctx *c, pr_err
         insertion *mi = &mod->members[i]->ins[in->index];
         float *h = in->mh + (size_t)i * stride;
         pr_ctx mc;
-        if ((rc = member_ctx(mi, io, in->y_old, mi->n_fwd++, &mc, err)))
+        if ((rc = member_ctx(mi, io, in->y_old, mod_forward_call(mi), &mc, err)))
             return rc;
         memset(h, 0, rd * sizeof(float));
         CT(&mc, out) = mod_view2(h, rows, d, d);

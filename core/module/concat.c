@@ -21,7 +21,7 @@ int mod_concat_forward(void *self, int site, int layer, float *out, pr_error *er
     if (rc)
         return rc;
     pr_ctx c;
-    mod_ctx_init(in, &c, 1, in->n_virtual, pr_model_get_training(mod->model), in->n_fwd++);
+    mod_ctx_init(in, &c, 1, in->n_virtual, pr_model_get_training(mod->model), mod_forward_call(in));
     size_t n = (size_t)in->n_virtual * (size_t)in->w_out;
     CT(&c, out) = mod_view2(mod->gated ? in->h_keep : out, in->n_virtual, in->w_out, in->w_out);
     if ((rc = mod_call(mod, in, mod->t.forward, "forward", &c, err)) || !mod->gated)

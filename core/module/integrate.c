@@ -357,7 +357,7 @@ int mod_hook_forward(void *self, const pr_site_io *io, pr_error *err)
     if (rc)
         return rc;
     pr_ctx c;
-    mod_ctx_init(in, &c, io->B, io->T, io->training, in->n_fwd++);
+    mod_ctx_init(in, &c, io->B, io->T, io->training, mod_forward_call(in));
     return mod_form(mod)->forward(in, io, &c, area_a, err);
 }
 

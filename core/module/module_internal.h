@@ -289,6 +289,12 @@ int mod_composite_backward(insertion *in, const pr_site_io *io, pr_ctx *c, float
 int mod_call(const pr_module *mod, const insertion *in, pr_callback cb, const char *what, const pr_ctx *c,
     pr_error *err);
 void mod_ctx_init(const insertion *in, pr_ctx *c, int B, int T, int training, uint64_t step);
+/* The counter (mod_ctx_init's step) of a forward call at in: the next
+ * one, or while the model reruns a block forward for its backward
+ * (recompute) the last one again, so the rerun sees the context the first
+ * forward saw and the backward after it finds the counter where one
+ * forward leaves it. */
+uint64_t mod_forward_call(insertion *in);
 int mod_lend_scratch(insertion *in, pr_error *err);
 /* training.c */
 const int64_t *mod_samples(const pr_model *m);

@@ -282,6 +282,20 @@ int pr_model_tensor_f32(const pr_model *m, const pr_tensor_info *t, float *dst, 
 /* Input and output widths of a site in this model (-1 if absent). */
 int pr_model_site_dims(const pr_model *m, int site, int *d_in, int *d_out);
 
+/* ---- activation recomputation ---------------------------------------------
+ *
+ * Off (the default): the forward keeps every block's activations for the
+ * backward.  On: the blocks share one activation area and the forward
+ * keeps only each block's input (B,T,C); the backward reruns a block's
+ * forward from it (hooks and concatenation providers included) before
+ * differentiating the block (Chen et al. 2016, "Training Deep Nets with
+ * Sublinear Memory Cost").  That costs one more forward of every block the
+ * backward runs except the top one, whose activations the forward left in
+ * the area, and gives the loss and gradients of the default bit for bit.
+ * Setting it re-plans a reservation already made. */
+int pr_model_set_recompute(pr_model *m, int on, pr_error *err);
+int pr_model_get_recompute(const pr_model *m);
+
 #ifdef __cplusplus
 }
 #endif
