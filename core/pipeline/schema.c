@@ -403,7 +403,7 @@ void pl_load_train(loader *L, const ynode *t)
                                         "warmup", "weight_decay", "decay_all", "clip", "beta1", "beta2", "eps",
                                         "head_lr_mult", "seed", "eval_every", "eval_batches", "log_every",
                                         "checkpoint_every", "output", "resume", "resume_changed", "progress",
-                                        "keep_best", "early_stop", "precision" };
+                                        "keep_best", "early_stop", "precision", "recompute" };
     static const char *const metrics[] = { "val_loss", "val_accuracy" };
     static const char *const schedules[] = { "cosine", "linear", "constant" };
     static const char *const progress_modes[] = { "auto", "bar", "plain", "none" };
@@ -451,6 +451,8 @@ void pl_load_train(loader *L, const ynode *t)
         c->resume = b;
     if ((n = pl_map_get(t, "resume_changed")) && !pl_get_bool(L, n, "train.resume_changed", &b))
         c->resume_changed = b;
+    if ((n = pl_map_get(t, "recompute")) && !pl_get_bool(L, n, "train.recompute", &b))
+        c->recompute = b;
     const char *mode;
     if ((n = pl_map_get(t, "progress")) && !pl_get_choice(L, n, "train.progress", progress_modes, 4, &mode))
         c->progress = pr_progress_parse(mode);

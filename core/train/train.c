@@ -316,7 +316,8 @@ static int setup(trainer *t, pr_model *m, const pr_tokenizer *tok, const pr_trai
             fprintf(stderr, "peftref: warning: precision bf16 on a CPU without AMX or AVX-512 BF16 (oneDNN ISA %s): "
                     "its products are slower than f32 here\n", bf16_isa());
     }
-    if ((rc = pr_model_reserve(m, t->B, t->T, err)))
+    /* before the reservation, so the blocks' activations are planned once, shared */
+    if ((rc = pr_model_set_recompute(m, cfg->recompute, err)) || (rc = pr_model_reserve(m, t->B, t->T, err)))
         return rc;
     if ((rc = plan_optimizer(t, err)) || (rc = train_plan_reduce(t, err)))
         return rc;

@@ -74,6 +74,9 @@ typedef struct pr_train_config {
     /* pr_precision (peftref/model.h): PR_PRECISION_F32 (0, default) or
      * PR_PRECISION_BF16, set on the model before the first step */
     int precision;
+    /* 1: activation recomputation (pr_model_set_recompute, peftref/model.h),
+     * set on the model before its activations are reserved */
+    int recompute;
 } pr_train_config;
 
 /* How training shows its progress on stderr.  AUTO (the default) draws a
