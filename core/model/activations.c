@@ -164,6 +164,7 @@ int model_plan_activations(pr_model *m, int B, int Tr, int Ti, pr_error *err)
     m->logits_own = NULL;
     m->logits_ready = 0;
     m->act_block = block;
+    m->act_bytes = bytes;
     m->tok_block = toks;
     m->tokens = toks;
     m->targets = toks + (size_t)B * (size_t)Tr;

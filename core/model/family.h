@@ -156,6 +156,7 @@ struct pr_model {
     int recompute;
     int area_layer;              /* the block whose activations the shared area holds, -1 none */
     float *act_block;
+    size_t act_bytes;            /* of act_block */
     int *tok_block;              /* tokens and targets (resB*resT each) */
     float *vrows, *dvrows;       /* (nv,C) virtual vectors, their batch-summed gradient */
     float *prow;                 /* (Pmax,KV) prefix rows as providers write/read them */
