@@ -1,8 +1,8 @@
 #!/bin/sh
 # train.recompute: true trains to the losses and module files of false, bit
 # for bit: GPT-2 tiny with a dropout LoRA over two micro-batches per step,
-# LLaMA tiny with prefix tuning, and LLaMA tiny with LoRA on its top layer
-# only (the backward stops there).
+# LLaMA tiny with prefix tuning, and a 4-layer GPT-2 with LoRA on layers 2
+# and 3 only (the backward stops at layer 2, which alone is rerun).
 set -u
 PEFTREF=${PEFTREF:-./peftref}
 srcdir=${srcdir:-.}
@@ -14,10 +14,11 @@ passed=0 failed=0
 check() { if "$@"; then passed=$((passed + 1)); else failed=$((failed + 1)); echo "FAIL: $*"; fi; }
 untimed() { sed 's/"time": [^,}]*//; s/"tokens_per_s": [^,}]*//; s/"step_seconds": [^,}]*//; s/"seconds": [^,}]*//' "$1"; }
 
-run_case() { # name, preset, modules block, train extras
-    name=$1 preset=$2 mods=$3 extra=$4
+run_case() { # name, model (a preset name or a mapping's keys), modules block, train extras
+    name=$1 model=$2 mods=$3 extra=$4
+    case $model in "{"*) model=${model#?}; model=${model%?} ;; *) model="preset: $model" ;; esac
     cat > "$tmp/$name.yaml" <<YAML
-model: {preset: $preset, seed: 5}
+model: {$model, seed: 5}
 task: {type: lm, train: $corpus}
 modules:
 $mods
@@ -44,8 +45,8 @@ YAML
 run_case gpt2-lora-dropout gpt2-tiny \
     "  - {technique: lora, sites: [q, v], options: {r: 4, alpha: 8, dropout: 0.1}}" ", accum: 2"
 run_case llama-prefix llama-tiny "  - {technique: prefix_tuning, options: {n_tokens: 4}}" ""
-run_case llama-top-lora llama-tiny \
-    "  - {technique: lora, sites: [q, v, ffn.down], layers: [1], options: {r: 4, alpha: 8}}" ""
+run_case gpt2-top-lora "{config: {n_layers: 4}}" \
+    "  - {technique: lora, sites: [q, v, ffn.down], layers: [2, 3], options: {r: 4, alpha: 8}}" ""
 
 # a value that is not a boolean is an error naming the key
 printf 'model: {preset: gpt2-tiny}\ntask: {type: lm, train: %s}\nmodules: [{technique: lora}]\ntrain: {steps: 1, recompute: sometimes}\n' \
