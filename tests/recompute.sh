@@ -2,24 +2,26 @@
 # train.recompute: true trains to the losses and module files of false, bit
 # for bit: GPT-2 tiny with a dropout LoRA over two micro-batches per step,
 # LLaMA tiny with prefix tuning, and a 4-layer GPT-2 with LoRA on layers 2
-# and 3 only (the backward stops at layer 2, which alone is rerun).
+# and 3 only (the backward stops at layer 2, which alone is rerun); and
+# sequence classification (the backward from the head's hidden states).
 set -u
 PEFTREF=${PEFTREF:-./peftref}
 srcdir=${srcdir:-.}
 PEFTREF_PLUGIN_PATH=${PEFTREF_PLUGIN_PATH:-$(pwd)/plugins/.libs}
 export PEFTREF_PLUGIN_PATH
 corpus=$(cd "$srcdir" && pwd)/data/fortunes/adapt-train.txt
+classify=$(cd "$srcdir" && pwd)/data/fortunes/classify-train.jsonl
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/peftref-recompute-XXXXXX") || exit 1
 passed=0 failed=0
 check() { if "$@"; then passed=$((passed + 1)); else failed=$((failed + 1)); echo "FAIL: $*"; fi; }
 untimed() { sed 's/"time": [^,}]*//; s/"tokens_per_s": [^,}]*//; s/"step_seconds": [^,}]*//; s/"seconds": [^,}]*//' "$1"; }
 
-run_case() { # name, model (a preset name or a mapping's keys), modules block, train extras
-    name=$1 model=$2 mods=$3 extra=$4
+run_case() { # name, model (a preset name or a mapping's keys), modules block, train extras[, task]
+    name=$1 model=$2 mods=$3 extra=$4 task=${5:-"{type: lm, train: $corpus}"}
     case $model in "{"*) model=${model#?}; model=${model%?} ;; *) model="preset: $model" ;; esac
     cat > "$tmp/$name.yaml" <<YAML
 model: {$model, seed: 5}
-task: {type: lm, train: $corpus}
+task: $task
 modules:
 $mods
 train: {steps: 8, batch: 2, seq_len: 32, lr: 5e-3, seed: 1, log_every: 1, eval_every: 4$extra}
@@ -47,6 +49,8 @@ run_case gpt2-lora-dropout gpt2-tiny \
 run_case llama-prefix llama-tiny "  - {technique: prefix_tuning, options: {n_tokens: 4}}" ""
 run_case gpt2-top-lora "{config: {n_layers: 4}}" \
     "  - {technique: lora, sites: [q, v, ffn.down], layers: [2, 3], options: {r: 4, alpha: 8}}" ""
+run_case gpt2-classify gpt2-tiny "  - {technique: lora, sites: [q, v], options: {r: 4, alpha: 8}}" "" \
+    "{type: classification, train: $classify}"
 
 # a value that is not a boolean is an error naming the key
 printf 'model: {preset: gpt2-tiny}\ntask: {type: lm, train: %s}\nmodules: [{technique: lora}]\ntrain: {steps: 1, recompute: sometimes}\n' \
