@@ -92,17 +92,23 @@ static void layout_activations(pr_model *m, bump *b, int B, int Tr, int Ti)
 }
 
 /* Bytes of each of the two chunk buffers of the cross-entropy (ce_logits,
- * ce_probs): 16 MiB keeps a chunk at 83 rows for GPT-2's 50257 tokens and
- * 32 rows for a 128k vocabulary, enough rows for the head's sgemm to stay
- * compute-bound (each chunk streams the whole (V,C) head once), while the
- * pair is 32 MiB against the 3 x Nr x V floats of the full path (617 MB
- * for GPT-2 at B=4, T=256). */
+ * ce_probs), and the fewest rows of a chunk: each chunk's two head
+ * products re-read and re-pack the whole (V,C) head (OpenBLAS packs its B
+ * operand per call), so a chunk needs rows enough to amortise that.  On
+ * a GPT-2-small LoRA step (B=4, T=256) 83-row chunks (16 MiB) ran about
+ * 10% slower than the full path, 256-row chunks within 1% (min of 5 steps,
+ * PEFTREF_CE_CHUNK_ROWS 83 / 256 / 512 / 1024 against PEFTREF_CE_FULL=1).
+ * 256 rows of GPT-2's 50257 tokens is 2 x 51 MB against the 3 x Nr x V
+ * floats of the full path (617 MB at B=4, T=256); 2 x 131 MB for a 128k
+ * vocabulary. */
 #define CE_CHUNK_BYTES ((size_t)16 << 20)
+#define CE_CHUNK_MIN_ROWS 256
 
 /* The head's cross-entropy for Nr real rows: PEFTREF_CE_FULL=1 keeps the
  * (Nr,V) logits, probabilities and their gradient (for measuring, and
  * for the test that compares both); otherwise chunks of ce_rows rows,
- * PEFTREF_CE_CHUNK_ROWS when set (tests), else CE_CHUNK_BYTES' worth.
+ * PEFTREF_CE_CHUNK_ROWS when set (tests), else CE_CHUNK_BYTES' worth and
+ * at least CE_CHUNK_MIN_ROWS.
  * Read when the activations are planned, since their layout depends on
  * it. */
 static int plan_crossentropy(const pr_model *m, int Nr, int *full, int *rows_out, pr_error *err)
@@ -110,6 +116,8 @@ static int plan_crossentropy(const pr_model *m, int Nr, int *full, int *rows_out
     const char *e = getenv("PEFTREF_CE_FULL");
     *full = e && *e && strcmp(e, "0") != 0;
     size_t rows = CE_CHUNK_BYTES / ((size_t)m->cfg.vocab_size * sizeof(float));
+    if (rows < CE_CHUNK_MIN_ROWS)
+        rows = CE_CHUNK_MIN_ROWS;
     const char *r = getenv("PEFTREF_CE_CHUNK_ROWS");
     if (r && *r) {
         char *end = NULL;
