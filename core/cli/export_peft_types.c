@@ -90,9 +90,9 @@ static int lokr_check(const job *j, const adapter *a)
             continue;
         int64_t k = w2a->shape[0], r = w2a->shape[1], n = w2b->shape[1], mx = k > n ? k : n;
         if (2 * r >= mx)
-            return ERR("module '%s' (technique lokr): at %.*s, r = %lld is not below max(k, n) / 2 = %lld / 2, "
+            return ERR("module '%s' (technique %s): at %.*s, r = %lld is not below max(k, n) / 2 = %lld / 2, "
                        "where Hugging Face PEFT's LoKr keeps one full lokr_w2 (%lld, %lld) instead of lokr_w2_a and "
-                       "lokr_w2_b; use --format peftref (or a smaller r)", pr_module_name(j->mod), (int)(L - 10),
+                       "lokr_w2_b; use --format peftref (or a smaller r)", pr_module_name(j->mod), j->t->name, (int)(L - 10),
                        w2a->name, (long long)r, (long long)mx, (long long)k, (long long)n);
     }
     return 0;
@@ -201,9 +201,9 @@ int xp_fourierft_config(const job *j, json_t *c)
 {
     const char *norm = xp_opt_str(j, "ifft2_norm");
     if (norm && strcmp(norm, "backward"))
-        return ERR("module '%s' (technique fourierft) uses ifft2_norm %s; Hugging Face PEFT's FourierFT uses "
+        return ERR("module '%s' (technique %s) uses ifft2_norm %s; Hugging Face PEFT's FourierFT uses "
                    "torch.fft.ifft2's default (backward) and has no field for another; use --format peftref",
-                   pr_module_name(j->mod), norm);
+                   pr_module_name(j->mod), j->t->name, norm);
     double n = xp_opt_num(j, "n_frequency", -1, 1000);
     json_object_set_new(c, "n_frequency", xp_num_json(n));
     json_object_set_new(c, "n_frequency_pattern", site_pattern(j, "n_frequency", n));
@@ -221,9 +221,9 @@ int xp_fourierft_config(const job *j, json_t *c)
 int xp_trainable_tokens_config(const job *j, json_t *c)
 {
     if (j->cfg->tied_head)
-        return ERR("module '%s' (technique trainable_tokens): the base model ties its output head to the token "
+        return ERR("module '%s' (technique %s): the base model ties its output head to the token "
                    "embedding, where Hugging Face PEFT's TRAINABLE_TOKENS replaces the head's rows too and peftref's "
-                   "trainable_tokens only the input rows; use --format peftref", pr_module_name(j->mod));
+                   "%s only the input rows; use --format peftref", pr_module_name(j->mod), j->t->name, j->t->name);
     const char *ids = xp_opt_str(j, "token_indices");
     json_t *a = json_array();
     for (const char *s = ids ? ids : ""; *s;) {
@@ -248,9 +248,9 @@ int xp_ia3_config(const job *j, json_t *c)
 {
     uint32_t sites = pr_module_sites(j->mod);
     if (j->cfg->family != PR_FAMILY_GPT2 && (sites & (PR_SITE_BIT(PR_SITE_ATTN_K) | PR_SITE_BIT(PR_SITE_ATTN_V))))
-        return ERR("module '%s' (technique ia3) scales keys or values after RoPE (attn.k, attn.v), which PEFT's "
+        return ERR("module '%s' (technique %s) scales keys or values after RoPE (attn.k, attn.v), which PEFT's "
                    "k_proj / v_proj vectors do not express on a LLaMA-family model (use sites k and v); use "
-                   "--format peftref", pr_module_name(j->mod));
+                   "--format peftref", pr_module_name(j->mod), j->t->name);
     json_object_set_new(c, "target_modules", xp_site_names(j, sites, 0));
     json_t *ff = json_array();
     if (sites & PR_SITE_BIT(PR_SITE_FFN_ACT)) {

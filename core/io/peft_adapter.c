@@ -48,8 +48,6 @@
 #include "peft_adapter.h"
 #include "peft_adapter_internal.h"
 
-#define CONFIG_NAME "adapter_config.json"
-#define WEIGHTS_NAME "adapter_model.safetensors"
 
 int peft_is_adapter_dir(const char *path)
 {
@@ -617,84 +615,6 @@ int pa_check_tensors(reader *R, const pr_model_config *c)
             }
         }
     }
-    return PR_OK;
-}
-
-/* ---- which technique reads the adapter ----------------------------------------------------------- */
-
-const json_t *pa_implied(const reader *R, const char *field)
-{
-    return R->implies ? json_object_get(R->implies, field) : NULL;
-}
-
-/* How many of t's implied fields the config holds, or -1 when it lacks one
- * (an absent field matches an implied false or null). */
-static int implied_match(const reader *R, const json_t *implies)
-{
-    const char *k;
-    const json_t *v;
-    int n = 0;
-    json_object_foreach((json_t *)implies, k, v) {
-        const json_t *have = json_object_get(R->root, k);
-        if (have ? !json_equal(have, v) : !(json_is_false(v) || json_is_null(v)))
-            return -1;
-        n++;
-    }
-    return n;
-}
-
-/* The technique an adapter of peft_type R->type is read as, from what the
- * techniques declare (pr_technique.peft_type and the peft-config
- * extension): the one whose implied fields the config holds, the most
- * such fields winning; a technique with folds_to is read as the technique
- * it folds to; no_import techniques are not candidates.  Sets R->f->t,
- * R->tech and R->implies. */
-static int pa_resolve(reader *R, const pr_registry *reg)
-{
-    const pr_technique *best = NULL, *tie = NULL;
-    json_t *best_implies = NULL;
-    int best_n = -1, n_of_type = 0;
-    for (int i = 0; i < pr_registry_count(reg); i++) {
-        const pr_technique *t = pr_registry_technique(reg, i);
-        if (!t->peft_type || strcmp(t->peft_type, R->type))
-            continue;
-        n_of_type++;
-        const pr_ext_peft_config *v = peft_technique_variant(t);
-        if (v && v->no_import)
-            continue;
-        const pr_technique *u = t->folds_to ? pr_registry_find(reg, t->folds_to) : t;
-        if (!u)
-            continue;
-        json_t *imp = peft_technique_implies(t);
-        if (!imp)
-            continue;   /* the validator refuses such a plugin */
-        int n = implied_match(R, imp);
-        if (n > best_n) {
-            json_decref(best_implies);
-            best = u, tie = NULL, best_n = n, best_implies = imp;
-            continue;
-        }
-        if (n == best_n && u != best)
-            tie = u;
-        json_decref(imp);
-    }
-    if (!best) {
-        json_decref(best_implies);
-        if (n_of_type)
-            return pr_errorf(R->err, PR_ERR_NOTFOUND, "%s/" CONFIG_NAME ": no technique found reads this PEFT %s "
-                             "adapter's settings (peftref plugins inspect lists what each technique declares)",
-                             R->dir, R->type);
-        return pr_errorf(R->err, PR_ERR_NOTFOUND, "%s: no technique found declares PEFT type %s (peftref plugins "
-                         "lists the techniques found)", R->dir, R->type);
-    }
-    if (tie) {
-        json_decref(best_implies);
-        return pr_errorf(R->err, PR_ERR_INVALID, "%s/" CONFIG_NAME ": techniques %s and %s both read this PEFT %s "
-                         "adapter; leave one of them out of the plugin path", R->dir, best->name, tie->name, R->type);
-    }
-    R->f->t = best;
-    R->tech = best->name;
-    R->implies = best_implies;
     return PR_OK;
 }
 

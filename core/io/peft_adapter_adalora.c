@@ -17,8 +17,6 @@
 #include "peft_adapter.h"
 #include "peft_adapter_internal.h"
 
-#define CONFIG_NAME "adapter_config.json"
-#define WEIGHTS_NAME "adapter_model.safetensors"
 
 
 /* AdaLoraConfig: LoraConfig's fields (pa_lora_fields) and these. */

@@ -10,6 +10,9 @@
 
 #include "peft_adapter.h"
 
+#define CONFIG_NAME "adapter_config.json"
+#define WEIGHTS_NAME "adapter_model.safetensors"
+
 typedef struct reader {
     const char *dir;
     json_t *root;
@@ -97,6 +100,9 @@ int pa_open_ia3(reader *R, const pr_model_config *c);
 int pa_open_lora(reader *R, const pr_model_config *c);
 int pa_open_prompt(reader *R, const pr_model_config *c, int prefix, int ptuning);
 int pa_open_targets(reader *R, const pr_model_config *c, const site_pattern *pats, int n_pats);
+/* peft_adapter_resolve.c: sets R->f->t, R->tech and R->implies from the
+ * techniques declaring R->type. */
+int pa_resolve(reader *R, const pr_registry *reg);
 /* The value the technique read implies for field (peft_config.h), NULL when none. */
 const json_t *pa_implied(const reader *R, const char *field);
 int pa_open_trainable_tokens(reader *R, const pr_model_config *c);

@@ -18,8 +18,6 @@
 #include "peft_adapter.h"
 #include "peft_adapter_internal.h"
 
-#define CONFIG_NAME "adapter_config.json"
-#define WEIGHTS_NAME "adapter_model.safetensors"
 
 
 /* LoraConfig (PEFT 0.14 to 0.18). */
