@@ -70,6 +70,9 @@
 #include <string.h>
 
 #include <peftref/plugin.h>
+#include <peftref/ext/peft_config.h>
+
+#include "peft/codecs.h"
 
 PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args);
 
@@ -548,6 +551,13 @@ static int adalora_on_step(const pr_ctx *ctx)
     return 0;
 }
 
+static const pr_ext_peft_config peft_adalora = { .struct_size = sizeof(pr_ext_peft_config), .read = peft_read_adalora, .write = peft_write_adalora, .own_tensors = 1 };
+
+static const void *peft_adalora_extension(const char *uri)
+{
+    return strcmp(uri, PR_EXT_PEFT_CONFIG_URI) ? NULL : &peft_adalora;
+}
+
 static const pr_technique adalora_technique = {
     .struct_size = sizeof(pr_technique),
     .abi_major = PR_ABI_MAJOR,
@@ -593,6 +603,7 @@ static const pr_technique adalora_technique = {
     .after_backward = adalora_after_backward,
     .on_step = adalora_on_step,
     .peft_type = "ADALORA",
+    .extension_data = peft_adalora_extension,
 };
 
 static const pr_technique *const adalora_techniques[] = { &adalora_technique };

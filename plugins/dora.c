@@ -70,6 +70,8 @@
 #include <string.h>
 
 #include <peftref/ext/peft_config.h>
+
+#include "peft/codecs.h"
 #include <peftref/plugin.h>
 
 PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args);
@@ -541,7 +543,9 @@ static int dora_merge(const pr_ctx *ctx)
 
 /* Hugging Face PEFT saves DoRA as a LoRA with use_dora = true. */
 static const pr_ext_peft_config dora_peft = { .struct_size = sizeof(pr_ext_peft_config),
-                                              .implies = "{\"use_dora\": true}" };
+                                              .implies = "{\"use_dora\": true}",
+                                              .read = peft_read_dora, .write = peft_write_lora,
+                                              .lora_pairs = 1 };
 
 static const void *dora_extension(const char *uri)
 {

@@ -54,6 +54,9 @@
 #include <string.h>
 
 #include <peftref/plugin.h>
+#include <peftref/ext/peft_config.h>
+
+#include "peft/codecs.h"
 
 PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args);
 
@@ -397,6 +400,13 @@ static int ff_init(const pr_ctx *ctx)
     return 0;
 }
 
+static const pr_ext_peft_config peft_ff = { .struct_size = sizeof(pr_ext_peft_config), .read = peft_read_fourierft, .write = peft_write_fourierft };
+
+static const void *peft_ff_extension(const char *uri)
+{
+    return strcmp(uri, PR_EXT_PEFT_CONFIG_URI) ? NULL : &peft_ff;
+}
+
 static const pr_technique ff_technique = {
     .struct_size = sizeof(pr_technique),
     .abi_major = PR_ABI_MAJOR,
@@ -438,6 +448,7 @@ static const pr_technique ff_technique = {
     .merge = ff_merge,
     .init = ff_init,
     .peft_type = "FOURIERFT",
+    .extension_data = peft_ff_extension,
 };
 
 static const pr_technique *const ff_techniques[] = { &ff_technique };

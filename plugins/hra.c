@@ -59,6 +59,9 @@
 #include <string.h>
 
 #include <peftref/plugin.h>
+#include <peftref/ext/peft_config.h>
+
+#include "peft/codecs.h"
 
 PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args);
 
@@ -361,6 +364,13 @@ static int hra_init(const pr_ctx *ctx)
     return 0;
 }
 
+static const pr_ext_peft_config peft_hra = { .struct_size = sizeof(pr_ext_peft_config), .read = peft_read_hra, .write = peft_write_hra };
+
+static const void *peft_hra_extension(const char *uri)
+{
+    return strcmp(uri, PR_EXT_PEFT_CONFIG_URI) ? NULL : &peft_hra;
+}
+
 static const pr_technique hra_technique = {
     .struct_size = sizeof(pr_technique),
     .abi_major = PR_ABI_MAJOR,
@@ -406,6 +416,7 @@ static const pr_technique hra_technique = {
     .merge = hra_merge,
     .init = hra_init,
     .peft_type = "HRA",
+    .extension_data = peft_hra_extension,
 };
 
 static const pr_technique *const hra_techniques[] = { &hra_technique };

@@ -40,6 +40,9 @@
 #include <string.h>
 
 #include <peftref/plugin.h>
+#include <peftref/ext/peft_config.h>
+
+#include "peft/codecs.h"
 
 PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args);
 
@@ -183,6 +186,13 @@ static int ia3_merge(const pr_ctx *ctx)
     return 0;
 }
 
+static const pr_ext_peft_config peft_ia3 = { .struct_size = sizeof(pr_ext_peft_config), .read = peft_read_ia3, .write = peft_write_ia3 };
+
+static const void *peft_ia3_extension(const char *uri)
+{
+    return strcmp(uri, PR_EXT_PEFT_CONFIG_URI) ? NULL : &peft_ia3;
+}
+
 static const pr_technique ia3_technique = {
     .struct_size = sizeof(pr_technique),
     .abi_major = PR_ABI_MAJOR,
@@ -221,6 +231,7 @@ static const pr_technique ia3_technique = {
     .backward = ia3_backward,
     .merge = ia3_merge,
     .peft_type = "IA3",
+    .extension_data = peft_ia3_extension,
 };
 
 static const pr_technique *const ia3_techniques[] = { &ia3_technique };

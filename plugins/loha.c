@@ -30,7 +30,12 @@
  * (d_out, d_in).  This file includes only <peftref/plugin.h> and libc. */
 #include <stdint.h>
 
+#include <string.h>
+
 #include <peftref/plugin.h>
+#include <peftref/ext/peft_config.h>
+
+#include "peft/codecs.h"
 
 PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args);
 
@@ -198,6 +203,13 @@ static int loha_backward(const pr_ctx *ctx)
     return 0;
 }
 
+static const pr_ext_peft_config peft_loha = { .struct_size = sizeof(pr_ext_peft_config), .read = peft_read_loha, .write = peft_write_loha };
+
+static const void *peft_loha_extension(const char *uri)
+{
+    return strcmp(uri, PR_EXT_PEFT_CONFIG_URI) ? NULL : &peft_loha;
+}
+
 static const pr_technique loha_technique = {
     .struct_size = sizeof(pr_technique),
     .abi_major = PR_ABI_MAJOR,
@@ -240,6 +252,7 @@ static const pr_technique loha_technique = {
     .backward = loha_backward,
     .merge = loha_merge,
     .peft_type = "LOHA",
+    .extension_data = peft_loha_extension,
 };
 
 static const pr_technique *const loha_techniques[] = { &loha_technique };

@@ -43,7 +43,12 @@
  * This file includes only <peftref/plugin.h> and libc. */
 #include <stdint.h>
 
+#include <string.h>
+
 #include <peftref/plugin.h>
+#include <peftref/ext/peft_config.h>
+
+#include "peft/codecs.h"
 
 PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args);
 
@@ -299,6 +304,13 @@ static int lokr_backward(const pr_ctx *ctx)
     return 0;
 }
 
+static const pr_ext_peft_config peft_lokr = { .struct_size = sizeof(pr_ext_peft_config), .read = peft_read_lokr, .write = peft_write_lokr };
+
+static const void *peft_lokr_extension(const char *uri)
+{
+    return strcmp(uri, PR_EXT_PEFT_CONFIG_URI) ? NULL : &peft_lokr;
+}
+
 static const pr_technique lokr_technique = {
     .struct_size = sizeof(pr_technique),
     .abi_major = PR_ABI_MAJOR,
@@ -340,6 +352,7 @@ static const pr_technique lokr_technique = {
     .merge = lokr_merge,
     .setup = lokr_setup,
     .peft_type = "LOKR",
+    .extension_data = peft_lokr_extension,
 };
 
 static const pr_technique *const lokr_techniques[] = { &lokr_technique };

@@ -68,6 +68,9 @@
 #include <string.h>
 
 #include <peftref/plugin.h>
+#include <peftref/ext/peft_config.h>
+
+#include "peft/codecs.h"
 
 PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args);
 
@@ -623,6 +626,13 @@ static float lora_scale(const pr_ctx *ctx)
     return (float)(ctx->options[OPT_RSLORA].num != 0 ? alpha / sqrt(r) : alpha / r);
 }
 
+static const pr_ext_peft_config peft_lora = { .struct_size = sizeof(pr_ext_peft_config), .read = peft_read_lora, .write = peft_write_lora, .lora_pairs = 1 };
+
+static const void *peft_lora_extension(const char *uri)
+{
+    return strcmp(uri, PR_EXT_PEFT_CONFIG_URI) ? NULL : &peft_lora;
+}
+
 static const pr_technique lora_technique = {
     .struct_size = sizeof(pr_technique),
     .abi_major = PR_ABI_MAJOR,
@@ -665,6 +675,7 @@ static const pr_technique lora_technique = {
     .merge = lora_merge,
     .setup = lora_setup,
     .peft_type = "LORA",
+    .extension_data = peft_lora_extension,
 };
 
 static const pr_technique *const lora_techniques[] = { &lora_technique };

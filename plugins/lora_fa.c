@@ -30,6 +30,8 @@
 #include <string.h>
 
 #include <peftref/ext/peft_config.h>
+
+#include "peft/codecs.h"
 #include <peftref/plugin.h>
 
 PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args);
@@ -256,7 +258,8 @@ static float fa_scale(const pr_ctx *ctx)
 
 /* PEFT has LoRA-FA as an optimizer (create_lorafa_optimizer) over a plain
  * LoRA: its adapters are LORA adapters, which a reader takes as lora. */
-static const pr_ext_peft_config fa_peft = { .struct_size = sizeof(pr_ext_peft_config), .no_import = 1 };
+static const pr_ext_peft_config fa_peft = { .struct_size = sizeof(pr_ext_peft_config), .no_import = 1,
+                                            .write = peft_write_lora, .lora_pairs = 1 };
 
 static const void *fa_extension(const char *uri)
 {

@@ -115,6 +115,9 @@
 #include <string.h>
 
 #include <peftref/plugin.h>
+#include <peftref/ext/peft_config.h>
+
+#include "peft/codecs.h"
 
 PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args);
 
@@ -706,6 +709,13 @@ static int boft_setup(const pr_ctx *ctx) { return run_setup(ctx, KIND_BOFT); }
      PR_SITE_BIT(PR_SITE_O) | PR_SITE_BIT(PR_SITE_FFN_UP) | PR_SITE_BIT(PR_SITE_FFN_GATE) |                \
      PR_SITE_BIT(PR_SITE_FFN_DOWN))
 
+static const pr_ext_peft_config peft_oft = { .struct_size = sizeof(pr_ext_peft_config), .read = peft_read_oft, .write = peft_write_oft };
+
+static const void *peft_oft_extension(const char *uri)
+{
+    return strcmp(uri, PR_EXT_PEFT_CONFIG_URI) ? NULL : &peft_oft;
+}
+
 static const pr_technique oft_technique = {
     .struct_size = sizeof(pr_technique),
     .abi_major = PR_ABI_MAJOR,
@@ -748,7 +758,15 @@ static const pr_technique oft_technique = {
     /* one product x.(R W - W) per token; the rotation of W is per call */
     .flops_per_token = "2 * d_in * d_out",
     .peft_type = "OFT",
+    .extension_data = peft_oft_extension,
 };
+
+static const pr_ext_peft_config peft_boft = { .struct_size = sizeof(pr_ext_peft_config), .read = peft_read_boft, .write = peft_write_boft };
+
+static const void *peft_boft_extension(const char *uri)
+{
+    return strcmp(uri, PR_EXT_PEFT_CONFIG_URI) ? NULL : &peft_boft;
+}
 
 static const pr_technique boft_technique = {
     .struct_size = sizeof(pr_technique),
@@ -793,6 +811,7 @@ static const pr_technique boft_technique = {
     .setup = boft_setup,
     .flops_per_token = "2 * d_in * d_out",
     .peft_type = "BOFT",
+    .extension_data = peft_boft_extension,
 };
 
 static const pr_technique *const oft_techniques[] = { &oft_technique, &boft_technique };

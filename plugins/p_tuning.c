@@ -46,6 +46,9 @@
 #include <string.h>
 
 #include <peftref/plugin.h>
+#include <peftref/ext/peft_config.h>
+
+#include "peft/codecs.h"
 
 PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args);
 
@@ -325,6 +328,13 @@ static int pt_fold(const pr_ctx *ctx)
     return 0;
 }
 
+static const pr_ext_peft_config peft_pt = { .struct_size = sizeof(pr_ext_peft_config), .read = peft_read_p_tuning, .write = peft_write_p_tuning };
+
+static const void *peft_pt_extension(const char *uri)
+{
+    return strcmp(uri, PR_EXT_PEFT_CONFIG_URI) ? NULL : &peft_pt;
+}
+
 static const pr_technique pt_technique = {
     .struct_size = sizeof(pr_technique),
     .abi_major = PR_ABI_MAJOR,
@@ -372,6 +382,7 @@ static const pr_technique pt_technique = {
      * FLOP per element of every weight for every token. */
     .flops_per_token = "0",
     .peft_type = "P_TUNING",
+    .extension_data = peft_pt_extension,
     .folds_to = "prompt_tuning",
 };
 

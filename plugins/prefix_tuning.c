@@ -58,6 +58,9 @@
 #include <string.h>
 
 #include <peftref/plugin.h>
+#include <peftref/ext/peft_config.h>
+
+#include "peft/codecs.h"
 
 PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args);
 
@@ -407,6 +410,13 @@ static int mlp_fold(const pr_ctx *ctx)
 
 /* ---- descriptors ---------------------------------------------------------------------------------- */
 
+static const pr_ext_peft_config peft_prefix = { .struct_size = sizeof(pr_ext_peft_config), .read = peft_read_prefix_tuning, .write = peft_write_prefix_tuning };
+
+static const void *peft_prefix_extension(const char *uri)
+{
+    return strcmp(uri, PR_EXT_PEFT_CONFIG_URI) ? NULL : &peft_prefix;
+}
+
 static const pr_technique plain_technique = {
     .struct_size = sizeof(pr_technique),
     .abi_major = PR_ABI_MAJOR,
@@ -442,7 +452,15 @@ static const pr_technique plain_technique = {
     .forward = plain_forward,
     .backward = plain_backward,
     .peft_type = "PREFIX_TUNING",
+    .extension_data = peft_prefix_extension,
 };
+
+static const pr_ext_peft_config peft_prefix_mlp = { .struct_size = sizeof(pr_ext_peft_config), .read = peft_read_prefix_tuning, .write = peft_write_prefix_tuning };
+
+static const void *peft_prefix_mlp_extension(const char *uri)
+{
+    return strcmp(uri, PR_EXT_PEFT_CONFIG_URI) ? NULL : &peft_prefix_mlp;
+}
 
 static const pr_technique mlp_technique = {
     .struct_size = sizeof(pr_technique),
@@ -493,6 +511,7 @@ static const pr_technique mlp_technique = {
     .flops_per_token = "0",
     /* PEFT's PrefixEncoder with prefix_projection: saved as the prefixes */
     .peft_type = "PREFIX_TUNING",
+    .extension_data = peft_prefix_mlp_extension,
     .folds_to = "prefix_tuning",
 };
 

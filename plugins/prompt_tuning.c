@@ -31,6 +31,9 @@
 #include <string.h>
 
 #include <peftref/plugin.h>
+#include <peftref/ext/peft_config.h>
+
+#include "peft/codecs.h"
 
 PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args);
 
@@ -138,6 +141,13 @@ static int prompt_backward(const pr_ctx *ctx)
     return 0;
 }
 
+static const pr_ext_peft_config peft_prompt = { .struct_size = sizeof(pr_ext_peft_config), .read = peft_read_prompt_tuning, .write = peft_write_prompt_tuning };
+
+static const void *peft_prompt_extension(const char *uri)
+{
+    return strcmp(uri, PR_EXT_PEFT_CONFIG_URI) ? NULL : &peft_prompt;
+}
+
 static const pr_technique prompt_technique = {
     .struct_size = sizeof(pr_technique),
     .abi_major = PR_ABI_MAJOR,
@@ -177,6 +187,7 @@ static const pr_technique prompt_technique = {
      * element of the (n_tokens, d_model) prompt for every token. */
     .flops_per_token = "0",
     .peft_type = "PROMPT_TUNING",
+    .extension_data = peft_prompt_extension,
 };
 
 static const pr_technique *const prompt_techniques[] = { &prompt_technique };

@@ -51,6 +51,9 @@
 
 #include <peftref/ext/embed_tokens.h>
 #include <peftref/plugin.h>
+#include <peftref/ext/peft_config.h>
+
+#include "peft/codecs.h"
 
 PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args);
 
@@ -302,6 +305,13 @@ static int tt_forward(const pr_ctx *ctx)
     return 0;
 }
 
+static const pr_ext_peft_config peft_tt = { .struct_size = sizeof(pr_ext_peft_config), .read = peft_read_trainable_tokens, .write = peft_write_trainable_tokens };
+
+static const void *peft_tt_extension(const char *uri)
+{
+    return strcmp(uri, PR_EXT_PEFT_CONFIG_URI) ? NULL : &peft_tt;
+}
+
 static const pr_technique tt_technique = {
     .struct_size = sizeof(pr_technique),
     .abi_major = PR_ABI_MAJOR,
@@ -346,6 +356,7 @@ static const pr_technique tt_technique = {
     /* a lookup per token, no arithmetic beyond one row add */
     .flops_per_token = "d_model",
     .peft_type = "TRAINABLE_TOKENS",
+    .extension_data = peft_tt_extension,
 };
 
 static const pr_technique *const tt_techniques[] = { &tt_technique };

@@ -51,6 +51,8 @@
 #include <peftref/ext/peft_config.h>
 #include <peftref/plugin.h>
 
+#include "peft/codecs.h"
+
 PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args);
 
 enum { OPT_R, OPT_DROPOUT, OPT_D_INITIAL, OPT_SAVE_PROJECTION, N_OPTS };
@@ -385,11 +387,20 @@ static int vera_regen_setup(const pr_ctx *ctx)
 
 /* vera_regen's A and B come from peftref's seed, not from PEFT's
  * projection_prng_key, so a PEFT VERA adapter is never read as it. */
-static const pr_ext_peft_config vera_regen_peft = { .struct_size = sizeof(pr_ext_peft_config), .no_import = 1 };
+static const pr_ext_peft_config vera_regen_peft = { .struct_size = sizeof(pr_ext_peft_config), .no_import = 1,
+                                                     .write = peft_write_vera };
 
 static const void *vera_regen_extension(const char *uri)
 {
     return strcmp(uri, PR_EXT_PEFT_CONFIG_URI) ? NULL : &vera_regen_peft;
+}
+
+static const pr_ext_peft_config vera_peft = { .struct_size = sizeof(pr_ext_peft_config), .read = peft_read_vera,
+                                              .write = peft_write_vera };
+
+static const void *vera_extension(const char *uri)
+{
+    return strcmp(uri, PR_EXT_PEFT_CONFIG_URI) ? NULL : &vera_peft;
 }
 
 static const pr_technique vera_technique = VERA_TECHNIQUE(
@@ -400,7 +411,7 @@ static const pr_technique vera_technique = VERA_TECHNIQUE(
     vera_options, vera_params, vera_setup,
     "trained per insertion: r + d_out (vera_lambda_d, vera_lambda_b); frozen, once for the module: "
     "r * (max_d_in + max_d_out) (vera_A, vera_B; saved); GPT-2 small, r = 256 at c_attn: "
-    "12 * (256 + 2304) = 30,720 trained", NULL);
+    "12 * (256 + 2304) = 30,720 trained", vera_extension);
 
 static const pr_technique vera_regen_technique = VERA_TECHNIQUE(
     "vera_regen",

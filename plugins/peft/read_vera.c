@@ -1,0 +1,9 @@
+#include <peftref/ext/peft_config.h>
+
+#include "codecs.h"
+
+int peft_read_vera(const pr_peft_reader *h, pr_peft_in *in)
+{
+    return h->fail(in, PR_PEFT_ERR_UNSUPPORTED, "not built");
+}
+
