@@ -410,13 +410,14 @@ static void test_refusals(void **state)
     char d[1024], want[2048];
 
     variant(FIX "/gpt2_lora", "bad_type", "peft_type", "\"FOO\"", d, sizeof d);
-    snprintf(want, sizeof want, "%s/adapter_config.json: unknown peft_type 'FOO'; peftref imports LORA (with "
-             "use_dora, use_rslora, rank_pattern, alpha_pattern), IA3, PROMPT_TUNING, P_TUNING, PREFIX_TUNING, LOHA, "
-             "LOKR, VERA, OFT, BOFT, HRA, FOURIERFT, TRAINABLE_TOKENS and ADALORA", d);
+    /* the types come from the techniques found, each once, in order */
+    snprintf(want, sizeof want, "%s: no technique found declares PEFT type FOO; those found read ADALORA, BOFT, "
+             "FOURIERFT, HRA, IA3, LOHA, LOKR, LORA, OFT, PREFIX_TUNING, PROMPT_TUNING, P_TUNING, TRAINABLE_TOKENS, "
+             "VERA (peftref plugins lists the techniques)", d);
     expect_refusal(g2, d, NULL, want);
 
     variant(FIX "/gpt2_lora", "known_type", "peft_type", "\"POLY\"", d, sizeof d);
-    snprintf(want, sizeof want, "%s/adapter_config.json: cannot import peft_type 'POLY'", d);
+    snprintf(want, sizeof want, "%s: no technique found declares PEFT type POLY; those found read ADALORA, ", d);
     expect_refusal(g2, d, NULL, want);
 
     variant(FIX "/gpt2_lora", "bad_bias", "bias", "\"all\"", d, sizeof d);
@@ -493,8 +494,8 @@ static void test_refusals(void **state)
     /* per-layer ranks peftref cannot hold */
     variant(FIX "/gpt2_lora", "layer_rank", "rank_pattern", "{\"h.0.attn.c_attn\": 2}", d, sizeof d);
     snprintf(want, sizeof want, "%s/adapter_config.json: rank_pattern = {\"h.0.attn.c_attn\":2} gives "
-             "'transformer.h.0.attn.c_attn' rank 2 but 'transformer.h.1.attn.c_attn' 4; peftref's ranks and alphas "
-             "are per site, the same on every layer", d);
+             "'transformer.h.0.attn.c_attn' 2 but 'transformer.h.1.attn.c_attn' 4; peftref's r is per site, the same "
+             "on every layer", d);
     expect_refusal(g2, d, NULL, want);
 
     /* IA3 on the queries */
@@ -840,8 +841,9 @@ static void test_technique_choice(void **state)
     /* a type no technique declares */
     const char *no_vera[] = { "vera.so", NULL };
     reg = registry_of("no-vera", no_vera, NULL);
-    snprintf(want, sizeof want, "%s: no technique found declares PEFT type VERA (peftref plugins lists the "
-             "techniques found)", FIX "/gpt2_vera");
+    snprintf(want, sizeof want, "%s: no technique found declares PEFT type VERA; those found read ADALORA, BOFT, "
+             "FOURIERFT, HRA, IA3, LOHA, LOKR, LORA, OFT, PREFIX_TUNING, PROMPT_TUNING, P_TUNING, TRAINABLE_TOKENS "
+             "(peftref plugins lists the techniques)", FIX "/gpt2_vera");
     expect_refusal(g2, FIX "/gpt2_vera", NULL, want);
     pr_registry_free(reg);
 
@@ -872,12 +874,45 @@ static void test_technique_choice(void **state)
     assert_null(pr_registry_find(reg, "peft-bad-implies"));
     pr_registry_free(reg);
 
-    /* ADALORA's reader fills lora_E and rank_pattern; a technique without them is refused */
+    /* a technique that declares ADALORA without a read() of it is no reader */
     const char *no_ada[] = { "adalora.so", NULL }, *ada[] = { "peft_ada.so", NULL };
     reg = registry_of("ada", no_ada, ada);
-    snprintf(want, sizeof want, "%s: technique peft-ada declares PEFT type ADALORA but no global (a row per "
-             "insertion) parameter 'lora_E', which the ADALORA reader fills", FIX "/gpt2_adalora");
+    snprintf(want, sizeof want, "%s/adapter_config.json: no technique found reads PEFT ADALORA adapters: peft-ada "
+             "declares the type without a read() that imports", FIX "/gpt2_adalora");
     expect_refusal(g2, FIX "/gpt2_adalora", NULL, want);
+    pr_registry_free(reg);
+
+    /* an outside plugin's read() (tests/plugins/lora_like.h): without lora.so, peft-twin reads a plain
+     * LORA adapter (gpt2_lora without rsLoRA and alpha_pattern) to the built-in lora's loss; what it does
+     * not offer it refuses in its own words */
+    char d1[1024], d2[1024];
+    variant(FIX "/gpt2_lora", "twin_plain1", "use_rslora", "false", d1, sizeof d1);
+    variant(d1, "twin_plain", "alpha_pattern", "{}", d2, sizeof d2);
+    json_t *ex = expected();
+    json_t *fx = json_object_get(ex, "gpt2_lora");
+    assert_non_null(fx);
+    char bpath[1024];
+    snprintf(bpath, sizeof bpath, "%s/expected.safetensors", base_dir(json_string_value(json_object_get(fx, "base"))));
+    batch b;
+    batch_read(bpath, &b);
+    reg = full;
+    write_pipeline("twin_lora", g2, d2, NULL, path, sizeof path);
+    double ref = pipeline_loss(path, &b, NULL);
+    const char *no_lora[] = { "lora.so", NULL }, *twin_only[] = { "peft_twin.so", NULL };
+    reg = registry_of("twin-only", no_lora, twin_only);
+    write_pipeline("twin_only", g2, d2, NULL, path, sizeof path);
+    double got = pipeline_loss(path, &b, NULL);
+    fprintf(stderr, "  peft-twin reads %s: loss %.9f, lora's %.9f\n", d2, got, ref);
+    assert_true(fabs(got - ref) <= 1e-6 * fabs(ref));
+    batch_free(&b);
+    json_decref(ex);
+    variant(FIX "/gpt2_lora", "twin_rslora", "alpha_pattern", "{}", d1, sizeof d1);
+    snprintf(want, sizeof want, "%s/adapter_config.json: use_rslora = true is not supported: peft-twin scales by "
+             "alpha / r", d1);
+    expect_refusal(g2, d1, NULL, want);
+    snprintf(want, sizeof want, "%s/adapter_config.json: alpha_pattern = {\"mlp.c_proj\":3} is not supported: "
+             "peft-twin's alpha is one value for every module", FIX "/gpt2_lora");
+    expect_refusal(g2, FIX "/gpt2_lora", NULL, want);
     pr_registry_free(reg);
     reg = full;
 }

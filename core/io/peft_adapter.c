@@ -116,14 +116,14 @@ int pa_is_empty(const json_t *v)
 
 /* PeftConfig's own fields, common to every type. */
 static const cfg_field common_fields[] = {
-    { "peft_type", F_READ, NULL },
-    { "task_type", F_READ, NULL },
-    { "base_model_name_or_path", F_INFO, NULL },
-    { "revision", F_INFO, NULL },
-    { "inference_mode", F_INFO, NULL },
-    { "auto_mapping", F_INFO, NULL },
-    { "peft_version", F_INFO, NULL },
-    { "modules_to_save", F_EMPTY, "peftref imports adapters without modules_to_save (a classification head loads "
+    { "peft_type", PR_PEFT_READ, NULL },
+    { "task_type", PR_PEFT_READ, NULL },
+    { "base_model_name_or_path", PR_PEFT_INFO, NULL },
+    { "revision", PR_PEFT_INFO, NULL },
+    { "inference_mode", PR_PEFT_INFO, NULL },
+    { "auto_mapping", PR_PEFT_INFO, NULL },
+    { "peft_version", PR_PEFT_INFO, NULL },
+    { "modules_to_save", PR_PEFT_EMPTY, "peftref imports adapters without modules_to_save (a classification head loads "
                                   "through the pipeline's task.head)" },
 };
 
@@ -135,7 +135,7 @@ static const cfg_field *find_field(const cfg_field *t, int n, const char *name)
     return NULL;
 }
 
-int pa_check_fields2(reader *R, const cfg_field *own, int n_own, const cfg_field *own2, int n_own2)
+int pa_check_fields(reader *R, const cfg_field *own, int n_own)
 {
     const char *k;
     json_t *v;
@@ -144,29 +144,23 @@ int pa_check_fields2(reader *R, const cfg_field *own, int n_own, const cfg_field
         const cfg_field *fd = find_field(common_fields, n_common, k);
         if (!fd)
             fd = find_field(own, n_own, k);
-        if (!fd && own2)
-            fd = find_field(own2, n_own2, k);
         if (!fd) {
             if (R->flags & PR_MODULE_FILE_ALLOW_UNKNOWN_FIELDS)
                 continue;
             return pr_errorf(R->err, PR_ERR_UNSUPPORTED, "%s/" CONFIG_NAME ": unknown field '%s' for peft_type %s "
                              "(allow_unknown_fields: true in the load entry accepts it)", R->dir, k, R->type);
         }
-        if (fd->check == F_EMPTY && !pa_is_empty(v))
-            return pa_bad_value(R, k, v, fd->why);
-        if (fd->check == F_FALSE && !json_is_null(v) && !json_is_false(v))
-            return pa_bad_value(R, k, v, fd->why);
-        if (fd->check == F_TRUE && !json_is_null(v) && !json_is_true(v))
-            return pa_bad_value(R, k, v, fd->why);
-        if (fd->check == F_ZERO && !json_is_null(v) && !(json_is_number(v) && json_number_value(v) == 0))
-            return pa_bad_value(R, k, v, fd->why);
+        const char *why = fd->why ? fd->why : "peftref offers only its default";
+        if (fd->check == PR_PEFT_EMPTY && !pa_is_empty(v))
+            return pa_bad_value(R, k, v, why);
+        if (fd->check == PR_PEFT_FALSE && !json_is_null(v) && !json_is_false(v))
+            return pa_bad_value(R, k, v, why);
+        if (fd->check == PR_PEFT_TRUE && !json_is_null(v) && !json_is_true(v))
+            return pa_bad_value(R, k, v, why);
+        if (fd->check == PR_PEFT_ZERO && !json_is_null(v) && !(json_is_number(v) && json_number_value(v) == 0))
+            return pa_bad_value(R, k, v, why);
     }
     return PR_OK;
-}
-
-int pa_check_fields(reader *R, const cfg_field *own, int n_own)
-{
-    return pa_check_fields2(R, own, n_own, NULL, 0);
 }
 
 int pa_get_int(reader *R, const char *field, int required, long long min, long long *out)
@@ -186,7 +180,8 @@ int pa_get_int(reader *R, const char *field, int required, long long min, long l
     return PR_OK;
 }
 
-int pa_get_num(reader *R, const char *field, double def, double *out)
+/* *out = def when absent; below min is refused ("expected a value >= min") */
+int pa_get_num(reader *R, const char *field, double def, double min, double *out)
 {
     const json_t *v = pa_get(R, field);
     *out = def;
@@ -198,13 +193,18 @@ int pa_get_num(reader *R, const char *field, double def, double *out)
                          pa_json_text(v, b, sizeof b));
     }
     *out = json_number_value(v);
+    if (*out < min) {
+        char why[64];
+        snprintf(why, sizeof why, "expected a value >= %g", min);
+        return pa_bad_value(R, field, v, why);
+    }
     return PR_OK;
 }
 
-int pa_get_bool(reader *R, const char *field, int *out)
+int pa_get_bool(reader *R, const char *field, int def, int *out)
 {
     const json_t *v = pa_get(R, field);
-    *out = 0;
+    *out = def;
     if (!v)
         return PR_OK;
     if (!json_is_boolean(v)) {
@@ -251,7 +251,7 @@ static const char *const llama_top[] = { "model", "model.embed_tokens", "model.l
                                          "model.rotary_emb", "lm_head" };
 
 
-hf_module *pa_list_modules(const pr_model_config *c, int *n)
+static hf_module *list_modules(const pr_model_config *c, int *n)
 {
     int gpt2 = c->family == PR_FAMILY_GPT2;
     const char *const *bp = gpt2 ? gpt2_block_paths : llama_block_paths;
@@ -381,9 +381,9 @@ static int read_layers(reader *R, const pr_model_config *c, unsigned char *want,
 
 
 
-int pa_lora_site_of(reader *R, const pr_model_config *c, const hf_module *m, uint32_t *sites)
+/* A projection module: the site whose Hugging Face path it is. */
+static int projection_site_of(const pr_model_config *c, const hf_module *m, uint32_t *sites)
 {
-    (void)R;
     static const int cand[] = { PR_SITE_QKV, PR_SITE_Q, PR_SITE_K, PR_SITE_V, PR_SITE_O, PR_SITE_FFN_UP,
                                 PR_SITE_FFN_GATE, PR_SITE_FFN_DOWN };
     for (int i = 0; m->layer >= 0 && i < NELEM(cand); i++) {
@@ -396,36 +396,21 @@ int pa_lora_site_of(reader *R, const pr_model_config *c, const hf_module *m, uin
     return 0;
 }
 
-int pa_ia3_site_of(reader *R, const pr_model_config *c, const hf_module *m, uint32_t *sites)
+/* What module m becomes: the technique's site_of, or its projection. */
+static int site_of(reader *R, pr_peft_site_of_fn fn, const hf_module *m, uint32_t *sites)
 {
-    const json_t *ff = pa_get(R, "feedforward_modules");
-    int is_ff = ff ? pa_names_match(R, "feedforward_modules", ff, m->name) : 0;
-    if (is_ff < 0 || m->layer < 0)
-        return is_ff < 0 ? -1 : 0;
-    const char *down = peft_site_path(c, PR_SITE_FFN_DOWN);
-    if (is_ff)
-        return !strcmp(m->path, down) ? (*sites = PR_SITE_BIT(PR_SITE_FFN_ACT), 1) : 0;
-    if (c->family == PR_FAMILY_GPT2 && c->fused_qkv && !strcmp(m->path, peft_site_path(c, PR_SITE_QKV))) {
-        *sites = PR_SITE_BIT(PR_SITE_ATTN_K) | PR_SITE_BIT(PR_SITE_ATTN_V);
-        return 1;
-    }
-    for (int s = PR_SITE_K; s <= PR_SITE_V; s++) {
-        const char *p = peft_site_path(c, s);
-        if (p && !strcmp(p, m->path)) {
-            *sites = PR_SITE_BIT(s);
-            return 1;
-        }
-    }
-    return 0;
+    if (!fn)
+        return projection_site_of(R->c, m, sites);
+    return fn(&pa_host, R, m->name, m->layer, m->path, sites);
 }
 
 /* The modules target_modules (less exclude_modules, within
  * layers_to_transform) selects: sites and layers, which must form a
  * product.  matched[k] says which of mods did. */
-int pa_match_modules(reader *R, const pr_model_config *c, site_of_fn site_of,
-                         const hf_module *mods, int n, unsigned char *matched, uint32_t *sites_out,
-                         unsigned char *layers_out)
+static int match_modules(reader *R, pr_peft_site_of_fn fn, const hf_module *mods, int n, unsigned char *matched,
+                         uint32_t *sites_out, unsigned char *layers_out)
 {
+    const pr_model_config *c = R->c;
     const json_t *tm = pa_get(R, "target_modules"), *ex = pa_get(R, "exclude_modules");
     int rc = pa_check_name_list(R, "target_modules", tm, 1);
     if (!rc)
@@ -449,7 +434,7 @@ int pa_match_modules(reader *R, const pr_model_config *c, site_of_fn site_of,
         int hit;
         if (all_linear) {   /* PEFT: every linear layer but the output head */
             uint32_t s;
-            hit = m->layer >= 0 && pa_lora_site_of(R, c, m, &s) == 1;
+            hit = m->layer >= 0 && projection_site_of(c, m, &s) == 1;
         } else {
             hit = pa_names_match(R, "target_modules", tm, m->name);
         }
@@ -462,7 +447,7 @@ int pa_match_modules(reader *R, const pr_model_config *c, site_of_fn site_of,
         if (!hit || (restricted && (m->layer < 0 || !want[m->layer])))
             continue;
         uint32_t s = 0;
-        int ok = site_of(R, c, m, &s);
+        int ok = site_of(R, fn, m, &s);
         if (ok < 0) {
             rc = PR_ERR_UNSUPPORTED;
             break;
@@ -501,7 +486,7 @@ int pa_match_modules(reader *R, const pr_model_config *c, site_of_fn site_of,
 }
 
 /* The site of module m's kind, for the per-site options. */
-int pa_site_index(uint32_t bits)
+static int site_index(uint32_t bits)
 {
     for (int s = 0; s < PR_SITE_COUNT; s++)
         if (bits & PR_SITE_BIT(s))
@@ -511,7 +496,7 @@ int pa_site_index(uint32_t bits)
 
 /* rank_pattern / alpha_pattern for module name: the first key whose
  * "(.*\.)?(key)$" matches; 0 none, 1 found (*v), -1 error. */
-int pa_pattern_value(reader *R, const char *field, const char *name, double *v)
+static int pattern_value(reader *R, const char *field, const char *name, double *v)
 {
     const json_t *p = pa_get(R, field);
     if (!p)
@@ -541,8 +526,9 @@ int pa_pattern_value(reader *R, const char *field, const char *name, double *v)
     return 0;
 }
 
-int pa_set_sites_layers(reader *R, const pr_model_config *c, uint32_t sites, const unsigned char *layers)
+static int set_sites_layers(reader *R, uint32_t sites, const unsigned char *layers)
 {
+    const pr_model_config *c = R->c;
     pr_module_file *f = R->f;
     f->sites = sites;
     int n = 0;
@@ -561,8 +547,74 @@ int pa_set_sites_layers(reader *R, const pr_model_config *c, uint32_t sites, con
     return PR_OK;
 }
 
-int pa_check_fan_in_fan_out(reader *R, const pr_model_config *c)
+/* target_modules etc. matched (site_of, or the projection of a module's
+ * path), and the *_pattern fields resolved per module: they must agree
+ * along the layers of a site; values that differ from the module's become
+ * site options. */
+int pa_match_targets(reader *R, pr_peft_site_of_fn fn, const pr_peft_pattern *pats, int n_pats)
 {
+    const pr_model_config *c = R->c;
+    int n = 0;
+    hf_module *mods = list_modules(c, &n);
+    unsigned char *matched = mods ? calloc((size_t)n, 1) : NULL, *layers = calloc((size_t)c->n_layers + 1, 1);
+    double(*val)[8] = calloc(PR_SITE_COUNT, sizeof *val);
+    const char **first = calloc(PR_SITE_COUNT, sizeof *first);
+    int rc = PR_OK;
+    if (n_pats > 8)
+        rc = pr_errorf(R->err, PR_ERR_INVALID, "%s: technique %s gives %d patterns, more than 8", R->dir, R->tech,
+                       n_pats);
+    else if (!mods || !matched || !layers || !val || !first)
+        rc = pr_errorf(R->err, PR_ERR_NOMEM, "%s: out of memory", R->dir);
+    uint32_t sites = 0;
+    if (!rc)
+        rc = match_modules(R, fn, mods, n, matched, &sites, layers);
+    for (int k = 0; k < n && !rc; k++) {
+        uint32_t bits = 0;
+        if (!matched[k] || site_of(R, fn, &mods[k], &bits) != 1)
+            continue;
+        int s = site_index(bits);
+        for (int q = 0; q < n_pats && !rc; q++) {
+            double v = pats[q].def;
+            if (pattern_value(R, pats[q].field, mods[k].name, &v) < 0) {
+                rc = PR_ERR_UNSUPPORTED;
+                break;
+            }
+            if (pats[q].integer && (v < 1 || v != floor(v))) {
+                rc = pr_errorf(R->err, PR_ERR_UNSUPPORTED, "%s/" CONFIG_NAME ": %s gives '%s' %g, not a positive "
+                               "integer", R->dir, pats[q].field, mods[k].name, v);
+                break;
+            }
+            if (!first[s]) {
+                val[s][q] = v;
+            } else if (val[s][q] != v) {
+                char b[256];
+                rc = pr_errorf(R->err, PR_ERR_UNSUPPORTED,
+                               "%s/" CONFIG_NAME ": %s = %s gives '%s' %g but '%s' %g; "
+                               "peftref's %s is per site, the same on every layer",
+                               R->dir, pats[q].field, pa_json_text(pa_get(R, pats[q].field), b, sizeof b), first[s],
+                               val[s][q], mods[k].name, v, pats[q].option);
+            }
+        }
+        if (!first[s])
+            first[s] = mods[k].name;
+    }
+    if (!rc)
+        rc = set_sites_layers(R, sites, layers);
+    for (int s = 0; s < PR_SITE_COUNT && !rc; s++)
+        for (int q = 0; first[s] && q < n_pats && !rc; q++)
+            if (val[s][q] != pats[q].def)
+                rc = pa_push_num(R, pats[q].option, val[s][q], s);
+    free(mods);
+    free(matched);
+    free(layers);
+    free(val);
+    free(first);
+    return rc;
+}
+
+int pa_check_fan_in_fan_out(reader *R)
+{
+    const pr_model_config *c = R->c;
     const json_t *v = pa_get(R, "fan_in_fan_out");
     if (!v || json_is_false(v))
         return PR_OK;
@@ -574,10 +626,10 @@ int pa_check_fan_in_fan_out(reader *R, const pr_model_config *c)
 
 /* ---- the tensors against the base --------------------------------------------------------------- */
 
-/* Keys name this family's modules and layers; GPT-2's (IA)^3 vector on
- * c_attn leaves the queries alone (peftref scales keys and values only). */
-int pa_check_tensors(reader *R, const pr_model_config *c)
+/* Keys name this family's modules and layers. */
+int pa_check_tensors(reader *R)
 {
+    const pr_model_config *c = R->c;
     const char *own =
         c->family == PR_FAMILY_GPT2 ? "base_model.model.transformer.h." : "base_model.model.model.layers.";
     const char *other =
@@ -597,22 +649,6 @@ int pa_check_tensors(reader *R, const pr_model_config *c)
             if (end && *end == '.' && (l < 0 || l >= c->n_layers))
                 return pr_errorf(R->err, PR_ERR_INVALID, "%s/" WEIGHTS_NAME ": tensor '%s' is for layer %ld, but the "
                                  "base model has %d layers", R->dir, t->name, l, c->n_layers);
-            const char *tail = end && *end == '.' ? end + 1 : "";
-            int64_t d_q = (int64_t)c->n_heads * c->d_head;
-            if (!strcmp(R->type, "IA3") && !strcmp(tail, "attn.c_attn.ia3_l") && t->numel >= d_q) {
-                float *v = malloc((size_t)t->numel * sizeof *v);
-                if (!v)
-                    return pr_errorf(R->err, PR_ERR_NOMEM, "%s: out of memory", R->dir);
-                int rc = st_to_f32(st, t, v, R->err);
-                for (int64_t k = 0; !rc && k < d_q; k++)
-                    if (v[k] != 1.0f)
-                        rc = pr_errorf(R->err, PR_ERR_UNSUPPORTED, "%s/" WEIGHTS_NAME ": tensor '%s' scales the "
-                                       "queries (element %lld is %.9g, not 1); peftref's %s scales keys and values",
-                                       R->dir, t->name, (long long)k, (double)v[k], R->tech);
-                free(v);
-                if (rc)
-                    return rc;
-            }
         }
     }
     return PR_OK;
@@ -620,40 +656,20 @@ int pa_check_tensors(reader *R, const pr_model_config *c)
 
 /* ---- opening ------------------------------------------------------------------------------------ */
 
-static const char *const known_types[] = {
-    "PROMPT_TUNING", "MULTITASK_PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "LORA", "ADALORA", "BOFT",
-    "ADAPTION_PROMPT", "IA3", "LOHA", "LOKR", "OFT", "POLY", "LN_TUNING", "VERA", "FOURIERFT", "XLORA", "HRA",
-    "VBLORA", "CPT", "BONE", "RANDLORA", "ROAD", "TRAINABLE_TOKENS", "SHIRA", "C3A", "MISS", "WAVEFT", "DELORA",
-    "OSF", "GRALORA", "LILY", NULL
-};
-
-static int open_prompt(reader *R, const pr_model_config *c)
+/* The module's name: the directory's, when it is one, else the technique's. */
+const char *pa_module_name_of(reader *R)
 {
-    return pa_open_prompt(R, c, 0, 0);
+    pr_module_file *f = R->f;
+    if (f->saved_name)
+        return f->saved_name;
+    const char *base = strrchr(R->dir, '/');
+    base = base && base[1] ? base + 1 : R->dir;
+    int name_ok = *base != '\0' && strcmp(base, ".") && strcmp(base, "..");
+    for (const char *s = base; *s && name_ok; s++)
+        name_ok = (unsigned char)*s > 0x20 && *s != '/';
+    f->saved_name = pa_keep(f, name_ok ? base : f->t->name);
+    return f->saved_name;
 }
-
-static int open_ptuning(reader *R, const pr_model_config *c)
-{
-    return pa_open_prompt(R, c, 0, 1);
-}
-
-static int open_prefix(reader *R, const pr_model_config *c)
-{
-    return pa_open_prompt(R, c, 1, 0);
-}
-
-/* The PEFT types peftref reads, each by its own reader of the type's
- * fields and tensors. */
-static const struct {
-    const char *type;
-    int (*open)(reader *R, const pr_model_config *c);
-} readers[] = {
-    { "LORA", pa_open_lora }, { "IA3", pa_open_ia3 }, { "PROMPT_TUNING", open_prompt },
-    { "P_TUNING", open_ptuning }, { "PREFIX_TUNING", open_prefix }, { "LOHA", pa_open_weight_type },
-    { "LOKR", pa_open_weight_type }, { "VERA", pa_open_weight_type }, { "OFT", pa_open_weight_type },
-    { "BOFT", pa_open_weight_type }, { "HRA", pa_open_weight_type }, { "FOURIERFT", pa_open_weight_type },
-    { "TRAINABLE_TOKENS", pa_open_trainable_tokens }, { "ADALORA", pa_open_adalora },
-};
 
 int peft_adapter_open(const char *dir, const pr_registry *reg, const pr_model_config *cfg, unsigned flags,
                       pr_module_file **out, pr_error *err)
@@ -665,7 +681,8 @@ int peft_adapter_open(const char *dir, const pr_registry *reg, const pr_model_co
         free(f);
         return pr_errorf(err, PR_ERR_NOMEM, "%s: out of memory", dir);
     }
-    reader R = { .dir = dir, .flags = flags, .err = err, .f = f };
+    reader R = { .dir = dir, .flags = flags, .err = err, .f = f, .c = cfg };
+    pa_fill_model(&R);
     snprintf(path, sizeof path, "%s/" CONFIG_NAME, dir);
     json_error_t je;
     int rc = PR_OK;
@@ -687,28 +704,20 @@ int peft_adapter_open(const char *dir, const pr_registry *reg, const pr_model_co
         goto done;
     }
     snprintf(path, sizeof path, "%s/" WEIGHTS_NAME, dir);
-    if ((rc = st_open(path, 0, &f->st, err)))
+    if ((rc = st_open(path, 0, &f->st, err)) || (rc = pa_resolve(&R, reg)))
         goto done;
-    int k = 0;
-    while (k < NELEM(readers) && strcmp(readers[k].type, R.type))
-        k++;
-    if (k == NELEM(readers)) {
-        int known = 0;
-        for (int i = 0; known_types[i] && !known; i++)
-            known = !strcmp(known_types[i], R.type);
-        rc = pr_errorf(err, PR_ERR_UNSUPPORTED,
-                       "%s/" CONFIG_NAME ": %s peft_type '%s'; peftref imports LORA (with "
-                       "use_dora, use_rslora, rank_pattern, alpha_pattern), IA3, PROMPT_TUNING, P_TUNING, "
-                       "PREFIX_TUNING, LOHA, LOKR, VERA, OFT, BOFT, HRA, FOURIERFT, TRAINABLE_TOKENS and ADALORA",
-                       dir, known ? "cannot import" : "unknown", R.type);
-    } else if (!(rc = pa_resolve(&R, reg))) {
-        rc = readers[k].open(&R, cfg);
-    }
-    if (rc || (rc = pa_check_tensors(&R, cfg)))
+    /* the technique's own translation of its type's fields (peft_config.h) */
+    if (err)
+        err->msg[0] = '\0';
+    rc = R.ext->read(&pa_host, &R);
+    if (rc && err && !err->msg[0])
+        rc = pr_errorf(err, rc, "%s: technique %s refused the adapter (code %d) without saying why", dir,
+                       R.decl->name, rc);
+    if (rc || (rc = pa_check_tensors(&R)))
         goto done;
     pa_module_name_of(&R);
-    /* adalora's file was rebuilt under peftref's names (pa_open_adalora) */
-    f->peft = strcmp(R.type, "ADALORA") != 0;
+    /* a read() that replaced the tensors named them as peftref's module files do */
+    f->peft = !R.replaced;
     f->peft_dir = 1;
     /* buffers a technique regenerates (lora's pissa / olora factors, from the
      * base weight) are not in the file */
@@ -717,6 +726,9 @@ int peft_adapter_open(const char *dir, const pr_registry *reg, const pr_model_co
     if (!f->saved_name)
         rc = pr_errorf(err, PR_ERR_NOMEM, "%s: out of memory", dir);
 done:
+    for (int i = 0; i < R.n_bufs; i++)
+        free(R.bufs[i]);
+    free(R.bufs);
     json_decref(R.implies);
     json_decref(R.root);
     if (rc) {

@@ -4,6 +4,8 @@
 #include "config.h"
 
 #include <jansson.h>
+#include <stddef.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "peft_adapter.h"
@@ -11,9 +13,35 @@
 
 /* ---- which technique reads the adapter ----------------------------------------------------------- */
 
-const json_t *pa_implied(const reader *R, const char *field)
+/* t's peft-config extension when it has a read(), else NULL. */
+static const pr_ext_peft_config *reader_of(const pr_technique *t)
 {
-    return R->implies ? json_object_get(R->implies, field) : NULL;
+    const pr_ext_peft_config *v = peft_technique_variant(t);
+    if (!v || v->struct_size < offsetof(pr_ext_peft_config, read) + sizeof v->read)
+        return NULL;
+    return v->read ? v : NULL;
+}
+
+/* "ADALORA, IA3, LORA": the PEFT types the registry's techniques read, in
+ * order, each once. */
+static void readable_types(const pr_registry *reg, char *buf, size_t len)
+{
+    buf[0] = '\0';
+    const char *last = "";
+    for (;;) {
+        const char *next = NULL;
+        for (int i = 0; i < pr_registry_count(reg); i++) {
+            const pr_technique *t = pr_registry_technique(reg, i);
+            if (t->peft_type && reader_of(t) && strcmp(t->peft_type, last) > 0 &&
+                (!next || strcmp(t->peft_type, next) < 0))
+                next = t->peft_type;
+        }
+        if (!next)
+            return;
+        size_t k = strlen(buf);
+        snprintf(buf + k, len - k, "%s%s", k ? ", " : "", next);
+        last = next;
+    }
 }
 
 /* How many of t's implied fields the config holds, or -1 when it lacks one
@@ -36,11 +64,12 @@ static int implied_match(const reader *R, const json_t *implies)
  * techniques declare (pr_technique.peft_type and the peft-config
  * extension): the one whose implied fields the config holds, the most
  * such fields winning; a technique with folds_to is read as the technique
- * it folds to; no_import techniques are not candidates.  Sets R->f->t,
- * R->tech and R->implies. */
+ * it folds to and is read by its own read(); techniques without a read(),
+ * or no_import, are not candidates.  Sets R->f->t, R->tech, R->decl,
+ * R->ext and R->implies. */
 int pa_resolve(reader *R, const pr_registry *reg)
 {
-    const pr_technique *best = NULL, *tie = NULL;
+    const pr_technique *best = NULL, *tie = NULL, *best_decl = NULL;
     json_t *best_implies = NULL;
     int best_n = -1, n_of_type = 0;
     for (int i = 0; i < pr_registry_count(reg); i++) {
@@ -48,8 +77,8 @@ int pa_resolve(reader *R, const pr_registry *reg)
         if (!t->peft_type || strcmp(t->peft_type, R->type))
             continue;
         n_of_type++;
-        const pr_ext_peft_config *v = peft_technique_variant(t);
-        if (v && v->no_import)
+        const pr_ext_peft_config *v = reader_of(t);
+        if (!v || v->no_import)
             continue;
         const pr_technique *u = t->folds_to ? pr_registry_find(reg, t->folds_to) : t;
         if (!u)
@@ -60,7 +89,7 @@ int pa_resolve(reader *R, const pr_registry *reg)
         int n = implied_match(R, imp);
         if (n > best_n) {
             json_decref(best_implies);
-            best = u, tie = NULL, best_n = n, best_implies = imp;
+            best = u, best_decl = t, tie = NULL, best_n = n, best_implies = imp;
             continue;
         }
         if (n == best_n && u != best)
@@ -69,12 +98,23 @@ int pa_resolve(reader *R, const pr_registry *reg)
     }
     if (!best) {
         json_decref(best_implies);
-        if (n_of_type)
-            return pr_errorf(R->err, PR_ERR_NOTFOUND, "%s/" CONFIG_NAME ": no technique found reads this PEFT %s "
-                             "adapter's settings (peftref plugins inspect lists what each technique declares)",
-                             R->dir, R->type);
-        return pr_errorf(R->err, PR_ERR_NOTFOUND, "%s: no technique found declares PEFT type %s (peftref plugins "
-                         "lists the techniques found)", R->dir, R->type);
+        if (n_of_type) {
+            char names[512] = "";
+            for (int i = 0; i < pr_registry_count(reg); i++) {
+                const pr_technique *t = pr_registry_technique(reg, i);
+                size_t k = strlen(names);
+                if (t->peft_type && !strcmp(t->peft_type, R->type))
+                    snprintf(names + k, sizeof names - k, "%s%s", k ? ", " : "", t->name);
+            }
+            return pr_errorf(R->err, PR_ERR_NOTFOUND, "%s/" CONFIG_NAME ": no technique found reads PEFT %s "
+                             "adapters: %s declare%s the type without a read() that imports (peft-config "
+                             "extension; peftref plugins inspect lists what each technique declares)",
+                             R->dir, R->type, names, n_of_type == 1 ? "s" : "");
+        }
+        char types[1024];
+        readable_types(reg, types, sizeof types);
+        return pr_errorf(R->err, PR_ERR_NOTFOUND, "%s: no technique found declares PEFT type %s; those found read %s "
+                         "(peftref plugins lists the techniques)", R->dir, R->type, *types ? types : "none");
     }
     if (tie) {
         json_decref(best_implies);
@@ -83,6 +123,8 @@ int pa_resolve(reader *R, const pr_registry *reg)
     }
     R->f->t = best;
     R->tech = best->name;
+    R->decl = best_decl;
+    R->ext = reader_of(best_decl);
     R->implies = best_implies;
     return PR_OK;
 }

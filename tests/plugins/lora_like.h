@@ -12,6 +12,9 @@
  *   LL_PEFT_TYPE     its pr_technique.peft_type (none when undefined)
  *   LL_PEFT_IMPLIES  the implies text of its peft-config extension
  *                    (include/peftref/ext/peft_config.h)
+ *   LL_PEFT_READ     that extension has a read() of PEFT's LORA adapters
+ *                    (r, lora_alpha, target_modules; LoraConfig's other
+ *                    fields at their defaults)
  * Like every plugin it includes only peftref's public plugin headers. */
 #ifndef PEFTREF_TEST_LORA_LIKE_H
 #define PEFTREF_TEST_LORA_LIKE_H
@@ -104,18 +107,64 @@ static const pr_option_decl ll_options[] = {
      .help = "scale numerator"},
 };
 
+#ifdef LL_PEFT_READ
+#define LL_PEFT_KEY(n) .peft_key = "{prefix}." n ".weight", .peft_layout = PR_PEFT_AS_IS
+#else
+#define LL_PEFT_KEY(n) .peft_key = NULL
+#endif
+
 static const pr_param_decl ll_params[] = {
     {.struct_size = sizeof(pr_param_decl), .name = "lora_A", .shape = "r, d_in", .init = LL_A_INIT,
-     .init_arg = "sqrt(5)", .scope = PR_SCOPE_INSERTION, .help = "down projection"},
+     .init_arg = "sqrt(5)", .scope = PR_SCOPE_INSERTION, .help = "down projection", LL_PEFT_KEY("lora_A")},
     {.struct_size = sizeof(pr_param_decl), .name = "lora_B", .shape = "d_out, r", .init = PR_INIT_ZEROS,
-     .scope = PR_SCOPE_INSERTION, .help = "up projection"},
+     .scope = PR_SCOPE_INSERTION, .help = "up projection", LL_PEFT_KEY("lora_B")},
 };
 
 static const pr_buffer_decl ll_saved[] = {{sizeof(pr_buffer_decl), "xa", "rows, r"}};
 static const pr_buffer_decl ll_scratch[] = {{sizeof(pr_buffer_decl), "d_xa", "rows, r"}};
 
-#ifdef LL_PEFT_IMPLIES
-static const pr_ext_peft_config ll_peft = { .struct_size = sizeof(pr_ext_peft_config), .implies = LL_PEFT_IMPLIES };
+#ifdef LL_PEFT_READ
+/* A reader of the LORA fields this technique has, as an outside plugin
+ * writes one: every other field must be at its default. */
+static int ll_read(const pr_peft_reader *h, pr_peft_in *in)
+{
+    static const pr_peft_field fields[] = {
+        { "r", PR_PEFT_READ, NULL }, { "lora_alpha", PR_PEFT_READ, NULL }, { "target_modules", PR_PEFT_READ, NULL },
+        { "exclude_modules", PR_PEFT_READ, NULL }, { "layers_to_transform", PR_PEFT_READ, NULL },
+        { "layers_pattern", PR_PEFT_READ, NULL }, { "fan_in_fan_out", PR_PEFT_READ, NULL },
+        { "megatron_core", PR_PEFT_INFO, NULL }, { "qalora_group_size", PR_PEFT_INFO, NULL },
+        { "lora_dropout", PR_PEFT_ZERO, "{tech} has no dropout" },
+        { "use_rslora", PR_PEFT_FALSE, "{tech} scales by alpha / r" },
+        { "use_dora", PR_PEFT_FALSE, "{tech} is a plain LoRA" },
+        { "use_qalora", PR_PEFT_FALSE, NULL }, { "lora_bias", PR_PEFT_FALSE, NULL },
+        { "init_lora_weights", PR_PEFT_TRUE, NULL },
+        { "bias", PR_PEFT_INFO, NULL },
+        { "rank_pattern", PR_PEFT_READ, NULL }, { "alpha_pattern", PR_PEFT_EMPTY, "{tech}'s alpha is one value for every module" },
+        { "megatron_config", PR_PEFT_EMPTY, NULL }, { "loftq_config", PR_PEFT_EMPTY, NULL },
+        { "eva_config", PR_PEFT_EMPTY, NULL }, { "corda_config", PR_PEFT_EMPTY, NULL },
+        { "layer_replication", PR_PEFT_EMPTY, NULL }, { "trainable_token_indices", PR_PEFT_EMPTY, NULL },
+        { "target_parameters", PR_PEFT_EMPTY, NULL },
+    };
+    double r, alpha;
+    int rc;
+    if ((rc = h->check_fields(in, fields, sizeof fields / sizeof fields[0])) || (rc = h->check_fan_in_fan_out(in)) ||
+        (rc = h->get_num(in, "r", 8, 1, &r)) || (rc = h->get_num(in, "lora_alpha", 8, 0, &alpha)) ||
+        (rc = h->set_num(in, "r", r, -1)) || (rc = h->set_num(in, "alpha", alpha, -1)))
+        return rc;
+    const pr_peft_pattern pats[] = { { "rank_pattern", "r", r, 1 } };
+    return h->match_targets(in, NULL, pats, 1);
+}
+#endif
+
+#ifdef LL_PEFT_TYPE
+#ifndef LL_PEFT_IMPLIES
+#define LL_PEFT_IMPLIES NULL
+#endif
+static const pr_ext_peft_config ll_peft = { .struct_size = sizeof(pr_ext_peft_config), .implies = LL_PEFT_IMPLIES,
+#ifdef LL_PEFT_READ
+                                            .read = ll_read
+#endif
+};
 
 static const void *ll_extension(const char *uri)
 {
@@ -142,7 +191,11 @@ static const pr_technique ll_technique = {
     .workspace = PR_WS_ATTENTION | PR_WS_FFN,
     .options = ll_options,
     .n_options = 2,
+#ifdef LL_PEFT_READ
+    .sites = PR_SITE_BIT(PR_SITE_QKV) | PR_SITE_BIT(PR_SITE_O) | PR_SITE_BIT(PR_SITE_FFN_DOWN),
+#else
     .sites = PR_SITE_BIT(PR_SITE_QKV) | PR_SITE_BIT(PR_SITE_FFN_DOWN),
+#endif
     .default_sites = PR_SITE_BIT(PR_SITE_QKV),
     .params = ll_params,
     .n_params = 2,
@@ -160,7 +213,7 @@ static const pr_technique ll_technique = {
 #ifdef LL_PEFT_TYPE
     .peft_type = LL_PEFT_TYPE,
 #endif
-#ifdef LL_PEFT_IMPLIES
+#ifdef LL_PEFT_TYPE
     .extension_data = ll_extension,
 #endif
 };

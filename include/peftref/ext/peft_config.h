@@ -198,6 +198,8 @@ struct pr_peft_reader {
     int (*replace_tensors)(pr_peft_in *in, const pr_peft_tensor *t, uint32_t n);
     /* 1 when the technique declares parameter name at scope (pr_param_scope). */
     int (*declares)(pr_peft_in *in, const char *name, int scope);
+    /* peftref's name of a site ("qkv"), as module files use it */
+    const char *(*site_name)(pr_peft_in *in, int site);
 };
 
 /* The host's services to write(). */
