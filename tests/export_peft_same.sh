@@ -13,7 +13,7 @@ set -u
 old=$(cd "$1" && pwd) && new=$(cd "$2" && pwd) || exit 2
 src=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d "${TMPDIR:-/tmp}/export-peft-same.XXXXXX")
-trap 'rm -rf "$work"' EXIT
+trap '[ -n "${KEEP:-}" ] || rm -rf "$work"' EXIT
 lm="{type: lm, train: $src/data/fortunes/adapt-train.txt}"
 cls="{type: classification, train: $src/data/fortunes/classify-train.jsonl, format: jsonl}"
 g2="{path: $src/models/fortunes-gpt2}"
@@ -27,9 +27,9 @@ peftref() { # BUILD ARGS...
 }
 
 # export NAME's pipeline or run with build B (tag T) into $work/NAME.T
-export_with() { # NAME SRC B T
+export_with() { # NAME SRC B T [FORMAT]
     local out=$work/$1.$4
-    peftref "$3" export "$2" --format peft --out "$out" >"$out.stdout" 2>"$out.stderr"
+    peftref "$3" export "$2" --format "${5:-peft}" --out "$out" >"$out.stdout" 2>"$out.stderr"
     echo $? >"$out.rc"
     sed -i "s|$out|OUT|g" "$out.stdout" "$out.stderr"
 }
@@ -39,6 +39,9 @@ compare() { # NAME WANT(ok|refused)
     for f in rc stdout stderr; do
         cmp -s "$a.$f" "$b.$f" || bad="$bad $f"
     done
+    if [ -f "$a" ] || [ -f "$b" ]; then   # a GGUF file
+        cmp -s "$a" "$b" || bad="$bad gguf"
+    fi
     for f in adapter_config.json adapter_model.safetensors; do
         if [ -e "$a/$f" ] || [ -e "$b/$f" ]; then
             cmp -s "$a/$f" "$b/$f" || bad="$bad $f"
@@ -59,7 +62,9 @@ compare() { # NAME WANT(ok|refused)
         done
     else
         n_same=$((n_same + 1))
-        if [ "$rc" = 0 ]; then
+        if [ "$rc" = 0 ] && [ -f "$a" ]; then
+            echo "same  $1 ($(wc -c <"$a") bytes)"
+        elif [ "$rc" = 0 ]; then
             echo "same  $1 ($(wc -c <"$a/adapter_config.json") + $(wc -c <"$a/adapter_model.safetensors") bytes)"
         else
             echo "same  $1 (refused: $(head -c 160 "$a.stderr" | tr '\n' ' ')...)"
@@ -143,6 +148,23 @@ case_ ll_fourierft "$ll" "$lm" 3 "{technique: fourierft, sites: [q, v], options:
 case_ ll_tokens "$ll" "$lm" 3 "{technique: trainable_tokens, options: {token_indices: \"101, 32, 116\", n_token_indices: 3}}"
 case_ ll_head "$ll" "$cls" 3 "{technique: lora, options: {r: 2}}"
 case_ ll_head_loha "$ll" "$cls" 3 "{technique: loha, options: {r: 2}}"
+
+# ---- llama.cpp adapters (--format gguf) of some of the runs above: the
+# techniques whose tensors are LoRA pairs ----
+gguf_() { # NAME (a case above) WANT
+    local from=$work/$1.run
+    [ -d "$from" ] || from=$work/$1.yaml
+    export_with "$1.gguf" "$from" "$old" old gguf
+    export_with "$1.gguf" "$from" "$new" new gguf
+    compare "$1.gguf" "$2"
+}
+gguf_ g2_lora ok
+gguf_ g2_pissa ok
+gguf_ g2_lora_fa ok
+gguf_ ll_lora_sites ok
+gguf_ ll_olora ok
+gguf_ g2_dora refused
+gguf_ ll_loha refused
 
 # ---- refusals ----
 case_ no_type "$g2" "$lm" 0 "{technique: adapter_houlsby}" refused
