@@ -29,7 +29,28 @@ struct pr_peft_out {
     int failed;
     char msg[PR_ERROR_MSG_MAX];
     char note[512];
+    /* what write() may still hold a pointer to (tensor names it was given,
+     * tensor data replaced or dropped), freed when it has returned */
+    void **kept;
+    int n_kept, cap_kept;
 };
+
+/* Free p once write() has returned; 0, or -1 (p freed now) when out of memory. */
+static int keep(pr_peft_out *o, void *p)
+{
+    if (o->n_kept == o->cap_kept) {
+        int cap = o->cap_kept ? 2 * o->cap_kept : 16;
+        void **v = realloc(o->kept, (size_t)cap * sizeof *v);
+        if (!v) {
+            free(p);
+            return -1;
+        }
+        o->kept = v;
+        o->cap_kept = cap;
+    }
+    o->kept[o->n_kept++] = p;
+    return 0;
+}
 
 /* ---- the module -------------------------------------------------------------------------------------- */
 
@@ -298,8 +319,12 @@ static int w_tensor(pr_peft_out *o, int i, pr_peft_tensor *t)
     if (i < 0 || i >= o->a->n)
         return w_fail(o, PR_PEFT_ERR_NOTFOUND, "the adapter has no tensor %d", i);
     const tensor_out *v = &o->a->t[i];
+    /* a copy of the name: add_tensor may move the list that holds it */
+    char *name = strdup(v->name);
+    if (!name || keep(o, name))
+        return w_fail(o, PR_PEFT_ERR_NOMEM, "out of memory");
     memset(t, 0, sizeof *t);
-    t->name = v->name;
+    t->name = name;
     t->ndim = (uint32_t)v->ndim;
     for (int d = 0; d < v->ndim; d++)
         t->shape[d] = v->shape[d];
@@ -354,7 +379,11 @@ static int w_set_tensor(pr_peft_out *o, int i, uint32_t ndim, const int64_t *sha
     if (n)
         memcpy(d, data, (size_t)n * sizeof *d);
     tensor_out *t = &o->a->t[i];
-    free(t->data);
+    if (keep(o, t->data)) {   /* write() may hold the old data */
+        t->data = NULL;
+        free(d);
+        return w_fail(o, PR_PEFT_ERR_NOMEM, "out of memory");
+    }
     t->data = d;
     t->ndim = (int)ndim;
     for (uint32_t k = 0; k < 4; k++)
@@ -364,12 +393,13 @@ static int w_set_tensor(pr_peft_out *o, int i, uint32_t ndim, const int64_t *sha
 
 static int w_drop_tensors(pr_peft_out *o)
 {
+    int oom = 0;
     for (int i = 0; i < o->a->n; i++)
-        free(o->a->t[i].data);
+        oom |= keep(o, o->a->t[i].data) != 0;
     free(o->a->t);
     o->a->t = NULL;
     o->a->n = 0;
-    return PR_PEFT_OK;
+    return oom ? w_fail(o, PR_PEFT_ERR_NOMEM, "out of memory") : PR_PEFT_OK;
 }
 
 static int w_note(pr_peft_out *o, const char *text)
@@ -447,6 +477,9 @@ int xp_write_type(job *j, adapter *a, json_t *c, int (*write)(const pr_peft_writ
     o->c = c;
     peft_model_of(j->cfg, &o->model);
     int rc = write(&writer, o);
+    for (int i = 0; i < o->n_kept; i++)
+        free(o->kept[i]);
+    free(o->kept);
     if (rc || o->failed) {
         if (o->failed)
             (void)ERR("%s", o->msg);
