@@ -1,43 +1,18 @@
 /* peftref export --format peft | peftref.
  *
  * --format peftref writes the module as pr_module_save does (docs/modules.md).
- * --format peft writes Hugging Face PEFT's adapter directory: the module is
- * saved first (saved modules already use PEFT's keys and shapes where PEFT
- * has the technique, peft_names.c), then its tensors are copied into
- * adapter_model.safetensors and its options translated into the
- * adapter_config.json fields PEFT writes for the technique's peft_type
- * (pr_technique.peft_type), plus the fields a variant implies through the
- * peft-config extension (include/peftref/ext/peft_config.h: DoRA's
- * "use_dora": true):
- *
- *   LORA           r, lora_alpha, lora_dropout, use_rslora, use_dora,
- *                  target_modules, rank_pattern / alpha_pattern (the sites
- *                  whose r / alpha differ), layers_to_transform,
- *                  fan_in_fan_out (GPT-2's Conv1D), init_lora_weights
- *   IA3            target_modules, feedforward_modules
- *   PROMPT_TUNING  num_virtual_tokens, token_dim, ...
- *   PREFIX_TUNING  num_virtual_tokens, token_dim = num_key_value_heads *
- *                  head_dim, prefix_projection false
- *   P_TUNING       the folded prompt; PromptEncoderConfig's fields
- *   LOHA, LOKR     r, alpha, rank_pattern / alpha_pattern (LLaMA only: PEFT's
- *                  LyCORIS layers refuse GPT-2's Conv1D)
- *   VERA           r, vera_dropout, d_initial, save_projection true
- *   OFT, HRA       r / oft_block_size, use_cayley_neumann false; r (LLaMA only)
- *   BOFT           boft_block_size / boft_block_num, boft_n_butterfly_factor;
- *                  boft_R (m, nb, b, b) as saved (LLaMA only)
- *   FOURIERFT      n_frequency (+ n_frequency_pattern), scaling, random_loc_seed
- *   TRAINABLE_TOKENS  token_indices (untied heads only)
- *   ADALORA        LoraConfig's fields and init_r, target_r, tinit, tfinal,
- *                  deltaT, beta1, beta2, orth_reg_weight, total_step; each
- *                  module's kept triplets and rank_pattern (adalora_tensors)
- *
- * A LORA module initialised by pissa or olora (option init_lora_weights) computes
- * x.W + s x.(A^T B^T - A0^T B0^T) with frozen A0, B0 from the base weight
- * (plugins/lora.c); PEFT's conversion of such an adapter to a plain LoRA
- * on the original base (path_initial_model_for_weight_conversion) is rank
- * 2r with A' = [A; A0], B' = [B, -B0] and the scale kept: lora_alpha' =
- * 2 alpha (alpha sqrt(2) with use_rslora), and so for every site's r and
- * alpha.  That is what is written.
+ * --format peft writes Hugging Face PEFT's adapter directory for the
+ * technique's peft_type (pr_technique.peft_type).  What every PEFT type
+ * shares is here: the module is saved first (saved modules already use
+ * PEFT's keys and shapes where PEFT has the technique, peft_names.c) and
+ * its tensors copied into adapter_model.safetensors (unless the technique's
+ * writer makes every tensor itself, own_tensors), PeftConfig's common
+ * fields are set, and then the technique's own write() of its peft-config
+ * extension (include/peftref/ext/peft_config.h, through the host services
+ * of export_peft_host.c) sets its type's fields and reshapes the tensors
+ * where its saved form differs from PEFT's.  After it come the fields the
+ * technique implies within its type, a classification head as
+ * modules_to_save "score", and the writing.
  *
  * Both write to a temporary name beside --out and rename it into place, so
  * a failure leaves nothing at --out. */
@@ -45,6 +20,7 @@
 
 #include <dirent.h>
 #include <errno.h>
+#include <stddef.h>
 #include <jansson.h>
 #include <math.h>
 #include <stdio.h>
@@ -204,14 +180,6 @@ static void adapter_free(adapter *a)
     st_close(a->st);
 }
 
-tensor_out *xp_find_tensor(adapter *a, const char *name)
-{
-    for (int i = 0; i < a->n; i++)
-        if (!strcmp(a->t[i].name, name))
-            return &a->t[i];
-    return NULL;
-}
-
 tensor_out *xp_add_tensor(adapter *a, const char *name, int ndim, const int64_t *shape)
 {
     tensor_out *v = realloc(a->t, (size_t)(a->n + 1) * sizeof *v);
@@ -255,71 +223,7 @@ static int read_saved(job *j, const char *path, adapter *a)
     return 0;
 }
 
-/* pissa / olora: [A; A0] and [B, -B0] per insertion (see the top). */
-static int append_initial_factors(job *j, adapter *a)
-{
-    for (int i = 0; i < pr_module_n_params(j->mod); i++) {
-        pr_module_param p;
-        pr_module_param_at(j->mod, i, &p);
-        int is_a = !strcmp(p.param, "lora_A0"), is_b = !strcmp(p.param, "lora_B0");
-        if ((!is_a && !is_b) || p.numel == 0)
-            continue;
-        const char *path = peft_site_path(j->cfg, p.site);
-        char key[256];
-        snprintf(key, sizeof key, "base_model.model.%s.%d.%s.lora_%c.weight", peft_blocks_path(j->cfg), p.layer,
-                 path ? path : "?", is_a ? 'A' : 'B');
-        tensor_out *o = xp_find_tensor(a, key);
-        if (!o || o->ndim != 2 || p.ndim != 2)
-            return ERR("module '%s': no tensor '%s' for its initial factor %s", pr_module_name(j->mod), key, p.name);
-        int64_t R = o->shape[0], C = o->shape[1];
-        float *d;
-        if (is_a) {   /* (r, d_in) over (r0, d_in) */
-            if (p.shape[1] != C)
-                return ERR("module '%s': %s does not fit %s", pr_module_name(j->mod), p.name, key);
-            d = malloc((size_t)((R + p.shape[0]) * C) * sizeof *d);
-            if (!d)
-                return ERR("out of memory");
-            memcpy(d, o->data, (size_t)(R * C) * sizeof *d);
-            memcpy(d + R * C, p.data, (size_t)(p.shape[0] * C) * sizeof *d);
-            o->shape[0] = R + p.shape[0];
-        } else {      /* (d_out, r) beside -(d_out, r0) */
-            if (p.shape[0] != R)
-                return ERR("module '%s': %s does not fit %s", pr_module_name(j->mod), p.name, key);
-            int64_t C2 = C + p.shape[1];
-            d = malloc((size_t)(R * C2) * sizeof *d);
-            if (!d)
-                return ERR("out of memory");
-            for (int64_t row = 0; row < R; row++) {
-                memcpy(d + row * C2, o->data + row * C, (size_t)C * sizeof *d);
-                for (int64_t k = 0; k < p.shape[1]; k++)
-                    d[row * C2 + C + k] = -p.data[row * p.shape[1] + k];
-            }
-            o->shape[1] = C2;
-        }
-        free(o->data);
-        o->data = d;
-    }
-    return 0;
-}
-
 /* ---- --format peft: adapter_config.json ------------------------------------------------------------ */
-
-/* A numeric option (site -1: the module's value). */
-double xp_opt_num(const job *j, const char *name, int site, double def)
-{
-    int i = pr_module_option_index(j->mod, name);
-    if (i < 0)
-        return def;
-    const pr_option_value *v = site < 0 ? pr_module_option(j->mod, i) : pr_module_site_option(j->mod, site, i);
-    return v ? v->num : def;
-}
-
-const char *xp_opt_str(const job *j, const char *name)
-{
-    int i = pr_module_option_index(j->mod, name);
-    const pr_option_value *v = i < 0 ? NULL : pr_module_option(j->mod, i);
-    return v && v->str ? v->str : NULL;
-}
 
 /* The PeftConfig fields every type writes. */
 static json_t *common_config(const job *j, const char *type)
@@ -334,106 +238,6 @@ static json_t *common_config(const job *j, const char *type)
     json_object_set_new(c, "auto_mapping", json_null());
     json_object_set_new(c, "modules_to_save", json_null());
     return c;
-}
-
-json_t *xp_site_names(const job *j, uint32_t sites, int lora_kind)
-{
-    json_t *a = json_array();
-    for (int s = 0; s < PR_SITE_COUNT; s++) {
-        if (!(sites & PR_SITE_BIT(s)))
-            continue;
-        const char *p = peft_site_path(j->cfg, s);
-        if (!p && !lora_kind) {   /* ia3's stream sites: the projection they fold into */
-            if (s == PR_SITE_FFN_ACT)
-                p = peft_site_path(j->cfg, PR_SITE_FFN_DOWN);
-            else if (s == PR_SITE_ATTN_K || s == PR_SITE_ATTN_V)
-                p = peft_site_path(j->cfg, PR_SITE_QKV);
-        }
-        if (!p)
-            continue;
-        /* GPT-2's paths are written whole: "c_proj" alone would be both attn.c_proj and mlp.c_proj */
-        const char *name = j->cfg->family == PR_FAMILY_GPT2 ? p : strrchr(p, '.') + 1;
-        int dup = 0;
-        size_t i;
-        json_t *e;
-        json_array_foreach(a, i, e) dup |= !strcmp(json_string_value(e), name);
-        if (!dup)
-            json_array_append_new(a, json_string(name));
-    }
-    return a;
-}
-
-void xp_set_layers(const job *j, json_t *c)
-{
-    int n = 0;
-    const int *ls = pr_module_layers(j->mod, &n);
-    if (!ls) {
-        json_object_set_new(c, "layers_to_transform", json_null());
-        json_object_set_new(c, "layers_pattern", json_null());
-        return;
-    }
-    json_t *a = json_array();
-    for (int i = 0; i < n; i++)
-        json_array_append_new(a, json_integer(ls[i]));
-    json_object_set_new(c, "layers_to_transform", a);
-    json_object_set_new(c, "layers_pattern", json_string(j->cfg->family == PR_FAMILY_GPT2 ? "h" : "layers"));
-}
-
-json_t *xp_num_json(double v)
-{
-    return v == floor(v) && fabs(v) < 1e15 ? json_integer((json_int_t)v) : json_real(v);
-}
-
-int xp_lora_config(const job *j, json_t *c, int doubled)
-{
-    int rslora = xp_opt_num(j, "use_rslora", -1, 0) != 0;
-    /* the doubled rank of a converted pissa / olora module keeps s = alpha / r (or / sqrt(r)) */
-    double rk = doubled ? 2.0 : 1.0, ak = doubled ? (rslora ? sqrt(2.0) : 2.0) : 1.0;
-    double r = xp_opt_num(j, "r", -1, 8), alpha = xp_opt_num(j, "alpha", -1, 8);
-    uint32_t sites = pr_module_sites(j->mod);
-    json_object_set_new(c, "r", xp_num_json(r * rk));
-    json_object_set_new(c, "lora_alpha", xp_num_json(alpha * ak));
-    json_object_set_new(c, "lora_dropout", json_real(xp_opt_num(j, "dropout", -1, 0)));
-    json_object_set_new(c, "use_rslora", json_boolean(rslora));
-    json_object_set_new(c, "use_dora", json_false());   /* a variant's implied fields are set after */
-    json_object_set_new(c, "target_modules", xp_site_names(j, sites, 1));
-    json_object_set_new(c, "exclude_modules", json_null());
-    json_object_set_new(c, "fan_in_fan_out", json_boolean(j->cfg->family == PR_FAMILY_GPT2));
-    json_object_set_new(c, "bias", json_string("none"));
-    const char *init = xp_opt_str(j, "init_lora_weights");
-    if (!init || doubled || !strcmp(init, "true"))
-        json_object_set_new(c, "init_lora_weights", json_true());
-    else if (!strcmp(init, "false"))
-        json_object_set_new(c, "init_lora_weights", json_false());
-    else
-        json_object_set_new(c, "init_lora_weights", json_string(init));
-    xp_set_layers(j, c);
-    json_t *rp = json_object(), *ap = json_object();
-    for (int s = 0; s < PR_SITE_COUNT; s++) {
-        if (!(sites & PR_SITE_BIT(s)))
-            continue;
-        const char *p = peft_site_path(j->cfg, s);
-        if (!p)
-            continue;
-        const char *name = j->cfg->family == PR_FAMILY_GPT2 ? p : strrchr(p, '.') + 1;
-        double sr = xp_opt_num(j, "r", s, r), sa = xp_opt_num(j, "alpha", s, alpha);
-        if (sr != r)
-            json_object_set_new(rp, name, xp_num_json(sr * rk));
-        if (sa != alpha)
-            json_object_set_new(ap, name, xp_num_json(sa * ak));
-    }
-    json_object_set_new(c, "rank_pattern", rp);
-    json_object_set_new(c, "alpha_pattern", ap);
-    static const char *const nulls[] = { "megatron_config", "eva_config", "corda_config", "layer_replication",
-                                         "trainable_token_indices", "target_parameters" };
-    for (size_t i = 0; i < sizeof nulls / sizeof nulls[0]; i++)
-        json_object_set_new(c, nulls[i], json_null());
-    json_object_set_new(c, "megatron_core", json_string("megatron.core"));
-    json_object_set_new(c, "loftq_config", json_object());
-    json_object_set_new(c, "lora_bias", json_false());
-    json_object_set_new(c, "use_qalora", json_false());
-    json_object_set_new(c, "qalora_group_size", json_integer(16));
-    return 0;
 }
 
 /* A classification head: PEFT's modules_to_save "score", the classifier of
@@ -506,6 +310,9 @@ static int write_adapter(const export_request *r, job *j, adapter *a, json_t *c)
     return put_in_place(r, tmp);
 }
 
+/* ext covers member m (a plugin built against a shorter pr_ext_peft_config has none of the later ones) */
+#define EXT_HAS(ext, m) ((ext)->struct_size >= offsetof(pr_ext_peft_config, m) + sizeof (ext)->m)
+
 int export_peft(const export_request *r)
 {
     job j;
@@ -515,68 +322,36 @@ int export_peft(const export_request *r)
     const pr_technique *t = j.t;
     const char *name = pr_module_name(j.mod);
     const char *type = t->peft_type;
-    int lora = type && !strcmp(type, "LORA");
-    int ia3 = type && !strcmp(type, "IA3"), prompt = type && !strcmp(type, "PROMPT_TUNING");
-    int prefix = type && !strcmp(type, "PREFIX_TUNING"), ptuning = type && !strcmp(type, "P_TUNING");
-    static const char *const weight_types[] = { "LOHA", "LOKR", "VERA", "OFT", "BOFT", "HRA", "FOURIERFT",
-                                                "TRAINABLE_TOKENS", NULL };
-    int weight = 0, ada = type && !strcmp(type, "ADALORA");
-    for (int i = 0; type && weight_types[i] && !weight; i++)
-        weight = !strcmp(type, weight_types[i]);
-    if (!type || t->integration == PR_INTEGRATE_SELECT) {
+    const pr_ext_peft_config *ext = peft_technique_variant(t);
+    int (*write)(const pr_peft_writer *, pr_peft_out *) = ext && EXT_HAS(ext, write) ? ext->write : NULL;
+    int own_tensors = ext && EXT_HAS(ext, own_tensors) && ext->own_tensors;
+    if (!type || t->integration == PR_INTEGRATE_SELECT)
         rc = ERR("module '%s': technique %s has no Hugging Face PEFT type; use --format peftref", name, t->name);
-    } else if (!lora && !ada && !ia3 && !prompt && !prefix && !ptuning && !weight) {
-        rc = ERR("module '%s': technique %s (PEFT type %s) is not written as a PEFT adapter by peftref (LORA, "
-                 "IA3, PROMPT_TUNING, P_TUNING, PREFIX_TUNING, LOHA, LOKR, VERA, OFT, BOFT, HRA, FOURIERFT, "
-                 "TRAINABLE_TOKENS and ADALORA are); use --format peftref", name, t->name, type);
-    } else if (pr_module_is_gated(j.mod)) {
+    else if (!write)
+        rc = ERR("module '%s': technique %s (PEFT type %s) has no Hugging Face PEFT writer; use --format peftref", name,
+                 t->name, type);
+    else if (pr_module_is_gated(j.mod))
         rc = ERR("module '%s' sits behind a learned gate, which PEFT has no field for; use --format peftref", name);
-    }
     if (rc) {
         job_free(&j);
         return rc;
     }
-    char tmp[4096];
+    char tmp[4096], note[512] = "";
     temp_name(r->out, "module", tmp, sizeof tmp);
     pr_error err = { 0 };
     adapter a = { 0 };
     json_t *c = NULL;
-    const char *init = lora ? xp_opt_str(&j, "init_lora_weights") : NULL;
-    int doubled = init && (!strcmp(init, "pissa") || !strcmp(init, "olora"));
     if (save_module(&j, tmp, &err))
         rc = ERR("%s", err.msg);
-    if (!rc && ada && st_open(tmp, 0, &a.st, &err))   /* its metadata; the tensors are split below */
+    if (!rc && own_tensors && st_open(tmp, 0, &a.st, &err))   /* its metadata; write() makes the tensors */
         rc = ERR("%s", err.msg);
-    if (!rc && !ada)
+    if (!rc && !own_tensors)
         rc = read_saved(&j, tmp, &a);
     unlink(tmp);
-    if (!rc && doubled)
-        rc = append_initial_factors(&j, &a);
-    if (!rc) {
-        c = common_config(&j, type);
-        if (lora)
-            rc = xp_lora_config(&j, c, doubled);
-        else if (ada && !(rc = xp_adalora_config(&j, c)))
-            rc = xp_adalora_tensors(&j, &a, c);
-        else if (ia3)
-            rc = xp_ia3_config(&j, c);
-        else if (!strcmp(type, "LOHA") || !strcmp(type, "LOKR"))
-            rc = xp_lycoris_config(&j, c, &a, !strcmp(type, "LOKR"));
-        else if (!strcmp(type, "VERA"))
-            rc = xp_vera_config(&j, c);
-        else if (!strcmp(type, "OFT"))
-            rc = xp_oft_config(&j, c);
-        else if (!strcmp(type, "BOFT"))
-            rc = xp_boft_config(&j, c);
-        else if (!strcmp(type, "HRA"))
-            rc = xp_hra_config(&j, c);
-        else if (!strcmp(type, "FOURIERFT"))
-            rc = xp_fourierft_config(&j, c);
-        else if (!strcmp(type, "TRAINABLE_TOKENS"))
-            rc = xp_trainable_tokens_config(&j, c);
-        else
-            xp_prompt_config(&j, c, prefix, ptuning);
-    }
+    if (!rc && !(c = common_config(&j, type)))
+        rc = ERR("out of memory");
+    if (!rc)
+        rc = xp_write_type(&j, &a, c, write, note, sizeof note);
     if (!rc) {
         /* the fields the technique stands for within its type ({"use_dora": true}) */
         json_t *imp = peft_technique_implies(t);
@@ -589,8 +364,8 @@ int export_peft(const export_request *r)
     if (!rc)
         rc = add_head(&j, &a, c);
     if (!rc && !(rc = write_adapter(r, &j, &a, c)))
-        printf("wrote module '%s' (technique %s) as a Hugging Face PEFT %s adapter to %s%s\n", name, t->name, type,
-               r->out, doubled ? " (converted to a plain LoRA of twice the rank)" : "");
+        printf("wrote module '%s' (technique %s) as a Hugging Face PEFT %s adapter to %s%s%s%s\n", name, t->name, type,
+               r->out, *note ? " (" : "", note, *note ? ")" : "");
     json_decref(c);
     adapter_free(&a);
     job_free(&j);

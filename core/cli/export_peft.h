@@ -1,11 +1,14 @@
-/* peftref export --format peft: what export_peft.c (the run, the tensors,
- * LORA and the writing) and export_peft_types.c (the further PEFT types'
- * adapter_config.json and AdaLoRA's tensors) share. */
+/* peftref export --format peft: what export_peft.c (the run, the saved
+ * module's tensors, PeftConfig's common fields and the writing) and
+ * export_peft_host.c (the pr_peft_writer services a technique's write()
+ * uses, include/peftref/ext/peft_config.h) share. */
 #ifndef PEFTREF_CLI_EXPORT_PEFT_H
 #define PEFTREF_CLI_EXPORT_PEFT_H
 
 #include <jansson.h>
 #include <stdint.h>
+
+#include <peftref/ext/peft_config.h>
 
 #include "peftref/module.h"
 #include "peftref/pipeline.h"
@@ -32,30 +35,22 @@ typedef struct tensor_out {
     float *data;
 } tensor_out;
 
+/* the adapter being written: its tensors in file order */
 typedef struct adapter {
     tensor_out *t;
     int n;
     st_file *st;             /* the module as saved (PEFT names) */
 } adapter;
 
-double xp_opt_num(const job *j, const char *name, int site, double def);
-const char *xp_opt_str(const job *j, const char *name);
-json_t *xp_site_names(const job *j, uint32_t sites, int lora_kind);
-void xp_set_layers(const job *j, json_t *c);
-json_t *xp_num_json(double v);
+/* A new tensor at the end of a's list (data uninitialised), NULL when out
+ * of memory; earlier tensor_out pointers may move, their data does not. */
 tensor_out *xp_add_tensor(adapter *a, const char *name, int ndim, const int64_t *shape);
-tensor_out *xp_find_tensor(adapter *a, const char *name);
-int xp_lora_config(const job *j, json_t *c, int doubled);
-int xp_lycoris_config(const job *j, json_t *c, const adapter *a, int lokr);
-int xp_vera_config(const job *j, json_t *c);
-int xp_oft_config(const job *j, json_t *c);
-int xp_boft_config(const job *j, json_t *c);
-int xp_hra_config(const job *j, json_t *c);
-int xp_fourierft_config(const job *j, json_t *c);
-int xp_trainable_tokens_config(const job *j, json_t *c);
-int xp_ia3_config(const job *j, json_t *c);
-void xp_prompt_config(const job *j, json_t *c, int prefix, int ptuning);
-int xp_adalora_tensors(job *j, adapter *a, json_t *c);
-int xp_adalora_config(const job *j, json_t *c);
+
+/* The technique's write(): its type's fields into c and its tensors into
+ * a, through the pr_peft_writer table.  0, or 1 after printing the error
+ * ("peftref export: <message>").  note (note_len bytes) gets the words the
+ * writer asked to add to the "wrote ..." line, "" when none. */
+int xp_write_type(job *j, adapter *a, json_t *c, int (*write)(const pr_peft_writer *, pr_peft_out *), char *note,
+                  size_t note_len);
 
 #endif

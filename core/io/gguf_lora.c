@@ -5,12 +5,15 @@
 #include "config.h"
 
 #include <math.h>
+#include <stddef.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "core/io/gguf.h"
 #include "core/io/gguf_export.h"
+#include "core/io/peft_adapter.h"
 #include "peftref/site.h"
 
 /* ---- LoRA adapters -------------------------------------------------------- */
@@ -101,15 +104,19 @@ static int add_part(lora_group **g, int *n_g, int *cap, int layer, const lora_ta
     return PR_OK;
 }
 
-/* A plain low-rank update llama.cpp's adapters express: Hugging Face PEFT's
- * LORA type added with a scale, whose parameters are lora_A and lora_B (and
- * the frozen initial copies lora_A0 / lora_B0 of PiSSA and OLoRA), nothing
- * more (DoRA's magnitude vector is not an adapter term). Known by what the
- * technique declares, not by its name. */
+/* A plain low-rank update llama.cpp's adapters express: a technique whose
+ * peft-config extension says its tensors are LoRA pairs (lora_pairs), added
+ * with a scale, whose parameters are lora_A and lora_B (and the frozen
+ * initial copies lora_A0 / lora_B0 of PiSSA and OLoRA), nothing more
+ * (DoRA's magnitude vector is not an adapter term). Known by what the
+ * technique declares, not by its name; an extension built against the
+ * shorter first pr_ext_peft_config has no lora_pairs. */
 static int plain_lora(const pr_module *mod)
 {
     const pr_technique *t = pr_module_technique(mod);
-    if (!t->peft_type || strcmp(t->peft_type, "LORA") != 0 || t->integration != PR_INTEGRATE_SCALED_ADD)
+    const pr_ext_peft_config *v = peft_technique_variant(t);
+    if (!v || v->struct_size < offsetof(pr_ext_peft_config, lora_pairs) + sizeof(uint32_t) || !v->lora_pairs ||
+        t->integration != PR_INTEGRATE_SCALED_ADD)
         return 0;
     static const char *const ok[] = { "lora_A", "lora_B", "lora_A0", "lora_B0" };
     int n = pr_module_n_params(mod);

@@ -251,6 +251,9 @@ struct pr_peft_writer {
     int (*drop_tensors)(pr_peft_out *out);
     /* words the host adds to its "wrote ..." line: "converted to ..." */
     int (*note)(pr_peft_out *out, const char *text);
+    /* peftref's name of a site ("q", "ffn.down"), for messages; "?" for
+     * one the host does not know */
+    const char *(*site_name)(pr_peft_out *out, int site);
 };
 
 typedef struct pr_ext_peft_config {
