@@ -62,7 +62,8 @@
  * total_step: PEFT requires it; the ABI does not tell a plugin how many steps
  * the run has, so the option must be set (on_step fails while it is 0).
  *
- * This file includes only <peftref/plugin.h> and libc/libm and links nothing
+ * This file includes only peftref's public plugin headers (plugin.h,
+ * ext/peft_config.h), its PEFT codecs (peft/codecs.h) and libc/libm and links nothing
  * of peftref: products through host->gemm, dropout through the host. */
 #include <math.h>
 #include <stdint.h>
@@ -551,7 +552,12 @@ static int adalora_on_step(const pr_ctx *ctx)
     return 0;
 }
 
-static const pr_ext_peft_config peft_adalora = { .struct_size = sizeof(pr_ext_peft_config), .read = peft_read_adalora, .write = peft_write_adalora, .own_tensors = 1 };
+static const pr_ext_peft_config peft_adalora = {
+    .struct_size = sizeof(pr_ext_peft_config),
+    .read = peft_read_adalora,
+    .write = peft_write_adalora,
+    .own_tensors = 1,
+};
 
 static const void *peft_adalora_extension(const char *uri)
 {

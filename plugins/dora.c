@@ -62,7 +62,8 @@
  * f32 and [d_in, d_out] orientation, filled by host->base_weight_f32 in
  * every callback that reads W (it may be stored bf16, or [d_out, d_in]).
  *
- * This file includes only <peftref/plugin.h> and libc/libm, and links
+ * This file includes only peftref's public plugin headers (plugin.h,
+ * ext/peft_config.h), its PEFT codecs (peft/codecs.h) and libc/libm, and links
  * against nothing of peftref: the matrix products go through host->gemm,
  * the dropout through the host's dropout services. */
 #include <math.h>
@@ -70,9 +71,9 @@
 #include <string.h>
 
 #include <peftref/ext/peft_config.h>
+#include <peftref/plugin.h>
 
 #include "peft/codecs.h"
-#include <peftref/plugin.h>
 
 PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args);
 

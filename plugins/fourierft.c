@@ -47,7 +47,8 @@
  * then the host's x.dW.  forward() computes h = x.dW itself (the module's
  * output in the parallel form) for callers that want it.
  *
- * This file includes only <peftref/plugin.h> and libc/libm, and links
+ * This file includes only peftref's public plugin headers (plugin.h,
+ * ext/peft_config.h), its PEFT codecs (peft/codecs.h) and libc/libm, and links
  * against nothing of peftref. */
 #include <math.h>
 #include <stdint.h>
@@ -400,7 +401,11 @@ static int ff_init(const pr_ctx *ctx)
     return 0;
 }
 
-static const pr_ext_peft_config peft_ff = { .struct_size = sizeof(pr_ext_peft_config), .read = peft_read_fourierft, .write = peft_write_fourierft };
+static const pr_ext_peft_config peft_ff = {
+    .struct_size = sizeof(pr_ext_peft_config),
+    .read = peft_read_fourierft,
+    .write = peft_write_fourierft,
+};
 
 static const void *peft_ff_extension(const char *uri)
 {

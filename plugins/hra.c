@@ -52,7 +52,8 @@
  * difference x' - x or the input gradient (rows, d_in), the walked-back z
  * (rows, d_in), dv (r, d_in).
  *
- * This file includes only <peftref/plugin.h> and libc/libm, and links
+ * This file includes only peftref's public plugin headers (plugin.h,
+ * ext/peft_config.h), its PEFT codecs (peft/codecs.h) and libc/libm, and links
  * against nothing of peftref. */
 #include <math.h>
 #include <stdint.h>
@@ -364,7 +365,11 @@ static int hra_init(const pr_ctx *ctx)
     return 0;
 }
 
-static const pr_ext_peft_config peft_hra = { .struct_size = sizeof(pr_ext_peft_config), .read = peft_read_hra, .write = peft_write_hra };
+static const pr_ext_peft_config peft_hra = {
+    .struct_size = sizeof(pr_ext_peft_config),
+    .read = peft_read_hra,
+    .write = peft_write_hra,
+};
 
 static const void *peft_hra_extension(const char *uri)
 {

@@ -33,7 +33,8 @@
  * at ffn.act the down projection W [d_ff, d_model] whose rows scale,
  *     delta W = diag(l - 1) W    (its bias is added after, untouched).
  *
- * This file includes only <peftref/plugin.h> and libc, and links against
+ * This file includes only peftref's public plugin headers (plugin.h,
+ * ext/peft_config.h), its PEFT codecs (peft/codecs.h) and libc, and links against
  * nothing of peftref. */
 #include <stddef.h>
 #include <stdint.h>
@@ -186,7 +187,11 @@ static int ia3_merge(const pr_ctx *ctx)
     return 0;
 }
 
-static const pr_ext_peft_config peft_ia3 = { .struct_size = sizeof(pr_ext_peft_config), .read = peft_read_ia3, .write = peft_write_ia3 };
+static const pr_ext_peft_config peft_ia3 = {
+    .struct_size = sizeof(pr_ext_peft_config),
+    .read = peft_read_ia3,
+    .write = peft_write_ia3,
+};
 
 static const void *peft_ia3_extension(const char *uri)
 {

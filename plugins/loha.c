@@ -27,7 +27,8 @@
  * only; peftref adapts projections).
  *
  * Scratch (per call): P1 = w1_a.w1_b, P2 = w2_a.w2_b and dP, each
- * (d_out, d_in).  This file includes only <peftref/plugin.h> and libc. */
+ * (d_out, d_in).  This file includes only peftref's public plugin headers (plugin.h,
+ * ext/peft_config.h), its PEFT codecs (peft/codecs.h) and libc. */
 #include <stdint.h>
 
 #include <string.h>
@@ -203,7 +204,11 @@ static int loha_backward(const pr_ctx *ctx)
     return 0;
 }
 
-static const pr_ext_peft_config peft_loha = { .struct_size = sizeof(pr_ext_peft_config), .read = peft_read_loha, .write = peft_write_loha };
+static const pr_ext_peft_config peft_loha = {
+    .struct_size = sizeof(pr_ext_peft_config),
+    .read = peft_read_loha,
+    .write = peft_write_loha,
+};
 
 static const void *peft_loha_extension(const char *uri)
 {

@@ -40,7 +40,8 @@
  * F.linear(x, dW)): merge() gives dW^T [d_in, d_out] at every forward,
  * backward() receives G = x^T dy [d_in, d_out].
  *
- * This file includes only <peftref/plugin.h> and libc. */
+ * This file includes only peftref's public plugin headers (plugin.h,
+ * ext/peft_config.h), its PEFT codecs (peft/codecs.h) and libc. */
 #include <stdint.h>
 
 #include <string.h>
@@ -304,7 +305,11 @@ static int lokr_backward(const pr_ctx *ctx)
     return 0;
 }
 
-static const pr_ext_peft_config peft_lokr = { .struct_size = sizeof(pr_ext_peft_config), .read = peft_read_lokr, .write = peft_write_lokr };
+static const pr_ext_peft_config peft_lokr = {
+    .struct_size = sizeof(pr_ext_peft_config),
+    .read = peft_read_lokr,
+    .write = peft_write_lokr,
+};
 
 static const void *peft_lokr_extension(const char *uri)
 {

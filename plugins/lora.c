@@ -60,7 +60,8 @@
  *                                        backward follows forward exactly
  * Scratch (lent per call): x_dropped (rows, d_in), d_xa (rows, r).
  *
- * This file includes only <peftref/plugin.h> and libc/libm, and links
+ * This file includes only peftref's public plugin headers (plugin.h,
+ * ext/peft_config.h), its PEFT codecs (peft/codecs.h) and libc/libm, and links
  * against nothing of peftref: the matrix products go through host->gemm,
  * the dropout through host->dropout_mask / dropout_apply / dropout_backward. */
 #include <math.h>
@@ -626,7 +627,12 @@ static float lora_scale(const pr_ctx *ctx)
     return (float)(ctx->options[OPT_RSLORA].num != 0 ? alpha / sqrt(r) : alpha / r);
 }
 
-static const pr_ext_peft_config peft_lora = { .struct_size = sizeof(pr_ext_peft_config), .read = peft_read_lora, .write = peft_write_lora, .lora_pairs = 1 };
+static const pr_ext_peft_config peft_lora = {
+    .struct_size = sizeof(pr_ext_peft_config),
+    .read = peft_read_lora,
+    .write = peft_write_lora,
+    .lora_pairs = 1,
+};
 
 static const void *peft_lora_extension(const char *uri)
 {

@@ -30,9 +30,9 @@
 #include <string.h>
 
 #include <peftref/ext/peft_config.h>
+#include <peftref/plugin.h>
 
 #include "peft/codecs.h"
-#include <peftref/plugin.h>
 
 PR_PLUGIN_EXPORT const pr_plugin *peftref_plugin_entry(const pr_entry_args *args);
 

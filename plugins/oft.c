@@ -107,7 +107,8 @@
  * loads there only on a GPU (peftref computes the m factors on any
  * machine).
  *
- * This file includes only <peftref/plugin.h> and libc/libm, and links
+ * This file includes only peftref's public plugin headers (plugin.h,
+ * ext/peft_config.h), its PEFT codecs (peft/codecs.h) and libc/libm, and links
  * against nothing of peftref. */
 #include <math.h>
 #include <stddef.h>
@@ -709,7 +710,11 @@ static int boft_setup(const pr_ctx *ctx) { return run_setup(ctx, KIND_BOFT); }
      PR_SITE_BIT(PR_SITE_O) | PR_SITE_BIT(PR_SITE_FFN_UP) | PR_SITE_BIT(PR_SITE_FFN_GATE) |                \
      PR_SITE_BIT(PR_SITE_FFN_DOWN))
 
-static const pr_ext_peft_config peft_oft = { .struct_size = sizeof(pr_ext_peft_config), .read = peft_read_oft, .write = peft_write_oft };
+static const pr_ext_peft_config peft_oft = {
+    .struct_size = sizeof(pr_ext_peft_config),
+    .read = peft_read_oft,
+    .write = peft_write_oft,
+};
 
 static const void *peft_oft_extension(const char *uri)
 {
@@ -761,7 +766,11 @@ static const pr_technique oft_technique = {
     .extension_data = peft_oft_extension,
 };
 
-static const pr_ext_peft_config peft_boft = { .struct_size = sizeof(pr_ext_peft_config), .read = peft_read_boft, .write = peft_write_boft };
+static const pr_ext_peft_config peft_boft = {
+    .struct_size = sizeof(pr_ext_peft_config),
+    .read = peft_read_boft,
+    .write = peft_write_boft,
+};
 
 static const void *peft_boft_extension(const char *uri)
 {

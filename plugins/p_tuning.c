@@ -39,7 +39,8 @@
  * Trainable parameters in training: n_tokens * d + h * d + h + h * h + h +
  * d * h + d.  Saved after fold: n_tokens * d.
  *
- * This file includes only <peftref/plugin.h> and libc, and links against
+ * This file includes only peftref's public plugin headers (plugin.h,
+ * ext/peft_config.h), its PEFT codecs (peft/codecs.h) and libc, and links against
  * nothing of peftref: products through host->gemm, biases through
  * host->add_bias_rows and host->col_sums. */
 #include <stdint.h>
@@ -328,7 +329,11 @@ static int pt_fold(const pr_ctx *ctx)
     return 0;
 }
 
-static const pr_ext_peft_config peft_pt = { .struct_size = sizeof(pr_ext_peft_config), .read = peft_read_p_tuning, .write = peft_write_p_tuning };
+static const pr_ext_peft_config peft_pt = {
+    .struct_size = sizeof(pr_ext_peft_config),
+    .read = peft_read_p_tuning,
+    .write = peft_write_p_tuning,
+};
 
 static const void *peft_pt_extension(const char *uri)
 {

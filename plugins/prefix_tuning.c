@@ -50,7 +50,8 @@
  * the module uses fewer, the columns of the unused layers get no gradient
  * (like PEFT's PrefixEncoder, the MLP always spans n_layers).
  *
- * This file includes only <peftref/plugin.h> and libc/libm, and links
+ * This file includes only peftref's public plugin headers (plugin.h,
+ * ext/peft_config.h), its PEFT codecs (peft/codecs.h) and libc/libm, and links
  * against nothing of peftref: products go through host->gemm, the MLP's
  * biases and bias gradients through host->add_bias_rows and host->col_sums. */
 #include <math.h>
@@ -410,7 +411,11 @@ static int mlp_fold(const pr_ctx *ctx)
 
 /* ---- descriptors ---------------------------------------------------------------------------------- */
 
-static const pr_ext_peft_config peft_prefix = { .struct_size = sizeof(pr_ext_peft_config), .read = peft_read_prefix_tuning, .write = peft_write_prefix_tuning };
+static const pr_ext_peft_config peft_prefix = {
+    .struct_size = sizeof(pr_ext_peft_config),
+    .read = peft_read_prefix_tuning,
+    .write = peft_write_prefix_tuning,
+};
 
 static const void *peft_prefix_extension(const char *uri)
 {
@@ -455,7 +460,11 @@ static const pr_technique plain_technique = {
     .extension_data = peft_prefix_extension,
 };
 
-static const pr_ext_peft_config peft_prefix_mlp = { .struct_size = sizeof(pr_ext_peft_config), .read = peft_read_prefix_tuning, .write = peft_write_prefix_tuning };
+static const pr_ext_peft_config peft_prefix_mlp = {
+    .struct_size = sizeof(pr_ext_peft_config),
+    .read = peft_read_prefix_tuning,
+    .write = peft_write_prefix_tuning,
+};
 
 static const void *peft_prefix_mlp_extension(const char *uri)
 {

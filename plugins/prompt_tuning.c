@@ -25,7 +25,8 @@
  *
  * Trainable parameters: n_tokens * d_model.
  *
- * This file includes only <peftref/plugin.h> and libc, and links against
+ * This file includes only peftref's public plugin headers (plugin.h,
+ * ext/peft_config.h), its PEFT codecs (peft/codecs.h) and libc, and links against
  * nothing of peftref. */
 #include <stdint.h>
 #include <string.h>
@@ -141,7 +142,11 @@ static int prompt_backward(const pr_ctx *ctx)
     return 0;
 }
 
-static const pr_ext_peft_config peft_prompt = { .struct_size = sizeof(pr_ext_peft_config), .read = peft_read_prompt_tuning, .write = peft_write_prompt_tuning };
+static const pr_ext_peft_config peft_prompt = {
+    .struct_size = sizeof(pr_ext_peft_config),
+    .read = peft_read_prompt_tuning,
+    .write = peft_write_prompt_tuning,
+};
 
 static const void *peft_prompt_extension(const char *uri)
 {

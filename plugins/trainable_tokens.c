@@ -42,8 +42,9 @@
  * as a constant, so a trainable embedding would get dy for rows that are
  * in fact replaced.
  *
- * This file includes only <peftref/plugin.h>, the extension header
- * <peftref/ext/embed_tokens.h> and libc, and links against nothing of
+ * This file includes only <peftref/plugin.h>, the extension headers
+ * <peftref/ext/embed_tokens.h> and <peftref/ext/peft_config.h>, its PEFT
+ * codecs (peft/codecs.h) and libc, and links against nothing of
  * peftref. */
 #include <stdint.h>
 #include <stdlib.h>
@@ -305,7 +306,11 @@ static int tt_forward(const pr_ctx *ctx)
     return 0;
 }
 
-static const pr_ext_peft_config peft_tt = { .struct_size = sizeof(pr_ext_peft_config), .read = peft_read_trainable_tokens, .write = peft_write_trainable_tokens };
+static const pr_ext_peft_config peft_tt = {
+    .struct_size = sizeof(pr_ext_peft_config),
+    .read = peft_read_trainable_tokens,
+    .write = peft_write_trainable_tokens,
+};
 
 static const void *peft_tt_extension(const char *uri)
 {

@@ -422,7 +422,7 @@ static void test_refusals(void **state)
     if (pr_module_attach(m, &spec, &mod, &err))
         fail_msg("%s", err.msg);
     assert_int_equal(gguf_export_lora(mod, tmp("dora.gguf"), NULL, &err), PR_ERR_UNSUPPORTED);
-    assert_string_equal(err.msg, "gguf adapters carry LoRA only; technique dora (module 'd') has no llama.cpp "
+    assert_string_equal(err.msg, "gguf adapters carry low-rank pairs only; technique dora (module 'd') has no llama.cpp "
                                  "adapter form: merge it into the model with --base, or export --format peft or "
                                  "peftref");
     assert_int_equal(count_files("dora.gguf"), 0);
@@ -437,7 +437,7 @@ static void test_refusals(void **state)
     assert_int_equal(gguf_export_model(m, NULL, NULL, tmp("qwen3.gguf"), GGUF_TENSOR_F32, &err),
                      PR_ERR_UNSUPPORTED);
     assert_string_equal(err.msg, "gguf --base writes llama.cpp's llama (model_type llama, mistral) and gpt2 "
-                                 "architectures; model_type qwen3 is not one of them (its LoRA adapters can be "
+                                 "architectures; model_type qwen3 is not one of them (its adapters can be "
                                  "exported)");
     assert_int_equal(count_files("qwen3.gguf"), 0);
     pr_model_free(m);

@@ -21,7 +21,7 @@ static const char export_usage[] =
     "                    adapter_model.safetensors) that PeftModel.from_pretrained\n"
     "                    loads; techniques PEFT lacks are refused (use peftref)\n"
     "  --format peftref  peftref's own module file (docs/modules.md)\n"
-    "  --format gguf     a llama.cpp LoRA adapter (FILE.gguf); with --base the base\n"
+    "  --format gguf     a llama.cpp adapter (FILE.gguf); with --base the base\n"
     "                    model, the run's modules merged into it (or MODEL_DIR as is)\n"
     "docs/modules.md, \"Interoperability\", says which techniques go where and what\n"
     "is folded on the way.\n"

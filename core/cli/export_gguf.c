@@ -115,14 +115,14 @@ int export_gguf(const export_request *r)
             fprintf(stderr, "peftref export: %s\n", err.msg);
             rc = 1;
         } else {
-            printf("wrote %s: LoRA adapter '%s' for llama.cpp (%s), %d tensor pair%s, adapter.lora.alpha %g\n",
+            printf("wrote %s: adapter '%s' for llama.cpp (%s), %d tensor pair%s, adapter.lora.alpha %g\n",
                    r->out, pr_module_name(mod), gguf_arch_for(pr_model_get_config(m), 1, &err), s.tensors,
                    s.tensors == 1 ? "" : "s", (double)s.alpha);
             if (s.folded_into_b)
                 printf("  %d pair%s carry their scale in lora_b (ranks or scales differ from the first pair's)\n",
                        s.folded_into_b, s.folded_into_b == 1 ? "" : "s");
             if (s.stacked)
-                printf("  %d pair%s stack several updates (fused qkv, or PiSSA/OLoRA's frozen copy)\n", s.stacked,
+                printf("  %d pair%s stack several updates (fused qkv, or a frozen copy of the initial factors)\n", s.stacked,
                        s.stacked == 1 ? "" : "s");
             if (s.permuted)
                 printf("  %d pair%s have lora_b rows in llama.cpp's RoPE order (q, k)\n", s.permuted,

@@ -44,7 +44,7 @@ const char *gguf_arch_for(const pr_model_config *cfg, int adapter, pr_error *err
         break;
     }
     pr_errorf(err, PR_ERR_UNSUPPORTED, "gguf --base writes llama.cpp's llama (model_type llama, mistral) and gpt2 "
-              "architectures; model_type %s is not one of them (its LoRA adapters can be exported)",
+              "architectures; model_type %s is not one of them (its adapters can be exported)",
               cfg->variant == PR_VARIANT_QWEN2 ? "qwen2" : cfg->variant == PR_VARIANT_QWEN3 ? "qwen3" : "?");
     return NULL;
 }

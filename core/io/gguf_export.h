@@ -33,10 +33,10 @@ int gguf_export_model(const pr_model *m, const pr_tokenizer *tok, const char *to
 /* What gguf_export_lora folded on the way (for the command's summary). */
 typedef struct gguf_lora_summary {
     int tensors;          /* lora_a/lora_b pairs */
-    float alpha;          /* adapter.lora.alpha written */
+    float alpha;          /* the alpha written (llama.cpp's adapter alpha key) */
     int folded_into_b;    /* pairs whose lora_b carries a scale factor */
     int permuted;         /* pairs whose lora_b rows were put in llama.cpp's RoPE order */
-    int stacked;          /* pairs that stack several site updates (fused qkv, PiSSA/OLoRA's frozen copy) */
+    int stacked;          /* pairs that stack several site updates (fused qkv, a frozen copy of the initial factors) */
 } gguf_lora_summary;
 
 /* Write a LoRA-family module (lora, lora_fa) as a llama.cpp LoRA adapter.

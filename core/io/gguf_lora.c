@@ -96,7 +96,7 @@ static int add_part(lora_group **g, int *n_g, int *cap, int layer, const lora_ta
         grp->target.row0 = 0;
     }
     if (grp->n_parts == (int)(sizeof grp->part / sizeof grp->part[0]))
-        return pr_errorf(err, PR_ERR_UNSUPPORTED, "gguf: too many LoRA updates meet in blk.%d.%s", layer, t->name);
+        return pr_errorf(err, PR_ERR_UNSUPPORTED, "gguf: too many low-rank updates meet in blk.%d.%s", layer, t->name);
     grp->part[grp->n_parts] = *p;
     grp->part[grp->n_parts].row0 = t->row0;
     grp->n_parts++;
@@ -142,7 +142,7 @@ int gguf_export_lora(pr_module *mod, const char *path, gguf_lora_summary *summar
         memset(summary, 0, sizeof *summary);
     if (!plain_lora(mod))
         return pr_errorf(err, PR_ERR_UNSUPPORTED,
-                         "gguf adapters carry LoRA only; technique %s (module '%s') has no llama.cpp adapter form: "
+                         "gguf adapters carry low-rank pairs only; technique %s (module '%s') has no llama.cpp adapter form: "
                          "merge it into the model with --base, or export --format peft or peftref",
                          t->name, pr_module_name(mod));
     if (pr_module_is_gated(mod))
@@ -183,7 +183,7 @@ int gguf_export_lora(pr_module *mod, const char *path, gguf_lora_summary *summar
                            pr_module_name(mod));
             break;
         }
-        int nz = 0;   /* PiSSA/OLoRA's frozen copies are zeros for other initialisations */
+        int nz = 0;   /* a technique's frozen copies (lora_pairs with A0, B0) are zeros unless its initialisation made them */
         for (int64_t e = 0; e < pa.numel && !nz; e++)
             nz = pa.data[e] != 0.0f;
         if (zero_copy && !nz)

@@ -694,7 +694,7 @@ int peft_adapter_open(const char *dir, const pr_registry *reg, const pr_model_co
     }
     const json_t *pt = pa_get(&R, "peft_type");
     if (!pt || !json_is_string(pt)) {
-        rc = pr_errorf(err, PR_ERR_FORMAT, "%s: no peft_type (a string such as \"LORA\")", path);
+        rc = pr_errorf(err, PR_ERR_FORMAT, "%s: no peft_type (a string naming a PEFT type)", path);
         goto done;
     }
     R.type = json_string_value(pt);

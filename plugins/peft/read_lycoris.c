@@ -62,7 +62,8 @@ static int read_lycoris(const pr_peft_reader *h, pr_peft_in *in, int lokr)
         if ((rc = h->get_int(in, "decompose_factor", 0, -1000000, &f)) > PR_PEFT_OK)
             return rc;
         if (rc == PR_PEFT_OK && f != -1)
-            return h->bad_value(in, "decompose_factor", "peftref's {tech} factors each width near its square root (-1)");
+            return h->bad_value(in, "decompose_factor",
+                                "peftref's {tech} factors each width near its square root (-1)");
         if ((rc = lokr_tensors(h, in)))
             return rc;
     }

@@ -19,7 +19,8 @@ int peft_write_fourierft(const pr_peft_writer *h, pr_peft_out *out)
                        "--format peftref", h->module_name(out), h->technique(out), norm);
     double n = h->opt_num(out, "n_frequency", -1, 1000);
     int rc;
-    if ((rc = h->put_num(out, "n_frequency", n)) || (rc = h->put_pattern(out, "n_frequency_pattern", "n_frequency", n)) ||
+    if ((rc = h->put_num(out, "n_frequency", n)) ||
+        (rc = h->put_pattern(out, "n_frequency_pattern", "n_frequency", n)) ||
         (rc = h->put_real(out, "scaling", h->opt_num(out, "scaling", -1, 150))) ||
         (rc = h->put_num(out, "random_loc_seed", h->opt_num(out, "random_loc_seed", -1, 777))) ||
         (rc = peft_put_bool(h, out, "init_weights", h->opt_num(out, "init_weights", -1, 0) != 0)) ||

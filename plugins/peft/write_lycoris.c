@@ -48,7 +48,8 @@ static int lycoris(const pr_peft_writer *h, pr_peft_out *out, int lokr)
         return rc;
     double r = h->opt_num(out, "r", -1, 8), alpha = h->opt_num(out, "alpha", -1, 8);
     if ((rc = h->put_num(out, "r", r)) || (rc = h->put_num(out, "alpha", alpha)) ||
-        (rc = h->put_pattern(out, "rank_pattern", "r", r)) || (rc = h->put_pattern(out, "alpha_pattern", "alpha", alpha)) ||
+        (rc = h->put_pattern(out, "rank_pattern", "r", r)) ||
+        (rc = h->put_pattern(out, "alpha_pattern", "alpha", alpha)) ||
         (rc = h->put_real(out, "rank_dropout", 0.0)) || (rc = h->put_real(out, "module_dropout", 0.0)) ||
         (rc = h->put_json(out, "use_effective_conv2d", "false")) || (rc = h->put_json(out, "init_weights", "true")))
         return rc;

@@ -13,7 +13,8 @@ int peft_write_oft(const pr_peft_writer *h, pr_peft_out *out)
 {
     double r, bs;
     int rc = peft_linear_only(h, out, "OFT");
-    if (rc || (rc = h->one_value(out, "r", "r", &r)) || (rc = h->one_value(out, "oft_block_size", "oft_block_size", &bs)))
+    if (rc || (rc = h->one_value(out, "r", "r", &r)) ||
+        (rc = h->one_value(out, "oft_block_size", "oft_block_size", &bs)))
         return rc;
     if ((rc = h->put_num(out, "r", r)) || (rc = h->put_num(out, "oft_block_size", r ? 0 : bs)) ||
         (rc = h->put_real(out, "module_dropout", 0.0)) || (rc = h->put_str(out, "bias", "none")) ||
