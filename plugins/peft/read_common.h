@@ -7,6 +7,11 @@
 
 #include <peftref/ext/peft_config.h>
 
+/* The fields PEFT's module matching reads (the host's match_targets). */
+#define PEFT_TARGET_FIELDS                                                                                     \
+    { "target_modules", PR_PEFT_READ, NULL }, { "exclude_modules", PR_PEFT_READ, NULL },                      \
+        { "layers_to_transform", PR_PEFT_READ, NULL }, { "layers_pattern", PR_PEFT_READ, NULL }
+
 /* bias: "none" only; peftref's weight techniques train no biases. */
 static inline int peft_check_bias(const pr_peft_reader *h, pr_peft_in *in)
 {

@@ -8,8 +8,7 @@
 #include "read_common.h"
 
 static const pr_peft_field fourierft_fields[] = {
-    { "target_modules", PR_PEFT_READ, NULL }, { "exclude_modules", PR_PEFT_READ, NULL },
-    { "layers_to_transform", PR_PEFT_READ, NULL }, { "layers_pattern", PR_PEFT_READ, NULL },
+    PEFT_TARGET_FIELDS,
     { "n_frequency", PR_PEFT_READ, NULL }, { "n_frequency_pattern", PR_PEFT_READ, NULL },
     { "scaling", PR_PEFT_READ, NULL }, { "random_loc_seed", PR_PEFT_READ, NULL },
     { "init_weights", PR_PEFT_READ, NULL },

@@ -6,8 +6,7 @@
 #include "read_common.h"
 
 static const pr_peft_field hra_fields[] = {
-    { "target_modules", PR_PEFT_READ, NULL }, { "exclude_modules", PR_PEFT_READ, NULL },
-    { "layers_to_transform", PR_PEFT_READ, NULL }, { "layers_pattern", PR_PEFT_READ, NULL },
+    PEFT_TARGET_FIELDS,
     { "r", PR_PEFT_READ, NULL }, { "init_weights", PR_PEFT_READ, NULL }, { "bias", PR_PEFT_READ, NULL },
     { "apply_GS", PR_PEFT_FALSE, "peftref's {tech} reflects along the vectors themselves (Gram-Schmidt is not "
                                  "offered)" },

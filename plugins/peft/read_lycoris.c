@@ -9,12 +9,8 @@
 #include "codecs.h"
 #include "read_common.h"
 
-#define TARGET_FIELDS                                                                                          \
-    { "target_modules", PR_PEFT_READ, NULL }, { "exclude_modules", PR_PEFT_READ, NULL },                      \
-        { "layers_to_transform", PR_PEFT_READ, NULL }, { "layers_pattern", PR_PEFT_READ, NULL }
-
 static const pr_peft_field loha_fields[] = {
-    TARGET_FIELDS, { "r", PR_PEFT_READ, NULL }, { "alpha", PR_PEFT_READ, NULL }, { "rank_pattern", PR_PEFT_READ, NULL },
+    PEFT_TARGET_FIELDS, { "r", PR_PEFT_READ, NULL }, { "alpha", PR_PEFT_READ, NULL }, { "rank_pattern", PR_PEFT_READ, NULL },
     { "alpha_pattern", PR_PEFT_READ, NULL },
     { "rank_dropout", PR_PEFT_ZERO, "peftref's {tech} has no rank dropout" },
     { "module_dropout", PR_PEFT_ZERO, "peftref's {tech} has no module dropout" },
@@ -23,7 +19,7 @@ static const pr_peft_field loha_fields[] = {
 };
 
 static const pr_peft_field lokr_fields[] = {
-    TARGET_FIELDS, { "r", PR_PEFT_READ, NULL }, { "alpha", PR_PEFT_READ, NULL }, { "rank_pattern", PR_PEFT_READ, NULL },
+    PEFT_TARGET_FIELDS, { "r", PR_PEFT_READ, NULL }, { "alpha", PR_PEFT_READ, NULL }, { "rank_pattern", PR_PEFT_READ, NULL },
     { "alpha_pattern", PR_PEFT_READ, NULL },
     { "rank_dropout", PR_PEFT_ZERO, "peftref's {tech} has no rank dropout" },
     { "module_dropout", PR_PEFT_ZERO, "peftref's {tech} has no module dropout" },

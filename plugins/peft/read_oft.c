@@ -7,12 +7,8 @@
 #include "codecs.h"
 #include "read_common.h"
 
-#define TARGET_FIELDS                                                                                          \
-    { "target_modules", PR_PEFT_READ, NULL }, { "exclude_modules", PR_PEFT_READ, NULL },                      \
-        { "layers_to_transform", PR_PEFT_READ, NULL }, { "layers_pattern", PR_PEFT_READ, NULL }
-
 static const pr_peft_field oft_fields[] = {
-    TARGET_FIELDS, { "r", PR_PEFT_READ, NULL }, { "oft_block_size", PR_PEFT_READ, NULL },
+    PEFT_TARGET_FIELDS, { "r", PR_PEFT_READ, NULL }, { "oft_block_size", PR_PEFT_READ, NULL },
     { "fan_in_fan_out", PR_PEFT_READ, NULL }, { "bias", PR_PEFT_READ, NULL },
     { "module_dropout", PR_PEFT_ZERO, "peftref's {tech} has no module dropout" },
     { "init_weights", PR_PEFT_TRUE, "peftref's {tech} starts as the identity, PEFT's true" },
@@ -25,7 +21,7 @@ static const pr_peft_field oft_fields[] = {
 };
 
 static const pr_peft_field boft_fields[] = {
-    TARGET_FIELDS, { "boft_block_size", PR_PEFT_READ, NULL }, { "boft_block_num", PR_PEFT_READ, NULL },
+    PEFT_TARGET_FIELDS, { "boft_block_size", PR_PEFT_READ, NULL }, { "boft_block_num", PR_PEFT_READ, NULL },
     { "boft_n_butterfly_factor", PR_PEFT_READ, NULL }, { "fan_in_fan_out", PR_PEFT_READ, NULL },
     { "bias", PR_PEFT_READ, NULL },
     { "boft_dropout", PR_PEFT_ZERO, "peftref's {tech} has no multiplicative dropout (blocks replaced by the "

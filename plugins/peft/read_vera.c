@@ -8,8 +8,7 @@
 #include "read_common.h"
 
 static const pr_peft_field vera_fields[] = {
-    { "target_modules", PR_PEFT_READ, NULL }, { "exclude_modules", PR_PEFT_READ, NULL },
-    { "layers_to_transform", PR_PEFT_READ, NULL }, { "layers_pattern", PR_PEFT_READ, NULL },
+    PEFT_TARGET_FIELDS,
     { "r", PR_PEFT_READ, NULL }, { "fan_in_fan_out", PR_PEFT_READ, NULL }, { "bias", PR_PEFT_READ, NULL },
     { "vera_dropout", PR_PEFT_READ, NULL }, { "d_initial", PR_PEFT_READ, NULL },
     { "projection_prng_key", PR_PEFT_INFO, NULL },   /* the projections are in the file */
