@@ -1,6 +1,6 @@
 /* peftref: Unicode Normalization Form C (UAX #15) for the tokenizer's NFC
  * normalizer: canonical decomposition, canonical ordering of combining
- * marks, then canonical composition, with the tables of nfc_tables.h and
+ * marks, then canonical composition, with the tables of nfc_tables.h and nfc_comp.h, and
  * Hangul syllables by formula (UAX #15 / Unicode ch. 3.12).
  *
  * Bytes that are not valid UTF-8 pass through unchanged: each is a starter
@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "tokenizer_internal.h"
+#include "nfc_comp.h"
 #include "nfc_tables.h"
 
 #define INVALID_BYTE 0x80000000u /* | byte: a byte that is not UTF-8 */
