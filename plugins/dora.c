@@ -545,8 +545,7 @@ static int dora_merge(const pr_ctx *ctx)
 /* Hugging Face PEFT saves DoRA as a LoRA with use_dora = true. */
 static const pr_ext_peft_config dora_peft = { .struct_size = sizeof(pr_ext_peft_config),
                                               .implies = "{\"use_dora\": true}",
-                                              .read = peft_read_dora, .write = peft_write_lora,
-                                              .lora_pairs = 1 };
+                                              .read = peft_read_dora, .write = peft_write_lora };
 
 static const void *dora_extension(const char *uri)
 {

@@ -631,7 +631,7 @@ static const pr_ext_peft_config peft_lora = {
     .struct_size = sizeof(pr_ext_peft_config),
     .read = peft_read_lora,
     .write = peft_write_lora,
-    .lora_pairs = 1,
+    .gguf_adapter = "lora",
 };
 
 static const void *peft_lora_extension(const char *uri)

@@ -259,7 +259,7 @@ static float fa_scale(const pr_ctx *ctx)
 /* PEFT has LoRA-FA as an optimizer (create_lorafa_optimizer) over a plain
  * LoRA: its adapters are LORA adapters, which a reader takes as lora. */
 static const pr_ext_peft_config fa_peft = { .struct_size = sizeof(pr_ext_peft_config), .no_import = 1,
-                                            .write = peft_write_lora, .lora_pairs = 1 };
+                                            .write = peft_write_lora, .gguf_adapter = "lora" };
 
 static const void *fa_extension(const char *uri)
 {

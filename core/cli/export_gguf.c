@@ -115,9 +115,9 @@ int export_gguf(const export_request *r)
             fprintf(stderr, "peftref export: %s\n", err.msg);
             rc = 1;
         } else {
-            printf("wrote %s: adapter '%s' for llama.cpp (%s), %d tensor pair%s, adapter.lora.alpha %g\n",
+            printf("wrote %s: adapter '%s' for llama.cpp (%s), %d tensor pair%s, %s %g\n",
                    r->out, pr_module_name(mod), gguf_arch_for(pr_model_get_config(m), 1, &err), s.tensors,
-                   s.tensors == 1 ? "" : "s", (double)s.alpha);
+                   s.tensors == 1 ? "" : "s", s.alpha_key, (double)s.alpha);
             if (s.folded_into_b)
                 printf("  %d pair%s carry their scale in lora_b (ranks or scales differ from the first pair's)\n",
                        s.folded_into_b, s.folded_into_b == 1 ? "" : "s");

@@ -33,14 +33,16 @@ int gguf_export_model(const pr_model *m, const pr_tokenizer *tok, const char *to
 /* What gguf_export_lora folded on the way (for the command's summary). */
 typedef struct gguf_lora_summary {
     int tensors;          /* lora_a/lora_b pairs */
-    float alpha;          /* the alpha written (llama.cpp's adapter alpha key) */
+    float alpha;          /* the alpha written, under alpha_key */
+    char alpha_key[64];   /* adapter.<type>.alpha */
     int folded_into_b;    /* pairs whose lora_b carries a scale factor */
     int permuted;         /* pairs whose lora_b rows were put in llama.cpp's RoPE order */
     int stacked;          /* pairs that stack several site updates (fused qkv, a frozen copy of the initial factors) */
 } gguf_lora_summary;
 
-/* Write a LoRA-family module (lora, lora_fa) as a llama.cpp LoRA adapter.
- * Other techniques are refused by name.  summary may be NULL. */
+/* Write a module whose technique declares a GGUF adapter type (peft-config
+ * extension, gguf_adapter) as a llama.cpp adapter.  Other techniques are
+ * refused by name.  summary may be NULL. */
 int gguf_export_lora(pr_module *mod, const char *path, gguf_lora_summary *summary, pr_error *err);
 
 #endif

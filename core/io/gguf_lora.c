@@ -104,33 +104,33 @@ static int add_part(lora_group **g, int *n_g, int *cap, int layer, const lora_ta
     return PR_OK;
 }
 
-/* A plain low-rank update llama.cpp's adapters express: a technique whose
- * peft-config extension says its tensors are LoRA pairs (lora_pairs), added
- * with a scale, whose parameters are lora_A and lora_B (and the frozen
- * initial copies lora_A0 / lora_B0 of PiSSA and OLoRA), nothing more
- * (DoRA's magnitude vector is not an adapter term). Known by what the
- * technique declares, not by its name; an extension built against the
- * shorter first pr_ext_peft_config has no lora_pairs. */
-static int plain_lora(const pr_module *mod)
+/* The GGUF adapter type of a plain low-rank update llama.cpp's adapters
+ * express, or NULL: a technique whose peft-config extension names the type
+ * (gguf_adapter), added with a scale, whose parameters are the pairs and
+ * their frozen initial copies, nothing more (a magnitude vector is not an
+ * adapter term).  Known by what the technique declares, not by its name; an
+ * extension built against the shorter first pr_ext_peft_config has none. */
+static const char *adapter_type(const pr_module *mod)
 {
     const pr_technique *t = pr_module_technique(mod);
     const pr_ext_peft_config *v = peft_technique_variant(t);
-    if (!v || v->struct_size < offsetof(pr_ext_peft_config, lora_pairs) + sizeof(uint32_t) || !v->lora_pairs ||
+    if (!v || v->struct_size < offsetof(pr_ext_peft_config, gguf_adapter) + sizeof v->gguf_adapter ||
+        !v->gguf_adapter || !*v->gguf_adapter || strlen(v->gguf_adapter) > 32 ||
         t->integration != PR_INTEGRATE_SCALED_ADD)
-        return 0;
+        return NULL;
     static const char *const ok[] = { "lora_A", "lora_B", "lora_A0", "lora_B0" };
     int n = pr_module_n_params(mod);
     for (int i = 0; i < n; i++) {
         pr_module_param pa;
         int known = 0;
         if (pr_module_param_at(mod, i, &pa) != PR_OK)
-            return 0;
+            return NULL;
         for (size_t k = 0; k < sizeof ok / sizeof ok[0]; k++)
             known |= strcmp(pa.param, ok[k]) == 0;
         if (!known)
-            return 0;
+            return NULL;
     }
-    return n > 0;
+    return n > 0 ? v->gguf_adapter : NULL;
 }
 
 int gguf_export_lora(pr_module *mod, const char *path, gguf_lora_summary *summary, pr_error *err)
@@ -140,7 +140,8 @@ int gguf_export_lora(pr_module *mod, const char *path, gguf_lora_summary *summar
     const pr_model_config *c = pr_model_get_config(m);
     if (summary)
         memset(summary, 0, sizeof *summary);
-    if (!plain_lora(mod))
+    const char *type = adapter_type(mod);
+    if (!type)
         return pr_errorf(err, PR_ERR_UNSUPPORTED,
                          "gguf adapters carry low-rank pairs only; technique %s (module '%s') has no llama.cpp adapter form: "
                          "merge it into the model with --base, or export --format peft or peftref",
@@ -183,7 +184,7 @@ int gguf_export_lora(pr_module *mod, const char *path, gguf_lora_summary *summar
                            pr_module_name(mod));
             break;
         }
-        int nz = 0;   /* a technique's frozen copies (lora_pairs with A0, B0) are zeros unless its initialisation made them */
+        int nz = 0;   /* a technique's frozen copies (A0, B0) are zeros unless its initialisation made them */
         for (int64_t e = 0; e < pa.numel && !nz; e++)
             nz = pa.data[e] != 0.0f;
         if (zero_copy && !nz)
@@ -222,8 +223,12 @@ int gguf_export_lora(pr_module *mod, const char *path, gguf_lora_summary *summar
         gguf_set_str(w, "general.type", "adapter");
         gguf_set_str(w, "general.name", pr_module_name(mod));
         gguf_set_u32(w, "general.alignment", GGUF_DEFAULT_ALIGNMENT);
-        gguf_set_str(w, "adapter.type", "lora");
-        gguf_set_f32(w, "adapter.lora.alpha", (float)galpha);
+        gguf_set_str(w, "adapter.type", type);
+        char key[64];
+        snprintf(key, sizeof key, "adapter.%s.alpha", type);
+        gguf_set_f32(w, key, (float)galpha);
+        if (summary)
+            snprintf(summary->alpha_key, sizeof summary->alpha_key, "%s", key);
     }
     for (int i = 0; i < n_g && rc == PR_OK; i++) {
         lora_group *grp = &g[i];

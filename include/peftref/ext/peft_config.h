@@ -271,10 +271,12 @@ typedef struct pr_ext_peft_config {
      * PeftConfig's common ones and copied the saved module's tensors
      * (NULL: not writable). */
     int (*write)(const pr_peft_writer *h, pr_peft_out *out);
-    /* non-zero: the tensors are LoRA pairs (lora_A, lora_B per projection,
-     * scaled by alpha / r or alpha / sqrt(r) with use_rslora), which
-     * llama.cpp's GGUF adapters carry */
-    uint32_t lora_pairs;
+    /* The llama.cpp GGUF adapter.type the module is written as, or NULL
+     * (no GGUF adapter form).  llama.cpp's one type, "lora", carries low-rank
+     * pairs lora_A, lora_B per projection (with the frozen initial copies
+     * lora_A0, lora_B0 folded in), scaled by alpha / r (alpha / sqrt(r) with
+     * use_rslora), written under adapter.<type>.alpha. */
+    const char *gguf_adapter;
     /* non-zero: write() makes every tensor itself from the module's
      * parameters (pr_peft_writer.param); the host copies none */
     uint32_t own_tensors;
