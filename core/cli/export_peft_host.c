@@ -447,25 +447,6 @@ static const pr_peft_writer writer = {
     .site_name = w_site_name,
 };
 
-static void peft_model_of(const pr_model_config *c, pr_peft_model *m)
-{
-    int gpt2 = c->family == PR_FAMILY_GPT2;
-    memset(m, 0, sizeof *m);
-    m->struct_size = sizeof *m;
-    m->family = gpt2 ? "GPT-2" : "LLaMA-family";
-    m->conv1d = gpt2;   /* transformers' Conv1D [in, out] projections */
-    m->fused_qkv = (uint32_t)(c->fused_qkv != 0);
-    m->tied_head = (uint32_t)(c->tied_head != 0);
-    m->n_layers = c->n_layers;
-    m->d_model = c->d_model;
-    m->n_heads = c->n_heads;
-    m->n_kv_heads = c->n_kv_heads;
-    m->d_head = c->d_head;
-    m->vocab_size = c->vocab_size;
-    m->embed = gpt2 ? "transformer.wte" : "model.embed_tokens";
-    m->layers_name = gpt2 ? "h" : "layers";
-}
-
 int xp_write_type(job *j, adapter *a, json_t *c, int (*write)(const pr_peft_writer *, pr_peft_out *), char *note,
                   size_t note_len)
 {

@@ -406,8 +406,8 @@ static int site_of(reader *R, pr_peft_site_of_fn fn, const hf_module *m, uint32_
 
 /* The modules target_modules (less exclude_modules, within
  * layers_to_transform) selects: sites and layers, which must form a
- * product.  matched[k] says which of mods did. */
-static int match_modules(reader *R, pr_peft_site_of_fn fn, const hf_module *mods, int n, unsigned char *matched,
+ * product.  matched[k] is the sites mods[k] gives, 0 for a module not selected. */
+static int match_modules(reader *R, pr_peft_site_of_fn fn, const hf_module *mods, int n, uint32_t *matched,
                          uint32_t *sites_out, unsigned char *layers_out)
 {
     const pr_model_config *c = R->c;
@@ -458,7 +458,7 @@ static int match_modules(reader *R, pr_peft_site_of_fn fn, const hf_module *mods
                            "%s cannot attach", R->dir, pa_json_text(tm, b, sizeof b), m->name, R->tech);
             break;
         }
-        matched[k] = 1;
+        matched[k] = s;
         per_layer[m->layer] |= s;
         sites |= s;
     }
@@ -556,7 +556,8 @@ int pa_match_targets(reader *R, pr_peft_site_of_fn fn, const pr_peft_pattern *pa
     const pr_model_config *c = R->c;
     int n = 0;
     hf_module *mods = list_modules(c, &n);
-    unsigned char *matched = mods ? calloc((size_t)n, 1) : NULL, *layers = calloc((size_t)c->n_layers + 1, 1);
+    uint32_t *matched = mods ? calloc((size_t)n, sizeof *matched) : NULL;
+    unsigned char *layers = calloc((size_t)c->n_layers + 1, 1);
     double(*val)[8] = calloc(PR_SITE_COUNT, sizeof *val);
     const char **first = calloc(PR_SITE_COUNT, sizeof *first);
     int rc = PR_OK;
@@ -569,10 +570,9 @@ int pa_match_targets(reader *R, pr_peft_site_of_fn fn, const pr_peft_pattern *pa
     if (!rc)
         rc = match_modules(R, fn, mods, n, matched, &sites, layers);
     for (int k = 0; k < n && !rc; k++) {
-        uint32_t bits = 0;
-        if (!matched[k] || site_of(R, fn, &mods[k], &bits) != 1)
+        if (!matched[k])
             continue;
-        int s = site_index(bits);
+        int s = site_index(matched[k]);
         for (int q = 0; q < n_pats && !rc; q++) {
             double v = pats[q].def;
             if (pattern_value(R, pats[q].field, mods[k].name, &v) < 0) {
@@ -682,7 +682,7 @@ int peft_adapter_open(const char *dir, const pr_registry *reg, const pr_model_co
         return pr_errorf(err, PR_ERR_NOMEM, "%s: out of memory", dir);
     }
     reader R = { .dir = dir, .flags = flags, .err = err, .f = f, .c = cfg };
-    pa_fill_model(&R);
+    peft_model_of(cfg, &R.pm);
     snprintf(path, sizeof path, "%s/" CONFIG_NAME, dir);
     json_error_t je;
     int rc = PR_OK;
@@ -713,7 +713,8 @@ int peft_adapter_open(const char *dir, const pr_registry *reg, const pr_model_co
     if (rc && err && !err->msg[0])
         rc = pr_errorf(err, rc, "%s: technique %s refused the adapter (code %d) without saying why", dir,
                        R.decl->name, rc);
-    if (rc || (rc = pa_check_tensors(&R)))
+    /* a read() that replaced the tensors checked them first (check_tensors) */
+    if (rc || (!R.replaced && (rc = pa_check_tensors(&R))))
         goto done;
     pa_module_name_of(&R);
     /* a read() that replaced the tensors named them as peftref's module files do */

@@ -24,6 +24,8 @@ int peft_adapter_open(const char *dir, const pr_registry *reg, const pr_model_co
 /* The Hugging Face module path (below the layer, e.g. "attn.c_attn",
  * "self_attn.q_proj") of a projection site, NULL when it has none. */
 const char *peft_site_path(const pr_model_config *c, int site);
+/* The base model as a technique's read() / write() sees it (peft_config.h). */
+void peft_model_of(const pr_model_config *c, pr_peft_model *m);
 /* "transformer.h" (GPT-2) or "model.layers" (LLaMA family): the blocks'
  * module list in the base model's own names. */
 const char *peft_blocks_path(const pr_model_config *c);

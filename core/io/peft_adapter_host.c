@@ -17,27 +17,6 @@
 #include "peft_adapter.h"
 #include "peft_adapter_internal.h"
 
-void pa_fill_model(reader *R)
-{
-    const pr_model_config *c = R->c;
-    int gpt2 = c->family == PR_FAMILY_GPT2;
-    R->pm = (pr_peft_model){
-        .struct_size = sizeof(pr_peft_model),
-        .family = gpt2 ? "GPT-2" : "LLaMA-family",
-        .conv1d = gpt2,
-        .fused_qkv = (uint32_t)(c->fused_qkv != 0),
-        .tied_head = (uint32_t)(c->tied_head != 0),
-        .n_layers = c->n_layers,
-        .d_model = c->d_model,
-        .n_heads = c->n_heads,
-        .n_kv_heads = c->n_kv_heads,
-        .d_head = c->d_head,
-        .vocab_size = c->vocab_size,
-        .embed = gpt2 ? "transformer.wte" : "model.embed_tokens",
-        .layers_name = gpt2 ? "h" : "layers",
-    };
-}
-
 static const pr_peft_model *h_model(pr_peft_in *R)
 {
     return &R->pm;
@@ -207,10 +186,8 @@ static int h_tensor(pr_peft_in *R, int i, pr_peft_tensor *out)
 
 static int h_find_tensor(pr_peft_in *R, const char *name)
 {
-    for (int i = 0; i < st_count(R->f->st); i++)
-        if (!strcmp(st_tensor_at(R->f->st, i)->name, name))
-            return i;
-    return -1;
+    const st_tensor *t = name ? st_find(R->f->st, name) : NULL;
+    return t ? (int)(t - st_tensor_at(R->f->st, 0)) : -1;
 }
 
 static int h_tensor_data(pr_peft_in *R, int i, pr_peft_tensor *out)

@@ -65,7 +65,6 @@ int pa_push_num(reader *R, const char *name, double v, int site);
 const char *pa_module_name_of(reader *R);
 /* peft_adapter_host.c: the pr_peft_reader table read() gets */
 extern const pr_peft_reader pa_host;
-void pa_fill_model(reader *R);
 int pa_replace_tensors(reader *R, const pr_peft_tensor *t, uint32_t n);
 /* peft_adapter_resolve.c: sets R->f->t, R->tech, R->decl, R->ext and
  * R->implies from the techniques declaring R->type. */

@@ -157,10 +157,7 @@ static int kept_ranks(const pr_peft_reader *h, pr_peft_in *in, const char *mod, 
     }
     for (long long i = 0; i < init_r; i++) {
         pr_peft_value b;
-        /* the element of rank_pattern[key] */
-        char sub[300];
-        snprintf(sub, sizeof sub, "%s", key);
-        h->value(in, "rank_pattern", sub, (long)i, &b);
+        h->value(in, "rank_pattern", key, (long)i, &b);
         if (b.kind != PR_PEFT_BOOL)
             return h->bad_value(in, "rank_pattern", "expected booleans (PEFT's kept ranks)");
         keep[i] = b.i ? 1.0f : 0.0f;

@@ -9,21 +9,21 @@
 #include "codecs.h"
 #include "read_common.h"
 
+/* LycorisConfig's fields, LoHa's and LoKr's */
+#define LYCORIS_FIELDS                                                                                         \
+    PEFT_TARGET_FIELDS, { "r", PR_PEFT_READ, NULL }, { "alpha", PR_PEFT_READ, NULL },                          \
+        { "rank_pattern", PR_PEFT_READ, NULL }, { "alpha_pattern", PR_PEFT_READ, NULL },                      \
+        { "rank_dropout", PR_PEFT_ZERO, "peftref's {tech} has no rank dropout" },                             \
+        { "module_dropout", PR_PEFT_ZERO, "peftref's {tech} has no module dropout" },                         \
+        { "use_effective_conv2d", PR_PEFT_INFO, NULL } /* convolutions only */
+
 static const pr_peft_field loha_fields[] = {
-    PEFT_TARGET_FIELDS, { "r", PR_PEFT_READ, NULL }, { "alpha", PR_PEFT_READ, NULL }, { "rank_pattern", PR_PEFT_READ, NULL },
-    { "alpha_pattern", PR_PEFT_READ, NULL },
-    { "rank_dropout", PR_PEFT_ZERO, "peftref's {tech} has no rank dropout" },
-    { "module_dropout", PR_PEFT_ZERO, "peftref's {tech} has no module dropout" },
-    { "use_effective_conv2d", PR_PEFT_INFO, NULL },   /* convolutions only */
+    LYCORIS_FIELDS,
     { "init_weights", PR_PEFT_TRUE, "peftref's {tech} starts with hada_w2_b at zero, PEFT's true" },
 };
 
 static const pr_peft_field lokr_fields[] = {
-    PEFT_TARGET_FIELDS, { "r", PR_PEFT_READ, NULL }, { "alpha", PR_PEFT_READ, NULL }, { "rank_pattern", PR_PEFT_READ, NULL },
-    { "alpha_pattern", PR_PEFT_READ, NULL },
-    { "rank_dropout", PR_PEFT_ZERO, "peftref's {tech} has no rank dropout" },
-    { "module_dropout", PR_PEFT_ZERO, "peftref's {tech} has no module dropout" },
-    { "use_effective_conv2d", PR_PEFT_INFO, NULL },   /* convolutions only */
+    LYCORIS_FIELDS,
     { "decompose_both", PR_PEFT_FALSE, "peftref's {tech} keeps lokr_w1 whole (lokr_w1_a / lokr_w1_b are not offered)" },
     { "decompose_factor", PR_PEFT_READ, NULL },
     { "rank_dropout_scale", PR_PEFT_INFO, NULL },     /* used only with rank_dropout */

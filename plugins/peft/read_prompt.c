@@ -8,20 +8,22 @@
 
 #include "codecs.h"
 
+/* PromptLearningConfig's fields, every prompt type's */
+#define PROMPT_LEARNING_FIELDS                                                                                 \
+    { "num_virtual_tokens", PR_PEFT_READ, NULL }, { "token_dim", PR_PEFT_READ, NULL },                        \
+        { "num_transformer_submodules", PR_PEFT_READ, NULL }, { "num_attention_heads", PR_PEFT_READ, NULL },  \
+        { "num_layers", PR_PEFT_READ, NULL }
+
 /* PromptTuningConfig */
 static const pr_peft_field prompt_fields[] = {
-    { "num_virtual_tokens", PR_PEFT_READ, NULL }, { "token_dim", PR_PEFT_READ, NULL },
-    { "num_transformer_submodules", PR_PEFT_READ, NULL }, { "num_attention_heads", PR_PEFT_READ, NULL },
-    { "num_layers", PR_PEFT_READ, NULL }, { "prompt_tuning_init", PR_PEFT_READ, NULL },
+    PROMPT_LEARNING_FIELDS, { "prompt_tuning_init", PR_PEFT_READ, NULL },
     { "prompt_tuning_init_text", PR_PEFT_READ, NULL }, { "tokenizer_name_or_path", PR_PEFT_INFO, NULL },
     { "tokenizer_kwargs", PR_PEFT_INFO, NULL },
 };
 
 /* PrefixTuningConfig */
 static const pr_peft_field prefix_fields[] = {
-    { "num_virtual_tokens", PR_PEFT_READ, NULL }, { "token_dim", PR_PEFT_READ, NULL },
-    { "num_transformer_submodules", PR_PEFT_READ, NULL }, { "num_attention_heads", PR_PEFT_READ, NULL },
-    { "num_layers", PR_PEFT_READ, NULL }, { "encoder_hidden_size", PR_PEFT_INFO, NULL },
+    PROMPT_LEARNING_FIELDS, { "encoder_hidden_size", PR_PEFT_INFO, NULL },
     { "prefix_projection", PR_PEFT_FALSE, "the file holds the prefixes themselves (a prefix MLP is folded away "
                                           "when saving)" },
 };
@@ -30,9 +32,7 @@ static const pr_peft_field prefix_fields[] = {
  * inference mode uses it as the prompt), so the encoder's shape is
  * informational. */
 static const pr_peft_field ptuning_fields[] = {
-    { "num_virtual_tokens", PR_PEFT_READ, NULL }, { "token_dim", PR_PEFT_READ, NULL },
-    { "num_transformer_submodules", PR_PEFT_READ, NULL }, { "num_attention_heads", PR_PEFT_READ, NULL },
-    { "num_layers", PR_PEFT_READ, NULL }, { "encoder_reparameterization_type", PR_PEFT_READ, NULL },
+    PROMPT_LEARNING_FIELDS, { "encoder_reparameterization_type", PR_PEFT_READ, NULL },
     { "encoder_hidden_size", PR_PEFT_INFO, NULL }, { "encoder_num_layers", PR_PEFT_INFO, NULL },
     { "encoder_dropout", PR_PEFT_INFO, NULL },
 };
